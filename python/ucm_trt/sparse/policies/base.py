@@ -1,0 +1,171 @@
+"""One interface for every UCM algorithm (the runtime drives it; policies never touch a model).
+
+Lifecycle of a request, as the runtime calls the hooks::
+
+    bind(runtime)                       once, when the generator is built (validates the config
+                                        against the model shape)
+    on_request_start(rid, prompt_len)
+    ... prefill chunks (dense, every block resident) ...
+    on_prefill_end(req, queries)        queries: per layer, CPU float32 [Hq, W, D], the last
+                                        W = query_window prompt tokens (post-RoPE)
+    loop per decode step:
+        plan(reqs) -> selections        per layer, per batch row: int32 [Hkv, S] logical block ids
+                                        (sorted, -1 padded) this step attends to, or None = all
+                                        blocks. The runtime prefetches exactly these blocks.
+        layer_selection(layer, q, step) per-layer hook inside the forward, on the KV's device;
+                                        NotImplemented = use plan()'s selection
+        on_append(layer, ...)           per-layer hook when new K/V lands in the pool
+        after_step(reqs, queries)       queries: per layer, CPU float32 [B, Hq, D] of this step's
+                                        token; the place for retrieval schedules (submit / collect)
+    on_request_end(rid)
+
+Selections always contain the sink and local windows (and, for offload algorithms, every block
+generated during decode); the current chunk's tokens are visible regardless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ucm_trt.config import SparseConfig
+from ucm_trt.sparse.score import reduce_scores
+from ucm_trt.sparse.select import select_blocks, select_blocks_by_count, budget_counts, candidate_mask
+
+if TYPE_CHECKING:
+    from ucm_trt.runtime.kv import KVManager
+    from ucm_trt.runtime.worker import RetrievalWorker
+
+__all__ = [
+    "ModelShape",
+    "Policy",
+    "PolicyRuntime",
+    "RequestView",
+    "extend_selection",
+    "select_from_scores",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    max_positions: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestView:
+    """One batch row of a step, as policies see it."""
+
+    rid: str
+    prompt_len: int
+    seq_len: int  # tokens in the KV cache before this step
+    new_len: int  # tokens after this step's tokens are appended
+    step: int  # decode step index: 1 for the first decode step
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyRuntime:
+    """What the runtime lends a policy at bind time."""
+
+    shape: ModelShape
+    sparse: SparseConfig
+    kv: KVManager
+    worker: RetrievalWorker
+    device: torch.device
+
+
+def extend_selection(sel: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Append logical blocks ``start .. stop-1`` (all larger than every id in ``sel``) to every
+    row of ``sel`` [Hkv, S] (sorted, -1 padded) -> [Hkv, S'] sorted, -1 padded."""
+    extra = torch.arange(start, stop, dtype=torch.int32)
+    rows = [torch.cat([r[r >= 0], extra]) for r in sel]
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), -1, dtype=torch.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def select_from_scores(
+    scores: torch.Tensor, num_blocks: int, sparse: SparseConfig, scoring: str, num_kv_heads: int,
+    *, extra: int = 0,
+) -> torch.Tensor:
+    """Per-KV-head scores ``[Hkv, nb]`` -> selection ``[Hkv, S]`` under ``sparse`` (shared or per
+    head), forced sink/local windows at ``num_blocks``. ``extra`` adds that many candidates beyond
+    the budget (GSA's prefetch block)."""
+    s = scores[None].float()
+    if sparse.selection == "shared":
+        s = reduce_scores(s, scoring)
+    nb = torch.tensor([num_blocks], dtype=torch.int32)
+    if extra == 0:
+        sel = select_blocks(s, nb, sparse, num_kv_heads=num_kv_heads)
+    else:
+        cand = candidate_mask(nb, s.shape[-1], sink_blocks=sparse.sink_blocks,
+                              local_blocks=sparse.local_blocks, min_blocks=sparse.min_blocks)
+        counts = budget_counts(sparse.budget, cand[:, None, :].expand_as(s), s) + extra
+        sel = select_blocks_by_count(s, nb, counts, sink_blocks=sparse.sink_blocks,
+                                     local_blocks=sparse.local_blocks, min_blocks=sparse.min_blocks,
+                                     num_kv_heads=num_kv_heads)
+    return sel[0]
+
+
+class Policy:
+    """Base class: dense attention, no retrieval. Subclasses override the hooks they need."""
+
+    name: ClassVar[str] = "base"
+    #: KV offloaded to the host block store; only the working set stays on the device.
+    offload: ClassVar[bool] = False
+    #: prompt tokens whose queries ``on_prefill_end`` receives
+    query_window: int = 1
+
+    def __init__(self) -> None:
+        self.rt: PolicyRuntime | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def bind(self, rt: PolicyRuntime) -> None:
+        if not isinstance(rt, PolicyRuntime):
+            raise TypeError(f"rt must be a PolicyRuntime, got {type(rt).__name__}")
+        self.rt = rt
+
+    def on_request_start(self, rid: str, prompt_len: int) -> None:
+        pass
+
+    def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
+        pass
+
+    def plan(self, reqs: list[RequestView]) -> list[list[torch.Tensor | None]]:
+        return [[None] * len(reqs) for _ in range(self.shape.num_layers)]
+
+    def layer_selection(self, layer: int, q: torch.Tensor, step: Any) -> Any:
+        return NotImplemented
+
+    def on_append(self, layer: int, phys_blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor) -> None:
+        pass
+
+    def after_step(self, reqs: list[RequestView], queries: list[torch.Tensor]) -> None:
+        pass
+
+    def on_request_end(self, rid: str) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    # -- helpers -----------------------------------------------------------------------------
+    @property
+    def shape(self) -> ModelShape:
+        if self.rt is None:
+            raise RuntimeError(f"policy {self.name!r} is not bound to a runtime (call bind first)")
+        return self.rt.shape
+
+    @property
+    def sparse(self) -> SparseConfig:
+        if self.rt is None:
+            raise RuntimeError(f"policy {self.name!r} is not bound to a runtime (call bind first)")
+        return self.rt.sparse
