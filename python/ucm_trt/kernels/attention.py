@@ -62,7 +62,7 @@ def _paged_attn_fwd(
     G: tl.constexpr, HALF: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, SEL_POW2: tl.constexpr,
     HAS_SEL: tl.constexpr, SPLIT: tl.constexpr, REROPE: tl.constexpr, LOGN: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -84,7 +84,11 @@ def _paged_attn_fwd(
     q1 = tl.load(q_rows[:, None] + dh[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
     q2 = tl.load(q_rows[:, None] + HALF + dh[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
 
-    kv_dtype = pool_ptr.dtype.element_ty
+    # dot operand dtype: the pool's (tensor cores), or fp32 when run by the interpreter (DOT_F32)
+    if DOT_F32:
+        kv_dtype = tl.float32
+    else:
+        kv_dtype = pool_ptr.dtype.element_ty
     t_first = pid_t * BLOCK_T
     t_last = tl.minimum(t_first + BLOCK_T, TQ) - 1
     q_first_pos = chunk_start + t_first
@@ -148,8 +152,8 @@ def _paged_attn_fwd(
             pos = blk * BS + tok
             kmask = (pos >= lo) & (pos < hi)
             k_ptrs = blk_base + tok[:, None] * stride_pt + dh[None, :]
-            k1 = tl.load(k_ptrs, mask=kmask[:, None], other=0.0)
-            k2 = tl.load(k_ptrs + HALF, mask=kmask[:, None], other=0.0)
+            k1 = tl.load(k_ptrs, mask=kmask[:, None], other=0.0).to(kv_dtype)
+            k2 = tl.load(k_ptrs + HALF, mask=kmask[:, None], other=0.0).to(kv_dtype)
             if REROPE:
                 s = tl.dot(qw1, tl.trans(k1), input_precision=DOT_PREC)
                 s = tl.dot(qw2, tl.trans(k2), s, input_precision=DOT_PREC)
@@ -178,7 +182,7 @@ def _paged_attn_fwd(
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v_ptrs = blk_base + stride_pkv + tok[:, None] * stride_pt + dfull[None, :]
-            v = tl.load(v_ptrs, mask=kmask[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=kmask[:, None], other=0.0).to(kv_dtype)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(kv_dtype), v, acc, input_precision=DOT_PREC)
             m_i = m_new
@@ -345,7 +349,9 @@ def _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, 
         plse = torch.empty((b * hkv * n_qtiles * splits * block_m,), device=q.device, dtype=torch.float32)
     else:
         po = plse = out
-    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    dot_prec = "ieee" if q.dtype == torch.float32 or q.device.type != "cuda" else "tf32"
+    # Triton's interpreter (CPU tensors) mis-computes bf16 tl.dot (seen with triton 3.9): upcast there
+    dot_f32 = q.device.type != "cuda"
     if rerope:
         log2_theta = math.log2(theta)
         inv_log_train = 0.0 if logn_training_length is None else 1.0 / math.log(logn_training_length)
@@ -363,7 +369,7 @@ def _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, 
         scale * LOG2E, window, log2_theta, inv_log_train,
         G=group, HALF=d // 2, BS=bs, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_M=block_m,
         SEL_POW2=sel_pow2, HAS_SEL=selection is not None, SPLIT=splits > 1, REROPE=rerope,
-        LOGN=logn_training_length is not None, DOT_PREC=dot_prec,
+        LOGN=logn_training_length is not None, DOT_PREC=dot_prec, DOT_F32=dot_f32,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if splits > 1:

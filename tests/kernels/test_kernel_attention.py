@@ -1,0 +1,233 @@
+"""Paged sparse / ReRoPE attention kernels against the fp32 references (ucm_trt.reference).
+
+CPU tier: tiny shapes under TRITON_INTERPRET=1 (fp32 mostly; fp16/bf16 loads and stores once).
+GPU tier (``gpu``): real shapes in bf16 and fp16. Every output is poisoned with NaN first.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from tests.kernels._kernel_cases import all_selection, make_paged_case, nan_like, random_selection
+
+from ucm_trt import reference as R
+from ucm_trt.kernels import AttentionLaunch, paged_rerope_attention, paged_sparse_attention
+from ucm_trt.testing.tolerances import tolerances_for
+
+# name: (lens, hkv, group, d, block_size, tq)
+CPU_CASES = {
+    "decode-g1-d64": ((37, 70, 16), 2, 1, 64, 16, 1),
+    "decode-g4-d128-single-block": ((5, 90), 2, 4, 128, 16, 1),
+    "decode-g8-d64-tq4": ((33, 64), 1, 8, 64, 16, 4),
+    "prefill-g4-d64": ((21, 50), 2, 4, 64, 16, 21),
+    "prefill-g8-d128": ((100,), 1, 8, 128, 32, 40),
+}
+
+
+def _selections(case, hkv, gen, device):
+    nbs = case.num_blocks
+    width = max(2, max(nbs) // 2)
+    return {
+        "none": None,
+        "all": all_selection(nbs, hkv, device),
+        "random": random_selection(nbs, hkv, width, gen, device, empty_row=True),
+        "one-block": random_selection(nbs, hkv, 1, gen, device),
+    }
+
+
+def _run_sparse(case, sel, launch):
+    out = nan_like(case.q)
+    got = paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel, out=out, launch=launch)
+    assert got is out
+    return got
+
+
+@pytest.mark.parametrize("name", list(CPU_CASES))
+def test_sparse_attention_matches_reference(name, device):
+    lens, hkv, group, d, bs, tq = CPU_CASES[name]
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    case = make_paged_case(lens=lens, hkv=hkv, group=group, d=d, bs=bs, tq=tq, dtype=torch.float32,
+                           device=device, gen=gen)
+    for sel_name, sel in _selections(case, hkv, gen, device).items():
+        ref = R.paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel)
+        for launch in (AttentionLaunch(), AttentionLaunch(num_splits=3, block_t=7)):
+            got = _run_sparse(case, sel, launch)
+            assert not torch.isnan(got).any(), (sel_name, launch)
+            torch.testing.assert_close(got, ref, **tolerances_for(torch.float32), msg=lambda m: f"{sel_name} {launch}: {m}")
+
+
+def test_select_all_equals_dense_attention(device):
+    """'Select all' through the pool equals dense causal attention on the contiguous tensors."""
+    gen = torch.Generator().manual_seed(7)
+    case = make_paged_case(lens=(45, 45), hkv=2, group=4, d=64, bs=16, tq=3, dtype=torch.float32,
+                           device=device, gen=gen)
+    got = paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens,
+                                 all_selection(case.num_blocks, 2, device))
+    k = torch.stack([torch.cat([case.kv_pool[p, 0] for p in case.block_table[b, :3].tolist()], 1)[:, :45]
+                     for b in range(2)])
+    v = torch.stack([torch.cat([case.kv_pool[p, 1] for p in case.block_table[b, :3].tolist()], 1)[:, :45]
+                     for b in range(2)])
+    ref = R.dense_attention(case.q, k, v)
+    torch.testing.assert_close(got, ref, **tolerances_for(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sparse_attention_half_dtypes(dtype, device):
+    gen = torch.Generator().manual_seed(11)
+    case = make_paged_case(lens=(29, 47), hkv=2, group=4, d=64, bs=16, tq=2, dtype=dtype, device=device, gen=gen)
+    sel = random_selection(case.num_blocks, 2, 2, gen, device)
+    got = _run_sparse(case, sel, AttentionLaunch(num_splits=2))
+    assert got.dtype == dtype
+    ref = R.paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel)
+    torch.testing.assert_close(got.float(), ref, **tolerances_for(dtype))
+
+
+RERPOE_CPU = {
+    # name: (lens, hkv, group, d, bs, tq, window, logn)
+    "decode-g4-d64-logn": ((70, 37), 2, 4, 64, 16, 1, 24, 16),
+    "decode-g1-d128": ((50,), 2, 1, 128, 16, 2, 7, None),
+    "prefill-g8-d64-logn": ((60,), 1, 8, 64, 16, 30, 13, 8),
+    "decode-window-covers-all": ((40,), 2, 4, 64, 16, 1, 4096, None),
+}
+
+
+@pytest.mark.parametrize("name", list(RERPOE_CPU))
+def test_rerope_attention_matches_reference(name, device):
+    lens, hkv, group, d, bs, tq, window, logn = RERPOE_CPU[name]
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    case = make_paged_case(lens=lens, hkv=hkv, group=group, d=d, bs=bs, tq=tq, dtype=torch.float32,
+                           device=device, gen=gen)
+    sels = {"none": None, "random": random_selection(case.num_blocks, hkv, 3, gen, device, empty_row=True)}
+    for sel_name, sel in sels.items():
+        ref = R.paged_rerope_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel,
+                                       window=window, theta=10000.0, logn_training_length=logn)
+        out = nan_like(case.q)
+        got = paged_rerope_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel, window=window,
+                                     theta=10000.0, logn_training_length=logn, out=out,
+                                     launch=AttentionLaunch(num_splits=2, block_t=8))
+        assert not torch.isnan(got).any()
+        torch.testing.assert_close(got, ref, **tolerances_for(torch.float32), msg=lambda m: f"{sel_name}: {m}")
+
+
+def test_rerope_with_large_window_is_rope_attention(device):
+    """Window beyond every distance, no log-n: equals ordinary attention over rotated q and K."""
+    gen = torch.Generator().manual_seed(3)
+    case = make_paged_case(lens=(35,), hkv=2, group=2, d=64, bs=16, tq=1, dtype=torch.float32, device=device,
+                           gen=gen, poison=False)
+    got = paged_rerope_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, window=1000, theta=500.0)
+    rot = case.kv_pool.clone()
+    for j, p in enumerate(case.block_table[0, :3].tolist()):
+        pos = torch.arange(16 * j, 16 * j + 16, device=device)
+        rot[p, 0] = R.apply_rope(case.kv_pool[p, 0], pos, theta=500.0)
+    q_rot = R.apply_rope(case.q, torch.tensor([34], device=device), theta=500.0)
+    ref = paged_sparse_attention(q_rot, rot, case.block_table, case.seq_lens)
+    torch.testing.assert_close(got, ref, **tolerances_for(torch.float32))
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _small(device):
+    gen = torch.Generator().manual_seed(0)
+    return make_paged_case(lens=(20,), hkv=2, group=2, d=32, bs=16, tq=1, dtype=torch.float32, device=device,
+                           gen=gen)
+
+
+def test_bad_inputs_raise(device):
+    c = _small(device)
+    args = (c.q, c.kv_pool, c.block_table, c.seq_lens)
+    with pytest.raises(TypeError, match="kv_pool"):
+        paged_sparse_attention(c.q, c.kv_pool.half(), c.block_table, c.seq_lens)
+    with pytest.raises(TypeError, match="block_table"):
+        paged_sparse_attention(c.q, c.kv_pool, c.block_table.long(), c.seq_lens)
+    with pytest.raises(ValueError, match="heads"):
+        paged_sparse_attention(c.q[:, :3], c.kv_pool, c.block_table, c.seq_lens)
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = 100"):
+        paged_sparse_attention(*args[:3], torch.tensor([100], dtype=torch.int32, device=device))
+    bad_table = c.block_table.clone()
+    bad_table[0, 0] = 999
+    with pytest.raises(ValueError, match="block_table"):
+        paged_sparse_attention(c.q, c.kv_pool, bad_table, c.seq_lens)
+    unsorted = torch.tensor([[[1, 0], [0, -1]]], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="sorted"):
+        paged_sparse_attention(*args, unsorted)
+    gap = torch.tensor([[[-1, 0], [0, -1]]], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="padding last"):
+        paged_sparse_attention(*args, gap)
+    too_big = torch.tensor([[[0, 2], [0, -1]]], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="logical block 2"):
+        paged_sparse_attention(*args, too_big)
+    with pytest.raises(ValueError, match="window"):
+        paged_rerope_attention(*args, window=0, theta=1e4)
+    with pytest.raises(ValueError, match="logn_training_length"):
+        paged_rerope_attention(*args, window=4, theta=1e4, logn_training_length=1)
+    with pytest.raises(ValueError, match="num_splits"):
+        AttentionLaunch(num_splits=0)
+    odd = make_paged_case(lens=(20,), hkv=2, group=2, d=48, bs=16, tq=1, dtype=torch.float32, device=device,
+                          gen=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="head_dim"):
+        paged_sparse_attention(odd.q, odd.kv_pool, odd.block_table, odd.seq_lens)
+
+
+# ------------------------------------------------------------------ GPU tier
+
+
+def _gpu_selection(nbs, hkv, frac, gen, device, *, sink=1, local=2):
+    """Sorted selection of ~frac of each row's blocks with sink + local always in (as retrieval gives)."""
+    width = max(sink + local, int(max(nbs) * frac))
+    sel = torch.full((len(nbs), hkv, width), -1, dtype=torch.int32)
+    for b, nb in enumerate(nbs):
+        for h in range(hkv):
+            forced = set(range(min(sink, nb))) | set(range(max(0, nb - local), nb))
+            rest = [i for i in torch.randperm(nb, generator=gen).tolist() if i not in forced]
+            ids = sorted(forced | set(rest[: max(0, min(width, nb) - len(forced))]))
+            sel[b, h, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+    return sel.to(device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bs", [64, 128])
+@pytest.mark.parametrize("group,tq", [(4, 1), (8, 1), (1, 4)])
+def test_gpu_sparse_decode(dtype, bs, group, tq):
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(bs * 100 + group * 10 + tq)
+    lens = (8191, 5000, 12345, 777)
+    case = make_paged_case(lens=lens, hkv=8 if group < 8 else 4, group=group, d=128, bs=bs, tq=tq, dtype=dtype,
+                           device=dev, gen=gen)
+    hkv = case.kv_pool.shape[2]
+    for sel in (_gpu_selection(case.num_blocks, hkv, 1 / 8, gen, dev), None):
+        ref = R.paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel)
+        got = _run_sparse(case, sel, AttentionLaunch())
+        torch.testing.assert_close(got.float(), ref, **tolerances_for(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_sparse_prefill(dtype, d):
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(d)
+    case = make_paged_case(lens=(3000, 1537), hkv=8, group=4, d=d, bs=64, tq=517, dtype=dtype, device=dev, gen=gen)
+    for sel in (_gpu_selection(case.num_blocks, 8, 1 / 4, gen, dev), None):
+        ref = R.paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel)
+        got = _run_sparse(case, sel, AttentionLaunch())
+        torch.testing.assert_close(got.float(), ref, **tolerances_for(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tq", [1, 300])
+def test_gpu_rerope(dtype, tq):
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(tq)
+    case = make_paged_case(lens=(9000, 4100), hkv=8, group=4, d=128, bs=64, tq=tq, dtype=dtype, device=dev, gen=gen)
+    for sel in (_gpu_selection(case.num_blocks, 8, 1 / 4, gen, dev), None):
+        ref = R.paged_rerope_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel,
+                                       window=2048, theta=1e6, logn_training_length=4096)
+        out = nan_like(case.q)
+        got = paged_rerope_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel, window=2048,
+                                     theta=1e6, logn_training_length=4096, out=out)
+        torch.testing.assert_close(got.float(), ref, **tolerances_for(dtype))
