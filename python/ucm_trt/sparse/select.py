@@ -190,7 +190,7 @@ def budget_counts(
     - ``ratio``: ``floor(r * n)``, at least 1 when ``n > 0`` (as :meth:`Budget.num_blocks`);
     - ``threshold``: candidates with ``score >= t``;
     - ``mass``: the smallest ``c`` such that the ``c`` best candidates hold at least ``m`` of the
-      candidates' softmax(score) mass (computed in float64).
+      candidates' softmax(score) mass (computed in float64; ``m = 1`` keeps every candidate).
     """
     if not isinstance(budget, Budget):
         raise TypeError(f"budget must be a Budget, got {type(budget).__name__}")
@@ -207,6 +207,8 @@ def budget_counts(
     if budget.kind == "threshold":
         return (cand & (s.to(torch.float32) >= float(budget.value))).sum(-1)
     # mass: softmax over the candidates, best first, smallest prefix covering the target.
+    if float(budget.value) >= 1.0:  # exact: every candidate has positive mass
+        return n
     s64 = torch.where(cand, s.to(torch.float64), torch.full_like(s, float("-inf"), dtype=torch.float64))
     srt = s64.sort(dim=-1, descending=True).values
     top = srt[..., :1]

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ucm_trt.config import SparseConfig
+from ucm_trt.config import ReRoPEConfig, SparseConfig
 from ucm_trt.sparse.score import reduce_scores
-from ucm_trt.sparse.select import select_blocks, select_blocks_by_count, budget_counts, candidate_mask
+from ucm_trt.sparse.select import budget_counts, candidate_mask, select_blocks, select_blocks_by_count
 
 if TYPE_CHECKING:
     from ucm_trt.runtime.kv import KVManager
@@ -123,6 +123,8 @@ class Policy:
     offload: ClassVar[bool] = False
     #: prompt tokens whose queries ``on_prefill_end`` receives
     query_window: int = 1
+    #: ReRoPE attention path (un-rotated K in the pool); ``None`` = ordinary RoPE
+    rerope: ReRoPEConfig | None = None
 
     def __init__(self) -> None:
         self.rt: PolicyRuntime | None = None

@@ -1,0 +1,103 @@
+"""GSA with CPU top-k and a prefetch engine (upstream ``ucm/sparse/gsa``; ucm-upstream.md §3).
+
+* Block representation: mean K of every *completed* block, computed when the block fills (at the
+  end of prefill for the prompt, after the decode step that fills it later), kept on the host.
+* Score: ``dot`` of the GQA-averaged query with the block means, summed over KV heads
+  (``score = sum_h q_h . kpre_h``, upstream's one-representation case); candidates are every
+  block of the current sequence outside the sink / local windows, so decode blocks are
+  retrievable too. ``prefetch_blocks`` extra candidates (upstream ``NUM_PREFETCH_BLOCKS = 1``)
+  are kept beyond the budget.
+* Cadence with ``R = SparseConfig.retrieval_stride`` (upstream 3): after decode step ``s`` with
+  ``s % R == 0`` (and no retrieval in flight) a retrieval is submitted; it is collected after
+  step ``s + 1`` and used from step ``s + 2`` on — the selection always lags one step, so the
+  retrieval overlaps a whole model step. This is deterministic (upstream consumes whatever has
+  finished, which makes the lag timing-dependent).
+* The prefetch engine: the runtime's working set diffs each new selection against the resident
+  blocks of every layer and loads only the misses (delta prefetch), keeping an LRU cache.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from ucm_trt._validation import check_non_negative_int
+from ucm_trt.sparse.policies._offload import OffloadPolicy
+from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
+from ucm_trt.sparse.repr import block_mean
+from ucm_trt.sparse.score import dot_scores
+
+__all__ = ["GSAPolicy"]
+
+
+class GSAPolicy(OffloadPolicy):
+    name = "gsa"
+
+    def __init__(self, *, prefetch_blocks: int = 1) -> None:
+        super().__init__()
+        self.prefetch_blocks = check_non_negative_int("prefetch_blocks", prefetch_blocks)
+
+    def bind(self, rt: PolicyRuntime) -> None:
+        super().bind(rt)
+        s = rt.sparse
+        if s.scoring != "dot" or s.representation != "mean":
+            raise ValueError(
+                "GSA scores mean-K block representations with a dot product: SparseConfig must have "
+                f"scoring='dot' and representation='mean', got scoring={s.scoring!r}, "
+                f"representation={s.representation!r}"
+            )
+
+    def _update_reps(self, rid: str, st: dict, tokens: int) -> None:
+        bs = self.sparse.block_size
+        full = tokens // bs
+        if full <= st["n_rep"]:
+            return
+        kv = self.rt.kv
+        blocks = list(range(st["n_rep"], full))
+        lens = torch.full((len(blocks),), bs, dtype=torch.int32, device=kv.layout.device)
+        for layer in range(self.shape.num_layers):
+            new = block_mean(kv.gather_keys(rid, layer, blocks), lens).cpu()
+            st["reps"][layer] = torch.cat([st["reps"][layer], new])
+        st["n_rep"] = full
+
+    def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
+        nb = self._num_blocks(req.prompt_len)
+        h, d = self.shape.num_kv_heads, self.shape.head_dim
+        st = {"dense": False, "n_rep": 0, "pending": None,
+              "reps": [torch.zeros(0, h, d) for _ in range(self.shape.num_layers)]}
+        self._state[req.rid] = st
+        self._update_reps(req.rid, st, req.prompt_len)
+        q_last = [q[:, -1] for q in queries]
+        pending = self._retrieve(req.rid, st, nb, q_last, 0)
+        self._collect(st, pending)
+        st["sel_nb"] = pending.num_blocks
+
+    def _retrieve(self, rid: str, st: dict, nb: int, q: list[torch.Tensor], step: int):
+        reps = list(st["reps"])  # snapshot: the tensors are replaced, never modified in place
+        pending = self._submit(rid, step, partial(self._select, reps, nb, q))
+        pending.num_blocks = nb
+        return pending
+
+    def _select(self, reps: list[torch.Tensor], nb: int, qs: list[torch.Tensor], layer: int) -> torch.Tensor:
+        r = reps[layer]
+        scores = torch.zeros(self.shape.num_kv_heads, nb)
+        if r.shape[0]:
+            scores[:, : r.shape[0]] = dot_scores(qs[layer][None], r)[0]
+        return select_from_scores(scores, nb, self.sparse, "dot", self.shape.num_kv_heads,
+                                  extra=self.prefetch_blocks)
+
+    def after_step(self, reqs: list[RequestView], queries: list[torch.Tensor]) -> None:
+        r = self.sparse.retrieval_stride
+        for row, req in enumerate(reqs):
+            st = self._state[req.rid]
+            s = req.step
+            self._update_reps(req.rid, st, req.new_len)
+            pending = st["pending"]
+            if pending is not None and pending.step == s - 1:
+                self._collect(st, pending)
+                st["sel_nb"] = pending.num_blocks
+                st["pending"] = None
+            if s % r == 0 and st["pending"] is None:
+                q = [queries[layer][row] for layer in range(self.shape.num_layers)]
+                st["pending"] = self._retrieve(req.rid, st, self._num_blocks(req.new_len), q, s)

@@ -1,0 +1,135 @@
+"""GSA On-Device: hash codes of K, Hamming block scores and top-k on the KV's device
+(upstream ``ucm/sparse/gsa_on_device``, HATA-style; ucm-upstream.md §4).
+
+* Every K appended to the pool (prefill and decode) is hashed into a paged code cache
+  ``[num_device_blocks, Hkv, block_size, bits/8]`` per layer that shares the KV pool's physical
+  block ids (:meth:`on_append`). Rollback and reuse layers keep no code cache.
+* Each decode step, inside each layer's attention (:meth:`layer_selection`): the query is
+  averaged over each GQA group and hashed; a block's distance is the minimum over its tokens of
+  ``popcount(q_code XOR k_code)``, then the minimum over KV heads for a shared selection; the
+  ``top_k_tokens // block_size`` blocks (sink and local windows included) with the smallest
+  distances are selected. Nothing leaves the device; KV is not offloaded.
+* Gate (per step, for the whole batch): sparse decode only when at least
+  ``concurrency_threshold`` rows have ``seq_len >= seq_len_threshold``; otherwise dense.
+* ``rollback_layers`` always run dense; ``layer_reuse[l] = src`` makes layer ``l`` reuse this
+  step's selection of layer ``src``.
+* On CUDA the retrieval runs the Triton ``ucm_trt.kernels.hash_retrieve``; elsewhere PyTorch ops
+  from :mod:`ucm_trt.sparse.score` / :mod:`ucm_trt.sparse.select` (same semantics).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ucm_trt.config import GSAOnDeviceConfig
+from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView
+from ucm_trt.sparse.repr import HashEncoder, block_lens_from_seq_lens
+from ucm_trt.sparse.score import hamming_scores, reduce_scores
+from ucm_trt.sparse.select import select_blocks_by_count
+
+__all__ = ["GSAOnDevicePolicy"]
+
+
+class GSAOnDevicePolicy(Policy):
+    name = "gsa-on-device"
+    offload = False
+
+    def __init__(self, config: GSAOnDeviceConfig | None = None) -> None:
+        super().__init__()
+        if config is None:
+            config = GSAOnDeviceConfig()
+        if not isinstance(config, GSAOnDeviceConfig):
+            raise TypeError(f"config must be a GSAOnDeviceConfig, got {type(config).__name__}")
+        self.config = config
+        self._gate = False
+        self._step_sel: dict[int, torch.Tensor] = {}
+        self.sparse_steps = 0
+        self.dense_steps = 0
+        self.selected_blocks = 0
+        self.candidate_blocks = 0
+
+    def bind(self, rt: PolicyRuntime) -> None:
+        super().bind(rt)
+        cfg, s, shape = self.config, rt.sparse, rt.shape
+        cfg.check_num_layers(shape.num_layers)
+        if s.scoring != "hamming" or s.representation != "hash":
+            raise ValueError(
+                "GSA On-Device scores hash codes: SparseConfig must have scoring='hamming' and "
+                f"representation='hash', got scoring={s.scoring!r}, representation={s.representation!r}"
+            )
+        forced = s.sink_blocks + s.local_blocks
+        if cfg.top_k_tokens // s.block_size <= forced:
+            raise ValueError(
+                f"GSAOnDeviceConfig.top_k_tokens ({cfg.top_k_tokens}) must exceed the forced windows: "
+                f"(sink_blocks + local_blocks) * block_size = {forced * s.block_size}"
+            )
+        bits = cfg.resolved_hash_bits(shape.head_dim)
+        dev = rt.device
+        n_dev = rt.kv.pools[0].shape[0]
+        self.encoders: dict[int, HashEncoder] = {}
+        self.codes: dict[int, torch.Tensor] = {}
+        for layer in self._computing_layers():
+            if cfg.hash_weights_path is not None:
+                enc = HashEncoder.load(cfg.hash_weights_path, key=f"layer{layer}", device=dev)
+            else:
+                enc = HashEncoder.random(shape.head_dim, bits, seed=cfg.hash_seed + layer, device=dev)
+            self.encoders[layer] = enc
+            self.codes[layer] = torch.zeros(n_dev, shape.num_kv_heads, s.block_size, bits // 8,
+                                            dtype=torch.uint8, device=dev)
+
+    def _computing_layers(self) -> list[int]:
+        cfg = self.config
+        return [l for l in range(self.shape.num_layers)
+                if l not in cfg.rollback_layers and l not in cfg.layer_reuse]
+
+    def on_append(self, layer: int, phys_blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor) -> None:
+        codes = self.codes.get(layer)
+        if codes is None:
+            return
+        enc = self.encoders[layer]
+        codes[phys_blocks, :, offsets] = enc.encode(k)  # k [N, Hkv, D] -> [N, Hkv, bytes]
+
+    def plan(self, reqs: list[RequestView]) -> list[list[torch.Tensor | None]]:
+        self._gate = self.config.gate_open([r.new_len for r in reqs])
+        if self._gate:
+            self.sparse_steps += 1
+        else:
+            self.dense_steps += 1
+        self._step_sel = {}
+        return super().plan(reqs)
+
+    def layer_selection(self, layer: int, q: torch.Tensor, step: Any) -> Any:
+        """``q [B, Hq, T, D]`` of this layer; ``step`` exposes ``tables(layer)``, ``seq_lens``,
+        ``new_lens``. Returns a selection ``[B, Hkv, S]`` on q's device or ``None`` (dense)."""
+        cfg = self.config
+        if not self._gate or q.shape[2] != 1 or layer in cfg.rollback_layers:
+            return None
+        if layer in cfg.layer_reuse:
+            return self._step_sel[cfg.layer_reuse[layer]]
+        s = self.sparse
+        bs = s.block_size
+        lens = step.new_lens
+        nb_max = max((n + bs - 1) // bs for n in lens)
+        table = step.tables(layer)[:, :nb_max].long()  # [B, nb]
+        k_codes = self.codes[layer][table]  # [B, nb, Hkv, bs, bytes]
+        seq = torch.tensor(lens, dtype=torch.int64, device=q.device)
+        block_lens = block_lens_from_seq_lens(seq, nb_max, bs)
+        scores = hamming_scores(q[:, :, -1, :], self.encoders[layer], k_codes, block_lens)
+        if s.selection == "shared":
+            scores = reduce_scores(scores, "hamming")
+        nb = (seq + bs - 1) // bs
+        keep = cfg.top_k_tokens // bs - s.sink_blocks - s.local_blocks
+        sel = select_blocks_by_count(scores, nb.to(torch.int32), keep, sink_blocks=s.sink_blocks,
+                                     local_blocks=s.local_blocks, num_kv_heads=self.shape.num_kv_heads)
+        self._step_sel[layer] = sel
+        self.selected_blocks += int((sel >= 0).sum())
+        self.candidate_blocks += int(nb.sum()) * self.shape.num_kv_heads
+        return sel
+
+    def stats(self) -> dict:
+        frac = self.selected_blocks / self.candidate_blocks if self.candidate_blocks else None
+        return {"sparse_steps": self.sparse_steps, "dense_steps": self.dense_steps,
+                "selected_block_fraction": frac, "rollback_layers": list(self.config.rollback_layers),
+                "reuse_layers": dict(self.config.layer_reuse)}

@@ -1,0 +1,106 @@
+"""KVStar multi-step retrieval (upstream ``ucm/sparse/kvstar``; ucm-upstream.md §6).
+
+* Prefill end, per layer: channel pruning (the ``KVStarConfig.kept_channels(D)`` channels with the
+  largest mean |K| over the prompt, per KV head) and token merge (every ``token_merge`` tokens of
+  a block averaged), i.e. :func:`ucm_trt.sparse.repr.kvstar_subblock`, kept on the host in fp16.
+  The queries of the last ``R`` prompt tokens form the "prefill" voting group; the first
+  selection is retrieved from it synchronously.
+* Score: multi-query softmax voting (:func:`ucm_trt.sparse.score.kvstar_vote_scores`): each query
+  (pruned to its KV head's channels, no 1/sqrt(d)) softmaxes over the sub-blocks of the candidate
+  (non-window) prompt blocks; a block's score is the mass it receives, summed over queries, heads
+  and sub-tokens.
+* Schedule with ``R = KVStarConfig.retrieval_stride`` and decode step ``s``: every step's query is
+  stored; after step ``s % R == 0`` the group of the last ``R`` queries is submitted; from
+  ``s >= 2R`` the retrieval submitted at ``s - R`` is collected at the same point, so queries of
+  steps ``[1..R]`` choose the blocks of steps ``[2R+1..3R]`` (one-stride lag, retrieval overlaps a
+  whole stride). Decode-generated blocks are never sparsified.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from ucm_trt.config import KVStarConfig
+from ucm_trt.sparse.policies._offload import OffloadPolicy
+from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
+from ucm_trt.sparse.repr import SubBlockRepr, block_lens_from_seq_lens, kvstar_subblock
+from ucm_trt.sparse.score import kvstar_vote_scores
+from ucm_trt.sparse.select import candidate_mask
+
+__all__ = ["KVStarPolicy"]
+
+
+class KVStarPolicy(OffloadPolicy):
+    name = "kvstar"
+
+    def __init__(self, config: KVStarConfig | None = None) -> None:
+        super().__init__()
+        if config is None:
+            config = KVStarConfig()
+        if not isinstance(config, KVStarConfig):
+            raise TypeError(f"config must be a KVStarConfig, got {type(config).__name__}")
+        self.config = config
+        self.query_window = config.retrieval_stride
+
+    def bind(self, rt: PolicyRuntime) -> None:
+        super().bind(rt)
+        s = rt.sparse
+        if s.scoring != "kvstar_vote" or s.representation != "subblock":
+            raise ValueError(
+                "KVStar votes over sub-block representations: SparseConfig must have "
+                f"scoring='kvstar_vote' and representation='subblock', got scoring={s.scoring!r}, "
+                f"representation={s.representation!r}"
+            )
+        if s.retrieval_stride not in (1, self.config.retrieval_stride):
+            raise ValueError(
+                f"KVStar uses KVStarConfig.retrieval_stride ({self.config.retrieval_stride}); "
+                f"SparseConfig.retrieval_stride must be 1 or equal to it, got {s.retrieval_stride}"
+            )
+        self.config.check_block_size(s.block_size)
+
+    def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
+        nbp = self._num_blocks(req.prompt_len)
+        st = {"dense": nbp < self.sparse.min_blocks, "sel_nb": nbp, "pending": None, "group": []}
+        self._state[req.rid] = st
+        if st["dense"]:
+            return
+        kv = self.rt.kv
+        lens = block_lens_from_seq_lens(torch.tensor(req.prompt_len), nbp, self.sparse.block_size)
+        reps = []
+        for layer in range(self.shape.num_layers):
+            sub = kvstar_subblock(kv.gather_keys(req.rid, layer, list(range(nbp))), lens.to(kv.layout.device),
+                                  self.config)
+            reps.append(SubBlockRepr(values=sub.values.to("cpu", torch.float16), counts=sub.counts.cpu(),
+                                     channels=sub.channels.cpu()))
+        st["reps"] = reps
+        cand = candidate_mask(torch.tensor([nbp], dtype=torch.int32), nbp, sink_blocks=self.sparse.sink_blocks,
+                              local_blocks=self.sparse.local_blocks, min_blocks=self.sparse.min_blocks)[0]
+        st["cand"] = cand
+        self._collect(st, self._submit(req.rid, 0, partial(self._select, st, list(queries))))
+
+    def _select(self, st: dict, group: list[torch.Tensor], layer: int) -> torch.Tensor:
+        # group[layer]: [Hq, Tv, D]
+        scores = kvstar_vote_scores(group[layer][None], st["reps"][layer], block_mask=st["cand"])[0]
+        return select_from_scores(scores, st["sel_nb"], self.sparse, "kvstar_vote", self.shape.num_kv_heads)
+
+    def after_step(self, reqs: list[RequestView], queries: list[torch.Tensor]) -> None:
+        r = self.config.retrieval_stride
+        L = self.shape.num_layers
+        for row, req in enumerate(reqs):
+            st = self._state[req.rid]
+            if st["dense"]:
+                continue
+            s = req.step
+            st["group"].append([queries[layer][row] for layer in range(L)])
+            if s % r:
+                continue
+            if s >= 2 * r:
+                pending = st["pending"]
+                if pending is None or pending.step != s - r:
+                    raise RuntimeError(f"kvstar: request {req.rid!r} step {s}: no retrieval from step {s - r}")
+                self._collect(st, pending)
+            group = [torch.stack([g[layer] for g in st["group"][-r:]], dim=1) for layer in range(L)]
+            st["group"] = []
+            st["pending"] = self._submit(req.rid, s, partial(self._select, st, group))
