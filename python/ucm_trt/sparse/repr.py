@@ -638,10 +638,20 @@ class BlockReprState:
         blk, off = pos // bs, pos % bs
         x = k_new.float().transpose(1, 2)[keep]  # [N, Hkv, D]
         self._sum.index_put_((rows, blk), x, accumulate=True)
-        flat = rows * nb + blk  # [N]
-        idx = flat[:, None, None].expand_as(x)
-        self._min.view(b * nb, h, d).scatter_reduce_(0, idx, x, "amin", include_self=True)
-        self._max.view(b * nb, h, d).scatter_reduce_(0, idx, x, "amax", include_self=True)
+        # min/max: reduce the new tokens over a small grid of the blocks they touch (at most
+        # ceil(Tn / bs) + 1 per row), then merge into those blocks; (row, block) pairs are unique.
+        span = (tn + bs - 1) // bs + 1
+        base = self._seq_lens // bs  # [B]
+        local = pos - base[rows] * bs
+        touched = base[:, None] + torch.arange(span, device=self.device)[None, :]  # [B, span]
+        ok = touched < nb
+        trow = torch.arange(b, device=self.device)[:, None].expand(b, span)[ok]
+        tblk = touched[ok]
+        for store, fill, reduce in ((self._min, float("inf"), torch.minimum), (self._max, float("-inf"), torch.maximum)):
+            grid = torch.full((b, span * bs, h, d), fill, dtype=torch.float32, device=self.device)
+            grid[rows, local] = x
+            red = grid.view(b, span, bs, h, d).amin(2) if fill > 0 else grid.view(b, span, bs, h, d).amax(2)
+            store[trow, tblk] = reduce(store[trow, tblk], red[ok])
         first = off == 0
         self._first[rows[first], blk[first]] = x[first]
         if self._codes is not None:
