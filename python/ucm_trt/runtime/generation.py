@@ -1,0 +1,521 @@
+"""Generation API: requests, chunked prefill, batched decode, sampling, stop tokens, streaming.
+
+``Engine`` owns the KV manager (pools, tables, host store, working sets), the retrieval worker,
+the policy and every per-step buffer; all are allocated once at construction at the sizes of
+:class:`~ucm_trt.runtime.plan.RuntimeConfig` (plan/run style). A step is either one prefill chunk
+of one request or one decode token for every running request:
+
+``plan``  policy selections -> working-set delta prefetch -> block tables, slots, selections
+          written to host mirrors and copied (``non_blocking`` on CUDA) into the device buffers;
+``run``   the backend's forward over views of those buffers;
+``after`` write-back of filled blocks, query hand-off to the policy (retrieval schedule),
+          sampling, stop checks, streaming callbacks, freeing finished requests.
+
+Errors (including a failed retrieval task) propagate to the caller; :meth:`Engine.generate`
+frees every block of every request before re-raising, so nothing leaks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ucm_trt.config import SparseConfig
+from ucm_trt.runtime.backends.base import Backend
+from ucm_trt.runtime.kv import KVLayout, KVManager, StepTransfer
+from ucm_trt.runtime.metrics import RuntimeMetrics, StepRecord
+from ucm_trt.runtime.plan import RuntimeConfig
+from ucm_trt.runtime.step import StepContext
+from ucm_trt.runtime.worker import RetrievalWorker
+from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView
+from ucm_trt.sparse.policies.dense import DensePolicy
+
+__all__ = ["Engine", "GenerationResult", "SamplingParams"]
+
+TokenCallback = Callable[[str, int], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How tokens are drawn.
+
+    ``temperature == 0`` is greedy (argmax). ``temperature > 0`` samples from
+    ``softmax(logits / temperature)`` restricted to the smallest set of tokens whose probability
+    reaches ``top_p``, with a ``torch.Generator`` seeded by ``seed`` (required: the global RNG is
+    never used). Generation stops after ``max_new_tokens`` or at any of ``stop_token_ids`` (the
+    stop token is kept in the output ids).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        c = "SamplingParams"
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"{c}.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise ValueError(f"{c}.temperature must be a number >= 0, got {self.temperature!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"{c}.top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"{c}.seed must be an int >= 0 or None, got {self.seed!r}")
+        if self.temperature > 0 and self.seed is None:
+            raise ValueError(f"{c}.seed is required when temperature > 0 (got temperature={self.temperature}); "
+                             "sampling uses an explicit torch.Generator, never the global RNG")
+        if self.temperature == 0 and self.top_p != 1.0:
+            raise ValueError(f"{c}.top_p={self.top_p} has no effect with temperature=0 (greedy); set temperature > 0")
+        if not isinstance(self.stop_token_ids, tuple) or any(
+            isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids
+        ):
+            raise ValueError(f"{c}.stop_token_ids must be a tuple of ints >= 0, got {self.stop_token_ids!r}")
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt_tokens: int
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    ttft_seconds: float
+
+
+@dataclass
+class _Request:
+    rid: str
+    prompt: list[int]
+    params: SamplingParams
+    callback: TokenCallback | None
+    bounds: list[int]
+    generator: torch.Generator | None
+    chunk: int = 0  # next prefill chunk index
+    step: int = 0  # decode steps done
+    out: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    t_start: float = 0.0
+    ttft: float = 0.0
+
+
+def _check_prompt(prompt: object) -> list[int]:
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 1:
+            raise ValueError(f"prompt tensor must be 1-D token ids, got shape {tuple(prompt.shape)}")
+        prompt = prompt.tolist()
+    if not isinstance(prompt, Sequence) or isinstance(prompt, (str, bytes)) or len(prompt) == 0:
+        raise ValueError(f"prompt must be a non-empty sequence of token ids, got {type(prompt).__name__}")
+    out = []
+    for i, t in enumerate(prompt):
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ValueError(f"prompt[{i}] must be an int token id >= 0, got {t!r}")
+        out.append(t)
+    return out
+
+
+class Engine:
+    """Paged-KV generation runtime with a UCM policy.
+
+    Parameters
+    ----------
+    backend:
+        A :class:`~ucm_trt.runtime.backends.base.Backend` (e.g. ``TorchBackend(model)``).
+    policy:
+        A :class:`~ucm_trt.sparse.policies.base.Policy` (default dense). Bound to this engine.
+    sparse:
+        Block size, windows, budget, scoring (:class:`~ucm_trt.config.SparseConfig`).
+    config:
+        Maximum sizes (:class:`~ucm_trt.runtime.plan.RuntimeConfig`).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        policy: Policy | None = None,
+        *,
+        sparse: SparseConfig | None = None,
+        config: RuntimeConfig | None = None,
+    ) -> None:
+        if not isinstance(backend, Backend):
+            raise TypeError(f"backend must be a ucm_trt Backend, got {type(backend).__name__}")
+        policy = DensePolicy() if policy is None else policy
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a ucm_trt Policy, got {type(policy).__name__}")
+        sparse = SparseConfig() if sparse is None else sparse
+        if not isinstance(sparse, SparseConfig):
+            raise TypeError(f"sparse must be a SparseConfig, got {type(sparse).__name__}")
+        config = RuntimeConfig() if config is None else config
+        if not isinstance(config, RuntimeConfig):
+            raise TypeError(f"config must be a RuntimeConfig, got {type(config).__name__}")
+        shape = backend.shape
+        if policy.rerope is None and config.max_seq_len > shape.max_positions:
+            raise ValueError(
+                f"RuntimeConfig.max_seq_len ({config.max_seq_len}) exceeds the model's max positions "
+                f"({shape.max_positions}); use the rerope policy to extrapolate, or lower max_seq_len"
+            )
+        width = max(1, policy.query_window)
+        if width > config.prefill_chunk:
+            raise ValueError(
+                f"the {policy.name} policy needs the queries of the last {width} prompt tokens, more than "
+                f"RuntimeConfig.prefill_chunk ({config.prefill_chunk}); raise prefill_chunk"
+            )
+        self.backend, self.policy, self.sparse, self.config = backend, policy, sparse, config
+        self.shape = shape
+        dev = backend.device
+        bs = sparse.block_size
+        max_blocks = config.max_blocks(bs)
+        n_dev = config.num_device_blocks or config.max_batch * max_blocks + 1
+        n_host = (config.num_host_blocks or config.max_batch * max_blocks) if policy.offload else 0
+        layout = KVLayout(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+                          block_size=bs, dtype=backend.kv_dtype, device=dev)
+        self.kv = KVManager(layout, max_batch=config.max_batch, max_blocks=max_blocks, num_device_blocks=n_dev,
+                            offload=policy.offload, num_host_blocks=n_host, cache_blocks=config.cache_blocks)
+        self.worker = RetrievalWorker(config.retrieval_threads)
+        policy.bind(PolicyRuntime(shape=shape, sparse=sparse, kv=self.kv, worker=self.worker, device=dev))
+        # -- per-step buffers, allocated once (device + host mirrors; pinned on CUDA)
+        pin = dev.type == "cuda"
+        L, B, H = shape.num_layers, config.max_batch, shape.num_kv_heads
+        tok = config.prefill_chunk + width  # the last prefill chunk may absorb a short remainder
+        self._capture_width = width
+        self._ids = torch.zeros(B, tok, dtype=torch.long, device=dev)
+        self._pos = torch.zeros(B, tok, dtype=torch.long, device=dev)
+        self._seq_lens = torch.zeros(B, dtype=torch.int32, device=dev)
+        self._ids_h = torch.zeros(B, tok, dtype=torch.long, pin_memory=pin)
+        self._pos_h = torch.zeros(B, tok, dtype=torch.long, pin_memory=pin)
+        self._seq_lens_h = torch.zeros(B, dtype=torch.int32, pin_memory=pin)
+        slots = max(B, tok)
+        self._slot_b = torch.zeros(L, slots, dtype=torch.long, device=dev)
+        self._slot_o = torch.zeros(L, slots, dtype=torch.long, device=dev)
+        self._slot_b_h = torch.zeros(L, slots, dtype=torch.long, pin_memory=pin)
+        self._slot_o_h = torch.zeros(L, slots, dtype=torch.long, pin_memory=pin)
+        self._sel = torch.full((L, B, H, max_blocks), -1, dtype=torch.int32, device=dev)
+        self._sel_h = torch.full((L, B, H, max_blocks), -1, dtype=torch.int32, pin_memory=pin)
+        self._capture = torch.zeros(L, B, shape.num_q_heads, width, shape.head_dim, dtype=torch.float32, device=dev)
+        self._arange = torch.arange(max_blocks, dtype=torch.int32)
+        # -- requests
+        self._requests: dict[str, _Request] = {}
+        self._waiting: deque[str] = deque()
+        self._prefilling: str | None = None
+        self._running: list[str] = []
+        self._ids_counter = itertools.count()
+        self.metrics = RuntimeMetrics()
+        self._closed = False
+
+    # ================================================================== requests
+    def add_request(
+        self,
+        prompt: Sequence[int] | torch.Tensor,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> str:
+        """Queue a prompt; returns the request id. ``on_token(request_id, token_id)`` streams tokens."""
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        ids = _check_prompt(prompt)
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if on_token is not None and not callable(on_token):
+            raise TypeError(f"on_token must be callable, got {type(on_token).__name__}")
+        rid = request_id if request_id is not None else f"req-{next(self._ids_counter)}"
+        if not isinstance(rid, str) or not rid:
+            raise ValueError(f"request_id must be a non-empty str, got {rid!r}")
+        if rid in self._requests:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        if len(ids) + 1 > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens leaves no room to generate within RuntimeConfig.max_seq_len "
+                f"({self.config.max_seq_len})"
+            )
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator(device="cpu").manual_seed(params.seed)
+        self._requests[rid] = _Request(rid=rid, prompt=ids, params=params, callback=on_token,
+                                       bounds=self._chunk_bounds(len(ids)), generator=gen)
+        self._waiting.append(rid)
+        return rid
+
+    def _chunk_bounds(self, n: int) -> list[int]:
+        c, w = self.config.prefill_chunk, min(self._capture_width, n)
+        bounds = list(range(0, n, c)) + [n]
+        if len(bounds) > 2 and n - bounds[-2] < w:
+            bounds[-2] = n - w
+            if bounds[-2] <= bounds[-3]:
+                del bounds[-2]
+        return bounds
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._running)
+
+    # ================================================================== stepping
+    def step(self) -> list[tuple[str, int]]:
+        """Run one step; returns the ``(request_id, token)`` pairs it produced."""
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        if self._prefilling is None and self._waiting and len(self._running) < self.config.max_batch:
+            rid = self._waiting.popleft()
+            req = self._requests[rid]
+            req.t_start = time.perf_counter()
+            self.kv.add_request(rid)
+            self.policy.on_request_start(rid, len(req.prompt))
+            self._prefilling = rid
+        if self._prefilling is not None:
+            return self._prefill_chunk(self._requests[self._prefilling])
+        if self._running:
+            return self._decode()
+        return []
+
+    def _context(self, rows: list[str], t: int, new_lens: list[int], selections) -> StepContext:
+        b = len(rows)
+        return StepContext(
+            kv=self.kv, policy=self.policy, attention=self.backend.attention, rows=rows, num_tokens=t,
+            new_lens=new_lens, seq_lens=self._seq_lens[:b], positions=self._pos[:b, :t], selections=selections,
+            slot_blocks=self._slot_b[:, : b * t], slot_offsets=self._slot_o[:, : b * t], capture=self._capture,
+            capture_width=self._capture_width, rope_theta=self.shape.rope_theta,
+        )
+
+    def _write_slots(self, rows: list[str], starts: list[int], t: int) -> None:
+        bs = self.sparse.block_size
+        th = self.kv.tables_host
+        b = len(rows)
+        pos = torch.tensor(starts, dtype=torch.long)[:, None] + torch.arange(t)[None, :]  # [B, T]
+        row_idx = torch.arange(b)[:, None].expand(b, t)
+        blocks = th[:, row_idx, pos // bs].reshape(th.shape[0], b * t)  # [L, B*T]
+        self._slot_b_h[:, : b * t] = blocks
+        self._slot_o_h[:, : b * t] = (pos % bs).reshape(1, b * t)
+        self._pos_h[:b, :t] = pos
+        self._seq_lens_h[:b] = torch.tensor([s + t for s in starts], dtype=torch.int32)
+        nb = self._slot_b.device.type == "cuda"
+        self._slot_b[:, : b * t].copy_(self._slot_b_h[:, : b * t], non_blocking=nb)
+        self._slot_o[:, : b * t].copy_(self._slot_o_h[:, : b * t], non_blocking=nb)
+        self._pos[:b, :t].copy_(self._pos_h[:b, :t], non_blocking=nb)
+        self._seq_lens[:b].copy_(self._seq_lens_h[:b], non_blocking=nb)
+
+    def _record(self, kind: str, rows: int, tokens: int, t0: float, tr: StepTransfer) -> None:
+        self.metrics.record(StepRecord(
+            kind=kind, rows=rows, tokens=tokens, seconds=time.perf_counter() - t0,
+            blocks_loaded=tr.blocks_loaded, blocks_needed=tr.blocks_needed,
+            blocks_written_back=tr.blocks_written_back, blocks_evicted=tr.blocks_evicted,
+            bytes_h2d=tr.bytes_h2d, bytes_d2h=tr.bytes_d2h, load_seconds=tr.load_seconds,
+            device_kv_bytes=self.kv.device_bytes_held(), host_kv_bytes=self.kv.host_bytes_held(),
+        ))
+        self.last_transfer = tr
+
+    def _queries(self, b: int, last_only: bool) -> list[torch.Tensor]:
+        cap = self._capture[:, :b].cpu()  # [L, B, Hq, W, D]
+        if last_only:
+            return list(cap[:, :, :, 0])  # per layer [B, Hq, D] (slot 0 holds the last token)
+        return list(cap)
+
+    def _prefill_chunk(self, req: _Request) -> list[tuple[str, int]]:
+        t0 = time.perf_counter()
+        rid = req.rid
+        lo, hi = req.bounds[req.chunk], req.bounds[req.chunk + 1]
+        t = hi - lo
+        tr = StepTransfer()
+        L = self.shape.num_layers
+        self.kv.plan_step([rid], [t], [[None] for _ in range(L)], tr)
+        self._ids_h[0, :t] = torch.tensor(req.prompt[lo:hi], dtype=torch.long)
+        self._ids[:1, :t].copy_(self._ids_h[:1, :t], non_blocking=self._ids.device.type == "cuda")
+        self._write_slots([rid], [lo], t)
+        ctx = self._context([rid], t, [hi], [None] * L)
+        logits = self.backend.forward(self._ids[:1, :t], self._pos[:1, :t], ctx)
+        self.kv.write_back([rid], tr)
+        req.chunk += 1
+        emitted: list[tuple[str, int]] = []
+        if hi == len(req.prompt):
+            w = min(self._capture_width, t)
+            queries = [q[0, :, :w] for q in self._queries(1, False)]  # per layer [Hq, w, D]
+            view = RequestView(rid=rid, prompt_len=len(req.prompt), seq_len=len(req.prompt),
+                               new_len=len(req.prompt), step=0)
+            self.policy.on_prefill_end(view, queries)
+            self._prefilling = None
+            self._running.append(rid)
+            token = self._sample(logits[0], req)
+            req.ttft = time.perf_counter() - req.t_start
+            self.metrics.ttft[rid] = req.ttft
+            emitted.append((rid, token))
+            self._emit(req, token)
+        self._record("prefill", 1, t, t0, tr)
+        return emitted
+
+    def _decode(self) -> list[tuple[str, int]]:
+        t0 = time.perf_counter()
+        rows = list(self._running)
+        b = len(rows)
+        L, H = self.shape.num_layers, self.shape.num_kv_heads
+        bs = self.sparse.block_size
+        views = []
+        for rid in rows:
+            req = self._requests[rid]
+            n = self.kv.seq_len(rid)
+            views.append(RequestView(rid=rid, prompt_len=len(req.prompt), seq_len=n, new_len=n + 1,
+                                     step=req.step + 1))
+        sels = self.policy.plan(views)
+        if len(sels) != L or any(len(s) != b for s in sels):
+            raise RuntimeError(f"policy {self.policy.name!r} returned selections of the wrong shape")
+        needed = [[None if s is None else set(s[s >= 0].tolist()) for s in layer] for layer in sels]
+        tr = StepTransfer()
+        self.kv.plan_step(rows, [1] * b, needed, tr)
+        selections = self._write_selections(sels, [v.new_len for v in views], bs, b, H)
+        for row, rid in enumerate(rows):
+            self._ids_h[row, 0] = self._requests[rid].out[-1]
+        self._ids[:b, :1].copy_(self._ids_h[:b, :1], non_blocking=self._ids.device.type == "cuda")
+        self._write_slots(rows, [v.seq_len for v in views], 1)
+        ctx = self._context(rows, 1, [v.new_len for v in views], selections)
+        logits = self.backend.forward(self._ids[:b, :1], self._pos[:b, :1], ctx)
+        self.kv.write_back(rows, tr)
+        self.policy.after_step(views, self._queries(b, True))
+        emitted = []
+        logits = logits.cpu()
+        for row, rid in enumerate(rows):
+            req = self._requests[rid]
+            req.step += 1
+            token = self._sample(logits[row], req)
+            emitted.append((rid, token))
+            self._emit(req, token)
+        self._record("decode", b, b, t0, tr)
+        return emitted
+
+    def _write_selections(self, sels, new_lens: list[int], bs: int, b: int, h: int) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = []
+        sh = self._sel_h
+        touched = False
+        for layer, per_row in enumerate(sels):
+            if all(s is None for s in per_row):
+                out.append(None)
+                continue
+            width = 1
+            sh[layer, :b].fill_(-1)
+            for row, s in enumerate(per_row):
+                if s is None:
+                    nb = -(-new_lens[row] // bs)
+                    sh[layer, row, :, :nb] = self._arange[:nb]
+                    width = max(width, nb)
+                else:
+                    if s.dim() != 2 or s.shape[0] != h:
+                        raise RuntimeError(
+                            f"policy {self.policy.name!r}: layer {layer} row {row} selection must be [Hkv={h}, S], "
+                            f"got shape {tuple(s.shape)}"
+                        )
+                    sh[layer, row, :, : s.shape[1]] = s
+                    width = max(width, s.shape[1])
+            out.append(width)
+            touched = True
+        if touched:
+            self._sel[:, :b].copy_(sh[:, :b], non_blocking=self._sel.device.type == "cuda")
+        return [None if w is None else self._sel[layer, :b, :, :w] for layer, w in enumerate(out)]
+
+    # ================================================================== sampling / finishing
+    def _sample(self, logits: torch.Tensor, req: _Request) -> int:
+        p = req.params
+        x = logits.float().cpu()
+        if p.temperature == 0:
+            return int(torch.argmax(x))
+        probs = torch.softmax(x / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            srt, idx = torch.sort(probs, descending=True)
+            keep = (torch.cumsum(srt, 0) - srt) < p.top_p
+            keep[0] = True
+            probs = torch.zeros_like(probs).scatter_(0, idx[keep], srt[keep])
+            probs = probs / probs.sum()
+        return int(torch.multinomial(probs, 1, generator=req.generator))
+
+    def _emit(self, req: _Request, token: int) -> None:
+        req.out.append(token)
+        if req.callback is not None:
+            req.callback(req.rid, token)
+        if token in req.params.stop_token_ids:
+            req.finish_reason = "stop"
+        elif len(req.out) >= req.params.max_new_tokens or len(req.prompt) + len(req.out) >= self.config.max_seq_len:
+            req.finish_reason = "length"
+        if req.finish_reason is not None:
+            self._finish(req.rid)
+
+    def _finish(self, rid: str) -> None:
+        if rid in self._running:
+            self._running.remove(rid)
+        try:
+            self.policy.on_request_end(rid)
+        finally:
+            self.kv.free_request(rid)
+
+    def result(self, rid: str) -> GenerationResult:
+        req = self._requests[rid]
+        if req.finish_reason is None:
+            raise ValueError(f"request {rid!r} has not finished")
+        return GenerationResult(request_id=rid, prompt_tokens=len(req.prompt), token_ids=list(req.out),
+                                finish_reason=req.finish_reason, ttft_seconds=req.ttft)
+
+    def abort_all(self) -> None:
+        """Drop every request and return all its blocks (used after an error)."""
+        for rid in list(self._requests):
+            req = self._requests[rid]
+            if req.finish_reason is None and rid in self.kv.seqs:
+                try:
+                    self.policy.on_request_end(rid)
+                except Exception:  # noqa: BLE001 - the original error is being raised already
+                    pass
+                self.kv.free_request(rid)
+            if req.finish_reason is None:
+                req.finish_reason = "aborted"
+        self._waiting.clear()
+        self._running.clear()
+        self._prefilling = None
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]] | Sequence[int],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        on_token: TokenCallback | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for one prompt (a list of ids) or several (a list of lists); blocks until done."""
+        if len(prompts) and isinstance(prompts[0], int):
+            prompts = [prompts]  # type: ignore[list-item]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)  # type: ignore[list-item]
+        if len(params) != len(prompts):
+            raise ValueError(f"params has {len(params)} entries for {len(prompts)} prompts")
+        rids = [self.add_request(p, sp, on_token=on_token) for p, sp in zip(prompts, params)]
+        try:
+            while any(self._requests[r].finish_reason is None for r in rids):
+                self.step()
+        except BaseException:
+            self.abort_all()
+            raise
+        return [self.result(r) for r in rids]
+
+    # ================================================================== stats / teardown
+    def stats(self) -> dict:
+        out = {
+            "algorithm": self.policy.name,
+            "attention": self.backend.attention_name(),
+            "device": str(self.backend.device),
+            "block_size": self.sparse.block_size,
+            "block_bytes_per_layer": self.kv.block_bytes,
+            "offload": self.policy.offload,
+        }
+        out.update(self.metrics.summary())
+        out.update(self.worker.stats())
+        out["policy"] = self.policy.stats()
+        return out
+
+    def close(self) -> None:
+        self.abort_all()
+        self.worker.shutdown()
+        self._closed = True
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

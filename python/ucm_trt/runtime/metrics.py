@@ -1,0 +1,71 @@
+"""Per-step metrics and their summary (what ``ucm-trt run`` prints as stats).
+
+Per step: kind (prefill / decode), rows, tokens, wall time, blocks and bytes moved host -> device
+(delta prefetch) and device -> host (write-back of filled blocks), needed blocks and misses of the
+offloaded working sets (hit rate = 1 - misses / needed), device and host KV bytes held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["RuntimeMetrics", "StepRecord"]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    kind: str
+    rows: int
+    tokens: int
+    seconds: float
+    blocks_loaded: int
+    blocks_needed: int
+    blocks_written_back: int
+    blocks_evicted: int
+    bytes_h2d: int
+    bytes_d2h: int
+    load_seconds: float
+    device_kv_bytes: int
+    host_kv_bytes: int
+
+
+class RuntimeMetrics:
+    """Collects :class:`StepRecord` s and time-to-first-token per request."""
+
+    def __init__(self) -> None:
+        self.steps: list[StepRecord] = []
+        self.ttft: dict[str, float] = {}
+
+    def record(self, rec: StepRecord) -> None:
+        self.steps.append(rec)
+
+    def summary(self) -> dict[str, Any]:
+        dec = [s for s in self.steps if s.kind == "decode"]
+        pre = [s for s in self.steps if s.kind == "prefill"]
+        dec_tokens = sum(s.tokens for s in dec)
+        dec_time = sum(s.seconds for s in dec)
+        needed = sum(s.blocks_needed for s in dec)
+        loaded = sum(s.blocks_loaded for s in dec)
+        out: dict[str, Any] = {
+            "prefill_steps": len(pre),
+            "prefill_tokens": sum(s.tokens for s in pre),
+            "prefill_seconds": sum(s.seconds for s in pre),
+            "decode_steps": len(dec),
+            "decode_tokens": dec_tokens,
+            "decode_seconds": dec_time,
+            "decode_tokens_per_s": dec_tokens / dec_time if dec_time > 0 else None,
+            "bytes_h2d_total": sum(s.bytes_h2d for s in self.steps),
+            "bytes_d2h_total": sum(s.bytes_d2h for s in self.steps),
+            "decode_bytes_h2d_per_step": (sum(s.bytes_h2d for s in dec) / len(dec)) if dec else None,
+            "decode_bytes_h2d_max_step": max((s.bytes_h2d for s in dec), default=None),
+            "cache_hit_rate": (1.0 - loaded / needed) if needed else None,
+            "device_kv_bytes_peak": max((s.device_kv_bytes for s in self.steps), default=0),
+            "device_kv_bytes_last_decode": dec[-1].device_kv_bytes if dec else None,
+            "host_kv_bytes_peak": max((s.host_kv_bytes for s in self.steps), default=0),
+            "ttft_seconds": dict(self.ttft),
+        }
+        return out
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        return [asdict(s) for s in self.steps]

@@ -1,0 +1,66 @@
+"""Runtime sizing: everything the runtime allocates once, at construction (plan/run style)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["RuntimeConfig"]
+
+
+def _pos_int(name: str, value: object, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"RuntimeConfig.{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"RuntimeConfig.{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """Maximum sizes of the generation runtime; buffers are allocated at these sizes once.
+
+    Attributes
+    ----------
+    max_batch:
+        Requests decoded together in one step (rows of every per-step buffer).
+    max_seq_len:
+        Longest sequence (prompt + generated tokens); sets the block-table width.
+    prefill_chunk:
+        Prompt tokens per prefill step (chunked prefill); longer prompts take several steps.
+    num_device_blocks:
+        Blocks per layer in the device KV pool, including the null block. ``None``: enough for
+        ``max_batch`` sequences of ``max_seq_len`` (no offload needed). With an offload policy a
+        smaller pool holds only the working sets (plus one prompt being prefilled).
+    num_host_blocks:
+        Blocks in the host block store (offload policies). ``None``: ``max_batch`` full sequences.
+    cache_blocks:
+        Unneeded blocks each (request, layer) working set keeps as LRU cache (offload policies).
+    retrieval_threads:
+        Threads of the CPU retrieval worker.
+    validate:
+        Let kernels check index contents (one device sync per call); keep on unless profiling.
+    """
+
+    max_batch: int = 4
+    max_seq_len: int = 8192
+    prefill_chunk: int = 512
+    num_device_blocks: int | None = None
+    num_host_blocks: int | None = None
+    cache_blocks: int = 2
+    retrieval_threads: int = 2
+    validate: bool = True
+
+    def __post_init__(self) -> None:
+        _pos_int("max_batch", self.max_batch)
+        _pos_int("max_seq_len", self.max_seq_len)
+        _pos_int("prefill_chunk", self.prefill_chunk)
+        if self.num_device_blocks is not None:
+            _pos_int("num_device_blocks", self.num_device_blocks, 2)
+        if self.num_host_blocks is not None:
+            _pos_int("num_host_blocks", self.num_host_blocks)
+        _pos_int("cache_blocks", self.cache_blocks, 0)
+        _pos_int("retrieval_threads", self.retrieval_threads)
+        if not isinstance(self.validate, bool):
+            raise TypeError(f"RuntimeConfig.validate must be a bool, got {self.validate!r}")
+
+    def max_blocks(self, block_size: int) -> int:
+        return -(-self.max_seq_len // block_size)

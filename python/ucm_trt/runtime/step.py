@@ -1,0 +1,147 @@
+"""What one model step sees: per-step views of the runtime's preallocated buffers, and the
+attention entry point every backend layer calls (``StepContext.attend``).
+
+Per layer, ``attend``:
+
+1. (ReRoPE policy) un-rotates the model's post-RoPE q and k by their true positions, so the pool
+   holds un-rotated K;
+2. writes the chunk's new K/V into the layer's pool at the slots the plan reserved, and calls the
+   policy's ``on_append`` hook (GSA On-Device hashes K there);
+3. takes the layer's selection: the policy's per-layer hook if it has one (on-device
+   retrieval), else the selection the plan wrote (``None`` = every block);
+4. runs paged attention over the pool / block table / seq_lens / selection: the fp32 reference
+   (:mod:`ucm_trt.reference`) or the Triton kernels (:mod:`ucm_trt.kernels`);
+5. records the queries of the last ``capture_width`` tokens (float32) for CPU retrieval.
+
+Where each field lives: ``kv.pools``/``kv.tables``, ``seq_lens``, ``selections``,
+``slot_blocks``/``slot_offsets`` and ``capture`` are on the runtime device; ``new_lens`` and
+``rows`` are Python lists on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from ucm_trt.reference import delta_rope
+
+if TYPE_CHECKING:
+    from ucm_trt.runtime.kv import KVManager
+    from ucm_trt.sparse.policies.base import Policy
+
+__all__ = ["AttentionImpl", "StepContext", "reference_attention", "triton_attention"]
+
+
+class AttentionImpl:
+    """Paged attention functions of one implementation (reference or Triton)."""
+
+    def __init__(self, name: str, sparse: Callable, rerope: Callable, *, validate: bool | None) -> None:
+        self.name = name
+        self._sparse = sparse
+        self._rerope = rerope
+        self._validate = validate
+
+    def _kw(self) -> dict:
+        return {} if self._validate is None else {"validate": self._validate}
+
+    def sparse(self, q, pool, table, seq_lens, selection, scale):
+        return self._sparse(q, pool, table, seq_lens, selection, scale=scale, **self._kw())
+
+    def rerope(self, q, pool, table, seq_lens, selection, scale, cfg, theta):
+        return self._rerope(q, pool, table, seq_lens, selection, window=cfg.window, theta=theta,
+                            logn_training_length=cfg.logn_training_length, scale=scale, **self._kw())
+
+
+def reference_attention() -> AttentionImpl:
+    from ucm_trt import reference
+
+    return AttentionImpl("reference", reference.paged_sparse_attention, reference.paged_rerope_attention,
+                         validate=None)
+
+
+def triton_attention(*, validate: bool = True) -> AttentionImpl:
+    from ucm_trt import kernels
+
+    return AttentionImpl("triton", kernels.paged_sparse_attention, kernels.paged_rerope_attention,
+                         validate=validate)
+
+
+class StepContext:
+    """Inputs of one forward step (prefill chunk of one request, or one decode token per row)."""
+
+    def __init__(
+        self,
+        *,
+        kv: KVManager,
+        policy: Policy,
+        attention: AttentionImpl,
+        rows: list[str],
+        num_tokens: int,
+        new_lens: list[int],
+        seq_lens: torch.Tensor,
+        positions: torch.Tensor,
+        selections: list[torch.Tensor | None],
+        slot_blocks: torch.Tensor,
+        slot_offsets: torch.Tensor,
+        capture: torch.Tensor,
+        capture_width: int,
+        rope_theta: float,
+    ) -> None:
+        self.kv = kv
+        self.policy = policy
+        self.attention = attention
+        self.rows = rows
+        self.num_tokens = num_tokens
+        self.new_lens = new_lens
+        self.seq_lens = seq_lens
+        self.positions = positions
+        self.selections = selections
+        self.slot_blocks = slot_blocks
+        self.slot_offsets = slot_offsets
+        self.capture = capture
+        self.capture_width = capture_width
+        self.rope_theta = rope_theta
+        self.layers_run = 0
+
+    def tables(self, layer: int) -> torch.Tensor:
+        """int32 ``[B, max_blocks]`` block table of ``layer`` for this step's rows (device)."""
+        return self.kv.tables[layer, : len(self.rows)]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]`` (post-RoPE) of this step -> ``[B, Hq, T, D]``."""
+        b, hq, t, d = q.shape
+        if b != len(self.rows) or t != self.num_tokens:
+            raise ValueError(
+                f"layer {layer}: q has batch {b} and {t} tokens, the step planned {len(self.rows)} rows "
+                f"of {self.num_tokens} tokens"
+            )
+        if not isinstance(layer, int) or not 0 <= layer < len(self.kv.pools):
+            raise ValueError(f"layer index {layer!r} outside [0, {len(self.kv.pools)})")
+        pool = self.kv.pools[layer]
+        rerope = self.policy.rerope
+        if rerope is not None:
+            back = -self.positions[:, None, :]
+            q = delta_rope(q, back, theta=self.rope_theta).to(q.dtype)
+            k = delta_rope(k, back, theta=self.rope_theta).to(k.dtype)
+        hkv = k.shape[1]
+        k_flat = k.permute(0, 2, 1, 3).reshape(b * t, hkv, d)
+        v_flat = v.permute(0, 2, 1, 3).reshape(b * t, hkv, d)
+        blocks = self.slot_blocks[layer]
+        offs = self.slot_offsets[layer]
+        pool[blocks, 0, :, offs] = k_flat.to(pool.dtype)
+        pool[blocks, 1, :, offs] = v_flat.to(pool.dtype)
+        self.policy.on_append(layer, blocks, offs, k_flat)
+        sel = self.policy.layer_selection(layer, q, self)
+        if sel is NotImplemented:
+            sel = self.selections[layer]
+        table = self.tables(layer)
+        if rerope is None:
+            out = self.attention.sparse(q, pool, table, self.seq_lens, sel, scale)
+        else:
+            out = self.attention.rerope(q, pool, table, self.seq_lens, sel, scale, rerope, self.rope_theta)
+        w = min(t, self.capture_width)
+        self.capture[layer, :b, :, :w] = q[:, :, t - w :].float()
+        self.layers_run += 1
+        return out.to(q.dtype)
