@@ -52,7 +52,7 @@ def _append_kv_kernel(
     if HAS_NNEW:
         n_new = tl.load(nnew_ptr + b)
     else:
-        n_new = T
+        n_new = seq_len * 0 + T
     start = seq_len - n_new
     blk = start // BS + i
     active = (n_new > 0) & (blk * BS < seq_len) & (blk < MAX_BLOCKS)
@@ -61,8 +61,9 @@ def _append_kv_kernel(
     tok = tl.arange(0, BS)
     dd = tl.arange(0, D)
     pos = blk * BS + tok
-    is_new = (pos >= start) & (pos < seq_len) & active
-    is_old = (pos < start) & active
+    lim_hi = tl.where(active, seq_len, 0)  # inactive program: every slot masked
+    is_new = (pos >= start) & (pos < lim_hi)
+    is_old = pos < tl.minimum(start, lim_hi)
     src_t = tl.where(is_new, pos - start, 0)
 
     kdt = pool_ptr.dtype.element_ty
@@ -82,12 +83,12 @@ def _append_kv_kernel(
         if DO_MEAN:
             cnt = tl.sum((is_new | is_old).to(tl.float32), 0)
             mean = tl.sum(tl.where(valid, k, 0.0), 0) / tl.maximum(cnt, 1.0)
-            tl.store(mean_ptr + r_off, mean.to(mean_ptr.dtype.element_ty), mask=active & (dd < D))
+            tl.store(mean_ptr + r_off, mean.to(mean_ptr.dtype.element_ty), mask=dd < tl.where(active, D, 0))
         if DO_MINMAX:
             kmin = tl.min(tl.where(valid, k, float("inf")), 0)
             kmax = tl.max(tl.where(valid, k, float("-inf")), 0)
-            tl.store(min_ptr + r_off, kmin.to(min_ptr.dtype.element_ty), mask=active & (dd < D))
-            tl.store(max_ptr + r_off, kmax.to(max_ptr.dtype.element_ty), mask=active & (dd < D))
+            tl.store(min_ptr + r_off, kmin.to(min_ptr.dtype.element_ty), mask=dd < tl.where(active, D, 0))
+            tl.store(max_ptr + r_off, kmax.to(max_ptr.dtype.element_ty), mask=dd < tl.where(active, D, 0))
         if DO_HASH:
             bb = tl.arange(0, BITS)
             w = tl.load(w_ptr + dd[:, None] * BITS + bb[None, :])

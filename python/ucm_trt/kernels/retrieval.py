@@ -76,7 +76,8 @@ def _hamming_scores_kernel(
         in_table = blk < MAX_BLOCKS
         live = in_table & (blk * BS < seq_len)
         phys = tl.load(bt_ptr + b.to(tl.int64) * stride_btb + blk, mask=live, other=0).to(tl.int64)
-        tmask = live & (blk * BS + tok < seq_len)
+        # (a scalar & vector mask trips Triton's interpreter: fold `live` into the bound)
+        tmask = blk * BS + tok < tl.where(live, seq_len, 0)
         codes = tl.load(codes_ptr + phys * stride_cn + h * stride_ch + tok[:, None] * stride_ct + nb8[None, :],
                         mask=tmask[:, None], other=0).to(tl.int32)
         xo = codes ^ qcode[None, :]

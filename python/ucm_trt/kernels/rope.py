@@ -2,11 +2,13 @@
 
 Blend moves reused KV to new positions; RoPE rotations compose, so rotating by the position
 offset fixes K without the un-rotated keys (NeoX half rotation, HF ``rotate_half``). Angles are
-formed in float64 and reduced modulo 2*pi before the fp32 sine/cosine, so offsets of 128K+
-keep fp32 accuracy.
+formed in float64 as turns, reduced modulo one turn, then turned into fp32 radians for the
+sine/cosine, so offsets of 128K+ keep fp32 accuracy.
 """
 
 from __future__ import annotations
+
+import math
 
 
 import torch
@@ -26,7 +28,7 @@ from ucm_trt.kernels._common import (
 
 @triton.jit
 def _delta_rope_kernel(
-    pool_ptr, ids_ptr, off_ptr, inv_freq_ptr,
+    pool_ptr, ids_ptr, off_ptr, turns_ptr,
     stride_pn, stride_ph, stride_pt,
     HALF: tl.constexpr, BS: tl.constexpr,
 ):
@@ -35,10 +37,10 @@ def _delta_rope_kernel(
     phys = tl.load(ids_ptr + n).to(tl.int64)
     off = tl.load(off_ptr + n).to(tl.float64)
     dh = tl.arange(0, HALF)
-    two_pi = 6.283185307179586
-    ang = off * tl.load(inv_freq_ptr + dh)
-    ang = ang - two_pi * tl.floor(ang / two_pi)
-    ang32 = ang.to(tl.float32)
+    # turns = offset * inv_freq / (2 pi) in float64; keep the fraction, then radians in fp32
+    turns = off * tl.load(turns_ptr + dh)
+    frac = (turns - tl.floor(turns)).to(tl.float32)
+    ang32 = frac * 6.283185307179586
     c = tl.cos(ang32)[None, :]
     s = tl.sin(ang32)[None, :]
     tok = tl.arange(0, BS)
@@ -84,8 +86,9 @@ def delta_rope_blocks_(
         return kv_pool
     half = d // 2
     inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=kv_pool.device) / d)
+    turns_per_pos = inv_freq / (2.0 * math.pi)
     _delta_rope_kernel[(n, hkv)](
-        kv_pool, block_ids.contiguous(), offsets.contiguous(), inv_freq,
+        kv_pool, block_ids.contiguous(), offsets.contiguous(), turns_per_pos,
         kv_pool.stride(0), kv_pool.stride(2), kv_pool.stride(3),
         HALF=half, BS=bs, num_warps=4,
     )
