@@ -174,7 +174,7 @@ def test_hamming_popcount_equals_xor_bitcount() -> None:
     a = torch.randint(0, 256, (50, 16), generator=_gen(9), dtype=torch.int64).to(torch.uint8)
     bb = torch.randint(0, 256, (50, 16), generator=_gen(10), dtype=torch.int64).to(torch.uint8)
     got = popcount_u8(a ^ bb).sum(-1, dtype=torch.int32)
-    want = [sum(bin(int(x) ^ int(y)).count("1") for x, y in zip(ra, rb)) for ra, rb in zip(a.tolist(), bb.tolist())]
+    want = [sum(bin(int(x) ^ int(y)).count("1") for x, y in zip(ra, rb, strict=True)) for ra, rb in zip(a.tolist(), bb.tolist(), strict=True)]
     assert got.tolist() == want
     assert popcount_u8(torch.arange(256, dtype=torch.int64).to(torch.uint8)).tolist() == [bin(i).count("1") for i in range(256)]
 

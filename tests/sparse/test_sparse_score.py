@@ -10,10 +10,9 @@ from ucm_trt.sparse.repr import (
     SubBlockRepr,
     block_hash_codes,
     block_lens_from_seq_lens,
-    block_mean,
     block_minmax,
-    kvstar_channels,
     block_subblock,
+    kvstar_channels,
     unpack_bits,
 )
 from ucm_trt.sparse.score import (
@@ -150,7 +149,7 @@ def _kvstar_loop(q, sub: SubBlockRepr, block_mask, query_mask):
                 logits = torch.tensor([float(q[i, hh, x, ch].double() @ sub.values[i, n, s, h].double()) for n, s in pos],
                                       dtype=torch.float64)
                 p = torch.softmax(logits, 0)
-                for (n, _), w in zip(pos, p.tolist()):
+                for (n, _), w in zip(pos, p.tolist(), strict=True):
                     out[i, h, n] += w
     return out.float()
 
