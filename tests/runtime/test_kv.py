@@ -1,0 +1,218 @@
+"""Block allocator, KV manager working sets, delta prefetch accounting, leak checks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ucm_trt.runtime.kv import NULL_BLOCK, BlockAllocator, KVLayout, KVManager, PoolExhaustedError, StepTransfer
+
+L, H, BS, D = 2, 2, 4, 8
+
+
+def _layout():
+    return KVLayout(num_layers=L, num_kv_heads=H, head_dim=D, block_size=BS, dtype=torch.float32,
+                    device=torch.device("cpu"))
+
+
+def _value(layer: int, pos: int) -> float:
+    return 1000.0 * layer + pos + 1.0
+
+
+def _fill(kv: KVManager, rid: str, start: int, count: int) -> None:
+    """Write a recognisable K/V for positions start..start+count-1 (what the backend does)."""
+    for layer in range(L):
+        blocks, offs = kv.slots(rid, layer, start, count)
+        for p, b, o in zip(range(start, start + count), blocks, offs):
+            kv.pools[layer][b, 0, :, o] = _value(layer, p)
+            kv.pools[layer][b, 1, :, o] = -_value(layer, p)
+
+
+def _check_block_contents(kv: KVManager, rid: str, layer: int, blk: int) -> None:
+    phys = int(kv.tables_host[layer, 0, blk])
+    assert phys != NULL_BLOCK
+    n = min(BS, kv.seq_len(rid) - blk * BS)
+    want = torch.tensor([_value(layer, blk * BS + o) for o in range(n)])
+    assert torch.equal(kv.pools[layer][phys, 0, 0, :n, 0], want)
+    assert torch.equal(kv.pools[layer][phys, 1, 1, :n, D - 1], -want)
+
+
+def test_allocator_basics_and_errors():
+    a = BlockAllocator(5, first=1, name="test pool")
+    got = a.allocate(4)
+    assert sorted(got) == [1, 2, 3, 4] and a.num_free == 0
+    with pytest.raises(PoolExhaustedError, match="test pool: cannot allocate 1 block"):
+        a.allocate(1)
+    a.free([2])
+    with pytest.raises(ValueError, match="block 2 is not allocated"):
+        a.free([2])
+    with pytest.raises(ValueError, match="block 0 is not allocated"):
+        a.free([0])  # the reserved null block is never handed out
+    a.free([1, 3, 4])
+    assert a.num_free == 4 and a.num_used == 0
+    with pytest.raises(ValueError, match="first"):
+        BlockAllocator(3, first=3)
+
+
+def test_allocator_no_leak_over_10k_random_steps():
+    rng = random.Random(0)
+    a = BlockAllocator(64, first=1)
+    held: list[int] = []
+    for _ in range(10_000):
+        if held and (rng.random() < 0.5 or a.num_free == 0):
+            k = rng.randint(1, len(held))
+            rng.shuffle(held)
+            a.free(held[:k])
+            held = held[k:]
+        else:
+            held += a.allocate(rng.randint(1, min(4, a.num_free)))
+        assert a.num_used == len(held) == len(set(held))
+        assert a.num_used + a.num_free == 63
+    a.free(held)
+    assert a.num_free == 63
+
+
+def test_dense_manager_keeps_every_block_and_frees_all():
+    kv = KVManager(_layout(), max_batch=2, max_blocks=8, num_device_blocks=20, offload=False)
+    kv.add_request("a")
+    tr = StepTransfer()
+    kv.plan_step(["a"], [10], [[None]] * L, tr)
+    _fill(kv, "a", 0, 10)
+    for step in range(5):
+        kv.plan_step(["a"], [1], [[{0}]] * L, tr)  # a selection is ignored without offload
+        _fill(kv, "a", 10 + step, 1)
+    assert kv.resident_blocks("a", 0) == [0, 1, 2, 3]
+    for blk in range(4):
+        _check_block_contents(kv, "a", 1, blk)
+    assert tr.bytes_h2d == 0 and tr.bytes_d2h == 0
+    kv.free_request("a")
+    assert kv.device_blocks_held() == 0
+
+
+def _prefill(kv: KVManager, rid: str, n: int, tr: StepTransfer) -> None:
+    kv.add_request(rid)
+    kv.plan_step([rid], [n], [[None]] * L, tr)
+    _fill(kv, rid, 0, n)
+    kv.write_back([rid], tr)
+
+
+@pytest.mark.parametrize("cache_blocks", [0, 2])
+def test_offload_delta_prefetch_accounting_and_contents(cache_blocks):
+    """bytes moved == blocks that had to be loaded x block bytes, where the loaded blocks are exactly
+    the needed ones that were not resident (tracked independently here, LRU included)."""
+    rng = random.Random(1 + cache_blocks)
+    kv = KVManager(_layout(), max_batch=1, max_blocks=32, num_device_blocks=64, offload=True,
+                   num_host_blocks=64, cache_blocks=cache_blocks)
+    tr = StepTransfer()
+    _prefill(kv, "r", 50, tr)  # 12 full blocks + a partial one
+    assert tr.blocks_written_back == 12 * L and tr.bytes_d2h == 12 * L * kv.block_bytes
+    # model of the working set: per layer an LRU list
+    model = [list(range(13)) for _ in range(L)]
+    n = 50
+    total_loaded = 0
+    for step in range(40):
+        nb = -(-n // BS)
+        need = [set(rng.sample(range(nb), k=min(nb, 5))) | {nb - 1} for _ in range(L)]
+        tr = StepTransfer()
+        kv.plan_step(["r"], [1], [[need[layer]] for layer in range(L)], tr)
+        new_nb = -(-(n + 1) // BS)
+        expected_loads = 0
+        for layer in range(L):
+            want = set(need[layer]) | set(range(n // BS, new_nb))
+            lru = model[layer]
+            spare = [b for b in lru if b not in want]
+            evict = spare[: max(0, len(spare) - cache_blocks)]
+            lru = [b for b in lru if b not in evict]
+            for b in sorted(want):
+                if b in lru:
+                    lru.remove(b)
+                elif b < nb:
+                    expected_loads += 1
+                lru.append(b)
+            model[layer] = lru
+            assert kv.resident_blocks("r", layer) == sorted(lru)
+        assert tr.blocks_loaded == expected_loads
+        assert tr.bytes_h2d == expected_loads * kv.block_bytes
+        total_loaded += tr.blocks_loaded
+        _fill(kv, "r", n, 1)
+        n += 1
+        kv.write_back(["r"], tr)
+        for layer in range(L):
+            for b in need[layer]:
+                if b < nb:
+                    _check_block_contents(kv, "r", layer, b)  # loaded bytes are the right bytes
+    assert total_loaded > 0
+    kv.free_request("r")
+    assert kv.device_blocks_held() == 0 and kv.host_bytes_held() == 0
+
+
+def test_offload_pool_pressure_evicts_cached_blocks_and_errors_when_full():
+    kv = KVManager(_layout(), max_batch=2, max_blocks=16, num_device_blocks=1 + 8, offload=True,
+                   num_host_blocks=64, cache_blocks=8)
+    tr = StepTransfer()
+    _prefill(kv, "a", 16, tr)  # 4 full blocks resident
+    kv.plan_step(["a"], [1], [[{0}]] * L, tr)  # blocks 1..3 become cache, block 4 takes the new token
+    _fill(kv, "a", 16, 1)
+    assert kv.resident_blocks("a", 0) == [0, 1, 2, 3, 4]
+    _prefill(kv, "b", 16, tr)  # needs 4 blocks, 3 free: the LRU cached block of "a" is evicted
+    assert kv.resident_blocks("b", 0) == [0, 1, 2, 3]
+    assert kv.resident_blocks("a", 0) == [0, 2, 3, 4]
+    # every block of both sequences at once: 5 + 5 > 8
+    with pytest.raises(PoolExhaustedError, match="device pool of layer 0"):
+        kv.plan_step(["a", "b"], [1, 1], [[{0, 1, 2, 3}, {0, 1, 2, 3}]] * L, StepTransfer())
+
+
+def test_manager_no_leak_over_10k_steps_with_request_churn():
+    rng = random.Random(7)
+    kv = KVManager(_layout(), max_batch=3, max_blocks=16, num_device_blocks=1 + 3 * 16, offload=True,
+                   num_host_blocks=3 * 16, cache_blocks=1)
+    live: dict[str, int] = {}
+    ids = 0
+    for _ in range(10_000):
+        if len(live) < 3 and rng.random() < 0.2:
+            rid = f"r{ids}"
+            ids += 1
+            n = rng.randint(1, 20)
+            _prefill(kv, rid, n, StepTransfer())
+            live[rid] = n
+            continue
+        if not live:
+            continue
+        rows = list(live)
+        needed = []
+        for _layer in range(L):
+            per = []
+            for rid in rows:
+                nb = -(-live[rid] // BS)
+                per.append(set(rng.sample(range(nb), k=min(nb, 2))))
+            needed.append(per)
+        tr = StepTransfer()
+        kv.plan_step(rows, [1] * len(rows), needed, tr)
+        kv.write_back(rows, tr)
+        for rid in rows:
+            live[rid] += 1
+            if live[rid] >= 60 or rng.random() < 0.02:
+                kv.free_request(rid)
+                del live[rid]
+    for rid in list(live):
+        kv.free_request(rid)
+    assert kv.device_blocks_held() == 0
+    assert all(a.num_free == a.capacity for a in kv.allocators)
+    assert kv.host_allocator.num_free == kv.host_allocator.capacity
+
+
+def test_manager_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_device_blocks must be >= 2"):
+        KVManager(_layout(), max_batch=1, max_blocks=4, num_device_blocks=1, offload=False)
+    with pytest.raises(ValueError, match="num_host_blocks must be >= 1 with offload=True"):
+        KVManager(_layout(), max_batch=1, max_blocks=4, num_device_blocks=8, offload=True)
+    kv = KVManager(_layout(), max_batch=1, max_blocks=4, num_device_blocks=8, offload=False)
+    kv.add_request("x")
+    with pytest.raises(ValueError, match="already active"):
+        kv.add_request("x")
+    with pytest.raises(ValueError, match="exceeds the planned maximum 16"):
+        kv.plan_step(["x"], [17], [[None]] * L, StepTransfer())
+    with pytest.raises(ValueError, match="exceeds max_batch"):
+        kv.plan_step(["x", "x"], [1, 1], [[None, None]] * L, StepTransfer())
