@@ -9,11 +9,27 @@ See docs/graph.md for the op schemas, the supported patterns and the rewritten m
 This package never imports tensorrt.
 """
 
+from ucm_trt.graph.driver import (
+    ALGORITHMS,
+    RewriteConfig,
+    RewriteError,
+    RewriteReport,
+    load_model,
+    rewrite_model,
+    save_model,
+)
 from ucm_trt.graph.export import ExportConfig, export_hf_model, load_hf_model
 from ucm_trt.graph.functions import build_function, make_single_op_model
 from ucm_trt.graph.schemas import SCHEMAS, get_schema
 
 __all__ = [
+    "ALGORITHMS",
+    "RewriteConfig",
+    "RewriteError",
+    "RewriteReport",
+    "load_model",
+    "rewrite_model",
+    "save_model",
     "ExportConfig",
     "export_hf_model",
     "load_hf_model",
