@@ -10,8 +10,8 @@ import zlib
 
 import pytest
 import torch
-from tests.kernels._kernel_cases import all_selection, make_paged_case, nan_like, random_selection
 
+from tests.kernels._kernel_cases import all_selection, make_paged_case, nan_like, random_selection
 from ucm_trt import reference as R
 from ucm_trt.kernels import AttentionLaunch, paged_rerope_attention, paged_sparse_attention
 from ucm_trt.testing.tolerances import tolerances_for
@@ -55,7 +55,7 @@ def test_sparse_attention_matches_reference(name, device):
         for launch in (AttentionLaunch(), AttentionLaunch(num_splits=3, block_t=7)):
             got = _run_sparse(case, sel, launch)
             assert not torch.isnan(got).any(), (sel_name, launch)
-            torch.testing.assert_close(got, ref, **tolerances_for(torch.float32), msg=lambda m: f"{sel_name} {launch}: {m}")
+            torch.testing.assert_close(got, ref, **tolerances_for(torch.float32), msg=lambda m, s=sel_name, la=launch: f"{s} {la}: {m}")
 
 
 def test_select_all_equals_dense_attention(device):
@@ -108,7 +108,7 @@ def test_rerope_attention_matches_reference(name, device):
                                      theta=10000.0, logn_training_length=logn, out=out,
                                      launch=AttentionLaunch(num_splits=2, block_t=8))
         assert not torch.isnan(got).any()
-        torch.testing.assert_close(got, ref, **tolerances_for(torch.float32), msg=lambda m: f"{sel_name}: {m}")
+        torch.testing.assert_close(got, ref, **tolerances_for(torch.float32), msg=lambda m, s=sel_name: f"{s}: {m}")
 
 
 def test_rerope_with_large_window_is_rope_attention(device):

@@ -50,7 +50,7 @@ def test_append_kv_updates_pool_and_reps(d, hkv, bs, bits, t, num_new, device):
     gen = torch.Generator().manual_seed(d + t)
     old = [20, 5, 17]
     news = [t] * 3 if num_new is None else num_new
-    final = [o + n for o, n in zip(old, news)]
+    final = [o + n for o, n in zip(old, news, strict=True)]
     case = make_paged_case(lens=tuple(final), hkv=hkv, group=1, d=d, bs=bs, tq=1, dtype=torch.float32,
                            device=device, gen=gen, poison=False)
     pool, table = case.kv_pool, case.block_table
@@ -267,7 +267,7 @@ def test_delta_rope_blocks(d, dtype, device):
     before = pool.clone()
     delta_rope_blocks_(pool, ids, offs, theta=10000.0)
     expect = before.clone()
-    for i, o in zip(ids.tolist(), offs.tolist()):
+    for i, o in zip(ids.tolist(), offs.tolist(), strict=True):
         expect[i, 0] = R.delta_rope(before[i, 0], torch.tensor([o], device=device), theta=10000.0).to(dtype)
     torch.testing.assert_close(pool.float(), expect.float(), **tolerances_for(dtype))
     untouched = [i for i in range(9) if i not in ids.tolist()]

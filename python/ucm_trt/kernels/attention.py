@@ -192,8 +192,8 @@ def _paged_attn_fwd(
     if SPLIT:
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
         part = (pid_bh * NUM_QTILES + pid_t) * NUM_SPLITS + pid_s
-        tl.store(plse_ptr + part * BLOCK_M + rows, lse)
-        tl.store(po_ptr + (part * BLOCK_M + rows)[:, None] * (2 * HALF) + dfull[None, :], o)
+        tl.store(plse_ptr + part * BLOCK_M + rows, lse, mask=row_ok)
+        tl.store(po_ptr + (part * BLOCK_M + rows)[:, None] * (2 * HALF) + dfull[None, :], o, mask=row_ok[:, None])
     else:
         o_rows = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g) * stride_oh + t * stride_ot
         tl.store(o_rows[:, None] + dfull[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -217,20 +217,20 @@ def _merge_splits(
     row_ok = (t_loc < BLOCK_T) & (t < TQ)
     dd = tl.arange(0, D)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     base = (pid_bh * NUM_QTILES + pid_t) * NUM_SPLITS
     for s in range(NUM_SPLITS):
-        lse = tl.load(plse_ptr + (base + s) * BLOCK_M + rows)
-        o = tl.load(po_ptr + ((base + s) * BLOCK_M + rows)[:, None] * D + dd[None, :])
+        lse = tl.load(plse_ptr + (base + s) * BLOCK_M + rows, mask=row_ok, other=float("-inf"))
+        o = tl.load(po_ptr + ((base + s) * BLOCK_M + rows)[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0)
         m_new = tl.maximum(m, lse)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_safe)
         w = tl.exp2(lse - m_safe)
-        l = l * alpha + w
+        l_sum = l_sum * alpha + w
         acc = acc * alpha[:, None] + o * w[:, None]
         m = m_new
-    out = acc / tl.where(l > 0.0, l, 1.0)[:, None]
+    out = acc / tl.where(l_sum > 0.0, l_sum, 1.0)[:, None]
     o_rows = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g) * stride_oh + t * stride_ot
     tl.store(o_rows[:, None] + dd[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 

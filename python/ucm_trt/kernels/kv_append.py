@@ -176,7 +176,7 @@ def append_kv(
     if validate:
         lens = check_block_table_contents(block_table, seq_lens, bs, nblocks)
         news = [t] * b if num_new is None else num_new.tolist()
-        for i, (n, m) in enumerate(zip(lens, news)):
+        for i, (n, m) in enumerate(zip(lens, news, strict=True)):
             if not 0 <= m <= min(t, n):
                 raise ValueError(f"num_new[{i}] = {m} must be in [0, min(T={t}, seq_lens[{i}]={n})]")
     if t == 0:
