@@ -119,12 +119,13 @@ def rope_theta(cos: ir.Value, head_dim: int, *, max_nodes: int = 64) -> float | 
                 return theta
         elif arr.ndim >= 2 and arr.shape[-1] in (head_dim // 2, head_dim) and arr.shape[-2] >= 2:
             row1 = arr.reshape(-1, arr.shape[-1])[1][: head_dim // 2].astype(np.float64)
-            if np.all(np.abs(row1) <= 1.0):  # a cos cache: row 1 = cos(inv_freq)
-                inv = np.arccos(np.clip(row1, -1.0, 1.0))
-                theta = _fit_theta(inv, head_dim)
-                if theta is not None:
-                    table = arr.reshape(-1, arr.shape[-1])[:, : head_dim // 2].astype(np.float64)
-                    pos = np.arange(table.shape[0], dtype=np.float64)[:, None]
+            if np.all(np.abs(row1) <= 1.0):  # a cos cache: row 1 = cos(inv_freq); inv_freq[1] < pi
+                approx = float(np.arccos(np.clip(row1[1], -1.0, 1.0)) ** (-head_dim / 2.0))
+                table = arr.reshape(-1, arr.shape[-1])[:, : head_dim // 2].astype(np.float64)
+                pos = np.arange(table.shape[0], dtype=np.float64)[:, None]
+                for theta in (float(round(approx)), approx):
+                    if theta <= 0:
+                        continue
                     inv_exact = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
                     if np.allclose(table, np.cos(pos * inv_exact), atol=2e-5):
                         return theta
