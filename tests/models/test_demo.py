@@ -1,0 +1,41 @@
+"""`python -m ucm_trt.demo` end to end at a small size (the full-size run is `make demo`)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ucm_trt import demo
+
+
+def test_demo_runs_and_reports_every_layer(capsys):
+    rc = demo.main(["--tokens", "512", "--queries", "4", "--block-size", "32", "--ratios", "0.25"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "-> correct" in out, out
+    for step in range(1, 5):
+        assert f"[{step}/4]" in out
+    # one row per layer in the per-layer table: "<layer> <sink+local> <oracle> <6 relative recalls>"
+    rows = re.findall(r"^ *(\d+) +([01]\.\d{3}) +([01]\.\d{3}) +((?:\d\.\d{3} *){6})", out, flags=re.M)
+    assert [int(r[0]) for r in rows] == list(range(30))
+    for _, base, oracle, _rel in rows:
+        assert float(base) <= float(oracle) + 1e-3  # the oracle adds blocks to sink+local, never loses mass
+    assert "Diffuse layers" in out and "Full recall table, layer 15" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--tokens", "100"],
+        ["--block-size", "48"],
+        ["--ratios", "0"],
+        ["--queries", "0"],
+        ["--diffuse-below", "2"],
+    ],
+)
+def test_demo_rejects_bad_options(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        demo.main(argv)
+    assert info.value.code == 2
+    assert "must" in capsys.readouterr().err
