@@ -22,7 +22,10 @@ from ucm_trt import reference as R
 MS = "com.microsoft"
 
 
-def build(kind: str, *, layers=2, hidden=64, hq=4, hkv=2, d=16, vocab=100, theta=10000.0, max_pos=64, seed=0):
+def build(kind: str, *, layers=2, hidden=64, hq=4, hkv=2, d=16, vocab=100, theta=10000.0, max_pos=64, seed=0,
+          attn_attrs=None, rope_interleaved=0):
+    """attn_attrs: {layer: {attr: value}} overrides on the attention node (near-miss variants)."""
+    attn_attrs = attn_attrs or {}
     if kind == "mha":
         hkv = hq
     rng = np.random.default_rng(seed)
@@ -69,9 +72,9 @@ def build(kind: str, *, layers=2, hidden=64, hq=4, hkv=2, d=16, vocab=100, theta
         if kind != "gqa-fused":
             nodes += [
                 helper.make_node("RotaryEmbedding", [q, "position_ids", "cos", "sin"], [f"qr_{i}"], domain=MS,
-                                 interleaved=0, num_heads=hq),
+                                 interleaved=rope_interleaved, num_heads=hq),
                 helper.make_node("RotaryEmbedding", [k, "position_ids", "cos", "sin"], [f"kr_{i}"], domain=MS,
-                                 interleaved=0, num_heads=hkv),
+                                 interleaved=rope_interleaved, num_heads=hkv),
             ]  # fmt: skip
             q, k = f"qr_{i}", f"kr_{i}"
         outs = [f"attn_{i}", f"present.{i}.key", f"present.{i}.value"]
@@ -80,11 +83,13 @@ def build(kind: str, *, layers=2, hidden=64, hq=4, hkv=2, d=16, vocab=100, theta
             nodes.append(helper.make_node(
                 "GroupQueryAttention",
                 [q, k, f"v_{i}", pk, pv, "seqlens_k", "total_len"] + (["cos", "sin"] if rot else []),
-                outs, domain=MS, num_heads=hq, kv_num_heads=hkv, do_rotary=int(rot), rotary_interleaved=0,
+                outs, domain=MS, **{"num_heads": hq, "kv_num_heads": hkv, "do_rotary": int(rot),
+                                    "rotary_interleaved": 0, **attn_attrs.get(i, {})},
             ))  # fmt: skip
         else:
             nodes.append(helper.make_node("MultiHeadAttention", [q, k, f"v_{i}", "", "", "", pk, pv], outs,
-                                          domain=MS, num_heads=hq, unidirectional=1))  # fmt: skip
+                                          domain=MS, **{"num_heads": hq, "unidirectional": 1,
+                                                        **attn_attrs.get(i, {})}))  # fmt: skip
         nodes += [helper.make_node("MatMul", [f"attn_{i}", f"o{i}"], [f"ao_{i}"]),
                   helper.make_node("Add", [h, f"ao_{i}"], [f"h{i + 1}"])]  # fmt: skip
         h = f"h{i + 1}"

@@ -62,7 +62,7 @@ class AttrSpec:
         """Validate ``value``; the error names the op, the attribute, the value and the rule."""
         want = {"int": int, "float": (int, float), "string": str}[self.kind]
         if isinstance(value, bool) or not isinstance(value, want):
-            raise TypeError(f"{op}.{self.name} must be a {self.kind}, got {value!r} ({type(value).__name__})")
+            raise TypeError(f"{op}.{self.name} must be of type {self.kind}, got {value!r} ({type(value).__name__})")
         if self.minimum is not None and value < self.minimum:  # type: ignore[operator]
             raise ValueError(f"{op}.{self.name} must be >= {self.minimum}, got {value}")
         return float(value) if self.kind == "float" else value  # type: ignore[return-value]
