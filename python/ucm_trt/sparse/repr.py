@@ -468,10 +468,6 @@ class SubBlockRepr:
     counts: torch.Tensor
     channels: torch.Tensor
 
-    @property
-    def token_merge(self) -> int:
-        return int(self.counts.max()) if self.counts.numel() else 0
-
 
 def block_subblock(
     k_blocks: torch.Tensor, block_lens: torch.Tensor, channels: torch.Tensor, token_merge: int

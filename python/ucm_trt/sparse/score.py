@@ -80,7 +80,12 @@ def dot_scores(q: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
     r = _check_block_repr("reprs", reprs, q.shape[0], q.shape[-1])
     check_same_device(q=q, reprs=r)
     qg = group_mean_query(q, r.shape[2])  # [B, Hkv, D]
-    return torch.einsum("bhd,bnhd->bhn", qg, r.float().expand(q.shape[0], *r.shape[1:]))
+    return _vecdot(qg, r)
+
+
+def _vecdot(qv: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, D] . [B or 1, nb, Hkv, D] -> [B, Hkv, nb]`` in float32 (reads ``r`` in its layout)."""
+    return torch.linalg.vecdot(r.float(), qv[:, None]).transpose(1, 2)
 
 
 def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, group: str = "sum") -> torch.Tensor:
@@ -113,9 +118,7 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, gro
         pos, neg = qg.clamp(min=0), qg.clamp(max=0)
     else:
         raise ValueError(f"group must be 'sum' or 'mean_query', got {group!r}")
-    mxf = mx.float().expand(b, *mx.shape[1:])
-    mnf = mn.float().expand(b, *mn.shape[1:])
-    return torch.einsum("bhd,bnhd->bhn", pos, mxf) + torch.einsum("bhd,bnhd->bhn", neg, mnf)
+    return _vecdot(pos, mx) + _vecdot(neg, mn)
 
 
 def popcount_u8(x: torch.Tensor) -> torch.Tensor:
