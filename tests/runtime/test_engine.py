@@ -209,7 +209,8 @@ def test_invalid_configs_are_rejected(dense_run):
     with pytest.raises(ValueError, match="algorithm must be one of"):
         make_policy("quest")
     with pytest.raises(ValueError, match="scoring='dot' and representation='mean'"):
-        Engine(backend, make_policy("esa"), sparse=SparseConfig(block_size=16, scoring="hamming", representation="hash"))
+        Engine(backend, make_policy("esa"), sparse=SparseConfig(block_size=16, scoring="hamming", representation="hash"),
+               config=RuntimeConfig(max_seq_len=512))
     with pytest.raises(ValueError, match=r"top_k_tokens \(32\) must exceed the forced windows"):
         Engine(backend, make_policy("gsa-on-device", gsa_on_device=GSAOnDeviceConfig(top_k_tokens=32)),
                sparse=sparse_config_for("gsa-on-device", SparseConfig(block_size=16)),
