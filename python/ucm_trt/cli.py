@@ -1,0 +1,227 @@
+"""``ucm-trt``: the command-line interface.
+
+    ucm-trt export  HF_DIR OUT.onnx [--exporter legacy|dynamo] [--opset N]
+    ucm-trt rewrite IN.onnx OUT.onnx --algorithm esa --block-size 16 [--rerope-window W ...]
+
+Each subcommand is one ``Command`` entry in ``COMMANDS``: a name, a one-line help, a longer
+description (shown by ``ucm-trt NAME --help``), a function that adds its arguments and a handler
+``run(args) -> int``. To add a subcommand (``run``, ``chat``, ``build``, ``bench``, ``eval`` ...),
+write ``_configure_x`` / ``_run_x`` and append ``Command(...)`` to ``COMMANDS``; keep heavy
+imports (torch, onnx, transformers) inside the handler so ``--help`` stays instant.
+
+Exit codes: 0 success; 1 the work was refused (e.g. attention that cannot be rewritten; the
+report is printed); 2 bad input or usage (one-line ``ucm-trt CMD: error: ...`` on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "Command", "COMMANDS"]
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+# Same tuple as ucm_trt.graph.driver.ALGORITHMS (a test checks); repeated so --help imports nothing heavy.
+ALGORITHMS = ("dense", "esa", "gsa", "gsa-on-device", "kvstar", "blend", "rerope")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    description: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+class CommandError(Exception):
+    """Bad input detected by a handler: printed as one line, exit code 2."""
+
+
+def _progress(msg: str) -> None:
+    print(f"[ucm-trt] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------- export
+
+
+def _configure_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", metavar="HF_DIR",
+                   help="local Hugging Face model directory (config.json + weights), or 'smollm2' for the "
+                        "bundled SmolLM2-135M-Instruct checkpoint")  # fmt: skip
+    p.add_argument("out", metavar="OUT.onnx", help="output ONNX path (weights beside it as OUT.onnx.data if > 2 GB)")
+    p.add_argument("--exporter", choices=("legacy", "dynamo"), default="legacy",
+                   help="legacy = TorchScript exporter (fast, decomposed attention); dynamo = torch.export + "
+                        "onnxscript (opset 23 emits ONNX Attention/RotaryEmbedding). Default: legacy")  # fmt: skip
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (legacy: 14-20, default 17; dynamo: 18-23, default 20)")  # fmt: skip
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from ucm_trt.graph.export import ExportConfig, export_hf_model
+
+    cfg = ExportConfig(exporter=args.exporter, opset=args.opset)
+    src: str | Path = args.model_dir
+    if args.model_dir == "smollm2":
+        from ucm_trt.models.smollm2 import smollm2_checkpoint_dir
+
+        _progress("preparing the SmolLM2 checkpoint (first run converts the GGUF, ~30 s) ...")
+        src = smollm2_checkpoint_dir()
+    elif not Path(args.model_dir).is_dir():
+        raise CommandError(f"HF_DIR {args.model_dir!r} is not a directory")
+    t0 = time.perf_counter()
+    out = export_hf_model(src, args.out, config=cfg, progress=_progress)
+    _progress(f"done in {time.perf_counter() - t0:.1f}s: {out}")
+    print(out)
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------- rewrite
+
+
+def _configure_rewrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="IN.onnx", help="exported decoder with contiguous past/present KV I/O")
+    p.add_argument("output", metavar="OUT.onnx", help="rewritten model (written only if the rewrite succeeds)")
+    p.add_argument("--algorithm", choices=ALGORITHMS, required=True,
+                   help="dense: every block, no selection inputs; esa/gsa/gsa-on-device/kvstar/blend: "
+                        "UcmPagedSparseAttention + per-layer selection inputs (the policy runs in the "
+                        "runtime); rerope: UcmPagedReRoPEAttention over un-rotated K")  # fmt: skip
+    p.add_argument("--block-size", type=int, required=True, help="tokens per KV block (e.g. 16, 64, 128)")
+    p.add_argument("--rerope-window", type=int, help="ReRoPE window w (required with --algorithm rerope)")
+    p.add_argument("--rerope-training-length", type=int,
+                   help="training length L for ReRoPE (window <= L; log-n scaling uses it)")  # fmt: skip
+    p.add_argument("--no-logn", action="store_true", help="disable ReRoPE log-n query scaling")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--selection-inputs", dest="selection_inputs", action="store_true", default=None,
+                     help="add per-layer selection inputs (default for sparse algorithms; use with rerope "
+                          "to combine ReRoPE with block sparsity)")  # fmt: skip
+    sel.add_argument("--no-selection-inputs", dest="selection_inputs", action="store_false",
+                     help="select every block in-graph")  # fmt: skip
+    p.add_argument("--dense-layers", default="", metavar="I,J,...",
+                   help="layers that always attend to every block ('rollback' layers), e.g. 0,1")  # fmt: skip
+    p.add_argument("--allow-partial", action="store_true",
+                   help="write the model even if some attention nodes cannot be rewritten (they keep "
+                        "contiguous KV I/O and are listed)")  # fmt: skip
+    p.add_argument("--report-json", metavar="PATH", help="also write the rewrite report as JSON")
+
+
+def _parse_layers(text: str) -> tuple[int, ...]:
+    if not text.strip():
+        return ()
+    try:
+        layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise CommandError(f"--dense-layers must be comma-separated integers, got {text!r}") from None
+    if any(i < 0 for i in layers):
+        raise CommandError(f"--dense-layers must be >= 0, got {text!r}")
+    return layers
+
+
+def _run_rewrite(args: argparse.Namespace) -> int:
+    from ucm_trt.config import ReRoPEConfig
+    from ucm_trt.graph.driver import RewriteConfig, RewriteError, rewrite_model, save_model
+
+    rerope = None
+    if args.algorithm == "rerope":
+        if args.rerope_window is None or args.rerope_training_length is None:
+            raise CommandError("--algorithm rerope needs --rerope-window and --rerope-training-length")
+        rerope = ReRoPEConfig(window=args.rerope_window, training_length=args.rerope_training_length,
+                              logn=not args.no_logn)  # fmt: skip
+    elif args.rerope_window is not None or args.rerope_training_length is not None or args.no_logn:
+        raise CommandError(f"--rerope-* options only apply to --algorithm rerope (got --algorithm {args.algorithm})")
+    if not Path(args.input).is_file():
+        raise CommandError(f"IN.onnx {args.input!r} does not exist")
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise CommandError("OUT.onnx must differ from IN.onnx (the input is never overwritten)")
+    cfg = RewriteConfig(algorithm=args.algorithm, block_size=args.block_size, rerope=rerope,
+                        selection_inputs=args.selection_inputs, dense_layers=_parse_layers(args.dense_layers),
+                        allow_partial=args.allow_partial)  # fmt: skip
+    _progress(f"rewriting {args.input} (algorithm={cfg.algorithm}, block_size={cfg.block_size}) ...")
+    t0 = time.perf_counter()
+    try:
+        model, report = rewrite_model(args.input, config=cfg)
+    except RewriteError as e:
+        first = str(e).splitlines()[0]
+        print(f"ucm-trt rewrite: error: {first}", file=sys.stderr)
+        if e.report is not None:
+            print(e.report.summary(), file=sys.stderr)
+            _write_report(args.report_json, e.report)
+        return EXIT_REFUSED
+    save_model(model, args.output)
+    _write_report(args.report_json, report)
+    print(report.summary())
+    _progress(f"wrote {args.output} in {time.perf_counter() - t0:.1f}s")
+    return EXIT_OK
+
+
+def _write_report(path: str | None, report) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+
+
+COMMANDS: list[Command] = [
+    Command(
+        "export",
+        "export a Hugging Face decoder to ONNX with contiguous KV-cache I/O",
+        "Export a causal LM to ONNX: inputs input_ids, attention_mask, position_ids, "
+        "past_key_values.{i}.key/value; outputs logits, present.{i}.key/value. The result is what "
+        "'ucm-trt rewrite' takes.\n\nexample:\n  ucm-trt export smollm2 smol.onnx\n"
+        "  ucm-trt export ./my-llama llama.onnx --exporter dynamo --opset 23",
+        _configure_export,
+        _run_export,
+    ),
+    Command(
+        "rewrite",
+        "rewrite an exported decoder to UCM paged sparse / ReRoPE attention",
+        "Find every attention node (decomposed torch.onnx attention, ONNX Attention, "
+        "com.microsoft GroupQueryAttention / MultiHeadAttention), replace it with a UCM op and "
+        "rewire the KV cache to a paged pool. New inputs: seq_lens, block_table, kv_pool.{i}, "
+        "selection.{i}; new outputs: new_key.{i}, new_value.{i}, last_query.{i}. Prints a report "
+        "of every attention node and why it was or was not rewritten; writes nothing unless every "
+        "node was rewritten (or --allow-partial).\n\nexample:\n"
+        "  ucm-trt rewrite smol.onnx smol-esa.onnx --algorithm esa --block-size 16\n"
+        "  ucm-trt rewrite smol.onnx smol-rerope.onnx --algorithm rerope --block-size 16 "
+        "--rerope-window 512 --rerope-training-length 8192",
+        _configure_rewrite,
+        _run_rewrite,
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ucm-trt",
+        description="UCM-style sparse attention for TensorRT / ONNX Runtime deployments of decoder LLMs.\n\n"
+        "pipeline: export -> rewrite -> (build -> run/chat -> bench/eval)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS:
+        desc = "\n\n".join(textwrap.fill(par, 88) if not par.startswith("example") else par
+                             for par in cmd.description.split("\n\n"))  # fmt: skip
+        p = sub.add_parser(cmd.name, help=cmd.help, description=desc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        cmd.configure(p)
+        p.set_defaults(_run=cmd.run, _name=cmd.name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors: argparse prints one line and exits 2
+    try:
+        return args._run(args)
+    except (CommandError, ValueError, TypeError, FileNotFoundError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"ucm-trt {args._name}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
