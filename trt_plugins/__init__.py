@@ -1,5 +1,43 @@
-"""TensorRT plugins for ucm-trt (QDP ``tensorrt.plugin`` definitions, one module or folder per op).
+"""TensorRT plugins for ucm-trt: one QDP (``tensorrt.plugin``) per UCM op, read from the op schemas.
 
-This package imports ``tensorrt`` and is imported only by the TensorRT backend and the engine
-builders (DESIGN §2). Install the ``trt`` extra (``pip install "ucm-trt[trt]"``) to use it.
+This package is imported only by the TensorRT backend and the engine builder (DESIGN §2). Its
+modules import without TensorRT (specs, PTX compilation, kernels); :func:`register_plugins`
+needs TensorRT >= 10.9 and otherwise raises a one-line :class:`TensorRTUnavailableError` that
+names the extra to install (``pip install "ucm-trt[trt]"``).
+
+Plugins (namespace ``ucm``, version ``"1"``), one module each:
+
+* ``UcmPagedSparseAttention``  -- ``ucm_paged_sparse_attention.py``
+* ``UcmPagedReRoPEAttention``  -- ``ucm_paged_rerope_attention.py``
+* ``UcmSelectAllBlocks``       -- ``ucm_select_all_blocks.py``
+
+Each has ``register`` (output shapes/dtypes from the schema's symbols), ``impl`` (JIT: Triton
+through torch on TensorRT's stream), ``aot_impl`` (the same Triton kernel as PTX, one launch,
+int32 extras) and ``autotune`` (one float dtype for all float I/O, INT32 indices, LINEAR,
+tactics). A JIT engine needs :func:`register_plugins` called in the process that deserializes
+it; an AOT engine needs no Python.
 """
+
+from __future__ import annotations
+
+import functools
+
+from trt_plugins._tensorrt import INSTALL_HINT, TensorRTUnavailableError, require_tensorrt
+
+__all__ = ["register_plugins", "TensorRTUnavailableError", "require_tensorrt", "INSTALL_HINT"]
+
+
+@functools.cache
+def register_plugins() -> tuple[str, ...]:
+    """Register every UCM plugin with TensorRT's plugin registry (once per process).
+
+    Returns the plugin ids (``"ucm::<Op>"``). Raises :class:`TensorRTUnavailableError` when
+    TensorRT >= 10.9 is not importable.
+    """
+    require_tensorrt()
+    from trt_plugins import ops
+
+    missing = ops.missing_plugin_modules()
+    if missing:
+        raise RuntimeError(f"UCM ops without a TensorRT plugin module: {missing}")
+    return tuple(ops.define(name) for name in sorted(ops.OP_MODULES))

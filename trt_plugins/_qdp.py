@@ -1,0 +1,175 @@
+"""Builds the ``tensorrt.plugin`` (QDP) functions of one UCM op from its :class:`PluginSpec`.
+
+QDP validates decorated functions by ``inspect.signature``: tensors first, then attributes in
+registration order, then ``outputs`` / ``stream`` / ``tactic``. The parameter lists are generated
+from the schema (``__signature__``), so the op's interface is written in exactly one place.
+Each op module supplies only the computation:
+
+* ``check(descs, attrs)``          static checks at shape-inference time (optional);
+* ``jit(tensors, attrs, outputs, stream, tactic)``   the JIT impl (torch tensors on ``stream``);
+* ``aot(descs, attrs, outputs, tactic)``   -> ``(kernel_name, ptx, launch_params, extra_args)``;
+* ``tactics``                      custom tactic ids advertised by ``autotune``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import List, Tuple, Union  # noqa: UP035 - QDP inspects typing.Tuple / Union annotations
+
+import torch
+
+from trt_plugins._tensorrt import require_tensorrt
+from trt_plugins.spec import SYMBOL_ATTRIBUTES, PluginSpec, output_shape
+
+__all__ = ["OpImpl", "define_plugin", "torch_dtype", "torch_view"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpImpl:
+    jit: Callable[..., None]
+    aot: Callable[..., tuple] | None = None
+    check: Callable[..., None] | None = None
+    tactics: Sequence[int] | None = None
+
+
+def torch_dtype(trt_dtype) -> torch.dtype:
+    trt, _ = require_tensorrt()
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+             trt.int32: torch.int32}  # fmt: skip
+    if trt_dtype not in table:
+        raise TypeError(f"TensorRT dtype {trt_dtype} is not one the UCM plugins handle (fp32, fp16, bf16, int32)")
+    return table[trt_dtype]
+
+
+class _CudaArray:
+    """Minimal ``__cuda_array_interface__`` over a raw device pointer (works for BF16 via int16)."""
+
+    def __init__(self, ptr: int, shape: tuple[int, ...], typestr: str) -> None:
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (int(ptr), False),
+                                         "version": 2, "strides": None}  # fmt: skip
+
+
+_TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<i2", torch.int32: "<i4"}
+
+
+def torch_view(tensor) -> torch.Tensor:
+    """A torch CUDA tensor aliasing a ``trtp.Tensor`` (no copy). ``Tensor.__cuda_array_interface__``
+    rejects BF16, so the view is built from ``data_ptr`` and the shape instead."""
+    dtype = torch_dtype(tensor.dtype)
+    shape = tuple(int(s) for s in tensor.shape)
+    if any(s == 0 for s in shape):
+        return torch.empty(shape, dtype=dtype, device="cuda")
+    t = torch.as_tensor(_CudaArray(tensor.data_ptr, shape, _TYPESTR[dtype]), device="cuda")
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def _fn(name: str, params: list[inspect.Parameter], ret, body: Callable[[dict], object]):
+    sig = inspect.Signature(params, return_annotation=ret)
+
+    def fn(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        return body(dict(bound.arguments))
+
+    fn.__signature__ = sig  # type: ignore[attr-defined]
+    fn.__name__ = fn.__qualname__ = name
+    return fn
+
+
+def _check_descs(spec: PluginSpec, descs: list, values: dict) -> None:
+    """Static checks TensorRT can do at build time: one float dtype, INT32 indices, and every
+    constant dim that an attribute defines equals that attribute (clear errors instead of a
+    kernel reading out of bounds)."""
+    trt, _ = require_tensorrt()
+    float_types = {d.dtype for d, t in zip(descs, spec.schema.inputs) if "int32" not in t.types}
+    if len(float_types) > 1:
+        raise TypeError(f"{spec.name}: all float inputs must share one dtype, got {sorted(str(x) for x in float_types)}")
+    for d, t in zip(descs, spec.schema.inputs):
+        if t.types == ("int32",) and d.dtype != trt.int32:
+            raise TypeError(f"{spec.name}: input {t.name} must be INT32, got {d.dtype}")
+        if len(d.shape_expr) != len(t.shape):
+            raise ValueError(f"{spec.name}: input {t.name} must have rank {len(t.shape)} {t.shape}, got {len(d.shape_expr)}")
+        for axis, (sym, e) in enumerate(zip(t.shape, d.shape_expr)):
+            want = int(sym) if sym.isdigit() else values.get(SYMBOL_ATTRIBUTES.get(sym, ""))
+            if want is None or e.is_fake or not e.is_constant:
+                continue
+            if e.constant_value() != want:
+                raise ValueError(
+                    f"{spec.name}: input {t.name} axis {axis} ({sym}) is {e.constant_value()} but the node's "
+                    f"attributes say {want}"
+                )
+
+
+def define_plugin(spec: PluginSpec, impl: OpImpl) -> None:
+    """Register ``spec`` with TensorRT (non-lazy: the ONNX parser finds it in the registry)."""
+    trt, trtp = require_tensorrt()
+    P = inspect.Parameter
+    kw = P.POSITIONAL_OR_KEYWORD
+    tensors = list(spec.inputs)
+    attrs = spec.attrs
+
+    def tparams(annotation):
+        return [P(n, kw, annotation=annotation) for n in tensors]
+
+    aparams = [P(a.name, kw, annotation=a.py_type) for a in attrs]
+
+    def split(args: dict):
+        return {n: args[n] for n in tensors}, {a.name: args[a.name] for a in attrs}
+
+    # ---- register: output shapes/dtypes from the schema's symbols -----------------------
+    def register_body(args):
+        descs, values = split(args)
+        values = {k: (v.rstrip("\x00") if isinstance(v, str) else v) for k, v in values.items()}
+        descs_list = [descs[n] for n in tensors]
+        _check_descs(spec, descs_list, values)
+        if impl.check is not None:
+            impl.check(descs, values)
+        float_in = next((d for d, t in zip(descs_list, spec.schema.inputs) if "int32" not in t.types), None)
+        outs = []
+        for i, t in enumerate(spec.schema.outputs):
+            dims = output_shape(spec, i, [d.shape_expr for d in descs_list], values)
+            dtype = trt.int32 if t.types == ("int32",) else float_in.dtype
+            outs.append(trtp.from_shape_expr(tuple(dims), dtype=dtype))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    ret = trtp.TensorDesc if len(spec.outputs) == 1 else Tuple[tuple([trtp.TensorDesc] * len(spec.outputs))]  # noqa: UP006
+    trtp.register(spec.plugin_id)(_fn(f"{spec.name}_register", tparams(trtp.TensorDesc) + aparams, ret, register_body))
+
+    # ---- JIT impl -------------------------------------------------------------------------
+    def impl_body(args):
+        ts, values = split(args)
+        impl.jit(ts, values, args["outputs"], args["stream"], args["tactic"])
+
+    trtp.impl(spec.plugin_id)(
+        _fn(f"{spec.name}_impl",
+            tparams(trtp.Tensor) + aparams + [P("outputs", kw), P("stream", kw, annotation=int),
+                                              P("tactic", kw, annotation=int)],
+            None, impl_body)  # fmt: skip
+    )
+
+    # ---- AOT impl (TensorRT >= 10.9 has aot_impl) ------------------------------------------
+    if impl.aot is not None and hasattr(trtp, "aot_impl"):
+
+        def aot_body(args):
+            descs, values = split(args)
+            return impl.aot(descs, values, args["outputs"], args["tactic"])
+
+        aot_ret = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]  # noqa: UP006,UP007
+        trtp.aot_impl(spec.plugin_id)(
+            _fn(f"{spec.name}_aot_impl",
+                tparams(trtp.TensorDesc) + aparams + [P("outputs", kw), P("tactic", kw, annotation=int)],
+                aot_ret, aot_body)  # fmt: skip
+        )
+
+    # ---- autotune: one dtype for all float I/O, INT32 for index tensors, LINEAR, tactics ---
+    combo = spec.io_type_combinations()
+    tactics = list(impl.tactics) if impl.tactics else None
+
+    def autotune_body(args):
+        return [trtp.AutoTuneCombination(combo, "LINEAR", tactics)]
+
+    trtp.autotune(spec.plugin_id)(
+        _fn(f"{spec.name}_autotune", tparams(trtp.TensorDesc) + [P("outputs", kw)],
+            List[trtp.AutoTuneCombination], autotune_body)  # noqa: UP006
+    )

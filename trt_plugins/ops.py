@@ -1,0 +1,81 @@
+"""The plugin module of every UCM op, and the glue from a module to ``tensorrt.plugin``.
+
+Each op module (``ucm_<op>.py``) defines ``SPEC`` (from the schema), ``TACTICS``, ``check``,
+``jit_run`` (torch tensors) and ``aot_launch`` (PTX + launch rule). Importing them needs no
+TensorRT; only :func:`define` does.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+from ucm_trt.graph.schemas import SCHEMAS
+
+__all__ = ["OP_MODULES", "module", "define", "device_target"]
+
+# UCM op name -> module implementing its plugin. Every schema must have one (a test checks it).
+OP_MODULES = {
+    "UcmPagedSparseAttention": "trt_plugins.ucm_paged_sparse_attention",
+    "UcmPagedReRoPEAttention": "trt_plugins.ucm_paged_rerope_attention",
+    "UcmSelectAllBlocks": "trt_plugins.ucm_select_all_blocks",
+}
+
+
+def module(op_name: str) -> ModuleType:
+    if op_name not in OP_MODULES:
+        known = ", ".join(sorted(OP_MODULES))
+        raise ValueError(f"UCM op {op_name!r} has no TensorRT plugin module; plugins exist for: {known}")
+    return importlib.import_module(OP_MODULES[op_name])
+
+
+def missing_plugin_modules() -> list[str]:
+    """Schemas without a plugin module (should be empty)."""
+    return sorted(set(SCHEMAS) - set(OP_MODULES))
+
+
+def device_target():
+    """PTX target of the current CUDA device, ISA capped to the installed driver."""
+    from trt_plugins.ptx import PtxTarget
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("building an AOT plugin kernel needs a CUDA device (torch.cuda.is_available() is False)")
+    major, minor = torch.cuda.get_device_capability()
+    return PtxTarget.for_device(10 * major + minor)
+
+
+def define(op_name: str) -> str:
+    """Register the QDP of ``op_name`` with TensorRT; returns its plugin id."""
+    from trt_plugins._qdp import OpImpl, define_plugin, torch_dtype, torch_view
+    from trt_plugins._tensorrt import require_tensorrt
+    from trt_plugins.aot import aot_launch
+
+    _, trtp = require_tensorrt()
+    mod = module(op_name)
+    spec = mod.SPEC
+
+    def jit(tensors, values, outputs, stream, tactic):
+        with torch.cuda.stream(torch.cuda.ExternalStream(int(stream))):
+            views = {n: torch_view(t) for n, t in tensors.items()}
+            mod.jit_run(views, values, torch_view(outputs[0]), int(tactic))
+
+    def aot(descs, values, outputs, tactic):
+        float_desc = next((descs[t.name] for t in spec.schema.inputs if "int32" not in t.types), None)
+        dtype = torch.int32 if float_desc is None else torch_dtype(float_desc.dtype)
+        launch = aot_launch(op_name, values, dtype, int(tactic), device_target())
+        shapes = {n: list(d.shape_expr) for n, d in descs.items()}
+        gx, gy, gz = launch.grid(shapes, trtp.cdiv)
+        lp = trtp.KernelLaunchParams()
+        lp.grid_x, lp.grid_y, lp.grid_z = gx, gy, gz
+        lp.block_x = launch.kernel.block_x
+        lp.shared_mem = launch.kernel.shared_mem
+        extras = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in launch.extras(shapes)])
+        return launch.kernel.name, launch.kernel.ptx, lp, extras
+
+    def check(descs, values):
+        mod.check(values)
+
+    define_plugin(spec, OpImpl(jit=jit, aot=aot, check=check, tactics=mod.TACTICS))
+    return spec.plugin_id
