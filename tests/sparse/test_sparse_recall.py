@@ -242,6 +242,8 @@ B = [Budget.ratio(0.5)]
         (lambda: attention_mass_recall(Q4, K4, SEL, block_size=4, seq_lens=torch.tensor([5.0])), TypeError, "seq_lens"),
         (lambda: attention_mass_recall(Q4, K4, SEL, block_size=4, scale=-1.0), ValueError, "scale"),
         (lambda: block_attention_mass(Q4, K4, block_size=4, seq_lens=torch.tensor([0])), ValueError, "seq_lens"),
+        (lambda: block_attention_mass(Q4, K4, block_size=-4), ValueError, "block_size"),
+        (lambda: block_attention_mass(Q4, K4.to("meta"), block_size=4), ValueError, "one device"),
         (lambda: oracle_selection(Q4, K4, block_size=4, counts=1, sink_blocks=1, local_blocks=1, mode="x"),
          ValueError, "mode"),
         (lambda: oracle_selection(Q4, K4, block_size=4, counts=-1, sink_blocks=1, local_blocks=1), ValueError, "counts"),

@@ -21,6 +21,7 @@ from ucm_trt.sparse.score import (
     hamming_distances,
     hamming_scores,
     kvstar_vote_scores,
+    popcount_u8,
     quest_scores,
     reduce_scores,
 )
@@ -227,6 +228,9 @@ SUB = block_subblock(torch.zeros(2, 5, 2, 4, 16), LENS, torch.tensor([[0, 5, 10,
          ValueError, "query_mask"),
         (lambda: kvstar_vote_scores(Q[:, :, None, :8], SUB), ValueError, "channels"),
         (lambda: reduce_scores(R, "dot"), ValueError, "scores"),
+        (lambda: popcount_u8(torch.zeros(3, dtype=torch.int32)), TypeError, "x"),
+        (lambda: dot_scores(Q, R.to("meta")), ValueError, "device|one device"),
+        (lambda: hamming_distances(QC, KC.to("meta"), LENS), ValueError, "one device"),
         (lambda: reduce_scores(R[0], "cosine"), ValueError, "scoring"),
     ],
 )

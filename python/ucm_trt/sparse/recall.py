@@ -450,13 +450,11 @@ def recall_curve(
         elif rep == "first":
             s = dot_scores(q_steps, block_first(kb, blens))
         elif rep == "weighted_mean":
-            to = observation_q.shape[1]
-            end = t - tq
+            end = t - tq  # observation queries are positions end - To .. end - 1
             w = attention_token_weights(observation_q[None], k[None, :, :end], scale=scale)[0]  # [Hkv, end]
             w = torch.nn.functional.pad(w, (0, t - end))
             wb, _ = tokens_to_blocks(w[..., None], bs)  # [m, Hkv, bs, 1]
             s = dot_scores(q_steps, block_weighted_mean(kb, blens, wb[..., 0]))
-            del to
         elif rep == "minmax":
             kmin, kmax = block_minmax(kb, blens)
             s = quest_scores(q_steps, kmin, kmax, group=quest_group)
