@@ -17,9 +17,10 @@ from ucm_trt.sparse.recall import (
     oracle_selection,
     recall_curve,
 )
-from ucm_trt.sparse.repr import block_mean, tokens_to_blocks
-from ucm_trt.sparse.score import dot_scores, reduce_scores
+from ucm_trt.sparse.repr import block_mean, kvstar_subblock, tokens_to_blocks
+from ucm_trt.sparse.score import dot_scores, kvstar_vote_scores, reduce_scores
 from ucm_trt.sparse.select import (
+    candidate_mask,
     num_blocks_from_seq_lens,
     select_blocks,
     select_blocks_by_count,
@@ -201,6 +202,24 @@ def test_recall_curve_rows_and_consistency(mode) -> None:
         sel = select_blocks(s, num_blocks_from_seq_lens(torch.tensor([n]), 16), cfg, num_kv_heads=hkv)
         recs.append(attention_mass_recall(q[None, :, i : i + 1], k[None, :, :n], sel, block_size=16).mean)
     row = next(r for r in curve.rows if r["method"] == "mean/dot" and r["budget"] == "ratio=0.25")
+    assert abs(row["recall"] - sum(recs) / tq) < 1e-5
+
+    # subblock/kvstar_vote at top_k=3: voters are the query and the one before it (stride 2)
+    kb_all, lens_all = tokens_to_blocks(k, 16)
+    sub = kvstar_subblock(kb_all, lens_all, KVStarConfig(retrieval_stride=2))
+    cfg3 = SparseConfig(block_size=16, budget=Budget.top_k(3), min_blocks=1, representation="subblock",
+                        scoring="kvstar_vote", selection=mode)
+    recs = []
+    for i in range(tq):
+        n = t - tq + i + 1
+        nbt = num_blocks_from_seq_lens(torch.tensor([n]), 16)
+        cand = candidate_mask(nbt, kb_all.shape[0], sink_blocks=1, local_blocks=2)
+        s = kvstar_vote_scores(q[None, :, max(0, i - 1) : i + 1], sub, block_mask=cand)
+        if mode == "shared":
+            s = reduce_scores(s, "kvstar_vote")
+        sel = select_blocks(s, nbt, cfg3, num_kv_heads=hkv)
+        recs.append(attention_mass_recall(q[None, :, i : i + 1], k[None, :, :n], sel, block_size=16).mean)
+    row = next(r for r in curve.rows if r["method"] == "subblock/kvstar_vote" and r["budget"] == "top_k=3")
     assert abs(row["recall"] - sum(recs) / tq) < 1e-5
     # structured data: mean/dot at 1/4 beats the sink+local baseline
     assert row["recall"] > base["recall"]
