@@ -84,7 +84,7 @@ def test_append_kv_updates_pool_and_reps(d, hkv, bs, bits, t, num_new, device):
     touched_phys = sorted({int(table[b, j]) for b, j in touched})
     for b, j in touched:
         phys = int(table[b, j])
-        lens = _block_lens(final[b], j + 1, bs)[j:j + 1]
+        lens = _block_lens(final[b], j + 1, bs)[j:j + 1].to(device)
         kb = pool[phys:phys + 1, 0]
         torch.testing.assert_close(mean[phys], rp.block_mean(kb, lens)[0], **tolerances_for(torch.float32))
         rmin, rmax = rp.block_minmax(kb, lens)

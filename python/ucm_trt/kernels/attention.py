@@ -47,6 +47,7 @@ from ucm_trt.kernels._common import (
 )
 
 LOG2E = 1.4426950408889634
+MAX_ITEMS_PER_SPLIT = 256
 
 
 @triton.jit
@@ -61,7 +62,7 @@ def _paged_attn_fwd(
     qk_scale, window, log2_theta, inv_log_train,
     G: tl.constexpr, HALF: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, SEL_POW2: tl.constexpr,
-    HAS_SEL: tl.constexpr, SPLIT: tl.constexpr, REROPE: tl.constexpr, LOGN: tl.constexpr,
+    MAX_ITEMS: tl.constexpr, HAS_SEL: tl.constexpr, SPLIT: tl.constexpr, REROPE: tl.constexpr, LOGN: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -79,6 +80,7 @@ def _paged_attn_fwd(
     row_ok = (t_loc < BLOCK_T) & (t < TQ)
     qpos = chunk_start + t
     dh = tl.arange(0, HALF)
+    nn = tl.arange(0, BLOCK_N)
 
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh + t * stride_qt
     q1 = tl.load(q_rows[:, None] + dh[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -106,6 +108,11 @@ def _paged_attn_fwd(
         qr1 = (q1 * cq - q2 * sq).to(kv_dtype)
         qr2 = (q2 * cq + q1 * sq).to(kv_dtype)
         ang_w = inv_freq * window
+        # rotation of the keys of a tile = rotation of the tile start (HALF sin/cos per tile)
+        # composed with the within-tile offsets (this table, computed once)
+        ang_n = nn.to(tl.float32)[:, None] * inv_freq[None, :]
+        cn = tl.cos(ang_n)
+        sn = tl.sin(ang_n)
         cw = tl.cos(ang_w)[None, :]
         sw = tl.sin(ang_w)[None, :]
         qw1 = (q1 * cw - q2 * sw).to(kv_dtype)
@@ -134,18 +141,26 @@ def _paged_attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, 2 * HALF], tl.float32)
     dfull = tl.arange(0, 2 * HALF)
-    nn = tl.arange(0, BLOCK_N)
     kv_head = pool_ptr + h * stride_ph
-    for j in range(item_lo, item_hi):
-        is_sel = j < n_before
-        if HAS_SEL:
-            blk_s = tl.load(sel_row + j, mask=is_sel, other=0)
-        else:
-            blk_s = j
-        blk = tl.where(is_sel, blk_s, cb0 + (j - n_before))
+    # Resolve this split's logical and physical block ids up front (one vector load each), so
+    # the loop's K/V addresses do not wait on a chain of scalar index loads.
+    ii = tl.arange(0, MAX_ITEMS)
+    jv = item_lo + ii
+    in_rng = jv < item_hi
+    sel_v = jv < n_before
+    if HAS_SEL:
+        blk_sv = tl.load(sel_row + jv, mask=in_rng & sel_v, other=0)
+    else:
+        blk_sv = jv
+    blk_v = tl.where(sel_v, blk_sv, cb0 + (jv - n_before))
+    phys_v = tl.load(bt_ptr + b.to(tl.int64) * stride_btb + blk_v, mask=in_rng, other=0)
+    for jj in range(0, item_hi - item_lo):
+        pick = ii == jj
+        blk = tl.sum(tl.where(pick, blk_v, 0), 0)
+        phys = tl.sum(tl.where(pick, phys_v, 0), 0).to(tl.int64)
+        is_sel = item_lo + jj < n_before
         lo = tl.where(is_sel, 0, tl.where(cb0_sel & (blk == cb0), cb0 * BS, chunk_start))
         hi = tl.where(is_sel, chunk_start, seq_len)
-        phys = tl.load(bt_ptr + b.to(tl.int64) * stride_btb + blk).to(tl.int64)
         blk_base = kv_head + phys * stride_pn
         for sub in tl.static_range(BS // BLOCK_N):
             tok = sub * BLOCK_N + nn
@@ -159,9 +174,11 @@ def _paged_attn_fwd(
                 s = tl.dot(qw2, tl.trans(k2), s, input_precision=DOT_PREC)
                 tile_lo = blk * BS + sub * BLOCK_N
                 if q_first_pos - (tile_lo + BLOCK_N - 1) < window:
-                    ang_k = (pos - q_first_pos).to(tl.float32)[:, None] * inv_freq[None, :]
-                    ck = tl.cos(ang_k)
-                    sk = tl.sin(ang_k)
+                    ang_b = (tile_lo - q_first_pos).to(tl.float32) * inv_freq
+                    cb = tl.cos(ang_b)[None, :]
+                    sb = tl.sin(ang_b)[None, :]
+                    ck = cb * cn - sb * sn
+                    sk = sb * cn + cb * sn
                     k1f = k1.to(tl.float32)
                     k2f = k2.to(tl.float32)
                     kr1 = (k1f * ck - k2f * sk).to(kv_dtype)
@@ -240,12 +257,13 @@ class AttentionLaunch:
     """Tuning knobs of the paged attention kernels (results never depend on them).
 
     ``num_splits=None`` picks enough KV splits to give every SM ``programs_per_sm`` programs.
-    ``block_n=None`` uses min(block_size, 64) keys per inner tile. ``block_t=None`` uses
+    ``block_n=None`` uses min(block_size, 128) keys per inner tile. Defaults: the best of a
+    sweep on an H200 (benchmarks/results, 128K context, 1/8 budget, batch 8). ``block_t=None`` uses
     ``max(1, 64 // group)`` query tokens per program for prefill and all of them for decode.
     """
 
     num_splits: int | None = None
-    programs_per_sm: int = 4
+    programs_per_sm: int = 2
     block_n: int | None = None
     block_t: int | None = None
     num_warps: int = 4
@@ -319,7 +337,7 @@ def _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, 
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
 
-    block_n = launch.block_n or min(bs, 64)
+    block_n = launch.block_n or min(bs, 128)
     block_n = min(block_n, bs)
     block_t = launch.block_t or (tq if tq * group <= 64 else max(1, 64 // group))
     block_t = min(block_t, tq)
@@ -340,7 +358,8 @@ def _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, 
     else:
         want = launch.programs_per_sm * num_sms(q.device)
         splits = max(1, -(-want // (b * hkv * n_qtiles)))
-    splits = max(1, min(splits, max_items))
+    # at most MAX_ITEMS_PER_SPLIT blocks per program: their ids are held in registers
+    splits = max(1, min(splits, max_items), -(-max_items // MAX_ITEMS_PER_SPLIT))
     per_split = -(-max_items // splits)
     splits = -(-max_items // per_split)
 
@@ -368,7 +387,7 @@ def _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, 
         hkv, tq, num_sel, per_split, splits, n_qtiles,
         scale * LOG2E, window, log2_theta, inv_log_train,
         G=group, HALF=d // 2, BS=bs, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_M=block_m,
-        SEL_POW2=sel_pow2, HAS_SEL=selection is not None, SPLIT=splits > 1, REROPE=rerope,
+        SEL_POW2=sel_pow2, MAX_ITEMS=max(2, next_pow2(per_split)), HAS_SEL=selection is not None, SPLIT=splits > 1, REROPE=rerope,
         LOGN=logn_training_length is not None, DOT_PREC=dot_prec, DOT_F32=dot_f32,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )

@@ -46,48 +46,57 @@ def _group_mean_query(q_ptr, stride_qb, stride_qh, b, h, G: tl.constexpr, D: tl.
 
 
 @triton.jit
-def _hamming_scores_kernel(
-    q_ptr, w_ptr, codes_ptr, bt_ptr, seqlen_ptr, out_ptr,
-    stride_qb, stride_qh,
-    stride_cn, stride_ch, stride_ct,
-    stride_btb, stride_ob, stride_oh,
-    H_KV, MAX_BLOCKS,
-    G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BS: tl.constexpr, CB: tl.constexpr,
+def _hash_query_kernel(
+    q_ptr, w_ptr, code_ptr, stride_qb, stride_qh, H_KV,
+    G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
 ):
+    """code[b, h] = sign(q_avg . W) > 0 packed little-endian into bytes (held as int32)."""
     pid = tl.program_id(0)
-    chunk = tl.program_id(1)
     b = pid // H_KV
     h = pid % H_KV
     NB8: tl.constexpr = BITS // 8
-    # query code: sign(q_avg . W) > 0, packed little-endian into bytes
     dd = tl.arange(0, D)
     bb = tl.arange(0, BITS)
     qa = _group_mean_query(q_ptr, stride_qb, stride_qh, b, h, G, D)
     w = tl.load(w_ptr + dd[:, None] * BITS + bb[None, :])
     x = tl.sum(qa[:, None] * w, 0)
     qbits = tl.reshape((x > 0.0).to(tl.int32), (NB8, 8))
-    qcode = tl.sum(qbits << tl.arange(0, 8)[None, :], 1)  # [NB8]
+    qcode = tl.sum(qbits << tl.arange(0, 8)[None, :], 1)
+    tl.store(code_ptr + pid * NB8 + tl.arange(0, NB8), qcode)
 
-    seq_len = tl.load(seqlen_ptr + b)
-    tok = tl.arange(0, BS)
+
+@triton.jit
+def _hamming_scores_kernel(
+    qcode_ptr, codes_ptr, bt_ptr, seqlen_ptr, out_ptr,
+    stride_cn, stride_ch, stride_ct,
+    stride_btb, stride_ob, stride_oh,
+    H_KV, MAX_BLOCKS,
+    NB8: tl.constexpr, BS: tl.constexpr, CB: tl.constexpr,
+):
+    """CB blocks per program, loaded as one [CB * BS, NB8] tile of codes."""
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = pid // H_KV
+    h = pid % H_KV
     nb8 = tl.arange(0, NB8)
-    for c in tl.static_range(CB):
-        blk = chunk * CB + c
-        in_table = blk < MAX_BLOCKS
-        live = in_table & (blk * BS < seq_len)
-        phys = tl.load(bt_ptr + b.to(tl.int64) * stride_btb + blk, mask=live, other=0).to(tl.int64)
-        # (a scalar & vector mask trips Triton's interpreter: fold `live` into the bound)
-        tmask = blk * BS + tok < tl.where(live, seq_len, 0)
-        codes = tl.load(codes_ptr + phys * stride_cn + h * stride_ch + tok[:, None] * stride_ct + nb8[None, :],
-                        mask=tmask[:, None], other=0).to(tl.int32)
-        xo = codes ^ qcode[None, :]
-        xo = xo - ((xo >> 1) & 0x55)
-        xo = (xo & 0x33) + ((xo >> 2) & 0x33)
-        xo = (xo + (xo >> 4)) & 0x0F
-        dist = tl.sum(xo, 1).to(tl.float32)
-        dist = tl.where(tmask, dist, float("inf"))
-        score = tl.min(dist, 0)
-        tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + blk, score, mask=in_table)
+    qcode = tl.load(qcode_ptr + pid * NB8 + nb8)
+    seq_len = tl.load(seqlen_ptr + b)
+    r = tl.arange(0, CB * BS)
+    blk = chunk * CB + r // BS
+    pos = blk * BS + r % BS
+    tmask = (pos < seq_len) & (blk < MAX_BLOCKS)
+    phys = tl.load(bt_ptr + b.to(tl.int64) * stride_btb + blk, mask=tmask, other=0).to(tl.int64)
+    codes = tl.load(codes_ptr + phys[:, None] * stride_cn + h * stride_ch + (r % BS)[:, None] * stride_ct
+                    + nb8[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+    xo = codes ^ qcode[None, :]
+    xo = xo - ((xo >> 1) & 0x55)
+    xo = (xo & 0x33) + ((xo >> 2) & 0x33)
+    xo = (xo + (xo >> 4)) & 0x0F
+    dist = tl.sum(xo, 1).to(tl.float32)
+    dist = tl.where(tmask, dist, float("inf"))
+    score = tl.min(tl.reshape(dist, (CB, BS)), 1)
+    cblk = chunk * CB + tl.arange(0, CB)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + cblk, score, mask=cblk < MAX_BLOCKS)
 
 
 @triton.jit
@@ -154,13 +163,24 @@ def _block_topk_kernel(
     s = tl.where(forced, float("-inf"), s)
     s = tl.where(s != s, float("inf"), s)  # NaN scores rank last
     bits = s.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # monotone float -> int32
-    key = (ordered.to(tl.int64) << 32) | idx.to(tl.int64)
-    key = tl.where(in_seq, key, 0x7FFFFFFFFFFFFFFF)
-    srt = tl.sort(key)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # monotone float -> int32
     k_eff = tl.minimum(TOP_K, nb)
-    kth = tl.max(tl.where(idx == k_eff - 1, srt, -0x7FFFFFFFFFFFFFFF), 0)
-    chosen = in_seq & (key <= kth)
+    # k-th smallest key among the blocks of the sequence: binary search on the int32 key
+    # (32 count-reductions instead of a sort); ties at the threshold go to lower block ids.
+    key64 = key.to(tl.int64)
+    lo = tl.min(tl.where(in_seq, key64, 2147483647), 0)  # count(key <= lo - 1) == 0 < k_eff
+    hi = tl.max(tl.where(in_seq, key64, -2147483648), 0)  # count(key <= hi) == nb >= k_eff
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        cnt = tl.sum((in_seq & (key64 <= mid)).to(tl.int32), 0)
+        ge = cnt >= k_eff
+        hi = tl.where(ge, mid, hi)
+        lo = tl.where(ge, lo, mid + 1)
+    below = in_seq & (key64 < hi)
+    at = in_seq & (key64 == hi)
+    need = k_eff - tl.sum(below.to(tl.int32), 0)
+    tie_rank = tl.cumsum(at.to(tl.int32), 0)
+    chosen = below | (at & (tie_rank <= need))
     slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
     out_row = out_ptr + b.to(tl.int64) * stride_ob
     if SHARED:
@@ -204,7 +224,7 @@ def hamming_block_scores(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     *,
-    blocks_per_program: int = 8,
+    blocks_per_program: int = 4,
     validate: bool = True,
 ) -> torch.Tensor:
     """Min-over-tokens Hamming distance per (sequence, KV head, logical block).
@@ -228,15 +248,18 @@ def hamming_block_scores(
     hash_weight = hash_weight.contiguous()
     mb = block_table.shape[1]
     out = torch.empty((b, hkv, mb), device=q.device, dtype=torch.float32)
-    cb = min(blocks_per_program, mb)
+    qcode = torch.empty((b * hkv, nbytes), device=q.device, dtype=torch.int32)
+    _hash_query_kernel[(b * hkv,)](
+        q, hash_weight, qcode, q.stride(0), q.stride(1), hkv, G=group, D=d, BITS=bits, num_warps=4,
+    )
+    cb = next_pow2(min(blocks_per_program, mb))
     grid = (b * hkv, -(-mb // cb))
     _hamming_scores_kernel[grid](
-        q, hash_weight, hash_codes, block_table, seq_lens, out,
-        q.stride(0), q.stride(1),
+        qcode, hash_codes, block_table, seq_lens, out,
         hash_codes.stride(0), hash_codes.stride(1), hash_codes.stride(2),
         block_table.stride(0), out.stride(0), out.stride(1),
         hkv, mb,
-        G=group, D=d, BITS=bits, BS=bs, CB=cb, num_warps=4,
+        NB8=nbytes, BS=bs, CB=cb, num_warps=8 if cb * bs * nbytes >= 8192 else 4,
     )
     return out
 
@@ -372,7 +395,7 @@ def hash_retrieve(
     shared: bool = True,
     validate: bool = True,
 ) -> torch.Tensor:
-    """GSA On-Device retrieval: query hash -> Hamming block scores -> block top-k (two launches).
+    """GSA On-Device retrieval: query hash -> Hamming block scores -> block top-k (three launches).
 
     Returns int32 ``[B, Hkv, top_k]`` sorted logical block ids padded with -1.
     """
