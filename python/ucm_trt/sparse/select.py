@@ -221,7 +221,7 @@ def budget_counts(
 
 
 def _select_mask(
-    scores: torch.Tensor, nb: torch.Tensor, counts: torch.Tensor, forced: torch.Tensor, cand: torch.Tensor
+    scores: torch.Tensor, counts: torch.Tensor, forced: torch.Tensor, cand: torch.Tensor
 ) -> torch.Tensor:
     """Bool ``[B, H, M]``: forced | the ``counts`` best candidates (lower id wins ties)."""
     s = scores.to(torch.float32)
@@ -314,7 +314,7 @@ def select_blocks(
     cand = valid & ~forced
     _check_candidate_scores(s, cand)
     counts = budget_counts(config.budget, cand.expand_as(s), s)
-    mask = _select_mask(s, nb, counts, forced, cand)
+    mask = _select_mask(s, counts, forced, cand)
     return _finish(mask, heads, max_selected)
 
 
@@ -357,5 +357,5 @@ def select_blocks_by_count(
     forced = _forced(nb, m, sink_blocks, local_blocks, min_blocks)[:, None, :]
     cand = (torch.arange(m, device=s.device) < nb[:, None, None]) & ~forced
     _check_candidate_scores(s, cand)
-    mask = _select_mask(s, nb, c.minimum(cand.sum(-1)), forced, cand)
+    mask = _select_mask(s, c.minimum(cand.sum(-1)), forced, cand)
     return _finish(mask, heads, max_selected)
