@@ -299,15 +299,18 @@ class Engine:
         self._pos[:b, :t].copy_(self._pos_h[:b, :t], non_blocking=nb)
         self._seq_lens[:b].copy_(self._seq_lens_h[:b], non_blocking=nb)
 
-    def _record(self, kind: str, rows: int, tokens: int, t0: float, tr: StepTransfer) -> None:
+    def _record(self, kind: str, rows: int, tokens: int, t0: float, tr: StepTransfer, held: tuple[int, int, int]) -> None:
         self.metrics.record(StepRecord(
             kind=kind, rows=rows, tokens=tokens, seconds=time.perf_counter() - t0,
             blocks_loaded=tr.blocks_loaded, blocks_needed=tr.blocks_needed,
             blocks_written_back=tr.blocks_written_back, blocks_evicted=tr.blocks_evicted,
             bytes_h2d=tr.bytes_h2d, bytes_d2h=tr.bytes_d2h, load_seconds=tr.load_seconds,
-            device_kv_bytes=self.kv.device_bytes_held(), host_kv_bytes=self.kv.host_bytes_held(),
+            device_kv_bytes=held[0], host_kv_bytes=held[1], dense_kv_bytes=held[2],
+            working_set_bytes=tr.working_set_blocks * self.kv.block_bytes,
         ))
-        self.last_transfer = tr
+
+    def _held(self) -> tuple[int, int, int]:
+        return self.kv.device_bytes_held(), self.kv.host_bytes_held(), self.kv.dense_bytes()
 
     def _queries(self, b: int, last_only: bool) -> list[torch.Tensor]:
         cap = self._capture[:, :b].cpu()  # [L, B, Hq, W, D]
@@ -329,6 +332,7 @@ class Engine:
         ctx = self._context([rid], t, [hi], [None] * L)
         logits = self.backend.forward(self._ids[:1, :t], self._pos[:1, :t], ctx)
         self.kv.write_back([rid], tr)
+        held = self._held()
         req.chunk += 1
         emitted: list[tuple[str, int]] = []
         if hi == len(req.prompt):
@@ -344,7 +348,7 @@ class Engine:
             self.metrics.ttft[rid] = req.ttft
             emitted.append((rid, token))
             self._emit(req, token)
-        self._record("prefill", 1, t, t0, tr)
+        self._record("prefill", 1, t, t0, tr, held)
         return emitted
 
     def _decode(self) -> list[tuple[str, int]]:
@@ -373,6 +377,7 @@ class Engine:
         ctx = self._context(rows, 1, [v.new_len for v in views], selections)
         logits = self.backend.forward(self._ids[:b, :1], self._pos[:b, :1], ctx)
         self.kv.write_back(rows, tr)
+        held = self._held()
         self.policy.after_step(views, self._queries(b, True))
         emitted = []
         logits = logits.cpu()
@@ -382,7 +387,7 @@ class Engine:
             token = self._sample(logits[row], req)
             emitted.append((rid, token))
             self._emit(req, token)
-        self._record("decode", b, b, t0, tr)
+        self._record("decode", b, b, t0, tr, held)
         return emitted
 
     def _write_selections(self, sels, new_lens: list[int], bs: int, b: int, h: int) -> list[torch.Tensor | None]:

@@ -132,6 +132,7 @@ class StepTransfer:
     blocks_needed: int = 0  # needed blocks of offloaded layers (hits + misses)
     blocks_written_back: int = 0  # device -> host (blocks that filled)
     blocks_evicted: int = 0
+    working_set_blocks: int = 0  # sum over (request, layer) of the blocks this step needs
     bytes_h2d: int = 0
     bytes_d2h: int = 0
     load_seconds: float = 0.0
@@ -268,8 +269,15 @@ class KVManager:
     def device_bytes_held(self) -> int:
         return self.device_blocks_held() * self.block_bytes
 
+    def dense_bytes(self) -> int:
+        """Bytes the active sequences would hold on the device without offload (every block, every layer)."""
+        return sum(self.num_blocks(r) for r in self.seqs) * self.block_bytes * self.layout.num_layers
+
     def host_bytes_held(self) -> int:
-        return 0 if self.host_allocator is None else self.host_allocator.num_used * self.block_bytes
+        """Host store bytes in use (one host block id holds that block of every layer)."""
+        if self.host_allocator is None:
+            return 0
+        return self.host_allocator.num_used * self.block_bytes * self.layout.num_layers
 
     # ------------------------------------------------------------------ planning
     def plan_step(
@@ -312,6 +320,7 @@ class KVManager:
                     want_set = {b for b in want if 0 <= b < old_nb}
                 want_set.update(range(first_written, new_nb))
                 self._step_want[(rid, layer)] = want_set
+                transfer.working_set_blocks += len(want_set)
                 # evict first (frees room), then load the misses
                 self._evict(seq, layer, want_set, transfer)
                 for blk in sorted(want_set):

@@ -28,6 +28,8 @@ class StepRecord:
     load_seconds: float
     device_kv_bytes: int
     host_kv_bytes: int
+    dense_kv_bytes: int  # what the same sequences would hold on the device without offload
+    working_set_bytes: int  # blocks this step needed (sink + local + selected + new), all layers
 
 
 class RuntimeMetrics:
@@ -63,6 +65,10 @@ class RuntimeMetrics:
             "device_kv_bytes_peak": max((s.device_kv_bytes for s in self.steps), default=0),
             "device_kv_bytes_last_decode": dec[-1].device_kv_bytes if dec else None,
             "host_kv_bytes_peak": max((s.host_kv_bytes for s in self.steps), default=0),
+            "dense_kv_bytes_last_decode": dec[-1].dense_kv_bytes if dec else None,
+            "working_set_bytes_last_decode": dec[-1].working_set_bytes if dec else None,
+            "device_kv_over_working_set": (dec[-1].device_kv_bytes / dec[-1].working_set_bytes)
+            if dec and dec[-1].working_set_bytes else None,
             "ttft_seconds": dict(self.ttft),
         }
         return out
