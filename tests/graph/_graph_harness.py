@@ -7,6 +7,8 @@ The paged side keeps a numpy KV pool per layer with PERMUTED physical blocks, ap
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -18,7 +20,7 @@ def session(model) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     so.log_severity_level = 3
-    data = model if isinstance(model, (str, bytes)) else model.SerializeToString()
+    data = str(model) if isinstance(model, Path) else model if isinstance(model, (str, bytes)) else model.SerializeToString()
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
 
