@@ -176,3 +176,13 @@ def test_schema_attribute_validation():
         get_schema("Attention")
     with pytest.raises(ValueError, match="opset must be an int >= 15"):
         build_function("UcmPagedSparseAttention", opset=13)
+
+
+def test_docs_embed_the_schemas():
+    from pathlib import Path
+
+    from ucm_trt.graph.schemas import render_markdown
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "graph.md").read_text()
+    for s in SCHEMAS.values():
+        assert render_markdown(s) in doc, f"docs/graph.md is out of date for {s.name}"

@@ -271,3 +271,18 @@ def node_attributes(schema: OpSchema, **values: int | float | str) -> dict[str, 
     if lt == 1:
         raise ValueError(f"{schema.name}.logn_training_length must be 0 (off) or >= 2, got 1")
     return out
+
+
+def render_markdown(schema: OpSchema) -> str:
+    """The schema as a Markdown section (docs/graph.md embeds these verbatim; a test checks)."""
+    lines = [f"### `{schema.qualified_name}` (version {schema.version})", "", schema.summary, "", schema.semantics, ""]
+    lines += ["| input | types | shape | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{t.name}` | {', '.join(t.types)} | `[{', '.join(t.shape)}]` | {t.doc} |" for t in schema.inputs]
+    lines += ["", "| output | types | shape | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{t.name}` | {', '.join(t.types)} | `[{', '.join(t.shape)}]` | {t.doc} |" for t in schema.outputs]
+    lines += ["", "| attribute | type | default | rule / meaning |", "|---|---|---|---|"]
+    for a in schema.all_attributes:
+        default = "required" if a.default is None else f"`{a.default!r}`"
+        rule = f">= {a.minimum:g}; " if a.minimum is not None else ""
+        lines.append(f"| `{a.name}` | {a.kind} | {default} | {rule}{a.doc} |")
+    return "\n".join(lines) + "\n"
