@@ -194,6 +194,40 @@ COMMANDS: list[Command] = [
 ]
 
 
+# ----------------------------------------------------------------------------------------- chat
+# The sample chat app (logic in ucm_trt.chat.app, shared with samples/chat/chat.py).
+
+
+def _configure_chat(p: argparse.ArgumentParser) -> None:
+    from ucm_trt.chat.app import add_arguments
+
+    add_arguments(p)
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from ucm_trt.chat.app import run
+
+    args._prog = "ucm-trt chat"
+    return run(args)  # prints its own one-line errors; 0 ok, 1 environment (e.g. no TensorRT), 2 bad input
+
+
+COMMANDS.append(Command(
+    "chat",
+    "chat in the terminal with a model on the UCM runtime (switch algorithm/budget live)",
+    "Terminal chat over the generation runtime: streamed replies, the model's chat template, a "
+    "stats line per turn (prompt tokens, decode tok/s, blocks selected per step, retrieval time, "
+    "bytes moved, KV held). Reads standard input line by line, so it can be scripted. Commands: "
+    "/algo NAME, /budget R, /load FILE (send a long text with the next message), /stats, /reset, "
+    "/help, /quit. Default: SmolLM2-135M-Instruct on the CPU (the runtime's PyTorch backend until "
+    "its ONNX Runtime backend lands).\n\nexample:\n  ucm-trt chat\n"
+    "  ucm-trt chat --algorithm esa --budget 0.25 --load essay.txt\n"
+    "  printf 'Hi\\n/algo gsa-on-device\\nSummarize.\\n' | ucm-trt chat --max-new-tokens 32\n"
+    "  ucm-trt chat --backend torch --device cuda",
+    _configure_chat,
+    _run_chat,
+))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ucm-trt",

