@@ -165,6 +165,24 @@ def _write_report(path: str | None, report) -> None:
         Path(path).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
 
 
+# ----------------------------------------------------------------------------------------- eval
+# Quality suite (issue 7; owner of ucm_trt.eval). The options and the driver live in
+# ucm_trt.eval.command; importing it is cheap (argparse only), heavy imports happen in the handler.
+
+
+def _configure_eval(p: argparse.ArgumentParser) -> None:
+    from ucm_trt.eval.command import configure_eval_parser
+
+    configure_eval_parser(p)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from ucm_trt.eval.command import run_eval_command
+
+    argv = sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == "ucm-trt" else ["eval"]
+    return run_eval_command(args, command=" ".join(["ucm-trt", *argv]))
+
+
 COMMANDS: list[Command] = [
     Command(
         "export",
@@ -228,8 +246,15 @@ COMMANDS.append(Command(
 ))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse prints the whole usage before a usage error; print one line instead (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ucm-trt",
         description="UCM-style sparse attention for TensorRT / ONNX Runtime deployments of decoder LLMs.\n\n"
         "pipeline: export -> rewrite -> (build -> run/chat -> bench/eval)",
@@ -248,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # usage errors: argparse prints one line and exits 2
+    args = parser.parse_args(argv)  # usage errors: _Parser prints one line and exits 2
     try:
         return args._run(args)
     except (CommandError, ValueError, TypeError, FileNotFoundError) as e:

@@ -232,8 +232,8 @@ def _show_settings(con: _Console, session) -> None:
 
 def _do_command(con: _Console, session, cmd) -> bool:
     """Run one command; returns False to leave the chat."""
-    from ucm_trt.chat.commands import help_text
     from ucm_trt.chat._names import ALGORITHMS
+    from ucm_trt.chat.commands import help_text
     from ucm_trt.chat.session import BUDGETED_ALGORITHMS
 
     if cmd.name == "quit":

@@ -31,6 +31,7 @@ __all__ = [
     "TurnResult",
     "TurnStats",
     "format_bytes",
+    "measure_turn",
 ]
 
 #: algorithms whose selection size the budget ratio sets
@@ -454,7 +455,8 @@ class ChatSession:
         try:
             [res] = engine.generate(ids, params, on_token=detok)
             reply = detok.finish()
-            stats = self._turn_stats(engine, res, time.perf_counter() - t0)
+            stats = measure_turn(engine, res, settings=s, backend_label=self.backend_label,
+                                 wall_seconds=time.perf_counter() - t0)
         finally:
             engine.close()
         self._messages.append({"role": "user", "content": content})
@@ -464,46 +466,53 @@ class ChatSession:
         self.turns += 1
         return TurnResult(text=reply, token_ids=list(res.token_ids), stats=stats)
 
-    # ------------------------------------------------------------------ stats
-    def _turn_stats(self, engine, res, wall: float) -> TurnStats:
-        s = self._settings
-        st = engine.stats()
-        bs = s.block_size
-        steps = int(st.get("decode_steps") or 0)
-        p = res.prompt_tokens
-        if steps:
-            blocks_total = sum(-(-(p + k) // bs) for k in range(1, steps + 1)) / steps
-        else:
-            blocks_total = float(-(-p // bs))
-        frac = (st.get("policy") or {}).get("selected_block_fraction")
-        decode_recs = [r for r in engine.metrics.steps if r.kind == "decode"]
-        recs = decode_recs or list(engine.metrics.steps)
-        held = max((r.device_kv_bytes for r in recs), default=0)
-        dense = max((getattr(r, "dense_kv_bytes", 0) or 0 for r in recs), default=0) or None
-        return TurnStats(
-            backend=self.backend_label,
-            attention=str(st.get("attention", "")),
-            algorithm=s.algorithm,
-            budget=s.budget if s.algorithm in BUDGETED_ALGORITHMS else None,
-            block_size=bs,
-            prompt_tokens=p,
-            new_tokens=len(res.token_ids),
-            finish_reason=res.finish_reason,
-            prefill_seconds=float(st.get("prefill_seconds") or 0.0),
-            ttft_seconds=float(res.ttft_seconds),
-            decode_steps=steps,
-            decode_tokens_per_s=st.get("decode_tokens_per_s"),
-            blocks_selected=None if frac is None else frac * blocks_total,
-            blocks_total=blocks_total,
-            selected_fraction=frac,
-            retrieval_tasks=int(st.get("retrieval_tasks") or 0),
-            retrieval_ms=float(st.get("retrieval_busy_ms") or 0.0),
-            retrieval_overlap=st.get("retrieval_overlap"),
-            in_step_retrieval=s.algorithm == "gsa-on-device",
-            bytes_h2d=int(st.get("bytes_h2d_total") or 0),
-            bytes_d2h=int(st.get("bytes_d2h_total") or 0),
-            kv_held_bytes=int(held),
-            kv_dense_bytes=dense,
-            kv_host_bytes=int(st.get("host_kv_bytes_peak") or 0),
-            wall_seconds=wall,
-        )
+
+def measure_turn(engine, result, *, settings: ChatSettings, backend_label: str, wall_seconds: float) -> TurnStats:
+    """:class:`TurnStats` of a finished single-request ``engine`` (built from ``settings``).
+
+    ``blocks_selected`` is the policy's selected-block fraction times the mean number of blocks of
+    the sequence over the decode steps: the mean blocks one (layer, KV head) attended per step.
+    ``kv_held_bytes`` is the largest KV pool footprint of a decode step (the working set for the
+    offloading algorithms), next to what dense attention holds for the same sequence.
+    """
+    s = settings
+    st = engine.stats()
+    bs = s.block_size
+    steps = int(st.get("decode_steps") or 0)
+    p = result.prompt_tokens
+    if steps:
+        blocks_total = sum(-(-(p + k) // bs) for k in range(1, steps + 1)) / steps
+    else:
+        blocks_total = float(-(-p // bs))
+    frac = (st.get("policy") or {}).get("selected_block_fraction")
+    decode_recs = [r for r in engine.metrics.steps if r.kind == "decode"]
+    recs = decode_recs or list(engine.metrics.steps)
+    held = max((r.device_kv_bytes for r in recs), default=0)
+    dense = max((getattr(r, "dense_kv_bytes", 0) or 0 for r in recs), default=0) or None
+    return TurnStats(
+        backend=backend_label,
+        attention=str(st.get("attention", "")),
+        algorithm=s.algorithm,
+        budget=s.budget if s.algorithm in BUDGETED_ALGORITHMS else None,
+        block_size=bs,
+        prompt_tokens=p,
+        new_tokens=len(result.token_ids),
+        finish_reason=result.finish_reason,
+        prefill_seconds=float(st.get("prefill_seconds") or 0.0),
+        ttft_seconds=float(result.ttft_seconds),
+        decode_steps=steps,
+        decode_tokens_per_s=st.get("decode_tokens_per_s"),
+        blocks_selected=None if frac is None else frac * blocks_total,
+        blocks_total=blocks_total,
+        selected_fraction=frac,
+        retrieval_tasks=int(st.get("retrieval_tasks") or 0),
+        retrieval_ms=float(st.get("retrieval_busy_ms") or 0.0),
+        retrieval_overlap=st.get("retrieval_overlap"),
+        in_step_retrieval=s.algorithm == "gsa-on-device",
+        bytes_h2d=int(st.get("bytes_h2d_total") or 0),
+        bytes_d2h=int(st.get("bytes_d2h_total") or 0),
+        kv_held_bytes=int(held),
+        kv_dense_bytes=dense,
+        kv_host_bytes=int(st.get("host_kv_bytes_peak") or 0),
+        wall_seconds=wall_seconds,
+    )
