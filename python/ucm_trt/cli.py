@@ -246,6 +246,19 @@ COMMANDS.append(Command(
 ))
 
 
+COMMANDS.append(Command(
+    "eval",
+    "quality of sparse attention on a real model: recall curves, passkey, perplexity",
+    "Attention-mass recall per representation / block size / layer against the oracle and "
+    "sink+local baselines (captured SmolLM2 Q/K), and the sparsity vs accuracy table (passkey "
+    "retrieval and perplexity with real sparse attention; passkey through the generation "
+    "runtime). Results are resumable JSON under benchmarks/results/quality/.\n\nexample:\n"
+    "  ucm-trt eval --quick\n  ucm-trt eval --part recall\n"
+    "  ucm-trt eval --part accuracy --rollback-from benchmarks/results/quality/recall.json",
+    _configure_eval,
+    _run_eval,
+))
+
 class _Parser(argparse.ArgumentParser):
     """argparse prints the whole usage before a usage error; print one line instead (exit 2)."""
 
