@@ -8,6 +8,8 @@ kinds:
 * ``gqa-op``:    com.microsoft.RotaryEmbedding on Q and K, then GroupQueryAttention (do_rotary=0).
 * ``mha``:       com.microsoft.RotaryEmbedding on Q and K, then MultiHeadAttention (unidirectional=1),
   Hq == Hkv; has a position_ids input.
+* ``onnx-attention``: opset 23 ONNX RotaryEmbedding (4-D, position_ids, cos/sin caches) and ONNX
+  ``Attention`` with its own past_key/past_value inputs and present outputs (native GQA, is_causal=1).
 """
 
 from __future__ import annotations
@@ -69,6 +71,26 @@ def build(kind: str, *, layers=2, hidden=64, hq=4, hkv=2, d=16, vocab=100, theta
                     for kv in ("key", "value")]  # fmt: skip
         nodes += [helper.make_node("MatMul", [h, f"{x}{i}"], [f"{x}_{i}"]) for x in "qkv"]
         q, k = f"q_{i}", f"k_{i}"
+        if kind == "onnx-attention":
+            if i == 0:
+                c("shape_q", np.array([0, 0, hq, d], np.int64))
+                c("shape_kv", np.array([0, 0, hkv, d], np.int64))
+                c("shape_out", np.array([0, 0, -1], np.int64))
+            for x, shp in (("q", "shape_q"), ("k", "shape_kv"), ("v", "shape_kv")):
+                nodes += [helper.make_node("Reshape", [f"{x}_{i}", shp], [f"{x}4r_{i}"]),
+                          helper.make_node("Transpose", [f"{x}4r_{i}"], [f"{x}4_{i}"], perm=[0, 2, 1, 3])]  # fmt: skip
+            nodes += [helper.make_node("RotaryEmbedding", [f"{x}4_{i}", "cos", "sin", "position_ids"], [f"{x}r_{i}"],
+                                       interleaved=0) for x in "qk"]  # fmt: skip
+            nodes += [
+                helper.make_node("Attention", [f"qr_{i}", f"kr_{i}", f"v4_{i}", "", pk, pv],
+                                 [f"y_{i}", f"present.{i}.key", f"present.{i}.value"], is_causal=1),
+                helper.make_node("Transpose", [f"y_{i}"], [f"yt_{i}"], perm=[0, 2, 1, 3]),
+                helper.make_node("Reshape", [f"yt_{i}", "shape_out"], [f"attn_{i}"]),
+                helper.make_node("MatMul", [f"attn_{i}", f"o{i}"], [f"ao_{i}"]),
+                helper.make_node("Add", [h, f"ao_{i}"], [f"h{i + 1}"]),
+            ]  # fmt: skip
+            h = f"h{i + 1}"
+            continue
         if kind != "gqa-fused":
             nodes += [
                 helper.make_node("RotaryEmbedding", [q, "position_ids", "cos", "sin"], [f"qr_{i}"], domain=MS,
@@ -96,7 +118,8 @@ def build(kind: str, *, layers=2, hidden=64, hq=4, hkv=2, d=16, vocab=100, theta
     nodes.append(helper.make_node("MatMul", [h, "lm_head"], ["logits"]))
     outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab]))
     g = helper.make_graph(nodes, f"tiny_{kind}", inputs, outputs, inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
+    opset = 23 if kind == "onnx-attention" else 17
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)])
     m.ir_version = 9
     onnx.checker.check_model(m)
     meta = dict(layers=layers, hq=hq, hkv=hkv, d=d, theta=theta)

@@ -1,4 +1,5 @@
-"""ONNX Runtime contrib attention graphs (built with onnx.helper): original vs rewritten, and
+"""ONNX Runtime contrib attention graphs and an ONNX opset-23 Attention graph with internal
+past_key/past_value (built with onnx.helper): original vs rewritten, and
 rewritten vs a torch twin whose attention is the fp32 paged reference."""
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from tests.graph._graph_harness import ContiguousRunner, PagedRunner, rel_err, s
 from ucm_trt.config import ReRoPEConfig
 from ucm_trt.graph import RewriteConfig, rewrite_model
 
-KINDS = ("gqa-fused", "gqa-op", "mha")
+KINDS = ("gqa-fused", "gqa-op", "mha", "onnx-attention")
 B, BS, MAX_BLOCKS, D, LAYERS = 2, 4, 5, 16, 2
 TOL = 1e-4
 RULE = {"gqa-fused": "ms_group_query_attention", "gqa-op": "ms_group_query_attention",
-        "mha": "ms_multi_head_attention"}  # fmt: skip
+        "mha": "ms_multi_head_attention", "onnx-attention": "onnx_attention"}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -110,3 +110,19 @@ def test_rerope_matches_reference(exported, tiny_models, export):
         got = paged.step(ids)
         want = torch_run.step(ids)
         assert rel_err(got, want) <= TOL, rel_err(got, want)
+
+
+def test_eager_attention_export(tiny_models, tmp_path):
+    """Eager attention: Softmax(Add(Mul(MatMul(Q, K^T), s), mask)) and no NaN guard."""
+    from ucm_trt.graph import ExportConfig, export_hf_model
+
+    m = copy.deepcopy(tiny_models["qwen2"])
+    m.set_attn_implementation("eager")
+    path = export_hf_model(m, tmp_path / "eager.onnx", config=ExportConfig(exporter="legacy"))
+    rw, rep = rewrite_model(path, config=RewriteConfig(algorithm="dense", block_size=BS))
+    assert rep.counts == {"decomposed_sdpa": LAYERS}
+    orig = ContiguousRunner(path, B, LAYERS, HKV, D)
+    paged = PagedRunner(rw, B, LAYERS, HKV, D, BS, MAX_BLOCKS)
+    for ids in _tokens(3):
+        want, got = orig.step(ids), paged.step(ids)
+        assert rel_err(got, want) <= TOL

@@ -7,7 +7,8 @@ Pattern (shared/reference/models.md §4), anchored at Softmax:
            | Reshape(Transpose(Reshape(K), perm=[0,2,1]))  dynamo (flattened 3-D transpose)
     K      = repeat_kv(Concat(past_key, k_new, axis=2))   repeat_kv = Reshape(Expand(Unsqueeze(x, 2)))
     P      = Softmax(Add(scores, mask), axis=-1)          mask: the exporter's causal/padding mask
-    P'     = Where(IsNaN(P), 0, P) | P                    NaN guard (SDPA export) or none (eager)
+    P'     = Where(IsNaN(P), 0, P) | P                    NaN guard (SDPA export) or none (eager;
+                                                          Cast / Identity / Dropout are skipped)
     out    = MatMul(P', repeat_kv(Concat(past_value, v_new, axis=2)))
 
 The mask is not interpreted: the UCM node applies causal + block visibility itself, so the
@@ -45,8 +46,16 @@ def _untranspose_key(kt: ir.Value) -> ir.Value | None:
     return None
 
 
+_PASS_THROUGH = ("Cast", "Identity", "Dropout")  # eager: softmax(dtype=fp32).to(dtype), dropout (eval)
+
+
 def _pv_matmul(sm: ir.Node) -> ir.Node | None:
     out = sm.outputs[0]
+    while True:  # skip Cast / Identity / Dropout with a single consumer
+        uses = list(out.uses())
+        if len(uses) != 1 or uses[0][0].op_type not in _PASS_THROUGH or uses[0][1] != 0:
+            break
+        out = uses[0][0].outputs[0]
     for user, idx in out.uses():
         if user.op_type == "MatMul" and idx == 0:
             return user
