@@ -12,7 +12,8 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>/dev/null || true
 
 t0=$(date +%s)
-$PY -m pytest -q -p no:cacheprovider tests/kernels -x --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
+# KERNEL_TESTS narrows the test selection for a follow-up call (default: every kernel test)
+$PY -m pytest -q -p no:cacheprovider ${KERNEL_TESTS:-tests/kernels} -x --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
 test_rc=$?
 echo "kernel tests on GPU: rc=$test_rc in $(( $(date +%s) - t0 )) s"
 tail -n 25 "$OUT/gpu_tests.log"

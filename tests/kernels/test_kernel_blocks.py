@@ -231,14 +231,17 @@ def test_block_topk_matches_select(shared, largest, device):
     gen = torch.Generator().manual_seed(int(shared) * 2 + int(largest))
     lens = [1000, 300, 32, 20 * 32]
     bs, mb = 32, 36
-    # integer scores make many ties: the lower block id must win them, as in ucm_trt.sparse.select
-    scores = torch.randint(0, 6, (4, 2, mb), generator=gen).float().to(device)
+    # integer scores make many ties: the lower block id must win them, as in ucm_trt.sparse.select;
+    # signed random floats exercise every bit of the radix select
+    tied = torch.randint(0, 6, (4, 2, mb), generator=gen).float()
+    floats = torch.randn((4, 2, mb), generator=gen) * torch.logspace(-3, 3, mb)
     seq = torch.tensor(lens, dtype=torch.int32, device=device)
-    for top_k, sink, local in ((8, 1, 2), (40, 0, 1), (3, 1, 2)):
-        got = block_topk(scores, seq, top_k=top_k, block_size=bs, sink_blocks=sink, local_blocks=local,
-                         largest=largest, shared=shared)
-        ref = _ref_topk(scores, lens, bs, top_k, sink, local, largest, shared)
-        assert torch.equal(got, ref), (top_k, sink, local, got, ref)
+    for scores in (tied.to(device), floats.to(device)):
+        for top_k, sink, local in ((8, 1, 2), (40, 0, 1), (3, 1, 2)):
+            got = block_topk(scores, seq, top_k=top_k, block_size=bs, sink_blocks=sink, local_blocks=local,
+                             largest=largest, shared=shared)
+            ref = _ref_topk(scores, lens, bs, top_k, sink, local, largest, shared)
+            assert torch.equal(got, ref), (top_k, sink, local, got, ref)
 
 
 def test_hash_retrieve_end_to_end(device):

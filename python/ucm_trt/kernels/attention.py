@@ -222,34 +222,40 @@ def _merge_splits(
     stride_ob, stride_oh, stride_ot,
     H_KV, TQ, NUM_SPLITS, NUM_QTILES,
     G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+    SCHUNK: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    """One program per output row: the row's partials of SCHUNK splits are loaded at once."""
+    pid = tl.program_id(0)
+    row = tl.program_id(1)
+    pid_bh = pid // NUM_QTILES
+    pid_t = pid % NUM_QTILES
     b = pid_bh // H_KV
     h = pid_bh % H_KV
-    rows = tl.arange(0, BLOCK_M)
-    t_loc = rows // G
-    g = rows % G
+    t_loc = row // G
+    g = row % G
     t = pid_t * BLOCK_T + t_loc
-    row_ok = (t_loc < BLOCK_T) & (t < TQ)
-    dd = tl.arange(0, D)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_sum = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    base = (pid_bh * NUM_QTILES + pid_t) * NUM_SPLITS
-    for s in range(NUM_SPLITS):
-        lse = tl.load(plse_ptr + (base + s) * BLOCK_M + rows, mask=row_ok, other=float("-inf"))
-        o = tl.load(po_ptr + ((base + s) * BLOCK_M + rows)[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0)
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        w = tl.exp2(lse - m_safe)
-        l_sum = l_sum * alpha + w
-        acc = acc * alpha[:, None] + o * w[:, None]
-        m = m_new
-    out = acc / tl.where(l_sum > 0.0, l_sum, 1.0)[:, None]
-    o_rows = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g) * stride_oh + t * stride_ot
-    tl.store(o_rows[:, None] + dd[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if (t_loc < BLOCK_T) & (t < TQ):
+        dd = tl.arange(0, D)
+        sc = tl.arange(0, SCHUNK)
+        base = pid * NUM_SPLITS
+        m = tl.full([], float("-inf"), tl.float32)
+        l_sum = tl.zeros([], tl.float32)
+        acc = tl.zeros([D], tl.float32)
+        for s0 in range(0, NUM_SPLITS, SCHUNK):
+            s_ok = s0 + sc < NUM_SPLITS
+            part = (base + s0 + sc) * BLOCK_M + row
+            lse = tl.load(plse_ptr + part, mask=s_ok, other=float("-inf"))
+            o = tl.load(po_ptr + part[:, None] * D + dd[None, :], mask=s_ok[:, None], other=0.0)
+            m_new = tl.maximum(m, tl.max(lse, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(lse - m_safe)
+            l_sum = l_sum * alpha + tl.sum(w, 0)
+            acc = acc * alpha + tl.sum(o * w[:, None], 0)
+            m = m_new
+        out = acc / tl.where(l_sum > 0.0, l_sum, 1.0)
+        o_row = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g) * stride_oh + t * stride_ot
+        tl.store(o_row + dd, out.to(out_ptr.dtype.element_ty))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -392,10 +398,11 @@ def _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, 
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if splits > 1:
-        _merge_splits[(b * hkv, n_qtiles)](
+        _merge_splits[(b * hkv * n_qtiles, block_m)](
             po, plse, out, out.stride(0), out.stride(1), out.stride(2),
             hkv, tq, splits, n_qtiles,
-            G=group, D=d, BLOCK_T=block_t, BLOCK_M=block_m, num_warps=4,
+            G=group, D=d, BLOCK_T=block_t, BLOCK_M=block_m, SCHUNK=min(64, max(2, next_pow2(splits))),
+            num_warps=4,
         )
     return out
 
