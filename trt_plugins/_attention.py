@@ -7,17 +7,21 @@ from collections.abc import Mapping
 
 import torch
 
-from trt_plugins.aot import AotLaunch, compile_within_shared_limit
+from dataclasses import replace
+
+from trt_plugins.aot import MAX_AOT_SHARED_MEM, AotLaunch, SharedMemoryLimitError, compile_within_shared_limit
 from trt_plugins.ptx import PtxTarget
 from ucm_trt.kernels.aot import (
     TACTICS,
     PagedAttentionGeometry,
+    TileConfig,
     paged_attention_chunk,
     paged_attention_extras,
     paged_attention_grid,
     paged_attention_kernel_args,
     tile_config,
 )
+from ucm_trt.kernels._common import next_pow2
 from ucm_trt.kernels.aot.paged_attention import TACTIC_DECODE, TACTIC_PREFILL
 
 ATTENTION_TACTICS = (TACTIC_DECODE, TACTIC_PREFILL)
@@ -59,13 +63,42 @@ def jit_run(tensors: Mapping[str, torch.Tensor], values: Mapping[str, object], o
     )  # fmt: skip
 
 
+def _tile_candidates(tile: TileConfig, group: int):
+    """The tactic's tile, then smaller ones: halve BLOCK_N (to 16), then the query rows (to 16)."""
+    rows = tile.block_m
+    while rows >= 16:
+        block_t = max(1, rows // group)
+        block_m = max(16, next_pow2(block_t * group))
+        bn = tile.block_n
+        while bn >= 16:
+            yield replace(tile, block_t=block_t, block_m=block_m, block_n=bn)
+            bn //= 2
+        if block_t == 1:
+            break
+        rows //= 2
+
+
 def aot_launch(values: Mapping[str, object], dtype: torch.dtype, tactic: int, target: PtxTarget,
                *, rerope: bool) -> AotLaunch:
+    """PTX of the tactic's tile, or of the largest smaller tile whose shared memory fits the AOT
+    launcher's limit (``MAX_AOT_SHARED_MEM``); results never depend on the tile."""
     geom = geometry(values, rerope=rerope)
     tac = _tactic(tactic)
-    tile = tile_config(tac, geom)
-    kernel, signature, constexprs = paged_attention_kernel_args(geom, tile, dtype)
-    ptx = compile_within_shared_limit(kernel, signature, constexprs, target, tile.num_warps)
+    tried = []
+    for tile in _tile_candidates(tile_config(tac, geom), geom.group):
+        kernel, signature, constexprs = paged_attention_kernel_args(geom, tile, dtype)
+        try:
+            ptx = compile_within_shared_limit(kernel, signature, constexprs, target, tile.num_warps)
+        except SharedMemoryLimitError as exc:
+            tried.append(f"BLOCK_M={tile.block_m} BLOCK_N={tile.block_n}: {exc.needed}")
+            continue
+        break
+    else:
+        raise SharedMemoryLimitError(
+            f"no tile of {'ReRoPE' if rerope else 'sparse'} attention (head_dim {geom.head_dim}) fits "
+            f"{MAX_AOT_SHARED_MEM} B of shared memory for the AOT path ({'; '.join(tried)}); use the JIT plugins",
+            needed="; ".join(tried),
+        )
 
     def grid(shapes, cdiv):
         q = shapes["q"]
@@ -74,4 +107,4 @@ def aot_launch(values: Mapping[str, object], dtype: torch.dtype, tactic: int, ta
     def extras(shapes):
         return paged_attention_extras(shapes["q"][2], shapes["block_table"][1], shapes["selection"][2])
 
-    return AotLaunch(kernel=ptx, grid=grid, extras=extras, tactic=tac)
+    return AotLaunch(kernel=ptx, grid=grid, extras=extras, tactic=tac, config=tile)

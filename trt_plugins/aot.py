@@ -19,7 +19,7 @@ import torch
 
 from trt_plugins.ptx import PtxKernel, PtxTarget, compile_ptx
 
-__all__ = ["AotLaunch", "aot_launch", "MAX_AOT_SHARED_MEM", "int_cdiv"]
+__all__ = ["AotLaunch", "aot_launch", "MAX_AOT_SHARED_MEM", "SharedMemoryLimitError", "int_cdiv"]
 
 # Dynamic shared memory a kernel may use without cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE).
 # TensorRT's AOT launcher is not documented to opt in to more, so we stay within it.
@@ -44,10 +44,19 @@ class AotLaunch:
     grid: Callable[[Shapes, Callable], tuple]
     extras: Callable[[Shapes], tuple]
     tactic: int
+    config: object = None  # the kernel's tile configuration, where it has one
 
     @property
     def block(self) -> tuple[int, int, int]:
         return self.kernel.block_x, 1, 1
+
+
+class SharedMemoryLimitError(ValueError):
+    """The kernel needs more shared memory than the AOT launcher can give."""
+
+    def __init__(self, message: str, *, needed: str) -> None:
+        super().__init__(message)
+        self.needed = needed
 
 
 def compile_within_shared_limit(kernel, signature, constexprs, target, num_warps, stages=(2, 1)) -> PtxKernel:
@@ -59,9 +68,10 @@ def compile_within_shared_limit(kernel, signature, constexprs, target, num_warps
         if k.shared_mem <= MAX_AOT_SHARED_MEM:
             return k
         seen.append(f"num_stages={ns}: {k.shared_mem} B")
-    raise ValueError(
+    raise SharedMemoryLimitError(
         f"kernel {getattr(kernel, '__name__', kernel)} needs more than {MAX_AOT_SHARED_MEM} B of shared memory "
-        f"for the AOT path ({'; '.join(seen)}); use the JIT plugin path or a smaller tile"
+        f"for the AOT path ({'; '.join(seen)}); use the JIT plugin path or a smaller tile",
+        needed=", ".join(seen),
     )
 
 

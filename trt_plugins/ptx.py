@@ -208,6 +208,52 @@ def _jit_function(kernel):
     return JITFunction(fn)
 
 
+def _compile_in_process(module: str, qualname: str, signature: dict, constexprs: dict, arch: int,
+                        options: dict) -> dict:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    fn = _jit_function(obj)
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    md = ck.metadata
+    return {
+        "name": md.name,
+        "ptx": ck.asm["ptx"],
+        "num_warps": int(md.num_warps),
+        "shared": int(md.shared),
+        "global_scratch_size": int(getattr(md, "global_scratch_size", 0) or 0),
+        "profile_scratch_size": int(getattr(md, "profile_scratch_size", 0) or 0),
+    }
+
+
+def _compile_in_child(request: dict) -> dict:
+    """Compile in a fresh interpreter without TRITON_INTERPRET.
+
+    With TRITON_INTERPRET=1 (the CPU test tier) Triton replaces every ``@triton.jit`` function --
+    its own standard library included -- by an interpreted one for the whole process, and its code
+    generator cannot compile them; the child process imports Triton in compile mode instead.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    proc = subprocess.run([sys.executable, "-m", "trt_plugins.ptx"], input=json.dumps(request), env=env,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"Triton -> PTX compilation of {request['qualname']} failed:\n{tail}")
+    return json.loads(proc.stdout)
+
+
 def compile_ptx(
     kernel,
     *,
@@ -223,9 +269,6 @@ def compile_ptx(
     (``*fp16``, ``*i32``, ``i32``, ...); ``constexprs`` gives every ``tl.constexpr`` parameter.
     The result's ``.entry`` parameter list holds exactly the ``signature`` parameters.
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     if not isinstance(target, PtxTarget):
         raise TypeError(f"target must be a PtxTarget, got {type(target).__name__}")
     fn = _jit_function(kernel)
@@ -243,27 +286,43 @@ def compile_ptx(
         if not ty.startswith("*") and ty not in _SCALAR_PARAM:
             raise ValueError(f"parameter {n}: type {ty!r} is not a pointer or an int32 scalar (TensorRT passes int32 only)")
     full_sig = {n: (signature[n] if n in signature else "constexpr") for n in names}
-    src = triton.compiler.ASTSource(fn=fn, signature=full_sig, constexprs=dict(constexprs))
     options: dict[str, object] = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}
     if target.ptx_version is not None:
         options["ptx_version"] = target.ptx_version
-    ck = triton.compile(src, target=GPUTarget("cuda", target.arch, 32), options=options)
-    md = ck.metadata
-    name = md.name
+    from triton import knobs
+
+    raw = fn.fn
+    request = {"module": raw.__module__, "qualname": raw.__qualname__, "signature": full_sig,
+               "constexprs": dict(constexprs), "arch": target.arch, "options": options}  # fmt: skip
+    if knobs.runtime.interpret:
+        res = _compile_in_child(request)
+    else:
+        res = _compile_in_process(**request)
+    name = res["name"]
     ptx = strip_scratch_params(
-        ck.asm["ptx"],
-        name,
-        len(signature),
-        global_scratch_size=int(getattr(md, "global_scratch_size", 0) or 0),
-        profile_scratch_size=int(getattr(md, "profile_scratch_size", 0) or 0),
-    )
+        res["ptx"], name, len(signature),
+        global_scratch_size=res["global_scratch_size"], profile_scratch_size=res["profile_scratch_size"],
+    )  # fmt: skip
     version = re.search(r"^\.version\s+(\d+\.\d+)", ptx, flags=re.MULTILINE)
     return PtxKernel(
         name=name,
         ptx=ptx,
-        num_warps=int(md.num_warps),
-        shared_mem=int(md.shared),
+        num_warps=res["num_warps"],
+        shared_mem=res["shared"],
         param_types=tuple(decl for decl, _ in entry_params(ptx, name)),
         ptx_version=version.group(1) if version else "?",
-        metadata=md._asdict() if hasattr(md, "_asdict") else {},
+        metadata={k: v for k, v in res.items() if k != "ptx"},
     )
+
+
+def _main() -> None:
+    """``python -m trt_plugins.ptx``: compile the JSON request on stdin, print the result as JSON."""
+    import json
+    import sys
+
+    req = json.load(sys.stdin)
+    json.dump(_compile_in_process(**req), sys.stdout)
+
+
+if __name__ == "__main__":
+    _main()

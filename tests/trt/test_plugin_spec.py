@@ -1,0 +1,134 @@
+"""CPU tier: schema -> plugin mapping and the ONNX node attributes TensorRT's parser needs."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from trt_plugins import INSTALL_HINT, TensorRTUnavailableError, ops
+from trt_plugins.spec import (
+    ROUTING_ATTRIBUTES,
+    all_plugin_specs,
+    output_shape,
+    parser_field_value,
+    plugin_spec,
+    reserved_op_names,
+)
+from ucm_trt.graph.functions import make_single_op_model
+from ucm_trt.graph.schemas import DOMAIN, PLUGIN_NAMESPACE, SCHEMAS
+
+_ATTRS = {
+    "UcmPagedSparseAttention": dict(num_q_heads=4, num_kv_heads=2, head_dim=32, block_size=16, scale=0.125),
+    "UcmPagedReRoPEAttention": dict(num_q_heads=4, num_kv_heads=2, head_dim=32, block_size=16, scale=0.125,
+                                    rope_theta=10000.0, rerope_window=8, logn_training_length=16),
+    "UcmSelectAllBlocks": dict(num_kv_heads=2),
+}  # fmt: skip
+
+
+def test_every_schema_has_a_plugin_module_and_spec():
+    assert ops.missing_plugin_modules() == []
+    assert set(all_plugin_specs()) == set(SCHEMAS) == set(ops.OP_MODULES)
+    for name in SCHEMAS:
+        assert ops.module(name).SPEC == plugin_spec(name)
+    with pytest.raises(ValueError, match="no TensorRT plugin module"):
+        ops.module("UcmNoSuchOp")
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_spec_reads_the_schema(name):
+    schema, spec = SCHEMAS[name], plugin_spec(name)
+    assert spec.plugin_id == f"{PLUGIN_NAMESPACE}::{name}"
+    assert spec.inputs == tuple(t.name for t in schema.inputs)
+    assert spec.outputs == tuple(t.name for t in schema.outputs)
+    # plugin fields = the op's own attributes, in schema order; routing attributes are not fields
+    assert spec.attr_names == tuple(a.name for a in schema.attributes if a.name not in ROUTING_ATTRIBUTES)
+    kinds = {"int": int, "float": float, "string": str}
+    for a in spec.attrs:
+        assert a.py_type is kinds[schema.attribute(a.name).kind]
+        assert a.name not in ("outputs", "stream", "tactic")  # forbidden QDP attribute names
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_op_name_collides_with_no_builtin(name):
+    assert name not in reserved_op_names()
+    assert not name.startswith("TRT_")
+    assert {"Attention", "RotaryEmbedding", "TRT_Attention"} <= reserved_op_names()
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_onnx_node_carries_what_the_parser_needs(name):
+    """op_type = plugin name, plugin_namespace / plugin_version as STRING attributes, and every plugin
+    field present with the ONNX attribute type the parser converts (QDP fields have no defaults)."""
+    spec = plugin_spec(name)
+    model = make_single_op_model(name, **_ATTRS[name])
+    onnx.checker.check_model(model)
+    (node,) = [n for n in model.graph.node if n.domain == DOMAIN]
+    assert node.op_type == spec.name
+    attrs = {a.name: a for a in node.attribute}
+    assert attrs["plugin_namespace"].type == onnx.AttributeProto.STRING
+    assert attrs["plugin_namespace"].s.decode() == spec.namespace == "ucm"
+    assert attrs["plugin_version"].type == onnx.AttributeProto.STRING
+    assert attrs["plugin_version"].s.decode() == spec.version == "1"
+    for a in spec.attrs:
+        assert a.name in attrs, f"node lacks plugin field {a.name}"
+        assert onnx.AttributeProto.AttributeType.Name(attrs[a.name].type) == a.onnx_type
+    assert any(o.domain == DOMAIN for o in model.opset_import)
+    # what the plugin receives after the parser's INT->INT32 / FLOAT->FLOAT32 conversion
+    got = spec.attribute_values({k: onnx.helper.get_attribute_value(v) for k, v in attrs.items()})
+    assert list(got) == list(spec.attr_names)
+    for k, v in got.items():
+        assert type(v) is plugin_spec(name).attrs[spec.attr_names.index(k)].py_type
+        assert v == pytest.approx(_ATTRS[name][k], rel=1e-7)
+
+
+def test_parser_field_conversion():
+    spec = plugin_spec("UcmPagedReRoPEAttention")
+    a = {x.name: x for x in spec.attrs}
+    assert parser_field_value(a["rerope_window"], 8) == 8
+    with pytest.raises(ValueError, match="does not fit int32"):
+        parser_field_value(a["rerope_window"], 2**31)
+    assert parser_field_value(a["scale"], 0.1) == pytest.approx(0.1, rel=1e-7)
+    assert parser_field_value(a["scale"], 0.1) != 0.1  # rounded through float32, as TensorRT delivers it
+    from trt_plugins.spec import PluginAttr
+
+    assert parser_field_value(PluginAttr("mode", "string", str, "STRING"), b"abc\x00") == "abc"
+    with pytest.raises(ValueError, match="required by the plugin"):
+        spec.attribute_values({"num_q_heads": 4})
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_output_shapes_from_schema_symbols(name):
+    spec = plugin_spec(name)
+    dims = {"B": 3, "Hq": 4, "Hkv": 2, "T": 5, "D": 32, "num_blocks": 11, "2": 2, "block_size": 16,
+            "max_blocks": 7, "S": 6}  # fmt: skip
+    shapes = [[dims[s] for s in t.shape] for t in spec.schema.inputs]
+    out = output_shape(spec, 0, shapes, _ATTRS[name])
+    want = {"UcmPagedSparseAttention": [3, 4, 5, 32], "UcmPagedReRoPEAttention": [3, 4, 5, 32],
+            "UcmSelectAllBlocks": [3, 2, 7]}[name]  # fmt: skip
+    assert out == want
+    with pytest.raises(ValueError, match="rank"):
+        output_shape(spec, 0, [s[:-1] for s in shapes], _ATTRS[name])
+
+
+def test_plugin_geometry_rejects_bad_attributes():
+    m = ops.module("UcmPagedSparseAttention")
+    with pytest.raises(ValueError, match="num_q_heads"):
+        m.check(dict(_ATTRS["UcmPagedSparseAttention"], num_q_heads=3))
+    with pytest.raises(ValueError, match="block_size"):
+        m.check(dict(_ATTRS["UcmPagedSparseAttention"], block_size=24))
+    ops.module("UcmPagedReRoPEAttention").check(_ATTRS["UcmPagedReRoPEAttention"])
+
+
+def test_register_without_tensorrt_is_one_line_error_naming_the_extra():
+    import trt_plugins
+
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        pass
+    else:
+        pytest.skip("TensorRT is importable here; the missing-TensorRT message cannot be observed")
+    with pytest.raises(TensorRTUnavailableError) as ei:
+        trt_plugins.register_plugins()
+    msg = str(ei.value)
+    assert "\n" not in msg and INSTALL_HINT in msg

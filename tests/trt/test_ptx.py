@@ -1,0 +1,166 @@
+"""CPU tier: Triton -> PTX for sm_80 / sm_90 with no GPU, and the PTX entry post-processing that
+TensorRT's AOT launcher needs (parameters = inputs + int32 extras + outputs, nothing else)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from tests.trt._cases import CASES
+from tests.trt._kernels import axpy_kernel
+from trt_plugins.aot import MAX_AOT_SHARED_MEM, aot_launch, int_cdiv
+from trt_plugins.ptx import (
+    PtxTarget,
+    _jit_function,
+    compile_ptx,
+    entry_params,
+    ptx_isa_for_cuda,
+    strip_scratch_params,
+)
+from trt_plugins.spec import plugin_spec
+from ucm_trt.kernels.aot import paged_attention_kernel_args, tile_config
+from ucm_trt.kernels.aot.paged_attention import TACTIC_PREFILL
+
+PTR = ".param .u64 .ptr .global .align 1"
+I32 = ".param .u32"
+
+
+_axpy = axpy_kernel
+_AXPY_SIG = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "out_ptr": "*fp32"}
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_raw_triton_entry_has_trailing_scratch_pointers(arch):
+    """What the issue observed: Triton's own entry carries scratch pointers beyond the kernel's params."""
+    fn = _jit_function(_axpy)
+    src = triton.compiler.ASTSource(fn=fn, signature={**_AXPY_SIG, "BLOCK": "constexpr"}, constexprs={"BLOCK": 128})
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"ptx_version": 80, "enable_fp_fusion": True})
+    params = entry_params(ck.asm["ptx"], ck.metadata.name)
+    assert len(params) > len(_AXPY_SIG)
+    assert all(".u64" in decl for decl, _ in params[len(_AXPY_SIG):])
+    assert ck.metadata.global_scratch_size == 0
+
+
+@pytest.mark.parametrize("arch,target_line", [(80, ".target sm_80"), (90, ".target sm_90a")])
+def test_compile_ptx_strips_to_own_params_and_caps_isa(arch, target_line):
+    k = compile_ptx(_axpy, signature=_AXPY_SIG, constexprs={"BLOCK": 128}, target=PtxTarget(arch=arch, ptx_version=80))
+    assert k.param_types == (PTR, PTR, I32, PTR)
+    assert target_line in k.ptx
+    assert re.search(r"^\.version 8\.0$", k.ptx, flags=re.MULTILINE)
+    assert k.block_x == 128 and k.name == "axpy_kernel"
+
+
+# (case, dtype, tactic, arch): each op, each arch, fp16/bf16/fp32, both tactics somewhere.
+_AOT = [
+    ("decode", torch.float16, 1, 80),
+    ("prefill", torch.bfloat16, TACTIC_PREFILL, 90),
+    ("rerope_logn_prefill", torch.float16, TACTIC_PREFILL, 90),
+    ("gqa8_d64", torch.float32, 1, 80),
+]
+
+
+@pytest.mark.parametrize("name,dtype,tactic,arch", _AOT)
+def test_attention_aot_entry_is_inputs_extras_outputs(name, dtype, tactic, arch):
+    case = CASES[name]
+    spec = plugin_spec(case.op_name)
+    launch = aot_launch(case.op_name, case.attrs(), dtype, tactic, PtxTarget(arch=arch, ptx_version=80))
+    k = launch.kernel
+    params = entry_params(k.ptx, k.name)
+    # schema inputs (7 pointers), int32 extras (T, max_blocks, S), schema outputs (1 pointer)
+    assert [d for d, _ in params] == [PTR] * len(spec.inputs) + [I32] * 3 + [PTR] * len(spec.outputs)
+    shapes = {"q": (2, case.hq, 37, case.d), "block_table": (2, 9), "selection": (2, case.hkv, 4)}
+    assert len(launch.extras(shapes)) == 3
+    assert launch.extras(shapes) == (37, 9, 4)
+    gx, gy, gz = launch.grid(shapes, int_cdiv)
+    tile = launch.config
+    assert tile.block_m <= tile_config(launch.tactic, case.geometry()).block_m
+    assert (gx, gy, gz) == (2 * case.hkv, -(-37 // tile.block_t), 1)
+    assert k.shared_mem <= MAX_AOT_SHARED_MEM
+    assert ("sm_90a" if arch == 90 else "sm_80") in k.ptx
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_select_all_aot_entry(arch):
+    launch = aot_launch("UcmSelectAllBlocks", {"num_kv_heads": 3}, torch.int32, 0, PtxTarget(arch=arch, ptx_version=80))
+    assert [d for d, _ in entry_params(launch.kernel.ptx, launch.kernel.name)] == [PTR, I32, PTR]
+    assert launch.grid({"block_table": (4, 300)}, int_cdiv) == (12, 2, 1)
+    assert launch.extras({"block_table": (4, 300)}) == (300,)
+
+
+def test_prefill_rerope_d128_fits_shared_memory_by_fewer_stages():
+    """D=128 ReRoPE prefill tiles need 64 KiB with 2 stages; the AOT path drops to 1 stage (< 48 KiB)."""
+    from tests.trt._cases import Case
+
+    case = Case(hq=16, hkv=4, d=128, bs=64, rerope_window=64, logn=4096, lens=(9, 9))
+    launch = aot_launch(case.op_name, case.attrs(), torch.float16, TACTIC_PREFILL, PtxTarget(arch=90, ptx_version=80))
+    assert launch.kernel.shared_mem <= MAX_AOT_SHARED_MEM
+
+
+_FAKE_PTX = """.version 8.0
+.target sm_90a
+.address_size 64
+.visible .entry k(
+\t.param .u64 .ptr .global .align 1 k_param_0,
+\t.param .u32 k_param_1,
+\t.param .u64 .ptr .global .align 1 k_param_2,
+\t.param .u64 .ptr .global .align 1 k_param_3
+)
+{
+\tld.param.b64 \t%rd1, [k_param_0];
+\tld.param.b64 \t%rd3, [k_param_3];
+\tret;
+}
+"""
+
+
+def test_strip_refuses_nonzero_scratch_and_reads_of_dropped_params():
+    with pytest.raises(ValueError, match="global_scratch_size = 64"):
+        strip_scratch_params(_FAKE_PTX, "k", 2, global_scratch_size=64, profile_scratch_size=0)
+    with pytest.raises(ValueError, match="profile_scratch_size = 8"):
+        strip_scratch_params(_FAKE_PTX, "k", 2, global_scratch_size=0, profile_scratch_size=8)
+    with pytest.raises(ValueError, match="reads trailing parameter k_param_3"):
+        strip_scratch_params(_FAKE_PTX, "k", 2, global_scratch_size=0, profile_scratch_size=0)
+    with pytest.raises(ValueError, match="not a scratch pointer"):
+        strip_scratch_params(_FAKE_PTX, "k", 1, global_scratch_size=0, profile_scratch_size=0)
+    with pytest.raises(ValueError, match="fewer than"):
+        strip_scratch_params(_FAKE_PTX, "k", 5, global_scratch_size=0, profile_scratch_size=0)
+    with pytest.raises(ValueError, match="no `.visible .entry other"):
+        strip_scratch_params(_FAKE_PTX, "other", 1, global_scratch_size=0, profile_scratch_size=0)
+    kept = strip_scratch_params(_FAKE_PTX, "k", 4, global_scratch_size=0, profile_scratch_size=0)
+    assert kept == _FAKE_PTX
+
+
+def test_compile_ptx_rejects_float_scalars_and_wrong_order():
+    with pytest.raises(ValueError, match="int32 scalar"):
+        compile_ptx(_axpy, signature={**_AXPY_SIG, "n": "fp32"}, constexprs={"BLOCK": 128}, target=PtxTarget(arch=80))
+    with pytest.raises(ValueError, match="declaration order"):
+        compile_ptx(_axpy, signature=dict(reversed(list(_AXPY_SIG.items()))), constexprs={"BLOCK": 128},
+                    target=PtxTarget(arch=80))  # fmt: skip
+    with pytest.raises(TypeError, match="triton.jit"):
+        compile_ptx(lambda: None, signature={}, constexprs={}, target=PtxTarget(arch=80))
+
+
+def test_ptx_isa_for_driver_versions():
+    assert ptx_isa_for_cuda(11, 8) == 78
+    assert ptx_isa_for_cuda(12, 4) == 84
+    assert ptx_isa_for_cuda(12, 6) == 85
+    assert ptx_isa_for_cuda(12, 8) == 87
+    assert ptx_isa_for_cuda(13, 0) == 90
+    with pytest.raises(ValueError, match="too old"):
+        ptx_isa_for_cuda(10, 2)
+    with pytest.raises(ValueError, match="below PTX 8.0"):
+        PtxTarget(arch=90, ptx_version=78)
+    with pytest.raises(ValueError, match="arch"):
+        PtxTarget(arch=75)
+
+
+def test_kernel_signature_has_no_float_scalars():
+    """Every float of the op (scale, theta, log-n) is a constexpr: TensorRT passes int32 extras only."""
+    case = CASES["rerope_logn_prefill"]
+    _, signature, constexprs = paged_attention_kernel_args(case.geometry(), tile_config(1, case.geometry()), torch.float16)
+    assert all(t.startswith("*") or t == "i32" for t in signature.values())
+    assert isinstance(constexprs["QK_SCALE"], float) and isinstance(constexprs["INV_LOG_TRAIN"], float)
