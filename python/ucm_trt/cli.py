@@ -259,6 +259,33 @@ COMMANDS.append(Command(
     _run_eval,
 ))
 
+
+# ---------------------------------------------------------------------------------------- build
+# TensorRT engine builder (issue 8; owner of trt_plugins). Options and handler live in
+# trt_plugins.cli_build (argparse only at import); TensorRT is imported when the command runs.
+
+
+def _configure_build(p: argparse.ArgumentParser) -> None:
+    from trt_plugins.cli_build import configure
+
+    configure(p)
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from trt_plugins.cli_build import run
+
+    return run(args)
+
+
+def _build_command() -> Command:
+    from trt_plugins.cli_build import DESCRIPTION, HELP
+
+    return Command("build", HELP, DESCRIPTION, _configure_build, _run_build)
+
+
+COMMANDS.append(_build_command())
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse prints the whole usage before a usage error; print one line instead (exit 2)."""
 
