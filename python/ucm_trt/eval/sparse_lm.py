@@ -273,19 +273,22 @@ def continuation_nll(
 
 
 def greedy_generate(
-    model: Any, prefix: PrefixCache, suffix: torch.Tensor, run: SparseRun, *, max_new_tokens: int
+    model: Any, prefix: PrefixCache, suffix: torch.Tensor, run: SparseRun, *, max_new_tokens: int, chunk: int
 ) -> list[int]:
-    """Greedy decoding after ``prefix``: feed ``suffix [1, S]`` as one sparse chunk (``S >= 1``; its
-    selection comes from its own queries), then decode ``max_new_tokens`` tokens one at a time, each
-    step with sparse attention. Returns the generated token ids."""
+    """Greedy decoding after ``prefix``: feed ``suffix [1, S]`` (``S >= 1``) with sparse attention in
+    chunks of ``chunk`` tokens (each chunk's selection comes from its own queries), then decode
+    ``max_new_tokens`` tokens one at a time, each step with sparse attention. Returns the new ids."""
     if not isinstance(prefix, PrefixCache):
         raise TypeError(f"prefix must be a PrefixCache, got {type(prefix).__name__}")
     check_tensor("suffix", suffix, ndim=2, dtypes=(torch.int64, torch.int32), shape=(1, None))
     if suffix.shape[1] == 0:
         raise ValueError("suffix must hold at least one token (it is decoded sparsely)")
     check_positive_int("max_new_tokens", max_new_tokens)
+    check_positive_int("chunk", chunk)
     cache = prefix.fresh_cache()
-    out = sparse_forward(model, suffix.to(torch.int64), cache, run)
+    ids = suffix.to(torch.int64)
+    for start, end in _chunks(ids.shape[1], chunk):
+        out = sparse_forward(model, ids[:, start:end], cache, run)
     generated: list[int] = []
     for step in range(max_new_tokens):
         nxt = int(out.logits[0, -1].argmax())

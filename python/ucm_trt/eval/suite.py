@@ -38,6 +38,9 @@ __all__ = [
     "run_recall_sweep",
     "run_accuracy",
     "config_dict",
+    "RuntimePasskeyConfig",
+    "RUNTIME_ALGORITHMS",
+    "run_runtime_passkey",
 ]
 
 _SELECTIONS = ("per_head", "shared")
@@ -167,8 +170,8 @@ class AccuracyConfig:
         retrieval per chunk, from the chunk's queries).
     passkey_lengths, passkey_depths, passkey_samples, max_new_tokens:
         Passkey prompts (:func:`ucm_trt.models.build_passkey_prompt`); everything before the question
-        is prefilled densely, the question runs as one sparse chunk, then ``max_new_tokens`` greedy
-        sparse decode steps.
+        is prefilled densely, the question runs sparse (in chunks of ``chunk`` tokens: one chunk for
+        SmolLM2's 11-token question), then ``max_new_tokens`` greedy sparse decode steps.
     observation:
         Queries at the end of the dense prefix that weight ``weighted_mean``.
     rollback_layers:
@@ -227,12 +230,12 @@ class AccuracyConfig:
 
 
 def quick_configs() -> tuple[RecallSweepConfig, AccuracyConfig]:
-    """The ``--quick`` preset: one 1K-token essay, a few layers, one block size; a small table."""
+    """The ``--quick`` preset: one 1K-token essay, one block size, a small table. ``ucm-trt eval --quick``
+    narrows the recall layers to the first, second, middle and last layer of the model it runs."""
     return (
         RecallSweepConfig(
             num_tokens=1024, essay_samples=1, passkey_samples=0, num_queries=32, observation=32,
             block_sizes=(32,), selections=("per_head",), ratios=(0.1, 0.5), token_budgets=(256,),
-            layers=(0, 1, 15, 29),
         ),
         AccuracyConfig(
             ratios=(0.1, 0.5), methods=("mean", "oracle", "streaming"), ppl_samples=1, ppl_prefix=512,
@@ -495,7 +498,7 @@ def run_accuracy(
                 desc = f"passkey {length} d={depth}"
                 for method, ratio in _progress(todo, total=len(todo), desc=desc, enabled=progress):
                     run = _run_for(method, ratio, cfg, context)
-                    gen = greedy_generate(model, prefix, suffix, run, max_new_tokens=cfg.max_new_tokens)
+                    gen = greedy_generate(model, prefix, suffix, run, max_new_tokens=cfg.max_new_tokens, chunk=cfg.chunk)
                     completion = tokenizer.decode(gen)
                     store.put("passkey", kparams(method, ratio), {
                         "passkey": prompt.passkey, "completion": completion,
@@ -510,3 +513,126 @@ def run_accuracy(
 def config_dict(cfg: RecallSweepConfig | AccuracyConfig) -> dict[str, Any]:
     d = asdict(cfg)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# passkey through the generation runtime (ucm_trt.runtime)
+
+RUNTIME_ALGORITHMS: tuple[str, ...] = ("dense", "esa", "gsa", "gsa-on-device", "kvstar")
+_RUNTIME_REPR = {"esa": ("mean", "dot"), "gsa": ("mean", "dot"), "gsa-on-device": ("hash", "hamming"),
+                 "kvstar": ("subblock", "kvstar_vote"), "dense": ("mean", "dot")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimePasskeyConfig:
+    """Passkey retrieval through :class:`ucm_trt.runtime.Engine` (TorchBackend, reference attention).
+
+    The runtime prefills the prompt densely and decodes sparsely with the algorithm's policy. Every
+    algorithm keeps the same number of blocks: ``Budget.ratio(ratio)`` of the candidates (for
+    ``gsa-on-device``, ``top_k_tokens`` is set to that many blocks plus the forced windows, and its
+    gate is opened with ``seq_len_threshold=0``).
+    """
+
+    algorithms: tuple[str, ...] = RUNTIME_ALGORITHMS
+    ratios: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7)
+    block_size: int = 32
+    sink_blocks: int = 1
+    local_blocks: int = 2
+    retrieval_stride: int = 1
+    lengths: tuple[int, ...] = (1024, 2048)
+    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    samples: int = 1
+    max_new_tokens: int = 6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        c = "RuntimePasskeyConfig"
+        if not isinstance(self.algorithms, tuple) or not self.algorithms:
+            raise TypeError(f"{c}.algorithms must be a non-empty tuple, got {self.algorithms!r}")
+        for a in self.algorithms:
+            if a not in RUNTIME_ALGORITHMS:
+                raise ValueError(f"{c}.algorithms values must be in {RUNTIME_ALGORITHMS}, got {a!r}")
+        _ratio_tuple(c, "ratios", self.ratios)
+        _pos_int(c, "block_size", self.block_size)
+        _pos_int(c, "sink_blocks", self.sink_blocks, 0)
+        _pos_int(c, "local_blocks", self.local_blocks)
+        _pos_int(c, "retrieval_stride", self.retrieval_stride)
+        _int_tuple(c, "lengths", self.lengths)
+        if not isinstance(self.depths, tuple) or not self.depths:
+            raise TypeError(f"{c}.depths must be a non-empty tuple, got {self.depths!r}")
+        for d in self.depths:
+            _unit(c, "depths[...]", d)
+        _pos_int(c, "samples", self.samples)
+        _pos_int(c, "max_new_tokens", self.max_new_tokens)
+        _pos_int(c, "seed", self.seed, 0)
+
+
+def _runtime_engine(model: Any, algorithm: str, ratio: float, cfg: RuntimePasskeyConfig, prompt_len: int):
+    from ucm_trt.config import Budget, GSAOnDeviceConfig, SparseConfig
+    from ucm_trt.runtime import Engine, RuntimeConfig, TorchBackend, make_policy
+
+    rep, scoring = _RUNTIME_REPR[algorithm]
+    bs = cfg.block_size
+    sparse = SparseConfig(block_size=bs, sink_blocks=cfg.sink_blocks, local_blocks=cfg.local_blocks,
+                          budget=Budget.ratio(ratio), min_blocks=1, representation=rep, scoring=scoring,
+                          selection="per_head", retrieval_stride=cfg.retrieval_stride)
+    kwargs: dict[str, Any] = {}
+    if algorithm == "gsa-on-device":
+        nb = (prompt_len + bs - 1) // bs
+        forced = cfg.sink_blocks + cfg.local_blocks
+        keep = max(1, math.floor(ratio * (nb - forced) + 1e-9))
+        kwargs["gsa_on_device"] = GSAOnDeviceConfig(top_k_tokens=(forced + keep) * bs, seq_len_threshold=0,
+                                                    hash_seed=cfg.seed)
+    policy = make_policy(algorithm, **kwargs)
+    rcfg = RuntimeConfig(max_batch=1, max_seq_len=prompt_len + cfg.max_new_tokens + bs, prefill_chunk=512)
+    return Engine(TorchBackend(model), policy, sparse=sparse, config=rcfg)
+
+
+def run_runtime_passkey(
+    model: Any, tokenizer: Any, haystack: Any, cfg: RuntimePasskeyConfig, store: ResultStore, *, progress: bool = True
+) -> int:
+    """Run (or resume) passkey cells through the generation runtime; returns cells computed now."""
+    from ucm_trt.runtime import SamplingParams
+
+    if not isinstance(cfg, RuntimePasskeyConfig):
+        raise TypeError(f"cfg must be a RuntimePasskeyConfig, got {type(cfg).__name__}")
+    variants = [(a, 1.0) if a == "dense" else None for a in cfg.algorithms]
+    variants = [v for v in variants if v is not None] + [
+        (a, r) for a in cfg.algorithms if a != "dense" for r in cfg.ratios
+    ]
+    done = 0
+    for length in cfg.lengths:
+        for depth in cfg.depths:
+            for sample in range(cfg.samples):
+                def kparams(alg: str, ratio: float, length: int = length, depth: float = depth,
+                            sample: int = sample) -> dict[str, Any]:
+                    return dict(length=length, depth=float(depth), sample=sample, algorithm=alg, ratio=ratio,
+                                block_size=cfg.block_size, sink_blocks=cfg.sink_blocks,
+                                local_blocks=cfg.local_blocks, retrieval_stride=cfg.retrieval_stride,
+                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+
+                todo = [v for v in variants if cell_key("runtime_passkey", kparams(*v)) not in store]
+                if not todo:
+                    continue
+                prompt = _passkey_prompt(tokenizer, haystack, num_tokens=length, depth=depth, sample=sample,
+                                         seed=cfg.seed)
+                ids = prompt.input_ids[0].tolist()
+                desc = f"runtime passkey {length} d={depth}"
+                for alg, ratio in _progress(todo, total=len(todo), desc=desc, enabled=progress):
+                    engine = _runtime_engine(model, alg, ratio, cfg, len(ids))
+                    try:
+                        [res] = engine.generate(ids, SamplingParams(max_new_tokens=cfg.max_new_tokens))
+                        stats = engine.stats()
+                    finally:
+                        engine.close()
+                    completion = tokenizer.decode(res.token_ids)
+                    scalars = {k: v for k, v in stats.items()
+                               if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+                               and (not isinstance(v, float) or math.isfinite(v))}
+                    store.put("runtime_passkey", kparams(alg, ratio), {
+                        "passkey": prompt.passkey, "completion": completion,
+                        "correct": bool(prompt.is_correct(completion)), "prompt_tokens": prompt.num_tokens,
+                        "stats": scalars,
+                    })
+                    done += 1
+    return done
