@@ -190,11 +190,36 @@ def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
     if not proto.graph.node:
         raise ValueError("model has an empty graph (no nodes): nothing to rewrite")
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(_skeleton(proto))
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
         raise ValueError(f"model fails the ONNX checker: {first}") from None
     return proto
+
+
+def _skeleton(proto: onnx.ModelProto, *, min_bytes: int = 65536) -> onnx.ModelProto:
+    """The model with its large initializers turned into typed graph inputs.
+
+    The ONNX checker and shape inference serialise the whole model; on a 650 MB model that takes
+    ~30 s and fails above 2 GB. Neither needs the weights' values (only their types and shapes;
+    data propagation only reads small shape constants), so both run on this skeleton.
+    """
+    sk = onnx.ModelProto()
+    sk.ir_version = proto.ir_version
+    sk.opset_import.extend(proto.opset_import)
+    sk.functions.extend(proto.functions)
+    g = sk.graph
+    g.name = proto.graph.name
+    g.node.extend(proto.graph.node)
+    g.input.extend(proto.graph.input)
+    g.output.extend(proto.graph.output)
+    g.value_info.extend(proto.graph.value_info)
+    for init in proto.graph.initializer:
+        if init.ByteSize() > min_bytes:
+            g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            g.initializer.append(init)
+    return sk
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
@@ -350,12 +375,18 @@ def rewrite_model(
         raise ValueError(f"model default-domain opset must be >= {MIN_OPSET}, got {opset}")
     if any(f.domain == DOMAIN for f in proto.functions) or any(n.domain == DOMAIN for n in proto.graph.node):
         raise ValueError(f"model already contains '{DOMAIN}' ops: it has been rewritten before")
-    try:
-        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
-    except Exception:  # shape inference is an aid only; the rules fail with a reason if shapes are missing
-        pass
     irm = ir.serde.deserialize_model(proto)
     graph = irm.graph
+    try:  # shapes (with data propagation) help the rules find static head counts
+        inferred = onnx.shape_inference.infer_shapes(_skeleton(proto), strict_mode=False, data_prop=True)
+    except Exception:  # an aid only: the rules fail with a reason when shapes are missing
+        inferred = None
+    if inferred is not None:
+        infos = {vi.name: vi for vi in inferred.graph.value_info}
+        for node in graph:
+            for v in node.outputs:
+                if v.name in infos and (v.shape is None or v.type is None):
+                    ir.serde.deserialize_value_info_proto(infos[v.name], v)
     rules = default_rules() if rules is None else rules
     by_anchor: dict[tuple[str, str], list[Rule]] = {}
     for r in rules:
@@ -528,7 +559,7 @@ def rewrite_model(
     if out.ir_version < 8:
         out.ir_version = 8
     try:
-        onnx.checker.check_model(out)
+        onnx.checker.check_model(_skeleton(out))
     except onnx.checker.ValidationError as e:  # a bug in a rule, not in the user's model
         raise RewriteError(f"internal error: the rewritten model fails the ONNX checker: {e}", report) from None
     report.inputs = [i.name for i in out.graph.input]
