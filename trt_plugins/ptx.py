@@ -100,9 +100,29 @@ class PtxTarget:
 
     @classmethod
     def for_device(cls, arch: int) -> PtxTarget:
-        """Target ``arch`` with the ISA capped at what the installed driver accepts (if any)."""
-        drv = driver_cuda_version()
-        return cls(arch=arch, ptx_version=None if drv is None else ptx_isa_for_cuda(*drv))
+        """Target ``arch`` with the ISA capped at what both the installed driver and Triton's
+        bundled ptxas accept (Triton assembles the PTX once to get its resource usage)."""
+        caps = [c for c in (_driver_isa(), _triton_default_isa(arch)) if c is not None]
+        return cls(arch=arch, ptx_version=min(caps) if caps else None)
+
+
+def _driver_isa() -> int | None:
+    drv = driver_cuda_version()
+    return None if drv is None else ptx_isa_for_cuda(*drv)
+
+
+def _triton_default_isa(arch: int) -> int | None:
+    """The PTX ISA Triton emits by default for ``arch`` (that of its bundled ptxas), if it can be read."""
+    try:
+        from triton.backends.nvidia import compiler as nv
+
+        try:
+            ptxas = nv.get_ptxas(arch)
+        except TypeError:  # older Triton: get_ptxas() takes no argument
+            ptxas = nv.get_ptxas()
+        return int(nv.ptx_get_version(ptxas.version))
+    except Exception:
+        return None
 
 
 def _min_isa(arch: int) -> int:

@@ -1,0 +1,218 @@
+"""TensorRT backend: runs an engine built by ``ucm-trt build`` over the runtime's pools, tables
+and selections (torch CUDA buffers, torch's current stream).
+
+Per step (``forward``):
+
+1. inputs bound by address, no copies: ``input_ids``/``position_ids`` ``[B, T]``, ``seq_lens``
+   ``[B]``, ``block_table`` ``[B, max_blocks]``, per layer ``kv_pool.{i}`` (the runtime's pool, which
+   the engine only reads) and ``selection.{i}`` (the plan's selection, or a preallocated
+   "every block" selection when the plan says ``None``);
+2. the execution context of profile 0 (prefill, T > 1) or 1 (decode, T == 1) runs on the current
+   stream;
+3. the engine's ``new_key.{i}``/``new_value.{i}`` ``[B, Hkv, T, D]`` are appended into the pools at
+   the slots the plan reserved (the policy's ``on_append`` hook sees them), ``last_query.{i}`` goes to
+   the capture buffer for CPU retrieval, and the last position's logits are returned.
+
+Output buffers are allocated once, at the engine's maximum shapes. The engine's plugins must be
+importable in this process for JIT engines (``trt_plugins.register_plugins()`` is called here);
+AOT engines need no Python plugin code, but registering is harmless.
+
+Limits, with clear errors: the rewritten graph takes ONE block table for all layers, so the
+runtime's per-layer tables must agree for the step's rows; selections computed inside a layer
+(``Policy.layer_selection``, e.g. GSA On-Device) cannot reach an engine; the engine returns only the
+last token's query per layer (``capture_width`` 1).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ucm_trt.runtime.backends.base import Backend
+from ucm_trt.sparse.policies.base import ModelShape, Policy
+
+__all__ = ["TrtBackend", "load_engine"]
+
+
+def _trt():
+    from trt_plugins import register_plugins, require_tensorrt
+
+    trt, _ = require_tensorrt()
+    return trt, register_plugins
+
+
+def load_engine(engine_path: str | Path, *, register: bool = True):
+    """Deserialize an engine (registering the UCM plugins first unless ``register=False``)."""
+    trt, register_plugins = _trt()
+    path = Path(engine_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"engine {str(path)!r} does not exist")
+    if register:
+        register_plugins()
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise RuntimeError(f"TensorRT could not deserialize {path} (built by another TensorRT version or GPU?)")
+    return runtime, engine
+
+
+def _torch_dtype(trt, dt) -> torch.dtype:
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+             trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool, trt.int8: torch.int8}  # fmt: skip
+    if dt not in table:
+        raise TypeError(f"engine tensor dtype {dt} is not supported by the TensorRT backend")
+    return table[dt]
+
+
+class TrtBackend(Backend):
+    """Backend over a ``ucm-trt build`` engine and its ``ENGINE.json`` sidecar."""
+
+    def __init__(self, engine_path: str | Path, *, device: str | torch.device = "cuda") -> None:
+        trt, _ = _trt()
+        self._trt = trt
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"device must be a CUDA device for the TensorRT backend, got {self.device}")
+        meta_path = Path(str(engine_path) + ".json")
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} (written by 'ucm-trt build' next to the engine) does not exist")
+        self.meta = json.loads(meta_path.read_text())
+        ucm = self.meta.get("ucm", {})
+        if "ucm.layers" not in ucm:
+            raise ValueError(f"{meta_path} has no ucm.layers metadata: was the engine built from a rewritten model?")
+        layers = {int(k): v for k, v in json.loads(ucm["ucm.layers"]).items()}
+        self.num_layers = len(layers)
+        if sorted(layers) != list(range(self.num_layers)):
+            raise ValueError(f"engine layers {sorted(layers)} are not 0..{self.num_layers - 1} (partial rewrite?)")
+        l0 = layers[0]
+        self.block_size = int(ucm["ucm.block_size"])
+        self.algorithm = ucm.get("ucm.algorithm", "?")
+        self._runtime, self.engine = load_engine(engine_path)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = trt.TensorIOMode
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == mode.OUTPUT]
+        self._dtype = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
+        self.kv_dtype = self._dtype["kv_pool.0"]
+        max_blocks = self.meta["build_config"]["max_blocks"]
+        self.shape = ModelShape(
+            num_layers=self.num_layers, num_q_heads=int(l0["num_q_heads"]), num_kv_heads=int(l0["num_kv_heads"]),
+            head_dim=int(l0["head_dim"]), rope_theta=float(l0.get("rope_theta") or 10000.0),
+            max_positions=max_blocks * self.block_size,
+        )  # fmt: skip
+        self.attention = None  # attention runs inside the engine (the plugins), not in StepContext.attend
+        if self.engine.num_optimization_profiles < 2:
+            raise ValueError("engine must have the prefill and decode optimization profiles of 'ucm-trt build'")
+        self._contexts = []
+        for p in range(2):
+            ctx = self.engine.create_execution_context()
+            ctx.set_optimization_profile_async(p, torch.cuda.current_stream(self.device).cuda_stream)
+            self._contexts.append(ctx)
+        self._buffers = self._allocate_outputs()
+        hkv = self.shape.num_kv_heads
+        mb = self.meta["build_config"]["max_batch"]
+        self._all_blocks = torch.arange(max_blocks, dtype=torch.int32, device=self.device).expand(mb, hkv, max_blocks).contiguous()
+
+    def attention_name(self) -> str:
+        return f"tensorrt ({self.meta.get('plugin_mode', '?')} plugins)"
+
+    # -- buffers ---------------------------------------------------------------------------------
+    def _allocate_outputs(self) -> dict[str, torch.Tensor]:
+        """One flat buffer per output, sized for the largest shape of either profile."""
+        need: dict[str, int] = {}
+        for p, ctx in enumerate(self._contexts):
+            for n in self.inputs:
+                ctx.set_input_shape(n, tuple(self.engine.get_tensor_profile_shape(n, p)[2]))
+            for n in self.outputs:
+                numel = 1
+                for d in ctx.get_tensor_shape(n):
+                    numel *= max(int(d), 0)
+                need[n] = max(need.get(n, 0), numel)
+        return {n: torch.empty(need[n], dtype=self._dtype[n], device=self.device) for n in self.outputs}
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _bind_inputs(self, input_ids, positions, step) -> dict[str, torch.Tensor]:
+        b, t = input_ids.shape
+        rows = len(step.rows)
+        th = step.kv.tables_host[:, :rows]
+        if th.shape[0] > 1 and not bool((th == th[:1]).all()):
+            raise ValueError(
+                "the engine takes one block_table for all layers, but the runtime's per-layer block tables "
+                "differ for this step (per-layer working sets); use a policy without per-layer eviction"
+            )
+        feeds = {
+            "input_ids": input_ids,
+            "position_ids": positions,
+            "seq_lens": step.seq_lens,
+            "block_table": step.tables(0),
+        }
+        for i in range(self.num_layers):
+            feeds[f"kv_pool.{i}"] = step.kv.pools[i]
+            if f"selection.{i}" in self.inputs:
+                sel = step.selections[i]
+                feeds[f"selection.{i}"] = self._all_blocks[:b, :, : step.tables(0).shape[1]] if sel is None else sel
+        missing = [n for n in self.inputs if n not in feeds]
+        if missing:
+            raise ValueError(f"engine inputs {missing} are not provided by the runtime step")
+        return {n: feeds[n] for n in self.inputs}
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step) -> torch.Tensor:
+        if type(step.policy).layer_selection is not Policy.layer_selection:
+            raise ValueError(
+                f"policy {step.policy.name!r} selects blocks inside each layer (on-device retrieval); a TensorRT "
+                "engine takes selections as inputs only: use a CPU-retrieval policy with this backend"
+            )
+        b, t = input_ids.shape
+        ctx = self._contexts[0 if t > 1 else 1]
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        feeds = self._bind_inputs(input_ids, positions, step)
+        for n, x in feeds.items():
+            if x.dtype != self._dtype[n]:
+                if n not in ("input_ids", "position_ids"):
+                    raise TypeError(f"engine input {n} is {self._dtype[n]}, the runtime gives {x.dtype}")
+                x = x.to(self._dtype[n])  # token ids / positions only (int64 <-> int32)
+            if not x.is_contiguous():
+                if n.startswith("kv_pool."):
+                    raise ValueError(f"{n} must be contiguous: the engine reads the runtime's pool in place")
+                x = x.contiguous()
+            feeds[n] = x  # keep alive until the step ends
+            ctx.set_input_shape(n, tuple(x.shape))
+            ctx.set_tensor_address(n, x.data_ptr())
+        outs = {}
+        for n in self.outputs:
+            shape = tuple(int(d) for d in ctx.get_tensor_shape(n))
+            numel = 1
+            for d in shape:
+                numel *= d
+            view = self._buffers[n][:numel].view(shape)
+            ctx.set_tensor_address(n, view.data_ptr())
+            outs[n] = view
+        if not ctx.execute_async_v3(stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+        self._append(outs, step, b, t)
+        logits = outs["logits"]
+        return logits[:, -1].float()
+
+    def _append(self, outs: dict[str, torch.Tensor], step, b: int, t: int) -> None:
+        w = min(t, step.capture_width)
+        if w > 1:
+            raise ValueError(
+                f"the policy needs the queries of the last {w} tokens, but the engine outputs only the last "
+                "token's query per layer (last_query.{i})"
+            )
+        d = self.shape.head_dim
+        for i in range(self.num_layers):
+            pool = step.kv.pools[i]
+            k = outs[f"new_key.{i}"]  # [B, Hkv, T, D]
+            v = outs[f"new_value.{i}"]
+            hkv = k.shape[1]
+            k_flat = k.permute(0, 2, 1, 3).reshape(b * t, hkv, d)
+            v_flat = v.permute(0, 2, 1, 3).reshape(b * t, hkv, d)
+            blocks, offs = step.slot_blocks[i], step.slot_offsets[i]
+            pool[blocks, 0, :, offs] = k_flat.to(pool.dtype)
+            pool[blocks, 1, :, offs] = v_flat.to(pool.dtype)
+            step.policy.on_append(i, blocks, offs, k_flat)
+            step.capture[i, :b, :, 0] = outs[f"last_query.{i}"].float()
+        step.layers_run += self.num_layers

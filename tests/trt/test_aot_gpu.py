@@ -1,0 +1,136 @@
+"""GPU tier: the AOT artifacts themselves, launched through the CUDA driver as TensorRT would.
+
+For each op: take exactly what ``aot_impl`` hands TensorRT (kernel name, PTX with the scratch
+parameters stripped and the ISA capped to the driver, launch rule, int32 extras), load the PTX
+with ``cuModuleLoadData``, and ``cuLaunchKernel`` it with ``[input pointers] [int32 extras]
+[output pointers]``, grid from the launch rule at the concrete shapes, block ``(num_warps*32,1,1)``
+and the kernel's dynamic shared memory. Outputs are poisoned (NaN / -5) before the launch.
+Also checks the JIT path (the same kernel through Triton's launcher) at a realistic size.
+
+Needs a CUDA GPU and cuda-python (``cuda-bindings``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from tests.trt._cases import CASES, Case, make_inputs, reference
+from trt_plugins import ops
+from trt_plugins.aot import aot_launch, int_cdiv
+from trt_plugins.ptx import entry_params
+from ucm_trt.kernels.aot import paged_attention_chunk
+from ucm_trt.kernels.aot.paged_attention import TACTIC_DECODE, TACTIC_PREFILL
+from ucm_trt.testing.tolerances import tolerances_for
+
+pytestmark = pytest.mark.gpu
+
+
+def _driver():
+    try:
+        from cuda.bindings import driver
+    except ImportError:  # cuda-python < 12.6 layout
+        from cuda import cuda as driver
+    return driver
+
+
+def _ok(res):
+    drv = _driver()
+    err, *rest = res if isinstance(res, tuple) else (res,)
+    if err != drv.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"CUDA driver call failed: {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+class _Loaded:
+    """A PTX module loaded into the current (torch's primary) context."""
+
+    def __init__(self, name: str, ptx: str) -> None:
+        drv = _driver()
+        torch.cuda.init()
+        torch.zeros(1, device="cuda")  # makes the primary context current on this thread
+        image = ctypes.create_string_buffer(ptx.encode())  # NUL-terminated, alive during the call
+        self.module = _ok(drv.cuModuleLoadData(ctypes.addressof(image)))
+        self.func = _ok(drv.cuModuleGetFunction(self.module, name.encode()))
+
+    def launch(self, grid, block, shared, pointers_in, extras, pointers_out):
+        """cuLaunchKernel with TensorRT's argument order: inputs, int32 extras, outputs."""
+        drv = _driver()
+        vals = ([ctypes.c_void_p(p) for p in pointers_in] + [ctypes.c_int32(int(e)) for e in extras]
+                + [ctypes.c_void_p(p) for p in pointers_out])  # fmt: skip
+        arr = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+        if shared > 48 * 1024:
+            _ok(drv.cuFuncSetAttribute(
+                self.func, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared))
+        stream = drv.CUstream(torch.cuda.current_stream().cuda_stream)
+        _ok(drv.cuLaunchKernel(self.func, *[int(g) for g in grid], *block, shared, stream, ctypes.addressof(arr), 0))
+        torch.cuda.synchronize()
+
+    def __del__(self):
+        try:
+            _driver().cuModuleUnload(self.module)
+        except Exception:
+            pass
+
+
+def _run_aot(case: Case, inputs: dict, dtype: torch.dtype, tactic: int) -> torch.Tensor:
+    spec = ops.module(case.op_name).SPEC
+    launch = aot_launch(case.op_name, case.attrs(), dtype, tactic, ops.device_target())
+    k = launch.kernel
+    assert len(entry_params(k.ptx, k.name)) == len(spec.inputs) + 3 + len(spec.outputs)
+    shapes = {n: tuple(inputs[n].shape) for n in spec.inputs}
+    out = torch.full_like(inputs["q"], float("nan"))
+    mod = _Loaded(k.name, k.ptx)
+    mod.launch(launch.grid(shapes, int_cdiv), launch.block, k.shared_mem,
+               [inputs[n].data_ptr() for n in spec.inputs], launch.extras(shapes), [out.data_ptr()])  # fmt: skip
+    return out
+
+
+_GPU_CASES = ["decode", "chunk3", "prefill", "one_block", "select_all", "gqa8_d64", "mha_d128", "rerope",
+              "rerope_logn_prefill"]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", _GPU_CASES)
+def test_aot_ptx_launched_like_tensorrt(name, dtype):
+    case = CASES[name]
+    inputs, pool_full = make_inputs(case, dtype, "cuda")
+    ref = reference(case, inputs, pool_full)
+    for tactic in (TACTIC_DECODE, TACTIC_PREFILL):
+        out = _run_aot(case, inputs, dtype, tactic)
+        torch.testing.assert_close(out.float().cpu(), ref, **tolerances_for(dtype))
+
+
+# Realistic: GQA 32q/8kv, d=128, block 64, 4K context, 1/4 of the blocks selected; decode and a 512-token chunk.
+_BIG = {
+    "big_decode": Case(batch=2, hq=32, hkv=8, d=128, bs=64, t=1, lens=(4096, 3001), max_blocks=64,
+                       num_blocks=160, num_sel=16),
+    "big_prefill_rerope": Case(batch=1, hq=32, hkv=8, d=128, bs=64, t=512, lens=(4000,), max_blocks=64,
+                               num_blocks=80, num_sel=16, rerope_window=512, logn=2048),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(_BIG))
+def test_aot_and_jit_at_realistic_size(name):
+    case = _BIG[name]
+    dtype = torch.bfloat16
+    inputs, pool_full = make_inputs(case, dtype, "cuda")
+    ref = reference(case, inputs, pool_full)
+    tactic = TACTIC_DECODE if case.t <= 8 else TACTIC_PREFILL
+    out_aot = _run_aot(case, inputs, dtype, tactic)
+    torch.testing.assert_close(out_aot.float().cpu(), ref, **tolerances_for(dtype))
+    out_jit = paged_attention_chunk(*inputs.values(), geometry=case.geometry(), tactic=tactic)
+    torch.testing.assert_close(out_jit.float().cpu(), ref, **tolerances_for(dtype))
+
+
+def test_select_all_ptx_launched_like_tensorrt():
+    bt = torch.randint(0, 100, (3, 300), dtype=torch.int32, device="cuda")
+    launch = aot_launch("UcmSelectAllBlocks", {"num_kv_heads": 4}, torch.int32, 0, ops.device_target())
+    out = torch.full((3, 4, 300), -5, dtype=torch.int32, device="cuda")
+    mod = _Loaded(launch.kernel.name, launch.kernel.ptx)
+    shapes = {"block_table": tuple(bt.shape)}
+    mod.launch(launch.grid(shapes, int_cdiv), launch.block, launch.kernel.shared_mem, [bt.data_ptr()],
+               launch.extras(shapes), [out.data_ptr()])  # fmt: skip
+    assert torch.equal(out.cpu(), torch.arange(300, dtype=torch.int32).expand(3, 4, 300))
