@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/quality"))
     p.add_argument("--tables-out", type=Path, default=None, help="default RESULTS/tables.md")
+    p.add_argument("--docs", type=Path, default=None, metavar="DOC.md",
+                   help="also replace the text between the GENERATED TABLES markers of this markdown file")
     args = p.parse_args(argv)
     res = args.results
     if not res.is_dir():
@@ -281,6 +283,16 @@ def main(argv: list[str] | None = None) -> int:
     out = args.tables_out or res / "tables.md"
     out.write_text(tables)
     written.append(out)
+    if args.docs is not None:
+        doc = args.docs.read_text()
+        begin, end = "<!-- BEGIN GENERATED TABLES -->", "<!-- END GENERATED TABLES -->"
+        if begin not in doc or end not in doc:
+            print(f"plots.py: error: {args.docs} lacks the {begin} / {end} markers", file=sys.stderr)
+            return 2
+        head, rest = doc.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        args.docs.write_text(f"{head}{begin}\n\n{tables}\n{end}{tail}")
+        written.append(args.docs)
     for w in written:
         print(w)
     return 0

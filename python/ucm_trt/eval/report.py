@@ -211,6 +211,8 @@ def render_quality_tables(recall: ResultStore | None, accuracy: ResultStore | No
     if accuracy_rollback is not None:
         parts.append(_accuracy_md(accuracy_rollback, "Accuracy vs sparsity with the diffuse layers dense (rollback)"))
     if recall is not None:
+        parts.append(_target_md(recall))
+        parts.append(_rollback_md(recall))
         parts.append(_recall_md(recall))
     return "\n\n".join(parts) + "\n"
 
@@ -277,3 +279,44 @@ def _recall_md(store: ResultStore) -> str:
             f"{cfg.get('num_tokens')} tokens; the last {cfg.get('num_queries')} tokens are the decode queries; "
             f"sink {cfg.get('sink_blocks')} + local {cfg.get('local_blocks')} blocks forced.\n\n")
     return head + "\n\n".join(parts)
+
+
+def _target_md(store: ResultStore) -> str:
+    """DESIGN §5: worst (over the ratio budgets) mean recall/oracle of each method, sparse layers."""
+    summary = [r for r in recall_summary(store) if r["group"] == "sparse" and r["budget"].startswith("ratio=")]
+    keys = sorted({(r["block_size"], r["selection"]) for r in summary})
+    methods = [m for m in ("mean/dot", "minmax/quest", "hash/hamming", "first/dot", "weighted_mean/dot",
+                           "subblock/kvstar_vote") if any(r["method"] == m for r in summary)]
+    body = []
+    for m in methods:
+        line: list[Any] = [m]
+        for bs, sel in keys:
+            vals = [(r["relative"], r["budget"]) for r in summary
+                    if r["method"] == m and r["block_size"] == bs and r["selection"] == sel]
+            if not vals:
+                line.append("–")
+                continue
+            worst, at = min(vals)
+            line.append(f"{worst:.3f}{' ✓' if worst >= 0.95 else ' ✗'} ({at.split('=')[1]})")
+        body.append(line)
+    return ("### DESIGN §5 target: recall >= 0.95 x oracle at the same budget\n\n"
+            "Cell: the worst, over the ratio budgets, of the mean recall/oracle over the sparse "
+            "(non-diffuse) layers and prompts; in brackets the budget ratio where it is worst; "
+            "✓ = meets 0.95.\n\n"
+            + markdown_table(["method"] + [f"block {bs}, {sel}" for bs, sel in keys], body))
+
+
+def _rollback_md(store: ResultStore) -> str:
+    cells = store.cells("recall")
+    keys = sorted({(c["block_size"], c["selection"]) for c in cells})
+    body = []
+    thr = ratio = None
+    for bs, sel in keys:
+        info = detect_rollback_layers(store, block_size=bs, selection=sel)
+        thr, ratio = info["threshold"], info["ratio"]
+        lowest = sorted(info["oracle"].items(), key=lambda kv: kv[1])[:4]
+        body.append([f"block {bs}, {sel}", ", ".join(str(x) for x in info["layers"]) or "none",
+                     ", ".join(f"L{layer}: {v:.2f}" for layer, v in lowest)])
+    return (f"### Diffuse layers (rollback: run dense)\n\nA layer is diffuse when the oracle's recall at "
+            f"ratio {ratio:g} (about 1/8 of the candidate blocks), averaged over the prompts, is below {thr:g}.\n\n"
+            + markdown_table(["setting", "diffuse layers", "lowest oracle recall at the rollback budget"], body))
