@@ -54,7 +54,7 @@ class ContiguousRunner:
         feeds = {k: v for k, v in feeds.items() if k in self.names}
         outs = self.sess.run(None, feeds)
         onames = [o.name for o in self.sess.get_outputs()]
-        for name, val in zip(onames, outs):
+        for name, val in zip(onames, outs, strict=True):
             if name.startswith("present."):
                 _, i, kv = name.split(".")
                 self.past[f"past_key_values.{i}.{kv}"] = val
@@ -95,7 +95,7 @@ class PagedRunner:
                     raise ValueError("model has selection inputs; pass selections")
                 feeds[f"selection.{i}"] = selections[i]
         feeds = {k: v for k, v in feeds.items() if k in self.in_names}
-        outs = dict(zip(self.out_names, self.sess.run(None, feeds)))
+        outs = dict(zip(self.out_names, self.sess.run(None, feeds), strict=True))
         self.last_outputs = outs
         for i in range(self.L):
             self.append(i, outs[f"new_key.{i}"], outs[f"new_value.{i}"])

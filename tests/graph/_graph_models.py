@@ -20,8 +20,14 @@ ROPE_THETA = {"llama": 10000.0, "qwen2": 1000000.0, "mistral": 10000.0}
 
 
 def make_tiny(arch: str):
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)  # fmt: skip
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,  # fmt: skip
+    )
 
     torch.manual_seed({"llama": 1, "qwen2": 2, "mistral": 3}[arch])
     rope = {"rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA[arch]}}

@@ -8,9 +8,10 @@ and 23 (``Attention``) for a subset, because each dynamo export costs ~7 s on 2 
 from __future__ import annotations
 
 import pytest
-from tests.graph._graph_models import ARCHS, make_tiny
 
+from tests.graph._graph_models import ARCHS, make_tiny
 from ucm_trt.graph.export import ExportConfig, export_hf_model
+
 
 @pytest.fixture(scope="session")
 def tiny_models():

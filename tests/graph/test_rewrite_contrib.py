@@ -50,18 +50,26 @@ def test_sparse_matches_paged_reference(kind):
         sels = [sparse_selection(rng, B, meta["hkv"], max(past, 1), BS, width=3) for _ in range(LAYERS)]
         got, want = paged.step(ids, sels), twin.step(ids, sels)
         assert rel_err(got, want) <= TOL, (t, rel_err(got, want))
+        for i in range(LAYERS):  # the retrieval query output: post-RoPE q of the last token
+            np.testing.assert_allclose(paged.last_outputs[f"last_query.{i}"], twin.last_query[i], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_rerope_matches_reference(kind):
+@pytest.mark.parametrize("kind, sparse", [(k, False) for k in KINDS] + [("gqa-fused", True), ("mha", True)])
+def test_rerope_matches_reference(kind, sparse):
     model, w, meta = build(kind, seed=4, theta=500.0)
     cfg = ReRoPEConfig(window=5, training_length=8, logn=True)
-    rw, rep = rewrite_model(model, config=RewriteConfig(algorithm="rerope", block_size=BS, rerope=cfg))
+    rw, rep = rewrite_model(model, config=RewriteConfig(algorithm="rerope", block_size=BS, rerope=cfg,
+                                                         selection_inputs=sparse))  # fmt: skip
     assert all("theta=500" in n.reason for n in rep.rewritten), rep.summary()
+    assert ("selection.0" in rep.inputs) == sparse
     paged = PagedRunner(rw, B, LAYERS, meta["hkv"], D, BS, MAX_BLOCKS, seed=3)
     twin = TorchTwin(w, meta, block_size=BS, mode="rerope", window=5, logn=8, batch=B)
     rng = np.random.default_rng(2)
     for t in (7, 3, 1, 1, 1, 1):
         ids = rng.integers(0, 100, (B, t))
-        got, want = paged.step(ids), twin.step(ids)
+        past = int(paged.lengths[0])
+        sels = [sparse_selection(rng, B, meta["hkv"], max(past, 1), BS, width=2) for _ in range(LAYERS)] if sparse else None
+        got, want = paged.step(ids, sels), twin.step(ids, sels)
         assert rel_err(got, want) <= TOL, (t, rel_err(got, want))
+        for i in range(LAYERS):  # ReRoPE: the retrieval query is the UN-rotated q of the last token
+            np.testing.assert_allclose(paged.last_outputs[f"last_query.{i}"], twin.last_query[i], atol=1e-5)

@@ -13,6 +13,8 @@ import copy
 
 import numpy as np
 import pytest
+from transformers import AttentionInterface
+
 from tests.graph._graph_harness import (
     ContiguousRunner,
     PagedRunner,
@@ -22,8 +24,6 @@ from tests.graph._graph_harness import (
     sparse_selection,
 )
 from tests.graph._graph_models import EXPORTS, ROPE_THETA
-from transformers import AttentionInterface
-
 from ucm_trt.config import ReRoPEConfig
 from ucm_trt.graph import RewriteConfig, rewrite_model
 

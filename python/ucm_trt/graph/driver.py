@@ -31,7 +31,7 @@ import onnx_ir.passes.common as ir_passes
 
 from ucm_trt.config import ReRoPEConfig
 from ucm_trt.graph.functions import MIN_OPSET, build_function
-from ucm_trt.graph.rules import UNSUPPORTED_ANCHORS, AttentionMatch, Failure, Rule, default_rules
+from ucm_trt.graph.rules import UNSUPPORTED_ANCHORS, AttentionMatch, Rule, default_rules
 from ucm_trt.graph.schemas import (
     DOMAIN,
     PAGED_REROPE_ATTENTION,
@@ -449,7 +449,7 @@ def rewrite_model(
     if not matches:
         raise RewriteError("no rewritable attention node found; nothing written", report)
     report.partial = bool(report.unsupported)
-    for m, nr in matches:
+    for m, _ in matches:
         report.counts[m.rule] = report.counts.get(m.rule, 0) + 1
 
     # --- rewrite -----------------------------------------------------------------------------
