@@ -4,13 +4,13 @@ attributes that fill :class:`PagedAttentionGeometry`."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
-from dataclasses import replace
-
 from trt_plugins.aot import MAX_AOT_SHARED_MEM, AotLaunch, SharedMemoryLimitError, compile_within_shared_limit
 from trt_plugins.ptx import PtxTarget
+from ucm_trt.kernels._common import next_pow2
 from ucm_trt.kernels.aot import (
     TACTICS,
     PagedAttentionGeometry,
@@ -21,7 +21,6 @@ from ucm_trt.kernels.aot import (
     paged_attention_kernel_args,
     tile_config,
 )
-from ucm_trt.kernels._common import next_pow2
 from ucm_trt.kernels.aot.paged_attention import TACTIC_DECODE, TACTIC_PREFILL
 
 ATTENTION_TACTICS = (TACTIC_DECODE, TACTIC_PREFILL)

@@ -82,15 +82,15 @@ def _check_descs(spec: PluginSpec, descs: list, values: dict) -> None:
     constant dim that an attribute defines equals that attribute (clear errors instead of a
     kernel reading out of bounds)."""
     trt, _ = require_tensorrt()
-    float_types = {d.dtype for d, t in zip(descs, spec.schema.inputs) if "int32" not in t.types}
+    float_types = {d.dtype for d, t in zip(descs, spec.schema.inputs, strict=True) if "int32" not in t.types}
     if len(float_types) > 1:
         raise TypeError(f"{spec.name}: all float inputs must share one dtype, got {sorted(str(x) for x in float_types)}")
-    for d, t in zip(descs, spec.schema.inputs):
+    for d, t in zip(descs, spec.schema.inputs, strict=True):
         if t.types == ("int32",) and d.dtype != trt.int32:
             raise TypeError(f"{spec.name}: input {t.name} must be INT32, got {d.dtype}")
         if len(d.shape_expr) != len(t.shape):
             raise ValueError(f"{spec.name}: input {t.name} must have rank {len(t.shape)} {t.shape}, got {len(d.shape_expr)}")
-        for axis, (sym, e) in enumerate(zip(t.shape, d.shape_expr)):
+        for axis, (sym, e) in enumerate(zip(t.shape, d.shape_expr, strict=True)):
             want = int(sym) if sym.isdigit() else values.get(SYMBOL_ATTRIBUTES.get(sym, ""))
             if want is None or e.is_fake or not e.is_constant:
                 continue
@@ -125,7 +125,7 @@ def define_plugin(spec: PluginSpec, impl: OpImpl) -> None:
         _check_descs(spec, descs_list, values)
         if impl.check is not None:
             impl.check(descs, values)
-        float_in = next((d for d, t in zip(descs_list, spec.schema.inputs) if "int32" not in t.types), None)
+        float_in = next((d for d, t in zip(descs_list, spec.schema.inputs, strict=True) if "int32" not in t.types), None)
         outs = []
         for i, t in enumerate(spec.schema.outputs):
             dims = output_shape(spec, i, [d.shape_expr for d in descs_list], values)

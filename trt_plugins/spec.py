@@ -177,10 +177,10 @@ def output_shape(
     if len(input_shapes) != len(spec.inputs):
         raise ValueError(f"{spec.name} takes {len(spec.inputs)} inputs, got {len(input_shapes)} shapes")
     symbols: dict[str, object] = {}
-    for t, dims in zip(spec.schema.inputs, input_shapes):
+    for t, dims in zip(spec.schema.inputs, input_shapes, strict=True):
         if len(dims) != len(t.shape):
             raise ValueError(f"{spec.name} input {t.name} must have rank {len(t.shape)} {t.shape}, got rank {len(dims)}")
-        for sym, d in zip(t.shape, dims):
+        for sym, d in zip(t.shape, dims, strict=True):
             if not sym.isdigit():
                 symbols.setdefault(sym, d)
     out = []
