@@ -39,6 +39,9 @@ def configure_eval_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rollback-from", type=Path, default=None, metavar="RECALL.json",
                    help="run the accuracy table with the diffuse layers detected in this recall file "
                         "(at the accuracy block size and selection mode) kept dense")
+    p.add_argument("--rollback-threshold", type=float, default=None,
+                   help="with --rollback-from: diffuse if the oracle recall at the rollback budget is below "
+                        "this (default: the recall run's rollback_threshold)")
     p.add_argument("--block-size", type=int, default=None, help="accuracy block size (default 32)")
     p.add_argument("--ratios", type=_float_list, default=None, metavar="R,R,...",
                    help="budget ratios of the accuracy / runtime tables (default 0.1,0.3,0.5,0.7)")
@@ -103,11 +106,14 @@ def run_eval_command(args: argparse.Namespace, *, command: str = "ucm-trt eval",
         rt_cfg = replace(rt_cfg, lengths=args.passkey_lengths)
     if args.ppl_samples is not None:
         acc_cfg = replace(acc_cfg, ppl_samples=args.ppl_samples)
+    if args.rollback_threshold is not None and args.rollback_from is None:
+        raise ValueError("--rollback-threshold needs --rollback-from RECALL.json")
     if args.rollback_from is not None:
         if not Path(args.rollback_from).is_file():
             raise FileNotFoundError(f"--rollback-from {str(args.rollback_from)!r} does not exist")
         rstore = ResultStore(args.rollback_from)
-        diffuse = detect_rollback_layers(rstore, block_size=acc_cfg.block_size, selection=acc_cfg.selection)
+        diffuse = detect_rollback_layers(rstore, block_size=acc_cfg.block_size, selection=acc_cfg.selection,
+                                         threshold=args.rollback_threshold)
         acc_cfg = replace(acc_cfg, rollback_layers=tuple(diffuse["layers"]))
         _log(f"rollback (dense) layers from {args.rollback_from}: {list(acc_cfg.rollback_layers)}")
     out = Path(args.out) if args.out is not None else (QUICK_OUT if args.quick else DEFAULT_OUT)

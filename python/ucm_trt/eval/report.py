@@ -60,10 +60,16 @@ def _rollback_label(cfg: dict[str, Any]) -> str:
     return f"ratio={float(cfg['rollback_ratio']):g}"
 
 
-def detect_rollback_layers(store: ResultStore, *, block_size: int, selection: str) -> dict[str, Any]:
+def detect_rollback_layers(
+    store: ResultStore, *, block_size: int, selection: str, threshold: float | None = None
+) -> dict[str, Any]:
     """Diffuse layers at a block size and selection mode: ``{"layers", "oracle", "ratio", "threshold"}``
-    where ``oracle[layer]`` is the oracle's recall at the rollback budget averaged over prompts."""
+    where ``oracle[layer]`` is the oracle's recall at the rollback budget averaged over prompts.
+    ``threshold`` overrides the run's ``rollback_threshold``."""
     cfg = _cfg(store)
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0 <= threshold <= 1):
+        raise ValueError(f"threshold must be a number in [0, 1] or None, got {threshold!r}")
     label = _rollback_label(cfg)
     per_layer: dict[int, list[float]] = defaultdict(list)
     for c in store.cells("recall"):
@@ -78,7 +84,7 @@ def detect_rollback_layers(store: ResultStore, *, block_size: int, selection: st
             f"and an oracle row at {label}"
         )
     oracle = {layer: _mean(v) for layer, v in sorted(per_layer.items())}
-    thr = float(cfg["rollback_threshold"])
+    thr = float(cfg["rollback_threshold"]) if threshold is None else float(threshold)
     return {
         "layers": [layer for layer, v in oracle.items() if v < thr],
         "oracle": oracle,
@@ -224,7 +230,8 @@ def _accuracy_md(store: ResultStore, title: str) -> str:
              "dense" if r["method"] == "dense" else f"{r['ratio']:g}",
              f"{100 * r['density']:.0f}%",
              f"{r['passkey_correct']}/{r['passkey_total']}",
-             r["ppl"], f"{100 * r['ppl_delta']:+.1f}%" if not math.isnan(r["ppl_delta"]) else "–"]
+             r["ppl"], f"{100 * r['ppl_delta']:+.1f}%" if not math.isnan(r["ppl_delta"]) else "–",
+             r["ppl_tokens"]]
             for r in rows]
     head = (f"### {title}\n\nBlock size {cfg.get('block_size')}, selection {cfg.get('selection')}, "
             f"sink {cfg.get('sink_blocks')} + local {cfg.get('local_blocks')} blocks, rollback layers "
@@ -233,7 +240,8 @@ def _accuracy_md(store: ResultStore, title: str) -> str:
             f"{cfg.get('ppl_samples')} essay window(s), {cfg.get('ppl_prefix')} dense prefix tokens + "
             f"{cfg.get('ppl_scored')} scored tokens, chunk {cfg.get('chunk')}.\n\n")
     return head + markdown_table(
-        ["method", "budget ratio (of candidates)", "KV blocks read", "passkey", "perplexity", "Δ ppl vs dense"], body)
+        ["method", "budget ratio (of candidates)", "KV blocks read", "passkey", "perplexity", "Δ ppl vs dense",
+         "scored tokens"], body)
 
 
 def _recall_md(store: ResultStore) -> str:
