@@ -165,22 +165,17 @@ def _block_topk_kernel(
     bits = s.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # monotone float -> int32
     k_eff = tl.minimum(TOP_K, nb)
-    # k-th smallest key among the sequence's blocks by radix select on the unsigned key, 4 bits
-    # a pass (8 passes, each one [16, NBLK] count) instead of a sort; ties go to lower block ids.
-    ukey = key.to(tl.int64) + 2147483648  # order-preserving map to [0, 2**32)
-    dvec = tl.arange(0, 16)
-    prefix = tl.zeros([], tl.int64)
-    need = k_eff
-    for p in tl.static_range(8):
-        cand = in_seq & ((ukey >> (32 - 4 * p)) == prefix)
-        digit = (ukey >> (28 - 4 * p)) & 15
-        counts = tl.sum(((digit[None, :] == dvec[:, None]) & cand[None, :]).to(tl.int32), 1)  # [16]
-        cum = tl.cumsum(counts, 0)
-        dsel = tl.sum((cum < need).to(tl.int32), 0)  # first digit whose cumulative count reaches need
-        need = need - tl.sum(tl.where(dvec < dsel, counts, 0), 0)
-        prefix = prefix * 16 + dsel
-    hi = prefix
-    key64 = ukey
+    # k-th smallest key among the blocks of the sequence: binary search on the int32 key
+    # (32 count-reductions instead of a sort); ties at the threshold go to lower block ids.
+    key64 = key.to(tl.int64)
+    lo = tl.min(tl.where(in_seq, key64, 2147483647), 0)  # count(key <= lo - 1) == 0 < k_eff
+    hi = tl.max(tl.where(in_seq, key64, -2147483648), 0)  # count(key <= hi) == nb >= k_eff
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        cnt = tl.sum((in_seq & (key64 <= mid)).to(tl.int32), 0)
+        ge = cnt >= k_eff
+        hi = tl.where(ge, mid, hi)
+        lo = tl.where(ge, lo, mid + 1)
     below = in_seq & (key64 < hi)
     at = in_seq & (key64 == hi)
     need = k_eff - tl.sum(below.to(tl.int32), 0)
