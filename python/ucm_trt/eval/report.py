@@ -56,6 +56,25 @@ def _cfg(store: ResultStore) -> dict[str, Any]:
     return cfg
 
 
+def complete_recall_cells(store: ResultStore) -> list[dict[str, Any]]:
+    """Recall cells of the prompts that finished every (layer, block size, selection) cell; a prompt
+    whose sweep was interrupted is left out so every average covers the same prompts."""
+    cells = store.cells("recall")
+    per: dict[tuple[str, int], int] = defaultdict(int)
+    for c in cells:
+        per[(c["prompt"], c["sample"])] += 1
+    if not per:
+        return []
+    full = max(per.values())
+    keep = {k for k, n in per.items() if n == full}
+    return [c for c in cells if (c["prompt"], c["sample"]) in keep]
+
+
+def recall_prompts(store: ResultStore) -> list[str]:
+    """``prompt#sample`` of the complete prompts (see :func:`complete_recall_cells`)."""
+    return sorted({f"{c['prompt']}#{c['sample']}" for c in complete_recall_cells(store)})
+
+
 def _rollback_label(cfg: dict[str, Any]) -> str:
     return f"ratio={float(cfg['rollback_ratio']):g}"
 
@@ -72,7 +91,7 @@ def detect_rollback_layers(
         raise ValueError(f"threshold must be a number in [0, 1] or None, got {threshold!r}")
     label = _rollback_label(cfg)
     per_layer: dict[int, list[float]] = defaultdict(list)
-    for c in store.cells("recall"):
+    for c in complete_recall_cells(store):
         if c["block_size"] != block_size or c["selection"] != selection:
             continue
         for r in c["rows"]:
@@ -97,7 +116,7 @@ def recall_summary(store: ResultStore) -> list[dict[str, Any]]:
     """One row per (block_size, selection, method, budget, layer group) with mean recall, oracle,
     relative (mean, min over cells), the share of cells with relative >= 0.95, and the kept fraction
     of blocks. ``group`` is ``"sparse"`` (non-diffuse layers) or ``"rollback"``."""
-    cells = store.cells("recall")
+    cells = complete_recall_cells(store)
     keys = sorted({(c["block_size"], c["selection"]) for c in cells})
     out: list[dict[str, Any]] = []
     for bs, sel in keys:
@@ -135,7 +154,7 @@ def layer_table(store: ResultStore, *, block_size: int, selection: str, budget: 
     relative recall at ``budget`` (averaged over prompts)."""
     info = detect_rollback_layers(store, block_size=block_size, selection=selection)
     per: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for c in store.cells("recall"):
+    for c in complete_recall_cells(store):
         if c["block_size"] != block_size or c["selection"] != selection:
             continue
         for r in c["rows"]:
@@ -283,7 +302,8 @@ def _recall_md(store: ResultStore) -> str:
                              [r for r in body if r[0] != "sink+local"])
         )
     head = (f"### Attention-mass recall (cell: recall (recall / oracle))\n\n"
-            f"{cfg.get('essay_samples')} essay + {cfg.get('passkey_samples')} passkey prompt(s) of "
+            f"Prompts averaged: {', '.join(recall_prompts(store))} (of {cfg.get('essay_samples')} essay + "
+            f"{cfg.get('passkey_samples')} passkey prompt(s) configured), each of "
             f"{cfg.get('num_tokens')} tokens; the last {cfg.get('num_queries')} tokens are the decode queries; "
             f"sink {cfg.get('sink_blocks')} + local {cfg.get('local_blocks')} blocks forced.\n\n")
     return head + "\n\n".join(parts)
@@ -315,7 +335,7 @@ def _target_md(store: ResultStore) -> str:
 
 
 def _rollback_md(store: ResultStore) -> str:
-    cells = store.cells("recall")
+    cells = complete_recall_cells(store)
     keys = sorted({(c["block_size"], c["selection"]) for c in cells})
     body = []
     thr = ratio = None
