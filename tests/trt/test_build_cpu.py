@@ -1,0 +1,127 @@
+"""CPU tier: the engine builder's TensorRT-free steps on a real rewritten model -- UCM node checks,
+optimization profiles -- and its errors; the ``ucm-trt build`` command without TensorRT."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from trt_plugins import ops
+from trt_plugins.build import (
+    EngineBuildConfig,
+    EngineBuildError,
+    check_ucm_nodes,
+    profile_shapes,
+)
+from trt_plugins.spec import plugin_spec
+from ucm_trt.graph.functions import make_single_op_model
+
+
+@pytest.fixture(scope="module")
+def rewritten(tmp_path_factory):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ucm_trt.graph import ExportConfig, RewriteConfig, export_hf_model, rewrite_model
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, intermediate_size=256, max_position_embeddings=1024,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})  # fmt: skip
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny")
+    path = export_hf_model(LlamaForCausalLM(cfg).eval(), d / "tiny.onnx", config=ExportConfig(exporter="legacy"))
+    from ucm_trt.config import ReRoPEConfig
+
+    out = {}
+    for algo, extra in (("esa", {}), ("dense", {}),
+                        ("rerope", {"rerope": ReRoPEConfig(window=32, training_length=512, logn=True)})):  # fmt: skip
+        out[algo], _ = rewrite_model(path, config=RewriteConfig(algorithm=algo, block_size=16, **extra))
+    return out
+
+
+@pytest.mark.parametrize("algo", ["esa", "dense", "rerope"])
+def test_rewritten_nodes_are_valid_plugin_instances(rewritten, algo):
+    model = rewritten[algo]
+    names = check_ucm_nodes(model)
+    ucm = [n for n in model.graph.node if n.domain == "ucm"]
+    assert len(names) == len(ucm) >= 2
+    for node in ucm:
+        spec = plugin_spec(node.op_type)
+        values = spec.attribute_values({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
+        ops.module(node.op_type).check(values)  # the kernel geometry accepts the rewriter's attributes
+
+
+def test_profiles_cover_prefill_and_decode(rewritten):
+    cfg = EngineBuildConfig(max_batch=4, max_prefill_tokens=256, max_blocks=32, num_blocks=100, max_selected=8)
+    prefill, decode = profile_shapes(rewritten["esa"], cfg)
+    assert prefill["input_ids"] == ((1, 1), (1, 128), (4, 256))
+    assert decode["input_ids"] == ((1, 1), (4, 1), (4, 1))
+    assert prefill["block_table"][2] == (4, 32)
+    assert prefill["kv_pool.0"][2] == (100, 2, 2, 16, 32)
+    assert decode["selection.1"][2] == (4, 2, 8)
+    assert set(prefill) == {i.name for i in rewritten["esa"].graph.input}
+
+
+def test_unresolvable_dynamic_dim_is_named():
+    model = make_single_op_model("UcmPagedSparseAttention", num_q_heads=4, num_kv_heads=2, head_dim=32,
+                                 block_size=16, scale=0.1)  # fmt: skip
+    with pytest.raises(EngineBuildError, match=r"input 'q' axis 1 is dynamic \('Hq'\)"):
+        profile_shapes(model, EngineBuildConfig())
+    ok = profile_shapes(model, EngineBuildConfig(fixed_dims={"Hq": 4, "Hkv": 2, "D": 32, "block_size": 16, "2": 2}))
+    assert ok[1]["q"][2] == (1, 4, 1, 32)
+
+
+def test_bad_ucm_nodes_are_build_errors():
+    model = make_single_op_model("UcmSelectAllBlocks", num_kv_heads=2)
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    del bad.graph.node[0].attribute[:]
+    with pytest.raises(EngineBuildError, match="plugin_namespace"):
+        check_ucm_nodes(bad)
+    bad.CopyFrom(model)
+    for a in bad.graph.node[0].attribute:
+        if a.name == "num_kv_heads":
+            bad.graph.node[0].attribute.remove(a)
+            break
+    with pytest.raises(EngineBuildError, match="num_kv_heads"):
+        check_ucm_nodes(bad)
+    bad.CopyFrom(model)
+    bad.graph.node[0].op_type = "UcmNoSuchOp"
+    with pytest.raises(EngineBuildError, match="UcmNoSuchOp"):
+        check_ucm_nodes(bad)
+    bad.CopyFrom(model)
+    bad.graph.node[0].domain = "acme"
+    bad.graph.node[0].op_type = "Frob"
+    with pytest.raises(EngineBuildError, match="acme::Frob"):
+        check_ucm_nodes(bad)
+
+
+def test_build_config_validation():
+    with pytest.raises(ValueError, match="max_batch"):
+        EngineBuildConfig(max_batch=0)
+    with pytest.raises(ValueError, match="opt_prefill_tokens"):
+        EngineBuildConfig(max_prefill_tokens=8, opt_prefill_tokens=16)
+    with pytest.raises(ValueError, match="plugin_mode"):
+        EngineBuildConfig(plugin_mode="fast")
+
+
+def test_cli_build_without_tensorrt_is_one_line_error(tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        pass
+    else:
+        pytest.skip("TensorRT is importable here; the missing-TensorRT path cannot be observed")
+    path = tmp_path / "sel.onnx"
+    onnx.save(make_single_op_model("UcmSelectAllBlocks", num_kv_heads=2), path)
+    proc = subprocess.run([sys.executable, "-m", "ucm_trt.cli", "build", str(path), "-o", str(tmp_path / "e")],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'pip install "ucm-trt[trt]"' in lines[0], proc.stderr
+    proc = subprocess.run([sys.executable, "builders/build_engine.py", str(tmp_path / "missing.onnx"), "-o", "x"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
