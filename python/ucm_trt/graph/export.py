@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -112,6 +113,28 @@ def _wrapper(model):
     return WithCache(model)
 
 
+class _Heartbeat:
+    """Calls ``say`` every ``every`` seconds while a long step runs (exports take minutes on big models)."""
+
+    def __init__(self, say: Callable[[str], None], what: str, every: float = 10.0) -> None:
+        self.say, self.what, self.every = say, what, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        while not self._stop.wait(self.every):
+            self.say(f"... still {self.what} ({time.perf_counter() - t0:.0f}s)")
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def export_hf_model(
     model,
     out_path: str | Path,
@@ -159,7 +182,7 @@ def export_hf_model(
     say(f"exporting with the {config.exporter} exporter, opset {opset}, {num_layers} layers ...")
     t1 = time.perf_counter()
     sink = io.StringIO()
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+    with _Heartbeat(say, "exporting"), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(sink):
         warnings.simplefilter("ignore")
         if config.exporter == "legacy":
             torch.onnx.export(
