@@ -17,10 +17,12 @@ Output buffers are allocated once, at the engine's maximum shapes. The engine's 
 importable in this process for JIT engines (``trt_plugins.register_plugins()`` is called here);
 AOT engines need no Python plugin code, but registering is harmless.
 
-Limits, with clear errors: the rewritten graph takes ONE block table for all layers, so the
-runtime's per-layer tables must agree for the step's rows; selections computed inside a layer
-(``Policy.layer_selection``, e.g. GSA On-Device) cannot reach an engine; the engine returns only the
-last token's query per layer (``capture_width`` 1).
+The rewritten graph takes ONE block table for all layers: when the runtime's per-layer tables
+agree, pools and table are bound as they are; otherwise each layer's blocks of the step's rows are
+gathered into a staging pool first (one copy of the working set per layer).
+
+Limits, with clear errors: selections computed inside a layer (``Policy.layer_selection``, e.g. GSA
+On-Device) cannot reach an engine; the engine returns only the last token's query per layer.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ucm_trt.config import ReRoPEConfig
 from ucm_trt.runtime.backends.base import Backend
 from ucm_trt.sparse.policies.base import ModelShape, Policy
 
@@ -69,6 +72,9 @@ def _torch_dtype(trt, dt) -> torch.dtype:
 class TrtBackend(Backend):
     """Backend over a ``ucm-trt build`` engine and its ``ENGINE.json`` sidecar."""
 
+    supports_layer_hooks = False  # selections are engine inputs; nothing runs between layers
+    max_query_window = 1  # the engine returns the last token's query per layer
+
     def __init__(self, engine_path: str | Path, *, device: str | torch.device = "cuda") -> None:
         trt, _ = _trt()
         self._trt = trt
@@ -89,6 +95,9 @@ class TrtBackend(Backend):
         l0 = layers[0]
         self.block_size = int(ucm["ucm.block_size"])
         self.algorithm = ucm.get("ucm.algorithm", "?")
+        if ucm.get("ucm.partial", "false") == "true":
+            raise ValueError("the engine was built from a partially rewritten model; every attention layer must be paged")
+        self.rerope = ReRoPEConfig(**json.loads(ucm["ucm.rerope"])) if "ucm.rerope" in ucm else None
         self._runtime, self.engine = load_engine(engine_path)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = trt.TensorIOMode
@@ -114,6 +123,8 @@ class TrtBackend(Backend):
         hkv = self.shape.num_kv_heads
         mb = self.meta["build_config"]["max_batch"]
         self._all_blocks = torch.arange(max_blocks, dtype=torch.int32, device=self.device).expand(mb, hkv, max_blocks).contiguous()
+        self._max_blocks = max_blocks
+        self._staging: list[torch.Tensor] | None = None  # per-layer gathered pools, allocated on first need
 
     def attention_name(self) -> str:
         return f"tensorrt ({self.meta.get('plugin_mode', '?')} plugins)"
@@ -133,26 +144,47 @@ class TrtBackend(Backend):
         return {n: torch.empty(need[n], dtype=self._dtype[n], device=self.device) for n in self.outputs}
 
     # -- one step ----------------------------------------------------------------------------------
+    def _pools_and_table(self, step, b: int):
+        """``(pools, block_table)`` for the engine, whose graph takes ONE table for all layers.
+
+        When the runtime's per-layer tables agree for the step's rows (host mirrors compared), the
+        runtime's pools and table are bound as they are (no copy). Otherwise every layer's blocks of
+        the step's rows are gathered, in logical order, into a staging pool and the table becomes
+        ``b * nb + j`` -- one copy of the working set per layer, as the ONNX Runtime backend does.
+        """
+        th = step.kv.tables_host[:, :b]
+        if th.shape[0] == 1 or bool((th == th[:1]).all()):
+            return [step.kv.pools[i] for i in range(self.num_layers)], step.tables(0)
+        bs = self.block_size
+        nb = max(-(-n // bs) for n in step.new_lens)
+        if self._staging is None:
+            nmax = self.meta["build_config"]["max_batch"] * self._max_blocks
+            self._staging = [torch.empty((nmax, *p.shape[1:]), dtype=p.dtype, device=p.device)
+                             for p in step.kv.pools[: self.num_layers]]  # fmt: skip
+        pools = []
+        for i in range(self.num_layers):
+            idx = step.tables(i)[:, :nb].reshape(-1).long()
+            view = self._staging[i][: b * nb]
+            torch.index_select(step.kv.pools[i], 0, idx, out=view)
+            pools.append(view)
+        table = torch.arange(b * nb, dtype=torch.int32, device=self.device).view(b, nb)
+        return pools, table
+
     def _bind_inputs(self, input_ids, positions, step) -> dict[str, torch.Tensor]:
         b, t = input_ids.shape
-        rows = len(step.rows)
-        th = step.kv.tables_host[:, :rows]
-        if th.shape[0] > 1 and not bool((th == th[:1]).all()):
-            raise ValueError(
-                "the engine takes one block_table for all layers, but the runtime's per-layer block tables "
-                "differ for this step (per-layer working sets); use a policy without per-layer eviction"
-            )
-        feeds = {
-            "input_ids": input_ids,
-            "position_ids": positions,
-            "seq_lens": step.seq_lens,
-            "block_table": step.tables(0),
-        }
+        pools, table = self._pools_and_table(step, b)
+        feeds = {"input_ids": input_ids, "position_ids": positions, "seq_lens": step.seq_lens, "block_table": table}
+        width = table.shape[1]
         for i in range(self.num_layers):
-            feeds[f"kv_pool.{i}"] = step.kv.pools[i]
+            feeds[f"kv_pool.{i}"] = pools[i]
+            sel = step.selections[i]
             if f"selection.{i}" in self.inputs:
-                sel = step.selections[i]
-                feeds[f"selection.{i}"] = self._all_blocks[:b, :, : step.tables(0).shape[1]] if sel is None else sel
+                feeds[f"selection.{i}"] = self._all_blocks[:b, :, :width] if sel is None else sel
+            elif sel is not None:
+                raise ValueError(
+                    f"layer {i} of the engine (built for {self.algorithm!r}) has no selection input but the policy "
+                    f"{step.policy.name!r} selected blocks; rewrite and build the model for a sparse algorithm"
+                )
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
             raise ValueError(f"engine inputs {missing} are not provided by the runtime step")
@@ -165,7 +197,8 @@ class TrtBackend(Backend):
                 "engine takes selections as inputs only: use a CPU-retrieval policy with this backend"
             )
         b, t = input_ids.shape
-        ctx = self._contexts[0 if t > 1 else 1]
+        profile = 0 if t > 1 else 1
+        ctx = self._contexts[profile]
         stream = torch.cuda.current_stream(self.device).cuda_stream
         feeds = self._bind_inputs(input_ids, positions, step)
         for n, x in feeds.items():
@@ -178,6 +211,13 @@ class TrtBackend(Backend):
                     raise ValueError(f"{n} must be contiguous: the engine reads the runtime's pool in place")
                 x = x.contiguous()
             feeds[n] = x  # keep alive until the step ends
+            lo, _, hi = self.engine.get_tensor_profile_shape(n, profile)
+            if any(not int(a) <= s <= int(c) for a, s, c in zip(lo, x.shape, hi, strict=True)):
+                raise ValueError(
+                    f"engine input {n} has shape {tuple(x.shape)} outside the engine's "
+                    f"{('prefill', 'decode')[profile]} profile [{tuple(lo)} .. {tuple(hi)}]; rebuild with larger "
+                    "--max-batch / --max-prefill-tokens / --max-blocks / --num-blocks"
+                )
             ctx.set_input_shape(n, tuple(x.shape))
             ctx.set_tensor_address(n, x.data_ptr())
         outs = {}
@@ -202,17 +242,7 @@ class TrtBackend(Backend):
                 f"the policy needs the queries of the last {w} tokens, but the engine outputs only the last "
                 "token's query per layer (last_query.{i})"
             )
-        d = self.shape.head_dim
         for i in range(self.num_layers):
-            pool = step.kv.pools[i]
-            k = outs[f"new_key.{i}"]  # [B, Hkv, T, D]
-            v = outs[f"new_value.{i}"]
-            hkv = k.shape[1]
-            k_flat = k.permute(0, 2, 1, 3).reshape(b * t, hkv, d)
-            v_flat = v.permute(0, 2, 1, 3).reshape(b * t, hkv, d)
-            blocks, offs = step.slot_blocks[i], step.slot_offsets[i]
-            pool[blocks, 0, :, offs] = k_flat.to(pool.dtype)
-            pool[blocks, 1, :, offs] = v_flat.to(pool.dtype)
-            step.policy.on_append(i, blocks, offs, k_flat)
+            step.append_kv(i, outs[f"new_key.{i}"], outs[f"new_value.{i}"])
             step.capture[i, :b, :, 0] = outs[f"last_query.{i}"].float()
-        step.layers_run += self.num_layers
+            step.layers_run += 1
