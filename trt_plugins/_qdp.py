@@ -23,7 +23,7 @@ import torch
 from trt_plugins._tensorrt import require_tensorrt
 from trt_plugins.spec import SYMBOL_ATTRIBUTES, PluginSpec, output_shape
 
-__all__ = ["OpImpl", "define_plugin", "torch_dtype", "torch_view"]
+__all__ = ["OpImpl", "define_plugin", "parameter_names", "torch_dtype", "torch_view"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +77,20 @@ def _fn(name: str, params: list[inspect.Parameter], ret, body: Callable[[dict], 
     return fn
 
 
+def parameter_names(spec: PluginSpec) -> dict[str, tuple[str, ...]]:
+    """Parameter names of the four QDP functions, in the order ``tensorrt.plugin`` validates:
+    tensors, then attributes in registration order, then ``outputs`` / ``stream`` / ``tactic``.
+    ``impl`` and ``aot_impl`` declare every attribute: the AOT builder passes all of them
+    positionally (shared/reference/tensorrt.md §1.7)."""
+    t, a = tuple(spec.inputs), tuple(spec.attr_names)
+    return {
+        "register": t + a,
+        "impl": t + a + ("outputs", "stream", "tactic"),
+        "aot_impl": t + a + ("outputs", "tactic"),
+        "autotune": t + ("outputs",),
+    }
+
+
 def _check_descs(spec: PluginSpec, descs: list, values: dict) -> None:
     """Static checks TensorRT can do at build time: one float dtype, INT32 indices, and every
     constant dim that an attribute defines equals that attribute (clear errors instead of a
@@ -117,6 +131,13 @@ def define_plugin(spec: PluginSpec, impl: OpImpl) -> None:
     def split(args: dict):
         return {n: args[n] for n in tensors}, {a.name: args[a.name] for a in attrs}
 
+    names = parameter_names(spec)
+
+    def _checked(kind: str, params: list[inspect.Parameter]) -> list[inspect.Parameter]:
+        if tuple(p.name for p in params) != names[kind]:
+            raise RuntimeError(f"{spec.name}: generated {kind} parameters {[p.name for p in params]} != {names[kind]}")
+        return params
+
     # ---- register: output shapes/dtypes from the schema's symbols -----------------------
     def register_body(args):
         descs, values = split(args)
@@ -134,7 +155,8 @@ def define_plugin(spec: PluginSpec, impl: OpImpl) -> None:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     ret = trtp.TensorDesc if len(spec.outputs) == 1 else Tuple[tuple([trtp.TensorDesc] * len(spec.outputs))]  # noqa: UP006
-    trtp.register(spec.plugin_id)(_fn(f"{spec.name}_register", tparams(trtp.TensorDesc) + aparams, ret, register_body))
+    trtp.register(spec.plugin_id)(_fn(f"{spec.name}_register", _checked("register", tparams(trtp.TensorDesc) + aparams), ret,
+                                       register_body))
 
     # ---- JIT impl -------------------------------------------------------------------------
     def impl_body(args):
@@ -143,8 +165,8 @@ def define_plugin(spec: PluginSpec, impl: OpImpl) -> None:
 
     trtp.impl(spec.plugin_id)(
         _fn(f"{spec.name}_impl",
-            tparams(trtp.Tensor) + aparams + [P("outputs", kw), P("stream", kw, annotation=int),
-                                              P("tactic", kw, annotation=int)],
+            _checked("impl", tparams(trtp.Tensor) + aparams + [P("outputs", kw), P("stream", kw, annotation=int),
+                                                               P("tactic", kw, annotation=int)]),
             None, impl_body)  # fmt: skip
     )
 
@@ -158,7 +180,7 @@ def define_plugin(spec: PluginSpec, impl: OpImpl) -> None:
         aot_ret = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]  # noqa: UP006,UP007
         trtp.aot_impl(spec.plugin_id)(
             _fn(f"{spec.name}_aot_impl",
-                tparams(trtp.TensorDesc) + aparams + [P("outputs", kw), P("tactic", kw, annotation=int)],
+                _checked("aot_impl", tparams(trtp.TensorDesc) + aparams + [P("outputs", kw), P("tactic", kw, annotation=int)]),
                 aot_ret, aot_body)  # fmt: skip
         )
 
@@ -170,6 +192,6 @@ def define_plugin(spec: PluginSpec, impl: OpImpl) -> None:
         return [trtp.AutoTuneCombination(combo, "LINEAR", tactics)]
 
     trtp.autotune(spec.plugin_id)(
-        _fn(f"{spec.name}_autotune", tparams(trtp.TensorDesc) + [P("outputs", kw)],
+        _fn(f"{spec.name}_autotune", _checked("autotune", tparams(trtp.TensorDesc) + [P("outputs", kw)]),
             List[trtp.AutoTuneCombination], autotune_body)  # noqa: UP006
     )

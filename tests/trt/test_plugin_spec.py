@@ -132,3 +132,19 @@ def test_register_without_tensorrt_is_one_line_error_naming_the_extra():
         trt_plugins.register_plugins()
     msg = str(ei.value)
     assert "\n" not in msg and INSTALL_HINT in msg
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_qdp_parameter_lists_follow_the_validated_schema(name):
+    """tensorrt.plugin checks names and order: tensors, attributes (registration order), then
+    outputs/stream/tactic; aot_impl must declare every attribute and end with (outputs, tactic)."""
+    from trt_plugins._qdp import parameter_names
+
+    spec = plugin_spec(name)
+    names = parameter_names(spec)
+    tensors = tuple(t.name for t in SCHEMAS[name].inputs)
+    attrs = spec.attr_names
+    assert names["register"] == tensors + attrs
+    assert names["impl"] == tensors + attrs + ("outputs", "stream", "tactic")
+    assert names["aot_impl"] == tensors + attrs + ("outputs", "tactic")
+    assert names["autotune"] == tensors + ("outputs",)
