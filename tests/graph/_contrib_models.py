@@ -5,6 +5,8 @@ attention is a pluggable function (the fp32 paged references in the tests).
 kinds:
 * ``gqa-fused``: com.microsoft.GroupQueryAttention with do_rotary=1 (cos/sin caches);
   inputs input_ids, attention_mask, past_key_values.*; seqlens_k/total_sequence_length from the mask.
+* ``gqa-packed``: GroupQueryAttention with packed QKV (one MatMul), do_rotary=1, and the newer
+  ``position_ids`` + ``attention_bias`` (a causal bias built from the mask) inputs.
 * ``gqa-op``:    com.microsoft.RotaryEmbedding on Q and K, then GroupQueryAttention (do_rotary=0).
 * ``mha``:       com.microsoft.RotaryEmbedding on Q and K, then MultiHeadAttention (unidirectional=1),
   Hq == Hkv; has a position_ids input.
@@ -52,6 +54,31 @@ def build(kind: str, *, layers=2, hidden=64, hq=4, hkv=2, d=16, vocab=100, theta
     inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]))
     if kind != "gqa-fused":
         inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]))
+    if kind == "gqa-packed":  # causal additive bias [1, 1, S, total] from the mask's width
+        c("zero_i64", np.array(0, np.int64))
+        c("one_s", np.array(1, np.int64))
+        c("ax01", np.array([0, 1], np.int64))
+        c("ax0", np.array([0], np.int64))
+        c("bias_zero", np.array(0.0, np.float32))
+        c("bias_neg", np.array(np.finfo(np.float32).min, np.float32))
+        nodes += [
+            helper.make_node("Shape", ["attention_mask"], ["tot1"], start=1, end=2),
+            helper.make_node("Shape", ["input_ids"], ["s1"], start=1, end=2),
+            helper.make_node("Squeeze", ["tot1", "ax0"], ["tot"]),
+            helper.make_node("Squeeze", ["s1", "ax0"], ["s"]),
+            helper.make_node("Sub", ["tot", "s"], ["past_len"]),
+            helper.make_node("Range", ["zero_i64", "s", "one_s"], ["ri"]),
+            helper.make_node("Range", ["zero_i64", "tot", "one_s"], ["rj"]),
+            helper.make_node("Add", ["ri", "past_len"], ["qpos"]),
+            helper.make_node("Unsqueeze", ["qpos", "one_i64b"], ["qpos2"]),
+            helper.make_node("LessOrEqual", ["rj", "qpos2"], ["vis"]),
+            helper.make_node("Where", ["vis", "bias_zero", "bias_neg"], ["bias2"]),
+            helper.make_node("Unsqueeze", ["bias2", "ax01"], ["attn_bias"]),
+        ]
+        c("one_i64b", np.array([1], np.int64))
+        w_packed = {i: np.concatenate([w[f"q{i}"], w[f"k{i}"], w[f"v{i}"]], axis=1) for i in range(layers)}
+        for i in range(layers):
+            c(f"qkv{i}", w_packed[i])
     nodes.append(helper.make_node("Gather", ["embed", "input_ids"], ["h0"], axis=0))
     if kind.startswith("gqa"):
         c("one_i64", np.array([1], np.int64))
@@ -69,6 +96,18 @@ def build(kind: str, *, layers=2, hidden=64, hq=4, hkv=2, d=16, vocab=100, theta
         inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", hkv, "past", d]) for n in (pk, pv)]
         outputs += [helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT, ["batch", hkv, "total", d])
                     for kv in ("key", "value")]  # fmt: skip
+        if kind == "gqa-packed":
+            nodes.append(helper.make_node("MatMul", [h, f"qkv{i}"], [f"qkv_{i}"]))
+            nodes.append(helper.make_node(
+                "GroupQueryAttention",
+                [f"qkv_{i}", "", "", pk, pv, "seqlens_k", "total_len", "cos", "sin", "position_ids", "attn_bias"],
+                [f"attn_{i}", f"present.{i}.key", f"present.{i}.value"], domain=MS,
+                num_heads=hq, kv_num_heads=hkv, do_rotary=1, rotary_interleaved=0,
+            ))  # fmt: skip
+            nodes += [helper.make_node("MatMul", [f"attn_{i}", f"o{i}"], [f"ao_{i}"]),
+                      helper.make_node("Add", [h, f"ao_{i}"], [f"h{i + 1}"])]  # fmt: skip
+            h = f"h{i + 1}"
+            continue
         nodes += [helper.make_node("MatMul", [h, f"{x}{i}"], [f"{x}_{i}"]) for x in "qkv"]
         q, k = f"q_{i}", f"k_{i}"
         if kind == "onnx-attention":

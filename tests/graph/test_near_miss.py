@@ -170,3 +170,14 @@ def test_dense_layers_have_no_selection_input():
     assert any(n.op_type == "UcmSelectAllBlocks" for n in rw.graph.node)
     meta = {p.key: p.value for p in rw.metadata_props}
     assert meta["ucm.algorithm"] == "kvstar" and meta["ucm.block_size"] == "4"
+
+
+def test_live_read_of_past_length_is_refused():
+    """A graph that still needs the contiguous past length after rewriting (here exposed as an
+    output; transformers' own ORT exporter does it in a fully-masked-row guard) must not be
+    rewritten with a silently wrong past length of 0."""
+    model, _, _ = build("gqa-op")
+    model.graph.node.append(helper.make_node("Shape", ["past_key_values.0.key"], ["past_len"], start=2, end=3))
+    model.graph.output.append(helper.make_tensor_value_info("past_len", TensorProto.INT64, [1]))
+    with pytest.raises(RewriteError, match="reads the past length of 'past_key_values.0.key'"):
+        rewrite_model(model, config=CFG)

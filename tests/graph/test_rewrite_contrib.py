@@ -12,10 +12,11 @@ from tests.graph._graph_harness import ContiguousRunner, PagedRunner, rel_err, s
 from ucm_trt.config import ReRoPEConfig
 from ucm_trt.graph import RewriteConfig, rewrite_model
 
-KINDS = ("gqa-fused", "gqa-op", "mha", "onnx-attention")
+KINDS = ("gqa-fused", "gqa-packed", "gqa-op", "mha", "onnx-attention")
 B, BS, MAX_BLOCKS, D, LAYERS = 2, 4, 5, 16, 2
 TOL = 1e-4
 RULE = {"gqa-fused": "ms_group_query_attention", "gqa-op": "ms_group_query_attention",
+        "gqa-packed": "ms_group_query_attention",
         "mha": "ms_multi_head_attention", "onnx-attention": "onnx_attention"}  # fmt: skip
 
 
