@@ -147,9 +147,13 @@ def define_plugin(spec: PluginSpec, impl: OpImpl) -> None:
         if impl.check is not None:
             impl.check(descs, values)
         float_in = next((d for d, t in zip(descs_list, spec.schema.inputs, strict=True) if "int32" not in t.types), None)
+        # First pass (dtypes only): shape expressions are "fake"; give attribute-defined dims as fake
+        # expressions too, so no ShapeExpr(int) touches an expression builder outside a shape pass.
+        fake = any(e.is_fake for d in descs_list for e in d.shape_expr)
+        const = (lambda v: trtp.ShapeExpr()) if fake else (lambda v: v)  # noqa: E731
         outs = []
         for i, t in enumerate(spec.schema.outputs):
-            dims = output_shape(spec, i, [d.shape_expr for d in descs_list], values)
+            dims = output_shape(spec, i, [d.shape_expr for d in descs_list], values, const=const)
             dtype = trt.int32 if t.types == ("int32",) else float_in.dtype
             outs.append(trtp.from_shape_expr(tuple(dims), dtype=dtype))
         return outs[0] if len(outs) == 1 else tuple(outs)
