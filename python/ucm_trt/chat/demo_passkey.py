@@ -172,9 +172,9 @@ def format_table(runs: Sequence[PasskeyRun], *, passkey: str) -> str:
         rows.append((algo, repr(r.answer.strip()), "yes" if r.correct else "NO", f"{s.prefill_seconds:.1f}",
                      tps, blocks, held, format_bytes(s.bytes_h2d)))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     ok = sum(r.correct for r in runs)
     lines.append(f"{ok}/{len(runs)} answers contain the pass key {passkey}. Blocks are per layer and KV head per "
                  "decode step; every algorithm prefills densely, sparsity applies to decode.")

@@ -1,0 +1,144 @@
+"""The ``ucm-trt`` command line: top-level help, every subcommand's --help, one-line usage errors
+with exit code 2, and the ``chat`` subcommand (argument checks before any model loads, and a
+short scripted conversation). The export/rewrite happy paths on tiny models are in
+tests/graph/test_cli.py; ``run``/``build``/``bench``/``eval`` get their tests here when they land
+in ``ucm_trt.cli.COMMANDS``."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+
+from ucm_trt import cli
+
+NAMES = [c.name for c in cli.COMMANDS]
+
+
+def _one_line_error(err: str, prefix: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(prefix), err
+    return lines[0]
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "pipeline:" in out
+    flat = " ".join(out.split())
+    for cmd in cli.COMMANDS:
+        assert cmd.name in out and " ".join(cmd.help.split()[:4]) in flat, (cmd.name, out)
+    assert "chat" in NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_subcommand_help(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([name, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: ucm-trt {name}")
+    assert "example:" in out  # every subcommand's help teaches with examples
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["chat", "--budget", "abc"], "argument --budget: invalid float value: 'abc'"),
+        (["chat", "--algorithm", "quest"], "argument --algorithm: invalid choice: 'quest'"),
+        (["chat", "--backend", "tensorflow"], "argument --backend: invalid choice: 'tensorflow'"),
+        (["chat", "--max-new-tokens"], "argument --max-new-tokens: expected one argument"),
+        # argparse reports extra arguments from the top-level parser
+        (["chat", "stray-positional"], "unrecognized arguments: stray-positional"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    prog = "ucm-trt chat" if argv[:1] == ["chat"] and "stray-positional" not in argv else "ucm-trt"
+    line = _one_line_error(capsys.readouterr().err, f"{prog}: error: ")
+    assert msg in line and f"(see '{prog} --help')" in line
+
+
+@pytest.mark.parametrize(
+    "argv, code, msg",
+    [
+        (["--budget", "0"], 2, "--budget must be in (0, 1]"),
+        (["--budget", "1.5"], 2, "--budget must be in (0, 1]"),
+        (["--block-size", "48"], 2, "--block-size must be a power of two, got 48"),
+        (["--max-new-tokens", "0"], 2, "--max-new-tokens must be >= 1, got 0"),
+        (["--temperature", "0.7"], 2, "--temperature 0.7 samples: pass --seed N as well"),
+        (["--threads", "0"], 2, "--threads must be >= 1, got 0"),
+        (["--max-context", "1"], 2, "--max-context must be >= 2, got 1"),
+        (["--device", "tpu"], 2, "--device must be cpu or cuda[:N], got 'tpu'"),
+        (["--load", "/nonexistent/essay.txt"], 2, "--load '/nonexistent/essay.txt': no such file"),
+        (["--engine", "/nonexistent/model.plan"], 2, "--engine '/nonexistent/model.plan': no such file"),
+        (["--backend", "torch", "--engine", "PLAN"], 2, "cannot be combined with --backend torch"),
+        (["--backend", "ort"], 1, "--backend ort: this ucm_trt has no ONNX Runtime backend"),
+    ],
+)
+def test_chat_bad_arguments_fail_fast(argv, code, msg, capsys, tmp_path):
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"\0")
+    argv = [str(plan) if a == "PLAN" else a for a in argv]
+    assert cli.main(["chat", *argv]) == code
+    captured = capsys.readouterr()
+    line = _one_line_error(captured.err, "ucm-trt chat: error: ")
+    assert msg in line, line
+    assert "loading" not in captured.out  # rejected before the model loads
+
+
+def test_chat_engine_without_tensorrt_is_one_line(capsys, tmp_path):
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"\0")
+    try:
+        import tensorrt  # noqa: F401
+
+        has_trt = True
+    except Exception:  # ImportError, or the PyPI stub's RuntimeError
+        has_trt = False
+    assert cli.main(["chat", "--engine", str(plan)]) == 1
+    line = _one_line_error(capsys.readouterr().err, "ucm-trt chat: error: --engine")
+    if has_trt:
+        assert "no TensorRT runtime backend" in line or "does not drive" in line
+    else:
+        assert "needs TensorRT, but `import tensorrt` failed" in line and "ucm-trt[trt]" in line
+
+
+def test_chat_cuda_without_a_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the no-GPU error path cannot be exercised here")
+    assert cli.main(["chat", "--backend", "torch", "--device", "cuda"]) == 1
+    line = _one_line_error(capsys.readouterr().err, "ucm-trt chat: error: ")
+    assert "--device cuda: no CUDA device is available" in line
+
+
+def test_chat_happy_path_through_the_cli(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\n/algo esa\n/stats\n/quit\n"))
+    assert cli.main(["chat", "--max-new-tokens", "4", "--block-size", "16"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "you> What is the capital of France?" in out
+    assert "assistant> The capital of France" in out
+    assert "[stats] torch/cpu:reference | dense | prompt " in out
+    assert "[chat] algorithm -> esa" in out and "algorithm=esa budget=0.25 block_size=16" in out
+    assert "error:" not in captured.err
+
+
+def test_console_entry_point_subprocess():
+    r = subprocess.run([sys.executable, "-m", "ucm_trt.cli", "chat", "--budget", "0"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "ucm-trt chat: error: --budget must be in (0, 1] (a fraction of blocks), got 0.0"
+    r = subprocess.run([sys.executable, "-m", "ucm_trt.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and all(name in r.stdout for name in NAMES)
