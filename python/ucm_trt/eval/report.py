@@ -173,11 +173,25 @@ def layer_table(store: ResultStore, *, block_size: int, selection: str, budget: 
     return rows
 
 
+def complete_accuracy_cells(store: ResultStore, kind: str) -> list[dict[str, Any]]:
+    """``ppl`` / ``passkey`` cells of the prompts for which every (method, ratio) finished, so all
+    methods are compared on the same prompts (an interrupted prompt is left out)."""
+    cells = store.cells(kind)
+    variants = {(c["method"], float(c["ratio"])) for c in cells}
+    prompt_of = (lambda c: (c["sample"],)) if kind == "ppl" else (lambda c: (c["length"], c["depth"], c["sample"]))
+    per: dict[tuple, set] = defaultdict(set)
+    for c in cells:
+        per[prompt_of(c)].add((c["method"], float(c["ratio"])))
+    keep = {p for p, v in per.items() if v == variants}
+    return [c for c in cells if prompt_of(c) in keep]
+
+
 def accuracy_summary(store: ResultStore) -> list[dict[str, Any]]:
     """Per (method, ratio): passkey accuracy (correct / total), perplexity exp(sum NLL / tokens),
-    and the mean fraction of blocks read (density) over the ppl and passkey cells."""
+    and the mean fraction of blocks read (density) over the ppl and passkey cells. Only prompts that
+    every (method, ratio) finished are counted (:func:`complete_accuracy_cells`)."""
     agg: dict[tuple[str, float], dict[str, Any]] = {}
-    for c in store.cells("ppl") + store.cells("passkey"):
+    for c in complete_accuracy_cells(store, "ppl") + complete_accuracy_cells(store, "passkey"):
         key = (c["method"], float(c["ratio"]))
         a = agg.setdefault(key, {"nll": 0.0, "tokens": 0, "correct": 0, "total": 0, "density": []})
         if c["kind"] == "ppl":
@@ -208,7 +222,8 @@ def accuracy_summary(store: ResultStore) -> list[dict[str, Any]]:
 
 def passkey_grid(store: ResultStore, *, method: str, ratio: float) -> dict[str, Any]:
     """``{"lengths", "depths", "acc": [[...]]}`` passkey accuracy per length (rows) x depth (columns)."""
-    cells = [c for c in store.cells("passkey") if c["method"] == method and float(c["ratio"]) == float(ratio)]
+    cells = [c for c in complete_accuracy_cells(store, "passkey")
+             if c["method"] == method and float(c["ratio"]) == float(ratio)]
     lengths = sorted({c["length"] for c in cells})
     depths = sorted({c["depth"] for c in cells})
     acc = []
