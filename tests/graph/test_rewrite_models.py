@@ -126,3 +126,24 @@ def test_eager_attention_export(tiny_models, tmp_path):
     for ids in _tokens(3):
         want, got = orig.step(ids), paged.step(ids)
         assert rel_err(got, want) <= TOL
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["mha-no-repeat_kv", "mqa"])
+def test_kv_head_variants_legacy(tmp_path, kv_heads):
+    """Hq == Hkv exports without repeat_kv; MQA (Hkv = 1) exports with a 4x repeat."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.graph._graph_models import TINY
+    from ucm_trt.graph import ExportConfig, export_hf_model
+
+    torch.manual_seed(5)
+    m = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_key_value_heads": kv_heads})).eval()
+    path = export_hf_model(m, tmp_path / "m.onnx", config=ExportConfig(exporter="legacy"))
+    rw, rep = rewrite_model(path, config=RewriteConfig(algorithm="esa", block_size=BS))
+    assert rep.counts == {"decomposed_sdpa": LAYERS} and f"Hkv={kv_heads}" in rep.rewritten[0].reason
+    orig = ContiguousRunner(path, B, LAYERS, kv_heads, D)
+    paged = PagedRunner(rw, B, LAYERS, kv_heads, D, BS, MAX_BLOCKS)
+    for ids in _tokens(4):
+        want, got = orig.step(ids), paged.step(ids, paged.all_blocks(kv_heads))
+        assert rel_err(got, want) <= TOL

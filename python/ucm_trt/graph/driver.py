@@ -369,6 +369,43 @@ def _fold_static_shape_reads(graph: ir.Graph, roots: list[ir.Value], tape: ir.ta
                 user.outputs[0].replace_all_uses_with(_const(tape, np.asarray(picked).reshape(np.shape(ix))))
 
 
+def _drop_empty_row_guards(outputs: list[ir.Value]) -> int:
+    """Remove ``Where(no_visible_key(row), 0, attention)`` guards that follow a rewritten attention.
+
+    Exporters (transformers' ORT exporter) zero query rows whose mask has no visible key:
+    ``Where([Transpose](Less(ReduceSum(mask), c <= 1)), zeros, [Reshape|Transpose](attn))``.
+    Under the UCM ops every query sees at least itself, so the guard is the identity; keeping it
+    would keep the contiguous mask (and its past length) alive. Returns how many were removed.
+    """
+    from ucm_trt.graph.rules.base import const_array, producer
+
+    removed = 0
+    for out in outputs:
+        v = out
+        for _ in range(4):
+            uses = list(v.uses())
+            if len(uses) != 1:
+                break
+            user, idx = uses[0]
+            if user.op_type in ("Reshape", "Transpose") and idx == 0:
+                v = user.outputs[0]
+                continue
+            if user.op_type == "Where" and idx == 2:
+                zeros = const_array(user.inputs[1])
+                cond = user.inputs[0]
+                while producer(cond, "Transpose") is not None:
+                    cond = producer(cond, "Transpose").inputs[0]
+                less = producer(cond, "Less")
+                red = producer(less.inputs[0], "ReduceSum") if less is not None else None
+                c = const_array(less.inputs[1]) if less is not None else None
+                if zeros is not None and not np.any(zeros) and red is not None and c is not None and c.size == 1 \
+                        and float(c) <= 1:  # fmt: skip
+                    user.outputs[0].replace_all_uses_with(v, replace_graph_outputs=True)
+                    removed += 1
+            break
+    return removed
+
+
 def rewrite_model(
     model: str | Path | onnx.ModelProto,
     *,
@@ -489,6 +526,7 @@ def rewrite_model(
     removed_inputs: list[tuple[ir.Value, ir.Value]] = []
     new_outputs: list[ir.Value] = []
     layers_meta = {}
+    ucm_outputs: list[ir.Value] = []
     for m, nr in sorted(matches, key=lambda x: x[1].layer):
         i = nr.layer
         pool = new_input(f"kv_pool.{i}", m.past_key.dtype or ir.DataType.FLOAT,
@@ -509,6 +547,7 @@ def rewrite_model(
         if m.output.is_graph_output():
             raise RewriteError(f"attention output {m.output.name!r} is a graph output; unsupported", report)
         m.output.replace_all_uses_with(out)
+        ucm_outputs.append(out)
         for name, val in ((f"new_key.{i}", emitter.k_out), (f"new_value.{i}", emitter.v_out)):
             o = ir.Value(name=name, type=ir.TensorType(val.dtype or pool.dtype),
                          shape=ir.Shape([batch, m.num_kv_heads, "seq", m.head_dim]))  # fmt: skip
@@ -527,6 +566,9 @@ def rewrite_model(
                               scale=m.scale, rule=m.rule, rope_theta=m.rope_theta,
                               selection=isinstance(sel, ir.Value) and sel.is_graph_input())  # fmt: skip
     graph.outputs.extend(new_outputs)
+    guards = _drop_empty_row_guards(ucm_outputs)
+    if guards:
+        report.counts["drop_empty_row_guard"] = guards
     graph.sort()
     ir_passes.RemoveUnusedNodesPass()(irm)
     _fold_static_shape_reads(graph, [p for p, _ in removed_inputs], tape)
