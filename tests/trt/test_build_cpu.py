@@ -166,7 +166,7 @@ def test_plugin_kernel_equals_function_body_on_real_model_data(rewritten, algo):
         feeds[f"selection.{i}"] = sel
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {k: v for k, v in feeds.items() if k in names}),
                     strict=True))  # fmt: skip
-    for i, node in enumerate(nodes):
+    for node in nodes:
         spec = plugin_spec(node.op_type)
         values = spec.attribute_values({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
         g = _attention.geometry(values, rerope=node.op_type == "UcmPagedReRoPEAttention")
