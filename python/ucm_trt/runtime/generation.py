@@ -158,7 +158,29 @@ class Engine:
                 f"RuntimeConfig.max_seq_len ({config.max_seq_len}) exceeds the model's max positions "
                 f"({shape.max_positions}); use the rerope policy to extrapolate, or lower max_seq_len"
             )
+        if backend.block_size is not None and backend.block_size != sparse.block_size:
+            raise ValueError(
+                f"SparseConfig.block_size ({sparse.block_size}) must equal the block size the backend's model "
+                f"was built for ({backend.block_size})"
+            )
+        if not backend.supports_layer_hooks and type(policy).layer_selection is not Policy.layer_selection:
+            raise ValueError(
+                f"the {policy.name} policy selects blocks inside each layer's attention, which the "
+                f"{type(backend).__name__} cannot run; use the PyTorch backend"
+            )
+        if getattr(backend, "rerope", None) is not None and policy.rerope is None:
+            raise ValueError(f"the backend's model was rewritten for ReRoPE; use the rerope policy, got {policy.name!r}")
+        if getattr(backend, "algorithm", None) == "dense" and policy.name not in ("dense",):
+            raise ValueError(
+                f"the backend's model was rewritten for 'dense' (no selection inputs); the {policy.name} policy "
+                "needs a model rewritten for a sparse algorithm"
+            )
         width = max(1, policy.query_window)
+        if backend.max_query_window is not None and width > backend.max_query_window:
+            raise ValueError(
+                f"the {policy.name} policy needs the queries of the last {width} prompt tokens; "
+                f"{type(backend).__name__} returns at most {backend.max_query_window}"
+            )
         if width > config.prefill_chunk:
             raise ValueError(
                 f"the {policy.name} policy needs the queries of the last {width} prompt tokens, more than "

@@ -109,6 +109,19 @@ class StepContext:
         """int32 ``[B, max_blocks]`` block table of ``layer`` for this step's rows (device)."""
         return self.kv.tables[layer, : len(self.rows)]
 
+    def append_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write this step's K/V ``[B, Hkv, T, D]`` into ``layer``'s pool at the planned slots and
+        call the policy's ``on_append`` hook."""
+        b, hkv, t, d = k.shape
+        pool = self.kv.pools[layer]
+        k_flat = k.permute(0, 2, 1, 3).reshape(b * t, hkv, d)
+        v_flat = v.permute(0, 2, 1, 3).reshape(b * t, hkv, d)
+        blocks = self.slot_blocks[layer]
+        offs = self.slot_offsets[layer]
+        pool[blocks, 0, :, offs] = k_flat.to(pool.dtype)
+        pool[blocks, 1, :, offs] = v_flat.to(pool.dtype)
+        self.policy.on_append(layer, blocks, offs, k_flat)
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
         """q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]`` (post-RoPE) of this step -> ``[B, Hq, T, D]``."""
         b, hq, t, d = q.shape
@@ -125,14 +138,7 @@ class StepContext:
             back = -self.positions[:, None, :]
             q = delta_rope(q, back, theta=self.rope_theta).to(q.dtype)
             k = delta_rope(k, back, theta=self.rope_theta).to(k.dtype)
-        hkv = k.shape[1]
-        k_flat = k.permute(0, 2, 1, 3).reshape(b * t, hkv, d)
-        v_flat = v.permute(0, 2, 1, 3).reshape(b * t, hkv, d)
-        blocks = self.slot_blocks[layer]
-        offs = self.slot_offsets[layer]
-        pool[blocks, 0, :, offs] = k_flat.to(pool.dtype)
-        pool[blocks, 1, :, offs] = v_flat.to(pool.dtype)
-        self.policy.on_append(layer, blocks, offs, k_flat)
+        self.append_kv(layer, k, v)
         sel = self.policy.layer_selection(layer, q, self)
         if sel is NotImplemented:
             sel = self.selections[layer]

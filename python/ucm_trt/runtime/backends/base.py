@@ -24,6 +24,14 @@ class Backend(ABC):
     device: torch.device
     #: dtype of the KV pools
     kv_dtype: torch.dtype
+    #: block size the backend was built for (``None``: any)
+    block_size: int | None = None
+    #: ReRoPE config baked into the backend (graph backends); ``None`` = not fixed by the backend
+    rerope = None
+    #: policies may select blocks per layer inside the forward (``Policy.layer_selection``)
+    supports_layer_hooks: bool = True
+    #: most trailing prompt queries the backend can hand back per step (``None``: any)
+    max_query_window: int | None = None
 
     @abstractmethod
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step) -> torch.Tensor:

@@ -1,0 +1,149 @@
+"""End-to-end runtime benchmark (GPU): decode tokens/s dense vs sparse, with and without offload.
+
+Runs the generation engine (PyTorch backend, Triton kernels) on a Llama-3.2-1B-shaped model with
+random weights (speed only) or on SmolLM2, for each context length and algorithm, and writes one
+JSON file with the card's name. Example (one H200)::
+
+    python benchmarks/bench_runtime.py --contexts 32768 131072 --algorithms dense esa gsa gsa-on-device \
+        --decode-steps 64 --batch 1 --out benchmarks/results/runtime_h200.json
+
+Per run it reports: prefill seconds, decode tokens/s, device KV bytes held at the last decode step
+vs the dense equivalent, bytes moved host->device per decode step, cache hit rate, CPU retrieval
+latency and the overlap achieved, and the policy's selected-block fraction. It also derives the
+maximum number of concurrent sequences of each context that fit in the free GPU memory with the
+measured per-sequence device KV (offload) vs the dense KV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from ucm_trt.config import Budget, GSAOnDeviceConfig, KVStarConfig, SparseConfig  # noqa: E402
+from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend  # noqa: E402
+from ucm_trt.runtime.algorithms import make_policy, sparse_config_for  # noqa: E402
+
+
+def llama_1b_random(dtype: torch.dtype, device: str, max_positions: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                      max_position_embeddings=max_positions, rope_theta=500000.0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+def load_model(name: str, dtype: torch.dtype, device: str, max_positions: int):
+    if name == "llama1b-random":
+        return llama_1b_random(dtype, device, max_positions)
+    if name == "smollm2":
+        from ucm_trt.models import load_smollm2
+
+        model, _ = load_smollm2(dtype=dtype)
+        return model.to(device)
+    raise ValueError(f"--model must be llama1b-random or smollm2, got {name!r}")
+
+
+def run_one(model, algorithm: str, ctx: int, args) -> dict:
+    kw = {}
+    stride = args.stride
+    if algorithm == "kvstar":
+        kw["kvstar"] = KVStarConfig(retrieval_stride=args.stride)
+    if algorithm == "gsa-on-device":
+        kw["gsa_on_device"] = GSAOnDeviceConfig(top_k_tokens=max(args.block_size * 8, int(ctx * args.ratio)),
+                                                seq_len_threshold=0)
+    sparse = sparse_config_for(algorithm, SparseConfig(block_size=args.block_size, budget=Budget.ratio(args.ratio),
+                                                       retrieval_stride=stride))
+    policy = make_policy(algorithm, **kw)
+    bs = args.block_size
+    max_seq = ctx + args.decode_steps + 1
+    max_blocks = -(-max_seq // bs)
+    device_blocks = None
+    if policy.offload and args.offload_pool_fraction < 1.0:
+        # room for one full prompt being prefilled plus the others' working sets
+        device_blocks = max_blocks + int(args.batch * max_blocks * args.offload_pool_fraction) + 1
+    rt = RuntimeConfig(max_batch=args.batch, max_seq_len=max_seq, prefill_chunk=args.prefill_chunk,
+                       cache_blocks=args.cache_blocks, num_device_blocks=device_blocks,
+                       retrieval_threads=args.retrieval_threads, validate=False)
+    engine = Engine(TorchBackend(model, attention="triton", validate=False), policy, sparse=sparse, config=rt)
+    g = torch.Generator().manual_seed(ctx)
+    prompts = [torch.randint(0, model.config.vocab_size, (ctx,), generator=g).tolist() for _ in range(args.batch)]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.generate(prompts, SamplingParams(max_new_tokens=args.decode_steps))
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    stats = engine.stats()
+    engine.close()
+    del engine
+    torch.cuda.empty_cache()
+    keep = ["prefill_seconds", "decode_steps", "decode_tokens", "decode_seconds", "decode_tokens_per_s",
+            "decode_bytes_h2d_per_step", "decode_bytes_h2d_max_step", "cache_hit_rate",
+            "device_kv_bytes_last_decode", "dense_kv_bytes_last_decode", "working_set_bytes_last_decode",
+            "device_kv_over_working_set", "retrieval_tasks", "retrieval_mean_ms", "retrieval_max_ms",
+            "retrieval_wait_ms", "retrieval_busy_ms", "retrieval_overlap", "offload", "policy"]
+    out = {k: stats.get(k) for k in keep}
+    out.update(algorithm=algorithm, context=ctx, batch=args.batch, wall_seconds=wall)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama1b-random", choices=("llama1b-random", "smollm2"))
+    p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--algorithms", nargs="+", default=["dense", "esa", "gsa", "gsa-on-device"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--decode-steps", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--ratio", type=float, default=0.125)
+    p.add_argument("--stride", type=int, default=4)
+    p.add_argument("--cache-blocks", type=int, default=2)
+    p.add_argument("--prefill-chunk", type=int, default=4096)
+    p.add_argument("--retrieval-threads", type=int, default=4)
+    p.add_argument("--offload-pool-fraction", type=float, default=0.3,
+                   help="device pool of offload runs, as a fraction of the dense pool per sequence")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/runtime.json"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_runtime.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    model = load_model(args.model, dtype, "cuda", max(args.contexts) + args.decode_steps + 16)
+    card = torch.cuda.get_device_name(0)
+    results = {"card": card, "model": args.model, "dtype": args.dtype, "torch": torch.__version__, "runs": []}
+    for ctx in args.contexts:
+        for alg in args.algorithms:
+            try:
+                r = run_one(model, alg, ctx, args)
+            except torch.cuda.OutOfMemoryError as exc:  # reported, never hidden
+                r = {"algorithm": alg, "context": ctx, "error": f"OOM: {exc}"}
+                torch.cuda.empty_cache()
+            results["runs"].append(r)
+            print(json.dumps(r, default=str), flush=True)
+    free, _total = torch.cuda.mem_get_info()
+    for r in results["runs"]:
+        if "error" in r or not r.get("device_kv_bytes_last_decode"):
+            continue
+        per_seq = r["device_kv_bytes_last_decode"] / r["batch"]
+        dense_seq = r["dense_kv_bytes_last_decode"] / r["batch"]
+        r["max_concurrent_sequences_free_memory"] = {"with_policy": int(free // per_seq),
+                                                     "dense": int(free // dense_seq)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

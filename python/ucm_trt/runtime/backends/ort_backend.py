@@ -1,0 +1,133 @@
+"""ONNX Runtime backend: runs a model rewritten by :mod:`ucm_trt.graph` (the embedded CPU default).
+
+The rewritten model (docs/graph.md) takes ``input_ids``, ``position_ids``, ``seq_lens`` (lengths
+including the chunk), ONE ``block_table`` shared by all layers, per layer ``kv_pool.{i}`` (past
+tokens only) and, for sparse algorithms, ``selection.{i}``; it returns ``logits``,
+``new_key.{i}`` / ``new_value.{i}`` (the chunk's K/V, which the runtime appends) and
+``last_query.{i}`` (the last token's query, for CPU retrieval).
+
+The runtime keeps one block table per layer (per-layer working sets), the graph takes one. Each
+step this backend therefore gathers every layer's blocks of the step's rows, in logical order,
+into a contiguous per-layer pool and passes ``block_table[b, j] = b * nb + j``; the gathered pool
+holds exactly the blocks the layer's table maps (non-resident blocks read as the null block, and
+they are never selected). This costs one copy of the working set per layer per step.
+
+Limits: the graph returns only the last token's query, so policies that need more prompt queries
+(KVStar's voting group) are rejected; per-layer on-device selection hooks (GSA On-Device) cannot
+run inside the graph and are rejected too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ucm_trt.config import ReRoPEConfig
+from ucm_trt.runtime.backends.base import Backend
+from ucm_trt.sparse.policies.base import ModelShape
+
+__all__ = ["OrtBackend"]
+
+_ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+
+
+class OrtBackend(Backend):
+    """Run a ``ucm_trt.graph``-rewritten ONNX model with ONNX Runtime.
+
+    Parameters
+    ----------
+    model_path:
+        Path of the rewritten ``.onnx`` model.
+    max_positions:
+        The model's trained context (ONNX does not record it); ``None`` = no limit checked.
+    providers:
+        ONNX Runtime execution providers (default CPU).
+    """
+
+    supports_layer_hooks = False
+    max_query_window = 1
+
+    def __init__(self, model_path: str | Path, *, max_positions: int | None = None,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
+        import onnxruntime as ort
+
+        path = Path(model_path)
+        if not path.is_file():
+            raise ValueError(f"model_path {str(path)!r} is not a file")
+        if max_positions is not None and (isinstance(max_positions, bool) or not isinstance(max_positions, int)
+                                          or max_positions < 1):
+            raise ValueError(f"max_positions must be an int >= 1 or None, got {max_positions!r}")
+        self.session = ort.InferenceSession(str(path), providers=list(providers))
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "ucm.layers" not in meta:
+            raise ValueError(f"{str(path)!r} is not a ucm_trt-rewritten model (no 'ucm.layers' metadata); "
+                             "run `ucm-trt rewrite` first")
+        if meta.get("ucm.partial", "false") == "true":
+            raise ValueError(f"{str(path)!r} was rewritten partially; the runtime needs every attention layer paged")
+        layers = {int(k): v for k, v in json.loads(meta["ucm.layers"]).items()}
+        n = len(layers)
+        if sorted(layers) != list(range(n)):
+            raise ValueError(f"rewritten model layers must be 0..{n - 1}, got {sorted(layers)}")
+        first = layers[0]
+        for i, lay in layers.items():
+            for key in ("num_q_heads", "num_kv_heads", "head_dim"):
+                if lay[key] != first[key]:
+                    raise ValueError(f"layer {i} has {key}={lay[key]}, layer 0 has {first[key]}; "
+                                     "the runtime needs one shape for every layer")
+        self.algorithm = meta.get("ucm.algorithm", "dense")
+        self.block_size = int(meta["ucm.block_size"])
+        self.rerope = ReRoPEConfig(**json.loads(meta["ucm.rerope"])) if "ucm.rerope" in meta else None
+        self.has_selection = [bool(layers[i].get("selection")) for i in range(n)]
+        theta = first.get("rope_theta")
+        self.shape = ModelShape(num_layers=n, num_q_heads=first["num_q_heads"], num_kv_heads=first["num_kv_heads"],
+                                head_dim=first["head_dim"], rope_theta=float(theta) if theta else 0.0,
+                                max_positions=max_positions or (1 << 31))
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        ptype = inputs["kv_pool.0"].type
+        if ptype not in _ORT_DTYPES:
+            raise ValueError(f"kv_pool.0 has type {ptype}; supported: {', '.join(_ORT_DTYPES)}")
+        self.kv_dtype = _ORT_DTYPES[ptype]
+        self.device = torch.device("cpu")
+        self.attention = None
+        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    def attention_name(self) -> str:
+        return f"onnxruntime ({self.algorithm} graph)"
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step) -> torch.Tensor:
+        b, t = input_ids.shape
+        bs = self.block_size
+        nb = max(-(-n // bs) for n in step.new_lens)
+        feeds: dict[str, np.ndarray] = {
+            "input_ids": input_ids.cpu().numpy(),
+            "position_ids": positions.cpu().numpy(),
+            "seq_lens": step.seq_lens.cpu().numpy(),
+            "block_table": np.arange(b * nb, dtype=np.int32).reshape(b, nb),
+        }
+        for layer in range(self.shape.num_layers):
+            idx = step.tables(layer)[:, :nb].long().reshape(-1)
+            feeds[f"kv_pool.{layer}"] = step.kv.pools[layer][idx].numpy()
+            sel = step.selections[layer]
+            if self.has_selection[layer]:
+                if sel is None:
+                    sel = torch.arange(nb, dtype=torch.int32).expand(b, self.shape.num_kv_heads, nb)
+                feeds[f"selection.{layer}"] = np.ascontiguousarray(sel.cpu().numpy())
+            elif sel is not None:
+                raise RuntimeError(
+                    f"layer {layer} of the ONNX model (rewritten for {self.algorithm!r}) has no selection input "
+                    f"but the policy {step.policy.name!r} selected blocks; rewrite the model for a sparse algorithm"
+                )
+        outs = dict(zip(self._outputs, self.session.run(None, feeds)))
+        hkv, d = self.shape.num_kv_heads, self.shape.head_dim
+        for layer in range(self.shape.num_layers):
+            k = torch.from_numpy(outs[f"new_key.{layer}"])
+            v = torch.from_numpy(outs[f"new_value.{layer}"])
+            if tuple(k.shape) != (b, hkv, t, d):
+                raise RuntimeError(f"new_key.{layer} has shape {tuple(k.shape)}, expected {(b, hkv, t, d)}")
+            step.append_kv(layer, k, v)
+            step.capture[layer, :b, :, 0] = torch.from_numpy(outs[f"last_query.{layer}"]).float()
+            step.layers_run += 1
+        return torch.from_numpy(outs["logits"])[:, -1].float()
