@@ -286,6 +286,37 @@ def _build_command() -> Command:
 COMMANDS.append(_build_command())
 
 
+# ------------------------------------------------------------------------------------------ run
+# Generation runtime (issue 5; owner of ucm_trt.runtime). Options and handler live in
+# ucm_trt.runtime.cli_run (argparse only at import); torch/transformers load when the command runs.
+
+
+def _configure_run(p: argparse.ArgumentParser) -> None:
+    from ucm_trt.runtime.cli_run import add_arguments
+
+    add_arguments(p)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from ucm_trt.runtime.cli_run import run_command
+
+    return run_command(args)
+
+
+COMMANDS.append(Command(
+    "run",
+    "generate for one prompt with a UCM algorithm; prints the text and the runtime stats",
+    "Generate with the paged-KV runtime (PyTorch backend, or ONNX Runtime on a rewritten model with "
+    "--onnx) and one algorithm: dense, esa, gsa, gsa-on-device, kvstar or rerope. Prints the streamed "
+    "text, then the stats (prefill/decode time, tokens/s, bytes moved, KV held, cache hit rate, "
+    "retrieval latency and overlap, selected-block fraction).\n\nexample:\n"
+    "  ucm-trt run --prompt-file essay.txt --algorithm esa --max-new-tokens 64 --chat\n"
+    "  ucm-trt run --prompt 'Hello' --algorithm dense --onnx smol-dense.onnx --block-size 16",
+    _configure_run,
+    _run_run,
+))
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse prints the whole usage before a usage error; print one line instead (exit 2)."""
 

@@ -11,29 +11,35 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["add_run_parser", "build_engine", "main", "run_command"]
+__all__ = ["RUN_ALGORITHMS", "add_arguments", "add_run_parser", "build_engine", "main", "run_command"]
+
+# Same as ucm_trt.runtime.algorithms.ALGORITHMS (a test checks); repeated so --help imports no torch.
+RUN_ALGORITHMS = ("dense", "esa", "gsa", "gsa-on-device", "kvstar", "rerope")
 
 
 def add_run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="generate for one prompt with a UCM sparse-attention algorithm",
                        description=__doc__)
-    _add_arguments(p)
+    add_arguments(p)
     p.set_defaults(func=run_command)
     return p
 
 
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from ucm_trt.runtime.algorithms import ALGORITHMS
-
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``run`` options to ``p`` (argparse only: no heavy imports)."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", type=Path, help="file holding the prompt text")
-    p.add_argument("--algorithm", choices=ALGORITHMS, default="dense")
+    p.add_argument("--algorithm", choices=RUN_ALGORITHMS, default="dense")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (the bundled SmolLM2-135M-Instruct) or a Hugging Face checkpoint directory")
-    p.add_argument("--backend", choices=("torch",), default="torch",
-                   help="model backend (the ONNX Runtime backend is not available yet)")
+    p.add_argument("--backend", choices=("torch", "ort"), default=None,
+                   help="torch: the Hugging Face model through the paged attention (default); ort: ONNX Runtime "
+                        "on a model rewritten by 'ucm-trt rewrite' (give it with --onnx; default when --onnx is given)")
+    p.add_argument("--onnx", type=Path, default=None,
+                   help="rewritten ONNX model for the ort backend (its block size must match --block-size); "
+                        "--model still names the tokenizer")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
@@ -112,12 +118,28 @@ def build_engine(args, model, prompt_len: int):
     rt = RuntimeConfig(max_batch=1, max_seq_len=max_seq, prefill_chunk=args.prefill_chunk,
                        cache_blocks=args.cache_blocks, num_device_blocks=args.device_blocks,
                        retrieval_threads=args.retrieval_threads)
-    return Engine(TorchBackend(model), make_policy(alg, **kw), sparse=sparse, config=rt)
+    if getattr(args, "backend", None) == "ort":
+        from ucm_trt.runtime.backends.ort_backend import OrtBackend
+
+        backend = OrtBackend(args.onnx)
+    else:
+        backend = TorchBackend(model)
+    return Engine(backend, make_policy(alg, **kw), sparse=sparse, config=rt)
 
 
 def run_command(args) -> int:
     from ucm_trt.runtime import SamplingParams
 
+    if args.backend is None:
+        args.backend = "ort" if args.onnx is not None else "torch"
+    if args.backend == "ort" and args.onnx is None:
+        raise ValueError("--backend ort needs --onnx PATH (a model rewritten by 'ucm-trt rewrite')")
+    if args.backend == "torch" and args.onnx is not None:
+        raise ValueError("--onnx is only used by --backend ort")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.prompt_file is not None and not args.prompt_file.is_file():
+        raise ValueError(f"--prompt-file {str(args.prompt_file)!r} is not a file")
     text = args.prompt if args.prompt is not None else args.prompt_file.read_text()
     model, tok = _load_model(args)
     if args.chat:
@@ -165,7 +187,7 @@ def run_command(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ucm-trt run", description=__doc__)
-    _add_arguments(parser)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         return run_command(args)
