@@ -72,13 +72,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     run_slow = config.getoption("--run-slow") or _selected_by_markexpr(config, "slow")
     run_perf = config.getoption("--run-perf") or _selected_by_markexpr(config, "perf")
     for item in items:
-        if "gpu" in item.keywords and (reason := _gpu_skip_reason()) is not None:
+        # Test the markers, not ``item.keywords``: keywords also hold the names of the test's folders
+        # and module, so every test under tests/trt/ would count as marked ``trt``.
+        def marked(name: str, item: pytest.Item = item) -> bool:
+            return item.get_closest_marker(name) is not None
+
+        if marked("gpu") and (reason := _gpu_skip_reason()) is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
-        if "trt" in item.keywords and (reason := _trt_skip_reason()) is not None:
+        if marked("trt") and (reason := _trt_skip_reason()) is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
-        if "slow" in item.keywords and not run_slow:
+        if marked("slow") and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow test: pass --run-slow or -m slow to run it"))
-        if "perf" in item.keywords and not run_perf:
+        if marked("perf") and not run_perf:
             item.add_marker(
                 pytest.mark.skip(reason="performance measurement: pass --run-perf or -m perf to run it")
             )
