@@ -54,6 +54,17 @@ def test_attention_aot_convention_matches_reference(name, tactic):
     torch.testing.assert_close(out, reference(case, inputs, pool_full), **tolerances_for(torch.float32))
 
 
+@pytest.mark.parametrize("splits", [2, 3, 50])
+@pytest.mark.parametrize("name", ["decode", "prefill", "select_all", "gqa8_d64", "rerope_logn_prefill"])
+def test_split_kv_jit_path_matches_reference(name, splits):
+    """The JIT path's flash-decoding split (work list cut into pieces, merged by log-sum-exp); 50
+    splits leave most pieces empty."""
+    case = CASES[name]
+    inputs, pool_full = make_inputs(case)
+    out = paged_attention_chunk(*inputs.values(), geometry=case.geometry(), num_splits=splits)
+    torch.testing.assert_close(out, reference(case, inputs, pool_full), **tolerances_for(torch.float32))
+
+
 @pytest.mark.parametrize("name", ["chunk3", "rerope"])
 def test_attention_fp16_matches_reference(name):
     case = CASES[name]
@@ -109,6 +120,8 @@ def test_launcher_rejects_bad_inputs_with_named_arguments():
                               geometry=geom)  # fmt: skip
     with pytest.raises(ValueError, match="tactic must be one of"):
         paged_attention_chunk(*inputs.values(), geometry=geom, tactic=7)
+    with pytest.raises(ValueError, match="num_splits"):
+        paged_attention_chunk(*inputs.values(), geometry=geom, num_splits=0)
 
 
 def test_geometry_validation_names_field():

@@ -28,8 +28,10 @@ first query position (RoPE depends on ``i - j`` only, and small angles keep fp32
 ``s = where(i - j < window, s1, s2)``. Log-n scaling multiplies q by
 ``max(1, log(i + 1) / log(L))`` first.
 
-No flash-decoding split here (a split needs a second merge kernel, which AOT cannot launch);
-parallelism comes from batch x KV heads x query tiles.
+Flash-decoding split (JIT path only): with ``SPLIT`` each program takes one contiguous piece of the
+work list and writes a normalised partial output plus its log2-sum-exp to a workspace, and
+``_ucm_merge_splits`` combines them. The AOT path cannot (one launch, no workspace): there the
+parallelism is batch x KV heads x query tiles, and the split parameters are compiled away.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ucm_trt._validation import check_gqa, check_same_device, check_tensor
-from ucm_trt.kernels._common import KERNEL_FLOAT_DTYPES, check_block_size, check_head_dim, next_pow2
+from ucm_trt.kernels._common import KERNEL_FLOAT_DTYPES, check_block_size, check_head_dim, next_pow2, num_sms
 
 __all__ = [
     "TACTICS",
@@ -70,10 +72,11 @@ def _ucm_paged_attn_kernel(
     q_ptr, k_ptr, v_ptr, pool_ptr, bt_ptr, seqlen_ptr, sel_ptr,
     T, MAX_BLOCKS, NUM_SEL,
     out_ptr,
+    po_ptr, plse_ptr, ITEMS_PER_SPLIT,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     QK_SCALE: tl.constexpr, REROPE: tl.constexpr, WINDOW: tl.constexpr, LOG2_THETA: tl.constexpr,
-    LOGN: tl.constexpr, INV_LOG_TRAIN: tl.constexpr, DOT_PREC: tl.constexpr,
+    LOGN: tl.constexpr, INV_LOG_TRAIN: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
     HQ: tl.constexpr = HKV * G
@@ -127,11 +130,15 @@ def _ucm_paged_attn_kernel(
     t_hi = tl.minimum(pid_t * BLOCK_T + BLOCK_T, T)  # chunk keys this tile can see: [0, t_hi)
     n_past_items = NUM_SEL * NSUB
     n_items = n_past_items + (t_hi + BLOCK_N - 1) // BLOCK_N
+    item_lo = 0
+    if SPLIT:  # flash-decoding (JIT path only): this program takes one contiguous piece of the work list
+        item_lo = tl.program_id(2) * ITEMS_PER_SPLIT
+        n_items = tl.minimum(item_lo + ITEMS_PER_SPLIT, n_items)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for j in range(0, n_items):
+    for j in range(item_lo, n_items):
         is_past = j < n_past_items
         js = j // NSUB
         sub = j % NSUB
@@ -191,9 +198,50 @@ def _ucm_paged_attn_kernel(
             acc = tl.dot(p.to(kv_dtype), v, acc, input_precision=DOT_PREC)
             m_i = m_new
 
-    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    o_rows = out_ptr + ((b64 * HQ + h * G + g) * T + t) * D
-    tl.store(o_rows[:, None] + dfull[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if SPLIT:  # normalised partial output + log2-sum-exp; _ucm_merge_splits combines the pieces
+        part = (pid_bh * tl.num_programs(1) + pid_t) * tl.num_programs(2) + tl.program_id(2)
+        prow = part.to(tl.int64) * BLOCK_M + rows
+        tl.store(plse_ptr + prow, tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf")))
+        tl.store(po_ptr + prow[:, None] * D + dfull[None, :], o)
+    else:
+        o_rows = out_ptr + ((b64 * HQ + h * G + g) * T + t) * D
+        tl.store(o_rows[:, None] + dfull[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _ucm_merge_splits(po_ptr, plse_ptr, out_ptr, T, NUM_SPLITS,
+                      HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b64 = (pid_bh // HKV).to(tl.int64)
+    h = pid_bh % HKV
+    rows = tl.arange(0, BLOCK_M)
+    t_loc = rows // G
+    g = rows % G
+    t = pid_t * BLOCK_T + t_loc
+    row_ok = (t_loc < BLOCK_T) & (t < T)
+    dfull = tl.arange(0, D)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)  # noqa: E741
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    base = (pid_bh * tl.num_programs(1) + pid_t) * NUM_SPLITS
+    for sp in range(0, NUM_SPLITS):
+        prow = (base + sp).to(tl.int64) * BLOCK_M + rows
+        lse = tl.load(plse_ptr + prow)
+        o = tl.load(po_ptr + prow[:, None] * D + dfull[None, :])
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)
+        l = l * alpha + w  # noqa: E741
+        acc = acc * alpha[:, None] + o * w[:, None]
+        m = m_new
+    res = acc / tl.where(l > 0.0, l, 1.0)[:, None]
+    o_rows = out_ptr + ((b64 * (HKV * G) + h * G + g) * T + t) * D
+    tl.store(o_rows[:, None] + dfull[None, :], res.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,7 +319,8 @@ def paged_attention_kernel_args(
     """``(kernel, signature, constexprs)`` for compiling (PTX) or launching (Triton) the kernel.
 
     ``signature`` maps the non-constexpr parameters, in order, to Triton types: 7 input pointers,
-    3 int32 extras, 1 output pointer.
+    3 int32 extras, 1 output pointer. The split-KV parameters (after the output) are constexprs
+    here: ``SPLIT=False`` and no workspace, as TensorRT's AOT launcher requires.
     """
     if dtype not in _TRITON_PTR:
         raise TypeError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
@@ -298,6 +347,11 @@ def paged_attention_kernel_args(
         "LOGN": geometry.rerope and lt > 0,
         "INV_LOG_TRAIN": 1.0 / math.log(lt) if lt > 0 else 0.0,
         "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32",
+        "SPLIT": False,
+        # the split-KV workspace exists on the JIT path only; one AOT launch cannot merge splits
+        "po_ptr": None,
+        "plse_ptr": None,
+        "ITEMS_PER_SPLIT": 0,
     }
     return _ucm_paged_attn_kernel, signature, constexprs
 
@@ -328,6 +382,7 @@ def paged_attention_chunk(
     *,
     geometry: PagedAttentionGeometry,
     tactic: int | None = None,
+    num_splits: int | None = None,
     out: torch.Tensor | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
@@ -336,7 +391,9 @@ def paged_attention_chunk(
     q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]`` (the chunk), kv_pool ``[N, 2, Hkv, bs, D]`` (past
     tokens only), block_table int32 ``[B, M]``, seq_lens int32 ``[B]`` (including the chunk),
     selection int32 ``[B, Hkv, S]``. All contiguous, one float dtype. Returns ``[B, Hq, T, D]``.
-    ``tactic=None`` picks decode tiles for T <= 8, prefill tiles otherwise.
+    ``tactic=None`` picks decode tiles for T <= 8, prefill tiles otherwise. ``num_splits`` cuts each
+    program's work list into that many pieces merged by a second kernel (flash-decoding);
+    ``None`` = enough pieces for 4 programs per SM on a GPU, 1 elsewhere.
     ``validate=True`` also checks index contents (one device sync).
     """
     if not isinstance(geometry, PagedAttentionGeometry):
@@ -388,11 +445,26 @@ def paged_attention_chunk(
         tactic = TACTIC_DECODE if t <= 8 else TACTIC_PREFILL
     tile = tile_config(tactic, geometry)
     kernel, _, constexprs = paged_attention_kernel_args(geometry, tile, q.dtype)
-    grid = paged_attention_grid(b, t, geometry, tile, _cdiv)
-    kernel[grid](
-        q, k, v, kv_pool, block_table, seq_lens, selection,
-        *paged_attention_extras(t, max_blocks, selection.shape[2]),
-        out,
-        **constexprs, num_warps=tile.num_warps, num_stages=tile.num_stages,
-    )  # fmt: skip
+    gx, gy, _ = paged_attention_grid(b, t, geometry, tile, _cdiv)
+    max_items = selection.shape[2] * (bs // tile.block_n) + _cdiv(t, tile.block_n)
+    if num_splits is None:
+        num_splits = 1 if q.device.type != "cuda" else max(1, _cdiv(4 * num_sms(q.device), gx * gy))
+    elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be an int >= 1 or None, got {num_splits!r}")
+    per_split = _cdiv(max_items, min(num_splits, max_items))
+    splits = _cdiv(max_items, per_split)
+    extras = paged_attention_extras(t, max_blocks, selection.shape[2])
+    if splits == 1:
+        kernel[(gx, gy, 1)](q, k, v, kv_pool, block_table, seq_lens, selection, *extras, out,
+                            **constexprs, num_warps=tile.num_warps, num_stages=tile.num_stages)  # fmt: skip
+        return out
+    rows = gx * gy * splits * tile.block_m
+    po = torch.empty((rows, d), dtype=torch.float32, device=q.device)
+    plse = torch.empty((rows,), dtype=torch.float32, device=q.device)
+    constexprs = dict(constexprs, SPLIT=True)
+    del constexprs["po_ptr"], constexprs["plse_ptr"], constexprs["ITEMS_PER_SPLIT"]
+    kernel[(gx, gy, splits)](q, k, v, kv_pool, block_table, seq_lens, selection, *extras, out, po, plse, per_split,
+                             **constexprs, num_warps=tile.num_warps, num_stages=tile.num_stages)  # fmt: skip
+    _ucm_merge_splits[(gx, gy)](po, plse, out, t, splits, HKV=hkv, G=geometry.group, D=d,
+                                BLOCK_T=tile.block_t, BLOCK_M=tile.block_m, num_warps=4)  # fmt: skip
     return out
