@@ -80,6 +80,23 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _dumps(payload: dict[str, Any]) -> str:
+    """JSON with one line per cell: compact, yet a re-run's diff shows which cells changed."""
+    head = {k: v for k, v in payload.items() if k != "cells"}
+    lines = ["{"]
+    for k, v in head.items():
+        lines.append(f" {json.dumps(k)}: {json.dumps(v, sort_keys=True, allow_nan=False)},")
+    lines.append(' "cells": {')
+    cells = payload["cells"]
+    for i, key in enumerate(sorted(cells)):
+        sep = "," if i + 1 < len(cells) else ""
+        body = json.dumps(cells[key], sort_keys=True, allow_nan=False, separators=(",", ":"))
+        lines.append(f"  {json.dumps(key)}: {body}{sep}")
+    lines.append(" }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
 class ResultStore:
     """A JSON file of finished cells; see the module docstring.
 
@@ -150,8 +167,7 @@ class ResultStore:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(payload, fh, indent=1, sort_keys=True, allow_nan=False)
-                fh.write("\n")
+                fh.write(_dumps(payload))
             os.replace(tmp, self.path)
         finally:
             if os.path.exists(tmp):
