@@ -13,8 +13,10 @@
   ``concurrency_threshold`` rows have ``seq_len >= seq_len_threshold``; otherwise dense.
 * ``rollback_layers`` always run dense; ``layer_reuse[l] = src`` makes layer ``l`` reuse this
   step's selection of layer ``src``.
-* On CUDA the retrieval runs the Triton ``ucm_trt.kernels.hash_retrieve``; elsewhere PyTorch ops
-  from :mod:`ucm_trt.sparse.score` / :mod:`ucm_trt.sparse.select` (same semantics).
+* ``use_kernel`` (default: on CUDA) runs the fused Triton ``ucm_trt.kernels.hash_retrieve`` (query hash,
+  paged Hamming scores, block top-k); otherwise PyTorch ops from :mod:`ucm_trt.sparse.score` /
+  :mod:`ucm_trt.sparse.select`. Both give the same selection (a CPU test runs the kernel under the
+  Triton interpreter against the PyTorch path).
 """
 
 from __future__ import annotations
@@ -36,13 +38,16 @@ class GSAOnDevicePolicy(Policy):
     name = "gsa-on-device"
     offload = False
 
-    def __init__(self, config: GSAOnDeviceConfig | None = None) -> None:
+    def __init__(self, config: GSAOnDeviceConfig | None = None, *, use_kernel: bool | None = None) -> None:
         super().__init__()
         if config is None:
             config = GSAOnDeviceConfig()
         if not isinstance(config, GSAOnDeviceConfig):
             raise TypeError(f"config must be a GSAOnDeviceConfig, got {type(config).__name__}")
+        if use_kernel is not None and not isinstance(use_kernel, bool):
+            raise TypeError(f"use_kernel must be a bool or None (auto: on CUDA), got {use_kernel!r}")
         self.config = config
+        self.use_kernel = use_kernel
         self._gate = False
         self._step_sel: dict[int, torch.Tensor] = {}
         self.sparse_steps = 0
@@ -68,14 +73,23 @@ class GSAOnDevicePolicy(Policy):
         bits = cfg.resolved_hash_bits(shape.head_dim)
         dev = rt.device
         n_dev = rt.kv.pools[0].shape[0]
+        if self.use_kernel is None:
+            self.use_kernel = dev.type == "cuda"
         self.encoders: dict[int, HashEncoder] = {}
         self.codes: dict[int, torch.Tensor] = {}
+        self._weights: dict[int, torch.Tensor] = {}
         for layer in self._computing_layers():
             if cfg.hash_weights_path is not None:
                 enc = HashEncoder.load(cfg.hash_weights_path, key=f"layer{layer}", device=dev)
             else:
                 enc = HashEncoder.random(shape.head_dim, bits, seed=cfg.hash_seed + layer, device=dev)
+            if self.use_kernel and enc.num_heads is not None:
+                raise ValueError(
+                    f"GSA On-Device hash weights of layer {layer} are per head {tuple(enc.weight.shape)}; the "
+                    "fused retrieval kernel takes one [D, bits] projection (set use_kernel=False)"
+                )
             self.encoders[layer] = enc
+            self._weights[layer] = enc.weight.to(dev).contiguous()
             self.codes[layer] = torch.zeros(n_dev, shape.num_kv_heads, s.block_size, bits // 8,
                                             dtype=torch.uint8, device=dev)
 
@@ -111,6 +125,16 @@ class GSAOnDevicePolicy(Policy):
         s = self.sparse
         bs = s.block_size
         lens = step.new_lens
+        if self.use_kernel:
+            from ucm_trt.kernels import hash_retrieve
+
+            sel = hash_retrieve(q[:, :, -1].contiguous(), self.codes[layer], self._weights[layer], step.tables(layer),
+                                step.seq_lens, top_k=cfg.top_k_tokens // bs, sink_blocks=s.sink_blocks,
+                                local_blocks=s.local_blocks, shared=s.selection == "shared", validate=False)
+            self._step_sel[layer] = sel
+            self.selected_blocks += int((sel >= 0).sum())
+            self.candidate_blocks += sum((n + bs - 1) // bs for n in lens) * self.shape.num_kv_heads
+            return sel
         nb_max = max((n + bs - 1) // bs for n in lens)
         table = step.tables(layer)[:, :nb_max].long()  # [B, nb]
         k_codes = self.codes[layer][table]  # [B, nb, Hkv, bs, bytes]
