@@ -82,7 +82,12 @@ def test_usage_errors_are_one_line_exit_2(argv, msg, capsys):
         (["--load", "/nonexistent/essay.txt"], 2, "--load '/nonexistent/essay.txt': no such file"),
         (["--engine", "/nonexistent/model.plan"], 2, "--engine '/nonexistent/model.plan': no such file"),
         (["--backend", "torch", "--engine", "PLAN"], 2, "cannot be combined with --backend torch"),
-        (["--backend", "ort"], 1, "--backend ort: this ucm_trt has no ONNX Runtime backend"),
+        (["--backend", "ort"], 2, "--backend ort needs --onnx MODEL.onnx"),
+        (["--backend", "trt"], 2, "--backend trt needs --engine PLAN"),
+        (["--onnx", "/nonexistent/m.onnx"], 2, "--onnx '/nonexistent/m.onnx': no such file"),
+        (["--onnx", "PLAN", "--engine", "PLAN"], 2, "--engine (TensorRT) and --onnx (ONNX Runtime) exclude each other"),
+        (["--onnx", "PLAN", "--device", "cuda"], 2, "--onnx runs ONNX Runtime on the CPU; drop --device cuda"),
+        (["--onnx", "PLAN", "--backend", "torch"], 2, "cannot be combined with --backend torch"),
     ],
 )
 def test_chat_bad_arguments_fail_fast(argv, code, msg, capsys, tmp_path):
@@ -97,6 +102,7 @@ def test_chat_bad_arguments_fail_fast(argv, code, msg, capsys, tmp_path):
 
 
 def test_chat_engine_without_tensorrt_is_one_line(capsys, tmp_path):
+    """Exit 1 (the environment lacks TensorRT), one line, before any model loads."""
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"\0")
     try:
@@ -105,12 +111,14 @@ def test_chat_engine_without_tensorrt_is_one_line(capsys, tmp_path):
         has_trt = True
     except Exception:  # ImportError, or the PyPI stub's RuntimeError
         has_trt = False
-    assert cli.main(["chat", "--engine", str(plan)]) == 1
+    rc = cli.main(["chat", "--engine", str(plan)])
     line = _one_line_error(capsys.readouterr().err, "ucm-trt chat: error: --engine")
-    if has_trt:
-        assert "no TensorRT runtime backend" in line or "does not drive" in line
+    if has_trt:  # a real TensorRT: the engine file (one zero byte, no sidecar) is what fails
+        assert rc in (1, 2) and "model.plan" in line
     else:
-        assert "needs TensorRT, but `import tensorrt` failed" in line and "ucm-trt[trt]" in line
+        assert rc == 1
+        assert "--engine needs TensorRT: TensorRT is not available (`import tensorrt` failed" in line
+        assert "ucm-trt[trt]" in line
 
 
 def test_chat_cuda_without_a_gpu(capsys):

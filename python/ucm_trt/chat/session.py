@@ -319,6 +319,7 @@ class ChatSession:
         self.last_stats: TurnStats | None = None
         self.turns = 0
         self._check_context(settings)
+        self._check_backend(settings)
 
     # ------------------------------------------------------------------ settings
     @property
@@ -349,8 +350,25 @@ class ChatSession:
         except TypeError as exc:  # unknown field names or wrong types
             raise ChatError(str(exc)) from exc
         self._check_context(new)
+        self._check_backend(new)
         self._settings = new
         return new
+
+    def _engine(self, settings: ChatSettings, prompt_tokens: int, max_seq_len: int):
+        from ucm_trt.runtime import Engine, RuntimeConfig
+
+        policy = settings.make_policy(prompt_tokens, self.max_positions)
+        try:
+            return Engine(self.backend, policy, sparse=settings.sparse_config(),
+                          config=RuntimeConfig(max_batch=1, max_seq_len=max_seq_len,
+                                               prefill_chunk=settings.prefill_chunk))
+        except ValueError as exc:  # the runtime's checks of policy / config against the backend
+            raise ChatError(str(exc).strip().splitlines()[0]) from None
+
+    def _check_backend(self, settings: ChatSettings) -> None:
+        """Dry run: the runtime's own checks of ``settings`` against the backend, on a tiny engine."""
+        small = min(self.context_limit, max(2, settings.block_size * settings.min_blocks))
+        self._engine(settings, small - 1, small).close()
 
     def set_algorithm(self, name: str) -> ChatSettings:
         if name not in ALGORITHMS:
@@ -434,8 +452,6 @@ class ChatSession:
         """
         if not isinstance(text, str) or not text.strip():
             raise ChatError("an empty message cannot be sent")
-        from ucm_trt.runtime import Engine, RuntimeConfig
-
         s = self._settings
         content = self._user_content(text)
         ids = self._render(self._messages + [{"role": "user", "content": content}])
@@ -447,9 +463,7 @@ class ChatSession:
             )
         max_seq = min(limit, len(ids) + s.max_new_tokens)
         params = s.sampling(stop_token_ids=self._stop_ids)
-        policy = s.make_policy(len(ids), self.max_positions)
-        engine = Engine(self.backend, policy, sparse=s.sparse_config(),
-                        config=RuntimeConfig(max_batch=1, max_seq_len=max_seq, prefill_chunk=s.prefill_chunk))
+        engine = self._engine(s, len(ids), max_seq)
         detok = _Detokenizer(self.tokenizer, self._stop_ids, on_text)
         t0 = time.perf_counter()
         try:

@@ -1,0 +1,68 @@
+"""The chat app on the runtime's ONNX Runtime backend: a tiny random Llama with SmolLM2's
+vocabulary and tokenizer (so the chat template applies), exported with ``ucm_trt.graph.export`` and
+rewritten for ESA with 16-token blocks. Its replies are noise; the test checks the plumbing: the
+backend named in the stats, sparse selection through the graph's selection inputs, and one-line
+errors for algorithms the graph cannot run."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+import torch
+
+from ucm_trt.chat import app
+
+
+@pytest.fixture(scope="module")
+def tiny_rewritten(tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from ucm_trt.graph.driver import RewriteConfig, rewrite_model, save_model
+    from ucm_trt.graph.export import export_hf_model
+    from ucm_trt.models import smollm2_checkpoint_dir
+
+    d = tmp_path_factory.mktemp("tiny-smol")
+    tok = AutoTokenizer.from_pretrained(smollm2_checkpoint_dir(), local_files_only=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).eval().save_pretrained(d)
+    tok.save_pretrained(d)
+    onnx_path = export_hf_model(d, d / "tiny.onnx")
+    model, _ = rewrite_model(onnx_path, config=RewriteConfig(algorithm="esa", block_size=16))
+    return d, save_model(model, d / "tiny-esa16.onnx")
+
+
+def test_chat_on_onnx_runtime(tiny_rewritten, doc_file):
+    ckpt, onnx_path = tiny_rewritten
+    script = "\n".join(["Hello", "/algo esa", f"/load {doc_file}", "Summarize it.", "/algo gsa-on-device",
+                        "/algo kvstar", "/quit"]) + "\n"
+    args = app.build_parser().parse_args(["--model", str(ckpt), "--onnx", str(onnx_path), "--max-new-tokens", "3"])
+    out, err = io.StringIO(), io.StringIO()
+    assert app.run(args, stdin=io.StringIO(script), stdout=out, stderr=err) == 0, err.getvalue()
+    text = out.getvalue()
+    stats = [line for line in text.splitlines() if line.startswith("[stats] ")]
+    assert len(stats) == 2, text
+    assert all(s.startswith("[stats] ort/cpu:onnxruntime (esa graph) | ") for s in stats)
+    assert "block_size=16" in text  # taken from the rewritten model
+    assert "| dense |" in stats[0] and "blocks/step all" in stats[0]
+    m = re.search(r"\| esa@0\.25 \| prompt (\d+) tok.*blocks/step ([\d.]+)/([\d.]+)", stats[1])
+    assert m and int(m.group(1)) > 150 and float(m.group(2)) < float(m.group(3)), stats[1]
+    errors = err.getvalue().splitlines()
+    assert len(errors) == 2 and all(e.startswith("error: ") for e in errors), errors
+    assert "gsa-on-device policy selects blocks inside each layer's attention" in errors[0]
+    assert "kvstar policy needs the queries of the last 8 prompt tokens" in errors[1]
+    assert "[chat] algorithm -> gsa-on-device" not in text  # the switch was refused; esa stays
+
+
+def test_block_size_must_match_the_graph(tiny_rewritten):
+    ckpt, onnx_path = tiny_rewritten
+    args = app.build_parser().parse_args(["--model", str(ckpt), "--onnx", str(onnx_path), "--block-size", "32"])
+    out, err = io.StringIO(), io.StringIO()
+    assert app.run(args, stdin=io.StringIO(""), stdout=out, stderr=err) == 2
+    line = err.getvalue().strip()
+    assert "\n" not in line and line.startswith("ucm-trt chat: error: ")
+    assert "block_size (32) must equal the block size the backend's model was built for (16)" in line
