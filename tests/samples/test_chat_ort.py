@@ -66,3 +66,29 @@ def test_block_size_must_match_the_graph(tiny_rewritten):
     line = err.getvalue().strip()
     assert "\n" not in line and line.startswith("ucm-trt chat: error: ")
     assert "block_size (32) must equal the block size the backend's model was built for (16)" in line
+
+
+def test_passkey_side_by_side_on_onnx_runtime(tiny_rewritten):
+    from transformers import AutoTokenizer
+
+    from ucm_trt.chat.demo_passkey import ORT_ALGORITHMS, passkey_side_by_side
+    from ucm_trt.models import haystack_text
+
+    ckpt, onnx_path = tiny_rewritten
+    tok = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
+    buf = io.StringIO()
+    runs = passkey_side_by_side(num_tokens=300, tokenizer=tok, onnx_path=onnx_path, max_new_tokens=3,
+                                haystack=haystack_text(source="filler"), file=buf)
+    text = buf.getvalue()
+    assert [r.algorithm for r in runs] == list(ORT_ALGORITHMS) == ["dense", "esa", "gsa"]
+    assert "backend: ort/cpu:onnxruntime (esa graph)" in text and "block size 16" in text
+    for r in runs:  # a random model: the verdict must follow the answer, whatever it is
+        assert r.correct == ("68231" in r.answer)
+        assert r.stats.backend.startswith("ort/cpu")
+    assert runs[0].stats.blocks_selected is None
+    for r in runs[1:]:
+        assert r.stats.blocks_selected is not None and r.stats.blocks_selected < r.stats.blocks_total
+    with pytest.raises(ValueError, match="differs from the ONNX model's block size 16"):
+        passkey_side_by_side(num_tokens=300, tokenizer=tok, onnx_path=onnx_path, block_size=32, file=io.StringIO())
+    with pytest.raises(ValueError, match="onnx_path must be an existing rewritten .onnx file"):
+        passkey_side_by_side(onnx_path=ckpt / "missing.onnx")

@@ -253,6 +253,9 @@ class _Console:
                 return input("you> ")
             except EOFError:
                 return None
+            except KeyboardInterrupt:  # Ctrl-C at the prompt drops the line; Ctrl-D or /quit leaves
+                self.stdout.write("\n")
+                return ""
         line = self.stdin.readline()
         if not line:
             return None
