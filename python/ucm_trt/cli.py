@@ -236,9 +236,10 @@ COMMANDS.append(Command(
     "stats line per turn (prompt tokens, decode tok/s, blocks selected per step, retrieval time, "
     "bytes moved, KV held). Reads standard input line by line, so it can be scripted. Commands: "
     "/algo NAME, /budget R, /load FILE (send a long text with the next message), /stats, /reset, "
-    "/help, /quit. Default: SmolLM2-135M-Instruct on the CPU (the runtime's PyTorch backend until "
-    "its ONNX Runtime backend lands).\n\nexample:\n  ucm-trt chat\n"
-    "  ucm-trt chat --algorithm esa --budget 0.25 --load essay.txt\n"
+    "/help, /quit. Default: SmolLM2-135M-Instruct on the CPU with the runtime's PyTorch backend; "
+    "--onnx runs a rewritten model on ONNX Runtime, --engine a TensorRT engine.\n\nexample:\n"
+    "  ucm-trt chat\n  ucm-trt chat --algorithm esa --budget 0.25 --load essay.txt\n"
+    "  ucm-trt chat --onnx smol-esa.onnx\n"
     "  printf 'Hi\\n/algo gsa-on-device\\nSummarize.\\n' | ucm-trt chat --max-new-tokens 32\n"
     "  ucm-trt chat --backend torch --device cuda",
     _configure_chat,
