@@ -92,3 +92,23 @@ def test_passkey_side_by_side_on_onnx_runtime(tiny_rewritten):
         passkey_side_by_side(num_tokens=300, tokenizer=tok, onnx_path=onnx_path, block_size=32, file=io.StringIO())
     with pytest.raises(ValueError, match="onnx_path must be an existing rewritten .onnx file"):
         passkey_side_by_side(onnx_path=ckpt / "missing.onnx")
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+def test_chat_on_a_tensorrt_engine(tiny_rewritten, tmp_path):
+    """TensorRT tier: build an engine from the same rewritten model and chat over it."""
+    from ucm_trt import cli
+
+    ckpt, onnx_path = tiny_rewritten
+    engine = tmp_path / "tiny-esa16.engine"
+    assert cli.main(["build", str(onnx_path), "-o", str(engine), "--max-blocks", "64"]) == 0
+    script = "Hello\n/algo esa\nHello again, tell me more about it please.\n/algo gsa-on-device\n/quit\n"
+    args = app.build_parser().parse_args(["--model", str(ckpt), "--engine", str(engine), "--max-new-tokens", "3"])
+    out, err = io.StringIO(), io.StringIO()
+    assert app.run(args, stdin=io.StringIO(script), stdout=out, stderr=err) == 0, err.getvalue()
+    stats = [line for line in out.getvalue().splitlines() if line.startswith("[stats] ")]
+    assert len(stats) == 2 and all(s.startswith("[stats] trt/cuda:tensorrt") for s in stats), out.getvalue()
+    assert "| dense |" in stats[0] and "| esa@0.25 |" in stats[1]
+    errors = err.getvalue().splitlines()
+    assert len(errors) == 1 and "gsa-on-device policy selects blocks inside each layer's attention" in errors[0]
