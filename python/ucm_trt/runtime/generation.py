@@ -305,16 +305,21 @@ class Engine:
         )
 
     def _write_slots(self, rows: list[str], starts: list[int], t: int) -> None:
+        pos = torch.tensor(starts, dtype=torch.long)[:, None] + torch.arange(t)[None, :]  # [B, T]
+        self._write_positions(rows, pos, [s + t for s in starts])
+
+    def _write_positions(self, rows: list[str], pos: torch.Tensor, seq_lens: list[int]) -> None:
+        """Slots (physical block, offset) of the tokens at ``pos`` [B, T], positions and seq_lens:
+        host mirrors, then one copy each into the device buffers."""
         bs = self.sparse.block_size
         th = self.kv.tables_host
-        b = len(rows)
-        pos = torch.tensor(starts, dtype=torch.long)[:, None] + torch.arange(t)[None, :]  # [B, T]
+        b, t = pos.shape
         row_idx = torch.arange(b)[:, None].expand(b, t)
         blocks = th[:, row_idx, pos // bs].reshape(th.shape[0], b * t)  # [L, B*T]
         self._slot_b_h[:, : b * t] = blocks
         self._slot_o_h[:, : b * t] = (pos % bs).reshape(1, b * t)
         self._pos_h[:b, :t] = pos
-        self._seq_lens_h[:b] = torch.tensor([s + t for s in starts], dtype=torch.int32)
+        self._seq_lens_h[:b] = torch.tensor(seq_lens, dtype=torch.int32)
         nb = self._slot_b.device.type == "cuda"
         self._slot_b[:, : b * t].copy_(self._slot_b_h[:, : b * t], non_blocking=nb)
         self._slot_o[:, : b * t].copy_(self._slot_o_h[:, : b * t], non_blocking=nb)

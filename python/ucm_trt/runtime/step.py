@@ -88,6 +88,7 @@ class StepContext:
         capture: torch.Tensor,
         capture_width: int,
         rope_theta: float,
+        query_positions: torch.Tensor | None = None,
     ) -> None:
         self.kv = kv
         self.policy = policy
@@ -103,6 +104,9 @@ class StepContext:
         self.capture = capture
         self.capture_width = capture_width
         self.rope_theta = rope_theta
+        #: [B, T] true positions of scattered queries (Blend's selective recompute); None = the
+        #: queries are the last T tokens of each sequence (prefill chunk / decode)
+        self.query_positions = query_positions
         self.layers_run = 0
 
     def tables(self, layer: int) -> torch.Tensor:
@@ -122,6 +126,27 @@ class StepContext:
         pool[blocks, 1, :, offs] = v_flat.to(pool.dtype)
         self.policy.on_append(layer, blocks, offs, k_flat)
 
+    def _attend_scattered(self, layer: int, q: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """Dense causal attention of queries at arbitrary positions over each row's whole sequence
+        (every block), through the fp32 reference."""
+        from ucm_trt.reference import dense_attention
+
+        pool = self.kv.pools[layer]
+        _, _, hkv, bs, d = pool.shape
+        outs = []
+        for row, n in enumerate(self.new_lens):
+            nb = -(-n // bs)
+            phys = self.tables(layer)[row, :nb].long()
+            blocks = pool[phys]  # [nb, 2, Hkv, bs, D]
+            k = blocks[:, 0].permute(1, 0, 2, 3).reshape(hkv, nb * bs, d)[:, :n]
+            v = blocks[:, 1].permute(1, 0, 2, 3).reshape(hkv, nb * bs, d)[:, :n]
+            outs.append(dense_attention(q[row : row + 1], k[None], v[None], scale=scale, causal=True,
+                                        q_positions=self.query_positions[row],
+                                        k_positions=torch.arange(n, device=q.device)))
+        w = min(q.shape[2], self.capture_width)
+        self.capture[layer, : q.shape[0], :, :w] = q[:, :, q.shape[2] - w :].float()
+        return torch.cat(outs)
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
         """q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]`` (post-RoPE) of this step -> ``[B, Hq, T, D]``."""
         b, hq, t, d = q.shape
@@ -139,6 +164,10 @@ class StepContext:
             q = delta_rope(q, back, theta=self.rope_theta).to(q.dtype)
             k = delta_rope(k, back, theta=self.rope_theta).to(k.dtype)
         self.append_kv(layer, k, v)
+        if self.query_positions is not None:
+            out = self._attend_scattered(layer, q, scale)
+            self.layers_run += 1
+            return out.to(q.dtype)
         sel = self.policy.layer_selection(layer, q, self)
         if sel is NotImplemented:
             sel = self.selections[layer]
