@@ -1,4 +1,4 @@
-"""GPU tier of the runtime (marker ``gpu``; skipped without CUDA): the Triton attention path, pinned
+"""GPU tier of the runtime (marker ``gpu``; skipped without CUDA): the Triton attention path (head_dim >= 32, a kernel requirement), pinned
 host store and side-stream delta prefetch against the CPU reference path, and a decode-throughput
 measurement (``perf``) on a Llama-3.2-1B-shaped random model."""
 
@@ -27,9 +27,9 @@ def _tokens(model, algorithm, attention, *, budget=Budget.ratio(1.0), steps=32, 
 
 @pytest.mark.gpu
 def test_triton_path_on_cuda_matches_cpu_reference():
-    cpu = tiny_llama()
+    cpu = tiny_llama(head_dim=32)
     ref, _ = _tokens(cpu, "dense", "reference")
-    gpu = tiny_llama().cuda()
+    gpu = tiny_llama(head_dim=32).cuda()
     got, stats = _tokens(gpu, "dense", "triton")
     assert stats["attention"] == "triton" and stats["device"].startswith("cuda")
     assert got == ref
@@ -38,7 +38,7 @@ def test_triton_path_on_cuda_matches_cpu_reference():
 @pytest.mark.gpu
 @pytest.mark.parametrize("algorithm", ["esa", "gsa", "gsa-on-device"])
 def test_select_all_on_cuda_with_pinned_offload_equals_dense(algorithm):
-    gpu = tiny_llama().cuda()
+    gpu = tiny_llama(head_dim=32).cuda()
     dense, _ = _tokens(gpu, "dense", "triton")
     kw = {"gsa_on_device": GSAOnDeviceConfig(top_k_tokens=4096, seq_len_threshold=0)} if algorithm == "gsa-on-device" else {}
     got, stats = _tokens(gpu, algorithm, "triton", **kw)
