@@ -178,6 +178,9 @@ def complete_accuracy_cells(store: ResultStore, kind: str) -> list[dict[str, Any
     methods are compared on the same prompts (an interrupted prompt is left out)."""
     cells = store.cells(kind)
     variants = {(c["method"], float(c["ratio"])) for c in cells}
+    cfg = store.meta.get("config")
+    if isinstance(cfg, dict) and "methods" in cfg and "ratios" in cfg:  # the run's full variant set
+        variants |= {("dense", 1.0)} | {(m, float(r)) for m in cfg["methods"] for r in cfg["ratios"]}
     prompt_of = (lambda c: (c["sample"],)) if kind == "ppl" else (lambda c: (c["length"], c["depth"], c["sample"]))
     per: dict[tuple, set] = defaultdict(set)
     for c in cells:
