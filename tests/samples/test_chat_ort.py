@@ -112,3 +112,29 @@ def test_chat_on_a_tensorrt_engine(tiny_rewritten, tmp_path):
     assert "| dense |" in stats[0] and "| esa@0.25 |" in stats[1]
     errors = err.getvalue().splitlines()
     assert len(errors) == 1 and "gsa-on-device policy selects blocks inside each layer's attention" in errors[0]
+
+
+def test_prepare_onnx_exports_rewrites_and_reuses(tiny_rewritten, tmp_path):
+    import onnx
+
+    from ucm_trt.chat.demo_passkey import prepare_onnx
+
+    ckpt, _ = tiny_rewritten
+    msgs: list[str] = []
+    path = prepare_onnx(tmp_path, checkpoint=ckpt, block_size=16, progress=msgs.append)
+    assert path == tmp_path / f"{ckpt.name}-esa-bs16.onnx" and (tmp_path / f"{ckpt.name}.onnx").is_file()
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    assert meta["ucm.algorithm"] == "esa" and meta["ucm.block_size"] == "16"
+    assert any("exporting" in m for m in msgs) and any("rewriting" in m for m in msgs)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # temporaries renamed or removed
+    stamp = path.stat().st_mtime_ns
+    msgs.clear()
+    assert prepare_onnx(tmp_path, checkpoint=ckpt, block_size=16, progress=msgs.append) == path
+    assert msgs == [] and path.stat().st_mtime_ns == stamp  # reused, nothing redone
+    other = prepare_onnx(tmp_path, checkpoint=ckpt, block_size=32, algorithm="gsa")
+    meta = {p.key: p.value for p in onnx.load(str(other), load_external_data=False).metadata_props}
+    assert other.name.endswith("-gsa-bs32.onnx") and meta["ucm.block_size"] == "32"
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        prepare_onnx(tmp_path, checkpoint=ckpt, block_size=24)
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        prepare_onnx(tmp_path, checkpoint=ckpt, algorithm="rerope")

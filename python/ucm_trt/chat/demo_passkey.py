@@ -30,7 +30,15 @@ from typing import TextIO
 from ucm_trt.chat._names import ALGORITHMS
 from ucm_trt.chat.session import TurnStats, format_bytes
 
-__all__ = ["ORT_ALGORITHMS", "TORCH_ALGORITHMS", "PasskeyRun", "format_table", "main", "passkey_side_by_side"]
+__all__ = [
+    "ORT_ALGORITHMS",
+    "TORCH_ALGORITHMS",
+    "PasskeyRun",
+    "format_table",
+    "main",
+    "passkey_side_by_side",
+    "prepare_onnx",
+]
 
 TORCH_ALGORITHMS = ("dense", "esa", "gsa-on-device")
 ORT_ALGORITHMS = ("dense", "esa", "gsa")
@@ -198,6 +206,67 @@ def passkey_side_by_side(
     return runs
 
 
+def prepare_onnx(out_dir: str | Path, *, algorithm: str = "esa", block_size: int = 64,
+                 checkpoint: str | Path | None = None, progress=None) -> Path:
+    """Export a model to ONNX and rewrite it for ``algorithm`` (``ucm-trt export`` + ``ucm-trt rewrite``).
+
+    ``checkpoint`` is a Hugging Face checkpoint directory; default SmolLM2-135M-Instruct (NAME =
+    ``smollm2``, else the directory's name). Files in ``out_dir``: ``NAME.onnx`` (the export, about
+    650 MB for SmolLM2) and ``NAME-{algorithm}-bs{block_size}.onnx`` (the rewritten model, returned). Each is written
+    under a temporary name and renamed when complete, so an existing file is a finished one and
+    is reused (the rewritten one only if its metadata names the same algorithm and block size).
+    About 1.5 min for the export and 1 min for the rewrite on two CPU cores.
+    """
+    if algorithm not in ALGORITHMS or algorithm == "rerope":
+        raise ValueError(f"algorithm must be one of {', '.join(a for a in ALGORITHMS if a != 'rerope')}; "
+                         f"got {algorithm!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 \
+            or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size!r}")
+    if not isinstance(out_dir, (str, Path)) or not str(out_dir):
+        raise TypeError(f"out_dir must be a directory path, got {out_dir!r}")
+    import onnx
+
+    from ucm_trt.graph.driver import RewriteConfig, rewrite_model, save_model
+    from ucm_trt.graph.export import export_hf_model
+    from ucm_trt.models import smollm2_checkpoint_dir
+
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise ValueError(f"checkpoint must be a Hugging Face checkpoint directory, got {checkpoint!r}")
+    say = progress if progress is not None else (lambda msg: None)
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    name = "smollm2" if checkpoint is None else Path(checkpoint).name
+    exported = out / f"{name}.onnx"
+    if not exported.is_file():
+        src = smollm2_checkpoint_dir() if checkpoint is None else Path(checkpoint)
+        tmp = out / f".{name}.onnx.tmp-{time.time_ns()}.onnx"
+        t0 = time.perf_counter()
+        say(f"[passkey] exporting {src} to {exported} (about 1.5 min for SmolLM2) ...")
+        try:
+            export_hf_model(src, tmp, progress=say)
+            tmp.rename(exported)
+        finally:
+            tmp.unlink(missing_ok=True)
+        say(f"[passkey] exported in {time.perf_counter() - t0:.0f} s")
+    rewritten = out / f"{name}-{algorithm}-bs{block_size}.onnx"
+    if rewritten.is_file():
+        meta = {p.key: p.value for p in onnx.load(str(rewritten), load_external_data=False).metadata_props}
+        if meta.get("ucm.algorithm") == algorithm and meta.get("ucm.block_size") == str(block_size):
+            return rewritten
+    tmp = out / f".{rewritten.name}.tmp-{time.time_ns()}.onnx"
+    t0 = time.perf_counter()
+    say(f"[passkey] rewriting {exported.name} for {algorithm}, block size {block_size} (about 1 min) ...")
+    try:
+        model, report = rewrite_model(exported, config=RewriteConfig(algorithm=algorithm, block_size=block_size))
+        save_model(model, tmp)
+        tmp.rename(rewritten)
+    finally:
+        tmp.unlink(missing_ok=True)
+    say(f"[passkey] rewrote in {time.perf_counter() - t0:.0f} s: {report.summary().splitlines()[0]}")
+    return rewritten
+
+
 def format_table(runs: Sequence[PasskeyRun], *, passkey: str) -> str:
     """The side-by-side table of :func:`passkey_side_by_side`."""
     head = ("algorithm", "answer", "correct", "prefill s", "decode tok/s", "blocks/step sel/total",
@@ -229,16 +298,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=2000, help="prompt length in tokens (default 2000)")
     p.add_argument("--algorithms", nargs="+", default=None, choices=ALGORITHMS,
                    help=f"default: {' '.join(TORCH_ALGORITHMS)} (PyTorch), {' '.join(ORT_ALGORITHMS)} (--onnx)")
-    p.add_argument("--onnx", default=None, help="rewritten model for the ONNX Runtime backend (see above)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--onnx", default=None, help="rewritten model for the ONNX Runtime backend (see above)")
+    g.add_argument("--onnx-dir", default=None,
+                   help="export + rewrite SmolLM2 into this directory (reused when present), then run on ONNX Runtime")
     p.add_argument("--budget", type=float, default=0.25, help="fraction of candidate blocks kept (default 0.25)")
     p.add_argument("--block-size", type=int, default=64, help="tokens per KV block (default 64)")
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default 0.5)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     args = p.parse_args(argv)
     try:
+        onnx_path = args.onnx
+        if args.onnx_dir is not None:
+            onnx_path = prepare_onnx(args.onnx_dir, block_size=args.block_size, progress=print)
         runs = passkey_side_by_side(num_tokens=args.tokens, algorithms=args.algorithms, budget=args.budget,
                                     block_size=args.block_size, depth=args.depth,
-                                    max_new_tokens=args.max_new_tokens, onnx_path=args.onnx)
+                                    max_new_tokens=args.max_new_tokens, onnx_path=onnx_path)
     except (ValueError, TypeError) as exc:
         print(f"{p.prog}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
