@@ -53,7 +53,7 @@ define run_pytest
 endef
 
 test: $(STAMP)
-	$(call run_pytest,TRITON_INTERPRET=1,-m "$(PYTEST_CPU_MARKERS)")
+	$(call run_pytest,TRITON_INTERPRET=1,-m "$(PYTEST_CPU_MARKERS)" --durations=15)
 
 test-gpu: $(STAMP)
 	$(call run_pytest,,-m gpu)
