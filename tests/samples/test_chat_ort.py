@@ -39,7 +39,7 @@ def tiny_rewritten(tmp_path_factory):
 def test_chat_on_onnx_runtime(tiny_rewritten, doc_file):
     ckpt, onnx_path = tiny_rewritten
     script = "\n".join(["Hello", "/algo esa", f"/load {doc_file}", "Summarize it.", "/algo gsa-on-device",
-                        "/algo kvstar", "/quit"]) + "\n"
+                        "/algo kvstar", "/algo rerope", "/quit"]) + "\n"
     args = app.build_parser().parse_args(["--model", str(ckpt), "--onnx", str(onnx_path), "--max-new-tokens", "3"])
     out, err = io.StringIO(), io.StringIO()
     assert app.run(args, stdin=io.StringIO(script), stdout=out, stderr=err) == 0, err.getvalue()
@@ -52,9 +52,10 @@ def test_chat_on_onnx_runtime(tiny_rewritten, doc_file):
     m = re.search(r"\| esa@0\.25 \| prompt (\d+) tok.*blocks/step ([\d.]+)/([\d.]+)", stats[1])
     assert m and int(m.group(1)) > 150 and float(m.group(2)) < float(m.group(3)), stats[1]
     errors = err.getvalue().splitlines()
-    assert len(errors) == 2 and all(e.startswith("error: ") for e in errors), errors
+    assert len(errors) == 3 and all(e.startswith("error: ") for e in errors), errors
     assert "gsa-on-device policy selects blocks inside each layer's attention" in errors[0]
     assert "kvstar policy needs the queries of the last 8 prompt tokens" in errors[1]
+    assert "rerope algorithm needs a model rewritten for ReRoPE" in errors[2] and "'esa'" in errors[2]
     assert "[chat] algorithm -> gsa-on-device" not in text  # the switch was refused; esa stays
 
 

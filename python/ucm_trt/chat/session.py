@@ -367,6 +367,12 @@ class ChatSession:
 
     def _check_backend(self, settings: ChatSettings) -> None:
         """Dry run: the runtime's own checks of ``settings`` against the backend, on a tiny engine."""
+        graph_algorithm = getattr(self.backend, "algorithm", None)  # graph backends (ONNX Runtime, TensorRT)
+        if settings.algorithm == "rerope" and graph_algorithm is not None and graph_algorithm != "rerope":
+            raise ChatError(
+                f"the rerope algorithm needs a model rewritten for ReRoPE (ucm-trt rewrite --algorithm rerope); "
+                f"this one was rewritten for {graph_algorithm!r}"
+            )
         small = min(self.context_limit, max(2, settings.block_size * settings.min_blocks))
         self._engine(settings, small - 1, small).close()
 
