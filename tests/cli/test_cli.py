@@ -84,11 +84,13 @@ def test_usage_errors_are_one_line_exit_2(argv, msg, capsys):
         (["--load", "/nonexistent/essay.txt"], 2, "--load '/nonexistent/essay.txt': no such file"),
         (["--engine", "/nonexistent/model.plan"], 2, "--engine '/nonexistent/model.plan': no such file"),
         (["--backend", "torch", "--engine", "PLAN"], 2, "cannot be combined with --backend torch"),
-        (["--backend", "ort"], 2, "--backend ort needs --onnx MODEL.onnx"),
         (["--backend", "trt"], 2, "--backend trt needs --engine PLAN"),
         (["--onnx", "/nonexistent/m.onnx"], 2, "--onnx '/nonexistent/m.onnx': no such file"),
         (["--onnx", "PLAN", "--engine", "PLAN"], 2, "--engine (TensorRT) and --onnx (ONNX Runtime) exclude each other"),
-        (["--onnx", "PLAN", "--device", "cuda"], 2, "--onnx runs ONNX Runtime on the CPU; drop --device cuda"),
+        (["--onnx", "PLAN", "--device", "cuda"], 2, "ONNX Runtime runs on the CPU; drop --device cuda"),
+        (["--backend", "ort", "--device", "cuda"], 2, "ONNX Runtime runs on the CPU; drop --device cuda"),
+        (["--dtype", "bfloat16"], 2, "--dtype bfloat16 applies to --backend torch"),
+        (["--backend", "torch", "--onnx-cache", "DIR"], 2, "--onnx-cache applies to the ONNX Runtime backend"),
         (["--onnx", "PLAN", "--backend", "torch"], 2, "cannot be combined with --backend torch"),
     ],
 )
@@ -135,7 +137,7 @@ def test_chat_cuda_without_a_gpu(capsys):
 
 def test_chat_happy_path_through_the_cli(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\n/algo esa\n/stats\n/quit\n"))
-    assert cli.main(["chat", "--max-new-tokens", "4", "--block-size", "16"]) == 0
+    assert cli.main(["chat", "--backend", "torch", "--max-new-tokens", "4", "--block-size", "16"]) == 0
     captured = capsys.readouterr()
     out = captured.out
     assert "you> What is the capital of France?" in out

