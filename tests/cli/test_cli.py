@@ -209,3 +209,26 @@ def test_build_without_tensorrt_exits_1_with_one_line(tmp_path, capsys):
     assert cli.main(["build", str(onnx_path), "-o", str(tmp_path / "m.engine")]) == 1
     line = _one_line_error(capsys.readouterr().err, "ucm-trt build: error: ")
     assert "TensorRT is not available" in line and "ucm-trt[trt]" in line
+
+
+@pytest.mark.parametrize(
+    "argv, kind",
+    [
+        ([], "ort"),
+        (["--algorithm", "esa"], "ort"),
+        (["--algorithm", "gsa"], "ort"),
+        (["--algorithm", "gsa-on-device"], "torch"),  # a rewritten graph cannot select inside a layer
+        (["--algorithm", "kvstar"], "torch"),
+        (["--algorithm", "rerope"], "torch"),
+        (["--backend", "torch"], "torch"),
+        (["--backend", "ort", "--algorithm", "kvstar"], "ort"),  # explicit: the session refuses kvstar later
+        (["--onnx", "PLAN"], "ort"),
+    ],
+)
+def test_chat_auto_backend_choice(argv, kind, tmp_path):
+    from ucm_trt.chat import app
+
+    plan = tmp_path / "m.onnx"
+    plan.write_bytes(b"\0")
+    args = app.build_parser().parse_args([str(plan) if a == "PLAN" else a for a in argv])
+    assert app._resolve_backend(args) == kind

