@@ -363,7 +363,10 @@ class ChatSession:
                           config=RuntimeConfig(max_batch=1, max_seq_len=max_seq_len,
                                                prefill_chunk=settings.prefill_chunk))
         except ValueError as exc:  # the runtime's checks of policy / config against the backend
-            raise ChatError(str(exc).strip().splitlines()[0]) from None
+            msg = str(exc).strip().splitlines()[0]
+            if getattr(self.backend, "algorithm", None) is not None and "PyTorch backend" not in msg:
+                msg += " (the PyTorch backend, --backend torch, runs every algorithm)"
+            raise ChatError(msg) from None
 
     def _check_backend(self, settings: ChatSettings) -> None:
         """Dry run: the runtime's own checks of ``settings`` against the backend, on a tiny engine."""
