@@ -364,7 +364,7 @@ class ChatSession:
                                                prefill_chunk=settings.prefill_chunk))
         except ValueError as exc:  # the runtime's checks of policy / config against the backend
             msg = str(exc).strip().splitlines()[0]
-            if getattr(self.backend, "algorithm", None) is not None and "PyTorch backend" not in msg:
+            if getattr(self.backend, "algorithm", None) is not None and "policy" in msg and "PyTorch" not in msg:
                 msg += " (the PyTorch backend, --backend torch, runs every algorithm)"
             raise ChatError(msg) from None
 
