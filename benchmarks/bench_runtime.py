@@ -97,6 +97,48 @@ def run_one(model, algorithm: str, ctx: int, args) -> dict:
     return out
 
 
+def run_blend(args) -> dict:
+    """Blend TTFT vs full prefill and greedy agreement on SmolLM2 (CPU or GPU): ``--blend``."""
+    from ucm_trt.config import BlendConfig
+    from ucm_trt.models import haystack_text, load_smollm2
+    from ucm_trt.runtime.blend import BlendRunner
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = load_smollm2(dtype=torch.float32)
+    model = model.to(dev)
+    bs = args.block_size
+    text = haystack_text().text
+    pad = tok.eos_token_id
+    chunks = []
+    for i in range(args.blend_chunks):
+        ids = tok(text[i * 3000 : (i + 1) * 3000])["input_ids"][: args.blend_chunk_tokens]
+        ids += [pad] * (-len(ids) % bs)
+        chunks.append(ids)
+    suffix = tok("\nQuestion: what is the main topic of the passages above? Answer:")["input_ids"]
+    prompt = [t for c in chunks for t in c] + suffix
+    rt = RuntimeConfig(max_batch=1, max_seq_len=len(prompt) + args.decode_steps + 1, prefill_chunk=len(prompt))
+    sparse = SparseConfig(block_size=bs)
+    out = {"model": "smollm2", "device": dev, "prompt_tokens": len(prompt), "chunks": len(chunks), "runs": []}
+    with Engine(TorchBackend(model), sparse=sparse, config=rt) as eng:
+        eng.generate(prompt[:64], SamplingParams(max_new_tokens=2))  # warm-up
+        [full] = eng.generate(prompt, SamplingParams(max_new_tokens=args.decode_steps))
+    out["full_prefill_ttft_s"] = full.ttft_seconds
+    for layer, ratio in ((1, 0.2), (1, 0.0), (2, 0.3)):
+        with Engine(TorchBackend(model), sparse=sparse, config=rt) as eng:
+            runner = BlendRunner(eng, BlendConfig(recompute_layer=layer, recompute_ratio=ratio))
+            for c in chunks:
+                runner.cache_chunk(c)
+            res = runner.generate(chunks, suffix, SamplingParams(max_new_tokens=args.decode_steps))
+        agree = sum(a == b for a, b in zip(res.token_ids, full.token_ids)) / len(full.token_ids)
+        prefix = next((i for i, (a, b) in enumerate(zip(res.token_ids, full.token_ids)) if a != b), len(full.token_ids))
+        out["runs"].append({"recompute_layer": layer, "recompute_ratio": ratio, "ttft_s": res.ttft_seconds,
+                            "ttft_speedup_vs_full": full.ttft_seconds / res.ttft_seconds,
+                            "greedy_agreement": agree, "identical_prefix_tokens": prefix,
+                            "first_token_equal": res.token_ids[0] == full.token_ids[0], **runner.stats})
+        print(json.dumps(out["runs"][-1]), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama1b-random", choices=("llama1b-random", "smollm2"))
@@ -114,7 +156,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="device pool of offload runs, as a fraction of the dense pool per sequence")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/runtime.json"))
+    p.add_argument("--blend", action="store_true",
+                   help="instead: Blend TTFT vs full prefill and output agreement on SmolLM2 (CPU or GPU)")
+    p.add_argument("--blend-chunks", type=int, default=4)
+    p.add_argument("--blend-chunk-tokens", type=int, default=240)
     args = p.parse_args(argv)
+    if args.blend:
+        result = run_blend(args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {args.out}")
+        return 0
     if not torch.cuda.is_available():
         print("bench_runtime.py needs a CUDA GPU", file=sys.stderr)
         return 2
