@@ -9,10 +9,10 @@ import torch
 
 from ucm_trt.models import FILLER_SENTENCES
 
-# ~210 SmolLM2 tokens: with 16-token blocks that is ~14 blocks (17 with the chat around it), so a
-# 0.3 budget over the candidates outside the sink + local windows is really sparse.
+# ~160 SmolLM2 tokens: with 16-token blocks that is ~10 blocks (13-15 with the chat around it), so
+# a 0.3 budget over the candidates outside the sink + local windows is really sparse.
 FACT = "The secret code of the blue team is 4417."
-DOC_TEXT = FILLER_SENTENCES * 4 + FACT + " " + FILLER_SENTENCES * 4
+DOC_TEXT = FILLER_SENTENCES * 3 + FACT + " " + FILLER_SENTENCES * 3
 
 
 @pytest.fixture(scope="session")

@@ -79,7 +79,7 @@ def test_scripted_conversation(doc_file):
     assert "| dense |" in first and "blocks/step all" in first and "retrieval none" in first
     assert "| gsa-on-device@0.3 |" in second and "retrieval in-step" in second
     m = re.search(r"prompt (\d+) tok", second)
-    assert m and int(m.group(1)) > 150  # the loaded document went with the question
+    assert m and int(m.group(1)) > 120  # the loaded document went with the question
     m = re.search(r"blocks/step ([\d.]+)/([\d.]+) \((\d+)%\)", second)
     assert m and float(m.group(1)) < float(m.group(2)) and 0 < int(m.group(3)) < 70, second
     for field in ("decode", "tok/s", "moved h2d", "KV held"):
