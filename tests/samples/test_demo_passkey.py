@@ -53,3 +53,20 @@ def test_bad_arguments(kwargs, msg):
     with pytest.raises((ValueError, TypeError)) as e:
         passkey_side_by_side(**kwargs)
     assert msg in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--tokens", "10"], "--tokens must be an int in [256, 8000]"),
+        (["--block-size", "48"], "--block-size must be a power of two"),
+        (["--budget", "0"], "--budget must be a fraction in (0, 1]"),
+        (["--onnx", "/nonexistent/m.onnx"], "onnx_path must be an existing rewritten .onnx file"),
+    ],
+)
+def test_main_bad_arguments_exit_2(argv, msg, capsys):
+    from ucm_trt.chat.demo_passkey import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and msg in err, err

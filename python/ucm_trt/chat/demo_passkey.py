@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--algorithms", nargs="+", default=None, choices=ALGORITHMS,
                    help=f"default: {' '.join(TORCH_ALGORITHMS)} (PyTorch), {' '.join(ORT_ALGORITHMS)} (--onnx)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--onnx", default=None, help="rewritten model for the ONNX Runtime backend (see above)")
+    g.add_argument("--onnx", default=None, help="a model from 'ucm-trt export' + 'ucm-trt rewrite' (sparse algorithm): run on ONNX Runtime")
     g.add_argument("--onnx-dir", default=None,
                    help="export + rewrite SmolLM2 into this directory (reused when present), then run on ONNX Runtime")
     p.add_argument("--budget", type=float, default=0.25, help="fraction of candidate blocks kept (default 0.25)")
@@ -255,7 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     block_size=args.block_size, depth=args.depth,
                                     max_new_tokens=args.max_new_tokens, onnx_path=onnx_path)
     except (ValueError, TypeError) as exc:
-        print(f"{p.prog}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        msg = str(exc).splitlines()[0]
+        for name, opt in (("num_tokens", "--tokens"), ("block_size", "--block-size"), ("max_new_tokens", "--max-new-tokens"),
+                          ("budget", "--budget"), ("depth", "--depth")):
+            msg = msg.replace(f"{name} must", f"{opt} must")
+        print(f"{p.prog}: error: {msg}", file=sys.stderr)
         return 2
     del runs  # the table reports correctness; a wrong sparse answer is a result, not a failure of the demo
     return 0
