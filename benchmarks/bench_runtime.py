@@ -129,8 +129,8 @@ def run_blend(args) -> dict:
             for c in chunks:
                 runner.cache_chunk(c)
             res = runner.generate(chunks, suffix, SamplingParams(max_new_tokens=args.decode_steps))
-        agree = sum(a == b for a, b in zip(res.token_ids, full.token_ids)) / len(full.token_ids)
-        prefix = next((i for i, (a, b) in enumerate(zip(res.token_ids, full.token_ids)) if a != b), len(full.token_ids))
+        agree = sum(a == b for a, b in zip(res.token_ids, full.token_ids, strict=False)) / len(full.token_ids)
+        prefix = next((i for i, (a, b) in enumerate(zip(res.token_ids, full.token_ids, strict=False)) if a != b), len(full.token_ids))
         out["runs"].append({"recompute_layer": layer, "recompute_ratio": ratio, "ttft_s": res.ttft_seconds,
                             "ttft_speedup_vs_full": full.ttft_seconds / res.ttft_seconds,
                             "greedy_agreement": agree, "identical_prefix_tokens": prefix,

@@ -121,10 +121,10 @@ def test_engine_offload_bytes_equal_changed_blocks(dense_run, hf_greedy):
     bs = 16
     prev = [set(range(-(-PROMPT_LEN // bs))) for _ in policy.plans[0]]  # after prefill: all resident
     total = 0
-    for t, (rec, sels) in enumerate(zip(decode, policy.plans)):
+    for t, (rec, sels) in enumerate(zip(decode, policy.plans, strict=True)):
         n = PROMPT_LEN + t  # tokens before this step
         existing = -(-n // bs)
-        expect = sum(len({b for b in sel if b < existing} - p) for sel, p in zip(sels, prev))
+        expect = sum(len({b for b in sel if b < existing} - p) for sel, p in zip(sels, prev, strict=True))
         assert rec.blocks_loaded == expect, t
         assert rec.bytes_h2d == expect * eng.kv.block_bytes
         total += expect

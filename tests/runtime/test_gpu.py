@@ -14,7 +14,8 @@ from ucm_trt.runtime.algorithms import make_policy, sparse_config_for
 from .conftest import tiny_llama
 
 
-def _tokens(model, algorithm, attention, *, budget=Budget.ratio(1.0), steps=32, **kw):
+def _tokens(model, algorithm, attention, *, budget=None, steps=32, **kw):
+    budget = Budget.ratio(1.0) if budget is None else budget
     sparse = sparse_config_for(algorithm, SparseConfig(block_size=16, budget=budget, retrieval_stride=3))
     with Engine(TorchBackend(model, attention=attention), make_policy(algorithm, **kw), sparse=sparse,
                 config=RuntimeConfig(max_batch=2, max_seq_len=1024, prefill_chunk=128, cache_blocks=0)) as eng:

@@ -7,7 +7,14 @@ import random
 import pytest
 import torch
 
-from ucm_trt.runtime.kv import NULL_BLOCK, BlockAllocator, KVLayout, KVManager, PoolExhaustedError, StepTransfer
+from ucm_trt.runtime.kv import (
+    NULL_BLOCK,
+    BlockAllocator,
+    KVLayout,
+    KVManager,
+    PoolExhaustedError,
+    StepTransfer,
+)
 
 L, H, BS, D = 2, 2, 4, 8
 
@@ -25,7 +32,7 @@ def _fill(kv: KVManager, rid: str, start: int, count: int) -> None:
     """Write a recognisable K/V for positions start..start+count-1 (what the backend does)."""
     for layer in range(L):
         blocks, offs = kv.slots(rid, layer, start, count)
-        for p, b, o in zip(range(start, start + count), blocks, offs):
+        for p, b, o in zip(range(start, start + count), blocks, offs, strict=True):
             kv.pools[layer][b, 0, :, o] = _value(layer, p)
             kv.pools[layer][b, 1, :, o] = -_value(layer, p)
 
@@ -112,7 +119,7 @@ def test_offload_delta_prefetch_accounting_and_contents(cache_blocks):
     model = [list(range(13)) for _ in range(L)]
     n = 50
     total_loaded = 0
-    for step in range(40):
+    for _ in range(40):
         nb = -(-n // BS)
         need = [set(rng.sample(range(nb), k=min(nb, 5))) | {nb - 1} for _ in range(L)]
         tr = StepTransfer()

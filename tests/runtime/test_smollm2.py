@@ -23,7 +23,8 @@ def _prompt(tok, n, key="58113"):
     return build_passkey_prompt(tok, num_tokens=n, passkey=key, depth=0.3).input_ids[0].tolist()
 
 
-def _engine(model, algorithm, *, budget=Budget.ratio(0.25), stride=3, max_seq=1024, **kw):
+def _engine(model, algorithm, *, budget=None, stride=3, max_seq=1024, **kw):
+    budget = Budget.ratio(0.25) if budget is None else budget
     sparse = sparse_config_for(algorithm, SparseConfig(block_size=16, budget=budget, retrieval_stride=stride,
                                                        sink_blocks=1, local_blocks=2, min_blocks=4))
     return Engine(TorchBackend(model, attention="reference"), make_policy(algorithm, **kw), sparse=sparse,

@@ -26,6 +26,7 @@ __all__ = [
     "RetrievalError",
     "RetrievalWorker",
     "RuntimeConfig",
+    "StepTransfer",
     "SamplingParams",
     "TorchBackend",
     "make_policy",

@@ -219,7 +219,7 @@ class BlendRunner:
     def _forward(self, rid: str, ids: list[int], *, reuse, transfer: StepTransfer) -> torch.Tensor:
         eng = self.engine
         kv = eng.kv
-        L, hkv, d = eng.shape.num_layers, eng.shape.num_kv_heads, eng.shape.head_dim
+        L = eng.shape.num_layers
         bs = eng.sparse.block_size
         n = len(ids)
         dev = eng.backend.device

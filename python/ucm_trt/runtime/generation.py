@@ -517,7 +517,7 @@ class Engine:
             params = [params] * len(prompts)  # type: ignore[list-item]
         if len(params) != len(prompts):
             raise ValueError(f"params has {len(params)} entries for {len(prompts)} prompts")
-        rids = [self.add_request(p, sp, on_token=on_token) for p, sp in zip(prompts, params)]
+        rids = [self.add_request(p, sp, on_token=on_token) for p, sp in zip(prompts, params, strict=True)]
         try:
             while any(self._requests[r].finish_reason is None for r in rids):
                 self.step()

@@ -300,7 +300,7 @@ class KVManager:
         self._sync_copies()  # write-backs must land before a block may be evicted
         loads: list[tuple[int, int, int]] = []  # (layer, host id, physical)
         self._step_want: dict[tuple[str, int], set[int]] = {}
-        for row, (rid, t) in enumerate(zip(rids, num_new_tokens)):
+        for row, (rid, t) in enumerate(zip(rids, num_new_tokens, strict=True)):
             seq = self._seq(rid)
             old_nb = (seq.seq_len + bs - 1) // bs
             new_len = seq.seq_len + t
@@ -443,7 +443,7 @@ class KVManager:
             if full <= seq.flushed:
                 continue
             hids = self.host_allocator.allocate(full - seq.flushed)
-            for blk, hid in zip(range(seq.flushed, full), hids):
+            for blk, hid in zip(range(seq.flushed, full), hids, strict=True):
                 seq.host_ids[blk] = hid
                 for layer in range(self.layout.num_layers):
                     copies.append((layer, seq.resident[layer][blk], hid))

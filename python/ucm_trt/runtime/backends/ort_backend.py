@@ -120,7 +120,7 @@ class OrtBackend(Backend):
                     f"layer {layer} of the ONNX model (rewritten for {self.algorithm!r}) has no selection input "
                     f"but the policy {step.policy.name!r} selected blocks; rewrite the model for a sparse algorithm"
                 )
-        outs = dict(zip(self._outputs, self.session.run(None, feeds)))
+        outs = dict(zip(self._outputs, self.session.run(None, feeds), strict=True))
         hkv, d = self.shape.num_kv_heads, self.shape.head_dim
         for layer in range(self.shape.num_layers):
             k = torch.from_numpy(outs[f"new_key.{layer}"])

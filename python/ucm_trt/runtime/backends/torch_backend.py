@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ucm_trt.runtime.step import StepContext, reference_attention, triton_attention
 from ucm_trt.runtime.backends.base import Backend
+from ucm_trt.runtime.step import StepContext, reference_attention, triton_attention
 from ucm_trt.sparse.policies.base import ModelShape
 
 __all__ = ["UCM_ATTENTION", "TorchBackend", "register_ucm_attention"]

@@ -29,7 +29,7 @@ class PendingRetrieval:
         out: list[torch.Tensor | None] = [None] * num_layers
         for layers, t in self.tickets:
             sels = t.result()
-            for layer, sel in zip(layers, sels):
+            for layer, sel in zip(layers, sels, strict=True):
                 out[layer] = sel
         return out  # type: ignore[return-value]
 

@@ -95,8 +95,8 @@ class GSAOnDevicePolicy(Policy):
 
     def _computing_layers(self) -> list[int]:
         cfg = self.config
-        return [l for l in range(self.shape.num_layers)
-                if l not in cfg.rollback_layers and l not in cfg.layer_reuse]
+        return [i for i in range(self.shape.num_layers)
+                if i not in cfg.rollback_layers and i not in cfg.layer_reuse]
 
     def on_append(self, layer: int, phys_blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor) -> None:
         codes = self.codes.get(layer)
