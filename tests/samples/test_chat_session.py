@@ -78,10 +78,10 @@ def test_failed_turn_leaves_history_and_document(session, tmp_path):
 
 
 def test_context_overflow_and_bad_documents(session, tmp_path, doc_file):
-    session.update(max_context=200)
-    with pytest.raises(ChatError, match="do not fit the 200-token context"):
+    session.update(max_context=100)
+    with pytest.raises(ChatError, match="do not fit the 100-token context"):
         session.load_document(doc_file)
-    with pytest.raises(ChatError, match="leaves no room to answer in the 200-token context"):
+    with pytest.raises(ChatError, match="leaves no room to answer in the 100-token context"):
         session.send("word " * 300)
     assert session.messages == []
     with pytest.raises(ChatError, match="exceeds the model's 8192 positions"):
