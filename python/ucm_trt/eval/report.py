@@ -277,7 +277,7 @@ def _accuracy_md(store: ResultStore, title: str) -> str:
             f"{cfg.get('ppl_samples')} essay window(s), {cfg.get('ppl_prefix')} dense prefix tokens + "
             f"{cfg.get('ppl_scored')} scored tokens, chunk {cfg.get('chunk')}.\n\n")
     return head + markdown_table(
-        ["method", "budget ratio (of candidates)", "KV blocks read", "passkey", "perplexity", "Δ ppl vs dense",
+        ["method", "budget ratio (of candidates)", "KV blocks read (sparse layers)", "passkey", "perplexity", "Δ ppl vs dense",
          "scored tokens"], body)
 
 
