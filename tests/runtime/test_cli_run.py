@@ -56,3 +56,21 @@ def test_run_usage_errors_are_one_line(tiny_dir, capsys):
     assert rc == 2 and err == "ucm-trt run: error: --backend ort needs --onnx PATH (a model rewritten by 'ucm-trt rewrite')"
     rc = main(["run", "--prompt", "hi", "--model", str(tiny_dir), "--max-new-tokens", "0"])
     assert rc == 2 and "--max-new-tokens must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_run_on_onnx_runtime_backend(tiny_dir, tmp_path, capsys):
+    """``--onnx``: the ONNX Runtime backend on a model exported and rewritten by ucm_trt.graph."""
+    from ucm_trt.graph import RewriteConfig, export_hf_model, rewrite_model, save_model
+
+    from .conftest import tiny_llama
+
+    src = export_hf_model(tiny_llama(vocab=49152), tmp_path / "tiny.onnx")
+    model, _ = rewrite_model(src, config=RewriteConfig(algorithm="esa", block_size=16))
+    path = save_model(model, tmp_path / "tiny-esa.onnx")
+    prompt = "The quick brown fox jumps over the lazy dog. " * 30
+    rc = main(["run", "--prompt", prompt, "--model", str(tiny_dir), "--onnx", str(path), "--algorithm", "esa",
+               "--max-new-tokens", "6", "--block-size", "16", "--stride", "2", "--json"])
+    assert rc == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]
+    assert stats["attention"] == "onnxruntime (esa graph)" and stats["algorithm"] == "esa"
+    assert stats["retrieval_tasks"] > 0 and stats["policy"]["selected_block_fraction"] < 0.8

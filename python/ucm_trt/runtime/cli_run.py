@@ -71,9 +71,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (text + stats)")
 
 
+def _load_tokenizer(args):
+    from transformers import AutoTokenizer
+
+    if args.model == "smollm2":
+        from ucm_trt.models import smollm2_checkpoint_dir
+
+        path = smollm2_checkpoint_dir()
+    else:
+        path = Path(args.model)
+        if not path.is_dir():
+            raise ValueError(f"--model must be 'smollm2' or a checkpoint directory, got {args.model!r}")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def _load_model(args):
     import torch
 
+    if args.backend == "ort":  # the ONNX model carries the weights; only the tokenizer is needed
+        return None, _load_tokenizer(args)
     dtype = getattr(torch, args.dtype)
     if args.model == "smollm2":
         from ucm_trt.models import load_smollm2
