@@ -201,10 +201,26 @@ def plot_accuracy(store: ResultStore, out: Path, suffix: str = "") -> list[Path]
 
 
 def runtime_summary(store: ResultStore) -> list[dict]:
+    """Correct / total per (algorithm, ratio), over the prompts every variant finished."""
+    cells = store.cells("runtime_passkey")
+    variants = {(c["algorithm"], float(c["ratio"])) for c in cells}
+    per: dict[tuple, set] = defaultdict(set)
+    for c in cells:
+        per[(c["length"], c["depth"], c["sample"])].add((c["algorithm"], float(c["ratio"])))
+    done = {p for p, v in per.items() if v == variants}
     agg: dict[tuple[str, float], list[bool]] = defaultdict(list)
-    for c in store.cells("runtime_passkey"):
+    for c in (c for c in cells if (c["length"], c["depth"], c["sample"]) in done):
         agg[(c["algorithm"], float(c["ratio"]))].append(bool(c["correct"]))
     return [{"algorithm": a, "ratio": r, "correct": sum(v), "total": len(v)} for (a, r), v in sorted(agg.items())]
+
+
+def _runtime_prompts(store: ResultStore) -> list[tuple]:
+    cells = store.cells("runtime_passkey")
+    variants = {(c["algorithm"], float(c["ratio"])) for c in cells}
+    per: dict[tuple, set] = defaultdict(set)
+    for c in cells:
+        per[(c["length"], c["depth"], c["sample"])].add((c["algorithm"], float(c["ratio"])))
+    return sorted(p for p, v in per.items() if v == variants)
 
 
 def plot_runtime(store: ResultStore, out: Path) -> list[Path]:
@@ -243,7 +259,8 @@ def runtime_table(store: ResultStore) -> str:
     cfg = store.meta.get("config", {})
     rows = runtime_summary(store)
     head = (f"### Passkey through the generation runtime (`ucm_trt.runtime.Engine`, TorchBackend)\n\n"
-            f"Lengths {cfg.get('lengths')}, depths {cfg.get('depths')}, {cfg.get('samples')} sample(s) each, block size "
+            f"Prompts counted (every variant finished): "
+            f"{', '.join(sorted({f'{c[0]} tok / depth {c[1]:g}' for c in _runtime_prompts(store)}))}; block size "
             f"{cfg.get('block_size')}, retrieval stride {cfg.get('retrieval_stride')}; the runtime prefills densely and "
             f"decodes {cfg.get('max_new_tokens')} tokens with the algorithm's policy.\n\n")
     return head + markdown_table(["algorithm", "budget ratio", "passkey"],
