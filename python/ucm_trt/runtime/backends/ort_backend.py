@@ -6,11 +6,12 @@ tokens only) and, for sparse algorithms, ``selection.{i}``; it returns ``logits`
 ``new_key.{i}`` / ``new_value.{i}`` (the chunk's K/V, which the runtime appends) and
 ``last_query.{i}`` (the last token's query, for CPU retrieval).
 
-The runtime keeps one block table per layer (per-layer working sets), the graph takes one. Each
-step this backend therefore gathers every layer's blocks of the step's rows, in logical order,
+The runtime keeps one block table per layer (per-layer working sets), the graph takes one. When
+every layer's table rows are identical (no offload) the pools are passed as they are, with that
+table. Otherwise this backend gathers every layer's blocks of the step's rows, in logical order,
 into a contiguous per-layer pool and passes ``block_table[b, j] = b * nb + j``; the gathered pool
 holds exactly the blocks the layer's table maps (non-resident blocks read as the null block, and
-they are never selected). This costs one copy of the working set per layer per step.
+they are never selected). That costs one copy of the working set per layer per step.
 
 Limits: the graph returns only the last token's query, so policies that need more prompt queries
 (KVStar's voting group) are rejected; per-layer on-device selection hooks (GSA On-Device) cannot
@@ -101,15 +102,21 @@ class OrtBackend(Backend):
         b, t = input_ids.shape
         bs = self.block_size
         nb = max(-(-n // bs) for n in step.new_lens)
+        th = step.kv.tables_host[: self.shape.num_layers, :b, :nb]
+        shared = bool((th == th[:1]).all())  # e.g. no offload: every layer maps blocks identically
         feeds: dict[str, np.ndarray] = {
             "input_ids": input_ids.cpu().numpy(),
             "position_ids": positions.cpu().numpy(),
             "seq_lens": step.seq_lens.cpu().numpy(),
-            "block_table": np.arange(b * nb, dtype=np.int32).reshape(b, nb),
+            "block_table": (np.ascontiguousarray(th[0].numpy()) if shared
+                            else np.arange(b * nb, dtype=np.int32).reshape(b, nb)),
         }
         for layer in range(self.shape.num_layers):
-            idx = step.tables(layer)[:, :nb].long().reshape(-1)
-            feeds[f"kv_pool.{layer}"] = step.kv.pools[layer][idx].numpy()
+            if shared:  # the pools themselves (no copy)
+                feeds[f"kv_pool.{layer}"] = step.kv.pools[layer].numpy()
+            else:
+                idx = step.tables(layer)[:, :nb].long().reshape(-1)
+                feeds[f"kv_pool.{layer}"] = step.kv.pools[layer][idx].numpy()
             sel = step.selections[layer]
             if self.has_selection[layer]:
                 if sel is None:
