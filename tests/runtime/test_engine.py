@@ -265,3 +265,29 @@ def test_gsa_on_device_triton_retrieval_matches_pytorch_path(dense_run, hf_greed
             runs[use_kernel] = (res.token_ids, eng.stats()["policy"]["selected_block_fraction"])
     assert runs[True] == runs[False]
     assert runs[True][1] < 0.5
+
+
+@pytest.mark.parametrize("gate", [dict(seq_len_threshold=10_000), dict(seq_len_threshold=0, concurrency_threshold=2)])
+def test_gsa_on_device_gate_closed_runs_dense(gate, dense_run, hf_greedy):
+    """Sequence-length / concurrency gate: with it closed every step is dense (no selection)."""
+    model, dense_res, _ = dense_run
+    prompt, _ = hf_greedy
+    with _engine(model, "gsa-on-device", gsa_on_device=GSAOnDeviceConfig(top_k_tokens=96, **gate)) as eng:
+        [res] = eng.generate(prompt, SamplingParams(max_new_tokens=6))
+        pol = eng.stats()["policy"]
+    assert pol["sparse_steps"] == 0 and pol["dense_steps"] == 5 and pol["selected_block_fraction"] is None
+    assert res.token_ids == dense_res.token_ids[:6]
+
+
+def test_gsa_on_device_rollback_and_reuse_layers(dense_run, hf_greedy):
+    model, _, _ = dense_run
+    prompt, _ = hf_greedy
+    cfg = GSAOnDeviceConfig(top_k_tokens=96, seq_len_threshold=0, layer_reuse={1: 0})
+    with _engine(model, "gsa-on-device", gsa_on_device=cfg) as eng:
+        eng.generate(prompt, SamplingParams(max_new_tokens=4))
+        assert set(eng.policy.codes) == {0}  # the reusing layer keeps no hash cache
+        assert eng.policy._step_sel[1] is eng.policy._step_sel[0]  # last step: layer 1 reused layer 0's selection
+    cfg = GSAOnDeviceConfig(top_k_tokens=96, seq_len_threshold=0, rollback_layers=(0, 1))
+    with _engine(model, "gsa-on-device", gsa_on_device=cfg) as eng:
+        eng.generate(prompt, SamplingParams(max_new_tokens=4))
+        assert eng.policy.codes == {} and eng.policy.stats()["selected_block_fraction"] is None

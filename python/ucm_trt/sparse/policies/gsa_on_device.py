@@ -121,7 +121,11 @@ class GSAOnDevicePolicy(Policy):
         if not self._gate or q.shape[2] != 1 or layer in cfg.rollback_layers:
             return None
         if layer in cfg.layer_reuse:
-            return self._step_sel[cfg.layer_reuse[layer]]
+            sel = self._step_sel[cfg.layer_reuse[layer]]
+            self._step_sel[layer] = sel
+            self.selected_blocks += int((sel >= 0).sum())
+            self.candidate_blocks += sum(-(-n // self.sparse.block_size) for n in step.new_lens) * self.shape.num_kv_heads
+            return sel
         s = self.sparse
         bs = s.block_size
         lens = step.new_lens
