@@ -156,11 +156,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="device pool of offload runs, as a fraction of the dense pool per sequence")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/runtime.json"))
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU runs)")
     p.add_argument("--blend", action="store_true",
                    help="instead: Blend TTFT vs full prefill and output agreement on SmolLM2 (CPU or GPU)")
     p.add_argument("--blend-chunks", type=int, default=4)
     p.add_argument("--blend-chunk-tokens", type=int, default=240)
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.blend:
         result = run_blend(args)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,20 @@ def tiny_llama(*, layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: 
     return model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """Run the runtime tests with one intra-op thread, restored afterwards.
+
+    Their per-op work is tiny (decode-sized matmuls, 30 small reference attentions per step); on
+    the 2-core CI box two OpenMP threads made a SmolLM2 decode step 19x slower (1.94 s vs 0.10 s,
+    measured) because the second thread contends with other jobs. Results do not depend on it.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
     return tiny_llama()

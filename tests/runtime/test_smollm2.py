@@ -13,7 +13,7 @@ from ucm_trt.config import Budget, GSAOnDeviceConfig, KVStarConfig, ReRoPEConfig
 from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend
 from ucm_trt.runtime.algorithms import make_policy, sparse_config_for
 
-STEPS = 32  # the 64-step select-all == dense check runs on the tiny model (test_engine.py); this is the trained model
+STEPS = 64
 NEW = 6  # tokens per policy in the long-prompt test: 5 decode steps hold a submit and a collect for each schedule
 
 

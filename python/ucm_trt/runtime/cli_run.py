@@ -68,6 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice); 1 is often fastest on small shared CPUs")
     p.add_argument("--json", action="store_true", help="print one JSON object (text + stats)")
 
 
@@ -154,6 +156,12 @@ def run_command(args) -> int:
         raise ValueError("--onnx is only used by --backend ort")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.prompt_file is not None and not args.prompt_file.is_file():
         raise ValueError(f"--prompt-file {str(args.prompt_file)!r} is not a file")
     text = args.prompt if args.prompt is not None else args.prompt_file.read_text()
