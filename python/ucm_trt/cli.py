@@ -318,6 +318,38 @@ COMMANDS.append(Command(
 ))
 
 
+# ---------------------------------------------------------------------------------------- bench
+# CPU speed figures (issue 7 "Speed", CPU side; owner of ucm_trt.bench). Options and driver live in
+# ucm_trt.bench.command (argparse only at import); torch/transformers load when the command runs.
+
+
+def _configure_bench(p: argparse.ArgumentParser) -> None:
+    from ucm_trt.bench.command import configure_bench_parser
+
+    configure_bench_parser(p)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from ucm_trt.bench.command import run_bench_command
+
+    argv = sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == "ucm-trt" else ["bench"]
+    return run_bench_command(args, command=" ".join(["ucm-trt", *argv]))
+
+
+COMMANDS.append(Command(
+    "bench",
+    "CPU speed figures: retrieval cost per decode step, offload bytes moved and cache hit rate",
+    "Measure on this CPU (median of repeats after warmup): ESA retrieval (scoring + top-k with forced "
+    "windows) per decode step per sequence over N blocks x 8 KV heads x 32 layers vs context length and "
+    "torch threads, per layer (as the runtime runs it) and batched over layers; and, through the runtime "
+    "Engine on a tiny random Llama, host->device bytes per decode step and cache hit rate for ESA and GSA "
+    "vs retrieval stride and budget. Writes JSON with the machine facts.\n\nexample:\n"
+    "  ucm-trt bench --quick\n"
+    "  ucm-trt bench --blocks 256,1024,4096 --threads 1,2 --out benchmarks/results/cpu/cpu_bench.json",
+    _configure_bench,
+    _run_bench,
+))
+
 class _Parser(argparse.ArgumentParser):
     """argparse prints the whole usage before a usage error; print one line instead (exit 2)."""
 
