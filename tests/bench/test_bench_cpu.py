@@ -26,6 +26,7 @@ def quick_result(tmp_path_factory):
 def test_quick_json_schema(quick_result):
     r = quick_result
     assert r["schema_version"] == 1
+    assert "load_average_at_end" in r["machine"]
     for key in ("cpu_model", "logical_cores", "torch_threads_default", "load_average_1_5_15", "date_utc"):
         assert key in r["machine"], key
     s = r["settings"]
@@ -42,6 +43,8 @@ def test_quick_json_schema(quick_result):
         assert x["context_tokens"] == x["num_blocks"] * ret["shape"]["block_size"]
         assert x["repeats"] == s["repeats"]
         assert 0 < x["selected_blocks_per_head"] < x["num_blocks"]
+        assert x["rep_bytes_per_step"] == ret["shape"]["num_layers"] * x["num_blocks"] * 8 * 128 * 4
+        assert x["read_bandwidth_gbps"] > 0 and x["read_floor_ms"] > 0
     off = r["offload"]["rows"]
     assert {(x["algorithm"], x["retrieval_stride"], x["budget_ratio"]) for x in off} == {
         (a, st, ra) for a in ("esa", "gsa") for st in s["strides"] for ra in s["ratios"]}

@@ -152,6 +152,7 @@ def run_bench(settings: dict[str, Any], *, command: str) -> dict[str, Any]:
             torch.set_num_threads(threads_before)
         result["offload"] = {"model": {f: getattr(setup, f) for f in setup.__dataclass_fields__},
                              "torch_threads": 1, "rows": rows}
+    result["machine"]["load_average_at_end"] = machine_facts()["load_average_1_5_15"]
     return result
 
 
@@ -161,10 +162,10 @@ def format_tables(result: dict[str, Any]) -> str:
         lines.append("CPU retrieval per decode step per sequence (median ms; target <= "
                      f"{result['retrieval']['target']['ms_per_step_per_seq']} ms at "
                      f"{result['retrieval']['target']['num_blocks']} blocks)")
-        lines.append(f"{'blocks':>7} {'tokens':>8} {'threads':>7} {'variant':>17} {'ms/step':>9} {'us/layer':>9}")
+        lines.append(f"{'blocks':>7} {'tokens':>8} {'threads':>7} {'variant':>17} {'ms/step':>9} {'us/layer':>9} {'read floor ms':>13}")
         for r in result["retrieval"]["rows"]:
             lines.append(f"{r['num_blocks']:>7} {r['context_tokens']:>8} {r['threads']:>7} {r['variant']:>17} "
-                         f"{r['ms_per_step_per_seq']:>9.2f} {r['us_per_layer']:>9.1f}")
+                         f"{r['ms_per_step_per_seq']:>9.2f} {r['us_per_layer']:>9.1f} {r['read_floor_ms']:>13.2f}")
     if "offload" in result:
         lines.append("Offload (tiny Llama, runtime Engine, torch backend, CPU)")
         lines.append(f"{'alg':>4} {'stride':>6} {'ratio':>6} {'bytes/step':>11} {'hit rate':>8} {'bytes rule':>10}")

@@ -51,6 +51,7 @@ __all__ = [
     "bench_retrieval",
     "bench_offload",
     "python_overhead",
+    "read_bandwidth_gbps",
     "SCHEMA_VERSION",
 ]
 
@@ -118,6 +119,23 @@ def machine_facts() -> dict[str, Any]:
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
+
+
+def read_bandwidth_gbps(*, mbytes: int = 256, warmup: int = 1, repeats: int = 5, threads: int = 1) -> float:
+    """Measured single-pass read bandwidth (GB/s) of a float32 ``sum`` over ``mbytes`` MB with ``threads``.
+
+    Scoring reads every block representation once per step, so ``rep bytes / this`` is a floor on
+    the scoring time that no kernel on this machine can beat.
+    """
+    _pos("mbytes", mbytes)
+    x = torch.ones(mbytes * (1 << 20) // 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(_pos("threads", threads))
+        t = time_median(lambda: x.sum(), warmup=warmup, repeats=repeats)
+    finally:
+        torch.set_num_threads(before)
+    return x.numel() * 4 / (t["median_ms"] * 1e-3) / 1e9
 
 
 def time_median(fn: Callable[[], Any], *, warmup: int, repeats: int) -> dict[str, float]:
@@ -229,11 +247,13 @@ def bench_retrieval(
         _pos("threads", t)
     rows = []
     before = torch.get_num_threads()
+    bw = {t: read_bandwidth_gbps(threads=t) for t in threads}
     try:
         for nb in num_blocks:
             per_layer, batched = retrieval_case(shape, nb, sparse)
             _check_same(per_layer(), batched())
             selected = int((batched()[0] >= 0).sum(-1).max())
+            rep_bytes = shape.num_layers * nb * shape.num_kv_heads * shape.head_dim * 4  # float32 mean-K reps
             variants = [("per_layer", per_layer), ("batched", batched)]
             if sparse.selection == "shared" and sparse.budget.kind in ("ratio", "top_k"):
                 floor = floor_case(shape, nb, sparse)
@@ -261,6 +281,9 @@ def bench_retrieval(
                         "repeats": tm["repeats"],
                         "warmup": tm["warmup"],
                         "meets_target": tm["median_ms"] <= TARGET_MS_PER_STEP,
+                        "rep_bytes_per_step": rep_bytes,
+                        "read_bandwidth_gbps": bw[t],
+                        "read_floor_ms": rep_bytes / (bw[t] * 1e9) * 1e3,
                     })
     finally:
         torch.set_num_threads(before)
