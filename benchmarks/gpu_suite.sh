@@ -1,24 +1,47 @@
 #!/usr/bin/env bash
-# One call runs the whole GPU tier of the kernels: the kernel tests on the GPU (CPU-tier cases
-# at small shapes plus the `gpu`-marked real-shape cases) and the benchmarks. Results go to
-# $OUT (JSON + logs); a short table is printed last. Usage: benchmarks/gpu_suite.sh [bench args]
+# The project's one GPU script: the GPU tier of the tests and the benchmarks in one call.
+# Results go to $OUT (JSON + logs); a short table is printed last.
+#
+#   benchmarks/gpu_suite.sh [bench_kernels args]          kernels: kernel tests on the GPU + kernel benchmarks
+#   SUITE=runtime benchmarks/gpu_suite.sh                 runtime: runtime gpu tests + end-to-end decode benchmark
+#   SUITE="kernels runtime" benchmarks/gpu_suite.sh       both (the default is "kernels")
+#
+# KERNEL_TESTS narrows the kernel test selection; RUNTIME_BENCH_ARGS overrides bench_runtime.py's arguments.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+SUITE=${SUITE:-kernels}
+$PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>/dev/null || true
+rc=0
 
-t0=$(date +%s)
-# KERNEL_TESTS narrows the test selection for a follow-up call (default: every kernel test)
-$PY -m pytest -q -p no:cacheprovider ${KERNEL_TESTS:-tests/kernels} -x --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
-test_rc=$?
-echo "kernel tests on GPU: rc=$test_rc in $(( $(date +%s) - t0 )) s"
-tail -n 25 "$OUT/gpu_tests.log"
+if [[ " $SUITE " == *" kernels "* ]]; then
+  t0=$(date +%s)
+  $PY -m pytest -q -p no:cacheprovider ${KERNEL_TESTS:-tests/kernels} -x --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
+  test_rc=$?
+  echo "kernel tests on GPU: rc=$test_rc in $(( $(date +%s) - t0 )) s"
+  tail -n 25 "$OUT/gpu_tests.log"
+  $PY benchmarks/bench_kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^attention\|^retrieval"
+  bench_rc=${PIPESTATUS[0]}
+  echo "kernels: tests rc=$test_rc bench rc=$bench_rc"
+  (( test_rc == 0 && bench_rc == 0 )) || rc=1
+fi
 
-$PY benchmarks/bench_kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^attention\|^retrieval" 
-bench_rc=${PIPESTATUS[0]}
-echo "gpu_suite: tests rc=$test_rc bench rc=$bench_rc"
-exit $(( test_rc != 0 || bench_rc != 0 ))
+if [[ " $SUITE " == *" runtime "* ]]; then
+  t0=$(date +%s)
+  $PY -m pytest -q -p no:cacheprovider tests/runtime -m "gpu and not perf" --junitxml="$OUT/gpu_runtime_tests.xml" >"$OUT/gpu_runtime_tests.log" 2>&1
+  test_rc=$?
+  echo "runtime tests on GPU: rc=$test_rc in $(( $(date +%s) - t0 )) s"
+  tail -n 15 "$OUT/gpu_runtime_tests.log"
+  card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
+  # shellcheck disable=SC2086
+  $PY benchmarks/bench_runtime.py ${RUNTIME_BENCH_ARGS:---contexts 32768 131072 --algorithms dense esa gsa-on-device --decode-steps 32} \
+      --out "$OUT/runtime_${card}_$(date +%F).json" 2>&1 | tee "$OUT/bench_runtime.log"
+  bench_rc=${PIPESTATUS[0]}
+  echo "runtime: tests rc=$test_rc bench rc=$bench_rc"
+  (( test_rc == 0 && bench_rc == 0 )) || rc=1
+fi
+exit $rc
