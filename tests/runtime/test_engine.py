@@ -291,3 +291,15 @@ def test_gsa_on_device_rollback_and_reuse_layers(dense_run, hf_greedy):
     with _engine(model, "gsa-on-device", gsa_on_device=cfg) as eng:
         eng.generate(prompt, SamplingParams(max_new_tokens=4))
         assert eng.policy.codes == {} and eng.policy.stats()["selected_block_fraction"] is None
+
+
+def test_sliding_window_model_is_refused_not_silently_run():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        sliding_window=32)
+    model = MistralForCausalLM(cfg).eval()
+    engine = _engine(model, "dense", rt=RuntimeConfig(max_batch=1, max_seq_len=128, prefill_chunk=64, cache_blocks=0))
+    with pytest.raises(ValueError, match="sliding_window=32"):
+        engine.generate(_prompt(40), SamplingParams(max_new_tokens=2))

@@ -135,6 +135,24 @@ class _Heartbeat:
         self._thread.join()
 
 
+def active_sliding_window(cfg) -> int | None:
+    """The sliding window a transformers config really applies, or ``None`` for full attention.
+
+    ``None`` when the config has no window, disables it (``use_sliding_window=False``), marks every
+    layer ``full_attention``, or the window covers ``max_position_embeddings``.
+    """
+    window = getattr(cfg, "sliding_window", None)
+    if window is None or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types and all(t == "full_attention" for t in layer_types):
+        return None
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    if max_pos is not None and window >= max_pos:
+        return None
+    return int(window)
+
+
 def export_hf_model(
     model,
     out_path: str | Path,
@@ -163,6 +181,14 @@ def export_hf_model(
     if not hasattr(model, "config") or not hasattr(model.config, "num_hidden_layers"):
         raise TypeError(f"model must be a transformers causal LM or a model directory, got {type(model).__name__}")
     cfg = model.config
+    window = active_sliding_window(cfg)
+    if window is not None:
+        raise ValueError(
+            f"model uses sliding-window attention (sliding_window={window} < max_position_embeddings="
+            f"{getattr(cfg, 'max_position_embeddings', '?')}); the paged UCM attention ops model plain causal "
+            "attention, so the rewritten graph would attend past the window. Export a full-attention config "
+            "(e.g. sliding_window=None) instead"
+        )
     num_layers = cfg.num_hidden_layers
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

@@ -34,6 +34,12 @@ def _ucm_paged_attention(module, query, key, value, attention_mask, scaling=None
         )
     if dropout:
         raise ValueError(f"{UCM_ATTENTION!r} attention is inference-only; got dropout={dropout}")
+    for name in ("sliding_window", "softcap"):
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"layer {getattr(module, 'layer_idx', '?')} passes {name}={kwargs[name]!r}; the paged UCM "
+                f"attention implements plain causal softmax attention only (no {name})"
+            )
     out = step.attend(int(module.layer_idx), query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None
 
