@@ -58,7 +58,10 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(call run_pytest,,-m gpu)
 
+# The TensorRT tier needs TensorRT itself (not installed by default: `.venv/bin/pip install -e ".[trt,gpu]"`
+# on a CUDA machine). Without it every `trt` test would be skipped, so refuse instead of reporting green.
 test-trt: $(STAMP)
+	@$(PY) -c "import tensorrt, tensorrt.plugin" 2>/dev/null || { echo 'make test-trt: TensorRT (>= 10.9, with tensorrt.plugin) is not importable in $(VENV); install it with: $(PY) -m pip install -e ".[trt,gpu]"' >&2; exit 1; }
 	$(call run_pytest,,-m trt)
 
 lint: $(STAMP)
