@@ -95,5 +95,11 @@ def test_ort_backend_rejects_mismatched_setups(rewritten):
     with pytest.raises(ValueError, match="needs the queries of the last 8 prompt tokens"):
         Engine(esa, make_policy("kvstar"), sparse=sparse_config_for("kvstar", SparseConfig(block_size=BS)),
                config=RuntimeConfig(max_seq_len=256))
+    from ucm_trt.config import ReRoPEConfig
+
+    rerope = make_policy("rerope", rerope=ReRoPEConfig(window=64, training_length=128))
+    with pytest.raises(ValueError, match="needs a model rewritten for ReRoPE with the same settings"):
+        Engine(esa, rerope, sparse=sparse_config_for("rerope", SparseConfig(block_size=BS)),
+               config=RuntimeConfig(max_seq_len=256))
     with pytest.raises(ValueError, match="not a file"):
         OrtBackend("/nonexistent.onnx")

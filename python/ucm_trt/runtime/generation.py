@@ -170,6 +170,12 @@ class Engine:
             )
         if getattr(backend, "rerope", None) is not None and policy.rerope is None:
             raise ValueError(f"the backend's model was rewritten for ReRoPE; use the rerope policy, got {policy.name!r}")
+        graph_backend = getattr(backend, "algorithm", None) is not None  # ORT / TensorRT: attention fixed at rewrite
+        if graph_backend and policy.rerope is not None and policy.rerope != backend.rerope:
+            raise ValueError(
+                f"the rerope policy ({policy.rerope}) needs a model rewritten for ReRoPE with the same settings; "
+                f"the backend's model was rewritten with rerope={backend.rerope}"
+            )
         if getattr(backend, "algorithm", None) == "dense" and policy.name not in ("dense",):
             raise ValueError(
                 f"the backend's model was rewritten for 'dense' (no selection inputs); the {policy.name} policy "
