@@ -21,6 +21,7 @@ def test_demo_runs_and_reports_every_layer(capsys):
         "0.25",
         "--sparse-methods",
         "oracle",
+        "--no-runtime",  # step 6 (export + rewrite + ONNX Runtime passkey) is tested in tests/samples
     ]
     rc = demo.main(argv)
     out = capsys.readouterr().out
