@@ -33,6 +33,38 @@ def visible_mask(
     return (k_positions[:, None, None, :] <= q_positions[:, None, :, None])
 
 
+def positions_and_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_positions: torch.Tensor | None,
+    k_positions: torch.Tensor | None,
+    *,
+    causal: bool,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Resolve query/key positions (``[B, Tq]``, ``[B, Tk]``) and the ``[B, 1|Hq, Tq, Tk]`` visibility mask.
+
+    Defaults: the queries are the last ``Tq`` of the ``Tk`` keys. ``mask`` (bool, broadcastable to
+    ``[B, Hq, Tq, Tk]``) is ANDed with the causal rule.
+    """
+    b, hq, tq, _ = q.shape
+    tk = k.shape[2]
+    dev = q.device
+    qp = _positions("q_positions", q_positions, torch.arange(tk - tq, tk, device=dev)[None], b, tq)
+    kp = _positions("k_positions", k_positions, torch.arange(tk, device=dev)[None], b, tk)
+    allowed = visible_mask(qp, kp, causal=causal)
+    if mask is not None:
+        check_tensor("mask", mask, dtypes=(torch.bool,))
+        try:
+            torch.broadcast_shapes(mask.shape, (b, hq, tq, tk))
+        except RuntimeError as exc:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} must broadcast to {(b, hq, tq, tk)}"
+            ) from exc
+        allowed = allowed & mask
+    return qp, kp, allowed
+
+
 def masked_softmax_attention(
     logits: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
@@ -85,19 +117,7 @@ def dense_attention(
     group = check_gqa(hq, hkv)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    dev = q.device
-    qp = _positions("q_positions", q_positions, torch.arange(tk - tq, tk, device=dev)[None], b, tq)
-    kp = _positions("k_positions", k_positions, torch.arange(tk, device=dev)[None], b, tk)
-    allowed = visible_mask(qp, kp, causal=causal)
-    if mask is not None:
-        check_tensor("mask", mask, dtypes=(torch.bool,))
-        try:
-            torch.broadcast_shapes(mask.shape, (b, hq, tq, tk))
-        except RuntimeError as exc:
-            raise ValueError(
-                f"mask of shape {tuple(mask.shape)} must broadcast to {(b, hq, tq, tk)}"
-            ) from exc
-        allowed = allowed & mask
+    _, _, allowed = positions_and_mask(q, k, q_positions, k_positions, causal=causal, mask=mask)
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     kx = k.to(ct).repeat_interleave(group, dim=1)
     vx = v.to(ct).repeat_interleave(group, dim=1)

@@ -17,7 +17,7 @@ import math
 import torch
 
 from ucm_trt._validation import FLOAT_DTYPES, INT_DTYPES, check_gqa, check_tensor
-from ucm_trt.reference.dense import _positions, masked_softmax_attention, visible_mask
+from ucm_trt.reference.dense import masked_softmax_attention, positions_and_mask
 from ucm_trt.reference.rope import apply_rope
 
 
@@ -59,13 +59,7 @@ def rerope_attention(
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    dev = q.device
-    qp = _positions("q_positions", q_positions, torch.arange(tk - tq, tk, device=dev)[None], b, tq)
-    kp = _positions("k_positions", k_positions, torch.arange(tk, device=dev)[None], b, tk)
-    allowed = visible_mask(qp, kp, causal=causal)
-    if mask is not None:
-        check_tensor("mask", mask, dtypes=(torch.bool,))
-        allowed = allowed & mask
+    qp, kp, allowed = positions_and_mask(q, k, q_positions, k_positions, causal=causal, mask=mask)
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf = q.to(ct)
     if logn_training_length is not None:
