@@ -119,3 +119,34 @@ def test_every_policy_runs_a_long_prompt_and_reports_stats(algorithm, smollm2_pa
         assert stats["device_kv_bytes_last_decode"] == dense_stats["device_kv_bytes_last_decode"]
     if algorithm == "gsa-on-device":
         assert stats["policy"]["sparse_steps"] == NEW - 1 and stats["policy"]["rollback_layers"] == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def smollm2_ort_esa(tmp_path_factory):
+    """SmolLM2 exported and rewritten for ESA (block 16): the graph the ONNX Runtime backend runs."""
+    from ucm_trt.chat.prepare import prepare_onnx
+
+    return prepare_onnx(tmp_path_factory.mktemp("smollm2_onnx"), algorithm="esa", block_size=16)
+
+
+def test_ort_dense_and_select_all_esa_equal_torch_greedy_over_64_steps(smollm2_ort_esa, short_prompt, dense_short):
+    """DESIGN §3 / issue 5: on ONNX Runtime, over the rewritten SmolLM2, dense and select-all sparse give
+    the same 64 greedy tokens as each other and as the PyTorch backend (itself equal to HF generate)."""
+    from ucm_trt.runtime.backends.ort_backend import OrtBackend
+
+    backend = OrtBackend(smollm2_ort_esa, max_positions=8192)
+    runs = {}
+    for algorithm, budget in (("dense", None), ("esa", Budget.ratio(1.0))):
+        sparse = sparse_config_for(algorithm, SparseConfig(block_size=16, budget=budget or Budget.ratio(0.25),
+                                                           retrieval_stride=3, sink_blocks=1, local_blocks=2,
+                                                           min_blocks=4))
+        with Engine(backend, make_policy(algorithm), sparse=sparse,
+                    config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=512, cache_blocks=2)) as eng:
+            [res] = eng.generate(short_prompt, SamplingParams(max_new_tokens=STEPS))
+            stats = eng.stats()
+        assert len(res.token_ids) == STEPS
+        runs[algorithm] = res.token_ids
+        if algorithm == "esa":
+            assert stats["policy"]["retrievals"] > 0, stats  # the sparse path really ran
+    assert runs["dense"] == dense_short
+    assert runs["esa"] == runs["dense"]
