@@ -31,7 +31,7 @@ from ucm_trt.graph.rules.base import (
     default_scale,
     static_dim,
 )
-from ucm_trt.graph.rules.rope import rope_theta, unrotate
+from ucm_trt.graph.rules.rope import capture_rope, rope_theta
 
 MS = "com.microsoft"
 
@@ -166,24 +166,11 @@ class GroupQueryAttentionRule(Rule):
         elif packed:
             m.rope_failure = "packed QKV without fused rotary: no RoPE to capture"
         else:
-            _capture_contrib_rope(m)
+            capture_rope(m)
         return m
 
     def rewrite(self, tape: ir.tape.Tape, m: AttentionMatch, emit: Callable) -> ir.Value:
         return _rewrite_3d(tape, m, emit)
-
-
-def _capture_contrib_rope(m: AttentionMatch) -> None:
-    uq, uk = unrotate(m.q), unrotate(m.k_new)
-    for what, u in (("query", uq), ("key", uk)):
-        if isinstance(u, Failure):
-            m.rope_failure = f"{what}: {u.reason}"
-            return
-    theta = rope_theta(uq[1], m.head_dim)
-    if isinstance(theta, Failure):
-        m.rope_failure = theta.reason
-        return
-    m.q_unrot, m.k_unrot, m.rope_theta = uq[0], uk[0], theta
 
 
 def _rewrite_3d(tape: ir.tape.Tape, m: AttentionMatch, emit: Callable) -> ir.Value:
@@ -247,7 +234,7 @@ class MultiHeadAttentionRule(Rule):
             num_q_heads=h, num_kv_heads=h, head_dim=d, scale=float(attr(node, "scale", 0.0) or default_scale(d)),
             layout="bt(hd)",
         )  # fmt: skip
-        _capture_contrib_rope(m)
+        capture_rope(m)
         return m
 
     def rewrite(self, tape: ir.tape.Tape, m: AttentionMatch, emit: Callable) -> ir.Value:

@@ -31,7 +31,7 @@ from ucm_trt.graph.rules.base import (
     producer,
     static_dim,
 )
-from ucm_trt.graph.rules.rope import rope_theta, unrotate
+from ucm_trt.graph.rules.rope import capture_rope
 
 
 def _untranspose_key(kt: ir.Value) -> ir.Value | None:
@@ -130,20 +130,5 @@ class DecomposedAttentionRule(Rule):
             past_key=past_k, past_value=past_v, present_key=k_cat, present_value=v_cat,
             num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=s_out * s_q * s_k,
         )  # fmt: skip
-        _capture_rope(m)
+        capture_rope(m)
         return m
-
-
-def _capture_rope(m: AttentionMatch) -> None:
-    """Fill q_unrot / k_unrot / rope_theta (or rope_failure) of a 4-D match."""
-    uq = unrotate(m.q)
-    uk = unrotate(m.k_new)
-    for what, u in (("query", uq), ("key", uk)):
-        if isinstance(u, Failure):
-            m.rope_failure = f"{what}: {u.reason}"
-            return
-    theta = rope_theta(uq[1], m.head_dim)
-    if isinstance(theta, Failure):
-        m.rope_failure = theta.reason
-        return
-    m.q_unrot, m.k_unrot, m.rope_theta = uq[0], uk[0], theta

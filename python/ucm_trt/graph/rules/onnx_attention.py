@@ -25,7 +25,7 @@ from ucm_trt.graph.rules.base import (
     peel_repeat_kv,
     static_dim,
 )
-from ucm_trt.graph.rules.decomposed import _capture_rope
+from ucm_trt.graph.rules.rope import capture_rope
 
 
 def _input(node: ir.Node, i: int) -> ir.Value | None:
@@ -85,5 +85,5 @@ class OnnxAttentionRule(Rule):
             num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
             scale=float(scale) if scale is not None else default_scale(d),
         )  # fmt: skip
-        _capture_rope(m)
+        capture_rope(m)
         return m

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ucm_trt.graph.rules.base import Failure, attr, const_array, producer
+from ucm_trt.graph.rules.base import AttentionMatch, Failure, attr, const_array, producer
 
 __all__ = ["unrotate", "rope_theta"]
 
@@ -133,3 +133,20 @@ def rope_theta(cos: ir.Value, head_dim: int, *, max_nodes: int = 64) -> float | 
         f"could not recover a default-RoPE theta from the constants feeding {cos.name!r} "
         f"(inv_freq of {head_dim // 2} values or a cos cache); scaled RoPE variants are not supported by ReRoPE"
     )
+
+
+def capture_rope(m: AttentionMatch) -> None:
+    """Fill ``q_unrot`` / ``k_unrot`` / ``rope_theta`` of a match (or ``rope_failure`` with the reason).
+
+    Shared by every attention rule: the ReRoPE rewrite needs the query and key before rotation.
+    """
+    uq, uk = unrotate(m.q), unrotate(m.k_new)
+    for what, u in (("query", uq), ("key", uk)):
+        if isinstance(u, Failure):
+            m.rope_failure = f"{what}: {u.reason}"
+            return
+    theta = rope_theta(uq[1], m.head_dim)
+    if isinstance(theta, Failure):
+        m.rope_failure = theta.reason
+        return
+    m.q_unrot, m.k_unrot, m.rope_theta = uq[0], uk[0], theta
