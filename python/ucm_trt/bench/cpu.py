@@ -91,15 +91,8 @@ class RetrievalShape:
 
 def machine_facts() -> dict[str, Any]:
     """CPU model, cores, torch threads, load average, date (UTC), versions."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from ucm_trt.eval.results import cpu_model_name
+
     try:
         load = list(os.getloadavg())
     except OSError:
@@ -109,7 +102,7 @@ def machine_facts() -> dict[str, Any]:
     except AttributeError:
         affinity = None
     return {
-        "cpu_model": model,
+        "cpu_model": cpu_model_name(),
         "logical_cores": os.cpu_count(),
         "cores_available": affinity,
         "torch_threads_default": torch.get_num_threads(),

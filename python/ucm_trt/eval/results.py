@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResultStore", "cell_key", "machine_info", "utc_now"]
+__all__ = ["ResultStore", "cell_key", "cpu_model_name", "machine_info", "utc_now"]
 
 SCHEMA = "ucm-trt-quality/1"
 
@@ -50,6 +50,18 @@ def cell_key(kind: str, params: Mapping[str, Any]) -> str:
     return "|".join(parts)
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what :mod:`platform` reports."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, Any]:
     """The machine and library versions a result was measured with."""
     import torch
@@ -60,17 +72,8 @@ def machine_info() -> dict[str, Any]:
         tf_version = transformers.__version__
     except ImportError:  # pragma: no cover - transformers is a hard dependency
         tf_version = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_model_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
