@@ -89,6 +89,7 @@ def test_dense_manager_keeps_every_block_and_frees_all():
     _fill(kv, "a", 0, 10)
     for step in range(5):
         kv.plan_step(["a"], [1], [[{0}]] * L, tr)  # a selection is ignored without offload
+        _check_tables_match_residency(kv, ["a"])
         _fill(kv, "a", 10 + step, 1)
     assert kv.resident_blocks("a", 0) == [0, 1, 2, 3]
     for blk in range(4):
@@ -171,6 +172,18 @@ def test_offload_pool_pressure_evicts_cached_blocks_and_errors_when_full():
         kv.plan_step(["a", "b"], [1, 1], [[{0, 1, 2, 3}, {0, 1, 2, 3}]] * L, StepTransfer())
 
 
+def _check_tables_match_residency(kv: KVManager, rows: list[str]) -> None:
+    """The block tables written by the plan map exactly the resident blocks of each row, built
+    here independently from the working sets (every other entry is the null block)."""
+    for row, rid in enumerate(rows):
+        for layer in range(L):
+            want = torch.full((kv.max_blocks,), NULL_BLOCK, dtype=torch.int32)
+            for blk, phys in kv.seqs[rid].resident[layer].items():
+                want[blk] = phys
+            assert torch.equal(kv.tables_host[layer, row], want), (rid, layer)
+            assert torch.equal(kv.tables[layer, row], want), (rid, layer)
+
+
 def test_manager_no_leak_over_10k_steps_with_request_churn():
     rng = random.Random(7)
     kv = KVManager(_layout(), max_batch=3, max_blocks=16, num_device_blocks=1 + 3 * 16, offload=True,
@@ -197,6 +210,7 @@ def test_manager_no_leak_over_10k_steps_with_request_churn():
             needed.append(per)
         tr = StepTransfer()
         kv.plan_step(rows, [1] * len(rows), needed, tr)
+        _check_tables_match_residency(kv, rows)
         kv.write_back(rows, tr)
         for rid in rows:
             live[rid] += 1

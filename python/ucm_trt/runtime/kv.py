@@ -27,6 +27,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ucm_trt._validation import check_non_negative_int, check_positive_int
@@ -142,15 +143,27 @@ class StepTransfer:
 class _Seq:
     """KV state of one request."""
 
-    __slots__ = ("rid", "seq_len", "host_ids", "resident", "flushed")
+    __slots__ = ("rid", "seq_len", "host_ids", "resident", "table", "flushed")
 
-    def __init__(self, rid: str, num_layers: int) -> None:
+    def __init__(self, rid: str, num_layers: int, max_blocks: int) -> None:
         self.rid = rid
         self.seq_len = 0
         self.host_ids: list[int] = []  # logical block -> host block id (-1: not written back yet)
         # per layer: logical -> physical, in LRU order (most recently used last)
         self.resident: list[OrderedDict[int, int]] = [OrderedDict() for _ in range(num_layers)]
+        # the same mapping as a block table [L, max_blocks] (NULL_BLOCK where not resident), kept
+        # in step with ``resident`` so a plan copies one row per request instead of rebuilding it
+        self.table = np.zeros((num_layers, max_blocks), dtype=np.int32)
         self.flushed = 0  # completed blocks written back to the host store
+
+    def set_resident(self, layer: int, blk: int, phys: int) -> None:
+        self.resident[layer][blk] = phys
+        self.table[layer, blk] = phys
+
+    def drop_resident(self, layer: int, blk: int) -> int:
+        phys = self.resident[layer].pop(blk)
+        self.table[layer, blk] = NULL_BLOCK
+        return phys
 
 
 class KVManager:
@@ -229,7 +242,7 @@ class KVManager:
     def add_request(self, rid: str) -> None:
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already active")
-        self.seqs[rid] = _Seq(rid, self.layout.num_layers)
+        self.seqs[rid] = _Seq(rid, self.layout.num_layers, self.max_blocks)
 
     def free_request(self, rid: str) -> None:
         """Return every device and host block of ``rid``."""
@@ -238,6 +251,7 @@ class KVManager:
         for layer, res in enumerate(seq.resident):
             self.allocators[layer].free(res.values())
             res.clear()
+        seq.table.fill(NULL_BLOCK)
         if self.host_allocator is not None:
             self.host_allocator.free([h for h in seq.host_ids if h >= 0])
         del self.seqs[rid]
@@ -311,10 +325,20 @@ class KVManager:
                 )
             new_nb = (new_len + bs - 1) // bs
             first_written = seq.seq_len // bs  # block that receives the first new token
+            if not self.offload:
+                # every block stays resident: only the blocks the new tokens open are allocated
+                for layer in range(self.layout.num_layers):
+                    for blk in range(old_nb, new_nb):
+                        seq.set_resident(layer, blk, self._allocate(layer))
+                transfer.working_set_blocks += new_nb * self.layout.num_layers
+                seq.seq_len = new_len
+                while len(seq.host_ids) < new_nb:
+                    seq.host_ids.append(-1)
+                continue
             for layer in range(self.layout.num_layers):
                 res = seq.resident[layer]
                 want = needed[layer][row]
-                if want is None or not self.offload:
+                if want is None:
                     want_set = set(range(old_nb))
                 else:
                     want_set = {b for b in want if 0 <= b < old_nb}
@@ -325,13 +349,13 @@ class KVManager:
                 self._evict(seq, layer, want_set, transfer)
                 for blk in sorted(want_set):
                     existing = blk < old_nb
-                    if existing and self.offload:
+                    if existing:
                         transfer.blocks_needed += 1
                     if blk in res:
                         res.move_to_end(blk)
                         continue
                     phys = self._allocate(layer)
-                    res[blk] = phys
+                    seq.set_resident(layer, blk, phys)
                     if existing:
                         # an existing block that was offloaded: fetch it from the host store
                         host_id = seq.host_ids[blk]
@@ -370,7 +394,7 @@ class KVManager:
                 f"request {seq.rid!r} layer {layer}: evicting logical block {blk} that is not in the "
                 "host store (only completed, written-back blocks may leave the device)"
             )
-        phys = seq.resident[layer].pop(blk)
+        phys = seq.drop_resident(layer, blk)
         self.allocators[layer].free([phys])
 
     def _evict_under_pressure(self, layer: int) -> None:
@@ -403,12 +427,7 @@ class KVManager:
     def _write_tables(self, rids: list[str]) -> None:
         th = self.tables_host
         for row, rid in enumerate(rids):
-            seq = self.seqs[rid]
-            th[:, row].fill_(NULL_BLOCK)
-            for layer, res in enumerate(seq.resident):
-                if res:
-                    idx = torch.tensor(list(res.keys()), dtype=torch.long)
-                    th[layer, row, idx] = torch.tensor(list(res.values()), dtype=torch.int32)
+            th[:, row] = torch.from_numpy(self.seqs[rid].table)
         b = len(rids)
         self.tables[:, :b].copy_(th[:, :b], non_blocking=self.is_cuda)
 
