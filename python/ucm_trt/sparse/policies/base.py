@@ -156,6 +156,17 @@ class Policy:
     def on_request_end(self, rid: str) -> None:
         pass
 
+    def graph_key(self) -> Any:
+        """Hashable key of the host-side decisions this step's per-layer hooks took (``()`` when
+        they take none), or ``None`` when the decode forward cannot be captured in a CUDA graph.
+
+        A captured decode step is replayed for later steps with the same key, batch and selection
+        widths, so hooks may launch device work only: no host reads of device values, no shapes
+        or branches that depend on anything outside the key. Host-side counters updated inside
+        the hooks would run at capture only; keep such counters on the device or in ``plan``.
+        """
+        return ()
+
     def stats(self) -> dict[str, Any]:
         return {}
 
