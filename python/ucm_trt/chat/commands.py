@@ -6,7 +6,7 @@ import math
 import shlex
 from dataclasses import dataclass
 
-from ucm_trt.chat._names import ALGORITHMS
+from ucm_trt.chat._names import CHAT_ALGORITHMS, not_in_chat
 from ucm_trt.chat.session import ChatError
 
 __all__ = ["COMMAND_HELP", "Command", "help_text", "parse_line"]
@@ -14,7 +14,7 @@ __all__ = ["COMMAND_HELP", "Command", "help_text", "parse_line"]
 #: name -> (argument synopsis, one-line help)
 COMMAND_HELP: dict[str, tuple[str, str]] = {
     "help": ("", "show this help"),
-    "algo": ("[NAME]", f"switch the attention algorithm for the next turns ({', '.join(ALGORITHMS)}); "
+    "algo": ("[NAME]", f"switch the attention algorithm for the next turns ({', '.join(CHAT_ALGORITHMS)}); "
                        "no NAME shows the current one"),
     "budget": ("[R]", "fraction of candidate blocks sparse algorithms keep, in (0, 1], e.g. 0.25; "
                       "no R shows the current one"),
@@ -67,8 +67,11 @@ def parse_line(line: str) -> Command | str | None:
     if name == "algo":
         if not rest:
             return Command(name)
-        if rest not in ALGORITHMS:
-            raise ChatError(f"/algo: unknown algorithm {rest!r}; choose one of {', '.join(ALGORITHMS)}")
+        if rest not in CHAT_ALGORITHMS:
+            reason = not_in_chat(rest)
+            if reason is not None:
+                raise ChatError(f"/algo: {reason}")
+            raise ChatError(f"/algo: unknown algorithm {rest!r}; choose one of {', '.join(CHAT_ALGORITHMS)}")
         return Command(name, rest)
     if name == "budget":
         if not rest:

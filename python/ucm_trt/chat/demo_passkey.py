@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from ucm_trt.chat._names import ALGORITHMS
+from ucm_trt.chat._names import CHAT_ALGORITHMS
 from ucm_trt.chat.prepare import prepare_onnx
 from ucm_trt.chat.session import TurnStats, format_bytes
 
@@ -61,8 +61,8 @@ def _check_args(num_tokens, algorithms, budget, block_size, max_new_tokens, dept
     if isinstance(algorithms, str) or not isinstance(algorithms, Sequence) or not algorithms:
         raise TypeError(f"algorithms must be a non-empty sequence of names, got {algorithms!r}")
     for a in algorithms:
-        if a not in ALGORITHMS:
-            raise ValueError(f"algorithms: {a!r} is not one of {', '.join(ALGORITHMS)}")
+        if a not in CHAT_ALGORITHMS:
+            raise ValueError(f"algorithms: {a!r} is not one of {', '.join(CHAT_ALGORITHMS)}")
     if len(set(algorithms)) != len(algorithms):
         raise ValueError(f"algorithms must not repeat a name, got {list(algorithms)}")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
@@ -236,7 +236,7 @@ def format_table(runs: Sequence[PasskeyRun], *, passkey: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ucm_trt.chat.demo_passkey", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=2000, help="prompt length in tokens (default 2000)")
-    p.add_argument("--algorithms", nargs="+", default=None, choices=ALGORITHMS,
+    p.add_argument("--algorithms", nargs="+", default=None, choices=CHAT_ALGORITHMS,
                    help=f"default: {' '.join(TORCH_ALGORITHMS)} (PyTorch), {' '.join(ORT_ALGORITHMS)} (--onnx)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--onnx", default=None, help="a model from 'ucm-trt export' + 'ucm-trt rewrite' (sparse algorithm): run on ONNX Runtime")

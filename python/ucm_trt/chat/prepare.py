@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ucm_trt.chat._names import ALGORITHMS
+from ucm_trt.chat._names import CHAT_ALGORITHMS
 
 __all__ = ["DEFAULT_ONNX_CACHE", "prepare_onnx"]
 
@@ -28,8 +28,8 @@ def prepare_onnx(out_dir: str | Path, *, algorithm: str = "esa", block_size: int
     is reused (the rewritten one only if its metadata names the same algorithm and block size).
     About 1.5 min for the export and 1 min for the rewrite on two CPU cores.
     """
-    if algorithm not in ALGORITHMS or algorithm == "rerope":
-        raise ValueError(f"algorithm must be one of {', '.join(a for a in ALGORITHMS if a != 'rerope')}; "
+    if algorithm not in CHAT_ALGORITHMS or algorithm == "rerope":
+        raise ValueError(f"algorithm must be one of {', '.join(a for a in CHAT_ALGORITHMS if a != 'rerope')}; "
                          f"got {algorithm!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 \
             or block_size & (block_size - 1):

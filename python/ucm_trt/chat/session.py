@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ucm_trt.chat._names import ALGORITHMS
+from ucm_trt.chat._names import CHAT_ALGORITHMS, not_in_chat
 
 __all__ = [
     "ChatError",
@@ -61,8 +61,9 @@ class ChatSettings:
     Attributes
     ----------
     algorithm:
-        One of :data:`ucm_trt.runtime.algorithms.ALGORITHMS` (``dense``, ``esa``, ``gsa``,
-        ``gsa-on-device``, ``kvstar``, ``rerope``).
+        One of :data:`ucm_trt.runtime.algorithms.POLICY_ALGORITHMS` (``dense``, ``esa``, ``gsa``,
+        ``gsa-on-device``, ``kvstar``, ``rerope``); ``blend`` is refused (a prefill method over
+        cached document chunks, run by ``ucm-trt run --algorithm blend``).
     budget:
         Fraction of the candidate blocks (those outside the sink and local windows) that a sparse
         algorithm selects, in (0, 1]. For ``gsa-on-device`` it is turned into the policy's
@@ -100,9 +101,12 @@ class ChatSettings:
     max_context: int | None = None
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
+        if self.algorithm not in CHAT_ALGORITHMS:
+            reason = not_in_chat(self.algorithm) if isinstance(self.algorithm, str) else None
+            if reason is not None:
+                raise ValueError(f"ChatSettings.algorithm={self.algorithm!r}: {reason}")
             raise ValueError(
-                f"ChatSettings.algorithm must be one of {', '.join(ALGORITHMS)}; got {self.algorithm!r}"
+                f"ChatSettings.algorithm must be one of {', '.join(CHAT_ALGORITHMS)}; got {self.algorithm!r}"
             )
         _float_field("budget", self.budget)
         if not 0 < self.budget <= 1:
@@ -380,8 +384,11 @@ class ChatSession:
         self._engine(settings, small - 1, small).close()
 
     def set_algorithm(self, name: str) -> ChatSettings:
-        if name not in ALGORITHMS:
-            raise ChatError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
+        if name not in CHAT_ALGORITHMS:
+            reason = not_in_chat(name) if isinstance(name, str) else None
+            if reason is not None:
+                raise ChatError(reason)
+            raise ChatError(f"unknown algorithm {name!r}; choose one of {', '.join(CHAT_ALGORITHMS)}")
         return self.update(algorithm=name)
 
     def set_budget(self, value: float) -> ChatSettings:

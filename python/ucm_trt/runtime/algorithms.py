@@ -1,4 +1,12 @@
-"""Algorithm names -> policies and the SparseConfig each one scores with (used by ``ucm-trt run``)."""
+"""Algorithm names -> policies and the SparseConfig each one scores with (used by ``ucm-trt run``).
+
+:data:`ALGORITHMS` names every UCM algorithm of the runtime, the same list as
+``ucm_trt.graph.driver.ALGORITHMS`` and ``ucm-trt run --algorithm``. All but ``blend`` are per-step
+policies (:data:`POLICY_ALGORITHMS`, built by :func:`make_policy`). ``blend`` is a prefill method,
+not a policy: it reuses the KV of document chunks cached by earlier requests
+(:class:`ucm_trt.runtime.blend.BlendRunner` over an engine whose policy decodes, e.g. ``dense``),
+so :func:`make_policy` refuses it with a message saying how to run it.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +23,19 @@ from ucm_trt.sparse.policies import (
     ReRoPEPolicy,
 )
 
-__all__ = ["ALGORITHMS", "make_policy", "sparse_config_for"]
+__all__ = ["ALGORITHMS", "POLICY_ALGORITHMS", "PREFILL_ALGORITHMS", "make_policy", "sparse_config_for"]
 
-ALGORITHMS: tuple[str, ...] = ("dense", "esa", "gsa", "gsa-on-device", "kvstar", "rerope")
+ALGORITHMS: tuple[str, ...] = ("dense", "esa", "gsa", "gsa-on-device", "kvstar", "blend", "rerope")
+#: the prefill methods: they run through their own runner, not as an engine policy
+PREFILL_ALGORITHMS: tuple[str, ...] = ("blend",)
+#: the per-step policies :func:`make_policy` builds (what an engine, the chat and the eval can run)
+POLICY_ALGORITHMS: tuple[str, ...] = tuple(a for a in ALGORITHMS if a not in PREFILL_ALGORITHMS)
+
+_BLEND_IS_NO_POLICY = (
+    "algorithm 'blend' is not a per-step policy but a prefill method (it reuses the KV of cached document "
+    "chunks); build the engine with a policy that decodes, e.g. make_policy('dense'), and run the request "
+    "through ucm_trt.runtime.blend.BlendRunner(engine, BlendConfig(...)), as `ucm-trt run --algorithm blend` does"
+)
 
 # representation / scoring each algorithm reads
 _SCORING = {
@@ -26,6 +44,7 @@ _SCORING = {
     "gsa": ("mean", "dot"),
     "gsa-on-device": ("hash", "hamming"),
     "kvstar": ("subblock", "kvstar_vote"),
+    "blend": ("mean", "dot"),  # Blend prefill, then the engine's (dense) policy decodes
     "rerope": ("mean", "dot"),
 }
 
@@ -46,9 +65,12 @@ def make_policy(
     gsa_on_device: GSAOnDeviceConfig | None = None,
     rerope: ReRoPEConfig | None = None,
 ) -> Policy:
-    """A fresh policy for ``algorithm`` (one of :data:`ALGORITHMS`)."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {algorithm!r}")
+    """A fresh policy for ``algorithm`` (one of :data:`POLICY_ALGORITHMS`; ``blend`` is refused with
+    a ValueError that says how to run it)."""
+    if algorithm in PREFILL_ALGORITHMS:
+        raise ValueError(_BLEND_IS_NO_POLICY)
+    if algorithm not in POLICY_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(POLICY_ALGORITHMS)}; got {algorithm!r}")
     extra = {"kvstar": kvstar, "gsa_on_device": gsa_on_device, "rerope": rerope}
     wanted = {"kvstar": "kvstar", "gsa-on-device": "gsa_on_device", "rerope": "rerope"}.get(algorithm)
     for key, val in extra.items():

@@ -36,7 +36,7 @@ import torch
 
 from ucm_trt.config import BlendConfig
 from ucm_trt.reference import apply_rope, delta_rope
-from ucm_trt.runtime.generation import Engine, SamplingParams, _check_prompt, _Request
+from ucm_trt.runtime.generation import Engine, SamplingParams, TokenCallback, _check_prompt, _Request
 from ucm_trt.runtime.kv import StepTransfer
 from ucm_trt.sparse.policies.base import RequestView
 
@@ -145,9 +145,11 @@ class BlendRunner:
 
     # ------------------------------------------------------------------ blend requests
     def add_request(self, chunks: Sequence[Sequence[int]], suffix: Sequence[int],
-                    params: SamplingParams | None = None, *, request_id: str | None = None) -> str:
+                    params: SamplingParams | None = None, *, request_id: str | None = None,
+                    on_token: TokenCallback | None = None) -> str:
         """Prefill ``chunks + suffix`` reusing cached chunk KV, sample the first token, and hand the
-        request to the engine's decode loop (drive it with ``engine.step()``). Returns the id."""
+        request to the engine's decode loop (drive it with ``engine.step()``). ``on_token(rid, token)``
+        is called for every generated token, as in :meth:`Engine.add_request`. Returns the id."""
         eng = self.engine
         bs = eng.sparse.block_size
         chunk_ids = [_check_prompt(c) for c in chunks]
@@ -174,7 +176,8 @@ class BlendRunner:
         if rid in eng._requests:
             raise ValueError(f"request_id {rid!r} is already in use")
         gen = torch.Generator(device="cpu").manual_seed(params.seed) if params.temperature > 0 else None
-        req = _Request(rid=rid, prompt=prompt, params=params, callback=None, bounds=[0, len(prompt)], generator=gen)
+        req = _Request(rid=rid, prompt=prompt, params=params, callback=on_token, bounds=[0, len(prompt)],
+                       generator=gen)
         eng._requests[rid] = req
         req.t_start = time.perf_counter()
         eng.kv.add_request(rid)
@@ -202,9 +205,9 @@ class BlendRunner:
         return rid
 
     def generate(self, chunks: Sequence[Sequence[int]], suffix: Sequence[int],
-                 params: SamplingParams | None = None):
+                 params: SamplingParams | None = None, *, on_token: TokenCallback | None = None):
         """Blend-prefill one request and decode it to the end; returns its GenerationResult."""
-        rid = self.add_request(chunks, suffix, params)
+        rid = self.add_request(chunks, suffix, params, on_token=on_token)
         eng = self.engine
         try:
             while eng._requests[rid].finish_reason is None:

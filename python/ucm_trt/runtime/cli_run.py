@@ -1,5 +1,14 @@
 """``ucm-trt run``: generate for one prompt with a UCM algorithm and print the text and the stats.
 
+``--algorithm blend`` takes the prompt as reusable document chunks (``--chunk TEXT`` /
+``--chunk-file PATH``, repeatable, in order) followed by the question (``--prompt`` /
+``--prompt-file``). Each chunk is tokenized on its own, padded to a block boundary with a pad
+token (Blend caches whole blocks), and cached at position 0 as if an earlier request had sent it;
+then the request is prefilled reusing those blocks at their new offsets (delta-RoPE) with a
+selective recompute from ``--recompute-layer``, and decoded with dense attention.
+``--compare-full`` also runs a plain full prefill of the same tokens and reports both TTFTs and
+the greedy agreement.
+
 Wired into the ``ucm-trt`` CLI by :func:`add_run_parser` / :func:`run_command`; also runnable as
 ``python -m ucm_trt.runtime.cli_run ...``.
 """
@@ -14,7 +23,14 @@ from pathlib import Path
 __all__ = ["RUN_ALGORITHMS", "add_arguments", "add_run_parser", "build_engine", "main", "run_command"]
 
 # Same as ucm_trt.runtime.algorithms.ALGORITHMS (a test checks); repeated so --help imports no torch.
-RUN_ALGORITHMS = ("dense", "esa", "gsa", "gsa-on-device", "kvstar", "rerope")
+RUN_ALGORITHMS = ("dense", "esa", "gsa", "gsa-on-device", "kvstar", "blend", "rerope")
+
+# BlendConfig's defaults (a test checks), repeated so --help imports no torch.
+BLEND_DEFAULTS = {"recompute_layer": 1, "recompute_ratio": 0.2, "min_reused_blocks": 1}
+_BLEND_ONLY = (("chunks", "--chunk/--chunk-file"), ("recompute_layer", "--recompute-layer"),
+               ("recompute_ratio", "--recompute-ratio"), ("min_reused_blocks", "--min-reused-blocks"),
+               ("chunk_pad_token", "--chunk-pad-token"), ("compare_full", "--compare-full"))
+_DEFAULT_PREFILL_CHUNK = 512
 
 
 def add_run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,9 +44,11 @@ def add_run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``run`` options to ``p`` (argparse only: no heavy imports)."""
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt", help="prompt text (with --algorithm blend: the question after the chunks)")
     src.add_argument("--prompt-file", type=Path, help="file holding the prompt text")
-    p.add_argument("--algorithm", choices=RUN_ALGORITHMS, default="dense")
+    p.add_argument("--algorithm", choices=RUN_ALGORITHMS, default="dense",
+                   help="dense (default), a sparse decode policy (esa, gsa, gsa-on-device, kvstar), rerope, or "
+                        "blend (reuse of cached document chunks at prefill; give them with --chunk/--chunk-file)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (the bundled SmolLM2-135M-Instruct) or a Hugging Face checkpoint directory")
@@ -58,9 +76,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rerope-window", type=int, default=512)
     g.add_argument("--rerope-training-length", type=int, default=8192)
     g.add_argument("--no-logn", action="store_true")
+    b = p.add_argument_group(
+        "blend (--algorithm blend; PyTorch backend only)",
+        "The prompt is the chunks, in the order given, then the --prompt/--prompt-file question. Each chunk "
+        "is tokenized alone and padded to a multiple of --block-size with --chunk-pad-token, cached at "
+        "position 0 first (as if earlier requests had sent it), then reused at its offset in this prompt.")
+    b.add_argument("--chunk", dest="chunks", action="append", type=lambda v: ("text", v), metavar="TEXT",
+                   help="a reusable document chunk (repeatable)")
+    b.add_argument("--chunk-file", dest="chunks", action="append", type=lambda v: ("file", v), metavar="PATH",
+                   help="a file holding one reusable document chunk (repeatable; mixes with --chunk in order)")
+    b.add_argument("--recompute-layer", type=int, default=None,
+                   help=f"layer from which only the most-deviating reused tokens are recomputed; earlier layers "
+                        f"recompute every token (BlendConfig.recompute_layer, default "
+                        f"{BLEND_DEFAULTS['recompute_layer']})")
+    b.add_argument("--recompute-ratio", type=float, default=None,
+                   help=f"fraction of reused tokens recomputed from --recompute-layer on, in [0, 1]; 1.0 "
+                        f"reproduces a full prefill (BlendConfig.recompute_ratio, default "
+                        f"{BLEND_DEFAULTS['recompute_ratio']})")
+    b.add_argument("--min-reused-blocks", type=int, default=None,
+                   help=f"fewer reused blocks than this fall back to a full prefill, reported in the stats "
+                        f"(BlendConfig.min_reused_blocks, default {BLEND_DEFAULTS['min_reused_blocks']})")
+    b.add_argument("--chunk-pad-token", type=int, default=None, metavar="ID",
+                   help="token id that pads each chunk to a block boundary (default: the tokenizer's pad token, "
+                        "else its EOS token)")
+    b.add_argument("--compare-full", action="store_true",
+                   help="also generate with a plain full prefill of the same tokens; report its TTFT, the speedup "
+                        "and the greedy agreement (needs --temperature 0)")
     r = p.add_argument_group("runtime")
     r.add_argument("--max-seq-len", type=int, default=None, help="default: prompt + max-new-tokens")
-    r.add_argument("--prefill-chunk", type=int, default=512)
+    r.add_argument("--prefill-chunk", type=int, default=None,
+                   help=f"prompt tokens per prefill step (default {_DEFAULT_PREFILL_CHUNK}; blend: the whole "
+                        "prompt, which Blend prefills in one step)")
     r.add_argument("--cache-blocks", type=int, default=2)
     r.add_argument("--device-blocks", type=int, default=None, help="device pool blocks per layer (offload)")
     r.add_argument("--retrieval-threads", type=int, default=2)
@@ -116,6 +162,7 @@ def build_engine(args, model, prompt_len: int):
     from ucm_trt.runtime.backends.torch_backend import TorchBackend
 
     alg = args.algorithm
+    policy_alg = "dense" if alg == "blend" else alg  # Blend prefills through BlendRunner, then decodes dense
     stride = args.kvstar_stride if alg == "kvstar" else args.stride
     sparse = sparse_config_for(alg, SparseConfig(
         block_size=args.block_size, budget=Budget.ratio(args.ratio), sink_blocks=args.sink_blocks,
@@ -133,7 +180,10 @@ def build_engine(args, model, prompt_len: int):
         kw["rerope"] = ReRoPEConfig(window=args.rerope_window, training_length=args.rerope_training_length,
                                     logn=not args.no_logn)
     max_seq = args.max_seq_len or prompt_len + args.max_new_tokens
-    rt = RuntimeConfig(max_batch=1, max_seq_len=max_seq, prefill_chunk=args.prefill_chunk,
+    prefill_chunk = getattr(args, "prefill_chunk", None)
+    if prefill_chunk is None:
+        prefill_chunk = prompt_len if alg == "blend" else _DEFAULT_PREFILL_CHUNK
+    rt = RuntimeConfig(max_batch=1, max_seq_len=max_seq, prefill_chunk=prefill_chunk,
                        cache_blocks=args.cache_blocks, num_device_blocks=args.device_blocks,
                        retrieval_threads=args.retrieval_threads)
     if getattr(args, "backend", None) == "ort":
@@ -142,29 +192,89 @@ def build_engine(args, model, prompt_len: int):
         backend = OrtBackend(args.onnx)
     else:
         backend = TorchBackend(model)
-    return Engine(backend, make_policy(alg, **kw), sparse=sparse, config=rt)
+    return Engine(backend, make_policy(policy_alg, **kw), sparse=sparse, config=rt)
 
 
-def run_command(args) -> int:
-    from ucm_trt.runtime import SamplingParams
-
+def _check_common(args) -> None:
+    """Argument checks that need no model (so a bad command line fails at once)."""
     if args.backend is None:
         args.backend = "ort" if args.onnx is not None else "torch"
+    if args.algorithm == "blend" and args.backend != "torch":
+        raise ValueError(f"--algorithm blend needs --backend torch, got --backend {args.backend}"
+                         f"{' (chosen by --onnx)' if args.onnx is not None else ''}: Blend drops token rows "
+                         "between layers through per-layer hooks, which a whole ONNX graph cannot")
     if args.backend == "ort" and args.onnx is None:
         raise ValueError("--backend ort needs --onnx PATH (a model rewritten by 'ucm-trt rewrite')")
     if args.backend == "torch" and args.onnx is not None:
         raise ValueError("--onnx is only used by --backend ort")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise ValueError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.prompt_file is not None and not args.prompt_file.is_file():
+        raise ValueError(f"--prompt-file {str(args.prompt_file)!r} is not a file")
+    if args.algorithm != "blend":
+        given = [flag for dest, flag in _BLEND_ONLY if getattr(args, dest, None) is not None
+                 and getattr(args, dest) is not False]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to --algorithm blend, got --algorithm {args.algorithm}")
+        return
+    if not args.chunks:
+        raise ValueError("--algorithm blend needs at least one --chunk TEXT or --chunk-file PATH (the reusable "
+                         "document chunks; --prompt/--prompt-file is the question after them)")
+    for kind, value in args.chunks:
+        if kind == "file" and not Path(value).is_file():
+            raise ValueError(f"--chunk-file {value!r} is not a file")
+    ratio = args.recompute_ratio
+    if ratio is not None and not 0.0 <= ratio <= 1.0:  # NaN fails too
+        raise ValueError(f"--recompute-ratio must be in [0, 1] (a fraction of the reused tokens), got {ratio}")
+    if args.recompute_layer is not None and args.recompute_layer < 0:
+        raise ValueError(f"--recompute-layer must be >= 0, got {args.recompute_layer}")
+    if args.min_reused_blocks is not None and args.min_reused_blocks < 1:
+        raise ValueError(f"--min-reused-blocks must be >= 1, got {args.min_reused_blocks}")
+    if args.chunk_pad_token is not None and args.chunk_pad_token < 0:
+        raise ValueError(f"--chunk-pad-token must be a token id >= 0, got {args.chunk_pad_token}")
+    if args.chat:
+        raise ValueError("--chat does not apply to --algorithm blend: the chunks are cached at position 0, so they "
+                         "must start the prompt, before any chat-template text")
+    if args.compare_full and args.temperature != 0:
+        raise ValueError(f"--compare-full compares greedy outputs and needs --temperature 0, got {args.temperature}")
+
+
+def _sampling(args, tok):
+    from ucm_trt.runtime import SamplingParams
+
+    stops = []
+    if tok.eos_token_id is not None:
+        stops.append(int(tok.eos_token_id))
+    im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
+    if im_end is not None and im_end not in stops:
+        stops.append(int(im_end))
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.seed, stop_token_ids=tuple(stops))
+
+
+def _print_stats(stats: dict, prefix: str = "") -> None:
+    for k, v in stats.items():
+        if isinstance(v, dict) and v:
+            _print_stats(v, f"{prefix}{k}.")
+            continue
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        print(f"{prefix}{k}: {v}")
+
+
+def run_command(args) -> int:
+    _check_common(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.prompt_file is not None and not args.prompt_file.is_file():
-        raise ValueError(f"--prompt-file {str(args.prompt_file)!r} is not a file")
     text = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+    if args.algorithm == "blend":
+        return _run_blend(args, text)
     model, tok = _load_model(args)
     if args.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
@@ -173,14 +283,7 @@ def run_command(args) -> int:
             ids = ids["input_ids"]
     else:
         ids = tok(text)["input_ids"]
-    stops = []
-    if tok.eos_token_id is not None:
-        stops.append(int(tok.eos_token_id))
-    im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
-    if im_end is not None and im_end not in stops:
-        stops.append(int(im_end))
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed, stop_token_ids=tuple(stops))
+    params = _sampling(args, tok)
     engine = build_engine(args, model, len(ids))
     try:
         if args.json:
@@ -202,12 +305,143 @@ def run_command(args) -> int:
         print(json.dumps({"text": out_text, "stats": stats}, default=str))
     else:
         print("--- stats ---")
-        for k, v in stats.items():
-            if isinstance(v, float):
-                v = f"{v:.4g}"
-            print(f"{k}: {v}")
+        _print_stats(stats)
     return 0
 
+
+# ------------------------------------------------------------------------------------------ blend
+
+
+def _blend_inputs(args, tok, text: str, vocab_size: int) -> tuple[list[list[int]], list[int], list[int]]:
+    """(padded chunks, suffix, pad tokens added per chunk). Each chunk is tokenized on its own
+    without special tokens; a BOS the tokenizer would add starts the first chunk."""
+    bs = args.block_size
+    pad = args.chunk_pad_token
+    if pad is None:
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has no pad or EOS token to pad the chunks to a block boundary; "
+                             "give one with --chunk-pad-token ID")
+    if pad >= vocab_size:
+        raise ValueError(f"--chunk-pad-token must be < the model's vocabulary size ({vocab_size}), got {pad}")
+    bos = tok.bos_token_id
+    chunks, pads = [], []
+    for i, (kind, value) in enumerate(args.chunks):
+        body = Path(value).read_text() if kind == "file" else value
+        ids = list(tok(body, add_special_tokens=False)["input_ids"])
+        if not ids:
+            where = f"--chunk-file {value!r}" if kind == "file" else f"--chunk number {i + 1}"
+            raise ValueError(f"{where} is empty (0 tokens); every chunk needs at least one token")
+        if i == 0 and bos is not None and tok(body)["input_ids"][:1] == [bos] and ids[:1] != [bos]:
+            ids = [bos] + ids
+        n_pad = -len(ids) % bs
+        chunks.append(ids + [pad] * n_pad)
+        pads.append(n_pad)
+    suffix = list(tok(text, add_special_tokens=False)["input_ids"])
+    if not suffix:
+        raise ValueError("the question (--prompt/--prompt-file) is empty (0 tokens); Blend needs a suffix after "
+                         "the chunks")
+    return chunks, suffix, pads
+
+
+def _agreement(a: list[int], b: list[int]) -> tuple[float, int]:
+    """(fraction of positions, over the longer output, where both have the same token;
+    length of the identical prefix)."""
+    same = sum(x == y for x, y in zip(a, b, strict=False))
+    prefix = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return same / max(len(a), len(b), 1), prefix
+
+
+def _run_blend(args, text: str) -> int:
+    import time
+
+    from ucm_trt.config import BlendConfig
+    from ucm_trt.runtime.blend import BlendRunner
+
+    model, tok = _load_model(args)
+    num_layers = int(model.config.num_hidden_layers)
+    cfg = BlendConfig(**{k: v if getattr(args, k) is None else getattr(args, k) for k, v in BLEND_DEFAULTS.items()})
+    if cfg.recompute_layer >= num_layers:
+        raise ValueError(f"--recompute-layer must be < the model's {num_layers} layers, got {cfg.recompute_layer}")
+    chunks, suffix, pads = _blend_inputs(args, tok, text, int(model.config.vocab_size))
+    prompt = [t for c in chunks for t in c] + suffix
+    params = _sampling(args, tok)
+    engine = build_engine(args, model, len(prompt))
+    try:
+        runner = BlendRunner(engine, cfg)
+        t0 = time.perf_counter()
+        for c in chunks:  # as if earlier requests had sent each chunk on its own
+            runner.cache_chunk(c)
+        cache_s = time.perf_counter() - t0
+        if args.json:
+            res = runner.generate(chunks, suffix, params)
+        else:
+            def stream(_rid, token):
+                sys.stdout.write(tok.decode([token], skip_special_tokens=True))
+                sys.stdout.flush()
+
+            res = runner.generate(chunks, suffix, params, on_token=stream)
+            sys.stdout.write("\n")
+        stats = engine.stats()
+    finally:
+        engine.close()
+    out_text = tok.decode(res.token_ids, skip_special_tokens=True)
+    rs = runner.stats
+    stats.update(algorithm="blend", decode_algorithm=engine.policy.name, prompt_tokens=res.prompt_tokens,
+                 generated_tokens=len(res.token_ids), finish_reason=res.finish_reason)
+    blend = {
+        "ttft_seconds": res.ttft_seconds,
+        "chunks": len(chunks),
+        "chunk_tokens": [len(c) for c in chunks],
+        "chunk_pad_tokens": pads,
+        "suffix_tokens": len(suffix),
+        "recompute_layer": cfg.recompute_layer,
+        "recompute_ratio": cfg.recompute_ratio,
+        "min_reused_blocks": cfg.min_reused_blocks,
+        "cached_blocks": len(runner.cache),
+        "chunk_cache_seconds": cache_s,
+        "fallback_to_full_prefill": bool(rs["fallbacks"]),
+        "reused_blocks": rs["reused_blocks"],
+        "reused_tokens": rs["reused_tokens"],
+        "recomputed_tokens": rs["recomputed_tokens"],
+    }
+    full_text = None
+    if args.compare_full:
+        full = _full_prefill(args, model, prompt, params)
+        full_text = tok.decode(full.token_ids, skip_special_tokens=True)
+        agree, prefix = _agreement(res.token_ids, full.token_ids)
+        blend.update(full_prefill_ttft_seconds=full.ttft_seconds,
+                     ttft_speedup_vs_full=full.ttft_seconds / res.ttft_seconds if res.ttft_seconds > 0 else None,
+                     greedy_agreement=agree, identical_prefix_tokens=prefix,
+                     first_token_equal=bool(res.token_ids[:1] == full.token_ids[:1]),
+                     full_prefill_generated_tokens=len(full.token_ids))
+    stats["blend"] = blend
+    if args.json:
+        out = {"text": out_text, "stats": stats}
+        if full_text is not None:
+            out["full_prefill_text"] = full_text
+        print(json.dumps(out, default=str))
+    else:
+        if full_text is not None:
+            print("--- full prefill (--compare-full) ---")
+            print(full_text)
+        print("--- stats ---")
+        _print_stats(stats)
+    return 0
+
+
+def _full_prefill(args, model, prompt: list[int], params):
+    """The same tokens through a plain prefill on a fresh engine (same block size and prefill step),
+    after a one-block warm-up so that its TTFT is as warm as the Blend request's."""
+    from ucm_trt.runtime import SamplingParams
+
+    engine = build_engine(args, model, len(prompt))
+    try:
+        engine.generate(prompt[: args.block_size], SamplingParams(max_new_tokens=1))
+        [full] = engine.generate(prompt, params)
+    finally:
+        engine.close()
+    return full
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ucm-trt run", description=__doc__)
