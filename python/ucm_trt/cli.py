@@ -308,11 +308,19 @@ COMMANDS.append(Command(
     "run",
     "generate for one prompt with a UCM algorithm; prints the text and the runtime stats",
     "Generate with the paged-KV runtime (PyTorch backend, or ONNX Runtime on a rewritten model with "
-    "--onnx) and one algorithm: dense, esa, gsa, gsa-on-device, kvstar or rerope. Prints the streamed "
+    "--onnx) and one algorithm: dense, esa, gsa, gsa-on-device, kvstar, blend or rerope. Prints the streamed "
     "text, then the stats (prefill/decode time, tokens/s, bytes moved, KV held, cache hit rate, "
-    "retrieval latency and overlap, selected-block fraction).\n\nexample:\n"
+    "retrieval latency and overlap, selected-block fraction).\n\n"
+    "blend (PyTorch backend): the prompt is the --chunk/--chunk-file documents, in order, then the "
+    "--prompt question. Each chunk is padded to a block boundary and cached at position 0 first (as if "
+    "earlier requests had sent it); the request then reuses those blocks at their new offsets "
+    "(delta-RoPE), recomputes the --recompute-ratio most-deviating reused tokens from --recompute-layer "
+    "on, and decodes dense. Stats: TTFT with reuse, blocks reused, tokens recomputed; --compare-full adds "
+    "the full-prefill TTFT and the greedy agreement with it.\n\nexample:\n"
     "  ucm-trt run --prompt-file essay.txt --algorithm esa --max-new-tokens 64 --chat\n"
-    "  ucm-trt run --prompt 'Hello' --algorithm dense --onnx smol-dense.onnx --block-size 16",
+    "  ucm-trt run --prompt 'Hello' --algorithm dense --onnx smol-dense.onnx --block-size 16\n"
+    "  ucm-trt run --algorithm blend --chunk-file doc1.txt --chunk-file doc2.txt --block-size 16 \\\n"
+    "      --prompt ' Question: what do both documents describe? Answer:' --compare-full",
     _configure_run,
     _run_run,
 ))

@@ -55,6 +55,7 @@ def test_subcommand_help(name, capsys):
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["chat", "--budget", "abc"], "argument --budget: invalid float value: 'abc'"),
         (["chat", "--algorithm", "quest"], "argument --algorithm: invalid choice: 'quest'"),
+        (["chat", "--algorithm", "blend"], "argument --algorithm: invalid choice: 'blend'"),  # a prefill method
         (["chat", "--backend", "tensorflow"], "argument --backend: invalid choice: 'tensorflow'"),
         (["chat", "--max-new-tokens"], "argument --max-new-tokens: expected one argument"),
         # argparse reports extra arguments from the top-level parser
@@ -136,7 +137,8 @@ def test_chat_cuda_without_a_gpu(capsys):
 
 
 def test_chat_happy_path_through_the_cli(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\n/algo esa\n/stats\n/quit\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\n/algo blend\n/algo esa\n/algo\n"
+                                                  "/stats\n/quit\n"))
     assert cli.main(["chat", "--backend", "torch", "--max-new-tokens", "4", "--block-size", "16"]) == 0
     captured = capsys.readouterr()
     out = captured.out
@@ -144,7 +146,11 @@ def test_chat_happy_path_through_the_cli(monkeypatch, capsys):
     assert "assistant> The capital of France" in out
     assert "[stats] torch/cpu:reference | dense | prompt " in out
     assert "[chat] algorithm -> esa" in out and "algorithm=esa budget=0.25 block_size=16" in out
-    assert "error:" not in captured.err
+    # /algo offers only what a chat turn can run, and refuses blend with the reason in one line
+    assert "[chat] algorithm esa; available: dense, esa, gsa, gsa-on-device, kvstar, rerope" in out
+    errors = [line for line in captured.err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "/algo: blend is not a chat algorithm" in errors[0], captured.err
+    assert "ucm-trt run --algorithm blend" in errors[0]
 
 
 def test_console_entry_point_subprocess():
@@ -232,3 +238,37 @@ def test_chat_auto_backend_choice(argv, kind, tmp_path):
     plan.write_bytes(b"\0")
     args = app.build_parser().parse_args([str(plan) if a == "PLAN" else a for a in argv])
     assert app._resolve_backend(args) == kind
+
+
+def test_chat_refuses_blend_without_a_model():
+    """Blend is a runtime algorithm (ALGORITHMS) but not a per-turn policy: the chat's settings,
+    /algo parsing and help name only what a turn can run, and say where blend runs."""
+    from ucm_trt.chat._names import ALGORITHMS, CHAT_ALGORITHMS
+    from ucm_trt.chat.commands import help_text, parse_line
+    from ucm_trt.chat.session import ChatError, ChatSettings
+
+    assert "blend" in ALGORITHMS and "blend" not in CHAT_ALGORITHMS
+    with pytest.raises(ChatError, match=r"^/algo: blend is not a chat algorithm: .*ucm-trt run --algorithm blend"):
+        parse_line("/algo blend")
+    with pytest.raises(ValueError, match=r"^ChatSettings.algorithm='blend': blend is not a chat algorithm"):
+        ChatSettings(algorithm="blend")
+    assert "blend" not in help_text() and "kvstar, rerope" in help_text()
+    with pytest.raises(ValueError, match="algorithms: 'blend' is not one of dense, esa"):
+        from ucm_trt.chat.demo_passkey import _check_args
+
+        _check_args(1000, ["dense", "blend"], 0.25, 64, 8, 0.5)
+
+
+def test_run_help_documents_blend(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--chunk TEXT", "--chunk-file PATH", "--recompute-layer L", "--recompute-ratio R", "--compare-full",
+                 "--chunk-pad-token ID", "ucm-trt run --algorithm blend --chunk-file"):
+        assert flag in out, flag
+
+
+def test_run_blend_on_the_ort_backend_is_one_line(capsys):
+    assert cli.main(["run", "--algorithm", "blend", "--backend", "ort", "--chunk", "a doc", "--prompt", "q?"]) == 2
+    line = _one_line_error(capsys.readouterr().err, "ucm-trt run: error: ")
+    assert line.startswith("ucm-trt run: error: --algorithm blend needs --backend torch, got --backend ort"), line

@@ -78,22 +78,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-logn", action="store_true")
     b = p.add_argument_group(
         "blend (--algorithm blend; PyTorch backend only)",
-        "The prompt is the chunks, in the order given, then the --prompt/--prompt-file question. Each chunk "
-        "is tokenized alone and padded to a multiple of --block-size with --chunk-pad-token, cached at "
-        "position 0 first (as if earlier requests had sent it), then reused at its offset in this prompt.")
+        "The prompt is the chunks, in the order given, then the --prompt/--prompt-file question.\n"
+        "Each chunk is tokenized alone, padded to a multiple of --block-size with --chunk-pad-token\n"
+        "and cached at position 0 first (as if earlier requests had sent it), then reused at its\n"
+        "offset in this prompt.")
     b.add_argument("--chunk", dest="chunks", action="append", type=lambda v: ("text", v), metavar="TEXT",
                    help="a reusable document chunk (repeatable)")
     b.add_argument("--chunk-file", dest="chunks", action="append", type=lambda v: ("file", v), metavar="PATH",
                    help="a file holding one reusable document chunk (repeatable; mixes with --chunk in order)")
-    b.add_argument("--recompute-layer", type=int, default=None,
+    b.add_argument("--recompute-layer", type=int, default=None, metavar="L",
                    help=f"layer from which only the most-deviating reused tokens are recomputed; earlier layers "
                         f"recompute every token (BlendConfig.recompute_layer, default "
                         f"{BLEND_DEFAULTS['recompute_layer']})")
-    b.add_argument("--recompute-ratio", type=float, default=None,
+    b.add_argument("--recompute-ratio", type=float, default=None, metavar="R",
                    help=f"fraction of reused tokens recomputed from --recompute-layer on, in [0, 1]; 1.0 "
                         f"reproduces a full prefill (BlendConfig.recompute_ratio, default "
                         f"{BLEND_DEFAULTS['recompute_ratio']})")
-    b.add_argument("--min-reused-blocks", type=int, default=None,
+    b.add_argument("--min-reused-blocks", type=int, default=None, metavar="N",
                    help=f"fewer reused blocks than this fall back to a full prefill, reported in the stats "
                         f"(BlendConfig.min_reused_blocks, default {BLEND_DEFAULTS['min_reused_blocks']})")
     b.add_argument("--chunk-pad-token", type=int, default=None, metavar="ID",
