@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucm_trt.config import Budget, GSAOnDeviceConfig, SparseConfig
+from ucm_trt.config import Budget, GSAOnDeviceConfig, KVStarConfig, ReRoPEConfig, SparseConfig
 from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend
 from ucm_trt.runtime.algorithms import make_policy, sparse_config_for
 
@@ -64,3 +64,55 @@ def test_decode_throughput_dense_vs_sparse_llama1b_shape(tmp_path):
                     "gsa-on-device", "--decode-steps", "32", "--out", str(out)], check=True)
     runs = json.loads(out.read_text())["runs"]
     assert all("error" not in r and r["decode_tokens_per_s"] > 0 for r in runs), runs
+
+
+def _graph_tokens(model, algorithm, *, cuda_graph, budget, steps=40, **kw):
+    """Greedy tokens of two requests of different lengths and lengths of output (the batch drops
+    from 2 rows to 1 mid-way: a second graph key) with the decode step captured or eager."""
+    sparse = sparse_config_for(algorithm, SparseConfig(block_size=16, budget=budget, retrieval_stride=3))
+    rt = RuntimeConfig(max_batch=2, max_seq_len=1024, prefill_chunk=128, cache_blocks=1, cuda_graph=cuda_graph)
+    with Engine(TorchBackend(model, attention="triton", validate=False), make_policy(algorithm, **kw),
+                sparse=sparse, config=rt) as eng:
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(0, 256, (400,), generator=g).tolist(), torch.randint(0, 256, (230,), generator=g).tolist()]
+        res = eng.generate(prompts, [SamplingParams(max_new_tokens=steps), SamplingParams(max_new_tokens=steps // 2)])
+        assert eng.kv.device_blocks_held() == 0
+        return [r.token_ids for r in res], eng.stats()
+
+
+_GRAPH_CASES = {
+    "dense": {},
+    "esa": {},
+    "gsa": {},
+    "kvstar": {"kvstar": KVStarConfig(retrieval_stride=3)},
+    "gsa-on-device": {"gsa_on_device": GSAOnDeviceConfig(top_k_tokens=128, seq_len_threshold=0)},
+    "rerope": {"rerope": ReRoPEConfig(window=64, training_length=4096)},
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("algorithm", list(_GRAPH_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_equals_eager_decode(algorithm, dtype):
+    """Replaying captured decode steps gives the tokens of the eager steps, for every policy, with
+    sparse selections that change between steps (ratio 0.25, CPU retrieval every 3 steps, or
+    on-device top-k of 8 blocks) and a batch that shrinks mid-way."""
+    model = tiny_llama(head_dim=32).to("cuda", dtype)
+    kw = _GRAPH_CASES[algorithm]
+    budget = Budget.ratio(0.25)
+    eager, st_e = _graph_tokens(model, algorithm, cuda_graph=False, budget=budget, **kw)
+    graph, st_g = _graph_tokens(model, algorithm, cuda_graph=True, budget=budget, **kw)
+    assert st_e["cuda_graph"] is False and st_e["eager_decode_steps"] > 0
+    assert st_g["cuda_graph"] is True and st_g["eager_decode_steps"] == 0
+    assert st_g["cuda_graph_captures"] >= 2 and st_g["cuda_graph_replays"] > st_g["cuda_graph_captures"]
+    assert graph == eager
+    if algorithm in ("esa", "gsa", "kvstar", "gsa-on-device"):
+        assert st_g["policy"]["selected_block_fraction"] < 0.9  # the selections were sparse
+        assert st_g["policy"]["selected_block_fraction"] == pytest.approx(st_e["policy"]["selected_block_fraction"])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_required_but_backend_validates_is_an_error():
+    model = tiny_llama(head_dim=32).cuda()
+    with pytest.raises(ValueError, match="validate=False"):
+        Engine(TorchBackend(model, attention="triton"), config=RuntimeConfig(cuda_graph=True, max_seq_len=512))

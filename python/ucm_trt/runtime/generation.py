@@ -27,6 +27,7 @@ import torch
 
 from ucm_trt.config import SparseConfig
 from ucm_trt.runtime.backends.base import Backend
+from ucm_trt.runtime.cuda_graph import SELECTION_WIDTH_BUCKET, DecodeGraphs
 from ucm_trt.runtime.kv import KVLayout, KVManager, StepTransfer
 from ucm_trt.runtime.metrics import RuntimeMetrics, StepRecord
 from ucm_trt.runtime.plan import RuntimeConfig
@@ -192,6 +193,12 @@ class Engine:
                 f"the {policy.name} policy needs the queries of the last {width} prompt tokens, more than "
                 f"RuntimeConfig.prefill_chunk ({config.prefill_chunk}); raise prefill_chunk"
             )
+        if config.cuda_graph is True and not backend.supports_cuda_graph:
+            raise ValueError(
+                f"RuntimeConfig.cuda_graph=True, but {type(backend).__name__} cannot capture its decode step "
+                "(CUDA graphs need the PyTorch backend on a CUDA device with attention='triton' and "
+                "validate=False); use cuda_graph=None (auto) or False"
+            )
         self.backend, self.policy, self.sparse, self.config = backend, policy, sparse, config
         self.shape = shape
         dev = backend.device
@@ -232,6 +239,9 @@ class Engine:
         self._running: list[str] = []
         self._ids_counter = itertools.count()
         self.metrics = RuntimeMetrics()
+        use_graphs = config.cuda_graph is not False and backend.supports_cuda_graph
+        self._graphs = DecodeGraphs(backend, max_graphs=config.max_cuda_graphs) if use_graphs else None
+        self._eager_decode_steps = 0
         self._closed = False
 
     # ================================================================== requests
@@ -402,29 +412,51 @@ class Engine:
         needed = [[None if s is None else set(s[s >= 0].tolist()) for s in layer] for layer in sels]
         tr = StepTransfer()
         self.kv.plan_step(rows, [1] * b, needed, tr)
-        selections = self._write_selections(sels, [v.new_len for v in views], bs, b, H)
+        selections, widths = self._write_selections(sels, [v.new_len for v in views], bs, b, H)
         for row, rid in enumerate(rows):
             self._ids_h[row, 0] = self._requests[rid].out[-1]
         self._ids[:b, :1].copy_(self._ids_h[:b, :1], non_blocking=self._ids.device.type == "cuda")
         self._write_slots(rows, [v.seq_len for v in views], 1)
         ctx = self._context(rows, 1, [v.new_len for v in views], selections)
-        logits = self.backend.forward(self._ids[:b, :1], self._pos[:b, :1], ctx)
+        logits = self._decode_forward(b, widths, ctx)
         self.kv.write_back(rows, tr)
         held = self._held()
         self.policy.after_step(views, self._queries(b, True))
         emitted = []
-        logits = logits.cpu()
-        for row, rid in enumerate(rows):
-            req = self._requests[rid]
+        reqs = [self._requests[rid] for rid in rows]
+        if all(r.params.temperature == 0 for r in reqs):
+            tokens = logits.argmax(-1).tolist()  # greedy: only the token ids leave the device
+        else:
+            logits = logits.cpu()
+            tokens = [self._sample(logits[row], req) for row, req in enumerate(reqs)]
+        for req, token in zip(reqs, tokens, strict=True):
             req.step += 1
-            token = self._sample(logits[row], req)
-            emitted.append((rid, token))
+            emitted.append((req.rid, token))
             self._emit(req, token)
         self._record("decode", b, b, t0, tr, held)
         return emitted
 
-    def _write_selections(self, sels, new_lens: list[int], bs: int, b: int, h: int) -> list[torch.Tensor | None]:
-        out: list[torch.Tensor | None] = []
+    def _decode_forward(self, b: int, widths: tuple, ctx: StepContext) -> torch.Tensor:
+        ids, pos = self._ids[:b, :1], self._pos[:b, :1]
+        key = self.policy.graph_key() if self._graphs is not None else None
+        if key is None:
+            if self.config.cuda_graph is True:
+                raise RuntimeError(
+                    f"RuntimeConfig.cuda_graph=True, but the {self.policy.name} policy cannot run this decode step "
+                    "in a CUDA graph (its graph_key() is None); use cuda_graph=None (auto) or False"
+                )
+            self._eager_decode_steps += 1
+            return self.backend.forward(ids, pos, ctx)
+        return self._graphs.run((b, widths, key), ids, pos, ctx)
+
+    def _write_selections(self, sels, new_lens: list[int], bs: int, b: int, h: int):
+        """Write the plan's selections into the host mirror and copy them to the device in one go.
+
+        Returns the per-layer device views (``None`` = every block) and their widths; a width is
+        rounded up to a multiple of ``SELECTION_WIDTH_BUCKET`` blocks (``-1`` padding, which the
+        kernels skip), so steps of a growing sequence share kernel specialisations and CUDA graphs.
+        """
+        out: list[int | None] = []
         sh = self._sel_h
         touched = False
         for layer, per_row in enumerate(sels):
@@ -446,11 +478,13 @@ class Engine:
                         )
                     sh[layer, row, :, : s.shape[1]] = s
                     width = max(width, s.shape[1])
-            out.append(width)
+            cap = self._sel.shape[-1]
+            out.append(min(cap, -(-width // SELECTION_WIDTH_BUCKET) * SELECTION_WIDTH_BUCKET))
             touched = True
         if touched:
             self._sel[:, :b].copy_(sh[:, :b], non_blocking=self._sel.device.type == "cuda")
-        return [None if w is None else self._sel[layer, :b, :, :w] for layer, w in enumerate(out)]
+        views = [None if w is None else self._sel[layer, :b, :, :w] for layer, w in enumerate(out)]
+        return views, tuple(out)
 
     # ================================================================== sampling / finishing
     def _sample(self, logits: torch.Tensor, req: _Request) -> int:
@@ -544,6 +578,10 @@ class Engine:
         }
         out.update(self.metrics.summary())
         out.update(self.worker.stats())
+        out["cuda_graph"] = self._graphs is not None
+        if self._graphs is not None:
+            out.update(self._graphs.stats())
+        out["eager_decode_steps"] = self._eager_decode_steps
         out["policy"] = self.policy.stats()
         return out
 

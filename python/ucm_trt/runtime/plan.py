@@ -36,8 +36,14 @@ class RuntimeConfig:
         Unneeded blocks each (request, layer) working set keeps as LRU cache (offload policies).
     retrieval_threads:
         Threads of the CPU retrieval worker.
-    validate:
-        Let kernels check index contents (one device sync per call); keep on unless profiling.
+    cuda_graph:
+        Capture decode steps in CUDA graphs and replay them (:mod:`ucm_trt.runtime.cuda_graph`).
+        ``None`` (default): on backends that support it (PyTorch on CUDA), for every step whose
+        policy allows it (``Policy.graph_key() is not None``); ``True``: required (an error when the
+        backend or a step's policy does not allow it); ``False``: never. ``Engine.stats()`` reports the steps replayed.
+    max_cuda_graphs:
+        Captured decode graphs kept per engine (one per batch size x selection-width bucket x
+        policy key; least recently used dropped first).
     """
 
     max_batch: int = 4
@@ -47,7 +53,8 @@ class RuntimeConfig:
     num_host_blocks: int | None = None
     cache_blocks: int = 2
     retrieval_threads: int = 2
-    validate: bool = True
+    cuda_graph: bool | None = None
+    max_cuda_graphs: int = 32
 
     def __post_init__(self) -> None:
         _pos_int("max_batch", self.max_batch)
@@ -59,8 +66,9 @@ class RuntimeConfig:
             _pos_int("num_host_blocks", self.num_host_blocks)
         _pos_int("cache_blocks", self.cache_blocks, 0)
         _pos_int("retrieval_threads", self.retrieval_threads)
-        if not isinstance(self.validate, bool):
-            raise TypeError(f"RuntimeConfig.validate must be a bool, got {self.validate!r}")
+        if self.cuda_graph is not None and not isinstance(self.cuda_graph, bool):
+            raise TypeError(f"RuntimeConfig.cuda_graph must be True, False or None (auto), got {self.cuda_graph!r}")
+        _pos_int("max_cuda_graphs", self.max_cuda_graphs)
 
     def max_blocks(self, block_size: int) -> int:
         return -(-self.max_seq_len // block_size)

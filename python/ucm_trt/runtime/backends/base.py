@@ -32,6 +32,8 @@ class Backend(ABC):
     supports_layer_hooks: bool = True
     #: most trailing prompt queries the backend can hand back per step (``None``: any)
     max_query_window: int | None = None
+    #: the decode forward can be captured in a CUDA graph and replayed (``ucm_trt.runtime.cuda_graph``)
+    supports_cuda_graph: bool = False
 
     @abstractmethod
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step) -> torch.Tensor:

@@ -118,6 +118,8 @@ class TorchBackend(Backend):
         if attention == "auto":
             attention = "triton" if self.device.type == "cuda" else "reference"
         self.attention = triton_attention(validate=validate) if attention == "triton" else reference_attention()
+        # capturable when the attention launches only device work: Triton kernels without index checks
+        self.supports_cuda_graph = self.device.type == "cuda" and attention == "triton" and not validate
         register_ucm_attention()
         if model.config._attn_implementation != UCM_ATTENTION:
             model.set_attn_implementation(UCM_ATTENTION)

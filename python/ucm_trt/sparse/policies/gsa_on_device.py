@@ -52,7 +52,9 @@ class GSAOnDevicePolicy(Policy):
         self._step_sel: dict[int, torch.Tensor] = {}
         self.sparse_steps = 0
         self.dense_steps = 0
-        self.selected_blocks = 0
+        # selected blocks are counted on the device (no host sync per layer; a captured CUDA
+        # graph keeps counting on replay); candidates are counted on the host in plan()
+        self._selected_dev: torch.Tensor | None = None
         self.candidate_blocks = 0
 
     def bind(self, rt: PolicyRuntime) -> None:
@@ -75,6 +77,7 @@ class GSAOnDevicePolicy(Policy):
         n_dev = rt.kv.pools[0].shape[0]
         if self.use_kernel is None:
             self.use_kernel = dev.type == "cuda"
+        self._selected_dev = torch.zeros((), dtype=torch.int64, device=dev)
         self.encoders: dict[int, HashEncoder] = {}
         self.codes: dict[int, torch.Tensor] = {}
         self._weights: dict[int, torch.Tensor] = {}
@@ -109,10 +112,22 @@ class GSAOnDevicePolicy(Policy):
         self._gate = self.config.gate_open([r.new_len for r in reqs])
         if self._gate:
             self.sparse_steps += 1
+            bs = self.sparse.block_size
+            selecting = self.shape.num_layers - len(self.config.rollback_layers)
+            blocks = sum((r.new_len + bs - 1) // bs for r in reqs)
+            self.candidate_blocks += blocks * self.shape.num_kv_heads * selecting
         else:
             self.dense_steps += 1
         self._step_sel = {}
         return super().plan(reqs)
+
+    def graph_key(self) -> Any:
+        # the PyTorch path sizes its tensors from the host's sequence lengths: not capturable
+        return (self._gate,) if self.use_kernel else None
+
+    @property
+    def selected_blocks(self) -> int:
+        return 0 if self._selected_dev is None else int(self._selected_dev)
 
     def layer_selection(self, layer: int, q: torch.Tensor, step: Any) -> Any:
         """``q [B, Hq, T, D]`` of this layer; ``step`` exposes ``tables(layer)``, ``seq_lens``,
@@ -123,8 +138,7 @@ class GSAOnDevicePolicy(Policy):
         if layer in cfg.layer_reuse:
             sel = self._step_sel[cfg.layer_reuse[layer]]
             self._step_sel[layer] = sel
-            self.selected_blocks += int((sel >= 0).sum())
-            self.candidate_blocks += sum(-(-n // self.sparse.block_size) for n in step.new_lens) * self.shape.num_kv_heads
+            self._selected_dev += (sel >= 0).sum()
             return sel
         s = self.sparse
         bs = s.block_size
@@ -136,8 +150,7 @@ class GSAOnDevicePolicy(Policy):
                                 step.seq_lens, top_k=cfg.top_k_tokens // bs, sink_blocks=s.sink_blocks,
                                 local_blocks=s.local_blocks, shared=s.selection == "shared", validate=False)
             self._step_sel[layer] = sel
-            self.selected_blocks += int((sel >= 0).sum())
-            self.candidate_blocks += sum((n + bs - 1) // bs for n in lens) * self.shape.num_kv_heads
+            self._selected_dev += (sel >= 0).sum()
             return sel
         nb_max = max((n + bs - 1) // bs for n in lens)
         table = step.tables(layer)[:, :nb_max].long()  # [B, nb]
@@ -152,8 +165,7 @@ class GSAOnDevicePolicy(Policy):
         sel = select_blocks_by_count(scores, nb.to(torch.int32), keep, sink_blocks=s.sink_blocks,
                                      local_blocks=s.local_blocks, num_kv_heads=self.shape.num_kv_heads)
         self._step_sel[layer] = sel
-        self.selected_blocks += int((sel >= 0).sum())
-        self.candidate_blocks += int(nb.sum()) * self.shape.num_kv_heads
+        self._selected_dev += (sel >= 0).sum()
         return sel
 
     def stats(self) -> dict:
