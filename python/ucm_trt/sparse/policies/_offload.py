@@ -1,37 +1,62 @@
 """Shared machinery of the CPU-retrieval (offload) policies: ESA, GSA and KVStar.
 
-Retrieval tasks run on the runtime's :class:`~ucm_trt.runtime.worker.RetrievalWorker`; the layers
-of one request are split into ``worker.num_threads`` tasks. Everything a task reads is an
-immutable CPU snapshot taken when it is submitted, so a task never races the model step.
+A retrieval is ONE task on the runtime's :class:`~ucm_trt.runtime.worker.RetrievalWorker` per
+request, covering every layer (the worker's threads split requests, not layers); it returns the
+selections of all layers as one int32 ``[L, Hkv, S]`` tensor (sorted, -1 padded). Everything a
+task reads is an immutable CPU snapshot taken when it is submitted (query copies, append-only
+representation stores), so a task never races the model step.
+
+Per-layer hook: each policy keeps its per-layer reference retrieval ``_select(..., layer)``
+(the functions of :mod:`ucm_trt.sparse.score` / :func:`~ucm_trt.sparse.policies.base.select_from_scores`).
+A subclass that overrides ``_select`` gets it called layer by layer inside the one task (slow,
+for tests and experiments); otherwise the batched path of :mod:`ucm_trt.sparse.batched` runs.
+
+``plan`` extends each request's ``[L, Hkv, S]`` selection with the decode-generated blocks using
+tensor ops, once per change (new selection or a new block), and hands out per-layer views.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import torch
 
 from ucm_trt.runtime.worker import RetrievalTicket
-from ucm_trt.sparse.policies.base import Policy, RequestView, extend_selection
+from ucm_trt.sparse.batched import extend_selections
+from ucm_trt.sparse.policies.base import Policy, RequestView
 
-__all__ = ["OffloadPolicy", "PendingRetrieval"]
+__all__ = ["OffloadPolicy", "PendingRetrieval", "stack_layer_selections"]
+
+
+def stack_layer_selections(sels: list[torch.Tensor]) -> torch.Tensor:
+    """Per-layer selections ``[Hkv, S_l]`` (int32, sorted, -1 padded) -> ``[L, Hkv, max S_l]``, -1 padded."""
+    if not sels:
+        raise ValueError("sels must hold one selection per layer, got an empty list")
+    for i, s in enumerate(sels):
+        if not isinstance(s, torch.Tensor) or s.dim() != 2 or s.dtype != torch.int32:
+            got = f"shape {tuple(s.shape)}, dtype {s.dtype}" if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"sels[{i}] must be an int32 tensor [Hkv, S], got {got}")
+    h = sels[0].shape[0]
+    width = max(s.shape[1] for s in sels)
+    out = torch.full((len(sels), h, width), -1, dtype=torch.int32)
+    for i, s in enumerate(sels):
+        if s.shape[0] != h:
+            raise ValueError(f"sels[{i}] has {s.shape[0]} rows, sels[0] has {h}: every layer needs [Hkv, S]")
+        out[i, :, : s.shape[1]] = s
+    return out
 
 
 class PendingRetrieval:
-    """Tickets of one retrieval (one per layer chunk) submitted at ``step``."""
+    """The one task of a retrieval submitted at ``step``; its selection covers ``num_blocks`` blocks."""
 
-    def __init__(self, tickets: list[tuple[range, RetrievalTicket]], step: int) -> None:
-        self.tickets = tickets
+    def __init__(self, ticket: RetrievalTicket, step: int, num_blocks: int) -> None:
+        self.ticket = ticket
         self.step = step
+        self.num_blocks = num_blocks
 
-    def result(self, num_layers: int) -> list[torch.Tensor]:
-        out: list[torch.Tensor | None] = [None] * num_layers
-        for layers, t in self.tickets:
-            sels = t.result()
-            for layer, sel in zip(layers, sels, strict=True):
-                out[layer] = sel
-        return out  # type: ignore[return-value]
+    def result(self) -> torch.Tensor:
+        """Wait; int32 ``[L, Hkv, S]``. A failed task raises :class:`~ucm_trt.runtime.worker.RetrievalError`."""
+        return self.ticket.result()
 
 
 class OffloadPolicy(Policy):
@@ -46,29 +71,45 @@ class OffloadPolicy(Policy):
         self.selected_blocks = 0
         self.candidate_blocks = 0
 
-    # a retrieval: fn(layer) -> selection [Hkv, S]; run over layer chunks on the worker
-    def _submit(self, rid: str, step: int, fn: Callable[[int], torch.Tensor]) -> PendingRetrieval:
-        rt = self.rt
-        n = self.shape.num_layers
-        per = -(-n // rt.worker.num_threads)
-        tickets = []
-        for start in range(0, n, per):
-            layers = range(start, min(n, start + per))
-            task = partial(_run_layers, fn, layers)
-            what = f"{self.name} request {rid!r} layers {layers.start}-{layers.stop - 1} step {step}"
-            tickets.append((layers, rt.worker.submit(task, what=what)))
-        return PendingRetrieval(tickets, step)
+    def _layerwise(self, base: type) -> bool:
+        """True when a subclass overrides ``base``'s per-layer ``_select`` hook."""
+        return type(self)._select is not base._select  # type: ignore[attr-defined]
+
+    def _submit(self, rid: str, step: int, num_blocks: int, fn: Callable[[], torch.Tensor]) -> PendingRetrieval:
+        """Submit ``fn() -> [L, Hkv, S]`` (every layer of request ``rid``) as one worker task."""
+        L = self.shape.num_layers
+        what = f"{self.name} request {rid!r} layers 0-{L - 1} step {step}"
+        return PendingRetrieval(self.rt.worker.submit(fn, what=what), step, num_blocks)
+
+    def _per_layer(self, fn: Callable[[int], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """A task running the per-layer hook ``fn(layer) -> [Hkv, S]`` over every layer."""
+        L = self.shape.num_layers
+        return lambda: stack_layer_selections([fn(layer) for layer in range(L)])
 
     def _collect(self, st: dict, pending: PendingRetrieval) -> None:
-        st["sel"] = pending.result(self.shape.num_layers)
+        sel = pending.result()
+        L, h = self.shape.num_layers, self.shape.num_kv_heads
+        if sel.dim() != 3 or tuple(sel.shape[:2]) != (L, h) or sel.dtype != torch.int32:
+            raise RuntimeError(
+                f"{self.name}: retrieval returned {sel.dtype} {tuple(sel.shape)}, want int32 [L={L}, Hkv={h}, S]"
+            )
+        st["sel"] = sel
+        st["sel_nb"] = pending.num_blocks
+        st["ext"] = None  # plan's cached extension is stale
         self.retrievals += 1
 
     def _num_blocks(self, tokens: int) -> int:
         bs = self.sparse.block_size
         return (tokens + bs - 1) // bs
 
+    @staticmethod
+    def _row_queries(queries: list[torch.Tensor], row: int) -> torch.Tensor:
+        """A copy of batch row ``row`` of every layer's query: ``[L, Hq, D]`` (the runtime reuses its buffer)."""
+        return torch.stack([q[row] for q in queries])
+
     def plan(self, reqs: list[RequestView]) -> list[list[torch.Tensor | None]]:
         L = self.shape.num_layers
+        h = self.shape.num_kv_heads
         out: list[list[torch.Tensor | None]] = [[None] * len(reqs) for _ in range(L)]
         for row, req in enumerate(reqs):
             st = self._state.get(req.rid)
@@ -77,23 +118,24 @@ class OffloadPolicy(Policy):
             if st["dense"]:
                 continue
             nb_new = self._num_blocks(req.new_len)
+            ext = st.get("ext")
+            if ext is None or ext[0] != nb_new:
+                full = extend_selections(st["sel"], st["sel_nb"], nb_new)  # [L, Hkv, S']
+                ext = (nb_new, full.unbind(0), int((full >= 0).sum()))
+                st["ext"] = ext
+            _, layers, count = ext
             for layer in range(L):
-                sel = extend_selection(st["sel"][layer], st["sel_nb"], nb_new)
-                out[layer][row] = sel
-                self.selected_blocks += int((sel >= 0).sum())
-                self.candidate_blocks += nb_new * sel.shape[0]
+                out[layer][row] = layers[layer]
+            self.selected_blocks += count
+            self.candidate_blocks += nb_new * h * L
         return out
 
     def on_request_end(self, rid: str) -> None:
         st = self._state.pop(rid, None)
         if st is not None and st.get("pending") is not None:
             # drain (and surface failures of) a retrieval that is still in flight
-            st["pending"].result(self.shape.num_layers)
+            st["pending"].result()
 
     def stats(self) -> dict:
         frac = self.selected_blocks / self.candidate_blocks if self.candidate_blocks else None
         return {"retrievals": self.retrievals, "selected_block_fraction": frac}
-
-
-def _run_layers(fn: Callable[[int], torch.Tensor], layers: range) -> list[torch.Tensor]:
-    return [fn(layer) for layer in layers]

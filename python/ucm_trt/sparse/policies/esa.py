@@ -1,6 +1,7 @@
 """ESA (upstream ``ucm/sparse/esa``; ucm-upstream.md §2).
 
-* Prefill end: mean-K representation of every prompt block, per layer, kept on the host (float32).
+* Prefill end: mean-K representation of every prompt block of every layer, kept on the host in
+  one float32 :class:`~ucm_trt.sparse.batched.BlockRepStore` ``[L, Hkv, D, nb]``.
   The first selection is retrieved synchronously from the last prompt token's query (upstream uses
   the first decode step's query; ours is one token older, which lets the runtime prefetch the
   blocks before the first decode step).
@@ -13,6 +14,9 @@
   after step ``s`` with ``s % R == 0`` it is collected (waited for) and the next plan loads the
   blocks that changed. Steps in between run on the previous selection, as upstream.
   ``R = 1`` and ``R = 2`` degenerate to synchronous retrieval every ``R`` steps.
+* A retrieval is one worker task for all layers: one batched matmul scores every layer and KV
+  head, one batched selection picks the blocks (:mod:`ucm_trt.sparse.batched`); ``_select`` is the
+  per-layer reference it must equal.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from functools import partial
 
 import torch
 
+from ucm_trt.sparse.batched import BlockRepStore, batched_dot_scores, select_batched
 from ucm_trt.sparse.policies._offload import OffloadPolicy
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
 from ucm_trt.sparse.repr import block_lens_from_seq_lens, block_mean
@@ -49,15 +54,31 @@ class ESAPolicy(OffloadPolicy):
         if st["dense"]:
             return
         kv = self.rt.kv
+        shape = self.shape
         lens = block_lens_from_seq_lens(torch.tensor(req.prompt_len), nbp, self.sparse.block_size)
-        st["reps"] = [
-            block_mean(kv.gather_keys(req.rid, layer, list(range(nbp))), lens.to(kv.layout.device)).cpu()
-            for layer in range(self.shape.num_layers)
-        ]
-        q_last = [q[:, -1] for q in queries]
-        self._collect(st, self._submit(req.rid, 0, partial(self._select, st["reps"], nbp, q_last)))
+        lens = lens.to(kv.layout.device)
+        store = BlockRepStore(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
+                              head_dim=shape.head_dim, capacity=nbp)
+        store.append(torch.stack([block_mean(kv.gather_keys(req.rid, layer, list(range(nbp))), lens).cpu()
+                                  for layer in range(shape.num_layers)]))
+        st["store"] = store
+        q_last = torch.stack([q[:, -1] for q in queries])  # [L, Hq, D], a copy
+        self._collect(st, self._submit(req.rid, 0, nbp, self._task(store, nbp, q_last)))
+
+    def _task(self, store: BlockRepStore, nbp: int, q: torch.Tensor):
+        """The retrieval of every layer from queries ``q [L, Hq, D]``: batched, or the per-layer hook."""
+        if self._layerwise(ESAPolicy):
+            reps = [store.layer(layer) for layer in range(self.shape.num_layers)]
+            return self._per_layer(partial(self._select, reps, nbp, list(q)))
+        return partial(self._select_all, store.reps(), nbp, q)
+
+    def _select_all(self, reps: torch.Tensor, nbp: int, q: torch.Tensor) -> torch.Tensor:
+        """Every layer at once: ``reps [L, Hkv, D, nbp]``, ``q [L, Hq, D]`` -> ``[L, Hkv, S]``."""
+        scores = batched_dot_scores(q, reps)  # [L, Hkv, nbp]
+        return select_batched(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)
 
     def _select(self, reps: list[torch.Tensor], nbp: int, qs: list[torch.Tensor], layer: int) -> torch.Tensor:
+        """Per-layer reference (and hook): ``reps[layer] [nbp, Hkv, D]``, ``qs[layer] [Hq, D]`` -> ``[Hkv, S]``."""
         scores = dot_scores(qs[layer][None], reps[layer])[0]  # [Hkv, nbp]
         return select_from_scores(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)
 
@@ -69,8 +90,8 @@ class ESAPolicy(OffloadPolicy):
                 continue
             s = req.step
             if s % r == 2 % r:
-                q = [queries[layer][row] for layer in range(self.shape.num_layers)]
-                st["pending"] = self._submit(req.rid, s, partial(self._select, st["reps"], st["sel_nb"], q))
+                q = self._row_queries(queries, row)
+                st["pending"] = self._submit(req.rid, s, st["sel_nb"], self._task(st["store"], st["sel_nb"], q))
             if s % r == 0:
                 if st["pending"] is None:
                     raise RuntimeError(f"esa: request {req.rid!r} step {s}: no retrieval to collect")

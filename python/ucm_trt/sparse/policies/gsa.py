@@ -1,7 +1,8 @@
 """GSA with CPU top-k and a prefetch engine (upstream ``ucm/sparse/gsa``; ucm-upstream.md §3).
 
 * Block representation: mean K of every *completed* block, computed when the block fills (at the
-  end of prefill for the prompt, after the decode step that fills it later), kept on the host.
+  end of prefill for the prompt, after the decode step that fills it later), kept on the host in
+  one append-only float32 :class:`~ucm_trt.sparse.batched.BlockRepStore` ``[L, Hkv, D, nb]``.
 * Score: ``dot`` of the GQA-averaged query with the block means, summed over KV heads
   (``score = sum_h q_h . kpre_h``, upstream's one-representation case); candidates are every
   block of the current sequence outside the sink / local windows, so decode blocks are
@@ -12,6 +13,8 @@
   step ``s + 1`` and used from step ``s + 2`` on — the selection always lags one step, so the
   retrieval overlaps a whole model step. This is deterministic (upstream consumes whatever has
   finished, which makes the lag timing-dependent).
+* A retrieval is one worker task for all layers (one batched matmul, one batched selection;
+  :mod:`ucm_trt.sparse.batched`); ``_select`` is the per-layer reference it must equal.
 * The prefetch engine: the runtime's working set diffs each new selection against the resident
   blocks of every layer and loads only the misses (delta prefetch), keeping an LRU cache.
 """
@@ -23,6 +26,7 @@ from functools import partial
 import torch
 
 from ucm_trt._validation import check_non_negative_int
+from ucm_trt.sparse.batched import BlockRepStore, batched_dot_scores, select_batched
 from ucm_trt.sparse.policies._offload import OffloadPolicy
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
 from ucm_trt.sparse.repr import block_mean
@@ -50,36 +54,48 @@ class GSAPolicy(OffloadPolicy):
 
     def _update_reps(self, rid: str, st: dict, tokens: int) -> None:
         bs = self.sparse.block_size
+        store: BlockRepStore = st["store"]
         full = tokens // bs
-        if full <= st["n_rep"]:
+        if full <= store.num_blocks:
             return
         kv = self.rt.kv
-        blocks = list(range(st["n_rep"], full))
+        blocks = list(range(store.num_blocks, full))
         lens = torch.full((len(blocks),), bs, dtype=torch.int32, device=kv.layout.device)
-        for layer in range(self.shape.num_layers):
-            new = block_mean(kv.gather_keys(rid, layer, blocks), lens).cpu()
-            st["reps"][layer] = torch.cat([st["reps"][layer], new])
-        st["n_rep"] = full
+        store.append(torch.stack([block_mean(kv.gather_keys(rid, layer, blocks), lens).cpu()
+                                  for layer in range(self.shape.num_layers)]))
 
     def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
         nb = self._num_blocks(req.prompt_len)
-        h, d = self.shape.num_kv_heads, self.shape.head_dim
-        st = {"dense": False, "n_rep": 0, "pending": None,
-              "reps": [torch.zeros(0, h, d) for _ in range(self.shape.num_layers)]}
+        shape = self.shape
+        store = BlockRepStore(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
+                              head_dim=shape.head_dim, capacity=max(nb, 16))
+        st = {"dense": False, "pending": None, "store": store}
         self._state[req.rid] = st
         self._update_reps(req.rid, st, req.prompt_len)
-        q_last = [q[:, -1] for q in queries]
-        pending = self._retrieve(req.rid, st, nb, q_last, 0)
-        self._collect(st, pending)
-        st["sel_nb"] = pending.num_blocks
+        q_last = torch.stack([q[:, -1] for q in queries])  # [L, Hq, D], a copy
+        self._collect(st, self._retrieve(req.rid, st, nb, q_last, 0))
 
-    def _retrieve(self, rid: str, st: dict, nb: int, q: list[torch.Tensor], step: int):
-        reps = list(st["reps"])  # snapshot: the tensors are replaced, never modified in place
-        pending = self._submit(rid, step, partial(self._select, reps, nb, q))
-        pending.num_blocks = nb
-        return pending
+    def _retrieve(self, rid: str, st: dict, nb: int, q: torch.Tensor, step: int):
+        store: BlockRepStore = st["store"]
+        # snapshot: the store is append-only, so this view of the blocks so far never changes
+        reps = store.reps()
+        if self._layerwise(GSAPolicy):
+            per = [reps[layer].permute(2, 0, 1) for layer in range(self.shape.num_layers)]
+            task = self._per_layer(partial(self._select, per, nb, list(q)))
+        else:
+            task = partial(self._select_all, reps, nb, q)
+        return self._submit(rid, step, nb, task)
+
+    def _select_all(self, reps: torch.Tensor, nb: int, q: torch.Tensor) -> torch.Tensor:
+        """Every layer at once: ``reps [L, Hkv, D, n_rep]`` (blocks without a representation yet score
+        0), ``q [L, Hq, D]`` -> ``[L, Hkv, S]``."""
+        scores = torch.zeros(self.shape.num_layers, self.shape.num_kv_heads, nb)
+        if reps.shape[-1]:
+            scores[..., : reps.shape[-1]] = batched_dot_scores(q, reps)
+        return select_batched(scores, nb, self.sparse, "dot", self.shape.num_kv_heads, extra=self.prefetch_blocks)
 
     def _select(self, reps: list[torch.Tensor], nb: int, qs: list[torch.Tensor], layer: int) -> torch.Tensor:
+        """Per-layer reference (and hook): ``reps[layer] [n_rep, Hkv, D]``, ``qs[layer] [Hq, D]``."""
         r = reps[layer]
         scores = torch.zeros(self.shape.num_kv_heads, nb)
         if r.shape[0]:
@@ -96,8 +112,7 @@ class GSAPolicy(OffloadPolicy):
             pending = st["pending"]
             if pending is not None and pending.step == s - 1:
                 self._collect(st, pending)
-                st["sel_nb"] = pending.num_blocks
                 st["pending"] = None
             if s % r == 0 and st["pending"] is None:
-                q = [queries[layer][row] for layer in range(self.shape.num_layers)]
+                q = self._row_queries(queries, row)
                 st["pending"] = self._retrieve(req.rid, st, self._num_blocks(req.new_len), q, s)

@@ -14,6 +14,9 @@
   ``s >= 2R`` the retrieval submitted at ``s - R`` is collected at the same point, so queries of
   steps ``[1..R]`` choose the blocks of steps ``[2R+1..3R]`` (one-stride lag, retrieval overlaps a
   whole stride). Decode-generated blocks are never sparsified.
+* A retrieval is one worker task for all layers: the vote per layer (it materialises ``[Hq, Tv,
+  nb * M]`` softmax weights per layer, 64 MiB at 1024 blocks, Tv = 8, M = 64; stacking 32 layers
+  would need 2 GiB), then one batched selection over all layers (:mod:`ucm_trt.sparse.batched`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from functools import partial
 import torch
 
 from ucm_trt.config import KVStarConfig
+from ucm_trt.sparse.batched import select_batched
 from ucm_trt.sparse.policies._offload import OffloadPolicy
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
 from ucm_trt.sparse.repr import SubBlockRepr, block_lens_from_seq_lens, kvstar_subblock
@@ -78,11 +82,27 @@ class KVStarPolicy(OffloadPolicy):
         cand = candidate_mask(torch.tensor([nbp], dtype=torch.int32), nbp, sink_blocks=self.sparse.sink_blocks,
                               local_blocks=self.sparse.local_blocks, min_blocks=self.sparse.min_blocks)[0]
         st["cand"] = cand
-        self._collect(st, self._submit(req.rid, 0, partial(self._select, st, list(queries))))
+        group = [q.clone() for q in queries]  # per layer [Hq, W, D]; the runtime reuses its buffer
+        self._collect(st, self._submit(req.rid, 0, nbp, self._task(st, group)))
+
+    def _task(self, st: dict, group: list[torch.Tensor]):
+        if self._layerwise(KVStarPolicy):
+            return self._per_layer(partial(self._select, st, group))
+        return partial(self._select_all, st, group)
+
+    def _layer_scores(self, st: dict, group: list[torch.Tensor], layer: int) -> torch.Tensor:
+        # group[layer]: [Hq, Tv, D] -> per-KV-head vote scores [Hkv, nbp]
+        return kvstar_vote_scores(group[layer][None], st["reps"][layer], block_mask=st["cand"])[0]
+
+    def _select_all(self, st: dict, group: list[torch.Tensor]) -> torch.Tensor:
+        """Every layer: the votes per layer (the vote materialises ``[Hq, Tv, nb * M]`` softmax
+        weights, too large to stack over layers), then one batched selection -> ``[L, Hkv, S]``."""
+        scores = torch.stack([self._layer_scores(st, group, layer) for layer in range(self.shape.num_layers)])
+        return select_batched(scores, st["sel_nb"], self.sparse, "kvstar_vote", self.shape.num_kv_heads)
 
     def _select(self, st: dict, group: list[torch.Tensor], layer: int) -> torch.Tensor:
-        # group[layer]: [Hq, Tv, D]
-        scores = kvstar_vote_scores(group[layer][None], st["reps"][layer], block_mask=st["cand"])[0]
+        """Per-layer reference (and hook) -> ``[Hkv, S]``."""
+        scores = self._layer_scores(st, group, layer)
         return select_from_scores(scores, st["sel_nb"], self.sparse, "kvstar_vote", self.shape.num_kv_heads)
 
     def after_step(self, reqs: list[RequestView], queries: list[torch.Tensor]) -> None:
@@ -93,7 +113,8 @@ class KVStarPolicy(OffloadPolicy):
             if st["dense"]:
                 continue
             s = req.step
-            st["group"].append([queries[layer][row] for layer in range(L)])
+            # a copy: the runtime reuses the buffer behind ``queries`` on the next step
+            st["group"].append(self._row_queries(queries, row))  # [L, Hq, D]
             if s % r:
                 continue
             if s >= 2 * r:
@@ -101,6 +122,7 @@ class KVStarPolicy(OffloadPolicy):
                 if pending is None or pending.step != s - r:
                     raise RuntimeError(f"kvstar: request {req.rid!r} step {s}: no retrieval from step {s - r}")
                 self._collect(st, pending)
-            group = [torch.stack([g[layer] for g in st["group"][-r:]], dim=1) for layer in range(L)]
+            stacked = torch.stack(st["group"][-r:], dim=2)  # [L, Hq, R, D]
+            group = [stacked[layer] for layer in range(L)]
             st["group"] = []
-            st["pending"] = self._submit(req.rid, s, partial(self._select, st, group))
+            st["pending"] = self._submit(req.rid, s, st["sel_nb"], self._task(st, group))
