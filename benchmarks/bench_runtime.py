@@ -54,7 +54,7 @@ def load_model(name: str, dtype: torch.dtype, device: str, max_positions: int):
     raise ValueError(f"--model must be llama1b-random or smollm2, got {name!r}")
 
 
-def run_one(model, algorithm: str, ctx: int, args) -> dict:
+def run_one(model, algorithm: str, ctx: int, args, cuda_graph: str) -> dict:
     kw = {}
     stride = args.stride
     if algorithm == "kvstar":
@@ -72,18 +72,30 @@ def run_one(model, algorithm: str, ctx: int, args) -> dict:
     if policy.offload and args.offload_pool_fraction < 1.0:
         # room for one full prompt being prefilled plus the others' working sets
         device_blocks = max_blocks + int(args.batch * max_blocks * args.offload_pool_fraction) + 1
+    graph = {"auto": None, "on": True, "off": False}[cuda_graph]
     rt = RuntimeConfig(max_batch=args.batch, max_seq_len=max_seq, prefill_chunk=args.prefill_chunk,
                        cache_blocks=args.cache_blocks, num_device_blocks=device_blocks,
-                       retrieval_threads=args.retrieval_threads, validate=False)
+                       retrieval_threads=args.retrieval_threads, cuda_graph=graph)
     engine = Engine(TorchBackend(model, attention="triton", validate=False), policy, sparse=sparse, config=rt)
     g = torch.Generator().manual_seed(ctx)
     prompts = [torch.randint(0, model.config.vocab_size, (ctx,), generator=g).tolist() for _ in range(args.batch)]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
     engine.generate(prompts, SamplingParams(max_new_tokens=args.decode_steps))
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    if args.profile:
+        prof.disable()
+        print(f"--- profile: {algorithm} {ctx} cuda_graph={cuda_graph} (prefill + decode), top by own time")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     stats = engine.stats()
+    dec = [r.seconds for r in engine.metrics.steps if r.kind == "decode"]
     engine.close()
     del engine
     torch.cuda.empty_cache()
@@ -91,9 +103,14 @@ def run_one(model, algorithm: str, ctx: int, args) -> dict:
             "decode_bytes_h2d_per_step", "decode_bytes_h2d_max_step", "cache_hit_rate",
             "device_kv_bytes_last_decode", "dense_kv_bytes_last_decode", "working_set_bytes_last_decode",
             "device_kv_over_working_set", "retrieval_tasks", "retrieval_mean_ms", "retrieval_max_ms",
-            "retrieval_wait_ms", "retrieval_busy_ms", "retrieval_overlap", "offload", "policy"]
+            "retrieval_wait_ms", "retrieval_busy_ms", "retrieval_overlap", "offload", "policy",
+            "cuda_graph", "cuda_graph_captures", "cuda_graph_replays", "eager_decode_steps"]
     out = {k: stats.get(k) for k in keep}
-    out.update(algorithm=algorithm, context=ctx, batch=args.batch, wall_seconds=wall)
+    # steady state: the median step after the first 4 (which capture graphs / compile kernels)
+    steady = sorted(dec[4:]) if len(dec) > 8 else sorted(dec)
+    out["decode_step_ms_median"] = 1e3 * steady[len(steady) // 2] if steady else None
+    out["decode_step_ms_first"] = 1e3 * dec[0] if dec else None
+    out.update(algorithm=algorithm, context=ctx, batch=args.batch, wall_seconds=wall, cuda_graph_mode=cuda_graph)
     return out
 
 
@@ -155,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offload-pool-fraction", type=float, default=0.3,
                    help="device pool of offload runs, as a fraction of the dense pool per sequence")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    p.add_argument("--cuda-graph", nargs="+", default=["auto"], choices=("auto", "on", "off"),
+                   help="decode-step CUDA graphs; several values run each configuration once per value")
+    p.add_argument("--profile", action="store_true", help="print a cProfile summary of each run (host time)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/runtime.json"))
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU runs)")
     p.add_argument("--blend", action="store_true",
@@ -179,13 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     results = {"card": card, "model": args.model, "dtype": args.dtype, "torch": torch.__version__, "runs": []}
     for ctx in args.contexts:
         for alg in args.algorithms:
-            try:
-                r = run_one(model, alg, ctx, args)
-            except torch.cuda.OutOfMemoryError as exc:  # reported, never hidden
-                r = {"algorithm": alg, "context": ctx, "error": f"OOM: {exc}"}
-                torch.cuda.empty_cache()
-            results["runs"].append(r)
-            print(json.dumps(r, default=str), flush=True)
+            for mode in args.cuda_graph:
+                try:
+                    r = run_one(model, alg, ctx, args, mode)
+                except torch.cuda.OutOfMemoryError as exc:  # reported, never hidden
+                    r = {"algorithm": alg, "context": ctx, "cuda_graph_mode": mode, "error": f"OOM: {exc}"}
+                    torch.cuda.empty_cache()
+                results["runs"].append(r)
+                print(json.dumps(r, default=str), flush=True)
     free, _total = torch.cuda.mem_get_info()
     for r in results["runs"]:
         if "error" in r or not r.get("device_kv_bytes_last_decode"):

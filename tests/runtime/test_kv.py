@@ -120,15 +120,18 @@ def test_offload_delta_prefetch_accounting_and_contents(cache_blocks):
     model = [list(range(13)) for _ in range(L)]
     n = 50
     total_loaded = 0
-    for _ in range(40):
+    need = None
+    for _ in range(60):
         nb = -(-n // BS)
-        need = [set(rng.sample(range(nb), k=min(nb, 5))) | {nb - 1} for _ in range(L)]
+        if need is None or rng.random() < 0.5:  # else: the previous step's selection (between retrievals)
+            need = [set(rng.sample(range(nb), k=min(nb, 5))) | {nb - 1} for _ in range(L)]
         tr = StepTransfer()
         kv.plan_step(["r"], [1], [[need[layer]] for layer in range(L)], tr)
         new_nb = -(-(n + 1) // BS)
-        expected_loads = 0
+        expected_loads = expected_needed = 0
         for layer in range(L):
             want = set(need[layer]) | set(range(n // BS, new_nb))
+            expected_needed += sum(1 for b in want if b < nb)
             lru = model[layer]
             spare = [b for b in lru if b not in want]
             evict = spare[: max(0, len(spare) - cache_blocks)]
@@ -142,6 +145,7 @@ def test_offload_delta_prefetch_accounting_and_contents(cache_blocks):
             model[layer] = lru
             assert kv.resident_blocks("r", layer) == sorted(lru)
         assert tr.blocks_loaded == expected_loads
+        assert tr.blocks_needed == expected_needed
         assert tr.bytes_h2d == expected_loads * kv.block_bytes
         total_loaded += tr.blocks_loaded
         _fill(kv, "r", n, 1)

@@ -143,7 +143,7 @@ class StepTransfer:
 class _Seq:
     """KV state of one request."""
 
-    __slots__ = ("rid", "seq_len", "host_ids", "resident", "table", "flushed")
+    __slots__ = ("rid", "seq_len", "host_ids", "resident", "table", "flushed", "last_want")
 
     def __init__(self, rid: str, num_layers: int, max_blocks: int) -> None:
         self.rid = rid
@@ -155,6 +155,8 @@ class _Seq:
         # in step with ``resident`` so a plan copies one row per request instead of rebuilding it
         self.table = np.zeros((num_layers, max_blocks), dtype=np.int32)
         self.flushed = 0  # completed blocks written back to the host store
+        # per layer: the blocks the previous plan made resident (offload), to skip unchanged steps
+        self.last_want: list[set[int] | None] = [None] * num_layers
 
     def set_resident(self, layer: int, blk: int, phys: int) -> None:
         self.resident[layer][blk] = phys
@@ -343,8 +345,14 @@ class KVManager:
                 else:
                     want_set = {b for b in want if 0 <= b < old_nb}
                 want_set.update(range(first_written, new_nb))
-                self._step_want[(rid, layer)] = want_set
                 transfer.working_set_blocks += len(want_set)
+                self._step_want[(rid, layer)] = want_set
+                if seq.last_want[layer] == want_set and res.keys() >= want_set:
+                    # the working set of this layer's previous step (between retrievals), all still
+                    # resident and already last in LRU order: nothing to evict, load or reorder
+                    transfer.blocks_needed += len(want_set) - max(0, new_nb - old_nb)
+                    continue
+                seq.last_want[layer] = want_set
                 # evict first (frees room), then load the misses
                 self._evict(seq, layer, want_set, transfer)
                 for blk in sorted(want_set):
