@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from ucm_trt.config import Budget, GSAOnDeviceConfig, KVStarConfig, SparseConfig  # noqa: E402
+from ucm_trt.config import Budget, GSAOnDeviceConfig, KVStarConfig, ReRoPEConfig, SparseConfig  # noqa: E402
 from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend  # noqa: E402
 from ucm_trt.runtime.algorithms import make_policy, sparse_config_for  # noqa: E402
 
@@ -59,6 +59,9 @@ def run_one(model, algorithm: str, ctx: int, args, cuda_graph: str) -> dict:
     stride = args.stride
     if algorithm == "kvstar":
         kw["kvstar"] = KVStarConfig(retrieval_stride=args.stride)
+    if algorithm == "rerope":
+        # Llama-3.2-1B's window of 4096 inside a training length of 8192 (extrapolation to ctx)
+        kw["rerope"] = ReRoPEConfig(window=args.rerope_window, training_length=args.rerope_training_length)
     if algorithm == "gsa-on-device":
         kw["gsa_on_device"] = GSAOnDeviceConfig(top_k_tokens=max(args.block_size * 8, int(ctx * args.ratio)),
                                                 seq_len_threshold=0)
@@ -111,6 +114,71 @@ def run_one(model, algorithm: str, ctx: int, args, cuda_graph: str) -> dict:
     out["decode_step_ms_median"] = 1e3 * steady[len(steady) // 2] if steady else None
     out["decode_step_ms_first"] = 1e3 * dec[0] if dec else None
     out.update(algorithm=algorithm, context=ctx, batch=args.batch, wall_seconds=wall, cuda_graph_mode=cuda_graph)
+    return out
+
+
+def run_capacity(model, args) -> dict:
+    """Measured concurrency in a fixed device KV budget: ``--capacity``.
+
+    The device pool of every layer gets ``--kv-budget-gb`` in total. Dense: the most sequences of
+    ``--capacity-context`` tokens whose full KV fits are decoded together, and one more is shown to
+    fail (PoolExhaustedError). ESA with offload: the device pool holds one prompt being prefilled
+    plus the working sets; the estimated number of sequences is run, lowered by 10 % after a
+    PoolExhaustedError (at most 4 tries). Every number is a completed run.
+    """
+    from ucm_trt.runtime.kv import PoolExhaustedError
+
+    ctx, steps, bs = args.capacity_context, args.capacity_steps, args.block_size
+    L = model.config.num_hidden_layers
+    hkv = model.config.num_key_value_heads
+    hd = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    block_bytes = 2 * hkv * bs * hd * torch.empty((), dtype=model.dtype).element_size()
+    budget_blocks = int(args.kv_budget_gb * 2**30) // (L * block_bytes)  # per layer, incl. the null block
+    per_seq = -(-(ctx + steps + 1) // bs)
+    out = {"context": ctx, "kv_budget_gb": args.kv_budget_gb, "device_blocks_per_layer": budget_blocks,
+           "blocks_per_sequence": per_seq, "decode_steps": steps, "runs": []}
+
+    def attempt(algorithm: str, n: int) -> dict:
+        sparse = sparse_config_for(algorithm, SparseConfig(block_size=bs, budget=Budget.ratio(args.ratio),
+                                                           retrieval_stride=args.stride))
+        policy = make_policy(algorithm)
+        rt = RuntimeConfig(max_batch=n, max_seq_len=ctx + steps + 1, prefill_chunk=args.prefill_chunk,
+                           cache_blocks=args.cache_blocks, num_device_blocks=budget_blocks,
+                           num_host_blocks=n * per_seq if policy.offload else None,
+                           retrieval_threads=args.retrieval_threads)
+        g = torch.Generator().manual_seed(n)
+        prompts = [torch.randint(0, model.config.vocab_size, (ctx,), generator=g).tolist() for _ in range(n)]
+        t0 = time.perf_counter()
+        rec = {"algorithm": algorithm, "sequences": n}
+        try:
+            with Engine(TorchBackend(model, attention="auto", validate=False), policy, sparse=sparse, config=rt) as eng:
+                eng.generate(prompts, SamplingParams(max_new_tokens=steps))
+                st = eng.stats()
+            rec.update(ok=True, decode_tokens_per_s=st["decode_tokens_per_s"],
+                       device_kv_bytes_last_decode=st["device_kv_bytes_last_decode"],
+                       host_kv_bytes_peak=st.get("host_kv_bytes_peak"),
+                       cuda_graph_replays=st.get("cuda_graph_replays"))
+        except PoolExhaustedError as exc:
+            rec.update(ok=False, error=str(exc).splitlines()[0])
+        rec["wall_seconds"] = time.perf_counter() - t0
+        torch.cuda.empty_cache()
+        print(json.dumps(rec, default=str), flush=True)
+        out["runs"].append(rec)
+        return rec
+
+    n_dense = (budget_blocks - 1) // per_seq
+    attempt("dense", n_dense)
+    attempt("dense", n_dense + 1)
+    sel = int(per_seq * args.ratio) + 1
+    ws = sel + 1 + 2 + args.cache_blocks + 2  # selected + sink + local + cache + the block being written
+    n = max(1, (budget_blocks - 1 - per_seq) // ws)
+    for _ in range(4):
+        if attempt("esa", n)["ok"]:
+            break
+        n = max(1, int(n * 0.9))
+    ok = {a: max((r["sequences"] for r in out["runs"] if r["algorithm"] == a and r["ok"]), default=0)
+          for a in ("dense", "esa")}
+    out["max_concurrent_measured"] = ok
     return out
 
 
@@ -177,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="print a cProfile summary of each run (host time)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/runtime.json"))
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU runs)")
+    p.add_argument("--rerope-window", type=int, default=4096)
+    p.add_argument("--rerope-training-length", type=int, default=8192)
+    p.add_argument("--capacity", action="store_true",
+                   help="instead: measured concurrent sequences (dense vs ESA offload) in a fixed device KV budget")
+    p.add_argument("--capacity-context", type=int, default=16384)
+    p.add_argument("--capacity-steps", type=int, default=16)
+    p.add_argument("--kv-budget-gb", type=float, default=4.0)
     p.add_argument("--blend", action="store_true",
                    help="instead: Blend TTFT vs full prefill and output agreement on SmolLM2 (CPU or GPU)")
     p.add_argument("--blend-chunks", type=int, default=4)
@@ -194,8 +269,16 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_runtime.py needs a CUDA GPU", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
-    model = load_model(args.model, dtype, "cuda", max(args.contexts) + args.decode_steps + 16)
     card = torch.cuda.get_device_name(0)
+    if args.capacity:
+        model = load_model(args.model, dtype, "cuda", args.capacity_context + args.capacity_steps + 16)
+        result = {"card": card, "model": args.model, "dtype": args.dtype, "torch": torch.__version__,
+                  **run_capacity(model, args)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {args.out}: max concurrent measured {result['max_concurrent_measured']}")
+        return 0
+    model = load_model(args.model, dtype, "cuda", max(args.contexts) + args.decode_steps + 16)
     results = {"card": card, "model": args.model, "dtype": args.dtype, "torch": torch.__version__, "runs": []}
     for ctx in args.contexts:
         for alg in args.algorithms:

@@ -37,10 +37,22 @@ if [[ " $SUITE " == *" runtime "* ]]; then
   echo "runtime tests on GPU: rc=$test_rc in $(( $(date +%s) - t0 )) s"
   tail -n 15 "$OUT/gpu_runtime_tests.log"
   card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
+  stem="$OUT/runtime_${card}_$(date +%F)"
+  bench_rc=0
+  # 1. every algorithm with CUDA-graph decode steps, batch 1, 32K and 128K
   # shellcheck disable=SC2086
-  $PY benchmarks/bench_runtime.py ${RUNTIME_BENCH_ARGS:---contexts 32768 131072 --algorithms dense esa gsa-on-device --decode-steps 32} \
-      --out "$OUT/runtime_${card}_$(date +%F).json" 2>&1 | tee "$OUT/bench_runtime.log"
-  bench_rc=${PIPESTATUS[0]}
+  $PY benchmarks/bench_runtime.py ${RUNTIME_BENCH_ARGS:---contexts 32768 131072 --algorithms dense esa gsa kvstar gsa-on-device rerope --cuda-graph on --decode-steps 32} \
+      --out "${stem}.json" 2>&1 | tee "$OUT/bench_runtime.log" | grep -v '^{' ; (( PIPESTATUS[0] == 0 )) || bench_rc=1
+  if [[ -z "${RUNTIME_BENCH_ARGS:-}" ]]; then
+    # 2. the same steps without graphs (what the runtime did before), 3. batch 4 at 128K, 4. measured concurrency
+    $PY benchmarks/bench_runtime.py --contexts 32768 131072 --algorithms dense esa gsa-on-device --cuda-graph off \
+        --decode-steps 32 --out "${stem}_eager.json" 2>&1 | tee -a "$OUT/bench_runtime.log" | grep -v '^{' ; (( PIPESTATUS[0] == 0 )) || bench_rc=1
+    $PY benchmarks/bench_runtime.py --contexts 131072 --batch 4 --algorithms dense esa gsa-on-device --cuda-graph on \
+        --decode-steps 32 --out "${stem}_batch4.json" 2>&1 | tee -a "$OUT/bench_runtime.log" | grep -v '^{' ; (( PIPESTATUS[0] == 0 )) || bench_rc=1
+    $PY benchmarks/bench_runtime.py --capacity --capacity-context 16384 --kv-budget-gb 4 \
+        --out "${stem}_capacity.json" 2>&1 | tee -a "$OUT/bench_runtime.log" | grep -v '^{' ; (( PIPESTATUS[0] == 0 )) || bench_rc=1
+  fi
+  $PY benchmarks/runtime_table.py "$OUT"/runtime_*.json
   echo "runtime: tests rc=$test_rc bench rc=$bench_rc"
   (( test_rc == 0 && bench_rc == 0 )) || rc=1
 fi

@@ -1,0 +1,46 @@
+"""Print a short table of bench_runtime.py result files (the last thing gpu_suite.sh prints).
+
+    python benchmarks/runtime_table.py benchmarks/results/runtime/*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _fmt(x, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def main(paths: list[str]) -> int:
+    if not paths:
+        print("usage: runtime_table.py RESULT.json [...]", file=sys.stderr)
+        return 2
+    print(f"{'file':<34} {'algorithm':<14} {'ctx':>7} {'B':>2} {'graph':>5} {'tok/s':>7} {'step ms':>8} "
+          f"{'dev KV MB':>9} {'H2D MB/st':>9} {'overlap':>7}")
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        name = Path(p).stem[-33:]
+        if "max_concurrent_measured" in d:
+            for r in d["runs"]:
+                status = _fmt(r.get("decode_tokens_per_s")) + " tok/s" if r["ok"] else "PoolExhausted"
+                print(f"{name:<34} capacity {r['algorithm']:<6} ctx {d['context']} budget {d['kv_budget_gb']} GB: "
+                      f"{r['sequences']} sequences -> {status}")
+            continue
+        for r in d.get("runs", []):
+            if "error" in r:
+                print(f"{name:<34} {r['algorithm']:<14} {r['context']:>7} error: {r['error'][:60]}")
+                continue
+            mb = (r.get("device_kv_bytes_last_decode") or 0) / 2**20
+            h2d = (r.get("decode_bytes_h2d_per_step") or 0) / 2**20
+            print(f"{name:<34} {r['algorithm']:<14} {r['context']:>7} {r['batch']:>2} "
+                  f"{r.get('cuda_graph_mode', '-'):>5} {_fmt(r.get('decode_tokens_per_s')):>7} "
+                  f"{_fmt(r.get('decode_step_ms_median'), '.2f'):>8} {mb:>9.0f} {h2d:>9.1f} "
+                  f"{_fmt(r.get('retrieval_overlap'), '.2f'):>7}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
