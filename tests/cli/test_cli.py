@@ -149,7 +149,8 @@ def test_chat_happy_path_through_the_cli(monkeypatch, capsys):
     # /algo offers only what a chat turn can run, and refuses blend with the reason in one line
     assert "[chat] algorithm esa; available: dense, esa, gsa, gsa-on-device, kvstar, rerope" in out
     errors = [line for line in captured.err.splitlines() if "error" in line]
-    assert len(errors) == 1 and "/algo: blend is not a chat algorithm" in errors[0], captured.err
+    assert len(errors) == 1 and "/algo: unknown algorithm 'blend'; choose one of dense," in errors[0], captured.err
+    assert "blend is not a chat algorithm: it is a prefill method" in errors[0]
     assert "ucm-trt run --algorithm blend" in errors[0]
 
 
@@ -248,10 +249,16 @@ def test_chat_refuses_blend_without_a_model():
     from ucm_trt.chat.session import ChatError, ChatSettings
 
     assert "blend" in ALGORITHMS and "blend" not in CHAT_ALGORITHMS
-    with pytest.raises(ChatError, match=r"^/algo: blend is not a chat algorithm: .*ucm-trt run --algorithm blend"):
+    with pytest.raises(ChatError, match=r"^/algo: unknown algorithm 'blend'; choose one of dense, esa, gsa, "
+                                        r"gsa-on-device, kvstar, rerope; blend is not a chat algorithm: .*"
+                                        r"ucm-trt run --algorithm blend"):
         parse_line("/algo blend")
-    with pytest.raises(ValueError, match=r"^ChatSettings.algorithm='blend': blend is not a chat algorithm"):
+    with pytest.raises(ValueError, match=r"^ChatSettings.algorithm must be one of .*; got 'blend'; blend is not a "
+                                         r"chat algorithm"):
         ChatSettings(algorithm="blend")
+    with pytest.raises(ChatError, match=r"^/algo: unknown algorithm 'quest'; choose one of dense, esa, gsa, "
+                                        r"gsa-on-device, kvstar, rerope$"):
+        parse_line("/algo quest")
     assert "blend" not in help_text() and "kvstar, rerope" in help_text()
     with pytest.raises(ValueError, match="algorithms: 'blend' is not one of dense, esa"):
         from ucm_trt.chat.demo_passkey import _check_args

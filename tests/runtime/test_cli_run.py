@@ -214,3 +214,12 @@ def test_blend_needs_chunks_and_blend_options_need_blend(tiny_dir, capsys):
     assert capsys.readouterr().err.strip() == (
         "ucm-trt run: error: --chunk/--chunk-file, --recompute-ratio, --compare-full only apply to --algorithm "
         "blend, got --algorithm esa")
+
+
+def test_blend_chunk_file_must_be_utf8(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1"))
+    assert main(["run", "--algorithm", "blend", "--model", str(tiny_dir), "--prompt", QUESTION,
+                 "--chunk-file", str(bad)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(err) == 1 and err[0].startswith(f"ucm-trt run: error: --chunk-file {str(bad)!r} is not UTF-8 text ("), err

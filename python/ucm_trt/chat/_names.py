@@ -9,11 +9,11 @@ ALGORITHMS: tuple[str, ...] = ("dense", "esa", "gsa", "gsa-on-device", "kvstar",
 CHAT_ALGORITHMS: tuple[str, ...] = tuple(a for a in ALGORITHMS if a != "blend")
 
 
-def not_in_chat(name: str) -> str | None:
-    """Why the chat cannot run ``name`` when it is a runtime algorithm outside :data:`CHAT_ALGORITHMS`
-    (one line), else ``None``."""
+def not_in_chat(name: object) -> str:
+    """``""``, or for a runtime algorithm outside :data:`CHAT_ALGORITHMS` the reason the chat cannot
+    run it, as a ``"; ..."`` tail for a one-line error."""
     if name == "blend":
-        return ("blend is not a chat algorithm: it reuses the KV of document chunks cached by earlier "
-                "requests at prefill, and a chat turn has none; run it with "
-                "`ucm-trt run --algorithm blend --chunk TEXT ... --prompt QUESTION`")
-    return None
+        return ("; blend is not a chat algorithm: it is a prefill method that reuses the KV of document chunks "
+                "cached by earlier requests, and a chat turn has none (run it with "
+                "`ucm-trt run --algorithm blend --chunk TEXT ... --prompt QUESTION`)")
+    return ""

@@ -68,10 +68,8 @@ def parse_line(line: str) -> Command | str | None:
         if not rest:
             return Command(name)
         if rest not in CHAT_ALGORITHMS:
-            reason = not_in_chat(rest)
-            if reason is not None:
-                raise ChatError(f"/algo: {reason}")
-            raise ChatError(f"/algo: unknown algorithm {rest!r}; choose one of {', '.join(CHAT_ALGORITHMS)}")
+            raise ChatError(f"/algo: unknown algorithm {rest!r}; choose one of {', '.join(CHAT_ALGORITHMS)}"
+                            f"{not_in_chat(rest)}")
         return Command(name, rest)
     if name == "budget":
         if not rest:

@@ -102,11 +102,9 @@ class ChatSettings:
 
     def __post_init__(self) -> None:
         if self.algorithm not in CHAT_ALGORITHMS:
-            reason = not_in_chat(self.algorithm) if isinstance(self.algorithm, str) else None
-            if reason is not None:
-                raise ValueError(f"ChatSettings.algorithm={self.algorithm!r}: {reason}")
             raise ValueError(
                 f"ChatSettings.algorithm must be one of {', '.join(CHAT_ALGORITHMS)}; got {self.algorithm!r}"
+                f"{not_in_chat(self.algorithm)}"
             )
         _float_field("budget", self.budget)
         if not 0 < self.budget <= 1:
@@ -385,10 +383,8 @@ class ChatSession:
 
     def set_algorithm(self, name: str) -> ChatSettings:
         if name not in CHAT_ALGORITHMS:
-            reason = not_in_chat(name) if isinstance(name, str) else None
-            if reason is not None:
-                raise ChatError(reason)
-            raise ChatError(f"unknown algorithm {name!r}; choose one of {', '.join(CHAT_ALGORITHMS)}")
+            raise ChatError(f"unknown algorithm {name!r}; choose one of {', '.join(CHAT_ALGORITHMS)}"
+                            f"{not_in_chat(name)}")
         return self.update(algorithm=name)
 
     def set_budget(self, value: float) -> ChatSettings:

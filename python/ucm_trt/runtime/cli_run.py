@@ -328,7 +328,12 @@ def _blend_inputs(args, tok, text: str, vocab_size: int) -> tuple[list[list[int]
     bos = tok.bos_token_id
     chunks, pads = [], []
     for i, (kind, value) in enumerate(args.chunks):
-        body = Path(value).read_text() if kind == "file" else value
+        body = value
+        if kind == "file":
+            try:
+                body = Path(value).read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"--chunk-file {value!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         ids = list(tok(body, add_special_tokens=False)["input_ids"])
         if not ids:
             where = f"--chunk-file {value!r}" if kind == "file" else f"--chunk number {i + 1}"
