@@ -29,6 +29,9 @@ selection can differ only where two blocks' scores are that close at the budget'
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from ucm_trt._validation import (
@@ -138,18 +141,21 @@ def _num_blocks_arg(num_blocks: object, batch: int, max_blocks: int) -> torch.Te
     return nb
 
 
-def _topk_mask(keyed: torch.Tensor, cand: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _topk_mask(
+    keyed: torch.Tensor, cand: torch.Tensor, counts: torch.Tensor, *, kth: torch.Tensor | None = None
+) -> torch.Tensor:
     """Bool mask of the ``counts`` best candidates per row, lower id first on equal scores.
 
     Same set as ranking by a stable descending sort and keeping ranks ``< counts``: every
     candidate scoring above the row's ``counts``-th best score, plus the lowest-id candidates
     scoring exactly that much until the count is reached.
     """
-    kmax = int(counts.max()) if counts.numel() else 0
-    if kmax == 0:
-        return torch.zeros_like(cand)
-    top = torch.topk(keyed, kmax, dim=-1, largest=True, sorted=True).values
-    kth = top.gather(-1, (counts - 1).clamp(min=0)[..., None])
+    if kth is None:
+        kmax = int(counts.max()) if counts.numel() else 0
+        if kmax == 0:
+            return torch.zeros_like(cand)
+        top = torch.topk(keyed, kmax, dim=-1, largest=True, sorted=True).values
+        kth = top.gather(-1, (counts - 1).clamp(min=0)[..., None])
     above = cand & (keyed > kth)
     tied = cand & (keyed == kth)
     need = counts - above.sum(-1)
@@ -200,6 +206,25 @@ def select_batched(
         raise ValueError(f"num_kv_heads = {heads} must equal scores.shape[1] = {h} for per-head selection")
     nb = _num_blocks_arg(num_blocks, b, m)
     s = reduce_scores(s, scoring) if shared else s.float()  # [B, H', M]
+    if b and bool((nb == nb[0]).all()):
+        sel = _select_uniform(s, int(nb[0]), sparse, extra)
+    else:
+        sel = _select_general(s, nb, sparse, extra)
+    if sel.shape[1] != heads:
+        sel = sel.expand(b, heads, sel.shape[-1]).contiguous()
+    return sel
+
+
+def _bad_score(s: torch.Tensor, bad: torch.Tensor, offset: int = 0) -> ValueError:
+    i, j, k = (int(x) for x in bad.nonzero()[0])
+    return ValueError(
+        f"scores must be finite for candidate blocks; scores[{i}, {j}, {k + offset}] = {float(s[i, j, k])}"
+    )
+
+
+def _select_general(s: torch.Tensor, nb: torch.Tensor, sparse: SparseConfig, extra: int) -> torch.Tensor:
+    """Rows with different ``num_blocks``: masks over the whole block axis."""
+    m = s.shape[-1]
     idx = torch.arange(m)
     n = nb[:, None]
     valid = idx < n
@@ -207,17 +232,69 @@ def select_batched(
     cand = (valid & ~forced)[:, None, :].expand_as(s)
     bad = cand & ~torch.isfinite(s)
     if bool(bad.any()):
-        i, j, k = (int(x) for x in bad.nonzero()[0])
-        raise ValueError(f"scores must be finite for candidate blocks; scores[{i}, {j}, {k}] = {float(s[i, j, k])}")
+        raise _bad_score(s, bad)
     counts = budget_counts(sparse.budget, cand, s)
     if extra:
         counts = (counts + extra).minimum(cand.sum(-1))
     keyed = torch.where(cand, s, torch.full_like(s, float("-inf")))
-    mask = forced[:, None, :] | _topk_mask(keyed, cand, counts)
-    sel = _mask_to_selection(mask)
-    if sel.shape[1] != heads:
-        sel = sel.expand(b, heads, sel.shape[-1]).contiguous()
+    return _mask_to_selection(forced[:, None, :] | _topk_mask(keyed, cand, counts))
+
+
+def _select_uniform(s: torch.Tensor, n: int, sparse: SparseConfig, extra: int) -> torch.Tensor:
+    """Every row has ``n`` blocks (one request's layers): the candidates are the slice ``[lo, hi)``,
+    the forced blocks ``[0, lo)`` and ``[hi, n)``; only the slice is scored and ranked."""
+    b, h, _ = s.shape
+    if n < sparse.min_blocks:
+        lo = hi = n  # runs dense: every block forced
+    else:
+        lo = min(sparse.sink_blocks, n)
+        hi = max(lo, n - sparse.local_blocks)
+    c = hi - lo
+    sc = s[..., lo:hi]
+    if c:
+        lo_v, hi_v = torch.aminmax(sc)  # NaN propagates: both finite <=> every candidate is finite
+        if not (math.isfinite(float(lo_v)) and math.isfinite(float(hi_v))):
+            raise _bad_score(sc, ~torch.isfinite(sc), lo)
+    if sparse.budget.kind in ("top_k", "ratio"):  # the same count on every row
+        k = int(budget_counts(sparse.budget, torch.ones(1, c, dtype=torch.bool))[0])
+        chosen = _chosen_uniform(sc, min(k + extra, c)) if extra else _chosen_uniform(sc, k)
+    else:
+        counts = budget_counts(sparse.budget, torch.ones(1, 1, c, dtype=torch.bool).expand_as(sc), sc)
+        if extra:
+            counts = (counts + extra).clamp(max=c)
+        if bool((counts == counts.flatten()[0]).all()) if counts.numel() else True:
+            chosen = _chosen_uniform(sc, int(counts.flatten()[0]) if counts.numel() else 0)
+        else:
+            mask = torch.zeros(b, h, n, dtype=torch.bool)
+            mask[..., :lo] = True
+            mask[..., hi:] = True
+            mask[..., lo:hi] = _topk_mask(sc, torch.ones_like(sc, dtype=torch.bool), counts)
+            return _mask_to_selection(mask)
+    parts = [torch.arange(lo, dtype=torch.int32).expand(b, h, lo), chosen + lo,
+             torch.arange(hi, n, dtype=torch.int32).expand(b, h, n - hi)]
+    sel = torch.cat(parts, dim=-1)
+    if sel.shape[-1] == 0:
+        return torch.full((b, h, 1), -1, dtype=torch.int32)
     return sel
+
+
+def _chosen_uniform(sc: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 ``[B, H, k]``: ids (within the slice, ascending) of the ``k`` best of every row.
+
+    The k-th best score of each row comes from ``numpy.partition`` (introselect; about twice as
+    fast as ``torch.topk`` here); the candidates scoring at least that much are the answer unless
+    one outside the top k ties it, then the lower ids win (:func:`_topk_mask`).
+    """
+    b, h, c = sc.shape
+    if k == 0:
+        return torch.zeros(b, h, 0, dtype=torch.int32)
+    if k == c:
+        return torch.arange(c, dtype=torch.int32).expand(b, h, c)
+    kth = torch.from_numpy(np.partition(sc.numpy(), c - k, axis=-1)[..., c - k : c - k + 1])
+    mask = sc >= kth
+    if not bool((mask.sum(-1) == k).all()):
+        mask = _topk_mask(sc, torch.ones_like(mask), torch.full((b, h), k, dtype=torch.int64), kth=kth)
+    return mask.nonzero()[:, -1].to(torch.int32).view(b, h, k)
 
 
 def extend_selections(sel: torch.Tensor, start: int, stop: int) -> torch.Tensor:
