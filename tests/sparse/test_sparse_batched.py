@@ -60,22 +60,23 @@ def _scores(g: torch.Generator, b: int, h: int, m: int, kind: str) -> torch.Tens
 def test_select_batched_equals_select_from_scores(selection, kind):
     g = torch.Generator().manual_seed(hash((selection, kind)) % 2**31)
     cases = 0
-    for budget, (sink, local, min_blocks), (layers, hkv), m, extra in itertools.product(
-        BUDGETS, [(1, 2, 4), (0, 1, 1), (2, 3, 8)], [(1, 1), (3, 4), (5, 8)], [1, 6, 37], [0, 1, 3]
+    for budget, (sink, local, min_blocks), (layers, hkv), m, extra, same_nb in itertools.product(
+        BUDGETS, [(1, 2, 4), (0, 1, 1), (2, 3, 8)], [(1, 1), (3, 4), (5, 8)], [1, 6, 37], [0, 1, 3], [True, False]
     ):
         sparse = SparseConfig(block_size=16, sink_blocks=sink, local_blocks=local, min_blocks=min_blocks,
                               budget=budget, selection=selection)
         scores = _scores(g, layers, hkv, m, kind)
-        # partial sequences: blocks at or past num_blocks hold garbage the selection must ignore
-        nb = torch.randint(0, m + 1, (layers,), generator=g, dtype=torch.int32)
+        # partial sequences: blocks at or past num_blocks hold garbage the selection must ignore.
+        # same_nb: every row has the same block count (one request's layers: the slice fast path)
+        nb = torch.randint(0, m + 1, (1 if same_nb else layers,), generator=g, dtype=torch.int32).expand(layers)
         for b in range(layers):
             scores[b, :, int(nb[b]):] = float("nan")
         got = select_batched(scores, nb, sparse, "dot", hkv, extra=extra)
         want = [select_from_scores(scores[b], int(nb[b]), sparse, "dot", hkv, extra=extra) for b in range(layers)]
         _assert_rows_equal(got, want, f"{budget} sink={sink} local={local} min={min_blocks} L={layers} "
-                                      f"Hkv={hkv} m={m} extra={extra}")
+                                      f"Hkv={hkv} m={m} extra={extra} nb={nb.tolist()}")
         cases += 1
-    assert cases == len(BUDGETS) * 3 * 3 * 3 * 3
+    assert cases == len(BUDGETS) * 3 * 3 * 3 * 3 * 2
 
 
 @pytest.mark.parametrize("scoring", ["hamming", "kvstar_vote", "quest"])
