@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from ucm_trt.bench.cpu import RetrievalShape, floor_case, retrieval_case, time_median
+from ucm_trt.bench.cpu import RetrievalShape, all_layers_case, floor_case, retrieval_case, time_median
 from ucm_trt.cli import main
 from ucm_trt.config import Budget, SparseConfig
 
@@ -34,7 +34,7 @@ def test_quick_json_schema(quick_result):
     ret = r["retrieval"]
     assert ret["target"]["ms_per_step_per_seq"] == 1.0 and ret["target"]["num_blocks"] == 1024
     rows = ret["rows"]
-    variants = {"per_layer", "batched", "bare_torch_floor"}
+    variants = {"all_layers", "all_layers_per_head", "per_layer", "batched", "bare_torch_floor"}
     assert len(rows) == len(s["blocks"]) * len(s["threads"]) * len(variants)
     assert {(x["num_blocks"], x["threads"], x["variant"]) for x in rows} == {
         (b, t, v) for b in s["blocks"] for t in s["threads"] for v in variants}
@@ -45,6 +45,12 @@ def test_quick_json_schema(quick_result):
         assert 0 < x["selected_blocks_per_head"] < x["num_blocks"]
         assert x["rep_bytes_per_step"] == ret["shape"]["num_layers"] * x["num_blocks"] * 8 * 128 * 4
         assert x["read_bandwidth_gbps"] > 0 and x["read_floor_ms"] > 0
+        assert x["calls_per_step"] == (ret["shape"]["num_layers"] if x["variant"] == "per_layer" else 1)
+        if x["variant"].startswith("all_layers"):
+            assert x["score_ms"] > 0 and x["select_ms"] > 0
+        if x["variant"] == "all_layers":
+            assert 0 <= x["differs_from_per_layer_layers"] <= ret["shape"]["num_layers"]
+    assert ret["per_call_overhead"]["all_layers_ms_per_step"] > 0
     off = r["offload"]["rows"]
     assert {(x["algorithm"], x["retrieval_stride"], x["budget_ratio"]) for x in off} == {
         (a, st, ra) for a in ("esa", "gsa") for st in s["strides"] for ra in s["ratios"]}
@@ -95,6 +101,24 @@ def test_retrieval_variants_match_reference(num_blocks):
     floor = floor_case(shape, num_blocks, sparse, seed=3)()
     for layer in range(3):
         assert sorted(int(x) for x in floor[layer]) == want[layer]
+    step, score, select, reference = all_layers_case(shape, num_blocks, sparse, seed=3)
+    a = step()
+    assert a.shape[:2] == (3, shape.num_kv_heads) and torch.equal(select(), a)
+    for layer in range(3):
+        for h in range(shape.num_kv_heads):
+            assert [int(x) for x in a[layer, h] if x >= 0] == want[layer]
+        assert torch.equal(reference()[layer], a[layer, :, : reference()[layer].shape[-1]])
+    torch.testing.assert_close(score(), torch.einsum("lhd,lnhd->lhn", q.view(3, 2, 4, 16).mean(2), reps))
+    # per-head selection: each KV head ranks its own scores
+    ph = SparseConfig(block_size=16, budget=Budget.ratio(0.25), selection="per_head")
+    b = all_layers_case(shape, num_blocks, ph, seed=3)[0]()
+    s = torch.einsum("lhd,lnhd->lhn", q.view(3, 2, 4, 16).mean(2).double(), reps.double())
+    k = max(1, int(0.25 * (num_blocks - 3)))
+    for layer in range(3):
+        for h in range(2):
+            cand = range(1, num_blocks - 2)
+            best = sorted(cand, key=lambda n: -float(s[layer, h, n]))[:k]
+            assert [int(x) for x in b[layer, h] if x >= 0] == sorted({0, num_blocks - 2, num_blocks - 1} | set(best))
 
 
 def test_time_median_and_shape_errors():

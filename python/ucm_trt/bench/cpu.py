@@ -6,15 +6,25 @@ Everything here measures real work with ``time.perf_counter``: each figure is th
 Retrieval (DESIGN §5: <= 1 ms per step per sequence at 1024 blocks x 8 KV heads x 32 layers)
 ------------------------------------------------------------------------------------------
 One decode step of ESA retrieval for one sequence = for every layer: GQA-averaged query . mean-K
-block representations (:func:`ucm_trt.sparse.score.dot_scores`), then top-k under the budget with
-forced sink / local windows (:func:`ucm_trt.sparse.select.select_blocks`). Two variants:
+block representations, then top-k under the budget with forced sink / local windows. Variants:
 
-- ``per_layer``: one call per layer, exactly what the runtime's ESA policy runs on its retrieval
-  worker (``ucm_trt.sparse.policies.base.select_from_scores`` after ``dot_scores``). The runtime's
-  :class:`~ucm_trt.runtime.worker.RetrievalWorker` has no batched all-layers path: it splits a
-  retrieval into one task per chunk of layers and each task loops over its layers.
-- ``batched``: the same math with the layers folded into the batch dimension of ``dot_scores`` /
-  ``select_blocks`` (one call over ``[layers, ...]``); checked equal to ``per_layer``.
+- ``all_layers``: what the runtime's ESA policy runs now (``ESAPolicy._select_all``), one call for
+  every layer: the representations live in one :class:`~ucm_trt.sparse.batched.BlockRepStore`
+  ``[L, Hkv, D, nb]``, scored by one batched matmul (:func:`~ucm_trt.sparse.batched.batched_dot_scores`)
+  and selected by one :func:`~ucm_trt.sparse.batched.select_batched`. Its rows also carry the
+  scoring and the selection timed alone (``score_ms``, ``select_ms``).
+- ``all_layers_per_head``: the same with ``selection="per_head"`` (every KV head its own top-k).
+- ``per_layer``: one :func:`~ucm_trt.sparse.score.dot_scores` +
+  ``ucm_trt.sparse.policies.base.select_from_scores`` call per layer: the runtime's path before the
+  batched one, still the reference (``ESAPolicy._select``) the batched path is tested against.
+- ``batched``: the per-layer library functions with the layers folded into their batch dimension
+  (one ``dot_scores`` / ``select_blocks`` call over ``[layers, ...]``); checked equal to ``per_layer``.
+- ``bare_torch_floor``: one matmul + one ``topk`` in bare torch, no checks or output format.
+
+Equality is checked on every run: ``batched`` == ``per_layer``; ``all_layers`` == ``select_from_scores``
+applied layer by layer to its own scores (exact), its scores == ``dot_scores``' to float32
+rounding, and the number of layers whose selection differs from ``per_layer`` (possible only
+where two blocks' scores are within rounding at the budget's edge) is recorded in the row.
 
 Offload
 -------
@@ -38,6 +48,7 @@ from typing import Any
 import torch
 
 from ucm_trt.config import Budget, SparseConfig
+from ucm_trt.sparse.batched import BlockRepStore, batched_dot_scores, select_batched
 from ucm_trt.sparse.policies.base import select_from_scores
 from ucm_trt.sparse.score import dot_scores, reduce_scores
 from ucm_trt.sparse.select import select_blocks
@@ -48,6 +59,7 @@ __all__ = [
     "machine_facts",
     "time_median",
     "retrieval_case",
+    "all_layers_case",
     "bench_retrieval",
     "bench_offload",
     "python_overhead",
@@ -184,6 +196,49 @@ def retrieval_case(shape: RetrievalShape, num_blocks: int, sparse: SparseConfig,
     return per_layer, batched
 
 
+def _case_layers(shape: RetrievalShape, num_blocks: int, *, seed: int = 0):
+    """``(q [Hq, D], reps [nb, Hkv, D])`` per layer, the data of :func:`retrieval_case` with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    L, hq, hkv, d = shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.head_dim
+    q = torch.randn(L, hq, d, generator=g)
+    reps = torch.randn(L, num_blocks, hkv, d, generator=g)
+    return [(q[i], reps[i]) for i in range(L)]
+
+
+def all_layers_case(shape: RetrievalShape, num_blocks: int, sparse: SparseConfig, *, seed: int = 0):
+    """The runtime's batched retrieval on the same random data as :func:`retrieval_case` (same seed).
+
+    Returns ``(step, score, select, reference)``: ``step()`` scores and selects every layer
+    (``[L, Hkv, S]``), ``score()`` / ``select()`` time the two halves alone, and
+    ``reference()`` applies the per-layer ``select_from_scores`` to ``step``'s own scores
+    (for the exactness check).
+    """
+    _pos("num_blocks", num_blocks)
+    if not isinstance(sparse, SparseConfig):
+        raise TypeError(f"sparse must be a SparseConfig, got {type(sparse).__name__}")
+    g = torch.Generator().manual_seed(seed)
+    L, hq, hkv, d = shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.head_dim
+    q = torch.randn(L, hq, d, generator=g)
+    store = BlockRepStore(num_layers=L, num_kv_heads=hkv, head_dim=d, capacity=num_blocks)
+    store.append(torch.randn(L, num_blocks, hkv, d, generator=g))
+    reps = store.reps()
+    scores = batched_dot_scores(q, reps)
+
+    def step() -> torch.Tensor:
+        return select_batched(batched_dot_scores(q, reps), num_blocks, sparse, "dot", hkv)
+
+    def score() -> torch.Tensor:
+        return batched_dot_scores(q, reps)
+
+    def select() -> torch.Tensor:
+        return select_batched(scores, num_blocks, sparse, "dot", hkv)
+
+    def reference() -> list[torch.Tensor]:
+        return [select_from_scores(scores[layer], num_blocks, sparse, "dot", hkv) for layer in range(L)]
+
+    return step, score, select, reference
+
+
 def floor_case(shape: RetrievalShape, num_blocks: int, sparse: SparseConfig, *, seed: int = 0):
     """Lower bound for comparison: the same step in bare torch (one matmul + one topk over all layers).
 
@@ -214,12 +269,20 @@ def floor_case(shape: RetrievalShape, num_blocks: int, sparse: SparseConfig, *, 
     return floor
 
 
-def _check_same(per_layer: list[torch.Tensor], batched: torch.Tensor) -> None:
+def _layers_differing(per_layer: list[torch.Tensor], batched: torch.Tensor) -> list[int]:
+    out = []
     for layer, sel in enumerate(per_layer):
         width = sel.shape[-1]
         b = batched[layer]
-        if not torch.equal(b[:, :width], sel) or bool((b[:, width:] != -1).any()):
-            raise RuntimeError(f"batched retrieval differs from per-layer retrieval at layer {layer}")
+        if b.shape[-1] < width or not torch.equal(b[:, :width], sel) or bool((b[:, width:] != -1).any()):
+            out.append(layer)
+    return out
+
+
+def _check_same(per_layer: list[torch.Tensor], batched: torch.Tensor, what: str = "batched retrieval") -> None:
+    bad = _layers_differing(per_layer, batched)
+    if bad:
+        raise RuntimeError(f"{what} differs from per-layer retrieval at layer(s) {bad}")
 
 
 def bench_retrieval(
@@ -245,10 +308,24 @@ def bench_retrieval(
     try:
         for nb in num_blocks:
             per_layer, batched = retrieval_case(shape, nb, sparse)
-            _check_same(per_layer(), batched())
+            want = per_layer()
+            _check_same(want, batched())
             selected = int((batched()[0] >= 0).sum(-1).max())
             rep_bytes = shape.num_layers * nb * shape.num_kv_heads * shape.head_dim * 4  # float32 mean-K reps
-            variants = [("per_layer", per_layer), ("batched", batched)]
+            step, score, select, reference = all_layers_case(shape, nb, sparse)
+            _check_same(reference(), step(), "all_layers selection (on its own scores)")
+            ref_scores = torch.stack([dot_scores(q[None], r)[0] for q, r in _case_layers(shape, nb)])
+            torch.testing.assert_close(score(), ref_scores, rtol=1e-5, atol=1e-5)
+            per_head = dataclasses.replace(sparse, selection="per_head")
+            ph_step, ph_score, ph_select, ph_reference = all_layers_case(shape, nb, per_head)
+            _check_same(ph_reference(), ph_step(), "all_layers per-head selection (on its own scores)")
+            extra = {
+                "all_layers": {"differs_from_per_layer_layers": len(_layers_differing(want, step())),
+                               "parts": {"score_ms": score, "select_ms": select}},
+                "all_layers_per_head": {"parts": {"score_ms": ph_score, "select_ms": ph_select}},
+            }
+            variants = [("all_layers", step), ("all_layers_per_head", ph_step),
+                        ("per_layer", per_layer), ("batched", batched)]
             if sparse.selection == "shared" and sparse.budget.kind in ("ratio", "top_k"):
                 floor = floor_case(shape, nb, sparse)
                 if floor().shape[-1] != selected:
@@ -261,6 +338,11 @@ def bench_retrieval(
                         progress(f"retrieval: {nb} blocks x {shape.num_kv_heads} kv heads x "
                                  f"{shape.num_layers} layers, {t} thread(s), {name}")
                     tm = time_median(fn, warmup=warmup, repeats=repeats)
+                    more: dict[str, Any] = {}
+                    for key, part in extra.get(name, {}).get("parts", {}).items():
+                        more[key] = time_median(part, warmup=warmup, repeats=repeats)["median_ms"]
+                    if "differs_from_per_layer_layers" in extra.get(name, {}):
+                        more["differs_from_per_layer_layers"] = extra[name]["differs_from_per_layer_layers"]
                     rows.append({
                         "num_blocks": nb,
                         "context_tokens": nb * shape.block_size,
@@ -278,6 +360,7 @@ def bench_retrieval(
                         "rep_bytes_per_step": rep_bytes,
                         "read_bandwidth_gbps": bw[t],
                         "read_floor_ms": rep_bytes / (bw[t] * 1e9) * 1e3,
+                        **more,
                     })
     finally:
         torch.set_num_threads(before)
@@ -289,16 +372,18 @@ def python_overhead(shape: RetrievalShape, sparse: SparseConfig, *, warmup: int,
     """Per-layer call cost at a tiny block count (8 blocks): what the Python/dispatch overhead alone costs."""
     nb = max(8, sparse.sink_blocks + sparse.local_blocks + sparse.min_blocks + 1)
     per_layer, batched = retrieval_case(shape, nb, sparse)
+    step = all_layers_case(shape, nb, sparse)[0]
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         tp = time_median(per_layer, warmup=warmup, repeats=repeats)
         tb = time_median(batched, warmup=warmup, repeats=repeats)
+        ta = time_median(step, warmup=warmup, repeats=repeats)
     finally:
         torch.set_num_threads(before)
     return {"num_blocks": nb, "threads": threads,
             "per_layer_ms_per_step": tp["median_ms"], "us_per_layer_call": tp["median_ms"] * 1e3 / shape.num_layers,
-            "batched_ms_per_step": tb["median_ms"]}
+            "batched_ms_per_step": tb["median_ms"], "all_layers_ms_per_step": ta["median_ms"]}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
