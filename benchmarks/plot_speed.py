@@ -49,15 +49,21 @@ def main(argv=None) -> int:
     ax = axes[2]
     by_alg = {}
     for r in runtime["runs"]:
-        by_alg.setdefault(r["algorithm"], []).append((r["context"], r["decode_tokens_per_s"]))
+        if "error" in r:
+            continue
+        # steady state (rows / median step) when recorded; older files have the whole-run rate only
+        rate = r.get("decode_tokens_per_s_steady")
+        if rate is None and r.get("decode_step_ms_median"):
+            rate = r["batch"] * 1e3 / r["decode_step_ms_median"]
+        by_alg.setdefault(r["algorithm"], []).append((r["context"], rate or r["decode_tokens_per_s"]))
     for alg, pts in sorted(by_alg.items()):
         pts.sort()
         ax.plot([c for c, _ in pts], [t for _, t in pts], "-o", label=alg)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("end-to-end decode tokens/s")
+    ax.set_ylabel("end-to-end decode tokens/s (steady state)")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"runtime, {runtime['model']} (16 layers), batch 1")
+    ax.set_title(f"runtime, {runtime['model']} (16 layers), batch 1, CUDA graphs")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.suptitle(f"{rows[0]['card']}, {rows[0]['date']} (from {args.kernels.name} and {args.runtime.name})")

@@ -1,5 +1,8 @@
 """Print a short table of bench_runtime.py result files (the last thing gpu_suite.sh prints).
 
+tok/s is the steady state: rows x 1000 / median decode step (ms) after the first 4 steps; "1st ms"
+is the first decode step, which compiles Triton kernels for new shapes and captures the graph.
+
     python benchmarks/runtime_table.py benchmarks/results/runtime/*.json
 """
 
@@ -18,7 +21,7 @@ def main(paths: list[str]) -> int:
     if not paths:
         print("usage: runtime_table.py RESULT.json [...]", file=sys.stderr)
         return 2
-    print(f"{'file':<34} {'algorithm':<14} {'ctx':>7} {'B':>2} {'graph':>5} {'tok/s':>7} {'step ms':>8} "
+    print(f"{'file':<34} {'algorithm':<14} {'ctx':>7} {'B':>2} {'graph':>5} {'tok/s':>7} {'step ms':>8} {'1st ms':>7} "
           f"{'dev KV MB':>9} {'H2D MB/st':>9} {'overlap':>7}")
     for p in paths:
         d = json.loads(Path(p).read_text())
@@ -34,10 +37,13 @@ def main(paths: list[str]) -> int:
                 print(f"{name:<34} {r['algorithm']:<14} {r['context']:>7} error: {r['error'][:60]}")
                 continue
             mb = (r.get("device_kv_bytes_last_decode") or 0) / 2**20
+            med = r.get("decode_step_ms_median")
+            # steady state: rows per median step (the first steps compile kernels / capture graphs)
+            steady = r["batch"] * 1e3 / med if med else r.get("decode_tokens_per_s")
             h2d = (r.get("decode_bytes_h2d_per_step") or 0) / 2**20
             print(f"{name:<34} {r['algorithm']:<14} {r['context']:>7} {r['batch']:>2} "
-                  f"{r.get('cuda_graph_mode', '-'):>5} {_fmt(r.get('decode_tokens_per_s')):>7} "
-                  f"{_fmt(r.get('decode_step_ms_median'), '.2f'):>8} {mb:>9.0f} {h2d:>9.1f} "
+                  f"{r.get('cuda_graph_mode', '-'):>5} {_fmt(steady):>7} "
+                  f"{_fmt(r.get('decode_step_ms_median'), '.2f'):>8} {_fmt(r.get('decode_step_ms_first'), '.0f'):>7} {mb:>9.0f} {h2d:>9.1f} "
                   f"{_fmt(r.get('retrieval_overlap'), '.2f'):>7}")
     return 0
 
