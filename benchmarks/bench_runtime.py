@@ -107,7 +107,7 @@ def run_one(model, algorithm: str, ctx: int, args, cuda_graph: str) -> dict:
             "device_kv_bytes_last_decode", "dense_kv_bytes_last_decode", "working_set_bytes_last_decode",
             "device_kv_over_working_set", "retrieval_tasks", "retrieval_mean_ms", "retrieval_max_ms",
             "retrieval_wait_ms", "retrieval_busy_ms", "retrieval_overlap", "offload", "policy",
-            "cuda_graph", "cuda_graph_captures", "cuda_graph_replays", "eager_decode_steps"]
+            "cuda_graph", "cuda_graph_captures", "cuda_graph_replays", "eager_decode_steps", "decode_plan_ms_mean"]
     out = {k: stats.get(k) for k in keep}
     # steady state: the median step after the first 4 (which capture graphs / compile kernels)
     steady = sorted(dec[4:]) if len(dec) > 8 else sorted(dec)

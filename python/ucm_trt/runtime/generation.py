@@ -342,8 +342,10 @@ class Engine:
         self._pos[:b, :t].copy_(self._pos_h[:b, :t], non_blocking=nb)
         self._seq_lens[:b].copy_(self._seq_lens_h[:b], non_blocking=nb)
 
-    def _record(self, kind: str, rows: int, tokens: int, t0: float, tr: StepTransfer, held: tuple[int, int, int]) -> None:
+    def _record(self, kind: str, rows: int, tokens: int, t0: float, tr: StepTransfer, held: tuple[int, int, int],
+                plan_seconds: float = 0.0) -> None:
         self.metrics.record(StepRecord(
+            plan_seconds=plan_seconds,
             kind=kind, rows=rows, tokens=tokens, seconds=time.perf_counter() - t0,
             blocks_loaded=tr.blocks_loaded, blocks_needed=tr.blocks_needed,
             blocks_written_back=tr.blocks_written_back, blocks_evicted=tr.blocks_evicted,
@@ -418,6 +420,7 @@ class Engine:
         self._ids[:b, :1].copy_(self._ids_h[:b, :1], non_blocking=self._ids.device.type == "cuda")
         self._write_slots(rows, [v.seq_len for v in views], 1)
         ctx = self._context(rows, 1, [v.new_len for v in views], selections)
+        plan_seconds = time.perf_counter() - t0
         logits = self._decode_forward(b, widths, ctx)
         self.kv.write_back(rows, tr)
         held = self._held()
@@ -433,7 +436,7 @@ class Engine:
             req.step += 1
             emitted.append((req.rid, token))
             self._emit(req, token)
-        self._record("decode", b, b, t0, tr, held)
+        self._record("decode", b, b, t0, tr, held, plan_seconds)
         return emitted
 
     def _decode_forward(self, b: int, widths: tuple, ctx: StepContext) -> torch.Tensor:
