@@ -28,7 +28,9 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_run_algorithms_match_the_registry():
-    assert RUN_ALGORITHMS == ALGORITHMS
+    from ucm_trt.graph.driver import ALGORITHMS as GRAPH_ALGORITHMS
+
+    assert RUN_ALGORITHMS == ALGORITHMS == GRAPH_ALGORITHMS  # one list of names across rewrite and run
 
 
 @pytest.mark.parametrize("algorithm", ["dense", "esa"])
