@@ -10,7 +10,14 @@ import json
 import pytest
 import torch
 
-from ucm_trt.bench.cpu import RetrievalShape, all_layers_case, floor_case, retrieval_case, time_median
+from ucm_trt.bench.cpu import (
+    RetrievalShape,
+    all_layers_case,
+    floor_case,
+    half_storage_case,
+    retrieval_case,
+    time_median,
+)
 from ucm_trt.cli import main
 from ucm_trt.config import Budget, SparseConfig
 
@@ -34,7 +41,8 @@ def test_quick_json_schema(quick_result):
     ret = r["retrieval"]
     assert ret["target"]["ms_per_step_per_seq"] == 1.0 and ret["target"]["num_blocks"] == 1024
     rows = ret["rows"]
-    variants = {"all_layers", "all_layers_per_head", "per_layer", "batched", "bare_torch_floor"}
+    variants = {"all_layers", "all_layers_per_head", "per_layer", "batched", "bare_torch_floor",
+                "score_only_bf16_matmul", "score_only_bf16_upcast", "score_only_fp16_upcast"}
     assert len(rows) == len(s["blocks"]) * len(s["threads"]) * len(variants)
     assert {(x["num_blocks"], x["threads"], x["variant"]) for x in rows} == {
         (b, t, v) for b in s["blocks"] for t in s["threads"] for v in variants}
@@ -43,7 +51,8 @@ def test_quick_json_schema(quick_result):
         assert x["context_tokens"] == x["num_blocks"] * ret["shape"]["block_size"]
         assert x["repeats"] == s["repeats"]
         assert 0 < x["selected_blocks_per_head"] < x["num_blocks"]
-        assert x["rep_bytes_per_step"] == ret["shape"]["num_layers"] * x["num_blocks"] * 8 * 128 * 4
+        width = 2 if x["variant"].startswith("score_only_") else 4
+        assert x["rep_bytes_per_step"] == ret["shape"]["num_layers"] * x["num_blocks"] * 8 * 128 * width
         assert x["read_bandwidth_gbps"] > 0 and x["read_floor_ms"] > 0
         assert x["calls_per_step"] == (ret["shape"]["num_layers"] if x["variant"] == "per_layer" else 1)
         if x["variant"].startswith("all_layers"):
@@ -109,6 +118,15 @@ def test_retrieval_variants_match_reference(num_blocks):
             assert [int(x) for x in a[layer, h] if x >= 0] == want[layer]
         assert torch.equal(reference()[layer], a[layer, :, : reference()[layer].shape[-1]])
     torch.testing.assert_close(score(), torch.einsum("lhd,lnhd->lhn", q.view(3, 2, 4, 16).mean(2), reps))
+    # half-precision storage variants score the same queries against rounded representations
+    for variant in ("score_only_bf16_matmul", "score_only_bf16_upcast", "score_only_fp16_upcast"):
+        got = half_storage_case(shape, num_blocks, variant, seed=3)()[:, :, 0].float()
+        r = reps.to(torch.float16 if "fp16" in variant else torch.bfloat16).float()
+        want_s = torch.einsum("lhd,lnhd->lhn", q.view(3, 2, 4, 16).mean(2), r)
+        tol = 0.1 if variant == "score_only_bf16_matmul" else 1e-4
+        torch.testing.assert_close(got, want_s, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        half_storage_case(shape, num_blocks, "score_only_int8")
     # per-head selection: each KV head ranks its own scores
     ph = SparseConfig(block_size=16, budget=Budget.ratio(0.25), selection="per_head")
     b = all_layers_case(shape, num_blocks, ph, seed=3)[0]()

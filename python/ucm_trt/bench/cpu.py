@@ -20,6 +20,8 @@ block representations, then top-k under the budget with forced sink / local wind
 - ``batched``: the per-layer library functions with the layers folded into their batch dimension
   (one ``dot_scores`` / ``select_blocks`` call over ``[layers, ...]``); checked equal to ``per_layer``.
 - ``bare_torch_floor``: one matmul + one ``topk`` in bare torch, no checks or output format.
+- ``score_only_*``: scoring alone with bfloat16 / float16 representations (half the bytes), to
+  see whether half-precision storage would pay (:func:`half_storage_case`); no selection.
 
 Equality is checked on every run: ``batched`` == ``per_layer``; ``all_layers`` == ``select_from_scores``
 applied layer by layer to its own scores (exact), its scores == ``dot_scores``' to float32
@@ -239,6 +241,42 @@ def all_layers_case(shape: RetrievalShape, num_blocks: int, sparse: SparseConfig
     return step, score, select, reference
 
 
+HALF_STORAGE_VARIANTS = ("score_only_bf16_matmul", "score_only_bf16_upcast", "score_only_fp16_upcast")
+
+
+def half_storage_case(shape: RetrievalShape, num_blocks: int, variant: str, *, seed: int = 0):
+    """Scoring alone (no selection) with the representations stored in half precision (half the bytes).
+
+    - ``score_only_bf16_matmul``: one batched bf16 matmul (scores come out in bf16: coarser, timing only);
+    - ``score_only_bf16_upcast`` / ``score_only_fp16_upcast``: per layer, upcast the layer's
+      ``[Hkv, D, nb]`` to a float32 buffer (cache-resident), then the float32 matmul.
+    For comparison only; the runtime stores float32 (see docs/cpu-performance.md §1).
+    """
+    if variant not in HALF_STORAGE_VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(HALF_STORAGE_VARIANTS)}, got {variant!r}")
+    _pos("num_blocks", num_blocks)
+    g = torch.Generator().manual_seed(seed)
+    L, hq, hkv, d = shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.head_dim
+    q = torch.randn(L, hq, d, generator=g)
+    qg = q.view(L, hkv, hq // hkv, d).mean(2)[:, :, None, :]  # [L, Hkv, 1, D]
+    dtype = torch.float16 if "fp16" in variant else torch.bfloat16
+    # the same draws as retrieval_case, stored [L, Hkv, D, nb]
+    reps = torch.randn(L, num_blocks, hkv, d, generator=g).permute(0, 2, 3, 1).contiguous().to(dtype)
+    if variant == "score_only_bf16_matmul":
+        qh = qg.to(dtype)
+        return lambda: torch.matmul(qh, reps)
+    buf = torch.empty(hkv, d, num_blocks)
+    out = torch.empty(L, hkv, 1, num_blocks)
+
+    def upcast() -> torch.Tensor:
+        for layer in range(L):
+            buf.copy_(reps[layer])
+            torch.matmul(qg[layer], buf, out=out[layer])
+        return out
+
+    return upcast
+
+
 def floor_case(shape: RetrievalShape, num_blocks: int, sparse: SparseConfig, *, seed: int = 0):
     """Lower bound for comparison: the same step in bare torch (one matmul + one topk over all layers).
 
@@ -331,6 +369,7 @@ def bench_retrieval(
                 if floor().shape[-1] != selected:
                     raise RuntimeError(f"floor variant keeps {floor().shape[-1]} blocks, select_blocks {selected}")
                 variants.append(("bare_torch_floor", floor))
+            variants += [(v, half_storage_case(shape, nb, v)) for v in HALF_STORAGE_VARIANTS]
             for t in threads:
                 torch.set_num_threads(t)
                 for name, fn in variants:
@@ -357,9 +396,9 @@ def bench_retrieval(
                         "repeats": tm["repeats"],
                         "warmup": tm["warmup"],
                         "meets_target": tm["median_ms"] <= TARGET_MS_PER_STEP,
-                        "rep_bytes_per_step": rep_bytes,
+                        "rep_bytes_per_step": rep_bytes // 2 if name in HALF_STORAGE_VARIANTS else rep_bytes,
                         "read_bandwidth_gbps": bw[t],
-                        "read_floor_ms": rep_bytes / (bw[t] * 1e9) * 1e3,
+                        "read_floor_ms": rep_bytes / (bw[t] * 1e9) * 1e3 / (2 if name in HALF_STORAGE_VARIANTS else 1),
                         **more,
                     })
     finally:
