@@ -59,7 +59,10 @@ def test_quick_json_schema(quick_result):
             assert x["score_ms"] > 0 and x["select_ms"] > 0
         if x["variant"] == "all_layers":
             assert 0 <= x["differs_from_per_layer_layers"] <= ret["shape"]["num_layers"]
-    assert ret["per_call_overhead"]["all_layers_ms_per_step"] > 0
+    over = ret["per_call_overhead"]
+    assert over["all_layers_ms_per_step"] > 0
+    assert over["plan"]["num_blocks"] == 1024 and over["plan"]["selected_per_head"] == 128
+    assert min(over["plan"][k] for k in ("old_per_layer_ms", "cached_ms", "rebuild_ms")) > 0
     off = r["offload"]["rows"]
     assert {(x["algorithm"], x["retrieval_stride"], x["budget_ratio"]) for x in off} == {
         (a, st, ra) for a in ("esa", "gsa") for st in s["strides"] for ra in s["ratios"]}

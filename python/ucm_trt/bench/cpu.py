@@ -65,6 +65,7 @@ __all__ = [
     "bench_retrieval",
     "bench_offload",
     "python_overhead",
+    "plan_cost",
     "read_bandwidth_gbps",
     "SCHEMA_VERSION",
 ]
@@ -418,11 +419,55 @@ def python_overhead(shape: RetrievalShape, sparse: SparseConfig, *, warmup: int,
         tp = time_median(per_layer, warmup=warmup, repeats=repeats)
         tb = time_median(batched, warmup=warmup, repeats=repeats)
         ta = time_median(step, warmup=warmup, repeats=repeats)
+        plan = plan_cost(shape, sparse, num_blocks=TARGET_BLOCKS, repeats=max(50, repeats))
     finally:
         torch.set_num_threads(before)
     return {"num_blocks": nb, "threads": threads,
             "per_layer_ms_per_step": tp["median_ms"], "us_per_layer_call": tp["median_ms"] * 1e3 / shape.num_layers,
-            "batched_ms_per_step": tb["median_ms"], "all_layers_ms_per_step": ta["median_ms"]}
+            "batched_ms_per_step": tb["median_ms"], "all_layers_ms_per_step": ta["median_ms"], "plan": plan}
+
+
+def plan_cost(shape: RetrievalShape, sparse: SparseConfig, *, num_blocks: int, repeats: int) -> dict[str, Any]:
+    """Per-step ``plan`` cost of an offload policy for one request (median ms of ``repeats`` calls).
+
+    ``old_per_layer_ms``: ``extend_selection`` once per layer (the plan before the batched path);
+    ``cached_ms``: ``OffloadPolicy.plan`` when the extended selection is reused (most steps);
+    ``rebuild_ms``: ``OffloadPolicy.plan`` when it is rebuilt (a new selection or a new block).
+    The selection keeps ``floor(sparse budget)`` blocks of ``num_blocks`` prompt blocks on every head.
+    """
+    from ucm_trt.sparse.policies import ESAPolicy
+    from ucm_trt.sparse.policies.base import ModelShape, PolicyRuntime, RequestView, extend_selection
+
+    _pos("num_blocks", num_blocks)
+    _pos("repeats", repeats)
+    L, hkv = shape.num_layers, shape.num_kv_heads
+    mshape = ModelShape(num_layers=L, num_q_heads=shape.num_heads, num_kv_heads=hkv, head_dim=shape.head_dim,
+                        rope_theta=1e4, max_positions=(num_blocks + 2) * shape.block_size)
+    pol = ESAPolicy()
+    # plan only reads the policy's state: no KV manager or worker is needed
+    pol.bind(PolicyRuntime(shape=mshape, sparse=sparse, kv=None, worker=None, device=torch.device("cpu")))
+    g = torch.Generator().manual_seed(0)
+    keep = max(1, min(num_blocks, int(sparse.budget.value * num_blocks) if sparse.budget.kind == "ratio" else 64))
+    sel = torch.randperm(num_blocks, generator=g)[:keep].sort().values.to(torch.int32).expand(L, hkv, keep).contiguous()
+    pol._state["r"] = {"dense": False, "sel": sel, "sel_nb": num_blocks, "pending": None}
+    prompt = num_blocks * shape.block_size
+    view = RequestView(rid="r", prompt_len=prompt, seq_len=prompt + 4, new_len=prompt + 5, step=5)
+
+    def cached() -> None:
+        pol.plan([view])
+
+    def rebuild() -> None:
+        pol._state["r"]["ext"] = None
+        pol.plan([view])
+
+    def old() -> None:
+        for layer in range(L):
+            extend_selection(sel[layer], num_blocks, num_blocks + 1)
+
+    return {"num_blocks": num_blocks, "num_layers": L, "num_kv_heads": hkv, "selected_per_head": keep,
+            "old_per_layer_ms": time_median(old, warmup=2, repeats=repeats)["median_ms"],
+            "cached_ms": time_median(cached, warmup=2, repeats=repeats)["median_ms"],
+            "rebuild_ms": time_median(rebuild, warmup=2, repeats=repeats)["median_ms"]}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
