@@ -10,6 +10,7 @@ from ucm_trt.config import Budget, GSAOnDeviceConfig, KVStarConfig, ReRoPEConfig
 from ucm_trt.runtime import Engine, RetrievalError, RuntimeConfig, SamplingParams, TorchBackend
 from ucm_trt.runtime.algorithms import ALGORITHMS, make_policy, sparse_config_for
 from ucm_trt.sparse.policies import ESAPolicy
+from ucm_trt.sparse.policies.dense import DensePolicy
 
 PROMPT_LEN = 300
 STEPS = 64
@@ -303,3 +304,64 @@ def test_sliding_window_model_is_refused_not_silently_run():
     engine = _engine(model, "dense", rt=RuntimeConfig(max_batch=1, max_seq_len=128, prefill_chunk=64, cache_blocks=0))
     with pytest.raises(ValueError, match="sliding_window=32"):
         engine.generate(_prompt(40), SamplingParams(max_new_tokens=2))
+
+
+class _ScriptedPolicy(DensePolicy):
+    """Hands the engine selections that change between steps in every way the engine's caches must
+    notice: a new tensor, the same tensor modified in place, the same tensor unchanged, and None
+    (every block). Records what each layer's attention saw in the device selection buffer."""
+
+    name = "scripted"
+
+    def __init__(self):
+        super().__init__()
+        self.kept = None
+        self.planned = []  # per step: per layer the selection rows as lists (None = all blocks)
+        self.seen = []
+
+    def plan(self, reqs):
+        step = reqs[0].step
+        h = self.shape.num_kv_heads
+        self.kept = self.kept or {}
+        for r in reqs:
+            nb = -(-r.new_len // self.sparse.block_size)
+            if r.rid not in self.kept or step % 5 == 0:
+                t = torch.full((h, nb), -1, dtype=torch.int32)  # a new tensor
+                t[:, :3] = torch.tensor([0, 1, nb - 1], dtype=torch.int32)
+                self.kept[r.rid] = t
+            elif step % 5 == 2:
+                self.kept[r.rid][:, 1] = 2  # the same tensor, changed in place
+        kept = [self.kept[r.rid] for r in reqs]
+        sels = [kept, [None if step % 3 == 0 else t for t in kept]]
+        self.planned.append([[None if s is None else s.clone() for s in layer] for layer in sels])
+        self.seen.append({})
+        return sels
+
+    def layer_selection(self, layer, q, step):
+        if step.num_tokens == 1:  # decode steps (the prefill chunks attend to every block)
+            sel = step.selections[layer]
+            self.seen[-1][layer] = None if sel is None else sel.detach().cpu().clone()
+        return NotImplemented
+
+
+def test_selection_buffers_follow_every_change_of_the_policys_selections(tiny_model):
+    policy = _ScriptedPolicy()
+    sparse = SparseConfig(block_size=16, min_blocks=1, local_blocks=1, sink_blocks=1)
+    rt = RuntimeConfig(max_batch=2, max_seq_len=512, prefill_chunk=128)
+    with Engine(TorchBackend(tiny_model, attention="reference"), policy, sparse=sparse, config=rt) as eng:
+        eng.generate([_prompt(100), _prompt(60, seed=2)], SamplingParams(max_new_tokens=24))
+    assert len(policy.planned) == 23
+    for planned, seen in zip(policy.planned, policy.seen, strict=True):
+        for layer in (0, 1):
+            rows = planned[layer]
+            got = seen[layer]
+            if got is None:  # the engine passes None only when every row attends to every block
+                assert all(w is None for w in rows)
+                continue
+            for row, want in enumerate(rows):
+                if want is None:  # every block: ids 0..nb-1
+                    nb = int((got[row, 0] >= 0).sum())
+                    assert got[row, 0, :nb].tolist() == list(range(nb))
+                else:
+                    assert got[row, :, : want.shape[1]].tolist() == want.tolist()
+                    assert (got[row, :, want.shape[1]:] == -1).all()

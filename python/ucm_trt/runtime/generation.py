@@ -242,6 +242,12 @@ class Engine:
         use_graphs = config.cuda_graph is not False and backend.supports_cuda_graph
         self._graphs = DecodeGraphs(backend, max_graphs=config.max_cuda_graphs) if use_graphs else None
         self._eager_decode_steps = 0
+        # per request and layer: (selection tensor, its version, its block set) of the last plan
+        self._needed_cache: dict[str, dict[int, tuple[torch.Tensor, int, set[int]]]] = {}
+        # what the selection buffers hold: (rows, per-layer per-row (tensor, version) or block count)
+        self._sel_written: tuple | None = None
+        self._sel_written_refs: list = []
+        self._sel_result: tuple | None = None
         self._closed = False
 
     # ================================================================== requests
@@ -411,7 +417,8 @@ class Engine:
         sels = self.policy.plan(views)
         if len(sels) != L or any(len(s) != b for s in sels):
             raise RuntimeError(f"policy {self.policy.name!r} returned selections of the wrong shape")
-        needed = [[None if s is None else set(s[s >= 0].tolist()) for s in layer] for layer in sels]
+        needed = [[None if s is None else self._needed_set(rid, layer, s) for rid, s in zip(rows, per_row, strict=True)]
+                  for layer, per_row in enumerate(sels)]
         tr = StepTransfer()
         self.kv.plan_step(rows, [1] * b, needed, tr)
         selections, widths = self._write_selections(sels, [v.new_len for v in views], bs, b, H)
@@ -439,6 +446,17 @@ class Engine:
         self._record("decode", b, b, t0, tr, held, plan_seconds)
         return emitted
 
+    def _needed_set(self, rid: str, layer: int, sel: torch.Tensor) -> set[int]:
+        """Blocks of a selection as a set; the same set object while the policy hands back the same,
+        unmodified tensor (between retrievals), which lets the working-set update skip the layer."""
+        cache = self._needed_cache.setdefault(rid, {})
+        hit = cache.get(layer)
+        if hit is not None and hit[0] is sel and hit[1] == sel._version:
+            return hit[2]
+        out = set(sel[sel >= 0].tolist())
+        cache[layer] = (sel, sel._version, out)
+        return out
+
     def _decode_forward(self, b: int, widths: tuple, ctx: StepContext) -> torch.Tensor:
         ids, pos = self._ids[:b, :1], self._pos[:b, :1]
         key = self.policy.graph_key() if self._graphs is not None else None
@@ -459,6 +477,10 @@ class Engine:
         rounded up to a multiple of ``SELECTION_WIDTH_BUCKET`` blocks (``-1`` padding, which the
         kernels skip), so steps of a growing sequence share kernel specialisations and CUDA graphs.
         """
+        key = (b, tuple(tuple((id(x), x._version) if x is not None else -(-n // bs) for x, n in zip(per_row, new_lens, strict=True))
+                        if any(x is not None for x in per_row) else None for per_row in sels))
+        if key == self._sel_written and self._sel_result is not None:
+            return self._sel_result  # the same selections as the last step: the device buffer holds them
         out: list[int | None] = []
         sh = self._sel_h
         touched = False
@@ -487,7 +509,10 @@ class Engine:
         if touched:
             self._sel[:, :b].copy_(sh[:, :b], non_blocking=self._sel.device.type == "cuda")
         views = [None if w is None else self._sel[layer, :b, :, :w] for layer, w in enumerate(out)]
-        return views, tuple(out)
+        # keep the tensors alive so their ids in the key cannot be reused by new tensors
+        self._sel_written, self._sel_written_refs = key, [x for per_row in sels for x in per_row]
+        self._sel_result = (views, tuple(out))
+        return self._sel_result
 
     # ================================================================== sampling / finishing
     def _sample(self, logits: torch.Tensor, req: _Request) -> int:
@@ -518,6 +543,7 @@ class Engine:
     def _finish(self, rid: str) -> None:
         if rid in self._running:
             self._running.remove(rid)
+        self._needed_cache.pop(rid, None)
         try:
             self.policy.on_request_end(rid)
         finally:

@@ -143,7 +143,7 @@ class StepTransfer:
 class _Seq:
     """KV state of one request."""
 
-    __slots__ = ("rid", "seq_len", "host_ids", "resident", "table", "flushed", "last_want")
+    __slots__ = ("rid", "seq_len", "host_ids", "resident", "table", "flushed", "last_want", "last_src", "last_geom")
 
     def __init__(self, rid: str, num_layers: int, max_blocks: int) -> None:
         self.rid = rid
@@ -157,6 +157,8 @@ class _Seq:
         self.flushed = 0  # completed blocks written back to the host store
         # per layer: the blocks the previous plan made resident (offload), to skip unchanged steps
         self.last_want: list[set[int] | None] = [None] * num_layers
+        self.last_src: list[object] = [None] * num_layers  # the ``needed`` object that produced it
+        self.last_geom: list[tuple[int, int, int] | None] = [None] * num_layers
 
     def set_resident(self, layer: int, blk: int, phys: int) -> None:
         self.resident[layer][blk] = phys
@@ -340,6 +342,17 @@ class KVManager:
             for layer in range(self.layout.num_layers):
                 res = seq.resident[layer]
                 want = needed[layer][row]
+                geom = (old_nb, first_written, new_nb)
+                last = seq.last_want[layer]
+                if (want is not None and last is not None and want is seq.last_src[layer] and geom == seq.last_geom[layer]
+                        and res.keys() >= last):
+                    # the very set object of the last plan (the engine reuses it while the policy's
+                    # selection is unchanged) at the same block geometry: the same working set
+                    transfer.working_set_blocks += len(last)
+                    self._step_want[(rid, layer)] = last
+                    transfer.blocks_needed += len(last) - max(0, new_nb - old_nb)
+                    continue
+                seq.last_src[layer], seq.last_geom[layer] = want, geom
                 if want is None:
                     want_set = set(range(old_nb))
                 else:
