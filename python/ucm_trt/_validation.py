@@ -46,7 +46,7 @@ def check_tensor(
             raise ValueError(
                 f"{name} must have {len(shape)} dimensions, got shape {tuple(value.shape)}"
             )
-        for axis, (want, got) in enumerate(zip(shape, value.shape)):
+        for axis, (want, got) in enumerate(zip(shape, value.shape, strict=True)):
             if want is not None and want != got:
                 raise ValueError(
                     f"{name} must have size {want} on axis {axis} "
