@@ -351,3 +351,47 @@ def test_offload_plan_equals_per_layer_extend_selection_and_caches():
     pol._collect(pol._state["a"], _Done())
     out = pol.plan([RequestView(rid="a", prompt_len=24, seq_len=32, new_len=33, step=6)])
     assert out[0][0].tolist() == [[0, 6, 7, 8], [0, 6, 7, 8]]
+
+
+def test_policies_snapshot_the_reused_query_buffer():
+    """The runtime hands after_step views of one capture buffer that the next step overwrites (on
+    CPU ``.cpu()`` does not copy): the queries a retrieval uses must be those of their own step."""
+    from ucm_trt.runtime.worker import RetrievalWorker
+
+    layers, hq, hkv, d, nb, bs, r = 2, 4, 2, 16, 9, 16, 3
+    cfg = KVStarConfig(retrieval_stride=r, token_merge=4, channel_ratio=0.5)
+    sparse = SparseConfig(block_size=bs, scoring="kvstar_vote", representation="subblock", retrieval_stride=r)
+    seen = []
+
+    class _Recording(KVStarPolicy):
+        def _task(self, st, group):
+            seen.append([g.clone() for g in group])
+            return super()._task(st, group)
+
+    worker = RetrievalWorker(1)
+    try:
+        shape = ModelShape(num_layers=layers, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, rope_theta=1e4,
+                           max_positions=1024)
+        pol = _Recording(cfg)
+        pol.bind(PolicyRuntime(shape=shape, sparse=sparse, kv=None, worker=worker, device=torch.device("cpu")))
+        g = torch.Generator().manual_seed(4)
+        lens = block_lens_from_seq_lens(torch.tensor(nb * bs), nb, bs)
+        reps = [kvstar_subblock(torch.randn(nb, hkv, bs, d, generator=g), lens, cfg) for _ in range(layers)]
+        cand = candidate_mask(torch.tensor([nb], dtype=torch.int32), nb, sink_blocks=1, local_blocks=2)[0]
+        pol._state["a"] = {"dense": False, "sel_nb": nb, "pending": None, "group": [], "reps": reps, "cand": cand}
+        buf = torch.zeros(layers, 1, hq, d)  # one buffer, overwritten every step like the runtime's capture
+        written = []
+        for step in range(1, r + 1):
+            buf.copy_(torch.randn(layers, 1, hq, d, generator=g))
+            written.append(buf.clone())
+            view = RequestView(rid="a", prompt_len=nb * bs, seq_len=nb * bs + step - 1, new_len=nb * bs + step,
+                               step=step)
+            pol.after_step([view], list(buf))
+        buf.fill_(float("nan"))  # the next step overwrites the buffer while the retrieval may still run
+        pol._state["a"]["pending"].result()
+        assert len(seen) == 1
+        for layer in range(layers):
+            want = torch.stack([w[layer, 0] for w in written], dim=1)  # [Hq, R, D]
+            assert torch.equal(seen[0][layer], want)
+    finally:
+        worker.shutdown()
