@@ -262,8 +262,9 @@ def _select_uniform(s: torch.Tensor, n: int, sparse: SparseConfig, extra: int) -
         counts = budget_counts(sparse.budget, torch.ones(1, 1, c, dtype=torch.bool).expand_as(sc), sc)
         if extra:
             counts = (counts + extra).clamp(max=c)
-        if bool((counts == counts.flatten()[0]).all()) if counts.numel() else True:
-            chosen = _chosen_uniform(sc, int(counts.flatten()[0]) if counts.numel() else 0)
+        first = int(counts.flatten()[0])  # B >= 1 and H >= 1 here
+        if bool((counts == first).all()):
+            chosen = _chosen_uniform(sc, first)
         else:
             mask = torch.zeros(b, h, n, dtype=torch.bool)
             mask[..., :lo] = True
@@ -290,7 +291,7 @@ def _chosen_uniform(sc: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(b, h, 0, dtype=torch.int32)
     if k == c:
         return torch.arange(c, dtype=torch.int32).expand(b, h, c)
-    kth = torch.from_numpy(np.partition(sc.numpy(), c - k, axis=-1)[..., c - k : c - k + 1])
+    kth = torch.from_numpy(np.partition(sc.detach().numpy(), c - k, axis=-1)[..., c - k : c - k + 1])
     mask = sc >= kth
     if not bool((mask.sum(-1) == k).all()):
         mask = _topk_mask(sc, torch.ones_like(mask), torch.full((b, h), k, dtype=torch.int64), kth=kth)
