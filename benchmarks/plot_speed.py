@@ -16,7 +16,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kernels", type=Path, default=RESULTS / "kernels_NVIDIA-H200_2026-11-28.json")
-    p.add_argument("--runtime", type=Path, default=RESULTS / "runtime" / "runtime_NVIDIA-H200_2026-11-28.json")
+    p.add_argument("--runtime", type=Path, default=RESULTS / "runtime" / "runtime_NVIDIA-H200_2026-11-28_final.json")
     p.add_argument("--out", type=Path, default=RESULTS / "speed_vs_context_NVIDIA-H200_2026-11-28.png")
     args = p.parse_args(argv)
     import matplotlib
