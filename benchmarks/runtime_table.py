@@ -1,7 +1,8 @@
 """Print a short table of bench_runtime.py result files (the last thing gpu_suite.sh prints).
 
-tok/s is the steady state: rows x 1000 / median decode step (ms) after the first 4 steps; "1st ms"
-is the first decode step, which compiles Triton kernels for new shapes and captures the graph.
+tok/s is the steady state: rows x 1000 / mean decode step (ms) after warm-up (it counts the heavy
+retrieval steps of offload policies); "step ms" is the median step (the steps between retrievals);
+"1st ms" is the first decode step, which compiles Triton kernels for new shapes and captures the graph.
 
     python benchmarks/runtime_table.py benchmarks/results/runtime/*.json
 """
@@ -37,9 +38,12 @@ def main(paths: list[str]) -> int:
                 print(f"{name:<34} {r['algorithm']:<14} {r['context']:>7} error: {r['error'][:60]}")
                 continue
             mb = (r.get("device_kv_bytes_last_decode") or 0) / 2**20
-            med = r.get("decode_step_ms_median")
-            # steady state: rows per median step (the first steps compile kernels / capture graphs)
-            steady = r["batch"] * 1e3 / med if med else r.get("decode_tokens_per_s")
+            # steady state: rows per mean step after warm-up (files from before that field existed:
+            # the mean over every step but the first, from the totals)
+            mean = r.get("decode_step_ms_mean_steady")
+            if mean is None and r.get("decode_step_ms_first") is not None and r.get("decode_steps", 0) > 1:
+                mean = (1e3 * r["decode_seconds"] - r["decode_step_ms_first"]) / (r["decode_steps"] - 1)
+            steady = r["batch"] * 1e3 / mean if mean else r.get("decode_tokens_per_s")
             h2d = (r.get("decode_bytes_h2d_per_step") or 0) / 2**20
             print(f"{name:<34} {r['algorithm']:<14} {r['context']:>7} {r['batch']:>2} "
                   f"{r.get('cuda_graph_mode', '-'):>5} {_fmt(steady):>7} "
