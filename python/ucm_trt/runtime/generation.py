@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ucm_trt.config import SparseConfig
@@ -242,8 +243,8 @@ class Engine:
         use_graphs = config.cuda_graph is not False and backend.supports_cuda_graph
         self._graphs = DecodeGraphs(backend, max_graphs=config.max_cuda_graphs) if use_graphs else None
         self._eager_decode_steps = 0
-        # per request and layer: (selection tensor, its version, its block set) of the last plan
-        self._needed_cache: dict[str, dict[int, tuple[torch.Tensor, int, set[int]]]] = {}
+        # per request and layer: (selection tensor, its version, its blocks) of the last plan
+        self._needed_cache: dict[str, dict[int, tuple[torch.Tensor, int, np.ndarray]]] = {}
         # what the selection buffers hold: (rows, per-layer per-row (tensor, version) or block count)
         self._sel_written: tuple | None = None
         self._sel_written_refs: list = []
@@ -446,14 +447,15 @@ class Engine:
         self._record("decode", b, b, t0, tr, held, plan_seconds)
         return emitted
 
-    def _needed_set(self, rid: str, layer: int, sel: torch.Tensor) -> set[int]:
-        """Blocks of a selection as a set; the same set object while the policy hands back the same,
-        unmodified tensor (between retrievals), which lets the working-set update skip the layer."""
+    def _needed_set(self, rid: str, layer: int, sel: torch.Tensor) -> np.ndarray:
+        """Blocks of a selection (int64, unique); the same array object while the policy hands back
+        the same, unmodified tensor (between retrievals), which lets the working-set update skip
+        the layer."""
         cache = self._needed_cache.setdefault(rid, {})
         hit = cache.get(layer)
         if hit is not None and hit[0] is sel and hit[1] == sel._version:
             return hit[2]
-        out = set(sel[sel >= 0].tolist())
+        out = np.unique(sel[sel >= 0].cpu().numpy()).astype(np.int64)
         cache[layer] = (sel, sel._version, out)
         return out
 

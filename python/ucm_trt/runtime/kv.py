@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -54,6 +54,7 @@ class BlockAllocator:
     ``allocate`` pops from the free list (LIFO, so recently freed blocks are reused first),
     ``free`` returns blocks; freeing a block that is not allocated raises ``ValueError``
     (double free or foreign id), so leaks and double frees are caught where they happen.
+    ``allocate_array`` / ``free_array`` do the same on numpy arrays (the offload planner's path).
     """
 
     def __init__(self, num_blocks: int, *, first: int = 0, name: str = "pool") -> None:
@@ -64,8 +65,11 @@ class BlockAllocator:
         self.name = name
         self.num_blocks = num_blocks
         self.first = first
-        self._free: list[int] = list(range(num_blocks - 1, first - 1, -1))
-        self._used: set[int] = set()
+        # free stack: the top (end) is handed out first; starts with `first` on top
+        self._stack = np.arange(num_blocks - 1, first - 1, -1, dtype=np.int64)
+        self._top = num_blocks - first
+        self._used = np.zeros(num_blocks, dtype=bool)
+        self._num_used = 0
 
     @property
     def capacity(self) -> int:
@@ -73,31 +77,50 @@ class BlockAllocator:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._top
 
     @property
     def num_used(self) -> int:
-        return len(self._used)
+        return self._num_used
 
-    def allocate(self, n: int = 1) -> list[int]:
+    def allocate_array(self, n: int) -> np.ndarray:
         check_non_negative_int("n", n)
-        if n > len(self._free):
+        if n > self._top:
             raise PoolExhaustedError(
-                f"{self.name}: cannot allocate {n} block(s), {len(self._free)} free of {self.capacity}; "
+                f"{self.name}: cannot allocate {n} block(s), {self._top} free of {self.capacity}; "
                 "raise the pool size (RuntimeConfig.num_device_blocks / num_host_blocks) or lower "
                 "max_batch / max_seq_len"
             )
-        out = [self._free.pop() for _ in range(n)]
-        self._used.update(out)
+        out = self._stack[self._top - n : self._top][::-1].copy()
+        self._top -= n
+        self._used[out] = True
+        self._num_used += n
         return out
 
+    def allocate(self, n: int = 1) -> list[int]:
+        return self.allocate_array(n).tolist()
+
+    def free_array(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            return
+        inside = (ids >= 0) & (ids < self.num_blocks)
+        ok = inside.copy()
+        ok[inside] = self._used[ids[inside]]
+        if ok.all() and np.unique(ids).size != ids.size:
+            _, first = np.unique(ids, return_index=True)
+            dup = np.setdiff1d(np.arange(ids.size), first)[0]
+            ok[dup] = False  # the second free of the same id in one call
+        if not ok.all():
+            bad = int(ids[np.flatnonzero(~ok)[0]])
+            raise ValueError(f"{self.name}: block {bad} is not allocated (double free or foreign id)")
+        self._used[ids] = False
+        self._stack[self._top : self._top + ids.size] = ids
+        self._top += ids.size
+        self._num_used -= ids.size
+
     def free(self, ids) -> None:
-        for i in ids:
-            i = int(i)
-            if i not in self._used:
-                raise ValueError(f"{self.name}: block {i} is not allocated (double free or foreign id)")
-            self._used.remove(i)
-            self._free.append(i)
+        self.free_array(np.fromiter((int(i) for i in ids), dtype=np.int64))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,37 +160,39 @@ class StepTransfer:
     bytes_h2d: int = 0
     bytes_d2h: int = 0
     load_seconds: float = 0.0
-    loaded: list[tuple[str, int, int]] = field(default_factory=list)  # (request, layer, logical)
 
 
 class _Seq:
-    """KV state of one request."""
+    """KV state of one request: per layer a block table row (logical -> physical, ``NULL_BLOCK``
+    where not resident) and the last-use stamps of the resident blocks (LRU order), plus the host
+    store id of every written-back logical block. Arrays, so a plan updates a working set with a
+    few vector operations instead of a Python loop over its blocks."""
 
-    __slots__ = ("rid", "seq_len", "host_ids", "resident", "table", "flushed", "last_want", "last_src", "last_geom")
+    __slots__ = ("rid", "seq_len", "host_ids", "table", "lru", "flushed", "last_want", "last_src", "last_geom")
 
     def __init__(self, rid: str, num_layers: int, max_blocks: int) -> None:
         self.rid = rid
         self.seq_len = 0
-        self.host_ids: list[int] = []  # logical block -> host block id (-1: not written back yet)
-        # per layer: logical -> physical, in LRU order (most recently used last)
-        self.resident: list[OrderedDict[int, int]] = [OrderedDict() for _ in range(num_layers)]
-        # the same mapping as a block table [L, max_blocks] (NULL_BLOCK where not resident), kept
-        # in step with ``resident`` so a plan copies one row per request instead of rebuilding it
+        self.host_ids = np.full(max_blocks, -1, dtype=np.int64)  # -1: not written back yet
         self.table = np.zeros((num_layers, max_blocks), dtype=np.int32)
+        # per layer: stamp of each resident block's last use (larger = more recent)
+        self.lru = np.zeros((num_layers, max_blocks), dtype=np.int64)
         self.flushed = 0  # completed blocks written back to the host store
-        # per layer: the blocks the previous plan made resident (offload), to skip unchanged steps
-        self.last_want: list[set[int] | None] = [None] * num_layers
+        # per layer: the want mask of the previous plan (offload), to skip unchanged steps
+        self.last_want: list[np.ndarray | None] = [None] * num_layers
         self.last_src: list[object] = [None] * num_layers  # the ``needed`` object that produced it
         self.last_geom: list[tuple[int, int, int] | None] = [None] * num_layers
 
-    def set_resident(self, layer: int, blk: int, phys: int) -> None:
-        self.resident[layer][blk] = phys
-        self.table[layer, blk] = phys
-
-    def drop_resident(self, layer: int, blk: int) -> int:
-        phys = self.resident[layer].pop(blk)
-        self.table[layer, blk] = NULL_BLOCK
-        return phys
+    @property
+    def resident(self) -> list[OrderedDict[int, int]]:
+        """Per layer: logical -> physical of the resident blocks, least recently used first
+        (a read-only view built from the arrays)."""
+        out = []
+        for tbl, lru in zip(self.table, self.lru, strict=True):
+            blocks = np.flatnonzero(tbl)
+            blocks = blocks[np.argsort(lru[blocks], kind="stable")]
+            out.append(OrderedDict((int(b), int(tbl[b])) for b in blocks))
+        return out
 
 
 class KVManager:
@@ -239,7 +264,8 @@ class KVManager:
             self.host_allocator = None
         self.copy_stream = torch.cuda.Stream(device=dev) if self.is_cuda else None
         self._pending_event = None
-        self._step_want: dict[tuple[str, int], set[int]] = {}
+        self._step_want: dict[tuple[str, int], np.ndarray] = {}  # this plan: want mask per (request, layer)
+        self._stamp = 0  # LRU clock of the working sets
         self.seqs: dict[str, _Seq] = {}
 
     # ------------------------------------------------------------------ requests
@@ -252,12 +278,12 @@ class KVManager:
         """Return every device and host block of ``rid``."""
         self._sync_copies()
         seq = self._seq(rid)
-        for layer, res in enumerate(seq.resident):
-            self.allocators[layer].free(res.values())
-            res.clear()
+        for layer in range(self.layout.num_layers):
+            tbl = seq.table[layer]
+            self.allocators[layer].free_array(tbl[tbl != NULL_BLOCK])
         seq.table.fill(NULL_BLOCK)
         if self.host_allocator is not None:
-            self.host_allocator.free([h for h in seq.host_ids if h >= 0])
+            self.host_allocator.free_array(seq.host_ids[seq.host_ids >= 0])
         del self.seqs[rid]
 
     def _seq(self, rid: str) -> _Seq:
@@ -274,7 +300,7 @@ class KVManager:
         return (self._seq(rid).seq_len + bs - 1) // bs
 
     def resident_blocks(self, rid: str, layer: int) -> list[int]:
-        return sorted(self._seq(rid).resident[layer])
+        return np.flatnonzero(self._seq(rid).table[layer]).tolist()
 
     # ------------------------------------------------------------------ sizes / metrics
     @property
@@ -307,17 +333,18 @@ class KVManager:
     ) -> None:
         """Make room for the new tokens and bring every needed block into each layer's working set.
 
-        ``needed[layer][row]`` is the set of *existing* logical blocks the row's attention reads
-        in that layer (``None`` = all blocks). The blocks that will receive the new tokens are
+        ``needed[layer][row]`` is the set (or int64 numpy array) of *existing* logical blocks the
+        row's attention reads in that layer (``None`` = all blocks). The blocks that will receive the new tokens are
         always made resident. Writes the block tables (host mirror, then device) for rows
         ``0..len(rids)-1`` in this order.
         """
         if len(rids) > self.max_batch:
             raise ValueError(f"batch of {len(rids)} requests exceeds max_batch = {self.max_batch}")
         bs = self.layout.block_size
+        L = self.layout.num_layers
         self._sync_copies()  # write-backs must land before a block may be evicted
-        loads: list[tuple[int, int, int]] = []  # (layer, host id, physical)
-        self._step_want: dict[tuple[str, int], set[int]] = {}
+        loads: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(L)]  # per layer (host ids, phys)
+        self._step_want = {}
         for row, (rid, t) in enumerate(zip(rids, num_new_tokens, strict=True)):
             seq = self._seq(rid)
             old_nb = (seq.seq_len + bs - 1) // bs
@@ -331,119 +358,163 @@ class KVManager:
             first_written = seq.seq_len // bs  # block that receives the first new token
             if not self.offload:
                 # every block stays resident: only the blocks the new tokens open are allocated
-                for layer in range(self.layout.num_layers):
-                    for blk in range(old_nb, new_nb):
-                        seq.set_resident(layer, blk, self._allocate(layer))
-                transfer.working_set_blocks += new_nb * self.layout.num_layers
+                if new_nb > old_nb:
+                    for layer in range(L):
+                        seq.table[layer, old_nb:new_nb] = self.allocators[layer].allocate_array(new_nb - old_nb)
+                transfer.working_set_blocks += new_nb * L
                 seq.seq_len = new_len
-                while len(seq.host_ids) < new_nb:
-                    seq.host_ids.append(-1)
                 continue
-            for layer in range(self.layout.num_layers):
-                res = seq.resident[layer]
-                want = needed[layer][row]
-                geom = (old_nb, first_written, new_nb)
-                last = seq.last_want[layer]
-                if (want is not None and last is not None and want is seq.last_src[layer] and geom == seq.last_geom[layer]
-                        and res.keys() >= last):
-                    # the very set object of the last plan (the engine reuses it while the policy's
-                    # selection is unchanged) at the same block geometry: the same working set
-                    transfer.working_set_blocks += len(last)
-                    self._step_want[(rid, layer)] = last
-                    transfer.blocks_needed += len(last) - max(0, new_nb - old_nb)
-                    continue
-                seq.last_src[layer], seq.last_geom[layer] = want, geom
-                if want is None:
-                    want_set = set(range(old_nb))
-                else:
-                    want_set = {b for b in want if 0 <= b < old_nb}
-                want_set.update(range(first_written, new_nb))
-                transfer.working_set_blocks += len(want_set)
-                self._step_want[(rid, layer)] = want_set
-                if seq.last_want[layer] == want_set and res.keys() >= want_set:
-                    # the working set of this layer's previous step (between retrievals), all still
-                    # resident and already last in LRU order: nothing to evict, load or reorder
-                    transfer.blocks_needed += len(want_set) - max(0, new_nb - old_nb)
-                    continue
-                seq.last_want[layer] = want_set
-                # evict first (frees room), then load the misses
-                self._evict(seq, layer, want_set, transfer)
-                for blk in sorted(want_set):
-                    existing = blk < old_nb
-                    if existing:
-                        transfer.blocks_needed += 1
-                    if blk in res:
-                        res.move_to_end(blk)
-                        continue
-                    phys = self._allocate(layer)
-                    seq.set_resident(layer, blk, phys)
-                    if existing:
-                        # an existing block that was offloaded: fetch it from the host store
-                        host_id = seq.host_ids[blk]
-                        if host_id < 0:
-                            raise RuntimeError(
-                                f"request {rid!r} layer {layer}: logical block {blk} is neither resident "
-                                "nor in the host store (internal invariant broken)"
-                            )
-                        loads.append((layer, host_id, phys))
-                        transfer.loaded.append((rid, layer, blk))
+            geom = (old_nb, first_written, new_nb)
+            for layer in range(L):
+                self._plan_layer(seq, layer, needed[layer][row], geom, loads[layer], transfer)
             seq.seq_len = new_len
-            while len(seq.host_ids) < new_nb:
-                seq.host_ids.append(-1)
-        if loads:
+        if any(loads):
             self._load(loads, transfer)
         self._write_tables(rids)
 
-    def _allocate(self, layer: int) -> int:
-        alloc = self.allocators[layer]
-        if alloc.num_free == 0 and self.offload:
-            self._evict_under_pressure(layer)
-        return alloc.allocate(1)[0]
-
-    def _evict(self, seq: _Seq, layer: int, want: set[int], transfer: StepTransfer) -> None:
-        if not self.offload:
+    def _plan_layer(self, seq: _Seq, layer: int, want, geom: tuple[int, int, int],
+                    loads: list[tuple[np.ndarray, np.ndarray]], transfer: StepTransfer) -> None:
+        """Working set of one (request, layer) for this step: evict spare blocks beyond the LRU
+        cache, allocate and schedule loads of the missing wanted blocks, stamp the wanted blocks
+        most recently used (in block order, as an LRU list would append them)."""
+        old_nb, first_written, new_nb = geom
+        tbl, lru = seq.table[layer], seq.lru[layer]
+        last = seq.last_want[layer]
+        if (want is not None and last is not None and want is seq.last_src[layer] and geom == seq.last_geom[layer]
+                and (tbl[: last.size][last] != NULL_BLOCK).all()):
+            # the very object of the last plan (the engine reuses it while the policy's selection is
+            # unchanged) at the same block geometry: the same working set, still resident
+            self._step_want[(seq.rid, layer)] = last
+            n = int(last.sum())
+            transfer.working_set_blocks += n
+            transfer.blocks_needed += n - max(0, new_nb - old_nb)
             return
-        res = seq.resident[layer]
-        spare = [b for b in res if b not in want]  # LRU order
-        for blk in spare[: max(0, len(spare) - self.cache_blocks)]:
-            self._drop(seq, layer, blk)
-            transfer.blocks_evicted += 1
+        seq.last_src[layer], seq.last_geom[layer] = want, geom
+        mask = np.zeros(new_nb, dtype=bool)
+        if want is None:
+            mask[:old_nb] = True
+        else:
+            ids = want if isinstance(want, np.ndarray) else np.fromiter(want, dtype=np.int64, count=len(want))
+            ids = ids[(ids >= 0) & (ids < old_nb)]
+            mask[ids] = True
+        mask[first_written:new_nb] = True
+        self._step_want[(seq.rid, layer)] = mask
+        wanted = np.flatnonzero(mask)
+        transfer.working_set_blocks += wanted.size
+        transfer.blocks_needed += int((wanted < old_nb).sum())
+        resident = tbl[:new_nb] != NULL_BLOCK
+        if last is not None and last.size == mask.size and np.array_equal(last, mask) and resident[mask].all():
+            # the working set of this layer's previous step (between retrievals), all still
+            # resident and already last in LRU order: nothing to evict, load or reorder
+            return
+        seq.last_want[layer] = mask
+        # evict spare blocks (resident, not wanted) beyond the cache, least recently used first
+        spare = np.flatnonzero(resident & ~mask)
+        n_evict = spare.size - self.cache_blocks
+        if n_evict > 0:
+            victims = spare[np.argsort(lru[spare], kind="stable")[:n_evict]]
+            self._drop(seq, layer, victims)
+            transfer.blocks_evicted += n_evict
+        missing = wanted[tbl[wanted] == NULL_BLOCK]
+        if missing.size:
+            phys = self._allocate(layer, missing.size)
+            tbl[missing] = phys
+            old = missing < old_nb
+            if old.any():
+                # existing blocks that were offloaded: fetch them from the host store
+                hids = seq.host_ids[missing[old]]
+                if (hids < 0).any():
+                    blk = int(missing[old][np.flatnonzero(hids < 0)[0]])
+                    raise RuntimeError(
+                        f"request {seq.rid!r} layer {layer}: logical block {blk} is neither resident "
+                        "nor in the host store (internal invariant broken)"
+                    )
+                loads.append((hids, phys[old]))
+        self._stamp += 1
+        lru[wanted] = self._stamp * self.max_blocks + np.arange(wanted.size)
 
-    def _drop(self, seq: _Seq, layer: int, blk: int) -> None:
-        if seq.host_ids[blk] < 0:
+    def _allocate(self, layer: int, n: int) -> np.ndarray:
+        alloc = self.allocators[layer]
+        if alloc.num_free < n and self.offload:
+            self._evict_under_pressure(layer, n - alloc.num_free)
+        return alloc.allocate_array(n)
+
+    def _drop(self, seq: _Seq, layer: int, blocks: np.ndarray) -> None:
+        missing = blocks[seq.host_ids[blocks] < 0]
+        if missing.size:
             raise RuntimeError(
-                f"request {seq.rid!r} layer {layer}: evicting logical block {blk} that is not in the "
-                "host store (only completed, written-back blocks may leave the device)"
+                f"request {seq.rid!r} layer {layer}: evicting logical block {int(missing[0])} that is not in "
+                "the host store (only completed, written-back blocks may leave the device)"
             )
-        phys = seq.drop_resident(layer, blk)
-        self.allocators[layer].free([phys])
+        tbl = seq.table[layer]
+        self.allocators[layer].free_array(tbl[blocks].astype(np.int64))
+        tbl[blocks] = NULL_BLOCK
 
-    def _evict_under_pressure(self, layer: int) -> None:
-        # Drop one cached block (written back, not needed by any row of this step) of any request.
+    def _evict_under_pressure(self, layer: int, n: int) -> None:
+        # Drop ``n`` cached blocks (written back, not needed by any row planned so far in this
+        # step) of any request, in request order, least recently used first.
         for seq in self.seqs.values():
-            want = self._step_want.get((seq.rid, layer), set())
-            for blk in seq.resident[layer]:  # LRU order
-                if blk not in want and seq.host_ids[blk] >= 0:
-                    self._drop(seq, layer, blk)
-                    return
+            tbl = seq.table[layer]
+            cand = (tbl != NULL_BLOCK) & (seq.host_ids >= 0)
+            want = self._step_want.get((seq.rid, layer))
+            if want is not None:
+                cand[: want.size] &= ~want
+            blocks = np.flatnonzero(cand)
+            if blocks.size == 0:
+                continue
+            blocks = blocks[np.argsort(seq.lru[layer][blocks], kind="stable")[:n]]
+            self._drop(seq, layer, blocks)
+            n -= blocks.size
+            if n == 0:
+                return
 
-    def _load(self, loads: list[tuple[int, int, int]], transfer: StepTransfer) -> None:
-        t0 = time.perf_counter()
+    def _copy_layers(self, copies: list[list[tuple[np.ndarray, np.ndarray]]], *, to_device: bool) -> int:
+        """Copy blocks of every layer between the host store and the device pool: ``copies[layer]``
+        holds (host ids, physical ids) arrays. On CUDA: one ``copy_blocks`` launch per layer on the
+        side stream, reading / writing the pinned store over the bus; on the CPU: one indexed copy.
+        Returns the number of blocks copied (all layers)."""
+        total = 0
         stream = self.copy_stream
         if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(self.layout.device))
+            from ucm_trt.kernels.block_copy import copy_blocks
+
+            dev = self.layout.device
+            stream.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(stream):
-                for layer, hid, phys in loads:
-                    self.pools[layer][phys].copy_(self.host[layer][hid], non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(stream)
-            torch.cuda.current_stream(self.layout.device).wait_event(ev)
+                for layer, parts in enumerate(copies):
+                    if not parts:
+                        continue
+                    hids = np.concatenate([h for h, _ in parts])
+                    phys = np.concatenate([p for _, p in parts])
+                    ids = torch.from_numpy(np.stack([hids, phys.astype(np.int64)])).pin_memory().to(dev, non_blocking=True)
+                    if to_device:
+                        copy_blocks(self.host[layer], self.pools[layer], ids[0], ids[1])
+                    else:
+                        copy_blocks(self.pools[layer], self.host[layer], ids[1], ids[0])
+                    total += hids.size
         else:
-            for layer, hid, phys in loads:
-                self.pools[layer][phys].copy_(self.host[layer][hid])
+            for layer, parts in enumerate(copies):
+                if not parts:
+                    continue
+                hids = torch.from_numpy(np.concatenate([h for h, _ in parts]))
+                phys = torch.from_numpy(np.concatenate([p for _, p in parts]).astype(np.int64))
+                if to_device:
+                    self.pools[layer][phys] = self.host[layer][hids]
+                else:
+                    self.host[layer][hids] = self.pools[layer][phys]
+                total += hids.numel()
+        return total
+
+    def _load(self, loads: list[list[tuple[np.ndarray, np.ndarray]]], transfer: StepTransfer) -> None:
+        t0 = time.perf_counter()
+        n = self._copy_layers(loads, to_device=True)
+        if self.copy_stream is not None:
+            ev = torch.cuda.Event()
+            ev.record(self.copy_stream)
+            torch.cuda.current_stream(self.layout.device).wait_event(ev)
         transfer.load_seconds += time.perf_counter() - t0
-        transfer.blocks_loaded += len(loads)
-        transfer.bytes_h2d += len(loads) * self.block_bytes
+        transfer.blocks_loaded += n
+        transfer.bytes_h2d += n * self.block_bytes
 
     def _write_tables(self, rids: list[str]) -> None:
         th = self.tables_host
@@ -457,15 +528,12 @@ class KVManager:
         """Physical block and in-block offset of logical positions ``start .. start+count-1``."""
         seq = self._seq(rid)
         bs = self.layout.block_size
-        res = seq.resident[layer]
-        blocks, offs = [], []
-        for p in range(start, start + count):
-            blk = p // bs
-            if blk not in res:
-                raise RuntimeError(f"request {rid!r} layer {layer}: block {blk} of position {p} is not resident")
-            blocks.append(res[blk])
-            offs.append(p % bs)
-        return blocks, offs
+        pos = np.arange(start, start + count)
+        phys = seq.table[layer][pos // bs]
+        if (phys == NULL_BLOCK).any():
+            p = int(pos[np.flatnonzero(phys == NULL_BLOCK)[0]])
+            raise RuntimeError(f"request {rid!r} layer {layer}: block {p // bs} of position {p} is not resident")
+        return phys.tolist(), (pos % bs).tolist()
 
     def write_back(self, rids: list[str], transfer: StepTransfer) -> None:
         """Copy blocks that filled up during the last step to the host store (offload only).
@@ -476,33 +544,34 @@ class KVManager:
         if not self.offload:
             return
         bs = self.layout.block_size
-        copies: list[tuple[int, int, int]] = []  # (layer, phys, host)
+        L = self.layout.num_layers
+        copies: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(L)]
         for rid in rids:
             seq = self._seq(rid)
             full = seq.seq_len // bs
             if full <= seq.flushed:
                 continue
-            hids = self.host_allocator.allocate(full - seq.flushed)
-            for blk, hid in zip(range(seq.flushed, full), hids, strict=True):
-                seq.host_ids[blk] = hid
-                for layer in range(self.layout.num_layers):
-                    copies.append((layer, seq.resident[layer][blk], hid))
+            blocks = np.arange(seq.flushed, full)
+            phys = seq.table[:, blocks]  # [L, n]
+            if (phys == NULL_BLOCK).any():
+                layer, j = (int(x[0]) for x in np.nonzero(phys == NULL_BLOCK))
+                raise RuntimeError(
+                    f"request {rid!r} layer {layer}: block {int(blocks[j])} filled up but is not resident "
+                    "(internal invariant broken)"
+                )
+            hids = self.host_allocator.allocate_array(blocks.size)
+            seq.host_ids[blocks] = hids
+            for layer in range(L):
+                copies[layer].append((hids, phys[layer]))
             seq.flushed = full
-        if not copies:
+        if not any(copies):
             return
-        stream = self.copy_stream
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(self.layout.device))
-            with torch.cuda.stream(stream):
-                for layer, phys, hid in copies:
-                    self.host[layer][hid].copy_(self.pools[layer][phys], non_blocking=True)
+        n = self._copy_layers(copies, to_device=False)
+        if self.copy_stream is not None:
             self._pending_event = torch.cuda.Event()
-            self._pending_event.record(stream)
-        else:
-            for layer, phys, hid in copies:
-                self.host[layer][hid].copy_(self.pools[layer][phys])
-        transfer.blocks_written_back += len(copies)
-        transfer.bytes_d2h += len(copies) * self.block_bytes
+            self._pending_event.record(self.copy_stream)
+        transfer.blocks_written_back += n
+        transfer.bytes_d2h += n * self.block_bytes
 
     def _sync_copies(self) -> None:
         if self._pending_event is not None:
@@ -513,11 +582,11 @@ class KVManager:
     def gather_keys(self, rid: str, layer: int, blocks: list[int] | None = None) -> torch.Tensor:
         """K of resident logical ``blocks`` (default all) as ``[n, Hkv, block_size, D]`` (device)."""
         seq = self._seq(rid)
-        res = seq.resident[layer]
         if blocks is None:
             blocks = list(range(self.num_blocks(rid)))
-        missing = [b for b in blocks if b not in res]
-        if missing:
+        idx = np.asarray(blocks, dtype=np.int64)
+        phys = seq.table[layer][idx]
+        if (phys == NULL_BLOCK).any():
+            missing = idx[phys == NULL_BLOCK].tolist()
             raise RuntimeError(f"request {rid!r} layer {layer}: blocks {missing[:8]} are not resident")
-        phys = torch.tensor([res[b] for b in blocks], dtype=torch.long, device=self.layout.device)
-        return self.pools[layer][phys, 0]
+        return self.pools[layer][torch.from_numpy(phys.astype(np.int64)).to(self.layout.device), 0]
