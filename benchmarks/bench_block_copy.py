@@ -34,6 +34,11 @@ def _time(fn, reps: int) -> float:
     return statistics.median(out)
 
 
+def _per_block(host, dev, pairs) -> None:
+    for h, d in pairs:
+        dev[d].copy_(host[h], non_blocking=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--blocks", type=int, nargs="+", default=[256, 3500])
@@ -52,14 +57,9 @@ def main(argv=None) -> int:
         did = torch.randperm(n * 2)[:n]
         hid_d, did_d = hid.cuda(), did.cuda()
         nbytes = n * host[0].numel() * 2
-        ms_kernel = _time(lambda: copy_blocks(host, dev, hid_d, did_d), args.reps)
+        ms_kernel = _time(lambda host=host, dev=dev, h=hid_d, d=did_d: copy_blocks(host, dev, h, d), args.reps)
         pairs = list(zip(hid.tolist(), did.tolist(), strict=True))
-
-        def per_block():
-            for h, d in pairs:
-                dev[d].copy_(host[h], non_blocking=True)
-
-        ms_loop = _time(per_block, args.reps)
+        ms_loop = _time(lambda host=host, dev=dev, pairs=pairs: _per_block(host, dev, pairs), args.reps)
         row = {"blocks": n, "bytes": nbytes, "copy_blocks_ms": ms_kernel, "per_block_copy_ms": ms_loop,
                "copy_blocks_GBps": nbytes / ms_kernel / 1e6, "per_block_copy_GBps": nbytes / ms_loop / 1e6}
         rows.append(row)
