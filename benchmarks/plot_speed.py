@@ -16,7 +16,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kernels", type=Path, default=RESULTS / "kernels_NVIDIA-H200_2026-11-28.json")
-    p.add_argument("--runtime", type=Path, default=RESULTS / "runtime" / "runtime_NVIDIA-H200_2026-11-28_final.json")
+    p.add_argument("--runtime", type=Path, nargs="+",
+                   default=[RESULTS / "runtime" / "runtime_NVIDIA-H200_2026-11-28_final.json",
+                            RESULTS / "runtime" / "runtime_NVIDIA-H200_2026-11-28_arrays.json"],
+                   help="runtime result files; a later file's (algorithm, context) rows replace an earlier one's")
     p.add_argument("--out", type=Path, default=RESULTS / "speed_vs_context_NVIDIA-H200_2026-11-28.png")
     args = p.parse_args(argv)
     import matplotlib
@@ -25,7 +28,13 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
 
     rows = json.loads(args.kernels.read_text())
-    runtime = json.loads(args.runtime.read_text())
+    files = [json.loads(f.read_text()) for f in args.runtime]
+    merged = {}
+    for d in files:
+        for r in d["runs"]:
+            if r.get("batch", 1) == 1:
+                merged[(r["algorithm"], r["context"])] = r
+    runtime = {"model": files[-1]["model"], "runs": list(merged.values())}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for ax, batch in zip(axes[:2], (1, 8), strict=True):
         series = {}
@@ -67,7 +76,7 @@ def main(argv=None) -> int:
     ax.set_title(f"runtime, {runtime['model']} (16 layers), batch 1, CUDA graphs")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.suptitle(f"{rows[0]['card']}, {rows[0]['date']} (from {args.kernels.name} and {args.runtime.name})")
+    fig.suptitle(f"{rows[0]['card']}, {rows[0]['date']} (from {args.kernels.name} and {', '.join(f.name for f in args.runtime)})", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
