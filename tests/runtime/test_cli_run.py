@@ -58,6 +58,17 @@ def test_run_usage_errors_are_one_line(tiny_dir, capsys):
     assert rc == 2 and err == "ucm-trt run: error: --backend ort needs --onnx PATH (a model rewritten by 'ucm-trt rewrite')"
     rc = main(["run", "--prompt", "hi", "--model", str(tiny_dir), "--max-new-tokens", "0"])
     assert rc == 2 and "--max-new-tokens must be >= 1, got 0" in capsys.readouterr().err
+    rc = main(["run", "--prompt", "hi", "--model", str(tiny_dir), "--onnx", "x.onnx", "--no-validate"])
+    assert rc == 2 and "--no-validate applies to --backend torch" in capsys.readouterr().err
+
+
+def test_run_no_validate_reports_cuda_graph_state(tiny_dir, capsys):
+    """--no-validate reaches the backend; on the CPU there are no CUDA graphs and the stats say so."""
+    rc = main(["run", "--prompt", "hello there", "--model", str(tiny_dir), "--max-new-tokens", "3",
+               "--no-validate", "--json"])
+    assert rc == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]
+    assert stats["cuda_graph"] is False and stats["eager_decode_steps"] == 2
 
 
 def test_run_on_onnx_runtime_backend(tiny_dir, tmp_path, capsys):

@@ -9,6 +9,7 @@ from ucm_trt.kernels.attention import (
     paged_rerope_attention,
     paged_sparse_attention,
 )
+from ucm_trt.kernels.block_copy import copy_blocks
 from ucm_trt.kernels.kv_append import append_kv
 from ucm_trt.kernels.retrieval import (
     block_topk,
@@ -23,6 +24,7 @@ __all__ = [
     "AttentionLaunch",
     "append_kv",
     "block_topk",
+    "copy_blocks",
     "delta_rope_blocks_",
     "dot_block_scores",
     "hamming_block_scores",

@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--model still names the tokenizer")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--no-validate", action="store_true",
+                   help="torch backend on CUDA: skip the kernels' index checks (each reads index tensors back to "
+                        "the host), which also lets decode steps run as CUDA graphs (much faster at small batch)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g = p.add_argument_group("sparse attention")
     g.add_argument("--block-size", type=int, default=32)
@@ -192,7 +195,7 @@ def build_engine(args, model, prompt_len: int):
 
         backend = OrtBackend(args.onnx)
     else:
-        backend = TorchBackend(model)
+        backend = TorchBackend(model, validate=not getattr(args, "no_validate", False))
     return Engine(backend, make_policy(policy_alg, **kw), sparse=sparse, config=rt)
 
 
@@ -208,6 +211,8 @@ def _check_common(args) -> None:
         raise ValueError("--backend ort needs --onnx PATH (a model rewritten by 'ucm-trt rewrite')")
     if args.backend == "torch" and args.onnx is not None:
         raise ValueError("--onnx is only used by --backend ort")
+    if args.no_validate and args.backend != "torch":
+        raise ValueError("--no-validate applies to --backend torch (the Triton kernels' index checks)")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
