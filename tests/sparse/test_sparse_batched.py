@@ -22,8 +22,9 @@ from ucm_trt.sparse.policies.base import (
     extend_selection,
     select_from_scores,
 )
+from ucm_trt.sparse.policies.kvstar import PreparedVote
 from ucm_trt.sparse.repr import SubBlockRepr, block_lens_from_seq_lens, block_mean, kvstar_subblock
-from ucm_trt.sparse.score import dot_scores
+from ucm_trt.sparse.score import dot_scores, kvstar_vote_scores
 from ucm_trt.sparse.select import candidate_mask
 
 BUDGETS = [Budget.top_k(1), Budget.top_k(5), Budget.ratio(0.125), Budget.ratio(0.5), Budget.ratio(1.0),
@@ -305,7 +306,7 @@ def test_kvstar_select_all_equals_per_layer_select(selection):
         sub = kvstar_subblock(torch.randn(nb, hkv, bs, d, generator=g), lens, cfg)
         reps.append(SubBlockRepr(values=sub.values.half(), counts=sub.counts, channels=sub.channels))
     cand = candidate_mask(torch.tensor([nb], dtype=torch.int32), nb, sink_blocks=1, local_blocks=2, min_blocks=4)[0]
-    st = {"reps": reps, "cand": cand, "sel_nb": nb}
+    st = {"votes": [PreparedVote(r, cand) for r in reps], "sel_nb": nb}
     group = [torch.randn(hq, tv, d, generator=g) for _ in range(layers)]
     want = [pol._select(st, group, layer) for layer in range(layers)]
     _assert_rows_equal(pol._select_all(st, group), want, "kvstar")
@@ -378,7 +379,7 @@ def test_policies_snapshot_the_reused_query_buffer():
         lens = block_lens_from_seq_lens(torch.tensor(nb * bs), nb, bs)
         reps = [kvstar_subblock(torch.randn(nb, hkv, bs, d, generator=g), lens, cfg) for _ in range(layers)]
         cand = candidate_mask(torch.tensor([nb], dtype=torch.int32), nb, sink_blocks=1, local_blocks=2)[0]
-        pol._state["a"] = {"dense": False, "sel_nb": nb, "pending": None, "group": [], "reps": reps, "cand": cand}
+        pol._state["a"] = {"dense": False, "sel_nb": nb, "pending": None, "group": [], "votes": [PreparedVote(r, cand) for r in reps]}
         buf = torch.zeros(layers, 1, hq, d)  # one buffer, overwritten every step like the runtime's capture
         written = []
         for step in range(1, r + 1):
@@ -395,3 +396,27 @@ def test_policies_snapshot_the_reused_query_buffer():
             assert torch.equal(seen[0][layer], want)
     finally:
         worker.shutdown()
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (8, 1)])
+def test_kvstar_prepared_vote_equals_vote_scores(hq, hkv):
+    """The laid-out vote (float32, allowed positions only, one bmm + index_add) gives the scores of
+    kvstar_vote_scores: empty sub-blocks of a partial last block, a candidate mask, fp16 store."""
+    g = torch.Generator().manual_seed(hq * 10 + hkv)
+    nb, bs, d, tv = 11, 16, 32, 3
+    cfg = KVStarConfig(retrieval_stride=tv, token_merge=4, channel_ratio=0.5)
+    lens = block_lens_from_seq_lens(torch.tensor((nb - 1) * bs + 6), nb, bs)
+    sub = kvstar_subblock(torch.randn(nb, hkv, bs, d, generator=g), lens, cfg)
+    sub = SubBlockRepr(values=sub.values.half(), counts=sub.counts, channels=sub.channels)
+    q = torch.randn(hq, tv, d, generator=g)
+    for cand in (candidate_mask(torch.tensor([nb], dtype=torch.int32), nb, sink_blocks=1, local_blocks=2,
+                                min_blocks=4)[0], torch.ones(nb, dtype=torch.bool)):
+        want = kvstar_vote_scores(q[None], sub, block_mask=cand)[0]
+        got = PreparedVote(sub, cand).scores(q)
+        assert got.shape == want.shape == (hkv, nb)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert (got[:, ~cand] == 0).all()
+    none = torch.zeros(nb, dtype=torch.bool)  # nothing allowed: no votes
+    assert (PreparedVote(sub, none).scores(q) == 0).all()
+    with pytest.raises(ValueError, match="cand must be a bool"):
+        PreparedVote(sub, torch.ones(nb + 1, dtype=torch.bool))

@@ -14,9 +14,10 @@
   ``s >= 2R`` the retrieval submitted at ``s - R`` is collected at the same point, so queries of
   steps ``[1..R]`` choose the blocks of steps ``[2R+1..3R]`` (one-stride lag, retrieval overlaps a
   whole stride). Decode-generated blocks are never sparsified.
-* A retrieval is one worker task for all layers: the vote per layer (it materialises ``[Hq, Tv,
-  nb * M]`` softmax weights per layer, 64 MiB at 1024 blocks, Tv = 8, M = 64; stacking 32 layers
-  would need 2 GiB), then one batched selection over all layers (:mod:`ucm_trt.sparse.batched`).
+* A retrieval is one worker task for all layers: the vote per layer on the layer's
+  :class:`PreparedVote` (float32, allowed positions only, laid out for one batched matmul; the
+  softmax weights ``[Hq, Tv, positions]`` are too large to stack over layers), then one batched
+  selection over all layers (:mod:`ucm_trt.sparse.batched`).
 """
 
 from __future__ import annotations
@@ -30,10 +31,47 @@ from ucm_trt.sparse.batched import select_batched
 from ucm_trt.sparse.policies._offload import OffloadPolicy
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
 from ucm_trt.sparse.repr import SubBlockRepr, block_lens_from_seq_lens, kvstar_subblock
-from ucm_trt.sparse.score import kvstar_vote_scores
 from ucm_trt.sparse.select import candidate_mask
 
-__all__ = ["KVStarPolicy"]
+__all__ = ["KVStarPolicy", "PreparedVote"]
+
+
+class PreparedVote:
+    """One layer's sub-block representations laid out for fast voting on the CPU.
+
+    :func:`ucm_trt.sparse.score.kvstar_vote_scores` converts the fp16 store to float32, permutes it
+    and masks the excluded positions on every call. Here that is done once at prefill end: only the
+    allowed positions (non-empty sub-blocks of candidate blocks) are kept, as float32 ``[Hkv, d', n]``,
+    so a vote is one batched matmul ``[Hkv, G*Tv, d'] x [Hkv, d', n]``, a softmax and an
+    ``index_add`` of each position's mass into its block. Same scores as ``kvstar_vote_scores``
+    (up to float32 summation order; tested).
+    """
+
+    def __init__(self, sub: SubBlockRepr, cand: torch.Tensor) -> None:
+        vals, counts, ch = sub.values, sub.counts, sub.channels
+        if vals.dim() != 4:
+            raise ValueError(f"sub.values must be [nb, M, Hkv, d'], got shape {tuple(vals.shape)}")
+        nb, m, hkv, dp = vals.shape
+        if cand.dtype != torch.bool or tuple(cand.shape) != (nb,):
+            raise ValueError(f"cand must be a bool [nb={nb}] mask, got {cand.dtype} {tuple(cand.shape)}")
+        allowed = ((counts > 0) & cand[:, None]).reshape(-1)
+        cols = torch.nonzero(allowed)[:, 0]
+        self.nb = nb
+        self.block_of = cols // m  # block of each kept position
+        self.vt = vals.reshape(nb * m, hkv, dp)[cols].float().permute(1, 2, 0).contiguous()  # [Hkv, d', n]
+        self.channels = ch.to(torch.int64)  # [Hkv, d']
+
+    def scores(self, q: torch.Tensor) -> torch.Tensor:
+        """``q [Hq, Tv, D]`` (the voting queries) -> float32 per-KV-head scores ``[Hkv, nb]``."""
+        hq, tv, d = q.shape
+        hkv, dp, n = self.vt.shape
+        g = hq // hkv
+        out = torch.zeros(hkv, self.nb)
+        if n == 0:
+            return out  # no allowed position: nothing to vote for
+        qp = torch.gather(q.float().reshape(hkv, g * tv, d), -1, self.channels[:, None, :].expand(hkv, g * tv, dp))
+        mass = torch.softmax(torch.bmm(qp, self.vt), dim=-1).sum(1)  # [Hkv, n]
+        return out.index_add_(1, self.block_of, mass)
 
 
 class KVStarPolicy(OffloadPolicy):
@@ -72,16 +110,17 @@ class KVStarPolicy(OffloadPolicy):
             return
         kv = self.rt.kv
         lens = block_lens_from_seq_lens(torch.tensor(req.prompt_len), nbp, self.sparse.block_size)
-        reps = []
+        cand = candidate_mask(torch.tensor([nbp], dtype=torch.int32), nbp, sink_blocks=self.sparse.sink_blocks,
+                              local_blocks=self.sparse.local_blocks, min_blocks=self.sparse.min_blocks)[0]
+        votes = []
         for layer in range(self.shape.num_layers):
             sub = kvstar_subblock(kv.gather_keys(req.rid, layer, list(range(nbp))), lens.to(kv.layout.device),
                                   self.config)
-            reps.append(SubBlockRepr(values=sub.values.to("cpu", torch.float16), counts=sub.counts.cpu(),
-                                     channels=sub.channels.cpu()))
-        st["reps"] = reps
-        cand = candidate_mask(torch.tensor([nbp], dtype=torch.int32), nbp, sink_blocks=self.sparse.sink_blocks,
-                              local_blocks=self.sparse.local_blocks, min_blocks=self.sparse.min_blocks)[0]
-        st["cand"] = cand
+            # stored in fp16 as upstream, then laid out for voting (float32, allowed positions only)
+            sub = SubBlockRepr(values=sub.values.to("cpu", torch.float16), counts=sub.counts.cpu(),
+                               channels=sub.channels.cpu())
+            votes.append(PreparedVote(sub, cand))
+        st["votes"] = votes
         group = [q.clone() for q in queries]  # per layer [Hq, W, D]; the runtime reuses its buffer
         self._collect(st, self._submit(req.rid, 0, nbp, self._task(st, group)))
 
@@ -92,7 +131,7 @@ class KVStarPolicy(OffloadPolicy):
 
     def _layer_scores(self, st: dict, group: list[torch.Tensor], layer: int) -> torch.Tensor:
         # group[layer]: [Hq, Tv, D] -> per-KV-head vote scores [Hkv, nbp]
-        return kvstar_vote_scores(group[layer][None], st["reps"][layer], block_mask=st["cand"])[0]
+        return st["votes"][layer].scores(group[layer])
 
     def _select_all(self, st: dict, group: list[torch.Tensor]) -> torch.Tensor:
         """Every layer: the votes per layer (the vote materialises ``[Hq, Tv, nb * M]`` softmax
