@@ -115,7 +115,8 @@ def test_engine_offload_bytes_equal_changed_blocks(dense_run, hf_greedy):
     sparse = sparse_config_for("esa", SparseConfig(block_size=16, budget=Budget.ratio(0.25), retrieval_stride=3))
     policy = _RecordingESA()
     eng = Engine(TorchBackend(model, attention="reference"), policy, sparse=sparse,
-                 config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128, cache_blocks=0))
+                 config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128, cache_blocks=0,
+                                      early_prefetch=False))
     eng.generate(prompt, SamplingParams(max_new_tokens=30))
     decode = [s for s in eng.metrics.steps if s.kind == "decode"]
     assert len(decode) == len(policy.plans) == 29
@@ -132,6 +133,38 @@ def test_engine_offload_bytes_equal_changed_blocks(dense_run, hf_greedy):
         prev = [sel | {n // bs} for sel in sels]
     assert total > 0  # the selection did change
     eng.close()
+
+
+@pytest.mark.parametrize("algorithm", ["esa", "kvstar"])
+def test_early_prefetch_loads_ahead_without_changing_tokens(algorithm, dense_run, hf_greedy):
+    """A finished retrieval's blocks are loaded in the steps before it is due: the same tokens as
+    without early prefetch, blocks are prefetched, and the steps that switch to a new selection
+    load fewer blocks themselves (the prefetched ones are already resident)."""
+    model, _, _ = dense_run
+    prompt, _ = hf_greedy
+    # ESA submits after step s % R == 2 and is due after s % R == 0: with R = 4 the plan of the
+    # step in between finds the retrieval finished (the step before gave it a whole forward)
+    stride = 3 if algorithm == "kvstar" else 4
+    kw = {"kvstar": KVStarConfig(retrieval_stride=stride)} if algorithm == "kvstar" else {}
+    runs = {}
+    for early in (False, True):
+        sparse = sparse_config_for(algorithm, SparseConfig(block_size=16, budget=Budget.ratio(0.25),
+                                                           retrieval_stride=stride))
+        with Engine(TorchBackend(model, attention="reference"), make_policy(algorithm, **kw), sparse=sparse,
+                    config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128, cache_blocks=0,
+                                         early_prefetch=early)) as eng:
+            [res] = eng.generate(prompt, SamplingParams(max_new_tokens=30))
+            dec = [st for st in eng.metrics.steps if st.kind == "decode"]
+            runs[early] = (res.token_ids, dec, eng.stats())
+            assert eng.kv.device_blocks_held() == 0  # every block returned, prefetched ones included
+    (tok_off, dec_off, st_off), (tok_on, dec_on, st_on) = runs[False], runs[True]
+    assert tok_on == tok_off
+    assert st_off["decode_blocks_prefetched"] == 0 and st_on["decode_blocks_prefetched"] > 0
+    # loads the step itself waits for (total minus early prefetch) drop
+    waited_on = sum(r.blocks_loaded - r.blocks_prefetched for r in dec_on)
+    waited_off = sum(r.blocks_loaded for r in dec_off)
+    assert waited_on < waited_off
+    assert st_on["policy"]["retrievals"] == st_off["policy"]["retrievals"]
 
 
 def test_batched_requests_match_single_runs(dense_run):

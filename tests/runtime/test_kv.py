@@ -241,3 +241,37 @@ def test_manager_rejects_bad_arguments():
         kv.plan_step(["x"], [17], [[None]] * L, StepTransfer())
     with pytest.raises(ValueError, match="exceeds max_batch"):
         kv.plan_step(["x", "x"], [1, 1], [[None, None]] * L, StepTransfer())
+
+
+def test_early_prefetch_makes_coming_blocks_resident_from_free_blocks_only():
+    kv = KVManager(_layout(), max_batch=1, max_blocks=16, num_device_blocks=1 + 6, offload=True,
+                   num_host_blocks=16, cache_blocks=0)
+    tr = StepTransfer()
+    _prefill(kv, "r", 24, tr)  # 6 full blocks, written back
+    kv.plan_step(["r"], [1], [[{0}]] * L, StepTransfer())  # working set: 0 + block 6 (new token)
+    _fill(kv, "r", 24, 1)
+    assert kv.resident_blocks("r", 0) == [0, 6]
+    # a coming selection {2, 3}: loaded early (not needed by this step), contents right
+    tr = StepTransfer()
+    kv.plan_step(["r"], [1], [[{0}]] * L, tr, prefetch=[[{2, 3}]] * L)
+    _fill(kv, "r", 25, 1)
+    assert kv.resident_blocks("r", 0) == [0, 2, 3, 6]
+    assert tr.blocks_prefetched == 2 * L and tr.blocks_loaded == 2 * L and tr.blocks_needed == 2 * L  # 0 and 6
+    for layer in range(L):
+        for blk in (2, 3):
+            phys = int(kv.seqs["r"].table[layer, blk])
+            want = torch.tensor([_value(layer, blk * BS + o) for o in range(BS)])
+            assert torch.equal(kv.pools[layer][phys, 0, 0, :, 0], want)
+    # the step that switches to {2, 3} loads nothing; block 0 leaves (no cache)
+    tr = StepTransfer()
+    kv.plan_step(["r"], [1], [[{2, 3}]] * L, tr)
+    assert tr.blocks_loaded == 0 and tr.blocks_evicted == 1 * L
+    assert kv.resident_blocks("r", 0) == [2, 3, 6]
+    _fill(kv, "r", 26, 1)
+    # not enough free blocks (3 of 6 free) for a coming selection of 4 blocks: it is left for later
+    tr = StepTransfer()
+    kv.plan_step(["r"], [1], [[{2}]] * L, tr, prefetch=[[{0, 1, 4, 5, 7}]] * L)  # 7: not a block yet
+    assert tr.prefetch_skipped == 4 * L and tr.blocks_prefetched == 0 and tr.blocks_loaded == 0
+    assert kv.resident_blocks("r", 0) == [2, 6]
+    kv.free_request("r")
+    assert kv.device_blocks_held() == 0

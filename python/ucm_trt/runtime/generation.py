@@ -245,6 +245,7 @@ class Engine:
         self._eager_decode_steps = 0
         # per request and layer: (selection tensor, its version, its blocks) of the last plan
         self._needed_cache: dict[str, dict[int, tuple[torch.Tensor, int, np.ndarray]]] = {}
+        self._prefetch_cache: dict[str, dict[int, tuple[torch.Tensor, int, np.ndarray]]] = {}
         # what the selection buffers hold: (rows, per-layer per-row (tensor, version) or block count)
         self._sel_written: tuple | None = None
         self._sel_written_refs: list = []
@@ -357,6 +358,7 @@ class Engine:
             blocks_loaded=tr.blocks_loaded, blocks_needed=tr.blocks_needed,
             blocks_written_back=tr.blocks_written_back, blocks_evicted=tr.blocks_evicted,
             bytes_h2d=tr.bytes_h2d, bytes_d2h=tr.bytes_d2h, load_seconds=tr.load_seconds,
+            blocks_prefetched=tr.blocks_prefetched,
             device_kv_bytes=held[0], host_kv_bytes=held[1], dense_kv_bytes=held[2],
             working_set_bytes=tr.working_set_blocks * self.kv.block_bytes,
         ))
@@ -418,10 +420,16 @@ class Engine:
         sels = self.policy.plan(views)
         if len(sels) != L or any(len(s) != b for s in sels):
             raise RuntimeError(f"policy {self.policy.name!r} returned selections of the wrong shape")
-        needed = [[None if s is None else self._needed_set(rid, layer, s) for rid, s in zip(rows, per_row, strict=True)]
-                  for layer, per_row in enumerate(sels)]
+        needed = [[None if s is None else self._needed_set(self._needed_cache, rid, layer, s)
+                   for rid, s in zip(rows, per_row, strict=True)] for layer, per_row in enumerate(sels)]
+        prefetch = None
+        if self.config.early_prefetch and self.policy.offload:
+            coming = self.policy.prefetch(views)
+            if coming is not None:
+                prefetch = [[None if s is None else self._needed_set(self._prefetch_cache, rid, layer, s)
+                             for rid, s in zip(rows, per_row, strict=True)] for layer, per_row in enumerate(coming)]
         tr = StepTransfer()
-        self.kv.plan_step(rows, [1] * b, needed, tr)
+        self.kv.plan_step(rows, [1] * b, needed, tr, prefetch=prefetch)
         selections, widths = self._write_selections(sels, [v.new_len for v in views], bs, b, H)
         for row, rid in enumerate(rows):
             self._ids_h[row, 0] = self._requests[rid].out[-1]
@@ -447,11 +455,11 @@ class Engine:
         self._record("decode", b, b, t0, tr, held, plan_seconds)
         return emitted
 
-    def _needed_set(self, rid: str, layer: int, sel: torch.Tensor) -> np.ndarray:
+    def _needed_set(self, caches: dict, rid: str, layer: int, sel: torch.Tensor) -> np.ndarray:
         """Blocks of a selection (int64, unique); the same array object while the policy hands back
         the same, unmodified tensor (between retrievals), which lets the working-set update skip
         the layer."""
-        cache = self._needed_cache.setdefault(rid, {})
+        cache = caches.setdefault(rid, {})
         hit = cache.get(layer)
         if hit is not None and hit[0] is sel and hit[1] == sel._version:
             return hit[2]
@@ -546,6 +554,7 @@ class Engine:
         if rid in self._running:
             self._running.remove(rid)
         self._needed_cache.pop(rid, None)
+        self._prefetch_cache.pop(rid, None)
         try:
             self.policy.on_request_end(rid)
         finally:

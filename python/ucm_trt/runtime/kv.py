@@ -160,6 +160,14 @@ class StepTransfer:
     bytes_h2d: int = 0
     bytes_d2h: int = 0
     load_seconds: float = 0.0
+    blocks_prefetched: int = 0  # early prefetch: loaded for a coming selection, not waited for this step
+    prefetch_skipped: int = 0  # early-prefetch blocks left for later (no free pool block)
+
+
+def _as_ids(blocks, limit: int) -> np.ndarray:
+    """Logical block ids (a set, sequence or int64 array) below ``limit`` as an int64 array."""
+    ids = blocks if isinstance(blocks, np.ndarray) else np.fromiter(blocks, dtype=np.int64, count=len(blocks))
+    return ids[(ids >= 0) & (ids < limit)]
 
 
 class _Seq:
@@ -168,7 +176,8 @@ class _Seq:
     store id of every written-back logical block. Arrays, so a plan updates a working set with a
     few vector operations instead of a Python loop over its blocks."""
 
-    __slots__ = ("rid", "seq_len", "host_ids", "table", "lru", "flushed", "last_want", "last_src", "last_geom")
+    __slots__ = ("rid", "seq_len", "host_ids", "table", "lru", "flushed", "last_want", "last_src", "last_geom",
+                 "last_counts")
 
     def __init__(self, rid: str, num_layers: int, max_blocks: int) -> None:
         self.rid = rid
@@ -182,6 +191,7 @@ class _Seq:
         self.last_want: list[np.ndarray | None] = [None] * num_layers
         self.last_src: list[object] = [None] * num_layers  # the ``needed`` object that produced it
         self.last_geom: list[tuple[int, int, int] | None] = [None] * num_layers
+        self.last_counts: list[tuple[int, int]] = [(0, 0)] * num_layers  # (working set, needed existing)
 
     @property
     def resident(self) -> list[OrderedDict[int, int]]:
@@ -264,6 +274,7 @@ class KVManager:
             self.host_allocator = None
         self.copy_stream = torch.cuda.Stream(device=dev) if self.is_cuda else None
         self._pending_event = None
+        self._early_event = None  # early-prefetch copies of the last plan (side stream)
         self._step_want: dict[tuple[str, int], np.ndarray] = {}  # this plan: want mask per (request, layer)
         self._stamp = 0  # LRU clock of the working sets
         self.seqs: dict[str, _Seq] = {}
@@ -277,6 +288,7 @@ class KVManager:
     def free_request(self, rid: str) -> None:
         """Return every device and host block of ``rid``."""
         self._sync_copies()
+        self._sync_early()  # a block being filled by an early prefetch must not be handed out again
         seq = self._seq(rid)
         for layer in range(self.layout.num_layers):
             tbl = seq.table[layer]
@@ -330,6 +342,7 @@ class KVManager:
         num_new_tokens: list[int],
         needed: list[list[set[int] | None]],
         transfer: StepTransfer,
+        prefetch: list[list[object | None]] | None = None,
     ) -> None:
         """Make room for the new tokens and bring every needed block into each layer's working set.
 
@@ -337,13 +350,23 @@ class KVManager:
         row's attention reads in that layer (``None`` = all blocks). The blocks that will receive the new tokens are
         always made resident. Writes the block tables (host mirror, then device) for rows
         ``0..len(rids)-1`` in this order.
+
+        ``prefetch[layer][row]`` (offload only; optional): blocks a coming selection will need
+        (``Policy.prefetch``). They are loaded too, on the side stream, but this step's forward
+        does not wait for them (the next plan's does), and only into free pool blocks; they stay
+        resident while named here. Attention still reads only ``needed``.
         """
         if len(rids) > self.max_batch:
             raise ValueError(f"batch of {len(rids)} requests exceeds max_batch = {self.max_batch}")
         bs = self.layout.block_size
         L = self.layout.num_layers
         self._sync_copies()  # write-backs must land before a block may be evicted
+        if self._early_event is not None:
+            # the last step's early prefetch must land before anything reads or reuses those blocks
+            torch.cuda.current_stream(self.layout.device).wait_event(self._early_event)
+            self._early_event = None
         loads: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(L)]  # per layer (host ids, phys)
+        early: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(L)]
         self._step_want = {}
         for row, (rid, t) in enumerate(zip(rids, num_new_tokens, strict=True)):
             seq = self._seq(rid)
@@ -366,43 +389,71 @@ class KVManager:
                 continue
             geom = (old_nb, first_written, new_nb)
             for layer in range(L):
-                self._plan_layer(seq, layer, needed[layer][row], geom, loads[layer], transfer)
+                extra = None if prefetch is None else prefetch[layer][row]
+                self._plan_layer(seq, layer, needed[layer][row], geom, loads[layer], transfer, extra, early[layer])
             seq.seq_len = new_len
         if any(loads):
             self._load(loads, transfer)
+        if any(early):
+            n = self._copy_layers(early, to_device=True)
+            if self.copy_stream is not None:
+                self._early_event = torch.cuda.Event()
+                self._early_event.record(self.copy_stream)
+            transfer.blocks_loaded += n
+            transfer.bytes_h2d += n * self.block_bytes
         self._write_tables(rids)
 
     def _plan_layer(self, seq: _Seq, layer: int, want, geom: tuple[int, int, int],
-                    loads: list[tuple[np.ndarray, np.ndarray]], transfer: StepTransfer) -> None:
+                    loads: list[tuple[np.ndarray, np.ndarray]], transfer: StepTransfer, extra=None,
+                    early: list[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         """Working set of one (request, layer) for this step: evict spare blocks beyond the LRU
         cache, allocate and schedule loads of the missing wanted blocks, stamp the wanted blocks
-        most recently used (in block order, as an LRU list would append them)."""
+        most recently used (in block order, as an LRU list would append them).
+
+        ``extra``: blocks a coming selection will need (early prefetch); made resident too, from
+        free pool blocks only, with their loads in ``early`` (this step does not wait for them)."""
         old_nb, first_written, new_nb = geom
         tbl, lru = seq.table[layer], seq.lru[layer]
         last = seq.last_want[layer]
-        if (want is not None and last is not None and want is seq.last_src[layer] and geom == seq.last_geom[layer]
-                and (tbl[: last.size][last] != NULL_BLOCK).all()):
-            # the very object of the last plan (the engine reuses it while the policy's selection is
-            # unchanged) at the same block geometry: the same working set, still resident
+        src = (want, extra)
+        if (want is not None and last is not None and seq.last_src[layer] is not None
+                and src[0] is seq.last_src[layer][0] and src[1] is seq.last_src[layer][1]
+                and geom == seq.last_geom[layer] and (tbl[: last.size][last] != NULL_BLOCK).all()):
+            # the very objects of the last plan (the engine reuses them while the policy's
+            # selections are unchanged) at the same block geometry: the same working set, resident
             self._step_want[(seq.rid, layer)] = last
-            n = int(last.sum())
-            transfer.working_set_blocks += n
-            transfer.blocks_needed += n - max(0, new_nb - old_nb)
+            n_work, n_need = seq.last_counts[layer]
+            transfer.working_set_blocks += n_work
+            transfer.blocks_needed += n_need
             return
-        seq.last_src[layer], seq.last_geom[layer] = want, geom
-        mask = np.zeros(new_nb, dtype=bool)
+        seq.last_src[layer], seq.last_geom[layer] = src, geom
+        need = np.zeros(new_nb, dtype=bool)
         if want is None:
-            mask[:old_nb] = True
+            need[:old_nb] = True
         else:
-            ids = want if isinstance(want, np.ndarray) else np.fromiter(want, dtype=np.int64, count=len(want))
-            ids = ids[(ids >= 0) & (ids < old_nb)]
-            mask[ids] = True
-        mask[first_written:new_nb] = True
+            need[_as_ids(want, old_nb)] = True
+        need[first_written:new_nb] = True
+        mask = need.copy()
+        resident = tbl[:new_nb] != NULL_BLOCK
+        early_blocks = np.zeros(0, dtype=np.int64)
+        if extra is not None:
+            ex = np.zeros(new_nb, dtype=bool)
+            ex[_as_ids(extra, old_nb)] = True
+            ex &= ~need
+            early_blocks = np.flatnonzero(ex & ~resident)
+            # early prefetch uses free blocks only (never evicts for it); otherwise it waits its turn
+            room = self.allocators[layer].num_free - int((need & ~resident).sum())
+            if early_blocks.size > room:
+                transfer.prefetch_skipped += early_blocks.size
+                early_blocks = early_blocks[:0]
+                ex &= resident
+            mask |= ex
         self._step_want[(seq.rid, layer)] = mask
         wanted = np.flatnonzero(mask)
+        n_need = int(need[:old_nb].sum())
+        seq.last_counts[layer] = (wanted.size, n_need)
         transfer.working_set_blocks += wanted.size
-        transfer.blocks_needed += int((wanted < old_nb).sum())
-        resident = tbl[:new_nb] != NULL_BLOCK
+        transfer.blocks_needed += n_need
         if last is not None and last.size == mask.size and np.array_equal(last, mask) and resident[mask].all():
             # the working set of this layer's previous step (between retrievals), all still
             # resident and already last in LRU order: nothing to evict, load or reorder
@@ -417,19 +468,24 @@ class KVManager:
             transfer.blocks_evicted += n_evict
         missing = wanted[tbl[wanted] == NULL_BLOCK]
         if missing.size:
-            phys = self._allocate(layer, missing.size)
-            tbl[missing] = phys
-            old = missing < old_nb
-            if old.any():
-                # existing blocks that were offloaded: fetch them from the host store
-                hids = seq.host_ids[missing[old]]
-                if (hids < 0).any():
-                    blk = int(missing[old][np.flatnonzero(hids < 0)[0]])
-                    raise RuntimeError(
-                        f"request {seq.rid!r} layer {layer}: logical block {blk} is neither resident "
-                        "nor in the host store (internal invariant broken)"
-                    )
-                loads.append((hids, phys[old]))
+            now = missing[~np.isin(missing, early_blocks)] if early_blocks.size else missing
+            for blocks, out in ((now, loads), (early_blocks, early)):
+                if not blocks.size:
+                    continue
+                phys = self._allocate(layer, blocks.size)
+                tbl[blocks] = phys
+                old = blocks < old_nb
+                if old.any():
+                    # existing blocks that were offloaded: fetch them from the host store
+                    hids = seq.host_ids[blocks[old]]
+                    if (hids < 0).any():
+                        blk = int(blocks[old][np.flatnonzero(hids < 0)[0]])
+                        raise RuntimeError(
+                            f"request {seq.rid!r} layer {layer}: logical block {blk} is neither resident "
+                            "nor in the host store (internal invariant broken)"
+                        )
+                    out.append((hids, phys[old]))
+            transfer.blocks_prefetched += int(early_blocks.size)
         self._stamp += 1
         lru[wanted] = self._stamp * self.max_blocks + np.arange(wanted.size)
 
@@ -577,6 +633,11 @@ class KVManager:
         if self._pending_event is not None:
             self._pending_event.synchronize()
             self._pending_event = None
+
+    def _sync_early(self) -> None:
+        if self._early_event is not None:
+            self._early_event.synchronize()
+            self._early_event = None
 
     # ------------------------------------------------------------------ reads (policies)
     def gather_keys(self, rid: str, layer: int, blocks: list[int] | None = None) -> torch.Tensor:

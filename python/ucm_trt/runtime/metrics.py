@@ -31,6 +31,7 @@ class StepRecord:
     dense_kv_bytes: int  # what the same sequences would hold on the device without offload
     working_set_bytes: int  # blocks this step needed (sink + local + selected + new), all layers
     plan_seconds: float = 0.0  # host time before the forward was launched (policy plan, prefetch, buffers)
+    blocks_prefetched: int = 0  # loaded early for a coming selection (included in blocks_loaded)
 
 
 class RuntimeMetrics:
@@ -70,6 +71,7 @@ class RuntimeMetrics:
             "working_set_bytes_last_decode": dec[-1].working_set_bytes if dec else None,
             "device_kv_over_working_set": (dec[-1].device_kv_bytes / dec[-1].working_set_bytes)
             if dec and dec[-1].working_set_bytes else None,
+            "decode_blocks_prefetched": sum(s.blocks_prefetched for s in dec),
             "decode_plan_ms_mean": (1e3 * sum(s.plan_seconds for s in dec) / len(dec)) if dec else None,
             "ttft_seconds": dict(self.ttft),
         }

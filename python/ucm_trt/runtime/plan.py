@@ -41,6 +41,11 @@ class RuntimeConfig:
         ``None`` (default): on backends that support it (PyTorch on CUDA), for every step whose
         policy allows it (``Policy.graph_key() is not None``); ``True``: required (an error when the
         backend or a step's policy does not allow it); ``False``: never. ``Engine.stats()`` reports the steps replayed.
+    early_prefetch:
+        Offload policies: load the blocks of a retrieval that has finished but is not due yet
+        (``Policy.prefetch``) during the steps before it is due, on the side stream, into free
+        pool blocks, so the step that switches to it finds them resident. Attention and the
+        retrieval schedule are unchanged. Counted in the loads of the step that issues them.
     max_cuda_graphs:
         Captured decode graphs kept per engine (one per batch size x selection-width bucket x
         policy key; least recently used dropped first).
@@ -55,6 +60,7 @@ class RuntimeConfig:
     retrieval_threads: int = 2
     cuda_graph: bool | None = None
     max_cuda_graphs: int = 32
+    early_prefetch: bool = True
 
     def __post_init__(self) -> None:
         _pos_int("max_batch", self.max_batch)
@@ -69,6 +75,8 @@ class RuntimeConfig:
         if self.cuda_graph is not None and not isinstance(self.cuda_graph, bool):
             raise TypeError(f"RuntimeConfig.cuda_graph must be True, False or None (auto), got {self.cuda_graph!r}")
         _pos_int("max_cuda_graphs", self.max_cuda_graphs)
+        if not isinstance(self.early_prefetch, bool):
+            raise TypeError(f"RuntimeConfig.early_prefetch must be a bool, got {self.early_prefetch!r}")
 
     def max_blocks(self, block_size: int) -> int:
         return -(-self.max_seq_len // block_size)

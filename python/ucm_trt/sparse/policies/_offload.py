@@ -58,6 +58,14 @@ class PendingRetrieval:
         """Wait; int32 ``[L, Hkv, S]``. A failed task raises :class:`~ucm_trt.runtime.worker.RetrievalError`."""
         return self.ticket.result()
 
+    def peek(self) -> torch.Tensor | None:
+        """The result if the task has finished successfully, else None; never waits and leaves the
+        collection (and its accounting, and the surfacing of a failure) to :meth:`result`."""
+        fut = self.ticket.future
+        if not fut.done() or fut.exception() is not None:
+            return None
+        return fut.result()[0]
+
 
 class OffloadPolicy(Policy):
     """Base of policies whose KV lives in the host store and whose selections come from CPU tasks."""
@@ -128,6 +136,29 @@ class OffloadPolicy(Policy):
                 out[layer][row] = layers[layer]
             self.selected_blocks += count
             self.candidate_blocks += nb_new * h * L
+        return out
+
+    def prefetch(self, reqs: list[RequestView]) -> list[list[torch.Tensor | None]] | None:
+        """The selection of a retrieval that has finished but is not collected yet (it is due at a
+        later step of the schedule), so the runtime can load its blocks ahead of time."""
+        L, h = self.shape.num_layers, self.shape.num_kv_heads
+        out = None
+        for row, req in enumerate(reqs):
+            st = self._state.get(req.rid)
+            pending = None if st is None or st["dense"] else st.get("pending")
+            if pending is None:
+                continue
+            cached = st.get("peeked")
+            if cached is None or cached[0] is not pending:
+                sel = pending.peek()
+                if sel is None or sel.dim() != 3 or tuple(sel.shape[:2]) != (L, h) or sel.dtype != torch.int32:
+                    continue  # not ready (or malformed: collecting it will raise)
+                cached = (pending, sel.unbind(0))
+                st["peeked"] = cached
+            if out is None:
+                out = [[None] * len(reqs) for _ in range(L)]
+            for layer in range(L):
+                out[layer][row] = cached[1][layer]
         return out
 
     def on_request_end(self, rid: str) -> None:

@@ -147,6 +147,13 @@ class Policy:
     def layer_selection(self, layer: int, q: torch.Tensor, step: Any) -> Any:
         return NotImplemented
 
+    def prefetch(self, reqs: list[RequestView]) -> list[list[torch.Tensor | None]] | None:
+        """Blocks a *coming* selection will need, when already known (e.g. a retrieval that has
+        finished but is not due yet): per layer, per row ``[Hkv, S]`` or None; ``None`` = nothing.
+        The runtime loads them early (offload policies), without waiting for them this step;
+        attention keeps reading only ``plan``'s selections, so the algorithm's schedule is unchanged."""
+        return None
+
     def on_append(self, layer: int, phys_blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor) -> None:
         pass
 
