@@ -78,7 +78,7 @@ def run_one(model, algorithm: str, ctx: int, args, cuda_graph: str) -> dict:
     graph = {"auto": None, "on": True, "off": False}[cuda_graph]
     rt = RuntimeConfig(max_batch=args.batch, max_seq_len=max_seq, prefill_chunk=args.prefill_chunk,
                        cache_blocks=args.cache_blocks, num_device_blocks=device_blocks,
-                       retrieval_threads=args.retrieval_threads, cuda_graph=graph)
+                       retrieval_threads=args.retrieval_threads, cuda_graph=graph, early_prefetch=args.early_prefetch)
     engine = Engine(TorchBackend(model, attention="triton", validate=False), policy, sparse=sparse, config=rt)
     g = torch.Generator().manual_seed(ctx)
     prompts = [torch.randint(0, model.config.vocab_size, (ctx,), generator=g).tolist() for _ in range(args.batch)]
@@ -117,7 +117,8 @@ def run_one(model, algorithm: str, ctx: int, args, cuda_graph: str) -> dict:
             "device_kv_bytes_last_decode", "dense_kv_bytes_last_decode", "working_set_bytes_last_decode",
             "device_kv_over_working_set", "retrieval_tasks", "retrieval_mean_ms", "retrieval_max_ms",
             "retrieval_wait_ms", "retrieval_busy_ms", "retrieval_overlap", "offload", "policy",
-            "cuda_graph", "cuda_graph_captures", "cuda_graph_replays", "eager_decode_steps", "decode_plan_ms_mean"]
+            "cuda_graph", "cuda_graph_captures", "cuda_graph_replays", "eager_decode_steps", "decode_plan_ms_mean",
+            "decode_blocks_prefetched"]
     out = {k: stats.get(k) for k in keep}
     # steady state: the median step after the first 4 (which capture graphs / compile kernels)
     steady = sorted(dec[4:]) if len(dec) > 8 else sorted(dec)
@@ -259,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--cuda-graph", nargs="+", default=["auto"], choices=("auto", "on", "off"),
                    help="decode-step CUDA graphs; several values run each configuration once per value")
+    p.add_argument("--early-prefetch", action="store_true",
+                   help="RuntimeConfig.early_prefetch: load a finished retrieval's blocks before it is due")
     p.add_argument("--profile", action="store_true", help="print a cProfile summary of each run (host time)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/runtime.json"))
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU runs)")
