@@ -275,3 +275,137 @@ def test_early_prefetch_makes_coming_blocks_resident_from_free_blocks_only():
     assert kv.resident_blocks("r", 0) == [2, 6]
     kv.free_request("r")
     assert kv.device_blocks_held() == 0
+
+
+class _LRUModel:
+    """Reference working-set model (lists and dicts, block by block), written from the documented
+    rules: per (request, layer) an LRU list; a plan evicts spare blocks beyond ``cache`` (least
+    recent first), then walks the wanted blocks in order, moving hits to the end and appending
+    misses; a miss that finds the pool empty first drops the least recent written-back block not
+    wanted this step, scanning requests in insertion order."""
+
+    def __init__(self, capacity: int, cache: int) -> None:
+        self.capacity, self.cache = capacity, cache
+        self.lru: dict[tuple[str, int], list[int]] = {}
+        self.flushed: dict[str, int] = {}
+        self.want: dict[tuple[str, int], set[int]] = {}
+
+    def used(self, layer: int) -> int:
+        return sum(len(v) for (r, lay), v in self.lru.items() if lay == layer)
+
+    def add(self, rid: str) -> None:
+        self.flushed[rid] = 0
+        for layer in range(L):
+            self.lru[(rid, layer)] = []
+
+    def free(self, rid: str) -> None:
+        del self.flushed[rid]
+        for layer in range(L):
+            del self.lru[(rid, layer)]
+
+    def plan(self, rows: list[tuple[str, int, int]], needed) -> tuple[int, int]:
+        """rows: (rid, seq_len before, new tokens); returns (loaded, evicted)."""
+        loaded = evicted = 0
+        self.want = {}
+        for row, (rid, n, t) in enumerate(rows):
+            old_nb, new_nb, first = -(-n // BS), -(-(n + t) // BS), n // BS
+            for layer in range(L):
+                w = needed[layer][row]
+                want = set(range(old_nb)) if w is None else {b for b in w if 0 <= b < old_nb}
+                want |= set(range(first, new_nb))
+                self.want[(rid, layer)] = want
+                lru = self.lru[(rid, layer)]
+                spare = [b for b in lru if b not in want]
+                for b in spare[: max(0, len(spare) - self.cache)]:
+                    lru.remove(b)
+                    evicted += 1
+                for b in sorted(want):
+                    if b in lru:
+                        lru.remove(b)
+                        lru.append(b)
+                        continue
+                    if self.used(layer) == self.capacity:
+                        self._pressure(layer)
+                    lru.append(b)
+                    loaded += b < old_nb
+        return loaded, evicted
+
+    def _pressure(self, layer: int) -> None:
+        for (rid, lay), lru in self.lru.items():
+            if lay != layer:
+                continue
+            want = self.want.get((rid, layer), set())
+            for b in lru:
+                if b not in want and b < self.flushed[rid]:
+                    lru.remove(b)
+                    return
+        raise PoolExhaustedError("model: pool full")
+
+
+def test_array_working_sets_follow_the_reference_lru_model_under_pool_pressure():
+    """Three requests, a pool too small for their working sets plus caches (pressure evictions
+    across requests), repeated and changing selections: after every plan the resident blocks of
+    every (request, layer) and the blocks loaded equal the reference model's."""
+    rng = random.Random(11)
+    cap, cache = 11, 2  # about 100 pressure evictions across requests over the run
+    kv = KVManager(_layout(), max_batch=3, max_blocks=16, num_device_blocks=1 + cap, offload=True,
+                   num_host_blocks=3 * 16, cache_blocks=cache)
+    model = _LRUModel(cap, cache)
+    lens: dict[str, int] = {}
+    prev = None
+    for i, n in enumerate((14, 9, 11)):
+        rid = f"r{i}"
+        kv.add_request(rid)
+        model.add(rid)
+        tr = StepTransfer()
+        kv.plan_step([rid], [n], [[None]] * L, tr)
+        model.plan([(rid, 0, n)], [[None]] * L)
+        _fill(kv, rid, 0, n)
+        kv.write_back([rid], tr)
+        model.flushed[rid] = n // BS
+        lens[rid] = n
+    for step in range(120):
+        rows = list(lens)
+        if prev is not None and rng.random() < 0.4:
+            needed = prev
+        else:
+            needed = [[set(rng.sample(range(-(-lens[r] // BS)), k=min(2, -(-lens[r] // BS)))) for r in rows]
+                      for _ in range(L)]
+        prev = needed
+        tr = StepTransfer()
+        try:
+            kv.plan_step(rows, [1] * len(rows), needed, tr)
+            kv_error = None
+        except PoolExhaustedError as exc:
+            kv_error = exc
+        try:
+            loaded, evicted = model.plan([(r, lens[r], 1) for r in rows], needed)
+            model_error = None
+        except PoolExhaustedError as exc:
+            model_error = exc
+        assert (kv_error is None) == (model_error is None), (step, kv_error, model_error)
+        if kv_error is not None:
+            break
+        assert tr.blocks_loaded == loaded and tr.blocks_evicted == evicted, step
+        for r in rows:
+            for layer in range(L):
+                assert kv.resident_blocks(r, layer) == sorted(model.lru[(r, layer)]), (step, r, layer)
+                assert list(kv.seqs[r].resident[layer]) == model.lru[(r, layer)], (step, r, layer)  # LRU order
+        _check_tables_match_residency(kv, rows)
+        for r in rows:
+            _fill(kv, r, lens[r], 1)
+            lens[r] += 1
+        kv.write_back(rows, tr)
+        for r in rows:
+            model.flushed[r] = lens[r] // BS
+            for layer in range(L):
+                for b in model.lru[(r, layer)]:  # every resident block holds its own tokens
+                    phys = int(kv.seqs[r].table[layer, b])
+                    n = min(BS, lens[r] - b * BS)
+                    want = torch.tensor([_value(layer, b * BS + o) for o in range(n)])
+                    assert torch.equal(kv.pools[layer][phys, 0, 0, :n, 0], want), (step, r, layer, b)
+        if lens[rows[0]] > 50:  # the longest request finishes; a new one would not fit: stop
+            break
+    for r in list(lens):
+        kv.free_request(r)
+    assert kv.device_blocks_held() == 0 and kv.host_bytes_held() == 0
