@@ -7,6 +7,8 @@ Batched torch on CPU or GPU tensors, float32 math internally.
 - :mod:`ucm_trt.sparse.score`  block scores (ESA dot, Quest bound, Hamming, KVStar voting)
 - :mod:`ucm_trt.sparse.select` selection with forced sink/local windows and a budget (DESIGN §3 format)
 - :mod:`ucm_trt.sparse.recall` attention-mass recall, oracle selection, recall curves
+- :mod:`ucm_trt.sparse.batched` all layers of a request at once (the offload policies' CPU
+  retrieval): a ``[L, Hkv, D, nb]`` representation store, one matmul, one batched selection
 """
 
 from __future__ import annotations
