@@ -406,6 +406,31 @@ def _drop_empty_row_guards(outputs: list[ir.Value]) -> int:
     return removed
 
 
+def _check_masks(proto: onnx.ModelProto, matches: list[tuple[AttentionMatch, NodeReport]], report) -> None:
+    """Run the subgraph computing each distinct attention mask once and mark the nodes whose mask
+    is not plain causal as unsupported (``graph.mask_probe``): the UCM op would drop it."""
+    from ucm_trt.graph.mask_probe import probe_causal_mask
+
+    past_shapes = {}
+    for m, _ in matches:
+        for v in (m.past_key, m.past_value):
+            if v is not None and v.is_graph_input():
+                past_shapes[v.name] = (m.num_kv_heads, m.head_dim)
+    verdicts: dict[tuple[str, bool], str | None] = {}
+    for m, nr in matches:
+        mask = m.extra.get("mask")
+        if mask is None:
+            continue
+        key = (mask.name, bool(m.extra.get("mask_causal_applied", False)))
+        if key not in verdicts:
+            elem = int(mask.dtype) if mask.dtype is not None else onnx.TensorProto.FLOAT
+            verdicts[key] = probe_causal_mask(proto, mask.name, past_shapes, mask_elem_type=elem,
+                                              causal_applied=key[1])
+        why = verdicts[key]
+        if why is not None:
+            nr.status, nr.reason = "unsupported", f"mask {mask.name!r}: {why}"
+
+
 def rewrite_model(
     model: str | Path | onnx.ModelProto,
     *,
@@ -473,6 +498,9 @@ def rewrite_model(
         report.nodes.append(nr)
         if nr.status == "rewritten":
             matches.append((res, nr))
+
+    _check_masks(proto, matches, report)
+    matches = [(m, nr) for m, nr in matches if nr.status == "rewritten"]
 
     # layer numbers: from the past input names, else in graph order
     seen_layers: dict[int, str] = {}

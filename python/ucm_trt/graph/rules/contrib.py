@@ -141,7 +141,7 @@ class GroupQueryAttentionRule(Rule):
         if packed:
             notes.append("packed QKV split")
         if _in(node, 10) is not None:
-            notes.append("attention_bias assumed to be the causal mask (not interpreted)")
+            notes.append("attention_bias checked to hide nothing beyond causality (not passed to the UCM op)")
         if _in(node, 9) is not None:
             notes.append("rotary at the true positions seq_lens - T + t (GQA position_ids not read)")
         scale = attr(node, "scale", 0.0) or default_scale(d)
@@ -151,6 +151,8 @@ class GroupQueryAttentionRule(Rule):
             present_value=node.outputs[2], num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=float(scale),
             layout="bt(hd)", extra={"packed": packed, "notes": notes},
         )  # fmt: skip
+        if _in(node, 10) is not None:  # GQA is causal itself; the driver checks the bias hides nothing more
+            m.extra["mask"], m.extra["mask_causal_applied"] = _in(node, 10), True
         if do_rotary:
             if cos is None or sin is None:
                 return Failure("GroupQueryAttention do_rotary=1 without cos_cache/sin_cache")

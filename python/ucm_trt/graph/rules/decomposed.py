@@ -11,9 +11,10 @@ Pattern (shared/reference/models.md §4), anchored at Softmax:
                                                           Cast / Identity / Dropout are skipped)
     out    = MatMul(P', repeat_kv(Concat(past_value, v_new, axis=2)))
 
-The mask is not interpreted: the UCM node applies causal + block visibility itself, so the
-graph must be plain causal self-attention (padding masks are replaced by ``seq_lens``;
-sliding-window masks are not represented — see docs/graph.md).
+The mask is not interpreted here: the UCM node applies causal + block visibility itself, so the
+graph must be plain causal self-attention (padding masks are replaced by ``seq_lens``). The driver
+runs the subgraph computing the mask to check that it is causal (``graph.mask_probe``): sliding
+windows and other restrictions are refused, not rewritten.
 """
 
 from __future__ import annotations
@@ -79,11 +80,12 @@ class DecomposedAttentionRule(Rule):
         add = producer(x, "Add")
         qk = None
         mask_found = False
+        mask = None
         if add is not None:
             for i in (0, 1):
                 inner, _ = peel_scale(add.inputs[i])
                 if producer(inner, "MatMul") is not None:
-                    qk, mask_found = add.inputs[i], True
+                    qk, mask_found, mask = add.inputs[i], True, add.inputs[1 - i]
                     break
         else:
             inner, _ = peel_scale(x)
@@ -130,5 +132,6 @@ class DecomposedAttentionRule(Rule):
             past_key=past_k, past_value=past_v, present_key=k_cat, present_value=v_cat,
             num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=s_out * s_q * s_k,
         )  # fmt: skip
+        m.extra["mask"] = mask  # the driver checks it is plain causal (graph.mask_probe)
         capture_rope(m)
         return m

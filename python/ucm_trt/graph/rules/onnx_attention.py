@@ -86,4 +86,6 @@ class OnnxAttentionRule(Rule):
             scale=float(scale) if scale is not None else default_scale(d),
         )  # fmt: skip
         capture_rope(m)
+        if mask is not None:  # the driver checks it (graph.mask_probe); with is_causal=1 the op adds causality
+            m.extra["mask"], m.extra["mask_causal_applied"] = mask, bool(causal)
         return m
