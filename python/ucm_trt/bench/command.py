@@ -162,9 +162,9 @@ def format_tables(result: dict[str, Any]) -> str:
         lines.append("CPU retrieval per decode step per sequence (median ms; target <= "
                      f"{result['retrieval']['target']['ms_per_step_per_seq']} ms at "
                      f"{result['retrieval']['target']['num_blocks']} blocks)")
-        lines.append(f"{'blocks':>7} {'tokens':>8} {'threads':>7} {'variant':>17} {'ms/step':>9} {'us/layer':>9} {'read floor ms':>13}")
+        lines.append(f"{'blocks':>7} {'tokens':>8} {'threads':>7} {'variant':>22} {'ms/step':>9} {'us/layer':>9} {'read floor ms':>13}")
         for r in result["retrieval"]["rows"]:
-            lines.append(f"{r['num_blocks']:>7} {r['context_tokens']:>8} {r['threads']:>7} {r['variant']:>17} "
+            lines.append(f"{r['num_blocks']:>7} {r['context_tokens']:>8} {r['threads']:>7} {r['variant']:>22} "
                          f"{r['ms_per_step_per_seq']:>9.2f} {r['us_per_layer']:>9.1f} {r['read_floor_ms']:>13.2f}")
     if "offload" in result:
         lines.append("Offload (tiny Llama, runtime Engine, torch backend, CPU)")
