@@ -12,6 +12,9 @@ Lifecycle of a request, as the runtime calls the hooks::
         plan(reqs) -> selections        per layer, per batch row: int32 [Hkv, S] logical block ids
                                         (sorted, -1 padded) this step attends to, or None = all
                                         blocks. The runtime prefetches exactly these blocks.
+        prefetch(reqs) -> coming | None (optional, RuntimeConfig.early_prefetch) blocks a later
+                                        selection will need, loaded ahead without being attended
+        graph_key()                     what a CUDA-graph capture of this step's hooks depends on
         layer_selection(layer, q, step) per-layer hook inside the forward, on the KV's device;
                                         NotImplemented = use plan()'s selection
         on_append(layer, ...)           per-layer hook when new K/V lands in the pool
