@@ -13,10 +13,12 @@ Layout (DESIGN §3)
   host memory (pinned when the device is CUDA). Every *completed* block of every layer is written
   back to it once (device -> host, when it fills); the partial last block is always resident
   because the local window holds it. One host id per logical block, shared by all layers.
-* Working set, per (request, layer): the resident logical blocks, in LRU order. Each step the
-  policy names the blocks a layer needs (sink + local + selected); :meth:`KVManager.plan_step`
-  copies in only the missing ones (delta prefetch, host -> device, on a side CUDA stream when
-  on GPU) and evicts unneeded blocks beyond ``cache_blocks`` of LRU cache.
+* Working set, per (request, layer): the resident logical blocks, held as a numpy block-table
+  row plus last-use stamps (LRU order). Each step the policy names the blocks a layer needs
+  (sink + local + selected); :meth:`KVManager.plan_step` computes with vector operations which
+  blocks to evict (unneeded ones beyond ``cache_blocks`` of LRU cache) and which to copy in (delta
+  prefetch, host -> device: one :func:`ucm_trt.kernels.copy_blocks` launch per layer on a side
+  CUDA stream on GPU, reading the pinned store directly; an indexed copy on the CPU).
 
 Without offload every block of every request stays resident and the host store is not built.
 """
