@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from runtime_table import steady_tokens_per_s
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -60,12 +62,7 @@ def main(argv=None) -> int:
     for r in runtime["runs"]:
         if "error" in r:
             continue
-        # steady state (rows / median step) when recorded; older files have the whole-run rate only
-        rate = r.get("decode_tokens_per_s_steady") if r.get("decode_step_ms_mean_steady") else None
-        if rate is None and r.get("decode_step_ms_first") is not None and r.get("decode_steps", 0) > 1:
-            # mean over every decode step but the first (kernel compilation, graph capture)
-            rate = r["batch"] * 1e3 * (r["decode_steps"] - 1) / (1e3 * r["decode_seconds"] - r["decode_step_ms_first"])
-        by_alg.setdefault(r["algorithm"], []).append((r["context"], rate or r["decode_tokens_per_s"]))
+        by_alg.setdefault(r["algorithm"], []).append((r["context"], steady_tokens_per_s(r)))
     for alg, pts in sorted(by_alg.items()):
         pts.sort()
         ax.plot([c for c, _ in pts], [t for _, t in pts], "-o", label=alg)

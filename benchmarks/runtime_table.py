@@ -18,6 +18,15 @@ def _fmt(x, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def steady_tokens_per_s(r: dict) -> float | None:
+    """Rows per mean decode step after warm-up. Files from before ``decode_step_ms_mean_steady``
+    existed: the mean over every step but the first, from the totals; else the whole-run rate."""
+    mean = r.get("decode_step_ms_mean_steady")
+    if mean is None and r.get("decode_step_ms_first") is not None and r.get("decode_steps", 0) > 1:
+        mean = (1e3 * r["decode_seconds"] - r["decode_step_ms_first"]) / (r["decode_steps"] - 1)
+    return r["batch"] * 1e3 / mean if mean else r.get("decode_tokens_per_s")
+
+
 def main(paths: list[str]) -> int:
     if not paths:
         print("usage: runtime_table.py RESULT.json [...]", file=sys.stderr)
@@ -38,12 +47,7 @@ def main(paths: list[str]) -> int:
                 print(f"{name:<34} {r['algorithm']:<14} {r['context']:>7} error: {r['error'][:60]}")
                 continue
             mb = (r.get("device_kv_bytes_last_decode") or 0) / 2**20
-            # steady state: rows per mean step after warm-up (files from before that field existed:
-            # the mean over every step but the first, from the totals)
-            mean = r.get("decode_step_ms_mean_steady")
-            if mean is None and r.get("decode_step_ms_first") is not None and r.get("decode_steps", 0) > 1:
-                mean = (1e3 * r["decode_seconds"] - r["decode_step_ms_first"]) / (r["decode_steps"] - 1)
-            steady = r["batch"] * 1e3 / mean if mean else r.get("decode_tokens_per_s")
+            steady = steady_tokens_per_s(r)
             h2d = (r.get("decode_bytes_h2d_per_step") or 0) / 2**20
             print(f"{name:<34} {r['algorithm']:<14} {r['context']:>7} {r['batch']:>2} "
                   f"{r.get('cuda_graph_mode', '-'):>5} {_fmt(steady):>7} "
