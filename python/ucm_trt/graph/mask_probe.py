@@ -29,6 +29,15 @@ MIN_DECODE_PAST = 32768
 MAX_PAST_BYTES = 512 * 2**20
 
 
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """Values ``node`` reads: its inputs and those of its subgraphs (If/Loop read outer values)."""
+    out = list(node.input)
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            out.extend(i for sn in g.node for i in sn.input)
+    return out
+
+
 def _ancestor_inputs(graph: onnx.GraphProto, name: str) -> tuple[list[str], list[onnx.NodeProto]]:
     inputs = {i.name for i in graph.input}
     inits = {i.name for i in graph.initializer}
@@ -48,11 +57,7 @@ def _ancestor_inputs(graph: onnx.GraphProto, name: str) -> tuple[list[str], list
         if n is None:
             continue
         nodes.append(n)
-        need.extend(n.input)
-        for a in n.attribute:  # subgraphs (If/Loop) read outer values too
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                for sn in g.node:
-                    need.extend(sn.input)
+        need.extend(_reads(n))
     return [i.name for i in graph.input if i.name in found], nodes
 
 
@@ -62,11 +67,7 @@ def _subgraph_model(model: onnx.ModelProto, inputs: list[str], nodes: list[onnx.
     graph = model.graph
     keep = {id(n) for n in nodes}
     ordered = [n for n in graph.node if id(n) in keep]
-    read = {i for n in ordered for i in n.input}
-    for n in ordered:
-        for a in n.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                read.update(i for sn in g.node for i in sn.input)
+    read = {i for n in ordered for i in _reads(n)}
     g = onnx.helper.make_graph(
         ordered, "ucm_mask_probe", [i for i in graph.input if i.name in inputs],
         [onnx.helper.make_tensor_value_info(output, elem_type, None)],
