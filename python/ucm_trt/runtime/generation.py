@@ -246,10 +246,8 @@ class Engine:
         # per request and layer: (selection tensor, its version, its blocks) of the last plan
         self._needed_cache: dict[str, dict[int, tuple[torch.Tensor, int, np.ndarray]]] = {}
         self._prefetch_cache: dict[str, dict[int, tuple[torch.Tensor, int, np.ndarray]]] = {}
-        # what the selection buffers hold: (rows, per-layer per-row (tensor, version) or block count)
-        self._sel_written: tuple | None = None
-        self._sel_written_refs: list = []
-        self._sel_result: tuple | None = None
+        # what the selection buffers hold: (key, the keyed tensors kept alive, (views, widths))
+        self._sel_last: tuple | None = None
         self._closed = False
 
     # ================================================================== requests
@@ -420,14 +418,12 @@ class Engine:
         sels = self.policy.plan(views)
         if len(sels) != L or any(len(s) != b for s in sels):
             raise RuntimeError(f"policy {self.policy.name!r} returned selections of the wrong shape")
-        needed = [[None if s is None else self._needed_set(self._needed_cache, rid, layer, s)
-                   for rid, s in zip(rows, per_row, strict=True)] for layer, per_row in enumerate(sels)]
+        needed = self._block_arrays(self._needed_cache, rows, sels)
         prefetch = None
         if self.config.early_prefetch and self.policy.offload:
             coming = self.policy.prefetch(views)
             if coming is not None:
-                prefetch = [[None if s is None else self._needed_set(self._prefetch_cache, rid, layer, s)
-                             for rid, s in zip(rows, per_row, strict=True)] for layer, per_row in enumerate(coming)]
+                prefetch = self._block_arrays(self._prefetch_cache, rows, coming)
         tr = StepTransfer()
         self.kv.plan_step(rows, [1] * b, needed, tr, prefetch=prefetch)
         selections, widths = self._write_selections(sels, [v.new_len for v in views], bs, b, H)
@@ -455,16 +451,25 @@ class Engine:
         self._record("decode", b, b, t0, tr, held, plan_seconds)
         return emitted
 
-    def _needed_set(self, caches: dict, rid: str, layer: int, sel: torch.Tensor) -> np.ndarray:
-        """Blocks of a selection (int64, unique); the same array object while the policy hands back
-        the same, unmodified tensor (between retrievals), which lets the working-set update skip
-        the layer."""
-        cache = caches.setdefault(rid, {})
-        hit = cache.get(layer)
-        if hit is not None and hit[0] is sel and hit[1] == sel._version:
-            return hit[2]
-        out = np.unique(sel[sel >= 0].cpu().numpy()).astype(np.int64)
-        cache[layer] = (sel, sel._version, out)
+    @staticmethod
+    def _block_arrays(caches: dict, rows: list[str], sels) -> list[list[np.ndarray | None]]:
+        """Per layer, per row: the blocks of a selection (int64, unique), or None (every block).
+        The same array object comes back while the policy hands back the same, unmodified tensor
+        (between retrievals), which lets the working-set update skip the layer."""
+        out = []
+        for layer, per_row in enumerate(sels):
+            arrays = []
+            for rid, sel in zip(rows, per_row, strict=True):
+                if sel is None:
+                    arrays.append(None)
+                    continue
+                cache = caches.setdefault(rid, {})
+                hit = cache.get(layer)
+                if hit is None or hit[0] is not sel or hit[1] != sel._version:
+                    hit = (sel, sel._version, np.unique(sel[sel >= 0].cpu().numpy()).astype(np.int64))
+                    cache[layer] = hit
+                arrays.append(hit[2])
+            out.append(arrays)
         return out
 
     def _decode_forward(self, b: int, widths: tuple, ctx: StepContext) -> torch.Tensor:
@@ -489,8 +494,8 @@ class Engine:
         """
         key = (b, tuple(tuple((id(x), x._version) if x is not None else -(-n // bs) for x, n in zip(per_row, new_lens, strict=True))
                         if any(x is not None for x in per_row) else None for per_row in sels))
-        if key == self._sel_written and self._sel_result is not None:
-            return self._sel_result  # the same selections as the last step: the device buffer holds them
+        if self._sel_last is not None and key == self._sel_last[0]:
+            return self._sel_last[2]  # the same selections as the last step: the device buffer holds them
         out: list[int | None] = []
         sh = self._sel_h
         touched = False
@@ -519,10 +524,9 @@ class Engine:
         if touched:
             self._sel[:, :b].copy_(sh[:, :b], non_blocking=self._sel.device.type == "cuda")
         views = [None if w is None else self._sel[layer, :b, :, :w] for layer, w in enumerate(out)]
-        # keep the tensors alive so their ids in the key cannot be reused by new tensors
-        self._sel_written, self._sel_written_refs = key, [x for per_row in sels for x in per_row]
-        self._sel_result = (views, tuple(out))
-        return self._sel_result
+        # the keyed tensors are kept alive so their ids cannot be reused by new tensors
+        self._sel_last = (key, [x for per_row in sels for x in per_row], (views, tuple(out)))
+        return self._sel_last[2]
 
     # ================================================================== sampling / finishing
     def _sample(self, logits: torch.Tensor, req: _Request) -> int:
@@ -582,6 +586,8 @@ class Engine:
         self._waiting.clear()
         self._running.clear()
         self._prefilling = None
+        self._needed_cache.clear()
+        self._prefetch_cache.clear()
 
     def generate(
         self,
