@@ -397,12 +397,7 @@ class KVManager:
         if any(loads):
             self._load(loads, transfer)
         if any(early):
-            n = self._copy_layers(early, to_device=True)
-            if self.copy_stream is not None:
-                self._early_event = torch.cuda.Event()
-                self._early_event.record(self.copy_stream)
-            transfer.blocks_loaded += n
-            transfer.bytes_h2d += n * self.block_bytes
+            self._load(early, transfer, early=True)
         self._write_tables(rids)
 
     def _plan_layer(self, seq: _Seq, layer: int, want, geom: tuple[int, int, int],
@@ -536,40 +531,41 @@ class KVManager:
         if stream is not None:
             from ucm_trt.kernels.block_copy import copy_blocks
 
-            dev = self.layout.device
-            stream.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(stream):
-                for layer, parts in enumerate(copies):
-                    if not parts:
-                        continue
-                    hids = np.concatenate([h for h, _ in parts])
-                    phys = np.concatenate([p for _, p in parts])
-                    ids = torch.from_numpy(np.stack([hids, phys.astype(np.int64)])).pin_memory().to(dev, non_blocking=True)
-                    if to_device:
-                        copy_blocks(self.host[layer], self.pools[layer], ids[0], ids[1])
-                    else:
-                        copy_blocks(self.pools[layer], self.host[layer], ids[1], ids[0])
-                    total += hids.size
-        else:
-            for layer, parts in enumerate(copies):
-                if not parts:
-                    continue
-                hids = torch.from_numpy(np.concatenate([h for h, _ in parts]))
-                phys = torch.from_numpy(np.concatenate([p for _, p in parts]).astype(np.int64))
+            stream.wait_stream(torch.cuda.current_stream(self.layout.device))
+        for layer, parts in enumerate(copies):
+            if not parts:
+                continue
+            ids = torch.from_numpy(np.stack([np.concatenate([h for h, _ in parts]),
+                                             np.concatenate([p for _, p in parts]).astype(np.int64)]))
+            hids, phys = ids[0], ids[1]
+            total += hids.numel()
+            if stream is None:
                 if to_device:
                     self.pools[layer][phys] = self.host[layer][hids]
                 else:
                     self.host[layer][hids] = self.pools[layer][phys]
-                total += hids.numel()
+                continue
+            with torch.cuda.stream(stream):
+                ids = ids.pin_memory().to(self.layout.device, non_blocking=True)
+                if to_device:
+                    copy_blocks(self.host[layer], self.pools[layer], ids[0], ids[1])
+                else:
+                    copy_blocks(self.pools[layer], self.host[layer], ids[1], ids[0])
         return total
 
-    def _load(self, loads: list[list[tuple[np.ndarray, np.ndarray]]], transfer: StepTransfer) -> None:
+    def _load(self, loads: list[list[tuple[np.ndarray, np.ndarray]]], transfer: StepTransfer, *,
+              early: bool = False) -> None:
+        """Host -> device copies on the side stream. This step's forward waits for them, except
+        ``early`` ones (a coming selection's), which the next plan waits for."""
         t0 = time.perf_counter()
         n = self._copy_layers(loads, to_device=True)
         if self.copy_stream is not None:
             ev = torch.cuda.Event()
             ev.record(self.copy_stream)
-            torch.cuda.current_stream(self.layout.device).wait_event(ev)
+            if early:
+                self._early_event = ev
+            else:
+                torch.cuda.current_stream(self.layout.device).wait_event(ev)
         transfer.load_seconds += time.perf_counter() - t0
         transfer.blocks_loaded += n
         transfer.bytes_h2d += n * self.block_bytes
