@@ -380,25 +380,3 @@ def block_topk(
         num_warps=8 if nblk >= 2048 else 4,
     )
     return out
-
-
-def hash_retrieve(
-    q: torch.Tensor,
-    hash_codes: torch.Tensor,
-    hash_weight: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    *,
-    top_k: int,
-    sink_blocks: int,
-    local_blocks: int,
-    shared: bool = True,
-    validate: bool = True,
-) -> torch.Tensor:
-    """GSA On-Device retrieval: query hash -> Hamming block scores -> block top-k (three launches).
-
-    Returns int32 ``[B, Hkv, top_k]`` sorted logical block ids padded with -1.
-    """
-    scores = hamming_block_scores(q, hash_codes, hash_weight, block_table, seq_lens, validate=validate)
-    return block_topk(scores, seq_lens, top_k=top_k, block_size=hash_codes.shape[2], sink_blocks=sink_blocks,
-                      local_blocks=local_blocks, largest=False, shared=shared)
