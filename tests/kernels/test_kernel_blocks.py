@@ -45,6 +45,8 @@ def _block_lens(n, nb, bs):
 @pytest.mark.parametrize("d,hkv,bs,bits,t,num_new", [
     (64, 2, 16, 32, 1, None),           # decode: one token per sequence
     (128, 1, 16, 64, 21, [21, 3, 0]),   # ragged prefill chunk crossing block boundaries, one seq idle
+    (80, 2, 16, 32, 1, None),           # head_dim 80 / 96: next power-of-two tile, masked lanes
+    (96, 1, 32, 64, 21, [21, 3, 0]),
 ])
 def test_append_kv_updates_pool_and_reps(d, hkv, bs, bits, t, num_new, device):
     gen = torch.Generator().manual_seed(d + t)
@@ -124,6 +126,46 @@ def test_append_kv_bad_inputs(device):
     with pytest.raises(ValueError, match="hash_codes and hash_weight"):
         append_kv(case.kv_pool, case.block_table, case.seq_lens, k, k,
                   hash_weight=torch.zeros(32, 16, device=device))
+
+
+def test_append_kv_bad_ids_are_skipped_and_flagged(device):
+    """Issue 17: with validate=False a bad table entry or bad lengths write nothing outside the pool."""
+    from ucm_trt.kernels.guard import IndexGuard, IndexOutOfRangeError
+
+    gen = torch.Generator().manual_seed(3)
+    final = [40, 33, 20]
+    case = make_paged_case(lens=tuple(final), hkv=2, group=1, d=32, bs=16, tq=1, dtype=torch.float32,
+                           device=device, gen=gen, poison=False)
+    pool, table = case.kv_pool, case.block_table
+    k = torch.randn((3, 2, 4, 32), generator=gen).to(device)
+    bad_table = table.clone()
+    bad_table[1, 2] = pool.shape[0] + 5  # sequence 1 appends into logical block 2 (positions 29..32)
+    guard = IndexGuard(device)
+    before = pool.clone()
+    append_kv(pool, bad_table, case.seq_lens, k, k, validate=False, guard=guard)
+    expect = before.clone()
+    for b, n in enumerate(final):
+        for i, p in enumerate(range(n - 4, n)):
+            if b == 1 and p // 16 == 2:
+                continue  # the block with the bad id is skipped
+            phys = int(table[b, p // 16])
+            expect[phys, :, :, p % 16] = k[b, :, i]
+    assert torch.equal(pool, expect)
+    with pytest.raises(IndexOutOfRangeError, match="append_kv: a block_table entry in use is outside"):
+        guard.check("decode step")
+    for seq_lens, num_new in (([40, 33, 10**6], None), ([40, 3, 20], None), ([40, 33, 20], [4, 5, 4])):
+        before = pool.clone()
+        nn_t = None if num_new is None else torch.tensor(num_new, dtype=torch.int32, device=device)
+        append_kv(pool, table, torch.tensor(seq_lens, dtype=torch.int32, device=device), k, k, num_new=nn_t,
+                  validate=False, guard=guard)
+        bad_seq = 2 if seq_lens[2] > 20 else 1
+        for b in range(3):
+            if b != bad_seq:
+                continue
+            touched = table[b, : (final[b] + 15) // 16].long()
+            assert torch.equal(pool[touched], before[touched]), "a sequence with bad lengths is not written"
+        with pytest.raises(IndexOutOfRangeError, match="append_kv: num_new / seq_lens out of range"):
+            guard.check("decode step")
 
 
 # ------------------------------------------------------------------ retrieval
