@@ -220,7 +220,7 @@ def _retrieval_case(device, d=64, bs=16, lens=(150, 37, 16), hkv=2, group=4, bit
     return case, enc, codes, case.q[:, :, 0]
 
 
-@pytest.mark.parametrize("d,group", [(64, 4), (128, 8), (64, 1)])
+@pytest.mark.parametrize("d,group", [(64, 4), (128, 8), (64, 1), (96, 4), (80, 2)])
 def test_hamming_scores_match_reference(d, group, device):
     case, enc, codes, q = _retrieval_case(device, d=d, group=group, hkv=2 if group < 8 else 1)
     ref, qproj = _ref_hamming(q, case.kv_pool, case.block_table, case.seq_lens.tolist(), enc, 16)
@@ -229,9 +229,9 @@ def test_hamming_scores_match_reference(d, group, device):
     assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("quest", [False, True])
-def test_dot_and_quest_scores_match_reference(quest, device):
-    case, enc, codes, q = _retrieval_case(device, d=64, group=4, seed=3)
+@pytest.mark.parametrize("quest,d", [(False, 64), (True, 64), (True, 96), (False, 80)])
+def test_dot_and_quest_scores_match_reference(quest, d, device):
+    case, enc, codes, q = _retrieval_case(device, d=d, group=4, seed=3)
     nphys = case.kv_pool.shape[0]
     full = torch.full((nphys,), 16, dtype=torch.int32, device=device)
     lens = case.seq_lens.tolist()
@@ -303,7 +303,8 @@ def test_hash_retrieve_end_to_end(device):
 # ------------------------------------------------------------------ delta-RoPE
 
 
-@pytest.mark.parametrize("d,dtype", [(64, torch.float32), (128, torch.float32), (64, torch.bfloat16)])
+@pytest.mark.parametrize("d,dtype", [(64, torch.float32), (128, torch.float32), (64, torch.bfloat16),
+                                     (80, torch.float32), (96, torch.bfloat16)])
 def test_delta_rope_blocks(d, dtype, device):
     gen = torch.Generator().manual_seed(d)
     pool = torch.randn((9, 2, 2, 16, d), generator=gen).to(dtype).to(device)
@@ -323,6 +324,23 @@ def test_delta_rope_blocks(d, dtype, device):
     with pytest.raises(ValueError, match="block_ids must be in"):
         delta_rope_blocks_(pool, torch.tensor([9], dtype=torch.int32, device=device),
                            torch.tensor([1], device=device), theta=1e4)
+
+
+def test_delta_rope_bad_ids_are_skipped_and_flagged(device):
+    from ucm_trt.kernels.guard import IndexGuard, IndexOutOfRangeError
+
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.randn((5, 2, 2, 16, 32), generator=gen).to(device)
+    before = pool.clone()
+    guard = IndexGuard(device)
+    delta_rope_blocks_(pool, torch.tensor([2, 5, -1], dtype=torch.int32, device=device),
+                       torch.tensor([7, 7, 7], device=device), theta=1e4, validate=False, guard=guard)
+    expect = before.clone()
+    expect[2, 0] = R.delta_rope(before[2, 0], torch.tensor([7], device=device), theta=1e4)
+    torch.testing.assert_close(pool, expect, **tolerances_for(torch.float32))
+    assert torch.equal(pool[[0, 1, 3, 4]], before[[0, 1, 3, 4]]), "the bad ids touch nothing"
+    with pytest.raises(IndexOutOfRangeError, match="delta_rope_blocks_: a block_ids entry is outside the pool"):
+        guard.check("blend")
 
 
 # ------------------------------------------------------------------ GPU tier
