@@ -57,7 +57,7 @@ from ucm_trt.kernels._common import (
     next_pow2,
 )
 from ucm_trt.kernels.guard import IndexGuard
-from ucm_trt.limits import check_block_size, check_head_dim
+from ucm_trt.limits import block_size_problem, check_block_size, check_head_dim
 
 __all__ = [
     "GUARD_CODES",
@@ -312,6 +312,14 @@ def _fused_retrieve_kernel(
 # ------------------------------------------------------------------------------------------- launchers
 
 
+def check_block_size_arg(block_size: object) -> int:
+    """``block_size`` (an argument of that name) against :mod:`ucm_trt.limits`."""
+    problem = block_size_problem(block_size)
+    if problem is not None:
+        raise ValueError(f"block_size {problem}, got {block_size!r}")
+    return block_size  # type: ignore[return-value]
+
+
 def _check_query(q: torch.Tensor, hkv: int) -> tuple[torch.Tensor, int, int]:
     check_tensor("q", q, dtypes=KERNEL_FLOAT_DTYPES)
     if q.dim() == 4:
@@ -513,7 +521,7 @@ def quest_retrieve(
     query head, summed over the GQA group) or ``"mean_query"`` (bound of the group-averaged query).
     """
     _check_selection_args(top_k, sink_blocks, local_blocks, shared, validate)
-    check_block_size("block_size", block_size)
+    check_block_size_arg(block_size)
     if quest_group not in ("sum", "mean_query"):
         raise ValueError(f"quest_group must be 'sum' or 'mean_query', got {quest_group!r}")
     nblocks, hkv, d = _check_reps(("block_min", "block_max"), block_min, block_max)
@@ -545,7 +553,7 @@ def dot_retrieve(
     """Dot-product retrieval in one launch: ``q_avg . block_mean`` per block (``[num_blocks, Hkv, D]``,
     physical ids), block top-k (largest scores; shared: summed over KV heads)."""
     _check_selection_args(top_k, sink_blocks, local_blocks, shared, validate)
-    check_block_size("block_size", block_size)
+    check_block_size_arg(block_size)
     nblocks, hkv, d = _check_reps(("block_mean",), block_mean, None)
     _check_q_dim(q, d, "block_mean")
     return _retrieve(_MODE_DOT, q, block_mean, None, None, block_table, seq_lens, num_blocks=nblocks, hkv=hkv,

@@ -38,6 +38,7 @@ from ucm_trt.kernels._common import (
     is_pow2,
     next_pow2,
 )
+from ucm_trt.kernels.fused_retrieval import check_block_size_arg
 from ucm_trt.limits import check_block_size, check_head_dim
 
 
@@ -275,7 +276,7 @@ def hamming_block_scores(
 def _rep_scores(q, r0, r1, block_table, seq_lens, block_size, quest, blocks_per_program, validate, names):
     check_bool("validate", validate)
     check_positive_int("blocks_per_program", blocks_per_program)
-    check_block_size("block_size", block_size)
+    check_block_size_arg(block_size)
     check_tensor(names[0], r0, ndim=3, dtypes=KERNEL_FLOAT_DTYPES)
     nblocks, hkv, d = r0.shape
     check_last_dim_contiguous(names[0], r0)
@@ -360,7 +361,7 @@ def block_topk(
     b, hkv, mb = scores.shape
     check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), shape=(b,))
     check_positive_int("top_k", top_k)
-    check_block_size("block_size", block_size)
+    check_block_size_arg(block_size)
     check_non_negative_int("sink_blocks", sink_blocks)
     check_non_negative_int("local_blocks", local_blocks)
     check_bool("largest", largest)
