@@ -76,3 +76,30 @@ def test_copy_blocks_reaches_pinned_host_memory(direction):
     unpinned = _pool(300, torch.bfloat16, "cpu", 0)
     with pytest.raises(ValueError, match="not pinned"):
         copy_blocks(unpinned, dev, h_ids.cuda(), d_ids.cuda())
+
+
+def test_copy_blocks_skips_and_flags_out_of_range_ids():
+    """Issue 17: a bad id must not crash the process (it was exit 139) nor touch memory outside the pools."""
+    from ucm_trt.kernels.guard import IndexGuard, IndexOutOfRangeError
+
+    src = _pool(6, torch.float16, DEVICE, 0)
+    dst = _pool(5, torch.float16, DEVICE, 1)
+    src_ids = torch.tensor([2, 6, 0, -1, 5, 3], device=DEVICE)  # 6 and -1 are outside src
+    dst_ids = torch.tensor([0, 1, 2, 3, 99, 4], device=DEVICE)  # 99 is outside dst
+    want = dst.clone()
+    for s, d in ((2, 0), (0, 2), (3, 4)):
+        want[d] = src[s]
+    guard = IndexGuard(DEVICE)
+    copy_blocks(src, dst, src_ids, dst_ids, guard=guard)
+    assert torch.equal(dst, want), "good pairs are copied, bad pairs skipped"
+    with pytest.raises(IndexOutOfRangeError, match="copy_blocks: a dst_ids entry is outside the destination pool"):
+        guard.check("write-back")
+    guard.check("next step")  # reset by check()
+    copy_blocks(src, dst, torch.tensor([7], device=DEVICE), torch.tensor([0], device=DEVICE), guard=guard)
+    with pytest.raises(IndexOutOfRangeError, match="copy_blocks: a src_ids entry"):
+        guard.check("prefetch")
+    before = dst.clone()
+    copy_blocks(src, dst, torch.tensor([-3], device=DEVICE), torch.tensor([10**9], device=DEVICE))  # no guard
+    assert torch.equal(dst, before)
+    with pytest.raises(TypeError, match="guard must be an IndexGuard"):
+        copy_blocks(src, dst, src_ids, dst_ids, guard=object())

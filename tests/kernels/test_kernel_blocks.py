@@ -45,6 +45,8 @@ def _block_lens(n, nb, bs):
 @pytest.mark.parametrize("d,hkv,bs,bits,t,num_new", [
     (64, 2, 16, 32, 1, None),           # decode: one token per sequence
     (128, 1, 16, 64, 21, [21, 3, 0]),   # ragged prefill chunk crossing block boundaries, one seq idle
+    (80, 2, 16, 32, 1, None),           # head_dim 80 / 96: next power-of-two tile, masked lanes
+    (96, 1, 32, 64, 21, [21, 3, 0]),
 ])
 def test_append_kv_updates_pool_and_reps(d, hkv, bs, bits, t, num_new, device):
     gen = torch.Generator().manual_seed(d + t)
@@ -126,6 +128,46 @@ def test_append_kv_bad_inputs(device):
                   hash_weight=torch.zeros(32, 16, device=device))
 
 
+def test_append_kv_bad_ids_are_skipped_and_flagged(device):
+    """Issue 17: with validate=False a bad table entry or bad lengths write nothing outside the pool."""
+    from ucm_trt.kernels.guard import IndexGuard, IndexOutOfRangeError
+
+    gen = torch.Generator().manual_seed(3)
+    final = [40, 33, 20]
+    case = make_paged_case(lens=tuple(final), hkv=2, group=1, d=32, bs=16, tq=1, dtype=torch.float32,
+                           device=device, gen=gen, poison=False)
+    pool, table = case.kv_pool, case.block_table
+    k = torch.randn((3, 2, 4, 32), generator=gen).to(device)
+    bad_table = table.clone()
+    bad_table[1, 2] = pool.shape[0] + 5  # sequence 1 appends into logical block 2 (positions 29..32)
+    guard = IndexGuard(device)
+    before = pool.clone()
+    append_kv(pool, bad_table, case.seq_lens, k, k, validate=False, guard=guard)
+    expect = before.clone()
+    for b, n in enumerate(final):
+        for i, p in enumerate(range(n - 4, n)):
+            if b == 1 and p // 16 == 2:
+                continue  # the block with the bad id is skipped
+            phys = int(table[b, p // 16])
+            expect[phys, :, :, p % 16] = k[b, :, i]
+    assert torch.equal(pool, expect)
+    with pytest.raises(IndexOutOfRangeError, match="append_kv: a block_table entry in use is outside"):
+        guard.check("decode step")
+    for seq_lens, num_new in (([40, 33, 10**6], None), ([40, 3, 20], None), ([40, 33, 20], [4, 5, 4])):
+        before = pool.clone()
+        nn_t = None if num_new is None else torch.tensor(num_new, dtype=torch.int32, device=device)
+        append_kv(pool, table, torch.tensor(seq_lens, dtype=torch.int32, device=device), k, k, num_new=nn_t,
+                  validate=False, guard=guard)
+        bad_seq = 2 if seq_lens[2] > 20 else 1
+        for b in range(3):
+            if b != bad_seq:
+                continue
+            touched = table[b, : (final[b] + 15) // 16].long()
+            assert torch.equal(pool[touched], before[touched]), "a sequence with bad lengths is not written"
+        with pytest.raises(IndexOutOfRangeError, match="append_kv: num_new / seq_lens out of range"):
+            guard.check("decode step")
+
+
 # ------------------------------------------------------------------ retrieval
 
 
@@ -178,7 +220,7 @@ def _retrieval_case(device, d=64, bs=16, lens=(150, 37, 16), hkv=2, group=4, bit
     return case, enc, codes, case.q[:, :, 0]
 
 
-@pytest.mark.parametrize("d,group", [(64, 4), (128, 8), (64, 1)])
+@pytest.mark.parametrize("d,group", [(64, 4), (128, 8), (64, 1), (96, 4), (80, 2)])
 def test_hamming_scores_match_reference(d, group, device):
     case, enc, codes, q = _retrieval_case(device, d=d, group=group, hkv=2 if group < 8 else 1)
     ref, qproj = _ref_hamming(q, case.kv_pool, case.block_table, case.seq_lens.tolist(), enc, 16)
@@ -187,9 +229,9 @@ def test_hamming_scores_match_reference(d, group, device):
     assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("quest", [False, True])
-def test_dot_and_quest_scores_match_reference(quest, device):
-    case, enc, codes, q = _retrieval_case(device, d=64, group=4, seed=3)
+@pytest.mark.parametrize("quest,d", [(False, 64), (True, 64), (True, 96), (False, 80)])
+def test_dot_and_quest_scores_match_reference(quest, d, device):
+    case, enc, codes, q = _retrieval_case(device, d=d, group=4, seed=3)
     nphys = case.kv_pool.shape[0]
     full = torch.full((nphys,), 16, dtype=torch.int32, device=device)
     lens = case.seq_lens.tolist()
@@ -261,7 +303,8 @@ def test_hash_retrieve_end_to_end(device):
 # ------------------------------------------------------------------ delta-RoPE
 
 
-@pytest.mark.parametrize("d,dtype", [(64, torch.float32), (128, torch.float32), (64, torch.bfloat16)])
+@pytest.mark.parametrize("d,dtype", [(64, torch.float32), (128, torch.float32), (64, torch.bfloat16),
+                                     (80, torch.float32), (96, torch.bfloat16)])
 def test_delta_rope_blocks(d, dtype, device):
     gen = torch.Generator().manual_seed(d)
     pool = torch.randn((9, 2, 2, 16, d), generator=gen).to(dtype).to(device)
@@ -281,6 +324,23 @@ def test_delta_rope_blocks(d, dtype, device):
     with pytest.raises(ValueError, match="block_ids must be in"):
         delta_rope_blocks_(pool, torch.tensor([9], dtype=torch.int32, device=device),
                            torch.tensor([1], device=device), theta=1e4)
+
+
+def test_delta_rope_bad_ids_are_skipped_and_flagged(device):
+    from ucm_trt.kernels.guard import IndexGuard, IndexOutOfRangeError
+
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.randn((5, 2, 2, 16, 32), generator=gen).to(device)
+    before = pool.clone()
+    guard = IndexGuard(device)
+    delta_rope_blocks_(pool, torch.tensor([2, 5, -1], dtype=torch.int32, device=device),
+                       torch.tensor([7, 7, 7], device=device), theta=1e4, validate=False, guard=guard)
+    expect = before.clone()
+    expect[2, 0] = R.delta_rope(before[2, 0], torch.tensor([7], device=device), theta=1e4)
+    torch.testing.assert_close(pool, expect, **tolerances_for(torch.float32))
+    assert torch.equal(pool[[0, 1, 3, 4]], before[[0, 1, 3, 4]]), "the bad ids touch nothing"
+    with pytest.raises(IndexOutOfRangeError, match="delta_rope_blocks_: a block_ids entry is outside the pool"):
+        guard.check("blend")
 
 
 # ------------------------------------------------------------------ GPU tier

@@ -16,6 +16,11 @@ forced in, the best of the rest fill ``top_k`` (ties go to the lower block id), 
 sorted ascending and padded with -1 when a sequence has fewer than ``top_k`` blocks. With
 ``shared=True`` the per-head scores are first reduced over KV heads (min for smaller-is-better,
 max for larger-is-better) and every head gets the same selection.
+
+These are the separate score and top-k launches (scores come back to the caller). Retrieval itself
+(scores + top-k in one launch) is :mod:`ucm_trt.kernels.fused_retrieval` (``hash_retrieve``,
+``quest_retrieve``, ``dot_retrieve``). A head_dim that is not a power of two runs in the next
+power-of-two tile with masked lanes.
 """
 
 from __future__ import annotations
@@ -27,38 +32,40 @@ import triton.language as tl
 from ucm_trt._validation import check_non_negative_int, check_positive_int, check_same_device, check_tensor
 from ucm_trt.kernels._common import (
     KERNEL_FLOAT_DTYPES,
-    check_block_size,
     check_block_table_contents,
     check_bool,
     check_last_dim_contiguous,
     is_pow2,
     next_pow2,
 )
+from ucm_trt.kernels.fused_retrieval import check_block_size_arg
+from ucm_trt.limits import check_block_size, check_head_dim
 
 
 @triton.jit
-def _group_mean_query(q_ptr, stride_qb, stride_qh, b, h, G: tl.constexpr, D: tl.constexpr):
-    dd = tl.arange(0, D)
-    acc = tl.zeros([D], tl.float32)
+def _group_mean_query(q_ptr, stride_qb, stride_qh, b, h, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    dd = tl.arange(0, DP)
+    acc = tl.zeros([DP], tl.float32)
     for g in tl.static_range(G):
-        acc += tl.load(q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh + dd).to(tl.float32)
+        acc += tl.load(q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh + dd, mask=dd < D,
+                       other=0.0).to(tl.float32)
     return acc / G
 
 
 @triton.jit
 def _hash_query_kernel(
     q_ptr, w_ptr, code_ptr, stride_qb, stride_qh, H_KV,
-    G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr,
 ):
     """code[b, h] = sign(q_avg . W) > 0 packed little-endian into bytes (held as int32)."""
     pid = tl.program_id(0)
     b = pid // H_KV
     h = pid % H_KV
     NB8: tl.constexpr = BITS // 8
-    dd = tl.arange(0, D)
+    dd = tl.arange(0, DP)
     bb = tl.arange(0, BITS)
-    qa = _group_mean_query(q_ptr, stride_qb, stride_qh, b, h, G, D)
-    w = tl.load(w_ptr + dd[:, None] * BITS + bb[None, :])
+    qa = _group_mean_query(q_ptr, stride_qb, stride_qh, b, h, G, D, DP)
+    w = tl.load(w_ptr + dd[:, None] * BITS + bb[None, :], mask=(dd < D)[:, None], other=0.0)
     x = tl.sum(qa[:, None] * w, 0)
     qbits = tl.reshape((x > 0.0).to(tl.int32), (NB8, 8))
     qcode = tl.sum(qbits << tl.arange(0, 8)[None, :], 1)
@@ -105,14 +112,15 @@ def _rep_scores_kernel(
     stride_qb, stride_qh, stride_rn, stride_rh,
     stride_btb, stride_ob, stride_oh,
     H_KV, MAX_BLOCKS,
-    G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, CB: tl.constexpr, QUEST: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, CB: tl.constexpr,
+    QUEST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
     b = pid // H_KV
     h = pid % H_KV
-    dd = tl.arange(0, D)
-    qa = _group_mean_query(q_ptr, stride_qb, stride_qh, b, h, G, D)
+    dd = tl.arange(0, DP)
+    qa = _group_mean_query(q_ptr, stride_qb, stride_qh, b, h, G, D, DP)
     seq_len = tl.load(seqlen_ptr + b)
     cc = tl.arange(0, CB)
     blk = chunk * CB + cc
@@ -120,9 +128,10 @@ def _rep_scores_kernel(
     live = in_table & (blk * BS < seq_len)
     phys = tl.load(bt_ptr + b.to(tl.int64) * stride_btb + blk, mask=live, other=0).to(tl.int64)
     offs = phys[:, None] * stride_rn + h * stride_rh + dd[None, :]
-    r0 = tl.load(r0_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
+    r_m = live[:, None] & (dd < D)[None, :]
+    r0 = tl.load(r0_ptr + offs, mask=r_m, other=0.0).to(tl.float32)
     if QUEST:
-        r1 = tl.load(r1_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
+        r1 = tl.load(r1_ptr + offs, mask=r_m, other=0.0).to(tl.float32)
         s = tl.sum(tl.maximum(qa[None, :] * r0, qa[None, :] * r1), 1)
     else:
         s = tl.sum(qa[None, :] * r0, 1)
@@ -203,8 +212,7 @@ def _check_query(q: torch.Tensor, hkv: int) -> tuple[torch.Tensor, int, int, int
     b, hq, d = q.shape
     if hq % hkv:
         raise ValueError(f"q heads ({hq}) must be a positive multiple of the KV heads ({hkv})")
-    if not (is_pow2(d) and d <= 512):
-        raise ValueError(f"q head_dim must be a power of two <= 512, got {d}")
+    check_head_dim("q", d)
     check_last_dim_contiguous("q", q)
     return q, b, hq // hkv, d
 
@@ -250,7 +258,8 @@ def hamming_block_scores(
     out = torch.empty((b, hkv, mb), device=q.device, dtype=torch.float32)
     qcode = torch.empty((b * hkv, nbytes), device=q.device, dtype=torch.int32)
     _hash_query_kernel[(b * hkv,)](
-        q, hash_weight, qcode, q.stride(0), q.stride(1), hkv, G=group, D=d, BITS=bits, num_warps=4,
+        q, hash_weight, qcode, q.stride(0), q.stride(1), hkv, G=group, D=d, DP=next_pow2(d), BITS=bits,
+        num_warps=4,
     )
     cb = next_pow2(min(blocks_per_program, mb))
     grid = (b * hkv, -(-mb // cb))
@@ -267,7 +276,7 @@ def hamming_block_scores(
 def _rep_scores(q, r0, r1, block_table, seq_lens, block_size, quest, blocks_per_program, validate, names):
     check_bool("validate", validate)
     check_positive_int("blocks_per_program", blocks_per_program)
-    check_block_size("block_size", block_size)
+    check_block_size_arg(block_size)
     check_tensor(names[0], r0, ndim=3, dtypes=KERNEL_FLOAT_DTYPES)
     nblocks, hkv, d = r0.shape
     check_last_dim_contiguous(names[0], r0)
@@ -291,7 +300,7 @@ def _rep_scores(q, r0, r1, block_table, seq_lens, block_size, quest, blocks_per_
         q.stride(0), q.stride(1), r0.stride(0), r0.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1),
         hkv, mb,
-        G=group, D=d, BS=block_size, CB=cb, QUEST=quest, num_warps=4,
+        G=group, D=d, DP=next_pow2(d), BS=block_size, CB=cb, QUEST=quest, num_warps=4,
     )
     return out
 
@@ -352,7 +361,7 @@ def block_topk(
     b, hkv, mb = scores.shape
     check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), shape=(b,))
     check_positive_int("top_k", top_k)
-    check_block_size("block_size", block_size)
+    check_block_size_arg(block_size)
     check_non_negative_int("sink_blocks", sink_blocks)
     check_non_negative_int("local_blocks", local_blocks)
     check_bool("largest", largest)
@@ -380,25 +389,3 @@ def block_topk(
         num_warps=8 if nblk >= 2048 else 4,
     )
     return out
-
-
-def hash_retrieve(
-    q: torch.Tensor,
-    hash_codes: torch.Tensor,
-    hash_weight: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    *,
-    top_k: int,
-    sink_blocks: int,
-    local_blocks: int,
-    shared: bool = True,
-    validate: bool = True,
-) -> torch.Tensor:
-    """GSA On-Device retrieval: query hash -> Hamming block scores -> block top-k (three launches).
-
-    Returns int32 ``[B, Hkv, top_k]`` sorted logical block ids padded with -1.
-    """
-    scores = hamming_block_scores(q, hash_codes, hash_weight, block_table, seq_lens, validate=validate)
-    return block_topk(scores, seq_lens, top_k=top_k, block_size=hash_codes.shape[2], sink_blocks=sink_blocks,
-                      local_blocks=local_blocks, largest=False, shared=shared)

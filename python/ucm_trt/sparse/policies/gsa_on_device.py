@@ -14,8 +14,8 @@
 * ``rollback_layers`` always run dense; ``layer_reuse[l] = src`` makes layer ``l`` reuse this
   step's selection of layer ``src``.
 * ``use_kernel`` (default: on CUDA) runs the fused Triton ``ucm_trt.kernels.hash_retrieve`` (query hash,
-  paged Hamming scores, block top-k); otherwise PyTorch ops from :mod:`ucm_trt.sparse.score` /
-  :mod:`ucm_trt.sparse.select`. Both give the same selection (a CPU test runs the kernel under the
+  paged Hamming scores and block top-k in one launch, one scratch workspace per policy); otherwise
+  PyTorch ops from :mod:`ucm_trt.sparse.score` / :mod:`ucm_trt.sparse.select`. Both give the same selection (a CPU test runs the kernel under the
   Triton interpreter against the PyTorch path).
 """
 
@@ -78,6 +78,11 @@ class GSAOnDevicePolicy(Policy):
         if self.use_kernel is None:
             self.use_kernel = dev.type == "cuda"
         self._selected_dev = torch.zeros((), dtype=torch.int64, device=dev)
+        self._workspace = None
+        if self.use_kernel:
+            from ucm_trt.kernels import RetrievalWorkspace
+
+            self._workspace = RetrievalWorkspace(dev)
         self.encoders: dict[int, HashEncoder] = {}
         self.codes: dict[int, torch.Tensor] = {}
         self._weights: dict[int, torch.Tensor] = {}
@@ -148,7 +153,8 @@ class GSAOnDevicePolicy(Policy):
 
             sel = hash_retrieve(q[:, :, -1].contiguous(), self.codes[layer], self._weights[layer], step.tables(layer),
                                 step.seq_lens, top_k=cfg.top_k_tokens // bs, sink_blocks=s.sink_blocks,
-                                local_blocks=s.local_blocks, shared=s.selection == "shared", validate=False)
+                                local_blocks=s.local_blocks, shared=s.selection == "shared", validate=False,
+                                workspace=self._workspace)
             self._step_sel[layer] = sel
             self._selected_dev += (sel >= 0).sum()
             return sel
