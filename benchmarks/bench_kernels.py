@@ -1,22 +1,31 @@
-"""GPU benchmarks of the ucm_trt Triton kernels (DESIGN §5), one JSON row per measurement.
+"""GPU benchmarks of the ucm_trt Triton kernels against their peers (DESIGN §5, issue 14), one JSON row per
+measurement, all on the card and in the run that measures the copy bandwidth.
 
-Decode attention, GQA 32 query / 8 KV heads, head_dim 128, bf16, block size 128, seq_len a
-multiple of the block size (every block full), selection per KV head = sink block + 2 local
-blocks + random other blocks up to ``budget`` of the blocks, sorted:
+Decode attention (one query token), GQA 32 query / 8 KV heads, bf16, seq_len a multiple of the block size,
+head_dim 128 (plus 80 and 96 rows). Selections: sink block + 2 local blocks + random others up to
+``budget`` of the blocks, sorted; per KV head for ``ours_sparse``, shared by all heads for
+``ours_sparse_shared`` and FlashInfer (its pages are shared by all heads, so the peer comparison uses a
+head-shared selection: same blocks, same bytes).
 
-* ``dense_sdpa``: torch ``scaled_dot_product_attention(enable_gqa=True)`` over the full
-  contiguous K/V ``[B, 8, L, 128]`` (the baseline every speedup is against);
-* ``naive_gather_sdpa``: PyTorch gather of the selected blocks out of the pool, then SDPA;
-* ``ours_sparse``: :func:`ucm_trt.kernels.paged_sparse_attention` on the paged pool;
-* ``ours_dense_paged``: the same kernel with ``selection=None`` (every block);
-* ``ours_rerope`` / ``ours_rerope_sparse``: :func:`paged_rerope_attention` (window 32K, log-n on);
-* ``retrieval_*``: GPU retrieval per layer (query hash + Hamming block scores + block top-k, and
-  the dot / Quest variants) at 128K.
+* ``dense_sdpa`` (path ``torch``): ``scaled_dot_product_attention(enable_gqa=True)`` over contiguous K/V,
+  the baseline of every ``speedup_vs_dense``;
+* ``flashinfer_paged_decode`` (path ``flashinfer``): ``BatchDecodeWithPagedKVCacheWrapper`` (fa2 backend,
+  HND layout on our pool, no copy) with the selected blocks as its page table; ``speedup_vs_flashinfer``
+  of our sparse rows is against it (``null`` with the reason in ``flashinfer_error`` when it cannot run;
+  not run at head_dim 80/96);
+* ``ours_sparse`` / ``ours_sparse_shared`` / ``ours_dense_paged`` (``selection=None``), each on path
+  ``jit`` (:func:`ucm_trt.kernels.paged_sparse_attention`, the runtime's launcher), ``aot`` (the AOT
+  plugin's PTX, one launch through the CUDA driver exactly as TensorRT's launcher does) and ``aot_split``
+  (split-K as two chained AOT kernels: partials + merge, both through the driver);
+* ``ours_sparse_guard``: the JIT path with an :class:`~ucm_trt.kernels.guard.IndexGuard` (validate=False
+  with vs without; ``guard_overhead_pct``);
+* ``ours_sparse_ppsm``: the batch-1 split rule swept over ``programs_per_sm``;
+* ``retrieval_*``: GPU retrieval per layer at 128K.
 
-Every op is captured in a CUDA graph and timed by replaying it (CUDA events, median of
-``--reps``), with L2 flushed before each timed replay (``ucm_trt.testing.bench``).
-``effective_tbps`` counts the K/V bytes the op must read: all of them for dense, the selected
-ones for sparse ops. The card's device-to-device copy bandwidth is measured in the same run.
+Every op is captured in a CUDA graph and timed by replaying it (CUDA events, median of ``--reps``), with
+L2 flushed before each timed replay (``ucm_trt.testing.bench``). ``bytes_read`` counts the K/V bytes the op
+must read: all of them for dense, the selected ones for sparse ops. FlashInfer JIT-compiles its decode
+kernel on first use (about a minute with nvcc); its cache goes to ``--flashinfer-cache``.
 """
 
 # ruff: noqa: B023  (every lambda is graphed and timed at once, inside its loop iteration)
@@ -42,9 +51,11 @@ from ucm_trt.kernels import (
     paged_sparse_attention,
     quest_block_scores,
 )
+from ucm_trt.kernels.attention import ATTENTION_GUARD_CODES
+from ucm_trt.kernels.guard import IndexGuard
 from ucm_trt.testing.bench import bench_gpu_ms, copy_bandwidth_tbps
 
-HQ, HKV, D, BS = 32, 8, 128, 128
+HQ, HKV, D, BS = 32, 8, 128, 128  # retrieval rows: head_dim 128, block 128
 DTYPE = torch.bfloat16
 
 
@@ -66,10 +77,17 @@ def time_ms(fn, reps):
     return bench_gpu_ms(graphed(fn), warmup=5, reps=reps, flush_l2=True)
 
 
-def make_pool(batch, ctx, gen):
-    nb = ctx // BS
+class Ctx:
+    """Card-level facts every row carries."""
+
+    def __init__(self, card, date, copy_tbps, reps):
+        self.card, self.date, self.copy_tbps, self.reps = card, date, copy_tbps, reps
+
+
+def make_pool(batch, ctx, bs, d, gen):
+    nb = ctx // bs
     nphys = batch * nb + 1
-    pool = torch.empty((nphys, 2, HKV, BS, D), device="cuda", dtype=DTYPE)
+    pool = torch.empty((nphys, 2, HKV, bs, d), device="cuda", dtype=DTYPE)
     pool.normal_(generator=gen)
     perm = torch.randperm(nphys - 1, device="cuda", generator=gen) + 1
     table = perm.view(batch, nb).to(torch.int32)
@@ -77,108 +95,283 @@ def make_pool(batch, ctx, gen):
     return pool, table, seq
 
 
-def make_selection(batch, nb, budget, gen):
-    """Per-head sorted selection: block 0, the last 2 blocks, random others; width = round(budget * nb)."""
+def make_selection(batch, nb, budget, gen, *, shared=False):
+    """Sorted selection: block 0, the last 2 blocks, random others; width = round(budget * nb).
+    ``shared``: one selection for all KV heads (what a FlashInfer page table can express)."""
     k = max(3, round(budget * nb))
-    scores = torch.rand((batch, HKV, nb), device="cuda", generator=gen)
+    scores = torch.rand((batch, 1 if shared else HKV, nb), device="cuda", generator=gen)
     scores[..., 0] = 2.0
     scores[..., -2:] = 2.0
-    ids = scores.topk(k, dim=-1).indices.sort(dim=-1).values
-    return ids.to(torch.int32).contiguous()
+    ids = scores.topk(k, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+    return ids.expand(batch, HKV, k).contiguous() if shared else ids.contiguous()
 
 
 def contiguous_kv(pool, table):
     b, nb = table.shape
+    _, _, hkv, bs, d = pool.shape
     blocks = pool[table.long()]  # [B, nb, 2, Hkv, BS, D]
-    k = blocks[:, :, 0].permute(0, 2, 1, 3, 4).reshape(b, HKV, nb * BS, D).contiguous()
-    v = blocks[:, :, 1].permute(0, 2, 1, 3, 4).reshape(b, HKV, nb * BS, D).contiguous()
+    k = blocks[:, :, 0].permute(0, 2, 1, 3, 4).reshape(b, hkv, nb * bs, d).contiguous()
+    v = blocks[:, :, 1].permute(0, 2, 1, 3, 4).reshape(b, hkv, nb * bs, d).contiguous()
     return k, v
 
 
-def naive_gather_sdpa(q, pool, table, sel):
-    b, h, s = sel.shape
-    phys = torch.gather(table, 1, sel.view(b, h * s).long()).view(b, h, s)
-    heads = torch.arange(h, device=q.device).view(1, h, 1)
-    kv = pool[phys, :, heads]  # [B, Hkv, S, 2, BS, D]
-    k = kv[:, :, :, 0].reshape(b, h, s * BS, D)
-    v = kv[:, :, :, 1].reshape(b, h, s * BS, D)
-    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-
-def row(op, ctx, batch, budget, ms, nbytes, dense_ms, card, date, copy_tbps, **extra):
-    tbps = nbytes / (ms * 1e-3) / 1e12 if ms else None
+def row(cx, op, path, ctx, batch, budget, bs, d, ms, nbytes, dense_ms, **extra):
+    tbps = nbytes / (ms * 1e-3) / 1e12 if ms and nbytes else None
     r = {
-        "op": op, "context_len": ctx, "batch": batch, "budget": budget, "dtype": "bf16",
-        "block_size": BS, "num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D,
-        "median_ms": round(ms, 5), "bytes_read": int(nbytes), "effective_tbps": round(tbps, 4),
-        "pct_of_copy_bw": round(100 * tbps / copy_tbps, 1),
+        "op": op, "path": path, "context_len": ctx, "batch": batch, "budget": budget, "block_size": bs,
+        "head_dim": d, "dtype": "bf16", "num_q_heads": HQ, "num_kv_heads": HKV,
+        "us": round(ms * 1e3, 2), "median_ms": round(ms, 5), "bytes_read": int(nbytes) if nbytes else None,
+        "effective_tbps": round(tbps, 4) if tbps else None,
+        "pct_of_copy_bw": round(100 * tbps / cx.copy_tbps, 1) if tbps else None,
         "speedup_vs_dense": round(dense_ms / ms, 3) if dense_ms else None,
-        "card": card, "date": date,
-    }
+        "card": cx.card, "date": cx.date,
+    }  # fmt: skip
     r.update(extra)
     return r
 
 
-def bench_attention(args, card, date, copy_tbps, rows):
-    gen = torch.Generator(device="cuda").manual_seed(0)
+# ---------------------------------------------------------------------------------- FlashInfer peer
+
+
+class FlashInferPeer:
+    """FlashInfer's paged decode on our pool (HND layout: [pages, 2, Hkv, page_size, D], no copy), its
+    page table = the selected blocks' physical ids. ``error`` holds why it cannot run, if it cannot."""
+
+    def __init__(self, cache_dir):
+        self.error = None
+        self.version = None
+        try:
+            os.environ.setdefault("FLASHINFER_WORKSPACE_BASE", cache_dir)  # its JIT cache: must be writable
+            import flashinfer
+
+            self.fi = flashinfer
+            self.version = flashinfer.__version__
+            self.workspace = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+        except Exception as exc:  # noqa: BLE001 - recorded in every row instead
+            self.error = f"import flashinfer: {type(exc).__name__}: {exc}"
+
+    def decode_fn(self, q, pool, table, sel_shared, seq_len):
+        """A callable running FlashInfer decode over the blocks ``sel_shared`` [B, S] of each sequence."""
+        b, s = sel_shared.shape
+        bs = pool.shape[3]
+        indices = torch.gather(table, 1, sel_shared.long()).to(torch.int32).reshape(-1).contiguous()
+        indptr = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device="cuda")
+        # every selected block is full except possibly the sequence's last one (always selected here)
+        last = torch.full((b,), seq_len - (seq_len - 1) // bs * bs, dtype=torch.int32, device="cuda")
+        w = self.fi.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, kv_layout="HND", use_cuda_graph=True, paged_kv_indptr_buffer=indptr,
+            paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last, backend="fa2",
+        )  # fmt: skip
+        w.plan(indptr, indices, last, HQ, HKV, pool.shape[4], bs, q_data_type=q.dtype, kv_data_type=pool.dtype)
+        q3 = q[:, :, 0].contiguous()
+        out = torch.empty_like(q3)
+        return lambda: w.run(q3, pool, out=out)
+
+
+# ---------------------------------------------------------------------------------- AOT through the driver
+
+
+class AotPeer:
+    """The AOT plugin's kernels for one (block_size, head_dim), launched through the CUDA driver."""
+
+    def __init__(self, bs, d):
+        from trt_plugins import ops
+        from trt_plugins.aot import aot_launch
+
+        self.attrs = dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=d, block_size=bs, scale=d**-0.5)
+        self.target = ops.device_target()
+        self.single = aot_launch("UcmPagedSparseAttention", self.attrs, DTYPE, 1, self.target)
+        self._split = {}
+
+    def split(self, splits):
+        from trt_plugins._attention import aot_split_launch
+
+        if splits not in self._split:
+            self._split[splits] = aot_split_launch(self.attrs, DTYPE, 1, self.target, splits, rerope=False)
+        return self._split[splits]
+
+    @staticmethod
+    def inputs(q, pool, table, seq, sel):
+        """The op's inputs for a decode step: the chunk (the last token) as k/v, the pool as the past."""
+        b = q.shape[0]
+        bs = pool.shape[3]
+        last = seq.long() - 1
+        phys = table[torch.arange(b, device="cuda"), (last // bs)].long()
+        k = pool[phys, 0, :, (last % bs)].unsqueeze(2).contiguous()  # [B, Hkv, 1, D]
+        v = pool[phys, 1, :, (last % bs)].unsqueeze(2).contiguous()
+        return {"q": q, "k": k, "v": v, "kv_pool": pool, "block_table": table, "seq_lens": seq, "selection": sel}
+
+    def single_fn(self, inputs, out):
+        from trt_plugins.aot import int_cdiv
+        from trt_plugins.cuda_launch import PtxModule
+
+        la = self.single
+        mod = PtxModule(la.kernel.name, la.kernel.ptx)
+        shapes = {n: tuple(t.shape) for n, t in inputs.items()}
+        grid, extras = la.grid(shapes, int_cdiv), la.extras(shapes)
+        ptrs = [t.data_ptr() for t in inputs.values()]
+
+        def run():
+            mod.launch(grid, la.block, la.kernel.shared_mem, ptrs, extras, [out.data_ptr()])
+
+        return run, mod
+
+    def split_fn(self, inputs, out, splits):
+        from trt_plugins.aot import int_cdiv
+        from trt_plugins.cuda_launch import PtxModule
+        from ucm_trt.kernels.aot import partials_shapes
+
+        part, merge = self.split(splits)
+        shapes = {n: tuple(t.shape) for n, t in inputs.items()}
+        b, _, t, _ = shapes["q"]
+        from trt_plugins._attention import geometry
+
+        po_shape, lse_shape = partials_shapes(b, t, geometry(self.attrs, rerope=False), part.config, splits)
+        po = torch.empty(po_shape, dtype=torch.float32, device="cuda")
+        plse = torch.empty(lse_shape, dtype=torch.float32, device="cuda")
+        pm = PtxModule(part.kernel.name, part.kernel.ptx)
+        mm = PtxModule(merge.kernel.name, merge.kernel.ptx)
+        pg, pe = part.grid(shapes, int_cdiv), part.extras(shapes)
+        mg, me = merge.grid(shapes, int_cdiv), merge.extras(shapes)
+        ptrs = [x.data_ptr() for x in inputs.values()]
+
+        def run():
+            pm.launch(pg, part.block, part.kernel.shared_mem, ptrs, pe, [po.data_ptr(), plse.data_ptr()])
+            mm.launch(mg, merge.block, merge.kernel.shared_mem, [po.data_ptr(), plse.data_ptr()], me, [out.data_ptr()])
+
+        return run, (pm, mm, po, plse)
+
+
+def jit_splits(batch, sel_width, bs):
+    """The split count the JIT launch rule picks for this decode shape (the aot_split rows use it too)."""
+    from ucm_trt.kernels._common import num_sms
+    from ucm_trt.kernels.attention import plan_attention
+
+    return plan_attention(batch=batch, num_kv_heads=HKV, group=HQ // HKV, tq=1, head_dim=D, block_size=bs,
+                          work_items=sel_width + 2, sms=num_sms(torch.device("cuda"))).splits  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- attention
+
+
+def _try(rows, what, fn):
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - keep going; the failure is a row
+        import traceback
+
+        traceback.print_exc()
+        rows.append({"op": f"error_{what}", "error": f"{type(exc).__name__}: {exc}"})
+        return None
+
+
+def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
+    """All rows of one (context, batch, block_size, head_dim)."""
+    gen = torch.Generator(device="cuda").manual_seed(ctx + batch + bs + d)
+    nb = ctx // bs
+    pool, table, seq = make_pool(batch, ctx, bs, d, gen)
+    q = torch.randn((batch, HQ, 1, d), device="cuda", dtype=DTYPE, generator=gen)
+    out = torch.empty_like(q)
+    k, v = contiguous_kv(pool, table)
+    kv_bytes = batch * HKV * ctx * d * 2 * 2
+    dense_ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), cx.reps)
+    k = v = None
+
+    def add(op, path, budget, ms, nbytes, **extra):
+        rows.append(row(cx, op, path, ctx, batch, budget, bs, d, ms, nbytes, dense_ms, **extra))
+
+    if (ctx, batch, d) not in args.sdpa_done:
+        args.sdpa_done.add((ctx, batch, d))
+        add("dense_sdpa", "torch", 1.0, dense_ms, kv_bytes)
+    ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, None, out=out, validate=False), cx.reps)
+    add("ours_dense_paged", "jit", 1.0, ms, kv_bytes)
+    aot = _try(rows, "aot_compile", lambda: AotPeer(bs, d))
+    for budget in budgets:
+        sel = make_selection(batch, nb, budget, gen)
+        shared = make_selection(batch, nb, budget, gen, shared=True)
+        frac = sel.shape[-1] / nb
+        sel_bytes = sel.numel() * bs * d * 2 * 2
+        fi_ms, fi_err = None, fi.error
+        if fi_err is None and "no_peer" not in extras:
+            try:
+                fi_ms = time_ms(fi.decode_fn(q, pool, table, shared[:, 0].contiguous(), ctx), cx.reps)
+            except Exception as exc:  # noqa: BLE001
+                fi_err = f"{type(exc).__name__}: {exc}"[:2000]
+                fi.error = fi_err  # do not retry (a failed JIT build would fail again)
+        if fi_ms is not None:
+            add("flashinfer_paged_decode", "flashinfer", frac, fi_ms, sel_bytes, flashinfer=fi.version,
+                selection="head-shared")
+        def vs(ms):
+            return {"speedup_vs_flashinfer": round(fi_ms / ms, 3) if fi_ms else None, "flashinfer_error": fi_err}
+
+        ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, sel, out=out, validate=False), cx.reps)
+        add("ours_sparse", "jit", frac, ms, sel_bytes, selection="per-head", **vs(ms))
+        jit_ms = ms
+        ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, shared, out=out, validate=False), cx.reps)
+        add("ours_sparse_shared", "jit", frac, ms, sel_bytes, selection="head-shared", **vs(ms))
+        if aot is not None:
+            inputs = AotPeer.inputs(q, pool, table, seq, sel)
+
+            def aot_rows():
+                fn, keep = aot.single_fn(inputs, out)
+                ms = time_ms(fn, cx.reps)
+                add("ours_sparse", "aot", frac, ms, sel_bytes, selection="per-head", launches=1,
+                    aot_vs_jit=round(jit_ms / ms, 3), **vs(ms))
+                splits = jit_splits(batch, sel.shape[-1], bs)
+                fn, keep2 = aot.split_fn(inputs, out, splits)
+                ms = time_ms(fn, cx.reps)
+                add("ours_sparse", "aot_split", frac, ms, sel_bytes, selection="per-head", launches=2, splits=splits,
+                    aot_vs_jit=round(jit_ms / ms, 3), **vs(ms))
+                del keep, keep2
+
+            _try(rows, "aot_run", aot_rows)
+        if "guard" in extras:
+            guard = IndexGuard("cuda", ATTENTION_GUARD_CODES)
+            ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, sel, out=out, validate=False,
+                                                        guard=guard), cx.reps)  # fmt: skip
+            add("ours_sparse_guard", "jit", frac, ms, sel_bytes, selection="per-head",
+                guard_overhead_pct=round(100 * (ms / jit_ms - 1), 2))
+            guard.check("benchmark")  # good ids: the flag must be clear
+        if "ppsm" in extras:
+            for pps in (1, 2, 4, 8):
+                la = AttentionLaunch(programs_per_sm=pps)
+                ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, sel, out=out, validate=False,
+                                                            launch=la), cx.reps)  # fmt: skip
+                add("ours_sparse_ppsm", "jit", frac, ms, sel_bytes, programs_per_sm=pps)
+        if "rerope" in extras:
+            ms = time_ms(lambda: paged_rerope_attention(q, pool, table, seq, sel, window=32768, theta=1e6,
+                                                        logn_training_length=32768, out=out, validate=False),
+                         cx.reps)  # fmt: skip
+            add("ours_rerope_sparse", "jit", frac, ms, sel_bytes, window=32768)
+    pool = table = None
+    torch.cuda.empty_cache()
+    print(f"attention ctx={ctx} batch={batch} bs={bs} d={d} done", flush=True)
+
+
+def bench_attention(cx, args, rows):
+    fi = FlashInferPeer(args.flashinfer_cache)
+    rows.append({"op": "flashinfer_status", "flashinfer": fi.version, "flashinfer_error": fi.error})
+    big = max(args.contexts)
+    args.sdpa_done = set()
     for ctx in args.contexts:
         for batch in args.batches:
-            nb = ctx // BS
-            pool, table, seq = make_pool(batch, ctx, gen)
-            q = torch.randn((batch, HQ, 1, D), device="cuda", dtype=DTYPE, generator=gen)
-            k, v = contiguous_kv(pool, table)
-            kv_bytes = batch * HKV * ctx * D * 2 * 2
-            dense_ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), args.reps)
-            rows.append(row("dense_sdpa", ctx, batch, 1.0, dense_ms, kv_bytes, dense_ms, card, date, copy_tbps))
-            out = torch.empty_like(q)
-            ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, None, out=out, validate=False),
-                         args.reps)
-            rows.append(row("ours_dense_paged", ctx, batch, 1.0, ms, kv_bytes, dense_ms, card, date, copy_tbps))
-            for budget in args.budgets:
-                sel = make_selection(batch, nb, budget, gen)
-                sel_bytes = sel.numel() * BS * D * 2 * 2
-                frac = sel.shape[-1] / nb
-                ms = time_ms(lambda: naive_gather_sdpa(q, pool, table, sel), args.reps)
-                rows.append(row("naive_gather_sdpa", ctx, batch, frac, ms, sel_bytes, dense_ms, card, date,
-                                copy_tbps, budget_nominal=budget))
-                ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, sel, out=out, validate=False),
-                             args.reps)
-                rows.append(row("ours_sparse", ctx, batch, frac, ms, sel_bytes, dense_ms, card, date, copy_tbps,
-                                budget_nominal=budget))
-                if ctx == max(args.contexts) and budget == 1 / 8 and args.sweep:
-                    for launch in sweep_launches():
-                        try:
-                            ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, sel, out=out,
-                                                                        validate=False, launch=launch), args.reps)
-                        except Exception as exc:  # noqa: BLE001 - a config may not compile; record it
-                            print(f"sweep {launch}: {type(exc).__name__}: {exc}", file=sys.stderr)
-                            continue
-                        rows.append(row("ours_sparse_sweep", ctx, batch, frac, ms, sel_bytes, dense_ms, card,
-                                        date, copy_tbps, budget_nominal=budget, launch=repr(launch)))
-                if ctx in args.rerope_contexts and budget == 1 / 8:
-                    for op, s in (("ours_rerope", None), ("ours_rerope_sparse", sel)):
-                        ms = time_ms(lambda s=s: paged_rerope_attention(
-                            q, pool, table, seq, s, window=32768, theta=1e6, logn_training_length=32768, out=out,
-                            validate=False), args.reps)
-                        nbytes = kv_bytes if s is None else sel_bytes
-                        rows.append(row(op, ctx, batch, 1.0 if s is None else frac, ms, nbytes, dense_ms, card,
-                                        date, copy_tbps, window=32768))
-            pool = k = v = None
-            torch.cuda.empty_cache()
-            print(f"attention ctx={ctx} batch={batch} done", flush=True)
+            for bs in args.block_sizes if ctx == big else [64]:
+                extras = set()
+                budgets = [1 / 8]
+                if ctx == big and bs == 64:
+                    budgets = args.budgets
+                    extras |= {"guard", "rerope"} | ({"ppsm"} if batch == 1 else set())
+                _try(rows, f"shape_{ctx}_{batch}_{bs}", lambda: bench_shape(
+                    cx, args, rows, fi, ctx, batch, bs, D, budgets, extras=extras))
+    for d in args.odd_head_dims:
+        for batch in args.batches:
+            _try(rows, f"shape_d{d}_{batch}", lambda: bench_shape(
+                cx, args, rows, fi, big, batch, 64, d, [1 / 8], extras={"no_peer"}))
+    status = next(r for r in rows if r["op"] == "flashinfer_status")
+    status["flashinfer_error"] = fi.error
 
 
-def sweep_launches():
-    out = []
-    for nw in (4, 8):
-        for bn in (64, 128):
-            for st in (2, 3):
-                for pps in (2, 4, 8):
-                    out.append(AttentionLaunch(num_warps=nw, block_n=bn, num_stages=st, programs_per_sm=pps))
-    return out
-
-
-def bench_retrieval(args, card, date, copy_tbps, rows):
+def bench_retrieval(cx, args, rows):
     gen = torch.Generator(device="cuda").manual_seed(1)
     ctx = max(args.contexts)
     nb = ctx // BS
@@ -194,16 +387,16 @@ def bench_retrieval(args, card, date, copy_tbps, rows):
         code_bytes = codes[1:].numel()
         ms = time_ms(lambda: hash_retrieve(q, codes, w, table, seq, top_k=top_k, sink_blocks=1, local_blocks=2,
                                            shared=True, validate=False), args.reps)
-        rows.append(row("retrieval_hash_topk", ctx, batch, 1 / 8, ms, code_bytes, None, card, date, copy_tbps,
+        rows.append(row(cx, "retrieval_hash_topk", "jit", ctx, batch, 1 / 8, BS, D, ms, code_bytes, None,
                         us_per_layer=round(ms * 1e3, 2), hash_bits=bits))
         ms = time_ms(lambda: hamming_block_scores(q, codes, w, table, seq, validate=False), args.reps)
-        rows.append(row("retrieval_hash_scores_only", ctx, batch, 1 / 8, ms, code_bytes, None, card, date,
-                        copy_tbps, us_per_layer=round(ms * 1e3, 2), hash_bits=bits))
+        rows.append(row(cx, "retrieval_hash_scores_only", "jit", ctx, batch, 1 / 8, BS, D, ms, code_bytes, None,
+                        us_per_layer=round(ms * 1e3, 2), hash_bits=bits))
         scores = torch.randn((batch, HKV, nb), device="cuda", generator=gen)
         ms = time_ms(lambda: block_topk(scores, seq, top_k=top_k, block_size=BS, sink_blocks=1, local_blocks=2,
                                         largest=False, shared=True), args.reps)
-        rows.append(row("retrieval_topk_only", ctx, batch, 1 / 8, ms, scores.numel() * 4, None, card, date,
-                        copy_tbps, us_per_layer=round(ms * 1e3, 2)))
+        rows.append(row(cx, "retrieval_topk_only", "jit", ctx, batch, 1 / 8, BS, D, ms, scores.numel() * 4, None,
+                        us_per_layer=round(ms * 1e3, 2)))
         mean = torch.randn((nphys, HKV, D), device="cuda", dtype=DTYPE, generator=gen)
         kmax = torch.randn((nphys, HKV, D), device="cuda", dtype=DTYPE, generator=gen)
 
@@ -218,40 +411,47 @@ def bench_retrieval(args, card, date, copy_tbps, rows):
                               shared=True)
 
         ms = time_ms(dot_path, args.reps)
-        rows.append(row("retrieval_dot_mean_topk", ctx, batch, 1 / 8, ms, batch * nb * HKV * D * 2, None, card,
-                        date, copy_tbps, us_per_layer=round(ms * 1e3, 2)))
+        rows.append(row(cx, "retrieval_dot_mean_topk", "jit", ctx, batch, 1 / 8, BS, D, ms, batch * nb * HKV * D * 2, None,
+                        us_per_layer=round(ms * 1e3, 2)))
         ms = time_ms(quest_path, args.reps)
-        rows.append(row("retrieval_quest_topk", ctx, batch, 1 / 8, ms, batch * nb * HKV * D * 2 * 2, None, card,
-                        date, copy_tbps, us_per_layer=round(ms * 1e3, 2)))
+        rows.append(row(cx, "retrieval_quest_topk", "jit", ctx, batch, 1 / 8, BS, D, ms, batch * nb * HKV * D * 2 * 2, None,
+                        us_per_layer=round(ms * 1e3, 2)))
         print(f"retrieval batch={batch} done", flush=True)
 
 
-def print_table(rows, copy_tbps, card):
-    print(f"\ncard: {card}   measured copy bandwidth: {copy_tbps:.3f} TB/s (read+write)   block_size {BS}, bf16")
-    hdr = f"{'op':<28}{'ctx':>7}{'B':>3}{'budget':>8}{'ms':>10}{'TB/s':>8}{'%copy':>7}{'x dense':>9}"
-    print(hdr)
+def print_table(rows, cx):
+    print(f"\ncard: {cx.card}   measured copy bandwidth: {cx.copy_tbps:.3f} TB/s (read+write)   bf16, GQA 32/8")
+    print(f"{'op':<26}{'path':<11}{'ctx':>7}{'B':>3}{'bs':>4}{'d':>4}{'budget':>7}{'us':>9}{'%copy':>7}"
+          f"{'x dense':>8}{'x FI':>7}")
     for r in rows:
-        if r["op"] == "ours_sparse_sweep":
+        if r.get("us") is None or r["op"] == "ours_sparse_ppsm":
             continue
-        sp = f"{r['speedup_vs_dense']:.2f}" if r["speedup_vs_dense"] else "-"
-        print(f"{r['op']:<28}{r['context_len']:>7}{r['batch']:>3}{r['budget']:>8.4f}{r['median_ms']:>10.4f}"
-              f"{r['effective_tbps']:>8.3f}{r['pct_of_copy_bw']:>7.1f}{sp:>9}")
-    sweep = [r for r in rows if r["op"] == "ours_sparse_sweep"]
-    for batch in sorted({r["batch"] for r in sweep}):
-        best = sorted((r for r in sweep if r["batch"] == batch), key=lambda r: r["median_ms"])[:3]
-        for r in best:
-            print(f"sweep best B={batch}: {r['median_ms']:.4f} ms {r['pct_of_copy_bw']}% x{r['speedup_vs_dense']} "
-                  f"{r['launch']}")
+        sp = f"{r['speedup_vs_dense']:.2f}" if r.get("speedup_vs_dense") else "-"
+        fi = f"{r['speedup_vs_flashinfer']:.2f}" if r.get("speedup_vs_flashinfer") else "-"
+        pct = f"{r['pct_of_copy_bw']:.1f}" if r.get("pct_of_copy_bw") else "-"
+        print(f"{r['op']:<26}{r['path']:<11}{r['context_len']:>7}{r['batch']:>3}{r['block_size']:>4}{r['head_dim']:>4}"
+              f"{r['budget']:>7.3f}{r['us']:>9.1f}{pct:>7}{sp:>8}{fi:>7}")
+    for r in rows:
+        if r["op"] == "ours_sparse_ppsm":
+            print(f"batch-1 split rule: programs_per_sm={r['programs_per_sm']}: {r['us']:.1f} us")
+    for r in rows:
+        if r["op"].startswith("error_") or r["op"] == "flashinfer_status":
+            print(r)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--budgets", type=float, nargs="+", default=[1 / 4, 1 / 8, 1 / 16])
-    p.add_argument("--rerope-contexts", type=int, nargs="*", default=[32768, 131072])
-    p.add_argument("--reps", type=int, default=50)
-    p.add_argument("--sweep", action="store_true", help="also sweep launch configs at the largest context, 1/8")
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 32, 64, 128],
+                   help="at the largest context (smaller contexts: 64)")
+    p.add_argument("--budgets", type=float, nargs="+", default=[1 / 4, 1 / 8, 1 / 16],
+                   help="budgets at the largest context and block size 64 (others: 1/8)")
+    p.add_argument("--odd-head-dims", type=int, nargs="*", default=[80, 96])
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--flashinfer-cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "flashinfer-ws"),
+                   help="FlashInfer's JIT cache (FLASHINFER_WORKSPACE_BASE; must be writable)")
+    p.add_argument("--skip-retrieval", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -259,26 +459,18 @@ def main():
     card = torch.cuda.get_device_name()
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     t0 = time.time()
-    copy_tbps = copy_bandwidth_tbps()
-    rows = [{"op": "copy_bandwidth", "context_len": None, "batch": None, "budget": None, "dtype": "uint8",
-             "median_ms": None, "effective_tbps": round(copy_tbps, 4), "speedup_vs_dense": None,
-             "card": card, "date": date, "torch": torch.__version__,
-             "triton": __import__("triton").__version__}]
-    for fn in (bench_attention, bench_retrieval):
-        try:
-            fn(args, card, date, copy_tbps, rows)
-        except Exception as exc:  # noqa: BLE001 - keep what was measured; the error is recorded
-            import traceback
-
-            traceback.print_exc()
-            rows.append({"op": f"error_{fn.__name__}", "error": f"{type(exc).__name__}: {exc}", "card": card,
-                         "date": date})
+    cx = Ctx(card, date, copy_bandwidth_tbps(), args.reps)
+    rows = [{"op": "copy_bandwidth", "effective_tbps": round(cx.copy_tbps, 4), "card": card, "date": date,
+             "torch": torch.__version__, "triton": __import__("triton").__version__}]  # fmt: skip
+    benches = [bench_attention] + ([] if args.skip_retrieval else [bench_retrieval])
+    for fn in benches:
+        _try(rows, fn.__name__, lambda: fn(cx, args, rows))
     slug = card.replace(" ", "-").replace("/", "-")
     path = os.path.join(args.out, f"kernels_{slug}_{date}.json")
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
     print(f"wrote {len(rows)} rows to {path} in {time.time() - t0:.0f} s")
-    print_table([r for r in rows if r.get("median_ms") is not None], copy_tbps, card)
+    print_table(rows, cx)
     return 0 if not any(r["op"].startswith("error_") for r in rows) else 1
 
 

@@ -12,16 +12,22 @@ from trt_plugins.aot import MAX_AOT_SHARED_MEM, AotLaunch, SharedMemoryLimitErro
 from trt_plugins.ptx import PtxTarget
 from ucm_trt.kernels._common import next_pow2
 from ucm_trt.kernels.aot import (
+    TACTIC_DECODE,
+    TACTIC_PREFILL,
     TACTICS,
     PagedAttentionGeometry,
     TileConfig,
+    aot_item_split,
+    divisible_by_16,
+    merge_extras,
+    merge_grid,
+    merge_kernel_args,
     paged_attention_chunk,
     paged_attention_extras,
     paged_attention_grid,
     paged_attention_kernel_args,
     tile_config,
 )
-from ucm_trt.kernels.aot.paged_attention import TACTIC_DECODE, TACTIC_PREFILL
 
 ATTENTION_TACTICS = (TACTIC_DECODE, TACTIC_PREFILL)
 
@@ -53,7 +59,8 @@ def _tactic(tactic: int, t: int | None = None) -> int:
 
 def jit_run(tensors: Mapping[str, torch.Tensor], values: Mapping[str, object], out: torch.Tensor, tactic: int,
             *, rerope: bool) -> None:
-    """The JIT impl on torch views of the plugin's I/O (already on TensorRT's stream)."""
+    """The JIT impl on torch views of the plugin's I/O (already on TensorRT's stream): the same
+    kernel as the AOT impl, with split-K (its partials in a torch buffer) by the launch rule."""
     geom = geometry(values, rerope=rerope)
     q = tensors["q"]
     paged_attention_chunk(
@@ -87,7 +94,8 @@ def aot_launch(values: Mapping[str, object], dtype: torch.dtype, tactic: int, ta
     for tile in _tile_candidates(tile_config(tac, geom), geom.group):
         kernel, signature, constexprs = paged_attention_kernel_args(geom, tile, dtype)
         try:
-            ptx = compile_within_shared_limit(kernel, signature, constexprs, target, tile.num_warps)
+            ptx = compile_within_shared_limit(kernel, signature, constexprs, target, tile.num_warps,
+                                              divisible_by_16=divisible_by_16(signature))
         except SharedMemoryLimitError as exc:
             tried.append(f"BLOCK_M={tile.block_m} BLOCK_N={tile.block_n}: {exc.needed}")
             continue
@@ -104,6 +112,45 @@ def aot_launch(values: Mapping[str, object], dtype: torch.dtype, tactic: int, ta
         return paged_attention_grid(q[0], q[2], geom, tile, cdiv)
 
     def extras(shapes):
-        return paged_attention_extras(shapes["q"][2], shapes["block_table"][1], shapes["selection"][2])
+        return paged_attention_extras(shapes, geom)
 
     return AotLaunch(kernel=ptx, grid=grid, extras=extras, tactic=tac, config=tile)
+
+
+def aot_split_launch(values: Mapping[str, object], dtype: torch.dtype, tactic: int, target: PtxTarget,
+                     splits: int, *, rerope: bool) -> tuple[AotLaunch, AotLaunch]:
+    """Split-K on the AOT path as two chained plugins would run it: the partials kernel (outputs
+    ``po``, ``plse``, shapes :func:`~ucm_trt.kernels.aot.partials_shapes`) and the merge kernel
+    (inputs ``po``, ``plse``; output ``out``). ``grid``/``extras`` take the attention op's input
+    shapes for both (concrete ints: the benchmark and the GPU tests launch them through the driver;
+    the graph does not chain them yet, see docs/kernels.md)."""
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits must be an int >= 1, got {splits!r}")
+    geom = geometry(values, rerope=rerope)
+    tac = _tactic(tactic)
+    tile = tile_config(tac, geom)
+    kernel, signature, constexprs = paged_attention_kernel_args(geom, tile, dtype, split=True)
+    part_ptx = compile_within_shared_limit(kernel, signature, constexprs, target, tile.num_warps,
+                                           divisible_by_16=divisible_by_16(signature))  # fmt: skip
+    mk, msig, mconst = merge_kernel_args(geom, tile, dtype)
+    merge_ptx = compile_within_shared_limit(mk, msig, mconst, target, 4)
+
+    def part_grid(shapes, cdiv):
+        q = shapes["q"]
+        return paged_attention_grid(q[0], q[2], geom, tile, cdiv, splits)
+
+    def part_extras(shapes):
+        per = aot_item_split(shapes["selection"][2], shapes["q"][2], geom.block_size, splits)
+        return paged_attention_extras(shapes, geom, items_per_split=per)
+
+    def m_grid(shapes, cdiv):
+        q = shapes["q"]
+        return merge_grid(q[0], q[2], geom, tile, cdiv)
+
+    def m_extras(shapes):
+        from trt_plugins.aot import int_cdiv
+
+        return merge_extras(shapes["q"][2], splits, geom, tile, int_cdiv)
+
+    return (AotLaunch(kernel=part_ptx, grid=part_grid, extras=part_extras, tactic=tac, config=tile),
+            AotLaunch(kernel=merge_ptx, grid=m_grid, extras=m_extras, tactic=tac, config=tile))

@@ -59,12 +59,13 @@ class SharedMemoryLimitError(ValueError):
         self.needed = needed
 
 
-def compile_within_shared_limit(kernel, signature, constexprs, target, num_warps, stages=(2, 1)) -> PtxKernel:
+def compile_within_shared_limit(kernel, signature, constexprs, target, num_warps, stages=(2, 1),
+                                divisible_by_16=()) -> PtxKernel:
     """Compile with the first ``num_stages`` whose shared memory fits ``MAX_AOT_SHARED_MEM``."""
     seen = []
     for ns in stages:
         k = compile_ptx(kernel, signature=signature, constexprs=constexprs, target=target,
-                        num_warps=num_warps, num_stages=ns)  # fmt: skip
+                        num_warps=num_warps, num_stages=ns, divisible_by_16=divisible_by_16)  # fmt: skip
         if k.shared_mem <= MAX_AOT_SHARED_MEM:
             return k
         seen.append(f"num_stages={ns}: {k.shared_mem} B")

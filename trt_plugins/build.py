@@ -33,6 +33,8 @@ __all__ = [
     "build_engine",
     "profile_shapes",
     "check_ucm_nodes",
+    "strip_ucm_functions",
+    "plugin_override_flag",
     "PROFILE_PREFILL",
     "PROFILE_DECODE",
 ]
@@ -220,6 +222,31 @@ def check_ucm_nodes(model, registry=None) -> list[str]:
     return names
 
 
+def strip_ucm_functions(model):
+    """A copy of ``model`` without the model-local functions that carry UCM op bodies.
+
+    The rewriter gives every UCM node a same-named ONNX local function (ONNX Runtime runs it as the
+    reference). TensorRT's parser may import a node through that function instead of the plugin:
+    10.15+ does so unless the node has ``plugin_namespace`` or the parser flag
+    ``ENABLE_PLUGIN_OVERRIDE`` is set, and the flag does not exist before 10.15. Without the
+    functions there is nothing to inline on any version, so the builder parses this copy (and also
+    sets the flag where it exists). UCM nodes and every other function stay as they are.
+    """
+    from ucm_trt.graph.schemas import DOMAIN, SCHEMAS
+
+    out = type(model)()
+    out.CopyFrom(model)
+    keep = [f for f in out.functions if not (f.domain == DOMAIN and f.name in SCHEMAS)]
+    del out.functions[:]
+    out.functions.extend(keep)
+    return out
+
+
+def plugin_override_flag(trt):
+    """``trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE`` where this TensorRT has it (10.15+), else None."""
+    return getattr(getattr(trt, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE", None)
+
+
 @dataclass(frozen=True)
 class BuildResult:
     engine_path: Path
@@ -298,8 +325,15 @@ def build_engine(
     flags |= 1 << int(getattr(F, pref))
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    progress(f"parsing {onnx_path} ({config.plugin_mode.upper()} plugins, strongly typed)")
-    if not parser.parse_from_file(str(onnx_path)):
+    override = plugin_override_flag(trt)
+    if override is not None:
+        parser.set_flag(override)
+    stripped = strip_ucm_functions(model)
+    progress(f"parsing {onnx_path} ({config.plugin_mode.upper()} plugins, strongly typed; "
+             f"{len(model.functions) - len(stripped.functions)} UCM function bodies stripped, "
+             f"plugin override flag {'set' if override is not None else 'absent (TensorRT < 10.15)'})")
+    # path: where TensorRT resolves external weights (the model was loaded without them)
+    if not parser.parse(stripped.SerializeToString(), str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineBuildError(f"TensorRT's ONNX parser failed on {onnx_path}: {errors}")
     plugin_layers = sum(

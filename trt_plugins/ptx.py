@@ -229,7 +229,7 @@ def _jit_function(kernel):
 
 
 def _compile_in_process(module: str, qualname: str, signature: dict, constexprs: dict, arch: int,
-                        options: dict) -> dict:
+                        options: dict, aligned: list | None = None) -> dict:
     import importlib
 
     import triton
@@ -239,7 +239,10 @@ def _compile_in_process(module: str, qualname: str, signature: dict, constexprs:
     for part in qualname.split("."):
         obj = getattr(obj, part)
     fn = _jit_function(obj)
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    # ``aligned``: parameters the kernel may assume divisible by 16 (Triton's own JIT hint, which
+    # lets it vectorise loads); an AOT compile has no arguments to infer it from
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in (aligned or [])}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     md = ck.metadata
     return {
@@ -282,12 +285,15 @@ def compile_ptx(
     target: PtxTarget,
     num_warps: int = 4,
     num_stages: int = 2,
+    divisible_by_16: tuple[str, ...] = (),
 ) -> PtxKernel:
     """Compile ``kernel`` to PTX for ``target`` and strip Triton's trailing scratch parameters.
 
     ``signature`` maps every non-constexpr parameter, in declaration order, to its Triton type
     (``*fp16``, ``*i32``, ``i32``, ...); ``constexprs`` gives every ``tl.constexpr`` parameter.
     The result's ``.entry`` parameter list holds exactly the ``signature`` parameters.
+    ``divisible_by_16`` names signature parameters (pointers, int32 strides) the launcher guarantees
+    to be multiples of 16 (bytes for pointers): Triton's JIT infers this hint from the arguments.
     """
     if not isinstance(target, PtxTarget):
         raise TypeError(f"target must be a PtxTarget, got {type(target).__name__}")
@@ -305,6 +311,9 @@ def compile_ptx(
     for n, ty in signature.items():
         if not ty.startswith("*") and ty not in _SCALAR_PARAM:
             raise ValueError(f"parameter {n}: type {ty!r} is not a pointer or an int32 scalar (TensorRT passes int32 only)")
+    unknown = [n for n in divisible_by_16 if n not in signature]
+    if unknown:
+        raise ValueError(f"divisible_by_16 names {unknown}, which are not signature parameters of {fn.__name__}")
     full_sig = {n: (signature[n] if n in signature else "constexpr") for n in names}
     options: dict[str, object] = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}
     if target.ptx_version is not None:
@@ -313,7 +322,8 @@ def compile_ptx(
 
     raw = fn.fn
     request = {"module": raw.__module__, "qualname": raw.__qualname__, "signature": full_sig,
-               "constexprs": dict(constexprs), "arch": target.arch, "options": options}  # fmt: skip
+               "constexprs": dict(constexprs), "arch": target.arch, "options": options,
+               "aligned": list(divisible_by_16)}  # fmt: skip
     if knobs.runtime.interpret:
         res = _compile_in_child(request)
     else:

@@ -14,6 +14,8 @@ import torch
 from tests.kernels._kernel_cases import all_selection, make_paged_case, nan_like, random_selection
 from ucm_trt import reference as R
 from ucm_trt.kernels import AttentionLaunch, paged_rerope_attention, paged_sparse_attention
+from ucm_trt.kernels.attention import ATTENTION_GUARD_CODES, plan_attention
+from ucm_trt.kernels.guard import IndexGuard, IndexOutOfRangeError
 from ucm_trt.testing.tolerances import tolerances_for
 
 # name: (lens, hkv, group, d, block_size, tq)
@@ -23,6 +25,11 @@ CPU_CASES = {
     "decode-g8-d64-tq4": ((33, 64), 1, 8, 64, 16, 4),
     "prefill-g4-d64": ((21, 50), 2, 4, 64, 16, 21),
     "prefill-g8-d128": ((100,), 1, 8, 128, 32, 40),
+    # head_dims that are not powers of two run in padded tiles with masked lanes
+    "decode-g4-d80": ((37, 70), 2, 4, 80, 16, 1),
+    "decode-g1-d96-tq3": ((50, 17), 2, 1, 96, 32, 3),
+    "prefill-g2-d96": ((40,), 2, 2, 96, 16, 19),
+    "decode-g2-d16": ((33,), 1, 2, 16, 16, 1),
 }
 
 
@@ -73,10 +80,11 @@ def test_select_all_equals_dense_attention(device):
     torch.testing.assert_close(got, ref, **tolerances_for(torch.float32))
 
 
+@pytest.mark.parametrize("d", [64, 96])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_sparse_attention_half_dtypes(dtype, device):
+def test_sparse_attention_half_dtypes(dtype, d, device):
     gen = torch.Generator().manual_seed(11)
-    case = make_paged_case(lens=(29, 47), hkv=2, group=4, d=64, bs=16, tq=2, dtype=dtype, device=device, gen=gen)
+    case = make_paged_case(lens=(29, 47), hkv=2, group=4, d=d, bs=16, tq=2, dtype=dtype, device=device, gen=gen)
     sel = random_selection(case.num_blocks, 2, 2, gen, device)
     got = _run_sparse(case, sel, AttentionLaunch(num_splits=2))
     assert got.dtype == dtype
@@ -90,6 +98,8 @@ RERPOE_CPU = {
     "decode-g1-d128": ((50,), 2, 1, 128, 16, 2, 7, None),
     "prefill-g8-d64-logn": ((60,), 1, 8, 64, 16, 30, 13, 8),
     "decode-window-covers-all": ((40,), 2, 4, 64, 16, 1, 4096, None),
+    "decode-g4-d80-logn": ((53, 30), 2, 4, 80, 16, 2, 9, 16),
+    "prefill-g2-d96": ((44,), 1, 2, 96, 16, 17, 11, None),
 }
 
 
@@ -165,10 +175,84 @@ def test_bad_inputs_raise(device):
         paged_rerope_attention(*args, window=4, theta=1e4, logn_training_length=1)
     with pytest.raises(ValueError, match="num_splits"):
         AttentionLaunch(num_splits=0)
-    odd = make_paged_case(lens=(20,), hkv=2, group=2, d=48, bs=16, tq=1, dtype=torch.float32, device=device,
+    odd = make_paged_case(lens=(20,), hkv=2, group=2, d=40, bs=16, tq=1, dtype=torch.float32, device=device,
                           gen=torch.Generator().manual_seed(1))
-    with pytest.raises(ValueError, match="head_dim"):
+    with pytest.raises(ValueError, match="head_dim must be a multiple of 16"):
         paged_sparse_attention(odd.q, odd.kv_pool, odd.block_table, odd.seq_lens)
+    with pytest.raises(TypeError, match="guard must be an IndexGuard"):
+        paged_sparse_attention(*args, guard=c.seq_lens)
+
+
+# ------------------------------------------------------------------ index safety without a sync
+
+
+def _guard_case(device):
+    gen = torch.Generator().manual_seed(5)
+    case = make_paged_case(lens=(50, 70, 33), hkv=2, group=2, d=32, bs=16, tq=1, dtype=torch.float32,
+                           device=device, gen=gen)
+    sel = random_selection(case.num_blocks, 2, 3, gen, device)
+    return case, sel
+
+
+@pytest.mark.parametrize("bad", ["selection_too_big", "selection_below_minus_one", "table_entry", "seq_len"])
+def test_bad_id_without_validation_is_clamped_and_flagged(bad, device):
+    """validate=False with a bad id in row 1: no crash, no read outside the pool (the pool is padded
+    with NaN guard blocks on both sides, so reading them would poison the output), rows 0 and 2
+    unchanged, and guard.check() raises naming the op."""
+    case, sel = _guard_case(device)
+    n, two, hkv, bs, d = case.kv_pool.shape
+    nan_pad = torch.full((8, two, hkv, bs, d), float("nan"), device=device)
+    big = torch.cat([nan_pad, case.kv_pool, nan_pad])
+    pool = big[8:8 + n]  # a view: memory just outside it is NaN
+    good = paged_sparse_attention(case.q, pool, case.block_table, case.seq_lens, sel)
+    table, seq, sel2 = case.block_table.clone(), case.seq_lens.clone(), sel.clone()
+    if bad == "selection_too_big":
+        sel2[1, 0, 1] = 10_000
+    elif bad == "selection_below_minus_one":
+        sel2[1, 1, 0] = -7
+    elif bad == "table_entry":
+        table[1, int(sel2[1, 0, 0])] = n + 3
+        table[1, 0] = -2
+    else:
+        seq[1] = table.shape[1] * bs + 500
+    guard = IndexGuard(device, ATTENTION_GUARD_CODES)
+    out = nan_like(case.q)
+    for launch in (AttentionLaunch(), AttentionLaunch(num_splits=3)):
+        got = paged_sparse_attention(case.q, pool, table, seq, sel2, out=out, validate=False, guard=guard,
+                                     launch=launch)
+        # a clamped seq_len reads the table's unused entries (the pool's NaN null block 0): row 1 is
+        # invalid then; every other case reads only real blocks
+        assert not torch.isnan(got if bad != "seq_len" else got[[0, 2]]).any()
+        torch.testing.assert_close(got[[0, 2]], good[[0, 2]], **tolerances_for(torch.float32))
+        with pytest.raises(IndexOutOfRangeError, match="paged attention"):
+            guard.check("decode step")
+        guard.check("after reset")  # check() cleared the flag
+
+
+def test_guard_stays_clear_on_good_input(device):
+    case, sel = _guard_case(device)
+    guard = IndexGuard(device, ATTENTION_GUARD_CODES)
+    ref = paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel)
+    got = paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel, validate=False,
+                                 guard=guard)
+    torch.testing.assert_close(got, ref)
+    assert guard.value() == 0
+
+
+def test_launch_rule_fills_the_gpu_and_splits_evenly():
+    # batch-1 decode, 8 KV heads, 132 SMs: splits make >= 2 programs per SM
+    p = plan_attention(batch=1, num_kv_heads=8, group=4, tq=1, head_dim=128, block_size=64, work_items=258,
+                       sms=132, launch=AttentionLaunch())
+    assert p.splits * 8 >= 2 * 132 and p.splits * p.items_per_split >= 258
+    assert (p.splits - 1) * p.items_per_split < 258  # no empty split
+    assert p.block_m == 16 and p.n_qtiles == 1
+    # batch 64 fills the GPU alone: one split
+    assert plan_attention(batch=64, num_kv_heads=8, group=4, tq=1, head_dim=128, block_size=64, work_items=258,
+                          sms=132, launch=AttentionLaunch()).splits == 1
+    # prefill: 64-row tiles
+    p = plan_attention(batch=1, num_kv_heads=8, group=4, tq=500, head_dim=96, block_size=16, work_items=40,
+                       sms=132, launch=AttentionLaunch())
+    assert (p.block_t, p.block_m, p.block_n) == (16, 64, 16)
 
 
 # ------------------------------------------------------------------ GPU tier

@@ -71,6 +71,10 @@ CASES = {
     # ReRoPE: window smaller than the distances, with and without log-n
     "rerope": Case(t=3, rerope_window=8),
     "rerope_logn_prefill": Case(t=20, lens=(60, 30), rerope_window=8, logn=16),
+    # head_dim that is not a power of two (padded tiles, masked lanes): Phi-3-like 96, 80
+    "d96_gqa4": Case(hq=8, hkv=2, d=96, bs=16, t=2, lens=(50, 20)),
+    "d80": Case(hq=4, hkv=1, d=80, bs=32, t=3, lens=(70, 40)),
+    "rerope_d80": Case(hq=4, hkv=2, d=80, bs=16, t=4, lens=(45, 30), rerope_window=8, logn=16),
 }
 
 

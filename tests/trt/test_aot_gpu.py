@@ -12,75 +12,32 @@ Needs a CUDA GPU and cuda-python (``cuda-bindings``).
 
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 import torch
 
 from tests.trt._cases import CASES, Case, make_inputs, reference
 from trt_plugins import ops
 from trt_plugins.aot import aot_launch, int_cdiv
+from trt_plugins.cuda_launch import PtxModule
 from trt_plugins.ptx import entry_params
-from ucm_trt.kernels.aot import paged_attention_chunk
-from ucm_trt.kernels.aot.paged_attention import TACTIC_DECODE, TACTIC_PREFILL
+from ucm_trt.kernels.aot import TACTIC_DECODE, TACTIC_PREFILL, paged_attention_chunk
 from ucm_trt.testing.tolerances import tolerances_for
 
 pytestmark = pytest.mark.gpu
 
 
-def _driver():
-    try:
-        from cuda.bindings import driver
-    except ImportError:  # cuda-python < 12.6 layout
-        from cuda import cuda as driver
-    return driver
-
-
-def _ok(res):
-    drv = _driver()
-    err, *rest = res if isinstance(res, tuple) else (res,)
-    if err != drv.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"CUDA driver call failed: {err}")
-    return rest[0] if len(rest) == 1 else rest
-
-
-class _Loaded:
-    """A PTX module loaded into the current (torch's primary) context."""
-
-    def __init__(self, name: str, ptx: str) -> None:
-        drv = _driver()
-        torch.cuda.init()
-        torch.zeros(1, device="cuda")  # makes the primary context current on this thread
-        image = ctypes.create_string_buffer(ptx.encode())  # NUL-terminated, alive during the call
-        self.module = _ok(drv.cuModuleLoadData(ctypes.addressof(image)))
-        self.func = _ok(drv.cuModuleGetFunction(self.module, name.encode()))
-
-    def launch(self, grid, block, shared, pointers_in, extras, pointers_out):
-        """cuLaunchKernel with TensorRT's argument order: inputs, int32 extras, outputs."""
-        drv = _driver()
-        vals = ([ctypes.c_void_p(p) for p in pointers_in] + [ctypes.c_int32(int(e)) for e in extras]
-                + [ctypes.c_void_p(p) for p in pointers_out])  # fmt: skip
-        arr = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
-        if shared > 48 * 1024:
-            _ok(drv.cuFuncSetAttribute(
-                self.func, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared))
-        stream = drv.CUstream(torch.cuda.current_stream().cuda_stream)
-        _ok(drv.cuLaunchKernel(self.func, *[int(g) for g in grid], *block, shared, stream, ctypes.addressof(arr), 0))
+class _Loaded(PtxModule):
+    def launch(self, *args):
+        super().launch(*args)
         torch.cuda.synchronize()
-
-    def __del__(self):
-        try:
-            _driver().cuModuleUnload(self.module)
-        except Exception:
-            pass
 
 
 def _run_aot(case: Case, inputs: dict, dtype: torch.dtype, tactic: int) -> torch.Tensor:
     spec = ops.module(case.op_name).SPEC
     launch = aot_launch(case.op_name, case.attrs(), dtype, tactic, ops.device_target())
     k = launch.kernel
-    assert len(entry_params(k.ptx, k.name)) == len(spec.inputs) + 3 + len(spec.outputs)
     shapes = {n: tuple(inputs[n].shape) for n in spec.inputs}
+    assert len(entry_params(k.ptx, k.name)) == len(spec.inputs) + len(launch.extras(shapes)) + len(spec.outputs)
     out = torch.full_like(inputs["q"], float("nan"))
     mod = _Loaded(k.name, k.ptx)
     mod.launch(launch.grid(shapes, int_cdiv), launch.block, k.shared_mem,
@@ -91,7 +48,8 @@ def _run_aot(case: Case, inputs: dict, dtype: torch.dtype, tactic: int) -> torch
 # (case, dtype, tactics): every case in fp16 and bf16 with its natural tactic, both tactics on a few,
 # fp32 on a few (IEEE dots). Kept small enough to compile and run in about two minutes.
 _NATURAL = {"decode": 1, "chunk3": 1, "prefill": 2, "one_block": 1, "select_all": 1, "gqa8_d64": 1,
-            "mha_d128": 1, "rerope": 1, "rerope_logn_prefill": 2}  # fmt: skip
+            "mha_d128": 1, "rerope": 1, "rerope_logn_prefill": 2, "d96_gqa4": 1, "d80": 1,
+            "rerope_d80": 1}  # fmt: skip
 _GPU = ([(n, dt, (t,)) for n, t in _NATURAL.items() for dt in (torch.float16, torch.bfloat16)]
         + [("prefill", torch.float16, (TACTIC_DECODE,)), ("rerope", torch.bfloat16, (TACTIC_PREFILL,))]
         + [(n, torch.float32, (t,)) for n, t in (("chunk3", 1), ("rerope_logn_prefill", 2))])  # fmt: skip
@@ -138,3 +96,30 @@ def test_select_all_ptx_launched_like_tensorrt():
     mod.launch(launch.grid(shapes, int_cdiv), launch.block, launch.kernel.shared_mem, [bt.data_ptr()],
                launch.extras(shapes), [out.data_ptr()])  # fmt: skip
     assert torch.equal(out.cpu(), torch.arange(300, dtype=torch.int32).expand(3, 4, 300))
+
+
+@pytest.mark.parametrize("name,splits", [("big_decode", 8), ("big_prefill_rerope", 3)])
+def test_aot_split_k_pair_launched_like_tensorrt(name, splits):
+    """Split-K on the AOT path: partials PTX then merge PTX, both through the driver in TensorRT's order."""
+    from trt_plugins._attention import aot_split_launch
+    from ucm_trt.kernels.aot import partials_shapes
+
+    case = _BIG[name]
+    dtype = torch.bfloat16
+    inputs, pool_full = make_inputs(case, dtype, "cuda")
+    spec = ops.module(case.op_name).SPEC
+    tactic = TACTIC_DECODE if case.t <= 8 else TACTIC_PREFILL
+    part, merge = aot_split_launch(case.attrs(), dtype, tactic, ops.device_target(), splits,
+                                   rerope=case.rerope_window is not None)  # fmt: skip
+    shapes = {n: tuple(inputs[n].shape) for n in spec.inputs}
+    po_shape, lse_shape = partials_shapes(case.batch, case.t, case.geometry(), part.config, splits)
+    po = torch.full(po_shape, float("nan"), device="cuda")
+    plse = torch.full(lse_shape, float("nan"), device="cuda")
+    out = torch.full_like(inputs["q"], float("nan"))
+    _Loaded(part.kernel.name, part.kernel.ptx).launch(
+        part.grid(shapes, int_cdiv), part.block, part.kernel.shared_mem, [inputs[n].data_ptr() for n in spec.inputs],
+        part.extras(shapes), [po.data_ptr(), plse.data_ptr()])  # fmt: skip
+    _Loaded(merge.kernel.name, merge.kernel.ptx).launch(
+        merge.grid(shapes, int_cdiv), merge.block, merge.kernel.shared_mem, [po.data_ptr(), plse.data_ptr()],
+        merge.extras(shapes), [out.data_ptr()])  # fmt: skip
+    torch.testing.assert_close(out.float().cpu(), reference(case, inputs, pool_full), **tolerances_for(dtype))

@@ -15,18 +15,29 @@ from tests.trt._cases import CASES, make_inputs, reference
 from trt_plugins import ops
 from trt_plugins.aot import int_cdiv
 from ucm_trt.kernels.aot import (
+    TACTIC_DECODE,
+    TACTIC_PREFILL,
+    aot_item_split,
+    merge_extras,
+    merge_grid,
+    merge_kernel_args,
     paged_attention_chunk,
     paged_attention_extras,
     paged_attention_grid,
     paged_attention_kernel_args,
+    partials_shapes,
     select_all_blocks,
     select_all_blocks_extras,
     select_all_blocks_grid,
     select_all_blocks_kernel_args,
     tile_config,
 )
-from ucm_trt.kernels.aot.paged_attention import TACTIC_DECODE, TACTIC_PREFILL
 from ucm_trt.testing.tolerances import tolerances_for
+
+
+def _interpreted(constexprs):
+    """The AOT constexprs as the interpreter runs them: fp32 dots (its bf16/fp16 tl.dot is wrong)."""
+    return dict(constexprs, DOT_F32=True, DOT_PREC="ieee")
 
 
 def _launch_like_tensorrt(case, inputs, tactic):
@@ -37,11 +48,42 @@ def _launch_like_tensorrt(case, inputs, tactic):
     names = ops.module(case.op_name).SPEC.inputs
     shapes = {n: tuple(inputs[n].shape) for n in names}
     grid = paged_attention_grid(shapes["q"][0], shapes["q"][2], geom, tile, int_cdiv)
-    extras = paged_attention_extras(shapes["q"][2], shapes["block_table"][1], shapes["selection"][2])
+    extras = paged_attention_extras(shapes, geom)
     out = torch.full_like(inputs["q"], float("nan"))  # poisoned: unwritten elements fail
     args = [inputs[n] for n in names] + [int(e) for e in extras] + [out]
     assert len(args) == len(signature)
-    kernel[grid](*args, **constexprs, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    # by name: the constant strides are constexprs between the extras, so the call cannot be positional
+    kernel[grid](**dict(zip(signature, args, strict=True)), **_interpreted(constexprs), num_warps=tile.num_warps,
+                 num_stages=tile.num_stages)  # fmt: skip
+    return out
+
+
+def _split_launch_like_tensorrt(case, inputs, tactic, splits):
+    """Split-K as two chained AOT plugins would run it: the partials kernel (outputs po, plse),
+    then the merge kernel (inputs po, plse; output out), each in TensorRT's argument order."""
+    geom = case.geometry()
+    tile = tile_config(tactic, geom)
+    dtype = inputs["q"].dtype
+    names = ops.module(case.op_name).SPEC.inputs
+    shapes = {n: tuple(inputs[n].shape) for n in names}
+    b, _, t, _ = shapes["q"]
+    kernel, signature, constexprs = paged_attention_kernel_args(geom, tile, dtype, split=True)
+    po_shape, lse_shape = partials_shapes(b, t, geom, tile, splits)
+    po = torch.full(po_shape, float("nan"))
+    plse = torch.full(lse_shape, float("nan"))
+    per = aot_item_split(shapes["selection"][2], t, geom.block_size, splits)
+    extras = paged_attention_extras(shapes, geom, items_per_split=per)
+    args = [inputs[n] for n in names] + [int(e) for e in extras] + [po, plse]
+    assert len(args) == len(signature)
+    grid = paged_attention_grid(b, t, geom, tile, int_cdiv, splits)
+    # by name: the constant strides are constexprs between the extras, so the call cannot be positional
+    kernel[grid](**dict(zip(signature, args, strict=True)), **_interpreted(constexprs), num_warps=tile.num_warps,
+                 num_stages=tile.num_stages)  # fmt: skip
+    mk, msig, mconst = merge_kernel_args(geom, tile, dtype)
+    out = torch.full_like(inputs["q"], float("nan"))
+    margs = [po, plse, *merge_extras(t, splits, geom, tile, int_cdiv), out]
+    assert len(margs) == len(msig)
+    mk[merge_grid(b, t, geom, tile, int_cdiv)](**dict(zip(msig, margs, strict=True)), **mconst)
     return out
 
 
@@ -51,6 +93,17 @@ def test_attention_aot_convention_matches_reference(name, tactic):
     case = CASES[name]
     inputs, pool_full = make_inputs(case)
     out = _launch_like_tensorrt(case, inputs, tactic)
+    torch.testing.assert_close(out, reference(case, inputs, pool_full), **tolerances_for(torch.float32))
+
+
+@pytest.mark.parametrize("splits", [2, 7])
+@pytest.mark.parametrize("name", ["decode", "prefill", "rerope_logn_prefill", "d80"])
+def test_split_k_as_two_chained_aot_kernels_matches_reference(name, splits):
+    """The AOT path's split-K: partials kernel + merge kernel, both in TensorRT's calling convention."""
+    case = CASES[name]
+    inputs, pool_full = make_inputs(case)
+    tactic = TACTIC_DECODE if case.t <= 8 else TACTIC_PREFILL
+    out = _split_launch_like_tensorrt(case, inputs, tactic, splits)
     torch.testing.assert_close(out, reference(case, inputs, pool_full), **tolerances_for(torch.float32))
 
 
@@ -65,7 +118,7 @@ def test_split_kv_jit_path_matches_reference(name, splits):
     torch.testing.assert_close(out, reference(case, inputs, pool_full), **tolerances_for(torch.float32))
 
 
-@pytest.mark.parametrize("name", ["chunk3", "rerope"])
+@pytest.mark.parametrize("name", ["chunk3", "rerope", "d96_gqa4"])
 def test_attention_fp16_matches_reference(name):
     case = CASES[name]
     inputs, pool_full = make_inputs(case, torch.float16)
@@ -131,7 +184,8 @@ def test_geometry_validation_names_field():
     with pytest.raises(ValueError, match="num_q_heads"):
         PagedAttentionGeometry(**dict(base, num_q_heads=3))
     with pytest.raises(ValueError, match="head_dim"):
-        PagedAttentionGeometry(**dict(base, head_dim=48))
+        PagedAttentionGeometry(**dict(base, head_dim=40))
+    assert PagedAttentionGeometry(**dict(base, head_dim=96)).head_dim == 96
     with pytest.raises(ValueError, match="logn_training_length"):
         PagedAttentionGeometry(**base, rerope_window=4, logn_training_length=1)
     with pytest.raises(ValueError, match="scale"):

@@ -15,6 +15,7 @@ from trt_plugins.build import (
     EngineBuildError,
     check_ucm_nodes,
     profile_shapes,
+    strip_ucm_functions,
 )
 from trt_plugins.spec import plugin_spec
 from ucm_trt.graph.functions import make_single_op_model
@@ -52,6 +53,28 @@ def test_rewritten_nodes_are_valid_plugin_instances(rewritten, algo):
         spec = plugin_spec(node.op_type)
         values = spec.attribute_values({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
         ops.module(node.op_type).check(values)  # the kernel geometry accepts the rewriter's attributes
+
+
+@pytest.mark.parametrize("algo", ["esa", "rerope"])
+def test_parser_input_has_no_ucm_function_bodies(rewritten, algo):
+    """What the builder hands TensorRT's parser: no UCM local function left to inline (on any TensorRT
+    version), every node, input, output and initializer as rewritten, other functions kept."""
+    from ucm_trt.graph.schemas import DOMAIN, SCHEMAS
+
+    model = rewritten[algo]
+    assert any(f.domain == DOMAIN and f.name in SCHEMAS for f in model.functions)  # the rewriter emits them
+    extra = onnx.helper.make_function("custom", "Helper", ["x"], ["y"], [onnx.helper.make_node("Relu", ["x"], ["y"])],
+                                      [onnx.helper.make_opsetid("", 17)])  # fmt: skip
+    with_extra = onnx.ModelProto()
+    with_extra.CopyFrom(model)
+    with_extra.functions.append(extra)
+    stripped = strip_ucm_functions(with_extra)
+    assert [(f.domain, f.name) for f in stripped.functions] == [("custom", "Helper")]
+    assert list(stripped.graph.node) == list(model.graph.node)
+    assert stripped.graph.input == model.graph.input and stripped.graph.output == model.graph.output
+    assert list(stripped.graph.initializer) == list(model.graph.initializer)
+    assert check_ucm_nodes(stripped) == check_ucm_nodes(model)  # UCM nodes intact, plugin fields present
+    assert len(with_extra.functions) == len(model.functions) + 1  # the input is not modified
 
 
 def test_profiles_cover_prefill_and_decode(rewritten):

@@ -21,8 +21,7 @@ from trt_plugins.ptx import (
     strip_scratch_params,
 )
 from trt_plugins.spec import plugin_spec
-from ucm_trt.kernels.aot import paged_attention_kernel_args, tile_config
-from ucm_trt.kernels.aot.paged_attention import TACTIC_PREFILL
+from ucm_trt.kernels.aot import TACTIC_PREFILL, paged_attention_kernel_args, tile_config
 
 PTR = ".param .u64 .ptr .global .align 1"
 I32 = ".param .u32"
@@ -72,6 +71,7 @@ _AOT = [
     ("prefill", torch.bfloat16, TACTIC_PREFILL, 90),
     ("rerope_logn_prefill", torch.float16, TACTIC_PREFILL, 90),
     ("gqa8_d64", torch.float32, 1, 80),
+    ("d96_gqa4", torch.bfloat16, 1, 90),
 ]
 
 
@@ -82,11 +82,14 @@ def test_attention_aot_entry_is_inputs_extras_outputs(name, dtype, tactic, arch)
     launch = aot_launch(case.op_name, case.attrs(), dtype, tactic, PtxTarget(arch=arch, ptx_version=80))
     k = launch.kernel
     params = entry_params(k.ptx, k.name)
-    # schema inputs (7 pointers), int32 extras (T, max_blocks, S), schema outputs (1 pointer)
-    assert [d for d, _ in params] == [PTR] * len(spec.inputs) + [I32] * 3 + [PTR] * len(spec.outputs)
-    shapes = {"q": (2, case.hq, 37, case.d), "block_table": (2, 9), "selection": (2, case.hkv, 4)}
-    assert len(launch.extras(shapes)) == 3
-    assert launch.extras(shapes) == (37, 9, 4)
+    # schema inputs (7 pointers), int32 extras (sizes, dynamic strides), schema outputs (1 pointer)
+    shapes = {"q": (2, case.hq, 37, case.d), "kv_pool": (50, 2, case.hkv, case.bs, case.d),
+              "block_table": (2, 9), "selection": (2, case.hkv, 4)}  # fmt: skip
+    extras = launch.extras(shapes)
+    assert [d for d, _ in params] == [PTR] * len(spec.inputs) + [I32] * len(extras) + [PTR] * len(spec.outputs)
+    d = case.d
+    assert extras == (37, 9, 4, 50, 37 * case.hq * d, 37 * d, 37 * case.hkv * d, 37 * d, 9, 4 * case.hkv, 4,
+                      37 * case.hq * d, 37 * d)  # fmt: skip
     gx, gy, gz = launch.grid(shapes, int_cdiv)
     tile = launch.config
     assert tile.block_m <= tile_config(launch.tactic, case.geometry()).block_m
@@ -176,3 +179,21 @@ def test_kernel_signature_has_no_float_scalars():
     _, signature, constexprs = paged_attention_kernel_args(case.geometry(), tile_config(1, case.geometry()), torch.float16)
     assert all(t.startswith("*") or t == "i32" for t in signature.values())
     assert isinstance(constexprs["QK_SCALE"], float) and isinstance(constexprs["INV_LOG_TRAIN"], float)
+
+
+def test_split_k_pair_compiles_with_tensorrt_argument_order():
+    """The chained AOT split-K: partials kernel = inputs, extras (ITEMS_PER_SPLIT too), outputs po/plse;
+    merge = po/plse, 5 extras, out. Both fit the AOT shared-memory limit."""
+    from trt_plugins._attention import aot_split_launch
+
+    case = CASES["d96_gqa4"]
+    part, merge = aot_split_launch(case.attrs(), torch.bfloat16, 1, PtxTarget(arch=90, ptx_version=80), 4,
+                                   rerope=False)  # fmt: skip
+    shapes = {"q": (2, case.hq, 1, case.d), "kv_pool": (50, 2, case.hkv, case.bs, case.d),
+              "block_table": (2, 9), "selection": (2, case.hkv, 4)}  # fmt: skip
+    n_extras = len(part.extras(shapes))
+    assert n_extras == 14 and part.extras(shapes)[4] == 2  # ITEMS_PER_SPLIT = ceil((4 + 1) / 4)
+    assert [d for d, _ in entry_params(part.kernel.ptx, part.kernel.name)] == [PTR] * 7 + [I32] * 14 + [PTR] * 2
+    assert [d for d, _ in entry_params(merge.kernel.ptx, merge.kernel.name)] == [PTR] * 2 + [I32] * 5 + [PTR]
+    assert part.grid(shapes, int_cdiv) == (2 * case.hkv, 1, 4)
+    assert max(part.kernel.shared_mem, merge.kernel.shared_mem) <= MAX_AOT_SHARED_MEM

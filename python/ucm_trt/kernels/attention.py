@@ -1,26 +1,44 @@
-"""Paged block-sparse attention (decode and chunked prefill) and paged ReRoPE attention.
+"""Paged block-sparse / ReRoPE attention: ONE Triton kernel for every path, and its launch rule.
 
-One Triton kernel serves all four uses (decode / prefill x RoPE-in-cache / ReRoPE):
+The same ``@triton.jit`` function serves
+* the runtime (:func:`paged_sparse_attention`, :func:`paged_rerope_attention`): the chunk's own
+  K/V are already in the pool;
+* the UCM ONNX ops' TensorRT JIT plugin (:func:`ucm_trt.kernels.aot.paged_attention_chunk`): the
+  pool holds the past only, the chunk's K/V arrive as separate ``k``/``v`` inputs (``CHUNK_KV``);
+* the TensorRT AOT plugin: the same kernel compiled to PTX with TensorRT's calling convention
+  ``[inputs][int32 extras][outputs]`` (:mod:`ucm_trt.kernels.aot.attention_op`).
 
-* grid ``(batch * num_kv_heads, query tiles, splits)``. A program owns one KV head of one
-  sequence and *all* query heads of its GQA group (rows = query token x group head), so
-  every K/V tile is read from HBM once per query tile.
-* The KV blocks a query tile may see form a work list: first the selected logical blocks
-  that lie before the current chunk (``selection[b, h]``; all blocks when ``selection`` is
-  ``None``), then the blocks of the chunk itself (the last ``Tq`` tokens, dense + causal).
-  A block in both lists is read once. The list is cut into ``splits`` contiguous pieces
-  (flash-decoding); each piece writes a normalised partial output and its log-sum-exp, and a
-  second kernel merges them. With one split the first kernel writes the output directly.
-* fp16/bf16 operands on the tensor cores, fp32 accumulation and softmax (exp2 domain).
-* ReRoPE: K is stored un-rotated. Each tile computes ``s2 = rope(q, window) . k`` and, only
-  for tiles that reach inside the window, ``s1 = rope(q, i) . rope(k, j)`` with K rotated in
-  registers; ``s = where(i - j < window, s1, s2)``. Rotation angles are taken relative to the
-  program's first query position (RoPE depends on ``i - j`` only), which keeps fp32 angle
-  error proportional to the window, not to the absolute position.
+Its parameters are therefore ordered ``q, k, v, kv_pool, block_table, seq_lens, selection``
+(the op's inputs), then int32 sizes and strides (TensorRT's extras, computed from the shapes),
+then the outputs. Every float and geometry attribute is a ``tl.constexpr``.
+
+* **Grid** ``(B * Hkv, query tiles, splits)``. A program owns one KV head of one sequence and all
+  ``G = Hq / Hkv`` query heads of its group (rows = query token x group head, padded to >= 16 for
+  ``tl.dot``), so every K/V tile is read once per query tile.
+* **Work list** per (sequence, KV head, query tile): the selection's slots (the part of each
+  selected block that lies before the chunk; all pre-chunk blocks when there is no selection),
+  then the chunk's own blocks (causal). Unselected keys are never loaded.
+* **Split-K (flash-decoding).** The work list is cut into ``splits`` contiguous pieces; each
+  writes a normalised partial output and its log2-sum-exp, and :func:`_merge_splits` (a second,
+  equally AOT-compatible kernel) combines them. With one split the output is written directly.
+* **head_dim** (:mod:`ucm_trt.limits`: a multiple of 16 in [16, 256]) runs in the next
+  power-of-two tile: each RoPE half in ``HALF_P`` lanes, V in ``DV`` lanes, the extra lanes
+  masked on load and store. The cache is never copied or padded.
+* **Index safety.** A block id that would address memory outside the block table or the pool
+  (selection id < -1 or >= max_blocks, a block-table entry outside ``[0, num_blocks)``, a
+  ``seq_len`` the table cannot hold) is never dereferenced: the block is skipped (``seq_len``
+  clamped) and, when the launcher got an :class:`~ucm_trt.kernels.guard.IndexGuard`, an error
+  code is set with an atomic max (no host sync).
+* fp16/bf16 operands on the tensor cores; softmax and accumulation fp32 in the exp2 domain.
+* **ReRoPE.** K stored un-rotated. ``s2 = rope(q, window) . k`` per tile and, only for tiles that
+  reach inside the window, ``s1 = rope(q, i) . rope(k, j)`` with K rotated in registers;
+  ``s = where(i - j < window, s1, s2)``. Angles relative to the program's first query position
+  (RoPE depends on ``i - j`` only), so fp32 angle error grows with the window, not the position.
 
 Visibility (same as :func:`ucm_trt.reference.paged_sparse_attention`): key position ``p`` is
 visible to query position ``i`` iff ``p <= i`` and (``p >= seq_len - Tq`` or block
-``p // block_size`` is selected for the query's KV head).
+``p // block_size`` is selected for the query's KV head). Selection slots holding -1 are empty;
+a repeated id (next to itself) counts once.
 """
 
 from __future__ import annotations
@@ -32,59 +50,101 @@ import torch
 import triton
 import triton.language as tl
 
+from ucm_trt import limits
 from ucm_trt._validation import check_gqa, check_positive_int, check_same_device, check_tensor
 from ucm_trt.kernels._common import (
     KERNEL_FLOAT_DTYPES,
-    check_block_size,
     check_block_table_contents,
     check_bool,
     check_float,
-    check_head_dim,
     check_last_dim_contiguous,
     check_selection_contents,
     next_pow2,
     num_sms,
 )
+from ucm_trt.kernels.guard import IndexGuard
+
+__all__ = [
+    "ATTENTION_GUARD_CODES",
+    "AttentionLaunch",
+    "AttentionPlan",
+    "GUARD_BAD_BLOCK_TABLE",
+    "GUARD_BAD_SELECTION",
+    "GUARD_BAD_SEQ_LEN",
+    "paged_rerope_attention",
+    "paged_sparse_attention",
+    "plan_attention",
+]
 
 LOG2E = 1.4426950408889634
-MAX_ITEMS_PER_SPLIT = 256
+# block ids a program resolves per vector load (its work list is walked in chunks of this many)
+ITEM_CHUNK = 32
+
+# IndexGuard codes the attention kernel sets (literals in the kernel; IndexGuard.check reports the largest)
+GUARD_BAD_SELECTION = 21
+GUARD_BAD_BLOCK_TABLE = 22
+GUARD_BAD_SEQ_LEN = 23
+ATTENTION_GUARD_CODES = {
+    GUARD_BAD_SELECTION: "paged attention: a selection id is < -1 or >= the block table's width "
+    "(the block was skipped)",
+    GUARD_BAD_BLOCK_TABLE: "paged attention: a block_table entry in use lies outside [0, num_blocks) of the "
+    "pool (the block was skipped)",
+    GUARD_BAD_SEQ_LEN: "paged attention: a seq_len is below the chunk length or beyond the block table's "
+    "capacity (it was clamped)",
+}
 
 
 @triton.jit
 def _paged_attn_fwd(
-    q_ptr, pool_ptr, bt_ptr, seqlen_ptr, sel_ptr, out_ptr, po_ptr, plse_ptr,
+    q_ptr, k_ptr, v_ptr, pool_ptr, bt_ptr, seqlen_ptr, sel_ptr,
+    T, MAX_BLOCKS, NUM_SEL, NUM_BLOCKS, ITEMS_PER_SPLIT,
     stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
     stride_pn, stride_pkv, stride_ph, stride_pt,
-    stride_btb,
-    stride_sb, stride_sh,
+    stride_btb, stride_sb, stride_sh,
     stride_ob, stride_oh, stride_ot,
-    H_KV, TQ, NUM_SEL, ITEMS_PER_SPLIT, NUM_SPLITS, NUM_QTILES,
-    qk_scale, window, log2_theta, inv_log_train,
-    G: tl.constexpr, HALF: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, SEL_POW2: tl.constexpr,
-    MAX_ITEMS: tl.constexpr, HAS_SEL: tl.constexpr, SPLIT: tl.constexpr, REROPE: tl.constexpr, LOGN: tl.constexpr,
-    DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    out_ptr, po_ptr, plse_ptr, guard_ptr,
+    H_KV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, D: tl.constexpr,
+    DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_SEL: tl.constexpr, CHUNK_KV: tl.constexpr, SPLIT: tl.constexpr, HAS_GUARD: tl.constexpr,
+    QK_SCALE: tl.constexpr, REROPE: tl.constexpr, WINDOW: tl.constexpr, LOG2_THETA: tl.constexpr,
+    LOGN: tl.constexpr, INV_LOG_TRAIN: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    ITEMS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
     pid_s = tl.program_id(2)
     b = pid_bh // H_KV
     h = pid_bh % H_KV
-    seq_len = tl.load(seqlen_ptr + b)
-    chunk_start = seq_len - TQ
+    b64 = b.to(tl.int64)
+
+    # ---- seq_len, clamped to what the block table can hold (flagged) ----
+    seq_raw = tl.load(seqlen_ptr + b)
+    if CHUNK_KV:
+        cap = MAX_BLOCKS * BS + T  # the pool holds the past only
+    else:
+        cap = MAX_BLOCKS * BS
+    seq_len = tl.minimum(tl.maximum(seq_raw, T), cap)
+    if HAS_GUARD:
+        tl.atomic_max(guard_ptr, 23, mask=(seq_raw < T) | (seq_raw > cap))
+    chunk_start = seq_len - T
 
     rows = tl.arange(0, BLOCK_M)
     t_loc = rows // G
     g = rows % G
     t = pid_t * BLOCK_T + t_loc
-    row_ok = (t_loc < BLOCK_T) & (t < TQ)
+    row_ok = (t_loc < BLOCK_T) & (t < T)
     qpos = chunk_start + t
-    dh = tl.arange(0, HALF)
+    dh = tl.arange(0, HALF_P)
+    dh_ok = dh < HALF
+    dv = tl.arange(0, DV)
+    dv_ok = dv < D
     nn = tl.arange(0, BLOCK_N)
 
-    q_rows = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g) * stride_qh + t * stride_qt
-    q1 = tl.load(q_rows[:, None] + dh[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    q2 = tl.load(q_rows[:, None] + HALF + dh[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q_rows = q_ptr + b64 * stride_qb + (h * G + g) * stride_qh + t * stride_qt
+    q_mask = row_ok[:, None] & dh_ok[None, :]
+    q1 = tl.load(q_rows[:, None] + dh[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    q2 = tl.load(q_rows[:, None] + HALF + dh[None, :], mask=q_mask, other=0.0).to(tl.float32)
 
     # dot operand dtype: the pool's (tensor cores), or fp32 when run by the interpreter (DOT_F32)
     if DOT_F32:
@@ -92,139 +152,184 @@ def _paged_attn_fwd(
     else:
         kv_dtype = pool_ptr.dtype.element_ty
     t_first = pid_t * BLOCK_T
-    t_last = tl.minimum(t_first + BLOCK_T, TQ) - 1
+    t_hi = tl.minimum(t_first + BLOCK_T, T)  # chunk tokens [0, t_hi) are visible to this tile
     q_first_pos = chunk_start + t_first
     if REROPE:
         if LOGN:
-            ln = tl.maximum(tl.log(qpos.to(tl.float32) + 1.0) * inv_log_train, 1.0)
+            ln = tl.maximum(tl.log(qpos.to(tl.float32) + 1.0) * INV_LOG_TRAIN, 1.0)
             q1 = q1 * ln[:, None]
             q2 = q2 * ln[:, None]
         # inv_freq[i] = theta ** (-2 i / D) = exp2(-(i / HALF) * log2(theta))
-        inv_freq = tl.exp2(-(dh.to(tl.float32) / HALF) * log2_theta)
+        inv_freq = tl.exp2(-(dh.to(tl.float32) / HALF) * LOG2_THETA)
         # q rotated by its position relative to the program's first query (see module doc)
         ang_q = (qpos - q_first_pos).to(tl.float32)[:, None] * inv_freq[None, :]
         cq = tl.cos(ang_q)
         sq = tl.sin(ang_q)
         qr1 = (q1 * cq - q2 * sq).to(kv_dtype)
         qr2 = (q2 * cq + q1 * sq).to(kv_dtype)
-        ang_w = inv_freq * window
-        # rotation of the keys of a tile = rotation of the tile start (HALF sin/cos per tile)
-        # composed with the within-tile offsets (this table, computed once)
+        # rotation of the keys of a tile = rotation of the tile start composed with these offsets
         ang_n = nn.to(tl.float32)[:, None] * inv_freq[None, :]
         cn = tl.cos(ang_n)
         sn = tl.sin(ang_n)
+        ang_w = inv_freq * WINDOW
         cw = tl.cos(ang_w)[None, :]
         sw = tl.sin(ang_w)[None, :]
-        qw1 = (q1 * cw - q2 * sw).to(kv_dtype)
-        qw2 = (q2 * cw + q1 * sw).to(kv_dtype)
+        qa = (q1 * cw - q2 * sw).to(kv_dtype)
+        qb = (q2 * cw + q1 * sw).to(kv_dtype)
     else:
         qa = q1.to(kv_dtype)
         qb = q2.to(kv_dtype)
 
-    # ---- work list: selected blocks before the chunk, then the chunk's own blocks ----
+    # ---- work list: selection slots (past part of each selected block), then the chunk's blocks ----
     cb0 = chunk_start // BS
-    sel_row = sel_ptr + b.to(tl.int64) * stride_sb + h * stride_sh
     if HAS_SEL:
-        sar = tl.arange(0, SEL_POW2)
-        sv = tl.load(sel_row + sar, mask=sar < NUM_SEL, other=-1)
-        n_before = tl.sum(((sv >= 0) & (sv < cb0)).to(tl.int32), 0)
-        cb0_sel = tl.sum((sv == cb0).to(tl.int32), 0) > 0
+        n_sel_items = NUM_SEL
     else:
-        n_before = cb0
-        cb0_sel = cb0 >= 0
-    last_blk = (chunk_start + t_last) // BS
-    n_items = n_before + last_blk - cb0 + 1
+        n_sel_items = (chunk_start + BS - 1) // BS
+    if CHUNK_KV:
+        n_chunk_items = (t_hi + BS - 1) // BS
+    else:
+        n_chunk_items = (chunk_start + t_hi - 1) // BS - cb0 + 1
+    n_items = n_sel_items + n_chunk_items
     item_lo = pid_s * ITEMS_PER_SPLIT
     item_hi = tl.minimum(item_lo + ITEMS_PER_SPLIT, n_items)
 
+    sel_row = sel_ptr + b64 * stride_sb + h * stride_sh
+    bt_row = bt_ptr + b64 * stride_btb
+    kv_head = pool_ptr + h * stride_ph
+    ii = tl.arange(0, ITEMS)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, 2 * HALF], tl.float32)
-    dfull = tl.arange(0, 2 * HALF)
-    kv_head = pool_ptr + h * stride_ph
-    # Resolve this split's logical and physical block ids up front (one vector load each), so
-    # the loop's K/V addresses do not wait on a chain of scalar index loads.
-    ii = tl.arange(0, MAX_ITEMS)
-    jv = item_lo + ii
-    in_rng = jv < item_hi
-    sel_v = jv < n_before
-    if HAS_SEL:
-        blk_sv = tl.load(sel_row + jv, mask=in_rng & sel_v, other=0)
-    else:
-        blk_sv = jv
-    blk_v = tl.where(sel_v, blk_sv, cb0 + (jv - n_before))
-    phys_v = tl.load(bt_ptr + b.to(tl.int64) * stride_btb + blk_v, mask=in_rng, other=0)
-    for jj in range(0, item_hi - item_lo):
-        pick = ii == jj
-        blk = tl.sum(tl.where(pick, blk_v, 0), 0)
-        phys = tl.sum(tl.where(pick, phys_v, 0), 0).to(tl.int64)
-        is_sel = item_lo + jj < n_before
-        lo = tl.where(is_sel, 0, tl.where(cb0_sel & (blk == cb0), cb0 * BS, chunk_start))
-        hi = tl.where(is_sel, chunk_start, seq_len)
-        blk_base = kv_head + phys * stride_pn
-        for sub in tl.static_range(BS // BLOCK_N):
-            tok = sub * BLOCK_N + nn
-            pos = blk * BS + tok
-            kmask = (pos >= lo) & (pos < hi)
-            k_ptrs = blk_base + tok[:, None] * stride_pt + dh[None, :]
-            k1 = tl.load(k_ptrs, mask=kmask[:, None], other=0.0).to(kv_dtype)
-            k2 = tl.load(k_ptrs + HALF, mask=kmask[:, None], other=0.0).to(kv_dtype)
-            if REROPE:
-                s = tl.dot(qw1, tl.trans(k1), input_precision=DOT_PREC)
-                s = tl.dot(qw2, tl.trans(k2), s, input_precision=DOT_PREC)
-                tile_lo = blk * BS + sub * BLOCK_N
-                if q_first_pos - (tile_lo + BLOCK_N - 1) < window:
-                    ang_b = (tile_lo - q_first_pos).to(tl.float32) * inv_freq
-                    cb = tl.cos(ang_b)[None, :]
-                    sb = tl.sin(ang_b)[None, :]
-                    ck = cb * cn - sb * sn
-                    sk = sb * cn + cb * sn
-                    k1f = k1.to(tl.float32)
-                    k2f = k2.to(tl.float32)
-                    kr1 = (k1f * ck - k2f * sk).to(kv_dtype)
-                    kr2 = (k2f * ck + k1f * sk).to(kv_dtype)
-                    s1 = tl.dot(qr1, tl.trans(kr1), input_precision=DOT_PREC)
-                    s1 = tl.dot(qr2, tl.trans(kr2), s1, input_precision=DOT_PREC)
-                    inside = (qpos[:, None] - pos[None, :]) < window
-                    s = tl.where(inside, s1, s)
-            else:
-                s = tl.dot(qa, tl.trans(k1), input_precision=DOT_PREC)
-                s = tl.dot(qb, tl.trans(k2), s, input_precision=DOT_PREC)
-            s = s * qk_scale
-            vis = kmask[None, :] & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v_ptrs = blk_base + stride_pkv + tok[:, None] * stride_pt + dfull[None, :]
-            v = tl.load(v_ptrs, mask=kmask[:, None], other=0.0).to(kv_dtype)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(kv_dtype), v, acc, input_precision=DOT_PREC)
-            m_i = m_new
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    for c0 in range(item_lo, item_hi, ITEMS):
+        # Resolve a chunk of items up front (one vector load each), so the K/V addresses of the
+        # loop below do not wait on a chain of scalar index loads.
+        jv = c0 + ii
+        in_rng = jv < item_hi
+        is_sel = jv < n_sel_items
+        if HAS_SEL:
+            sid = tl.load(sel_row + jv, mask=in_rng & is_sel, other=-1)
+            prev = tl.load(sel_row + jv - 1, mask=in_rng & is_sel & (jv > 0), other=-1)
+            bad_sel = in_rng & is_sel & ((sid < -1) | (sid >= MAX_BLOCKS))
+            sel_ok = (sid >= 0) & (sid < MAX_BLOCKS) & (sid != prev) & (sid * BS < chunk_start)
+        else:
+            sid = jv
+            bad_sel = jv < 0
+            sel_ok = jv >= 0
+        chunk_blk = cb0 + (jv - n_sel_items)
+        blk_v = tl.where(is_sel, sid, chunk_blk)
+        if CHUNK_KV:
+            use = in_rng & is_sel & sel_ok  # chunk items read k/v, not the pool
+            pool_item = is_sel
+        else:
+            use = in_rng & (sel_ok | ~is_sel)
+            pool_item = in_rng
+        phys_raw = tl.load(bt_row + blk_v, mask=use, other=0)
+        bad_phys = use & ((phys_raw < 0) | (phys_raw >= NUM_BLOCKS))
+        if HAS_GUARD:
+            tl.atomic_max(guard_ptr, 21, mask=tl.sum(bad_sel.to(tl.int32), 0) > 0)
+            tl.atomic_max(guard_ptr, 22, mask=tl.sum(bad_phys.to(tl.int32), 0) > 0)
+        # an item is read iff it is in range and every id on its way is valid
+        live_v = tl.where(pool_item, use & ~bad_phys, in_rng)
+        for jj in range(0, tl.minimum(ITEMS, item_hi - c0)):
+            pick = ii == jj
+            live = tl.sum(tl.where(pick, live_v.to(tl.int32), 0), 0) > 0
+            if live:
+                j = c0 + jj
+                blk = tl.sum(tl.where(pick, blk_v, 0), 0)
+                phys = tl.sum(tl.where(pick, phys_raw, 0), 0).to(tl.int64)
+                item_is_sel = j < n_sel_items
+                # keys [lo, hi) of this item; pos0 = position of its first slot
+                if CHUNK_KV:
+                    c = j - n_sel_items
+                    pos0 = tl.where(item_is_sel, blk * BS, chunk_start + c * BS)
+                    lo = tl.where(item_is_sel, blk * BS, chunk_start)
+                    hi = tl.where(item_is_sel, chunk_start, chunk_start + t_hi)
+                else:
+                    pos0 = blk * BS
+                    lo = tl.where(item_is_sel, blk * BS, tl.maximum(chunk_start, blk * BS))
+                    hi = tl.where(item_is_sel, chunk_start, seq_len)
+                blk_base = kv_head + phys * stride_pn
+                for sub in tl.static_range(BS // BLOCK_N):
+                    tok = sub * BLOCK_N + nn
+                    pos = pos0 + tok
+                    kmask = (pos >= lo) & (pos < hi)
+                    km = kmask[:, None] & dh_ok[None, :]
+                    vm = kmask[:, None] & dv_ok[None, :]
+                    if CHUNK_KV:
+                        if item_is_sel:
+                            k_ptrs = blk_base + tok[:, None] * stride_pt + dh[None, :]
+                            v_ptrs = blk_base + stride_pkv + tok[:, None] * stride_pt + dv[None, :]
+                            k1 = tl.load(k_ptrs, mask=km, other=0.0).to(kv_dtype)
+                            k2 = tl.load(k_ptrs + HALF, mask=km, other=0.0).to(kv_dtype)
+                            v = tl.load(v_ptrs, mask=vm, other=0.0).to(kv_dtype)
+                        else:
+                            tc = (pos - chunk_start).to(tl.int64)
+                            c_off = b64 * stride_kb + h * stride_kh + tc * stride_kt
+                            k1 = tl.load(k_ptr + c_off[:, None] + dh[None, :], mask=km, other=0.0).to(kv_dtype)
+                            k2 = tl.load(k_ptr + c_off[:, None] + HALF + dh[None, :], mask=km, other=0.0).to(kv_dtype)
+                            v = tl.load(v_ptr + c_off[:, None] + dv[None, :], mask=vm, other=0.0).to(kv_dtype)
+                    else:
+                        k_ptrs = blk_base + tok[:, None] * stride_pt + dh[None, :]
+                        v_ptrs = blk_base + stride_pkv + tok[:, None] * stride_pt + dv[None, :]
+                        k1 = tl.load(k_ptrs, mask=km, other=0.0).to(kv_dtype)
+                        k2 = tl.load(k_ptrs + HALF, mask=km, other=0.0).to(kv_dtype)
+                        v = tl.load(v_ptrs, mask=vm, other=0.0).to(kv_dtype)
+                    if REROPE:
+                        s = tl.dot(qa, tl.trans(k1), input_precision=DOT_PREC)
+                        s = tl.dot(qb, tl.trans(k2), s, input_precision=DOT_PREC)
+                        tile_lo = pos0 + sub * BLOCK_N
+                        if q_first_pos - (tile_lo + BLOCK_N - 1) < WINDOW:
+                            ang_b = (tile_lo - q_first_pos).to(tl.float32) * inv_freq
+                            cb = tl.cos(ang_b)[None, :]
+                            sb = tl.sin(ang_b)[None, :]
+                            ck = cb * cn - sb * sn
+                            sk = sb * cn + cb * sn
+                            k1f = k1.to(tl.float32)
+                            k2f = k2.to(tl.float32)
+                            kr1 = (k1f * ck - k2f * sk).to(kv_dtype)
+                            kr2 = (k2f * ck + k1f * sk).to(kv_dtype)
+                            s1 = tl.dot(qr1, tl.trans(kr1), input_precision=DOT_PREC)
+                            s1 = tl.dot(qr2, tl.trans(kr2), s1, input_precision=DOT_PREC)
+                            s = tl.where((qpos[:, None] - pos[None, :]) < WINDOW, s1, s)
+                    else:
+                        s = tl.dot(qa, tl.trans(k1), input_precision=DOT_PREC)
+                        s = tl.dot(qb, tl.trans(k2), s, input_precision=DOT_PREC)
+                    s = s * QK_SCALE
+                    vis = kmask[None, :] & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
+                    s = tl.where(vis, s, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp2(m_i - m_safe)
+                    p = tl.exp2(s - m_safe[:, None])
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    acc = acc * alpha[:, None]
+                    acc = tl.dot(p.to(kv_dtype), v, acc, input_precision=DOT_PREC)
+                    m_i = m_new
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
-    if SPLIT:
-        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
-        part = (pid_bh * NUM_QTILES + pid_t) * NUM_SPLITS + pid_s
-        tl.store(plse_ptr + part * BLOCK_M + rows, lse, mask=row_ok)
-        tl.store(po_ptr + (part * BLOCK_M + rows)[:, None] * (2 * HALF) + dfull[None, :], o, mask=row_ok[:, None])
+    if SPLIT:  # normalised partial output + log2-sum-exp; _merge_splits combines the pieces
+        part = (pid_bh * tl.num_programs(1) + pid_t) * tl.num_programs(2) + pid_s
+        prow = part.to(tl.int64) * BLOCK_M + rows
+        tl.store(plse_ptr + prow, tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf")))
+        tl.store(po_ptr + prow[:, None] * DV + dv[None, :], o)
     else:
-        o_rows = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g) * stride_oh + t * stride_ot
-        tl.store(o_rows[:, None] + dfull[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        o_rows = out_ptr + b64 * stride_ob + (h * G + g) * stride_oh + t * stride_ot
+        tl.store(o_rows[:, None] + dv[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit
 def _merge_splits(
-    po_ptr, plse_ptr, out_ptr,
-    stride_ob, stride_oh, stride_ot,
-    H_KV, TQ, NUM_SPLITS, NUM_QTILES,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
-    SCHUNK: tl.constexpr,
+    po_ptr, plse_ptr,
+    T, NUM_SPLITS, NUM_QTILES, stride_ob, stride_oh, stride_ot,
+    out_ptr,
+    H_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, SCHUNK: tl.constexpr,
 ):
-    """One program per output row: the row's partials of SCHUNK splits are loaded at once."""
+    """Program ``(bh * NUM_QTILES + qtile, row)`` merges one output row's split partials by
+    log-sum-exp, ``SCHUNK`` splits per vector load. Parameters in TensorRT AOT order: the
+    partials (inputs), int32 extras, the output."""
     pid = tl.program_id(0)
     row = tl.program_id(1)
     pid_bh = pid // NUM_QTILES
@@ -234,18 +339,18 @@ def _merge_splits(
     t_loc = row // G
     g = row % G
     t = pid_t * BLOCK_T + t_loc
-    if (t_loc < BLOCK_T) & (t < TQ):
-        dd = tl.arange(0, D)
+    if (t_loc < BLOCK_T) & (t < T):
+        dd = tl.arange(0, DV)
         sc = tl.arange(0, SCHUNK)
-        base = pid * NUM_SPLITS
+        base = pid.to(tl.int64) * NUM_SPLITS
         m = tl.full([], float("-inf"), tl.float32)
         l_sum = tl.zeros([], tl.float32)
-        acc = tl.zeros([D], tl.float32)
+        acc = tl.zeros([DV], tl.float32)
         for s0 in range(0, NUM_SPLITS, SCHUNK):
             s_ok = s0 + sc < NUM_SPLITS
             part = (base + s0 + sc) * BLOCK_M + row
             lse = tl.load(plse_ptr + part, mask=s_ok, other=float("-inf"))
-            o = tl.load(po_ptr + part[:, None] * D + dd[None, :], mask=s_ok[:, None], other=0.0)
+            o = tl.load(po_ptr + part[:, None] * DV + dd[None, :], mask=s_ok[:, None], other=0.0)
             m_new = tl.maximum(m, tl.max(lse, 0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m - m_safe)
@@ -253,19 +358,22 @@ def _merge_splits(
             l_sum = l_sum * alpha + tl.sum(w, 0)
             acc = acc * alpha + tl.sum(o * w[:, None], 0)
             m = m_new
-        out = acc / tl.where(l_sum > 0.0, l_sum, 1.0)
+        res = acc / tl.where(l_sum > 0.0, l_sum, 1.0)
         o_row = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g) * stride_oh + t * stride_ot
-        tl.store(o_row + dd, out.to(out_ptr.dtype.element_ty))
+        tl.store(o_row + dd, res.to(out_ptr.dtype.element_ty), mask=dd < D)
+
+
+# ---------------------------------------------------------------------------------- launch rule
 
 
 @dataclass(frozen=True, kw_only=True)
 class AttentionLaunch:
-    """Tuning knobs of the paged attention kernels (results never depend on them).
+    """Tuning knobs of the paged attention kernel (results never depend on them).
 
-    ``num_splits=None`` picks enough KV splits to give every SM ``programs_per_sm`` programs.
-    ``block_n=None`` uses min(block_size, 128) keys per inner tile. Defaults: the best of a
-    sweep on an H200 (benchmarks/results, 128K context, 1/8 budget, batch 8). ``block_t=None`` uses
-    ``max(1, 64 // group)`` query tokens per program for prefill and all of them for decode.
+    ``num_splits=None`` picks enough splits of the work list to give every SM ``programs_per_sm``
+    programs. ``block_n=None`` uses min(block_size, 128) keys per inner tile (64 above head_dim
+    128). ``block_t=None`` uses the query tile of :func:`query_tile`. Defaults: the best of a sweep
+    on an H200 (128K context, 1/8 budget, batch 8).
     """
 
     num_splits: int | None = None
@@ -290,6 +398,151 @@ class AttentionLaunch:
 
 DEFAULT_LAUNCH = AttentionLaunch()
 
+# query rows (token x group head) per program: decode tiles and prefill tiles
+DECODE_ROWS = 16
+PREFILL_ROWS = 64
+
+
+def head_tiles(head_dim: int) -> tuple[int, int]:
+    """``(HALF_P, DV)``: lanes of each RoPE half and of V; head_dim is padded to a power of two."""
+    return max(16, next_pow2(head_dim // 2)), max(16, next_pow2(head_dim))
+
+
+def query_tile(rows: int, group: int, tq: int | None = None) -> tuple[int, int]:
+    """``(BLOCK_T, BLOCK_M)`` for a tile of about ``rows`` query rows: ``BLOCK_T`` tokens of all
+    ``group`` heads, at most ``tq`` tokens when the chunk length is known."""
+    block_t = max(1, rows // group)
+    if tq is not None:
+        block_t = min(block_t, tq)
+    return block_t, max(16, next_pow2(block_t * group))
+
+
+def default_block_n(block_size: int, head_dim: int) -> int:
+    return min(block_size, 128 if head_dim <= 128 else 64)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionPlan:
+    """One launch of :func:`_paged_attn_fwd` (+ :func:`_merge_splits` when ``splits > 1``)."""
+
+    block_t: int
+    block_m: int
+    block_n: int
+    n_qtiles: int
+    splits: int
+    items_per_split: int
+    items: int
+    num_warps: int
+    num_stages: int
+
+
+def plan_attention(
+    *, batch: int, num_kv_heads: int, group: int, tq: int, head_dim: int, block_size: int,
+    work_items: int, sms: int, launch: AttentionLaunch = DEFAULT_LAUNCH,
+) -> AttentionPlan:
+    """The launch rule shared by every path.
+
+    * query tile: decode tiles (16 rows) when all ``tq x group`` rows fit, else prefill tiles
+      (64 rows);
+    * splits: ``ceil(programs_per_sm x SMs / (batch x Hkv x query tiles))`` pieces of the
+      ``work_items`` (blocks one program may visit), so a batch-1 decode still fills the GPU;
+      none when the grid already does;
+    * ``items``: block ids resolved per vector load (a power of two <= ``ITEM_CHUNK``).
+    """
+    rows = DECODE_ROWS if tq * group <= DECODE_ROWS else PREFILL_ROWS
+    block_t, _ = query_tile(rows, group, tq)
+    if launch.block_t is not None:
+        block_t = min(launch.block_t, tq)
+    block_m = max(16, next_pow2(block_t * group))
+    block_n = min(launch.block_n or default_block_n(block_size, head_dim), block_size)
+    n_qtiles = -(-tq // block_t)
+    if launch.num_splits is not None:
+        splits = launch.num_splits
+    else:
+        splits = -(-(launch.programs_per_sm * sms) // (batch * num_kv_heads * n_qtiles))
+    splits = max(1, min(splits, work_items))
+    per_split = -(-work_items // splits)
+    splits = -(-work_items // per_split)
+    return AttentionPlan(
+        block_t=block_t, block_m=block_m, block_n=block_n, n_qtiles=n_qtiles, splits=splits,
+        items_per_split=per_split, items=max(2, min(ITEM_CHUNK, next_pow2(per_split))),
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
+    )
+
+
+def rope_constexprs(rerope: bool, window: int, theta: float, logn_training_length: int | None) -> dict:
+    """The ReRoPE constexprs of the kernel (all zero / off for plain sparse attention)."""
+    if not rerope:
+        return dict(REROPE=False, WINDOW=0, LOG2_THETA=0.0, LOGN=False, INV_LOG_TRAIN=0.0)
+    return dict(
+        REROPE=True, WINDOW=int(window), LOG2_THETA=math.log2(theta), LOGN=logn_training_length is not None,
+        INV_LOG_TRAIN=0.0 if logn_training_length is None else 1.0 / math.log(logn_training_length),
+    )
+
+
+def geometry_constexprs(*, num_kv_heads: int, group: int, head_dim: int, block_size: int, scale: float) -> dict:
+    half_p, dv = head_tiles(head_dim)
+    return dict(H_KV=num_kv_heads, G=group, HALF=head_dim // 2, HALF_P=half_p, D=head_dim, DV=dv, BS=block_size,
+                QK_SCALE=float(scale) * LOG2E)
+
+
+def run_attention(
+    q, k, v, kv_pool, block_table, seq_lens, selection, out, *, plan: AttentionPlan, consts: dict,
+    guard: IndexGuard | None,
+) -> torch.Tensor:
+    """Launch the kernel (and the merge) on checked tensors. ``k``/``v`` ``None``: the chunk is in the
+    pool. ``consts``: :func:`geometry_constexprs` + :func:`rope_constexprs`."""
+    b, _, tq, _ = q.shape
+    hkv = kv_pool.shape[2]
+    dv = consts["DV"]
+    chunk_kv = k is not None
+    has_sel = selection is not None
+    cuda = q.device.type == "cuda"
+    rows = b * hkv * plan.n_qtiles * plan.splits * plan.block_m
+    if plan.splits > 1:
+        po = torch.empty((rows, dv), device=q.device, dtype=torch.float32)
+        plse = torch.empty((rows,), device=q.device, dtype=torch.float32)
+    else:
+        po = plse = out
+    if guard is not None and guard.flag.device != q.device:
+        raise ValueError(f"guard must live on q's device {q.device}, got its flag on {guard.flag.device}")
+    dummy = seq_lens  # stands for pointers a constexpr switch leaves unused
+    grid = (b * hkv, plan.n_qtiles, plan.splits)
+    _paged_attn_fwd[grid](
+        q, k if chunk_kv else q, v if chunk_kv else q, kv_pool, block_table, seq_lens,
+        selection if has_sel else dummy,
+        tq, block_table.shape[1], selection.shape[2] if has_sel else 0, kv_pool.shape[0], plan.items_per_split,
+        q.stride(0), q.stride(1), q.stride(2),
+        *((k.stride(0), k.stride(1), k.stride(2)) if chunk_kv else (0, 0, 0)),
+        kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3),
+        block_table.stride(0),
+        *((selection.stride(0), selection.stride(1)) if has_sel else (0, 0)),
+        out.stride(0), out.stride(1), out.stride(2),
+        out, po, plse, guard.flag if guard is not None else dummy,
+        **consts, BLOCK_N=plan.block_n, BLOCK_T=plan.block_t, BLOCK_M=plan.block_m,
+        HAS_SEL=has_sel, CHUNK_KV=chunk_kv, SPLIT=plan.splits > 1, HAS_GUARD=guard is not None,
+        DOT_PREC="ieee" if q.dtype == torch.float32 or not cuda else "tf32",
+        # Triton's interpreter (CPU tensors) mis-computes bf16 tl.dot (seen with triton 3.9): upcast there
+        DOT_F32=not cuda, ITEMS=plan.items,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    if plan.splits > 1:
+        _merge_splits[(b * hkv * plan.n_qtiles, plan.block_m)](
+            po, plse, tq, plan.splits, plan.n_qtiles, out.stride(0), out.stride(1), out.stride(2), out,
+            H_KV=hkv, G=consts["G"], D=consts["D"], DV=dv, BLOCK_T=plan.block_t, BLOCK_M=plan.block_m,
+            SCHUNK=min(64, max(2, next_pow2(plan.splits))), num_warps=4,
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------- runtime launchers
+
+
+def check_guard(guard: object) -> IndexGuard | None:
+    if guard is not None and not isinstance(guard, IndexGuard):
+        raise TypeError(f"guard must be an IndexGuard or None, got {type(guard).__name__}")
+    return guard
+
 
 def _check_inputs(q, kv_pool, block_table, seq_lens, selection, out):
     check_tensor("q", q, ndim=4, dtypes=KERNEL_FLOAT_DTYPES)
@@ -301,8 +554,8 @@ def _check_inputs(q, kv_pool, block_table, seq_lens, selection, out):
             f"kv_pool must have shape [num_blocks, 2, num_kv_heads, block_size, {d}] "
             f"(head_dim of q), got {tuple(kv_pool.shape)}"
         )
-    check_head_dim("q", d)
-    check_block_size("kv_pool", bs)
+    limits.check_head_dim("q", d)
+    limits.check_block_size("kv_pool", bs)
     group = check_gqa(hq, hkv, kv_name="kv_pool")
     check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
     if block_table.shape[0] != b:
@@ -325,11 +578,12 @@ def _check_inputs(q, kv_pool, block_table, seq_lens, selection, out):
     return b, hq, tq, d, hkv, bs, group, nblocks
 
 
-def _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, launch,
+def _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, launch, guard,
             rerope, window, theta, logn_training_length):
     if not isinstance(launch, AttentionLaunch):
         raise TypeError(f"launch must be an AttentionLaunch, got {type(launch).__name__}")
     check_bool("validate", validate)
+    check_guard(guard)
     b, hq, tq, d, hkv, bs, group, nblocks = _check_inputs(q, kv_pool, block_table, seq_lens, selection, out)
     scale = 1.0 / math.sqrt(d) if scale is None else check_float("scale", scale)
     if validate:
@@ -342,69 +596,16 @@ def _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, 
     q = q if q.stride(-1) == 1 else q.contiguous()
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-
-    block_n = launch.block_n or min(bs, 128)
-    block_n = min(block_n, bs)
-    block_t = launch.block_t or (tq if tq * group <= 64 else max(1, 64 // group))
-    block_t = min(block_t, tq)
-    block_m = max(16, next_pow2(block_t * group))
-    n_qtiles = -(-tq // block_t)
     max_blocks = block_table.shape[1]
-    if selection is None:
-        max_items = max_blocks
-        num_sel, sel_arg, sel_pow2 = 0, block_table, 1
-        s_sb, s_sh = 0, 0
-    else:
-        num_sel = selection.shape[2]
-        max_items = min(num_sel + -(-tq // bs) + 1, max_blocks)
-        sel_arg, sel_pow2 = selection, next_pow2(num_sel)
-        s_sb, s_sh = selection.stride(0), selection.stride(1)
-    if launch.num_splits is not None:
-        splits = launch.num_splits
-    else:
-        want = launch.programs_per_sm * num_sms(q.device)
-        splits = max(1, -(-want // (b * hkv * n_qtiles)))
-    # at most MAX_ITEMS_PER_SPLIT blocks per program: their ids are held in registers
-    splits = max(1, min(splits, max_items), -(-max_items // MAX_ITEMS_PER_SPLIT))
-    per_split = -(-max_items // splits)
-    splits = -(-max_items // per_split)
-
-    if splits > 1:
-        po = torch.empty((b * hkv * n_qtiles * splits * block_m, d), device=q.device, dtype=torch.float32)
-        plse = torch.empty((b * hkv * n_qtiles * splits * block_m,), device=q.device, dtype=torch.float32)
-    else:
-        po = plse = out
-    dot_prec = "ieee" if q.dtype == torch.float32 or q.device.type != "cuda" else "tf32"
-    # Triton's interpreter (CPU tensors) mis-computes bf16 tl.dot (seen with triton 3.9): upcast there
-    dot_f32 = q.device.type != "cuda"
-    if rerope:
-        log2_theta = math.log2(theta)
-        inv_log_train = 0.0 if logn_training_length is None else 1.0 / math.log(logn_training_length)
-    else:
-        log2_theta, inv_log_train, window = 0.0, 0.0, 0
-    grid = (b * hkv, n_qtiles, splits)
-    _paged_attn_fwd[grid](
-        q, kv_pool, block_table, seq_lens, sel_arg, out, po, plse,
-        q.stride(0), q.stride(1), q.stride(2),
-        kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3),
-        block_table.stride(0),
-        s_sb, s_sh,
-        out.stride(0), out.stride(1), out.stride(2),
-        hkv, tq, num_sel, per_split, splits, n_qtiles,
-        scale * LOG2E, window, log2_theta, inv_log_train,
-        G=group, HALF=d // 2, BS=bs, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_M=block_m,
-        SEL_POW2=sel_pow2, MAX_ITEMS=max(2, next_pow2(per_split)), HAS_SEL=selection is not None, SPLIT=splits > 1, REROPE=rerope,
-        LOGN=logn_training_length is not None, DOT_PREC=dot_prec, DOT_F32=dot_f32,
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+    past_items = max_blocks if selection is None else selection.shape[2]
+    plan = plan_attention(
+        batch=b, num_kv_heads=hkv, group=group, tq=tq, head_dim=d, block_size=bs,
+        work_items=past_items + -(-min(tq, max_blocks * bs) // bs) + 1, sms=num_sms(q.device), launch=launch,
     )
-    if splits > 1:
-        _merge_splits[(b * hkv * n_qtiles, block_m)](
-            po, plse, out, out.stride(0), out.stride(1), out.stride(2),
-            hkv, tq, splits, n_qtiles,
-            G=group, D=d, BLOCK_T=block_t, BLOCK_M=block_m, SCHUNK=min(64, max(2, next_pow2(splits))),
-            num_warps=4,
-        )
-    return out
+    consts = dict(geometry_constexprs(num_kv_heads=hkv, group=group, head_dim=d, block_size=bs, scale=scale),
+                  **rope_constexprs(rerope, window, theta, logn_training_length))
+    return run_attention(q, None, None, kv_pool, block_table, seq_lens, selection, out, plan=plan, consts=consts,
+                         guard=guard)
 
 
 def paged_sparse_attention(
@@ -418,17 +619,20 @@ def paged_sparse_attention(
     out: torch.Tensor | None = None,
     validate: bool = True,
     launch: AttentionLaunch = DEFAULT_LAUNCH,
+    guard: IndexGuard | None = None,
 ) -> torch.Tensor:
     """Paged block-sparse attention for decode (``Tq`` of 1-8) and chunked prefill (any ``Tq``).
 
     q ``[B, Hq, Tq, D]`` (fp16/bf16/fp32) are the last ``Tq`` tokens of each sequence, whose
     K/V are already in ``kv_pool`` ``[num_blocks, 2, Hkv, block_size, D]`` (same dtype, K
-    post-RoPE). ``block_table`` int32 ``[B, max_blocks]``, ``seq_lens`` int32 ``[B]``,
-    ``selection`` int32 ``[B, Hkv, S]`` sorted logical block ids padded with -1, or ``None``
-    for all blocks. Returns ``[B, Hq, Tq, D]`` in q's dtype (or writes ``out``).
-    ``validate=True`` also checks index contents (one device sync).
+    post-RoPE; ``D`` per :mod:`ucm_trt.limits`). ``block_table`` int32 ``[B, max_blocks]``,
+    ``seq_lens`` int32 ``[B]``, ``selection`` int32 ``[B, Hkv, S]`` sorted logical block ids
+    padded with -1, or ``None`` for all blocks. Returns ``[B, Hq, Tq, D]`` in q's dtype (or
+    writes ``out``). ``validate=True`` also checks index contents (one device sync). With
+    ``validate=False`` an out-of-range id is still never dereferenced; pass ``guard`` to have it
+    flagged (:class:`~ucm_trt.kernels.guard.IndexGuard`, codes :data:`ATTENTION_GUARD_CODES`).
     """
-    return _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, launch,
+    return _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, launch, guard,
                    False, 0, 0.0, None)
 
 
@@ -446,6 +650,7 @@ def paged_rerope_attention(
     out: torch.Tensor | None = None,
     validate: bool = True,
     launch: AttentionLaunch = DEFAULT_LAUNCH,
+    guard: IndexGuard | None = None,
 ) -> torch.Tensor:
     """Paged ReRoPE attention, one fused pass; the pool holds UN-rotated K, q is un-rotated.
 
@@ -461,5 +666,5 @@ def paged_rerope_attention(
         or logn_training_length < 2
     ):
         raise ValueError(f"logn_training_length must be an int >= 2 or None, got {logn_training_length!r}")
-    return _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, launch,
+    return _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, launch, guard,
                    True, window, theta, logn_training_length)

@@ -1,22 +1,28 @@
-"""Single-kernel variants of the UCM ops for TensorRT's AOT plugin path (and the JIT plugin path).
+"""The UCM ops in TensorRT's AOT calling convention (and the JIT plugin launchers).
 
 TensorRT's ``aot_impl`` launches exactly one kernel per plugin with the arguments
 ``[input pointers] [int32 extras] [output pointers]``: no workspace, no float scalars, no
-host logic. The kernels here follow that contract literally -- their parameters are the UCM
-op's inputs in schema order, then int32 sizes, then the outputs; every float (softmax scale,
-RoPE theta, log-n factor) and every geometry attribute is a ``tl.constexpr`` -- so the same
-``@triton.jit`` function is compiled to PTX for engines and launched through Triton for the
-JIT path and the CPU interpreter tests. Strides are implied by the (contiguous) shapes.
+host logic. The attention op runs the one kernel of :mod:`ucm_trt.kernels.attention` (compiled
+with the op's attributes and constant strides as constexprs, see :mod:`.attention_op`);
+``UcmSelectAllBlocks`` has its own tiny kernel (:mod:`.select_all`).
 """
 
-from ucm_trt.kernels.aot.paged_attention import (
+from ucm_trt.kernels.aot.attention_op import (
+    TACTIC_DECODE,
+    TACTIC_PREFILL,
     TACTICS,
     PagedAttentionGeometry,
     TileConfig,
+    aot_item_split,
+    divisible_by_16,
+    merge_extras,
+    merge_grid,
+    merge_kernel_args,
     paged_attention_chunk,
     paged_attention_extras,
     paged_attention_grid,
     paged_attention_kernel_args,
+    partials_shapes,
     tile_config,
 )
 from ucm_trt.kernels.aot.select_all import (
@@ -28,12 +34,20 @@ from ucm_trt.kernels.aot.select_all import (
 
 __all__ = [
     "TACTICS",
+    "TACTIC_DECODE",
+    "TACTIC_PREFILL",
     "PagedAttentionGeometry",
     "TileConfig",
+    "aot_item_split",
+    "divisible_by_16",
+    "merge_extras",
+    "merge_grid",
+    "merge_kernel_args",
     "paged_attention_chunk",
     "paged_attention_extras",
     "paged_attention_grid",
     "paged_attention_kernel_args",
+    "partials_shapes",
     "tile_config",
     "select_all_blocks",
     "select_all_blocks_extras",
