@@ -34,7 +34,7 @@ from ucm_trt.runtime.metrics import RuntimeMetrics, StepRecord
 from ucm_trt.runtime.plan import RuntimeConfig
 from ucm_trt.runtime.step import StepContext
 from ucm_trt.runtime.worker import RetrievalWorker
-from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView
+from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView, extend_selection
 from ucm_trt.sparse.policies.dense import DensePolicy
 
 __all__ = ["Engine", "GenerationResult", "SamplingParams"]
@@ -210,7 +210,9 @@ class Engine:
         layout = KVLayout(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
                           block_size=bs, dtype=backend.kv_dtype, device=dev)
         self.kv = KVManager(layout, max_batch=config.max_batch, max_blocks=max_blocks, num_device_blocks=n_dev,
-                            offload=policy.offload, num_host_blocks=n_host, cache_blocks=config.cache_blocks)
+                            offload=policy.offload, num_host_blocks=n_host, cache_blocks=config.cache_blocks,
+                            overlap=config.overlap_loads, load_method=config.load_method,
+                            time_copies=config.time_loads and dev.type == "cuda")
         self.worker = RetrievalWorker(config.retrieval_threads)
         policy.bind(PolicyRuntime(shape=shape, sparse=sparse, kv=self.kv, worker=self.worker, device=dev))
         # -- per-step buffers, allocated once (device + host mirrors; pinned on CUDA)
@@ -232,6 +234,11 @@ class Engine:
         self._sel = torch.full((L, B, H, max_blocks), -1, dtype=torch.int32, device=dev)
         self._sel_h = torch.full((L, B, H, max_blocks), -1, dtype=torch.int32, pin_memory=pin)
         self._capture = torch.zeros(L, B, shape.num_q_heads, width, shape.head_dim, dtype=torch.float32, device=dev)
+        # host copy of the captured queries (pinned on CUDA), only for policies that read them
+        # (their after_step is not the base no-op): a non-blocking copy per decode step
+        self._host_queries = type(policy).after_step is not Policy.after_step
+        self._capture_h = torch.zeros(L, B, shape.num_q_heads, shape.head_dim, dtype=torch.float32,
+                                      pin_memory=pin) if self._host_queries else None
         self._arange = torch.arange(max_blocks, dtype=torch.int32)
         # -- requests
         self._requests: dict[str, _Request] = {}
@@ -248,6 +255,9 @@ class Engine:
         self._prefetch_cache: dict[str, dict[int, tuple[torch.Tensor, int, np.ndarray]]] = {}
         # what the selection buffers hold: (key, the keyed tensors kept alive, (views, widths))
         self._sel_last: tuple | None = None
+        # overlapped schedule: the selections the last decode step attended, {rid: row}, new lens
+        self._attended: tuple[dict[str, int], list, list[int]] | None = None
+        self._uploads_done = None  # event after the last step's host-mirror uploads (CUDA)
         self._closed = False
 
     # ================================================================== requests
@@ -324,6 +334,7 @@ class Engine:
             new_lens=new_lens, seq_lens=self._seq_lens[:b], positions=self._pos[:b, :t], selections=selections,
             slot_blocks=self._slot_b[:, : b * t], slot_offsets=self._slot_o[:, : b * t], capture=self._capture,
             capture_width=self._capture_width, rope_theta=self.shape.rope_theta,
+            layer_waits=self.kv.layer_waits(),
         )
 
     def _write_slots(self, rows: list[str], starts: list[int], t: int) -> None:
@@ -350,13 +361,16 @@ class Engine:
 
     def _record(self, kind: str, rows: int, tokens: int, t0: float, tr: StepTransfer, held: tuple[int, int, int],
                 plan_seconds: float = 0.0) -> None:
+        timed = self.kv.collect_timings() if self.kv.time_copies else (0.0, 0.0)
         self.metrics.record(StepRecord(
             plan_seconds=plan_seconds,
             kind=kind, rows=rows, tokens=tokens, seconds=time.perf_counter() - t0,
             blocks_loaded=tr.blocks_loaded, blocks_needed=tr.blocks_needed,
             blocks_written_back=tr.blocks_written_back, blocks_evicted=tr.blocks_evicted,
             bytes_h2d=tr.bytes_h2d, bytes_d2h=tr.bytes_d2h, load_seconds=tr.load_seconds,
-            blocks_prefetched=tr.blocks_prefetched,
+            blocks_prefetched=tr.blocks_prefetched, blocks_deferred=tr.blocks_deferred,
+            stale_layers=tr.stale_layers, sync_switches=tr.sync_switches,
+            load_gpu_ms=timed[0], load_wait_ms=timed[1],
             device_kv_bytes=held[0], host_kv_bytes=held[1], dense_kv_bytes=held[2],
             working_set_bytes=tr.working_set_blocks * self.kv.block_bytes,
         ))
@@ -364,11 +378,19 @@ class Engine:
     def _held(self) -> tuple[int, int, int]:
         return self.kv.device_bytes_held(), self.kv.host_bytes_held(), self.kv.dense_bytes()
 
-    def _queries(self, b: int, last_only: bool) -> list[torch.Tensor]:
-        cap = self._capture[:, :b].cpu()  # [L, B, Hq, W, D]
-        if last_only:
-            return list(cap[:, :, :, 0])  # per layer [B, Hq, D] (slot 0 holds the last token)
-        return list(cap)
+    def _prefill_queries(self) -> list[torch.Tensor]:
+        """Per layer ``[1, Hq, W, D]`` of the one prefilled row (once per request: a blocking copy)."""
+        return list(self._capture[:, :1].cpu())
+
+    def _start_query_copy(self, b: int) -> torch.cuda.Event | None:
+        """Start copying this decode step's queries (slot 0 = the new token) into the pinned host
+        buffer without waiting; returns the event that marks the copy done (None on the CPU)."""
+        self._capture_h[:, :b].copy_(self._capture[:, :b, :, 0], non_blocking=self._capture.device.type == "cuda")
+        if self._capture.device.type != "cuda":
+            return None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self._capture.device))
+        return ev
 
     def _prefill_chunk(self, req: _Request) -> list[tuple[str, int]]:
         t0 = time.perf_counter()
@@ -378,18 +400,22 @@ class Engine:
         tr = StepTransfer()
         L = self.shape.num_layers
         self.kv.plan_step([rid], [t], [[None] for _ in range(L)], tr)
+        self._guard_host_mirrors()
         self._ids_h[0, :t] = torch.tensor(req.prompt[lo:hi], dtype=torch.long)
         self._ids[:1, :t].copy_(self._ids_h[:1, :t], non_blocking=self._ids.device.type == "cuda")
         self._write_slots([rid], [lo], t)
+        self._mark_uploads_done()
         ctx = self._context([rid], t, [hi], [None] * L)
+        self.kv.mark_forward_start()
         logits = self.backend.forward(self._ids[:1, :t], self._pos[:1, :t], ctx)
+        self.kv.issue_deferred(tr)
         self.kv.write_back([rid], tr)
         held = self._held()
         req.chunk += 1
         emitted: list[tuple[str, int]] = []
         if hi == len(req.prompt):
             w = min(self._capture_width, t)
-            queries = [q[0, :, :w] for q in self._queries(1, False)]  # per layer [Hq, w, D]
+            queries = [q[0, :, :w] for q in self._prefill_queries()]  # per layer [Hq, w, D]
             view = RequestView(rid=rid, prompt_len=len(req.prompt), seq_len=len(req.prompt),
                                new_len=len(req.prompt), step=0)
             self.policy.on_prefill_end(view, queries)
@@ -425,24 +451,37 @@ class Engine:
             if coming is not None:
                 prefetch = self._block_arrays(self._prefetch_cache, rows, coming)
         tr = StepTransfer()
-        self.kv.plan_step(rows, [1] * b, needed, tr, prefetch=prefetch)
-        selections, widths = self._write_selections(sels, [v.new_len for v in views], bs, b, H)
+        stale = self.kv.plan_step(rows, [1] * b, needed, tr, prefetch=prefetch)
+        new_lens = [v.new_len for v in views]
+        if self.kv.overlap:
+            sels = self._attend_selections(rows, sels, stale, new_lens)
+        self._guard_host_mirrors()
+        selections, widths = self._write_selections(sels, new_lens, bs, b, H)
         for row, rid in enumerate(rows):
             self._ids_h[row, 0] = self._requests[rid].out[-1]
         self._ids[:b, :1].copy_(self._ids_h[:b, :1], non_blocking=self._ids.device.type == "cuda")
         self._write_slots(rows, [v.seq_len for v in views], 1)
-        ctx = self._context(rows, 1, [v.new_len for v in views], selections)
+        self._mark_uploads_done()
+        ctx = self._context(rows, 1, new_lens, selections)
         plan_seconds = time.perf_counter() - t0
+        self.kv.mark_forward_start()
         logits = self._decode_forward(b, widths, ctx)
+        self.kv.issue_deferred(tr)  # overlapped loads run beside the forward just enqueued
         self.kv.write_back(rows, tr)
         held = self._held()
-        self.policy.after_step(views, self._queries(b, True))
+        query_copy = self._start_query_copy(b) if self._host_queries else None
         emitted = []
         reqs = [self._requests[rid] for rid in rows]
         if all(r.params.temperature == 0 for r in reqs):
             tokens = logits.argmax(-1).tolist()  # greedy: only the token ids leave the device
         else:
             logits = logits.cpu()
+            tokens = None
+        if self._host_queries:
+            if query_copy is not None:
+                query_copy.synchronize()  # normally done: the token copy above waited for the step
+            self.policy.after_step(views, list(self._capture_h[:, :b]))  # per layer [B, Hq, D]
+        if tokens is None:
             tokens = [self._sample(logits[row], req) for row, req in enumerate(reqs)]
         for req, token in zip(reqs, tokens, strict=True):
             req.step += 1
@@ -450,6 +489,46 @@ class Engine:
             self._emit(req, token)
         self._record("decode", b, b, t0, tr, held, plan_seconds)
         return emitted
+
+    def _attend_selections(self, rows: list[str], sels, stale: list[list[bool]], new_lens: list[int]):
+        """Overlapped schedule: the selections attention reads this step. Where the plan left a
+        (layer, row) stale (its new blocks load beside this step), the selection that row attended
+        at the last decode step, extended with the blocks opened since; elsewhere the policy's."""
+        bs = self.sparse.block_size
+        out = sels
+        if any(any(layer) for layer in stale):
+            if self._attended is None:
+                raise RuntimeError("overlapped schedule: a stale selection before any decode step (internal)")
+            prev_rows, prev_sels, prev_lens = self._attended
+            out = [list(per_row) for per_row in sels]
+            for layer, flags in enumerate(stale):
+                for row, is_stale in enumerate(flags):
+                    if not is_stale:
+                        continue
+                    p = prev_rows.get(rows[row])
+                    old = None if p is None else prev_sels[layer][p]
+                    if old is None:
+                        raise RuntimeError(
+                            f"overlapped schedule: request {rows[row]!r} layer {layer} has no selection from its "
+                            "last decode step to attend while its new blocks load (internal invariant broken)"
+                        )
+                    nb_old, nb_new = -(-prev_lens[p] // bs), -(-new_lens[row] // bs)
+                    out[layer][row] = extend_selection(old, nb_old, nb_new) if nb_new > nb_old else old
+        self._attended = ({rid: row for row, rid in enumerate(rows)}, out, list(new_lens))
+        return out
+
+    def _guard_host_mirrors(self) -> None:
+        """Before the host writes the pinned mirrors (ids, positions, slots, selections) of a step,
+        wait until the last step's uploads from them ran (CUDA; normally long done — in decode the
+        token copy already waited — but a non-final prefill chunk has no other sync)."""
+        if self._uploads_done is not None:
+            self._uploads_done.synchronize()
+            self._uploads_done = None
+
+    def _mark_uploads_done(self) -> None:
+        if self._ids.device.type == "cuda":
+            self._uploads_done = torch.cuda.Event()
+            self._uploads_done.record(torch.cuda.current_stream(self._ids.device))
 
     @staticmethod
     def _block_arrays(caches: dict, rows: list[str], sels) -> list[list[np.ndarray | None]]:
@@ -588,6 +667,8 @@ class Engine:
         self._prefilling = None
         self._needed_cache.clear()
         self._prefetch_cache.clear()
+        self._attended = None
+        self.kv.synchronize()  # an error may have left copies in flight or loads not issued
 
     def generate(
         self,
