@@ -209,3 +209,43 @@ def test_replay_catches_a_read_that_does_not_wait():
     log = [("read", 0, 0, np.array([5])), ("step_wait", 0, 0, 0), ("load", 1, 0, np.array([5]))]
     with pytest.raises(AssertionError, match="the running step reads"):
         _replay(log, 1)
+
+
+class _BadSelection(ESAPolicy):
+    """ESA whose selection of layer 1, row 0 is corrupted at the first decode step."""
+
+    def __init__(self, corrupt):
+        super().__init__()
+        self.corrupt = corrupt
+
+    def plan(self, reqs):
+        out = super().plan(reqs)
+        sel = out[1][0].clone()
+        self.corrupt(sel, -(-reqs[0].new_len // BS))
+        out[1][0] = sel
+        return out
+
+
+def _swap(sel, nb):
+    sel[0, 0], sel[0, 1] = sel[0, 1].item(), sel[0, 0].item()
+
+
+def _past_end(sel, nb):
+    sel[1, int((sel[1] >= 0).sum()) - 1] = nb
+
+
+def _hole(sel, nb):
+    sel[0, 1] = -1
+
+
+@pytest.mark.parametrize(("corrupt", "rule"), [(_swap, "sorted strictly ascending"), (_past_end, r"in \[0, 19\)"),
+                                               (_hole, "then -1 padding")])
+def test_bad_selections_are_refused_on_the_host_before_any_launch(corrupt, rule, model):
+    """The per-launch index checks now run once per plan on the host mirrors: a policy's selection
+    that is unsorted, past the sequence's blocks or has a hole is a ValueError naming policy, layer,
+    row, head and the rule (the kernels would otherwise read it without a check)."""
+    with Engine(TorchBackend(model, attention="reference"), _BadSelection(corrupt), sparse=_sparse("esa"),
+                config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128)) as eng:
+        with pytest.raises(ValueError, match=rf"policy 'esa': layer 1 row 0 \(req-0\) head \d selection .*{rule}"):
+            eng.generate(_prompt(300, 1), SamplingParams(max_new_tokens=4))
+        assert eng.kv.device_blocks_held() == 0

@@ -344,6 +344,7 @@ class Engine:
     def _write_positions(self, rows: list[str], pos: torch.Tensor, seq_lens: list[int]) -> None:
         """Slots (physical block, offset) of the tokens at ``pos`` [B, T], positions and seq_lens:
         host mirrors, then one copy each into the device buffers."""
+        self._guard_host_mirrors()
         bs = self.sparse.block_size
         th = self.kv.tables_host
         b, t = pos.shape
@@ -358,6 +359,7 @@ class Engine:
         self._slot_o[:, : b * t].copy_(self._slot_o_h[:, : b * t], non_blocking=nb)
         self._pos[:b, :t].copy_(self._pos_h[:b, :t], non_blocking=nb)
         self._seq_lens[:b].copy_(self._seq_lens_h[:b], non_blocking=nb)
+        self._mark_uploads_done()  # the last upload of a step: covers the ids and selections before it
 
     def _record(self, kind: str, rows: int, tokens: int, t0: float, tr: StepTransfer, held: tuple[int, int, int],
                 plan_seconds: float = 0.0) -> None:
@@ -378,9 +380,14 @@ class Engine:
     def _held(self) -> tuple[int, int, int]:
         return self.kv.device_bytes_held(), self.kv.host_bytes_held(), self.kv.dense_bytes()
 
-    def _prefill_queries(self) -> list[torch.Tensor]:
-        """Per layer ``[1, Hq, W, D]`` of the one prefilled row (once per request: a blocking copy)."""
-        return list(self._capture[:, :1].cpu())
+    def _queries(self, b: int, last_only: bool) -> list[torch.Tensor]:
+        """The captured queries on the host, a blocking copy: per layer ``[B, Hq, W, D]`` (or
+        ``[B, Hq, D]`` with ``last_only``). Used once per request, at the end of its prefill (and by
+        Blend); decode steps use :meth:`_start_query_copy` instead."""
+        cap = self._capture[:, :b].cpu()  # [L, B, Hq, W, D]
+        if last_only:
+            return list(cap[:, :, :, 0])
+        return list(cap)
 
     def _start_query_copy(self, b: int) -> torch.cuda.Event | None:
         """Start copying this decode step's queries (slot 0 = the new token) into the pinned host
@@ -404,7 +411,6 @@ class Engine:
         self._ids_h[0, :t] = torch.tensor(req.prompt[lo:hi], dtype=torch.long)
         self._ids[:1, :t].copy_(self._ids_h[:1, :t], non_blocking=self._ids.device.type == "cuda")
         self._write_slots([rid], [lo], t)
-        self._mark_uploads_done()
         ctx = self._context([rid], t, [hi], [None] * L)
         self.kv.mark_forward_start()
         logits = self.backend.forward(self._ids[:1, :t], self._pos[:1, :t], ctx)
@@ -415,7 +421,7 @@ class Engine:
         emitted: list[tuple[str, int]] = []
         if hi == len(req.prompt):
             w = min(self._capture_width, t)
-            queries = [q[0, :, :w] for q in self._prefill_queries()]  # per layer [Hq, w, D]
+            queries = [q[0, :, :w] for q in self._queries(1, False)]  # per layer [Hq, w, D]
             view = RequestView(rid=rid, prompt_len=len(req.prompt), seq_len=len(req.prompt),
                                new_len=len(req.prompt), step=0)
             self.policy.on_prefill_end(view, queries)
@@ -461,7 +467,6 @@ class Engine:
             self._ids_h[row, 0] = self._requests[rid].out[-1]
         self._ids[:b, :1].copy_(self._ids_h[:b, :1], non_blocking=self._ids.device.type == "cuda")
         self._write_slots(rows, [v.seq_len for v in views], 1)
-        self._mark_uploads_done()
         ctx = self._context(rows, 1, new_lens, selections)
         plan_seconds = time.perf_counter() - t0
         self.kv.mark_forward_start()
@@ -601,11 +606,44 @@ class Engine:
             out.append(min(cap, -(-width // SELECTION_WIDTH_BUCKET) * SELECTION_WIDTH_BUCKET))
             touched = True
         if touched:
+            self._check_selections(out, new_lens, b)
             self._sel[:, :b].copy_(sh[:, :b], non_blocking=self._sel.device.type == "cuda")
         views = [None if w is None else self._sel[layer, :b, :, :w] for layer, w in enumerate(out)]
         # the keyed tensors are kept alive so their ids cannot be reused by new tensors
         self._sel_last = (key, [x for per_row in sels for x in per_row], (views, tuple(out)))
         return self._sel_last[2]
+
+    def _check_selections(self, widths: list[int | None], new_lens: list[int], b: int) -> None:
+        """The index checks of the kernels, on the host where the step's selections are built (once
+        per change, numpy over the host mirrors; the launches then run without a sync): every row
+        of every layer holds logical block ids in ``[0, blocks of its sequence)``, sorted strictly
+        ascending, then ``-1`` padding, and each selected block is resident in that layer's block
+        table (not the null block)."""
+        bs = self.sparse.block_size
+        nb = np.array([-(-n // bs) for n in new_lens], dtype=np.int64)[:, None, None]
+        tables = self.kv.tables_host.numpy()
+        for layer, w in enumerate(widths):
+            if w is None:
+                continue
+            x = self._sel_h[layer, :b, :, :w].numpy().astype(np.int64)  # [b, H, w]
+            valid = x >= 0
+            nv = valid.sum(-1, keepdims=True)
+            bad = (x < -1) | (valid != (np.arange(w) < nv)) | (valid & (x >= nb))
+            bad[..., 1:] |= valid[..., 1:] & (x[..., 1:] <= x[..., :-1])
+            safe = np.where(valid & ~bad, x, 0).reshape(b, -1)
+            phys = np.take_along_axis(tables[layer, :b].astype(np.int64), safe, axis=1).reshape(x.shape)
+            not_resident = valid & ~bad & (phys == 0)
+            if bad.any() or not_resident.any():
+                row, head, _ = (int(i[0]) for i in np.nonzero(bad | not_resident))
+                ids = x[row, head][x[row, head] != -1].tolist()
+                rule = ("is not resident in the layer's block table (internal: the plan must load every selected block)"
+                        if not bad[row, head].any() else
+                        f"must hold logical block ids in [0, {int(nb[row, 0, 0])}) sorted strictly ascending, "
+                        "then -1 padding")
+                raise ValueError(
+                    f"policy {self.policy.name!r}: layer {layer} row {row} ({self._running[row] if row < len(self._running) else '?'}) "
+                    f"head {head} selection {ids[:16]}{' ...' if len(ids) > 16 else ''} {rule}"
+                )
 
     # ================================================================== sampling / finishing
     def _sample(self, logits: torch.Tensor, req: _Request) -> int:

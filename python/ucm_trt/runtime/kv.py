@@ -997,6 +997,9 @@ class KVManager:
         if self._tables_event is not None:
             self._tables_event.synchronize()
         for row, seq, key in changed:
+            if int(seq.table.max()) >= self.pools[0].shape[0] or int(seq.table.min()) < 0:
+                raise RuntimeError(f"request {seq.rid!r}: block table holds ids outside the device pool "
+                                   f"[0, {self.pools[0].shape[0]}) (internal invariant broken)")
             th[:, row] = torch.from_numpy(seq.table)
             self._uploaded[row] = key
         lo, hi = changed[0][0], changed[-1][0] + 1

@@ -61,7 +61,7 @@ def reference_attention() -> AttentionImpl:
                          validate=None)
 
 
-def triton_attention(*, validate: bool = True) -> AttentionImpl:
+def triton_attention(*, validate: bool = False) -> AttentionImpl:
     from ucm_trt import kernels
 
     return AttentionImpl("triton", kernels.paged_sparse_attention, kernels.paged_rerope_attention,
