@@ -12,10 +12,11 @@ device pool at random physical ids (what a retrieval with random turnover produc
                   the host ids come in runs, the best case of coalescing);
 * ``staged``      the runtime's ``load_method="staged"``: CPU ``index_select`` into a pinned staging
                   slot (64 blocks, two slots), one DMA copy per slot, one ``index_copy_`` on the device;
-* ``batch_dma``   every block in ONE driver call, ``cuMemcpyBatchAsync`` (CUDA 12.8+ driver, called
-                  with ctypes; copy engines, no SMs); skipped with the reason when the driver lacks it;
-* ``runtime_kernel`` / ``runtime_staged``: the runtime's own load path (``KVManager._copy_layers``
-                  with that ``load_method``) for the same blocks spread over 16 layers.
+* ``batch_dma``   every block in ONE driver call, ``cuMemcpyBatchAsync`` (CUDA 12.8+ driver, through
+                  ``ucm_trt.runtime.batch_copy``; copy engines, no SMs); probed first in a child
+                  process, skipped with the reason when the driver lacks it or it fails;
+* ``runtime_<method>``: the runtime's own load path (``KVManager._copy_layers`` with that
+                  ``load_method``) for the same blocks spread over 16 layers.
 
 Per way: the copy alone (CUDA events, median of ``--reps``) -> GB/s and the host time spent issuing
 it; then the same copy repeated beside a compute stream running the paged sparse decode attention
@@ -29,7 +30,6 @@ slowdown (time with / time alone) and the copy's GB/s while it overlaps. Writes
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import math
@@ -75,42 +75,27 @@ def _runs(hid: np.ndarray, did: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(h[s]), int(d[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
 
 
-class _BatchDMA:
-    """``cuMemcpyBatchAsync`` through ctypes (driver API): every copy of a list in one call."""
+def _probe_batch_dma() -> str | None:
+    """Run one small batched copy in a child process (a driver that crashes on it must not take this
+    run down); None if it copied right, else why not."""
+    import subprocess
 
-    class _Loc(ctypes.Structure):
-        _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-    def __init__(self) -> None:
-        lib = ctypes.CDLL("libcuda.so.1")
-        self.v2 = hasattr(lib, "cuMemcpyBatchAsync_v2")
-        if not self.v2 and not hasattr(lib, "cuMemcpyBatchAsync"):
-            raise RuntimeError("the CUDA driver has no cuMemcpyBatchAsync (needs a 12.8+ driver)")
-        self.fn = lib.cuMemcpyBatchAsync_v2 if self.v2 else lib.cuMemcpyBatchAsync
-
-        class Attr(ctypes.Structure):
-            _fields_ = [("srcAccessOrder", ctypes.c_int), ("srcLocHint", _BatchDMA._Loc),
-                        ("dstLocHint", _BatchDMA._Loc), ("flags", ctypes.c_uint)]
-
-        self.attr = Attr()
-        self.attr.srcAccessOrder = 1  # CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
-        self.attr.flags = 1  # CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE
-        self.idx = (ctypes.c_size_t * 1)(0)
-
-    def copy(self, dsts: np.ndarray, srcs: np.ndarray, nbytes: int, stream: int) -> None:
-        n = dsts.size
-        d = dsts.astype(np.uint64).ctypes.data_as(ctypes.c_void_p)
-        s = srcs.astype(np.uint64).ctypes.data_as(ctypes.c_void_p)
-        sizes = np.full(n, nbytes, dtype=np.uint64)
-        args = [d, s, sizes.ctypes.data_as(ctypes.c_void_p), ctypes.c_size_t(n), ctypes.byref(self.attr),
-                self.idx, ctypes.c_size_t(1)]
-        if not self.v2:
-            fail = ctypes.c_size_t(0)
-            args.append(ctypes.byref(fail))
-        args.append(ctypes.c_void_p(stream))
-        rc = self.fn(*args)
-        if rc != 0:
-            raise RuntimeError(f"cuMemcpyBatchAsync returned CUDA error {rc}")
+    code = (
+        "import sys, torch, numpy as np; sys.path.insert(0, {!r})\n"
+        "from ucm_trt.runtime.batch_copy import BatchMemcpy\n"
+        "h = torch.randn(8, 1024).pin_memory(); d = torch.zeros(8, 1024, device='cuda'); s = torch.cuda.Stream()\n"
+        "ids = np.array([5, 1, 7]); nb = 4096\n"
+        "BatchMemcpy().copy(d.data_ptr() + np.arange(3, dtype=np.uint64) * nb, h.data_ptr() + ids.astype(np.uint64) * nb,"
+        " nb, s.cuda_stream)\n"
+        "s.synchronize(); assert torch.equal(d[:3].cpu(), h[ids]), 'wrong contents'\n"
+    ).format(str(Path(__file__).resolve().parents[1] / "python"))
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "probe timed out"
+    if r.returncode != 0:
+        return f"probe exit {r.returncode}: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
+    return None
 
 
 def _compute(kind: str, shape: tuple[int, ...]):
@@ -198,16 +183,19 @@ def _methods(host, dev, hid: np.ndarray, did: np.ndarray, stream: torch.cuda.Str
             dev.index_copy_(0, did_d[lo:hi], dslots[s][: hi - lo])
 
     out["staged"] = (staged, "CPU gather to pinned, DMA, device scatter")
-    try:
-        dma = _BatchDMA()
+    why = _probe_batch_dma()
+    if why is None:
+        from ucm_trt.runtime.batch_copy import BatchMemcpy
+
+        dma = BatchMemcpy()
         nbytes = host[0].numel() * host.element_size()
-        srcs = host.data_ptr() + hid.astype(np.uint64) * nbytes
-        dsts = dev.data_ptr() + did.astype(np.uint64) * nbytes
+        srcs = np.uint64(host.data_ptr()) + hid.astype(np.uint64) * np.uint64(nbytes)
+        dsts = np.uint64(dev.data_ptr()) + did.astype(np.uint64) * np.uint64(nbytes)
         out["batch_dma"] = (lambda: dma.copy(dsts, srcs, nbytes, torch.cuda.current_stream().cuda_stream),
-                            f"DMA, one cuMemcpyBatchAsync{'_v2' if dma.v2 else ''} call")
-    except (OSError, RuntimeError, AttributeError) as exc:
-        out["batch_dma"] = (None, f"unavailable: {exc}")
-    for method in ("kernel", "staged"):
+                            f"DMA, one {dma.name} call")
+    else:
+        out["batch_dma"] = (None, f"unavailable: {why}")
+    for method in ("kernel", "staged") + (("batch_dma",) if why is None else ()):
         out[f"runtime_{method}"] = _runtime_path(host, hid, did, layers, method)
     return out
 

@@ -160,7 +160,7 @@ def _overlap_tokens(model, policy, *, overlap, load_method="kernel", cache_block
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("load_method", ["kernel", "staged"])
+@pytest.mark.parametrize("load_method", ["kernel", "staged", "batch_dma"])
 @pytest.mark.parametrize("algorithm", ["esa", "gsa", "kvstar"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_overlapped_loads_on_cuda_equal_the_stale_by_one_model_even_with_slow_copies(algorithm, load_method, dtype):

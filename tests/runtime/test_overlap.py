@@ -249,3 +249,21 @@ def test_bad_selections_are_refused_on_the_host_before_any_launch(corrupt, rule,
         with pytest.raises(ValueError, match=rf"policy 'esa': layer 1 row 0 \(req-0\) head \d selection .*{rule}"):
             eng.generate(_prompt(300, 1), SamplingParams(max_new_tokens=4))
         assert eng.kv.device_blocks_held() == 0
+
+
+def test_load_method_and_batch_dma_errors_are_clear():
+    """The load method is validated by name; the batched-DMA wrapper's argument struct has the
+    driver's layout (CUmemcpyAttributes: enum, two CUmemLocation, unsigned flags = 24 bytes), and
+    without a CUDA driver it says what is missing instead of failing later."""
+    import ctypes
+
+    from ucm_trt.runtime.batch_copy import BatchMemcpy, _MemcpyAttributes
+
+    with pytest.raises(ValueError, match="load_method must be 'kernel', 'staged' or 'batch_dma', got 'dma'"):
+        RuntimeConfig(load_method="dma")
+    with pytest.raises(TypeError, match="overlap_loads must be a bool"):
+        RuntimeConfig(overlap_loads=1)
+    assert ctypes.sizeof(_MemcpyAttributes) == 24
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="libcuda.so.1|cuMemcpyBatchAsync"):
+            BatchMemcpy()

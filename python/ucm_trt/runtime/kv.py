@@ -77,7 +77,7 @@ NULL_BLOCK = 0
 #: blocks per chunk of the ``"staged"`` load method (two pinned + two device slots of this size)
 STAGING_BLOCKS = 64
 #: how host -> device loads move on CUDA (KVManager ``load_method``)
-LOAD_METHODS = ("kernel", "staged")
+LOAD_METHODS = ("kernel", "staged", "batch_dma")
 
 
 class PoolExhaustedError(RuntimeError):
@@ -273,8 +273,10 @@ class KVManager:
         How host -> device loads move on CUDA (:data:`LOAD_METHODS`): ``"kernel"`` = one
         ``copy_blocks`` launch per layer reading the pinned store over the bus (SMs do the copy);
         ``"staged"`` = the CPU gathers a layer's blocks into a pinned staging buffer, one DMA copy
-        (copy engine) moves it, one ``index_copy_`` scatters it into the pool. Write-backs always
-        use ``copy_blocks``. Ignored on the CPU.
+        (copy engine) moves it, one ``index_copy_`` scatters it into the pool (write-backs use
+        ``copy_blocks``); ``"batch_dma"`` = every block of a layer in one ``cuMemcpyBatchAsync``
+        driver call (:class:`~ucm_trt.runtime.batch_copy.BatchMemcpy`; copy engines, both
+        directions; a ``RuntimeError`` at construction where the driver lacks it). Ignored on the CPU.
     time_copies:
         Record CUDA timing events around loads and around the compute stream's waits for them
         (:meth:`KVManager.collect_timings`): the load time and the part of it the step waited for.
@@ -314,6 +316,11 @@ class KVManager:
             raise ValueError(f"load_method must be one of {LOAD_METHODS}, got {load_method!r}")
         self.overlap = overlap and offload
         self.load_method = load_method
+        self._dma = None
+        if load_method == "batch_dma" and layout.device.type == "cuda" and offload:
+            from ucm_trt.runtime.batch_copy import BatchMemcpy
+
+            self._dma = BatchMemcpy()
         self.time_copies = time_copies
         self.layout = layout
         self.max_batch = max_batch
@@ -821,6 +828,8 @@ class KVManager:
             stream.wait_event(self._forward_start)
         else:
             stream.wait_stream(torch.cuda.current_stream(self.layout.device))
+        if self._dma is not None:
+            return self._dma_layers(layers, per, to_device, stream)
         # every layer's ids in one pinned buffer and one upload
         sizes = [per[layer][0].size for layer in layers]
         total = sum(sizes)
@@ -853,6 +862,28 @@ class KVManager:
                 t1 = torch.cuda.Event(enable_timing=True)
                 t1.record(stream)
                 self._timings.append(("load", t0, t1))
+        return gens
+
+    def _dma_layers(self, layers: list[int], per: dict, to_device: bool, stream) -> list[int]:
+        """``load_method="batch_dma"``: one ``cuMemcpyBatchAsync`` per layer (either direction) on
+        the side stream (which already waits as :meth:`_copy_layers` says), one generation each."""
+        gens = [0] * self.layout.num_layers
+        bb = np.uint64(self.block_bytes)
+        timing = self.time_copies and to_device
+        if timing:
+            t0 = torch.cuda.Event(enable_timing=True)
+            t0.record(stream)
+        for layer in layers:
+            hids, phys = per[layer]
+            host = np.uint64(self.host[layer].data_ptr()) + hids.astype(np.uint64) * bb
+            dev = np.uint64(self.pools[layer].data_ptr()) + phys.astype(np.uint64) * bb
+            dst, src = (dev, host) if to_device else (host, dev)
+            self._dma.copy(dst, src, self.block_bytes, stream.cuda_stream)
+            gens[layer] = self._next_gen(layer, phys, "load" if to_device else "write_back")
+        if timing:
+            t1 = torch.cuda.Event(enable_timing=True)
+            t1.record(stream)
+            self._timings.append(("load", t0, t1))
         return gens
 
     def _staged_load(self, layer: int, hids: torch.Tensor, phys: torch.Tensor, stream) -> None:

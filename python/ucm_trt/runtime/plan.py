@@ -59,9 +59,11 @@ class RuntimeConfig:
         schedule). See :mod:`ucm_trt.runtime.kv` for the event discipline.
     load_method:
         How loads move host -> device on CUDA: ``"kernel"`` (one ``copy_blocks`` launch per layer
-        reading the pinned store over the bus: SMs) or ``"staged"`` (CPU gather into pinned
-        staging, one DMA copy per chunk on a copy engine, one device scatter); see
-        :data:`ucm_trt.runtime.kv.LOAD_METHODS`. ``benchmarks/bench_block_copy.py`` measures both.
+        reading the pinned store over the bus: SMs), ``"staged"`` (CPU gather into pinned
+        staging, one DMA copy per chunk on a copy engine, one device scatter) or ``"batch_dma"``
+        (every block of a layer in one ``cuMemcpyBatchAsync`` driver call: copy engines, also for
+        write-backs; needs a CUDA 12.8+ driver); see :data:`ucm_trt.runtime.kv.LOAD_METHODS`.
+        ``benchmarks/bench_block_copy.py`` measures them.
     time_loads:
         Time the loads and the compute stream's waits for them with CUDA events (a few event
         records per step that loads): ``Engine.stats()`` then reports ``load_gpu_ms_total``,
@@ -101,8 +103,10 @@ class RuntimeConfig:
         for name in ("early_prefetch", "overlap_loads", "time_loads"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"RuntimeConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.load_method not in ("kernel", "staged"):
-            raise ValueError(f"RuntimeConfig.load_method must be 'kernel' or 'staged', got {self.load_method!r}")
+        if self.load_method not in ("kernel", "staged", "batch_dma"):
+            raise ValueError(
+                f"RuntimeConfig.load_method must be 'kernel', 'staged' or 'batch_dma', got {self.load_method!r}"
+            )
 
     def max_blocks(self, block_size: int) -> int:
         return -(-self.max_seq_len // block_size)
