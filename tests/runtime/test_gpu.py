@@ -159,10 +159,13 @@ def _overlap_tokens(model, policy, *, overlap, load_method="kernel", cache_block
         return [r.token_ids for r in res], eng.stats()
 
 
+_OVERLAP_CASES = [(alg, method, torch.float32) for alg in ("esa", "gsa", "kvstar")
+                  for method in ("kernel", "staged", "batch_dma")] + [(alg, "kernel", torch.bfloat16)
+                                                                     for alg in ("esa", "gsa", "kvstar")]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("load_method", ["kernel", "staged", "batch_dma"])
-@pytest.mark.parametrize("algorithm", ["esa", "gsa", "kvstar"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("algorithm", "load_method", "dtype"), _OVERLAP_CASES)
 def test_overlapped_loads_on_cuda_equal_the_stale_by_one_model_even_with_slow_copies(algorithm, load_method, dtype):
     """On the GPU, with CUDA graphs: overlapped loads (real policy) == the synchronous engine on the
     stale-by-one model of the policy (tests/runtime/test_overlap.py), token for token; and again

@@ -477,6 +477,11 @@ class Engine:
         query_copy = self._start_query_copy(b) if self._host_queries else None
         emitted = []
         reqs = [self._requests[rid] for rid in rows]
+        # TODO(lead, issue 17): one IndexGuard per Engine, passed as guard= to copy_blocks in
+        # KVManager._copy_layers (branch "blocks" adds it) and to the attention launchers through
+        # AttentionImpl (branch "kern"); read its flag in this step's one device-to-host copy
+        # (torch.cat([argmax, guard.flag]).tolist()) and raise with IndexGuard.check's words. Not
+        # wired here: the launchers on main take no guard= yet.
         if all(r.params.temperature == 0 for r in reqs):
             tokens = logits.argmax(-1).tolist()  # greedy: only the token ids leave the device
         else:
