@@ -60,6 +60,8 @@ def test_run_usage_errors_are_one_line(tiny_dir, capsys):
     assert rc == 2 and "--max-new-tokens must be >= 1, got 0" in capsys.readouterr().err
     rc = main(["run", "--prompt", "hi", "--model", str(tiny_dir), "--onnx", "x.onnx", "--no-validate"])
     assert rc == 2 and "--no-validate applies to --backend torch" in capsys.readouterr().err
+    rc = main(["run", "--prompt", "hi", "--model", str(tiny_dir), "--onnx", "x.onnx", "--validate"])
+    assert rc == 2 and "--validate applies to --backend torch" in capsys.readouterr().err
 
 
 def test_run_no_validate_reports_cuda_graph_state(tiny_dir, capsys):

@@ -116,7 +116,7 @@ def test_engine_offload_bytes_equal_changed_blocks(dense_run, hf_greedy):
     policy = _RecordingESA()
     eng = Engine(TorchBackend(model, attention="reference"), policy, sparse=sparse,
                  config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128, cache_blocks=0,
-                                      early_prefetch=False))
+                                      early_prefetch=False, overlap_loads=False))
     eng.generate(prompt, SamplingParams(max_new_tokens=30))
     decode = [s for s in eng.metrics.steps if s.kind == "decode"]
     assert len(decode) == len(policy.plans) == 29
@@ -139,7 +139,9 @@ def test_engine_offload_bytes_equal_changed_blocks(dense_run, hf_greedy):
 def test_early_prefetch_loads_ahead_without_changing_tokens(algorithm, dense_run, hf_greedy):
     """A finished retrieval's blocks are loaded in the steps before it is due: the same tokens as
     without early prefetch, blocks are prefetched, and the steps that switch to a new selection
-    load fewer blocks themselves (the prefetched ones are already resident)."""
+    load fewer blocks themselves (the prefetched ones are already resident). Synchronous schedule:
+    with overlapped loads, blocks that arrived early let a selection become visible on schedule
+    instead of one step late, which may change tokens."""
     model, _, _ = dense_run
     prompt, _ = hf_greedy
     # ESA submits after step s % R == 2 and is due after s % R == 0: with R = 4 the plan of the
@@ -152,7 +154,7 @@ def test_early_prefetch_loads_ahead_without_changing_tokens(algorithm, dense_run
                                                            retrieval_stride=stride))
         with Engine(TorchBackend(model, attention="reference"), make_policy(algorithm, **kw), sparse=sparse,
                     config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128, cache_blocks=0,
-                                         early_prefetch=early)) as eng:
+                                         early_prefetch=early, overlap_loads=False)) as eng:
             [res] = eng.generate(prompt, SamplingParams(max_new_tokens=30))
             dec = [st for st in eng.metrics.steps if st.kind == "decode"]
             runs[early] = (res.token_ids, dec, eng.stats())

@@ -115,4 +115,98 @@ def test_cuda_graph_decode_equals_eager_decode(algorithm, dtype):
 def test_cuda_graph_required_but_backend_validates_is_an_error():
     model = tiny_llama(head_dim=32).cuda()
     with pytest.raises(ValueError, match="validate=False"):
-        Engine(TorchBackend(model, attention="triton"), config=RuntimeConfig(cuda_graph=True, max_seq_len=512))
+        Engine(TorchBackend(model, attention="triton", validate=True),
+               config=RuntimeConfig(cuda_graph=True, max_seq_len=512))
+
+
+@pytest.mark.gpu
+def test_default_backend_runs_decode_as_cuda_graphs():
+    """The fast path is the default: no per-launch index checks, so decode steps are replayed."""
+    model = tiny_llama(head_dim=32).cuda()
+    with Engine(TorchBackend(model), make_policy("esa"),
+                sparse=sparse_config_for("esa", SparseConfig(block_size=16, budget=Budget.ratio(0.25))),
+                config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128)) as eng:
+        eng.generate(torch.randint(0, 256, (300,)).tolist(), SamplingParams(max_new_tokens=12))
+        st = eng.stats()
+    assert st["cuda_graph"] is True and st["eager_decode_steps"] == 0 and st["cuda_graph_replays"] > 0
+    assert st["load_gpu_ms_total"] > 0 and st["load_hidden_fraction"] is not None  # loads were timed
+
+
+def _slow_copies(base: type, cycles: int):
+    """``base`` whose plan first parks the KV's copy stream on a sleep kernel: every copy of the step
+    lands ~``cycles`` GPU cycles late, so a step that read a block before waiting for its copy would
+    read what the block held before (another block's KV, or zeros)."""
+
+    class Slow(base):
+        def plan(self, reqs):
+            with torch.cuda.stream(self.rt.kv.copy_stream):
+                torch.cuda._sleep(cycles)
+            return super().plan(reqs)
+
+    return Slow
+
+
+def _overlap_tokens(model, policy, *, overlap, load_method="kernel", cache_blocks=0, steps=24):
+    sparse = sparse_config_for(policy.name, SparseConfig(block_size=16, budget=Budget.ratio(0.25), retrieval_stride=3,
+                                                         min_blocks=4, local_blocks=2, sink_blocks=1))
+    rt = RuntimeConfig(max_batch=2, max_seq_len=1024, prefill_chunk=128, cache_blocks=cache_blocks,
+                       overlap_loads=overlap, load_method=load_method)
+    with Engine(TorchBackend(model, attention="triton"), policy, sparse=sparse, config=rt) as eng:
+        g = torch.Generator().manual_seed(3)
+        prompts = [torch.randint(0, 256, (300,), generator=g).tolist(), torch.randint(0, 256, (230,), generator=g).tolist()]
+        res = eng.generate(prompts, SamplingParams(max_new_tokens=steps))
+        assert eng.kv.device_blocks_held() == 0
+        return [r.token_ids for r in res], eng.stats()
+
+
+_OVERLAP_CASES = [(alg, method, torch.float32) for alg in ("esa", "gsa", "kvstar")
+                  for method in ("kernel", "staged", "batch_dma")] + [(alg, "kernel", torch.bfloat16)
+                                                                     for alg in ("esa", "gsa", "kvstar")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("algorithm", "load_method", "dtype"), _OVERLAP_CASES)
+def test_overlapped_loads_on_cuda_equal_the_stale_by_one_model_even_with_slow_copies(algorithm, load_method, dtype):
+    """On the GPU, with CUDA graphs: overlapped loads (real policy) == the synchronous engine on the
+    stale-by-one model of the policy (tests/runtime/test_overlap.py), token for token; and again
+    with every copy delayed ~5-10 ms by a sleep on the copy stream, which only the event waits keep
+    from being read early (deferred loads run beside the step; the next step must wait for them)."""
+    from .test_overlap import _stale_by_one
+
+    kw = {"kvstar": KVStarConfig(retrieval_stride=3)} if algorithm == "kvstar" else {}
+    model = tiny_llama(head_dim=32).to("cuda", dtype)
+    base = type(make_policy(algorithm, **kw))
+    args = {"config": kw["kvstar"]} if kw else {}
+    want, st_ref = _overlap_tokens(model, _stale_by_one(base)(**args), overlap=False, load_method=load_method)
+    got, st = _overlap_tokens(model, base(**args), overlap=True, load_method=load_method)
+    slow, st_slow = _overlap_tokens(model, _slow_copies(base, 10_000_000)(**args), overlap=True,
+                                    load_method=load_method)
+    assert st["cuda_graph"] is True and st["cuda_graph_replays"] > 0
+    assert st["decode_stale_layers"] > 0 and st["decode_blocks_deferred"] > 0
+    assert got == want
+    assert slow == want
+    assert st_slow["load_wait_ms_total"] > 0  # the slow copies were really waited for
+
+
+@pytest.mark.gpu
+def test_prefill_chunks_do_not_overwrite_pinned_inputs_before_their_upload_ran():
+    """A non-final prefill chunk has no host sync: with the compute stream held up in every chunk's
+    forward, the host reaches the next chunk while the last chunk's uploads (ids, positions, slots)
+    still wait their turn; the upload events keep the host from overwriting those pinned buffers."""
+    from ucm_trt.sparse.policies.dense import DensePolicy
+
+    class SlowPrefill(DensePolicy):
+        def layer_selection(self, layer, q, step):
+            if layer == 0 and step.num_tokens > 1:
+                torch.cuda._sleep(20_000_000)
+            return NotImplemented
+
+    model = tiny_llama(head_dim=32).cuda()
+    out = []
+    for policy in (DensePolicy(), SlowPrefill()):
+        with Engine(TorchBackend(model, attention="triton"), policy, sparse=SparseConfig(block_size=16),
+                    config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=32)) as eng:
+            prompt = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(5)).tolist()
+            out.append(eng.generate(prompt, SamplingParams(max_new_tokens=8))[0].token_ids)
+            assert eng.stats()["prefill_steps"] == 10
+    assert out[0] == out[1]

@@ -60,9 +60,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--model still names the tokenizer")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--no-validate", action="store_true",
-                   help="torch backend on CUDA: skip the kernels' index checks (each reads index tensors back to "
-                        "the host), which also lets decode steps run as CUDA graphs (much faster at small batch)")
+    checks = p.add_mutually_exclusive_group()
+    checks.add_argument("--validate", action="store_true",
+                        help="torch backend, debugging: the Triton kernels also check their index tensors at every "
+                             "launch (reads them back to the host: 2*B+2 syncs per layer per step, and no CUDA "
+                             "graphs). Off by default: the runtime checks its tables and selections on the host "
+                             "when it builds them")
+    checks.add_argument("--no-validate", action="store_true",
+                        help="the default (no per-launch checks); kept so older command lines still run")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g = p.add_argument_group("sparse attention")
     g.add_argument("--block-size", type=int, default=32)
@@ -195,7 +200,7 @@ def build_engine(args, model, prompt_len: int):
 
         backend = OrtBackend(args.onnx)
     else:
-        backend = TorchBackend(model, validate=not getattr(args, "no_validate", False))
+        backend = TorchBackend(model, validate=getattr(args, "validate", False))
     return Engine(backend, make_policy(policy_alg, **kw), sparse=sparse, config=rt)
 
 
@@ -211,8 +216,9 @@ def _check_common(args) -> None:
         raise ValueError("--backend ort needs --onnx PATH (a model rewritten by 'ucm-trt rewrite')")
     if args.backend == "torch" and args.onnx is not None:
         raise ValueError("--onnx is only used by --backend ort")
-    if args.no_validate and args.backend != "torch":
-        raise ValueError("--no-validate applies to --backend torch (the Triton kernels' index checks)")
+    for flag in ("validate", "no_validate"):
+        if getattr(args, flag, False) and args.backend != "torch":
+            raise ValueError(f"--{flag.replace('_', '-')} applies to --backend torch (the Triton kernels' index checks)")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:

@@ -17,7 +17,9 @@ bakes in is the launch configuration, which depends only on
   per-layer hooks, e.g. the GSA On-Device gate).
 
 The first step of a key runs eagerly (it is the real step, and it compiles the Triton kernels),
-then the same forward is captured without executing it; later steps replay. Graphs share one
+then the same forward is captured without executing it; later steps replay. Waits for block copies
+(:meth:`~ucm_trt.runtime.kv.KVManager.layer_waits`) are not captured: an eager step waits per layer,
+a replay waits for every layer's copies before it starts. Graphs share one
 memory pool; at most ``max_graphs`` are kept (least recently used dropped first).
 """
 
@@ -56,11 +58,12 @@ class DecodeGraphs:
         if hit is not None:
             self._graphs.move_to_end(key)
             graph, logits = hit
+            step.wait_for_loads()  # the step's copy events, all before the replay (not per layer)
             graph.replay()
             self.replays += 1
             return logits
         logits = self.backend.forward(input_ids, positions, step)
-        step.layers_run = 0
+        step.reset_for_capture()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool):

@@ -34,7 +34,7 @@ from ucm_trt.runtime.metrics import RuntimeMetrics, StepRecord
 from ucm_trt.runtime.plan import RuntimeConfig
 from ucm_trt.runtime.step import StepContext
 from ucm_trt.runtime.worker import RetrievalWorker
-from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView
+from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView, extend_selection
 from ucm_trt.sparse.policies.dense import DensePolicy
 
 __all__ = ["Engine", "GenerationResult", "SamplingParams"]
@@ -210,7 +210,9 @@ class Engine:
         layout = KVLayout(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
                           block_size=bs, dtype=backend.kv_dtype, device=dev)
         self.kv = KVManager(layout, max_batch=config.max_batch, max_blocks=max_blocks, num_device_blocks=n_dev,
-                            offload=policy.offload, num_host_blocks=n_host, cache_blocks=config.cache_blocks)
+                            offload=policy.offload, num_host_blocks=n_host, cache_blocks=config.cache_blocks,
+                            overlap=config.overlap_loads, load_method=config.load_method,
+                            time_copies=config.time_loads and dev.type == "cuda")
         self.worker = RetrievalWorker(config.retrieval_threads)
         policy.bind(PolicyRuntime(shape=shape, sparse=sparse, kv=self.kv, worker=self.worker, device=dev))
         # -- per-step buffers, allocated once (device + host mirrors; pinned on CUDA)
@@ -232,6 +234,11 @@ class Engine:
         self._sel = torch.full((L, B, H, max_blocks), -1, dtype=torch.int32, device=dev)
         self._sel_h = torch.full((L, B, H, max_blocks), -1, dtype=torch.int32, pin_memory=pin)
         self._capture = torch.zeros(L, B, shape.num_q_heads, width, shape.head_dim, dtype=torch.float32, device=dev)
+        # host copy of the captured queries (pinned on CUDA), only for policies that read them
+        # (their after_step is not the base no-op): a non-blocking copy per decode step
+        self._host_queries = type(policy).after_step is not Policy.after_step
+        self._capture_h = torch.zeros(L, B, shape.num_q_heads, shape.head_dim, dtype=torch.float32,
+                                      pin_memory=pin) if self._host_queries else None
         self._arange = torch.arange(max_blocks, dtype=torch.int32)
         # -- requests
         self._requests: dict[str, _Request] = {}
@@ -248,6 +255,9 @@ class Engine:
         self._prefetch_cache: dict[str, dict[int, tuple[torch.Tensor, int, np.ndarray]]] = {}
         # what the selection buffers hold: (key, the keyed tensors kept alive, (views, widths))
         self._sel_last: tuple | None = None
+        # overlapped schedule: the selections the last decode step attended, {rid: row}, new lens
+        self._attended: tuple[dict[str, int], list, list[int]] | None = None
+        self._uploads_done = None  # event after the last step's host-mirror uploads (CUDA)
         self._closed = False
 
     # ================================================================== requests
@@ -324,6 +334,7 @@ class Engine:
             new_lens=new_lens, seq_lens=self._seq_lens[:b], positions=self._pos[:b, :t], selections=selections,
             slot_blocks=self._slot_b[:, : b * t], slot_offsets=self._slot_o[:, : b * t], capture=self._capture,
             capture_width=self._capture_width, rope_theta=self.shape.rope_theta,
+            layer_waits=self.kv.layer_waits(),
         )
 
     def _write_slots(self, rows: list[str], starts: list[int], t: int) -> None:
@@ -333,6 +344,7 @@ class Engine:
     def _write_positions(self, rows: list[str], pos: torch.Tensor, seq_lens: list[int]) -> None:
         """Slots (physical block, offset) of the tokens at ``pos`` [B, T], positions and seq_lens:
         host mirrors, then one copy each into the device buffers."""
+        self._guard_host_mirrors()
         bs = self.sparse.block_size
         th = self.kv.tables_host
         b, t = pos.shape
@@ -347,16 +359,20 @@ class Engine:
         self._slot_o[:, : b * t].copy_(self._slot_o_h[:, : b * t], non_blocking=nb)
         self._pos[:b, :t].copy_(self._pos_h[:b, :t], non_blocking=nb)
         self._seq_lens[:b].copy_(self._seq_lens_h[:b], non_blocking=nb)
+        self._mark_uploads_done()  # the last upload of a step: covers the ids and selections before it
 
     def _record(self, kind: str, rows: int, tokens: int, t0: float, tr: StepTransfer, held: tuple[int, int, int],
                 plan_seconds: float = 0.0) -> None:
+        timed = self.kv.collect_timings() if self.kv.time_copies else (0.0, 0.0)
         self.metrics.record(StepRecord(
             plan_seconds=plan_seconds,
             kind=kind, rows=rows, tokens=tokens, seconds=time.perf_counter() - t0,
             blocks_loaded=tr.blocks_loaded, blocks_needed=tr.blocks_needed,
             blocks_written_back=tr.blocks_written_back, blocks_evicted=tr.blocks_evicted,
             bytes_h2d=tr.bytes_h2d, bytes_d2h=tr.bytes_d2h, load_seconds=tr.load_seconds,
-            blocks_prefetched=tr.blocks_prefetched,
+            blocks_prefetched=tr.blocks_prefetched, blocks_deferred=tr.blocks_deferred,
+            stale_layers=tr.stale_layers, sync_switches=tr.sync_switches,
+            load_gpu_ms=timed[0], load_wait_ms=timed[1],
             device_kv_bytes=held[0], host_kv_bytes=held[1], dense_kv_bytes=held[2],
             working_set_bytes=tr.working_set_blocks * self.kv.block_bytes,
         ))
@@ -365,10 +381,23 @@ class Engine:
         return self.kv.device_bytes_held(), self.kv.host_bytes_held(), self.kv.dense_bytes()
 
     def _queries(self, b: int, last_only: bool) -> list[torch.Tensor]:
+        """The captured queries on the host, a blocking copy: per layer ``[B, Hq, W, D]`` (or
+        ``[B, Hq, D]`` with ``last_only``). Used once per request, at the end of its prefill (and by
+        Blend); decode steps use :meth:`_start_query_copy` instead."""
         cap = self._capture[:, :b].cpu()  # [L, B, Hq, W, D]
         if last_only:
-            return list(cap[:, :, :, 0])  # per layer [B, Hq, D] (slot 0 holds the last token)
+            return list(cap[:, :, :, 0])
         return list(cap)
+
+    def _start_query_copy(self, b: int) -> torch.cuda.Event | None:
+        """Start copying this decode step's queries (slot 0 = the new token) into the pinned host
+        buffer without waiting; returns the event that marks the copy done (None on the CPU)."""
+        self._capture_h[:, :b].copy_(self._capture[:, :b, :, 0], non_blocking=self._capture.device.type == "cuda")
+        if self._capture.device.type != "cuda":
+            return None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self._capture.device))
+        return ev
 
     def _prefill_chunk(self, req: _Request) -> list[tuple[str, int]]:
         t0 = time.perf_counter()
@@ -378,11 +407,14 @@ class Engine:
         tr = StepTransfer()
         L = self.shape.num_layers
         self.kv.plan_step([rid], [t], [[None] for _ in range(L)], tr)
+        self._guard_host_mirrors()
         self._ids_h[0, :t] = torch.tensor(req.prompt[lo:hi], dtype=torch.long)
         self._ids[:1, :t].copy_(self._ids_h[:1, :t], non_blocking=self._ids.device.type == "cuda")
         self._write_slots([rid], [lo], t)
         ctx = self._context([rid], t, [hi], [None] * L)
+        self.kv.mark_forward_start()
         logits = self.backend.forward(self._ids[:1, :t], self._pos[:1, :t], ctx)
+        self.kv.issue_deferred(tr)
         self.kv.write_back([rid], tr)
         held = self._held()
         req.chunk += 1
@@ -425,24 +457,41 @@ class Engine:
             if coming is not None:
                 prefetch = self._block_arrays(self._prefetch_cache, rows, coming)
         tr = StepTransfer()
-        self.kv.plan_step(rows, [1] * b, needed, tr, prefetch=prefetch)
-        selections, widths = self._write_selections(sels, [v.new_len for v in views], bs, b, H)
+        stale = self.kv.plan_step(rows, [1] * b, needed, tr, prefetch=prefetch)
+        new_lens = [v.new_len for v in views]
+        if self.kv.overlap:
+            sels = self._attend_selections(rows, sels, stale, new_lens)
+        self._guard_host_mirrors()
+        selections, widths = self._write_selections(sels, new_lens, bs, b, H)
         for row, rid in enumerate(rows):
             self._ids_h[row, 0] = self._requests[rid].out[-1]
         self._ids[:b, :1].copy_(self._ids_h[:b, :1], non_blocking=self._ids.device.type == "cuda")
         self._write_slots(rows, [v.seq_len for v in views], 1)
-        ctx = self._context(rows, 1, [v.new_len for v in views], selections)
+        ctx = self._context(rows, 1, new_lens, selections)
         plan_seconds = time.perf_counter() - t0
+        self.kv.mark_forward_start()
         logits = self._decode_forward(b, widths, ctx)
+        self.kv.issue_deferred(tr)  # overlapped loads run beside the forward just enqueued
         self.kv.write_back(rows, tr)
         held = self._held()
-        self.policy.after_step(views, self._queries(b, True))
+        query_copy = self._start_query_copy(b) if self._host_queries else None
         emitted = []
         reqs = [self._requests[rid] for rid in rows]
+        # TODO(lead, issue 17): one IndexGuard per Engine, passed as guard= to copy_blocks in
+        # KVManager._copy_layers (branch "blocks" adds it) and to the attention launchers through
+        # AttentionImpl (branch "kern"); read its flag in this step's one device-to-host copy
+        # (torch.cat([argmax, guard.flag]).tolist()) and raise with IndexGuard.check's words. Not
+        # wired here: the launchers on main take no guard= yet.
         if all(r.params.temperature == 0 for r in reqs):
             tokens = logits.argmax(-1).tolist()  # greedy: only the token ids leave the device
         else:
             logits = logits.cpu()
+            tokens = None
+        if self._host_queries:
+            if query_copy is not None:
+                query_copy.synchronize()  # normally done: the token copy above waited for the step
+            self.policy.after_step(views, list(self._capture_h[:, :b]))  # per layer [B, Hq, D]
+        if tokens is None:
             tokens = [self._sample(logits[row], req) for row, req in enumerate(reqs)]
         for req, token in zip(reqs, tokens, strict=True):
             req.step += 1
@@ -450,6 +499,46 @@ class Engine:
             self._emit(req, token)
         self._record("decode", b, b, t0, tr, held, plan_seconds)
         return emitted
+
+    def _attend_selections(self, rows: list[str], sels, stale: list[list[bool]], new_lens: list[int]):
+        """Overlapped schedule: the selections attention reads this step. Where the plan left a
+        (layer, row) stale (its new blocks load beside this step), the selection that row attended
+        at the last decode step, extended with the blocks opened since; elsewhere the policy's."""
+        bs = self.sparse.block_size
+        out = sels
+        if any(any(layer) for layer in stale):
+            if self._attended is None:
+                raise RuntimeError("overlapped schedule: a stale selection before any decode step (internal)")
+            prev_rows, prev_sels, prev_lens = self._attended
+            out = [list(per_row) for per_row in sels]
+            for layer, flags in enumerate(stale):
+                for row, is_stale in enumerate(flags):
+                    if not is_stale:
+                        continue
+                    p = prev_rows.get(rows[row])
+                    old = None if p is None else prev_sels[layer][p]
+                    if old is None:
+                        raise RuntimeError(
+                            f"overlapped schedule: request {rows[row]!r} layer {layer} has no selection from its "
+                            "last decode step to attend while its new blocks load (internal invariant broken)"
+                        )
+                    nb_old, nb_new = -(-prev_lens[p] // bs), -(-new_lens[row] // bs)
+                    out[layer][row] = extend_selection(old, nb_old, nb_new) if nb_new > nb_old else old
+        self._attended = ({rid: row for row, rid in enumerate(rows)}, out, list(new_lens))
+        return out
+
+    def _guard_host_mirrors(self) -> None:
+        """Before the host writes the pinned mirrors (ids, positions, slots, selections) of a step,
+        wait until the last step's uploads from them ran (CUDA; normally long done — in decode the
+        token copy already waited — but a non-final prefill chunk has no other sync)."""
+        if self._uploads_done is not None:
+            self._uploads_done.synchronize()
+            self._uploads_done = None
+
+    def _mark_uploads_done(self) -> None:
+        if self._ids.device.type == "cuda":
+            self._uploads_done = torch.cuda.Event()
+            self._uploads_done.record(torch.cuda.current_stream(self._ids.device))
 
     @staticmethod
     def _block_arrays(caches: dict, rows: list[str], sels) -> list[list[np.ndarray | None]]:
@@ -522,11 +611,44 @@ class Engine:
             out.append(min(cap, -(-width // SELECTION_WIDTH_BUCKET) * SELECTION_WIDTH_BUCKET))
             touched = True
         if touched:
+            self._check_selections(out, new_lens, b)
             self._sel[:, :b].copy_(sh[:, :b], non_blocking=self._sel.device.type == "cuda")
         views = [None if w is None else self._sel[layer, :b, :, :w] for layer, w in enumerate(out)]
         # the keyed tensors are kept alive so their ids cannot be reused by new tensors
         self._sel_last = (key, [x for per_row in sels for x in per_row], (views, tuple(out)))
         return self._sel_last[2]
+
+    def _check_selections(self, widths: list[int | None], new_lens: list[int], b: int) -> None:
+        """The index checks of the kernels, on the host where the step's selections are built (once
+        per change, numpy over the host mirrors; the launches then run without a sync): every row
+        of every layer holds logical block ids in ``[0, blocks of its sequence)``, sorted strictly
+        ascending, then ``-1`` padding, and each selected block is resident in that layer's block
+        table (not the null block)."""
+        bs = self.sparse.block_size
+        nb = np.array([-(-n // bs) for n in new_lens], dtype=np.int64)[:, None, None]
+        tables = self.kv.tables_host.numpy()
+        for layer, w in enumerate(widths):
+            if w is None:
+                continue
+            x = self._sel_h[layer, :b, :, :w].numpy().astype(np.int64)  # [b, H, w]
+            valid = x >= 0
+            nv = valid.sum(-1, keepdims=True)
+            bad = (x < -1) | (valid != (np.arange(w) < nv)) | (valid & (x >= nb))
+            bad[..., 1:] |= valid[..., 1:] & (x[..., 1:] <= x[..., :-1])
+            safe = np.where(valid & ~bad, x, 0).reshape(b, -1)
+            phys = np.take_along_axis(tables[layer, :b].astype(np.int64), safe, axis=1).reshape(x.shape)
+            not_resident = valid & ~bad & (phys == 0)
+            if bad.any() or not_resident.any():
+                row, head, _ = (int(i[0]) for i in np.nonzero(bad | not_resident))
+                ids = x[row, head][x[row, head] != -1].tolist()
+                rule = ("is not resident in the layer's block table (internal: the plan must load every selected block)"
+                        if not bad[row, head].any() else
+                        f"must hold logical block ids in [0, {int(nb[row, 0, 0])}) sorted strictly ascending, "
+                        "then -1 padding")
+                raise ValueError(
+                    f"policy {self.policy.name!r}: layer {layer} row {row} ({self._running[row] if row < len(self._running) else '?'}) "
+                    f"head {head} selection {ids[:16]}{' ...' if len(ids) > 16 else ''} {rule}"
+                )
 
     # ================================================================== sampling / finishing
     def _sample(self, logits: torch.Tensor, req: _Request) -> int:
@@ -588,6 +710,8 @@ class Engine:
         self._prefilling = None
         self._needed_cache.clear()
         self._prefetch_cache.clear()
+        self._attended = None
+        self.kv.synchronize()  # an error may have left copies in flight or loads not issued
 
     def generate(
         self,

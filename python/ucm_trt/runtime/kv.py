@@ -21,6 +21,35 @@ Layout (DESIGN §3)
   CUDA stream on GPU, reading the pinned store directly; an indexed copy on the CPU).
 
 Without offload every block of every request stays resident and the host store is not built.
+
+Copies and the event discipline (CUDA)
+--------------------------------------
+Every copy between the host store and a pool (a layer's loads of one plan, a layer's write-backs)
+runs on the one side stream ``copy_stream`` and gets a *generation* number, increasing in issue
+order; ``_block_gen[layer][phys]`` is the generation of the last copy into or out of that physical
+block (kept after the block is freed). The side stream is in order, so once the compute stream
+has waited for generation ``g`` every copy ``<= g`` is done (``_waited``). Then:
+
+* a step that reads or writes a block whose generation is ``> _waited`` first makes the compute
+  stream wait for that generation's event (per layer: :meth:`KVManager.layer_waits`), so no step
+  reads a block that is still loading and no new token lands in a block a copy still uses;
+* a load into a block waits (on the side stream) for the compute work enqueued before the step
+  that evicted it (``mark_forward_start``), so a block is never overwritten while a step that
+  read it may still run; a write-back waits for the step that filled the block;
+* nothing else waits: no host synchronisation per step.
+
+Overlapped (stale-by-one) loads (``overlap=True``)
+---------------------------------------------------
+When a layer's new selection needs blocks that are not resident, the plan allocates them and
+*defers* their loads: :meth:`KVManager.issue_deferred` issues them after the step's forward was
+enqueued (they run beside it), and this step attends with the previous visible selection of that
+layer, extended with the blocks opened since (the new token's block; the local window is in it).
+Both sets stay resident for that step. The next plan finds the new blocks resident and makes them
+visible; that step's compute waits for their copies' events (normally long finished). A layer
+switches synchronously instead (counted in ``StepTransfer.sync_switches``) when it has no
+resident previous selection (e.g. evicted under pool pressure) or the pool has no room for both
+sets. :meth:`KVManager.plan_step` returns, per layer and row, whether the step attends with the
+stale selection; the engine hands attention the matching selection tensors.
 """
 
 from __future__ import annotations
@@ -35,6 +64,7 @@ import torch
 from ucm_trt._validation import check_non_negative_int, check_positive_int
 
 __all__ = [
+    "LOAD_METHODS",
     "NULL_BLOCK",
     "BlockAllocator",
     "KVLayout",
@@ -44,6 +74,10 @@ __all__ = [
 ]
 
 NULL_BLOCK = 0
+#: blocks per chunk of the ``"staged"`` load method (two pinned + two device slots of this size)
+STAGING_BLOCKS = 64
+#: how host -> device loads move on CUDA (KVManager ``load_method``)
+LOAD_METHODS = ("kernel", "staged", "batch_dma")
 
 
 class PoolExhaustedError(RuntimeError):
@@ -164,6 +198,9 @@ class StepTransfer:
     load_seconds: float = 0.0
     blocks_prefetched: int = 0  # early prefetch: loaded for a coming selection, not waited for this step
     prefetch_skipped: int = 0  # early-prefetch blocks left for later (no free pool block)
+    blocks_deferred: int = 0  # overlapped schedule: loaded beside this step, visible from the next (in blocks_loaded)
+    stale_layers: int = 0  # (row, layer) pairs that attended their previous selection while new blocks load
+    sync_switches: int = 0  # (row, layer) pairs that had to switch synchronously (no resident old set / no room)
 
 
 def _as_ids(blocks, limit: int) -> np.ndarray:
@@ -179,10 +216,11 @@ class _Seq:
     few vector operations instead of a Python loop over its blocks."""
 
     __slots__ = ("rid", "seq_len", "host_ids", "table", "lru", "flushed", "last_want", "last_src", "last_geom",
-                 "last_counts")
+                 "last_counts", "vis", "stale", "version", "serial")
 
-    def __init__(self, rid: str, num_layers: int, max_blocks: int) -> None:
+    def __init__(self, rid: str, num_layers: int, max_blocks: int, serial: int = 0) -> None:
         self.rid = rid
+        self.serial = serial  # unique per manager: (serial, version) names one state of ``table``
         self.seq_len = 0
         self.host_ids = np.full(max_blocks, -1, dtype=np.int64)  # -1: not written back yet
         self.table = np.zeros((num_layers, max_blocks), dtype=np.int32)
@@ -194,6 +232,11 @@ class _Seq:
         self.last_src: list[object] = [None] * num_layers  # the ``needed`` object that produced it
         self.last_geom: list[tuple[int, int, int] | None] = [None] * num_layers
         self.last_counts: list[tuple[int, int]] = [(0, 0)] * num_layers  # (working set, needed existing)
+        # per layer: blocks the attention read at the last step (None = every block), and whether
+        # that was a stale selection (overlapped schedule: new blocks still loading)
+        self.vis: list[np.ndarray | None] = [None] * num_layers
+        self.stale = [False] * num_layers
+        self.version = 0  # bumped on every change of ``table`` (the engine re-uploads changed rows only)
 
     @property
     def resident(self) -> list[OrderedDict[int, int]]:
@@ -224,6 +267,19 @@ class KVManager:
         Host store size (offload only).
     cache_blocks:
         Unneeded blocks a (request, layer) working set may keep as LRU cache (offload only).
+    overlap:
+        Overlapped (stale-by-one) loads, see the module docstring (offload only).
+    load_method:
+        How host -> device loads move on CUDA (:data:`LOAD_METHODS`): ``"kernel"`` = one
+        ``copy_blocks`` launch per layer reading the pinned store over the bus (SMs do the copy);
+        ``"staged"`` = the CPU gathers a layer's blocks into a pinned staging buffer, one DMA copy
+        (copy engine) moves it, one ``index_copy_`` scatters it into the pool (write-backs use
+        ``copy_blocks``); ``"batch_dma"`` = every block of a layer in one ``cuMemcpyBatchAsync``
+        driver call (:class:`~ucm_trt.runtime.batch_copy.BatchMemcpy`; copy engines, both
+        directions; a ``RuntimeError`` at construction where the driver lacks it). Ignored on the CPU.
+    time_copies:
+        Record CUDA timing events around loads and around the compute stream's waits for them
+        (:meth:`KVManager.collect_timings`): the load time and the part of it the step waited for.
     """
 
     def __init__(
@@ -236,6 +292,9 @@ class KVManager:
         offload: bool,
         num_host_blocks: int = 0,
         cache_blocks: int = 0,
+        overlap: bool = False,
+        load_method: str = "kernel",
+        time_copies: bool = False,
     ) -> None:
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
@@ -250,6 +309,19 @@ class KVManager:
         check_non_negative_int("num_host_blocks", num_host_blocks)
         if offload and num_host_blocks < 1:
             raise ValueError(f"num_host_blocks must be >= 1 with offload=True, got {num_host_blocks}")
+        for name, flag in (("overlap", overlap), ("time_copies", time_copies)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if load_method not in LOAD_METHODS:
+            raise ValueError(f"load_method must be one of {LOAD_METHODS}, got {load_method!r}")
+        self.overlap = overlap and offload
+        self.load_method = load_method
+        self._dma = None
+        if load_method == "batch_dma" and layout.device.type == "cuda" and offload:
+            from ucm_trt.runtime.batch_copy import BatchMemcpy
+
+            self._dma = BatchMemcpy()
+        self.time_copies = time_copies
         self.layout = layout
         self.max_batch = max_batch
         self.max_blocks = max_blocks
@@ -275,9 +347,34 @@ class KVManager:
             self.host = []
             self.host_allocator = None
         self.copy_stream = torch.cuda.Stream(device=dev) if self.is_cuda else None
-        self._pending_event = None
-        self._early_event = None  # early-prefetch copies of the last plan (side stream)
+        # copy generations (module docstring): last copy into / out of each physical block
+        self._gen = 0
+        self._waited = 0  # the compute stream has waited for every generation <= this
+        self._block_gen = [np.zeros(num_device_blocks, dtype=np.int64) for _ in range(L)]
+        self._gen_events: dict[int, torch.cuda.Event] = {}
+        #: None, or a list that records every copy ("load" / "write_back", generation, layer, physical ids),
+        #: every block a step reads or writes ("read", 0, layer, physical ids), the compute stream's
+        #: waits for new tokens' blocks ("wait", 0, layer, generation) and, once per step, each layer's
+        #: wait before it runs ("step_wait", 0, layer, generation; 0 = none); for tests of the event order
+        self.copy_log: list[tuple[str, int, int, np.ndarray | int]] | None = None
+        self._layer_wait = [0] * L  # this step: generation each layer must wait for (0 = none)
+        self._step_waits: list | None = None  # what layer_waits() answered for this step
+        # the running plan's stale decisions, its load lists and transfer record (for _unstale)
+        self._stale_entries: list[list[tuple]] = [[] for _ in range(L)]
+        self._stale_flags: list[list[bool]] = []
+        self._loads_now: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(L)]
+        self._early_now: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(L)]
+        self._early_entries: list[list[tuple]] = [[] for _ in range(L)]
+        self._transfer = StepTransfer()
+        self._deferred: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(L)]
+        self._deferred_early = False  # the deferred loads are early prefetches (accounting)
+        self._forward_start = None  # event on the compute stream before this step's forward
+        self._staging: dict[str, tuple[torch.Tensor, torch.cuda.Event | None]] = {}  # pinned buffers + last use
+        self._timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # (load | wait, start, end)
         self._step_want: dict[tuple[str, int], np.ndarray] = {}  # this plan: want mask per (request, layer)
+        self._uploaded: list[tuple[str, int] | None] = [None] * max_batch  # (rid, table version) per row
+        self._tables_event = None  # the last table upload from the pinned mirror
+        self._serials = 0
         self._stamp = 0  # LRU clock of the working sets
         self.seqs: dict[str, _Seq] = {}
 
@@ -285,17 +382,18 @@ class KVManager:
     def add_request(self, rid: str) -> None:
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already active")
-        self.seqs[rid] = _Seq(rid, self.layout.num_layers, self.max_blocks)
+        self._serials += 1
+        self.seqs[rid] = _Seq(rid, self.layout.num_layers, self.max_blocks, self._serials)
 
     def free_request(self, rid: str) -> None:
-        """Return every device and host block of ``rid``."""
-        self._sync_copies()
-        self._sync_early()  # a block being filled by an early prefetch must not be handed out again
+        """Return every device and host block of ``rid``. No wait: a freed block keeps the
+        generation of its last copy, which its next user waits for (module docstring)."""
         seq = self._seq(rid)
         for layer in range(self.layout.num_layers):
             tbl = seq.table[layer]
             self.allocators[layer].free_array(tbl[tbl != NULL_BLOCK])
         seq.table.fill(NULL_BLOCK)
+        seq.version += 1
         if self.host_allocator is not None:
             self.host_allocator.free_array(seq.host_ids[seq.host_ids >= 0])
         del self.seqs[rid]
@@ -345,7 +443,7 @@ class KVManager:
         needed: list[list[set[int] | None]],
         transfer: StepTransfer,
         prefetch: list[list[object | None]] | None = None,
-    ) -> None:
+    ) -> list[list[bool]]:
         """Make room for the new tokens and bring every needed block into each layer's working set.
 
         ``needed[layer][row]`` is the set (or int64 numpy array) of *existing* logical blocks the
@@ -357,19 +455,29 @@ class KVManager:
         (``Policy.prefetch``). They are loaded too, on the side stream, but this step's forward
         does not wait for them (the next plan's does), and only into free pool blocks; they stay
         resident while named here. Attention still reads only ``needed``.
+
+        Returns ``stale[layer][row]``: True where the step must attend with the row's previous
+        selection of that layer (overlapped schedule: its new blocks load beside this step, see
+        the module docstring); always False without ``overlap``. Without ``overlap`` every load is
+        issued here; with it, loads of stale layers and early prefetches wait for
+        :meth:`issue_deferred`, which the caller runs after enqueuing the forward.
         """
         if len(rids) > self.max_batch:
             raise ValueError(f"batch of {len(rids)} requests exceeds max_batch = {self.max_batch}")
+        if any(self._deferred):
+            raise RuntimeError("plan_step called before issue_deferred() issued the last plan's deferred loads")
         bs = self.layout.block_size
         L = self.layout.num_layers
-        self._sync_copies()  # write-backs must land before a block may be evicted
-        if self._early_event is not None:
-            # the last step's early prefetch must land before anything reads or reuses those blocks
-            torch.cuda.current_stream(self.layout.device).wait_event(self._early_event)
-            self._early_event = None
         loads: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(L)]  # per layer (host ids, phys)
         early: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(L)]
+        stale = [[False] * len(rids) for _ in range(L)]
+        # what _unstale needs while this plan runs
+        self._stale_flags, self._loads_now, self._early_now, self._transfer = stale, loads, early, transfer
+        self._stale_entries = [[] for _ in range(L)]
+        self._early_entries: list[list[tuple]] = [[] for _ in range(L)]
         self._step_want = {}
+        self._layer_wait = [0] * L
+        self._step_waits = None
         for row, (rid, t) in enumerate(zip(rids, num_new_tokens, strict=True)):
             seq = self._seq(rid)
             old_nb = (seq.seq_len + bs - 1) // bs
@@ -385,27 +493,67 @@ class KVManager:
                 # every block stays resident: only the blocks the new tokens open are allocated
                 if new_nb > old_nb:
                     for layer in range(L):
-                        seq.table[layer, old_nb:new_nb] = self.allocators[layer].allocate_array(new_nb - old_nb)
+                        phys = self.allocators[layer].allocate_array(new_nb - old_nb)
+                        seq.table[layer, old_nb:new_nb] = phys
+                        self._wait_fresh(layer, phys)
+                    seq.version += 1
                 transfer.working_set_blocks += new_nb * L
                 seq.seq_len = new_len
                 continue
             geom = (old_nb, first_written, new_nb)
             for layer in range(L):
                 extra = None if prefetch is None else prefetch[layer][row]
-                self._plan_layer(seq, layer, needed[layer][row], geom, loads[layer], transfer, extra, early[layer])
+                stale[layer][row] = self._plan_layer(seq, layer, needed[layer][row], geom, loads[layer], transfer,
+                                                     extra, early[layer], row)
             seq.seq_len = new_len
         if any(loads):
             self._load(loads, transfer)
         if any(early):
-            self._load(early, transfer, early=True)
+            if self.overlap:
+                self._deferred_early = True
+                for layer in range(L):
+                    self._deferred[layer] += early[layer]
+            else:
+                self._load(early, transfer, early=True)
         self._write_tables(rids)
+        return stale
+
+    def _wait_fresh(self, layer: int, phys: np.ndarray) -> None:
+        """Blocks just allocated for new tokens: whoever writes them next (this step's forward, or
+        a caller writing the pool directly, e.g. Blend) runs on the compute stream, so it waits
+        now (a stream wait, no host sync) for a copy that may still use them since their eviction."""
+        if self._gen <= self._waited or not phys.size:
+            return
+        g = int(self._block_gen[layer][phys].max())
+        if g <= self._waited:
+            return
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.layout.device).wait_event(self._gen_events[g])
+        if self.copy_log is not None:
+            self.copy_log.append(("wait", 0, layer, g))
+        self._set_waited(g)
+
+    def _set_waited(self, g: int) -> None:
+        self._waited = g
+        for old in [x for x in self._gen_events if x <= g]:
+            del self._gen_events[old]
+
+    def _note_wait(self, layer: int, phys: np.ndarray) -> None:
+        """This step reads or writes ``phys`` of ``layer``: its compute waits for their last copies."""
+        if self.copy_log is not None:
+            self.copy_log.append(("read", 0, layer, np.asarray(phys, dtype=np.int64).copy()))
+        if self._gen > self._waited and phys.size:
+            g = int(self._block_gen[layer][phys].max())
+            if g > self._layer_wait[layer]:
+                self._layer_wait[layer] = g
 
     def _plan_layer(self, seq: _Seq, layer: int, want, geom: tuple[int, int, int],
                     loads: list[tuple[np.ndarray, np.ndarray]], transfer: StepTransfer, extra=None,
-                    early: list[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+                    early: list[tuple[np.ndarray, np.ndarray]] | None = None, row: int = 0) -> bool:
         """Working set of one (request, layer) for this step: evict spare blocks beyond the LRU
         cache, allocate and schedule loads of the missing wanted blocks, stamp the wanted blocks
-        most recently used (in block order, as an LRU list would append them).
+        most recently used (in block order, as an LRU list would append them). Returns True when
+        the step attends with the stale (previous) selection while the new blocks load (overlap).
 
         ``extra``: blocks a coming selection will need (early prefetch); made resident too, from
         free pool blocks only, with their loads in ``early`` (this step does not wait for them)."""
@@ -413,7 +561,7 @@ class KVManager:
         tbl, lru = seq.table[layer], seq.lru[layer]
         last = seq.last_want[layer]
         src = (want, extra)
-        if (want is not None and last is not None and seq.last_src[layer] is not None
+        if (want is not None and last is not None and seq.last_src[layer] is not None and not seq.stale[layer]
                 and src[0] is seq.last_src[layer][0] and src[1] is seq.last_src[layer][1]
                 and geom == seq.last_geom[layer] and (tbl[: last.size][last] != NULL_BLOCK).all()):
             # the very objects of the last plan (the engine reuses them while the policy's
@@ -422,7 +570,10 @@ class KVManager:
             n_work, n_need = seq.last_counts[layer]
             transfer.working_set_blocks += n_work
             transfer.blocks_needed += n_need
-            return
+            vis = seq.vis[layer]
+            if self._gen > self._waited and vis is not None:
+                self._note_wait(layer, tbl[np.flatnonzero(vis)])
+            return False
         seq.last_src[layer], seq.last_geom[layer] = src, geom
         need = np.zeros(new_nb, dtype=bool)
         if want is None:
@@ -430,22 +581,41 @@ class KVManager:
         else:
             need[_as_ids(want, old_nb)] = True
         need[first_written:new_nb] = True
-        mask = need.copy()
         resident = tbl[:new_nb] != NULL_BLOCK
+        stale = False
+        vis = need
+        prev = seq.vis[layer]
+        if self.overlap and want is not None and prev is not None and (need[:old_nb] & ~resident[:old_nb]).any():
+            # overlapped switch: keep attending the previous selection (+ the blocks opened since)
+            # while the new blocks load, if that set is still resident and the pool has room for both
+            old_vis = np.zeros(new_nb, dtype=bool)
+            old_vis[: prev.size] = prev[:new_nb]
+            old_vis[min(prev.size, first_written):new_nb] = True
+            n_new = int((need & ~resident).sum())
+            room = self.allocators[layer].num_free + int((resident & ~(old_vis | need)).sum())
+            if resident[:old_nb][old_vis[:old_nb]].all() and (room >= n_new or self._reclaimable(layer, seq) + room >= n_new):
+                stale, vis = True, old_vis
+                transfer.stale_layers += 1
+            else:
+                transfer.sync_switches += 1
+        mask = need | vis
         early_blocks = np.zeros(0, dtype=np.int64)
         if extra is not None:
             ex = np.zeros(new_nb, dtype=bool)
             ex[_as_ids(extra, old_nb)] = True
-            ex &= ~need
+            ex &= ~mask
             early_blocks = np.flatnonzero(ex & ~resident)
             # early prefetch uses free blocks only (never evicts for it); otherwise it waits its turn
-            room = self.allocators[layer].num_free - int((need & ~resident).sum())
+            room = self.allocators[layer].num_free - int((mask & ~resident).sum())
             if early_blocks.size > room:
                 transfer.prefetch_skipped += early_blocks.size
                 early_blocks = early_blocks[:0]
                 ex &= resident
             mask |= ex
-        self._step_want[(seq.rid, layer)] = mask
+        seq.vis[layer], seq.stale[layer] = (None if want is None else vis), stale
+        # protected from pressure evictions in this plan: what the step reads or loads now; early
+        # blocks that are already resident are only a cache for a coming selection
+        self._step_want[(seq.rid, layer)] = mask if extra is None else (need | vis) | (mask & ~resident)
         wanted = np.flatnonzero(mask)
         n_need = int(need[:old_nb].sum())
         seq.last_counts[layer] = (wanted.size, n_need)
@@ -454,7 +624,8 @@ class KVManager:
         if last is not None and last.size == mask.size and np.array_equal(last, mask) and resident[mask].all():
             # the working set of this layer's previous step (between retrievals), all still
             # resident and already last in LRU order: nothing to evict, load or reorder
-            return
+            self._note_wait(layer, tbl[np.flatnonzero(vis)])
+            return stale
         seq.last_want[layer] = mask
         # evict spare blocks (resident, not wanted) beyond the cache, least recently used first
         spare = np.flatnonzero(resident & ~mask)
@@ -465,7 +636,18 @@ class KVManager:
             transfer.blocks_evicted += n_evict
         missing = wanted[tbl[wanted] == NULL_BLOCK]
         if missing.size:
+            seq.version += 1
             now = missing[~np.isin(missing, early_blocks)] if early_blocks.size else missing
+            if stale:
+                # the new selection's blocks load beside this step (issue_deferred); only the
+                # blocks the new tokens open are written by this step
+                fresh = now[now >= old_nb]
+                deferred, now = now[now < old_nb], fresh
+                phys = self._allocate(layer, deferred.size)
+                tbl[deferred] = phys
+                dentry = (seq.host_ids[deferred], phys)
+                self._deferred[layer].append(dentry)
+                transfer.blocks_deferred += int(deferred.size)
             for blocks, out in ((now, loads), (early_blocks, early)):
                 if not blocks.size:
                     continue
@@ -482,14 +664,87 @@ class KVManager:
                             "nor in the host store (internal invariant broken)"
                         )
                     out.append((hids, phys[old]))
+                    if out is early:
+                        self._early_entries[layer].append((seq, out[-1], blocks))
             transfer.blocks_prefetched += int(early_blocks.size)
         self._stamp += 1
         lru[wanted] = self._stamp * self.max_blocks + np.arange(wanted.size)
+        if new_nb > old_nb:
+            self._wait_fresh(layer, tbl[old_nb:new_nb])
+        self._note_wait(layer, tbl[np.flatnonzero(vis)])
+        if stale:
+            # kept for _unstale: pool pressure from a later row may turn this switch synchronous
+            self._stale_entries[layer].append((seq, row, dentry, np.flatnonzero(vis[:old_nb] & ~need[:old_nb]),
+                                               need))
+        return stale
+
+    def _revoke_early(self, layer: int) -> bool:
+        """Pool pressure: give back the blocks of the last early prefetch scheduled in this plan (a
+        coming selection's; nothing reads them this step). False if none is left."""
+        if not self._early_entries[layer]:
+            return False
+        seq, entry, blocks = self._early_entries[layer].pop()
+        self._early_now[layer][:] = [e for e in self._early_now[layer] if e is not entry]
+        self._drop(seq, layer, blocks)
+        self._transfer.blocks_prefetched -= int(blocks.size)
+        for masks in (self._step_want, None):
+            if masks is None:
+                m = seq.last_want[layer]
+                if m is not None:
+                    m = m.copy()
+                    m[blocks] = False
+                    seq.last_want[layer] = m
+            elif (seq.rid, layer) in masks:
+                m = masks[(seq.rid, layer)].copy()
+                m[blocks] = False
+                masks[(seq.rid, layer)] = m
+        return True
+
+    def _unstale(self, layer: int) -> bool:
+        """Pool pressure: turn the last stale (row, layer) switch of this plan synchronous: its
+        deferred loads are issued before the forward (and waited for), the blocks only its old
+        selection needed are freed, and the step attends its new selection. False if none is left."""
+        if not self._stale_entries[layer]:
+            return False
+        seq, row, dentry, old_only, need = self._stale_entries[layer].pop()
+        self._deferred[layer] = [d for d in self._deferred[layer] if d is not dentry]
+        self._loads_now[layer].append(dentry)
+        tr = self._transfer
+        tr.blocks_deferred -= int(dentry[0].size)
+        tr.stale_layers -= 1
+        tr.sync_switches += 1
+        old_only = old_only[seq.table[layer][old_only] != NULL_BLOCK]
+        if old_only.size:
+            self._drop(seq, layer, old_only)
+            tr.blocks_evicted += int(old_only.size)
+        mask = self._step_want[(seq.rid, layer)].copy()
+        mask[old_only] = False
+        self._step_want[(seq.rid, layer)] = seq.last_want[layer] = mask
+        seq.vis[layer], seq.stale[layer] = need, False
+        self._stale_flags[layer][row] = False
+        self._note_wait(layer, seq.table[layer][np.flatnonzero(need)])
+        return True
+
+    def _reclaimable(self, layer: int, seq: _Seq) -> int:
+        """Cached blocks of *other* requests that pool pressure could evict now (see
+        :meth:`_evict_under_pressure`); only counted when the pool looks short."""
+        n = 0
+        for other in self.seqs.values():
+            if other is seq:
+                continue
+            cand = (other.table[layer] != NULL_BLOCK) & (other.host_ids >= 0)
+            want = self._step_want.get((other.rid, layer))
+            if want is not None:
+                cand[: want.size] &= ~want
+            n += int(cand.sum())
+        return n
 
     def _allocate(self, layer: int, n: int) -> np.ndarray:
         alloc = self.allocators[layer]
         if alloc.num_free < n and self.offload:
             self._evict_under_pressure(layer, n - alloc.num_free)
+            while alloc.num_free < n and (self._unstale(layer) or self._revoke_early(layer)):
+                pass
         return alloc.allocate_array(n)
 
     def _drop(self, seq: _Seq, layer: int, blocks: np.ndarray) -> None:
@@ -502,6 +757,7 @@ class KVManager:
         tbl = seq.table[layer]
         self.allocators[layer].free_array(tbl[blocks].astype(np.int64))
         tbl[blocks] = NULL_BLOCK
+        seq.version += 1
 
     def _evict_under_pressure(self, layer: int, n: int) -> None:
         # Drop ``n`` cached blocks (written back, not needed by any row planned so far in this
@@ -521,61 +777,267 @@ class KVManager:
             if n == 0:
                 return
 
-    def _copy_layers(self, copies: list[list[tuple[np.ndarray, np.ndarray]]], *, to_device: bool) -> int:
-        """Copy blocks of every layer between the host store and the device pool: ``copies[layer]``
-        holds (host ids, physical ids) arrays. On CUDA: one ``copy_blocks`` launch per layer on the
-        side stream, reading / writing the pinned store over the bus; on the CPU: one indexed copy.
-        Returns the number of blocks copied (all layers)."""
-        total = 0
-        stream = self.copy_stream
-        if stream is not None:
-            from ucm_trt.kernels.block_copy import copy_blocks
+    # ------------------------------------------------------------------ copies
+    def _pinned(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable pinned host buffer of at least ``numel`` elements. The host waits for the
+        event of its last use (the async copy that read it) before handing it out again, so a
+        buffer is never overwritten before its copy ran; record the new use with :meth:`_used`."""
+        buf, ev = self._staging.get(name, (None, None))
+        if ev is not None:
+            ev.synchronize()
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = torch.empty(max(numel, 2 * (0 if buf is None else buf.numel())), dtype=dtype,
+                              pin_memory=self.is_cuda)
+        self._staging[name] = (buf, None)
+        return buf
 
-            stream.wait_stream(torch.cuda.current_stream(self.layout.device))
-        for layer, parts in enumerate(copies):
-            if not parts:
-                continue
-            ids = torch.from_numpy(np.stack([np.concatenate([h for h, _ in parts]),
-                                             np.concatenate([p for _, p in parts]).astype(np.int64)]))
-            hids, phys = ids[0], ids[1]
-            total += hids.numel()
-            if stream is None:
+    def _used(self, name: str, stream) -> None:
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        self._staging[name] = (self._staging[name][0], ev)
+
+    def _copy_layers(self, copies: list[list[tuple[np.ndarray, np.ndarray]]], *, to_device: bool,
+                     after_forward_start: bool = False) -> list[int]:
+        """Copy blocks of every layer between the host store and the device pool: ``copies[layer]``
+        holds (host ids, physical ids) arrays. Each layer's copy gets a generation (module
+        docstring). On CUDA the copies run on the side stream, which first waits for the compute
+        work enqueued so far, or (``after_forward_start``: loads issued after the step's forward was
+        enqueued) for the work enqueued before that forward. Loads move as ``load_method`` says;
+        write-backs with one ``copy_blocks`` launch per layer. On the CPU: one indexed copy.
+        Returns the generation of each layer's copy (0 = none)."""
+        L = self.layout.num_layers
+        gens = [0] * L
+        layers = [layer for layer in range(L) if copies[layer]]
+        if not layers:
+            return gens
+        per = {layer: (np.concatenate([h for h, _ in copies[layer]]),
+                       np.concatenate([p for _, p in copies[layer]]).astype(np.int64)) for layer in layers}
+        stream = self.copy_stream
+        if stream is None:
+            for layer in layers:
+                hids, phys = (torch.from_numpy(x) for x in per[layer])
                 if to_device:
                     self.pools[layer][phys] = self.host[layer][hids]
                 else:
                     self.host[layer][hids] = self.pools[layer][phys]
-                continue
-            with torch.cuda.stream(stream):
-                ids = ids.pin_memory().to(self.layout.device, non_blocking=True)
-                if to_device:
-                    copy_blocks(self.host[layer], self.pools[layer], ids[0], ids[1])
-                else:
-                    copy_blocks(self.pools[layer], self.host[layer], ids[1], ids[0])
-        return total
+                gens[layer] = self._next_gen(layer, per[layer][1], "load" if to_device else "write_back")
+            return gens
+        from ucm_trt.kernels.block_copy import copy_blocks
 
-    def _load(self, loads: list[list[tuple[np.ndarray, np.ndarray]]], transfer: StepTransfer, *,
-              early: bool = False) -> None:
-        """Host -> device copies on the side stream. This step's forward waits for them, except
-        ``early`` ones (a coming selection's), which the next plan waits for."""
-        t0 = time.perf_counter()
-        n = self._copy_layers(loads, to_device=True)
+        if after_forward_start and self._forward_start is not None:
+            stream.wait_event(self._forward_start)
+        else:
+            stream.wait_stream(torch.cuda.current_stream(self.layout.device))
+        if self._dma is not None:
+            return self._dma_layers(layers, per, to_device, stream)
+        # every layer's ids in one pinned buffer and one upload
+        sizes = [per[layer][0].size for layer in layers]
+        total = sum(sizes)
+        ids_h = self._pinned("ids", 2 * total, torch.int64)
+        off = 0
+        for layer, n in zip(layers, sizes, strict=True):
+            ids_h[off : off + n] = torch.from_numpy(per[layer][0])
+            ids_h[total + off : total + off + n] = torch.from_numpy(per[layer][1])
+            off += n
+        staged = to_device and self.load_method == "staged"
+        timing = self.time_copies and to_device
+        with torch.cuda.stream(stream):
+            if timing:
+                t0 = torch.cuda.Event(enable_timing=True)
+                t0.record(stream)
+            ids = ids_h[: 2 * total].to(self.layout.device, non_blocking=True)
+            self._used("ids", stream)
+            off = 0
+            for layer, n in zip(layers, sizes, strict=True):
+                hids, phys = ids[off : off + n], ids[total + off : total + off + n]
+                if staged:
+                    self._staged_load(layer, torch.from_numpy(per[layer][0]), phys, stream)
+                elif to_device:
+                    copy_blocks(self.host[layer], self.pools[layer], hids, phys)
+                else:
+                    copy_blocks(self.pools[layer], self.host[layer], phys, hids)
+                off += n
+                gens[layer] = self._next_gen(layer, per[layer][1], "load" if to_device else "write_back")
+            if timing:
+                t1 = torch.cuda.Event(enable_timing=True)
+                t1.record(stream)
+                self._timings.append(("load", t0, t1))
+        return gens
+
+    def _dma_layers(self, layers: list[int], per: dict, to_device: bool, stream) -> list[int]:
+        """``load_method="batch_dma"``: one ``cuMemcpyBatchAsync`` per layer (either direction) on
+        the side stream (which already waits as :meth:`_copy_layers` says), one generation each."""
+        gens = [0] * self.layout.num_layers
+        bb = np.uint64(self.block_bytes)
+        timing = self.time_copies and to_device
+        if timing:
+            t0 = torch.cuda.Event(enable_timing=True)
+            t0.record(stream)
+        for layer in layers:
+            hids, phys = per[layer]
+            host = np.uint64(self.host[layer].data_ptr()) + hids.astype(np.uint64) * bb
+            dev = np.uint64(self.pools[layer].data_ptr()) + phys.astype(np.uint64) * bb
+            dst, src = (dev, host) if to_device else (host, dev)
+            self._dma.copy(dst, src, self.block_bytes, stream.cuda_stream)
+            gens[layer] = self._next_gen(layer, phys, "load" if to_device else "write_back")
+        if timing:
+            t1 = torch.cuda.Event(enable_timing=True)
+            t1.record(stream)
+            self._timings.append(("load", t0, t1))
+        return gens
+
+    def _staged_load(self, layer: int, hids: torch.Tensor, phys: torch.Tensor, stream) -> None:
+        """``load_method="staged"``: CPU gather into pinned staging (two slots of at most
+        ``STAGING_BLOCKS`` blocks, so gathering one chunk overlaps the DMA of the other), one
+        DMA copy per chunk into a device staging slot, one ``index_copy_`` into the pool."""
+        host, pool = self.host[layer], self.pools[layer]
+        n = hids.numel()
+        for k, lo in enumerate(range(0, n, STAGING_BLOCKS)):
+            hi = min(n, lo + STAGING_BLOCKS)
+            name = f"staging{k % 2}"
+            buf = self._pinned(name, STAGING_BLOCKS * host[0].numel(), host.dtype)
+            stage = buf[: (hi - lo) * host[0].numel()].view(hi - lo, *host.shape[1:])
+            torch.index_select(host, 0, hids[lo:hi], out=stage)
+            dev = self._device_staging(k % 2)[: hi - lo]
+            dev.copy_(stage, non_blocking=True)
+            self._used(name, stream)
+            pool.index_copy_(0, phys[lo:hi], dev)
+
+    def _device_staging(self, slot: int) -> torch.Tensor:
+        key = f"device{slot}"
+        buf = self._staging.get(key, (None, None))[0]
+        if buf is None:
+            buf = torch.empty(STAGING_BLOCKS, *self.pools[0].shape[1:], dtype=self.layout.dtype,
+                              device=self.layout.device)
+            self._staging[key] = (buf, None)
+        return buf
+
+    def _next_gen(self, layer: int, phys: np.ndarray, kind: str) -> int:
+        """A new copy generation for ``phys`` of ``layer`` (recorded on the side stream on CUDA)."""
+        self._gen += 1
+        self._block_gen[layer][phys] = self._gen
         if self.copy_stream is not None:
             ev = torch.cuda.Event()
             ev.record(self.copy_stream)
-            if early:
-                self._early_event = ev
-            else:
-                torch.cuda.current_stream(self.layout.device).wait_event(ev)
+            self._gen_events[self._gen] = ev
+        if self.copy_log is not None:
+            self.copy_log.append((kind, self._gen, layer, phys.copy()))
+        return self._gen
+
+    def _load(self, loads: list[list[tuple[np.ndarray, np.ndarray]]], transfer: StepTransfer, *,
+              early: bool = False, deferred: bool = False) -> None:
+        """Host -> device copies (side stream on CUDA). This step's forward waits for them (per
+        layer), except ``early`` ones (a coming selection's) and ``deferred`` ones (the overlapped
+        schedule's), which the step that first reads them waits for."""
+        t0 = time.perf_counter()
+        gens = self._copy_layers(loads, to_device=True, after_forward_start=deferred)
+        if not (early or deferred):
+            self._layer_wait = [max(w, g) for w, g in zip(self._layer_wait, gens, strict=True)]
+        n = sum(h.size for parts in loads for h, _ in parts)
         transfer.load_seconds += time.perf_counter() - t0
         transfer.blocks_loaded += n
         transfer.bytes_h2d += n * self.block_bytes
 
+    def issue_deferred(self, transfer: StepTransfer) -> None:
+        """Issue the loads the last :meth:`plan_step` deferred (overlapped schedule, early prefetch):
+        call it after the step's forward is enqueued (and after :meth:`mark_forward_start`). They
+        wait for the compute work enqueued before that forward, and run beside it."""
+        if any(self._deferred):
+            self._load(self._deferred, transfer, deferred=True)
+        self._deferred = [[] for _ in range(self.layout.num_layers)]
+        self._deferred_early = False
+
+    def mark_forward_start(self) -> None:
+        """Record (CUDA) where the compute stream stands before this step's forward: deferred loads
+        into blocks evicted by this plan wait for it (the last step that could read them)."""
+        if self.is_cuda:
+            self._forward_start = torch.cuda.Event()
+            self._forward_start.record(torch.cuda.current_stream(self.layout.device))
+
+    def layer_waits(self) -> list[torch.cuda.Event | None]:
+        """Per layer, the event this step's compute must wait for before the layer reads or writes
+        its pool (None = nothing to wait for), and mark those generations waited: the caller must
+        wait on every returned event (``StepContext`` does, per layer, or all before a graph
+        replay). On the CPU every entry is None (copies are synchronous)."""
+        if self._step_waits is not None:
+            return self._step_waits  # asked again in the same step (e.g. a second context): same answer
+        need = max(self._layer_wait)
+        out: list[torch.cuda.Event | None] = [None] * self.layout.num_layers
+        if need > self._waited:
+            for layer, g in enumerate(self._layer_wait):
+                if g > self._waited:
+                    out[layer] = self._gen_events.get(g)
+            self._set_waited(need)
+        if self.copy_log is not None:
+            self.copy_log += [("step_wait", 0, layer, g) for layer, g in enumerate(self._layer_wait)]
+        self._layer_wait = [0] * self.layout.num_layers
+        self._step_waits = out
+        return out
+
+    def wait_on(self, event: torch.cuda.Event) -> None:
+        """Make the compute stream wait for ``event`` (timed with ``time_copies``)."""
+        cur = torch.cuda.current_stream(self.layout.device)
+        if self.time_copies:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record(cur)
+            cur.wait_event(event)
+            b.record(cur)
+            self._timings.append(("wait", a, b))
+        else:
+            cur.wait_event(event)
+
+    def collect_timings(self) -> tuple[float, float]:
+        """GPU milliseconds of the loads and of the compute stream's waits for them, over the timed
+        copies that have finished since the last call (``time_copies``; no host wait)."""
+        load = wait = 0.0
+        left = []
+        for kind, a, b in self._timings:
+            if not b.query():
+                left.append((kind, a, b))
+                continue
+            ms = a.elapsed_time(b)
+            if kind == "load":
+                load += ms
+            else:
+                wait += ms
+        self._timings = left
+        return load, wait
+
+    def synchronize(self) -> None:
+        """Host wait for every copy issued so far and drop loads a failed step left unissued
+        (error paths and teardown only)."""
+        self._deferred = [[] for _ in range(self.layout.num_layers)]
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
+        self._waited = self._gen
+        self._gen_events.clear()
+
     def _write_tables(self, rids: list[str]) -> None:
+        """Copy the block-table rows that changed since their last upload (or moved to another row)
+        into the pinned host mirror and upload them in one copy. The host waits for the previous
+        upload from the mirror before it writes into it (normally long finished)."""
         th = self.tables_host
+        changed = []
         for row, rid in enumerate(rids):
-            th[:, row] = torch.from_numpy(self.seqs[rid].table)
-        b = len(rids)
-        self.tables[:, :b].copy_(th[:, :b], non_blocking=self.is_cuda)
+            seq = self.seqs[rid]
+            key = (seq.serial, seq.version)
+            if self._uploaded[row] != key:
+                changed.append((row, seq, key))
+        if not changed:
+            return
+        if self._tables_event is not None:
+            self._tables_event.synchronize()
+        for row, seq, key in changed:
+            if int(seq.table.max()) >= self.pools[0].shape[0] or int(seq.table.min()) < 0:
+                raise RuntimeError(f"request {seq.rid!r}: block table holds ids outside the device pool "
+                                   f"[0, {self.pools[0].shape[0]}) (internal invariant broken)")
+            th[:, row] = torch.from_numpy(seq.table)
+            self._uploaded[row] = key
+        lo, hi = changed[0][0], changed[-1][0] + 1
+        self.tables[:, lo:hi].copy_(th[:, lo:hi], non_blocking=self.is_cuda)
+        if self.is_cuda:
+            self._tables_event = torch.cuda.Event()
+            self._tables_event.record(torch.cuda.current_stream(self.layout.device))
 
     # ------------------------------------------------------------------ writes
     def slots(self, rid: str, layer: int, start: int, count: int) -> tuple[list[int], list[int]]:
@@ -593,7 +1055,8 @@ class KVManager:
         """Copy blocks that filled up during the last step to the host store (offload only).
 
         The partial last block is never written: the local window keeps it on the device.
-        On CUDA the copies run on the side stream; the next plan waits for them before evicting.
+        On CUDA the copies run on the side stream after this step's forward; a later user of the
+        block (a new token written into it after its eviction) waits for them (module docstring).
         """
         if not self.offload:
             return
@@ -620,22 +1083,10 @@ class KVManager:
             seq.flushed = full
         if not any(copies):
             return
-        n = self._copy_layers(copies, to_device=False)
-        if self.copy_stream is not None:
-            self._pending_event = torch.cuda.Event()
-            self._pending_event.record(self.copy_stream)
+        self._copy_layers(copies, to_device=False)
+        n = sum(h.size for parts in copies for h, _ in parts)
         transfer.blocks_written_back += n
         transfer.bytes_d2h += n * self.block_bytes
-
-    def _sync_copies(self) -> None:
-        if self._pending_event is not None:
-            self._pending_event.synchronize()
-            self._pending_event = None
-
-    def _sync_early(self) -> None:
-        if self._early_event is not None:
-            self._early_event.synchronize()
-            self._early_event = None
 
     # ------------------------------------------------------------------ reads (policies)
     def gather_keys(self, rid: str, layer: int, blocks: list[int] | None = None) -> torch.Tensor:

@@ -32,6 +32,19 @@ class StepRecord:
     working_set_bytes: int  # blocks this step needed (sink + local + selected + new), all layers
     plan_seconds: float = 0.0  # host time before the forward was launched (policy plan, prefetch, buffers)
     blocks_prefetched: int = 0  # loaded early for a coming selection (included in blocks_loaded)
+    blocks_deferred: int = 0  # overlapped schedule: loaded beside this step for the next (in blocks_loaded)
+    stale_layers: int = 0  # (row, layer) pairs that attended their previous selection while new blocks loaded
+    sync_switches: int = 0  # (row, layer) pairs that switched synchronously (no resident old set / no room)
+    load_gpu_ms: float = 0.0  # GPU time of timed loads that finished by this step's end (RuntimeConfig.time_loads)
+    load_wait_ms: float = 0.0  # GPU time the compute stream waited for loads, same accounting
+
+
+def _hidden(steps: list[StepRecord]) -> float | None:
+    """Fraction of the (timed) GPU load time the compute stream did not wait for: 1 - wait / load."""
+    load = sum(s.load_gpu_ms for s in steps)
+    if load <= 0:
+        return None
+    return max(0.0, 1.0 - sum(s.load_wait_ms for s in steps) / load)
 
 
 class RuntimeMetrics:
@@ -72,6 +85,12 @@ class RuntimeMetrics:
             "device_kv_over_working_set": (dec[-1].device_kv_bytes / dec[-1].working_set_bytes)
             if dec and dec[-1].working_set_bytes else None,
             "decode_blocks_prefetched": sum(s.blocks_prefetched for s in dec),
+            "decode_blocks_deferred": sum(s.blocks_deferred for s in dec),
+            "decode_stale_layers": sum(s.stale_layers for s in dec),
+            "decode_sync_switches": sum(s.sync_switches for s in dec),
+            "load_gpu_ms_total": sum(s.load_gpu_ms for s in self.steps),
+            "load_wait_ms_total": sum(s.load_wait_ms for s in self.steps),
+            "load_hidden_fraction": _hidden(self.steps),
             "decode_plan_ms_mean": (1e3 * sum(s.plan_seconds for s in dec) / len(dec)) if dec else None,
             "ttft_seconds": dict(self.ttft),
         }

@@ -48,6 +48,26 @@ class RuntimeConfig:
         retrieval schedule are unchanged. Counted in the loads of the step that issues them.
         Off by default: on an H200 it left ESA's mean step unchanged and made its typical step
         slower (the copy kernel shares the SMs with the step it overlaps), GSA 5 % faster.
+    overlap_loads:
+        Offload policies: the overlapped (stale-by-one) schedule. When a new selection needs
+        blocks that are not resident, the step attends with the layer's previous selection
+        (extended with the blocks opened since; the new token's block and the local window are
+        always in it) while the new blocks load on the side stream beside it; the new selection
+        is visible from the next step, whose compute waits for exactly those copies' events. A
+        retrieval thus takes effect one step later than its schedule says (upstream UCM's stride
+        allows that). ``False``: the step that needs new blocks waits for them (the synchronous
+        schedule). See :mod:`ucm_trt.runtime.kv` for the event discipline.
+    load_method:
+        How loads move host -> device on CUDA: ``"kernel"`` (one ``copy_blocks`` launch per layer
+        reading the pinned store over the bus: SMs), ``"staged"`` (CPU gather into pinned
+        staging, one DMA copy per chunk on a copy engine, one device scatter) or ``"batch_dma"``
+        (every block of a layer in one ``cuMemcpyBatchAsync`` driver call: copy engines, also for
+        write-backs; needs a CUDA 12.8+ driver); see :data:`ucm_trt.runtime.kv.LOAD_METHODS`.
+        ``benchmarks/bench_block_copy.py`` measures them.
+    time_loads:
+        Time the loads and the compute stream's waits for them with CUDA events (a few event
+        records per step that loads): ``Engine.stats()`` then reports ``load_gpu_ms_total``,
+        ``load_wait_ms_total`` and ``load_hidden_fraction``.
     max_cuda_graphs:
         Captured decode graphs kept per engine (one per batch size x selection-width bucket x
         policy key; least recently used dropped first).
@@ -63,6 +83,9 @@ class RuntimeConfig:
     cuda_graph: bool | None = None
     max_cuda_graphs: int = 32
     early_prefetch: bool = False
+    overlap_loads: bool = True
+    load_method: str = "kernel"
+    time_loads: bool = True
 
     def __post_init__(self) -> None:
         _pos_int("max_batch", self.max_batch)
@@ -77,8 +100,13 @@ class RuntimeConfig:
         if self.cuda_graph is not None and not isinstance(self.cuda_graph, bool):
             raise TypeError(f"RuntimeConfig.cuda_graph must be True, False or None (auto), got {self.cuda_graph!r}")
         _pos_int("max_cuda_graphs", self.max_cuda_graphs)
-        if not isinstance(self.early_prefetch, bool):
-            raise TypeError(f"RuntimeConfig.early_prefetch must be a bool, got {self.early_prefetch!r}")
+        for name in ("early_prefetch", "overlap_loads", "time_loads"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"RuntimeConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.load_method not in ("kernel", "staged", "batch_dma"):
+            raise ValueError(
+                f"RuntimeConfig.load_method must be 'kernel', 'staged' or 'batch_dma', got {self.load_method!r}"
+            )
 
     def max_blocks(self, block_size: int) -> int:
         return -(-self.max_seq_len // block_size)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ucm_trt.reference import delta_rope
+from ucm_trt.reference.rope import rope_cos_sin, rotate_half
 
 if TYPE_CHECKING:
     from ucm_trt.runtime.kv import KVManager
@@ -61,7 +61,7 @@ def reference_attention() -> AttentionImpl:
                          validate=None)
 
 
-def triton_attention(*, validate: bool = True) -> AttentionImpl:
+def triton_attention(*, validate: bool = False) -> AttentionImpl:
     from ucm_trt import kernels
 
     return AttentionImpl("triton", kernels.paged_sparse_attention, kernels.paged_rerope_attention,
@@ -89,6 +89,7 @@ class StepContext:
         capture_width: int,
         rope_theta: float,
         query_positions: torch.Tensor | None = None,
+        layer_waits: list | None = None,
     ) -> None:
         self.kv = kv
         self.policy = policy
@@ -107,7 +108,40 @@ class StepContext:
         #: [B, T] true positions of scattered queries (Blend's selective recompute); None = the
         #: queries are the last T tokens of each sequence (prefill chunk / decode)
         self.query_positions = query_positions
+        #: per layer, the copy event (KVManager.layer_waits) the compute stream waits for before the
+        #: layer touches its pool, or None; DecodeGraphs waits for all of them before a replay
+        self.layer_waits = layer_waits
         self.layers_run = 0
+        self._unrotate: tuple[torch.Tensor, torch.Tensor] | None = None  # ReRoPE: cos/sin of -positions
+
+    def wait_for_loads(self, layer: int | None = None) -> None:
+        """Make the compute stream wait for the copies ``layer`` (None = every layer) reads; each
+        event is waited for once (later calls are no-ops)."""
+        if not self.layer_waits:
+            return
+        layers = range(len(self.layer_waits)) if layer is None else (layer,)
+        for i in layers:
+            ev = self.layer_waits[i]
+            if ev is not None:
+                self.kv.wait_on(ev)
+                self.layer_waits[i] = None
+
+    def reset_for_capture(self) -> None:
+        """Before capturing the forward this context just ran eagerly: count layers afresh, build
+        the per-step tables again inside the capture, and leave the copy waits out of it (they were
+        waited for by the eager run; a replay waits for its own step's before it starts)."""
+        self.layers_run = 0
+        self._unrotate = None
+        self.layer_waits = None
+
+    def _unrotated(self, x: torch.Tensor) -> torch.Tensor:
+        """ReRoPE: ``x`` ``[B, H, T, D]`` rotated back by its true positions. The cos/sin tables of
+        ``-positions`` are built once per step (float64 angles, as the reference), not per layer."""
+        if self._unrotate is None:
+            self._unrotate = rope_cos_sin(-self.positions[:, None, :], x.shape[-1], self.rope_theta)
+        cos, sin = self._unrotate
+        xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
     def tables(self, layer: int) -> torch.Tensor:
         """int32 ``[B, max_blocks]`` block table of ``layer`` for this step's rows (device)."""
@@ -158,11 +192,10 @@ class StepContext:
         if not isinstance(layer, int) or not 0 <= layer < len(self.kv.pools):
             raise ValueError(f"layer index {layer!r} outside [0, {len(self.kv.pools)})")
         pool = self.kv.pools[layer]
+        self.wait_for_loads(layer)
         rerope = self.policy.rerope
         if rerope is not None:
-            back = -self.positions[:, None, :]
-            q = delta_rope(q, back, theta=self.rope_theta).to(q.dtype)
-            k = delta_rope(k, back, theta=self.rope_theta).to(k.dtype)
+            q, k = self._unrotated(q), self._unrotated(k)
         self.append_kv(layer, k, v)
         if self.query_positions is not None:
             out = self._attend_scattered(layer, q, scale)

@@ -96,10 +96,14 @@ class TorchBackend(Backend):
     attention:
         ``"auto"`` (Triton kernels on CUDA, references on CPU), ``"reference"`` or ``"triton"``.
     validate:
-        Passed to the Triton launchers (index-content checks).
+        Debug switch: the Triton launchers also check the contents of their index tensors (block
+        tables, selections, lengths) at every launch, which reads them back to the host (2*B+2
+        syncs per layer per step) and rules out CUDA graphs. Off by default: the engine checks the
+        tables and selections on the host where it builds them (once per plan, see
+        ``Engine._check_step_indices``), so the launch path stays sync-free.
     """
 
-    def __init__(self, model, *, attention: str = "auto", validate: bool = True) -> None:
+    def __init__(self, model, *, attention: str = "auto", validate: bool = False) -> None:
         try:
             from transformers import PreTrainedModel
         except ImportError as exc:  # pragma: no cover - transformers is a dependency

@@ -199,6 +199,7 @@ class TrtBackend(Backend):
         b, t = input_ids.shape
         profile = 0 if t > 1 else 1
         ctx = self._contexts[profile]
+        step.wait_for_loads()  # the engine reads the pools: every layer's block copies first
         stream = torch.cuda.current_stream(self.device).cuda_stream
         feeds = self._bind_inputs(input_ids, positions, step)
         for n, x in feeds.items():
