@@ -54,6 +54,14 @@ def test_query_drift_validation():
     for bad in (-0.1, 1.5, float("nan"), True, "0.5"):
         with pytest.raises(ValueError, match="persistence"):
             QueryDrift(persistence=bad)
+        with pytest.raises(ValueError, match="target_turnover"):
+            QueryDrift(target_turnover=bad)
+    with pytest.raises(ValueError, match="exactly one"):
+        QueryDrift()
+    with pytest.raises(ValueError, match="exactly one"):
+        QueryDrift(persistence=0.5, target_turnover=0.2)
+    with pytest.raises(ValueError, match="persistence="):
+        QueryDrift(target_turnover=0.2).start("r", 0, torch.randn(2, 8))  # the calibrated a is needed
     with pytest.raises(ValueError, match="seed"):
         QueryDrift(persistence=0.5, seed=-1)
     dq = QueryDrift(persistence=0.5).start("r", 3, torch.randn(2, 4, 8))
@@ -230,7 +238,24 @@ def test_query_drift_controls_turnover(algorithm, tiny_model_for_retrieval):
     # (and, for GSA, decode blocks that fill and become candidates)
     assert frozen[2]["topk_turnover"] < 0.15, frozen[2]
     assert fresh[2]["topk_turnover"] > 0.4, fresh[2]
-    assert frozen[2]["query_drift"] == 1.0 and model[2]["query_drift"] is None
+    assert frozen[2]["query_drift_persistence"] == 1.0 and model[2]["query_drift_persistence"] is None
+
+
+def test_query_drift_target_turnover_is_calibrated_once_and_reached(tiny_model_for_retrieval):
+    """QueryDrift(target_turnover=t): the policy calibrates a on its first request and the run's
+    top-k turnover lands near t (19 prompt blocks, 4 chosen of 16 candidates: coarse steps)."""
+    _, _, stats = _run(tiny_model_for_retrieval, "esa",
+                       RetrievalConfig(query_drift=QueryDrift(target_turnover=0.3)), stride=2, steps=40)
+    assert 0.0 < stats["query_drift_persistence"] < 1.0
+    assert abs(stats["query_drift_calibrated_turnover"] - 0.3) <= 0.05
+    assert abs(stats["topk_turnover"] - 0.3) <= 0.2, stats
+
+
+def test_query_drift_target_needs_mean_representations(tiny_model_for_retrieval):
+    with pytest.raises(Exception, match="persistence=") as info:
+        _run(tiny_model_for_retrieval, "kvstar", RetrievalConfig(query_drift=QueryDrift(target_turnover=0.3)),
+             stride=2, steps=8)
+    assert "ESA, GSA" in str(info.value)
 
 
 def test_runtime_turnover_stat_matches_recorded_selections(tiny_model_for_retrieval):

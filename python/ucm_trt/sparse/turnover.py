@@ -27,7 +27,10 @@ first-order autoregressive drift that starts at the model's real query::
 query every step (the random-model worst case). Over ``dt`` steps the drift composes exactly to
 ``a**dt``, so a policy that reads the query only on its retrieval steps (every ``R`` steps) sees
 ``a**R`` between retrievals. :func:`calibrate_persistence` finds the ``a`` that gives a target
-top-k turnover on given block representations with the runtime's own scoring and selection.
+top-k turnover on given block representations with the runtime's own scoring and selection;
+``QueryDrift(target_turnover=t)`` has the policy do that once, on its first drifting request
+(its prompt's representations, its query, the policy's budget and stride), and use the ``a`` found
+for every request (ESA and GSA; the policy's ``stats()`` report ``a`` and the turnover reached).
 """
 
 from __future__ import annotations
@@ -93,35 +96,57 @@ def topk_part(sel: torch.Tensor, num_blocks: int, sparse: SparseConfig) -> torch
 class QueryDrift:
     """Retrieval queries that drift slowly from the model's real query (module docstring).
 
+    Exactly one of ``persistence`` and ``target_turnover`` is given.
+
     Attributes
     ----------
     persistence:
         ``a`` in [0, 1]: the correlation kept per decode step. 1 = frozen query, 0 = a fresh
         random query every step.
+    target_turnover:
+        The top-k turnover per retrieval wanted, in [0, 1]; the policy calibrates ``a`` once
+        (:func:`calibrate_persistence`, module docstring).
     seed:
         Seeds each request's noise (with the request id), so runs repeat exactly.
     """
 
-    persistence: float
+    persistence: float | None = None
+    target_turnover: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        a = self.persistence
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or not 0.0 <= a <= 1.0:
-            raise ValueError(f"QueryDrift.persistence must be a number in [0, 1], got {a!r}")
+        if (self.persistence is None) == (self.target_turnover is None):
+            raise ValueError(
+                "QueryDrift needs exactly one of persistence= and target_turnover=, got "
+                f"persistence={self.persistence!r}, target_turnover={self.target_turnover!r}"
+            )
+        for name in ("persistence", "target_turnover"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"QueryDrift.{name} must be a number in [0, 1], got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"QueryDrift.seed must be an int >= 0, got {self.seed!r}")
 
     def per_retrieval(self, stride: int) -> float:
         """The correlation between two retrievals ``stride`` decode steps apart: ``a ** stride``."""
+        if self.persistence is None:
+            raise ValueError("per_retrieval needs QueryDrift.persistence (this one has a target_turnover)")
         return float(self.persistence) ** check_positive_int("stride", stride)
 
-    def start(self, rid: str, step: int, q: torch.Tensor) -> DriftingQuery:
-        """A request's drifting query, starting at the model's query ``q [..., D]`` at decode ``step``."""
+    def start(self, rid: str, step: int, q: torch.Tensor, *, persistence: float | None = None) -> DriftingQuery:
+        """A request's drifting query, starting at the model's query ``q [..., D]`` at decode ``step``.
+        ``persistence``: the calibrated ``a`` (needed, and only allowed, with ``target_turnover``)."""
         if not isinstance(rid, str):
             raise TypeError(f"rid must be a str, got {type(rid).__name__}")
+        if (persistence is None) != (self.target_turnover is None):
+            raise ValueError("start(persistence=) must be given exactly when QueryDrift has a target_turnover")
+        a = self.persistence if persistence is None else persistence
+        if not 0.0 <= float(a) <= 1.0:
+            raise ValueError(f"persistence must be in [0, 1], got {a!r}")
         seed = (self.seed * 1_000_003 + zlib.crc32(rid.encode())) % (2**63)
-        return DriftingQuery(q, step=step, persistence=float(self.persistence), seed=seed)
+        return DriftingQuery(q, step=step, persistence=float(a), seed=seed)
 
 
 class DriftingQuery:
@@ -199,7 +224,7 @@ def calibrate_persistence(
         dq = QueryDrift(persistence=a, seed=seed).start("calibration", 0, q)
         prev, changed, selected = None, 0, 0
         for i in range(retrievals + 1):
-            sel = select_batched(batched_dot_scores(dq.at(i * stride), r), nb, sparse, "dot", hkv)
+            sel = select_batched(batched_dot_scores(dq.at(i * stride).to(r.device), r), nb, sparse, "dot", hkv).cpu()
             sel = topk_part(sel, nb, sparse)
             if prev is not None:
                 c, s = selection_turnover(prev, sel)

@@ -42,7 +42,7 @@ import torch
 from ucm_trt.runtime.worker import RetrievalTicket
 from ucm_trt.sparse.batched import BlockRepStore, extend_selections
 from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView
-from ucm_trt.sparse.turnover import QueryDrift, selection_turnover, topk_part
+from ucm_trt.sparse.turnover import QueryDrift, calibrate_persistence, selection_turnover, topk_part
 
 __all__ = ["REP_PLACEMENTS", "OffloadPolicy", "PendingRetrieval", "RetrievalConfig", "stack_layer_selections"]
 
@@ -151,6 +151,10 @@ class OffloadPolicy(Policy):
         self.turnover_selected = 0
         self.topk_changed = 0  # the same for the top-k part (sink / local windows left out)
         self.topk_selected = 0
+        drift = retrieval.query_drift
+        #: the QueryDrift persistence in use (calibrated at the first drifting request for a target)
+        self.drift_persistence: float | None = None if drift is None else drift.persistence
+        self.drift_calibrated_turnover: float | None = None
 
     def bind(self, rt: PolicyRuntime) -> None:
         super().bind(rt)
@@ -253,8 +257,26 @@ class OffloadPolicy(Policy):
         st = self._state[req.rid]
         dq = st.get("drift")
         if dq is None:
-            dq = st["drift"] = drift.start(req.rid, req.step, q)
+            a = None
+            if drift.target_turnover is not None:
+                if self.drift_persistence is None:
+                    self._calibrate_drift(st, q)
+                a = self.drift_persistence
+            dq = st["drift"] = drift.start(req.rid, req.step, q, persistence=a)
         return dq.at(req.step)
+
+    def _calibrate_drift(self, st: dict, q: torch.Tensor) -> None:
+        """Find the drift persistence of ``QueryDrift.target_turnover`` on this request's prompt
+        representations and query (once per policy; ESA and GSA, whose stores hold mean K)."""
+        store = st.get("store")
+        if not isinstance(store, BlockRepStore):
+            raise ValueError(
+                f"{self.name}: QueryDrift(target_turnover=...) needs mean-K block representations to "
+                "calibrate on (ESA, GSA); give QueryDrift(persistence=...) instead"
+            )
+        target = self.retrieval.query_drift.target_turnover
+        a, reached = calibrate_persistence(target, store.reps(), q, self.sparse, seed=self.retrieval.query_drift.seed)
+        self.drift_persistence, self.drift_calibrated_turnover = a, reached
 
     def plan(self, reqs: list[RequestView]) -> list[list[torch.Tensor | None]]:
         L = self.shape.num_layers
@@ -315,4 +337,7 @@ class OffloadPolicy(Policy):
         return {"retrievals": self.retrievals, "selected_block_fraction": frac,
                 "selection_turnover": turn, "topk_turnover": topk,
                 "representations": self.retrieval.representations,
-                "query_drift": None if self.retrieval.query_drift is None else self.retrieval.query_drift.persistence}
+                "query_drift_persistence": self.drift_persistence,
+                "query_drift_target_turnover": None if self.retrieval.query_drift is None
+                else self.retrieval.query_drift.target_turnover,
+                "query_drift_calibrated_turnover": self.drift_calibrated_turnover}
