@@ -44,7 +44,14 @@ from ucm_trt.sparse.batched import BlockRepStore, extend_selections
 from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView
 from ucm_trt.sparse.turnover import QueryDrift, calibrate_persistence, selection_turnover, topk_part
 
-__all__ = ["REP_PLACEMENTS", "OffloadPolicy", "PendingRetrieval", "RetrievalConfig", "stack_layer_selections"]
+__all__ = [
+    "REP_PLACEMENTS",
+    "OffloadPolicy",
+    "PendingRetrieval",
+    "RetrievalConfig",
+    "device_task",
+    "stack_layer_selections",
+]
 
 #: where an offload policy keeps its block representations (:class:`RetrievalConfig`)
 REP_PLACEMENTS: tuple[str, ...] = ("host", "device")
@@ -128,6 +135,21 @@ class PendingRetrieval:
         return fut.result()[0]
 
 
+def device_task(fn: Callable[[], torch.Tensor], stream: torch.cuda.Stream) -> Callable[[], torch.Tensor]:
+    """Wrap a device-side retrieval task for the worker thread: it runs on ``stream`` after the work
+    queued so far on the calling thread's current stream (which wrote the representations), and
+    returns its selection on the CPU. Call it on the submitting thread."""
+    ready = torch.cuda.Event()
+    ready.record()  # on the submitting thread's current stream
+
+    def task() -> torch.Tensor:
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            return fn().cpu()  # waits for the task's kernels, so its inputs may be freed after
+
+    return task
+
+
 class OffloadPolicy(Policy):
     """Base of policies whose KV lives in the host store and whose selections come from CPU tasks."""
 
@@ -178,21 +200,8 @@ class OffloadPolicy(Policy):
                              capacity=capacity, device=self.rep_device, dtype=self.retrieval.rep_dtype)
 
     def _on_device(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        """Wrap a device-side retrieval task: it runs on the policy's CUDA stream after the work
-        queued so far on the submitting thread's stream (which wrote the representations), and
-        returns its selection on the CPU. Identity for host representations and on the CPU."""
-        stream = self._stream
-        if stream is None:
-            return fn
-        ready = torch.cuda.Event()
-        ready.record()  # on the submitting thread's current stream
-
-        def task() -> torch.Tensor:
-            with torch.cuda.stream(stream):
-                stream.wait_event(ready)
-                return fn().cpu()  # waits for the task's kernels, so its inputs may be freed after
-
-        return task
+        """:func:`device_task` on the policy's CUDA stream; identity for host representations and on the CPU."""
+        return fn if self._stream is None else device_task(fn, self._stream)
 
     def _layerwise(self, base: type) -> bool:
         """True when a subclass overrides ``base``'s per-layer ``_select`` hook."""
