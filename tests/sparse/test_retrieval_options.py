@@ -213,6 +213,9 @@ def test_device_representations_select_like_host_on_cpu(algorithm, tiny_model_fo
     for a, b in zip(host[1], dev[1], strict=True):
         assert torch.equal(a, b)
     assert dev[2]["representations"] == "device" and host[2]["retrievals"] == dev[2]["retrievals"]
+    # ESA: the 19 prompt blocks (300 tokens / 16); GSA: every full block, 20 after 24 decode steps
+    blocks = {"esa": 19, "gsa": 20}[algorithm]
+    assert dev[2]["representation_bytes_peak"] == host[2]["representation_bytes_peak"] == 2 * 2 * 16 * blocks * 4
 
 
 def test_half_precision_representations_run_and_mostly_agree(tiny_model_for_retrieval):

@@ -177,6 +177,7 @@ class OffloadPolicy(Policy):
         #: the QueryDrift persistence in use (calibrated at the first drifting request for a target)
         self.drift_persistence: float | None = None if drift is None else drift.persistence
         self.drift_calibrated_turnover: float | None = None
+        self.peak_representation_bytes = 0
 
     def bind(self, rt: PolicyRuntime) -> None:
         super().bind(rt)
@@ -291,10 +292,14 @@ class OffloadPolicy(Policy):
         L = self.shape.num_layers
         h = self.shape.num_kv_heads
         out: list[list[torch.Tensor | None]] = [[None] * len(reqs) for _ in range(L)]
+        rep_bytes = 0
         for row, req in enumerate(reqs):
             st = self._state.get(req.rid)
             if st is None:
                 raise RuntimeError(f"{self.name}: request {req.rid!r} has no state (prefill did not finish)")
+            store = st.get("store")
+            if isinstance(store, BlockRepStore):
+                rep_bytes += store.nbytes
             if st["dense"]:
                 continue
             nb_new = self._num_blocks(req.new_len)
@@ -308,6 +313,7 @@ class OffloadPolicy(Policy):
                 out[layer][row] = layers[layer]
             self.selected_blocks += count
             self.candidate_blocks += nb_new * h * L
+        self.peak_representation_bytes = max(self.peak_representation_bytes, rep_bytes)
         return out
 
     def prefetch(self, reqs: list[RequestView]) -> list[list[torch.Tensor | None]] | None:
@@ -346,6 +352,9 @@ class OffloadPolicy(Policy):
         return {"retrievals": self.retrievals, "selected_block_fraction": frac,
                 "selection_turnover": turn, "topk_turnover": topk,
                 "representations": self.retrieval.representations,
+                # most bytes the decoding requests' representation stores held at one step (on the
+                # device with representations="device"; filled blocks, not the stores' spare capacity)
+                "representation_bytes_peak": self.peak_representation_bytes,
                 "query_drift_persistence": self.drift_persistence,
                 "query_drift_target_turnover": None if self.retrieval.query_drift is None
                 else self.retrieval.query_drift.target_turnover,
