@@ -79,8 +79,21 @@ def main(argv: list[str] | None = None) -> int:
         for row in turnover_table(cap, block_sizes=args.block_sizes, ratios=args.ratios, strides=args.strides):
             rows.append({"prompt": i, **row})
         del cap
+        write(args, hay.source, t_start, prompts, rows)  # after every prompt: a partial run still leaves a file
+    summary = write(args, hay.source, t_start, prompts, rows)
+    print(f"\nwrote {args.out}")
+    print(f"{'bs':>4} {'ratio':>6} {'selection':>9} {'R':>3} {'topk turnover':>13} {'(min/med/max over layer x head)':>32} {'random':>7}")
+    for s in summary:
+        spread = f"{s['layer_head_min']:.2f}/{s['layer_head_median']:.2f}/{s['layer_head_max']:.2f}"
+        print(f"{s['block_size']:>4} {s['ratio']:>6} {s['selection']:>9} {s['stride']:>3} {s['topk_turnover']:>13.3f} "
+              f"{spread:>32} {s['random_topk_turnover']:>7.3f}")
+    return 0
+
+
+def write(args, haystack_source: str, t_start: float, prompts: list[dict], rows: list[dict]) -> list[dict]:
+    """Write the JSON (settings, per-prompt rows, mean over prompts per configuration); return the summary."""
     # mean over prompts of each config
-    summary = []
+    summary: list[dict] = []
     keys = sorted({(r["block_size"], r["ratio"], r["selection"], r["stride"]) for r in rows})
     for bs, ratio, sel, stride in keys:
         rs = [r for r in rows if (r["block_size"], r["ratio"], r["selection"], r["stride"]) == (bs, ratio, sel, stride)]
@@ -98,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                       "between consecutive retrievals R decode steps apart; all_turnover counts every selected "
                       "prompt block; per layer and KV head in the rows; random_* = the same with random queries",
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "haystack": hay.source,
+        "haystack": haystack_source,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "load_average_end": list(os.getloadavg())},
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t_start)),
@@ -109,13 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
-    print(f"{'bs':>4} {'ratio':>6} {'selection':>9} {'R':>3} {'topk turnover':>13} {'(min/med/max over layer x head)':>32} {'random':>7}")
-    for s in summary:
-        spread = f"{s['layer_head_min']:.2f}/{s['layer_head_median']:.2f}/{s['layer_head_max']:.2f}"
-        print(f"{s['block_size']:>4} {s['ratio']:>6} {s['selection']:>9} {s['stride']:>3} {s['topk_turnover']:>13.3f} "
-              f"{spread:>32} {s['random_topk_turnover']:>7.3f}")
-    return 0
+    return summary
 
 
 if __name__ == "__main__":

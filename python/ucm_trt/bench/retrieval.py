@@ -55,16 +55,21 @@ def retrieval_task(reps: torch.Tensor, q: torch.Tensor, nb: int, sparse: SparseC
     return select_batched(batched_dot_scores(q.to(reps.device), reps), nb, sparse, "dot", hkv)
 
 
-def _make_requests(shape: ScalingShape, nb: int, batch: int, device: str, dtype: torch.dtype, seed: int):
+def _random_requests(shape: ScalingShape, nb: int, count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` requests' (representations ``[L, nb, Hkv, D]``, query ``[L, Hq, D]``), float32."""
     g = torch.Generator().manual_seed(seed)
-    stores, queries = [], []
-    for _ in range(batch):
+    return [(torch.randn(shape.num_layers, nb, shape.num_kv_heads, shape.head_dim, generator=g),
+             torch.randn(shape.num_layers, shape.num_q_heads, shape.head_dim, generator=g)) for _ in range(count)]
+
+
+def _stores(shape: ScalingShape, data, device: str, dtype: torch.dtype) -> list[BlockRepStore]:
+    out = []
+    for reps, _ in data:
         st = BlockRepStore(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
-                           capacity=nb, device=device, dtype=dtype)
-        st.append(torch.randn(shape.num_layers, nb, shape.num_kv_heads, shape.head_dim, generator=g))
-        stores.append(st)
-        queries.append(torch.randn(shape.num_layers, shape.num_q_heads, shape.head_dim, generator=g))
-    return stores, queries
+                           capacity=reps.shape[1], device=device, dtype=dtype)
+        st.append(reps)
+        out.append(st)
+    return out
 
 
 def _round(worker: RetrievalWorker, tasks) -> list[torch.Tensor]:
@@ -92,12 +97,14 @@ def bench_batch_scaling(
     sparse = SparseConfig(block_size=128, budget=Budget.ratio(ratio), sink_blocks=1, local_blocks=2)
     rows = []
     before = torch.get_num_threads()
+    data = _random_requests(shape, num_blocks, max(batches), seed)  # the first B are batch B's requests
     try:
         for batch in batches:
             ref = None
             for where, dname in paths:
                 device = "cuda" if where == "device" else "cpu"
-                stores, queries = _make_requests(shape, num_blocks, batch, device, _DTYPES[dname], seed)
+                stores = _stores(shape, data[:batch], device, _DTYPES[dname])
+                queries = [q for _, q in data[:batch]]
                 stream = torch.cuda.Stream() if device == "cuda" else None
                 per_seq_bytes = stores[0].nbytes
 
