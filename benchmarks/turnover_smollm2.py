@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
 def write(args, haystack_source: str, t_start: float, prompts: list[dict], rows: list[dict]) -> list[dict]:
     """Write the JSON (settings, per-prompt rows, mean over prompts per configuration); return the summary."""
     # mean over prompts of each config
@@ -97,14 +101,13 @@ def write(args, haystack_source: str, t_start: float, prompts: list[dict], rows:
     keys = sorted({(r["block_size"], r["ratio"], r["selection"], r["stride"]) for r in rows})
     for bs, ratio, sel, stride in keys:
         rs = [r for r in rows if (r["block_size"], r["ratio"], r["selection"], r["stride"]) == (bs, ratio, sel, stride)]
-        mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
         summary.append({"block_size": bs, "ratio": ratio, "selection": sel, "stride": stride, "prompts": len(rs),
-                        "topk_turnover": round(mean("topk_turnover"), 4),
-                        "all_turnover": round(mean("all_turnover"), 4),
+                        "topk_turnover": round(_mean(rs, "topk_turnover"), 4),
+                        "all_turnover": round(_mean(rs, "all_turnover"), 4),
                         "layer_head_min": round(min(r["topk_turnover_layer_head_min"] for r in rs), 4),
-                        "layer_head_median": round(mean("topk_turnover_layer_head_median"), 4),
+                        "layer_head_median": round(_mean(rs, "topk_turnover_layer_head_median"), 4),
                         "layer_head_max": round(max(r["topk_turnover_layer_head_max"] for r in rs), 4),
-                        "random_topk_turnover": round(mean("random_topk_turnover"), 4)})
+                        "random_topk_turnover": round(_mean(rs, "random_topk_turnover"), 4)})
     result = {
         "what": "selection turnover of SmolLM2-135M-Instruct, greedy decode, real post-RoPE Q/K (issue 13 item 2)",
         "definition": "topk_turnover = changed / selected over the top-k part (sink and local windows left out) "
