@@ -144,7 +144,14 @@ def batched_dot_scores(q: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:
     if qt.device != r.device:
         raise ValueError(f"tensors must be on one device, got q on {qt.device}, reps on {r.device}")
     qg = group_mean_query(qt, hkv)  # [L, Hkv, D]
-    return torch.matmul(qg[:, :, None, :], r.float())[:, :, 0, :]
+    if r.dtype == torch.float32:
+        return torch.matmul(qg[:, :, None, :], r)[:, :, 0, :]
+    # half-precision storage: upcast one layer at a time (a cache-sized float32 copy, not one of the
+    # whole store), so the pass reads the half-size store once
+    out = torch.empty(L, hkv, r.shape[-1], dtype=torch.float32, device=r.device)
+    for layer in range(L):
+        out[layer] = torch.matmul(qg[layer, :, None, :], r[layer].float())[:, 0, :]
+    return out
 
 
 def _num_blocks_arg(num_blocks: object, batch: int, max_blocks: int) -> torch.Tensor:
