@@ -21,6 +21,7 @@ from ucm_trt.sparse.policies import (
     KVStarPolicy,
     Policy,
     ReRoPEPolicy,
+    RetrievalConfig,
 )
 
 __all__ = ["ALGORITHMS", "POLICY_ALGORITHMS", "PREFILL_ALGORITHMS", "make_policy", "sparse_config_for"]
@@ -64,9 +65,12 @@ def make_policy(
     kvstar: KVStarConfig | None = None,
     gsa_on_device: GSAOnDeviceConfig | None = None,
     rerope: ReRoPEConfig | None = None,
+    retrieval: RetrievalConfig | None = None,
 ) -> Policy:
     """A fresh policy for ``algorithm`` (one of :data:`POLICY_ALGORITHMS`; ``blend`` is refused with
-    a ValueError that says how to run it)."""
+    a ValueError that says how to run it). ``retrieval``: the offload policies' (esa, gsa, kvstar)
+    :class:`~ucm_trt.sparse.policies.RetrievalConfig` (representations on the host or the device,
+    query drift); refused for the others."""
     if algorithm in PREFILL_ALGORITHMS:
         raise ValueError(_BLEND_IS_NO_POLICY)
     if algorithm not in POLICY_ALGORITHMS:
@@ -76,16 +80,18 @@ def make_policy(
     for key, val in extra.items():
         if val is not None and key != wanted:
             raise ValueError(f"{key}= config given for algorithm {algorithm!r}, which does not use it")
+    if retrieval is not None and algorithm not in ("esa", "gsa", "kvstar"):
+        raise ValueError(f"retrieval= config given for algorithm {algorithm!r}; only esa, gsa and kvstar use it")
     if algorithm == "dense":
         return DensePolicy()
     if algorithm == "esa":
-        return ESAPolicy()
+        return ESAPolicy(retrieval=retrieval)
     if algorithm == "gsa":
-        return GSAPolicy()
+        return GSAPolicy(retrieval=retrieval)
     if algorithm == "gsa-on-device":
         return GSAOnDevicePolicy(gsa_on_device)
     if algorithm == "kvstar":
-        return KVStarPolicy(kvstar)
+        return KVStarPolicy(kvstar, retrieval=retrieval)
     if rerope is None:
         raise ValueError("algorithm 'rerope' needs rerope=ReRoPEConfig(window=..., training_length=...)")
     return ReRoPEPolicy(rerope)

@@ -49,7 +49,8 @@ __all__ = ["BlockRepStore", "batched_dot_scores", "select_batched", "extend_sele
 
 
 class BlockRepStore:
-    """Block representations of every layer of one request: float32 ``[L, Hkv, D, capacity]``.
+    """Block representations of every layer of one request: ``[L, Hkv, D, capacity]`` (float32 on
+    the CPU by default; ``device`` / ``dtype`` place it elsewhere, e.g. on the GPU in half precision).
 
     Append-only: :meth:`append` writes blocks ``num_blocks ..`` and never changes a block already
     stored; when the capacity is exceeded it moves to a new, larger tensor (capacity doubles).
@@ -57,13 +58,32 @@ class BlockRepStore:
     which is what lets a retrieval task read it on a worker thread without a copy.
     """
 
-    def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int = 16) -> None:
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int = 16,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.num_layers = check_positive_int("num_layers", num_layers)
         self.num_kv_heads = check_positive_int("num_kv_heads", num_kv_heads)
         self.head_dim = check_positive_int("head_dim", head_dim)
         cap = check_positive_int("capacity", capacity)
-        self._buf = torch.empty(num_layers, num_kv_heads, head_dim, cap, dtype=torch.float32)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+        self._buf = torch.empty(num_layers, num_kv_heads, head_dim, cap, dtype=dtype, device=device)
         self._n = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self._buf.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._buf.dtype
 
     @property
     def num_blocks(self) -> int:
@@ -76,7 +96,7 @@ class BlockRepStore:
     @property
     def nbytes(self) -> int:
         """Bytes of the filled blocks (what one scoring pass reads)."""
-        return self._n * self.num_layers * self.num_kv_heads * self.head_dim * 4
+        return self._n * self.num_layers * self.num_kv_heads * self.head_dim * self._buf.element_size()
 
     def append(self, reps: torch.Tensor) -> None:
         """Store ``reps`` ``[L, n, Hkv, D]`` (any float dtype, any device) as blocks ``num_blocks .. + n``."""
@@ -89,7 +109,7 @@ class BlockRepStore:
             return
         need = self._n + n
         if need > self.capacity:
-            new = torch.empty(L, h, d, max(need, 2 * self.capacity), dtype=torch.float32)
+            new = torch.empty(L, h, d, max(need, 2 * self.capacity), dtype=self._buf.dtype, device=self._buf.device)
             new[..., : self._n] = self._buf[..., : self._n]
             self._buf = new
         self._buf[..., self._n : need] = r.permute(0, 2, 3, 1)
@@ -124,7 +144,14 @@ def batched_dot_scores(q: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:
     if qt.device != r.device:
         raise ValueError(f"tensors must be on one device, got q on {qt.device}, reps on {r.device}")
     qg = group_mean_query(qt, hkv)  # [L, Hkv, D]
-    return torch.matmul(qg[:, :, None, :], r.float())[:, :, 0, :]
+    if r.dtype == torch.float32:
+        return torch.matmul(qg[:, :, None, :], r)[:, :, 0, :]
+    # half-precision storage: upcast one layer at a time (a cache-sized float32 copy, not one of the
+    # whole store), so the pass reads the half-size store once
+    out = torch.empty(L, hkv, r.shape[-1], dtype=torch.float32, device=r.device)
+    for layer in range(L):
+        out[layer] = torch.matmul(qg[layer, :, None, :], r[layer].float())[:, 0, :]
+    return out
 
 
 def _num_blocks_arg(num_blocks: object, batch: int, max_blocks: int) -> torch.Tensor:
@@ -168,8 +195,8 @@ def _mask_to_selection(mask: torch.Tensor) -> torch.Tensor:
     counts = mask.sum(-1)
     width = max(1, int(counts.max()) if counts.numel() else 0)
     pos = torch.where(mask, mask.cumsum(-1) - 1, width)
-    out = torch.full((b, h, width + 1), -1, dtype=torch.int32)
-    out.scatter_(-1, pos, torch.arange(m, dtype=torch.int32).expand(b, h, m))
+    out = torch.full((b, h, width + 1), -1, dtype=torch.int32, device=mask.device)
+    out.scatter_(-1, pos, torch.arange(m, dtype=torch.int32, device=mask.device).expand(b, h, m))
     return out[..., :width]
 
 
@@ -187,6 +214,8 @@ def select_batched(
     Row ``b`` equals ``select_from_scores(scores[b], num_blocks[b], sparse, scoring, num_kv_heads,
     extra=extra)`` (:mod:`ucm_trt.sparse.policies.base`) padded with -1 to the common width ``S``
     (the largest row count, at least 1). ``num_blocks``: an int for every row or int ``[B]``.
+    The scores may live on any device (the GPU-resident-representation path selects on the GPU);
+    the selection comes back on the scores' device.
     Shared selection reduces the scores over KV heads with :func:`~ucm_trt.sparse.score.reduce_scores`
     and repeats the one selection on ``num_kv_heads`` rows; per-head selection needs
     ``scores.shape[1] == num_kv_heads``. Scores of candidate blocks must be finite.
@@ -196,8 +225,6 @@ def select_batched(
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}; got {scoring!r}")
     s = check_tensor("scores", scores, ndim=3, dtypes=FLOAT_DTYPES)
-    if s.device.type != "cpu":
-        raise ValueError(f"scores must be on the CPU (host retrieval), got device {s.device}")
     heads = check_positive_int("num_kv_heads", num_kv_heads)
     check_non_negative_int("extra", extra)
     b, h, m = s.shape
@@ -225,8 +252,8 @@ def _bad_score(s: torch.Tensor, bad: torch.Tensor, offset: int = 0) -> ValueErro
 def _select_general(s: torch.Tensor, nb: torch.Tensor, sparse: SparseConfig, extra: int) -> torch.Tensor:
     """Rows with different ``num_blocks``: masks over the whole block axis."""
     m = s.shape[-1]
-    idx = torch.arange(m)
-    n = nb[:, None]
+    idx = torch.arange(m, device=s.device)
+    n = nb[:, None].to(s.device)
     valid = idx < n
     forced = valid & ((idx < sparse.sink_blocks) | (idx >= n - sparse.local_blocks) | (n < sparse.min_blocks))
     cand = (valid & ~forced)[:, None, :].expand_as(s)
@@ -259,42 +286,56 @@ def _select_uniform(s: torch.Tensor, n: int, sparse: SparseConfig, extra: int) -
         k = int(budget_counts(sparse.budget, torch.ones(1, c, dtype=torch.bool))[0])
         chosen = _chosen_uniform(sc, min(k + extra, c)) if extra else _chosen_uniform(sc, k)
     else:
-        counts = budget_counts(sparse.budget, torch.ones(1, 1, c, dtype=torch.bool).expand_as(sc), sc)
+        counts = budget_counts(sparse.budget, torch.ones(1, 1, c, dtype=torch.bool, device=sc.device).expand_as(sc), sc)
         if extra:
             counts = (counts + extra).clamp(max=c)
         first = int(counts.flatten()[0])  # B >= 1 and H >= 1 here
         if bool((counts == first).all()):
             chosen = _chosen_uniform(sc, first)
         else:
-            mask = torch.zeros(b, h, n, dtype=torch.bool)
+            mask = torch.zeros(b, h, n, dtype=torch.bool, device=s.device)
             mask[..., :lo] = True
             mask[..., hi:] = True
             mask[..., lo:hi] = _topk_mask(sc, torch.ones_like(sc, dtype=torch.bool), counts)
             return _mask_to_selection(mask)
-    parts = [torch.arange(lo, dtype=torch.int32).expand(b, h, lo), chosen + lo,
-             torch.arange(hi, n, dtype=torch.int32).expand(b, h, n - hi)]
+    dev = s.device
+    parts = [torch.arange(lo, dtype=torch.int32, device=dev).expand(b, h, lo), chosen + lo,
+             torch.arange(hi, n, dtype=torch.int32, device=dev).expand(b, h, n - hi)]
     sel = torch.cat(parts, dim=-1)
     if sel.shape[-1] == 0:
-        return torch.full((b, h, 1), -1, dtype=torch.int32)
+        return torch.full((b, h, 1), -1, dtype=torch.int32, device=dev)
     return sel
 
 
-def _chosen_uniform(sc: torch.Tensor, k: int) -> torch.Tensor:
+def _kth_best(sc: torch.Tensor, k: int, *, use_topk: bool) -> torch.Tensor:
+    """``[B, H, 1]``: the ``k``-th best score of every row (``1 <= k < c``).
+
+    ``numpy.partition`` (introselect; about twice as fast as ``torch.topk`` on the CPU) or
+    ``torch.topk`` (any device; the GPU-resident path)."""
+    if use_topk:
+        return torch.topk(sc, k, dim=-1, largest=True, sorted=False).values.amin(-1, keepdim=True)
+    c = sc.shape[-1]
+    return torch.from_numpy(np.partition(sc.detach().numpy(), c - k, axis=-1)[..., c - k : c - k + 1])
+
+
+def _chosen_uniform(sc: torch.Tensor, k: int, *, use_topk: bool | None = None) -> torch.Tensor:
     """int32 ``[B, H, k]``: ids (within the slice, ascending) of the ``k`` best of every row.
 
-    The k-th best score of each row comes from ``numpy.partition`` (introselect; about twice as
-    fast as ``torch.topk`` here); the candidates scoring at least that much are the answer unless
-    one outside the top k ties it, then the lower ids win (:func:`_topk_mask`).
+    The k-th best score of each row comes from :func:`_kth_best` (``use_topk``: ``None`` = numpy
+    on the CPU, ``torch.topk`` elsewhere); the candidates scoring at least that much are the
+    answer unless one outside the top k ties it, then the lower ids win (:func:`_topk_mask`).
     """
     b, h, c = sc.shape
+    dev = sc.device
     if k == 0:
-        return torch.zeros(b, h, 0, dtype=torch.int32)
+        return torch.zeros(b, h, 0, dtype=torch.int32, device=dev)
     if k == c:
-        return torch.arange(c, dtype=torch.int32).expand(b, h, c)
-    kth = torch.from_numpy(np.partition(sc.detach().numpy(), c - k, axis=-1)[..., c - k : c - k + 1])
+        return torch.arange(c, dtype=torch.int32, device=dev).expand(b, h, c)
+    kth = _kth_best(sc, k, use_topk=dev.type != "cpu" if use_topk is None else use_topk)
     mask = sc >= kth
     if not bool((mask.sum(-1) == k).all()):
-        mask = _topk_mask(sc, torch.ones_like(mask), torch.full((b, h), k, dtype=torch.int64), kth=kth)
+        counts = torch.full((b, h), k, dtype=torch.int64, device=dev)
+        mask = _topk_mask(sc, torch.ones_like(mask), counts, kth=kth)
     return mask.nonzero()[:, -1].to(torch.int32).view(b, h, k)
 
 

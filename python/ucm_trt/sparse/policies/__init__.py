@@ -12,6 +12,7 @@ rerope         ReRoPEPolicy            none; ReRoPE attention over un-rotated K
 ============== ======================= =======================================================
 """
 
+from ucm_trt.sparse.policies._offload import RetrievalConfig
 from ucm_trt.sparse.policies.base import ModelShape, Policy, PolicyRuntime, RequestView
 from ucm_trt.sparse.policies.dense import DensePolicy
 from ucm_trt.sparse.policies.esa import ESAPolicy
@@ -31,4 +32,5 @@ __all__ = [
     "PolicyRuntime",
     "ReRoPEPolicy",
     "RequestView",
+    "RetrievalConfig",
 ]

@@ -13,19 +13,87 @@ for tests and experiments); otherwise the batched path of :mod:`ucm_trt.sparse.b
 
 ``plan`` extends each request's ``[L, Hkv, S]`` selection with the decode-generated blocks using
 tensor ops, once per change (new selection or a new block), and hands out per-layer views.
+
+:class:`RetrievalConfig` (a constructor option of ESA, GSA and KVStar) chooses where the block
+representations live and which queries score them:
+
+* ``representations="host"`` (default, UCM's design): a float32 host store; scoring and top-k run
+  on the retrieval worker's CPU threads.
+* ``representations="device"`` (ESA, GSA): the store lives on the runtime's device (the GPU; it is
+  1/block_size of K); the task uploads the query, scores and selects there on its own CUDA
+  stream (after the step that wrote the representations) and brings back only the selected ids.
+  The KV blocks stay in the host store either way. Same selections as the host path for the same
+  scores (the scores themselves may differ in the last bits: another summation order).
+* ``query_drift``: score with :class:`~ucm_trt.sparse.turnover.QueryDrift` queries instead of the
+  model's (benchmarks on random weights that need a realistic selection turnover).
+
+Every collected retrieval is compared with the request's previous one
+(:func:`~ucm_trt.sparse.turnover.selection_turnover`); ``stats()`` reports the turnover of all
+selected blocks and of the top-k part alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ucm_trt.runtime.worker import RetrievalTicket
-from ucm_trt.sparse.batched import extend_selections
-from ucm_trt.sparse.policies.base import Policy, RequestView
+from ucm_trt.sparse.batched import BlockRepStore, extend_selections
+from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView
+from ucm_trt.sparse.turnover import QueryDrift, calibrate_persistence, selection_turnover, topk_part
 
-__all__ = ["OffloadPolicy", "PendingRetrieval", "stack_layer_selections"]
+__all__ = [
+    "REP_PLACEMENTS",
+    "OffloadPolicy",
+    "PendingRetrieval",
+    "RetrievalConfig",
+    "device_task",
+    "stack_layer_selections",
+]
+
+#: where an offload policy keeps its block representations (:class:`RetrievalConfig`)
+REP_PLACEMENTS: tuple[str, ...] = ("host", "device")
+_REP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrievalConfig:
+    """How an offload policy retrieves (module docstring).
+
+    Attributes
+    ----------
+    representations:
+        ``"host"``: representations in host memory, scoring and top-k on the CPU worker threads;
+        ``"device"``: representations on the runtime's device (GPU), scoring and top-k there.
+    rep_dtype:
+        Storage dtype of the representations: ``torch.float32`` (default; the selections of the
+        per-layer reference), ``torch.float16`` or ``torch.bfloat16`` (half the bytes; scores are
+        computed in float32 from the rounded values, so selections can differ where scores are close).
+    query_drift:
+        ``None``: the model's queries. A :class:`~ucm_trt.sparse.turnover.QueryDrift`: synthetic
+        drifting queries (started at the model's query), for benchmarks that need a given turnover.
+    """
+
+    representations: str = "host"
+    rep_dtype: torch.dtype = torch.float32
+    query_drift: QueryDrift | None = None
+
+    def __post_init__(self) -> None:
+        if self.representations not in REP_PLACEMENTS:
+            raise ValueError(
+                f"RetrievalConfig.representations must be one of {', '.join(REP_PLACEMENTS)}, "
+                f"got {self.representations!r}"
+            )
+        if self.rep_dtype not in _REP_DTYPES:
+            raise ValueError(
+                f"RetrievalConfig.rep_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {self.rep_dtype!r}"
+            )
+        if self.query_drift is not None and not isinstance(self.query_drift, QueryDrift):
+            raise TypeError(
+                f"RetrievalConfig.query_drift must be a QueryDrift or None, got {type(self.query_drift).__name__}"
+            )
 
 
 def stack_layer_selections(sels: list[torch.Tensor]) -> torch.Tensor:
@@ -67,17 +135,74 @@ class PendingRetrieval:
         return fut.result()[0]
 
 
+def device_task(fn: Callable[[], torch.Tensor], stream: torch.cuda.Stream) -> Callable[[], torch.Tensor]:
+    """Wrap a device-side retrieval task for the worker thread: it runs on ``stream`` after the work
+    queued so far on the calling thread's current stream (which wrote the representations), and
+    returns its selection on the CPU. Call it on the submitting thread."""
+    ready = torch.cuda.Event()
+    ready.record()  # on the submitting thread's current stream
+
+    def task() -> torch.Tensor:
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            return fn().cpu()  # waits for the task's kernels, so its inputs may be freed after
+
+    return task
+
+
 class OffloadPolicy(Policy):
     """Base of policies whose KV lives in the host store and whose selections come from CPU tasks."""
 
     offload = True
+    #: policies whose representations can live on the device (``RetrievalConfig.representations``)
+    device_representations: bool = True
 
-    def __init__(self) -> None:
+    def __init__(self, *, retrieval: RetrievalConfig | None = None) -> None:
         super().__init__()
+        if retrieval is None:
+            retrieval = RetrievalConfig()
+        if not isinstance(retrieval, RetrievalConfig):
+            raise TypeError(f"retrieval must be a RetrievalConfig, got {type(retrieval).__name__}")
+        self.retrieval = retrieval
         self._state: dict[str, dict] = {}
+        self._stream = None  # CUDA stream of device-side retrieval tasks
         self.retrievals = 0
         self.selected_blocks = 0
         self.candidate_blocks = 0
+        self.turnover_changed = 0  # blocks of a collected selection its predecessor lacked
+        self.turnover_selected = 0
+        self.topk_changed = 0  # the same for the top-k part (sink / local windows left out)
+        self.topk_selected = 0
+        drift = retrieval.query_drift
+        #: the QueryDrift persistence in use (calibrated at the first drifting request for a target)
+        self.drift_persistence: float | None = None if drift is None else drift.persistence
+        self.drift_calibrated_turnover: float | None = None
+        self.peak_representation_bytes = 0
+
+    def bind(self, rt: PolicyRuntime) -> None:
+        super().bind(rt)
+        if self.retrieval.representations == "device":
+            if not self.device_representations:
+                raise ValueError(
+                    f"{self.name}: RetrievalConfig.representations='device' is not supported by this policy "
+                    "(ESA and GSA support it); use 'host'"
+                )
+            if rt.device.type == "cuda":
+                self._stream = torch.cuda.Stream(device=rt.device)
+
+    @property
+    def rep_device(self) -> torch.device:
+        """Where the block representations live: the CPU, or the runtime's device."""
+        return self.rt.device if self.retrieval.representations == "device" else torch.device("cpu")
+
+    def _new_rep_store(self, capacity: int) -> BlockRepStore:
+        shape = self.shape
+        return BlockRepStore(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+                             capacity=capacity, device=self.rep_device, dtype=self.retrieval.rep_dtype)
+
+    def _on_device(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """:func:`device_task` on the policy's CUDA stream; identity for host representations and on the CPU."""
+        return fn if self._stream is None else device_task(fn, self._stream)
 
     def _layerwise(self, base: type) -> bool:
         """True when a subclass overrides ``base``'s per-layer ``_select`` hook."""
@@ -101,10 +226,26 @@ class OffloadPolicy(Policy):
             raise RuntimeError(
                 f"{self.name}: retrieval returned {sel.dtype} {tuple(sel.shape)}, want int32 [L={L}, Hkv={h}, S]"
             )
+        prev = st.get("sel")
+        if prev is not None:
+            self._count_turnover(prev, st["sel_nb"], sel, pending.num_blocks)
         st["sel"] = sel
         st["sel_nb"] = pending.num_blocks
         st["ext"] = None  # plan's cached extension is stale
         self.retrievals += 1
+
+    def _count_turnover(self, old: torch.Tensor, old_nb: int, new: torch.Tensor, new_nb: int) -> None:
+        if self.sparse.selection == "shared":  # every KV-head row is the same selection
+            old, new = old[:, :1], new[:, :1]
+            w = self.shape.num_kv_heads
+        else:
+            w = 1
+        c, n = selection_turnover(old, new)
+        self.turnover_changed += w * int(c.sum())
+        self.turnover_selected += w * int(n.sum())
+        c, n = selection_turnover(topk_part(old, old_nb, self.sparse), topk_part(new, new_nb, self.sparse))
+        self.topk_changed += w * int(c.sum())
+        self.topk_selected += w * int(n.sum())
 
     def _num_blocks(self, tokens: int) -> int:
         bs = self.sparse.block_size
@@ -115,14 +256,50 @@ class OffloadPolicy(Policy):
         """A copy of batch row ``row`` of every layer's query: ``[L, Hq, D]`` (the runtime reuses its buffer)."""
         return torch.stack([q[row] for q in queries])
 
+    def _step_queries(self, queries: list[torch.Tensor], row: int, req: RequestView) -> torch.Tensor:
+        """The retrieval query ``[L, Hq, D]`` of ``req``'s decode step: the model's (a copy), or the
+        request's :class:`~ucm_trt.sparse.turnover.QueryDrift` query when configured (started at the
+        model's query the first time it is asked)."""
+        q = self._row_queries(queries, row)
+        drift = self.retrieval.query_drift
+        if drift is None:
+            return q
+        st = self._state[req.rid]
+        dq = st.get("drift")
+        if dq is None:
+            a = None
+            if drift.target_turnover is not None:
+                if self.drift_persistence is None:
+                    self._calibrate_drift(st, q)
+                a = self.drift_persistence
+            dq = st["drift"] = drift.start(req.rid, req.step, q, persistence=a)
+        return dq.at(req.step)
+
+    def _calibrate_drift(self, st: dict, q: torch.Tensor) -> None:
+        """Find the drift persistence of ``QueryDrift.target_turnover`` on this request's prompt
+        representations and query (once per policy; ESA and GSA, whose stores hold mean K)."""
+        store = st.get("store")
+        if not isinstance(store, BlockRepStore):
+            raise ValueError(
+                f"{self.name}: QueryDrift(target_turnover=...) needs mean-K block representations to "
+                "calibrate on (ESA, GSA); give QueryDrift(persistence=...) instead"
+            )
+        target = self.retrieval.query_drift.target_turnover
+        a, reached = calibrate_persistence(target, store.reps(), q, self.sparse, seed=self.retrieval.query_drift.seed)
+        self.drift_persistence, self.drift_calibrated_turnover = a, reached
+
     def plan(self, reqs: list[RequestView]) -> list[list[torch.Tensor | None]]:
         L = self.shape.num_layers
         h = self.shape.num_kv_heads
         out: list[list[torch.Tensor | None]] = [[None] * len(reqs) for _ in range(L)]
+        rep_bytes = 0
         for row, req in enumerate(reqs):
             st = self._state.get(req.rid)
             if st is None:
                 raise RuntimeError(f"{self.name}: request {req.rid!r} has no state (prefill did not finish)")
+            store = st.get("store")
+            if isinstance(store, BlockRepStore):
+                rep_bytes += store.nbytes
             if st["dense"]:
                 continue
             nb_new = self._num_blocks(req.new_len)
@@ -136,6 +313,7 @@ class OffloadPolicy(Policy):
                 out[layer][row] = layers[layer]
             self.selected_blocks += count
             self.candidate_blocks += nb_new * h * L
+        self.peak_representation_bytes = max(self.peak_representation_bytes, rep_bytes)
         return out
 
     def prefetch(self, reqs: list[RequestView]) -> list[list[torch.Tensor | None]] | None:
@@ -169,4 +347,15 @@ class OffloadPolicy(Policy):
 
     def stats(self) -> dict:
         frac = self.selected_blocks / self.candidate_blocks if self.candidate_blocks else None
-        return {"retrievals": self.retrievals, "selected_block_fraction": frac}
+        turn = self.turnover_changed / self.turnover_selected if self.turnover_selected else None
+        topk = self.topk_changed / self.topk_selected if self.topk_selected else None
+        return {"retrievals": self.retrievals, "selected_block_fraction": frac,
+                "selection_turnover": turn, "topk_turnover": topk,
+                "representations": self.retrieval.representations,
+                # most bytes the decoding requests' representation stores held at one step (on the
+                # device with representations="device"; filled blocks, not the stores' spare capacity)
+                "representation_bytes_peak": self.peak_representation_bytes,
+                "query_drift_persistence": self.drift_persistence,
+                "query_drift_target_turnover": None if self.retrieval.query_drift is None
+                else self.retrieval.query_drift.target_turnover,
+                "query_drift_calibrated_turnover": self.drift_calibrated_turnover}

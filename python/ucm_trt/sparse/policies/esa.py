@@ -1,7 +1,8 @@
 """ESA (upstream ``ucm/sparse/esa``; ucm-upstream.md §2).
 
 * Prefill end: mean-K representation of every prompt block of every layer, kept on the host in
-  one float32 :class:`~ucm_trt.sparse.batched.BlockRepStore` ``[L, Hkv, D, nb]``.
+  one :class:`~ucm_trt.sparse.batched.BlockRepStore` ``[L, Hkv, D, nb]`` (float32 on the host, or
+  on the GPU with ``RetrievalConfig(representations="device")``, see ``_offload``).
   The first selection is retrieved synchronously from the last prompt token's query (upstream uses
   the first decode step's query; ours is one token older, which lets the runtime prefetch the
   blocks before the first decode step).
@@ -57,9 +58,8 @@ class ESAPolicy(OffloadPolicy):
         shape = self.shape
         lens = block_lens_from_seq_lens(torch.tensor(req.prompt_len), nbp, self.sparse.block_size)
         lens = lens.to(kv.layout.device)
-        store = BlockRepStore(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
-                              head_dim=shape.head_dim, capacity=nbp)
-        store.append(torch.stack([block_mean(kv.gather_keys(req.rid, layer, list(range(nbp))), lens).cpu()
+        store = self._new_rep_store(nbp)
+        store.append(torch.stack([block_mean(kv.gather_keys(req.rid, layer, list(range(nbp))), lens)
                                   for layer in range(shape.num_layers)]))
         st["store"] = store
         q_last = torch.stack([q[:, -1] for q in queries])  # [L, Hq, D], a copy
@@ -70,11 +70,11 @@ class ESAPolicy(OffloadPolicy):
         if self._layerwise(ESAPolicy):
             reps = [store.layer(layer) for layer in range(self.shape.num_layers)]
             return self._per_layer(partial(self._select, reps, nbp, list(q)))
-        return partial(self._select_all, store.reps(), nbp, q)
+        return self._on_device(partial(self._select_all, store.reps(), nbp, q))
 
     def _select_all(self, reps: torch.Tensor, nbp: int, q: torch.Tensor) -> torch.Tensor:
         """Every layer at once: ``reps [L, Hkv, D, nbp]``, ``q [L, Hq, D]`` -> ``[L, Hkv, S]``."""
-        scores = batched_dot_scores(q, reps)  # [L, Hkv, nbp]
+        scores = batched_dot_scores(q.to(reps.device), reps)  # [L, Hkv, nbp]
         return select_batched(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)
 
     def _select(self, reps: list[torch.Tensor], nbp: int, qs: list[torch.Tensor], layer: int) -> torch.Tensor:
@@ -90,7 +90,7 @@ class ESAPolicy(OffloadPolicy):
                 continue
             s = req.step
             if s % r == 2 % r:
-                q = self._row_queries(queries, row)
+                q = self._step_queries(queries, row, req)
                 st["pending"] = self._submit(req.rid, s, st["sel_nb"], self._task(st["store"], st["sel_nb"], q))
             if s % r == 0:
                 if st["pending"] is None:

@@ -2,7 +2,8 @@
 
 * Block representation: mean K of every *completed* block, computed when the block fills (at the
   end of prefill for the prompt, after the decode step that fills it later), kept on the host in
-  one append-only float32 :class:`~ucm_trt.sparse.batched.BlockRepStore` ``[L, Hkv, D, nb]``.
+  one append-only :class:`~ucm_trt.sparse.batched.BlockRepStore` ``[L, Hkv, D, nb]`` (float32 on the
+  host, or on the GPU with ``RetrievalConfig(representations="device")``, see ``_offload``).
 * Score: ``dot`` of the GQA-averaged query with the block means, summed over KV heads
   (``score = sum_h q_h . kpre_h``, upstream's one-representation case); candidates are every
   block of the current sequence outside the sink / local windows, so decode blocks are
@@ -27,7 +28,7 @@ import torch
 
 from ucm_trt._validation import check_non_negative_int
 from ucm_trt.sparse.batched import BlockRepStore, batched_dot_scores, select_batched
-from ucm_trt.sparse.policies._offload import OffloadPolicy
+from ucm_trt.sparse.policies._offload import OffloadPolicy, RetrievalConfig
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
 from ucm_trt.sparse.repr import block_mean
 from ucm_trt.sparse.score import dot_scores
@@ -38,8 +39,8 @@ __all__ = ["GSAPolicy"]
 class GSAPolicy(OffloadPolicy):
     name = "gsa"
 
-    def __init__(self, *, prefetch_blocks: int = 1) -> None:
-        super().__init__()
+    def __init__(self, *, prefetch_blocks: int = 1, retrieval: RetrievalConfig | None = None) -> None:
+        super().__init__(retrieval=retrieval)
         self.prefetch_blocks = check_non_negative_int("prefetch_blocks", prefetch_blocks)
 
     def bind(self, rt: PolicyRuntime) -> None:
@@ -61,14 +62,12 @@ class GSAPolicy(OffloadPolicy):
         kv = self.rt.kv
         blocks = list(range(store.num_blocks, full))
         lens = torch.full((len(blocks),), bs, dtype=torch.int32, device=kv.layout.device)
-        store.append(torch.stack([block_mean(kv.gather_keys(rid, layer, blocks), lens).cpu()
+        store.append(torch.stack([block_mean(kv.gather_keys(rid, layer, blocks), lens)
                                   for layer in range(self.shape.num_layers)]))
 
     def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
         nb = self._num_blocks(req.prompt_len)
-        shape = self.shape
-        store = BlockRepStore(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
-                              head_dim=shape.head_dim, capacity=max(nb, 16))
+        store = self._new_rep_store(max(nb, 16))
         st = {"dense": False, "pending": None, "store": store}
         self._state[req.rid] = st
         self._update_reps(req.rid, st, req.prompt_len)
@@ -83,15 +82,15 @@ class GSAPolicy(OffloadPolicy):
             per = [reps[layer].permute(2, 0, 1) for layer in range(self.shape.num_layers)]
             task = self._per_layer(partial(self._select, per, nb, list(q)))
         else:
-            task = partial(self._select_all, reps, nb, q)
+            task = self._on_device(partial(self._select_all, reps, nb, q))
         return self._submit(rid, step, nb, task)
 
     def _select_all(self, reps: torch.Tensor, nb: int, q: torch.Tensor) -> torch.Tensor:
         """Every layer at once: ``reps [L, Hkv, D, n_rep]`` (blocks without a representation yet score
         0), ``q [L, Hq, D]`` -> ``[L, Hkv, S]``."""
-        scores = torch.zeros(self.shape.num_layers, self.shape.num_kv_heads, nb)
+        scores = torch.zeros(self.shape.num_layers, self.shape.num_kv_heads, nb, device=reps.device)
         if reps.shape[-1]:
-            scores[..., : reps.shape[-1]] = batched_dot_scores(q, reps)
+            scores[..., : reps.shape[-1]] = batched_dot_scores(q.to(reps.device), reps)
         return select_batched(scores, nb, self.sparse, "dot", self.shape.num_kv_heads, extra=self.prefetch_blocks)
 
     def _select(self, reps: list[torch.Tensor], nb: int, qs: list[torch.Tensor], layer: int) -> torch.Tensor:
@@ -114,5 +113,5 @@ class GSAPolicy(OffloadPolicy):
                 self._collect(st, pending)
                 st["pending"] = None
             if s % r == 0 and st["pending"] is None:
-                q = self._row_queries(queries, row)
+                q = self._step_queries(queries, row, req)
                 st["pending"] = self._retrieve(req.rid, st, self._num_blocks(req.new_len), q, s)

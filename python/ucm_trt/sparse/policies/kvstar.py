@@ -28,7 +28,7 @@ import torch
 
 from ucm_trt.config import KVStarConfig
 from ucm_trt.sparse.batched import select_batched
-from ucm_trt.sparse.policies._offload import OffloadPolicy
+from ucm_trt.sparse.policies._offload import OffloadPolicy, RetrievalConfig
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
 from ucm_trt.sparse.repr import SubBlockRepr, block_lens_from_seq_lens, kvstar_subblock
 from ucm_trt.sparse.select import candidate_mask
@@ -76,9 +76,15 @@ class PreparedVote:
 
 class KVStarPolicy(OffloadPolicy):
     name = "kvstar"
+    device_representations = False  # its sub-block votes run on the CPU
 
-    def __init__(self, config: KVStarConfig | None = None) -> None:
-        super().__init__()
+    def __init__(self, config: KVStarConfig | None = None, *, retrieval: RetrievalConfig | None = None) -> None:
+        super().__init__(retrieval=retrieval)
+        if self.retrieval.rep_dtype != torch.float32:
+            raise ValueError(
+                "KVStar stores its sub-block representations in float16 and votes in float32; "
+                f"RetrievalConfig.rep_dtype must stay torch.float32, got {self.retrieval.rep_dtype}"
+            )
         if config is None:
             config = KVStarConfig()
         if not isinstance(config, KVStarConfig):
@@ -153,7 +159,7 @@ class KVStarPolicy(OffloadPolicy):
                 continue
             s = req.step
             # a copy: the runtime reuses the buffer behind ``queries`` on the next step
-            st["group"].append(self._row_queries(queries, row))  # [L, Hq, D]
+            st["group"].append(self._step_queries(queries, row, req))  # [L, Hq, D]
             if s % r:
                 continue
             if s >= 2 * r:

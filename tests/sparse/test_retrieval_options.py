@@ -1,0 +1,343 @@
+"""Retrieval options of the offload policies: selection turnover, the QueryDrift query model and its
+calibration, RetrievalConfig (representations on the host or the device), device-side selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ucm_trt.config import Budget, SparseConfig
+from ucm_trt.sparse.batched import BlockRepStore, _chosen_uniform, batched_dot_scores, select_batched
+from ucm_trt.sparse.policies import RetrievalConfig
+from ucm_trt.sparse.turnover import QueryDrift, calibrate_persistence, selection_turnover, topk_part
+
+
+def _random_selection(g, rows, nb, k):
+    out = torch.full((rows, k + 2), -1, dtype=torch.int32)
+    for r in range(rows):
+        n = int(torch.randint(0, k + 1, (1,), generator=g))
+        ids = torch.randperm(nb, generator=g)[:n].sort().values
+        out[r, :n] = ids.to(torch.int32)
+    return out
+
+
+def test_selection_turnover_matches_set_reference():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        old = _random_selection(g, 6, 40, 12).view(2, 3, -1)
+        new = _random_selection(g, 6, 40, 9).view(2, 3, -1)
+        changed, selected = selection_turnover(old, new)
+        for i in range(2):
+            for j in range(3):
+                o = {int(x) for x in old[i, j] if x >= 0}
+                n = {int(x) for x in new[i, j] if x >= 0}
+                assert int(changed[i, j]) == len(n - o)
+                assert int(selected[i, j]) == len(n)
+
+
+def test_selection_turnover_rejects_mismatched_rows():
+    with pytest.raises(ValueError, match="same leading shape"):
+        selection_turnover(torch.zeros(2, 3, dtype=torch.int32), torch.zeros(3, 3, dtype=torch.int32))
+    with pytest.raises(TypeError):
+        selection_turnover(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int32))
+
+
+def test_topk_part_drops_sink_local_and_decode_blocks():
+    sp = SparseConfig(sink_blocks=1, local_blocks=2)
+    sel = torch.tensor([[0, 3, 5, 8, 9, 10, 12, -1]], dtype=torch.int32)
+    assert topk_part(sel, 10, sp).tolist() == [[-1, 3, 5, -1, -1, -1, -1, -1]]
+
+
+def test_query_drift_validation():
+    for bad in (-0.1, 1.5, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match="persistence"):
+            QueryDrift(persistence=bad)
+        with pytest.raises(ValueError, match="target_turnover"):
+            QueryDrift(target_turnover=bad)
+    with pytest.raises(ValueError, match="exactly one"):
+        QueryDrift()
+    with pytest.raises(ValueError, match="exactly one"):
+        QueryDrift(persistence=0.5, target_turnover=0.2)
+    with pytest.raises(ValueError, match="persistence="):
+        QueryDrift(target_turnover=0.2).start("r", 0, torch.randn(2, 8))  # the calibrated a is needed
+    with pytest.raises(ValueError, match="seed"):
+        QueryDrift(persistence=0.5, seed=-1)
+    dq = QueryDrift(persistence=0.5).start("r", 3, torch.randn(2, 4, 8))
+    dq.at(5)
+    with pytest.raises(ValueError, match="go back"):
+        dq.at(4)
+
+
+def test_query_drift_frozen_fresh_norm_and_determinism():
+    q = torch.randn(4, 6, 32) * 3
+    frozen = QueryDrift(persistence=1.0).start("a", 1, q)
+    assert torch.allclose(frozen.at(9), q, atol=1e-5)
+    d1 = QueryDrift(persistence=0.7, seed=3).start("a", 1, q)
+    d2 = QueryDrift(persistence=0.7, seed=3).start("a", 1, q)
+    d3 = QueryDrift(persistence=0.7, seed=3).start("b", 1, q)
+    x1, x2, x3 = d1.at(4), d2.at(4), d3.at(4)
+    assert torch.equal(x1, x2)  # same seed and request: the same queries
+    assert not torch.equal(x1, x3)  # another request: other noise
+    assert torch.allclose(x1.norm(dim=-1), q.norm(dim=-1), rtol=1e-5)  # norm of the model's query kept
+
+
+@pytest.mark.parametrize("a,dt", [(0.0, 1), (0.5, 1), (0.9, 1), (0.9, 4), (0.97, 10)])
+def test_query_drift_correlation_is_a_to_the_steps(a, dt):
+    """Mean cosine between the query at s and at s + dt is a**dt (many heads, D = 256)."""
+    q = torch.randn(64, 32, 256)
+    dq = QueryDrift(persistence=a, seed=1).start("r", 0, q)
+    x0 = dq.at(5)
+    x1 = dq.at(5 + dt)
+    cos = torch.nn.functional.cosine_similarity(x0, x1, dim=-1).mean().item()
+    assert abs(cos - a**dt) < 0.02, (cos, a**dt)
+    assert QueryDrift(persistence=a).per_retrieval(dt) == pytest.approx(a**dt)
+
+
+def _reps_and_query(seed=0, L=4, hkv=2, hq=4, d=32, nb=96):
+    g = torch.Generator().manual_seed(seed)
+    store = BlockRepStore(num_layers=L, num_kv_heads=hkv, head_dim=d, capacity=nb)
+    store.append(torch.randn(L, nb, hkv, d, generator=g))
+    return store.reps(), torch.randn(L, hq, d, generator=g)
+
+
+def test_calibrate_persistence_hits_target_and_is_monotone():
+    reps, q0 = _reps_and_query()
+    sp = SparseConfig(block_size=32, budget=Budget.ratio(0.25), retrieval_stride=4)
+    a_hi, t_hi = calibrate_persistence(0.1, reps, q0, sp, retrievals=12, tol=0.02)
+    a_lo, t_lo = calibrate_persistence(0.4, reps, q0, sp, retrievals=12, tol=0.02)
+    assert abs(t_hi - 0.1) <= 0.02 and abs(t_lo - 0.4) <= 0.02
+    assert 0 < a_lo < a_hi < 1
+    assert calibrate_persistence(0.0, reps, q0, sp) == (1.0, 0.0)  # frozen query: nothing changes
+    a0, t0 = calibrate_persistence(1.0, reps, q0, sp, retrievals=12)  # unreachable: the random case
+    assert a0 == 0.0 and 0.6 < t0 < 0.9  # random queries replace about 1 - ratio of the top-k
+
+
+def test_retrieval_config_validation():
+    with pytest.raises(ValueError, match="representations"):
+        RetrievalConfig(representations="gpu")
+    with pytest.raises(ValueError, match="rep_dtype"):
+        RetrievalConfig(rep_dtype=torch.float64)
+    with pytest.raises(TypeError, match="query_drift"):
+        RetrievalConfig(query_drift=0.9)
+    from ucm_trt.runtime.algorithms import make_policy
+
+    with pytest.raises(ValueError, match="retrieval= config"):
+        make_policy("dense", retrieval=RetrievalConfig())
+    with pytest.raises(TypeError, match="RetrievalConfig"):
+        make_policy("esa", retrieval="device")
+    with pytest.raises(ValueError, match="float16"):
+        make_policy("kvstar", retrieval=RetrievalConfig(rep_dtype=torch.bfloat16))
+
+
+def test_block_rep_store_device_and_dtype():
+    st = BlockRepStore(num_layers=2, num_kv_heads=2, head_dim=8, capacity=2, dtype=torch.bfloat16)
+    x = torch.randn(2, 5, 2, 8)
+    st.append(x)  # grows past the capacity, keeps its dtype
+    assert st.dtype == torch.bfloat16 and st.device.type == "cpu" and st.num_blocks == 5
+    assert torch.equal(st.reps(), x.permute(0, 2, 3, 1).bfloat16())
+    assert st.nbytes == 5 * 2 * 2 * 8 * 2
+    with pytest.raises(ValueError, match="dtype"):
+        BlockRepStore(num_layers=1, num_kv_heads=1, head_dim=1, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_topk_kth_equals_numpy_partition_path(ties):
+    """The device path's ``torch.topk`` k-th best gives the same ids as the CPU's numpy partition."""
+    g = torch.Generator().manual_seed(2)
+    for k in (1, 5, 31, 63):
+        sc = torch.randn(8, 3, 64, generator=g)
+        if ties:
+            sc = sc.round()  # many equal scores: lower ids must win at the edge
+        a = _chosen_uniform(sc, k, use_topk=False)
+        b = _chosen_uniform(sc, k, use_topk=True)
+        assert torch.equal(a, b), k
+
+
+# -- engine level (tiny random Llama) ------------------------------------------------------------
+
+def _tiny():
+    from tests.runtime.conftest import tiny_llama
+
+    return tiny_llama()
+
+
+def _recording(policy_cls):
+    """``policy_cls`` that also keeps a copy of every selection it collects."""
+
+    class Recording(policy_cls):
+        def _collect(self, st, pending):
+            super()._collect(st, pending)
+            self.collected.append(st["sel"].clone())
+
+    return Recording
+
+
+def _run(model, algorithm, retrieval, *, stride=2, steps=24, prompt_len=300):
+    """Greedy tokens, every collected selection (one per retrieval, in order) and the policy stats."""
+    from ucm_trt.config import KVStarConfig
+    from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend
+    from ucm_trt.runtime.algorithms import sparse_config_for
+    from ucm_trt.sparse.policies import ESAPolicy, GSAPolicy, KVStarPolicy
+
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 256, (prompt_len,), generator=g).tolist()
+    sparse = sparse_config_for(algorithm, SparseConfig(block_size=16, budget=Budget.ratio(0.25),
+                                                       retrieval_stride=stride, min_blocks=4))
+    if algorithm == "kvstar":
+        policy = _recording(KVStarPolicy)(KVStarConfig(retrieval_stride=stride), retrieval=retrieval)
+    else:
+        policy = _recording({"esa": ESAPolicy, "gsa": GSAPolicy}[algorithm])(retrieval=retrieval)
+    policy.collected = []
+    with Engine(TorchBackend(model, attention="reference"), policy, sparse=sparse,
+                config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128, cache_blocks=0)) as eng:
+        [res] = eng.generate(prompt, SamplingParams(max_new_tokens=steps))
+        return res.token_ids, policy.collected, eng.stats()["policy"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_for_retrieval():
+    torch.set_num_threads(1)
+    return _tiny()
+
+
+@pytest.mark.parametrize("algorithm", ["esa", "gsa"])
+def test_device_representations_select_like_host_on_cpu(algorithm, tiny_model_for_retrieval):
+    """representations='device' (here the device is the CPU: the same code path without CUDA)
+    gives the host path's selections at every step and the same tokens."""
+    host = _run(tiny_model_for_retrieval, algorithm, RetrievalConfig())
+    dev = _run(tiny_model_for_retrieval, algorithm, RetrievalConfig(representations="device"))
+    assert host[0] == dev[0]
+    assert len(host[1]) == len(dev[1]) > 0
+    for a, b in zip(host[1], dev[1], strict=True):
+        assert torch.equal(a, b)
+    assert dev[2]["representations"] == "device" and host[2]["retrievals"] == dev[2]["retrievals"]
+    # ESA: the 19 prompt blocks (300 tokens / 16); GSA: every full block, 20 after 24 decode steps
+    blocks = {"esa": 19, "gsa": 20}[algorithm]
+    assert dev[2]["representation_bytes_peak"] == host[2]["representation_bytes_peak"] == 2 * 2 * 16 * blocks * 4
+
+
+def test_half_precision_representations_run_and_mostly_agree(tiny_model_for_retrieval):
+    host = _run(tiny_model_for_retrieval, "esa", RetrievalConfig())
+    half = _run(tiny_model_for_retrieval, "esa", RetrievalConfig(rep_dtype=torch.bfloat16))
+    assert len(half[0]) == len(host[0])
+    same = sum(torch.equal(a, b) for a, b in zip(host[1], half[1], strict=True))
+    assert same >= len(host[1]) // 2  # bf16 rounding may move a block at the budget's edge, not most
+
+
+@pytest.mark.parametrize("algorithm", ["esa", "gsa", "kvstar"])
+def test_query_drift_controls_turnover(algorithm, tiny_model_for_retrieval):
+    """Frozen drift queries (a = 1) make later retrievals repeat; a = 0 replaces most of the top-k;
+    the model's own queries sit in between or anywhere, but the stats report the turnover."""
+    frozen = _run(tiny_model_for_retrieval, algorithm, RetrievalConfig(query_drift=QueryDrift(persistence=1.0)),
+                  stride=2, steps=30)
+    fresh = _run(tiny_model_for_retrieval, algorithm, RetrievalConfig(query_drift=QueryDrift(persistence=0.0)),
+                 stride=2, steps=30)
+    model = _run(tiny_model_for_retrieval, algorithm, RetrievalConfig(), stride=2, steps=30)
+    for stats in (frozen[2], fresh[2], model[2]):
+        assert stats["retrievals"] >= 8 and 0.0 <= stats["topk_turnover"] <= 1.0
+    # frozen: only the switch from the prefill query to the first drift query changes blocks
+    # (and, for GSA, decode blocks that fill and become candidates)
+    assert frozen[2]["topk_turnover"] < 0.15, frozen[2]
+    assert fresh[2]["topk_turnover"] > 0.4, fresh[2]
+    assert frozen[2]["query_drift_persistence"] == 1.0 and model[2]["query_drift_persistence"] is None
+
+
+def test_query_drift_target_turnover_is_calibrated_once_and_reached(tiny_model_for_retrieval):
+    """QueryDrift(target_turnover=t): the policy calibrates a on its first request and the run's
+    top-k turnover lands near t (19 prompt blocks, 4 chosen of 16 candidates: coarse steps)."""
+    _, _, stats = _run(tiny_model_for_retrieval, "esa",
+                       RetrievalConfig(query_drift=QueryDrift(target_turnover=0.3)), stride=2, steps=40)
+    assert 0.0 < stats["query_drift_persistence"] < 1.0
+    assert abs(stats["query_drift_calibrated_turnover"] - 0.3) <= 0.05
+    assert abs(stats["topk_turnover"] - 0.3) <= 0.2, stats
+
+
+def test_query_drift_target_needs_mean_representations(tiny_model_for_retrieval):
+    with pytest.raises(Exception, match="persistence=") as info:
+        _run(tiny_model_for_retrieval, "kvstar", RetrievalConfig(query_drift=QueryDrift(target_turnover=0.3)),
+             stride=2, steps=8)
+    assert "ESA, GSA" in str(info.value)
+
+
+def test_runtime_turnover_stat_matches_recorded_selections(tiny_model_for_retrieval):
+    """stats' selection_turnover equals changed / selected recomputed with sets from the collected
+    selections (shared selection: every KV-head row is the same)."""
+    _, sels, stats = _run(tiny_model_for_retrieval, "esa", RetrievalConfig(), stride=1, steps=20)
+    assert len(sels) >= 10
+    changed = selected = 0
+    for a, b in zip(sels[:-1], sels[1:], strict=True):
+        for layer in range(a.shape[0]):
+            for head in range(a.shape[1]):
+                o = {int(x) for x in a[layer, head] if x >= 0}
+                n = {int(x) for x in b[layer, head] if x >= 0}
+                changed += len(n - o)
+                selected += len(n)
+    assert changed > 0
+    assert stats["selection_turnover"] == pytest.approx(changed / selected)
+
+
+# -- GPU ------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_device_selection_on_cuda_equals_cpu_selection():
+    """select_batched on CUDA scores returns exactly the CPU selection of the same scores."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(0)
+    for budget in (Budget.ratio(0.125), Budget.ratio(0.25), Budget.top_k(7), Budget.threshold(0.5)):
+        sp = SparseConfig(block_size=64, budget=budget)
+        for ties in (False, True):
+            s = torch.randn(32, 8, 1024, generator=g)
+            if ties:
+                s = s.round()
+            for shared in ("shared", "per_head"):
+                spx = SparseConfig(block_size=64, budget=budget, selection=shared)
+                a = select_batched(s, 1000, spx, "dot", 8)
+                b = select_batched(s.cuda(), 1000, spx, "dot", 8)
+                assert b.device.type == "cuda" and torch.equal(a, b.cpu()), (budget, ties, shared)
+    del sp
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("algorithm", ["esa", "gsa"])
+def test_device_representations_on_cuda_match_host(algorithm):
+    """On CUDA, representations='device' (GPU store, scoring + top-k on a side stream) selects what
+    the host path selects. GPU and CPU matmuls may round a score differently, which can move a block
+    at the budget's edge: at least 90 % of the retrievals must be identical, and when all are, the
+    generated tokens must be too."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from tests.runtime.conftest import tiny_llama
+    from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend
+    from ucm_trt.runtime.algorithms import sparse_config_for
+    from ucm_trt.sparse.policies import ESAPolicy, GSAPolicy
+
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 256, (600,), generator=g).tolist()
+    out = {}
+    for where in ("host", "device"):
+        model = tiny_llama().cuda()
+        sparse = sparse_config_for(algorithm, SparseConfig(block_size=16, budget=Budget.ratio(0.25),
+                                                           retrieval_stride=2))
+        policy = _recording({"esa": ESAPolicy, "gsa": GSAPolicy}[algorithm])(
+            retrieval=RetrievalConfig(representations=where))
+        policy.collected = []
+        with Engine(TorchBackend(model, attention="triton"), policy, sparse=sparse,
+                    config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=256)) as eng:
+            [res] = eng.generate(prompt, SamplingParams(max_new_tokens=24))
+            out[where] = (res.token_ids, policy.collected, eng.stats()["policy"])
+    host, dev = out["host"], out["device"]
+    assert dev[2]["representations"] == "device" and dev[2]["representation_bytes_peak"] > 0
+    assert len(host[1]) == len(dev[1]) >= 10
+    same = sum(torch.equal(a, b) for a, b in zip(host[1], dev[1], strict=True))
+    assert same >= 0.9 * len(host[1]), (same, len(host[1]))
+    if same == len(host[1]):
+        assert host[0] == dev[0]
+
+
+def test_batched_dot_scores_half_store_upcasts():
+    reps, q = _reps_and_query()
+    half = reps.to(torch.bfloat16)
+    s = batched_dot_scores(q, half)
+    assert s.dtype == torch.float32
+    assert torch.allclose(s, batched_dot_scores(q, half.float()))
