@@ -1,0 +1,718 @@
+"""Throughput at the capacity wall (issue 13 item 1): dense at its largest batch vs the offload
+algorithms at theirs, in ONE device KV budget, aggregate decode tokens/s.
+
+What is compared, per model shape and context:
+
+* **dense** at the largest batch whose full KV fits the device budget;
+* **GSA On-Device** (KV on the device, sparse attention) at the largest batch whose full KV *and
+  hash codes* fit the same budget;
+* **ESA, GSA, KVStar** with offload (every sequence's full KV in the pinned host store, only the
+  working sets on the device) at the largest batch whose working sets fit the same budget, with
+  room kept for one prompt being prefilled (a continuous-batching server admits new requests), and
+  whose full KV fits the host store;
+* every algorithm again at batch 1 (``speedup_vs_dense`` against dense at batch 1).
+
+The arithmetic (bytes per token per layer, per sequence, the budget, the host store, the batches)
+is computed by :func:`plan_capacity`, printed, and stored in the JSON.
+
+Prefill. A decode step's cost does not depend on the values in the KV cache, so the prompts are
+not run through the model: :class:`FilledPrefillBackend` is a benchmark-only backend whose
+prefill chunks write random K/V (and random queries for the policies) through the engine's own
+step (``StepContext.append_kv``: the pool slots the plan reserved, the policy's ``on_append``
+hook). Everything around it is the engine's real code: ``KVManager.plan_step`` allocates the
+blocks, ``write_back`` fills the host store, ``Policy.on_prefill_end`` builds the block
+representations from the pool's K and runs the first retrieval, and the first token is sampled.
+Decode steps run the real model (random weights). ``--prefill model`` runs the model instead
+(real chunked prefill; minutes at 128K).
+
+Turnover. ``random``: the random model's own decode queries drive the retrievals (about
+``1 - ratio`` of the top-k blocks change at every retrieval: the worst case). ``realistic``: the
+offload policies retrieve with queries that drift from the model's query so that the top-k
+turnover per retrieval matches the one measured on SmolLM2 (see :func:`realistic_turnover`).
+Dense and GSA On-Device do not read the retrieval queries: they are measured once and their rows
+say ``turnover_independent``.
+
+Example (one H100, both shapes; prints a table last)::
+
+    python benchmarks/bench_capacity.py --out-dir benchmarks/results/runtime
+
+CPU smoke run (seconds): ``python benchmarks/bench_capacity.py --shapes tiny --contexts 512 1024
+--block-size 16 --decode-steps 10 --warmup-steps 4 --stride 2 --out-dir /tmp/cap``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from ucm_trt.config import Budget, GSAOnDeviceConfig, KVStarConfig, SparseConfig  # noqa: E402
+from ucm_trt.runtime import Engine, PoolExhaustedError, RuntimeConfig, SamplingParams  # noqa: E402
+from ucm_trt.runtime.algorithms import make_policy, sparse_config_for  # noqa: E402
+from ucm_trt.runtime.backends.base import Backend  # noqa: E402
+
+GIB = 2**30
+OFFLOAD_ALGORITHMS = ("esa", "gsa", "kvstar")
+ALGORITHMS = ("dense", "gsa-on-device", *OFFLOAD_ALGORITHMS)
+TURNOVERS = ("random", "realistic")
+
+
+# ============================================================================ model shapes
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """A Llama-architecture shape with random weights (speed only)."""
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+    rope_theta: float = 500000.0
+
+    def describe(self) -> str:
+        return (f"{self.layers} layers, hidden {self.hidden}, {self.q_heads} q / {self.kv_heads} kv heads, "
+                f"head_dim {self.head_dim}, MLP {self.intermediate}, vocab {self.vocab}, "
+                f"{'tied' if self.tied_embeddings else 'untied'} embeddings")
+
+
+SHAPES: dict[str, ModelSpec] = {
+    # Llama-3.2-1B, as bench_runtime.py uses it
+    "llama1b": ModelSpec(name="llama-3.2-1b-shape", layers=16, hidden=2048, intermediate=8192, q_heads=32,
+                         kv_heads=8, head_dim=64, vocab=128256, tied_embeddings=True),
+    # Llama-3.1-8B, full MLP and vocabulary (nothing cut): 8.0 B parameters, 16 GB in bf16
+    "llama8b": ModelSpec(name="llama-3.1-8b-shape", layers=32, hidden=4096, intermediate=14336, q_heads=32,
+                         kv_heads=8, head_dim=128, vocab=128256, tied_embeddings=False),
+    # the CPU smoke test's shape
+    "tiny": ModelSpec(name="tiny", layers=2, hidden=64, intermediate=128, q_heads=4, kv_heads=2, head_dim=16,
+                      vocab=256, tied_embeddings=True, rope_theta=10000.0),
+}
+
+
+def build_model(spec: ModelSpec, *, dtype: torch.dtype, device: str, max_positions: int, seed: int = 0):
+    """A ``LlamaForCausalLM`` of ``spec`` with random weights, created directly in ``dtype`` on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+                      num_hidden_layers=spec.layers, num_attention_heads=spec.q_heads,
+                      num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim,
+                      max_position_embeddings=max_positions, rope_theta=spec.rope_theta,
+                      tie_word_embeddings=spec.tied_embeddings)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # no fp32 copy of an 8B model on the way
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+# ============================================================================ arithmetic
+@dataclass(frozen=True, kw_only=True)
+class CapacityPlan:
+    """The capacity arithmetic of one (shape, context). Block counts are per layer."""
+
+    shape: str
+    dtype_bytes: int
+    block_size: int
+    context_len: int  # prompt tokens
+    sequence_len: int  # prompt + decode tokens: what one sequence's KV holds at the end
+    bytes_per_token_per_layer: int  # K and V
+    bytes_per_token: int  # all layers
+    sequence_blocks: int
+    sequence_gib: float
+    kv_budget_gib: float
+    dense_pool_blocks: int  # device blocks per layer the budget buys (incl. the null block)
+    hash_code_bytes_per_block: int  # GSA On-Device's hash codes of one block of one layer
+    gsa_on_device_pool_blocks: int
+    host_store_gib: float
+    host_blocks: int
+    host_limit_sequences: int
+    working_set_blocks: dict[str, int]  # per (sequence, layer), offload algorithms
+    max_batch: dict[str, int]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def block_bytes(spec: ModelSpec, block_size: int, dtype_bytes: int) -> int:
+    """One block of one layer, K and V."""
+    return 2 * spec.kv_heads * block_size * spec.head_dim * dtype_bytes
+
+
+def hash_code_bytes(spec: ModelSpec, block_size: int) -> int:
+    """GSA On-Device's codes of one block of one layer: ``head_dim`` bits per token and KV head
+    (``GSAOnDeviceConfig.hash_bits`` default), stored in a pool that shares the KV's block ids."""
+    return spec.kv_heads * block_size * GSAOnDeviceConfig().resolved_hash_bits(spec.head_dim) // 8
+
+
+def default_kv_budget_gib(spec: ModelSpec, sequence_len: int, *, block_size: int, dtype_bytes: int,
+                          dense_batch: int = 2) -> float:
+    """The smallest round budget in which ``dense_batch`` sequences of ``sequence_len`` tokens fit
+    with their full KV and GSA On-Device's hash codes (plus the null block): the bytes needed,
+    rounded up to a multiple of 1/32 of the power of two below them (8.04 GiB -> 8.25 GiB)."""
+    blocks = dense_batch * (-(-sequence_len // block_size)) + 1
+    need = spec.layers * blocks * (block_bytes(spec, block_size, dtype_bytes) + hash_code_bytes(spec, block_size))
+    step = 2 ** (math.floor(math.log2(need)) - 5)
+    return math.ceil(need / step) * step / GIB
+
+
+def host_store_blocks(spec: ModelSpec, host_gib: float, *, block_size: int, dtype_bytes: int) -> int:
+    """Blocks of the host store that fit ``host_gib`` of pinned memory.
+
+    The store is one pinned tensor per layer, and torch's caching host allocator rounds every
+    pinned allocation up to a power of two (``CachingHostAllocator``), so each layer's tensor is
+    sized to the largest power of two with ``layers x size <= host_gib``: nothing is lost to rounding."""
+    per_layer = host_gib * GIB / spec.layers
+    if per_layer < block_bytes(spec, block_size, dtype_bytes):
+        raise ValueError(f"--host-gib {host_gib} holds less than one block per layer of {spec.name}")
+    return 2 ** int(math.floor(math.log2(per_layer))) // block_bytes(spec, block_size, dtype_bytes)
+
+
+def offload_working_set(algorithm: str, prompt_blocks: int, sequence_blocks: int, sparse: SparseConfig,
+                        cache_blocks: int) -> int:
+    """Device blocks one offloaded sequence holds per layer while it decodes: the selection
+    (sink + local windows + the budget's share of the candidates, + GSA's prefetch block), every
+    decode-generated block, and the LRU cache."""
+    if sparse.budget.kind != "ratio":
+        raise ValueError(f"the working-set estimate needs a ratio budget, got {sparse.budget}")
+    candidates = max(0, prompt_blocks - sparse.sink_blocks - sparse.local_blocks)
+    chosen = max(1, math.floor(sparse.budget.value * candidates)) if candidates else 0
+    extra = 1 if algorithm == "gsa" else 0  # GSAPolicy(prefetch_blocks=1)
+    return sparse.forced_blocks + chosen + extra + (sequence_blocks - prompt_blocks) + cache_blocks
+
+
+def plan_capacity(spec: ModelSpec, *, sequence_len: int, decode_steps: int, kv_budget_gib: float,
+                  host_gib: float, sparse: SparseConfig, cache_blocks: int, dtype_bytes: int) -> CapacityPlan:
+    """The arithmetic of one (shape, context): ``sequence_len`` tokens per sequence at the end,
+    of which ``sequence_len - block_size`` are the prompt (block-aligned; the last block receives
+    the ``decode_steps`` generated tokens)."""
+    bs = sparse.block_size
+    if sequence_len % bs or sequence_len < 4 * bs:
+        raise ValueError(f"context {sequence_len} must be a multiple of the block size {bs} and >= {4 * bs}")
+    if not 1 <= decode_steps < bs:
+        raise ValueError(f"--decode-steps must be in [1, block size - 1 = {bs - 1}] (the generated tokens "
+                         f"fill the sequence's last block), got {decode_steps}")
+    prompt = sequence_len - bs
+    bb = block_bytes(spec, bs, dtype_bytes)
+    codes = hash_code_bytes(spec, bs)
+    seq_blocks = sequence_len // bs
+    budget_bytes = kv_budget_gib * GIB
+    dense_pool = int(budget_bytes // (spec.layers * bb))
+    od_pool = int(budget_bytes // (spec.layers * (bb + codes)))
+    host_blocks = host_store_blocks(spec, host_gib, block_size=bs, dtype_bytes=dtype_bytes)
+    host_limit = host_blocks // seq_blocks
+    ws = {a: offload_working_set(a, prompt // bs, seq_blocks, sparse, cache_blocks) for a in OFFLOAD_ALGORITHMS}
+    max_batch = {"dense": (dense_pool - 1) // seq_blocks, "gsa-on-device": (od_pool - 1) // seq_blocks}
+    for a, w in ws.items():
+        # one prompt being prefilled (all its blocks resident) + the others' working sets
+        room = dense_pool - 1 - seq_blocks
+        max_batch[a] = 0 if room < 0 else min(host_limit, 1 + room // w)
+    return CapacityPlan(
+        shape=spec.name, dtype_bytes=dtype_bytes, block_size=bs, context_len=prompt, sequence_len=sequence_len,
+        bytes_per_token_per_layer=bb // bs, bytes_per_token=spec.layers * bb // bs, sequence_blocks=seq_blocks,
+        sequence_gib=spec.layers * seq_blocks * bb / GIB, kv_budget_gib=kv_budget_gib, dense_pool_blocks=dense_pool,
+        hash_code_bytes_per_block=codes, gsa_on_device_pool_blocks=od_pool,
+        host_store_gib=spec.layers * host_blocks * bb / GIB, host_blocks=host_blocks, host_limit_sequences=host_limit,
+        working_set_blocks=ws, max_batch=max_batch,
+    )
+
+
+def format_plan(p: CapacityPlan) -> str:
+    mb = ", ".join(f"{a} {n}" for a, n in p.max_batch.items())
+    ws = ", ".join(f"{a} {n}" for a, n in p.working_set_blocks.items())
+    return (f"{p.shape} context {p.context_len} (+{p.sequence_len - p.context_len} tokens of decode room): "
+            f"{p.bytes_per_token_per_layer} B/token/layer, {p.bytes_per_token / 1024:.0f} KiB/token, "
+            f"{p.sequence_gib:.3f} GiB/sequence ({p.sequence_blocks} blocks of {p.block_size} per layer); "
+            f"device budget {p.kv_budget_gib} GiB = {p.dense_pool_blocks} blocks/layer "
+            f"({p.gsa_on_device_pool_blocks} with GSA On-Device's codes); host store {p.host_store_gib:.1f} GiB = "
+            f"{p.host_blocks} blocks/layer = {p.host_limit_sequences} sequences; working set blocks/layer: {ws}; "
+            f"max batch: {mb}")
+
+
+# ============================================================================ prefill by filling
+class FilledPrefillBackend(Backend):
+    """Benchmark-only backend: prefill chunks write random K/V instead of running the model.
+
+    Wraps a real backend (``inner``). A forward of more than one token per row is a prefill chunk:
+    for every layer it draws K and V ``~ N(0, 1)`` (the pool's dtype) and writes them with
+    :meth:`ucm_trt.runtime.step.StepContext.append_kv` (the slots the engine's plan reserved, and
+    the policy's ``on_append`` hook: GSA On-Device hashes them), draws the queries of the chunk's
+    last ``capture_width`` tokens into the step's query capture (what ``Policy.on_prefill_end``
+    receives), and returns random logits. Everything the engine does around the forward is
+    unchanged (block allocation, write-back to the host store, the policy's representations and
+    first retrieval, sampling), so the state a decode step starts from is built by the same code
+    as after a real prefill; only the numbers in it are random. One-token forwards (decode steps)
+    run ``inner``. Prompts must therefore never end in a one-token prefill chunk
+    (:func:`check_chunking`).
+    """
+
+    def __init__(self, inner: Backend, *, vocab_size: int, seed: int = 0) -> None:
+        if not isinstance(inner, Backend):
+            raise TypeError(f"inner must be a ucm_trt Backend, got {type(inner).__name__}")
+        self.inner = inner
+        self.shape = inner.shape
+        self.device = inner.device
+        self.kv_dtype = inner.kv_dtype
+        self.block_size = inner.block_size
+        self.rerope = inner.rerope
+        self.supports_layer_hooks = inner.supports_layer_hooks
+        self.max_query_window = inner.max_query_window
+        self.supports_cuda_graph = inner.supports_cuda_graph
+        self.attention = inner.attention
+        self.vocab_size = vocab_size
+        self._gen = torch.Generator(device=inner.device).manual_seed(seed)
+        self.filled_tokens = 0
+
+    def attention_name(self) -> str:
+        return self.inner.attention_name()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step) -> torch.Tensor:
+        b, t = input_ids.shape
+        if t == 1:
+            return self.inner.forward(input_ids, positions, step)
+        sh, dev, g = self.shape, self.device, self._gen
+        w = min(t, step.capture_width)
+        for layer in range(sh.num_layers):
+            k = torch.randn(b, sh.num_kv_heads, t, sh.head_dim, generator=g, device=dev, dtype=self.kv_dtype)
+            v = torch.randn(b, sh.num_kv_heads, t, sh.head_dim, generator=g, device=dev, dtype=self.kv_dtype)
+            step.append_kv(layer, k, v)
+            step.capture[layer, :b, :, :w] = torch.randn(b, sh.num_q_heads, w, sh.head_dim, generator=g, device=dev)
+        step.layers_run = sh.num_layers
+        self.filled_tokens += b * t
+        return torch.randn(b, self.vocab_size, generator=g, device=dev)
+
+
+def check_chunking(prompt_len: int, chunk: int) -> None:
+    """A filled prefill needs every chunk longer than one token (one-token forwards are decode steps)."""
+    if prompt_len < 2 or (prompt_len % chunk == 1):
+        raise ValueError(f"prompt of {prompt_len} tokens in chunks of {chunk} ends in a one-token chunk, which "
+                         "FilledPrefillBackend would take for a decode step; change --fill-chunk")
+
+
+# ============================================================================ turnover
+def realistic_policy_kwargs(algorithm: str, plan: CapacityPlan, spec: ModelSpec, sparse: SparseConfig,
+                            target: float, seed: int) -> tuple[dict, dict]:
+    """Placeholder filled in below once the turnover model's policy option is known."""
+    raise NotImplementedError
+
+
+# ============================================================================ one engine, one round
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    block_size: int = 64
+    ratio: float = 0.125
+    stride: int = 4
+    cache_blocks: int = 2
+    decode_steps: int = 40
+    warmup_steps: int = 8
+    fill_chunk: int = 16384
+    retrieval_threads: int = 8
+    prefill: str = "fill"  # "fill" (FilledPrefillBackend) or "model"
+    cuda_graph: bool | None = None
+    batch1: bool = True
+    max_attempts: int = 3
+
+    def sparse_for(self, algorithm: str) -> SparseConfig:
+        return sparse_config_for(algorithm, SparseConfig(block_size=self.block_size, budget=Budget.ratio(self.ratio),
+                                                         retrieval_stride=self.stride))
+
+
+def make_engine(model, algorithm: str, plan: CapacityPlan, settings: Settings, *, max_batch: int,
+                policy_kwargs: dict | None = None, seed: int = 0) -> Engine:
+    """An engine of ``algorithm`` whose device pool is the plan's budget (and host store the plan's)."""
+    from ucm_trt.runtime import TorchBackend
+
+    bs = settings.block_size
+    kw = dict(policy_kwargs or {})
+    if algorithm == "kvstar":
+        kw.setdefault("kvstar", KVStarConfig(retrieval_stride=settings.stride))
+    if algorithm == "gsa-on-device":
+        kw["gsa_on_device"] = GSAOnDeviceConfig(top_k_tokens=max(8 * bs, int(plan.context_len * settings.ratio)),
+                                                seq_len_threshold=0)
+    policy = make_policy(algorithm, **kw)
+    pool = plan.gsa_on_device_pool_blocks if algorithm == "gsa-on-device" else plan.dense_pool_blocks
+    chunk = min(settings.fill_chunk, plan.context_len)
+    check_chunking(plan.context_len, chunk)
+    rt = RuntimeConfig(max_batch=max_batch, max_seq_len=plan.sequence_len, prefill_chunk=chunk,
+                       cache_blocks=settings.cache_blocks, num_device_blocks=pool,
+                       num_host_blocks=plan.host_blocks if policy.offload else None,
+                       retrieval_threads=settings.retrieval_threads, cuda_graph=settings.cuda_graph)
+    backend = TorchBackend(model, attention="auto", validate=False)
+    if settings.prefill == "fill":
+        backend = FilledPrefillBackend(backend, vocab_size=model.config.vocab_size, seed=seed)
+    return Engine(backend, policy, sparse=settings.sparse_for(algorithm), config=rt)
+
+
+def _worker_delta(before: dict, after: dict, steps: int) -> dict:
+    """CPU retrieval over the measured steps: tasks, mean task time, time the steps waited for
+    results, and the fraction hidden behind model steps (1 - wait / busy)."""
+    tasks = after["retrieval_tasks"] - before["retrieval_tasks"]
+    busy = after["retrieval_busy_ms"] - before["retrieval_busy_ms"]
+    wait = after["retrieval_wait_ms"] - before["retrieval_wait_ms"]
+    return {"retrieval_tasks": tasks, "retrieval_ms_per_task": busy / tasks if tasks else None,
+            "retrieval_wait_ms_per_step": wait / steps, "retrieval_overlap": (1.0 - wait / busy) if busy > 0 else None}
+
+
+def decode_round(engine: Engine, *, batch: int, prompt_len: int, vocab: int, settings: Settings, seed: int) -> dict:
+    """Prefill ``batch`` prompts of ``prompt_len`` tokens, decode ``settings.decode_steps`` tokens
+    for all of them together, and measure the decode steps after ``settings.warmup_steps``
+    (the first decode steps load every working set, compile kernels and capture CUDA graphs).
+
+    tokens/s = rows x measured steps / their wall time (each step's time as the engine records
+    it: plan, forward, write-back, retrieval hand-off and the greedy token's copy to the host)."""
+    g = torch.Generator().manual_seed(seed)
+    params = SamplingParams(max_new_tokens=settings.decode_steps)
+    first = len(engine.metrics.steps)
+    t0 = time.perf_counter()
+    for _ in range(batch):
+        engine.add_request(torch.randint(0, vocab, (prompt_len,), generator=g), params)
+    decoded = 0
+    worker_start = None
+    try:
+        while engine.has_work:
+            engine.step()
+            rec = engine.metrics.steps[-1]
+            if rec.kind != "decode":
+                continue
+            decoded += 1
+            if decoded == settings.warmup_steps:
+                worker_start = engine.worker.stats()
+    except BaseException:
+        engine.abort_all()
+        raise
+    wall = time.perf_counter() - t0
+    recs = engine.metrics.steps[first:]
+    prefill = [r for r in recs if r.kind == "prefill"]
+    decode = [r for r in recs if r.kind == "decode"]
+    if any(r.rows != batch for r in decode):
+        raise RuntimeError(f"decode steps ran {sorted({r.rows for r in decode})} rows, expected {batch} throughout")
+    measured = decode[settings.warmup_steps:]
+    if not measured:
+        raise ValueError(f"--decode-steps ({settings.decode_steps}) must exceed --warmup-steps ({settings.warmup_steps})")
+    secs = [r.seconds for r in measured]
+    total = sum(secs)
+    needed = sum(r.blocks_needed for r in measured)
+    loaded = sum(r.blocks_loaded for r in measured)
+    out = {
+        "batch": batch,
+        "tokens_per_s": batch * len(measured) / total,
+        "measured_steps": len(measured),
+        "step_ms_mean": 1e3 * total / len(measured),
+        "step_ms_median": 1e3 * statistics.median(secs),
+        "step_ms_max": 1e3 * max(secs),
+        "warmup_ms_total": 1e3 * sum(r.seconds for r in decode[: settings.warmup_steps]),
+        "prefill_seconds": sum(r.seconds for r in prefill),
+        "prefill_tokens": sum(r.tokens for r in prefill),
+        "round_wall_seconds": wall,
+        "bytes_h2d_per_step": sum(r.bytes_h2d for r in measured) / len(measured),
+        "blocks_loaded_per_step": loaded / len(measured),
+        "cache_hit_rate": (1.0 - loaded / needed) if needed else None,
+        "device_kv_bytes_peak": max(r.device_kv_bytes for r in measured),
+        "host_kv_bytes_peak": max(r.host_kv_bytes for r in recs),
+        "dense_kv_bytes": measured[-1].dense_kv_bytes,
+        # host time issuing this step's loads (the runtime's StepRecord.load_seconds) per step
+        "load_issue_ms_per_step": 1e3 * sum(r.load_seconds for r in measured) / len(measured),
+        "plan_ms_per_step": 1e3 * sum(r.plan_seconds for r in measured) / len(measured),
+    }
+    if worker_start is not None:
+        out.update(_worker_delta(worker_start, engine.worker.stats(), len(measured)))
+    return out
+
+
+# ============================================================================ one algorithm
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def release_pinned_cache() -> None:
+    """Give the pinned host blocks that torch's caching host allocator keeps after a host store is
+    freed back to the OS (stores of another shape have other sizes and would not reuse them)."""
+    _free_memory()
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) or getattr(
+        torch._C, "_host_emptyCache", None)
+    if empty is not None and torch.cuda.is_available():
+        empty()
+
+
+def run_algorithm(model, algorithm: str, plan: CapacityPlan, settings: Settings, *, turnover: str,
+                  policy_kwargs: dict | None, seed: int) -> dict:
+    """Batch 1 (if ``settings.batch1``) and the plan's largest batch of ``algorithm`` in one engine.
+
+    If the largest batch runs out of device blocks (``PoolExhaustedError``: the working-set
+    estimate was short), the batch is lowered by 10 % (at least 1) in a fresh engine, at most
+    ``settings.max_attempts`` times; every attempt is recorded."""
+    n = plan.max_batch[algorithm]
+    if n < 1:
+        return {"algorithm": algorithm, "error": f"no batch fits: {format_plan(plan)}", "attempts": []}
+    vocab = model.config.vocab_size
+    attempts: list[dict] = []
+    one = big = None
+    t0 = time.perf_counter()
+    for _ in range(settings.max_attempts):
+        engine = make_engine(model, algorithm, plan, settings, max_batch=n, policy_kwargs=policy_kwargs, seed=seed)
+        try:
+            if one is None and settings.batch1:
+                one = decode_round(engine, batch=1, prompt_len=plan.context_len, vocab=vocab, settings=settings,
+                                   seed=seed)
+            big = decode_round(engine, batch=n, prompt_len=plan.context_len, vocab=vocab, settings=settings,
+                               seed=seed + 1)
+            big["policy"] = engine.policy.stats()
+            attempts.append({"batch": n, "ok": True})
+            break
+        except PoolExhaustedError as exc:
+            attempts.append({"batch": n, "ok": False, "error": str(exc).splitlines()[0]})
+            print(f"  {algorithm} batch {n}: PoolExhaustedError, retrying lower", flush=True)
+            n -= max(1, n // 10)
+            if n < 1:
+                break
+        finally:
+            engine.close()
+            del engine
+            _free_memory()
+    return {"algorithm": algorithm, "turnover": turnover, "batch1": one, "max_batch": big,
+            "attempts": attempts, "wall_seconds": time.perf_counter() - t0}
+
+
+# ============================================================================ rows, summary, table
+def result_rows(res: dict, plan: CapacityPlan, turnovers: list[str], settings: Settings) -> list[dict]:
+    """JSON rows of one algorithm's result: one per batch kind (max, and 1) and turnover. Dense and
+    GSA On-Device are measured once; their rows are repeated per turnover with
+    ``turnover_independent`` (neither reads the retrieval queries the turnover model changes)."""
+    alg = res["algorithm"]
+    independent = alg not in OFFLOAD_ALGORITHMS
+    base = {"kind": "run", "shape": plan.shape, "context_len": plan.context_len, "sequence_len": plan.sequence_len,
+            "context_label": f"{plan.sequence_len // 1024}K" if plan.sequence_len >= 1024 else str(plan.sequence_len),
+            "algorithm": alg, "offload": alg in OFFLOAD_ALGORITHMS, "kv_budget_gib": plan.kv_budget_gib,
+            "host_store_gib": plan.host_store_gib, "planned_max_batch": plan.max_batch[alg],
+            "prefill": settings.prefill, "turnover_independent": independent, "attempts": res.get("attempts")}
+    rows = []
+    for t in (turnovers if independent else [res["turnover"]]):
+        if "error" in res:
+            rows.append({**base, "turnover": t, "batch_kind": "max", "error": res["error"]})
+            continue
+        for kind, r in (("max", res["max_batch"]), ("one", res["batch1"])):
+            if r is None:
+                if kind == "max":
+                    rows.append({**base, "turnover": t, "batch_kind": kind, "error": "no attempt completed"})
+                continue
+            rows.append({**base, "turnover": t, "batch_kind": kind, **r})
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """``speedup_vs_dense`` on batch-1 rows and ``speedup_vs_dense_max_batch`` on largest-batch rows
+    (same shape, context and turnover), then one summary row per shape, context and turnover."""
+    runs = [r for r in rows if r["kind"] == "run" and "tokens_per_s" in r]
+
+    def dense(r: dict, kind: str) -> dict | None:
+        return next((d for d in runs if d["algorithm"] == "dense" and d["batch_kind"] == kind and d["shape"] == r["shape"]
+                     and d["context_len"] == r["context_len"] and d["turnover"] == r["turnover"]), None)
+
+    for r in runs:
+        d = dense(r, r["batch_kind"])
+        key = "speedup_vs_dense" if r["batch_kind"] == "one" else "speedup_vs_dense_max_batch"
+        r[key] = r["tokens_per_s"] / d["tokens_per_s"] if d else None
+    summary = []
+    for shape, ctx, turnover in dict.fromkeys((r["shape"], r["context_len"], r["turnover"]) for r in runs):
+        group = [r for r in runs if (r["shape"], r["context_len"], r["turnover"]) == (shape, ctx, turnover)
+                 and r["batch_kind"] == "max"]
+        d = next((r for r in group if r["algorithm"] == "dense"), None)
+        off = [r for r in group if r["offload"]]
+        best = max(off, key=lambda r: r["tokens_per_s"], default=None)
+        od = next((r for r in group if r["algorithm"] == "gsa-on-device"), None)
+        summary.append({
+            "kind": "summary", "shape": shape, "context_len": ctx, "turnover": turnover,
+            "context_label": group[0]["context_label"], "kv_budget_gib": group[0]["kv_budget_gib"],
+            "dense_batch": d["batch"] if d else None, "dense_tokens_per_s": d["tokens_per_s"] if d else None,
+            "best_offload_algorithm": best["algorithm"] if best else None,
+            "best_offload_batch": best["batch"] if best else None,
+            "best_offload_tokens_per_s": best["tokens_per_s"] if best else None,
+            "capacity_speedup_vs_dense": best["tokens_per_s"] / d["tokens_per_s"] if best and d else None,
+            "gsa_on_device_batch": od["batch"] if od else None,
+            "gsa_on_device_speedup_vs_dense": od["tokens_per_s"] / d["tokens_per_s"] if od and d else None,
+        })
+    return [r for r in rows if r["kind"] != "summary"] + summary
+
+
+def _f(x, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(rows: list[dict]) -> str:
+    """Largest-batch tokens/s per algorithm (batch in brackets), the capacity speedup, and the batch-1
+    speedups, one line per shape, context and turnover."""
+    algs = [a for a in ALGORITHMS if any(r.get("algorithm") == a for r in rows)]
+    head = f"{'shape':<20} {'ctx':>5} {'turnover':<9} " + " ".join(f"{a:>17}" for a in algs) + \
+        f" {'cap x':>6}  batch-1 x dense: " + " ".join(a for a in algs if a != "dense")
+    lines = [head]
+    for s in (r for r in rows if r["kind"] == "summary"):
+        cells, b1 = [], []
+        for a in algs:
+            pick = [r for r in rows if r["kind"] == "run" and r["algorithm"] == a and r["shape"] == s["shape"]
+                    and r["context_len"] == s["context_len"] and r["turnover"] == s["turnover"]]
+            mx = next((r for r in pick if r["batch_kind"] == "max"), None)
+            one = next((r for r in pick if r["batch_kind"] == "one"), None)
+            cell = "-" if mx is None else ("error" if "tokens_per_s" not in mx else f"{mx['tokens_per_s']:.0f} ({mx['batch']})")
+            cells.append(f"{cell:>17}")
+            if a != "dense":
+                b1.append(_f(one.get("speedup_vs_dense") if one else None, ".2f"))
+        lines.append(f"{s['shape'][:20]:<20} {s['context_label']:>5} {s['turnover']:<9} " + " ".join(cells)
+                     + f" {_f(s['capacity_speedup_vs_dense'], '.2f'):>6}  " + " ".join(b1))
+    return "\n".join(lines)
+
+
+# ============================================================================ main
+def _card() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def _versions() -> dict:
+    out = {"torch": torch.__version__}
+    for mod in ("triton", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = None
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["llama1b", "llama8b"], choices=sorted(SHAPES))
+    p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072],
+                   help="tokens per sequence at the end (prompt = context - one block, block-aligned)")
+    p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
+    p.add_argument("--turnovers", nargs="+", default=list(TURNOVERS), choices=TURNOVERS)
+    p.add_argument("--kv-budget-gib", type=float, nargs="+", default=None,
+                   help="device KV budget per shape (one value per --shapes entry); default: the smallest "
+                        "multiple of 1/4 GiB holding --dense-batch sequences of the longest context")
+    p.add_argument("--dense-batch", type=int, default=2, help="dense batch the default budget holds at the longest context")
+    p.add_argument("--host-gib", type=float, default=108.0,
+                   help="pinned host memory the host store may use (128 GiB machine, 20 GiB left for the rest)")
+    p.add_argument("--realistic-turnover", type=float, default=None,
+                   help="top-k turnover per retrieval the realistic run reproduces (default: the SmolLM2 measurement)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="auto: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--ratio", type=float, default=0.125)
+    p.add_argument("--stride", type=int, default=4, help="retrieval stride of ESA, GSA and KVStar")
+    p.add_argument("--cache-blocks", type=int, default=2)
+    p.add_argument("--decode-steps", type=int, default=40)
+    p.add_argument("--warmup-steps", type=int, default=8)
+    p.add_argument("--fill-chunk", type=int, default=16384, help="prefill chunk (filled or real)")
+    p.add_argument("--retrieval-threads", type=int, default=8)
+    p.add_argument("--prefill", default="fill", choices=("fill", "model"),
+                   help="fill: FilledPrefillBackend writes random prompt KV; model: run the model's prefill")
+    p.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--no-batch1", action="store_true", help="skip the batch-1 rounds")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no new algorithm after this many minutes (the rest is recorded as skipped)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/runtime"))
+    p.add_argument("--tag", default="", help="appended to the JSON file name")
+    args = p.parse_args(argv)
+    if args.kv_budget_gib is not None and len(args.kv_budget_gib) != len(args.shapes):
+        p.error(f"--kv-budget-gib takes one value per --shapes entry ({len(args.shapes)}), got {len(args.kv_budget_gib)}")
+    if not 1 <= args.warmup_steps < args.decode_steps:
+        p.error(f"--warmup-steps must be in [1, --decode-steps); got {args.warmup_steps} and {args.decode_steps}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    settings = Settings(block_size=args.block_size, ratio=args.ratio, stride=args.stride, cache_blocks=args.cache_blocks,
+                        decode_steps=args.decode_steps, warmup_steps=args.warmup_steps, fill_chunk=args.fill_chunk,
+                        retrieval_threads=args.retrieval_threads, prefill=args.prefill,
+                        cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph], batch1=not args.no_batch1)
+    card = _card()
+    stamp = datetime.now(timezone.utc)
+    out_path = args.out_dir / f"capacity_{card.replace(' ', '-')}_{stamp:%Y-%m-%d}{args.tag}.json"
+    result = {"benchmark": "capacity", "card": card, "date_utc": stamp.isoformat(timespec="seconds"),
+              **_versions(), "dtype": str(dtype).replace("torch.", ""), "device": device,
+              "settings": dataclasses.asdict(settings), "argv": sys.argv[1:] if argv is None else argv,
+              "shapes": {SHAPES[s].name: SHAPES[s].describe() for s in args.shapes},
+              "plans": [], "turnover_models": [], "rows": [], "skipped": []}
+    t_start = time.perf_counter()
+    deadline = None if args.max_minutes is None else t_start + 60 * args.max_minutes
+
+    def save() -> None:
+        result["rows"] = add_ratios(result["rows"])
+        result["wall_seconds"] = time.perf_counter() - t_start
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    for si, shape_key in enumerate(args.shapes):
+        spec = SHAPES[shape_key]
+        longest = max(args.contexts)
+        budget = (args.kv_budget_gib[si] if args.kv_budget_gib is not None else
+                  default_kv_budget_gib(spec, longest, block_size=args.block_size, dtype_bytes=dtype_bytes,
+                                        dense_batch=args.dense_batch))
+        t0 = time.perf_counter()
+        model = build_model(spec, dtype=dtype, device=device, max_positions=longest)
+        print(f"== {spec.name}: {spec.describe()}; built in {time.perf_counter() - t0:.1f} s", flush=True)
+        for ctx in sorted(args.contexts):
+            plan = plan_capacity(spec, sequence_len=ctx, decode_steps=args.decode_steps, kv_budget_gib=budget,
+                                 host_gib=args.host_gib, sparse=settings.sparse_for("esa"),
+                                 cache_blocks=args.cache_blocks, dtype_bytes=dtype_bytes)
+            result["plans"].append(plan.to_dict())
+            print(format_plan(plan), flush=True)
+            for alg in args.algorithms:
+                for turnover in (args.turnovers if alg in OFFLOAD_ALGORITHMS else ["random"]):
+                    what = {"shape": spec.name, "context_len": plan.context_len, "algorithm": alg, "turnover": turnover}
+                    if deadline is not None and time.perf_counter() > deadline:
+                        result["skipped"].append({**what, "reason": f"--max-minutes {args.max_minutes} reached"})
+                        continue
+                    kw = None
+                    if turnover == "realistic":
+                        kw, model_info = realistic_policy_kwargs(alg, plan, spec, settings.sparse_for(alg),
+                                                                 args.realistic_turnover, seed=si)
+                        result["turnover_models"].append({**what, **model_info})
+                    try:
+                        res = run_algorithm(model, alg, plan, settings, turnover=turnover, policy_kwargs=kw, seed=si)
+                    except torch.cuda.OutOfMemoryError as exc:  # reported in the JSON, never hidden
+                        res = {"algorithm": alg, "turnover": turnover, "error": f"CUDA OOM: {str(exc).splitlines()[0]}"}
+                        _free_memory()
+                    result["rows"] += result_rows(res, plan, args.turnovers, settings)
+                    mx = res.get("max_batch") or {}
+                    print(f"  {alg:<14} {turnover:<9} batch {mx.get('batch', '-')}: {_f(mx.get('tokens_per_s'))} tok/s "
+                          f"(step {_f(mx.get('step_ms_mean'), '.2f')} ms; batch 1: "
+                          f"{_f((res.get('batch1') or {}).get('tokens_per_s'))} tok/s) in {_f(res.get('wall_seconds'))} s"
+                          + (f" ERROR {res['error']}" if "error" in res else ""), flush=True)
+                    save()
+        del model
+        release_pinned_cache()
+    save()
+    print(f"wrote {out_path} ({time.perf_counter() - t_start:.0f} s)")
+    print(table(result["rows"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
