@@ -379,7 +379,7 @@ def decode_round(engine: Engine, *, batch: int, prompt_len: int, vocab: int, set
     tokens/s = rows x measured steps / their wall time (each step's time as the engine records
     it: plan, forward, write-back, retrieval hand-off and the greedy token's copy to the host)."""
     g = torch.Generator().manual_seed(seed)
-    params = SamplingParams(max_new_tokens=settings.decode_steps)
+    params = SamplingParams(max_new_tokens=settings.decode_steps + 1)  # the first token comes from the prefill
     first = len(engine.metrics.steps)
     t0 = time.perf_counter()
     for _ in range(batch):

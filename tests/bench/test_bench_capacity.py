@@ -1,0 +1,246 @@
+"""benchmarks/bench_capacity.py: the capacity arithmetic, the filled prefill, and a tiny-shape run of
+the whole benchmark on the CPU (JSON schema, ratios, table). These check what is computed and
+measured, never a speed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ucm_trt.config import Budget, SparseConfig
+from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend
+from ucm_trt.runtime.algorithms import make_policy, sparse_config_for
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_capacity.py"
+_spec = importlib.util.spec_from_file_location("bench_capacity", _PATH)
+bc = importlib.util.module_from_spec(_spec)
+sys.modules["bench_capacity"] = bc  # as an import would (dataclasses look their module up there)
+_spec.loader.exec_module(bc)
+
+GIB = 2**30
+
+
+def _sparse(bs: int = 64) -> SparseConfig:
+    return sparse_config_for("esa", SparseConfig(block_size=bs, budget=Budget.ratio(0.125), retrieval_stride=4))
+
+
+# ------------------------------------------------------------------ arithmetic
+@pytest.mark.parametrize("shape,kib_per_token", [("llama1b", 32), ("llama8b", 128)])
+def test_bytes_per_token_from_first_principles(shape, kib_per_token):
+    spec = bc.SHAPES[shape]
+    plan = bc.plan_capacity(spec, sequence_len=131072, decode_steps=40, kv_budget_gib=40.0, host_gib=108,
+                            sparse=_sparse(), cache_blocks=2, dtype_bytes=2)
+    # K and V, kv_heads x head_dim bf16 values each, per layer
+    assert plan.bytes_per_token_per_layer == 2 * spec.kv_heads * spec.head_dim * 2
+    assert plan.bytes_per_token == kib_per_token * 1024
+    assert plan.sequence_gib == pytest.approx(131072 * kib_per_token / 2**20)
+    assert plan.context_len == 131072 - 64 and plan.sequence_blocks == 2048
+
+
+@pytest.mark.parametrize("shape", ["llama1b", "llama8b"])
+@pytest.mark.parametrize("ctx", [32768, 131072])
+def test_default_budget_stops_dense_at_two_at_the_longest_context(shape, ctx):
+    spec = bc.SHAPES[shape]
+    budget = bc.default_kv_budget_gib(spec, 131072, block_size=64, dtype_bytes=2, dense_batch=2)
+    plan = bc.plan_capacity(spec, sequence_len=ctx, decode_steps=40, kv_budget_gib=budget, host_gib=108,
+                            sparse=_sparse(), cache_blocks=2, dtype_bytes=2)
+    bb = 2 * spec.kv_heads * 64 * spec.head_dim * 2
+    per_layer = budget * GIB / spec.layers
+    assert plan.dense_pool_blocks == int(per_layer // bb)
+    n = plan.max_batch["dense"]
+    # n full sequences (+ the null block) fit, n + 1 do not
+    assert n * plan.sequence_blocks + 1 <= plan.dense_pool_blocks < (n + 1) * plan.sequence_blocks + 1
+    if ctx == 131072:
+        assert n == 2
+    # GSA On-Device's hash codes (head_dim bits per token and kv head) share the budget
+    codes = spec.kv_heads * 64 * spec.head_dim // 8
+    assert plan.gsa_on_device_pool_blocks == int(per_layer // (bb + codes))
+    assert plan.max_batch["gsa-on-device"] == (plan.gsa_on_device_pool_blocks - 1) // plan.sequence_blocks == n
+
+
+def test_offload_batch_keeps_room_for_one_prefill_and_respects_the_host_store():
+    spec = bc.SHAPES["llama1b"]
+    sparse = _sparse()
+    plan = bc.plan_capacity(spec, sequence_len=131072, decode_steps=40, kv_budget_gib=8.5, host_gib=108,
+                            sparse=sparse, cache_blocks=2, dtype_bytes=2)
+    # ESA working set: 1 sink + 2 local + floor(0.125 * (2047 - 3)) selected + 1 decode block + 2 cache
+    assert plan.working_set_blocks["esa"] == 3 + 255 + 1 + 2
+    assert plan.working_set_blocks["gsa"] == plan.working_set_blocks["esa"] + 1  # the prefetch block
+    for alg in ("esa", "gsa", "kvstar"):
+        n, ws = plan.max_batch[alg], plan.working_set_blocks[alg]
+        # one prompt being prefilled (every block resident) + n - 1 working sets fit, one more does not
+        def fits(k: int, ws: int = ws) -> bool:
+            return plan.sequence_blocks + (k - 1) * ws <= plan.dense_pool_blocks - 1
+
+        assert n <= plan.host_limit_sequences
+        assert fits(n)
+        assert n == plan.host_limit_sequences or not fits(n + 1)
+    # a host store of 4 sequences (1 GiB per layer) caps the batch
+    small = bc.plan_capacity(spec, sequence_len=131072, decode_steps=40, kv_budget_gib=8.5, host_gib=16,
+                             sparse=sparse, cache_blocks=2, dtype_bytes=2)
+    assert small.host_limit_sequences == 4 and small.max_batch["esa"] == 4
+
+
+@pytest.mark.parametrize("shape,host_gib,per_layer_gib", [("llama1b", 108, 4), ("llama8b", 108, 2),
+                                                          ("llama1b", 64, 4), ("llama8b", 63.9, 1)])
+def test_host_store_is_a_power_of_two_per_layer(shape, host_gib, per_layer_gib):
+    spec = bc.SHAPES[shape]
+    n = bc.host_store_blocks(spec, host_gib, block_size=64, dtype_bytes=2)
+    bb = 2 * spec.kv_heads * 64 * spec.head_dim * 2
+    assert n * bb == per_layer_gib * GIB
+    assert spec.layers * n * bb <= host_gib * GIB
+    assert math.log2(n * bb).is_integer()
+
+
+def test_bad_arguments_are_refused():
+    spec = bc.SHAPES["llama1b"]
+    with pytest.raises(ValueError, match="decode-steps"):
+        bc.plan_capacity(spec, sequence_len=32768, decode_steps=64, kv_budget_gib=8, host_gib=64, sparse=_sparse(),
+                         cache_blocks=2, dtype_bytes=2)
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        bc.plan_capacity(spec, sequence_len=32768 + 3, decode_steps=8, kv_budget_gib=8, host_gib=64,
+                         sparse=_sparse(), cache_blocks=2, dtype_bytes=2)
+    with pytest.raises(ValueError, match="less than one block"):
+        bc.host_store_blocks(spec, 1e-6, block_size=64, dtype_bytes=2)
+    with pytest.raises(ValueError, match="one-token chunk"):
+        bc.check_chunking(4097, 4096)
+    with pytest.raises(SystemExit):
+        bc.parse_args(["--shapes", "tiny", "llama1b", "--kv-budget-gib", "1"])
+    with pytest.raises(SystemExit):
+        bc.parse_args(["--decode-steps", "8", "--warmup-steps", "8"])
+
+
+# ------------------------------------------------------------------ the filled prefill
+@pytest.fixture(scope="module")
+def tiny_model():
+    return bc.build_model(bc.SHAPES["tiny"], dtype=torch.float32, device="cpu", max_positions=1024)
+
+
+def _prefill_all(engine: Engine, prompts: list[list[int]]) -> list[str]:
+    started: set[str] = set()
+    rids = [engine.add_request(p, SamplingParams(max_new_tokens=4), on_token=lambda rid, _t: started.add(rid))
+            for p in prompts]
+    while len(started) < len(rids):
+        engine.step()
+    return rids
+
+
+def _engine(model, backend, algorithm: str = "esa") -> Engine:
+    sparse = sparse_config_for(algorithm, SparseConfig(block_size=16, budget=Budget.ratio(0.25), retrieval_stride=2))
+    rt = RuntimeConfig(max_batch=2, max_seq_len=512, prefill_chunk=128, cache_blocks=1, num_device_blocks=60)
+    return Engine(backend, make_policy(algorithm), sparse=sparse, config=rt)
+
+
+def test_filled_prefill_leaves_the_engine_state_a_real_prefill_leaves(tiny_model):
+    """Same prompts, real prefill vs filled: the same blocks resident per layer, the same host ids
+    and written-back counts, policy state of the same form (representations of every prompt block,
+    a first selection of the same shape), and decoding goes on from there."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (384, 288)]
+    states = []
+    for fill in (False, True):
+        backend = TorchBackend(tiny_model)
+        if fill:
+            backend = bc.FilledPrefillBackend(backend, vocab_size=256, seed=3)
+        eng = _engine(tiny_model, backend)
+        rids = _prefill_all(eng, prompts)
+        seqs = [eng.kv.seqs[r] for r in rids]
+        pol = [eng.policy._state[r] for r in rids]
+        states.append({
+            "seq_len": [s.seq_len for s in seqs], "flushed": [s.flushed for s in seqs],
+            "host_ids": [s.host_ids.copy() for s in seqs], "resident": [(s.table != 0).copy() for s in seqs],
+            "reps": [p["store"].num_blocks for p in pol], "sel_shape": [tuple(p["sel"].shape[:2]) for p in pol],
+            "device_blocks": eng.kv.device_blocks_held(),
+        })
+        while eng.has_work:
+            eng.step()
+        assert all(len(eng.result(r).token_ids) == 4 for r in rids)
+        eng.close()
+    real, filled = states
+    for key in ("seq_len", "flushed", "reps", "sel_shape", "device_blocks"):
+        assert real[key] == filled[key], key
+    for a, b in zip(real["host_ids"] + real["resident"], filled["host_ids"] + filled["resident"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert real["flushed"] == [384 // 16, 288 // 16]
+
+
+def test_filled_prefill_writes_its_random_kv_into_the_pool_and_host_store(tiny_model):
+    """The K/V the fill draws (reproduced from its seed, in its draw order) is what the host store
+    holds for every written-back block, and GSA On-Device's codes are computed from it."""
+    prompt = list(range(1, 129))  # one chunk of 128 tokens = 8 blocks of 16
+    eng = _engine(tiny_model, bc.FilledPrefillBackend(TorchBackend(tiny_model), vocab_size=256, seed=11))
+    [rid] = _prefill_all(eng, [prompt])
+    shape = eng.shape
+    g = torch.Generator().manual_seed(11)
+    seq = eng.kv.seqs[rid]
+    for layer in range(shape.num_layers):
+        k = torch.randn(1, shape.num_kv_heads, 128, shape.head_dim, generator=g)
+        v = torch.randn(1, shape.num_kv_heads, 128, shape.head_dim, generator=g)
+        torch.randn(1, shape.num_q_heads, 1, shape.head_dim, generator=g)  # the queries
+        host = eng.kv.host[layer][torch.from_numpy(seq.host_ids[:8])]  # [8, 2, Hkv, 16, D]
+        want_k = k[0].reshape(shape.num_kv_heads, 8, 16, shape.head_dim).permute(1, 0, 2, 3)
+        want_v = v[0].reshape(shape.num_kv_heads, 8, 16, shape.head_dim).permute(1, 0, 2, 3)
+        torch.testing.assert_close(host[:, 0], want_k, rtol=0, atol=0)
+        torch.testing.assert_close(host[:, 1], want_v, rtol=0, atol=0)
+    eng.close()
+
+
+def test_filled_prefill_feeds_gsa_on_device_hash_codes(tiny_model):
+    from ucm_trt.config import GSAOnDeviceConfig
+
+    sparse = sparse_config_for("gsa-on-device", SparseConfig(block_size=16, budget=Budget.ratio(0.25)))
+    rt = RuntimeConfig(max_batch=1, max_seq_len=512, prefill_chunk=128)
+    policy = make_policy("gsa-on-device", gsa_on_device=GSAOnDeviceConfig(top_k_tokens=64, seq_len_threshold=0))
+    eng = Engine(bc.FilledPrefillBackend(TorchBackend(tiny_model), vocab_size=256, seed=5), policy, sparse=sparse,
+                 config=rt)
+    [rid] = _prefill_all(eng, [list(range(1, 129))])
+    for layer in range(eng.shape.num_layers):
+        phys = torch.from_numpy(eng.kv.seqs[rid].table[layer, :8].astype(np.int64))
+        k = eng.kv.pools[layer][phys, 0]  # [8, Hkv, 16, D]
+        want = policy.encoders[layer].encode(k.permute(0, 2, 1, 3).reshape(-1, k.shape[1], k.shape[-1]))
+        got = policy.codes[layer][phys].permute(0, 2, 1, 3).reshape(want.shape)
+        assert torch.equal(got, want)
+    eng.close()
+
+
+# ------------------------------------------------------------------ the whole benchmark, tiny shape
+def test_tiny_run_writes_rows_summary_and_table(tmp_path, capsys):
+    rc = bc.main(["--shapes", "tiny", "--contexts", "512", "--block-size", "16", "--decode-steps", "8",
+                  "--warmup-steps", "3", "--stride", "2", "--host-gib", "0.002", "--turnovers", "random",
+                  "--threads", "1", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    [path] = tmp_path.glob("capacity_*.json")
+    d = json.loads(path.read_text())
+    assert d["card"] == "cpu" and d["plans"][0]["context_len"] == 496
+    runs = [r for r in d["rows"] if r["kind"] == "run"]
+    summary = [r for r in d["rows"] if r["kind"] == "summary"]
+    plan = d["plans"][0]
+    assert {r["algorithm"] for r in runs} == {"dense", "gsa-on-device", "esa", "gsa", "kvstar"}
+    for r in runs:
+        for key in ("context_len", "algorithm", "batch", "tokens_per_s", "kv_budget_gib", "turnover", "shape"):
+            assert r[key] is not None, key
+        assert r["tokens_per_s"] > 0 and r["measured_steps"] == 8 - 3
+        if r["batch_kind"] == "max":
+            assert r["batch"] == plan["max_batch"][r["algorithm"]]
+        else:
+            assert r["batch"] == 1 and r["speedup_vs_dense"] > 0
+    dense1 = next(r for r in runs if r["algorithm"] == "dense" and r["batch_kind"] == "one")
+    esa1 = next(r for r in runs if r["algorithm"] == "esa" and r["batch_kind"] == "one")
+    assert esa1["speedup_vs_dense"] == pytest.approx(esa1["tokens_per_s"] / dense1["tokens_per_s"])
+    [s] = summary
+    best = max((r for r in runs if r["offload"] and r["batch_kind"] == "max"), key=lambda r: r["tokens_per_s"])
+    dense = next(r for r in runs if r["algorithm"] == "dense" and r["batch_kind"] == "max")
+    assert s["capacity_speedup_vs_dense"] == pytest.approx(best["tokens_per_s"] / dense["tokens_per_s"])
+    assert s["best_offload_batch"] > s["dense_batch"]
+    # offload runs moved blocks host -> device and held fewer device bytes than their dense equivalent
+    esa = next(r for r in runs if r["algorithm"] == "esa" and r["batch_kind"] == "max")
+    assert esa["host_kv_bytes_peak"] > 0 and esa["device_kv_bytes_peak"] < esa["dense_kv_bytes"]
+    out = capsys.readouterr().out
+    assert "cap x" in out.splitlines()[-2] and out.splitlines()[-1].startswith("tiny")
