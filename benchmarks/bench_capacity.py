@@ -308,10 +308,61 @@ def check_chunking(prompt_len: int, chunk: int) -> None:
 
 
 # ============================================================================ turnover
-def realistic_policy_kwargs(algorithm: str, plan: CapacityPlan, spec: ModelSpec, sparse: SparseConfig,
-                            target: float, seed: int) -> tuple[dict, dict]:
-    """Placeholder filled in below once the turnover model's policy option is known."""
-    raise NotImplementedError
+def measured_turnover(results_dir: Path, *, block_size: int, ratio: float, stride: int) -> tuple[float, str]:
+    """The top-k turnover per retrieval measured on SmolLM2 (``benchmarks/turnover_smollm2.py``:
+    ``summary`` rows of ``turnover_smollm2_*.json``) at this block size, ratio and stride with a
+    shared selection: the mean over the files that have it. Returns ``(turnover, "file, file")``."""
+    found, files = [], []
+    for path in sorted(results_dir.glob("turnover_smollm2_*.json")):
+        for row in json.loads(path.read_text()).get("summary", []):
+            if (row.get("block_size"), row.get("ratio"), row.get("selection"), row.get("stride")) == \
+                    (block_size, ratio, "shared", stride):
+                found.append(float(row["topk_turnover"]))
+                files.append(path.name)
+    if not found:
+        raise ValueError(
+            f"no SmolLM2 turnover measurement at block size {block_size}, ratio {ratio}, stride {stride} (shared "
+            f"selection) in {results_dir}/turnover_smollm2_*.json; pass --realistic-turnover or run "
+            "benchmarks/turnover_smollm2.py with these settings")
+    return sum(found) / len(found), ", ".join(files)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TurnoverModel:
+    """Drifting retrieval queries calibrated to a target top-k turnover (``ucm_trt.sparse.turnover``)."""
+
+    target_topk_turnover: float
+    source: str
+    persistence: float
+    calibrated_topk_turnover: float
+    calibration: str
+
+    def policy_kwargs(self, seed: int) -> dict:
+        from ucm_trt.sparse.policies import RetrievalConfig
+        from ucm_trt.sparse.turnover import QueryDrift
+
+        return {"retrieval": RetrievalConfig(query_drift=QueryDrift(persistence=self.persistence, seed=seed))}
+
+
+def calibrate_turnover(plan: CapacityPlan, spec: ModelSpec, sparse: SparseConfig, target: float, source: str,
+                       *, seed: int, layers: int = 4) -> TurnoverModel:
+    """The query drift (:class:`ucm_trt.sparse.turnover.QueryDrift` persistence ``a``) whose top-k
+    turnover per retrieval is ``target`` on block representations distributed as this benchmark's:
+    the mean of ``block_size`` N(0, 1) keys, i.e. N(0, 1/block_size) per channel, for the prompt's
+    blocks, ``layers`` layers (the layers are independent and identically distributed), ESA's
+    scoring and selection at the benchmark's ratio and stride (``calibrate_persistence``)."""
+    from ucm_trt.sparse.turnover import calibrate_persistence
+
+    g = torch.Generator().manual_seed(seed)
+    nb = plan.context_len // plan.block_size
+    n_layers = min(layers, spec.layers)
+    reps = torch.randn(n_layers, spec.kv_heads, spec.head_dim, nb, generator=g) / math.sqrt(plan.block_size)
+    q0 = torch.randn(n_layers, spec.q_heads, spec.head_dim, generator=g)
+    a, got = calibrate_persistence(target, reps, q0, sparse, seed=seed)
+    return TurnoverModel(target_topk_turnover=target, source=source, persistence=a, calibrated_topk_turnover=got,
+                         calibration=f"calibrate_persistence on {n_layers} layers x {nb} blocks of N(0, 1/{plan.block_size}) "
+                                     f"representations, ESA scoring, ratio {sparse.budget.value}, stride "
+                                     f"{sparse.retrieval_stride}")
 
 
 # ============================================================================ one engine, one round
@@ -659,6 +710,12 @@ def main(argv: list[str] | None = None) -> int:
               "settings": dataclasses.asdict(settings), "argv": sys.argv[1:] if argv is None else argv,
               "shapes": {SHAPES[s].name: SHAPES[s].describe() for s in args.shapes},
               "plans": [], "turnover_models": [], "rows": [], "skipped": []}
+    target = None
+    if "realistic" in args.turnovers:  # fail now, not after an hour of GPU work
+        target = ((args.realistic_turnover, "--realistic-turnover") if args.realistic_turnover is not None else
+                  measured_turnover(args.out_dir, block_size=args.block_size, ratio=args.ratio, stride=args.stride))
+        print(f"realistic turnover: top-k turnover {target[0]:.3f} per retrieval ({target[1]})")
+    drift_models: dict[tuple[str, int], TurnoverModel] = {}
     t_start = time.perf_counter()
     deadline = None if args.max_minutes is None else t_start + 60 * args.max_minutes
 
@@ -691,9 +748,15 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     kw = None
                     if turnover == "realistic":
-                        kw, model_info = realistic_policy_kwargs(alg, plan, spec, settings.sparse_for(alg),
-                                                                 args.realistic_turnover, seed=si)
-                        result["turnover_models"].append({**what, **model_info})
+                        key = (spec.name, plan.context_len)
+                        if key not in drift_models:
+                            t0 = time.perf_counter()
+                            drift_models[key] = calibrate_turnover(plan, spec, settings.sparse_for("esa"),
+                                                                   target[0], target[1], seed=si)
+                            result["turnover_models"].append({"shape": spec.name, "context_len": plan.context_len,
+                                                              **dataclasses.asdict(drift_models[key]),
+                                                              "seconds": time.perf_counter() - t0})
+                        kw = drift_models[key].policy_kwargs(seed=si)
                     try:
                         res = run_algorithm(model, alg, plan, settings, turnover=turnover, policy_kwargs=kw, seed=si)
                     except torch.cuda.OutOfMemoryError as exc:  # reported in the JSON, never hidden
