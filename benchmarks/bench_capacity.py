@@ -63,8 +63,21 @@ from ucm_trt.runtime.algorithms import make_policy, sparse_config_for  # noqa: E
 from ucm_trt.runtime.backends.base import Backend  # noqa: E402
 
 GIB = 2**30
-OFFLOAD_ALGORITHMS = ("esa", "gsa", "kvstar")
-ALGORITHMS = ("dense", "gsa-on-device", *OFFLOAD_ALGORITHMS)
+#: benchmark name -> (policy algorithm, where an offload policy keeps its block representations):
+#: "host" (UCM's design: CPU scoring on the retrieval threads) or "device" (GPU-resident
+#: representations, scoring and top-k on the GPU; the KV blocks stay in the host store)
+VARIANTS: dict[str, tuple[str, str | None]] = {
+    "dense": ("dense", None),
+    "gsa-on-device": ("gsa-on-device", None),
+    "esa": ("esa", "host"),
+    "gsa": ("gsa", "host"),
+    "kvstar": ("kvstar", "host"),
+    "esa-gpu-reps": ("esa", "device"),
+    "gsa-gpu-reps": ("gsa", "device"),
+}
+ALGORITHMS = tuple(VARIANTS)
+OFFLOAD_ALGORITHMS = tuple(a for a, (_, reps) in VARIANTS.items() if reps is not None)
+DEFAULT_ALGORITHMS = ("dense", "gsa-on-device", "esa", "gsa", "kvstar", "esa-gpu-reps")
 TURNOVERS = ("random", "realistic")
 
 
@@ -194,7 +207,7 @@ def offload_working_set(algorithm: str, prompt_blocks: int, sequence_blocks: int
         raise ValueError(f"the working-set estimate needs a ratio budget, got {sparse.budget}")
     candidates = max(0, prompt_blocks - sparse.sink_blocks - sparse.local_blocks)
     chosen = max(1, math.floor(sparse.budget.value * candidates)) if candidates else 0
-    extra = 1 if algorithm == "gsa" else 0  # GSAPolicy(prefetch_blocks=1)
+    extra = 1 if VARIANTS[algorithm][0] == "gsa" else 0  # GSAPolicy(prefetch_blocks=1)
     return sparse.forced_blocks + chosen + extra + (sequence_blocks - prompt_blocks) + cache_blocks
 
 
@@ -337,11 +350,10 @@ class TurnoverModel:
     calibrated_topk_turnover: float
     calibration: str
 
-    def policy_kwargs(self, seed: int) -> dict:
-        from ucm_trt.sparse.policies import RetrievalConfig
+    def query_drift(self, seed: int):
         from ucm_trt.sparse.turnover import QueryDrift
 
-        return {"retrieval": RetrievalConfig(query_drift=QueryDrift(persistence=self.persistence, seed=seed))}
+        return QueryDrift(persistence=self.persistence, seed=seed)
 
 
 def calibrate_turnover(plan: CapacityPlan, spec: ModelSpec, sparse: SparseConfig, target: float, source: str,
@@ -386,13 +398,20 @@ class Settings:
                                                          retrieval_stride=self.stride))
 
 
-def make_engine(model, algorithm: str, plan: CapacityPlan, settings: Settings, *, max_batch: int,
-                policy_kwargs: dict | None = None, seed: int = 0) -> Engine:
-    """An engine of ``algorithm`` whose device pool is the plan's budget (and host store the plan's)."""
+def make_engine(model, name: str, plan: CapacityPlan, settings: Settings, *, max_batch: int,
+                drift: TurnoverModel | None = None, seed: int = 0) -> Engine:
+    """An engine of benchmark algorithm ``name`` (:data:`VARIANTS`) whose device pool is the plan's
+    budget and host store the plan's; ``drift``: the realistic-turnover query model (offload only)."""
     from ucm_trt.runtime import TorchBackend
 
+    algorithm, reps = VARIANTS[name]
     bs = settings.block_size
-    kw = dict(policy_kwargs or {})
+    kw: dict = {}
+    if reps == "device" or drift is not None:
+        from ucm_trt.sparse.policies import RetrievalConfig
+
+        kw["retrieval"] = RetrievalConfig(representations=reps,
+                                          query_drift=None if drift is None else drift.query_drift(seed))
     if algorithm == "kvstar":
         kw.setdefault("kvstar", KVStarConfig(retrieval_stride=settings.stride))
     if algorithm == "gsa-on-device":
@@ -422,6 +441,17 @@ def _worker_delta(before: dict, after: dict, steps: int) -> dict:
             "retrieval_wait_ms_per_step": wait / steps, "retrieval_overlap": (1.0 - wait / busy) if busy > 0 else None}
 
 
+_TURNOVER_COUNTERS = ("topk_changed", "topk_selected", "turnover_changed", "turnover_selected")
+
+
+def _turnover_counts(policy) -> dict | None:
+    """The offload policies' cumulative turnover counters (blocks of each collected selection its
+    predecessor lacked, and blocks selected; all / top-k part), where the policy keeps them."""
+    if not all(hasattr(policy, n) for n in _TURNOVER_COUNTERS):
+        return None
+    return {n: getattr(policy, n) for n in _TURNOVER_COUNTERS}
+
+
 def decode_round(engine: Engine, *, batch: int, prompt_len: int, vocab: int, settings: Settings, seed: int) -> dict:
     """Prefill ``batch`` prompts of ``prompt_len`` tokens, decode ``settings.decode_steps`` tokens
     for all of them together, and measure the decode steps after ``settings.warmup_steps``
@@ -436,7 +466,7 @@ def decode_round(engine: Engine, *, batch: int, prompt_len: int, vocab: int, set
     for _ in range(batch):
         engine.add_request(torch.randint(0, vocab, (prompt_len,), generator=g), params)
     decoded = 0
-    worker_start = None
+    worker_start = turnover_start = None
     try:
         while engine.has_work:
             engine.step()
@@ -446,6 +476,7 @@ def decode_round(engine: Engine, *, batch: int, prompt_len: int, vocab: int, set
             decoded += 1
             if decoded == settings.warmup_steps:
                 worker_start = engine.worker.stats()
+                turnover_start = _turnover_counts(engine.policy)
     except BaseException:
         engine.abort_all()
         raise
@@ -485,6 +516,13 @@ def decode_round(engine: Engine, *, batch: int, prompt_len: int, vocab: int, set
     }
     if worker_start is not None:
         out.update(_worker_delta(worker_start, engine.worker.stats(), len(measured)))
+    if turnover_start is not None:
+        # the selections collected during the measured steps vs their predecessors
+        end = _turnover_counts(engine.policy)
+        d = {n: end[n] - turnover_start[n] for n in _TURNOVER_COUNTERS}
+        out["topk_turnover_measured"] = d["topk_changed"] / d["topk_selected"] if d["topk_selected"] else None
+        out["selection_turnover_measured"] = (d["turnover_changed"] / d["turnover_selected"]
+                                              if d["turnover_selected"] else None)
     return out
 
 
@@ -508,7 +546,7 @@ def release_pinned_cache() -> None:
 
 
 def run_algorithm(model, algorithm: str, plan: CapacityPlan, settings: Settings, *, turnover: str,
-                  policy_kwargs: dict | None, seed: int) -> dict:
+                  drift: TurnoverModel | None, seed: int) -> dict:
     """Batch 1 (if ``settings.batch1``) and the plan's largest batch of ``algorithm`` in one engine.
 
     If the largest batch runs out of device blocks (``PoolExhaustedError``: the working-set
@@ -522,7 +560,7 @@ def run_algorithm(model, algorithm: str, plan: CapacityPlan, settings: Settings,
     one = big = None
     t0 = time.perf_counter()
     for _ in range(settings.max_attempts):
-        engine = make_engine(model, algorithm, plan, settings, max_batch=n, policy_kwargs=policy_kwargs, seed=seed)
+        engine = make_engine(model, algorithm, plan, settings, max_batch=n, drift=drift, seed=seed)
         try:
             if one is None and settings.batch1:
                 one = decode_round(engine, batch=1, prompt_len=plan.context_len, vocab=vocab, settings=settings,
@@ -654,7 +692,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shapes", nargs="+", default=["llama1b", "llama8b"], choices=sorted(SHAPES))
     p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072],
                    help="tokens per sequence at the end (prompt = context - one block, block-aligned)")
-    p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
+    p.add_argument("--algorithms", nargs="+", default=list(DEFAULT_ALGORITHMS), choices=ALGORITHMS,
+                   help="*-gpu-reps: the offload policy with GPU-resident representations (RetrievalConfig)")
     p.add_argument("--turnovers", nargs="+", default=list(TURNOVERS), choices=TURNOVERS)
     p.add_argument("--kv-budget-gib", type=float, nargs="+", default=None,
                    help="device KV budget per shape (one value per --shapes entry); default: the smallest "
@@ -746,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
                     if deadline is not None and time.perf_counter() > deadline:
                         result["skipped"].append({**what, "reason": f"--max-minutes {args.max_minutes} reached"})
                         continue
-                    kw = None
+                    drift = None
                     if turnover == "realistic":
                         key = (spec.name, plan.context_len)
                         if key not in drift_models:
@@ -756,9 +795,9 @@ def main(argv: list[str] | None = None) -> int:
                             result["turnover_models"].append({"shape": spec.name, "context_len": plan.context_len,
                                                               **dataclasses.asdict(drift_models[key]),
                                                               "seconds": time.perf_counter() - t0})
-                        kw = drift_models[key].policy_kwargs(seed=si)
+                        drift = drift_models[key]
                     try:
-                        res = run_algorithm(model, alg, plan, settings, turnover=turnover, policy_kwargs=kw, seed=si)
+                        res = run_algorithm(model, alg, plan, settings, turnover=turnover, drift=drift, seed=si)
                     except torch.cuda.OutOfMemoryError as exc:  # reported in the JSON, never hidden
                         res = {"algorithm": alg, "turnover": turnover, "error": f"CUDA OOM: {str(exc).splitlines()[0]}"}
                         _free_memory()

@@ -212,7 +212,8 @@ def test_filled_prefill_feeds_gsa_on_device_hash_codes(tiny_model):
 
 # ------------------------------------------------------------------ the whole benchmark, tiny shape
 def test_tiny_run_writes_rows_summary_and_table(tmp_path, capsys):
-    rc = bc.main(["--shapes", "tiny", "--contexts", "512", "--block-size", "16", "--decode-steps", "8",
+    rc = bc.main(["--shapes", "tiny", "--contexts", "512", "--algorithms", "dense", "gsa-on-device", "esa", "gsa",
+                  "kvstar", "--block-size", "16", "--decode-steps", "8",
                   "--warmup-steps", "3", "--stride", "2", "--host-gib", "0.002", "--turnovers", "random",
                   "--threads", "1", "--out-dir", str(tmp_path)])
     assert rc == 0
@@ -244,3 +245,45 @@ def test_tiny_run_writes_rows_summary_and_table(tmp_path, capsys):
     assert esa["host_kv_bytes_peak"] > 0 and esa["device_kv_bytes_peak"] < esa["dense_kv_bytes"]
     out = capsys.readouterr().out
     assert "cap x" in out.splitlines()[-2] and out.splitlines()[-1].startswith("tiny")
+
+
+def test_tiny_run_realistic_turnover_and_gpu_representations(tmp_path):
+    """The realistic run: a query drift calibrated to the target, used by every offload policy (and
+    its measured top-k turnover is far below the random run's); dense and GSA On-Device rows are
+    shared by both turnovers; the GPU-representation variant runs ESA with device representations."""
+    pytest.importorskip("ucm_trt.sparse.turnover", reason="needs the turnover model (branch retr, issue 13 item 2)")
+    rc = bc.main(["--shapes", "tiny", "--contexts", "1024", "--algorithms", "dense", "gsa-on-device", "esa",
+                  "esa-gpu-reps", "--block-size", "16", "--decode-steps", "12", "--warmup-steps", "4", "--stride", "2",
+                  "--host-gib", "0.002", "--realistic-turnover", "0.05", "--no-batch1", "--threads", "1",
+                  "--out-dir", str(tmp_path)])
+    assert rc == 0
+    [path] = tmp_path.glob("capacity_*.json")
+    d = json.loads(path.read_text())
+    [model] = d["turnover_models"]
+    assert 0 < model["persistence"] <= 1 and abs(model["calibrated_topk_turnover"] - 0.05) <= 0.05
+    assert model["source"] == "--realistic-turnover"
+    runs = [r for r in d["rows"] if r["kind"] == "run"]
+    assert {(r["algorithm"], r["turnover"]) for r in runs} == {
+        (a, t) for a in ("dense", "gsa-on-device", "esa", "esa-gpu-reps") for t in ("random", "realistic")}
+    assert all(r["turnover_independent"] == (r["algorithm"] in ("dense", "gsa-on-device")) for r in runs)
+    assert all(r["batch_kind"] == "max" for r in runs)  # --no-batch1
+    esa = {r["turnover"]: r for r in runs if r["algorithm"] == "esa"}
+    assert esa["realistic"]["policy"]["query_drift"] == model["persistence"]
+    assert esa["random"]["policy"]["query_drift"] is None
+    assert esa["realistic"]["topk_turnover_measured"] < 0.5 * esa["random"]["topk_turnover_measured"]
+    gpu = next(r for r in runs if r["algorithm"] == "esa-gpu-reps" and r["turnover"] == "random")
+    assert gpu["policy"]["representations"] == "device" and esa["random"]["policy"]["representations"] == "host"
+    summary = [r for r in d["rows"] if r["kind"] == "summary"]
+    assert sorted(s["turnover"] for s in summary) == ["random", "realistic"]
+
+
+def test_measured_turnover_reads_the_smollm2_summary(tmp_path):
+    rows = [{"block_size": 64, "ratio": 0.125, "selection": "shared", "stride": 4, "topk_turnover": 0.2},
+            {"block_size": 64, "ratio": 0.125, "selection": "per_head", "stride": 4, "topk_turnover": 0.9},
+            {"block_size": 32, "ratio": 0.125, "selection": "shared", "stride": 4, "topk_turnover": 0.9}]
+    (tmp_path / "turnover_smollm2_8k.json").write_text(json.dumps({"summary": rows}))
+    (tmp_path / "turnover_smollm2_16k.json").write_text(json.dumps({"summary": [{**rows[0], "topk_turnover": 0.3}]}))
+    value, source = bc.measured_turnover(tmp_path, block_size=64, ratio=0.125, stride=4)
+    assert value == pytest.approx(0.25) and "turnover_smollm2_8k.json" in source
+    with pytest.raises(ValueError, match="--realistic-turnover"):
+        bc.measured_turnover(tmp_path, block_size=64, ratio=0.25, stride=4)
