@@ -77,7 +77,8 @@ VARIANTS: dict[str, tuple[str, str | None]] = {
 }
 ALGORITHMS = tuple(VARIANTS)
 OFFLOAD_ALGORITHMS = tuple(a for a, (_, reps) in VARIANTS.items() if reps is not None)
-DEFAULT_ALGORITHMS = ("dense", "gsa-on-device", "esa", "gsa", "kvstar", "esa-gpu-reps")
+#: run in this order (KVStar, the slowest, last: --max-minutes cuts from the end)
+DEFAULT_ALGORITHMS = ("dense", "gsa-on-device", "esa", "gsa", "esa-gpu-reps", "kvstar")
 TURNOVERS = ("random", "realistic")
 
 
@@ -384,7 +385,7 @@ class Settings:
     ratio: float = 0.125
     stride: int = 4
     cache_blocks: int = 2
-    decode_steps: int = 40
+    decode_steps: int = 32
     warmup_steps: int = 8
     fill_chunk: int = 16384
     retrieval_threads: int = 8
@@ -392,6 +393,7 @@ class Settings:
     cuda_graph: bool | None = None
     batch1: bool = True
     max_attempts: int = 3
+    runtime_options: tuple[tuple[str, object], ...] = ()  # further RuntimeConfig fields (--runtime-option)
 
     def sparse_for(self, algorithm: str) -> SparseConfig:
         return sparse_config_for(algorithm, SparseConfig(block_size=self.block_size, budget=Budget.ratio(self.ratio),
@@ -424,7 +426,8 @@ def make_engine(model, name: str, plan: CapacityPlan, settings: Settings, *, max
     rt = RuntimeConfig(max_batch=max_batch, max_seq_len=plan.sequence_len, prefill_chunk=chunk,
                        cache_blocks=settings.cache_blocks, num_device_blocks=pool,
                        num_host_blocks=plan.host_blocks if policy.offload else None,
-                       retrieval_threads=settings.retrieval_threads, cuda_graph=settings.cuda_graph)
+                       retrieval_threads=settings.retrieval_threads, cuda_graph=settings.cuda_graph,
+                       **dict(settings.runtime_options))
     backend = TorchBackend(model, attention="auto", validate=False)
     if settings.prefill == "fill":
         backend = FilledPrefillBackend(backend, vocab_size=model.config.vocab_size, seed=seed)
@@ -450,6 +453,22 @@ def _turnover_counts(policy) -> dict | None:
     if not all(hasattr(policy, n) for n in _TURNOVER_COUNTERS):
         return None
     return {n: getattr(policy, n) for n in _TURNOVER_COUNTERS}
+
+
+def load_hiding(steps: list) -> dict:
+    """Fraction of the loads' GPU time the compute stream did not wait for, over ``steps``
+    (``1 - load_wait_ms / load_gpu_ms``, from the runtime's CUDA-event timing of the loads,
+    ``StepRecord.load_gpu_ms`` / ``load_wait_ms``, where the runtime records them): in total, and
+    the 10th percentile and median over the steps whose timed loads finished."""
+    if not steps or not hasattr(steps[0], "load_gpu_ms"):
+        return {"load_hidden_fraction": None, "load_timing": "not recorded by this runtime"}
+    load = sum(r.load_gpu_ms for r in steps)
+    wait = sum(r.load_wait_ms for r in steps)
+    per = sorted(max(0.0, 1.0 - r.load_wait_ms / r.load_gpu_ms) for r in steps if r.load_gpu_ms > 0)
+    return {"load_hidden_fraction": max(0.0, 1.0 - wait / load) if load > 0 else None,
+            "load_gpu_ms_per_step": load / len(steps), "load_wait_ms_per_step": wait / len(steps),
+            "load_hidden_fraction_p10": per[len(per) // 10] if per else None,
+            "load_hidden_fraction_median": per[len(per) // 2] if per else None}
 
 
 def decode_round(engine: Engine, *, batch: int, prompt_len: int, vocab: int, settings: Settings, seed: int) -> dict:
@@ -513,6 +532,11 @@ def decode_round(engine: Engine, *, batch: int, prompt_len: int, vocab: int, set
         # host time issuing this step's loads (the runtime's StepRecord.load_seconds) per step
         "load_issue_ms_per_step": 1e3 * sum(r.load_seconds for r in measured) / len(measured),
         "plan_ms_per_step": 1e3 * sum(r.plan_seconds for r in measured) / len(measured),
+        # every numeric StepRecord field summed over the measured steps (whatever the runtime records)
+        "measured_step_totals": {f.name: sum(getattr(r, f.name) for r in measured)
+                                 for f in dataclasses.fields(measured[0])
+                                 if isinstance(getattr(measured[0], f.name), (int, float))},
+        **load_hiding(measured),
     }
     if worker_start is not None:
         out.update(_worker_delta(worker_start, engine.worker.stats(), len(measured)))
@@ -639,6 +663,8 @@ def add_ratios(rows: list[dict]) -> list[dict]:
             "best_offload_batch": best["batch"] if best else None,
             "best_offload_tokens_per_s": best["tokens_per_s"] if best else None,
             "capacity_speedup_vs_dense": best["tokens_per_s"] / d["tokens_per_s"] if best and d else None,
+            "best_offload_load_hidden_fraction": best.get("load_hidden_fraction") if best else None,
+            "best_offload_topk_turnover_measured": best.get("topk_turnover_measured") if best else None,
             "gsa_on_device_batch": od["batch"] if od else None,
             "gsa_on_device_speedup_vs_dense": od["tokens_per_s"] / d["tokens_per_s"] if od and d else None,
         })
@@ -650,11 +676,11 @@ def _f(x, spec: str = ".1f") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Largest-batch tokens/s per algorithm (batch in brackets), the capacity speedup, and the batch-1
-    speedups, one line per shape, context and turnover."""
+    """Largest-batch tokens/s per algorithm (batch in brackets), the capacity speedup, the load time
+    hidden of the best offload run, and the batch-1 speedups, one line per shape, context and turnover."""
     algs = [a for a in ALGORITHMS if any(r.get("algorithm") == a for r in rows)]
     head = f"{'shape':<20} {'ctx':>5} {'turnover':<9} " + " ".join(f"{a:>17}" for a in algs) + \
-        f" {'cap x':>6}  batch-1 x dense: " + " ".join(a for a in algs if a != "dense")
+        f" {'cap x':>6} {'hidden':>6}  batch-1 x dense: " + " ".join(a for a in algs if a != "dense")
     lines = [head]
     for s in (r for r in rows if r["kind"] == "summary"):
         cells, b1 = [], []
@@ -668,7 +694,8 @@ def table(rows: list[dict]) -> str:
             if a != "dense":
                 b1.append(_f(one.get("speedup_vs_dense") if one else None, ".2f"))
         lines.append(f"{s['shape'][:20]:<20} {s['context_label']:>5} {s['turnover']:<9} " + " ".join(cells)
-                     + f" {_f(s['capacity_speedup_vs_dense'], '.2f'):>6}  " + " ".join(b1))
+                     + f" {_f(s['capacity_speedup_vs_dense'], '.2f'):>6} "
+                     f"{_f(s['best_offload_load_hidden_fraction'], '.2f'):>6}  " + " ".join(b1))
     return "\n".join(lines)
 
 
@@ -685,6 +712,34 @@ def _versions() -> dict:
         except ImportError:
             out[mod] = None
     return out
+
+
+#: RuntimeConfig fields the benchmark sets itself (from the plan and its own options)
+_SET_BY_BENCHMARK = ("max_batch", "max_seq_len", "prefill_chunk", "cache_blocks", "num_device_blocks",
+                     "num_host_blocks", "retrieval_threads", "cuda_graph")
+
+
+def parse_runtime_options(items: list[str]) -> tuple[tuple[str, object], ...]:
+    """``NAME=VALUE`` strings -> RuntimeConfig keyword arguments (``true``/``false`` -> bool, then
+    int, float, else the string); names must be RuntimeConfig fields the benchmark does not set."""
+    fields = {f.name for f in dataclasses.fields(RuntimeConfig)} - set(_SET_BY_BENCHMARK)
+    out = []
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--runtime-option {item!r} must be NAME=VALUE with NAME one of {', '.join(sorted(fields))}")
+        value: object = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    pass
+        out.append((name, value))
+    return tuple(out)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -709,7 +764,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ratio", type=float, default=0.125)
     p.add_argument("--stride", type=int, default=4, help="retrieval stride of ESA, GSA and KVStar")
     p.add_argument("--cache-blocks", type=int, default=2)
-    p.add_argument("--decode-steps", type=int, default=40)
+    p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--warmup-steps", type=int, default=8)
     p.add_argument("--fill-chunk", type=int, default=16384, help="prefill chunk (filled or real)")
     p.add_argument("--retrieval-threads", type=int, default=8)
@@ -717,16 +772,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="fill: FilledPrefillBackend writes random prompt KV; model: run the model's prefill")
     p.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--no-batch1", action="store_true", help="skip the batch-1 rounds")
+    p.add_argument("--runtime-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="another RuntimeConfig field for every engine (e.g. overlap_loads=false, load_method=staged)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no new algorithm after this many minutes (the rest is recorded as skipped)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/runtime"))
+    p.add_argument("--turnover-dir", type=Path, default=Path(__file__).resolve().parent / "results" / "runtime",
+                   help="where the SmolLM2 turnover measurement (turnover_smollm2_*.json) is read from")
     p.add_argument("--tag", default="", help="appended to the JSON file name")
     args = p.parse_args(argv)
     if args.kv_budget_gib is not None and len(args.kv_budget_gib) != len(args.shapes):
         p.error(f"--kv-budget-gib takes one value per --shapes entry ({len(args.shapes)}), got {len(args.kv_budget_gib)}")
     if not 1 <= args.warmup_steps < args.decode_steps:
         p.error(f"--warmup-steps must be in [1, --decode-steps); got {args.warmup_steps} and {args.decode_steps}")
+    try:
+        args.runtime_options = parse_runtime_options(args.runtime_option)
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 
@@ -740,7 +803,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(block_size=args.block_size, ratio=args.ratio, stride=args.stride, cache_blocks=args.cache_blocks,
                         decode_steps=args.decode_steps, warmup_steps=args.warmup_steps, fill_chunk=args.fill_chunk,
                         retrieval_threads=args.retrieval_threads, prefill=args.prefill,
-                        cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph], batch1=not args.no_batch1)
+                        cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph], batch1=not args.no_batch1,
+                        runtime_options=args.runtime_options)
     card = _card()
     stamp = datetime.now(timezone.utc)
     out_path = args.out_dir / f"capacity_{card.replace(' ', '-')}_{stamp:%Y-%m-%d}{args.tag}.json"
@@ -752,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
     target = None
     if "realistic" in args.turnovers:  # fail now, not after an hour of GPU work
         target = ((args.realistic_turnover, "--realistic-turnover") if args.realistic_turnover is not None else
-                  measured_turnover(args.out_dir, block_size=args.block_size, ratio=args.ratio, stride=args.stride))
+                  measured_turnover(args.turnover_dir, block_size=args.block_size, ratio=args.ratio, stride=args.stride))
         print(f"realistic turnover: top-k turnover {target[0]:.3f} per retrieval ({target[1]})")
     drift_models: dict[tuple[str, int], TurnoverModel] = {}
     t_start = time.perf_counter()

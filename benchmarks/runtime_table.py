@@ -5,6 +5,8 @@ retrieval steps of offload policies); "step ms" is the median step (the steps be
 "1st ms" is the first decode step, which compiles Triton kernels for new shapes and captures the graph.
 
     python benchmarks/runtime_table.py benchmarks/results/runtime/*.json
+
+Files of ``bench_capacity.py`` (``capacity_*.json``) print its capacity-wall table instead.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ def main(paths: list[str]) -> int:
     for p in paths:
         d = json.loads(Path(p).read_text())
         name = Path(p).stem[-33:]
+        if d.get("benchmark") == "capacity":
+            from bench_capacity import table as capacity_table  # the same directory
+
+            print(f"--- {Path(p).name} ({d['card']}, {d['date_utc']}): largest-batch tok/s (batch), capacity speedup")
+            print(capacity_table(d["rows"]))
+            continue
         if "max_concurrent_measured" in d:
             for r in d["runs"]:
                 status = _fmt(r.get("decode_tokens_per_s")) + " tok/s" if r["ok"] else "PoolExhausted"

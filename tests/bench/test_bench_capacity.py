@@ -115,6 +115,12 @@ def test_bad_arguments_are_refused():
         bc.parse_args(["--shapes", "tiny", "llama1b", "--kv-budget-gib", "1"])
     with pytest.raises(SystemExit):
         bc.parse_args(["--decode-steps", "8", "--warmup-steps", "8"])
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        bc.parse_runtime_options(["max_batch=4"])  # the benchmark sets it from the plan
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        bc.parse_runtime_options(["early_prefetch"])
+    assert bc.parse_runtime_options(["early_prefetch=true", "max_cuda_graphs=8"]) == (
+        ("early_prefetch", True), ("max_cuda_graphs", 8))
 
 
 # ------------------------------------------------------------------ the filled prefill
