@@ -159,6 +159,8 @@ class CapacityPlan:
     host_blocks: int
     host_limit_sequences: int
     working_set_blocks: dict[str, int]  # per (sequence, layer), offload algorithms
+    device_rep_blocks: dict[str, int]  # GPU-resident representations of one sequence, per layer, in KV blocks
+    pool_blocks: dict[str, int]  # the device pool each algorithm's engine gets (budget minus codes / reps)
     max_batch: dict[str, int]
 
     def to_dict(self) -> dict:
@@ -199,6 +201,12 @@ def host_store_blocks(spec: ModelSpec, host_gib: float, *, block_size: int, dtyp
     return 2 ** int(math.floor(math.log2(per_layer))) // block_bytes(spec, block_size, dtype_bytes)
 
 
+def device_rep_blocks(spec: ModelSpec, prompt_blocks: int, block_size: int, dtype_bytes: int) -> int:
+    """GPU-resident block representations of one sequence's prompt (``RetrievalConfig(representations=
+    "device")``: float32 ``[L, Hkv, D, blocks]``, 1/64 of bf16 K+V at block 64), per layer, in KV blocks."""
+    return -(-prompt_blocks * spec.kv_heads * spec.head_dim * 4 // block_bytes(spec, block_size, dtype_bytes))
+
+
 def offload_working_set(algorithm: str, prompt_blocks: int, sequence_blocks: int, sparse: SparseConfig,
                         cache_blocks: int) -> int:
     """Device blocks one offloaded sequence holds per layer while it decodes: the selection
@@ -234,23 +242,29 @@ def plan_capacity(spec: ModelSpec, *, sequence_len: int, decode_steps: int, kv_b
     host_limit = host_blocks // seq_blocks
     ws = {a: offload_working_set(a, prompt // bs, seq_blocks, sparse, cache_blocks) for a in OFFLOAD_ALGORITHMS}
     max_batch = {"dense": (dense_pool - 1) // seq_blocks, "gsa-on-device": (od_pool - 1) // seq_blocks}
+    pools = {"dense": dense_pool, "gsa-on-device": od_pool}
+    reps = {a: device_rep_blocks(spec, prompt // bs, bs, dtype_bytes) if VARIANTS[a][1] == "device" else 0
+            for a in OFFLOAD_ALGORITHMS}
     for a, w in ws.items():
-        # one prompt being prefilled (all its blocks resident) + the others' working sets
-        room = dense_pool - 1 - seq_blocks
-        max_batch[a] = 0 if room < 0 else min(host_limit, 1 + room // w)
+        # one prompt being prefilled (all its blocks resident, then its representations) + the
+        # others' working sets and representations; the pool is what the representations leave
+        room = dense_pool - 1 - seq_blocks - reps[a]
+        max_batch[a] = 0 if room < 0 else min(host_limit, 1 + room // (w + reps[a]))
+        pools[a] = dense_pool - max_batch[a] * reps[a]
     return CapacityPlan(
         shape=spec.name, dtype_bytes=dtype_bytes, block_size=bs, context_len=prompt, sequence_len=sequence_len,
         bytes_per_token_per_layer=bb // bs, bytes_per_token=spec.layers * bb // bs, sequence_blocks=seq_blocks,
         sequence_gib=spec.layers * seq_blocks * bb / GIB, kv_budget_gib=kv_budget_gib, dense_pool_blocks=dense_pool,
         hash_code_bytes_per_block=codes, gsa_on_device_pool_blocks=od_pool,
         host_store_gib=spec.layers * host_blocks * bb / GIB, host_blocks=host_blocks, host_limit_sequences=host_limit,
-        working_set_blocks=ws, max_batch=max_batch,
+        working_set_blocks=ws, device_rep_blocks=reps, pool_blocks=pools, max_batch=max_batch,
     )
 
 
 def format_plan(p: CapacityPlan) -> str:
     mb = ", ".join(f"{a} {n}" for a, n in p.max_batch.items())
-    ws = ", ".join(f"{a} {n}" for a, n in p.working_set_blocks.items())
+    ws = ", ".join(f"{a} {n}" + (f" + {p.device_rep_blocks[a]} of GPU representations" if p.device_rep_blocks[a] else "")
+                   for a, n in p.working_set_blocks.items())
     return (f"{p.shape} context {p.context_len} (+{p.sequence_len - p.context_len} tokens of decode room): "
             f"{p.bytes_per_token_per_layer} B/token/layer, {p.bytes_per_token / 1024:.0f} KiB/token, "
             f"{p.sequence_gib:.3f} GiB/sequence ({p.sequence_blocks} blocks of {p.block_size} per layer); "
@@ -420,7 +434,7 @@ def make_engine(model, name: str, plan: CapacityPlan, settings: Settings, *, max
         kw["gsa_on_device"] = GSAOnDeviceConfig(top_k_tokens=max(8 * bs, int(plan.context_len * settings.ratio)),
                                                 seq_len_threshold=0)
     policy = make_policy(algorithm, **kw)
-    pool = plan.gsa_on_device_pool_blocks if algorithm == "gsa-on-device" else plan.dense_pool_blocks
+    pool = plan.pool_blocks[name]
     chunk = min(settings.fill_chunk, plan.context_len)
     check_chunking(plan.context_len, chunk)
     rt = RuntimeConfig(max_batch=max_batch, max_seq_len=plan.sequence_len, prefill_chunk=chunk,
@@ -754,6 +768,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="device KV budget per shape (one value per --shapes entry); default: the smallest "
                         "multiple of 1/4 GiB holding --dense-batch sequences of the longest context")
     p.add_argument("--dense-batch", type=int, default=2, help="dense batch the default budget holds at the longest context")
+    p.add_argument("--budget-per-context", action="store_true",
+                   help="default budget per context (dense holds --dense-batch at each context) instead of per shape")
     p.add_argument("--host-gib", type=float, default=108.0,
                    help="pinned host memory the host store may use (128 GiB machine, 20 GiB left for the rest)")
     p.add_argument("--realistic-turnover", type=float, default=None,
@@ -831,13 +847,16 @@ def main(argv: list[str] | None = None) -> int:
     for si, shape_key in enumerate(args.shapes):
         spec = SHAPES[shape_key]
         longest = max(args.contexts)
-        budget = (args.kv_budget_gib[si] if args.kv_budget_gib is not None else
-                  default_kv_budget_gib(spec, longest, block_size=args.block_size, dtype_bytes=dtype_bytes,
-                                        dense_batch=args.dense_batch))
         t0 = time.perf_counter()
         model = build_model(spec, dtype=dtype, device=device, max_positions=longest)
         print(f"== {spec.name}: {spec.describe()}; built in {time.perf_counter() - t0:.1f} s", flush=True)
         for ctx in sorted(args.contexts):
+            if args.kv_budget_gib is not None:
+                budget = args.kv_budget_gib[si]
+            else:
+                budget = default_kv_budget_gib(spec, ctx if args.budget_per_context else longest,
+                                               block_size=args.block_size, dtype_bytes=dtype_bytes,
+                                               dense_batch=args.dense_batch)
             plan = plan_capacity(spec, sequence_len=ctx, decode_steps=args.decode_steps, kv_budget_gib=budget,
                                  host_gib=args.host_gib, sparse=settings.sparse_for("esa"),
                                  cache_blocks=args.cache_blocks, dtype_bytes=dtype_bytes)

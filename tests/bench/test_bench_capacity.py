@@ -75,6 +75,7 @@ def test_offload_batch_keeps_room_for_one_prefill_and_respects_the_host_store():
     assert plan.working_set_blocks["gsa"] == plan.working_set_blocks["esa"] + 1  # the prefetch block
     for alg in ("esa", "gsa", "kvstar"):
         n, ws = plan.max_batch[alg], plan.working_set_blocks[alg]
+        assert plan.pool_blocks[alg] == plan.dense_pool_blocks
         # one prompt being prefilled (every block resident) + n - 1 working sets fit, one more does not
         def fits(k: int, ws: int = ws) -> bool:
             return plan.sequence_blocks + (k - 1) * ws <= plan.dense_pool_blocks - 1
@@ -82,6 +83,15 @@ def test_offload_batch_keeps_room_for_one_prefill_and_respects_the_host_store():
         assert n <= plan.host_limit_sequences
         assert fits(n)
         assert n == plan.host_limit_sequences or not fits(n + 1)
+    # GPU-resident representations (float32 [Hkv, D] per block = 1/64 of a bf16 block of 64 tokens)
+    # come out of the same budget: the pool shrinks by every sequence's representations
+    reps = plan.device_rep_blocks["esa-gpu-reps"]
+    assert reps == math.ceil(2047 / 64) and plan.device_rep_blocks["esa"] == 0
+    n = plan.max_batch["esa-gpu-reps"]
+    assert plan.pool_blocks["esa-gpu-reps"] == plan.dense_pool_blocks - n * reps
+    assert plan.sequence_blocks + (n - 1) * plan.working_set_blocks["esa"] <= plan.pool_blocks["esa-gpu-reps"] - 1
+    assert plan.sequence_blocks + reps + n * (plan.working_set_blocks["esa"] + reps) > plan.dense_pool_blocks - 1
+    assert n <= plan.max_batch["esa"]
     # a host store of 4 sequences (1 GiB per layer) caps the batch
     small = bc.plan_capacity(spec, sequence_len=131072, decode_steps=40, kv_budget_gib=8.5, host_gib=16,
                              sparse=sparse, cache_blocks=2, dtype_bytes=2)
