@@ -49,6 +49,7 @@ import math
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -592,7 +593,8 @@ def run_algorithm(model, algorithm: str, plan: CapacityPlan, settings: Settings,
     ``settings.max_attempts`` times; every attempt is recorded."""
     n = plan.max_batch[algorithm]
     if n < 1:
-        return {"algorithm": algorithm, "error": f"no batch fits: {format_plan(plan)}", "attempts": []}
+        return {"algorithm": algorithm, "turnover": turnover, "error": f"no batch fits the budget: {format_plan(plan)}",
+                "attempts": []}
     vocab = model.config.vocab_size
     attempts: list[dict] = []
     one = big = None
@@ -881,8 +883,10 @@ def main(argv: list[str] | None = None) -> int:
                         drift = drift_models[key]
                     try:
                         res = run_algorithm(model, alg, plan, settings, turnover=turnover, drift=drift, seed=si)
-                    except torch.cuda.OutOfMemoryError as exc:  # reported in the JSON, never hidden
-                        res = {"algorithm": alg, "turnover": turnover, "error": f"CUDA OOM: {str(exc).splitlines()[0]}"}
+                    except Exception as exc:  # noqa: BLE001 - reported in the JSON and the log, the others still run
+                        traceback.print_exc()
+                        res = {"algorithm": alg, "turnover": turnover,
+                               "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
                         _free_memory()
                     result["rows"] += result_rows(res, plan, args.turnovers, settings)
                     mx = res.get("max_batch") or {}
@@ -894,9 +898,11 @@ def main(argv: list[str] | None = None) -> int:
         del model
         release_pinned_cache()
     save()
-    print(f"wrote {out_path} ({time.perf_counter() - t_start:.0f} s)")
+    errors = [r for r in result["rows"] if "error" in r]
+    print(f"wrote {out_path} ({time.perf_counter() - t_start:.0f} s); {len(errors)} error rows, "
+          f"{len(result['skipped'])} runs skipped")
     print(table(result["rows"]))
-    return 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -303,3 +303,14 @@ def test_measured_turnover_reads_the_smollm2_summary(tmp_path):
     assert value == pytest.approx(0.25) and "turnover_smollm2_8k.json" in source
     with pytest.raises(ValueError, match="--realistic-turnover"):
         bc.measured_turnover(tmp_path, block_size=64, ratio=0.25, stride=4)
+
+
+def test_a_budget_that_fits_nothing_is_reported_not_hidden(tmp_path, capsys):
+    rc = bc.main(["--shapes", "tiny", "--contexts", "512", "--algorithms", "dense", "esa", "--kv-budget-gib", "0.0001",
+                  "--block-size", "16", "--decode-steps", "4", "--warmup-steps", "2", "--host-gib", "0.002",
+                  "--turnovers", "random", "--out-dir", str(tmp_path)])
+    assert rc == 1
+    d = json.loads(next(tmp_path.glob("capacity_*.json")).read_text())
+    runs = [r for r in d["rows"] if r["kind"] == "run"]
+    assert len(runs) == 2 and all("no batch fits the budget" in r["error"] for r in runs)
+    assert "2 error rows" in capsys.readouterr().out
