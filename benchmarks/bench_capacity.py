@@ -113,7 +113,7 @@ SHAPES: dict[str, ModelSpec] = {
     "llama8b": ModelSpec(name="llama-3.1-8b-shape", layers=32, hidden=4096, intermediate=14336, q_heads=32,
                          kv_heads=8, head_dim=128, vocab=128256, tied_embeddings=False),
     # the CPU smoke test's shape
-    "tiny": ModelSpec(name="tiny", layers=2, hidden=64, intermediate=128, q_heads=4, kv_heads=2, head_dim=16,
+    "tiny": ModelSpec(name="tiny", layers=2, hidden=128, intermediate=256, q_heads=4, kv_heads=2, head_dim=32,
                       vocab=256, tied_embeddings=True, rope_theta=10000.0),
 }
 
@@ -552,6 +552,7 @@ def decode_round(engine: Engine, *, batch: int, prompt_len: int, vocab: int, set
                                  for f in dataclasses.fields(measured[0])
                                  if isinstance(getattr(measured[0], f.name), (int, float))},
         **load_hiding(measured),
+        "cuda_graph_replays_total": engine.stats().get("cuda_graph_replays"),  # the engine's, all rounds so far
     }
     if worker_start is not None:
         out.update(_worker_delta(worker_start, engine.worker.stats(), len(measured)))

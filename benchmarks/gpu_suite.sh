@@ -9,7 +9,7 @@
 #
 # KERNEL_TESTS narrows the kernel test selection; RUNTIME_BENCH_ARGS overrides bench_runtime.py's arguments;
 # CAPACITY_ARGS overrides bench_capacity.py's (default: both shapes, 32K and 128K, every algorithm, both
-# turnovers, no new algorithm started after 7 minutes).
+# turnovers, no new algorithm started after 7 minutes); CAPACITY_TESTS=0 skips its gpu tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -62,10 +62,18 @@ if [[ " $SUITE " == *" capacity "* ]]; then
   # the capacity wall: one device KV budget per shape, dense vs offload at their largest batches
   # (benchmarks/bench_capacity.py; writes capacity_<card>_<date>.json, prints its table last)
   t0=$(date +%s)
+  test_rc=0
+  if [[ "${CAPACITY_TESTS:-1}" == 1 ]]; then  # its gpu tests first (tiny shape, under a minute): fail fast
+    $PY -m pytest -q -p no:cacheprovider tests/bench/test_bench_capacity.py -m gpu \
+        --junitxml="$OUT/gpu_capacity_tests.xml" >"$OUT/gpu_capacity_tests.log" 2>&1
+    test_rc=$?
+    echo "capacity gpu tests: rc=$test_rc in $(( $(date +%s) - t0 )) s"
+    tail -n 5 "$OUT/gpu_capacity_tests.log"
+  fi
   # shellcheck disable=SC2086
   $PY benchmarks/bench_capacity.py ${CAPACITY_ARGS:---max-minutes 7} --out-dir "$OUT" 2>&1 | tee "$OUT/bench_capacity.log"
   cap_rc=${PIPESTATUS[0]}
-  echo "capacity: rc=$cap_rc in $(( $(date +%s) - t0 )) s"
-  (( cap_rc == 0 )) || rc=1
+  echo "capacity: tests rc=$test_rc bench rc=$cap_rc in $(( $(date +%s) - t0 )) s"
+  (( test_rc == 0 && cap_rc == 0 )) || rc=1
 fi
 exit $rc

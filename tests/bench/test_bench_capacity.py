@@ -187,25 +187,38 @@ def test_filled_prefill_leaves_the_engine_state_a_real_prefill_leaves(tiny_model
     assert real["flushed"] == [384 // 16, 288 // 16]
 
 
-def test_filled_prefill_writes_its_random_kv_into_the_pool_and_host_store(tiny_model):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_filled_prefill_writes_its_random_kv_into_the_host_store(tiny_model, device):
     """The K/V the fill draws (reproduced from its seed, in its draw order) is what the host store
-    holds for every written-back block, and GSA On-Device's codes are computed from it."""
+    holds for every written-back block (on CUDA: the pinned store, through the side-stream
+    write-back), and decoding goes on from there (on CUDA: replayed CUDA graphs)."""
+    model = tiny_model.to(device)
+    backend = TorchBackend(model, attention="auto", validate=False)
+    eng = _engine(model, bc.FilledPrefillBackend(backend, vocab_size=256, seed=11))
     prompt = list(range(1, 129))  # one chunk of 128 tokens = 8 blocks of 16
-    eng = _engine(tiny_model, bc.FilledPrefillBackend(TorchBackend(tiny_model), vocab_size=256, seed=11))
     [rid] = _prefill_all(eng, [prompt])
+    if device == "cuda":
+        torch.cuda.synchronize()
+        assert eng.kv.host[0].is_pinned()
     shape = eng.shape
-    g = torch.Generator().manual_seed(11)
+    g = torch.Generator(device=device).manual_seed(11)
     seq = eng.kv.seqs[rid]
     for layer in range(shape.num_layers):
-        k = torch.randn(1, shape.num_kv_heads, 128, shape.head_dim, generator=g)
-        v = torch.randn(1, shape.num_kv_heads, 128, shape.head_dim, generator=g)
-        torch.randn(1, shape.num_q_heads, 1, shape.head_dim, generator=g)  # the queries
+        k = torch.randn(1, shape.num_kv_heads, 128, shape.head_dim, generator=g, device=device)
+        v = torch.randn(1, shape.num_kv_heads, 128, shape.head_dim, generator=g, device=device)
+        torch.randn(1, shape.num_q_heads, 1, shape.head_dim, generator=g, device=device)  # the queries
         host = eng.kv.host[layer][torch.from_numpy(seq.host_ids[:8])]  # [8, 2, Hkv, 16, D]
-        want_k = k[0].reshape(shape.num_kv_heads, 8, 16, shape.head_dim).permute(1, 0, 2, 3)
-        want_v = v[0].reshape(shape.num_kv_heads, 8, 16, shape.head_dim).permute(1, 0, 2, 3)
+        want_k = k[0].reshape(shape.num_kv_heads, 8, 16, shape.head_dim).permute(1, 0, 2, 3).cpu()
+        want_v = v[0].reshape(shape.num_kv_heads, 8, 16, shape.head_dim).permute(1, 0, 2, 3).cpu()
         torch.testing.assert_close(host[:, 0], want_k, rtol=0, atol=0)
         torch.testing.assert_close(host[:, 1], want_v, rtol=0, atol=0)
+    while eng.has_work:
+        eng.step()
+    assert len(eng.result(rid).token_ids) == 4
+    if device == "cuda":
+        assert eng.stats()["cuda_graph_replays"] > 0
     eng.close()
+    tiny_model.to("cpu")
 
 
 def test_filled_prefill_feeds_gsa_on_device_hash_codes(tiny_model):
@@ -270,7 +283,7 @@ def test_tiny_run_realistic_turnover_and_gpu_representations(tmp_path):
     pytest.importorskip("ucm_trt.sparse.turnover", reason="needs the turnover model (branch retr, issue 13 item 2)")
     rc = bc.main(["--shapes", "tiny", "--contexts", "1024", "--algorithms", "dense", "gsa-on-device", "esa",
                   "esa-gpu-reps", "--block-size", "16", "--decode-steps", "12", "--warmup-steps", "4", "--stride", "2",
-                  "--host-gib", "0.002", "--realistic-turnover", "0.05", "--no-batch1", "--threads", "1",
+                  "--host-gib", "0.004", "--realistic-turnover", "0.05", "--no-batch1", "--threads", "1",
                   "--out-dir", str(tmp_path)])
     assert rc == 0
     [path] = tmp_path.glob("capacity_*.json")
@@ -314,3 +327,25 @@ def test_a_budget_that_fits_nothing_is_reported_not_hidden(tmp_path, capsys):
     runs = [r for r in d["rows"] if r["kind"] == "run"]
     assert len(runs) == 2 and all("no batch fits the budget" in r["error"] for r in runs)
     assert "2 error rows" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_tiny_run_on_cuda(tmp_path):
+    """The whole benchmark on the GPU at the tiny shape (bf16, pinned host store, CUDA graphs, every
+    default algorithm, both turnovers when the turnover model is there): no error row, graphs replayed."""
+    turnovers = ["random"]
+    try:
+        import ucm_trt.sparse.turnover  # noqa: F401
+        turnovers.append("realistic")
+        algorithms = list(bc.DEFAULT_ALGORITHMS)
+    except ImportError:  # before the turnover model (branch retr) is merged: host representations only
+        algorithms = [a for a in bc.DEFAULT_ALGORITHMS if not a.endswith("gpu-reps")]
+    rc = bc.main(["--shapes", "tiny", "--contexts", "1024", "--algorithms", *algorithms, "--turnovers", *turnovers,
+                  "--realistic-turnover", "0.2", "--block-size", "16", "--decode-steps", "12", "--warmup-steps", "4",
+                  "--stride", "2", "--host-gib", "0.004", "--out-dir", str(tmp_path)])
+    d = json.loads(next(tmp_path.glob("capacity_*.json")).read_text())
+    assert rc == 0, [r["error"] for r in d["rows"] if "error" in r]
+    assert d["card"] != "cpu" and d["dtype"] == "bfloat16"
+    runs = [r for r in d["rows"] if r["kind"] == "run"]
+    assert {r["algorithm"] for r in runs} == set(algorithms)
+    assert all(r["cuda_graph_replays_total"] > 0 for r in runs)
