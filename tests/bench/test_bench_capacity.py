@@ -297,8 +297,8 @@ def test_tiny_run_realistic_turnover_and_gpu_representations(tmp_path):
     assert all(r["turnover_independent"] == (r["algorithm"] in ("dense", "gsa-on-device")) for r in runs)
     assert all(r["batch_kind"] == "max" for r in runs)  # --no-batch1
     esa = {r["turnover"]: r for r in runs if r["algorithm"] == "esa"}
-    assert esa["realistic"]["policy"]["query_drift"] == model["persistence"]
-    assert esa["random"]["policy"]["query_drift"] is None
+    assert esa["realistic"]["policy"]["query_drift_persistence"] == model["persistence"]
+    assert esa["random"]["policy"]["query_drift_persistence"] is None
     assert esa["realistic"]["topk_turnover_measured"] < 0.5 * esa["random"]["topk_turnover_measured"]
     gpu = next(r for r in runs if r["algorithm"] == "esa-gpu-reps" and r["turnover"] == "random")
     assert gpu["policy"]["representations"] == "device" and esa["random"]["policy"]["representations"] == "host"
