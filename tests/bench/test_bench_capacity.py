@@ -302,6 +302,11 @@ def test_tiny_run_realistic_turnover_and_gpu_representations(tmp_path):
     assert esa["realistic"]["topk_turnover_measured"] < 0.5 * esa["random"]["topk_turnover_measured"]
     gpu = next(r for r in runs if r["algorithm"] == "esa-gpu-reps" and r["turnover"] == "random")
     assert gpu["policy"]["representations"] == "device" and esa["random"]["policy"]["representations"] == "host"
+    # the representations the policy held stay within what the plan took out of the device budget
+    plan = d["plans"][0]
+    block = plan["bytes_per_token_per_layer"] * plan["block_size"]
+    allowed = gpu["batch"] * plan["device_rep_blocks"]["esa-gpu-reps"] * block * bc.SHAPES["tiny"].layers
+    assert 0 < gpu["policy"]["representation_bytes_peak"] <= allowed
     summary = [r for r in d["rows"] if r["kind"] == "summary"]
     assert sorted(s["turnover"] for s in summary) == ["random", "realistic"]
 
