@@ -639,7 +639,8 @@ def result_rows(res: dict, plan: CapacityPlan, turnovers: list[str], settings: S
             "context_label": f"{plan.sequence_len // 1024}K" if plan.sequence_len >= 1024 else str(plan.sequence_len),
             "algorithm": alg, "offload": alg in OFFLOAD_ALGORITHMS, "kv_budget_gib": plan.kv_budget_gib,
             "host_store_gib": plan.host_store_gib, "planned_max_batch": plan.max_batch[alg],
-            "prefill": settings.prefill, "turnover_independent": independent, "attempts": res.get("attempts")}
+            "prefill": settings.prefill, "turnover_independent": independent, "attempts": res.get("attempts"),
+            "algorithm_wall_seconds": res.get("wall_seconds")}
     rows = []
     for t in (turnovers if independent else [res["turnover"]]):
         if "error" in res:
