@@ -9,7 +9,7 @@
 #
 # KERNEL_TESTS narrows the kernel test selection; RUNTIME_BENCH_ARGS overrides bench_runtime.py's arguments;
 # CAPACITY_ARGS overrides bench_capacity.py's (default: both shapes, 32K and 128K, every algorithm, both
-# turnovers, no new algorithm started after 7 minutes); CAPACITY_TESTS=0 skips its gpu tests.
+# turnovers, no new algorithm started after 6.5 minutes); CAPACITY_TESTS=0 skips its gpu tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -71,7 +71,7 @@ if [[ " $SUITE " == *" capacity "* ]]; then
     tail -n 5 "$OUT/gpu_capacity_tests.log"
   fi
   # shellcheck disable=SC2086
-  $PY benchmarks/bench_capacity.py ${CAPACITY_ARGS:---max-minutes 7} --out-dir "$OUT" 2>&1 | tee "$OUT/bench_capacity.log"
+  $PY benchmarks/bench_capacity.py ${CAPACITY_ARGS:---max-minutes 6.5} --out-dir "$OUT" 2>&1 | tee "$OUT/bench_capacity.log"
   cap_rc=${PIPESTATUS[0]}
   echo "capacity: tests rc=$test_rc bench rc=$cap_rc in $(( $(date +%s) - t0 )) s"
   (( test_rc == 0 && cap_rc == 0 )) || rc=1

@@ -354,3 +354,16 @@ def test_tiny_run_on_cuda(tmp_path):
     runs = [r for r in d["rows"] if r["kind"] == "run"]
     assert {r["algorithm"] for r in runs} == set(algorithms)
     assert all(r["cuda_graph_replays_total"] > 0 for r in runs)
+
+
+def test_missing_turnover_measurement_skips_the_realistic_runs_loudly(tmp_path, capsys):
+    rc = bc.main(["--shapes", "tiny", "--contexts", "512", "--algorithms", "dense", "esa", "--block-size", "16",
+                  "--decode-steps", "4", "--warmup-steps", "2", "--stride", "2", "--host-gib", "0.004", "--no-batch1",
+                  "--turnover-dir", str(tmp_path), "--out-dir", str(tmp_path)])
+    assert rc == 1
+    d = json.loads(next(tmp_path.glob("capacity_*.json")).read_text())
+    assert [(s["algorithm"], s["turnover"]) for s in d["skipped"]] == [("esa", "realistic")]
+    assert "no SmolLM2 turnover measurement" in d["skipped"][0]["reason"]
+    assert {(r["algorithm"], r["turnover"]) for r in d["rows"] if r["kind"] == "run"} == {
+        ("dense", "random"), ("dense", "realistic"), ("esa", "random")}
+    assert "WARNING: the realistic-turnover runs are skipped" in capsys.readouterr().out
