@@ -506,9 +506,9 @@ def decode_round(engine: Engine, *, batch: int, prompt_len: int, vocab: int, set
     worker_start = turnover_start = None
     try:
         while engine.has_work:
+            seen = len(engine.metrics.steps)
             engine.step()
-            rec = engine.metrics.steps[-1]
-            if rec.kind != "decode":
+            if not any(r.kind == "decode" for r in engine.metrics.steps[seen:]):
                 continue
             decoded += 1
             if decoded == settings.warmup_steps:
@@ -586,6 +586,14 @@ def release_pinned_cache() -> None:
         torch._C, "_host_emptyCache", None)
     if empty is not None and torch.cuda.is_available():
         empty()
+
+
+def pinned_host_stats() -> dict:
+    """torch's caching host allocator counters (bytes / segments), where this torch reports them."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if stats is None or not torch.cuda.is_available():
+        return {}
+    return {k: v for k, v in stats().items() if "bytes" in k or "segment" in k}
 
 
 def run_algorithm(model, algorithm: str, plan: CapacityPlan, settings: Settings, *, turnover: str,
@@ -835,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
               **_versions(), "dtype": str(dtype).replace("torch.", ""), "device": device,
               "settings": dataclasses.asdict(settings), "argv": sys.argv[1:] if argv is None else argv,
               "shapes": {SHAPES[s].name: SHAPES[s].describe() for s in args.shapes},
-              "plans": [], "turnover_models": [], "rows": [], "skipped": []}
+              "plans": [], "turnover_models": [], "rows": [], "skipped": [], "pinned_host_memory": []}
     target, no_target = None, None
     if "realistic" in args.turnovers:
         try:
@@ -911,6 +919,7 @@ def main(argv: list[str] | None = None) -> int:
                           + (f" ERROR {res['error']}" if "error" in res else ""), flush=True)
                     save()
         del model
+        result["pinned_host_memory"].append({"shape": spec.name, **pinned_host_stats()})
         release_pinned_cache()
     save()
     errors = [r for r in result["rows"] if "error" in r]
