@@ -25,19 +25,25 @@ representations from the pool's K and runs the first retrieval, and the first to
 Decode steps run the real model (random weights). ``--prefill model`` runs the model instead
 (real chunked prefill; minutes at 128K).
 
-Turnover. ``random``: the random model's own decode queries drive the retrievals (about
-``1 - ratio`` of the top-k blocks change at every retrieval: the worst case). ``realistic``: the
-offload policies retrieve with queries that drift from the model's query so that the top-k
-turnover per retrieval matches the one measured on SmolLM2 (see :func:`realistic_turnover`).
-Dense and GSA On-Device do not read the retrieval queries: they are measured once and their rows
-say ``turnover_independent``.
+Turnover. ``random``: the random model's own decode queries drive the retrievals (nearly unrelated
+from one step to the next, so most top-k blocks change at every retrieval: the worst case).
+``realistic``: the offload policies retrieve with ``QueryDrift`` queries (``RetrievalConfig``,
+:mod:`ucm_trt.sparse.turnover`) that drift from the model's query with a persistence calibrated so
+that the top-k turnover per retrieval matches the one measured on SmolLM2
+(:func:`measured_turnover`, :func:`calibrate_turnover`). Dense and GSA On-Device do not read the
+retrieval queries: they are measured once and their rows say ``turnover_independent``.
+
+Offload variants: ``esa``, ``gsa``, ``kvstar`` keep their block representations on the host and
+score on the CPU retrieval threads (UCM's design); ``esa-gpu-reps`` / ``gsa-gpu-reps`` keep them on
+the GPU (``RetrievalConfig(representations="device")``), counted against the device budget.
 
 Example (one H100, both shapes; prints a table last)::
 
     python benchmarks/bench_capacity.py --out-dir benchmarks/results/runtime
 
-CPU smoke run (seconds): ``python benchmarks/bench_capacity.py --shapes tiny --contexts 512 1024
---block-size 16 --decode-steps 10 --warmup-steps 4 --stride 2 --out-dir /tmp/cap``.
+CPU smoke run (about 30 s): ``python benchmarks/bench_capacity.py --shapes tiny --contexts 512 1024
+--block-size 16 --decode-steps 10 --warmup-steps 4 --stride 2 --host-gib 0.004 --realistic-turnover 0.2
+--out-dir /tmp/cap``.
 """
 
 from __future__ import annotations
@@ -433,7 +439,7 @@ def make_engine(model, name: str, plan: CapacityPlan, settings: Settings, *, max
         kw["retrieval"] = RetrievalConfig(representations=reps,
                                           query_drift=None if drift is None else drift.query_drift(seed))
     if algorithm == "kvstar":
-        kw.setdefault("kvstar", KVStarConfig(retrieval_stride=settings.stride))
+        kw["kvstar"] = KVStarConfig(retrieval_stride=settings.stride)
     if algorithm == "gsa-on-device":
         kw["gsa_on_device"] = GSAOnDeviceConfig(top_k_tokens=max(8 * bs, int(plan.context_len * settings.ratio)),
                                                 seq_len_threshold=0)
