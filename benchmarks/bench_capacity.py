@@ -665,7 +665,11 @@ def result_rows(res: dict, plan: CapacityPlan, turnovers: list[str], settings: S
                 if kind == "max":
                     rows.append({**base, "turnover": t, "batch_kind": kind, "error": "no attempt completed"})
                 continue
-            rows.append({**base, "turnover": t, "batch_kind": kind, **r})
+            # measured device KV per sequence and layer, in blocks, next to the plan's estimate
+            per_seq = r["device_kv_bytes_peak"] / (r["batch"] * plan.bytes_per_token * plan.block_size)
+            rows.append({**base, "turnover": t, "batch_kind": kind, **r,
+                         "device_blocks_per_sequence_layer_peak": per_seq,
+                         "planned_working_set_blocks": plan.working_set_blocks.get(alg)})
     return rows
 
 
