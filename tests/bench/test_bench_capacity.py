@@ -257,6 +257,7 @@ def test_tiny_run_writes_rows_summary_and_table(tmp_path, capsys):
         for key in ("context_len", "algorithm", "batch", "tokens_per_s", "kv_budget_gib", "turnover", "shape"):
             assert r[key] is not None, key
         assert r["tokens_per_s"] > 0 and r["measured_steps"] == 8 - 3
+        assert r["prefill_tokens"] == r["batch"] * 496 and r["prefill"] == "fill"
         if r["batch_kind"] == "max":
             assert r["batch"] == plan["max_batch"][r["algorithm"]]
         else:
@@ -367,3 +368,16 @@ def test_missing_turnover_measurement_skips_the_realistic_runs_loudly(tmp_path, 
     assert {(r["algorithm"], r["turnover"]) for r in d["rows"] if r["kind"] == "run"} == {
         ("dense", "random"), ("dense", "realistic"), ("esa", "random")}
     assert "WARNING: the realistic-turnover runs are skipped" in capsys.readouterr().out
+
+
+def test_tiny_run_with_the_model_prefill(tmp_path):
+    """``--prefill model`` runs the real chunked prefill instead of the fill; same rows."""
+    rc = bc.main(["--shapes", "tiny", "--contexts", "512", "--algorithms", "dense", "esa", "--prefill", "model",
+                  "--fill-chunk", "128", "--block-size", "16", "--decode-steps", "6", "--warmup-steps", "2",
+                  "--stride", "2", "--host-gib", "0.004", "--turnovers", "random", "--no-batch1", "--threads", "1",
+                  "--out-dir", str(tmp_path)])
+    assert rc == 0
+    d = json.loads(next(tmp_path.glob("capacity_*.json")).read_text())
+    runs = [r for r in d["rows"] if r["kind"] == "run"]
+    assert {r["algorithm"] for r in runs} == {"dense", "esa"} and all(r["prefill"] == "model" for r in runs)
+    assert all(r["prefill_tokens"] == r["batch"] * 496 and r["tokens_per_s"] > 0 for r in runs)
