@@ -565,6 +565,8 @@ def decode_round(engine: Engine, *, batch: int, prompt_len: int, vocab: int, set
     }
     if worker_start is not None:
         out.update(_worker_delta(worker_start, engine.worker.stats(), len(measured)))
+        # what waiting for CPU retrieval adds to the step (DESIGN §5: <= 10 % at the reported batch)
+        out["retrieval_wait_share_of_step"] = out["retrieval_wait_ms_per_step"] / out["step_ms_mean"]
     if turnover_start is not None:
         # the selections collected during the measured steps vs their predecessors
         end = _turnover_counts(engine.policy)
