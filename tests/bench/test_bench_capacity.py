@@ -65,6 +65,29 @@ def test_default_budget_stops_dense_at_two_at_the_longest_context(shape, ctx):
     assert plan.max_batch["gsa-on-device"] == (plan.gsa_on_device_pool_blocks - 1) // plan.sequence_blocks == n
 
 
+# the arithmetic table of docs/runtime.md ("Throughput at the capacity wall"): budget GiB, host-store
+# sequences and largest batches (dense, GSA On-Device, ESA, GSA, KVStar, ESA with GPU representations)
+_DOC_TABLE = {
+    ("llama1b", 32768): (8.5, 64, (8, 8, 56, 55, 56, 50)),
+    ("llama1b", 131072): (8.5, 16, (2, 2, 9, 9, 9, 8)),
+    ("llama8b", 32768): (34.0, 16, (8, 8, 16, 16, 16, 16)),
+    ("llama8b", 131072): (34.0, 4, (2, 2, 4, 4, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("key", list(_DOC_TABLE))
+def test_the_arithmetic_docs_runtime_md_states(key):
+    shape, ctx = key
+    spec = bc.SHAPES[shape]
+    budget = bc.default_kv_budget_gib(spec, 131072, block_size=64, dtype_bytes=2)
+    plan = bc.plan_capacity(spec, sequence_len=ctx, decode_steps=32, kv_budget_gib=budget, host_gib=108,
+                            sparse=_sparse(), cache_blocks=2, dtype_bytes=2)
+    want_budget, want_host, want_batches = _DOC_TABLE[key]
+    assert budget == want_budget and plan.host_store_gib == 64 and plan.host_limit_sequences == want_host
+    got = tuple(plan.max_batch[a] for a in ("dense", "gsa-on-device", "esa", "gsa", "kvstar", "esa-gpu-reps"))
+    assert got == want_batches
+
+
 def test_offload_batch_keeps_room_for_one_prefill_and_respects_the_host_store():
     spec = bc.SHAPES["llama1b"]
     sparse = _sparse()
