@@ -716,28 +716,57 @@ def _f(x, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def table(rows: list[dict]) -> str:
-    """Largest-batch tokens/s per algorithm (batch in brackets), the capacity speedup, the load time
-    hidden of the best offload run, and the batch-1 speedups, one line per shape, context and turnover."""
+def _table_lines(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """The algorithms present, and per summary row: its largest-batch cells (tok/s, batch) and
+    batch-1 speedups per algorithm."""
     algs = [a for a in ALGORITHMS if any(r.get("algorithm") == a for r in rows)]
-    head = f"{'shape':<20} {'ctx':>5} {'turnover':<9} " + " ".join(f"{a:>17}" for a in algs) + \
-        f" {'cap x':>6} {'hidden':>6}  batch-1 x dense: " + " ".join(a for a in algs if a != "dense")
-    lines = [head]
+    out = []
     for s in (r for r in rows if r["kind"] == "summary"):
-        cells, b1 = [], []
+        cells, b1 = {}, {}
         for a in algs:
             pick = [r for r in rows if r["kind"] == "run" and r["algorithm"] == a and r["shape"] == s["shape"]
                     and r["context_len"] == s["context_len"] and r["turnover"] == s["turnover"]]
             mx = next((r for r in pick if r["batch_kind"] == "max"), None)
             one = next((r for r in pick if r["batch_kind"] == "one"), None)
-            cell = "-" if mx is None else ("error" if "tokens_per_s" not in mx else f"{mx['tokens_per_s']:.0f} ({mx['batch']})")
-            cells.append(f"{cell:>17}")
-            if a != "dense":
-                b1.append(_f(one.get("speedup_vs_dense") if one else None, ".2f"))
-        lines.append(f"{s['shape'][:20]:<20} {s['context_label']:>5} {s['turnover']:<9} " + " ".join(cells)
-                     + f" {_f(s['capacity_speedup_vs_dense'], '.2f'):>6} "
-                     f"{_f(s['best_offload_load_hidden_fraction'], '.2f'):>6}  " + " ".join(b1))
-    return "\n".join(lines)
+            cells[a] = "-" if mx is None else ("error" if "tokens_per_s" not in mx
+                                               else f"{mx['tokens_per_s']:.0f} ({mx['batch']})")
+            b1[a] = _f(one.get("speedup_vs_dense") if one else None, ".2f")
+        out.append({"summary": s, "cells": cells, "batch1": b1})
+    return algs, out
+
+
+def table(rows: list[dict]) -> str:
+    """Largest-batch tokens/s per algorithm (batch in brackets), the capacity speedup, the load time
+    hidden of the best offload run, and the batch-1 speedups, one line per shape, context and turnover."""
+    algs, lines = _table_lines(rows)
+    others = [a for a in algs if a != "dense"]
+    text = [f"{'shape':<20} {'ctx':>5} {'turnover':<9} " + " ".join(f"{a:>17}" for a in algs)
+            + f" {'cap x':>6} {'hidden':>6}  batch-1 x dense: " + " ".join(others)]
+    for ln in lines:
+        s = ln["summary"]
+        text.append(f"{s['shape'][:20]:<20} {s['context_label']:>5} {s['turnover']:<9} "
+                    + " ".join(f"{ln['cells'][a]:>17}" for a in algs)
+                    + f" {_f(s['capacity_speedup_vs_dense'], '.2f'):>6} "
+                    f"{_f(s['best_offload_load_hidden_fraction'], '.2f'):>6}  "
+                    + " ".join(ln["batch1"][a] for a in others))
+    return "\n".join(text)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The same as :func:`table`, as the Markdown table of docs/runtime.md's capacity section."""
+    algs, lines = _table_lines(rows)
+    others = [a for a in algs if a != "dense"]
+    head = (["shape", "context", "turnover"] + [f"{a} tok/s (batch)" for a in algs]
+            + ["capacity speedup", "load hidden (best)", f"batch 1 vs dense ({' / '.join(others)})"])
+    text = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for ln in lines:
+        s = ln["summary"]
+        cells = ([s["shape"], s["context_label"], s["turnover"]] + [ln["cells"][a] for a in algs]
+                 + [_f(s["capacity_speedup_vs_dense"], ".2f") + "x",
+                    _f(s["best_offload_load_hidden_fraction"], ".2f"),
+                    " / ".join(ln["batch1"][a] for a in others)])
+        text.append("| " + " | ".join(cells) + " |")
+    return "\n".join(text)
 
 
 # ============================================================================ main

@@ -298,6 +298,9 @@ def test_tiny_run_writes_rows_summary_and_table(tmp_path, capsys):
     assert esa["host_kv_bytes_peak"] > 0 and esa["device_kv_bytes_peak"] < esa["dense_kv_bytes"]
     out = capsys.readouterr().out
     assert "cap x" in out.splitlines()[-2] and out.splitlines()[-1].startswith("tiny")
+    md = bc.markdown_table(d["rows"]).splitlines()
+    assert len(md) == 3 and md[2].startswith("| tiny | 512 | random |")
+    assert f"| {s['capacity_speedup_vs_dense']:.2f}x |" in md[2]
 
 
 def test_tiny_run_realistic_turnover_and_gpu_representations(tmp_path):
