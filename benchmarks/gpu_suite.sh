@@ -63,7 +63,7 @@ if [[ " $SUITE " == *" capacity "* ]]; then
   # (benchmarks/bench_capacity.py; writes capacity_<card>_<date>.json, prints its table last)
   t0=$(date +%s)
   test_rc=0
-  if [[ "${CAPACITY_TESTS:-1}" == 1 ]]; then  # its gpu tests first (tiny shape, under a minute): fail fast
+  if [[ "${CAPACITY_TESTS:-1}" == 1 ]]; then  # its gpu tests first (tiny shape): the CUDA path checked before the long run
     $PY -m pytest -q -p no:cacheprovider tests/bench/test_bench_capacity.py -m gpu \
         --junitxml="$OUT/gpu_capacity_tests.xml" >"$OUT/gpu_capacity_tests.log" 2>&1
     test_rc=$?
