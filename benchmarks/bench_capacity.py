@@ -84,7 +84,7 @@ VARIANTS: dict[str, tuple[str, str | None]] = {
 }
 ALGORITHMS = tuple(VARIANTS)
 OFFLOAD_ALGORITHMS = tuple(a for a, (_, reps) in VARIANTS.items() if reps is not None)
-#: run in this order (KVStar, the slowest, last: --max-minutes cuts from the end)
+#: the default algorithms (run order: :func:`job_order`)
 DEFAULT_ALGORITHMS = ("dense", "gsa-on-device", "esa", "gsa", "esa-gpu-reps", "kvstar")
 TURNOVERS = ("random", "realistic")
 
@@ -789,6 +789,20 @@ _SET_BY_BENCHMARK = ("max_batch", "max_seq_len", "prefill_chunk", "cache_blocks"
                      "num_host_blocks", "retrieval_threads", "cuda_graph")
 
 
+#: run first, for every context of a shape: what the capacity speedup needs (dense and an offload
+#: algorithm) and GSA On-Device; the other algorithms follow, KVStar (the slowest) last
+FIRST_PHASE = ("dense", "gsa-on-device", "esa")
+
+
+def job_order(algorithms: list[str], contexts: list[int], turnovers: list[str]) -> list[tuple[int, str, str]]:
+    """``(context, algorithm, turnover)`` in run order: the :data:`FIRST_PHASE` algorithms for every
+    context, then the others (in ``algorithms`` order) for every context; offload algorithms once per
+    turnover, dense and GSA On-Device once (their rows serve every turnover)."""
+    phases = ([a for a in algorithms if a in FIRST_PHASE], [a for a in algorithms if a not in FIRST_PHASE])
+    return [(ctx, alg, t) for phase in phases for ctx in contexts for alg in phase
+            for t in (turnovers if alg in OFFLOAD_ALGORITHMS else ["random"])]
+
+
 def parse_runtime_options(items: list[str]) -> tuple[tuple[str, object], ...]:
     """``NAME=VALUE`` strings -> RuntimeConfig keyword arguments (``true``/``false`` -> bool, then
     int, float, else the string); names must be RuntimeConfig fields the benchmark does not set."""
@@ -847,7 +861,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runtime-option", action="append", default=[], metavar="NAME=VALUE",
                    help="another RuntimeConfig field for every engine (e.g. overlap_loads=false, load_method=staged)")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="start no new algorithm after this many minutes (the rest is recorded as skipped)")
+                   help="start no new run after this many minutes; shape i of n stops at (i+1)/n of it "
+                        "(the rest is recorded as skipped)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/runtime"))
     p.add_argument("--turnover-dir", type=Path, default=Path(__file__).resolve().parent / "results" / "runtime",
@@ -910,9 +925,12 @@ def main(argv: list[str] | None = None) -> int:
     for si, shape_key in enumerate(args.shapes):
         spec = SHAPES[shape_key]
         longest = max(args.contexts)
+        # each shape gets its share of --max-minutes (and whatever the shapes before it left)
+        shape_deadline = None if deadline is None else t_start + (deadline - t_start) * (si + 1) / len(args.shapes)
         t0 = time.perf_counter()
         model = build_model(spec, dtype=dtype, device=device, max_positions=longest)
         print(f"== {spec.name}: {spec.describe()}; built in {time.perf_counter() - t0:.1f} s", flush=True)
+        plans = {}
         for ctx in sorted(args.contexts):
             if args.kv_budget_gib is not None:
                 budget = args.kv_budget_gib[si]
@@ -920,45 +938,46 @@ def main(argv: list[str] | None = None) -> int:
                 budget = default_kv_budget_gib(spec, ctx if args.budget_per_context else longest,
                                                block_size=args.block_size, dtype_bytes=dtype_bytes,
                                                dense_batch=args.dense_batch)
-            plan = plan_capacity(spec, sequence_len=ctx, decode_steps=args.decode_steps, kv_budget_gib=budget,
-                                 host_gib=args.host_gib, sparse=settings.sparse_for("esa"),
-                                 cache_blocks=args.cache_blocks, dtype_bytes=dtype_bytes)
-            result["plans"].append(plan.to_dict())
-            print(format_plan(plan), flush=True)
-            for alg in args.algorithms:
-                for turnover in (args.turnovers if alg in OFFLOAD_ALGORITHMS else ["random"]):
-                    what = {"shape": spec.name, "context_len": plan.context_len, "algorithm": alg, "turnover": turnover}
-                    if deadline is not None and time.perf_counter() > deadline:
-                        result["skipped"].append({**what, "reason": f"--max-minutes {args.max_minutes} reached"})
-                        continue
-                    if turnover == "realistic" and no_target is not None:
-                        result["skipped"].append({**what, "reason": no_target})
-                        continue
-                    drift = None
-                    if turnover == "realistic":
-                        key = (spec.name, plan.context_len)
-                        if key not in drift_models:
-                            t0 = time.perf_counter()
-                            drift_models[key] = calibrate_turnover(plan, spec, settings.sparse_for("esa"),
-                                                                   target[0], target[1], seed=si)
-                            result["turnover_models"].append({"shape": spec.name, "context_len": plan.context_len,
-                                                              **dataclasses.asdict(drift_models[key]),
-                                                              "seconds": time.perf_counter() - t0})
-                        drift = drift_models[key]
-                    try:
-                        res = run_algorithm(model, alg, plan, settings, turnover=turnover, drift=drift, seed=si)
-                    except Exception as exc:  # noqa: BLE001 - reported in the JSON and the log, the others still run
-                        traceback.print_exc()
-                        res = {"algorithm": alg, "turnover": turnover,
-                               "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-                        _free_memory()
-                    result["rows"] += result_rows(res, plan, args.turnovers, settings)
-                    mx = res.get("max_batch") or {}
-                    print(f"  {alg:<14} {turnover:<9} batch {mx.get('batch', '-')}: {_f(mx.get('tokens_per_s'))} tok/s "
-                          f"(step {_f(mx.get('step_ms_mean'), '.2f')} ms; batch 1: "
-                          f"{_f((res.get('batch1') or {}).get('tokens_per_s'))} tok/s) in {_f(res.get('wall_seconds'))} s"
-                          + (f" ERROR {res['error']}" if "error" in res else ""), flush=True)
-                    save()
+            plans[ctx] = plan_capacity(spec, sequence_len=ctx, decode_steps=args.decode_steps, kv_budget_gib=budget,
+                                       host_gib=args.host_gib, sparse=settings.sparse_for("esa"),
+                                       cache_blocks=args.cache_blocks, dtype_bytes=dtype_bytes)
+            result["plans"].append(plans[ctx].to_dict())
+            print(format_plan(plans[ctx]), flush=True)
+        for ctx, alg, turnover in job_order(args.algorithms, sorted(args.contexts), args.turnovers):
+            plan = plans[ctx]
+            what = {"shape": spec.name, "context_len": plan.context_len, "algorithm": alg, "turnover": turnover}
+            if shape_deadline is not None and time.perf_counter() > shape_deadline:
+                result["skipped"].append({**what, "reason": f"this shape's share of --max-minutes {args.max_minutes} "
+                                                            "was used"})
+                continue
+            if turnover == "realistic" and no_target is not None:
+                result["skipped"].append({**what, "reason": no_target})
+                continue
+            drift = None
+            if turnover == "realistic":
+                key = (spec.name, plan.context_len)
+                if key not in drift_models:
+                    t0 = time.perf_counter()
+                    drift_models[key] = calibrate_turnover(plan, spec, settings.sparse_for("esa"), target[0],
+                                                           target[1], seed=si)
+                    result["turnover_models"].append({"shape": spec.name, "context_len": plan.context_len,
+                                                      **dataclasses.asdict(drift_models[key]),
+                                                      "seconds": time.perf_counter() - t0})
+                drift = drift_models[key]
+            try:
+                res = run_algorithm(model, alg, plan, settings, turnover=turnover, drift=drift, seed=si)
+            except Exception as exc:  # noqa: BLE001 - reported in the JSON and the log, the others still run
+                traceback.print_exc()
+                res = {"algorithm": alg, "turnover": turnover,
+                       "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+                _free_memory()
+            result["rows"] += result_rows(res, plan, args.turnovers, settings)
+            mx = res.get("max_batch") or {}
+            print(f"  {plan.sequence_len // 1024:>4}K {alg:<14} {turnover:<9} batch {mx.get('batch', '-')}: "
+                  f"{_f(mx.get('tokens_per_s'))} tok/s (step {_f(mx.get('step_ms_mean'), '.2f')} ms; batch 1: "
+                  f"{_f((res.get('batch1') or {}).get('tokens_per_s'))} tok/s) in {_f(res.get('wall_seconds'))} s"
+                  + (f" ERROR {res['error']}" if "error" in res else ""), flush=True)
+            save()
         del model
         result["pinned_host_memory"].append({"shape": spec.name, **pinned_host_stats()})
         release_pinned_cache()

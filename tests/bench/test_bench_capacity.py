@@ -407,3 +407,21 @@ def test_tiny_run_with_the_model_prefill(tmp_path):
     runs = [r for r in d["rows"] if r["kind"] == "run"]
     assert {r["algorithm"] for r in runs} == {"dense", "esa"} and all(r["prefill"] == "model" for r in runs)
     assert all(r["prefill_tokens"] == r["batch"] * 496 and r["tokens_per_s"] > 0 for r in runs)
+
+
+def test_job_order_runs_what_the_capacity_speedup_needs_first():
+    jobs = bc.job_order(["dense", "gsa-on-device", "esa", "gsa", "kvstar"], [32768, 131072], ["random", "realistic"])
+    assert jobs[:8] == [(32768, "dense", "random"), (32768, "gsa-on-device", "random"), (32768, "esa", "random"),
+                        (32768, "esa", "realistic"), (131072, "dense", "random"), (131072, "gsa-on-device", "random"),
+                        (131072, "esa", "random"), (131072, "esa", "realistic")]
+    assert jobs[8:] == [(c, a, t) for c in (32768, 131072) for a in ("gsa", "kvstar") for t in ("random", "realistic")]
+
+
+def test_max_minutes_records_what_it_leaves_out(tmp_path):
+    rc = bc.main(["--shapes", "tiny", "--contexts", "512", "--algorithms", "dense", "esa", "--max-minutes", "0",
+                  "--block-size", "16", "--decode-steps", "4", "--warmup-steps", "2", "--host-gib", "0.004",
+                  "--turnovers", "random", "--out-dir", str(tmp_path)])
+    d = json.loads(next(tmp_path.glob("capacity_*.json")).read_text())
+    assert rc == 0 and not [r for r in d["rows"] if r["kind"] == "run"]
+    assert [(s["algorithm"], s["turnover"]) for s in d["skipped"]] == [("dense", "random"), ("esa", "random")]
+    assert all("--max-minutes" in s["reason"] for s in d["skipped"])
