@@ -706,6 +706,7 @@ def add_ratios(rows: list[dict]) -> list[dict]:
             "capacity_speedup_vs_dense": best["tokens_per_s"] / d["tokens_per_s"] if best and d else None,
             "best_offload_load_hidden_fraction": best.get("load_hidden_fraction") if best else None,
             "best_offload_topk_turnover_measured": best.get("topk_turnover_measured") if best else None,
+            "best_offload_retrieval_wait_share_of_step": best.get("retrieval_wait_share_of_step") if best else None,
             "gsa_on_device_batch": od["batch"] if od else None,
             "gsa_on_device_speedup_vs_dense": od["tokens_per_s"] / d["tokens_per_s"] if od and d else None,
         })
