@@ -836,8 +836,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="*-gpu-reps: the offload policy with GPU-resident representations (RetrievalConfig)")
     p.add_argument("--turnovers", nargs="+", default=list(TURNOVERS), choices=TURNOVERS)
     p.add_argument("--kv-budget-gib", type=float, nargs="+", default=None,
-                   help="device KV budget per shape (one value per --shapes entry); default: the smallest "
-                        "multiple of 1/4 GiB holding --dense-batch sequences of the longest context")
+                   help="device KV budget per shape (one value per --shapes entry); default: the smallest round "
+                        "size holding --dense-batch sequences of the longest context (default_kv_budget_gib)")
     p.add_argument("--dense-batch", type=int, default=2, help="dense batch the default budget holds at the longest context")
     p.add_argument("--budget-per-context", action="store_true",
                    help="default budget per context (dense holds --dense-batch at each context) instead of per shape")
