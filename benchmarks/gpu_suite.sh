@@ -4,9 +4,12 @@
 #
 #   benchmarks/gpu_suite.sh [bench_kernels args]          kernels: kernel tests on the GPU + kernel benchmarks
 #   SUITE=runtime benchmarks/gpu_suite.sh                 runtime: runtime gpu tests + end-to-end decode benchmark
+#   SUITE=capacity benchmarks/gpu_suite.sh                capacity: throughput at the capacity wall (bench_capacity.py)
 #   SUITE="kernels runtime" benchmarks/gpu_suite.sh       both (the default is "kernels")
 #
-# KERNEL_TESTS narrows the kernel test selection; RUNTIME_BENCH_ARGS overrides bench_runtime.py's arguments.
+# KERNEL_TESTS narrows the kernel test selection; RUNTIME_BENCH_ARGS overrides bench_runtime.py's arguments;
+# CAPACITY_ARGS overrides bench_capacity.py's (default: both shapes, 32K and 128K, every algorithm, both
+# turnovers, no new algorithm started after 6.5 minutes); CAPACITY_TESTS=0 skips its gpu tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -49,11 +52,28 @@ if [[ " $SUITE " == *" runtime "* ]]; then
         --decode-steps 32 --out "${stem}_eager.json" 2>&1 | tee -a "$OUT/bench_runtime.log" | grep -v '^{' ; (( PIPESTATUS[0] == 0 )) || bench_rc=1
     $PY benchmarks/bench_runtime.py --contexts 131072 --batch 4 --algorithms dense esa gsa-on-device --cuda-graph on \
         --decode-steps 32 --out "${stem}_batch4.json" 2>&1 | tee -a "$OUT/bench_runtime.log" | grep -v '^{' ; (( PIPESTATUS[0] == 0 )) || bench_rc=1
-    $PY benchmarks/bench_runtime.py --capacity --capacity-context 16384 --kv-budget-gb 4 \
-        --out "${stem}_capacity.json" 2>&1 | tee -a "$OUT/bench_runtime.log" | grep -v '^{' ; (( PIPESTATUS[0] == 0 )) || bench_rc=1
+    # (the measured concurrency in a fixed budget, bench_runtime.py --capacity, is superseded by SUITE=capacity)
   fi
   $PY benchmarks/runtime_table.py "$OUT"/runtime_*.json
   echo "runtime: tests rc=$test_rc bench rc=$bench_rc"
   (( test_rc == 0 && bench_rc == 0 )) || rc=1
+fi
+if [[ " $SUITE " == *" capacity "* ]]; then
+  # the capacity wall: one device KV budget per shape, dense vs offload at their largest batches
+  # (benchmarks/bench_capacity.py; writes capacity_<card>_<date>.json, prints its table last)
+  t0=$(date +%s)
+  test_rc=0
+  if [[ "${CAPACITY_TESTS:-1}" == 1 ]]; then  # its gpu tests first (tiny shape): the CUDA path checked before the long run
+    $PY -m pytest -q -p no:cacheprovider tests/bench/test_bench_capacity.py -m gpu \
+        --junitxml="$OUT/gpu_capacity_tests.xml" >"$OUT/gpu_capacity_tests.log" 2>&1
+    test_rc=$?
+    echo "capacity gpu tests: rc=$test_rc in $(( $(date +%s) - t0 )) s"
+    tail -n 5 "$OUT/gpu_capacity_tests.log"
+  fi
+  # shellcheck disable=SC2086
+  $PY benchmarks/bench_capacity.py ${CAPACITY_ARGS:---max-minutes 6.5} --out-dir "$OUT" 2>&1 | tee "$OUT/bench_capacity.log"
+  cap_rc=${PIPESTATUS[0]}
+  echo "capacity: tests rc=$test_rc bench rc=$cap_rc in $(( $(date +%s) - t0 )) s"
+  (( test_rc == 0 && cap_rc == 0 )) || rc=1
 fi
 exit $rc

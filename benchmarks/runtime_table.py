@@ -5,6 +5,9 @@ retrieval steps of offload policies); "step ms" is the median step (the steps be
 "1st ms" is the first decode step, which compiles Triton kernels for new shapes and captures the graph.
 
     python benchmarks/runtime_table.py benchmarks/results/runtime/*.json
+
+Files of ``bench_capacity.py`` (``capacity_*.json``) print its capacity-wall table instead
+(``--markdown``: as the Markdown table of docs/runtime.md).
 """
 
 from __future__ import annotations
@@ -28,14 +31,22 @@ def steady_tokens_per_s(r: dict) -> float | None:
 
 
 def main(paths: list[str]) -> int:
+    markdown = "--markdown" in paths
+    paths = [p for p in paths if p != "--markdown"]
     if not paths:
-        print("usage: runtime_table.py RESULT.json [...]", file=sys.stderr)
+        print("usage: runtime_table.py [--markdown] RESULT.json [...]", file=sys.stderr)
         return 2
     print(f"{'file':<34} {'algorithm':<14} {'ctx':>7} {'B':>2} {'graph':>5} {'tok/s':>7} {'step ms':>8} {'1st ms':>7} "
           f"{'dev KV MB':>9} {'H2D MB/st':>9} {'overlap':>7}")
     for p in paths:
         d = json.loads(Path(p).read_text())
         name = Path(p).stem[-33:]
+        if d.get("benchmark") == "capacity":
+            from bench_capacity import markdown_table, table  # the same directory
+
+            print(f"--- {Path(p).name} ({d['card']}, {d['date_utc']}): largest-batch tok/s (batch), capacity speedup")
+            print(markdown_table(d["rows"]) if markdown else table(d["rows"]))
+            continue
         if "max_concurrent_measured" in d:
             for r in d["runs"]:
                 status = _fmt(r.get("decode_tokens_per_s")) + " tok/s" if r["ok"] else "PoolExhausted"
