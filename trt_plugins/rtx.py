@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ __all__ = [
     "TensorRTRtxUnavailableError",
     "require_tensorrt_rtx",
     "unversioned_library_fix",
+    "link_unversioned_library",
     "register_rtx_plugins",
     "RtxBuildConfig",
     "RtxNetwork",
@@ -66,9 +68,15 @@ class TensorRTRtxUnavailableError(ImportError):
     """TensorRT for RTX cannot be imported, or its ONNX parser could not import a plugin node."""
 
 
-def _libs_dir(trt: ModuleType) -> Path:
-    import tensorrt_rtx_libs
-
+def _libs_dir() -> Path:
+    """The installed ``tensorrt_rtx_libs`` folder (the ONNX parser's ``$ORIGIN``)."""
+    try:
+        import tensorrt_rtx_libs
+    except Exception as exc:
+        raise TensorRTRtxUnavailableError(
+            f"TensorRT for RTX's libraries are not installed (`import tensorrt_rtx_libs` failed: "
+            f"{type(exc).__name__}: {exc}); install them with {RTX_INSTALL_HINT}"
+        ) from None
     return Path(tensorrt_rtx_libs.__file__).resolve().parent
 
 
@@ -94,7 +102,7 @@ def require_tensorrt_rtx() -> ModuleType:
             f"TensorRT for RTX is not available (`import {RTX_MODULE}` failed: {type(exc).__name__}: {exc}); "
             f"install it with {RTX_INSTALL_HINT}"
         ) from None
-    libs = _libs_dir(trt)
+    libs = _libs_dir()
     if not _unversioned_library_reachable(libs):
         raise TensorRTRtxUnavailableError(
             f"TensorRT for RTX {trt.__version__}: its ONNX parser dlopens {UNVERSIONED_LIBRARY!r} when it imports "
@@ -102,6 +110,19 @@ def require_tensorrt_rtx() -> ModuleType:
             f"aborts ('terminate called without an active exception'). Fix: {unversioned_library_fix(libs)}"
         )
     return trt
+
+
+def link_unversioned_library() -> Path:
+    """Create ``libtensorrt_rtx.so -> libtensorrt_rtx.so.1`` in the installed ``tensorrt_rtx_libs``
+    folder (an explicit install step, run by ``make``: ``python -m trt_plugins.rtx --link-library``).
+    Idempotent; returns the link's path. Raises ``FileNotFoundError`` when the versioned library is absent."""
+    libs = _libs_dir()
+    target, link = libs / _VERSIONED_LIBRARY, libs / UNVERSIONED_LIBRARY
+    if not target.is_file():
+        raise FileNotFoundError(f"{target} does not exist: is tensorrt-rtx-cu12-libs installed completely?")
+    if not link.exists():
+        link.symlink_to(_VERSIONED_LIBRARY)
+    return link
 
 
 # ---- plugin fields <-> values ---------------------------------------------------------------
@@ -480,3 +501,25 @@ def build_rtx_engine(model_or_path, config: RtxBuildConfig = RtxBuildConfig()) -
         serialized_fields=list(reg.recorder.serialized),
         seconds=time.perf_counter() - t0,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m trt_plugins.rtx", description=__doc__.splitlines()[0])
+    ap.add_argument("--link-library", action="store_true",
+                    help=f"create the {UNVERSIONED_LIBRARY} link the ONNX parser needs (install step)")  # fmt: skip
+    args = ap.parse_args(argv)
+    try:
+        if args.link_library:
+            print(f"TensorRT for RTX: {link_unversioned_library()} -> {_VERSIONED_LIBRARY}")
+        trt = require_tensorrt_rtx()
+    except (TensorRTRtxUnavailableError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"TensorRT for RTX {trt.__version__}: usable; UCM plugins {', '.join(register_rtx_plugins())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
