@@ -78,19 +78,26 @@ def valid_feeds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], bloc
     return feeds
 
 
-def ort_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    return {n: (tuple(v.shape), TRT_DTYPE[str(v.dtype)]) for n, v in zip(names, sess.run(None, feeds), strict=True)}
+class OrtOutputs:
+    """ONNX Runtime's output shapes and dtypes of ``model`` (one session, any input shapes)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 2
+        so.log_severity_level = 3
+        self.model = model
+        self.sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.sess.get_outputs()]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
+        outs = self.sess.run(None, feeds)
+        return {n: (tuple(v.shape), TRT_DTYPE[str(v.dtype)]) for n, v in zip(self.names, outs, strict=True)}
 
 
-def check_shapes_against_ort(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], block_size: int) -> None:
+def check_shapes_against_ort(ort_outputs: OrtOutputs, shapes: dict[str, tuple[int, ...]], block_size: int) -> None:
     """TensorRT for RTX's concrete output shapes/dtypes for inputs of ``shapes`` equal ONNX Runtime's."""
-    want = ort_outputs(model, valid_feeds(model, shapes, block_size))
-    got = parse_rtx_network(fixed_inputs(model, shapes)).outputs
+    want = ort_outputs(valid_feeds(ort_outputs.model, shapes, block_size))
+    got = parse_rtx_network(fixed_inputs(ort_outputs.model, shapes)).outputs
     assert got == want, f"inputs {shapes}:\n  TensorRT for RTX {got}\n  ONNX Runtime     {want}"
 
 
@@ -115,13 +122,14 @@ def check_rtx_build(model: onnx.ModelProto, engine: EngineBuildConfig, block_siz
               "decode max": {n: s[2] for n, s in decode.items()}}  # fmt: skip
     out_names = [o.name for o in model.graph.output]
     assert list(result.network.outputs) == out_names
-    concrete = ort_outputs(model, valid_feeds(model, points["decode max"], block_size))
+    ort_outputs = OrtOutputs(model)
+    concrete = ort_outputs(valid_feeds(model, points["decode max"], block_size))
     for name, (dims, dtype) in result.network.outputs.items():
         want_dims, want_dtype = concrete[name]
         assert dtype == want_dtype and len(dims) == len(want_dims), (name, dims, dtype, concrete[name])
         assert all(d in (-1, w) for d, w in zip(dims, want_dims, strict=True)), (name, dims, want_dims)
     for shapes in points.values():
-        check_shapes_against_ort(model, shapes, block_size)
+        check_shapes_against_ort(ort_outputs, shapes, block_size)
 
     # serialization: a non-empty plan naming every plugin; every plugin serialized exactly its node's fields
     assert len(result.engine) > 0
