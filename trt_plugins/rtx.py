@@ -35,8 +35,14 @@ from types import ModuleType
 
 import numpy as np
 
-from trt_plugins.build import PROFILE_NAMES, EngineBuildConfig, EngineBuildError, check_ucm_nodes, profile_shapes
-from trt_plugins.spec import SYMBOL_ATTRIBUTES, PluginSpec, all_plugin_specs, output_shape
+from trt_plugins.build import (
+    PROFILE_NAMES,
+    EngineBuildConfig,
+    EngineBuildError,
+    check_ucm_nodes,
+    profile_shapes,
+)
+from trt_plugins.spec import PluginSpec, all_plugin_specs, check_input_dims, output_shape
 
 __all__ = [
     "RTX_MODULE",
@@ -128,9 +134,17 @@ def link_unversioned_library() -> Path:
 # ---- plugin fields <-> values ---------------------------------------------------------------
 
 
-def _field_value(spec: PluginSpec, name: str, data) -> object:
-    kind = next(a.kind for a in spec.attrs if a.name == name)
-    arr = np.asarray(data)
+def _field_value(trt, spec: PluginSpec, field) -> object:
+    """The value of a plugin field as the parser delivered it; its type must be the one the schema's
+    kind maps to (the parser converts ONNX INT -> INT32, FLOAT -> FLOAT32, STRING -> CHAR)."""
+    name = field.name
+    kind = next((a.kind for a in spec.attrs if a.name == name), None)
+    if kind is None:
+        raise ValueError(f"{spec.name}: the parser passed field {name!r}, which is not one of {list(spec.attr_names)}")
+    want = getattr(trt.PluginFieldType, "CHAR" if kind == "string" else _FIELD_TYPE[kind][0])
+    if field.type != want:
+        raise TypeError(f"{spec.name}: field {name!r} ({kind}) arrived as {field.type}, expected {want}")
+    arr = np.asarray(field.data)
     if kind == "string":
         return bytes(arr.astype(np.uint8)).decode().rstrip("\x00")
     if arr.size != 1:
@@ -231,16 +245,8 @@ def _plugin_classes(trt: ModuleType):
 
         def _output_shapes(self, inputs, expr_builder):
             dims = [[d[i] for i in range(len(d))] for d in inputs]
-            for t, ds in zip(self.spec.schema.inputs, dims, strict=True):
-                if len(ds) != len(t.shape):
-                    raise ValueError(f"{self.spec.name}: input {t.name} must have rank {len(t.shape)} {t.shape}, got {len(ds)}")
-                for axis, (sym, e) in enumerate(zip(t.shape, ds, strict=True)):
-                    want = int(sym) if sym.isdigit() else self.values.get(SYMBOL_ATTRIBUTES.get(sym, ""))
-                    if want is not None and e.is_constant() and e.get_constant_value() != want:
-                        raise ValueError(
-                            f"{self.spec.name}: input {t.name} axis {axis} ({sym}) is {e.get_constant_value()} but "
-                            f"the node's attributes say {want}"
-                        )
+            known = [[e.get_constant_value() if e.is_constant() else None for e in ds] for ds in dims]
+            check_input_dims(self.spec, known, self.values)
             const = lambda v: expr_builder.constant(int(v))  # noqa: E731
             return [trt.DimsExprs(output_shape(self.spec, i, dims, self.values, const=const))
                     for i in range(len(self.spec.outputs))]  # fmt: skip
@@ -303,7 +309,7 @@ def _plugin_classes(trt: ModuleType):
         def _create(self, name, fc):
             from trt_plugins import ops
 
-            got = {f.name: _field_value(self.spec, f.name, f.data) for f in fc}
+            got = {f.name: _field_value(trt, self.spec, f) for f in fc}
             values = self.spec.attribute_values(got)  # every field present, exact types
             ops.module(self.spec.name).check(values)  # the TensorRT plugin's own attribute checks
             self.recorder.created.append(name)
@@ -326,7 +332,7 @@ def _registration() -> _Registration:
     recorder = _Recorder()
     registry = trt.get_plugin_registry()
     creators, ids = [], []
-    for name, spec in sorted(all_plugin_specs().items()):
+    for _, spec in sorted(all_plugin_specs().items()):
         creator = creator_cls(spec, recorder)
         if not registry.register_creator(creator, spec.namespace):
             raise RuntimeError(f"TensorRT for RTX refused to register the plugin creator {spec.plugin_id}")
