@@ -355,7 +355,7 @@ class RtxBuildConfig:
     """An RTX build: the TensorRT builder's shapes (prefill and decode profiles) and one target.
 
     engine:              the same :class:`EngineBuildConfig` the TensorRT builder takes (its
-                         ``plugin_mode`` and ``workspace_bytes`` do not apply to RTX).
+                         ``plugin_mode`` does not apply: RTX has no AOT/JIT Python plugins).
     compute_capability:  an RTX target, a ``tensorrt_rtx_bindings.ComputeCapability`` name
                          (SM75, SM80, SM86, SM89, SM120, SM121).
     """
@@ -486,6 +486,8 @@ def build_rtx_engine(model_or_path, config: RtxBuildConfig = RtxBuildConfig()) -
     bconfig = builder.create_builder_config()
     bconfig.num_compute_capabilities = 1
     bconfig.set_compute_capability(cc, 0)
+    if config.engine.workspace_bytes is not None:
+        bconfig.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.engine.workspace_bytes)
     for p, shapes in enumerate(profiles):
         prof = builder.create_optimization_profile()
         for name, (lo, op, hi) in shapes.items():

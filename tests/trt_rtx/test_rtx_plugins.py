@@ -120,7 +120,8 @@ def test_single_op_shapes_dtypes_and_build(op, dtype):
 def test_other_rtx_targets_build(target):
     model = single_op("UcmPagedSparseAttention", "float16")
     fixed = {k: v for k, v in DIMS.items() if k not in ("B", "T", "max_blocks", "num_blocks", "S")}
-    engine = EngineBuildConfig(max_batch=2, max_prefill_tokens=8, max_blocks=4, num_blocks=5, fixed_dims=fixed)
+    engine = EngineBuildConfig(max_batch=2, max_prefill_tokens=8, max_blocks=4, num_blocks=5, fixed_dims=fixed,
+                               workspace_bytes=1 << 24)  # fmt: skip
     result = build_rtx_engine(model, RtxBuildConfig(engine=engine, compute_capability=target))
     assert result.compute_capability == target and len(result.engine) > 0
 
