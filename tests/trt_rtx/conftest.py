@@ -34,7 +34,8 @@ def tensorrt_rtx():
     try:
         return require_tensorrt_rtx()
     except TensorRTRtxUnavailableError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        message = str(exc)
+    pytest.fail(message, pytrace=False)
 
 
 @pytest.fixture(scope="session")
