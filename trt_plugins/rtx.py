@@ -512,20 +512,38 @@ def build_rtx_engine(model_or_path, config: RtxBuildConfig = RtxBuildConfig()) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m trt_plugins.rtx [--link-library] [--build MODEL.onnx --out ENGINE ...]``."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m trt_plugins.rtx", description=__doc__.splitlines()[0])
     ap.add_argument("--link-library", action="store_true",
-                    help=f"create the {UNVERSIONED_LIBRARY} link the ONNX parser needs (install step)")  # fmt: skip
-    args = ap.parse_args(argv)
+                    help=f"create the {UNVERSIONED_LIBRARY} link the ONNX parser needs (install step)")
+    ap.add_argument("--build", metavar="MODEL.onnx", help="build a rewritten model for an RTX target")
+    ap.add_argument("--out", metavar="ENGINE", help="where --build writes the serialized TensorRT-for-RTX engine")
+    ap.add_argument("--compute-capability", default="SM89", help="RTX target (default SM89)")
+    ap.add_argument("--max-batch", type=int, default=1)
+    ap.add_argument("--max-prefill-tokens", type=int, default=1024)
+    ap.add_argument("--max-blocks", type=int, default=64)
+    args = ap.parse_args(argv)  # fmt: skip
+    if (args.build is None) != (args.out is None):
+        ap.error("--build and --out go together")
     try:
         if args.link_library:
             print(f"TensorRT for RTX: {link_unversioned_library()} -> {_VERSIONED_LIBRARY}")
         trt = require_tensorrt_rtx()
-    except (TensorRTRtxUnavailableError, FileNotFoundError) as exc:
+        print(f"TensorRT for RTX {trt.__version__}: usable; UCM plugins {', '.join(register_rtx_plugins())}")
+        if args.build is not None:
+            engine = EngineBuildConfig(max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens,
+                                       max_blocks=args.max_blocks)  # fmt: skip
+            result = build_rtx_engine(args.build, RtxBuildConfig(engine=engine, compute_capability=args.compute_capability))
+            Path(args.out).write_bytes(result.engine)
+            layers = ", ".join(f"{n} x{c}" for n, c in sorted(result.network.plugin_layers.items()))
+            print(f"{args.out}: TensorRT-for-RTX engine for {result.compute_capability} ({len(result.engine) / 1e6:.1f} MB, "
+                  f"plugin layers {layers}, profiles prefill + decode) in {result.seconds:.1f} s; it runs only on an "
+                  "RTX GPU and its UCM plugins have no kernels")  # fmt: skip
+    except (TensorRTRtxUnavailableError, FileNotFoundError, EngineBuildError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"TensorRT for RTX {trt.__version__}: usable; UCM plugins {', '.join(register_rtx_plugins())}")
     return 0
 
 

@@ -21,6 +21,7 @@ from trt_plugins.rtx import (
     _unversioned_library_reachable,
     build_rtx_engine,
     link_unversioned_library,
+    main,
     parse_rtx_network,
     register_rtx_plugins,
     unversioned_library_fix,
@@ -190,3 +191,14 @@ def test_what_tensorrt_rtx_lacks(tensorrt_rtx):
     # the Quick (QDP) plugin interfaces are bound but expose no callbacks to implement
     for name in ("IPluginV3QuickBuild", "IPluginV3QuickRuntime"):
         assert not [m for m in dir(getattr(trt, name)) if not m.startswith("_") and m not in ("api_language", "interface_info")]
+
+
+def test_command_line_build(tmp_path, capsys):
+    model = tmp_path / "select_all.onnx"
+    onnx.save(single_op("UcmSelectAllBlocks"), model)
+    out = tmp_path / "select_all.rtx-engine"
+    assert main(["--build", str(model), "--out", str(out), "--compute-capability", "SM86", "--max-batch", "2"]) == 0
+    assert out.stat().st_size > 0
+    assert "TensorRT-for-RTX engine for SM86" in capsys.readouterr().out
+    assert main(["--build", str(tmp_path / "missing.onnx"), "--out", str(out)]) == 1
+    assert "does not exist" in capsys.readouterr().err
