@@ -6,6 +6,8 @@
 #
 # The virtualenv is created once and refreshed (not recreated) when pyproject.toml or this Makefile
 # changes; a stamp file inside it makes a second run skip the installs.
+# The CPU tier includes the TensorRT-for-RTX build tests (tests/trt_rtx): the trt-rtx extra (about 90 MB of
+# wheels) is installed, and the unversioned library link its ONNX parser needs is created.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -37,8 +39,9 @@ $(PY):
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install --quiet --upgrade "pip>=24"
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[dev,trt-rtx]"
 	$(PIP) install --quiet --no-deps $(NODEPS_PKGS)
+	$(PY) -m trt_plugins.rtx --link-library
 	$(PY) -c "import torch, transformers, ucm_trt; print('venv ready: torch', torch.__version__, '| transformers', transformers.__version__)"
 	touch $@
 

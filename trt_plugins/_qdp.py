@@ -21,7 +21,7 @@ from typing import List, Tuple, Union  # noqa: UP035 - QDP inspects typing.Tuple
 import torch
 
 from trt_plugins._tensorrt import require_tensorrt
-from trt_plugins.spec import SYMBOL_ATTRIBUTES, PluginSpec, output_shape
+from trt_plugins.spec import PluginSpec, check_input_dims, output_shape
 
 __all__ = ["OpImpl", "define_plugin", "parameter_names", "torch_dtype", "torch_view"]
 
@@ -102,17 +102,8 @@ def _check_descs(spec: PluginSpec, descs: list, values: dict) -> None:
     for d, t in zip(descs, spec.schema.inputs, strict=True):
         if t.types == ("int32",) and d.dtype != trt.int32:
             raise TypeError(f"{spec.name}: input {t.name} must be INT32, got {d.dtype}")
-        if len(d.shape_expr) != len(t.shape):
-            raise ValueError(f"{spec.name}: input {t.name} must have rank {len(t.shape)} {t.shape}, got {len(d.shape_expr)}")
-        for axis, (sym, e) in enumerate(zip(t.shape, d.shape_expr, strict=True)):
-            want = int(sym) if sym.isdigit() else values.get(SYMBOL_ATTRIBUTES.get(sym, ""))
-            if want is None or e.is_fake or not e.is_constant:
-                continue
-            if e.constant_value() != want:
-                raise ValueError(
-                    f"{spec.name}: input {t.name} axis {axis} ({sym}) is {e.constant_value()} but the node's "
-                    f"attributes say {want}"
-                )
+    known = [[None if (e.is_fake or not e.is_constant) else e.constant_value() for e in d.shape_expr] for d in descs]
+    check_input_dims(spec, known, values)
 
 
 def define_plugin(spec: PluginSpec, impl: OpImpl) -> None:

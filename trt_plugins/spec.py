@@ -29,6 +29,7 @@ __all__ = [
     "parser_field_value",
     "reserved_op_names",
     "output_shape",
+    "check_input_dims",
 ]
 
 # Node attributes that route an ONNX node to a plugin creator; they are not plugin fields.
@@ -194,6 +195,23 @@ def output_shape(
         else:
             raise ValueError(f"{spec.name}: output symbol {sym!r} is defined by no input and no attribute")
     return out
+
+
+def check_input_dims(spec: PluginSpec, dims: Sequence[Sequence[int | None]], attrs: Mapping[str, object]) -> None:
+    """Static checks a builder can make on the inputs' dims (``None`` = not known at build time): every
+    input has the schema's rank, and every known dim that a literal or an attribute defines equals it
+    (a clear error instead of a kernel reading out of bounds). Shared by the QDP and the RTX plugins."""
+    if len(dims) != len(spec.inputs):
+        raise ValueError(f"{spec.name} takes {len(spec.inputs)} inputs, got {len(dims)} shapes")
+    for t, ds in zip(spec.schema.inputs, dims, strict=True):
+        if len(ds) != len(t.shape):
+            raise ValueError(f"{spec.name}: input {t.name} must have rank {len(t.shape)} {t.shape}, got {len(ds)}")
+        for axis, (sym, d) in enumerate(zip(t.shape, ds, strict=True)):
+            want = int(sym) if sym.isdigit() else attrs.get(SYMBOL_ATTRIBUTES.get(sym, ""))
+            if want is not None and d is not None and d != want:
+                raise ValueError(
+                    f"{spec.name}: input {t.name} axis {axis} ({sym}) is {d} but the node's attributes say {want}"
+                )
 
 
 def reserved_op_names() -> set[str]:

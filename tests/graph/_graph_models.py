@@ -19,7 +19,8 @@ TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_atte
 ROPE_THETA = {"llama": 10000.0, "qwen2": 1000000.0, "mistral": 10000.0}
 
 
-def make_tiny(arch: str):
+def make_tiny(arch: str, **overrides):
+    """A tiny random model of ``arch``: the ``TINY`` config updated with ``overrides`` (e.g. ``head_dim=32``)."""
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,
@@ -31,12 +32,13 @@ def make_tiny(arch: str):
 
     torch.manual_seed({"llama": 1, "qwen2": 2, "mistral": 3}[arch])
     rope = {"rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA[arch]}}
+    tiny = {**TINY, **overrides}
     if arch == "llama":
-        m = LlamaForCausalLM(LlamaConfig(**TINY, **rope))
+        m = LlamaForCausalLM(LlamaConfig(**tiny, **rope))
     elif arch == "qwen2":
-        m = Qwen2ForCausalLM(Qwen2Config(**TINY, **rope))
+        m = Qwen2ForCausalLM(Qwen2Config(**tiny, **rope))
     else:
-        m = MistralForCausalLM(MistralConfig(**TINY, **rope, sliding_window=None))
+        m = MistralForCausalLM(MistralConfig(**tiny, **rope, sliding_window=None))
     return m.eval()
 
 

@@ -9,6 +9,7 @@ from trt_plugins import INSTALL_HINT, TensorRTUnavailableError, ops
 from trt_plugins.spec import (
     ROUTING_ATTRIBUTES,
     all_plugin_specs,
+    check_input_dims,
     output_shape,
     parser_field_value,
     plugin_spec,
@@ -108,6 +109,25 @@ def test_output_shapes_from_schema_symbols(name):
     assert out == want
     with pytest.raises(ValueError, match="rank"):
         output_shape(spec, 0, [s[:-1] for s in shapes], _ATTRS[name])
+
+
+def test_input_dims_checked_against_rank_literals_and_attributes():
+    spec = plugin_spec("UcmPagedSparseAttention")
+    attrs = _ATTRS["UcmPagedSparseAttention"]
+    ok = [[None, 4, None, 32], [None, 2, None, 32], [None, 2, None, 32], [None, 2, 2, 16, 32], [None, None], [None],
+          [None, 2, None]]  # fmt: skip
+    check_input_dims(spec, ok, attrs)
+    check_input_dims(spec, [[None] * len(d) for d in ok], attrs)  # nothing known: nothing to contradict
+    bad_q = [[2, 8, 3, 32], *ok[1:]]
+    with pytest.raises(ValueError, match=r"input q axis 1 \(Hq\) is 8 but the node's attributes say 4"):
+        check_input_dims(spec, bad_q, attrs)
+    bad_pool = [*ok[:3], [None, 3, 2, 16, 32], *ok[4:]]
+    with pytest.raises(ValueError, match=r"input kv_pool axis 1 \(2\) is 3 but the node's attributes say 2"):
+        check_input_dims(spec, bad_pool, attrs)
+    with pytest.raises(ValueError, match=r"input seq_lens must have rank 1 \('B',\), got 2"):
+        check_input_dims(spec, [*ok[:5], [None, None], ok[6]], attrs)
+    with pytest.raises(ValueError, match="takes 7 inputs, got 6 shapes"):
+        check_input_dims(spec, ok[:6], attrs)
 
 
 def test_plugin_geometry_rejects_bad_attributes():
