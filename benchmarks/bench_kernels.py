@@ -285,6 +285,12 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
         add("dense_sdpa", "torch", 1.0, dense_ms, kv_bytes)
     ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, None, out=out, validate=False), cx.reps)
     add("ours_dense_paged", "jit", 1.0, ms, kv_bytes)
+    if "dense_splits" in extras:  # the split rule's choice against its neighbours (5 = the former rule)
+        for ns in (1, 4, 5, 6, 8, 12):
+            la = AttentionLaunch(num_splits=ns)
+            ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, None, out=out, validate=False,
+                                                        launch=la), cx.reps)  # fmt: skip
+            add("ours_dense_paged_splits", "jit", 1.0, ms, kv_bytes, num_splits=ns)
     aot = _try(rows, "aot_compile", lambda: AotPeer(bs, d))
     for budget in budgets:
         sel = make_selection(batch, nb, budget, gen)
@@ -356,7 +362,7 @@ def bench_attention(cx, args, rows):
     for ctx in args.contexts:
         for batch in args.batches:
             for bs in args.block_sizes if ctx == big else [64]:
-                extras = set()
+                extras = {"dense_splits"} if (ctx != big and batch == 8) else set()
                 budgets = [1 / 8]
                 if ctx == big and bs == 64:
                     budgets = args.budgets
@@ -424,7 +430,7 @@ def print_table(rows, cx):
     print(f"{'op':<26}{'path':<11}{'ctx':>7}{'B':>3}{'bs':>4}{'d':>4}{'budget':>7}{'us':>9}{'%copy':>7}"
           f"{'x dense':>8}{'x FI':>7}")
     for r in rows:
-        if r.get("us") is None or r["op"] == "ours_sparse_ppsm":
+        if r.get("us") is None or r["op"] in ("ours_sparse_ppsm", "ours_dense_paged_splits"):
             continue
         sp = f"{r['speedup_vs_dense']:.2f}" if r.get("speedup_vs_dense") else "-"
         fi = f"{r['speedup_vs_flashinfer']:.2f}" if r.get("speedup_vs_flashinfer") else "-"
@@ -434,6 +440,9 @@ def print_table(rows, cx):
     for r in rows:
         if r["op"] == "ours_sparse_ppsm":
             print(f"batch-1 split rule: programs_per_sm={r['programs_per_sm']}: {r['us']:.1f} us")
+        if r["op"] == "ours_dense_paged_splits":
+            print(f"dense paged ctx {r['context_len']} batch {r['batch']}: num_splits={r['num_splits']}: {r['us']:.1f} us"
+                  f" ({r['speedup_vs_dense']}x SDPA)")
     for r in rows:
         if r["op"].startswith("error_") or r["op"] == "flashinfer_status":
             print(r)

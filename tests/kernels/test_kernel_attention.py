@@ -59,7 +59,8 @@ def test_sparse_attention_matches_reference(name, device):
                            device=device, gen=gen)
     for sel_name, sel in _selections(case, hkv, gen, device).items():
         ref = R.paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel)
-        for launch in (AttentionLaunch(), AttentionLaunch(num_splits=3, block_t=7)):
+        # default tiles gather 2-4 small blocks per key tile; block_n=16 walks one block per tile
+        for launch in (AttentionLaunch(), AttentionLaunch(num_splits=3, block_t=7, block_n=16)):
             got = _run_sparse(case, sel, launch)
             assert not torch.isnan(got).any(), (sel_name, launch)
             torch.testing.assert_close(got, ref, **tolerances_for(torch.float32), msg=lambda m, s=sel_name, la=launch: f"{s} {la}: {m}")
@@ -116,7 +117,8 @@ def test_rerope_attention_matches_reference(name, device):
         out = nan_like(case.q)
         got = paged_rerope_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel, window=window,
                                      theta=10000.0, logn_training_length=logn, out=out,
-                                     launch=AttentionLaunch(num_splits=2, block_t=8))
+                                     launch=AttentionLaunch(num_splits=2, block_t=8,
+                                                            block_n=16 if sel_name == "none" else None))
         assert not torch.isnan(got).any()
         torch.testing.assert_close(got, ref, **tolerances_for(torch.float32), msg=lambda m, s=sel_name: f"{s}: {m}")
 
@@ -245,6 +247,13 @@ def test_launch_rule_fills_the_gpu_and_splits_evenly():
                        sms=132, launch=AttentionLaunch())
     assert p.splits * 8 >= 2 * 132 and p.splits * p.items_per_split >= 258
     assert (p.splits - 1) * p.items_per_split < 258  # no empty split
+    # batch 8 dense 32K (512 blocks): 5 splits would be 320 programs = 2.4 rounds on 132 SMs; 6 = 2.9
+    p = plan_attention(batch=8, num_kv_heads=8, group=4, tq=1, head_dim=128, block_size=64, work_items=514,
+                       sms=132, launch=AttentionLaunch())
+    assert p.splits == 6 and 8 * 8 * p.splits / (-(-8 * 8 * p.splits // 132) * 132) > 0.95
+    # small blocks: several per key tile
+    assert plan_attention(batch=1, num_kv_heads=8, group=4, tq=1, head_dim=128, block_size=16, work_items=99,
+                          sms=132, launch=AttentionLaunch()).block_n == 64
     assert p.block_m == 16 and p.n_qtiles == 1
     # batch 64 fills the GPU alone: one split
     assert plan_attention(batch=64, num_kv_heads=8, group=4, tq=1, head_dim=128, block_size=64, work_items=258,
@@ -252,7 +261,7 @@ def test_launch_rule_fills_the_gpu_and_splits_evenly():
     # prefill: 64-row tiles
     p = plan_attention(batch=1, num_kv_heads=8, group=4, tq=500, head_dim=96, block_size=16, work_items=40,
                        sms=132, launch=AttentionLaunch())
-    assert (p.block_t, p.block_m, p.block_n) == (16, 64, 16)
+    assert (p.block_t, p.block_m, p.block_n) == (16, 64, 64)
 
 
 # ------------------------------------------------------------------ GPU tier
@@ -273,7 +282,7 @@ def _gpu_selection(nbs, hkv, frac, gen, device, *, sink=1, local=2):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bs", [64, 128])
+@pytest.mark.parametrize("bs", [16, 64, 128])
 @pytest.mark.parametrize("group,tq", [(4, 1), (8, 1), (1, 4)])
 def test_gpu_sparse_decode(dtype, bs, group, tq):
     dev = torch.device("cuda")
@@ -299,6 +308,44 @@ def test_gpu_sparse_prefill(dtype, d):
         ref = R.paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel)
         got = _run_sparse(case, sel, AttentionLaunch())
         torch.testing.assert_close(got.float(), ref, **tolerances_for(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bs", [64, 16])
+@pytest.mark.parametrize("d", [128, 96])
+def test_gpu_odd_head_dims_and_small_blocks(bs, d):
+    """head_dim 96 (padded tile) and block 16 (4 blocks per key tile) at real sizes, sparse and ReRoPE."""
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(bs + d)
+    case = make_paged_case(lens=(6000, 3001), hkv=8, group=4, d=d, bs=bs, tq=1, dtype=torch.bfloat16, device=dev,
+                           gen=gen)
+    sel = _gpu_selection(case.num_blocks, 8, 1 / 8, gen, dev)
+    ref = R.paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel)
+    torch.testing.assert_close(_run_sparse(case, sel, AttentionLaunch()).float(), ref,
+                               **tolerances_for(torch.bfloat16))
+    ref = R.paged_rerope_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel, window=1024,
+                                   theta=1e6, logn_training_length=4096)
+    got = paged_rerope_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel, window=1024, theta=1e6,
+                                 logn_training_length=4096, out=nan_like(case.q))
+    torch.testing.assert_close(got.float(), ref, **tolerances_for(torch.bfloat16))
+
+
+@pytest.mark.gpu
+def test_gpu_guard_flags_without_sync_and_keeps_good_rows():
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(17)
+    case = make_paged_case(lens=(5000, 7000), hkv=8, group=4, d=128, bs=64, tq=1, dtype=torch.bfloat16, device=dev,
+                           gen=gen)
+    sel = _gpu_selection(case.num_blocks, 8, 1 / 8, gen, dev)
+    good = paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel)
+    bad = sel.clone()
+    bad[1, 3, 2] = 1_000_000
+    guard = IndexGuard(dev, ATTENTION_GUARD_CODES)
+    got = paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, bad, validate=False,
+                                 guard=guard)
+    torch.testing.assert_close(got[0], good[0])
+    with pytest.raises(IndexOutOfRangeError, match="selection id"):
+        guard.check("gpu step")
 
 
 @pytest.mark.gpu

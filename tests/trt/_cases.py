@@ -74,6 +74,8 @@ CASES = {
     # head_dim that is not a power of two (padded tiles, masked lanes): Phi-3-like 96, 80
     "d96_gqa4": Case(hq=8, hkv=2, d=96, bs=16, t=2, lens=(50, 20)),
     "d80": Case(hq=4, hkv=1, d=80, bs=32, t=3, lens=(70, 40)),
+    # block 64: one block per key tile (smaller blocks are gathered several per tile)
+    "bs64": Case(t=3, bs=64, lens=(150, 70), max_blocks=3, num_blocks=8, num_sel=2),
     "rerope_d80": Case(hq=4, hkv=2, d=80, bs=16, t=4, lens=(45, 30), rerope_window=8, logn=16),
 }
 

@@ -49,7 +49,7 @@ def _run_aot(case: Case, inputs: dict, dtype: torch.dtype, tactic: int) -> torch
 # fp32 on a few (IEEE dots). Kept small enough to compile and run in about two minutes.
 _NATURAL = {"decode": 1, "chunk3": 1, "prefill": 2, "one_block": 1, "select_all": 1, "gqa8_d64": 1,
             "mha_d128": 1, "rerope": 1, "rerope_logn_prefill": 2, "d96_gqa4": 1, "d80": 1,
-            "rerope_d80": 1}  # fmt: skip
+            "rerope_d80": 1, "bs64": 1}  # fmt: skip
 _GPU = ([(n, dt, (t,)) for n, t in _NATURAL.items() for dt in (torch.float16, torch.bfloat16)]
         + [("prefill", torch.float16, (TACTIC_DECODE,)), ("rerope", torch.bfloat16, (TACTIC_PREFILL,))]
         + [(n, torch.float32, (t,)) for n, t in (("chunk3", 1), ("rerope_logn_prefill", 2))])  # fmt: skip
@@ -69,6 +69,8 @@ def test_aot_ptx_launched_like_tensorrt(name, dtype, tactics):
 _BIG = {
     "big_decode": Case(batch=2, hq=32, hkv=8, d=128, bs=64, t=1, lens=(4096, 3001), max_blocks=64,
                        num_blocks=160, num_sel=16),
+    "big_decode_bs16_d96": Case(batch=2, hq=32, hkv=8, d=96, bs=16, t=1, lens=(4096, 3001), max_blocks=256,
+                                num_blocks=600, num_sel=40),
     "big_prefill_rerope": Case(batch=1, hq=32, hkv=8, d=128, bs=64, t=512, lens=(4000,), max_blocks=64,
                                num_blocks=80, num_sel=16, rerope_window=512, logn=2048),
 }  # fmt: skip

@@ -95,6 +95,22 @@ ATTENTION_GUARD_CODES = {
 
 
 @triton.jit
+def _softmax_update(s, v, kmask, pos, qpos, row_ok, m_i, l_i, acc, QK_SCALE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step (exp2 domain) over a key tile: scores ``s`` [rows, keys], values ``v``."""
+    s = s * QK_SCALE
+    vis = kmask[None, :] & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_attn_fwd(
     q_ptr, k_ptr, v_ptr, pool_ptr, bt_ptr, seqlen_ptr, sel_ptr,
     T, MAX_BLOCKS, NUM_SEL, NUM_BLOCKS, ITEMS_PER_SPLIT,
@@ -109,7 +125,7 @@ def _paged_attn_fwd(
     HAS_SEL: tl.constexpr, CHUNK_KV: tl.constexpr, SPLIT: tl.constexpr, HAS_GUARD: tl.constexpr,
     QK_SCALE: tl.constexpr, REROPE: tl.constexpr, WINDOW: tl.constexpr, LOG2_THETA: tl.constexpr,
     LOGN: tl.constexpr, INV_LOG_TRAIN: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
-    ITEMS: tl.constexpr,
+    ITEMS: tl.constexpr, BPT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -231,81 +247,139 @@ def _paged_attn_fwd(
             tl.atomic_max(guard_ptr, 22, mask=tl.sum(bad_phys.to(tl.int32), 0) > 0)
         # an item is read iff it is in range and every id on its way is valid
         live_v = tl.where(pool_item, use & ~bad_phys, in_rng)
-        for jj in range(0, tl.minimum(ITEMS, item_hi - c0)):
-            pick = ii == jj
-            live = tl.sum(tl.where(pick, live_v.to(tl.int32), 0), 0) > 0
-            if live:
-                j = c0 + jj
-                blk = tl.sum(tl.where(pick, blk_v, 0), 0)
-                phys = tl.sum(tl.where(pick, phys_raw, 0), 0).to(tl.int64)
-                item_is_sel = j < n_sel_items
-                # keys [lo, hi) of this item; pos0 = position of its first slot
-                if CHUNK_KV:
-                    c = j - n_sel_items
-                    pos0 = tl.where(item_is_sel, blk * BS, chunk_start + c * BS)
-                    lo = tl.where(item_is_sel, blk * BS, chunk_start)
-                    hi = tl.where(item_is_sel, chunk_start, chunk_start + t_hi)
-                else:
-                    pos0 = blk * BS
-                    lo = tl.where(item_is_sel, blk * BS, tl.maximum(chunk_start, blk * BS))
-                    hi = tl.where(item_is_sel, chunk_start, seq_len)
-                blk_base = kv_head + phys * stride_pn
-                for sub in tl.static_range(BS // BLOCK_N):
-                    tok = sub * BLOCK_N + nn
-                    pos = pos0 + tok
-                    kmask = (pos >= lo) & (pos < hi)
-                    km = kmask[:, None] & dh_ok[None, :]
-                    vm = kmask[:, None] & dv_ok[None, :]
+        if BPT == 1:
+            for jj in range(0, tl.minimum(ITEMS, item_hi - c0)):
+                pick = ii == jj
+                live = tl.sum(tl.where(pick, live_v.to(tl.int32), 0), 0) > 0
+                if live:
+                    j = c0 + jj
+                    blk = tl.sum(tl.where(pick, blk_v, 0), 0)
+                    phys = tl.sum(tl.where(pick, phys_raw, 0), 0).to(tl.int64)
+                    item_is_sel = j < n_sel_items
+                    # keys [lo, hi) of this item; pos0 = position of its first slot
                     if CHUNK_KV:
-                        if item_is_sel:
+                        c = j - n_sel_items
+                        pos0 = tl.where(item_is_sel, blk * BS, chunk_start + c * BS)
+                        lo = tl.where(item_is_sel, blk * BS, chunk_start)
+                        hi = tl.where(item_is_sel, chunk_start, chunk_start + t_hi)
+                    else:
+                        pos0 = blk * BS
+                        lo = tl.where(item_is_sel, blk * BS, tl.maximum(chunk_start, blk * BS))
+                        hi = tl.where(item_is_sel, chunk_start, seq_len)
+                    blk_base = kv_head + phys * stride_pn
+                    for sub in tl.static_range(BS // BLOCK_N):
+                        tok = sub * BLOCK_N + nn
+                        pos = pos0 + tok
+                        kmask = (pos >= lo) & (pos < hi)
+                        km = kmask[:, None] & dh_ok[None, :]
+                        vm = kmask[:, None] & dv_ok[None, :]
+                        if CHUNK_KV:
+                            if item_is_sel:
+                                k_ptrs = blk_base + tok[:, None] * stride_pt + dh[None, :]
+                                v_ptrs = blk_base + stride_pkv + tok[:, None] * stride_pt + dv[None, :]
+                                k1 = tl.load(k_ptrs, mask=km, other=0.0).to(kv_dtype)
+                                k2 = tl.load(k_ptrs + HALF, mask=km, other=0.0).to(kv_dtype)
+                                v = tl.load(v_ptrs, mask=vm, other=0.0).to(kv_dtype)
+                            else:
+                                tc = (pos - chunk_start).to(tl.int64)
+                                c_off = b64 * stride_kb + h * stride_kh + tc * stride_kt
+                                k1 = tl.load(k_ptr + c_off[:, None] + dh[None, :], mask=km, other=0.0).to(kv_dtype)
+                                k2 = tl.load(k_ptr + c_off[:, None] + HALF + dh[None, :], mask=km, other=0.0).to(kv_dtype)
+                                v = tl.load(v_ptr + c_off[:, None] + dv[None, :], mask=vm, other=0.0).to(kv_dtype)
+                        else:
                             k_ptrs = blk_base + tok[:, None] * stride_pt + dh[None, :]
                             v_ptrs = blk_base + stride_pkv + tok[:, None] * stride_pt + dv[None, :]
                             k1 = tl.load(k_ptrs, mask=km, other=0.0).to(kv_dtype)
                             k2 = tl.load(k_ptrs + HALF, mask=km, other=0.0).to(kv_dtype)
                             v = tl.load(v_ptrs, mask=vm, other=0.0).to(kv_dtype)
+                        if REROPE:
+                            s = tl.dot(qa, tl.trans(k1), input_precision=DOT_PREC)
+                            s = tl.dot(qb, tl.trans(k2), s, input_precision=DOT_PREC)
+                            tile_lo = pos0 + sub * BLOCK_N
+                            if q_first_pos - (tile_lo + BLOCK_N - 1) < WINDOW:
+                                ang_b = (tile_lo - q_first_pos).to(tl.float32) * inv_freq
+                                cb = tl.cos(ang_b)[None, :]
+                                sb = tl.sin(ang_b)[None, :]
+                                ck = cb * cn - sb * sn
+                                sk = sb * cn + cb * sn
+                                k1f = k1.to(tl.float32)
+                                k2f = k2.to(tl.float32)
+                                kr1 = (k1f * ck - k2f * sk).to(kv_dtype)
+                                kr2 = (k2f * ck + k1f * sk).to(kv_dtype)
+                                s1 = tl.dot(qr1, tl.trans(kr1), input_precision=DOT_PREC)
+                                s1 = tl.dot(qr2, tl.trans(kr2), s1, input_precision=DOT_PREC)
+                                s = tl.where((qpos[:, None] - pos[None, :]) < WINDOW, s1, s)
                         else:
-                            tc = (pos - chunk_start).to(tl.int64)
-                            c_off = b64 * stride_kb + h * stride_kh + tc * stride_kt
-                            k1 = tl.load(k_ptr + c_off[:, None] + dh[None, :], mask=km, other=0.0).to(kv_dtype)
-                            k2 = tl.load(k_ptr + c_off[:, None] + HALF + dh[None, :], mask=km, other=0.0).to(kv_dtype)
-                            v = tl.load(v_ptr + c_off[:, None] + dv[None, :], mask=vm, other=0.0).to(kv_dtype)
-                    else:
-                        k_ptrs = blk_base + tok[:, None] * stride_pt + dh[None, :]
-                        v_ptrs = blk_base + stride_pkv + tok[:, None] * stride_pt + dv[None, :]
-                        k1 = tl.load(k_ptrs, mask=km, other=0.0).to(kv_dtype)
-                        k2 = tl.load(k_ptrs + HALF, mask=km, other=0.0).to(kv_dtype)
-                        v = tl.load(v_ptrs, mask=vm, other=0.0).to(kv_dtype)
-                    if REROPE:
-                        s = tl.dot(qa, tl.trans(k1), input_precision=DOT_PREC)
-                        s = tl.dot(qb, tl.trans(k2), s, input_precision=DOT_PREC)
-                        tile_lo = pos0 + sub * BLOCK_N
-                        if q_first_pos - (tile_lo + BLOCK_N - 1) < WINDOW:
-                            ang_b = (tile_lo - q_first_pos).to(tl.float32) * inv_freq
-                            cb = tl.cos(ang_b)[None, :]
-                            sb = tl.sin(ang_b)[None, :]
-                            ck = cb * cn - sb * sn
-                            sk = sb * cn + cb * sn
-                            k1f = k1.to(tl.float32)
-                            k2f = k2.to(tl.float32)
-                            kr1 = (k1f * ck - k2f * sk).to(kv_dtype)
-                            kr2 = (k2f * ck + k1f * sk).to(kv_dtype)
-                            s1 = tl.dot(qr1, tl.trans(kr1), input_precision=DOT_PREC)
-                            s1 = tl.dot(qr2, tl.trans(kr2), s1, input_precision=DOT_PREC)
-                            s = tl.where((qpos[:, None] - pos[None, :]) < WINDOW, s1, s)
-                    else:
-                        s = tl.dot(qa, tl.trans(k1), input_precision=DOT_PREC)
-                        s = tl.dot(qb, tl.trans(k2), s, input_precision=DOT_PREC)
-                    s = s * QK_SCALE
-                    vis = kmask[None, :] & (pos[None, :] <= qpos[:, None]) & row_ok[:, None]
-                    s = tl.where(vis, s, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s, 1))
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp2(m_i - m_safe)
-                    p = tl.exp2(s - m_safe[:, None])
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                    acc = acc * alpha[:, None]
-                    acc = tl.dot(p.to(kv_dtype), v, acc, input_precision=DOT_PREC)
-                    m_i = m_new
+                            s = tl.dot(qa, tl.trans(k1), input_precision=DOT_PREC)
+                            s = tl.dot(qb, tl.trans(k2), s, input_precision=DOT_PREC)
+                        m_i, l_i, acc = _softmax_update(s, v, kmask, pos, qpos, row_ok, m_i, l_i, acc, QK_SCALE, DOT_PREC)
+
+        else:
+            # small blocks: one key tile spans BPT blocks (rows r -> item r // BS, token r % BS)
+            rb = nn // BS
+            tok = nn % BS
+            for jj in range(0, tl.minimum(ITEMS, item_hi - c0), BPT):
+                blk_r = tl.zeros([BLOCK_N], tl.int32)
+                phys_r = tl.zeros([BLOCK_N], tl.int32)
+                live_r = tl.zeros([BLOCK_N], tl.int32)
+                for kk in tl.static_range(BPT):
+                    pick = ii == jj + kk
+                    blk_r = tl.where(rb == kk, tl.sum(tl.where(pick, blk_v, 0), 0), blk_r)
+                    phys_r = tl.where(rb == kk, tl.sum(tl.where(pick, phys_raw, 0), 0), phys_r)
+                    live_r = tl.where(rb == kk, tl.sum(tl.where(pick, live_v.to(tl.int32), 0), 0), live_r)
+                j_r = c0 + jj + rb
+                sel_r = j_r < n_sel_items
+                if CHUNK_KV:
+                    c_r = j_r - n_sel_items
+                    pos = tl.where(sel_r, blk_r * BS, chunk_start + c_r * BS) + tok
+                    lo = tl.where(sel_r, blk_r * BS, chunk_start)
+                    hi = tl.where(sel_r, chunk_start, chunk_start + t_hi)
+                else:
+                    pos = blk_r * BS + tok
+                    lo = tl.where(sel_r, blk_r * BS, tl.maximum(chunk_start, blk_r * BS))
+                    hi = tl.where(sel_r, chunk_start, seq_len)
+                kmask = (live_r > 0) & (pos >= lo) & (pos < hi)
+                p_rows = kv_head + phys_r.to(tl.int64) * stride_pn + tok * stride_pt
+                if CHUNK_KV:
+                    pm = kmask & sel_r
+                    cm = kmask & ~sel_r
+                    c_off = b64 * stride_kb + h * stride_kh + (pos - chunk_start).to(tl.int64) * stride_kt
+                    k1 = tl.where(pm[:, None],
+                                  tl.load(p_rows[:, None] + dh[None, :], mask=pm[:, None] & dh_ok[None, :], other=0.0),
+                                  tl.load(k_ptr + c_off[:, None] + dh[None, :], mask=cm[:, None] & dh_ok[None, :],
+                                          other=0.0)).to(kv_dtype)  # fmt: skip
+                    k2 = tl.where(pm[:, None],
+                                  tl.load(p_rows[:, None] + HALF + dh[None, :], mask=pm[:, None] & dh_ok[None, :],
+                                          other=0.0),
+                                  tl.load(k_ptr + c_off[:, None] + HALF + dh[None, :],
+                                          mask=cm[:, None] & dh_ok[None, :], other=0.0)).to(kv_dtype)  # fmt: skip
+                    v = tl.where(pm[:, None],
+                                 tl.load(p_rows[:, None] + stride_pkv + dv[None, :], mask=pm[:, None] & dv_ok[None, :],
+                                         other=0.0),
+                                 tl.load(v_ptr + c_off[:, None] + dv[None, :], mask=cm[:, None] & dv_ok[None, :],
+                                         other=0.0)).to(kv_dtype)  # fmt: skip
+                else:
+                    km = kmask[:, None] & dh_ok[None, :]
+                    k1 = tl.load(p_rows[:, None] + dh[None, :], mask=km, other=0.0).to(kv_dtype)
+                    k2 = tl.load(p_rows[:, None] + HALF + dh[None, :], mask=km, other=0.0).to(kv_dtype)
+                    v = tl.load(p_rows[:, None] + stride_pkv + dv[None, :], mask=kmask[:, None] & dv_ok[None, :],
+                                other=0.0).to(kv_dtype)  # fmt: skip
+                s = tl.dot(qa, tl.trans(k1), input_precision=DOT_PREC)
+                s = tl.dot(qb, tl.trans(k2), s, input_precision=DOT_PREC)
+                if REROPE:
+                    # rows are not contiguous positions here: rotate each key by its own angle
+                    if q_first_pos - tl.max(tl.where(kmask, pos, -(1 << 30)), 0) < WINDOW:
+                        ang_k = (pos - q_first_pos).to(tl.float32)[:, None] * inv_freq[None, :]
+                        ck = tl.cos(ang_k)
+                        sk = tl.sin(ang_k)
+                        k1f = k1.to(tl.float32)
+                        k2f = k2.to(tl.float32)
+                        kr1 = (k1f * ck - k2f * sk).to(kv_dtype)
+                        kr2 = (k2f * ck + k1f * sk).to(kv_dtype)
+                        s1 = tl.dot(qr1, tl.trans(kr1), input_precision=DOT_PREC)
+                        s1 = tl.dot(qr2, tl.trans(kr2), s1, input_precision=DOT_PREC)
+                        s = tl.where((qpos[:, None] - pos[None, :]) < WINDOW, s1, s)
+                m_i, l_i, acc = _softmax_update(s, v, kmask, pos, qpos, row_ok, m_i, l_i, acc, QK_SCALE, DOT_PREC)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -418,7 +492,39 @@ def query_tile(rows: int, group: int, tq: int | None = None) -> tuple[int, int]:
 
 
 def default_block_n(block_size: int, head_dim: int) -> int:
-    return min(block_size, 128 if head_dim <= 128 else 64)
+    """Keys per inner tile: 64 to 128 (64 above head_dim 128). Blocks smaller than the tile are
+    gathered several per tile (``BPT`` blocks), larger ones walked in sub-tiles."""
+    return min(max(block_size, 64), 128 if head_dim <= 128 else 64)
+
+
+def blocks_per_tile(block_n: int, block_size: int) -> int:
+    return max(1, block_n // block_size)
+
+
+def _even_split(work_items: int, splits: int) -> tuple[int, int]:
+    """``(items per split, splits)`` with no empty split."""
+    splits = max(1, min(splits, work_items))
+    per_split = -(-work_items // splits)
+    return per_split, -(-work_items // per_split)
+
+
+def _balanced_split(work_items: int, base: int, programs_per_sm: int, sms: int) -> tuple[int, int]:
+    """The split count for ``base`` programs without splitting: at least ``programs_per_sm x sms``
+    programs in all, and among 1x to 2x that count the one whose programs spread most evenly over
+    the SMs (``P / (ceil(P / sms) x sms)``, fewest splits on ties). Equal programs that do not fill a
+    last round leave SMs idle while the rest finish: 320 programs on 132 SMs run as 3 rounds of
+    which the last is 42% full (81% efficiency), 384 as 3 rounds at 97%."""
+    s0 = -(-(programs_per_sm * sms) // base)
+    if s0 <= 1:
+        return _even_split(work_items, 1)
+    best = None
+    for cand in range(s0, 2 * s0 + 1):
+        per_split, splits = _even_split(work_items, cand)
+        programs = base * splits
+        eff = programs / (-(-programs // sms) * sms)
+        if best is None or eff > best[0] + 1e-9:
+            best = (eff, per_split, splits)
+    return best[1], best[2]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -443,10 +549,11 @@ def plan_attention(
     """The launch rule shared by every path.
 
     * query tile: decode tiles (16 rows) when all ``tq x group`` rows fit, else prefill tiles
-      (64 rows);
-    * splits: ``ceil(programs_per_sm x SMs / (batch x Hkv x query tiles))`` pieces of the
-      ``work_items`` (blocks one program may visit), so a batch-1 decode still fills the GPU;
-      none when the grid already does;
+      (64 rows); key tile :func:`default_block_n`;
+    * splits: at least ``ceil(programs_per_sm x SMs / (batch x Hkv x query tiles))`` pieces of the
+      ``work_items`` (blocks one program may visit), so a batch-1 decode still fills the GPU, the
+      count chosen so the programs spread evenly over the SMs (:func:`_balanced_split`); none when
+      the grid already fills the GPU;
     * ``items``: block ids resolved per vector load (a power of two <= ``ITEM_CHUNK``).
     """
     rows = DECODE_ROWS if tq * group <= DECODE_ROWS else PREFILL_ROWS
@@ -454,18 +561,17 @@ def plan_attention(
     if launch.block_t is not None:
         block_t = min(launch.block_t, tq)
     block_m = max(16, next_pow2(block_t * group))
-    block_n = min(launch.block_n or default_block_n(block_size, head_dim), block_size)
+    block_n = launch.block_n or default_block_n(block_size, head_dim)
     n_qtiles = -(-tq // block_t)
+    base = batch * num_kv_heads * n_qtiles
     if launch.num_splits is not None:
-        splits = launch.num_splits
+        per_split, splits = _even_split(work_items, launch.num_splits)
     else:
-        splits = -(-(launch.programs_per_sm * sms) // (batch * num_kv_heads * n_qtiles))
-    splits = max(1, min(splits, work_items))
-    per_split = -(-work_items // splits)
-    splits = -(-work_items // per_split)
+        per_split, splits = _balanced_split(work_items, base, launch.programs_per_sm, sms)
     return AttentionPlan(
         block_t=block_t, block_m=block_m, block_n=block_n, n_qtiles=n_qtiles, splits=splits,
-        items_per_split=per_split, items=max(2, min(ITEM_CHUNK, next_pow2(per_split))),
+        items_per_split=per_split,
+        items=max(2, blocks_per_tile(block_n, block_size), min(ITEM_CHUNK, next_pow2(per_split))),
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
 
@@ -523,7 +629,7 @@ def run_attention(
         HAS_SEL=has_sel, CHUNK_KV=chunk_kv, SPLIT=plan.splits > 1, HAS_GUARD=guard is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 or not cuda else "tf32",
         # Triton's interpreter (CPU tensors) mis-computes bf16 tl.dot (seen with triton 3.9): upcast there
-        DOT_F32=not cuda, ITEMS=plan.items,
+        DOT_F32=not cuda, ITEMS=plan.items, BPT=blocks_per_tile(plan.block_n, consts["BS"]),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if plan.splits > 1:

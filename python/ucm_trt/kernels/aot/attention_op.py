@@ -39,6 +39,7 @@ from ucm_trt.kernels.attention import (
     AttentionLaunch,
     _merge_splits,
     _paged_attn_fwd,
+    blocks_per_tile,
     check_guard,
     default_block_n,
     geometry_constexprs,
@@ -193,6 +194,7 @@ def paged_attention_kernel_args(
         BLOCK_N=tile.block_n, BLOCK_T=tile.block_t, BLOCK_M=tile.block_m,
         HAS_SEL=True, CHUNK_KV=True, SPLIT=split, HAS_GUARD=False, guard_ptr=None,
         DOT_PREC="ieee" if dtype == torch.float32 else "tf32", DOT_F32=False, ITEMS=ITEM_CHUNK,
+        BPT=blocks_per_tile(tile.block_n, bs),
     )  # fmt: skip
     if split:
         constexprs["out_ptr"] = None
