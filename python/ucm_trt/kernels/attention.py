@@ -152,9 +152,16 @@ def _paged_attn_fwd(
     row_ok = (t_loc < BLOCK_T) & (t < T)
     qpos = chunk_start + t
     dh = tl.arange(0, HALF_P)
-    dh_ok = dh < HALF
     dv = tl.arange(0, DV)
-    dv_ok = dv < D
+    # lane masks of a padded head_dim; constant true (folded away) when it is a power of two
+    if HALF_P == HALF:
+        dh_ok = tl.full([HALF_P], 1, tl.int1)
+    else:
+        dh_ok = dh < HALF
+    if DV == D:
+        dv_ok = tl.full([DV], 1, tl.int1)
+    else:
+        dv_ok = dv < D
     nn = tl.arange(0, BLOCK_N)
 
     q_rows = q_ptr + b64 * stride_qb + (h * G + g) * stride_qh + t * stride_qt
