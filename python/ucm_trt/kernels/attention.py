@@ -31,7 +31,7 @@ then the outputs. Every float and geometry attribute is a ``tl.constexpr``.
   code is set with an atomic max (no host sync).
 * fp16/bf16 operands on the tensor cores; softmax and accumulation fp32 in the exp2 domain.
 * **ReRoPE.** K stored un-rotated. ``s2 = rope(q, window) . k`` per tile and, only for tiles that
-  reach inside the window, ``s1 = rope(q, i) . rope(k, j)`` with K rotated in registers;
+  reach inside the window, ``s1 = rope(q, i) . rope(k, j)`` with each key rotated in registers;
   ``s = where(i - j < window, s1, s2)``. Angles relative to the program's first query position
   (RoPE depends on ``i - j`` only), so fp32 angle error grows with the window, not the position.
 
@@ -190,10 +190,6 @@ def _paged_attn_fwd(
         sq = tl.sin(ang_q)
         qr1 = (q1 * cq - q2 * sq).to(kv_dtype)
         qr2 = (q2 * cq + q1 * sq).to(kv_dtype)
-        # rotation of the keys of a tile = rotation of the tile start composed with these offsets
-        ang_n = nn.to(tl.float32)[:, None] * inv_freq[None, :]
-        cn = tl.cos(ang_n)
-        sn = tl.sin(ang_n)
         ang_w = inv_freq * WINDOW
         cw = tl.cos(ang_w)[None, :]
         sw = tl.sin(ang_w)[None, :]
@@ -254,139 +250,73 @@ def _paged_attn_fwd(
             tl.atomic_max(guard_ptr, 22, mask=tl.sum(bad_phys.to(tl.int32), 0) > 0)
         # an item is read iff it is in range and every id on its way is valid
         live_v = tl.where(pool_item, use & ~bad_phys, in_rng)
-        if BPT == 1:
-            for jj in range(0, tl.minimum(ITEMS, item_hi - c0)):
-                pick = ii == jj
-                live = tl.sum(tl.where(pick, live_v.to(tl.int32), 0), 0) > 0
-                if live:
-                    j = c0 + jj
-                    blk = tl.sum(tl.where(pick, blk_v, 0), 0)
-                    phys = tl.sum(tl.where(pick, phys_raw, 0), 0).to(tl.int64)
-                    item_is_sel = j < n_sel_items
-                    # keys [lo, hi) of this item; pos0 = position of its first slot
-                    if CHUNK_KV:
-                        c = j - n_sel_items
-                        pos0 = tl.where(item_is_sel, blk * BS, chunk_start + c * BS)
-                        lo = tl.where(item_is_sel, blk * BS, chunk_start)
-                        hi = tl.where(item_is_sel, chunk_start, chunk_start + t_hi)
-                    else:
-                        pos0 = blk * BS
-                        lo = tl.where(item_is_sel, blk * BS, tl.maximum(chunk_start, blk * BS))
-                        hi = tl.where(item_is_sel, chunk_start, seq_len)
-                    blk_base = kv_head + phys * stride_pn
-                    for sub in tl.static_range(BS // BLOCK_N):
-                        tok = sub * BLOCK_N + nn
-                        pos = pos0 + tok
-                        kmask = (pos >= lo) & (pos < hi)
-                        km = kmask[:, None] & dh_ok[None, :]
-                        vm = kmask[:, None] & dv_ok[None, :]
-                        if CHUNK_KV:
-                            if item_is_sel:
-                                k_ptrs = blk_base + tok[:, None] * stride_pt + dh[None, :]
-                                v_ptrs = blk_base + stride_pkv + tok[:, None] * stride_pt + dv[None, :]
-                                k1 = tl.load(k_ptrs, mask=km, other=0.0).to(kv_dtype)
-                                k2 = tl.load(k_ptrs + HALF, mask=km, other=0.0).to(kv_dtype)
-                                v = tl.load(v_ptrs, mask=vm, other=0.0).to(kv_dtype)
-                            else:
-                                tc = (pos - chunk_start).to(tl.int64)
-                                c_off = b64 * stride_kb + h * stride_kh + tc * stride_kt
-                                k1 = tl.load(k_ptr + c_off[:, None] + dh[None, :], mask=km, other=0.0).to(kv_dtype)
-                                k2 = tl.load(k_ptr + c_off[:, None] + HALF + dh[None, :], mask=km, other=0.0).to(kv_dtype)
-                                v = tl.load(v_ptr + c_off[:, None] + dv[None, :], mask=vm, other=0.0).to(kv_dtype)
-                        else:
-                            k_ptrs = blk_base + tok[:, None] * stride_pt + dh[None, :]
-                            v_ptrs = blk_base + stride_pkv + tok[:, None] * stride_pt + dv[None, :]
-                            k1 = tl.load(k_ptrs, mask=km, other=0.0).to(kv_dtype)
-                            k2 = tl.load(k_ptrs + HALF, mask=km, other=0.0).to(kv_dtype)
-                            v = tl.load(v_ptrs, mask=vm, other=0.0).to(kv_dtype)
-                        if REROPE:
-                            s = tl.dot(qa, tl.trans(k1), input_precision=DOT_PREC)
-                            s = tl.dot(qb, tl.trans(k2), s, input_precision=DOT_PREC)
-                            tile_lo = pos0 + sub * BLOCK_N
-                            if q_first_pos - (tile_lo + BLOCK_N - 1) < WINDOW:
-                                ang_b = (tile_lo - q_first_pos).to(tl.float32) * inv_freq
-                                cb = tl.cos(ang_b)[None, :]
-                                sb = tl.sin(ang_b)[None, :]
-                                ck = cb * cn - sb * sn
-                                sk = sb * cn + cb * sn
-                                k1f = k1.to(tl.float32)
-                                k2f = k2.to(tl.float32)
-                                kr1 = (k1f * ck - k2f * sk).to(kv_dtype)
-                                kr2 = (k2f * ck + k1f * sk).to(kv_dtype)
-                                s1 = tl.dot(qr1, tl.trans(kr1), input_precision=DOT_PREC)
-                                s1 = tl.dot(qr2, tl.trans(kr2), s1, input_precision=DOT_PREC)
-                                s = tl.where((qpos[:, None] - pos[None, :]) < WINDOW, s1, s)
-                        else:
-                            s = tl.dot(qa, tl.trans(k1), input_precision=DOT_PREC)
-                            s = tl.dot(qb, tl.trans(k2), s, input_precision=DOT_PREC)
-                        m_i, l_i, acc = _softmax_update(s, v, kmask, pos, qpos, row_ok, m_i, l_i, acc, QK_SCALE, DOT_PREC)
-
-        else:
-            # small blocks: one key tile spans BPT blocks (rows r -> item r // BS, token r % BS)
-            rb = nn // BS
-            tok = nn % BS
-            for jj in range(0, tl.minimum(ITEMS, item_hi - c0), BPT):
-                blk_r = tl.zeros([BLOCK_N], tl.int32)
-                phys_r = tl.zeros([BLOCK_N], tl.int32)
-                live_r = tl.zeros([BLOCK_N], tl.int32)
-                for kk in tl.static_range(BPT):
-                    pick = ii == jj + kk
-                    blk_r = tl.where(rb == kk, tl.sum(tl.where(pick, blk_v, 0), 0), blk_r)
-                    phys_r = tl.where(rb == kk, tl.sum(tl.where(pick, phys_raw, 0), 0), phys_r)
-                    live_r = tl.where(rb == kk, tl.sum(tl.where(pick, live_v.to(tl.int32), 0), 0), live_r)
-                j_r = c0 + jj + rb
-                sel_r = j_r < n_sel_items
-                if CHUNK_KV:
-                    c_r = j_r - n_sel_items
-                    pos = tl.where(sel_r, blk_r * BS, chunk_start + c_r * BS) + tok
-                    lo = tl.where(sel_r, blk_r * BS, chunk_start)
-                    hi = tl.where(sel_r, chunk_start, chunk_start + t_hi)
-                else:
-                    pos = blk_r * BS + tok
-                    lo = tl.where(sel_r, blk_r * BS, tl.maximum(chunk_start, blk_r * BS))
-                    hi = tl.where(sel_r, chunk_start, seq_len)
-                kmask = (live_r > 0) & (pos >= lo) & (pos < hi)
-                p_rows = kv_head + phys_r.to(tl.int64) * stride_pn + tok * stride_pt
-                if CHUNK_KV:
-                    pm = kmask & sel_r
-                    cm = kmask & ~sel_r
-                    c_off = b64 * stride_kb + h * stride_kh + (pos - chunk_start).to(tl.int64) * stride_kt
-                    k1 = tl.where(pm[:, None],
-                                  tl.load(p_rows[:, None] + dh[None, :], mask=pm[:, None] & dh_ok[None, :], other=0.0),
-                                  tl.load(k_ptr + c_off[:, None] + dh[None, :], mask=cm[:, None] & dh_ok[None, :],
-                                          other=0.0)).to(kv_dtype)  # fmt: skip
-                    k2 = tl.where(pm[:, None],
-                                  tl.load(p_rows[:, None] + HALF + dh[None, :], mask=pm[:, None] & dh_ok[None, :],
-                                          other=0.0),
-                                  tl.load(k_ptr + c_off[:, None] + HALF + dh[None, :],
-                                          mask=cm[:, None] & dh_ok[None, :], other=0.0)).to(kv_dtype)  # fmt: skip
-                    v = tl.where(pm[:, None],
-                                 tl.load(p_rows[:, None] + stride_pkv + dv[None, :], mask=pm[:, None] & dv_ok[None, :],
-                                         other=0.0),
-                                 tl.load(v_ptr + c_off[:, None] + dv[None, :], mask=cm[:, None] & dv_ok[None, :],
-                                         other=0.0)).to(kv_dtype)  # fmt: skip
-                else:
-                    km = kmask[:, None] & dh_ok[None, :]
-                    k1 = tl.load(p_rows[:, None] + dh[None, :], mask=km, other=0.0).to(kv_dtype)
-                    k2 = tl.load(p_rows[:, None] + HALF + dh[None, :], mask=km, other=0.0).to(kv_dtype)
-                    v = tl.load(p_rows[:, None] + stride_pkv + dv[None, :], mask=kmask[:, None] & dv_ok[None, :],
-                                other=0.0).to(kv_dtype)  # fmt: skip
-                s = tl.dot(qa, tl.trans(k1), input_precision=DOT_PREC)
-                s = tl.dot(qb, tl.trans(k2), s, input_precision=DOT_PREC)
-                if REROPE:
-                    # rows are not contiguous positions here: rotate each key by its own angle
-                    if q_first_pos - tl.max(tl.where(kmask, pos, -(1 << 30)), 0) < WINDOW:
-                        ang_k = (pos - q_first_pos).to(tl.float32)[:, None] * inv_freq[None, :]
-                        ck = tl.cos(ang_k)
-                        sk = tl.sin(ang_k)
-                        k1f = k1.to(tl.float32)
-                        k2f = k2.to(tl.float32)
-                        kr1 = (k1f * ck - k2f * sk).to(kv_dtype)
-                        kr2 = (k2f * ck + k1f * sk).to(kv_dtype)
-                        s1 = tl.dot(qr1, tl.trans(kr1), input_precision=DOT_PREC)
-                        s1 = tl.dot(qr2, tl.trans(kr2), s1, input_precision=DOT_PREC)
-                        s = tl.where((qpos[:, None] - pos[None, :]) < WINDOW, s1, s)
-                m_i, l_i, acc = _softmax_update(s, v, kmask, pos, qpos, row_ok, m_i, l_i, acc, QK_SCALE, DOT_PREC)
+        # Key tiles over these items: key g is token g % BS of item g // BS. A tile spans BPT whole
+        # blocks (blocks smaller than BLOCK_N) or a BLOCK_N-token slice of one block. No branch on
+        # the item: dead items are masked, so Triton can pipeline the loads (cp.async).
+        for tt in range(0, tl.minimum(ITEMS, item_hi - c0) * BS, BLOCK_N):
+            j0 = tt // BS
+            g_key = tt + nn
+            rb = g_key // BS - j0
+            tok = g_key % BS
+            blk_r = tl.zeros([BLOCK_N], tl.int32)
+            phys_r = tl.zeros([BLOCK_N], tl.int32)
+            live_r = tl.zeros([BLOCK_N], tl.int32)
+            for kk in tl.static_range(BPT):
+                pick = ii == j0 + kk
+                blk_r = tl.where(rb == kk, tl.sum(tl.where(pick, blk_v, 0), 0), blk_r)
+                phys_r = tl.where(rb == kk, tl.sum(tl.where(pick, phys_raw, 0), 0), phys_r)
+                live_r = tl.where(rb == kk, tl.sum(tl.where(pick, live_v.to(tl.int32), 0), 0), live_r)
+            j_r = c0 + j0 + rb
+            sel_r = j_r < n_sel_items
+            if CHUNK_KV:
+                c_r = j_r - n_sel_items
+                pos = tl.where(sel_r, blk_r * BS, chunk_start + c_r * BS) + tok
+                lo = tl.where(sel_r, blk_r * BS, chunk_start)
+                hi = tl.where(sel_r, chunk_start, chunk_start + t_hi)
+            else:
+                pos = blk_r * BS + tok
+                lo = tl.where(sel_r, blk_r * BS, tl.maximum(chunk_start, blk_r * BS))
+                hi = tl.where(sel_r, chunk_start, seq_len)
+            kmask = (live_r > 0) & (pos >= lo) & (pos < hi)
+            p_rows = kv_head + phys_r.to(tl.int64) * stride_pn + tok * stride_pt
+            if CHUNK_KV:
+                # chunk rows come from the k/v inputs: two masked loads (a select between the two
+                # base pointers would lose the alignment facts Triton vectorises and pipelines with)
+                pm = kmask & sel_r
+                cm = kmask & ~sel_r
+                c_rows = b64 * stride_kb + h * stride_kh + (pos - chunk_start).to(tl.int64) * stride_kt
+                pmh = pm[:, None] & dh_ok[None, :]
+                cmh = cm[:, None] & dh_ok[None, :]
+                k1 = tl.where(pmh, tl.load(p_rows[:, None] + dh[None, :], mask=pmh, other=0.0),
+                              tl.load(k_ptr + c_rows[:, None] + dh[None, :], mask=cmh, other=0.0)).to(kv_dtype)
+                k2 = tl.where(pmh, tl.load(p_rows[:, None] + HALF + dh[None, :], mask=pmh, other=0.0),
+                              tl.load(k_ptr + c_rows[:, None] + HALF + dh[None, :], mask=cmh, other=0.0)).to(kv_dtype)
+                pmv = pm[:, None] & dv_ok[None, :]
+                cmv = cm[:, None] & dv_ok[None, :]
+                v = tl.where(pmv, tl.load(p_rows[:, None] + stride_pkv + dv[None, :], mask=pmv, other=0.0),
+                             tl.load(v_ptr + c_rows[:, None] + dv[None, :], mask=cmv, other=0.0)).to(kv_dtype)
+            else:
+                km = kmask[:, None] & dh_ok[None, :]
+                k1 = tl.load(p_rows[:, None] + dh[None, :], mask=km, other=0.0).to(kv_dtype)
+                k2 = tl.load(p_rows[:, None] + HALF + dh[None, :], mask=km, other=0.0).to(kv_dtype)
+                v = tl.load(p_rows[:, None] + stride_pkv + dv[None, :], mask=kmask[:, None] & dv_ok[None, :],
+                            other=0.0).to(kv_dtype)  # fmt: skip
+            s = tl.dot(qa, tl.trans(k1), input_precision=DOT_PREC)
+            s = tl.dot(qb, tl.trans(k2), s, input_precision=DOT_PREC)
+            if REROPE:
+                # rows need not be contiguous positions: rotate each key by its own angle
+                if q_first_pos - tl.max(tl.where(kmask, pos, -(1 << 30)), 0) < WINDOW:
+                    ang_k = (pos - q_first_pos).to(tl.float32)[:, None] * inv_freq[None, :]
+                    ck = tl.cos(ang_k)
+                    sk = tl.sin(ang_k)
+                    k1f = k1.to(tl.float32)
+                    k2f = k2.to(tl.float32)
+                    kr1 = (k1f * ck - k2f * sk).to(kv_dtype)
+                    kr2 = (k2f * ck + k1f * sk).to(kv_dtype)
+                    s1 = tl.dot(qr1, tl.trans(kr1), input_precision=DOT_PREC)
+                    s1 = tl.dot(qr2, tl.trans(kr2), s1, input_precision=DOT_PREC)
+                    s = tl.where((qpos[:, None] - pos[None, :]) < WINDOW, s1, s)
+            m_i, l_i, acc = _softmax_update(s, v, kmask, pos, qpos, row_ok, m_i, l_i, acc, QK_SCALE, DOT_PREC)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
