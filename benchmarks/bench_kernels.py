@@ -45,11 +45,13 @@ from ucm_trt.kernels import (
     AttentionLaunch,
     block_topk,
     dot_block_scores,
+    dot_retrieve,
     hamming_block_scores,
     hash_retrieve,
     paged_rerope_attention,
     paged_sparse_attention,
     quest_block_scores,
+    quest_retrieve,
 )
 from ucm_trt.kernels.attention import ATTENTION_GUARD_CODES
 from ucm_trt.kernels.guard import IndexGuard
@@ -422,6 +424,18 @@ def bench_retrieval(cx, args, rows):
         ms = time_ms(quest_path, args.reps)
         rows.append(row(cx, "retrieval_quest_topk", "jit", ctx, batch, 1 / 8, BS, D, ms, batch * nb * HKV * D * 2 * 2, None,
                         us_per_layer=round(ms * 1e3, 2)))
+        # the same two scorings fused with the top-k in one launch (kernels/fused_retrieval.py)
+        for name, fn, nbytes in (
+            ("retrieval_dot_fused", lambda: dot_retrieve(q, mean, table, seq, block_size=BS, top_k=top_k, sink_blocks=1,
+                                                         local_blocks=2, validate=False), batch * nb * HKV * D * 2),
+            ("retrieval_quest_fused", lambda: quest_retrieve(q, mean, kmax, table, seq, block_size=BS, top_k=top_k,
+                                                             sink_blocks=1, local_blocks=2, validate=False),
+             batch * nb * HKV * D * 2 * 2),
+        ):  # fmt: skip
+            ms = _try(rows, name, lambda fn=fn: time_ms(fn, args.reps))
+            if ms is not None:
+                rows.append(row(cx, name, "jit", ctx, batch, 1 / 8, BS, D, ms, nbytes, None,
+                                us_per_layer=round(ms * 1e3, 2)))
         print(f"retrieval batch={batch} done", flush=True)
 
 
