@@ -49,24 +49,10 @@ from ucm_trt.kernels import (
 from ucm_trt.kernels.guard import IndexGuard
 from ucm_trt.sparse.score import quest_scores, reduce_scores
 from ucm_trt.sparse.select import select_blocks_by_count
-from ucm_trt.testing.bench import bench_gpu_ms
+from ucm_trt.testing.bench import bench_gpu_ms, cuda_graphed
 
 HQ, HKV, D, BITS = 32, 8, 128, 128
 DTYPE = torch.bfloat16
-
-
-def graphed(fn):
-    """Capture ``fn`` in a CUDA graph (after a warm-up on a side stream); return its replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def knobs(launch: RetrievalLaunch) -> str:
@@ -77,7 +63,7 @@ def knobs(launch: RetrievalLaunch) -> str:
 
 
 def time_us(fn, reps):
-    return 1e3 * bench_gpu_ms(graphed(fn), warmup=5, reps=reps, flush_l2=True)
+    return 1e3 * bench_gpu_ms(cuda_graphed(fn), warmup=5, reps=reps, flush_l2=True)
 
 
 def quest_reference(q, kmin, kmax, table, seq, bs, top_k):

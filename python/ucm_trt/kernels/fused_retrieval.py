@@ -163,6 +163,21 @@ def _float_key(s):
 
 
 @triton.jit
+def _load_keys(keys_row, idx, nb):
+    # .cg: read at L2, where the other programs' stores are (past this SM's L1)
+    return tl.load(keys_row + idx, mask=idx < nb, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _chunk_keys(keys_row, keys1, idx, nb, NCH: tl.constexpr):
+    """Keys of one chunk: the registers' copy for a one-chunk row, else re-read."""
+    if NCH == 1:
+        return keys1
+    else:
+        return _load_keys(keys_row, idx, nb)
+
+
+@triton.jit
 def _select_row(keys_row, out_row, stride_oh, nb, TOP_K, SINK, LOCAL, HPP: tl.constexpr, NBLK: tl.constexpr,
                 CH: tl.constexpr, RB: tl.constexpr, KEY_BITS: tl.constexpr):
     """Top-k of one row of keys (smaller is better) into ``HPP`` output rows from ``out_row``."""
@@ -175,8 +190,7 @@ def _select_row(keys_row, out_row, stride_oh, nb, TOP_K, SINK, LOCAL, HPP: tl.co
     NCH: tl.constexpr = NBLK // CH
     bins = tl.arange(0, 2 * R)
     ii = tl.arange(0, CH)
-    if NCH == 1:
-        keys1 = tl.load(keys_row + ii, mask=ii < nb, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
+    keys1 = _load_keys(keys_row, ii, nb)  # used when the row is one chunk (NCH == 1)
     need = need0
     thr = tl.full((), 0, tl.uint32)
     for p in tl.static_range(PASSES):
@@ -184,11 +198,7 @@ def _select_row(keys_row, out_row, stride_oh, nb, TOP_K, SINK, LOCAL, HPP: tl.co
         hist = tl.zeros([2 * R], tl.int32)
         for ci in tl.static_range(NCH):
             idx = ci * CH + ii
-            if NCH == 1:
-                skey = keys1
-            else:
-                skey = tl.load(keys_row + idx, mask=idx < nb, other=0, cache_modifier=".cg").to(
-                    tl.uint32, bitcast=True)
+            skey = _chunk_keys(keys_row, keys1, idx, nb, NCH)
             live = (idx < nb) & (idx >= SINK) & (idx < nb - LOCAL)  # candidates
             if p > 0:
                 live = live & ((skey >> (shift + RB)) == thr)  # digits above this pass equal T's
@@ -206,11 +216,7 @@ def _select_row(keys_row, out_row, stride_oh, nb, TOP_K, SINK, LOCAL, HPP: tl.co
     n_at = tl.full((), 0, tl.int32)
     for ci in tl.static_range(NCH):
         idx = ci * CH + ii
-        if NCH == 1:
-            skey = keys1
-        else:
-            skey = tl.load(keys_row + idx, mask=idx < nb, other=0, cache_modifier=".cg").to(
-                tl.uint32, bitcast=True)
+        skey = _chunk_keys(keys_row, keys1, idx, nb, NCH)
         in_seq = idx < nb
         forced = in_seq & ((idx < SINK) | (idx >= nb - LOCAL))
         cand = in_seq & (forced == 0)
