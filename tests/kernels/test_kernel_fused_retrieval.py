@@ -136,7 +136,8 @@ def test_hash_retrieve_tiles_and_radix_knobs_do_not_change_the_result(device):
     ref = ref_selection(ref_scores, lens, 16, top_k=7, sink=1, local=2, shared=True, scoring="hamming")
     args = (q.to(device), codes.to(device), w.to(device), table.to(device), seq.to(device))
     for launch in (RetrievalLaunch(tokens_per_tile=16), RetrievalLaunch(tokens_per_tile=64, radix_bits=1),
-                   RetrievalLaunch(radix_bits=6, num_warps=4)):
+                   RetrievalLaunch(radix_bits=6, num_warps=4), RetrievalLaunch(topk_chunk=16),
+                   RetrievalLaunch(topk_chunk=16, radix_bits=3)):
         got = hash_retrieve(*args, top_k=7, sink_blocks=1, local_blocks=2, launch=launch, validate=False)
         assert torch.equal(got.cpu(), ref), launch
 
@@ -164,10 +165,11 @@ def test_quest_retrieve_float_scores_and_padded_head_dims(d, device):
     lens = [500, 77]
     q, reps, table, seq, ref_scores = rep_case(lens=lens, hkv=2, group=2, d=d, bs=16, seed=d, mode="quest",
                                                integer=False)
-    got = run_rep("quest", q, reps, table, seq, bs=16, dev=device, top_k=9, sink_blocks=1, local_blocks=2,
-                  shared=False)
     ref = ref_selection(ref_scores, lens, 16, top_k=9, sink=1, local=2, shared=False, scoring="quest")
-    assert torch.equal(got.cpu(), ref)
+    for launch in (None, RetrievalLaunch(topk_chunk=16, radix_bits=5, blocks_per_tile=2)):
+        got = run_rep("quest", q, reps, table, seq, bs=16, dev=device, top_k=9, sink_blocks=1, local_blocks=2,
+                      shared=False, launch=launch)
+        assert torch.equal(got.cpu(), ref), launch
 
 
 def test_nan_and_inf_scores_rank_as_documented(device):

@@ -91,19 +91,21 @@ class RetrievalLaunch:
 
     ``None`` picks the default rule. ``tokens_per_tile``: Hamming tokens (blocks x block_size) a
     program scores per head and step (default 1024); ``blocks_per_tile``: dot/Quest blocks per
-    program (default ``max(8, blocks // 128)``); ``radix_bits``: key bits per radix pass (1-6,
-    default 4); ``num_warps`` (default 8, 16 from 4096 blocks); ``hash_precision``: ``tl.dot``
+    program (default ``max(8, min(32, blocks // 128))``); ``radix_bits``: key bits per radix pass (1-6,
+    default 4); ``topk_chunk``: keys the top-k holds in registers at once (default 2048; longer rows
+    are re-read from L2 per pass); ``num_warps`` (default 8); ``hash_precision``: ``tl.dot``
     precision of the query hash, ``"ieee"`` (default) or ``"tf32x3"``.
     """
 
     tokens_per_tile: int | None = None
     blocks_per_tile: int | None = None
     radix_bits: int | None = None
+    topk_chunk: int | None = None
     num_warps: int | None = None
     hash_precision: str = "ieee"
 
     def __post_init__(self) -> None:
-        for name in ("tokens_per_tile", "blocks_per_tile", "num_warps"):
+        for name in ("tokens_per_tile", "blocks_per_tile", "topk_chunk", "num_warps"):
             v = getattr(self, name)
             if v is not None:
                 check_positive_int(f"RetrievalLaunch.{name}", v)
@@ -161,6 +163,82 @@ def _float_key(s):
 
 
 @triton.jit
+def _load_keys(keys_row, idx, nb):
+    # .cg: read at L2, where the other programs' stores are (past this SM's L1)
+    return tl.load(keys_row + idx, mask=idx < nb, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _chunk_keys(keys_row, keys1, idx, nb, NCH: tl.constexpr):
+    """Keys of one chunk: the registers' copy for a one-chunk row, else re-read."""
+    if NCH == 1:
+        return keys1
+    else:
+        return _load_keys(keys_row, idx, nb)
+
+
+@triton.jit
+def _select_row(keys_row, out_row, stride_oh, nb, TOP_K, SINK, LOCAL, HPP: tl.constexpr, NBLK: tl.constexpr,
+                CH: tl.constexpr, RB: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Top-k of one row of keys (smaller is better) into ``HPP`` output rows from ``out_row``."""
+    n_forced = tl.minimum(nb, SINK + LOCAL)
+    need0 = tl.minimum(tl.maximum(TOP_K - n_forced, 0), nb - n_forced)
+    # radix select of the threshold key T (the need0-th smallest candidate key), RB bits per
+    # pass over the row in NCH chunks of CH keys (one chunk: the keys stay in registers)
+    R: tl.constexpr = 1 << RB
+    PASSES: tl.constexpr = (KEY_BITS + RB - 1) // RB
+    NCH: tl.constexpr = NBLK // CH
+    bins = tl.arange(0, 2 * R)
+    ii = tl.arange(0, CH)
+    keys1 = _load_keys(keys_row, ii, nb)  # used when the row is one chunk (NCH == 1)
+    need = need0
+    thr = tl.full((), 0, tl.uint32)
+    for p in tl.static_range(PASSES):
+        shift = (PASSES - 1 - p) * RB
+        hist = tl.zeros([2 * R], tl.int32)
+        for ci in tl.static_range(NCH):
+            idx = ci * CH + ii
+            skey = _chunk_keys(keys_row, keys1, idx, nb, NCH)
+            live = (idx < nb) & (idx >= SINK) & (idx < nb - LOCAL)  # candidates
+            if p > 0:
+                live = live & ((skey >> (shift + RB)) == thr)  # digits above this pass equal T's
+            digit = ((skey >> shift) & (R - 1)).to(tl.int32)
+            hist += tl.histogram(tl.where(live, digit, R), 2 * R)  # bins >= R: not live
+        cum = tl.cumsum(hist, 0)
+        under = (bins < R) & (cum < need)
+        d = tl.sum(under.to(tl.int32), 0)
+        need = need - tl.max(tl.where(under, cum, 0), 0)
+        thr = (thr << RB) | d.to(tl.uint32)
+    # chosen: forced, candidates below T, and the first `need` candidates at T by block id; one
+    # prefix sum (forced/below count in the low 16 bits, ties in the high bits) gives the slots
+    total = n_forced + need0
+    n_base = tl.full((), 0, tl.int32)
+    n_at = tl.full((), 0, tl.int32)
+    for ci in tl.static_range(NCH):
+        idx = ci * CH + ii
+        skey = _chunk_keys(keys_row, keys1, idx, nb, NCH)
+        in_seq = idx < nb
+        forced = in_seq & ((idx < SINK) | (idx >= nb - LOCAL))
+        cand = in_seq & (forced == 0)
+        base = forced | (cand & (skey < thr))
+        at = cand & (skey == thr)
+        cs = tl.cumsum(base.to(tl.int32) + (at.to(tl.int32) << 16), 0)
+        n_tie = (cs >> 16) + n_at
+        chosen = base | (at & (n_tie <= need))
+        slot = (cs & 0xFFFF) + n_base + tl.minimum(n_tie, need) - 1
+        for hh in tl.static_range(HPP):
+            tl.store(out_row + hh * stride_oh + slot, idx, mask=chosen)
+        n_base += tl.sum(base.to(tl.int32), 0)
+        n_at += tl.sum(at.to(tl.int32), 0)
+    jj = tl.arange(0, CH)
+    for hh in tl.static_range(HPP):
+        o_row = out_row + hh * stride_oh
+        for start in range(0, TOP_K, CH):
+            j = start + jj
+            tl.store(o_row + j, -1, mask=(j >= total) & (j < TOP_K))
+
+
+@triton.jit
 def _fused_retrieve_kernel(
     q_ptr, r0_ptr, r1_ptr, w_ptr, bt_ptr, seqlen_ptr, keys_ptr, count_ptr, out_ptr, flag_ptr,
     stride_qb, stride_qh,
@@ -170,7 +248,7 @@ def _fused_retrieve_kernel(
     MODE: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     BITS: tl.constexpr, WBITS: tl.constexpr, BS: tl.constexpr, CB: tl.constexpr,
     HPP: tl.constexpr, HP16: tl.constexpr, TILES: tl.constexpr, NBLK: tl.constexpr,
-    RB: tl.constexpr, KEY_BITS: tl.constexpr, KEY_MAX: tl.constexpr, GUARD: tl.constexpr, HASH_PREC: tl.constexpr,
+    CH: tl.constexpr, RB: tl.constexpr, KEY_BITS: tl.constexpr, KEY_MAX: tl.constexpr, GUARD: tl.constexpr, HASH_PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
     hg = tl.program_id(1)
@@ -268,45 +346,8 @@ def _fused_retrieve_kernel(
         tl.store(count_ptr + row, 0)
         if GUARD:
             tl.atomic_max(flag_ptr, _BAD_SEQ_LEN, mask=bad_len)
-        idx = tl.arange(0, NBLK)
-        in_seq = idx < nb
-        key = tl.load(keys_row + idx, mask=in_seq, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
-        forced = in_seq & ((idx < SINK) | (idx >= nb - LOCAL))
-        cand = in_seq & ~forced
-        n_forced = tl.minimum(nb, SINK + LOCAL)
-        need0 = tl.minimum(tl.maximum(TOP_K - n_forced, 0), nb - n_forced)
-        # radix select: threshold key T = the need0-th smallest candidate key, RB bits per pass
-        R: tl.constexpr = 1 << RB
-        PASSES: tl.constexpr = (KEY_BITS + RB - 1) // RB
-        bins = tl.arange(0, 2 * R)
-        live = cand
-        need = need0
-        thr = tl.full((), 0, tl.uint32)
-        for p in tl.static_range(PASSES):
-            shift: tl.constexpr = (PASSES - 1 - p) * RB
-            digit = ((key >> shift) & (R - 1)).to(tl.int32)
-            hist = tl.histogram(tl.where(live, digit, R), 2 * R)  # bins >= R: not live
-            cum = tl.cumsum(hist, 0)
-            under = (bins < R) & (cum < need)
-            d = tl.sum(under.to(tl.int32), 0)
-            need = need - tl.max(tl.where(under, cum, 0), 0)
-            live = live & (digit == d)
-            thr = (thr << RB) | d.to(tl.uint32)
-        # chosen: forced, candidates below T, and the first `need` candidates at T by block id
-        base = forced | (cand & (key < thr))
-        cs = tl.cumsum(base.to(tl.int32) + (live.to(tl.int32) << 16), 0)
-        n_tie = cs >> 16
-        chosen = base | (live & (n_tie <= need))
-        slot = (cs & 0xFFFF) + tl.minimum(n_tie, need) - 1
-        total = n_forced + need0
-        out_b = out_ptr + b64 * stride_ob
-        for hh in tl.static_range(HPP):
-            o_row = out_b + (hg * HPP + hh) * stride_oh
-            tl.store(o_row + slot, idx, mask=chosen)
-            for start in range(0, TOP_K, NBLK):
-                j = start + idx
-                tl.store(o_row + j, -1, mask=(j >= total) & (j < TOP_K))
-
+        _select_row(keys_row, out_ptr + b64 * stride_ob + hg * HPP * stride_oh, stride_oh, nb, TOP_K, SINK, LOCAL,
+                    HPP, NBLK, CH, RB, KEY_BITS)
 
 
 # ------------------------------------------------------------------------------------------- launchers
@@ -391,7 +432,7 @@ def _retrieve(mode, q, r0, r1, w, block_table, seq_lens, *, num_blocks, hkv, blo
         tiles = 1 if shared else hkv
         key_bits = bits.bit_length()
     else:
-        cb = launch.blocks_per_tile or max(8, nblk // 128)
+        cb = launch.blocks_per_tile or max(8, min(32, nblk // 128))
         tiles = 1
         key_bits = 32
     cb = min(cb, nblk)
@@ -420,10 +461,10 @@ def _retrieve(mode, q, r0, r1, w, block_table, seq_lens, *, num_blocks, hkv, blo
         num_blocks, mb, top_k, sink_blocks, local_blocks,
         MODE=mode, G=group, GP=next_pow2(group), D=d, DP=next_pow2(d),
         BITS=max(bits, 16), WBITS=wbits, BS=block_size, CB=cb,
-        HPP=hpp, HP16=max(16, next_pow2(hpp)), TILES=tiles, NBLK=nblk,
+        HPP=hpp, HP16=max(16, next_pow2(hpp)), TILES=tiles, NBLK=nblk, CH=min(nblk, launch.topk_chunk or 2048),
         RB=rb, KEY_BITS=key_bits, KEY_MAX=(1 << key_bits) - 1, GUARD=guard is not None,
         HASH_PREC=launch.hash_precision,
-        num_warps=launch.num_warps or (16 if nblk >= 4096 else 8),
+        num_warps=launch.num_warps or 8,
     )
     return out
 

@@ -10,6 +10,9 @@ working set out of L2, so that a kernel that streams KV from HBM is not flattere
 * ``flush_l2=True``: before each timed call, write a scratch buffer of twice the device's L2
   size. This happens outside the timed window.
 
+:func:`cuda_graphed` captures a callable in a CUDA graph and returns its replay, so that an op is
+timed without the host's launch overhead.
+
 :func:`copy_bandwidth_tbps` measures the device's achievable memory bandwidth: a large
 device-to-device copy, counting both the bytes read and the bytes written. DESIGN §5 sets the
 sparse decode kernel's target against this number.
@@ -23,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["bench_gpu_ms", "copy_bandwidth_tbps"]
+__all__ = ["bench_gpu_ms", "copy_bandwidth_tbps", "cuda_graphed"]
 
 
 def _check_count(name: str, value: object, minimum: int) -> int:
@@ -135,3 +138,24 @@ def copy_bandwidth_tbps(
     dst = torch.empty_like(src)
     ms = bench_gpu_ms(lambda: dst.copy_(src), warmup=warmup, reps=reps, device=dev)
     return 2.0 * nbytes / (ms * 1e-3) / 1e12
+
+
+def cuda_graphed(fn: Callable[[], Any], *, warmup: int = 2) -> Callable[[], None]:
+    """Capture ``fn()`` in a CUDA graph after ``warmup`` calls on a side stream; return the replay.
+
+    The warm-up compiles kernels and lets caching allocators settle outside the capture. Tensors
+    ``fn`` allocates during the capture live in the graph's memory pool; each replay rewrites them.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    _check_count("warmup", warmup, 0)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
