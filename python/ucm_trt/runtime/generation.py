@@ -463,8 +463,7 @@ class Engine:
             sels = self._attend_selections(rows, sels, stale, new_lens)
         self._guard_host_mirrors()
         selections, widths = self._write_selections(sels, new_lens, bs, b, H)
-        for row, rid in enumerate(rows):
-            self._ids_h[row, 0] = self._requests[rid].out[-1]
+        self._ids_h[:b, 0] = torch.tensor([self._requests[rid].out[-1] for rid in rows], dtype=torch.long)
         self._ids[:b, :1].copy_(self._ids_h[:b, :1], non_blocking=self._ids.device.type == "cuda")
         self._write_slots(rows, [v.seq_len for v in views], 1)
         ctx = self._context(rows, 1, new_lens, selections)
