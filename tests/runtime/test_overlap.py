@@ -289,3 +289,29 @@ def test_queries_reach_the_host_only_for_policies_that_read_them(model):
     assert len(seen) == 2 and all(len(s) == eng.shape.num_layers for s in seen)
     assert all(q.shape == (2, 4, 16) for q in seen[0])
     assert torch.equal(torch.stack(seen[-1])[:, :1], last)
+
+
+def test_index_guard_flag_is_read_at_the_steps_sync_and_stops_generation(model):
+    """The kernels' IndexGuard flag (set on the device without a sync when a launch meets an
+    out-of-range id) is read with the decode step's token copy: a set flag raises
+    IndexOutOfRangeError with the op's words, generation stops and every block is returned. (On
+    CUDA the engine owns the guard and passes it to copy_blocks and the attention launchers; here a
+    CPU guard stands in to test the read at the sync.)"""
+    from ucm_trt.kernels.attention import ATTENTION_GUARD_CODES, GUARD_BAD_BLOCK_TABLE
+    from ucm_trt.kernels.guard import IndexGuard, IndexOutOfRangeError
+
+    eng = Engine(TorchBackend(model, attention="reference"), make_policy("esa"), sparse=_sparse("esa"),
+                 config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128))
+    assert eng.guard is None  # CPU: no Triton launches to guard
+    eng.guard = IndexGuard("cpu", codes=ATTENTION_GUARD_CODES)
+    rid = eng.add_request(_prompt(300, 1), SamplingParams(max_new_tokens=8))
+    while eng._prefilling or eng._waiting:
+        eng.step()
+    eng.step()  # a clean decode step
+    eng.guard.flag.fill_(GUARD_BAD_BLOCK_TABLE)
+    with pytest.raises(IndexOutOfRangeError, match=r"decode step: .*block_table entry in use lies outside"):
+        eng.step()
+    assert eng.guard.value() == 0  # reset once reported
+    eng.abort_all()
+    assert eng.kv.device_blocks_held() == 0 and eng.result(rid).finish_reason == "aborted"
+    eng.close()
