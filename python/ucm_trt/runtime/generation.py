@@ -250,7 +250,8 @@ class Engine:
         # host copy of the captured queries (pinned on CUDA), only for policies that read them
         # (their after_step is not the base no-op): a non-blocking copy per decode step
         self._host_queries = type(policy).after_step is not Policy.after_step
-        self._capture_h = torch.zeros(L, B, shape.num_q_heads, shape.head_dim, dtype=torch.float32,
+        # [B, L, Hq, D]: a step's rows are one contiguous slice, so the copy lands directly in it
+        self._capture_h = torch.zeros(B, L, shape.num_q_heads, shape.head_dim, dtype=torch.float32,
                                       pin_memory=pin) if self._host_queries else None
         self._arange = torch.arange(max_blocks, dtype=torch.int32)
         # -- requests
@@ -405,7 +406,10 @@ class Engine:
     def _start_query_copy(self, b: int) -> torch.cuda.Event | None:
         """Start copying this decode step's queries (slot 0 = the new token) into the pinned host
         buffer without waiting; returns the event that marks the copy done (None on the CPU)."""
-        self._capture_h[:, :b].copy_(self._capture[:, :b, :, 0], non_blocking=self._capture.device.type == "cuda")
+        # gathered contiguous on the device first: a non-blocking copy into a non-contiguous host
+        # view would go through a host temporary
+        src = self._capture[:, :b, :, 0].transpose(0, 1).contiguous()  # [b, L, Hq, D]
+        self._capture_h[:b].copy_(src, non_blocking=self._capture.device.type == "cuda")
         if self._capture.device.type != "cuda":
             return None
         ev = torch.cuda.Event()
@@ -500,7 +504,7 @@ class Engine:
         if self._host_queries:
             if query_copy is not None:
                 query_copy.synchronize()  # normally done: the token copy above waited for the step
-            self.policy.after_step(views, list(self._capture_h[:, :b]))  # per layer [B, Hq, D]
+            self.policy.after_step(views, list(self._capture_h[:b].transpose(0, 1)))  # per layer [B, Hq, D]
         if tokens is None:
             tokens = [self._sample(logits[row], req) for row, req in enumerate(reqs)]
         for req, token in zip(reqs, tokens, strict=True):
