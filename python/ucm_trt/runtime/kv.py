@@ -378,7 +378,6 @@ class KVManager:
         self._early_entries: list[list[tuple]] = [[] for _ in range(L)]
         self._transfer = StepTransfer()
         self._deferred: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(L)]
-        self._deferred_early = False  # the deferred loads are early prefetches (accounting)
         self._forward_start = None  # event on the compute stream before this step's forward
         self._staging: dict[str, tuple[torch.Tensor, torch.cuda.Event | None]] = {}  # pinned buffers + last use
         self._timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # (load | wait, start, end)
@@ -464,8 +463,8 @@ class KVManager:
 
         ``prefetch[layer][row]`` (offload only; optional): blocks a coming selection will need
         (``Policy.prefetch``). They are loaded too, on the side stream, but this step's forward
-        does not wait for them (the next plan's does), and only into free pool blocks; they stay
-        resident while named here. Attention still reads only ``needed``.
+        does not wait for them (the first step that reads them does), and only into free pool
+        blocks; they stay resident while named here. Attention still reads only ``needed``.
 
         Returns ``stale[layer][row]``: True where the step must attend with the row's previous
         selection of that layer (overlapped schedule: its new blocks load beside this step, see
@@ -521,7 +520,6 @@ class KVManager:
             self._load(loads, transfer)
         if any(early):
             if self.overlap:
-                self._deferred_early = True
                 for layer in range(L):
                     self._deferred[layer] += early[layer]
             else:
@@ -956,7 +954,6 @@ class KVManager:
         if any(self._deferred):
             self._load(self._deferred, transfer, deferred=True)
         self._deferred = [[] for _ in range(self.layout.num_layers)]
-        self._deferred_early = False
 
     def mark_forward_start(self) -> None:
         """Record (CUDA) where the compute stream stands before this step's forward: deferred loads
