@@ -210,3 +210,30 @@ def test_prefill_chunks_do_not_overwrite_pinned_inputs_before_their_upload_ran()
             out.append(eng.generate(prompt, SamplingParams(max_new_tokens=8))[0].token_ids)
             assert eng.stats()["prefill_steps"] == 10
     assert out[0] == out[1]
+
+
+@pytest.mark.gpu
+def test_a_corrupted_device_block_table_is_flagged_by_the_kernels_not_read():
+    """The default fast path has no per-launch checks; the engine's IndexGuard catches what the host
+    checks cannot see: a device block-table entry overwritten behind the runtime's back (pointing
+    far outside the pool) is skipped by the attention kernel, flagged, and reported at the step's
+    token copy as IndexOutOfRangeError naming the block table; every block is returned."""
+    from ucm_trt.kernels.guard import IndexOutOfRangeError
+
+    model = tiny_llama(head_dim=32).cuda()
+    # dense: the table row changes only when a block opens (positions 300-303 stay in block 18), so
+    # nothing re-uploads the corrupted row before the step that reads it
+    eng = Engine(TorchBackend(model), make_policy("dense"), sparse=SparseConfig(block_size=16),
+                 config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128))
+    assert eng.guard is not None and eng.kv.guard is eng.guard
+    eng.add_request(torch.randint(0, 256, (300,)).tolist(), SamplingParams(max_new_tokens=16))
+    while eng._prefilling or eng._waiting:
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    eng.kv.tables[:, 0, 0] = 1 << 20  # block 0 (the sink, always selected) of every layer
+    with pytest.raises(IndexOutOfRangeError, match="block_table entry in use lies outside"):
+        eng.step()
+    eng.abort_all()
+    assert eng.kv.device_blocks_held() == 0
+    eng.close()

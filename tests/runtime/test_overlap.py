@@ -267,3 +267,51 @@ def test_load_method_and_batch_dma_errors_are_clear():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="libcuda.so.1|cuMemcpyBatchAsync"):
             BatchMemcpy()
+
+
+def test_queries_reach_the_host_only_for_policies_that_read_them(model):
+    """Dense (no after_step) gets no per-step query copy; ESA gets its queries, which equal the
+    device capture of the step (copied through the pinned buffer)."""
+    seen = []
+
+    class Recording(ESAPolicy):
+        def after_step(self, reqs, queries):
+            seen.append([q.clone() for q in queries])
+            super().after_step(reqs, queries)
+
+    with Engine(TorchBackend(model, attention="reference"), make_policy("dense"), sparse=SparseConfig(block_size=BS),
+                config=RuntimeConfig(max_batch=1, max_seq_len=512)) as eng:
+        assert eng._capture_h is None
+    with Engine(TorchBackend(model, attention="reference"), Recording(), sparse=_sparse("esa"),
+                config=RuntimeConfig(max_batch=2, max_seq_len=1024, prefill_chunk=128)) as eng:
+        eng.generate([_prompt(300, 1), _prompt(200, 2)], SamplingParams(max_new_tokens=3))
+        last = eng._capture[:, :1, :, 0]  # the last decode step's capture, row 0
+    assert len(seen) == 2 and all(len(s) == eng.shape.num_layers for s in seen)
+    assert all(q.shape == (2, 4, 16) for q in seen[0])
+    assert torch.equal(torch.stack(seen[-1])[:, :1], last)
+
+
+def test_index_guard_flag_is_read_at_the_steps_sync_and_stops_generation(model):
+    """The kernels' IndexGuard flag (set on the device without a sync when a launch meets an
+    out-of-range id) is read with the decode step's token copy: a set flag raises
+    IndexOutOfRangeError with the op's words, generation stops and every block is returned. (On
+    CUDA the engine owns the guard and passes it to copy_blocks and the attention launchers; here a
+    CPU guard stands in to test the read at the sync.)"""
+    from ucm_trt.kernels.attention import ATTENTION_GUARD_CODES, GUARD_BAD_BLOCK_TABLE
+    from ucm_trt.kernels.guard import IndexGuard, IndexOutOfRangeError
+
+    eng = Engine(TorchBackend(model, attention="reference"), make_policy("esa"), sparse=_sparse("esa"),
+                 config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128))
+    assert eng.guard is None  # CPU: no Triton launches to guard
+    eng.guard = IndexGuard("cpu", codes=ATTENTION_GUARD_CODES)
+    rid = eng.add_request(_prompt(300, 1), SamplingParams(max_new_tokens=8))
+    while eng._prefilling or eng._waiting:
+        eng.step()
+    eng.step()  # a clean decode step
+    eng.guard.flag.fill_(GUARD_BAD_BLOCK_TABLE)
+    with pytest.raises(IndexOutOfRangeError, match=r"decode step: .*block_table entry in use lies outside"):
+        eng.step()
+    assert eng.guard.value() == 0  # reset once reported
+    eng.abort_all()
+    assert eng.kv.device_blocks_held() == 0 and eng.result(rid).finish_reason == "aborted"
+    eng.close()

@@ -120,6 +120,16 @@ def _check_prompt(prompt: object) -> list[int]:
     return out
 
 
+def _index_guard(device: torch.device):
+    """The engine's IndexGuard, knowing the words of the attention's and the block copies' codes
+    (imported here: the Triton kernels are needed on CUDA only)."""
+    from ucm_trt.kernels.attention import ATTENTION_GUARD_CODES
+    from ucm_trt.kernels.block_copy import GUARD_CODES
+    from ucm_trt.kernels.guard import IndexGuard
+
+    return IndexGuard(device, codes={**ATTENTION_GUARD_CODES, **GUARD_CODES})
+
+
 class Engine:
     """Paged-KV generation runtime with a UCM policy.
 
@@ -209,10 +219,13 @@ class Engine:
         n_host = (config.num_host_blocks or config.max_batch * max_blocks) if policy.offload else 0
         layout = KVLayout(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
                           block_size=bs, dtype=backend.kv_dtype, device=dev)
+        # one device flag for the Triton kernels' out-of-range ids (block copies, attention): set
+        # without a sync, read with the step's one device-to-host copy (_check_guard)
+        self.guard = _index_guard(dev) if dev.type == "cuda" else None
         self.kv = KVManager(layout, max_batch=config.max_batch, max_blocks=max_blocks, num_device_blocks=n_dev,
                             offload=policy.offload, num_host_blocks=n_host, cache_blocks=config.cache_blocks,
                             overlap=config.overlap_loads, load_method=config.load_method,
-                            time_copies=config.time_loads and dev.type == "cuda")
+                            time_copies=config.time_loads and dev.type == "cuda", guard=self.guard)
         self.worker = RetrievalWorker(config.retrieval_threads)
         policy.bind(PolicyRuntime(shape=shape, sparse=sparse, kv=self.kv, worker=self.worker, device=dev))
         # -- per-step buffers, allocated once (device + host mirrors; pinned on CUDA)
@@ -237,7 +250,8 @@ class Engine:
         # host copy of the captured queries (pinned on CUDA), only for policies that read them
         # (their after_step is not the base no-op): a non-blocking copy per decode step
         self._host_queries = type(policy).after_step is not Policy.after_step
-        self._capture_h = torch.zeros(L, B, shape.num_q_heads, shape.head_dim, dtype=torch.float32,
+        # [B, L, Hq, D]: a step's rows are one contiguous slice, so the copy lands directly in it
+        self._capture_h = torch.zeros(B, L, shape.num_q_heads, shape.head_dim, dtype=torch.float32,
                                       pin_memory=pin) if self._host_queries else None
         self._arange = torch.arange(max_blocks, dtype=torch.int32)
         # -- requests
@@ -392,7 +406,10 @@ class Engine:
     def _start_query_copy(self, b: int) -> torch.cuda.Event | None:
         """Start copying this decode step's queries (slot 0 = the new token) into the pinned host
         buffer without waiting; returns the event that marks the copy done (None on the CPU)."""
-        self._capture_h[:, :b].copy_(self._capture[:, :b, :, 0], non_blocking=self._capture.device.type == "cuda")
+        # gathered contiguous on the device first: a non-blocking copy into a non-contiguous host
+        # view would go through a host temporary
+        src = self._capture[:, :b, :, 0].transpose(0, 1).contiguous()  # [b, L, Hq, D]
+        self._capture_h[:b].copy_(src, non_blocking=self._capture.device.type == "cuda")
         if self._capture.device.type != "cuda":
             return None
         ev = torch.cuda.Event()
@@ -422,6 +439,7 @@ class Engine:
         if hi == len(req.prompt):
             w = min(self._capture_width, t)
             queries = [q[0, :, :w] for q in self._queries(1, False)]  # per layer [Hq, w, D]
+            self._check_guard(f"prefill of request {rid!r}")  # the copy above synchronised
             view = RequestView(rid=rid, prompt_len=len(req.prompt), seq_len=len(req.prompt),
                                new_len=len(req.prompt), step=0)
             self.policy.on_prefill_end(view, queries)
@@ -463,8 +481,7 @@ class Engine:
             sels = self._attend_selections(rows, sels, stale, new_lens)
         self._guard_host_mirrors()
         selections, widths = self._write_selections(sels, new_lens, bs, b, H)
-        for row, rid in enumerate(rows):
-            self._ids_h[row, 0] = self._requests[rid].out[-1]
+        self._ids_h[:b, 0] = torch.tensor([self._requests[rid].out[-1] for rid in rows], dtype=torch.long)
         self._ids[:b, :1].copy_(self._ids_h[:b, :1], non_blocking=self._ids.device.type == "cuda")
         self._write_slots(rows, [v.seq_len for v in views], 1)
         ctx = self._context(rows, 1, new_lens, selections)
@@ -477,20 +494,17 @@ class Engine:
         query_copy = self._start_query_copy(b) if self._host_queries else None
         emitted = []
         reqs = [self._requests[rid] for rid in rows]
-        # TODO(lead, issue 17): one IndexGuard per Engine, passed as guard= to copy_blocks in
-        # KVManager._copy_layers (branch "blocks" adds it) and to the attention launchers through
-        # AttentionImpl (branch "kern"); read its flag in this step's one device-to-host copy
-        # (torch.cat([argmax, guard.flag]).tolist()) and raise with IndexGuard.check's words. Not
-        # wired here: the launchers on main take no guard= yet.
         if all(r.params.temperature == 0 for r in reqs):
-            tokens = logits.argmax(-1).tolist()  # greedy: only the token ids leave the device
+            # greedy: only the token ids (and the index guard's flag) leave the device, in one copy
+            tokens = self._tokens_and_guard(logits.argmax(-1), "decode step")
         else:
             logits = logits.cpu()
+            self._check_guard("decode step")
             tokens = None
         if self._host_queries:
             if query_copy is not None:
                 query_copy.synchronize()  # normally done: the token copy above waited for the step
-            self.policy.after_step(views, list(self._capture_h[:, :b]))  # per layer [B, Hq, D]
+            self.policy.after_step(views, list(self._capture_h[:b].transpose(0, 1)))  # per layer [B, Hq, D]
         if tokens is None:
             tokens = [self._sample(logits[row], req) for row, req in enumerate(reqs)]
         for req, token in zip(reqs, tokens, strict=True):
@@ -526,6 +540,30 @@ class Engine:
                     out[layer][row] = extend_selection(old, nb_old, nb_new) if nb_new > nb_old else old
         self._attended = ({rid: row for row, rid in enumerate(rows)}, out, list(new_lens))
         return out
+
+    def _tokens_and_guard(self, ids: torch.Tensor, where: str) -> list[int]:
+        """``ids`` on the host, with the index guard's flag read in the same device-to-host copy."""
+        if self.guard is None:
+            return ids.tolist()
+        vals = torch.cat([ids.long(), self.guard.flag.long()]).tolist()
+        self._raise_flag(vals[-1], where)
+        return vals[:-1]
+
+    def _check_guard(self, where: str) -> None:
+        """Read the index guard where the host has just synchronised anyway."""
+        if self.guard is not None:
+            self._raise_flag(self.guard.value(), where)
+
+    def _raise_flag(self, code: int, where: str) -> None:
+        if code:
+            from ucm_trt.kernels.guard import IndexOutOfRangeError
+
+            what = self.guard.codes.get(code, f"error code {code}")
+            self.guard.reset()
+            raise IndexOutOfRangeError(
+                f"{where}: a kernel met an out-of-range block id ({what}); it was skipped on the device, so no "
+                "memory outside the pools was read or written, but the step's result is invalid"
+            )
 
     def _guard_host_mirrors(self) -> None:
         """Before the host writes the pinned mirrors (ids, positions, slots, selections) of a step,

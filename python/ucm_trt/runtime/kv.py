@@ -280,6 +280,10 @@ class KVManager:
     time_copies:
         Record CUDA timing events around loads and around the compute stream's waits for them
         (:meth:`KVManager.collect_timings`): the load time and the part of it the step waited for.
+    guard:
+        An :class:`~ucm_trt.kernels.guard.IndexGuard` on the pools' device: ``copy_blocks`` skips
+        and flags out-of-range block ids there (no sync; the owner reads it at its next sync), and
+        the step's attention launches use the same one (``StepContext`` reads ``kv.guard``).
     """
 
     def __init__(
@@ -295,6 +299,7 @@ class KVManager:
         overlap: bool = False,
         load_method: str = "kernel",
         time_copies: bool = False,
+        guard=None,
     ) -> None:
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
@@ -314,6 +319,12 @@ class KVManager:
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
         if load_method not in LOAD_METHODS:
             raise ValueError(f"load_method must be one of {LOAD_METHODS}, got {load_method!r}")
+        if guard is not None:
+            from ucm_trt.kernels.guard import IndexGuard  # the Triton kernels' package: only with a guard
+
+            if not isinstance(guard, IndexGuard):
+                raise TypeError(f"guard must be an IndexGuard or None, got {type(guard).__name__}")
+        self.guard = guard
         self.overlap = overlap and offload
         self.load_method = load_method
         self._dma = None
@@ -367,7 +378,6 @@ class KVManager:
         self._early_entries: list[list[tuple]] = [[] for _ in range(L)]
         self._transfer = StepTransfer()
         self._deferred: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(L)]
-        self._deferred_early = False  # the deferred loads are early prefetches (accounting)
         self._forward_start = None  # event on the compute stream before this step's forward
         self._staging: dict[str, tuple[torch.Tensor, torch.cuda.Event | None]] = {}  # pinned buffers + last use
         self._timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # (load | wait, start, end)
@@ -453,8 +463,8 @@ class KVManager:
 
         ``prefetch[layer][row]`` (offload only; optional): blocks a coming selection will need
         (``Policy.prefetch``). They are loaded too, on the side stream, but this step's forward
-        does not wait for them (the next plan's does), and only into free pool blocks; they stay
-        resident while named here. Attention still reads only ``needed``.
+        does not wait for them (the first step that reads them does), and only into free pool
+        blocks; they stay resident while named here. Attention still reads only ``needed``.
 
         Returns ``stale[layer][row]``: True where the step must attend with the row's previous
         selection of that layer (overlapped schedule: its new blocks load beside this step, see
@@ -510,7 +520,6 @@ class KVManager:
             self._load(loads, transfer)
         if any(early):
             if self.overlap:
-                self._deferred_early = True
                 for layer in range(L):
                     self._deferred[layer] += early[layer]
             else:
@@ -853,9 +862,9 @@ class KVManager:
                 if staged:
                     self._staged_load(layer, torch.from_numpy(per[layer][0]), phys, stream)
                 elif to_device:
-                    copy_blocks(self.host[layer], self.pools[layer], hids, phys)
+                    copy_blocks(self.host[layer], self.pools[layer], hids, phys, guard=self.guard)
                 else:
-                    copy_blocks(self.pools[layer], self.host[layer], phys, hids)
+                    copy_blocks(self.pools[layer], self.host[layer], phys, hids, guard=self.guard)
                 off += n
                 gens[layer] = self._next_gen(layer, per[layer][1], "load" if to_device else "write_back")
             if timing:
@@ -945,7 +954,6 @@ class KVManager:
         if any(self._deferred):
             self._load(self._deferred, transfer, deferred=True)
         self._deferred = [[] for _ in range(self.layout.num_layers)]
-        self._deferred_early = False
 
     def mark_forward_start(self) -> None:
         """Record (CUDA) where the compute stream stands before this step's forward: deferred loads

@@ -47,7 +47,9 @@ class RuntimeConfig:
         pool blocks, so the step that switches to it finds them resident. Attention and the
         retrieval schedule are unchanged. Counted in the loads of the step that issues them.
         Off by default: on an H200 it left ESA's mean step unchanged and made its typical step
-        slower (the copy kernel shares the SMs with the step it overlaps), GSA 5 % faster.
+        slower (the copy kernel shares the SMs with the step it overlaps), GSA 5 % faster. With
+        ``overlap_loads``, blocks that arrived early let a new selection become visible at its
+        scheduled step instead of one step late (so tokens may differ from a run without it).
     overlap_loads:
         Offload policies: the overlapped (stale-by-one) schedule. When a new selection needs
         blocks that are not resident, the step attends with the layer's previous selection

@@ -43,15 +43,18 @@ class AttentionImpl:
         self._rerope = rerope
         self._validate = validate
 
-    def _kw(self) -> dict:
-        return {} if self._validate is None else {"validate": self._validate}
+    def _kw(self, guard=None) -> dict:
+        kw = {} if self._validate is None else {"validate": self._validate}
+        if guard is not None and self.name == "triton":
+            kw["guard"] = guard  # the Triton launchers flag out-of-range ids there (no sync)
+        return kw
 
-    def sparse(self, q, pool, table, seq_lens, selection, scale):
-        return self._sparse(q, pool, table, seq_lens, selection, scale=scale, **self._kw())
+    def sparse(self, q, pool, table, seq_lens, selection, scale, guard=None):
+        return self._sparse(q, pool, table, seq_lens, selection, scale=scale, **self._kw(guard))
 
-    def rerope(self, q, pool, table, seq_lens, selection, scale, cfg, theta):
+    def rerope(self, q, pool, table, seq_lens, selection, scale, cfg, theta, guard=None):
         return self._rerope(q, pool, table, seq_lens, selection, window=cfg.window, theta=theta,
-                            logn_training_length=cfg.logn_training_length, scale=scale, **self._kw())
+                            logn_training_length=cfg.logn_training_length, scale=scale, **self._kw(guard))
 
 
 def reference_attention() -> AttentionImpl:
@@ -205,10 +208,11 @@ class StepContext:
         if sel is NotImplemented:
             sel = self.selections[layer]
         table = self.tables(layer)
+        guard = self.kv.guard
         if rerope is None:
-            out = self.attention.sparse(q, pool, table, self.seq_lens, sel, scale)
+            out = self.attention.sparse(q, pool, table, self.seq_lens, sel, scale, guard)
         else:
-            out = self.attention.rerope(q, pool, table, self.seq_lens, sel, scale, rerope, self.rope_theta)
+            out = self.attention.rerope(q, pool, table, self.seq_lens, sel, scale, rerope, self.rope_theta, guard)
         w = min(t, self.capture_width)
         self.capture[layer, :b, :, :w] = q[:, :, t - w :].float()
         self.layers_run += 1
