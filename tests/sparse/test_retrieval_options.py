@@ -140,6 +140,18 @@ def test_block_rep_store_device_and_dtype():
         BlockRepStore(num_layers=1, num_kv_heads=1, head_dim=1, dtype=torch.int8)
 
 
+def test_block_rep_store_grows_by_an_eighth_and_keeps_old_views():
+    st = BlockRepStore(num_layers=1, num_kv_heads=1, head_dim=2, capacity=200)
+    st.append(torch.arange(400.0).view(1, 200, 1, 2))
+    view = st.reps()
+    st.append(torch.ones(1, 1, 1, 2))
+    assert st.capacity == 225  # 200 + 200 // 8, not 400
+    st.append(torch.ones(1, 30, 1, 2))
+    assert st.capacity == 253 and st.num_blocks == 231  # 225 + 28
+    assert torch.equal(view, torch.arange(400.0).view(1, 200, 1, 2).permute(0, 2, 3, 1))  # unchanged
+    assert torch.equal(st.reps()[..., :200], view)
+
+
 @pytest.mark.parametrize("ties", [False, True])
 def test_topk_kth_equals_numpy_partition_path(ties):
     """The device path's ``torch.topk`` k-th best gives the same ids as the CPU's numpy partition."""
