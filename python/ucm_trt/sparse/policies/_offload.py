@@ -243,8 +243,9 @@ class OffloadPolicy(Policy):
             raise RuntimeError(
                 f"{self.name}: retrieval returned {sel.dtype} {tuple(sel.shape)}, want int32 [L={L}, Hkv={h}, S]"
             )
-        if pending.counts is not None:
-            c, n, kc, kn = pending.counts
+        counts = getattr(pending, "counts", None)  # counted by _submit's task; absent on hand-made pendings
+        if counts is not None:
+            c, n, kc, kn = counts
             self.turnover_changed += c
             self.turnover_selected += n
             self.topk_changed += kc
