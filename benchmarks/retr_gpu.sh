@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 13 items 2/4 on the GPU (branch retr): the retrieval-option GPU tests, the retrieval
 # batch-scaling benchmark (host CPU threads vs GPU-resident representations) and the end-to-end
-# decode cost of CPU vs GPU retrieval. About 4-5 minutes on an H100. Results in $OUT.
+# decode cost of CPU vs GPU retrieval (ESA). About 3-4 minutes on an H100. Results in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
