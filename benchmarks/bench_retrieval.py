@@ -4,7 +4,8 @@
     PYTHONPATH=python python benchmarks/bench_retrieval.py --out OUT_DIR --no-device --batches 1,4,8
 
 Writes OUT_DIR/retrieval_scaling_<card or cpu>_<date>.json (machine facts, settings, rows) and prints
-a table last. The 8B-class shape (32 layers, 32 q / 8 KV heads, head_dim 128), 1024 blocks of 128
+a table last. Paths: host (float32, bfloat16), host-pooled (all requests in one store, one task),
+and with a GPU device / device-pooled (float32, bfloat16). The 8B-class shape (32 layers, 32 q / 8 KV heads, head_dim 128), 1024 blocks of 128
 tokens (128K context), ratio 1/8. See ucm_trt.bench.retrieval.
 """
 
@@ -43,10 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cores = os.cpu_count() or 1
     wts = args.worker_threads or sorted({1, min(4, cores), cores})
-    paths = [("host", d) for d in args.host_dtypes.split(",") if d]
+    paths = [("host", d) for d in args.host_dtypes.split(",") if d] + [("host-pooled", "float32")]
     cuda = torch.cuda.is_available() and not args.no_device
     if cuda:
-        paths += [("device", "float32"), ("device", "bfloat16")]
+        paths += [("device", "float32"), ("device", "bfloat16"), ("device-pooled", "float32"),
+                  ("device-pooled", "bfloat16")]
     card = torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
     started = dt.datetime.now(dt.timezone.utc)
     load0 = os.getloadavg()
@@ -65,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"retrieval_scaling_{card}_{started:%Y-%m-%d}{args.tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
-    print(f"{'path':>6} {'dtype':>8} {'B':>3} {'wt':>3} {'it':>3} {'round ms':>9} {'ms/seq/retr':>11} "
+    print(f"{'path':>13} {'dtype':>8} {'B':>3} {'wt':>3} {'it':>3} {'round ms':>9} {'ms/seq/retr':>11} "
           f"{'ms/seq/step R4':>14} {'GB/s':>6} {'diff':>4}")
     for r in rows:
-        print(f"{r['path']:>6} {r['rep_dtype']:>8} {r['batch']:>3} {r['worker_threads']:>3} {r['intra_op_threads']:>3} "
+        print(f"{r['path']:>13} {r['rep_dtype']:>8} {r['batch']:>3} {r['worker_threads']:>3} {r['intra_op_threads']:>3} "
               f"{r['round_ms']:>9.2f} {r['ms_per_seq_per_retrieval']:>11.3f} {r['ms_per_seq_per_step_R4']:>14.3f} "
               f"{r['effective_gb_per_s']:>6.1f} {r['differing_layers_vs_first_path']:>4}")
     return 0

@@ -25,6 +25,18 @@ def test_batch_scaling_rows_and_equal_selections():
         assert r["rep_bytes_per_seq"] == 2 * 2 * 16 * 40 * 4
 
 
+def test_pooled_path_selects_like_per_request_tasks():
+    shape = ScalingShape(num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=16)
+    rows = bench_batch_scaling(shape=shape, num_blocks=50, batches=[4], worker_threads=[2], intra_op_threads=[1],
+                               paths=[("host", "float32"), ("host-pooled", "float32")], warmup=0, repeats=1)
+    assert [r["path"] for r in rows] == ["host", "host-pooled"]
+    assert rows[1]["differing_layers_vs_first_path"] == 0 and rows[1]["worker_threads"] == 1
+    assert rows[1]["rep_bytes_per_seq"] == rows[0]["rep_bytes_per_seq"]
+    with pytest.raises(ValueError, match="where must be"):
+        bench_batch_scaling(shape=shape, num_blocks=50, batches=[1], worker_threads=[1], intra_op_threads=[1],
+                            paths=[("gpu", "float32")], warmup=0, repeats=1)
+
+
 def test_retrieval_task_equals_per_layer_reference():
     g = torch.Generator().manual_seed(0)
     reps = torch.randint(-4, 5, (3, 2, 8, 30), generator=g).float()  # integer data: exact scores

@@ -140,6 +140,18 @@ def test_block_rep_store_device_and_dtype():
         BlockRepStore(num_layers=1, num_kv_heads=1, head_dim=1, dtype=torch.int8)
 
 
+def test_block_rep_store_grows_by_an_eighth_and_keeps_old_views():
+    st = BlockRepStore(num_layers=1, num_kv_heads=1, head_dim=2, capacity=200)
+    st.append(torch.arange(400.0).view(1, 200, 1, 2))
+    view = st.reps()
+    st.append(torch.ones(1, 1, 1, 2))
+    assert st.capacity == 225  # 200 + 200 // 8, not 400
+    st.append(torch.ones(1, 30, 1, 2))
+    assert st.capacity == 253 and st.num_blocks == 231  # 225 + 28
+    assert torch.equal(view, torch.arange(400.0).view(1, 200, 1, 2).permute(0, 2, 3, 1))  # unchanged
+    assert torch.equal(st.reps()[..., :200], view)
+
+
 @pytest.mark.parametrize("ties", [False, True])
 def test_topk_kth_equals_numpy_partition_path(ties):
     """The device path's ``torch.topk`` k-th best gives the same ids as the CPU's numpy partition."""
@@ -341,3 +353,25 @@ def test_batched_dot_scores_half_store_upcasts():
     s = batched_dot_scores(q, half)
     assert s.dtype == torch.float32
     assert torch.allclose(s, batched_dot_scores(q, half.float()))
+
+
+def test_turnover_counts_equal_the_set_based_reference():
+    """The vectorised counts the policies use equal selection_turnover of the selections and of
+    their top-k parts, also when the block count grows (GSA), new rows are unsorted, rows empty."""
+    from ucm_trt.sparse.turnover import turnover_counts
+
+    g = torch.Generator().manual_seed(5)
+    sp = SparseConfig(sink_blocks=1, local_blocks=2)
+    for trial in range(30):
+        old = _random_selection(g, 8, 40, 12)
+        new = _random_selection(g, 8, 44, 10)
+        if trial % 3 == 0:  # unsorted new rows (old must be in the runtime's sorted format)
+            new = new[:, torch.randperm(new.shape[1], generator=g)]
+        old_nb, new_nb = 40, 40 + trial % 5
+        c, n = selection_turnover(old, new)
+        kc, kn = selection_turnover(topk_part(old, old_nb, sp), topk_part(new, new_nb, sp))
+        got = turnover_counts(old.view(2, 4, -1), old_nb, new.view(2, 4, -1), new_nb, sp)
+        assert got == (int(c.sum()), int(n.sum()), int(kc.sum()), int(kn.sum())), trial
+    empty = torch.zeros(3, 0, dtype=torch.int32)
+    sel = torch.tensor([[0, 5, 9], [1, 2, -1], [-1, -1, -1]], dtype=torch.int32)
+    assert turnover_counts(empty, 12, sel, 12, sp) == (5, 5, 4, 4)  # top-k part: ids in [1, 10)

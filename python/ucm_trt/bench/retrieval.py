@@ -12,6 +12,9 @@ collected, as the policies do on a retrieval step. Paths:
 * ``device``: representations on the GPU (``RetrievalConfig(representations="device")``), scoring
   and top-k there on a side stream (:func:`~ucm_trt.sparse.policies._offload.device_task`), only
   the selected ids copied back.
+* ``host-pooled`` / ``device-pooled`` (not a runtime path yet: what it would gain): the B requests'
+  representations held in ONE store ``[B*L, Hkv, D, nb]`` (equal lengths), retrieved by one task,
+  one matmul and one selection for the whole batch instead of one task per request.
 
 Reported per row: the round's wall time (median of ``repeats`` after ``warmup``), ms per sequence
 per retrieval (round / B), and per decode step at retrieval stride R (/ R: a retrieval runs every
@@ -72,6 +75,13 @@ def _stores(shape: ScalingShape, data, device: str, dtype: torch.dtype) -> list[
     return out
 
 
+def _same_selection(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equal ``[Hkv, S]`` selections up to trailing -1 padding (a pooled batch pads to its widest row)."""
+    w = max(x.shape[-1], y.shape[-1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, w - t.shape[-1]), value=-1)  # noqa: E731
+    return torch.equal(pad(x), pad(y))
+
+
 def _round(worker: RetrievalWorker, tasks) -> list[torch.Tensor]:
     tickets = [worker.submit(t, what=f"bench request {i}") for i, t in enumerate(tasks)]
     return [t.result() for t in tickets]
@@ -93,7 +103,8 @@ def bench_batch_scaling(
 ) -> list[dict[str, Any]]:
     """Rows of (path, dtype, batch, worker threads, intra-op threads): round ms, ms per sequence
     per retrieval and per decode step at each stride (module docstring). ``paths``: pairs
-    ``(where, dtype)``, where ``"host"`` or ``"device"`` (CUDA) and dtype a ``_DTYPES`` name."""
+    ``(where, dtype)``, where ``"host"``, ``"device"`` (CUDA), ``"host-pooled"`` or
+    ``"device-pooled"``, and dtype a ``_DTYPES`` name."""
     sparse = SparseConfig(block_size=128, budget=Budget.ratio(ratio), sink_blocks=1, local_blocks=2)
     rows = []
     before = torch.get_num_threads()
@@ -102,11 +113,22 @@ def bench_batch_scaling(
         for batch in batches:
             ref = None
             for where, dname in paths:
-                device = "cuda" if where == "device" else "cpu"
-                stores = _stores(shape, data[:batch], device, _DTYPES[dname])
+                if where not in ("host", "device", "host-pooled", "device-pooled"):
+                    raise ValueError(f"paths: where must be host, device, host-pooled or device-pooled, got {where!r}")
+                device = "cuda" if where.startswith("device") else "cpu"
+                pooled = where.endswith("-pooled")
                 queries = [q for _, q in data[:batch]]
                 stream = torch.cuda.Stream() if device == "cuda" else None
-                per_seq_bytes = stores[0].nbytes
+                if pooled:
+                    joined = [(torch.cat([r for r, _ in data[:batch]]), torch.cat(queries))]
+                    stores = _stores(ScalingShape(num_layers=batch * shape.num_layers, num_q_heads=shape.num_q_heads,
+                                                  num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim),
+                                     joined, device, _DTYPES[dname])
+                    queries = [joined[0][1]]
+                    del joined
+                else:
+                    stores = _stores(shape, data[:batch], device, _DTYPES[dname])
+                per_seq_bytes = stores[0].nbytes // (batch if pooled else 1)
 
                 def tasks(stores=stores, queries=queries, stream=stream):
                     fns = [partial(retrieval_task, st.reps(), q, num_blocks, sparse, shape.num_kv_heads)
@@ -116,6 +138,8 @@ def bench_batch_scaling(
                 combos = [(t, i) for t in worker_threads for i in intra_op_threads]
                 if device == "cuda":
                     combos = [(t, 1) for t in worker_threads]  # the CPU threads only wait
+                if pooled:  # one task: worker threads do not matter
+                    combos = [(1, i) for i in ([1] if device == "cuda" else intra_op_threads)]
                 for wt, it in combos:
                     torch.set_num_threads(it)
                     worker = RetrievalWorker(wt)
@@ -129,9 +153,11 @@ def bench_batch_scaling(
                             times.append(time.perf_counter() - t0)
                     finally:
                         worker.shutdown()
+                    if pooled:
+                        sels = list(sels[0].split(shape.num_layers))
                     if ref is None:
                         ref = sels  # the first path (host float32 by convention) is the reference
-                    differing = sum(int(not torch.equal(a[layer], b[layer]))
+                    differing = sum(int(not _same_selection(a[layer], b[layer]))
                                     for a, b in zip(ref, sels, strict=True) for layer in range(shape.num_layers))
                     round_ms = 1e3 * statistics.median(times)
                     per_seq = round_ms / batch

@@ -9,6 +9,9 @@ Batched torch on CPU or GPU tensors, float32 math internally.
 - :mod:`ucm_trt.sparse.recall` attention-mass recall, oracle selection, recall curves
 - :mod:`ucm_trt.sparse.batched` all layers of a request at once (the offload policies' CPU
   retrieval): a ``[L, Hkv, D, nb]`` representation store, one matmul, one batched selection
+  (on the host, or on the GPU with GPU-resident representations)
+- :mod:`ucm_trt.sparse.turnover` how much a selection changes between retrievals, and the
+  ``QueryDrift`` query model that reproduces a chosen turnover on random weights
 """
 
 from __future__ import annotations

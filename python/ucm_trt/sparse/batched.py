@@ -53,7 +53,9 @@ class BlockRepStore:
     the CPU by default; ``device`` / ``dtype`` place it elsewhere, e.g. on the GPU in half precision).
 
     Append-only: :meth:`append` writes blocks ``num_blocks ..`` and never changes a block already
-    stored; when the capacity is exceeded it moves to a new, larger tensor (capacity doubles).
+    stored; when the capacity is exceeded it moves to a new, larger tensor (capacity grows by an
+    eighth, at least 16 blocks: a GPU-resident store of a 128K-token request would transiently
+    hold twice its bytes if it doubled, and decode appends only one block every block_size steps).
     A view from :meth:`reps` therefore stays valid and unchanged while later blocks are appended,
     which is what lets a retrieval task read it on a worker thread without a copy.
     """
@@ -109,7 +111,8 @@ class BlockRepStore:
             return
         need = self._n + n
         if need > self.capacity:
-            new = torch.empty(L, h, d, max(need, 2 * self.capacity), dtype=self._buf.dtype, device=self._buf.device)
+            cap = max(need, self.capacity + max(16, self.capacity // 8))
+            new = torch.empty(L, h, d, cap, dtype=self._buf.dtype, device=self._buf.device)
             new[..., : self._n] = self._buf[..., : self._n]
             self._buf = new
         self._buf[..., self._n : need] = r.permute(0, 2, 3, 1)

@@ -51,6 +51,7 @@ __all__ = [
     "calibrate_persistence",
     "selection_turnover",
     "topk_part",
+    "turnover_counts",
 ]
 
 
@@ -86,10 +87,45 @@ def topk_part(sel: torch.Tensor, num_blocks: int, sparse: SparseConfig) -> torch
     t = check_tensor("sel", sel, dtypes=(torch.int16, torch.int32, torch.int64))
     if not isinstance(sparse, SparseConfig):
         raise TypeError(f"sparse must be a SparseConfig, got {type(sparse).__name__}")
-    lo = min(sparse.sink_blocks, num_blocks)
-    hi = max(lo, num_blocks - sparse.local_blocks)
+    lo, hi = _topk_range(num_blocks, sparse)
     keep = (t >= lo) & (t < hi)
     return torch.where(keep, t, torch.full_like(t, -1))
+
+
+def turnover_counts(
+    old: torch.Tensor, old_nb: int, new: torch.Tensor, new_nb: int, sparse: SparseConfig
+) -> tuple[int, int, int, int]:
+    """``(changed, selected, topk_changed, topk_selected)`` summed over all rows: what
+    :func:`selection_turnover` of ``(old, new)`` and of their :func:`topk_part` (at ``old_nb`` /
+    ``new_nb`` blocks) sum to, in a few vector operations (one ``searchsorted`` per row instead of
+    block-wide masks). ``old`` must be in the runtime's selection format: ids ascending, -1 padding
+    at the end of each row (``new`` may be in any order)."""
+    o = check_tensor("old", old, dtypes=(torch.int16, torch.int32, torch.int64))
+    n = check_tensor("new", new, dtypes=(torch.int16, torch.int32, torch.int64))
+    if o.dim() < 1 or n.dim() < 1 or o.shape[:-1] != n.shape[:-1]:
+        raise ValueError(
+            f"old and new must be [..., S] with the same leading shape, got {tuple(o.shape)} and {tuple(n.shape)}"
+        )
+    rows = math.prod(n.shape[:-1])
+    o = o.reshape(rows, o.shape[-1]).to(torch.int32).contiguous()
+    n = n.reshape(rows, n.shape[-1]).to(torch.int32).contiguous()
+    valid = n >= 0
+    if o.shape[-1]:
+        o = torch.where(o >= 0, o, torch.full_like(o, torch.iinfo(torch.int32).max))  # still ascending
+        idx = torch.searchsorted(o, n).clamp(max=o.shape[-1] - 1)
+        found = valid & (o.gather(-1, idx) == n)
+    else:
+        found = torch.zeros_like(valid)
+    lo_o, hi_o = _topk_range(old_nb, sparse)
+    lo_n, hi_n = _topk_range(new_nb, sparse)
+    in_new = valid & (n >= lo_n) & (n < hi_n)
+    in_old = found & (n >= lo_o) & (n < hi_o)
+    return int((valid & ~found).sum()), int(valid.sum()), int((in_new & ~in_old).sum()), int(in_new.sum())
+
+
+def _topk_range(num_blocks: int, sparse: SparseConfig) -> tuple[int, int]:
+    lo = min(sparse.sink_blocks, num_blocks)
+    return lo, max(lo, num_blocks - sparse.local_blocks)
 
 
 @dataclass(frozen=True, kw_only=True)

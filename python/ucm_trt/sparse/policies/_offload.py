@@ -28,7 +28,7 @@ representations live and which queries score them:
   model's (benchmarks on random weights that need a realistic selection turnover).
 
 Every collected retrieval is compared with the request's previous one
-(:func:`~ucm_trt.sparse.turnover.selection_turnover`); ``stats()`` reports the turnover of all
+(:func:`~ucm_trt.sparse.turnover.turnover_counts`, on the worker thread); ``stats()`` reports the turnover of all
 selected blocks and of the top-k part alone.
 """
 
@@ -42,7 +42,7 @@ import torch
 from ucm_trt.runtime.worker import RetrievalTicket
 from ucm_trt.sparse.batched import BlockRepStore, extend_selections
 from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView
-from ucm_trt.sparse.turnover import QueryDrift, calibrate_persistence, selection_turnover, topk_part
+from ucm_trt.sparse.turnover import QueryDrift, calibrate_persistence, turnover_counts
 
 __all__ = [
     "REP_PLACEMENTS",
@@ -121,10 +121,13 @@ class PendingRetrieval:
         self.ticket = ticket
         self.step = step
         self.num_blocks = num_blocks
+        #: turnover counts against the selection active at submission (``turnover_counts``), or None
+        self.counts: tuple[int, int, int, int] | None = None
 
     def result(self) -> torch.Tensor:
         """Wait; int32 ``[L, Hkv, S]``. A failed task raises :class:`~ucm_trt.runtime.worker.RetrievalError`."""
-        return self.ticket.result()
+        sel, self.counts = self.ticket.result()
+        return sel
 
     def peek(self) -> torch.Tensor | None:
         """The result if the task has finished successfully, else None; never waits and leaves the
@@ -132,7 +135,7 @@ class PendingRetrieval:
         fut = self.ticket.future
         if not fut.done() or fut.exception() is not None:
             return None
-        return fut.result()[0]
+        return fut.result()[0][0]
 
 
 def device_task(fn: Callable[[], torch.Tensor], stream: torch.cuda.Stream) -> Callable[[], torch.Tensor]:
@@ -209,10 +212,24 @@ class OffloadPolicy(Policy):
         return type(self)._select is not base._select  # type: ignore[attr-defined]
 
     def _submit(self, rid: str, step: int, num_blocks: int, fn: Callable[[], torch.Tensor]) -> PendingRetrieval:
-        """Submit ``fn() -> [L, Hkv, S]`` (every layer of request ``rid``) as one worker task."""
+        """Submit ``fn() -> [L, Hkv, S]`` (every layer of request ``rid``) as one worker task. The task
+        also counts the turnover against the request's selection active now (the one the new selection
+        replaces when collected: every schedule collects its retrievals in submission order), off the
+        main thread."""
         L = self.shape.num_layers
         what = f"{self.name} request {rid!r} layers 0-{L - 1} step {step}"
-        return PendingRetrieval(self.rt.worker.submit(fn, what=what), step, num_blocks)
+        st = self._state.get(rid)
+        prev = None if st is None else st.get("sel")
+        prev_nb = None if st is None else st.get("sel_nb")
+
+        def task() -> tuple[torch.Tensor, tuple[int, int, int, int] | None]:
+            sel = fn()
+            # a malformed selection is left to _collect, which names the problem
+            if prev is None or not isinstance(sel, torch.Tensor) or sel.dim() != 3 or sel.shape[:2] != prev.shape[:2]:
+                return sel, None
+            return sel, self._turnover(prev, prev_nb, sel, num_blocks)
+
+        return PendingRetrieval(self.rt.worker.submit(task, what=what), step, num_blocks)
 
     def _per_layer(self, fn: Callable[[int], torch.Tensor]) -> Callable[[], torch.Tensor]:
         """A task running the per-layer hook ``fn(layer) -> [Hkv, S]`` over every layer."""
@@ -226,26 +243,24 @@ class OffloadPolicy(Policy):
             raise RuntimeError(
                 f"{self.name}: retrieval returned {sel.dtype} {tuple(sel.shape)}, want int32 [L={L}, Hkv={h}, S]"
             )
-        prev = st.get("sel")
-        if prev is not None:
-            self._count_turnover(prev, st["sel_nb"], sel, pending.num_blocks)
+        counts = getattr(pending, "counts", None)  # counted by _submit's task; absent on hand-made pendings
+        if counts is not None:
+            c, n, kc, kn = counts
+            self.turnover_changed += c
+            self.turnover_selected += n
+            self.topk_changed += kc
+            self.topk_selected += kn
         st["sel"] = sel
         st["sel_nb"] = pending.num_blocks
         st["ext"] = None  # plan's cached extension is stale
         self.retrievals += 1
 
-    def _count_turnover(self, old: torch.Tensor, old_nb: int, new: torch.Tensor, new_nb: int) -> None:
+    def _turnover(self, old: torch.Tensor, old_nb: int, new: torch.Tensor, new_nb: int) -> tuple[int, int, int, int]:
+        """Turnover counts of ``new`` against ``old`` over every (layer, KV-head) row."""
+        w = 1
         if self.sparse.selection == "shared":  # every KV-head row is the same selection
-            old, new = old[:, :1], new[:, :1]
-            w = self.shape.num_kv_heads
-        else:
-            w = 1
-        c, n = selection_turnover(old, new)
-        self.turnover_changed += w * int(c.sum())
-        self.turnover_selected += w * int(n.sum())
-        c, n = selection_turnover(topk_part(old, old_nb, self.sparse), topk_part(new, new_nb, self.sparse))
-        self.topk_changed += w * int(c.sum())
-        self.topk_selected += w * int(n.sum())
+            old, new, w = old[:, :1], new[:, :1], self.shape.num_kv_heads
+        return tuple(w * x for x in turnover_counts(old, old_nb, new, new_nb, self.sparse))
 
     def _num_blocks(self, tokens: int) -> int:
         bs = self.sparse.block_size
