@@ -325,10 +325,8 @@ class FilledPrefillBackend(Backend):
             return self.inner.forward(input_ids, positions, step)
         sh, dev, g = self.shape, self.device, self._gen
         w = min(t, step.capture_width)
-        wait = getattr(step, "wait_for_loads", None)  # the runtime's copy-event discipline, where it has one
         for layer in range(sh.num_layers):
-            if wait is not None:
-                wait(layer)  # as StepContext.attend: the layer's pool waits for copies it touches
+            step.wait_for_loads(layer)  # as StepContext.attend: the layer's pool waits for the copies it touches
             k = torch.randn(b, sh.num_kv_heads, t, sh.head_dim, generator=g, device=dev, dtype=self.kv_dtype)
             v = torch.randn(b, sh.num_kv_heads, t, sh.head_dim, generator=g, device=dev, dtype=self.kv_dtype)
             step.append_kv(layer, k, v)

@@ -307,7 +307,6 @@ def test_tiny_run_realistic_turnover_and_gpu_representations(tmp_path):
     """The realistic run: a query drift calibrated to the target, used by every offload policy (and
     its measured top-k turnover is far below the random run's); dense and GSA On-Device rows are
     shared by both turnovers; the GPU-representation variant runs ESA with device representations."""
-    pytest.importorskip("ucm_trt.sparse.turnover", reason="needs the turnover model (branch retr, issue 13 item 2)")
     rc = bc.main(["--shapes", "tiny", "--contexts", "1024", "--algorithms", "dense", "gsa-on-device", "esa",
                   "esa-gpu-reps", "--block-size", "16", "--decode-steps", "12", "--warmup-steps", "4", "--stride", "2",
                   "--host-gib", "0.004", "--realistic-turnover", "0.05", "--no-batch1", "--threads", "1",
@@ -364,17 +363,11 @@ def test_a_budget_that_fits_nothing_is_reported_not_hidden(tmp_path, capsys):
 @pytest.mark.gpu
 def test_tiny_run_on_cuda(tmp_path):
     """The whole benchmark on the GPU at the tiny shape (bf16, pinned host store, CUDA graphs, every
-    default algorithm, both turnovers when the turnover model is there): no error row, graphs replayed."""
-    turnovers = ["random"]
-    try:
-        import ucm_trt.sparse.turnover  # noqa: F401
-        turnovers.append("realistic")
-        algorithms = list(bc.DEFAULT_ALGORITHMS)
-    except ImportError:  # before the turnover model (branch retr) is merged: host representations only
-        algorithms = [a for a in bc.DEFAULT_ALGORITHMS if not a.endswith("gpu-reps")]
-    rc = bc.main(["--shapes", "tiny", "--contexts", "1024", "--algorithms", *algorithms, "--turnovers", *turnovers,
-                  "--realistic-turnover", "0.2", "--block-size", "16", "--decode-steps", "12", "--warmup-steps", "4",
-                  "--stride", "2", "--host-gib", "0.004", "--out-dir", str(tmp_path)])
+    default algorithm, both turnovers): no error row, graphs replayed."""
+    algorithms = list(bc.DEFAULT_ALGORITHMS)
+    rc = bc.main(["--shapes", "tiny", "--contexts", "1024", "--algorithms", *algorithms, "--realistic-turnover", "0.2",
+                  "--block-size", "16", "--decode-steps", "12", "--warmup-steps", "4", "--stride", "2",
+                  "--host-gib", "0.004", "--out-dir", str(tmp_path)])
     d = json.loads(next(tmp_path.glob("capacity_*.json")).read_text())
     assert rc == 0, [r["error"] for r in d["rows"] if "error" in r]
     assert d["card"] != "cpu" and d["dtype"] == "bfloat16"
