@@ -13,6 +13,8 @@ ReRoPEConfig        ReRoPE window, training length, log-n scaling
 KVStarConfig        KVStar channel pruning, token merge, multi-query voting stride
 BlendConfig         CacheBlend chunk reuse and selective recompute
 GSAOnDeviceConfig   hash bits, gates, rollback layers and layer reuse of GSA On-Device
+DenseLayers         layers a sparse policy runs dense: fixed, and detected per request (diffuse layers)
+AdaptiveBudget      widen a retrieval's budget, or go dense, where the selection misses attention mass
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ __all__ = [
     "KVStarConfig",
     "BlendConfig",
     "GSAOnDeviceConfig",
+    "DenseLayers",
+    "AdaptiveBudget",
     "REPRESENTATIONS",
     "SCORINGS",
     "SCORING_REPRESENTATIONS",
@@ -400,3 +404,69 @@ class GSAOnDeviceConfig:
         """Whether sparse decode runs this step (upstream's batch-level gate)."""
         long_enough = sum(1 for n in seq_lens if n >= self.seq_len_threshold)
         return long_enough >= self.concurrency_threshold
+
+
+@dataclass(frozen=True, kw_only=True)
+class DenseLayers:
+    """Layers a sparse policy runs dense (upstream "rollback layers"), fixed and/or detected.
+
+    Attributes
+    ----------
+    layers:
+        Layers that always run dense.
+    auto:
+        Detect diffuse layers per request at the end of its prefill, from the prefill's own
+        attention: for each layer, the attention of the prompt's last queries (the ones the policy
+        receives, :attr:`Policy.query_window`) over the prompt, and the mass the *oracle* selection
+        (the true top blocks) keeps at the policy's budget. A layer where even the oracle keeps less
+        than ``threshold`` cannot be served by any block selection at that budget: it runs dense
+        for that request (:func:`ucm_trt.sparse.dense_layers.detect_dense_layers`).
+    threshold:
+        Oracle attention-mass recall below which a layer is diffuse, in [0, 1].
+    """
+
+    layers: tuple[int, ...] = ()
+    auto: bool = False
+    threshold: float = 0.8
+
+    def __post_init__(self) -> None:
+        c = "DenseLayers"
+        if not isinstance(self.layers, tuple):
+            raise TypeError(f"{c}.layers must be a tuple of ints, got {self.layers!r}")
+        for layer in self.layers:
+            _int(c, "layers[...]", layer, minimum=0)
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"{c}.layers must not repeat a layer, got {self.layers}")
+        if not isinstance(self.auto, bool):
+            raise TypeError(f"{c}.auto must be a bool, got {self.auto!r}")
+        _unit_interval(c, "threshold", self.threshold, open_low=False)
+
+    def check_num_layers(self, num_layers: int) -> None:
+        for layer in self.layers:
+            if layer >= num_layers:
+                raise ValueError(f"DenseLayers.layers names layer {layer}, but the model has {num_layers} layers")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptiveBudget:
+    """Widen a retrieval's budget where the selection is estimated to miss attention mass.
+
+    At every retrieval (CPU policies: ESA, GSA), per layer and KV head, the block scores are read
+    as logit estimates (mean K: the mean logit; min / max K: the Quest upper bound) scaled by
+    ``1/sqrt(head_dim)``; the estimated mass outside the selection is ``sum_unselected n_b e^{s_b} /
+    sum_all n_b e^{s_b}`` (``n_b`` tokens per block; the forced windows count as selected). Where
+    it exceeds ``max_missed``, the selection grows by the best remaining blocks until the estimate
+    is at most ``max_missed``, up to ``max_ratio`` of the candidates; a layer that would need more
+    than that runs dense for that retrieval (``dense_fallback``) or keeps ``max_ratio``.
+    """
+
+    max_missed: float = 0.1
+    max_ratio: float = 0.5
+    dense_fallback: bool = True
+
+    def __post_init__(self) -> None:
+        c = "AdaptiveBudget"
+        _unit_interval(c, "max_missed", self.max_missed)
+        _unit_interval(c, "max_ratio", self.max_ratio)
+        if not isinstance(self.dense_fallback, bool):
+            raise TypeError(f"{c}.dense_fallback must be a bool, got {self.dense_fallback!r}")

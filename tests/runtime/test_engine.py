@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucm_trt.config import Budget, GSAOnDeviceConfig, KVStarConfig, ReRoPEConfig, SparseConfig
+from ucm_trt.config import Budget, DenseLayers, GSAOnDeviceConfig, KVStarConfig, ReRoPEConfig, SparseConfig
 from ucm_trt.runtime import Engine, RetrievalError, RuntimeConfig, SamplingParams, TorchBackend
 from ucm_trt.runtime.algorithms import ALGORITHMS, make_policy, sparse_config_for
 from ucm_trt.sparse.policies import ESAPolicy
@@ -26,6 +26,10 @@ def _engine(model, algorithm="dense", *, block_size=16, budget=None, stride=2, r
                         min_blocks=4, local_blocks=2, sink_blocks=1)
     sparse = sparse_config_for(algorithm, base)
     rt = rt or RuntimeConfig(max_batch=3, max_seq_len=1024, prefill_chunk=128, cache_blocks=0)
+    if algorithm not in ("dense", "rerope"):
+        # mechanics tests: every layer sparse (the random model's diffuse layers would all be detected
+        # and run dense by default; automatic dense layers: tests/sparse/test_dense_layers.py)
+        policy_kw.setdefault("dense_layers", DenseLayers())
     return Engine(TorchBackend(model, attention="reference"), make_policy(algorithm, **policy_kw), sparse=sparse,
                   config=rt)
 
@@ -152,7 +156,8 @@ def test_early_prefetch_loads_ahead_without_changing_tokens(algorithm, dense_run
     for early in (False, True):
         sparse = sparse_config_for(algorithm, SparseConfig(block_size=16, budget=Budget.ratio(0.25),
                                                            retrieval_stride=stride))
-        with Engine(TorchBackend(model, attention="reference"), make_policy(algorithm, **kw), sparse=sparse,
+        with Engine(TorchBackend(model, attention="reference"),
+                    make_policy(algorithm, dense_layers=DenseLayers(), **kw), sparse=sparse,
                     config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128, cache_blocks=0,
                                          early_prefetch=early, overlap_loads=False)) as eng:
             [res] = eng.generate(prompt, SamplingParams(max_new_tokens=30))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucm_trt.config import Budget, GSAOnDeviceConfig, KVStarConfig, ReRoPEConfig, SparseConfig
+from ucm_trt.config import Budget, DenseLayers, GSAOnDeviceConfig, KVStarConfig, ReRoPEConfig, SparseConfig
 from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend
 from ucm_trt.runtime.algorithms import make_policy, sparse_config_for
 
@@ -17,6 +17,8 @@ from .conftest import tiny_llama
 def _tokens(model, algorithm, attention, *, budget=None, steps=32, **kw):
     budget = Budget.ratio(1.0) if budget is None else budget
     sparse = sparse_config_for(algorithm, SparseConfig(block_size=16, budget=budget, retrieval_stride=3))
+    if algorithm not in ("dense", "rerope"):
+        kw.setdefault("dense_layers", DenseLayers())  # every layer sparse (the random model is diffuse)
     with Engine(TorchBackend(model, attention=attention), make_policy(algorithm, **kw), sparse=sparse,
                 config=RuntimeConfig(max_batch=2, max_seq_len=1024, prefill_chunk=128, cache_blocks=0)) as eng:
         g = torch.Generator().manual_seed(0)
@@ -71,6 +73,8 @@ def _graph_tokens(model, algorithm, *, cuda_graph, budget, steps=40, **kw):
     from 2 rows to 1 mid-way: a second graph key) with the decode step captured or eager."""
     sparse = sparse_config_for(algorithm, SparseConfig(block_size=16, budget=budget, retrieval_stride=3))
     rt = RuntimeConfig(max_batch=2, max_seq_len=1024, prefill_chunk=128, cache_blocks=1, cuda_graph=cuda_graph)
+    if algorithm not in ("dense", "rerope"):
+        kw.setdefault("dense_layers", DenseLayers())  # every layer sparse (the random model is diffuse)
     with Engine(TorchBackend(model, attention="triton", validate=False), make_policy(algorithm, **kw),
                 sparse=sparse, config=rt) as eng:
         g = torch.Generator().manual_seed(1)

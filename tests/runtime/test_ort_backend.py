@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucm_trt.config import Budget, SparseConfig
+from ucm_trt.config import Budget, DenseLayers, SparseConfig
 from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend
 from ucm_trt.runtime.algorithms import make_policy, sparse_config_for
 from ucm_trt.runtime.backends.ort_backend import OrtBackend
@@ -48,7 +48,9 @@ class _FixedESA(ESAPolicy):
 
 def _run(backend, algorithm, budget, policy=None):
     sparse = sparse_config_for(algorithm, SparseConfig(block_size=BS, budget=budget, retrieval_stride=3))
-    with Engine(backend, policy or make_policy(algorithm), sparse=sparse,
+    # every layer sparse: the random model's layers are diffuse and would run dense by default
+    dense_layers = {} if algorithm == "dense" else {"dense_layers": DenseLayers()}
+    with Engine(backend, policy or make_policy(algorithm, **dense_layers), sparse=sparse,
                 config=RuntimeConfig(max_batch=2, max_seq_len=512, prefill_chunk=64, cache_blocks=0)) as eng:
         res = eng.generate([_prompt(), _prompt()[:120]], SamplingParams(max_new_tokens=STEPS))
         stats = eng.stats()

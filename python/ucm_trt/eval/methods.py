@@ -51,15 +51,16 @@ __all__ = [
     "make_selector",
 ]
 
-METHODS: tuple[str, ...] = ("mean", "minmax", "hash", "first", "weighted_mean", "subblock")
+METHODS: tuple[str, ...] = ("mean", "minmax", "hash", "first", "weighted_mean", "subblock", "vote")
 BASELINES: tuple[str, ...] = ("oracle", "streaming")
 METHOD_LABELS: dict[str, str] = {
-    "mean": "mean/dot (ESA, GSA)",
+    "mean": "mean/dot (ESA, GSA upstream)",
     "minmax": "minmax/quest (Quest)",
     "hash": "hash/hamming (GSA On-Device)",
     "first": "first/dot",
     "weighted_mean": "weighted_mean/dot",
     "subblock": "subblock/kvstar_vote (KVStar)",
+    "vote": "mean/per-head vote (ESA, GSA default)",
     "oracle": "oracle (true top blocks by mass)",
     "streaming": "streaming (sink + recent)",
     "dense": "dense",
@@ -182,6 +183,11 @@ def block_scores(
         raise ValueError(f"q must have head dim {d} (as k_blocks), got shape {tuple(q.shape)}")
     if method == "mean":
         return S.dot_scores(q, R.block_mean(k_blocks, block_lens))
+    if method == "vote":
+        from ucm_trt.sparse.policies._reps import host_vote_scores
+
+        reps = R.block_mean(k_blocks, block_lens).permute(1, 2, 0)  # [Hkv, D, nb]
+        return host_vote_scores(reps[None].expand(q.shape[0], -1, -1, -1), q)
     if method == "first":
         return S.dot_scores(q, R.block_first(k_blocks, block_lens))
     if method == "minmax":
@@ -235,7 +241,7 @@ def make_selector(
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise ValueError(f"ratio must be a number in (0, 1] (fraction of candidate blocks kept), got {ratio!r}")
     budget = Budget.ratio(ratio)
-    rep = method if method in METHODS else "mean"
+    rep = method if method in METHODS and method != "vote" else "mean"  # vote: mean K, per-head vote
     scoring = SCORING_FOR_REPRESENTATION[rep]
     if method in METHODS and context is None:
         raise ValueError(f"method {method!r} needs context=(layer -> MethodContext)")

@@ -28,6 +28,8 @@ __all__ = [
     "FILLER_SENTENCES",
     "Haystack",
     "PasskeyPrompt",
+    "NeedlePrompt",
+    "build_needle_prompt",
     "build_passkey_prompt",
     "haystack_text",
 ]
@@ -230,5 +232,141 @@ def build_passkey_prompt(
         passkey=key,
         depth=float(depth),
         needle_token_span=(inside[0], inside[-1] + 1),
+        haystack_source=haystack.source,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class NeedlePrompt:
+    """A prompt with one or more needle sentences in a haystack and a question about them.
+
+    Attributes
+    ----------
+    text, input_ids:
+        The full prompt and its ``[1, T]`` int64 tokens. The text ends with the start of the answer
+        (e.g. ``"... The pass key for the red door is"``), so a greedy continuation is the answer.
+    answers:
+        Strings that must all appear in a correct completion.
+    depths:
+        The relative position of each needle in the haystack, in insertion order.
+    needle_token_spans:
+        ``(start, end)`` token ranges of the needles, in the order of ``depths``.
+    haystack_source:
+        ``"essays"`` or ``"filler"``.
+    """
+
+    text: str
+    input_ids: torch.Tensor
+    answers: tuple[str, ...]
+    depths: tuple[float, ...]
+    needle_token_spans: tuple[tuple[int, int], ...]
+    haystack_source: str
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def is_correct(self, completion: str) -> bool:
+        """Whether ``completion`` contains every answer."""
+        if not isinstance(completion, str):
+            raise TypeError(f"completion must be a str, got {type(completion).__name__}")
+        return all(a in completion for a in self.answers)
+
+
+def build_needle_prompt(
+    tokenizer: Any,
+    *,
+    num_tokens: int,
+    needles: list[tuple[float, str]] | tuple[tuple[float, str], ...],
+    question: str,
+    answers: tuple[str, ...],
+    haystack: Haystack | None = None,
+    offset_chars: int = 0,
+    intro: str = PASSKEY_INTRO,
+) -> NeedlePrompt:
+    """A prompt of about ``num_tokens`` tokens: ``intro``, the haystack with each needle text inserted
+    after the last sentence end before its depth, then ``question``.
+
+    Parameters
+    ----------
+    needles:
+        ``(depth, text)`` pairs; depth in [0, 1]. Texts should start and end with a newline.
+    question:
+        Appended after the haystack; end it with the start of the answer.
+    answers:
+        Non-empty strings a correct completion contains (all of them).
+    Other parameters as :func:`build_passkey_prompt`.
+    """
+    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+        raise TypeError(f"num_tokens must be an int, got {num_tokens!r} ({type(num_tokens).__name__})")
+    if not isinstance(needles, (list, tuple)) or not needles:
+        raise ValueError(f"needles must be a non-empty list of (depth, text) pairs, got {needles!r}")
+    for i, item in enumerate(needles):
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise ValueError(f"needles[{i}] must be a (depth, text) pair, got {item!r}")
+        d, t = item
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= float(d) <= 1.0:
+            raise ValueError(f"needles[{i}] depth must be a number in [0, 1], got {d!r}")
+        if not isinstance(t, str) or not t:
+            raise ValueError(f"needles[{i}] text must be a non-empty str, got {t!r}")
+    if not isinstance(question, str) or not question:
+        raise ValueError(f"question must be a non-empty str, got {question!r}")
+    if not isinstance(answers, tuple) or not answers or not all(isinstance(a, str) and a for a in answers):
+        raise ValueError(f"answers must be a non-empty tuple of non-empty str, got {answers!r}")
+    if isinstance(offset_chars, bool) or not isinstance(offset_chars, int) or offset_chars < 0:
+        raise ValueError(f"offset_chars must be an int >= 0, got {offset_chars!r}")
+    if haystack is None:
+        haystack = haystack_text(source="auto")
+    elif not isinstance(haystack, Haystack):
+        raise TypeError(f"haystack must be a Haystack or None, got {type(haystack).__name__}")
+
+    fixed = intro + "".join(t for _, t in needles) + question
+    overhead = len(tokenizer(fixed, add_special_tokens=False)["input_ids"])
+    hay_tokens = num_tokens - overhead
+    if hay_tokens < 16:
+        raise ValueError(
+            f"num_tokens must leave at least 16 haystack tokens after the {overhead} tokens of the "
+            f"intro, needles and question, got num_tokens={num_tokens}"
+        )
+    window = haystack.text[offset_chars : offset_chars + 8 * hay_tokens + 1024]
+    hay_ids = tokenizer(window, add_special_tokens=False)["input_ids"]
+    if len(hay_ids) < hay_tokens:
+        raise ValueError(
+            f"the {haystack.source} haystack has only {len(hay_ids)} tokens after offset_chars="
+            f"{offset_chars}, but num_tokens={num_tokens} needs {hay_tokens}"
+        )
+    hay = tokenizer.decode(hay_ids[:hay_tokens])
+    # cut points in the haystack, one per needle (ties keep the needles' order)
+    order = sorted(range(len(needles)), key=lambda i: (float(needles[i][0]), i))
+    cuts = {i: hay.rfind(".", 0, int(len(hay) * float(needles[i][0]))) + 1 for i in order}
+    parts, starts, pos = [intro], {}, 0
+    length = len(intro)
+    for i in order:
+        cut = max(cuts[i], pos)
+        parts.append(hay[pos:cut])
+        length += cut - pos
+        starts[i] = length
+        parts.append(needles[i][1])
+        length += len(needles[i][1])
+        pos = cut
+    parts.append(hay[pos:])
+    parts.append(question)
+    text = "".join(parts)
+    enc = tokenizer(text, return_offsets_mapping=True)
+    spans = []
+    for i in range(len(needles)):
+        a, b = starts[i], starts[i] + len(needles[i][1])
+        inside = [j for j, (x, y) in enumerate(enc["offset_mapping"]) if x < b and y > a]
+        if not inside:
+            raise RuntimeError("a needle was not found among the prompt's token offsets; the tokenizer is unusual")
+        spans.append((inside[0], inside[-1] + 1))
+    return NeedlePrompt(
+        text=text,
+        input_ids=torch.tensor([enc["input_ids"]], dtype=torch.int64),
+        answers=answers,
+        depths=tuple(float(d) for d, _ in needles),
+        needle_token_spans=tuple(spans),
         haystack_source=haystack.source,
     )

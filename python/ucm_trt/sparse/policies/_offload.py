@@ -34,6 +34,8 @@ selected blocks and of the top-k part alone.
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -160,8 +162,16 @@ class OffloadPolicy(Policy):
     #: policies whose representations can live on the device (``RetrievalConfig.representations``)
     device_representations: bool = True
 
-    def __init__(self, *, retrieval: RetrievalConfig | None = None) -> None:
-        super().__init__()
+    def __init__(self, *, retrieval: RetrievalConfig | None = None, dense_layers=None, adaptive=None) -> None:
+        super().__init__(dense_layers=dense_layers)
+        from ucm_trt.config import AdaptiveBudget
+
+        if adaptive is not None and not isinstance(adaptive, AdaptiveBudget):
+            raise TypeError(f"adaptive must be an AdaptiveBudget or None, got {type(adaptive).__name__}")
+        self.adaptive = adaptive
+        self._adaptive_lock = threading.Lock()
+        self._adaptive_counts = {"layer_retrievals": 0, "widened": 0, "dense": 0, "base_blocks": 0,
+                                 "extra_blocks": 0}
         if retrieval is None:
             retrieval = RetrievalConfig()
         if not isinstance(retrieval, RetrievalConfig):
@@ -262,6 +272,53 @@ class OffloadPolicy(Policy):
             old, new, w = old[:, :1], new[:, :1], self.shape.num_kv_heads
         return tuple(w * x for x in turnover_counts(old, old_nb, new, new_nb, self.sparse))
 
+    def _adaptive_select(self, scores: torch.Tensor, nb: int, block_lens: torch.Tensor, *, extra: int = 0
+                         ) -> torch.Tensor:
+        """Selections ``[L, Hkv, S]`` from per-KV-head ``scores [L, Hkv, nb]`` under :attr:`adaptive`
+        (:func:`ucm_trt.sparse.adaptive.adaptive_select`), counting what it did for :meth:`stats`.
+        Scores are logit estimates of the GQA-averaged query; vote scores are estimated masses."""
+        from ucm_trt.sparse.adaptive import adaptive_select
+
+        shape = self.shape
+        scores = scores.float().cpu()
+        if getattr(self, "vote", False):
+            # vote scores are already estimated masses: weight = score (log as logit, unit scale, n_b = 1)
+            logits, scale = scores.clamp(min=1e-30).log(), 1.0
+            block_lens = torch.ones_like(block_lens)
+        else:
+            logits, scale = scores, 1.0 / math.sqrt(shape.head_dim)
+        sel, out = adaptive_select(logits, nb, block_lens, self.sparse, self.adaptive, scale=scale, extra=extra)
+        with self._adaptive_lock:
+            c = self._adaptive_counts
+            c["layer_retrievals"] += int(out.dense.numel())
+            c["widened"] += int(out.widened.sum())
+            c["dense"] += int(out.dense.sum())
+            c["base_blocks"] += out.base_blocks
+            c["extra_blocks"] += out.extra_blocks
+        return sel
+
+    def _full_block_lens(self, nb: int) -> torch.Tensor:
+        """Tokens per block for the adaptive estimate: every block counted full (a partial last block
+        is a forced local block, always kept; it only enters the total)."""
+        return torch.full((nb,), self.sparse.block_size, dtype=torch.int64)
+
+    def _adaptive_stats(self) -> dict:
+        if self.adaptive is None:
+            return {}
+        with self._adaptive_lock:
+            c = dict(self._adaptive_counts)
+        kv = getattr(self.rt, "kv", None)
+        per_head_block = kv.block_bytes / self.shape.num_kv_heads if kv is not None else None
+        n = c["layer_retrievals"]
+        return {"adaptive": {
+            **c,
+            "widened_fraction": c["widened"] / n if n else None,
+            "dense_fraction": c["dense"] / n if n else None,
+            "extra_block_fraction": c["extra_blocks"] / c["base_blocks"] if c["base_blocks"] else None,
+            # bytes of K/V the added (layer, KV head, block) entries read per use of the selections
+            "extra_bytes_per_use": None if per_head_block is None else c["extra_blocks"] * per_head_block,
+        }}
+
     def _num_blocks(self, tokens: int) -> int:
         bs = self.sparse.block_size
         return (tokens + bs - 1) // bs
@@ -324,8 +381,11 @@ class OffloadPolicy(Policy):
                 ext = (nb_new, full.unbind(0), int((full >= 0).sum()))
                 st["ext"] = ext
             _, layers, count = ext
+            dense = self.dense_layers_of(req.rid)
             for layer in range(L):
-                out[layer][row] = layers[layer]
+                out[layer][row] = None if layer in dense else layers[layer]
+            if dense:  # every block of a dense layer is read
+                count += sum(nb_new * h - int((layers[layer] >= 0).sum()) for layer in dense)
             self.selected_blocks += count
             self.candidate_blocks += nb_new * h * L
         self.peak_representation_bytes = max(self.peak_representation_bytes, rep_bytes)
@@ -350,11 +410,13 @@ class OffloadPolicy(Policy):
                 st["peeked"] = cached
             if out is None:
                 out = [[None] * len(reqs) for _ in range(L)]
+            dense = self.dense_layers_of(req.rid)
             for layer in range(L):
-                out[layer][row] = cached[1][layer]
+                out[layer][row] = None if layer in dense else cached[1][layer]
         return out
 
     def on_request_end(self, rid: str) -> None:
+        self._end_dense(rid)
         st = self._state.pop(rid, None)
         if st is not None and st.get("pending") is not None:
             # drain (and surface failures of) a retrieval that is still in flight
@@ -373,4 +435,5 @@ class OffloadPolicy(Policy):
                 "query_drift_persistence": self.drift_persistence,
                 "query_drift_target_turnover": None if self.retrieval.query_drift is None
                 else self.retrieval.query_drift.target_turnover,
-                "query_drift_calibrated_turnover": self.drift_calibrated_turnover}
+                "query_drift_calibrated_turnover": self.drift_calibrated_turnover,
+                **self._dense_stats(), **self._adaptive_stats()}

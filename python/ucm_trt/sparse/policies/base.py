@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ucm_trt.config import ReRoPEConfig, SparseConfig
+from ucm_trt.config import DenseLayers, ReRoPEConfig, SparseConfig
 from ucm_trt.sparse.score import reduce_scores
 from ucm_trt.sparse.select import budget_counts, candidate_mask, select_blocks, select_blocks_by_count
 
@@ -129,14 +129,54 @@ class Policy:
     #: ReRoPE attention path (un-rotated K in the pool); ``None`` = ordinary RoPE
     rerope: ReRoPEConfig | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, *, dense_layers: DenseLayers | None = None) -> None:
         self.rt: PolicyRuntime | None = None
+        if dense_layers is None:
+            dense_layers = DenseLayers()
+        if not isinstance(dense_layers, DenseLayers):
+            raise TypeError(f"dense_layers must be a DenseLayers or None, got {type(dense_layers).__name__}")
+        self.dense_rule = dense_layers
+        self._dense: dict[str, frozenset[int]] = {}  # per request: the layers that run dense
+        self.dense_layer_counts: dict[int, int] = {}  # layer -> requests that ran it dense
+        self.dense_requests = 0  # requests whose dense layers were decided
 
     # -- lifecycle ---------------------------------------------------------------------------
     def bind(self, rt: PolicyRuntime) -> None:
         if not isinstance(rt, PolicyRuntime):
             raise TypeError(f"rt must be a PolicyRuntime, got {type(rt).__name__}")
+        self.dense_rule.check_num_layers(rt.shape.num_layers)
         self.rt = rt
+
+    def _decide_dense_layers(self, req: RequestView, queries: list[torch.Tensor]) -> frozenset[int]:
+        """At prefill end: the request's dense layers (:class:`~ucm_trt.config.DenseLayers`: the fixed
+        ones, plus the diffuse ones detected from the prefill's attention when ``auto``)."""
+        from ucm_trt.sparse.dense_layers import detect_dense_layers
+
+        rule = self.dense_rule
+        if rule.auto:
+            nb = -(-req.prompt_len // self.sparse.block_size)
+            kv = self.rt.kv
+            dense, _ = detect_dense_layers(queries, lambda layer: kv.gather_keys(req.rid, layer, list(range(nb))),
+                                           req.prompt_len, self.sparse, rule)
+        else:
+            dense = frozenset(rule.layers)
+        self._dense[req.rid] = dense
+        self.dense_requests += 1
+        for layer in dense:
+            self.dense_layer_counts[layer] = self.dense_layer_counts.get(layer, 0) + 1
+        return dense
+
+    def dense_layers_of(self, rid: str) -> frozenset[int]:
+        """The layers request ``rid`` runs dense (empty before its prefill ends)."""
+        return self._dense.get(rid, frozenset())
+
+    def _end_dense(self, rid: str) -> None:
+        self._dense.pop(rid, None)
+
+    def _dense_stats(self) -> dict[str, Any]:
+        return {"dense_layers_auto": self.dense_rule.auto,
+                "dense_layer_counts": dict(sorted(self.dense_layer_counts.items())),
+                "dense_layer_requests": self.dense_requests}
 
     def on_request_start(self, rid: str, prompt_len: int) -> None:
         pass

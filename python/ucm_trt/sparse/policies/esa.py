@@ -6,8 +6,10 @@
   The first selection is retrieved synchronously from the last prompt token's query (upstream uses
   the first decode step's query; ours is one token older, which lets the runtime prefetch the
   blocks before the first decode step).
-* Score: ``dot`` of the GQA-averaged query with each block's mean K (summed over KV heads for a
-  shared selection), budget from :class:`~ucm_trt.config.SparseConfig` (``Budget.ratio`` as
+* Score: ``dot`` of the GQA-averaged query with each block's mean K (upstream, ``preset="ucm"``), or
+  the per-head vote (``vote=True``, ucm-trt's default: each query head softmaxes its own logits over
+  the blocks, a block scores the mass it gets; docs/quality.md); summed over KV heads for a
+  shared selection; budget from :class:`~ucm_trt.config.SparseConfig` (``Budget.ratio`` as
   upstream's ``sparse_ratio``), forced sink / local windows at the prompt's end.
 * Decode-generated blocks are never sparsified: every block past the prompt is selected.
 * Schedule with stride ``R = SparseConfig.retrieval_stride`` and decode step ``s`` (1-based):
@@ -28,6 +30,7 @@ import torch
 
 from ucm_trt.sparse.batched import BlockRepStore, batched_dot_scores, select_batched
 from ucm_trt.sparse.policies._offload import OffloadPolicy
+from ucm_trt.sparse.policies._reps import host_layer_vote_scores, host_vote_scores
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
 from ucm_trt.sparse.repr import block_lens_from_seq_lens, block_mean
 from ucm_trt.sparse.score import dot_scores
@@ -36,7 +39,17 @@ __all__ = ["ESAPolicy"]
 
 
 class ESAPolicy(OffloadPolicy):
+    """ESA. ``vote``: score blocks by the per-head softmax vote
+    (:func:`~ucm_trt.sparse.policies._reps.host_vote_scores`, ucm-trt's default through ``make_policy``)
+    instead of upstream's dot product of the group-averaged query."""
+
     name = "esa"
+
+    def __init__(self, *, vote: bool = False, retrieval=None, dense_layers=None, adaptive=None) -> None:
+        super().__init__(retrieval=retrieval, dense_layers=dense_layers, adaptive=adaptive)
+        if not isinstance(vote, bool):
+            raise TypeError(f"vote must be a bool, got {vote!r}")
+        self.vote = vote
 
     def bind(self, rt: PolicyRuntime) -> None:
         super().bind(rt)
@@ -54,6 +67,7 @@ class ESAPolicy(OffloadPolicy):
         self._state[req.rid] = st
         if st["dense"]:
             return
+        self._decide_dense_layers(req, queries)
         kv = self.rt.kv
         shape = self.shape
         lens = block_lens_from_seq_lens(torch.tensor(req.prompt_len), nbp, self.sparse.block_size)
@@ -74,12 +88,19 @@ class ESAPolicy(OffloadPolicy):
 
     def _select_all(self, reps: torch.Tensor, nbp: int, q: torch.Tensor) -> torch.Tensor:
         """Every layer at once: ``reps [L, Hkv, D, nbp]``, ``q [L, Hq, D]`` -> ``[L, Hkv, S]``."""
-        scores = batched_dot_scores(q.to(reps.device), reps)  # [L, Hkv, nbp]
+        scores = (host_vote_scores if self.vote else batched_dot_scores)(q.to(reps.device), reps)  # [L, Hkv, nbp]
+        if self.adaptive is not None:
+            return self._adaptive_select(scores, nbp, self._full_block_lens(nbp))
         return select_batched(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)
 
     def _select(self, reps: list[torch.Tensor], nbp: int, qs: list[torch.Tensor], layer: int) -> torch.Tensor:
         """Per-layer reference (and hook): ``reps[layer] [nbp, Hkv, D]``, ``qs[layer] [Hq, D]`` -> ``[Hkv, S]``."""
-        scores = dot_scores(qs[layer][None], reps[layer])[0]  # [Hkv, nbp]
+        if self.vote:
+            scores = host_layer_vote_scores(reps[layer], qs[layer])
+        else:
+            scores = dot_scores(qs[layer][None], reps[layer])[0]  # [Hkv, nbp]
+        if self.adaptive is not None:
+            return self._adaptive_select(scores[None], nbp, self._full_block_lens(nbp))[0]
         return select_from_scores(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)
 
     def after_step(self, reqs: list[RequestView], queries: list[torch.Tensor]) -> None:

@@ -5,7 +5,8 @@
   one append-only :class:`~ucm_trt.sparse.batched.BlockRepStore` ``[L, Hkv, D, nb]`` (float32 on the
   host, or on the GPU with ``RetrievalConfig(representations="device")``, see ``_offload``).
 * Score: ``dot`` of the GQA-averaged query with the block means, summed over KV heads
-  (``score = sum_h q_h . kpre_h``, upstream's one-representation case); candidates are every
+  (``score = sum_h q_h . kpre_h``, upstream's one-representation case; ``preset="ucm"``), or the
+  per-head vote (``vote=True``, ucm-trt's default, see ESA); candidates are every
   block of the current sequence outside the sink / local windows, so decode blocks are
   retrievable too. ``prefetch_blocks`` extra candidates (upstream ``NUM_PREFETCH_BLOCKS = 1``)
   are kept beyond the budget.
@@ -29,6 +30,7 @@ import torch
 from ucm_trt._validation import check_non_negative_int
 from ucm_trt.sparse.batched import BlockRepStore, batched_dot_scores, select_batched
 from ucm_trt.sparse.policies._offload import OffloadPolicy, RetrievalConfig
+from ucm_trt.sparse.policies._reps import host_layer_vote_scores, host_vote_scores
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
 from ucm_trt.sparse.repr import block_mean
 from ucm_trt.sparse.score import dot_scores
@@ -39,9 +41,14 @@ __all__ = ["GSAPolicy"]
 class GSAPolicy(OffloadPolicy):
     name = "gsa"
 
-    def __init__(self, *, prefetch_blocks: int = 1, retrieval: RetrievalConfig | None = None) -> None:
-        super().__init__(retrieval=retrieval)
+    def __init__(self, *, prefetch_blocks: int = 1, vote: bool = False, retrieval: RetrievalConfig | None = None,
+                 dense_layers=None, adaptive=None) -> None:
+        """``vote``: per-head softmax vote scoring (ucm-trt's default through ``make_policy``), see ESA."""
+        super().__init__(retrieval=retrieval, dense_layers=dense_layers, adaptive=adaptive)
         self.prefetch_blocks = check_non_negative_int("prefetch_blocks", prefetch_blocks)
+        if not isinstance(vote, bool):
+            raise TypeError(f"vote must be a bool, got {vote!r}")
+        self.vote = vote
 
     def bind(self, rt: PolicyRuntime) -> None:
         super().bind(rt)
@@ -70,6 +77,7 @@ class GSAPolicy(OffloadPolicy):
         store = self._new_rep_store(max(nb, 16))
         st = {"dense": False, "pending": None, "store": store}
         self._state[req.rid] = st
+        self._decide_dense_layers(req, queries)
         self._update_reps(req.rid, st, req.prompt_len)
         q_last = torch.stack([q[:, -1] for q in queries])  # [L, Hq, D], a copy
         self._collect(st, self._retrieve(req.rid, st, nb, q_last, 0))
@@ -90,7 +98,10 @@ class GSAPolicy(OffloadPolicy):
         0), ``q [L, Hq, D]`` -> ``[L, Hkv, S]``."""
         scores = torch.zeros(self.shape.num_layers, self.shape.num_kv_heads, nb, device=reps.device)
         if reps.shape[-1]:
-            scores[..., : reps.shape[-1]] = batched_dot_scores(q.to(reps.device), reps)
+            score = host_vote_scores if self.vote else batched_dot_scores
+            scores[..., : reps.shape[-1]] = score(q.to(reps.device), reps)
+        if self.adaptive is not None:
+            return self._adaptive_select(scores, nb, self._full_block_lens(nb), extra=self.prefetch_blocks)
         return select_batched(scores, nb, self.sparse, "dot", self.shape.num_kv_heads, extra=self.prefetch_blocks)
 
     def _select(self, reps: list[torch.Tensor], nb: int, qs: list[torch.Tensor], layer: int) -> torch.Tensor:
@@ -98,7 +109,10 @@ class GSAPolicy(OffloadPolicy):
         r = reps[layer]
         scores = torch.zeros(self.shape.num_kv_heads, nb)
         if r.shape[0]:
-            scores[:, : r.shape[0]] = dot_scores(qs[layer][None], r)[0]
+            scores[:, : r.shape[0]] = (host_layer_vote_scores(r, qs[layer]) if self.vote
+                                       else dot_scores(qs[layer][None], r)[0])
+        if self.adaptive is not None:
+            return self._adaptive_select(scores[None], nb, self._full_block_lens(nb), extra=self.prefetch_blocks)[0]
         return select_from_scores(scores, nb, self.sparse, "dot", self.shape.num_kv_heads,
                                   extra=self.prefetch_blocks)
 

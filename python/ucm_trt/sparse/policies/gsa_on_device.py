@@ -38,8 +38,9 @@ class GSAOnDevicePolicy(Policy):
     name = "gsa-on-device"
     offload = False
 
-    def __init__(self, config: GSAOnDeviceConfig | None = None, *, use_kernel: bool | None = None) -> None:
-        super().__init__()
+    def __init__(self, config: GSAOnDeviceConfig | None = None, *, use_kernel: bool | None = None,
+                 dense_layers=None) -> None:
+        super().__init__(dense_layers=dense_layers)
         if config is None:
             config = GSAOnDeviceConfig()
         if not isinstance(config, GSAOnDeviceConfig):
@@ -49,6 +50,7 @@ class GSAOnDevicePolicy(Policy):
         self.config = config
         self.use_kernel = use_kernel
         self._gate = False
+        self._dense_now: frozenset[int] = frozenset()  # dense layers of this step (union over its rows)
         self._step_sel: dict[int, torch.Tensor] = {}
         self.sparse_steps = 0
         self.dense_steps = 0
@@ -113,12 +115,21 @@ class GSAOnDevicePolicy(Policy):
         enc = self.encoders[layer]
         codes[phys_blocks, :, offsets] = enc.encode(k)  # k [N, Hkv, D] -> [N, Hkv, bytes]
 
+    def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
+        self._decide_dense_layers(req, queries)
+
+    def on_request_end(self, rid: str) -> None:
+        self._end_dense(rid)
+
     def plan(self, reqs: list[RequestView]) -> list[list[torch.Tensor | None]]:
         self._gate = self.config.gate_open([r.new_len for r in reqs])
+        # a layer dense for any row runs dense for the step (selections are per batch, not per row)
+        self._dense_now = frozenset().union(*(self.dense_layers_of(r.rid) for r in reqs))
         if self._gate:
             self.sparse_steps += 1
             bs = self.sparse.block_size
-            selecting = self.shape.num_layers - len(self.config.rollback_layers)
+            skipped = set(self.config.rollback_layers) | self._dense_now
+            selecting = self.shape.num_layers - len(skipped)
             blocks = sum((r.new_len + bs - 1) // bs for r in reqs)
             self.candidate_blocks += blocks * self.shape.num_kv_heads * selecting
         else:
@@ -128,7 +139,7 @@ class GSAOnDevicePolicy(Policy):
 
     def graph_key(self) -> Any:
         # the PyTorch path sizes its tensors from the host's sequence lengths: not capturable
-        return (self._gate,) if self.use_kernel else None
+        return (self._gate, self._dense_now) if self.use_kernel else None
 
     @property
     def selected_blocks(self) -> int:
@@ -138,9 +149,11 @@ class GSAOnDevicePolicy(Policy):
         """``q [B, Hq, T, D]`` of this layer; ``step`` exposes ``tables(layer)``, ``seq_lens``,
         ``new_lens``. Returns a selection ``[B, Hkv, S]`` on q's device or ``None`` (dense)."""
         cfg = self.config
-        if not self._gate or q.shape[2] != 1 or layer in cfg.rollback_layers:
+        if not self._gate or q.shape[2] != 1 or layer in cfg.rollback_layers or layer in self._dense_now:
             return None
         if layer in cfg.layer_reuse:
+            if cfg.layer_reuse[layer] in self._dense_now:
+                return None  # the source layer runs dense this step: so does the reusing layer
             sel = self._step_sel[cfg.layer_reuse[layer]]
             self._step_sel[layer] = sel
             self._selected_dev += (sel >= 0).sum()
@@ -178,4 +191,4 @@ class GSAOnDevicePolicy(Policy):
         frac = self.selected_blocks / self.candidate_blocks if self.candidate_blocks else None
         return {"sparse_steps": self.sparse_steps, "dense_steps": self.dense_steps,
                 "selected_block_fraction": frac, "rollback_layers": list(self.config.rollback_layers),
-                "reuse_layers": dict(self.config.layer_reuse)}
+                "reuse_layers": dict(self.config.layer_reuse), **self._dense_stats()}

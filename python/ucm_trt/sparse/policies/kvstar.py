@@ -78,8 +78,9 @@ class KVStarPolicy(OffloadPolicy):
     name = "kvstar"
     device_representations = False  # its sub-block votes run on the CPU
 
-    def __init__(self, config: KVStarConfig | None = None, *, retrieval: RetrievalConfig | None = None) -> None:
-        super().__init__(retrieval=retrieval)
+    def __init__(self, config: KVStarConfig | None = None, *, retrieval: RetrievalConfig | None = None,
+                 dense_layers=None) -> None:
+        super().__init__(retrieval=retrieval, dense_layers=dense_layers)
         if self.retrieval.rep_dtype != torch.float32:
             raise ValueError(
                 "KVStar stores its sub-block representations in float16 and votes in float32; "
@@ -114,6 +115,7 @@ class KVStarPolicy(OffloadPolicy):
         self._state[req.rid] = st
         if st["dense"]:
             return
+        self._decide_dense_layers(req, queries)
         kv = self.rt.kv
         lens = block_lens_from_seq_lens(torch.tensor(req.prompt_len), nbp, self.sparse.block_size)
         cand = candidate_mask(torch.tensor([nbp], dtype=torch.int32), nbp, sink_blocks=self.sparse.sink_blocks,

