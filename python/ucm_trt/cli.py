@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ucm_trt.limits import BLOCK_SIZE_RULE
+
 __all__ = ["main", "build_parser", "Command", "COMMANDS"]
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
@@ -61,9 +63,25 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
                         "onnxscript (opset 23 emits ONNX Attention/RotaryEmbedding). Default: legacy")  # fmt: skip
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (legacy: 14-20, default 17; dynamo: 18-23, default 20)")  # fmt: skip
+    _add_make_dirs(p, "OUT.onnx")
+
+
+def _add_make_dirs(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--make-dirs", action="store_true",
+                   help=f"create the folder of {what} if it does not exist (default: refuse, so a typo in a path "
+                        "creates nothing)")  # fmt: skip
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from ucm_trt import cli_args
+
+    if args.model_dir != "smollm2":
+        src_dir = Path(args.model_dir)
+        if not src_dir.is_dir():
+            what = "is a file, not a directory" if src_dir.exists() else "is not a directory (it does not exist)"
+            raise CommandError(f"HF_DIR {args.model_dir!r} {what}")
+    cli_args.output_file("OUT.onnx", args.out, make_dirs=args.make_dirs)
+
     from ucm_trt.graph.export import ExportConfig, export_hf_model
 
     cfg = ExportConfig(exporter=args.exporter, opset=args.opset)
@@ -73,8 +91,6 @@ def _run_export(args: argparse.Namespace) -> int:
 
         _progress("preparing the SmolLM2 checkpoint (first run converts the GGUF, ~30 s) ...")
         src = smollm2_checkpoint_dir()
-    elif not Path(args.model_dir).is_dir():
-        raise CommandError(f"HF_DIR {args.model_dir!r} is not a directory")
     t0 = time.perf_counter()
     out = export_hf_model(src, args.out, config=cfg, progress=_progress)
     _progress(f"done in {time.perf_counter() - t0:.1f}s: {out}")
@@ -92,7 +108,8 @@ def _configure_rewrite(p: argparse.ArgumentParser) -> None:
                    help="dense: every block, no selection inputs; esa/gsa/gsa-on-device/kvstar/blend: "
                         "UcmPagedSparseAttention + per-layer selection inputs (the policy runs in the "
                         "runtime); rerope: UcmPagedReRoPEAttention over un-rotated K")  # fmt: skip
-    p.add_argument("--block-size", type=int, required=True, help="tokens per KV block (e.g. 16, 64, 128)")
+    p.add_argument("--block-size", type=int, required=True,
+                   help=f"tokens per KV block, {BLOCK_SIZE_RULE} (the kernels' rule; e.g. 16, 64, 128)")  # fmt: skip
     p.add_argument("--rerope-window", type=int, help="ReRoPE window w (required with --algorithm rerope)")
     p.add_argument("--rerope-training-length", type=int,
                    help="training length L for ReRoPE (window <= L; log-n scaling uses it)")  # fmt: skip
@@ -109,6 +126,7 @@ def _configure_rewrite(p: argparse.ArgumentParser) -> None:
                    help="write the model even if some attention nodes cannot be rewritten (they keep "
                         "contiguous KV I/O and are listed)")  # fmt: skip
     p.add_argument("--report-json", metavar="PATH", help="also write the rewrite report as JSON")
+    _add_make_dirs(p, "OUT.onnx and --report-json")
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
@@ -124,9 +142,10 @@ def _parse_layers(text: str) -> tuple[int, ...]:
 
 
 def _run_rewrite(args: argparse.Namespace) -> int:
+    from ucm_trt import cli_args
     from ucm_trt.config import ReRoPEConfig
-    from ucm_trt.graph.driver import RewriteConfig, RewriteError, rewrite_model, save_model
 
+    cli_args.block_size("--block-size", args.block_size)
     rerope = None
     if args.algorithm == "rerope":
         if args.rerope_window is None or args.rerope_training_length is None:
@@ -135,12 +154,18 @@ def _run_rewrite(args: argparse.Namespace) -> int:
                               logn=not args.no_logn)  # fmt: skip
     elif args.rerope_window is not None or args.rerope_training_length is not None or args.no_logn:
         raise CommandError(f"--rerope-* options only apply to --algorithm rerope (got --algorithm {args.algorithm})")
-    if not Path(args.input).is_file():
-        raise CommandError(f"IN.onnx {args.input!r} does not exist")
+    cli_args.input_file("IN.onnx", args.input)
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise CommandError("OUT.onnx must differ from IN.onnx (the input is never overwritten)")
+    dense_layers = _parse_layers(args.dense_layers)
+    cli_args.output_file("OUT.onnx", args.output, make_dirs=args.make_dirs)
+    if args.report_json:
+        cli_args.output_file("--report-json", args.report_json, make_dirs=args.make_dirs)
+
+    from ucm_trt.graph.driver import RewriteConfig, RewriteError, rewrite_model, save_model
+
     cfg = RewriteConfig(algorithm=args.algorithm, block_size=args.block_size, rerope=rerope,
-                        selection_inputs=args.selection_inputs, dense_layers=_parse_layers(args.dense_layers),
+                        selection_inputs=args.selection_inputs, dense_layers=dense_layers,
                         allow_partial=args.allow_partial)  # fmt: skip
     _progress(f"rewriting {args.input} (algorithm={cfg.algorithm}, block_size={cfg.block_size}) ...")
     t0 = time.perf_counter()
