@@ -39,12 +39,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--make-dirs", action="store_true", help="create the folder of ENGINE if it does not exist")
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace, *, create_dirs: bool = True) -> None:
     """Flag checks before TensorRT loads (one line naming the flag, the value and the rule)."""
     from ucm_trt import cli_args as ca
 
     ca.input_file("REWRITTEN.onnx", args.onnx)
-    ca.output_file("-o/--output", args.output, make_dirs=args.make_dirs)
+    ca.output_file("-o/--output", args.output, make_dirs=args.make_dirs, create=create_dirs)
     for flag, value in (("--max-batch", args.max_batch), ("--max-prefill-tokens", args.max_prefill_tokens),
                         ("--max-blocks", args.max_blocks)):
         ca.int_at_least(flag, value, 1)

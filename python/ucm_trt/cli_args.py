@@ -46,6 +46,8 @@ def _q(path: object) -> str:
 
 def input_file(flag: str, path: str | os.PathLike) -> Path:
     """``path`` exists, is a file, is readable and is not empty."""
+    if not str(path).strip():
+        raise FlagError(f"{flag} must be a file path, got {_q(path)}")
     p = Path(path).expanduser()
     if not p.exists():
         raise FlagError(f"{flag} {_q(path)} does not exist")
@@ -79,6 +81,8 @@ def text_file(flag: str, path: str | os.PathLike) -> str:
 
 def input_dir(flag: str, path: str | os.PathLike) -> Path:
     """``path`` exists and is a directory."""
+    if not str(path).strip():
+        raise FlagError(f"{flag} must be a directory path, got {_q(path)}")
     p = Path(path).expanduser()
     if not p.exists():
         raise FlagError(f"{flag} {_q(path)} does not exist")
@@ -87,7 +91,7 @@ def input_dir(flag: str, path: str | os.PathLike) -> Path:
     return p
 
 
-def _folder_ready(flag: str, path: object, folder: Path, make_dirs: bool) -> None:
+def _folder_ready(flag: str, path: object, folder: Path, make_dirs: bool, create: bool) -> None:
     if folder.is_dir():
         if not os.access(folder, os.W_OK | os.X_OK):
             raise FlagError(f"{flag} {_q(path)}: the folder {_q(folder)} is not writable")
@@ -97,6 +101,14 @@ def _folder_ready(flag: str, path: object, folder: Path, make_dirs: bool) -> Non
     if not make_dirs:
         raise FlagError(f"{flag} {_q(path)}: the folder {_q(folder)} does not exist (create it, or pass "
                         "--make-dirs)")
+    base = folder
+    while not base.exists() and base != base.parent:  # the nearest existing ancestor must take new folders
+        base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise FlagError(f"{flag} {_q(path)}: cannot create the folder {_q(folder)} ({_q(base)} is not a writable "
+                        "folder)")
+    if not create:
+        return
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -104,25 +116,27 @@ def _folder_ready(flag: str, path: object, folder: Path, make_dirs: bool) -> Non
                         f"({exc.strerror or type(exc).__name__})") from None
 
 
-def output_file(flag: str, path: str | os.PathLike, *, make_dirs: bool = False) -> Path:
-    """A file path to write: not a directory; its folder exists (or is created when ``make_dirs``)."""
+def output_file(flag: str, path: str | os.PathLike, *, make_dirs: bool = False, create: bool = True) -> Path:
+    """A file path to write: not a directory; its folder exists, or with ``make_dirs`` can be created
+    (and is, unless ``create`` is False: a check-only pass)."""
     p = Path(path).expanduser()
     if not str(path).strip():
         raise FlagError(f"{flag} must be a file path, got {_q(path)}")
     if p.is_dir():
         raise FlagError(f"{flag} {_q(path)} is a directory; give a file path")
-    _folder_ready(flag, path, p.parent, make_dirs)
+    _folder_ready(flag, path, p.parent, make_dirs, create)
     return p
 
 
-def output_dir(flag: str, path: str | os.PathLike, *, make_dirs: bool = False) -> Path:
-    """A folder to write into: it exists (or is created when ``make_dirs``) and is writable."""
+def output_dir(flag: str, path: str | os.PathLike, *, make_dirs: bool = False, create: bool = True) -> Path:
+    """A folder to write into: it exists and is writable, or with ``make_dirs`` can be created (and
+    is, unless ``create`` is False: a check-only pass)."""
     p = Path(path).expanduser()
     if not str(path).strip():
         raise FlagError(f"{flag} must be a folder path, got {_q(path)}")
     if p.exists() and not p.is_dir():
         raise FlagError(f"{flag} {_q(path)} is a file, not a folder")
-    _folder_ready(flag, path, p, make_dirs)
+    _folder_ready(flag, path, p, make_dirs, create)
     return p
 
 
@@ -134,18 +148,21 @@ def block_size(flag: str, value: object) -> int:
     return value  # type: ignore[return-value]
 
 
-def fraction(flag: str, value: float, *, allow_zero: bool = False, allow_one: bool = True) -> float:
-    """A finite fraction in (0, 1] (``[0, ...`` with ``allow_zero``; ``..., 1)`` without ``allow_one``)."""
+def fraction(flag: str, value: float, *, allow_zero: bool = False, allow_one: bool = True, what: str = "") -> float:
+    """A finite fraction in (0, 1] (``[0, ...`` with ``allow_zero``; ``..., 1)`` without ``allow_one``);
+    ``what`` says what it is a fraction of, in the message."""
     lo, hi = ("[" if allow_zero else "("), ("]" if allow_one else ")")
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
         (value >= 0 if allow_zero else value > 0) and (value <= 1 if allow_one else value < 1))
     if not ok:
-        raise FlagError(f"{flag} must be in {lo}0, 1{hi}, got {value}")
+        raise FlagError(f"{flag} must be in {lo}0, 1{hi}{f' ({what})' if what else ''}, got {value}")
     return float(value)
 
 
 def int_at_least(flag: str, value: object, minimum: int) -> int:
     """An int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise FlagError(f"{flag} must be an integer >= {minimum}, got {value}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FlagError(f"{flag} must be an integer, got {value!r}")
+    if value < minimum:
+        raise FlagError(f"{flag} must be >= {minimum}, got {value}")
     return value

@@ -91,7 +91,7 @@ def test_refused_rewrite_exits_1_and_writes_nothing(tmp_path, capsys):
          "--dense-layers must be comma-separated"),
         (["rewrite", "IN", "IN", "--algorithm", "esa", "--block-size", "16"], "must differ"),
         (["rewrite", "IN", "o.onnx", "--algorithm", "rerope", "--block-size", "16", "--rerope-window", "9",
-          "--rerope-training-length", "4"], "window (9) must be <= training_length"),
+          "--rerope-training-length", "4"], "--rerope-window (9) must be <= --rerope-training-length (4)"),
         (["rewrite", "IN", "new/o.onnx", "--algorithm", "esa", "--block-size", "16"],
          "does not exist (create it, or pass --make-dirs)"),
         (["rewrite", "IN", "DIR", "--algorithm", "esa", "--block-size", "16"], "is a directory; give a file path"),

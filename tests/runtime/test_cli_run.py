@@ -206,8 +206,8 @@ def test_blend_chunk_files_padding_and_fallback(tiny_dir, tmp_path, capsys):
         (["--chat"], "--chat does not apply to --algorithm blend"),
         (["--compare-full", "--temperature", "0.7", "--seed", "1"],
          "--compare-full compares greedy outputs and needs --temperature 0, got 0.7"),
-        (["--chunk-file", "/nonexistent/doc.txt"], "--chunk-file '/nonexistent/doc.txt' is not a file"),
-        (["--chunk", ""], "--chunk number 3 is empty (0 tokens)"),
+        (["--chunk-file", "/nonexistent/doc.txt"], "--chunk-file '/nonexistent/doc.txt' does not exist"),
+        (["--chunk", ""], "--chunk number 3 is empty; every chunk needs text"),
         (["--prefill-chunk", "64"], "exceed RuntimeConfig.prefill_chunk (64)"),
     ],
 )

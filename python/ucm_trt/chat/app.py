@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-__all__ = ["add_arguments", "build_parser", "main", "run"]
+__all__ = ["ChatSetupError", "add_arguments", "build_parser", "check_args", "main", "run"]
 
 PROG = "ucm-trt chat"
 EXIT_OK, EXIT_ENV, EXIT_USAGE = 0, 1, 2
@@ -114,7 +114,7 @@ def _settings_from_args(args: argparse.Namespace):
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.block_size is not None:
         cli_args.block_size("--block-size", args.block_size)
-    cli_args.fraction("--budget", args.budget)
+    cli_args.fraction("--budget", args.budget, what="a fraction of blocks")
     if args.temperature > 0 and args.seed is None:
         raise ValueError(f"--temperature {args.temperature} samples: pass --seed N as well")
     try:
@@ -188,7 +188,17 @@ def _resolve_backend(args: argparse.Namespace) -> str:
     return "torch"
 
 
-def _check_paths(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace, *, create_dirs: bool = True):
+    """Every flag and file check of the chat, before anything loads: ``(ChatSettings, backend kind)``.
+    Raises ``ValueError``/``TypeError`` (bad input, exit 2) or :class:`ChatSetupError` (exit 1);
+    ``create_dirs=False`` only checks that a missing --onnx-cache could be created (--make-dirs)."""
+    settings = _settings_from_args(args)
+    kind = _resolve_backend(args)
+    _check_paths(args, create_dirs=create_dirs)
+    return settings, kind
+
+
+def _check_paths(args: argparse.Namespace, *, create_dirs: bool = True) -> None:
     """--model, --load and --onnx-cache, checked before anything loads."""
     from ucm_trt import cli_args
 
@@ -197,7 +207,7 @@ def _check_paths(args: argparse.Namespace) -> None:
     if args.load is not None:
         cli_args.text_file("--load", args.load)
     if args.onnx_cache is not None:
-        cli_args.output_dir("--onnx-cache", args.onnx_cache, make_dirs=args.make_dirs)
+        cli_args.output_dir("--onnx-cache", args.onnx_cache, make_dirs=args.make_dirs, create=create_dirs)
 
 
 def _checkpoint_dir(args: argparse.Namespace) -> Path:
@@ -415,9 +425,7 @@ def run(args: argparse.Namespace, *, stdin: TextIO | None = None, stdout: TextIO
     stderr = sys.stderr if stderr is None else stderr
     prog = getattr(args, "_prog", PROG)
     try:
-        settings = _settings_from_args(args)
-        kind = _resolve_backend(args)
-        _check_paths(args)
+        settings, kind = check_args(args)
         import dataclasses
 
         import torch

@@ -73,9 +73,10 @@ def _log(msg: str) -> None:
     print(f"[ucm-trt eval] {msg}", file=sys.stderr, flush=True)
 
 
-def check_eval_args(args: argparse.Namespace) -> Path:
+def check_eval_args(args: argparse.Namespace, *, create_dirs: bool = True) -> Path:
     """Check the flags before anything loads (one-line errors naming the flag); returns the output
-    folder, created only when it is the default or ``--make-dirs`` is given."""
+    folder, created (unless ``create_dirs`` is False: check only) when it is the default or
+    ``--make-dirs`` is given."""
     from ucm_trt import cli_args as ca
 
     ca.int_at_least("--threads", args.threads, 1)
@@ -97,11 +98,12 @@ def check_eval_args(args: argparse.Namespace) -> Path:
     if args.rollback_from is not None:
         ca.input_file("--rollback-from", args.rollback_from)
     if args.out is not None:
-        return ca.output_dir("--out", args.out, make_dirs=args.make_dirs)
+        return ca.output_dir("--out", args.out, make_dirs=args.make_dirs, create=create_dirs)
     out = QUICK_OUT if args.quick else DEFAULT_OUT
     if not out.is_dir():
-        ca.output_dir("--out (default)", out, make_dirs=True)
-        _log(f"created the default output folder {out}/")
+        ca.output_dir("--out (default)", out, make_dirs=True, create=create_dirs)
+        if create_dirs:
+            _log(f"created the default output folder {out}/")
     return out
 
 

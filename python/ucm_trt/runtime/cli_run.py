@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["RUN_ALGORITHMS", "add_arguments", "add_run_parser", "build_engine", "main", "run_command"]
+__all__ = ["RUN_ALGORITHMS", "add_arguments", "add_run_parser", "build_engine", "check_args", "main", "run_command"]
 
 # Same as ucm_trt.runtime.algorithms.ALGORITHMS (a test checks); repeated so --help imports no torch.
 RUN_ALGORITHMS = ("dense", "esa", "gsa", "gsa-on-device", "kvstar", "blend", "rerope")
@@ -204,9 +204,10 @@ def build_engine(args, model, prompt_len: int):
     return Engine(backend, make_policy(policy_alg, **kw), sparse=sparse, config=rt)
 
 
-def _check_common(args) -> str:
+def check_args(args, *, create_dirs: bool = True) -> str:
     """Check every flag before anything loads (a bad command line fails at once, naming the flag);
-    returns the prompt text (``--prompt``, or ``--prompt-file`` read as UTF-8)."""
+    returns the prompt text (``--prompt``, or ``--prompt-file`` read as UTF-8). ``run`` writes no
+    files, so ``create_dirs`` (the CLI's check-only flag) changes nothing."""
     from ucm_trt import cli_args as ca
 
     if args.backend is None:
@@ -227,7 +228,7 @@ def _check_common(args) -> str:
         raise ValueError(f"--device must be cpu or cuda[:N], got {dev!r}")
     ca.int_at_least("--max-new-tokens", args.max_new_tokens, 1)
     ca.block_size("--block-size", args.block_size)
-    ca.fraction("--ratio", args.ratio)
+    ca.fraction("--ratio", args.ratio, what="the fraction of candidate blocks kept")
     for flag, value, minimum in (
         ("--sink-blocks", args.sink_blocks, 0), ("--local-blocks", args.local_blocks, 1),
         ("--min-blocks", args.min_blocks, 1), ("--stride", args.stride, 1), ("--kvstar-stride", args.kvstar_stride, 1),
@@ -275,7 +276,7 @@ def _check_common(args) -> str:
             raise ValueError(f"--chunk number {i + 1} is empty; every chunk needs text")
     ratio = args.recompute_ratio
     if ratio is not None:
-        ca.fraction("--recompute-ratio", ratio, allow_zero=True)
+        ca.fraction("--recompute-ratio", ratio, allow_zero=True, what="a fraction of the reused tokens")
     if args.recompute_layer is not None and args.recompute_layer < 0:
         raise ValueError(f"--recompute-layer must be >= 0, got {args.recompute_layer}")
     if args.min_reused_blocks is not None and args.min_reused_blocks < 1:
@@ -324,7 +325,7 @@ def _print_stats(stats: dict, prefix: str = "") -> None:
 
 
 def run_command(args) -> int:
-    text = _check_common(args)
+    text = check_args(args)
     if args.threads is not None:
         import torch
 
