@@ -300,3 +300,33 @@ def test_help_imports_nothing_heavy():
             "if m in sys.modules]; print(heavy)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_bad_flags_are_refused_before_torch_loads(tmp_path):
+    """Every command refuses a bad flag before any heavy import (so before any model loads: issue 17
+    measured `ucm-trt run --block-size 24` failing only after ~6 s of loading)."""
+    prompt = tmp_path / "p.txt"
+    prompt.write_bytes(b"\xff\xfe not utf-8")
+    cases = [
+        (["run", "--prompt", "x", "--block-size", "24"], "--block-size must be a power of two in [16, 256], got 24"),
+        (["run", "--prompt-file", str(prompt)], "--prompt-file"),
+        (["run", "--prompt", "x", "--ratio", "-0.5"], "--ratio must be in (0, 1]"),
+        (["rewrite", str(prompt), str(tmp_path / "o.onnx"), "--algorithm", "esa", "--block-size", "24"],
+         "--block-size must be a power of two in [16, 256], got 24"),
+        (["export", str(tmp_path), str(tmp_path / "no" / "o.onnx")], "OUT.onnx"),
+        (["chat", "--block-size", "24"], "--block-size must be a power of two in [16, 256], got 24"),
+        (["chat", "--budget", "0"], "--budget must be in (0, 1]"),
+        (["eval", "--block-size", "24"], "--block-size must be a power of two in [16, 256], got 24"),
+        (["bench", "--out", str(tmp_path / "no" / "b.json")], "--out"),
+        (["build", str(tmp_path), "-o", str(tmp_path / "e.engine")], "REWRITTEN.onnx"),
+    ]
+    lines = [argv for argv, _ in cases]
+    code = (f"import sys; from ucm_trt import cli; rcs = [cli.main(a) for a in {lines!r}]; "
+            "print(rcs, [m for m in ('torch', 'transformers', 'onnx') if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == f"{[2] * len(lines)} []", r.stdout + r.stderr
+    errs = r.stderr.strip().splitlines()
+    assert len(errs) == len(lines), r.stderr
+    for (argv, needle), line in zip(cases, errs, strict=True):
+        assert line.startswith(f"ucm-trt {argv[0]}: error: ") and needle in line, line
+    assert not (tmp_path / "no").exists()
