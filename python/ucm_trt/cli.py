@@ -81,10 +81,7 @@ def _check_export(args: argparse.Namespace, *, create_dirs: bool = True):
     from ucm_trt.graph.export import ExportConfig  # light: torch loads when the export runs
 
     if args.model_dir != "smollm2":
-        src_dir = Path(args.model_dir)
-        if not src_dir.is_dir():
-            what = "is a file, not a directory" if src_dir.exists() else "is not a directory (it does not exist)"
-            raise CommandError(f"HF_DIR {args.model_dir!r} {what}")
+        cli_args.checkpoint_dir("HF_DIR", args.model_dir)
     try:
         cfg = ExportConfig(exporter=args.exporter, opset=args.opset)
     except (ValueError, TypeError) as exc:

@@ -26,6 +26,7 @@ from ucm_trt.limits import block_size_problem
 __all__ = [
     "FlagError",
     "block_size",
+    "checkpoint_dir",
     "fraction",
     "input_dir",
     "input_file",
@@ -88,6 +89,14 @@ def input_dir(flag: str, path: str | os.PathLike) -> Path:
         raise FlagError(f"{flag} {_q(path)} does not exist")
     if not p.is_dir():
         raise FlagError(f"{flag} {_q(path)} is a file, not a directory")
+    return p
+
+
+def checkpoint_dir(flag: str, path: str | os.PathLike) -> Path:
+    """A Hugging Face checkpoint directory: :func:`input_dir` holding a ``config.json`` file."""
+    p = input_dir(flag, path)
+    if not (p / "config.json").is_file():
+        raise FlagError(f"{flag} {_q(path)} has no config.json: not a Hugging Face checkpoint directory")
     return p
 
 

@@ -97,7 +97,9 @@ def test_refused_rewrite_exits_1_and_writes_nothing(tmp_path, capsys):
         (["rewrite", "IN", "DIR", "--algorithm", "esa", "--block-size", "16"], "is a directory; give a file path"),
         (["rewrite", "IN", "o.onnx", "--algorithm", "esa", "--block-size", "16", "--report-json", "new/r.json"],
          "--report-json"),
-        (["export", "/nonexistent/dir", "o.onnx"], "is not a directory"),
+        (["export", "/nonexistent/dir", "o.onnx"], "HF_DIR '/nonexistent/dir' does not exist"),
+        (["export", "IN", "o.onnx"], "is a file, not a directory"),
+        (["export", "ROOT", "o.onnx"], "has no config.json: not a Hugging Face checkpoint directory"),
         (["export", "DIR", "new/o.onnx"], "OUT.onnx"),
         (["export", "DIR", "o.onnx", "--opset", "23"], "opset must be in [14, 20] for the legacy exporter"),
     ],
@@ -109,7 +111,7 @@ def test_bad_input_one_line_error_exit_2(tmp_path, capsys, monkeypatch, argv, ms
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "config.json").write_text("{}")
     (tmp_path / "empty.onnx").write_bytes(b"")
-    names = {"IN": str(src), "DIR": str(tmp_path / "dir"), "EMPTY": str(tmp_path / "empty.onnx")}
+    names = {"IN": str(src), "DIR": str(tmp_path / "dir"), "EMPTY": str(tmp_path / "empty.onnx"), "ROOT": str(tmp_path)}
     if "missing.onnx" in argv:
         monkeypatch.chdir(tmp_path)
     argv = [names.get(a) or (str(tmp_path / a) if a.endswith((".onnx", ".json")) and a != "missing.onnx" else a)

@@ -203,7 +203,7 @@ def _check_paths(args: argparse.Namespace, *, create_dirs: bool = True) -> None:
     from ucm_trt import cli_args
 
     if args.model != "smollm2":
-        cli_args.input_dir("--model", args.model)
+        cli_args.checkpoint_dir("--model", args.model)
     if args.load is not None:
         cli_args.text_file("--load", args.load)
     if args.onnx_cache is not None:

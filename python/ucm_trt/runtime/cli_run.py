@@ -251,7 +251,7 @@ def check_args(args, *, create_dirs: bool = True) -> str:
         raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     ca.fraction("--top-p", args.top_p)
     if args.model != "smollm2":
-        ca.input_dir("--model", args.model)
+        ca.checkpoint_dir("--model", args.model)
     if args.onnx is not None:
         ca.input_file("--onnx", args.onnx)
     if args.prompt_file is not None:
