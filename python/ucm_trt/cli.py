@@ -4,13 +4,23 @@
     ucm-trt rewrite IN.onnx OUT.onnx --algorithm esa --block-size 16 [--rerope-window W ...]
 
 Each subcommand is one ``Command`` entry in ``COMMANDS``: a name, a one-line help, a longer
-description (shown by ``ucm-trt NAME --help``), a function that adds its arguments and a handler
-``run(args) -> int``. To add a subcommand (``run``, ``chat``, ``build``, ``bench``, ``eval`` ...),
-write ``_configure_x`` / ``_run_x`` and append ``Command(...)`` to ``COMMANDS``; keep heavy
-imports (torch, onnx, transformers) inside the handler so ``--help`` stays instant.
+description (shown by ``ucm-trt NAME --help``), a function that adds its arguments, a handler
+``run(args) -> int`` and ``check(args, create_dirs=...)``, its flag and file checks alone. To add a
+subcommand, write ``_configure_x`` / ``_check_x`` / ``_run_x`` and append ``Command(...)`` to
+``COMMANDS``; keep heavy imports (torch, onnx, transformers) out of ``configure`` and ``check`` so
+``--help`` stays instant and bad flags fail before anything loads (tests/cli checks both).
+
+Argument rules (``ucm_trt.cli_args``, issue 17): ``run`` starts with ``check``, before any model,
+graph or engine loads; a refusal is one line naming the flag (or positional argument), the value
+given and the rule. Input files must exist, be files (a directory is reported as one), be readable
+and non-empty; text inputs must be UTF-8 and hold more than whitespace. Block sizes follow
+``ucm_trt.limits`` (a power of two in [16, 256]). The folder an output goes into must exist, or is
+created with ``--make-dirs``; a command's default output folder (``eval``, ``bench``) is created
+with a line saying so. :func:`check` parses and checks a command line without doing its work.
 
 Exit codes: 0 success; 1 the work was refused (e.g. attention that cannot be rewritten; the
-report is printed); 2 bad input or usage (one-line ``ucm-trt CMD: error: ...`` on stderr).
+report is printed) or the environment lacks something (TensorRT, a GPU); 2 bad input or usage
+(one-line ``ucm-trt CMD: error: ...`` on stderr).
 """
 
 from __future__ import annotations

@@ -307,6 +307,7 @@ def test_bad_flags_are_refused_before_torch_loads(tmp_path):
     measured `ucm-trt run --block-size 24` failing only after ~6 s of loading)."""
     prompt = tmp_path / "p.txt"
     prompt.write_bytes(b"\xff\xfe not utf-8")
+    (tmp_path / "config.json").write_text("{}")  # tmp_path passes as a checkpoint directory
     cases = [
         (["run", "--prompt", "x", "--block-size", "24"], "--block-size must be a power of two in [16, 256], got 24"),
         (["run", "--prompt-file", str(prompt)], "--prompt-file"),

@@ -157,7 +157,7 @@ _ROOT = _Root()
     "argv, needle",
     [
         (["run", "--prompt", "x", "--block-size", "24"], "--block-size must be a power of two in [16, 256], got 24"),
-        (["run", "--prompt", "x", "--ratio", "-0.5"], "--ratio must be in (0, 1], got -0.5"),
+        (["run", "--prompt", "x", "--ratio", "-0.5"], "--ratio must be in (0, 1] (the fraction of candidate blocks kept), got -0.5"),
         (["run", "--prompt-file", "empty.txt"], "--prompt-file 'empty.txt' is empty (0 bytes)"),
         (["run", "--prompt-file", "spaces.txt"], "--prompt-file 'spaces.txt' holds only whitespace"),
         (["run", "--prompt-file", "latin1.txt"], "--prompt-file 'latin1.txt' is not UTF-8 text (byte 0xe9 at offset 3"),
