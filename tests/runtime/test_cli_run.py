@@ -89,6 +89,18 @@ def test_run_on_onnx_runtime_backend(tiny_dir, tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]
     assert stats["attention"] == "onnxruntime (esa graph)" and stats["algorithm"] == "esa"
     assert stats["retrieval_tasks"] > 0 and stats["policy"]["selected_block_fraction"] < 0.8
+    # the same model with another block size, an ONNX file ONNX Runtime cannot parse, and a model that was
+    # never rewritten: one line naming the flag each (issue 17), exit 2
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07 not a model")
+    for argv, msg in (
+        (["--onnx", str(path), "--block-size", "32"], "--block-size 32 differs from the block size"),
+        (["--onnx", str(garbage)], "cannot be loaded by ONNX Runtime (InvalidProtobuf"),
+        (["--onnx", str(src)], "is not a ucm_trt-rewritten model"),
+    ):
+        assert main(["run", "--prompt", "hi", "--model", str(tiny_dir), *argv]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("ucm-trt run: error: --") and msg in err[0], err
 
 
 # ------------------------------------------------------------------------------------------ blend

@@ -163,8 +163,9 @@ def _load_model(args):
     return model.to(args.device), tok
 
 
-def build_engine(args, model, prompt_len: int):
-    """Engine for the parsed ``args`` (shared by the CLI and the benchmarks)."""
+def build_engine(args, model, prompt_len: int, *, backend=None):
+    """Engine for the parsed ``args`` (shared by the CLI and the benchmarks); ``backend``: an already
+    opened backend (``ucm-trt run`` opens the ONNX model first, to check it before the tokenizer)."""
     from ucm_trt.config import Budget, GSAOnDeviceConfig, KVStarConfig, ReRoPEConfig, SparseConfig
     from ucm_trt.runtime import Engine, RuntimeConfig
     from ucm_trt.runtime.algorithms import make_policy, sparse_config_for
@@ -195,7 +196,9 @@ def build_engine(args, model, prompt_len: int):
     rt = RuntimeConfig(max_batch=1, max_seq_len=max_seq, prefill_chunk=prefill_chunk,
                        cache_blocks=args.cache_blocks, num_device_blocks=args.device_blocks,
                        retrieval_threads=args.retrieval_threads)
-    if getattr(args, "backend", None) == "ort":
+    if backend is not None:
+        pass
+    elif getattr(args, "backend", None) == "ort":
         from ucm_trt.runtime.backends.ort_backend import OrtBackend
 
         backend = OrtBackend(args.onnx)
@@ -301,6 +304,30 @@ def _parse_rollback_layers(text: str) -> tuple[int, ...]:
     return layers
 
 
+def _open_onnx(args):
+    """The ONNX Runtime backend over ``--onnx``; a file ONNX Runtime cannot load, a model not rewritten
+    by ``ucm-trt rewrite``, or one rewritten with another block size is a one-line error naming the flag."""
+    from ucm_trt.runtime.backends.ort_backend import OrtBackend
+
+    path = str(args.onnx)
+    try:
+        backend = OrtBackend(args.onnx)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"--onnx {path!r}: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types (InvalidProtobuf ...)
+        raise ValueError(f"--onnx {path!r} cannot be loaded by ONNX Runtime ({type(exc).__name__}: "
+                         f"{_first_line(exc)})") from None
+    if backend.block_size != args.block_size:
+        raise ValueError(f"--block-size {args.block_size} differs from the block size {path!r} was rewritten with "
+                         f"({backend.block_size}); pass --block-size {backend.block_size}")
+    return backend
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _sampling(args, tok):
     from ucm_trt.runtime import SamplingParams
 
@@ -332,6 +359,7 @@ def run_command(args) -> int:
         torch.set_num_threads(args.threads)
     if args.algorithm == "blend":
         return _run_blend(args, text)
+    backend = _open_onnx(args) if args.backend == "ort" else None
     model, tok = _load_model(args)
     if args.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
@@ -341,7 +369,7 @@ def run_command(args) -> int:
     else:
         ids = tok(text)["input_ids"]
     params = _sampling(args, tok)
-    engine = build_engine(args, model, len(ids))
+    engine = build_engine(args, model, len(ids), backend=backend)
     try:
         if args.json:
             [res] = engine.generate(ids, params)
