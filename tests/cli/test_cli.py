@@ -331,3 +331,13 @@ def test_bad_flags_are_refused_before_torch_loads(tmp_path):
     for (argv, needle), line in zip(cases, errs, strict=True):
         assert line.startswith(f"ucm-trt {argv[0]}: error: ") and needle in line, line
     assert not (tmp_path / "no").exists()
+
+
+def test_run_cuda_without_a_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the no-GPU error path cannot be exercised here")
+    assert cli.main(["run", "--prompt", "hi", "--device", "cuda"]) == 2
+    line = _one_line_error(capsys.readouterr().err, "ucm-trt run: error: ")
+    assert "--device cuda: no CUDA device is available" in line

@@ -353,10 +353,12 @@ def _print_stats(stats: dict, prefix: str = "") -> None:
 
 def run_command(args) -> int:
     text = check_args(args)
-    if args.threads is not None:
-        import torch
+    import torch
 
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available (torch.cuda.is_available() is False)")
     if args.algorithm == "blend":
         return _run_blend(args, text)
     backend = _open_onnx(args) if args.backend == "ort" else None
