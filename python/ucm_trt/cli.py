@@ -111,7 +111,11 @@ def _run_export(args: argparse.Namespace) -> int:
         _progress("preparing the SmolLM2 checkpoint (first run converts the GGUF, ~30 s) ...")
         src = smollm2_checkpoint_dir()
     t0 = time.perf_counter()
-    out = export_hf_model(src, args.out, config=cfg, progress=_progress)
+    try:
+        out = export_hf_model(src, args.out, config=cfg, progress=_progress)
+    except (ValueError, TypeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CommandError(f"HF_DIR {args.model_dir!r}: {first}") from None
     _progress(f"done in {time.perf_counter() - t0:.1f}s: {out}")
     print(out)
     return EXIT_OK
@@ -212,6 +216,9 @@ def _run_rewrite(args: argparse.Namespace) -> int:
             print(e.report.summary(), file=sys.stderr)
             _write_report(args.report_json, e.report)
         return EXIT_REFUSED
+    except ValueError as e:  # not an ONNX file, fails the ONNX checker, opset too old, already rewritten ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CommandError(f"IN.onnx {args.input!r}: {first}") from None
     save_model(model, args.output)
     _write_report(args.report_json, report)
     print(report.summary())

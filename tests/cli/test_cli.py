@@ -341,3 +341,30 @@ def test_run_cuda_without_a_gpu(capsys):
     assert cli.main(["run", "--prompt", "hi", "--device", "cuda"]) == 2
     line = _one_line_error(capsys.readouterr().err, "ucm-trt run: error: ")
     assert "--device cuda: no CUDA device is available" in line
+
+
+@pytest.mark.parametrize(
+    "argv, start",
+    [
+        (["export", "CKPT", "OUT"], "ucm-trt export: error: HF_DIR "),
+        (["rewrite", "GARBAGE", "OUT", "--algorithm", "esa", "--block-size", "16"],
+         "ucm-trt rewrite: error: IN.onnx "),
+        (["run", "--prompt", "hi", "--model", "CKPT"], "ucm-trt run: error: --model "),
+        (["chat", "--model", "CKPT"], "ucm-trt chat: error: --model "),
+        (["eval", "--part", "accuracy", "--rollback-from", "GARBAGE", "--out", "DIR"],
+         "ucm-trt eval: error: --rollback-from "),
+    ],
+)
+def test_inputs_that_pass_the_checks_but_cannot_be_loaded_name_the_flag(argv, start, tmp_path, capsys):
+    """A checkpoint folder transformers cannot load (config.json without model_type, no tokenizer), a
+    file that is not ONNX or not a result file: one line naming the flag, exit 2, no traceback."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07 neither ONNX nor JSON")
+    names = {"CKPT": str(ckpt), "GARBAGE": str(garbage), "OUT": str(tmp_path / "o.onnx"), "DIR": str(tmp_path)}
+    assert cli.main([names.get(a, a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("[ucm-trt", "[chat]"))]
+    assert len(lines) == 1 and lines[0].startswith(start), err

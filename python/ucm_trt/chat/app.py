@@ -262,7 +262,11 @@ def _open_backend(args: argparse.Namespace, kind: str):
     from transformers import AutoConfig, AutoTokenizer
 
     ckpt = _checkpoint_dir(args)
-    tok = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
+    except (ValueError, TypeError, OSError) as exc:
+        raise ValueError(f"--model {args.model!r}: cannot load its tokenizer ({type(exc).__name__}: "
+                         f"{_first_line(exc)})") from None
     if kind == "torch":
         from transformers import AutoModelForCausalLM
 

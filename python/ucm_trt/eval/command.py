@@ -177,9 +177,13 @@ def run_eval_command(args: argparse.Namespace, *, command: str = "ucm-trt eval",
     if args.ppl_samples is not None:
         acc_cfg = replace(acc_cfg, ppl_samples=args.ppl_samples)
     if args.rollback_from is not None:
-        rstore = ResultStore(args.rollback_from)
-        diffuse = detect_rollback_layers(rstore, block_size=acc_cfg.block_size, selection=acc_cfg.selection,
-                                         threshold=args.rollback_threshold)
+        try:
+            rstore = ResultStore(args.rollback_from)
+            diffuse = detect_rollback_layers(rstore, block_size=acc_cfg.block_size, selection=acc_cfg.selection,
+                                             threshold=args.rollback_threshold)
+        except (ValueError, TypeError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"--rollback-from {str(args.rollback_from)!r}: {first}") from None
         acc_cfg = replace(acc_cfg, rollback_layers=tuple(diffuse["layers"]))
         _log(f"rollback (dense) layers from {args.rollback_from}: {list(acc_cfg.rollback_layers)}")
     model_name = "custom"

@@ -142,6 +142,16 @@ def _load_tokenizer(args):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def _load_named_model(args):
+    """:func:`_load_model`; a checkpoint that transformers cannot load is a one-line error naming --model."""
+    try:
+        return _load_model(args)
+    except (ValueError, TypeError, OSError) as exc:
+        if args.model == "smollm2":
+            raise
+        raise ValueError(f"--model {args.model!r} cannot be loaded ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
 def _load_model(args):
     import torch
 
@@ -362,7 +372,7 @@ def run_command(args) -> int:
     if args.algorithm == "blend":
         return _run_blend(args, text)
     backend = _open_onnx(args) if args.backend == "ort" else None
-    model, tok = _load_model(args)
+    model, tok = _load_named_model(args)
     if args.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                       tokenize=True, return_dict=False)
@@ -450,7 +460,7 @@ def _run_blend(args, text: str) -> int:
     from ucm_trt.config import BlendConfig
     from ucm_trt.runtime.blend import BlendRunner
 
-    model, tok = _load_model(args)
+    model, tok = _load_named_model(args)
     num_layers = int(model.config.num_hidden_layers)
     cfg = BlendConfig(**{k: v if getattr(args, k) is None else getattr(args, k) for k, v in BLEND_DEFAULTS.items()})
     if cfg.recompute_layer >= num_layers:
