@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["configure", "run", "HELP", "DESCRIPTION"]
+__all__ = ["check_args", "configure", "run", "HELP", "DESCRIPTION"]
 
 HELP = "build a TensorRT engine (UCM plugins, prefill + decode profiles) from a rewritten ONNX"
 DESCRIPTION = (
@@ -36,6 +36,26 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace-mb", type=int, default=None, help="builder workspace limit in MiB")
     p.add_argument("--fix-dim", action="append", default=[], metavar="NAME=VALUE",
                    help="value of another dynamic dim by its ONNX dim name (repeatable)")  # fmt: skip
+    p.add_argument("--make-dirs", action="store_true", help="create the folder of ENGINE if it does not exist")
+
+
+def check_args(args: argparse.Namespace, *, create_dirs: bool = True) -> None:
+    """Flag checks before TensorRT loads (one line naming the flag, the value and the rule)."""
+    from ucm_trt import cli_args as ca
+
+    ca.input_file("REWRITTEN.onnx", args.onnx)
+    ca.output_file("-o/--output", args.output, make_dirs=args.make_dirs, create=create_dirs)
+    for flag, value in (("--max-batch", args.max_batch), ("--max-prefill-tokens", args.max_prefill_tokens),
+                        ("--max-blocks", args.max_blocks)):
+        ca.int_at_least(flag, value, 1)
+    for flag, value in (("--opt-prefill-tokens", args.opt_prefill_tokens), ("--num-blocks", args.num_blocks),
+                        ("--max-selected", args.max_selected), ("--workspace-mb", args.workspace_mb)):
+        if value is not None:
+            ca.int_at_least(flag, value, 1)
+    if args.opt_prefill_tokens is not None and args.opt_prefill_tokens > args.max_prefill_tokens:
+        raise ca.FlagError(f"--opt-prefill-tokens ({args.opt_prefill_tokens}) must be <= --max-prefill-tokens "
+                           f"({args.max_prefill_tokens})")
+    _fixed(args.fix_dim)
 
 
 def _fixed(items: list[str]) -> dict[str, int]:
@@ -49,6 +69,7 @@ def _fixed(items: list[str]) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     from trt_plugins._tensorrt import TensorRTUnavailableError
     from trt_plugins.build import EngineBuildConfig, EngineBuildError, build_engine
 

@@ -4,13 +4,23 @@
     ucm-trt rewrite IN.onnx OUT.onnx --algorithm esa --block-size 16 [--rerope-window W ...]
 
 Each subcommand is one ``Command`` entry in ``COMMANDS``: a name, a one-line help, a longer
-description (shown by ``ucm-trt NAME --help``), a function that adds its arguments and a handler
-``run(args) -> int``. To add a subcommand (``run``, ``chat``, ``build``, ``bench``, ``eval`` ...),
-write ``_configure_x`` / ``_run_x`` and append ``Command(...)`` to ``COMMANDS``; keep heavy
-imports (torch, onnx, transformers) inside the handler so ``--help`` stays instant.
+description (shown by ``ucm-trt NAME --help``), a function that adds its arguments, a handler
+``run(args) -> int`` and ``check(args, create_dirs=...)``, its flag and file checks alone. To add a
+subcommand, write ``_configure_x`` / ``_check_x`` / ``_run_x`` and append ``Command(...)`` to
+``COMMANDS``; keep heavy imports (torch, onnx, transformers) out of ``configure`` and ``check`` so
+``--help`` stays instant and bad flags fail before anything loads (tests/cli checks both).
+
+Argument rules (``ucm_trt.cli_args``, issue 17): ``run`` starts with ``check``, before any model,
+graph or engine loads; a refusal is one line naming the flag (or positional argument), the value
+given and the rule. Input files must exist, be files (a directory is reported as one), be readable
+and non-empty; text inputs must be UTF-8 and hold more than whitespace. Block sizes follow
+``ucm_trt.limits`` (a power of two in [16, 256]). The folder an output goes into must exist, or is
+created with ``--make-dirs``; a command's default output folder (``eval``, ``bench``) is created
+with a line saying so. :func:`check` parses and checks a command line without doing its work.
 
 Exit codes: 0 success; 1 the work was refused (e.g. attention that cannot be rewritten; the
-report is printed); 2 bad input or usage (one-line ``ucm-trt CMD: error: ...`` on stderr).
+report is printed) or the environment lacks something (TensorRT, a GPU); 2 bad input or usage
+(one-line ``ucm-trt CMD: error: ...`` on stderr).
 """
 
 from __future__ import annotations
@@ -24,7 +34,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "Command", "COMMANDS"]
+from ucm_trt.limits import BLOCK_SIZE_RULE
+
+__all__ = ["main", "check", "build_parser", "Command", "COMMANDS"]
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 # Same tuple as ucm_trt.graph.driver.ALGORITHMS (a test checks); repeated so --help imports nothing heavy.
@@ -38,6 +50,9 @@ class Command:
     description: str
     configure: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    # the flag and file checks alone (no model, no work; ``run`` does them first as well): raise
+    # CommandError / ValueError / TypeError with one line naming the flag, the value and the rule
+    check: Callable[..., object]  # check(args, *, create_dirs: bool): create_dirs=False checks only
 
 
 class CommandError(Exception):
@@ -61,22 +76,46 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
                         "onnxscript (opset 23 emits ONNX Attention/RotaryEmbedding). Default: legacy")  # fmt: skip
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (legacy: 14-20, default 17; dynamo: 18-23, default 20)")  # fmt: skip
+    _add_make_dirs(p, "OUT.onnx")
+
+
+def _add_make_dirs(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--make-dirs", action="store_true",
+                   help=f"create the folder of {what} if it does not exist (default: refuse, so a typo in a path "
+                        "creates nothing)")  # fmt: skip
+
+
+def _check_export(args: argparse.Namespace, *, create_dirs: bool = True):
+    """Flag checks of ``export`` (before torch or the model loads); returns the ExportConfig."""
+    from ucm_trt import cli_args
+    from ucm_trt.graph.export import ExportConfig  # light: torch loads when the export runs
+
+    if args.model_dir != "smollm2":
+        cli_args.checkpoint_dir("HF_DIR", args.model_dir)
+    try:
+        cfg = ExportConfig(exporter=args.exporter, opset=args.opset)
+    except (ValueError, TypeError) as exc:
+        raise CommandError(str(exc).replace("ExportConfig.opset", "--opset")) from None
+    cli_args.output_file("OUT.onnx", args.out, make_dirs=args.make_dirs, create=create_dirs)
+    return cfg
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from ucm_trt.graph.export import ExportConfig, export_hf_model
+    cfg = _check_export(args)
+    from ucm_trt.graph.export import export_hf_model
 
-    cfg = ExportConfig(exporter=args.exporter, opset=args.opset)
     src: str | Path = args.model_dir
     if args.model_dir == "smollm2":
         from ucm_trt.models.smollm2 import smollm2_checkpoint_dir
 
         _progress("preparing the SmolLM2 checkpoint (first run converts the GGUF, ~30 s) ...")
         src = smollm2_checkpoint_dir()
-    elif not Path(args.model_dir).is_dir():
-        raise CommandError(f"HF_DIR {args.model_dir!r} is not a directory")
     t0 = time.perf_counter()
-    out = export_hf_model(src, args.out, config=cfg, progress=_progress)
+    try:
+        out = export_hf_model(src, args.out, config=cfg, progress=_progress)
+    except (ValueError, TypeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CommandError(f"HF_DIR {args.model_dir!r}: {first}") from None
     _progress(f"done in {time.perf_counter() - t0:.1f}s: {out}")
     print(out)
     return EXIT_OK
@@ -92,7 +131,8 @@ def _configure_rewrite(p: argparse.ArgumentParser) -> None:
                    help="dense: every block, no selection inputs; esa/gsa/gsa-on-device/kvstar/blend: "
                         "UcmPagedSparseAttention + per-layer selection inputs (the policy runs in the "
                         "runtime); rerope: UcmPagedReRoPEAttention over un-rotated K")  # fmt: skip
-    p.add_argument("--block-size", type=int, required=True, help="tokens per KV block (e.g. 16, 64, 128)")
+    p.add_argument("--block-size", type=int, required=True,
+                   help=f"tokens per KV block, {BLOCK_SIZE_RULE} (the kernels' rule; e.g. 16, 64, 128)")  # fmt: skip
     p.add_argument("--rerope-window", type=int, help="ReRoPE window w (required with --algorithm rerope)")
     p.add_argument("--rerope-training-length", type=int,
                    help="training length L for ReRoPE (window <= L; log-n scaling uses it)")  # fmt: skip
@@ -109,6 +149,7 @@ def _configure_rewrite(p: argparse.ArgumentParser) -> None:
                    help="write the model even if some attention nodes cannot be rewritten (they keep "
                         "contiguous KV I/O and are listed)")  # fmt: skip
     p.add_argument("--report-json", metavar="PATH", help="also write the rewrite report as JSON")
+    _add_make_dirs(p, "OUT.onnx and --report-json")
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
@@ -123,25 +164,47 @@ def _parse_layers(text: str) -> tuple[int, ...]:
     return layers
 
 
-def _run_rewrite(args: argparse.Namespace) -> int:
+def _check_rewrite(args: argparse.Namespace, *, create_dirs: bool = True):
+    """Flag checks of ``rewrite`` (before onnx or the model loads); returns the RewriteConfig."""
+    from ucm_trt import cli_args
     from ucm_trt.config import ReRoPEConfig
-    from ucm_trt.graph.driver import RewriteConfig, RewriteError, rewrite_model, save_model
 
+    cli_args.block_size("--block-size", args.block_size)
     rerope = None
     if args.algorithm == "rerope":
         if args.rerope_window is None or args.rerope_training_length is None:
             raise CommandError("--algorithm rerope needs --rerope-window and --rerope-training-length")
+        cli_args.int_at_least("--rerope-window", args.rerope_window, 1)
+        cli_args.int_at_least("--rerope-training-length", args.rerope_training_length, 1)
+        if args.rerope_window > args.rerope_training_length:
+            raise CommandError(f"--rerope-window ({args.rerope_window}) must be <= --rerope-training-length "
+                               f"({args.rerope_training_length})")
         rerope = ReRoPEConfig(window=args.rerope_window, training_length=args.rerope_training_length,
                               logn=not args.no_logn)  # fmt: skip
     elif args.rerope_window is not None or args.rerope_training_length is not None or args.no_logn:
         raise CommandError(f"--rerope-* options only apply to --algorithm rerope (got --algorithm {args.algorithm})")
-    if not Path(args.input).is_file():
-        raise CommandError(f"IN.onnx {args.input!r} does not exist")
+    dense_layers = _parse_layers(args.dense_layers)
+    cli_args.input_file("IN.onnx", args.input)
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise CommandError("OUT.onnx must differ from IN.onnx (the input is never overwritten)")
-    cfg = RewriteConfig(algorithm=args.algorithm, block_size=args.block_size, rerope=rerope,
-                        selection_inputs=args.selection_inputs, dense_layers=_parse_layers(args.dense_layers),
-                        allow_partial=args.allow_partial)  # fmt: skip
+    cli_args.output_file("OUT.onnx", args.output, make_dirs=args.make_dirs, create=create_dirs)
+    if args.report_json:
+        cli_args.output_file("--report-json", args.report_json, make_dirs=args.make_dirs, create=create_dirs)
+    return _rewrite_config(args, rerope, dense_layers)
+
+
+def _rewrite_config(args: argparse.Namespace, rerope, dense_layers: tuple[int, ...]):
+    from ucm_trt.graph.driver import RewriteConfig  # onnx loads here, after the flag checks
+
+    return RewriteConfig(algorithm=args.algorithm, block_size=args.block_size, rerope=rerope,
+                         selection_inputs=args.selection_inputs, dense_layers=dense_layers,
+                         allow_partial=args.allow_partial)  # fmt: skip
+
+
+def _run_rewrite(args: argparse.Namespace) -> int:
+    cfg = _check_rewrite(args)
+    from ucm_trt.graph.driver import RewriteError, rewrite_model, save_model
+
     _progress(f"rewriting {args.input} (algorithm={cfg.algorithm}, block_size={cfg.block_size}) ...")
     t0 = time.perf_counter()
     try:
@@ -153,6 +216,9 @@ def _run_rewrite(args: argparse.Namespace) -> int:
             print(e.report.summary(), file=sys.stderr)
             _write_report(args.report_json, e.report)
         return EXIT_REFUSED
+    except ValueError as e:  # not an ONNX file, fails the ONNX checker, opset too old, already rewritten ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CommandError(f"IN.onnx {args.input!r}: {first}") from None
     save_model(model, args.output)
     _write_report(args.report_json, report)
     print(report.summary())
@@ -176,6 +242,12 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
     configure_eval_parser(p)
 
 
+def _check_eval(args: argparse.Namespace, *, create_dirs: bool = True) -> object:
+    from ucm_trt.eval.command import check_eval_args
+
+    return check_eval_args(args, create_dirs=create_dirs)
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from ucm_trt.eval.command import run_eval_command
 
@@ -193,6 +265,7 @@ COMMANDS: list[Command] = [
         "  ucm-trt export ./my-llama llama.onnx --exporter dynamo --opset 23",
         _configure_export,
         _run_export,
+        _check_export,
     ),
     Command(
         "rewrite",
@@ -208,6 +281,7 @@ COMMANDS: list[Command] = [
         "--rerope-window 512 --rerope-training-length 8192",
         _configure_rewrite,
         _run_rewrite,
+        _check_rewrite,
     ),
 ]
 
@@ -220,6 +294,12 @@ def _configure_chat(p: argparse.ArgumentParser) -> None:
     from ucm_trt.chat.app import add_arguments
 
     add_arguments(p)
+
+
+def _check_chat(args: argparse.Namespace, *, create_dirs: bool = True) -> object:
+    from ucm_trt.chat.app import check_args
+
+    return check_args(args, create_dirs=create_dirs)
 
 
 def _run_chat(args: argparse.Namespace) -> int:
@@ -244,6 +324,7 @@ COMMANDS.append(Command(
     "  ucm-trt chat --backend torch --device cuda",
     _configure_chat,
     _run_chat,
+    _check_chat,
 ))
 
 
@@ -258,6 +339,7 @@ COMMANDS.append(Command(
     "  ucm-trt eval --part accuracy --rollback-from benchmarks/results/quality/recall.json",
     _configure_eval,
     _run_eval,
+    _check_eval,
 ))
 
 
@@ -272,6 +354,12 @@ def _configure_build(p: argparse.ArgumentParser) -> None:
     configure(p)
 
 
+def _check_build(args: argparse.Namespace, *, create_dirs: bool = True) -> object:
+    from trt_plugins.cli_build import check_args
+
+    return check_args(args, create_dirs=create_dirs)
+
+
 def _run_build(args: argparse.Namespace) -> int:
     from trt_plugins.cli_build import run
 
@@ -281,7 +369,7 @@ def _run_build(args: argparse.Namespace) -> int:
 def _build_command() -> Command:
     from trt_plugins.cli_build import DESCRIPTION, HELP
 
-    return Command("build", HELP, DESCRIPTION, _configure_build, _run_build)
+    return Command("build", HELP, DESCRIPTION, _configure_build, _run_build, _check_build)
 
 
 COMMANDS.append(_build_command())
@@ -296,6 +384,12 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
     from ucm_trt.runtime.cli_run import add_arguments
 
     add_arguments(p)
+
+
+def _check_run(args: argparse.Namespace, *, create_dirs: bool = True) -> object:
+    from ucm_trt.runtime.cli_run import check_args
+
+    return check_args(args, create_dirs=create_dirs)
 
 
 def _run_run(args: argparse.Namespace) -> int:
@@ -323,6 +417,7 @@ COMMANDS.append(Command(
     "      --prompt ' Question: what do both documents describe? Answer:' --compare-full",
     _configure_run,
     _run_run,
+    _check_run,
 ))
 
 
@@ -335,6 +430,12 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
     from ucm_trt.bench.command import configure_bench_parser
 
     configure_bench_parser(p)
+
+
+def _check_bench(args: argparse.Namespace, *, create_dirs: bool = True) -> object:
+    from ucm_trt.bench.command import check_bench_args
+
+    return check_bench_args(args, create_dirs=create_dirs)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -356,6 +457,7 @@ COMMANDS.append(Command(
     "  ucm-trt bench --blocks 256,1024,4096 --threads 1,2 --out benchmarks/results/cpu/cpu_bench.json",
     _configure_bench,
     _run_bench,
+    _check_bench,
 ))
 
 class _Parser(argparse.ArgumentParser):
@@ -379,19 +481,41 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(cmd.name, help=cmd.help, description=desc,
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         cmd.configure(p)
-        p.set_defaults(_run=cmd.run, _name=cmd.name)
+        p.set_defaults(_run=cmd.run, _check=cmd.check, _name=cmd.name)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _dispatch(argv: Sequence[str] | None, stage: str) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors: _Parser prints one line and exits 2
     try:
+        if stage == "check":
+            args._check(args, create_dirs=False)
+            return EXIT_OK
         return args._run(args)
     except (CommandError, ValueError, TypeError, FileNotFoundError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"ucm-trt {args._name}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _dispatch(argv, "run")
+
+
+def check(argv: Sequence[str] | None = None) -> int:
+    """Parse and check a command line without doing its work (no model, graph or engine loads):
+    0 when ``main(argv)`` would start working, else the exit code it would return with the same
+    one-line message (2 for bad input; argparse usage errors exit 2 as in :func:`main`)."""
+    try:
+        return _dispatch(argv, "check")
+    except Exception as e:  # the chat's environment errors (no TensorRT, no GPU): exit 1, as `ucm-trt chat`
+        from ucm_trt.chat.app import ChatSetupError
+
+        if not isinstance(e, ChatSetupError):
+            raise
+        print(f"ucm-trt chat: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -76,17 +76,21 @@ def test_usage_errors_are_one_line_exit_2(argv, msg, capsys):
     [
         (["--budget", "0"], 2, "--budget must be in (0, 1]"),
         (["--budget", "1.5"], 2, "--budget must be in (0, 1]"),
-        (["--block-size", "48"], 2, "--block-size must be a power of two, got 48"),
+        (["--block-size", "48"], 2, "--block-size must be a power of two in [16, 256], got 48"),
+        (["--block-size", "8"], 2, "--block-size must be a power of two in [16, 256], got 8"),
+        (["--load", "DIR"], 2, "is a directory, not a file"),
+        (["--load", "LATIN1"], 2, "is not UTF-8 text (byte 0xe9 at offset 3"),
+        (["--onnx-cache", "NEWDIR"], 2, "does not exist (create it, or pass --make-dirs)"),
         (["--max-new-tokens", "0"], 2, "--max-new-tokens must be >= 1, got 0"),
         (["--temperature", "0.7"], 2, "--temperature 0.7 samples: pass --seed N as well"),
         (["--threads", "0"], 2, "--threads must be >= 1, got 0"),
         (["--max-context", "1"], 2, "--max-context must be >= 2, got 1"),
         (["--device", "tpu"], 2, "--device must be cpu or cuda[:N], got 'tpu'"),
-        (["--load", "/nonexistent/essay.txt"], 2, "--load '/nonexistent/essay.txt': no such file"),
-        (["--engine", "/nonexistent/model.plan"], 2, "--engine '/nonexistent/model.plan': no such file"),
+        (["--load", "/nonexistent/essay.txt"], 2, "--load '/nonexistent/essay.txt' does not exist"),
+        (["--engine", "/nonexistent/model.plan"], 2, "--engine '/nonexistent/model.plan' does not exist"),
         (["--backend", "torch", "--engine", "PLAN"], 2, "cannot be combined with --backend torch"),
         (["--backend", "trt"], 2, "--backend trt needs --engine PLAN"),
-        (["--onnx", "/nonexistent/m.onnx"], 2, "--onnx '/nonexistent/m.onnx': no such file"),
+        (["--onnx", "/nonexistent/m.onnx"], 2, "--onnx '/nonexistent/m.onnx' does not exist"),
         (["--onnx", "PLAN", "--engine", "PLAN"], 2, "--engine (TensorRT) and --onnx (ONNX Runtime) exclude each other"),
         (["--onnx", "PLAN", "--device", "cuda"], 2, "ONNX Runtime runs on the CPU; drop --device cuda"),
         (["--backend", "ort", "--device", "cuda"], 2, "ONNX Runtime runs on the CPU; drop --device cuda"),
@@ -98,8 +102,12 @@ def test_usage_errors_are_one_line_exit_2(argv, msg, capsys):
 def test_chat_bad_arguments_fail_fast(argv, code, msg, capsys, tmp_path):
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"\0")
-    argv = [str(plan) if a == "PLAN" else a for a in argv]
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9\n".encode("latin-1"))
+    names = {"PLAN": str(plan), "DIR": str(tmp_path), "LATIN1": str(tmp_path / "latin1.txt"),
+             "NEWDIR": str(tmp_path / "new" / "cache")}
+    argv = [names.get(a, a) for a in argv]
     assert cli.main(["chat", *argv]) == code
+    assert not (tmp_path / "new").exists()
     captured = capsys.readouterr()
     line = _one_line_error(captured.err, "ucm-trt chat: error: ")
     assert msg in line, line
@@ -184,9 +192,13 @@ def test_run_happy_path_json(capsys):
     [
         (["run"], "one of the arguments --prompt --prompt-file is required"),
         (["run", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
-        (["run", "--prompt", "hi", "--block-size", "48"], "block_size must be a power of two, got 48"),
-        (["run", "--prompt-file", "/nonexistent/p.txt"], "--prompt-file '/nonexistent/p.txt' is not a file"),
-        (["run", "--prompt", "hi", "--ratio", "2"], "must be in (0, 1], got 2.0"),
+        (["run", "--prompt", "hi", "--block-size", "48"], "--block-size must be a power of two in [16, 256], got 48"),
+        (["run", "--prompt-file", "/nonexistent/p.txt"], "--prompt-file '/nonexistent/p.txt' does not exist"),
+        (["run", "--prompt", "hi", "--ratio", "2"], "--ratio must be in (0, 1] (the fraction of candidate blocks kept), "
+                                                    "got 2.0"),
+        (["run", "--prompt", "hi", "--ratio", "-0.5"], "--ratio must be in (0, 1]"),
+        (["run", "--prompt", "hi", "--onnx", "/nonexistent/m.onnx"], "--onnx '/nonexistent/m.onnx' does not exist"),
+        (["run", "--prompt", " "], "--prompt is empty"),
         (["build"], "the following arguments are required: REWRITTEN.onnx, -o/--output"),
         (["build", "/nonexistent/m.onnx", "-o", "x.engine"], "'/nonexistent/m.onnx' does not exist"),
         (["eval", "--part", "nope"], "argument --part: invalid choice: 'nope'"),
@@ -198,9 +210,8 @@ def test_other_subcommands_bad_arguments_exit_2(argv, msg, capsys):
     except SystemExit as e:  # argparse-level errors
         rc = e.code
     assert rc == 2
-    # `ucm-trt run` checks --block-size / --ratio only after loading the model (reported to its owner)
-    late = "--block-size" in argv or "--ratio" in argv
-    line = _one_line_error(capsys.readouterr().err, f"ucm-trt {argv[0]}: error: ", allow_load_progress=late)
+    # every check runs before the model loads: nothing but the error line on stderr
+    line = _one_line_error(capsys.readouterr().err, f"ucm-trt {argv[0]}: error: ")
     assert msg in line, line
 
 
@@ -279,3 +290,81 @@ def test_run_blend_on_the_ort_backend_is_one_line(capsys):
     assert cli.main(["run", "--algorithm", "blend", "--backend", "ort", "--chunk", "a doc", "--prompt", "q?"]) == 2
     line = _one_line_error(capsys.readouterr().err, "ucm-trt run: error: ")
     assert line.startswith("ucm-trt run: error: --algorithm blend needs --backend torch, got --backend ort"), line
+
+
+def test_help_imports_nothing_heavy():
+    """``ucm-trt --help`` and every ``ucm-trt CMD --help`` build their parsers without importing torch,
+    transformers, onnx or triton (issue 17: --help took 2.3 s importing torch; now ~0.1 s)."""
+    code = ("import sys; from ucm_trt import cli; p = cli.build_parser(); "
+            "heavy = [m for m in ('torch', 'transformers', 'onnx', 'onnxruntime', 'triton', 'tensorrt') "
+            "if m in sys.modules]; print(heavy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_bad_flags_are_refused_before_torch_loads(tmp_path):
+    """Every command refuses a bad flag before any heavy import (so before any model loads: issue 17
+    measured `ucm-trt run --block-size 24` failing only after ~6 s of loading)."""
+    prompt = tmp_path / "p.txt"
+    prompt.write_bytes(b"\xff\xfe not utf-8")
+    (tmp_path / "config.json").write_text("{}")  # tmp_path passes as a checkpoint directory
+    cases = [
+        (["run", "--prompt", "x", "--block-size", "24"], "--block-size must be a power of two in [16, 256], got 24"),
+        (["run", "--prompt-file", str(prompt)], "--prompt-file"),
+        (["run", "--prompt", "x", "--ratio", "-0.5"], "--ratio must be in (0, 1]"),
+        (["rewrite", str(prompt), str(tmp_path / "o.onnx"), "--algorithm", "esa", "--block-size", "24"],
+         "--block-size must be a power of two in [16, 256], got 24"),
+        (["export", str(tmp_path), str(tmp_path / "no" / "o.onnx")], "OUT.onnx"),
+        (["chat", "--block-size", "24"], "--block-size must be a power of two in [16, 256], got 24"),
+        (["chat", "--budget", "0"], "--budget must be in (0, 1]"),
+        (["eval", "--block-size", "24"], "--block-size must be a power of two in [16, 256], got 24"),
+        (["bench", "--out", str(tmp_path / "no" / "b.json")], "--out"),
+        (["build", str(tmp_path), "-o", str(tmp_path / "e.engine")], "REWRITTEN.onnx"),
+    ]
+    lines = [argv for argv, _ in cases]
+    code = (f"import sys; from ucm_trt import cli; rcs = [cli.main(a) for a in {lines!r}]; "
+            "print(rcs, [m for m in ('torch', 'transformers', 'onnx') if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == f"{[2] * len(lines)} []", r.stdout + r.stderr
+    errs = r.stderr.strip().splitlines()
+    assert len(errs) == len(lines), r.stderr
+    for (argv, needle), line in zip(cases, errs, strict=True):
+        assert line.startswith(f"ucm-trt {argv[0]}: error: ") and needle in line, line
+    assert not (tmp_path / "no").exists()
+
+
+def test_run_cuda_without_a_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the no-GPU error path cannot be exercised here")
+    assert cli.main(["run", "--prompt", "hi", "--device", "cuda"]) == 2
+    line = _one_line_error(capsys.readouterr().err, "ucm-trt run: error: ")
+    assert "--device cuda: no CUDA device is available" in line
+
+
+@pytest.mark.parametrize(
+    "argv, start",
+    [
+        (["export", "CKPT", "OUT"], "ucm-trt export: error: HF_DIR "),
+        (["rewrite", "GARBAGE", "OUT", "--algorithm", "esa", "--block-size", "16"],
+         "ucm-trt rewrite: error: IN.onnx "),
+        (["run", "--prompt", "hi", "--model", "CKPT"], "ucm-trt run: error: --model "),
+        (["chat", "--model", "CKPT"], "ucm-trt chat: error: --model "),
+        (["eval", "--part", "accuracy", "--rollback-from", "GARBAGE", "--out", "DIR"],
+         "ucm-trt eval: error: --rollback-from "),
+    ],
+)
+def test_inputs_that_pass_the_checks_but_cannot_be_loaded_name_the_flag(argv, start, tmp_path, capsys):
+    """A checkpoint folder transformers cannot load (config.json without model_type, no tokenizer), a
+    file that is not ONNX or not a result file: one line naming the flag, exit 2, no traceback."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07 neither ONNX nor JSON")
+    names = {"CKPT": str(ckpt), "GARBAGE": str(garbage), "OUT": str(tmp_path / "o.onnx"), "DIR": str(tmp_path)}
+    assert cli.main([names.get(a, a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("[ucm-trt", "[chat]"))]
+    assert len(lines) == 1 and lines[0].startswith(start), err

@@ -27,10 +27,16 @@ def _args(*argv: str) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
-def test_eval_quick_pipeline_and_resume(tmp_path, tiny_model, tiny_tokenizer, filler):
+def test_eval_quick_pipeline_and_resume(tmp_path, tiny_model, tiny_tokenizer, filler, capsys):
     out = tmp_path / "q"
     kw = dict(model=tiny_model, tokenizer=tiny_tokenizer, haystack=filler)
-    assert run_eval_command(_args("--quick", "--out", str(out), "--no-progress"), **kw) == 0
+    with pytest.raises(ValueError, match="--out .* does not exist .*--make-dirs"):  # never created unasked
+        run_eval_command(_args("--quick", "--out", str(out), "--no-progress"), **kw)
+    assert not out.exists()
+    assert run_eval_command(_args("--quick", "--out", str(out), "--no-progress", "--make-dirs"), **kw) == 0
+    printed = capsys.readouterr().out  # the tables are printed, not only written as JSON
+    assert "Attention-mass recall" in printed and "Accuracy vs sparsity" in printed
+    assert "Passkey through the runtime" in printed and "| esa | 0.1 |" in printed and f"results: {out}/" in printed
     recall = ResultStore(out / "recall.json")
     acc = ResultStore(out / "accuracy.json")
     rt = ResultStore(out / "runtime_passkey.json")

@@ -62,11 +62,11 @@ def test_refused_rewrite_exits_1_and_writes_nothing(tmp_path, capsys):
     model, _, _ = build("gqa-fused", attn_attrs={1: {"local_window_size": 4}})
     src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(model, str(src))
-    assert cli.main(["rewrite", str(src), str(dst), "--algorithm", "esa", "--block-size", "4"]) == 1
+    assert cli.main(["rewrite", str(src), str(dst), "--algorithm", "esa", "--block-size", "16"]) == 1
     err = capsys.readouterr().err
     assert "\nucm-trt rewrite: error: 1 attention node(s) cannot be rewritten" in err
     assert "local_window_size=4" in err and not dst.exists()
-    assert cli.main(["rewrite", str(src), str(dst), "--algorithm", "esa", "--block-size", "4",
+    assert cli.main(["rewrite", str(src), str(dst), "--algorithm", "esa", "--block-size", "16",
                      "--allow-partial"]) == 0  # fmt: skip
     assert dst.exists() and "[PARTIAL]" in capsys.readouterr().out
 
@@ -74,31 +74,52 @@ def test_refused_rewrite_exits_1_and_writes_nothing(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, msg",
     [
-        (["rewrite", "missing.onnx", "o.onnx", "--algorithm", "esa", "--block-size", "4"], "does not exist"),
-        (["rewrite", "IN", "o.onnx", "--algorithm", "esa", "--block-size", "0"], "block_size must be >= 1"),
-        (["rewrite", "IN", "o.onnx", "--algorithm", "rerope", "--block-size", "4"], "needs --rerope-window"),
-        (["rewrite", "IN", "o.onnx", "--algorithm", "esa", "--block-size", "4", "--rerope-window", "3"],
+        (["rewrite", "missing.onnx", "o.onnx", "--algorithm", "esa", "--block-size", "16"],
+         "IN.onnx 'missing.onnx' does not exist"),
+        (["rewrite", "DIR", "o.onnx", "--algorithm", "esa", "--block-size", "16"], "is a directory, not a file"),
+        (["rewrite", "EMPTY", "o.onnx", "--algorithm", "esa", "--block-size", "16"], "is empty (0 bytes)"),
+        (["rewrite", "IN", "o.onnx", "--algorithm", "esa", "--block-size", "0"],
+         "--block-size must be a power of two in [16, 256], got 0"),
+        (["rewrite", "IN", "o.onnx", "--algorithm", "esa", "--block-size", "24"],
+         "--block-size must be a power of two in [16, 256], got 24"),
+        (["rewrite", "IN", "o.onnx", "--algorithm", "esa", "--block-size", "512"],
+         "--block-size must be a power of two in [16, 256], got 512"),
+        (["rewrite", "IN", "o.onnx", "--algorithm", "rerope", "--block-size", "16"], "needs --rerope-window"),
+        (["rewrite", "IN", "o.onnx", "--algorithm", "esa", "--block-size", "16", "--rerope-window", "3"],
          "only apply to --algorithm rerope"),
-        (["rewrite", "IN", "o.onnx", "--algorithm", "esa", "--block-size", "4", "--dense-layers", "a"],
+        (["rewrite", "IN", "o.onnx", "--algorithm", "esa", "--block-size", "16", "--dense-layers", "a"],
          "--dense-layers must be comma-separated"),
-        (["rewrite", "IN", "IN", "--algorithm", "esa", "--block-size", "4"], "must differ"),
-        (["rewrite", "IN", "o.onnx", "--algorithm", "rerope", "--block-size", "4", "--rerope-window", "9",
-          "--rerope-training-length", "4"], "window (9) must be <= training_length"),
-        (["export", "/nonexistent/dir", "o.onnx"], "is not a directory"),
+        (["rewrite", "IN", "IN", "--algorithm", "esa", "--block-size", "16"], "must differ"),
+        (["rewrite", "IN", "o.onnx", "--algorithm", "rerope", "--block-size", "16", "--rerope-window", "9",
+          "--rerope-training-length", "4"], "--rerope-window (9) must be <= --rerope-training-length (4)"),
+        (["rewrite", "IN", "new/o.onnx", "--algorithm", "esa", "--block-size", "16"],
+         "does not exist (create it, or pass --make-dirs)"),
+        (["rewrite", "IN", "DIR", "--algorithm", "esa", "--block-size", "16"], "is a directory; give a file path"),
+        (["rewrite", "IN", "o.onnx", "--algorithm", "esa", "--block-size", "16", "--report-json", "new/r.json"],
+         "--report-json"),
+        (["export", "/nonexistent/dir", "o.onnx"], "HF_DIR '/nonexistent/dir' does not exist"),
+        (["export", "IN", "o.onnx"], "is a file, not a directory"),
+        (["export", "ROOT", "o.onnx"], "has no config.json: not a Hugging Face checkpoint directory"),
+        (["export", "DIR", "new/o.onnx"], "OUT.onnx"),
         (["export", "DIR", "o.onnx", "--opset", "23"], "opset must be in [14, 20] for the legacy exporter"),
     ],
 )
-def test_bad_input_one_line_error_exit_2(tmp_path, capsys, argv, msg):
+def test_bad_input_one_line_error_exit_2(tmp_path, capsys, monkeypatch, argv, msg):
     model, _, _ = build("mha")
     src = tmp_path / "in.onnx"
     onnx.save(model, str(src))
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "config.json").write_text("{}")
-    argv = [str(src) if a == "IN" else str(tmp_path / "dir") if a == "DIR" else
-            str(tmp_path / a) if a.endswith(".onnx") and a != "missing.onnx" else a for a in argv]  # fmt: skip
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    names = {"IN": str(src), "DIR": str(tmp_path / "dir"), "EMPTY": str(tmp_path / "empty.onnx"), "ROOT": str(tmp_path)}
+    if "missing.onnx" in argv:
+        monkeypatch.chdir(tmp_path)
+    argv = [names.get(a) or (str(tmp_path / a) if a.endswith((".onnx", ".json")) and a != "missing.onnx" else a)
+            for a in argv]  # fmt: skip
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"ucm-trt {argv[0]}: error:") and msg in err, err
+    assert not (tmp_path / "new").exists()  # nothing created without --make-dirs
 
 
 def test_usage_error_exit_2(capsys):
@@ -113,6 +134,30 @@ def test_builder_script_runs(tmp_path):
     onnx.save(model, str(src))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
     r = subprocess.run([sys.executable, str(ROOT / "builders" / "rewrite_onnx.py"), str(src), str(dst),
-                        "--algorithm", "dense", "--block-size", "4"], capture_output=True, text=True, env=env)  # fmt: skip
+                        "--algorithm", "dense", "--block-size", "16"], capture_output=True, text=True, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert dst.exists() and "ms_group_query_attention=2" in r.stdout
+
+
+def test_make_dirs_creates_the_output_folder_only_when_asked(tmp_path, capsys):
+    model, _, _ = build("mha")
+    src = tmp_path / "in.onnx"
+    onnx.save(model, str(src))
+    dst, rep = tmp_path / "a" / "b" / "out.onnx", tmp_path / "r" / "report.json"
+    argv = ["rewrite", str(src), str(dst), "--algorithm", "esa", "--block-size", "16", "--report-json", str(rep)]
+    assert cli.main(argv) == 2 and not (tmp_path / "a").exists() and not (tmp_path / "r").exists()
+    assert "pass --make-dirs" in capsys.readouterr().err
+    assert cli.main([*argv, "--make-dirs"]) == 0
+    assert dst.is_file() and json.loads(rep.read_text())["counts"] == {"ms_multi_head_attention": 2}
+
+
+@pytest.mark.parametrize("head_dim", [8, 24, 272])
+def test_head_dim_the_kernels_cannot_run_is_refused_exit_1(tmp_path, capsys, head_dim):
+    model, _, _ = build("mha", d=head_dim)
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(src))
+    assert cli.main(["rewrite", str(src), str(dst), "--algorithm", "esa", "--block-size", "16"]) == 1
+    err = capsys.readouterr().err
+    assert "ucm-trt rewrite: error: 2 attention node(s) cannot be rewritten" in err
+    assert f"head_dim {head_dim} cannot run on the UCM kernels: head_dim must be a multiple of 16 in [16, 256]" in err
+    assert not dst.exists()

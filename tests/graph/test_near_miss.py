@@ -13,7 +13,7 @@ from tests.graph._graph_harness import session
 from ucm_trt.config import ReRoPEConfig
 from ucm_trt.graph import RewriteConfig, RewriteError, rewrite_model
 
-CFG = RewriteConfig(algorithm="esa", block_size=4)
+CFG = RewriteConfig(algorithm="esa", block_size=16)
 
 
 def _no_cache_attention(softmax_axis=-1) -> onnx.ModelProto:
@@ -69,7 +69,7 @@ def test_attention_without_kv_cache_is_refused_with_reason(tmp_path):
     assert model.SerializeToString() == before  # the input is never modified
     # even with allow_partial there is nothing to rewrite: still an error, nothing produced
     with pytest.raises(RewriteError, match="no rewritable attention"):
-        rewrite_model(model, config=RewriteConfig(algorithm="esa", block_size=4, allow_partial=True))
+        rewrite_model(model, config=RewriteConfig(algorithm="esa", block_size=16, allow_partial=True))
 
 
 def test_softmax_over_wrong_axis_is_unsupported():
@@ -97,7 +97,7 @@ def test_partial_rewrite_only_with_flag_and_listed():
     model, _, meta = build("gqa-fused", attn_attrs={1: {"local_window_size": 4}})
     with pytest.raises(RewriteError, match="1 attention node"):
         rewrite_model(model, config=CFG)
-    rw, rep = rewrite_model(model, config=RewriteConfig(algorithm="esa", block_size=4, allow_partial=True))
+    rw, rep = rewrite_model(model, config=RewriteConfig(algorithm="esa", block_size=16, allow_partial=True))
     assert rep.partial and [n.status for n in rep.nodes] == ["rewritten", "unsupported"]
     assert "PARTIAL" in rep.summary()
     ins = {i.name for i in rw.graph.input}
@@ -109,7 +109,7 @@ def test_partial_rewrite_only_with_flag_and_listed():
 
 def test_rerope_needs_rotate_half_rope():
     model, _, _ = build("mha", rope_interleaved=1)
-    cfg = RewriteConfig(algorithm="rerope", block_size=4, rerope=ReRoPEConfig(window=4, training_length=8))
+    cfg = RewriteConfig(algorithm="rerope", block_size=16, rerope=ReRoPEConfig(window=4, training_length=8))
     with pytest.raises(RewriteError, match="interleaved"):
         rewrite_model(model, config=cfg)
     # the sparse rewrite does not need the un-rotated q/k and still applies
@@ -149,7 +149,10 @@ def test_already_rewritten_model_is_refused():
     "kwargs, exc, msg",
     [
         (dict(algorithm="quest"), ValueError, "algorithm must be one of"),
-        (dict(block_size=0), ValueError, "block_size must be >= 1"),
+        (dict(block_size=0), ValueError, r"block_size must be a power of two in \[16, 256\] .*got 0"),
+        (dict(block_size=4), ValueError, r"block_size must be a power of two in \[16, 256\] .*got 4"),
+        (dict(block_size=24), ValueError, r"block_size must be a power of two in \[16, 256\] .*got 24"),
+        (dict(block_size=512), ValueError, r"block_size must be a power of two in \[16, 256\] .*got 512"),
         (dict(block_size=4.0), TypeError, "block_size must be an int"),
         (dict(algorithm="rerope"), ValueError, "rerope must be a ReRoPEConfig"),
         (dict(algorithm="esa", rerope=ReRoPEConfig(window=2, training_length=4)), ValueError, "only used with"),
@@ -164,12 +167,12 @@ def test_config_validation(kwargs, exc, msg):
 
 def test_dense_layers_have_no_selection_input():
     model, _, _ = build("gqa-op")
-    rw, rep = rewrite_model(model, config=RewriteConfig(algorithm="kvstar", block_size=4, dense_layers=(0,)))
+    rw, rep = rewrite_model(model, config=RewriteConfig(algorithm="kvstar", block_size=16, dense_layers=(0,)))
     ins = [i.name for i in rw.graph.input]
     assert "selection.1" in ins and "selection.0" not in ins
     assert any(n.op_type == "UcmSelectAllBlocks" for n in rw.graph.node)
     meta = {p.key: p.value for p in rw.metadata_props}
-    assert meta["ucm.algorithm"] == "kvstar" and meta["ucm.block_size"] == "4"
+    assert meta["ucm.algorithm"] == "kvstar" and meta["ucm.block_size"] == "16"
 
 
 def test_live_read_of_past_length_is_refused():

@@ -13,7 +13,7 @@ from ucm_trt.config import ReRoPEConfig
 from ucm_trt.graph import RewriteConfig, rewrite_model
 
 KINDS = ("gqa-fused", "gqa-packed", "gqa-op", "mha", "onnx-attention")
-B, BS, MAX_BLOCKS, D, LAYERS = 2, 4, 5, 16, 2
+B, BS, MAX_BLOCKS, D, LAYERS = 2, 16, 5, 16, 2
 TOL = 1e-4
 RULE = {"gqa-fused": "ms_group_query_attention", "gqa-op": "ms_group_query_attention",
         "gqa-packed": "ms_group_query_attention",
@@ -31,7 +31,7 @@ def test_all_blocks_match_original(kind):
     rng = np.random.default_rng(0)
     # ORT's GroupQueryAttention rejects batch > 1 chunks on top of a past; the chunk step is
     # covered against the torch twin below.
-    steps = (7, 1, 1, 1, 1) if kind.startswith("gqa") else (7, 3, 1, 1, 1)
+    steps = (40, 1, 1, 1, 1) if kind.startswith("gqa") else (40, 9, 1, 1, 1)
     for t in steps:
         ids = rng.integers(0, 100, (B, t))
         want, got = orig.step(ids), paged.step(ids)
@@ -45,7 +45,7 @@ def test_sparse_matches_paged_reference(kind):
     twin = TorchTwin(w, meta, block_size=BS, mode="sparse", batch=B)
     paged = PagedRunner(rw, B, LAYERS, meta["hkv"], D, BS, MAX_BLOCKS, seed=2)
     rng = np.random.default_rng(1)
-    for t in (7, 3, 1, 1, 1, 1):
+    for t in (40, 9, 1, 1, 1, 1):
         past = int(paged.lengths[0])
         ids = rng.integers(0, 100, (B, t))
         sels = [sparse_selection(rng, B, meta["hkv"], max(past, 1), BS, width=3) for _ in range(LAYERS)]
@@ -66,7 +66,7 @@ def test_rerope_matches_reference(kind, sparse):
     paged = PagedRunner(rw, B, LAYERS, meta["hkv"], D, BS, MAX_BLOCKS, seed=3)
     twin = TorchTwin(w, meta, block_size=BS, mode="rerope", window=5, logn=8, batch=B)
     rng = np.random.default_rng(2)
-    for t in (7, 3, 1, 1, 1, 1):
+    for t in (40, 9, 1, 1, 1, 1):
         ids = rng.integers(0, 100, (B, t))
         past = int(paged.lengths[0])
         sels = [sparse_selection(rng, B, meta["hkv"], max(past, 1), BS, width=2) for _ in range(LAYERS)] if sparse else None

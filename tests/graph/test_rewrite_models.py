@@ -27,10 +27,10 @@ from tests.graph._graph_models import EXPORTS, ROPE_THETA
 from ucm_trt.config import ReRoPEConfig
 from ucm_trt.graph import RewriteConfig, rewrite_model
 
-B, HKV, D, LAYERS, BS, MAX_BLOCKS = 2, 2, 16, 2, 4, 5
+B, HKV, D, LAYERS, BS, MAX_BLOCKS = 2, 2, 16, 2, 16, 5
 TOL = 1e-4  # fp32 end to end; observed ~1e-6
-# prefill 7 tokens, a 3-token chunk on top of the cache, then 4 decode steps: 14 tokens, 4 blocks
-STEPS = (7, 3, 1, 1, 1, 1)
+# prefill 40 tokens, a 9-token chunk on top of the cache, then 4 decode steps: 53 tokens, 4 blocks
+STEPS = (40, 9, 1, 1, 1, 1)
 
 
 def _tokens(seed: int):

@@ -5,7 +5,7 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen2Config
 
 from ucm_trt.graph.export import active_sliding_window, export_hf_model
 
-TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,  # head_dim 16 (limits.py)
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 

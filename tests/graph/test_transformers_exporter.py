@@ -25,17 +25,17 @@ def test_transformers_ort_exporter_decode_graph(tmp_path):
                                                multi_token_decode=True)  # fmt: skip
     exp.save_pretrained(tmp_path)
     path = tmp_path / "decode.onnx"
-    rw, rep = rewrite_model(path, config=RewriteConfig(algorithm="dense", block_size=4))
+    rw, rep = rewrite_model(path, config=RewriteConfig(algorithm="dense", block_size=16))
     assert rep.counts == {"ms_group_query_attention": 2, "drop_empty_row_guard": 2}
     assert all("packed QKV split" in n.reason for n in rep.rewritten)
     orig = session(path)
     names = [o.name for o in orig.get_outputs()]
     past = {f"input.cache.layers.{i}.{kv}": np.zeros((1, 2, 0, 16), np.float32)
             for i in range(2) for kv in ("keys", "values")}  # fmt: skip
-    paged = PagedRunner(rw, 1, 2, 2, 16, 4, 6)
+    paged = PagedRunner(rw, 1, 2, 2, 16, 16, 2)
     rng = np.random.default_rng(0)
     length = 0
-    for t in (6, 1, 1, 3, 1):
+    for t in (20, 1, 1, 3, 1):
         ids = rng.integers(0, 1000, (1, t))
         outs = dict(zip(names, orig.run(None, {"input_ids": ids, "position_ids": np.arange(length, length + t)[None],
                                                **past}), strict=True))  # fmt: skip

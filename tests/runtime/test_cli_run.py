@@ -89,6 +89,18 @@ def test_run_on_onnx_runtime_backend(tiny_dir, tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]
     assert stats["attention"] == "onnxruntime (esa graph)" and stats["algorithm"] == "esa"
     assert stats["retrieval_tasks"] > 0 and stats["policy"]["selected_block_fraction"] < 0.8
+    # the same model with another block size, an ONNX file ONNX Runtime cannot parse, and a model that was
+    # never rewritten: one line naming the flag each (issue 17), exit 2
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07 not a model")
+    for argv, msg in (
+        (["--onnx", str(path), "--block-size", "32"], "--block-size 32 differs from the block size"),
+        (["--onnx", str(garbage)], "cannot be loaded by ONNX Runtime (InvalidProtobuf"),
+        (["--onnx", str(src)], "is not a ucm_trt-rewritten model"),
+    ):
+        assert main(["run", "--prompt", "hi", "--model", str(tiny_dir), *argv]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("ucm-trt run: error: --") and msg in err[0], err
 
 
 # ------------------------------------------------------------------------------------------ blend
@@ -206,8 +218,8 @@ def test_blend_chunk_files_padding_and_fallback(tiny_dir, tmp_path, capsys):
         (["--chat"], "--chat does not apply to --algorithm blend"),
         (["--compare-full", "--temperature", "0.7", "--seed", "1"],
          "--compare-full compares greedy outputs and needs --temperature 0, got 0.7"),
-        (["--chunk-file", "/nonexistent/doc.txt"], "--chunk-file '/nonexistent/doc.txt' is not a file"),
-        (["--chunk", ""], "--chunk number 3 is empty (0 tokens)"),
+        (["--chunk-file", "/nonexistent/doc.txt"], "--chunk-file '/nonexistent/doc.txt' does not exist"),
+        (["--chunk", ""], "--chunk number 3 is empty; every chunk needs text"),
         (["--prefill-chunk", "64"], "exceed RuntimeConfig.prefill_chunk (64)"),
     ],
 )

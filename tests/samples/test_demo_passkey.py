@@ -59,9 +59,9 @@ def test_bad_arguments(kwargs, msg):
     "argv, msg",
     [
         (["--tokens", "10"], "--tokens must be an int in [256, 8000]"),
-        (["--block-size", "48"], "--block-size must be a power of two"),
+        (["--block-size", "48"], "--block-size must be a power of two in [16, 256], got 48"),
         (["--budget", "0"], "--budget must be a fraction in (0, 1]"),
-        (["--onnx", "/nonexistent/m.onnx"], "onnx_path must be an existing rewritten .onnx file"),
+        (["--onnx", "/nonexistent/m.onnx"], "--onnx '/nonexistent/m.onnx' does not exist"),
     ],
 )
 def test_main_bad_arguments_exit_2(argv, msg, capsys):

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["configure_bench_parser", "run_bench_command", "BenchArgumentError", "DEFAULT_OUT", "QUICK_OUT"]
+__all__ = ["configure_bench_parser", "check_bench_args", "run_bench_command", "BenchArgumentError", "DEFAULT_OUT", "QUICK_OUT"]
 
 DEFAULT_OUT = "benchmarks/results/cpu/cpu_bench.json"
 QUICK_OUT = "benchmarks/results/cpu/cpu_bench_quick.json"
@@ -35,7 +35,11 @@ class BenchArgumentError(ValueError):
 def configure_bench_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes (< 1 minute): 64/256 blocks x 4 layers, 1 thread, a 256-token prompt")
-    p.add_argument("--out", default=None, help=f"JSON output (default {DEFAULT_OUT}; with --quick {QUICK_OUT})")
+    p.add_argument("--out", default=None,
+                   help=f"JSON output (default {DEFAULT_OUT}; with --quick {QUICK_OUT}; the default's folder is "
+                        "created when missing and the command says so; the folder of a path given here must exist, "
+                        "or pass --make-dirs)")
+    p.add_argument("--make-dirs", action="store_true", help="create the folder of --out if it does not exist")
     p.add_argument("--blocks", default=None, help=f"comma-separated block counts (default {FULL['blocks']})")
     p.add_argument("--threads", default=None, help=f"comma-separated torch thread counts (default {FULL['threads']})")
     p.add_argument("--repeats", default=None, help=f"timed repeats per figure, median reported (default {FULL['repeats']})")
@@ -177,13 +181,33 @@ def format_tables(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_bench_command(args: argparse.Namespace, *, command: str) -> int:
+def check_out(args: argparse.Namespace, settings: dict[str, Any], *, create_dirs: bool = True) -> Path:
+    """The JSON path, checked before any work: its folder must exist, or be created for the default
+    path (said on stderr) or with ``--make-dirs``."""
+    from ucm_trt import cli_args
+
+    try:
+        if args.out is not None:
+            return cli_args.output_file("--out", args.out, make_dirs=args.make_dirs, create=create_dirs)
+        out = Path(settings["out"])
+        created = not out.parent.is_dir()
+        cli_args.output_file("--out (default)", out, make_dirs=True, create=create_dirs)
+    except cli_args.FlagError as exc:
+        raise BenchArgumentError(str(exc)) from None
+    if created and create_dirs:
+        _progress(f"created the default output folder {out.parent}/")
+    return out
+
+
+def check_bench_args(args: argparse.Namespace, *, create_dirs: bool = True) -> tuple[dict[str, Any], Path]:
+    """Every flag check of ``ucm-trt bench``: (settings, JSON path); ``create_dirs=False`` checks only."""
     settings = resolve(args)
-    out = Path(settings["out"])
-    if out.exists() and out.is_dir():
-        raise BenchArgumentError(f"--out {str(out)!r} is a directory; give a file path")
+    return settings, check_out(args, settings, create_dirs=create_dirs)
+
+
+def run_bench_command(args: argparse.Namespace, *, command: str) -> int:
+    settings, out = check_bench_args(args)
     result = run_bench(settings, command=command)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(format_tables(result))
     print(f"wrote {out}")

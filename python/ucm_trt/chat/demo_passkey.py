@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ucm_trt import cli_args
 from ucm_trt.chat._names import CHAT_ALGORITHMS
 from ucm_trt.chat.prepare import prepare_onnx
 from ucm_trt.chat.session import TurnStats, format_bytes
+from ucm_trt.limits import BLOCK_SIZE_RULE, block_size_problem
 
 __all__ = [
     "ORT_ALGORITHMS",
@@ -67,9 +69,9 @@ def _check_args(num_tokens, algorithms, budget, block_size, max_new_tokens, dept
         raise ValueError(f"algorithms must not repeat a name, got {list(algorithms)}")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 \
-            or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two, got {block_size!r}")
+    problem = block_size_problem(block_size)
+    if problem is not None:
+        raise ValueError(f"block_size {problem}, got {block_size!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1:
@@ -243,12 +245,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--onnx-dir", default=None,
                    help="export + rewrite SmolLM2 into this directory (reused when present), then run on ONNX Runtime")
     p.add_argument("--budget", type=float, default=0.25, help="fraction of candidate blocks kept (default 0.25)")
-    p.add_argument("--block-size", type=int, default=64, help="tokens per KV block (default 64)")
+    p.add_argument("--block-size", type=int, default=64, help=f"tokens per KV block, {BLOCK_SIZE_RULE} (default 64)")
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default 0.5)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     args = p.parse_args(argv)
     try:
         onnx_path = args.onnx
+        if onnx_path is not None:
+            cli_args.input_file("--onnx", onnx_path)
         if args.onnx_dir is not None:
             onnx_path = prepare_onnx(args.onnx_dir, block_size=args.block_size, progress=print)
         runs = passkey_side_by_side(num_tokens=args.tokens, algorithms=args.algorithms, budget=args.budget,

@@ -201,6 +201,8 @@ class TurnStats:
     kv_dense_bytes: int | None  # what dense attention would hold for the same sequence
     kv_host_bytes: int
     wall_seconds: float
+    dense_reason: str | None = None  # why a sparse algorithm ran (part of) this turn dense; None = it did not
+
 
     def line(self) -> str:
         """The one-line summary printed after every turn."""
@@ -220,9 +222,10 @@ class TurnStats:
         held = f"KV held {format_bytes(self.kv_held_bytes)}"
         if self.kv_dense_bytes:
             held += f" (dense {format_bytes(self.kv_dense_bytes)})"
+        dense = " | ran dense (see note)" if self.dense_reason else ""
         return (f"[stats] {self.backend} | {algo} | prompt {self.prompt_tokens} tok, prefill {self.prefill_seconds:.2f} s"
                 f" | decode {self.new_tokens} tok, {tps} | {blocks} | {retr} | moved h2d "
-                f"{format_bytes(self.bytes_h2d)} d2h {format_bytes(self.bytes_d2h)} | {held}")
+                f"{format_bytes(self.bytes_h2d)} d2h {format_bytes(self.bytes_d2h)} | {held}{dense}")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -541,4 +544,32 @@ def measure_turn(engine, result, *, settings: ChatSettings, backend_label: str, 
         kv_dense_bytes=dense,
         kv_host_bytes=int(st.get("host_kv_bytes_peak") or 0),
         wall_seconds=wall_seconds,
+        dense_reason=dense_reason(s, p, len(result.token_ids)),
     )
+
+
+def dense_reason(settings: ChatSettings, prompt_tokens: int, new_tokens: int) -> str | None:
+    """Why a sparse algorithm ran a turn (or its first steps) with dense attention, or None.
+
+    A sequence shorter than ``min_blocks`` blocks runs dense. ESA and KVStar decide once per
+    request, on the prompt; GSA decides at every retrieval and GSA On-Device at every step (from
+    ``min_blocks * block_size`` tokens on), so a turn can start dense and become sparse.
+    """
+    s = settings
+    if s.algorithm not in BUDGETED_ALGORITHMS:
+        return None
+    bs, mb = s.block_size, s.min_blocks
+    sparse_from = mb * bs if s.algorithm == "gsa-on-device" else (mb - 1) * bs + 1  # tokens
+    rule = f"min_blocks {mb} x block size {bs} (sparse from {sparse_from} tokens)"
+    if s.algorithm in ("esa", "kvstar"):
+        if prompt_tokens < sparse_from:
+            return (f"this turn ran dense: the conversation is {prompt_tokens} tokens, shorter than {rule}; "
+                    f"{s.algorithm} decides once per turn")
+        return None
+    last = prompt_tokens + max(new_tokens - 1, 0)  # sequence length at the last decode step
+    if last < sparse_from:
+        return f"this turn ran dense: the conversation stayed at {last} tokens or fewer, shorter than {rule}"
+    if prompt_tokens < sparse_from:
+        return (f"the first steps of this turn ran dense: the {prompt_tokens}-token conversation was shorter "
+                f"than {rule}")
+    return None

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["configure_eval_parser", "run_eval_command", "DEFAULT_OUT", "QUICK_OUT"]
+__all__ = ["configure_eval_parser", "check_eval_args", "run_eval_command", "summary_tables", "DEFAULT_OUT", "QUICK_OUT"]
 
 DEFAULT_OUT = Path("benchmarks/results/quality")
 QUICK_OUT = Path("results/quality-quick")
@@ -33,7 +33,10 @@ def configure_eval_parser(p: argparse.ArgumentParser) -> None:
                         "attention (AttentionInterface); runtime: passkey through ucm_trt.runtime.Engine; "
                         "all: recall + accuracy + runtime (default)")
     p.add_argument("--out", type=Path, default=None,
-                   help=f"output folder (default {DEFAULT_OUT}, or {QUICK_OUT} with --quick)")
+                   help=f"output folder (default {DEFAULT_OUT}, or {QUICK_OUT} with --quick; a default folder is "
+                        "created when missing and the command says so; a folder given here must exist, or pass "
+                        "--make-dirs)")
+    p.add_argument("--make-dirs", action="store_true", help="create the --out folder if it does not exist")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared 2-core machine more threads oversubscribe)")
     p.add_argument("--rollback-from", type=Path, default=None, metavar="RECALL.json",
@@ -42,7 +45,8 @@ def configure_eval_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rollback-threshold", type=float, default=None,
                    help="with --rollback-from: diffuse if the oracle recall at the rollback budget is below "
                         "this (default: the recall run's rollback_threshold)")
-    p.add_argument("--block-size", type=int, default=None, help="accuracy block size (default 32)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="accuracy / runtime block size, a power of two in [16, 256] (default 32)")
     p.add_argument("--ratios", type=_float_list, default=None, metavar="R,R,...",
                    help="budget ratios of the accuracy / runtime tables (default 0.1,0.3,0.5,0.7)")
     p.add_argument("--passkey-lengths", type=_int_list, default=None, metavar="N,N,...",
@@ -69,11 +73,79 @@ def _log(msg: str) -> None:
     print(f"[ucm-trt eval] {msg}", file=sys.stderr, flush=True)
 
 
+def check_eval_args(args: argparse.Namespace, *, create_dirs: bool = True) -> Path:
+    """Check the flags before anything loads (one-line errors naming the flag); returns the output
+    folder, created (unless ``create_dirs`` is False: check only) when it is the default or
+    ``--make-dirs`` is given."""
+    from ucm_trt import cli_args as ca
+
+    ca.int_at_least("--threads", args.threads, 1)
+    if args.block_size is not None:
+        ca.block_size("--block-size", args.block_size)
+    for flag, values in (("--ratios", args.ratios), ("--passkey-lengths", args.passkey_lengths)):
+        if values is not None and len(set(values)) != len(values):
+            raise ca.FlagError(f"{flag} must not repeat values, got {','.join(f'{v:g}' for v in values)}")
+    for r in args.ratios or ():
+        ca.fraction("--ratios", r)
+    for n in args.passkey_lengths or ():
+        ca.int_at_least("--passkey-lengths", n, 1)
+    if args.ppl_samples is not None:
+        ca.int_at_least("--ppl-samples", args.ppl_samples, 0)
+    if args.rollback_threshold is not None:
+        if args.rollback_from is None:
+            raise ca.FlagError("--rollback-threshold needs --rollback-from RECALL.json")
+        ca.fraction("--rollback-threshold", args.rollback_threshold, allow_zero=True)
+    if args.rollback_from is not None:
+        ca.input_file("--rollback-from", args.rollback_from)
+    if args.out is not None:
+        return ca.output_dir("--out", args.out, make_dirs=args.make_dirs, create=create_dirs)
+    out = QUICK_OUT if args.quick else DEFAULT_OUT
+    if not out.is_dir():
+        ca.output_dir("--out (default)", out, make_dirs=True, create=create_dirs)
+        if create_dirs:
+            _log(f"created the default output folder {out}/")
+    return out
+
+
+def summary_tables(out: Path, parts: tuple[str, ...]) -> str:
+    """The tables of the result files in ``out`` that this run wrote (``parts`` of recall, accuracy,
+    runtime), as printed at the end of ``ucm-trt eval``."""
+    from ucm_trt.eval.report import render_quality_tables
+    from ucm_trt.eval.results import ResultStore
+
+    def store(name: str) -> ResultStore | None:
+        return ResultStore(out / name) if (out / name).is_file() else None
+
+    text = []
+    recall = store("recall.json") if "recall" in parts else None
+    accuracy = store("accuracy.json") if "accuracy" in parts else None
+    rollback = store("accuracy_rollback.json") if "accuracy" in parts else None
+    if recall is not None or accuracy is not None or rollback is not None:
+        text.append(render_quality_tables(recall, accuracy, rollback).rstrip())
+    runtime = store("runtime_passkey.json") if "runtime" in parts else None
+    if runtime is not None:
+        text.append(runtime_passkey_table(runtime))
+    return "\n\n".join(text)
+
+
+def runtime_passkey_table(store) -> str:
+    """Passkey accuracy through the runtime per (algorithm, budget ratio)."""
+    agg: dict[tuple[str, float], list[bool]] = {}
+    for c in store.cells("runtime_passkey"):
+        agg.setdefault((c["algorithm"], float(c["ratio"])), []).append(bool(c["correct"]))
+    lines = ["### Passkey through the runtime (ucm_trt.runtime.Engine, PyTorch backend)", "",
+             "| algorithm | budget ratio | passkey |", "|---|---|---|"]
+    for (alg, ratio), hits in sorted(agg.items(), key=lambda kv: (kv[0][0] != "dense", kv[0])):
+        lines.append(f"| {alg} | {'dense' if alg == 'dense' else f'{ratio:g}'} | {sum(hits)}/{len(hits)} |")
+    return "\n".join(lines)
+
+
 def run_eval_command(args: argparse.Namespace, *, command: str = "ucm-trt eval", model: Any = None,
                      tokenizer: Any = None, haystack: Any = None) -> int:
     """Run the suite as ``args`` says; ``command`` is recorded in the JSON metadata;
     ``model``/``tokenizer``/``haystack`` override SmolLM2 and the essays (tests pass a tiny model).
     Returns the process exit code (0)."""
+    out = check_eval_args(args)
     import torch
 
     from ucm_trt.eval.report import detect_rollback_layers
@@ -89,8 +161,6 @@ def run_eval_command(args: argparse.Namespace, *, command: str = "ucm-trt eval",
         run_runtime_passkey,
     )
 
-    if isinstance(args.threads, bool) or not isinstance(args.threads, int) or args.threads < 1:
-        raise ValueError(f"--threads must be an int >= 1, got {args.threads!r}")
     torch.set_num_threads(args.threads)
     recall_cfg, acc_cfg = quick_configs() if args.quick else (RecallSweepConfig(), AccuracyConfig())
     rt_cfg = (RuntimePasskeyConfig(ratios=(0.1, 0.5), lengths=(512,), depths=(0.5,), algorithms=("dense", "esa"))
@@ -106,18 +176,16 @@ def run_eval_command(args: argparse.Namespace, *, command: str = "ucm-trt eval",
         rt_cfg = replace(rt_cfg, lengths=args.passkey_lengths)
     if args.ppl_samples is not None:
         acc_cfg = replace(acc_cfg, ppl_samples=args.ppl_samples)
-    if args.rollback_threshold is not None and args.rollback_from is None:
-        raise ValueError("--rollback-threshold needs --rollback-from RECALL.json")
     if args.rollback_from is not None:
-        if not Path(args.rollback_from).is_file():
-            raise FileNotFoundError(f"--rollback-from {str(args.rollback_from)!r} does not exist")
-        rstore = ResultStore(args.rollback_from)
-        diffuse = detect_rollback_layers(rstore, block_size=acc_cfg.block_size, selection=acc_cfg.selection,
-                                         threshold=args.rollback_threshold)
+        try:
+            rstore = ResultStore(args.rollback_from)
+            diffuse = detect_rollback_layers(rstore, block_size=acc_cfg.block_size, selection=acc_cfg.selection,
+                                             threshold=args.rollback_threshold)
+        except (ValueError, TypeError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"--rollback-from {str(args.rollback_from)!r}: {first}") from None
         acc_cfg = replace(acc_cfg, rollback_layers=tuple(diffuse["layers"]))
         _log(f"rollback (dense) layers from {args.rollback_from}: {list(acc_cfg.rollback_layers)}")
-    out = Path(args.out) if args.out is not None else (QUICK_OUT if args.quick else DEFAULT_OUT)
-
     model_name = "custom"
     if model is None or tokenizer is None:
         from ucm_trt.models import load_smollm2
@@ -149,4 +217,7 @@ def run_eval_command(args: argparse.Namespace, *, command: str = "ucm-trt eval",
         store = ResultStore(out / "runtime_passkey.json", meta={**meta, "config": config_dict(rt_cfg)})
         n = run_runtime_passkey(model, tokenizer, haystack, rt_cfg, store, progress=progress)
         _log(f"runtime passkey: {n} new cells ({len(store)} in {store.path}), {time.perf_counter() - t0:.0f}s")
+    parts = ("recall", "accuracy", "runtime") if args.part == "all" else (args.part,)
+    print(summary_tables(out, parts), flush=True)
+    print(f"results: {out}/", flush=True)
     return 0

@@ -9,32 +9,39 @@ See docs/graph.md for the op schemas, the supported patterns and the rewritten m
 This package never imports tensorrt.
 """
 
-from ucm_trt.graph.driver import (
-    ALGORITHMS,
-    RewriteConfig,
-    RewriteError,
-    RewriteReport,
-    load_model,
-    rewrite_model,
-    save_model,
-)
-from ucm_trt.graph.export import ExportConfig, export_hf_model, load_hf_model
-from ucm_trt.graph.functions import build_function, make_single_op_model
-from ucm_trt.graph.schemas import SCHEMAS, get_schema
+from __future__ import annotations
 
-__all__ = [
-    "ALGORITHMS",
-    "RewriteConfig",
-    "RewriteError",
-    "RewriteReport",
-    "load_model",
-    "rewrite_model",
-    "save_model",
-    "ExportConfig",
-    "export_hf_model",
-    "load_hf_model",
-    "build_function",
-    "make_single_op_model",
-    "SCHEMAS",
-    "get_schema",
-]
+import importlib
+
+# name -> module that defines it, imported on first use (PEP 562): the CLI reads ExportConfig and
+# checks its flags before onnx (driver, functions) is imported.
+_EXPORTS = {
+    "ALGORITHMS": "ucm_trt.graph.driver",
+    "RewriteConfig": "ucm_trt.graph.driver",
+    "RewriteError": "ucm_trt.graph.driver",
+    "RewriteReport": "ucm_trt.graph.driver",
+    "load_model": "ucm_trt.graph.driver",
+    "rewrite_model": "ucm_trt.graph.driver",
+    "save_model": "ucm_trt.graph.driver",
+    "ExportConfig": "ucm_trt.graph.export",
+    "export_hf_model": "ucm_trt.graph.export",
+    "load_hf_model": "ucm_trt.graph.export",
+    "build_function": "ucm_trt.graph.functions",
+    "make_single_op_model": "ucm_trt.graph.functions",
+    "SCHEMAS": "ucm_trt.graph.schemas",
+    "get_schema": "ucm_trt.graph.schemas",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'ucm_trt.graph' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -39,6 +39,7 @@ from ucm_trt.graph.schemas import (
     SELECT_ALL_BLOCKS,
     node_attributes,
 )
+from ucm_trt.limits import block_size_problem, head_dim_problem
 
 __all__ = [
     "ALGORITHMS",
@@ -67,7 +68,9 @@ class RewriteConfig:
                       UcmPagedSparseAttention op with per-layer selection inputs); they differ in
                       the runtime policy, recorded in the model metadata. ``dense`` selects every
                       block in-graph; ``rerope`` uses UcmPagedReRoPEAttention (pool of un-rotated K).
-    block_size:       tokens per KV block (pool axis 3).
+    block_size:       tokens per KV block (pool axis 3); the kernels' rule (``ucm_trt.limits``): a power
+                      of two in [16, 256]. Attention whose head_dim breaks the kernels' rule (a multiple
+                      of 16 in [16, 256]) is reported ``unsupported`` with that reason.
     rerope:           ReRoPE window / training length / log-n; required iff algorithm == "rerope".
     selection_inputs: per-layer ``selection.{i}`` inputs; None = yes for sparse algorithms, no for
                       dense and rerope (set True to combine ReRoPE with block sparsity).
@@ -89,8 +92,9 @@ class RewriteConfig:
             raise ValueError(f"{c}.algorithm must be one of {', '.join(ALGORITHMS)}; got {self.algorithm!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
             raise TypeError(f"{c}.block_size must be an int, got {self.block_size!r}")
-        if self.block_size < 1:
-            raise ValueError(f"{c}.block_size must be >= 1, got {self.block_size}")
+        problem = block_size_problem(self.block_size)
+        if problem is not None:  # the kernels (TensorRT plugins, Triton) run nothing else
+            raise ValueError(f"{c}.block_size {problem} (the kernels' rule), got {self.block_size}")
         if self.algorithm == "rerope" and not isinstance(self.rerope, ReRoPEConfig):
             raise ValueError(f"{c}.rerope must be a ReRoPEConfig when algorithm='rerope', got {self.rerope!r}")
         if self.algorithm != "rerope" and self.rerope is not None:
@@ -237,9 +241,16 @@ def _skeleton(proto: onnx.ModelProto, *, min_bytes: int = 65536) -> onnx.ModelPr
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Save; weights go to ``<name>.data`` beside it when the model is too large for one protobuf."""
+    """Save; weights go to ``<name>.data`` beside it when the model is too large for one protobuf.
+
+    The folder must exist (it is never created here: a typo in a path must not scatter folders).
+    """
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.parent.is_dir():
+        what = "is not a folder" if out.parent.exists() else "does not exist"
+        raise ValueError(f"path {str(out)!r}: its folder {str(out.parent)!r} {what}")
+    if out.is_dir():
+        raise ValueError(f"path {str(out)!r} is a directory; give a file path")
     large = model.ByteSize() > 1_800_000_000
     onnx.save(model, str(out), save_as_external_data=large, location=out.name + ".data" if large else None)
     return out
@@ -493,7 +504,12 @@ def rewrite_model(
                                            rule=by_anchor[key][0].name if len(failures) == 1 else None))  # fmt: skip
             continue
         nr = NodeReport(label, node.op_type, "rewritten", "matched", rule=res.rule)
-        if config.algorithm == "rerope" and res.rope_failure is not None:
+        head_dim_why = head_dim_problem(res.head_dim)
+        if head_dim_why is not None:
+            nr.status, nr.reason = "unsupported", (
+                f"head_dim {res.head_dim} cannot run on the UCM kernels: head_dim {head_dim_why}"
+            )
+        elif config.algorithm == "rerope" and res.rope_failure is not None:
             nr.status, nr.reason = "unsupported", f"ReRoPE needs the un-rotated q/k and RoPE theta: {res.rope_failure}"
         report.nodes.append(nr)
         if nr.status == "rewritten":

@@ -11,36 +11,38 @@ Quick start (CPU, PyTorch backend)::
     print(engine.stats())
 """
 
-from ucm_trt.runtime.generation import Engine, GenerationResult, SamplingParams
-from ucm_trt.runtime.kv import BlockAllocator, KVLayout, KVManager, PoolExhaustedError, StepTransfer
-from ucm_trt.runtime.plan import RuntimeConfig
-from ucm_trt.runtime.worker import RetrievalError, RetrievalWorker
+from __future__ import annotations
 
-__all__ = [
-    "BlockAllocator",
-    "Engine",
-    "GenerationResult",
-    "KVLayout",
-    "KVManager",
-    "PoolExhaustedError",
-    "RetrievalError",
-    "RetrievalWorker",
-    "RuntimeConfig",
-    "StepTransfer",
-    "SamplingParams",
-    "TorchBackend",
-    "make_policy",
-]
+import importlib
+
+# name -> module that defines it. Imported on first use (PEP 562), so that importing a light
+# submodule (``ucm_trt.runtime.cli_run``, whose options ``ucm-trt --help`` reads) loads no torch.
+_EXPORTS = {
+    "BlockAllocator": "ucm_trt.runtime.kv",
+    "Engine": "ucm_trt.runtime.generation",
+    "GenerationResult": "ucm_trt.runtime.generation",
+    "KVLayout": "ucm_trt.runtime.kv",
+    "KVManager": "ucm_trt.runtime.kv",
+    "PoolExhaustedError": "ucm_trt.runtime.kv",
+    "RetrievalError": "ucm_trt.runtime.worker",
+    "RetrievalWorker": "ucm_trt.runtime.worker",
+    "RuntimeConfig": "ucm_trt.runtime.plan",
+    "StepTransfer": "ucm_trt.runtime.kv",
+    "SamplingParams": "ucm_trt.runtime.generation",
+    "TorchBackend": "ucm_trt.runtime.backends.torch_backend",
+    "make_policy": "ucm_trt.runtime.algorithms",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    # TorchBackend imports transformers lazily; algorithms.make_policy is cheap but kept lazy too.
-    if name == "TorchBackend":
-        from ucm_trt.runtime.backends.torch_backend import TorchBackend
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'ucm_trt.runtime' has no attribute {name!r}")
 
-        return TorchBackend
-    if name == "make_policy":
-        from ucm_trt.runtime.algorithms import make_policy
 
-        return make_policy
-    raise AttributeError(name)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

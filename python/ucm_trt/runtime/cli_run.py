@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["RUN_ALGORITHMS", "add_arguments", "add_run_parser", "build_engine", "main", "run_command"]
+__all__ = ["RUN_ALGORITHMS", "add_arguments", "add_run_parser", "build_engine", "check_args", "main", "run_command"]
 
 # Same as ucm_trt.runtime.algorithms.ALGORITHMS (a test checks); repeated so --help imports no torch.
 RUN_ALGORITHMS = ("dense", "esa", "gsa", "gsa-on-device", "kvstar", "blend", "rerope")
@@ -142,6 +142,16 @@ def _load_tokenizer(args):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def _load_named_model(args):
+    """:func:`_load_model`; a checkpoint that transformers cannot load is a one-line error naming --model."""
+    try:
+        return _load_model(args)
+    except (ValueError, TypeError, OSError) as exc:
+        if args.model == "smollm2":
+            raise
+        raise ValueError(f"--model {args.model!r} cannot be loaded ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
 def _load_model(args):
     import torch
 
@@ -163,8 +173,9 @@ def _load_model(args):
     return model.to(args.device), tok
 
 
-def build_engine(args, model, prompt_len: int):
-    """Engine for the parsed ``args`` (shared by the CLI and the benchmarks)."""
+def build_engine(args, model, prompt_len: int, *, backend=None):
+    """Engine for the parsed ``args`` (shared by the CLI and the benchmarks); ``backend``: an already
+    opened backend (``ucm-trt run`` opens the ONNX model first, to check it before the tokenizer)."""
     from ucm_trt.config import Budget, GSAOnDeviceConfig, KVStarConfig, ReRoPEConfig, SparseConfig
     from ucm_trt.runtime import Engine, RuntimeConfig
     from ucm_trt.runtime.algorithms import make_policy, sparse_config_for
@@ -181,7 +192,7 @@ def build_engine(args, model, prompt_len: int):
     if alg == "kvstar":
         kw["kvstar"] = KVStarConfig(retrieval_stride=args.kvstar_stride)
     elif alg == "gsa-on-device":
-        rollback = tuple(int(x) for x in args.rollback_layers.split(",") if x.strip())
+        rollback = _parse_rollback_layers(args.rollback_layers)
         kw["gsa_on_device"] = GSAOnDeviceConfig(top_k_tokens=args.top_k_tokens,
                                                 seq_len_threshold=args.seq_len_threshold,
                                                 rollback_layers=rollback)
@@ -195,7 +206,9 @@ def build_engine(args, model, prompt_len: int):
     rt = RuntimeConfig(max_batch=1, max_seq_len=max_seq, prefill_chunk=prefill_chunk,
                        cache_blocks=args.cache_blocks, num_device_blocks=args.device_blocks,
                        retrieval_threads=args.retrieval_threads)
-    if getattr(args, "backend", None) == "ort":
+    if backend is not None:
+        pass
+    elif getattr(args, "backend", None) == "ort":
         from ucm_trt.runtime.backends.ort_backend import OrtBackend
 
         backend = OrtBackend(args.onnx)
@@ -204,8 +217,12 @@ def build_engine(args, model, prompt_len: int):
     return Engine(backend, make_policy(policy_alg, **kw), sparse=sparse, config=rt)
 
 
-def _check_common(args) -> None:
-    """Argument checks that need no model (so a bad command line fails at once)."""
+def check_args(args, *, create_dirs: bool = True) -> str:
+    """Check every flag before anything loads (a bad command line fails at once, naming the flag);
+    returns the prompt text (``--prompt``, or ``--prompt-file`` read as UTF-8). ``run`` writes no
+    files, so ``create_dirs`` (the CLI's check-only flag) changes nothing."""
+    from ucm_trt import cli_args as ca
+
     if args.backend is None:
         args.backend = "ort" if args.onnx is not None else "torch"
     if args.algorithm == "blend" and args.backend != "torch":
@@ -219,29 +236,60 @@ def _check_common(args) -> None:
     for flag in ("validate", "no_validate"):
         if getattr(args, flag, False) and args.backend != "torch":
             raise ValueError(f"--{flag.replace('_', '-')} applies to --backend torch (the Triton kernels' index checks)")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.prefill_chunk is not None and args.prefill_chunk < 1:
-        raise ValueError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.prompt_file is not None and not args.prompt_file.is_file():
-        raise ValueError(f"--prompt-file {str(args.prompt_file)!r} is not a file")
+    dev = str(args.device)
+    if dev != "cpu" and not (dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {dev!r}")
+    ca.int_at_least("--max-new-tokens", args.max_new_tokens, 1)
+    ca.block_size("--block-size", args.block_size)
+    ca.fraction("--ratio", args.ratio, what="the fraction of candidate blocks kept")
+    for flag, value, minimum in (
+        ("--sink-blocks", args.sink_blocks, 0), ("--local-blocks", args.local_blocks, 1),
+        ("--min-blocks", args.min_blocks, 1), ("--stride", args.stride, 1), ("--kvstar-stride", args.kvstar_stride, 1),
+        ("--top-k-tokens", args.top_k_tokens, 1), ("--seq-len-threshold", args.seq_len_threshold, 0),
+        ("--rerope-window", args.rerope_window, 1), ("--rerope-training-length", args.rerope_training_length, 1),
+        ("--cache-blocks", args.cache_blocks, 0), ("--retrieval-threads", args.retrieval_threads, 1),
+    ):
+        ca.int_at_least(flag, value, minimum)
+    for flag, value, minimum in (("--max-seq-len", args.max_seq_len, 1), ("--prefill-chunk", args.prefill_chunk, 1),
+                                 ("--device-blocks", args.device_blocks, 1), ("--threads", args.threads, 1),
+                                 ("--seed", args.seed, 0)):
+        if value is not None:
+            ca.int_at_least(flag, value, minimum)
+    if args.rerope_window > args.rerope_training_length:
+        raise ValueError(f"--rerope-window ({args.rerope_window}) must be <= --rerope-training-length "
+                         f"({args.rerope_training_length})")
+    if args.algorithm == "gsa-on-device":
+        _parse_rollback_layers(args.rollback_layers)
+    if not (args.temperature >= 0 and args.temperature != float("inf")):  # NaN fails too
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    ca.fraction("--top-p", args.top_p)
+    if args.model != "smollm2":
+        ca.checkpoint_dir("--model", args.model)
+    if args.onnx is not None:
+        ca.input_file("--onnx", args.onnx)
+    if args.prompt_file is not None:
+        text = ca.text_file("--prompt-file", args.prompt_file)
+    elif not args.prompt.strip():
+        raise ValueError("--prompt is empty; give the text to generate from")
+    else:
+        text = args.prompt
     if args.algorithm != "blend":
         given = [flag for dest, flag in _BLEND_ONLY if getattr(args, dest, None) is not None
                  and getattr(args, dest) is not False]
         if given:
             raise ValueError(f"{', '.join(given)} only apply to --algorithm blend, got --algorithm {args.algorithm}")
-        return
+        return text
     if not args.chunks:
         raise ValueError("--algorithm blend needs at least one --chunk TEXT or --chunk-file PATH (the reusable "
                          "document chunks; --prompt/--prompt-file is the question after them)")
-    for kind, value in args.chunks:
-        if kind == "file" and not Path(value).is_file():
-            raise ValueError(f"--chunk-file {value!r} is not a file")
+    for i, (kind, value) in enumerate(args.chunks):
+        if kind == "file":
+            ca.text_file("--chunk-file", value)
+        elif not value.strip():
+            raise ValueError(f"--chunk number {i + 1} is empty; every chunk needs text")
     ratio = args.recompute_ratio
-    if ratio is not None and not 0.0 <= ratio <= 1.0:  # NaN fails too
-        raise ValueError(f"--recompute-ratio must be in [0, 1] (a fraction of the reused tokens), got {ratio}")
+    if ratio is not None:
+        ca.fraction("--recompute-ratio", ratio, allow_zero=True, what="a fraction of the reused tokens")
     if args.recompute_layer is not None and args.recompute_layer < 0:
         raise ValueError(f"--recompute-layer must be >= 0, got {args.recompute_layer}")
     if args.min_reused_blocks is not None and args.min_reused_blocks < 1:
@@ -253,6 +301,41 @@ def _check_common(args) -> None:
                          "must start the prompt, before any chat-template text")
     if args.compare_full and args.temperature != 0:
         raise ValueError(f"--compare-full compares greedy outputs and needs --temperature 0, got {args.temperature}")
+    return text
+
+
+def _parse_rollback_layers(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--rollback-layers must be comma-separated layer numbers, got {text!r}") from None
+    if any(i < 0 for i in layers):
+        raise ValueError(f"--rollback-layers must be >= 0, got {text!r}")
+    return layers
+
+
+def _open_onnx(args):
+    """The ONNX Runtime backend over ``--onnx``; a file ONNX Runtime cannot load, a model not rewritten
+    by ``ucm-trt rewrite``, or one rewritten with another block size is a one-line error naming the flag."""
+    from ucm_trt.runtime.backends.ort_backend import OrtBackend
+
+    path = str(args.onnx)
+    try:
+        backend = OrtBackend(args.onnx)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"--onnx {path!r}: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types (InvalidProtobuf ...)
+        raise ValueError(f"--onnx {path!r} cannot be loaded by ONNX Runtime ({type(exc).__name__}: "
+                         f"{_first_line(exc)})") from None
+    if backend.block_size != args.block_size:
+        raise ValueError(f"--block-size {args.block_size} differs from the block size {path!r} was rewritten with "
+                         f"({backend.block_size}); pass --block-size {backend.block_size}")
+    return backend
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _sampling(args, tok):
@@ -279,15 +362,17 @@ def _print_stats(stats: dict, prefix: str = "") -> None:
 
 
 def run_command(args) -> int:
-    _check_common(args)
-    if args.threads is not None:
-        import torch
+    text = check_args(args)
+    import torch
 
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    text = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available (torch.cuda.is_available() is False)")
     if args.algorithm == "blend":
         return _run_blend(args, text)
-    model, tok = _load_model(args)
+    backend = _open_onnx(args) if args.backend == "ort" else None
+    model, tok = _load_named_model(args)
     if args.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                       tokenize=True, return_dict=False)
@@ -296,7 +381,7 @@ def run_command(args) -> int:
     else:
         ids = tok(text)["input_ids"]
     params = _sampling(args, tok)
-    engine = build_engine(args, model, len(ids))
+    engine = build_engine(args, model, len(ids), backend=backend)
     try:
         if args.json:
             [res] = engine.generate(ids, params)
@@ -375,7 +460,7 @@ def _run_blend(args, text: str) -> int:
     from ucm_trt.config import BlendConfig
     from ucm_trt.runtime.blend import BlendRunner
 
-    model, tok = _load_model(args)
+    model, tok = _load_named_model(args)
     num_layers = int(model.config.num_hidden_layers)
     cfg = BlendConfig(**{k: v if getattr(args, k) is None else getattr(args, k) for k, v in BLEND_DEFAULTS.items()})
     if cfg.recompute_layer >= num_layers:
