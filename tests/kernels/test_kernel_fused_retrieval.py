@@ -118,7 +118,8 @@ SELECTIONS = [(6, 1, 2), (40, 0, 1), (3, 1, 2), (1, 0, 1)]  # (top_k, sink, loca
 
 
 @pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("bits,d,group", [(32, 64, 4), (128, 128, 8), (16, 64, 1), (64, 80, 2), (32, 96, 4)])
+@pytest.mark.parametrize("bits,d,group", [(32, 64, 4), (128, 128, 8), (16, 64, 1), (64, 80, 2), (32, 96, 4),
+                                          (96, 96, 4), (80, 80, 2), (24, 32, 2), (256, 256, 2), (8, 16, 1)])
 def test_hash_retrieve_matches_reference(bits, d, group, shared, device):
     lens = [150, 37, 16, 1]
     q, codes, w, table, seq, ref_scores = hash_case(lens=lens, hkv=2, group=group, d=d, bs=16, bits=bits, seed=bits + d)
@@ -254,6 +255,8 @@ def test_bad_arguments_are_refused_by_name(device):
         hash_retrieve(q[..., :24].contiguous(), codes, w[:24], table, seq, **kw)
     with pytest.raises(ValueError, match=r"q heads \(3\) must be a positive multiple of the KV heads \(2\)"):
         hash_retrieve(q[:, :3].contiguous(), codes, w, table, seq, **kw)
+    with pytest.raises(ValueError, match=r"hash_codes must hold 1 to 128 bytes \(8 to 1024 bits\) per token"):
+        hash_retrieve(q, torch.zeros(3, 2, 16, 129, dtype=torch.uint8, device=device), w, table, seq, **kw)
     with pytest.raises(ValueError, match="hash_codes block_size must be a power of two"):
         hash_retrieve(q, codes[:, :, :12].contiguous(), w, table, seq, **kw)
     with pytest.raises(TypeError, match="block_table must have dtype"):

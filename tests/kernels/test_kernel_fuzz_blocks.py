@@ -74,8 +74,9 @@ def test_fuzz_fused_retrieval(data):
     args = (table.to(DEVICE), torch.tensor(seqs, dtype=torch.int32, device=DEVICE))
     try:
         if mode == "hash":
-            codes = torch.randint(0, 256, (nphys, hkv, bs, 4), generator=gen, dtype=torch.uint8).to(DEVICE)
-            w = torch.randn((d, 32), generator=gen).to(DEVICE)
+            nbytes = data.draw(st.sampled_from([4, 1, 3, 10]), label="code bytes")
+            codes = torch.randint(0, 256, (nphys, hkv, bs, nbytes), generator=gen, dtype=torch.uint8).to(DEVICE)
+            w = torch.randn((d, nbytes * 8), generator=gen).to(DEVICE)
             out = hash_retrieve(q, codes, w, *args, **kw)
         elif mode == "quest":
             lo = torch.randn((nphys, hkv, d), generator=gen).to(DEVICE)

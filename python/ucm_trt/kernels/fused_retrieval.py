@@ -246,7 +246,8 @@ def _fused_retrieve_kernel(
     stride_btb, stride_ob, stride_oh,
     NUM_PHYS, MAX_BLOCKS, TOP_K, SINK, LOCAL,
     MODE: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-    BITS: tl.constexpr, WBITS: tl.constexpr, BS: tl.constexpr, CB: tl.constexpr,
+    BITS: tl.constexpr, BITSP: tl.constexpr, WBITS: tl.constexpr, DK: tl.constexpr, BS: tl.constexpr,
+    CB: tl.constexpr,
     HPP: tl.constexpr, HP16: tl.constexpr, TILES: tl.constexpr, NBLK: tl.constexpr,
     CH: tl.constexpr, RB: tl.constexpr, KEY_BITS: tl.constexpr, KEY_MAX: tl.constexpr, GUARD: tl.constexpr, HASH_PREC: tl.constexpr,
 ):
@@ -271,20 +272,27 @@ def _fused_retrieve_kernel(
     keys_row = keys_ptr + row.to(tl.int64) * MAX_BLOCKS
 
     if MODE == 0:
-        # query codes of this program's heads: sign(q_avg . W) > 0, packed into WBITS-bit words
-        NW: tl.constexpr = BITS // WBITS
+        # query codes of this program's heads: sign(q_avg . W) > 0, packed into WBITS-bit words; the
+        # projection is accumulated over DK-wide slices of the head dim (W slices of <= 16K floats)
+        NWP: tl.constexpr = BITSP // WBITS
         hr = tl.arange(0, HP16)
-        h_ok = hr < HPP
-        q_offs = (b64 * stride_qb + ((hg * HPP + hr)[:, None, None] * G + gg[None, :, None]) * stride_qh
-                  + dd[None, None, :])
-        q_m = h_ok[:, None, None] & (gg < G)[None, :, None] & d_ok[None, None, :]
-        qa = tl.sum(tl.load(q_ptr + q_offs, mask=q_m, other=0.0).to(tl.float32), 1) / G  # [HP16, DP]
-        bb = tl.arange(0, BITS)
-        w = tl.load(w_ptr + dd[:, None] * BITS + bb[None, :], mask=d_ok[:, None], other=0.0)
-        proj = tl.dot(qa, w, input_precision=HASH_PREC)  # [HP16, BITS]
-        qbits = tl.reshape((proj > 0.0).to(tl.int64), (HP16, NW, WBITS))
-        qwords = tl.sum(qbits << tl.arange(0, WBITS)[None, None, :].to(tl.int64), 2).to(tl.int32)  # [HP16, NW]
-        nw = tl.arange(0, NW)
+        bb = tl.arange(0, BITSP)
+        proj = tl.zeros([HP16, BITSP], tl.float32)
+        for kc in tl.static_range(DP // DK):
+            dk = kc * DK + tl.arange(0, DK)
+            dk_ok = dk < D
+            qa = tl.zeros([HP16, DK], tl.float32)
+            for hh in tl.static_range(HPP):
+                q_offs = b64 * stride_qb + ((hg * HPP + hh) * G + gg)[:, None] * stride_qh + dk[None, :]
+                qg = tl.load(q_ptr + q_offs, mask=(gg < G)[:, None] & dk_ok[None, :], other=0.0).to(tl.float32)
+                qa += tl.where((hr == hh)[:, None], (tl.sum(qg, 0) / G)[None, :], 0.0)
+            w = tl.load(w_ptr + dk[:, None] * BITS + bb[None, :], mask=dk_ok[:, None] & (bb < BITS)[None, :],
+                        other=0.0)
+            proj = tl.dot(qa, w, acc=proj, input_precision=HASH_PREC)  # [HP16, BITSP]
+        qbits = tl.reshape((proj > 0.0).to(tl.int64), (HP16, NWP, WBITS))  # padded bits: proj 0 -> bit 0
+        qwords = tl.sum(qbits << tl.arange(0, WBITS)[None, None, :].to(tl.int64), 2).to(tl.int32)  # [HP16, NWP]
+        nw = tl.arange(0, NWP)
+        nw_ok = nw < BITS // WBITS
         tt = tl.arange(0, BS)
 
     for t in tl.static_range(TILES):
@@ -308,9 +316,10 @@ def _fused_retrieve_kernel(
                 tok_ok = ok[:, None] & (pos < seq_len)  # [CB, BS]
                 c_offs = (phys[:, None, None] * stride_rn + h * stride_rh + tt[None, :, None] * stride_rt
                           + nw[None, None, :])
-                words = tl.load(r0_ptr + c_offs, mask=tok_ok[:, :, None], other=0).to(tl.int32)
-                if WBITS == 16:
-                    words = words & 0xFFFF
+                words = tl.load(r0_ptr + c_offs, mask=tok_ok[:, :, None] & nw_ok[None, None, :], other=0)
+                words = words.to(tl.int32)
+                if WBITS < 32:
+                    words = words & ((1 << WBITS) - 1)
                 dist = tl.sum(_popcount32(words ^ qw[None, None, :]), 2)  # [CB, BS]
                 dist = tl.min(tl.where(tok_ok, dist, 2147483647), 1)  # [CB]
                 acc = tl.minimum(acc, dist)
@@ -427,8 +436,11 @@ def _retrieve(mode, q, r0, r1, w, block_table, seq_lens, *, num_blocks, hkv, blo
 
     groups, hpp = (1, hkv) if shared else (hkv, 1)
     nblk = max(16, next_pow2(mb))
+    nbytes = bits // 8
+    wbits = 32 if nbytes % 4 == 0 else 16 if nbytes % 2 == 0 else 8
+    bitsp = next_pow2(bits // wbits) * wbits  # code words padded to a power of two
     if mode == _MODE_HAMMING:
-        cb = max(1, (launch.tokens_per_tile or 1024) // block_size)
+        cb = max(1, (launch.tokens_per_tile or 4096 * wbits // bitsp) // block_size)
         tiles = 1 if shared else hkv
         key_bits = bits.bit_length()
     else:
@@ -445,9 +457,8 @@ def _retrieve(mode, q, r0, r1, w, block_table, seq_lens, *, num_blocks, hkv, blo
     else:
         counters, keys = workspace.buffers(rows, rows * mb)
     rb = launch.radix_bits or 4
-    wbits = 32 if bits % 32 == 0 else 16
     if mode == _MODE_HAMMING:
-        words = r0.view(torch.int32 if wbits == 32 else torch.int16)
+        words = r0.view({32: torch.int32, 16: torch.int16, 8: torch.uint8}[wbits])
         strides = words.stride()[:3]
     else:
         words = r0
@@ -460,7 +471,8 @@ def _retrieve(mode, q, r0, r1, w, block_table, seq_lens, *, num_blocks, hkv, blo
         block_table.stride(0), out.stride(0), out.stride(1),
         num_blocks, mb, top_k, sink_blocks, local_blocks,
         MODE=mode, G=group, GP=next_pow2(group), D=d, DP=next_pow2(d),
-        BITS=max(bits, 16), WBITS=wbits, BS=block_size, CB=cb,
+        BITS=max(bits, 1), BITSP=max(bitsp, 16), WBITS=wbits,
+        DK=max(16, min(next_pow2(d), 16384 // max(bitsp, 16))), BS=block_size, CB=cb,
         HPP=hpp, HP16=max(16, next_pow2(hpp)), TILES=tiles, NBLK=nblk, CH=min(nblk, launch.topk_chunk or 2048),
         RB=rb, KEY_BITS=key_bits, KEY_MAX=(1 << key_bits) - 1, GUARD=guard is not None,
         HASH_PREC=launch.hash_precision,
@@ -499,10 +511,11 @@ def hash_retrieve(
     check_block_size("hash_codes", bs)
     check_last_dim_contiguous("hash_codes", hash_codes)
     bits = nbytes * 8
-    if not (is_pow2(bits) and 16 <= bits <= 1024):
-        raise ValueError(f"hash_codes must hold a power-of-two number of bits in [16, 1024], got {bits}")
-    if any(s % (4 if bits >= 32 else 2) for s in hash_codes.stride()[:3]):
-        raise ValueError(f"hash_codes strides must be whole code words, got {tuple(hash_codes.stride())}")
+    if not 8 <= bits <= 1024:
+        raise ValueError(f"hash_codes must hold 1 to 128 bytes (8 to 1024 bits) per token, got {nbytes} bytes")
+    word = 4 if nbytes % 4 == 0 else 2 if nbytes % 2 == 0 else 1
+    if any(s % word for s in hash_codes.stride()[:3]):
+        raise ValueError(f"hash_codes strides must be whole {word}-byte code words, got {tuple(hash_codes.stride())}")
     if hkv == 0:
         raise ValueError(f"hash_codes must have at least one KV head, got shape {tuple(hash_codes.shape)}")
     d = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() else None
