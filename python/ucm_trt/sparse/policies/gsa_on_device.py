@@ -14,7 +14,8 @@
 * ``rollback_layers`` always run dense; ``layer_reuse[l] = src`` makes layer ``l`` reuse this
   step's selection of layer ``src``.
 * ``use_kernel`` (default: on CUDA) runs the fused Triton ``ucm_trt.kernels.hash_retrieve`` (query hash,
-  paged Hamming scores and block top-k in one launch, one scratch workspace per policy); otherwise
+  paged Hamming scores and block top-k in one launch, one scratch workspace per policy, the engine's
+  index guard flagged on a bad block-table id); otherwise
   PyTorch ops from :mod:`ucm_trt.sparse.score` / :mod:`ucm_trt.sparse.select`. Both give the same selection (a CPU test runs the kernel under the
   Triton interpreter against the PyTorch path).
 """
@@ -167,7 +168,7 @@ class GSAOnDevicePolicy(Policy):
             sel = hash_retrieve(q[:, :, -1].contiguous(), self.codes[layer], self._weights[layer], step.tables(layer),
                                 step.seq_lens, top_k=cfg.top_k_tokens // bs, sink_blocks=s.sink_blocks,
                                 local_blocks=s.local_blocks, shared=s.selection == "shared", validate=False,
-                                workspace=self._workspace)
+                                workspace=self._workspace, guard=self.rt.kv.guard)
             self._step_sel[layer] = sel
             self._selected_dev += (sel >= 0).sum()
             return sel
