@@ -311,7 +311,7 @@ def _fused_retrieve_kernel(
         for hh in tl.static_range(HPP):
             h = hg * HPP + hh
             if MODE == 0:
-                qw = tl.sum(tl.where((hr == hh)[:, None], qwords, 0), 0)  # [NW]
+                qw = tl.sum(tl.where((hr == hh)[:, None], qwords, 0), 0)  # [NWP]
                 pos = blk[:, None] * BS + tt[None, :]
                 tok_ok = ok[:, None] & (pos < seq_len)  # [CB, BS]
                 c_offs = (phys[:, None, None] * stride_rn + h * stride_rh + tt[None, :, None] * stride_rt
