@@ -381,10 +381,11 @@ def _merge_splits(
 class AttentionLaunch:
     """Tuning knobs of the paged attention kernel (results never depend on them).
 
-    ``num_splits=None`` picks enough splits of the work list to give every SM ``programs_per_sm``
-    programs. ``block_n=None`` uses min(block_size, 128) keys per inner tile (64 above head_dim
-    128). ``block_t=None`` uses the query tile of :func:`query_tile`. Defaults: the best of a sweep
-    on an H200 (128K context, 1/8 budget, batch 8).
+    ``num_splits=None`` picks enough splits of the work list to give every SM at least
+    ``programs_per_sm`` programs (:func:`plan_attention`). ``block_n=None`` uses
+    :func:`default_block_n` keys per inner tile. ``block_t=None`` uses the query tile of
+    :func:`plan_attention`. ``num_warps``/``num_stages``: the best of a sweep on an H200 (128K
+    context, 1/8 budget, batch 8) of the former kernel.
     """
 
     num_splits: int | None = None
