@@ -80,7 +80,7 @@ LOG2E = 1.4426950408889634
 # block ids a program resolves per vector load (its work list is walked in chunks of this many)
 ITEM_CHUNK = 32
 
-# IndexGuard codes the attention kernel sets (literals in the kernel; IndexGuard.check reports the largest)
+# IndexGuard codes the attention kernel sets (IndexGuard.check reports the largest)
 GUARD_BAD_SELECTION = 21
 GUARD_BAD_BLOCK_TABLE = 22
 GUARD_BAD_SEQ_LEN = 23
@@ -92,6 +92,9 @@ ATTENTION_GUARD_CODES = {
     GUARD_BAD_SEQ_LEN: "paged attention: a seq_len is below the chunk length or beyond the block table's "
     "capacity (it was clamped)",
 }
+_BAD_SELECTION = tl.constexpr(GUARD_BAD_SELECTION)
+_BAD_BLOCK_TABLE = tl.constexpr(GUARD_BAD_BLOCK_TABLE)
+_BAD_SEQ_LEN = tl.constexpr(GUARD_BAD_SEQ_LEN)
 
 
 @triton.jit
@@ -142,7 +145,7 @@ def _paged_attn_fwd(
         cap = MAX_BLOCKS * BS
     seq_len = tl.minimum(tl.maximum(seq_raw, T), cap)
     if HAS_GUARD:
-        tl.atomic_max(guard_ptr, 23, mask=(seq_raw < T) | (seq_raw > cap))
+        tl.atomic_max(guard_ptr, _BAD_SEQ_LEN, mask=(seq_raw < T) | (seq_raw > cap))
     chunk_start = seq_len - T
 
     rows = tl.arange(0, BLOCK_M)
@@ -246,8 +249,8 @@ def _paged_attn_fwd(
         phys_raw = tl.load(bt_row + blk_v, mask=use, other=0)
         bad_phys = use & ((phys_raw < 0) | (phys_raw >= NUM_BLOCKS))
         if HAS_GUARD:
-            tl.atomic_max(guard_ptr, 21, mask=tl.sum(bad_sel.to(tl.int32), 0) > 0)
-            tl.atomic_max(guard_ptr, 22, mask=tl.sum(bad_phys.to(tl.int32), 0) > 0)
+            tl.atomic_max(guard_ptr, _BAD_SELECTION, mask=tl.sum(bad_sel.to(tl.int32), 0) > 0)
+            tl.atomic_max(guard_ptr, _BAD_BLOCK_TABLE, mask=tl.sum(bad_phys.to(tl.int32), 0) > 0)
         # an item is read iff it is in range and every id on its way is valid
         live_v = tl.where(pool_item, use & ~bad_phys, in_rng)
         # Key tiles over these items: key g is token g % BS of item g // BS. A tile spans BPT whole
