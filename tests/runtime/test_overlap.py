@@ -186,7 +186,17 @@ def test_no_step_reads_a_block_before_the_copy_that_brought_it_is_waited_for(pol
     prompts = [_prompt(300, 1), _prompt(260, 2), _prompt(200, 4)]
     rt = RuntimeConfig(max_batch=3, max_seq_len=1024, prefill_chunk=128, cache_blocks=1, overlap_loads=True,
                        early_prefetch=early, num_device_blocks=26)
-    with Engine(TorchBackend(model, attention="reference"), policy_cls(), sparse=_sparse(algorithm, stride=4),
+    class Settled(policy_cls):
+        """Early prefetch only sees retrievals that finished by the plan (a race with the worker
+        threads); waiting for them first makes the run, and its early loads, deterministic."""
+
+        def prefetch(self, reqs):
+            for st in self._state.values():
+                if st.get("pending") is not None:
+                    st["pending"].ticket.future.exception()  # waits; a failure surfaces at collect
+            return super().prefetch(reqs)
+
+    with Engine(TorchBackend(model, attention="reference"), Settled(), sparse=_sparse(algorithm, stride=4),
                 config=rt) as eng:
         eng.kv.copy_log = []
         eng.generate(prompts, SamplingParams(max_new_tokens=20))
