@@ -127,7 +127,9 @@ def test_cuda_graph_required_but_backend_validates_is_an_error():
 def test_default_backend_runs_decode_as_cuda_graphs():
     """The fast path is the default: no per-launch index checks, so decode steps are replayed."""
     model = tiny_llama(head_dim=32).cuda()
-    with Engine(TorchBackend(model), make_policy("esa"),
+    from ucm_trt.sparse.policies import ESAPolicy
+
+    with Engine(TorchBackend(model), ESAPolicy(),
                 sparse=sparse_config_for("esa", SparseConfig(block_size=16, budget=Budget.ratio(0.25))),
                 config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128)) as eng:
         eng.generate(torch.randint(0, 256, (300,)).tolist(), SamplingParams(max_new_tokens=12))
@@ -179,7 +181,9 @@ def test_overlapped_loads_on_cuda_equal_the_stale_by_one_model_even_with_slow_co
 
     kw = {"kvstar": KVStarConfig(retrieval_stride=3)} if algorithm == "kvstar" else {}
     model = tiny_llama(head_dim=32).to("cuda", dtype)
-    base = type(make_policy(algorithm, **kw))
+    from ucm_trt.sparse.policies import ESAPolicy, GSAPolicy, KVStarPolicy
+
+    base = {"esa": ESAPolicy, "gsa": GSAPolicy, "kvstar": KVStarPolicy}[algorithm]  # built alike in all runs
     args = {"config": kw["kvstar"]} if kw else {}
     want, st_ref = _overlap_tokens(model, _stale_by_one(base)(**args), overlap=False, load_method=load_method)
     got, st = _overlap_tokens(model, base(**args), overlap=True, load_method=load_method)
