@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -408,4 +409,66 @@ def test_array_working_sets_follow_the_reference_lru_model_under_pool_pressure()
             break
     for r in list(lens):
         kv.free_request(r)
+    assert kv.device_blocks_held() == 0 and kv.host_bytes_held() == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_overlapped_plans_keep_what_each_step_attends_resident_and_right_under_pressure(seed):
+    """KV level, overlapped schedule, three requests, a pool small enough for pressure evictions,
+    selections that change at random (as new objects) or stay (the same object): after every plan
+    the blocks the step attends — the new selection, or where the plan says stale the previous
+    step's attended blocks plus the blocks opened since — are resident and hold their K/V (so a
+    stale step never reads a block that a deferred load or an eviction is reusing), deferred loads
+    land by the next step (contents checked when that step attends them), and nothing leaks."""
+    rng = random.Random(seed)
+    kv = KVManager(_layout(), max_batch=3, max_blocks=40, num_device_blocks=24, offload=True,
+                   num_host_blocks=120, cache_blocks=1, overlap=True)
+    rids = ["a", "b", "c"]
+    lens = {}
+    for i, rid in enumerate(rids):
+        tr = StepTransfer()
+        _prefill(kv, rid, 60 + 7 * i, tr)
+        lens[rid] = 60 + 7 * i
+    attended: dict[tuple[str, int], set[int]] = {}
+    sels: dict[tuple[str, int], np.ndarray] = {}
+    stale_seen = sync_seen = 0
+    for _ in range(80):
+        needed = [[None] * 3 for _ in range(L)]
+        for row, rid in enumerate(rids):
+            nb = -(-lens[rid] // BS)
+            for layer in range(L):
+                key = (rid, layer)
+                if key not in sels or rng.random() < 0.3:  # a retrieval: a new selection object
+                    sels[key] = np.array(sorted({0, nb - 1, *rng.sample(range(nb), k=min(nb, 4))}), dtype=np.int64)
+                needed[layer][row] = sels[key]
+        tr = StepTransfer()
+        stale = kv.plan_step(rids, [1] * 3, needed, tr)
+        stale_seen += tr.stale_layers
+        sync_seen += tr.sync_switches
+        for row, rid in enumerate(rids):
+            n = lens[rid]
+            opened = set(range(n // BS, -(-(n + 1) // BS)))
+            for layer in range(L):
+                key = (rid, layer)
+                if stale[layer][row]:
+                    seen = attended[key] | opened
+                else:
+                    seen = {int(b) for b in needed[layer][row] if b < -(-n // BS)} | opened
+                attended[key] = seen
+                tbl = kv.tables_host[layer, row]
+                assert all(int(tbl[b]) != NULL_BLOCK for b in seen), (rid, layer, sorted(seen))
+                for blk in seen:
+                    if blk * BS < n:  # blocks holding tokens before this step's
+                        phys = int(kv.tables_host[layer, row, blk])
+                        k = min(BS, n - blk * BS)
+                        want = torch.tensor([_value(layer, blk * BS + o) for o in range(k)])
+                        assert torch.equal(kv.pools[layer][phys, 0, 0, :k, 0], want), (rid, layer, blk)
+        for rid in rids:
+            _fill(kv, rid, lens[rid], 1)  # the forward writes the new token
+            lens[rid] += 1
+        kv.issue_deferred(tr)
+        kv.write_back(rids, tr)
+    assert stale_seen > 0 and sync_seen > 0  # both kinds of switch happened
+    for rid in rids:
+        kv.free_request(rid)
     assert kv.device_blocks_held() == 0 and kv.host_bytes_held() == 0

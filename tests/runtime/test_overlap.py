@@ -10,7 +10,7 @@ import torch
 from ucm_trt.config import Budget, KVStarConfig, SparseConfig
 from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend
 from ucm_trt.runtime.algorithms import make_policy, sparse_config_for
-from ucm_trt.sparse.policies import ESAPolicy, GSAPolicy
+from ucm_trt.sparse.policies import ESAPolicy, GSAPolicy, KVStarPolicy
 
 from .conftest import tiny_llama
 
@@ -93,17 +93,18 @@ def test_overlapped_schedule_equals_its_stale_by_one_model(algorithm, model):
     """Overlapped loads on the real policy == the synchronous engine on the stale-by-one model of
     it, token for token, with stale steps really happening (and the synchronous schedule on the
     plain policy differing from neither in the number of retrievals)."""
-    kw = {"kvstar": KVStarConfig(retrieval_stride=3)} if algorithm == "kvstar" else {}
+    args = {"config": KVStarConfig(retrieval_stride=3)} if algorithm == "kvstar" else {}
+    base = {"esa": ESAPolicy, "gsa": GSAPolicy, "kvstar": KVStarPolicy}[algorithm]
     prompts = [_prompt(300, 1), _prompt(230, 2)]
     rt = dict(max_batch=2, max_seq_len=1024, prefill_chunk=128, cache_blocks=0)
     sparse = _sparse(algorithm)
-    with Engine(TorchBackend(model, attention="reference"), make_policy(algorithm, **kw), sparse=sparse,
+    # the policy and its model are built alike (same class, same arguments): only the schedule differs
+    with Engine(TorchBackend(model, attention="reference"), base(**args), sparse=sparse,
                 config=RuntimeConfig(**rt, overlap_loads=True)) as eng:
         got = [r.token_ids for r in eng.generate(prompts, SamplingParams(max_new_tokens=24))]
         st = eng.stats()
         assert eng.kv.device_blocks_held() == 0
-    base = type(make_policy(algorithm, **kw))
-    ref_policy = _stale_by_one(base)(**({"config": kw["kvstar"]} if kw else {}))
+    ref_policy = _stale_by_one(base)(**args)
     with Engine(TorchBackend(model, attention="reference"), ref_policy, sparse=sparse,
                 config=RuntimeConfig(**rt, overlap_loads=False)) as eng:
         want = [r.token_ids for r in eng.generate(prompts, SamplingParams(max_new_tokens=24))]
@@ -120,7 +121,7 @@ def test_overlap_with_select_all_equals_synchronous_and_loads_nothing(model):
     prompts = [_prompt(300, 1), _prompt(170, 3)]
     out = {}
     for overlap in (False, True):
-        with Engine(TorchBackend(model, attention="reference"), make_policy("esa"), sparse=_sparse("esa", ratio=1.0),
+        with Engine(TorchBackend(model, attention="reference"), ESAPolicy(), sparse=_sparse("esa", ratio=1.0),
                     config=RuntimeConfig(max_batch=2, max_seq_len=1024, prefill_chunk=128, cache_blocks=0,
                                          overlap_loads=overlap)) as eng:
             out[overlap] = [r.token_ids for r in eng.generate(prompts, SamplingParams(max_new_tokens=16))]
@@ -186,7 +187,17 @@ def test_no_step_reads_a_block_before_the_copy_that_brought_it_is_waited_for(pol
     prompts = [_prompt(300, 1), _prompt(260, 2), _prompt(200, 4)]
     rt = RuntimeConfig(max_batch=3, max_seq_len=1024, prefill_chunk=128, cache_blocks=1, overlap_loads=True,
                        early_prefetch=early, num_device_blocks=26)
-    with Engine(TorchBackend(model, attention="reference"), policy_cls(), sparse=_sparse(algorithm, stride=4),
+    class Settled(policy_cls):
+        """Early prefetch only sees retrievals that finished by the plan (a race with the worker
+        threads); waiting for them first makes the run, and its early loads, deterministic."""
+
+        def prefetch(self, reqs):
+            for st in self._state.values():
+                if st.get("pending") is not None:
+                    st["pending"].ticket.future.exception()  # waits; a failure surfaces at collect
+            return super().prefetch(reqs)
+
+    with Engine(TorchBackend(model, attention="reference"), Settled(), sparse=_sparse(algorithm, stride=4),
                 config=rt) as eng:
         eng.kv.copy_log = []
         eng.generate(prompts, SamplingParams(max_new_tokens=20))
@@ -300,7 +311,7 @@ def test_index_guard_flag_is_read_at_the_steps_sync_and_stops_generation(model):
     from ucm_trt.kernels.attention import ATTENTION_GUARD_CODES, GUARD_BAD_BLOCK_TABLE
     from ucm_trt.kernels.guard import IndexGuard, IndexOutOfRangeError
 
-    eng = Engine(TorchBackend(model, attention="reference"), make_policy("esa"), sparse=_sparse("esa"),
+    eng = Engine(TorchBackend(model, attention="reference"), ESAPolicy(), sparse=_sparse("esa"),
                  config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128))
     assert eng.guard is None  # CPU: no Triton launches to guard
     eng.guard = IndexGuard("cpu", codes=ATTENTION_GUARD_CODES)

@@ -623,19 +623,25 @@ class Engine:
                         if any(x is not None for x in per_row) else None for per_row in sels))
         if self._sel_last is not None and key == self._sel_last[0]:
             return self._sel_last[2]  # the same selections as the last step: the device buffer holds them
+        prev = self._sel_last[0] if self._sel_last is not None and self._sel_last[0][0] == b else None
         out: list[int | None] = []
+        changed: dict[int, list[int]] = {}  # layer -> rows written (only those are checked)
         sh = self._sel_h
-        touched = False
         for layer, per_row in enumerate(sels):
             if all(s is None for s in per_row):
                 out.append(None)
                 continue
             width = 1
-            sh[layer, :b].fill_(-1)
+            lkey = key[1][layer]
+            pkey = None if prev is None else prev[1][layer]
+            rows = [r for r in range(b) if pkey is None or lkey[r] != pkey[r]]  # a row keeps its mirror otherwise
+            for row in rows:
+                sh[layer, row].fill_(-1)
             for row, s in enumerate(per_row):
                 if s is None:
                     nb = -(-new_lens[row] // bs)
-                    sh[layer, row, :, :nb] = self._arange[:nb]
+                    if row in rows:
+                        sh[layer, row, :, :nb] = self._arange[:nb]
                     width = max(width, nb)
                 else:
                     if s.dim() != 2 or s.shape[0] != h:
@@ -643,49 +649,56 @@ class Engine:
                             f"policy {self.policy.name!r}: layer {layer} row {row} selection must be [Hkv={h}, S], "
                             f"got shape {tuple(s.shape)}"
                         )
-                    sh[layer, row, :, : s.shape[1]] = s
+                    if row in rows:
+                        sh[layer, row, :, : s.shape[1]] = s
                     width = max(width, s.shape[1])
             cap = self._sel.shape[-1]
             out.append(min(cap, -(-width // SELECTION_WIDTH_BUCKET) * SELECTION_WIDTH_BUCKET))
-            touched = True
-        if touched:
-            self._check_selections(out, new_lens, b)
-            self._sel[:, :b].copy_(sh[:, :b], non_blocking=self._sel.device.type == "cuda")
+            if rows:
+                changed[layer] = rows
+        if changed:
+            self._check_selections(out, new_lens, b, changed)
+            w = max(x for x in out if x is not None)  # the kernels read [:b, :, :width] of each layer
+            self._sel[:, :b, :, :w].copy_(sh[:, :b, :, :w], non_blocking=self._sel.device.type == "cuda")
         views = [None if w is None else self._sel[layer, :b, :, :w] for layer, w in enumerate(out)]
         # the keyed tensors are kept alive so their ids cannot be reused by new tensors
         self._sel_last = (key, [x for per_row in sels for x in per_row], (views, tuple(out)))
         return self._sel_last[2]
 
-    def _check_selections(self, widths: list[int | None], new_lens: list[int], b: int) -> None:
+    def _check_selections(self, widths: list[int | None], new_lens: list[int], b: int,
+                          changed: dict[int, list[int]]) -> None:
         """The index checks of the kernels, on the host where the step's selections are built (once
         per change, numpy over the host mirrors; the launches then run without a sync): every row
         of every layer holds logical block ids in ``[0, blocks of its sequence)``, sorted strictly
         ascending, then ``-1`` padding, and each selected block is resident in that layer's block
-        table (not the null block)."""
+        table (not the null block). ``changed``: per layer, the rows written this step (the others
+        were checked when they were written and are unchanged)."""
         bs = self.sparse.block_size
-        nb = np.array([-(-n // bs) for n in new_lens], dtype=np.int64)[:, None, None]
+        nb_all = np.array([-(-n // bs) for n in new_lens], dtype=np.int64)
         tables = self.kv.tables_host.numpy()
-        for layer, w in enumerate(widths):
-            if w is None:
-                continue
-            x = self._sel_h[layer, :b, :, :w].numpy().astype(np.int64)  # [b, H, w]
+        for layer, rows in changed.items():
+            w = widths[layer]
+            idx = np.asarray(rows)
+            nb = nb_all[idx][:, None, None]
+            x = self._sel_h[layer, :b, :, :w].numpy()[idx].astype(np.int64)  # [rows, H, w]
             valid = x >= 0
             nv = valid.sum(-1, keepdims=True)
             bad = (x < -1) | (valid != (np.arange(w) < nv)) | (valid & (x >= nb))
             bad[..., 1:] |= valid[..., 1:] & (x[..., 1:] <= x[..., :-1])
-            safe = np.where(valid & ~bad, x, 0).reshape(b, -1)
-            phys = np.take_along_axis(tables[layer, :b].astype(np.int64), safe, axis=1).reshape(x.shape)
+            safe = np.where(valid & ~bad, x, 0).reshape(idx.size, -1)
+            phys = np.take_along_axis(tables[layer, idx].astype(np.int64), safe, axis=1).reshape(x.shape)
             not_resident = valid & ~bad & (phys == 0)
             if bad.any() or not_resident.any():
-                row, head, _ = (int(i[0]) for i in np.nonzero(bad | not_resident))
-                ids = x[row, head][x[row, head] != -1].tolist()
-                rule = ("is not resident in the layer's block table (internal: the plan must load every selected block)"
-                        if not bad[row, head].any() else
-                        f"must hold logical block ids in [0, {int(nb[row, 0, 0])}) sorted strictly ascending, "
-                        "then -1 padding")
+                i, head, _ = (int(j[0]) for j in np.nonzero(bad | not_resident))
+                row = int(idx[i])
+                ids = x[i, head][x[i, head] != -1].tolist()
+                rule = (f"must hold logical block ids in [0, {int(nb_all[row])}) sorted strictly ascending, "
+                        "then -1 padding" if bad[i, head].any() else
+                        "is not resident in the layer's block table (internal: the plan must load every selected block)")
+                rid = self._running[row] if row < len(self._running) else "?"
                 raise ValueError(
-                    f"policy {self.policy.name!r}: layer {layer} row {row} ({self._running[row] if row < len(self._running) else '?'}) "
-                    f"head {head} selection {ids[:16]}{' ...' if len(ids) > 16 else ''} {rule}"
+                    f"policy {self.policy.name!r}: layer {layer} row {row} ({rid}) head {head} selection "
+                    f"{ids[:16]}{' ...' if len(ids) > 16 else ''} {rule}"
                 )
 
     # ================================================================== sampling / finishing

@@ -216,7 +216,7 @@ class _Seq:
     few vector operations instead of a Python loop over its blocks."""
 
     __slots__ = ("rid", "seq_len", "host_ids", "table", "lru", "flushed", "last_want", "last_src", "last_geom",
-                 "last_counts", "vis", "stale", "version", "serial")
+                 "last_counts", "vis", "stale", "version", "serial", "layer_version", "planned_version")
 
     def __init__(self, rid: str, num_layers: int, max_blocks: int, serial: int = 0) -> None:
         self.rid = rid
@@ -237,6 +237,10 @@ class _Seq:
         self.vis: list[np.ndarray | None] = [None] * num_layers
         self.stale = [False] * num_layers
         self.version = 0  # bumped on every change of ``table`` (the engine re-uploads changed rows only)
+        # per layer: bumped on every change of that layer's table row, and its value when the
+        # layer's last plan ended (equal = nothing evicted or loaded since: the working set stands)
+        self.layer_version = [0] * num_layers
+        self.planned_version = [-1] * num_layers
 
     @property
     def resident(self) -> list[OrderedDict[int, int]]:
@@ -572,7 +576,7 @@ class KVManager:
         src = (want, extra)
         if (want is not None and last is not None and seq.last_src[layer] is not None and not seq.stale[layer]
                 and src[0] is seq.last_src[layer][0] and src[1] is seq.last_src[layer][1]
-                and geom == seq.last_geom[layer] and (tbl[: last.size][last] != NULL_BLOCK).all()):
+                and geom == seq.last_geom[layer] and seq.layer_version[layer] == seq.planned_version[layer]):
             # the very objects of the last plan (the engine reuses them while the policy's
             # selections are unchanged) at the same block geometry: the same working set, resident
             self._step_want[(seq.rid, layer)] = last
@@ -634,6 +638,7 @@ class KVManager:
             # the working set of this layer's previous step (between retrievals), all still
             # resident and already last in LRU order: nothing to evict, load or reorder
             self._note_wait(layer, tbl[np.flatnonzero(vis)])
+            seq.planned_version[layer] = seq.layer_version[layer]
             return stale
         seq.last_want[layer] = mask
         # evict spare blocks (resident, not wanted) beyond the cache, least recently used first
@@ -646,6 +651,7 @@ class KVManager:
         missing = wanted[tbl[wanted] == NULL_BLOCK]
         if missing.size:
             seq.version += 1
+            seq.layer_version[layer] += 1
             now = missing[~np.isin(missing, early_blocks)] if early_blocks.size else missing
             if stale:
                 # the new selection's blocks load beside this step (issue_deferred); only the
@@ -681,6 +687,7 @@ class KVManager:
         if new_nb > old_nb:
             self._wait_fresh(layer, tbl[old_nb:new_nb])
         self._note_wait(layer, tbl[np.flatnonzero(vis)])
+        seq.planned_version[layer] = seq.layer_version[layer]
         if stale:
             # kept for _unstale: pool pressure from a later row may turn this switch synchronous
             self._stale_entries[layer].append((seq, row, dentry, np.flatnonzero(vis[:old_nb] & ~need[:old_nb]),
@@ -767,6 +774,7 @@ class KVManager:
         self.allocators[layer].free_array(tbl[blocks].astype(np.int64))
         tbl[blocks] = NULL_BLOCK
         seq.version += 1
+        seq.layer_version[layer] += 1
 
     def _evict_under_pressure(self, layer: int, n: int) -> None:
         # Drop ``n`` cached blocks (written back, not needed by any row planned so far in this

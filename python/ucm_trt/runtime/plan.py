@@ -49,7 +49,8 @@ class RuntimeConfig:
         Off by default: on an H200 it left ESA's mean step unchanged and made its typical step
         slower (the copy kernel shares the SMs with the step it overlaps), GSA 5 % faster. With
         ``overlap_loads``, blocks that arrived early let a new selection become visible at its
-        scheduled step instead of one step late (so tokens may differ from a run without it).
+        scheduled step instead of one step late; whether they arrived depends on when the
+        retrieval thread finished, so with both on the tokens are not reproducible run to run.
     overlap_loads:
         Offload policies: the overlapped (stale-by-one) schedule. When a new selection needs
         blocks that are not resident, the step attends with the layer's previous selection
