@@ -64,7 +64,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from ucm_trt.config import Budget, GSAOnDeviceConfig, KVStarConfig, SparseConfig  # noqa: E402
+from ucm_trt.config import Budget, DenseLayers, GSAOnDeviceConfig, KVStarConfig, SparseConfig  # noqa: E402
 from ucm_trt.runtime import Engine, PoolExhaustedError, RuntimeConfig, SamplingParams  # noqa: E402
 from ucm_trt.runtime.algorithms import make_policy, sparse_config_for  # noqa: E402
 from ucm_trt.runtime.backends.base import Backend  # noqa: E402
@@ -441,6 +441,11 @@ def make_engine(model, name: str, plan: CapacityPlan, settings: Settings, *, max
     if algorithm == "gsa-on-device":
         kw["gsa_on_device"] = GSAOnDeviceConfig(top_k_tokens=max(8 * bs, int(plan.context_len * settings.ratio)),
                                                 seq_len_threshold=0)
+    if algorithm != "dense":
+        # every layer sparse: on random weights every layer's attention is diffuse, so the automatic
+        # dense-layer detection (the default preset's) would run them all dense; a speed benchmark of the
+        # sparse path fixes the layer set instead (a real model adds its detected layers' full KV)
+        kw["dense_layers"] = DenseLayers()
     policy = make_policy(algorithm, **kw)
     pool = plan.pool_blocks[name]
     chunk = min(settings.fill_chunk, plan.context_len)

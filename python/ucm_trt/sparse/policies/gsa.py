@@ -98,8 +98,8 @@ class GSAPolicy(OffloadPolicy):
         0), ``q [L, Hq, D]`` -> ``[L, Hkv, S]``."""
         scores = torch.zeros(self.shape.num_layers, self.shape.num_kv_heads, nb, device=reps.device)
         if reps.shape[-1]:
-            score = host_vote_scores if self.vote else batched_dot_scores
-            scores[..., : reps.shape[-1]] = score(q.to(reps.device), reps)
+            qd = q.to(reps.device)
+            scores[..., : reps.shape[-1]] = host_vote_scores(reps, qd) if self.vote else batched_dot_scores(qd, reps)
         if self.adaptive is not None:
             return self._adaptive_select(scores, nb, self._full_block_lens(nb), extra=self.prefetch_blocks)
         return select_batched(scores, nb, self.sparse, "dot", self.shape.num_kv_heads, extra=self.prefetch_blocks)
