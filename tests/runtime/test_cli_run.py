@@ -250,3 +250,19 @@ def test_blend_chunk_file_must_be_utf8(tiny_dir, tmp_path, capsys):
                  "--chunk-file", str(bad)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
     assert len(err) == 1 and err[0].startswith(f"ucm-trt run: error: --chunk-file {str(bad)!r} is not UTF-8 text ("), err
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--max-seq-len", "4"], "leaves no room to generate within --max-seq-len (4)"),
+        (["--device-blocks", "1", "--algorithm", "esa"], "--device-blocks must be >= 2, got 1"),
+        (["--algorithm", "gsa-on-device", "--rollback-layers", "7"], "--rollback-layers names layer 7, but the model has"),
+    ],
+)
+def test_runtime_errors_name_the_flag(tiny_dir, capsys, argv, msg):
+    """Settings the runtime refuses (issue 17: they named RuntimeConfig / GSAOnDeviceConfig fields)."""
+    assert main(["run", "--prompt", "hello there my friend", "--model", str(tiny_dir), "--max-new-tokens", "2",
+                 *argv]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("Loading")]
+    assert len(err) == 1 and err[0].startswith("ucm-trt run: error: ") and msg in err[0], err
