@@ -220,7 +220,7 @@ def test_blend_chunk_files_padding_and_fallback(tiny_dir, tmp_path, capsys):
          "--compare-full compares greedy outputs and needs --temperature 0, got 0.7"),
         (["--chunk-file", "/nonexistent/doc.txt"], "--chunk-file '/nonexistent/doc.txt' does not exist"),
         (["--chunk", ""], "--chunk number 3 is empty; every chunk needs text"),
-        (["--prefill-chunk", "64"], "exceed RuntimeConfig.prefill_chunk (64)"),
+        (["--prefill-chunk", "64"], "exceed --prefill-chunk (64)"),
     ],
 )
 def test_blend_bad_arguments_are_one_line_errors(extra, msg, tiny_dir, capsys):
