@@ -88,7 +88,8 @@ class ESAPolicy(OffloadPolicy):
 
     def _select_all(self, reps: torch.Tensor, nbp: int, q: torch.Tensor) -> torch.Tensor:
         """Every layer at once: ``reps [L, Hkv, D, nbp]``, ``q [L, Hq, D]`` -> ``[L, Hkv, S]``."""
-        scores = (host_vote_scores if self.vote else batched_dot_scores)(q.to(reps.device), reps)  # [L, Hkv, nbp]
+        q = q.to(reps.device)  # host_vote_scores takes (reps, q), batched_dot_scores (q, reps)
+        scores = host_vote_scores(reps, q) if self.vote else batched_dot_scores(q, reps)  # [L, Hkv, nbp]
         if self.adaptive is not None:
             return self._adaptive_select(scores, nbp, self._full_block_lens(nbp))
         return select_batched(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)

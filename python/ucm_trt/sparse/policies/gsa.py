@@ -98,8 +98,8 @@ class GSAPolicy(OffloadPolicy):
         0), ``q [L, Hq, D]`` -> ``[L, Hkv, S]``."""
         scores = torch.zeros(self.shape.num_layers, self.shape.num_kv_heads, nb, device=reps.device)
         if reps.shape[-1]:
-            score = host_vote_scores if self.vote else batched_dot_scores
-            scores[..., : reps.shape[-1]] = score(q.to(reps.device), reps)
+            q = q.to(reps.device)  # host_vote_scores takes (reps, q), batched_dot_scores (q, reps)
+            scores[..., : reps.shape[-1]] = host_vote_scores(reps, q) if self.vote else batched_dot_scores(q, reps)
         if self.adaptive is not None:
             return self._adaptive_select(scores, nb, self._full_block_lens(nb), extra=self.prefetch_blocks)
         return select_batched(scores, nb, self.sparse, "dot", self.shape.num_kv_heads, extra=self.prefetch_blocks)
