@@ -44,6 +44,7 @@ def test_demo_runs_and_reports_every_layer(capsys):
     [
         ["--tokens", "100"],
         ["--block-size", "48"],
+        ["--block-size", "8"],
         ["--ratios", "0"],
         ["--queries", "0"],
         ["--diffuse-below", "2"],

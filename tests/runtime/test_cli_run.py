@@ -220,7 +220,7 @@ def test_blend_chunk_files_padding_and_fallback(tiny_dir, tmp_path, capsys):
          "--compare-full compares greedy outputs and needs --temperature 0, got 0.7"),
         (["--chunk-file", "/nonexistent/doc.txt"], "--chunk-file '/nonexistent/doc.txt' does not exist"),
         (["--chunk", ""], "--chunk number 3 is empty; every chunk needs text"),
-        (["--prefill-chunk", "64"], "exceed RuntimeConfig.prefill_chunk (64)"),
+        (["--prefill-chunk", "64"], "exceed --prefill-chunk (64)"),
     ],
 )
 def test_blend_bad_arguments_are_one_line_errors(extra, msg, tiny_dir, capsys):
@@ -250,3 +250,19 @@ def test_blend_chunk_file_must_be_utf8(tiny_dir, tmp_path, capsys):
                  "--chunk-file", str(bad)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
     assert len(err) == 1 and err[0].startswith(f"ucm-trt run: error: --chunk-file {str(bad)!r} is not UTF-8 text ("), err
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--max-seq-len", "4"], "leaves no room to generate within --max-seq-len (4)"),
+        (["--device-blocks", "1", "--algorithm", "esa"], "--device-blocks must be >= 2, got 1"),
+        (["--algorithm", "gsa-on-device", "--rollback-layers", "7"], "--rollback-layers names layer 7, but the model has"),
+    ],
+)
+def test_runtime_errors_name_the_flag(tiny_dir, capsys, argv, msg):
+    """Settings the runtime refuses (issue 17: they named RuntimeConfig / GSAOnDeviceConfig fields)."""
+    assert main(["run", "--prompt", "hello there my friend", "--model", str(tiny_dir), "--max-new-tokens", "2",
+                 *argv]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("Loading")]
+    assert len(err) == 1 and err[0].startswith("ucm-trt run: error: ") and msg in err[0], err

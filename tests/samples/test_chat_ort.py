@@ -66,7 +66,7 @@ def test_block_size_must_match_the_graph(tiny_rewritten):
     assert app.run(args, stdin=io.StringIO(""), stdout=out, stderr=err) == 2
     line = err.getvalue().strip()
     assert "\n" not in line and line.startswith("ucm-trt chat: error: ")
-    assert "block_size (32) must equal the block size the backend's model was built for (16)" in line
+    assert f"--block-size 32 differs from the block size of --onnx {str(onnx_path)!r} (16)" in line
 
 
 def test_passkey_side_by_side_on_onnx_runtime(tiny_rewritten):

@@ -443,6 +443,10 @@ def run(args: argparse.Namespace, *, stdin: TextIO | None = None, stdout: TextIO
         backend, tok, label = _open_backend(args, kind)
         if backend.block_size is not None and args.block_size is None:
             settings = dataclasses.replace(settings, block_size=backend.block_size)
+        elif backend.block_size is not None and args.block_size != backend.block_size:
+            what = f"--onnx {args.onnx!r}" if kind == "ort" else f"--engine {args.engine!r}"
+            raise ValueError(f"--block-size {args.block_size} differs from the block size of {what} "
+                             f"({backend.block_size}); drop --block-size to use the model's")
         from ucm_trt.chat.session import ChatSession
 
         session = ChatSession(backend, tok, settings=settings, backend_label=label)

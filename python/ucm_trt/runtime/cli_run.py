@@ -251,7 +251,7 @@ def check_args(args, *, create_dirs: bool = True) -> str:
     ):
         ca.int_at_least(flag, value, minimum)
     for flag, value, minimum in (("--max-seq-len", args.max_seq_len, 1), ("--prefill-chunk", args.prefill_chunk, 1),
-                                 ("--device-blocks", args.device_blocks, 1), ("--threads", args.threads, 1),
+                                 ("--device-blocks", args.device_blocks, 2), ("--threads", args.threads, 1),
                                  ("--seed", args.seed, 0)):
         if value is not None:
             ca.int_at_least(flag, value, minimum)
@@ -361,7 +361,39 @@ def _print_stats(stats: dict, prefix: str = "") -> None:
         print(f"{prefix}{k}: {v}")
 
 
+# Config fields the runtime names in its errors -> the flags that set them (``ucm-trt run`` reports flags).
+_FIELD_FLAGS = (
+    ("RuntimeConfig.max_seq_len", "--max-seq-len"), ("RuntimeConfig.num_device_blocks", "--device-blocks"),
+    ("RuntimeConfig.prefill_chunk", "--prefill-chunk"), ("RuntimeConfig.cache_blocks", "--cache-blocks"),
+    ("RuntimeConfig.retrieval_threads", "--retrieval-threads"), ("SparseConfig.block_size", "--block-size"),
+    ("SparseConfig.sink_blocks", "--sink-blocks"), ("SparseConfig.local_blocks", "--local-blocks"),
+    ("SparseConfig.min_blocks", "--min-blocks"), ("SparseConfig.retrieval_stride", "--stride"),
+    ("Budget.value", "--ratio"), ("KVStarConfig.retrieval_stride", "--kvstar-stride"),
+    ("GSAOnDeviceConfig.top_k_tokens", "--top-k-tokens"), ("GSAOnDeviceConfig.seq_len_threshold", "--seq-len-threshold"),
+    ("GSAOnDeviceConfig names layer", "--rollback-layers names layer"),
+    ("ReRoPEConfig.window", "--rerope-window"), ("ReRoPEConfig.training_length", "--rerope-training-length"),
+    ("SamplingParams.temperature", "--temperature"), ("SamplingParams.top_p", "--top-p"),
+    ("SamplingParams.seed", "--seed"), ("SamplingParams.max_new_tokens", "--max-new-tokens"),
+)
+
+
+def _flag_words(message: str) -> str:
+    for field, flag in _FIELD_FLAGS:
+        message = message.replace(field, flag)
+    return message
+
+
 def run_command(args) -> int:
+    """``ucm-trt run``; an error the runtime raises about a setting names the flag that set it."""
+    try:
+        return _run_command(args)
+    except ValueError as exc:
+        raise ValueError(_flag_words(str(exc))) from None
+    except TypeError as exc:
+        raise TypeError(_flag_words(str(exc))) from None
+
+
+def _run_command(args) -> int:
     text = check_args(args)
     import torch
 
