@@ -69,7 +69,7 @@ class GSAPolicy(OffloadPolicy):
         kv = self.rt.kv
         blocks = list(range(store.num_blocks, full))
         lens = torch.full((len(blocks),), bs, dtype=torch.int32, device=kv.layout.device)
-        store.append(torch.stack([block_mean(kv.gather_keys(rid, layer, blocks), lens)
+        store.append(torch.stack([block_mean(kv.gather_keys(rid, layer, blocks), lens).to(store.device)
                                   for layer in range(self.shape.num_layers)]))
 
     def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
