@@ -251,8 +251,10 @@ def test_query_drift_controls_turnover(algorithm, tiny_model_for_retrieval):
     model = _run(tiny_model_for_retrieval, algorithm, RetrievalConfig(), stride=2, steps=30)
     for stats in (frozen[2], fresh[2], model[2]):
         assert stats["retrievals"] >= 8 and 0.0 <= stats["topk_turnover"] <= 1.0
-    # frozen: only the switch from the prefill query to the first drift query changes blocks
-    # (and, for GSA, decode blocks that fill and become candidates)
+    # frozen: the drift starts at the prefill retrieval's query, so ESA never changes a block; GSA's
+    # decode blocks fill and become candidates, KVStar's prefill vote used a window of prompt queries
+    if algorithm == "esa":
+        assert frozen[2]["topk_turnover"] == 0.0 and frozen[2]["selection_turnover"] == 0.0, frozen[2]
     assert frozen[2]["topk_turnover"] < 0.15, frozen[2]
     assert fresh[2]["topk_turnover"] > 0.4, fresh[2]
     assert frozen[2]["query_drift_persistence"] == 1.0 and model[2]["query_drift_persistence"] is None
@@ -265,7 +267,7 @@ def test_query_drift_target_turnover_is_calibrated_once_and_reached(tiny_model_f
                        RetrievalConfig(query_drift=QueryDrift(target_turnover=0.3)), stride=2, steps=40)
     assert 0.0 < stats["query_drift_persistence"] < 1.0
     assert abs(stats["query_drift_calibrated_turnover"] - 0.3) <= 0.05
-    assert abs(stats["topk_turnover"] - 0.3) <= 0.2, stats
+    assert abs(stats["topk_turnover"] - 0.3) <= 0.15, stats
 
 
 def test_query_drift_target_needs_mean_representations(tiny_model_for_retrieval):

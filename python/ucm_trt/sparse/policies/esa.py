@@ -78,6 +78,7 @@ class ESAPolicy(OffloadPolicy):
                                   for layer in range(shape.num_layers)]))
         st["store"] = store
         q_last = torch.stack([q[:, -1] for q in queries])  # [L, Hq, D], a copy
+        self._start_drift(req.rid, st, q_last)  # RetrievalConfig.query_drift only
         self._collect(st, self._submit(req.rid, 0, nbp, self._task(store, nbp, q_last)))
 
     def _task(self, store: BlockRepStore, nbp: int, q: torch.Tensor):

@@ -80,6 +80,7 @@ class GSAPolicy(OffloadPolicy):
         self._decide_dense_layers(req, queries)
         self._update_reps(req.rid, st, req.prompt_len)
         q_last = torch.stack([q[:, -1] for q in queries])  # [L, Hq, D], a copy
+        self._start_drift(req.rid, st, q_last)  # RetrievalConfig.query_drift only
         self._collect(st, self._retrieve(req.rid, st, nb, q_last, 0))
 
     def _retrieve(self, rid: str, st: dict, nb: int, q: torch.Tensor, step: int):
