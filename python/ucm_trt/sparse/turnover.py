@@ -17,7 +17,8 @@ so every retrieval replaces most of its top-k blocks (about ``1 - ratio``), whic
 does (SmolLM2: ``benchmarks/results/runtime/turnover_smollm2_*.json``). :class:`QueryDrift`
 replaces the retrieval queries of an offload policy (an explicit option,
 ``RetrievalConfig(query_drift=QueryDrift(...))``; the model's own forward is untouched) by a
-first-order autoregressive drift that starts at the model's real query::
+first-order autoregressive drift that starts at the model's real query (offload policies: the
+query of the request's prefill retrieval, decode step 0)::
 
     u_s0 = q_s0 / |q_s0|                                   per layer and query head
     u_s  = a * u_(s-1) + sqrt(1 - a^2) * n_s,  n_s ~ N(0, I_D / D)      each decode step s

@@ -75,7 +75,7 @@ class RetrievalConfig:
         computed in float32 from the rounded values, so selections can differ where scores are close).
     query_drift:
         ``None``: the model's queries. A :class:`~ucm_trt.sparse.turnover.QueryDrift`: synthetic
-        drifting queries (started at the model's query), for benchmarks that need a given turnover.
+        drifting queries (started at the prefill retrieval's query), for benchmarks that need a given turnover.
     """
 
     representations: str = "host"
