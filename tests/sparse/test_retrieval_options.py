@@ -381,3 +381,24 @@ def test_turnover_counts_equal_the_set_based_reference():
     empty = torch.zeros(3, 0, dtype=torch.int32)
     sel = torch.tensor([[0, 5, 9], [1, 2, -1], [-1, -1, -1]], dtype=torch.int32)
     assert turnover_counts(empty, 12, sel, 12, sp) == (5, 5, 4, 4)  # top-k part: ids in [1, 10)
+
+
+def test_calibration_turnover_matches_a_plain_resimulation():
+    """The turnover calibrate_persistence reports at its a equals re-running its streams with the
+    public pieces (QueryDrift, batched_dot_scores, select_batched) one stream at a time."""
+    reps, q0 = _reps_and_query(seed=4)
+    sp = SparseConfig(block_size=32, budget=Budget.ratio(0.25), retrieval_stride=3)
+    a, t = calibrate_persistence(0.2, reps, q0, sp, retrievals=10, streams=3, seed=7, tol=0.01)
+    nb, hkv = reps.shape[-1], reps.shape[1]
+    changed = selected = 0
+    for k in range(3):
+        dq = QueryDrift(persistence=a, seed=7).start(f"calibration-{k}", 0, q0)
+        prev = None
+        for i in range(11):
+            sel = topk_part(select_batched(batched_dot_scores(dq.at(3 * i), reps), nb, sp, "dot", hkv), nb, sp)
+            if prev is not None:
+                c, n = selection_turnover(prev, sel)
+                changed, selected = changed + int(c.sum()), selected + int(n.sum())
+            prev = sel
+    assert changed / selected == pytest.approx(t, abs=0.01)
+    assert abs(t - 0.2) <= 0.01
