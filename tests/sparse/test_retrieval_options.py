@@ -232,12 +232,16 @@ def test_device_representations_select_like_host_on_cpu(algorithm, tiny_model_fo
     assert dev[2]["representation_bytes_peak"] == host[2]["representation_bytes_peak"] == 2 * 2 * 16 * blocks * 4
 
 
-def test_half_precision_representations_run_and_mostly_agree(tiny_model_for_retrieval):
+def test_half_precision_representations_halve_the_store(tiny_model_for_retrieval):
+    """bf16 storage runs end to end with half the representation bytes; its selections are those of
+    the rounded representations (checked exactly at the function level in
+    test_batched_dot_scores_half_store_upcasts), so no equality with float32 is asked here."""
     host = _run(tiny_model_for_retrieval, "esa", RetrievalConfig())
     half = _run(tiny_model_for_retrieval, "esa", RetrievalConfig(rep_dtype=torch.bfloat16))
-    assert len(half[0]) == len(host[0])
-    same = sum(torch.equal(a, b) for a, b in zip(host[1], half[1], strict=True))
-    assert same >= len(host[1]) // 2  # bf16 rounding may move a block at the budget's edge, not most
+    assert len(half[0]) == len(host[0]) and half[2]["retrievals"] == host[2]["retrievals"]
+    assert 2 * half[2]["representation_bytes_peak"] == host[2]["representation_bytes_peak"] > 0
+    for sel in half[1]:
+        assert sel.dtype == torch.int32 and bool((sel[sel >= 0] < 19).all())  # prompt blocks only
 
 
 @pytest.mark.parametrize("algorithm", ["esa", "gsa", "kvstar"])
