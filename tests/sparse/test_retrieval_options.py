@@ -184,7 +184,7 @@ def _recording(policy_cls):
     return Recording
 
 
-def _run(model, algorithm, retrieval, *, stride=2, steps=24, prompt_len=300):
+def _run(model, algorithm, retrieval, *, stride=2, steps=24, prompt_len=300, vote=False):
     """Greedy tokens, every collected selection (one per retrieval, in order) and the policy stats."""
     from ucm_trt.config import KVStarConfig
     from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend
@@ -198,7 +198,7 @@ def _run(model, algorithm, retrieval, *, stride=2, steps=24, prompt_len=300):
     if algorithm == "kvstar":
         policy = _recording(KVStarPolicy)(KVStarConfig(retrieval_stride=stride), retrieval=retrieval)
     else:
-        policy = _recording({"esa": ESAPolicy, "gsa": GSAPolicy}[algorithm])(retrieval=retrieval)
+        policy = _recording({"esa": ESAPolicy, "gsa": GSAPolicy}[algorithm])(retrieval=retrieval, vote=vote)
     policy.collected = []
     with Engine(TorchBackend(model, attention="reference"), policy, sparse=sparse,
                 # the synchronous schedule: these tests compare representation paths retrieval by retrieval; under
@@ -216,12 +216,14 @@ def tiny_model_for_retrieval():
     return _tiny()
 
 
+@pytest.mark.parametrize("vote", [False, True])
 @pytest.mark.parametrize("algorithm", ["esa", "gsa"])
-def test_device_representations_select_like_host_on_cpu(algorithm, tiny_model_for_retrieval):
+def test_device_representations_select_like_host_on_cpu(algorithm, vote, tiny_model_for_retrieval):
     """representations='device' (here the device is the CPU: the same code path without CUDA)
-    gives the host path's selections at every step and the same tokens."""
-    host = _run(tiny_model_for_retrieval, algorithm, RetrievalConfig())
-    dev = _run(tiny_model_for_retrieval, algorithm, RetrievalConfig(representations="device"))
+    gives the host path's selections at every step and the same tokens (dot scores and the
+    per-head vote, make_policy's default)."""
+    host = _run(tiny_model_for_retrieval, algorithm, RetrievalConfig(), vote=vote)
+    dev = _run(tiny_model_for_retrieval, algorithm, RetrievalConfig(representations="device"), vote=vote)
     assert host[0] == dev[0]
     assert len(host[1]) == len(dev[1]) > 0
     for a, b in zip(host[1], dev[1], strict=True):
