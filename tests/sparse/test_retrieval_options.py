@@ -184,7 +184,7 @@ def _recording(policy_cls):
     return Recording
 
 
-def _run(model, algorithm, retrieval, *, stride=2, steps=24, prompt_len=300):
+def _run(model, algorithm, retrieval, *, stride=2, steps=24, prompt_len=300, vote=False):
     """Greedy tokens, every collected selection (one per retrieval, in order) and the policy stats."""
     from ucm_trt.config import KVStarConfig
     from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend
@@ -198,7 +198,7 @@ def _run(model, algorithm, retrieval, *, stride=2, steps=24, prompt_len=300):
     if algorithm == "kvstar":
         policy = _recording(KVStarPolicy)(KVStarConfig(retrieval_stride=stride), retrieval=retrieval)
     else:
-        policy = _recording({"esa": ESAPolicy, "gsa": GSAPolicy}[algorithm])(retrieval=retrieval)
+        policy = _recording({"esa": ESAPolicy, "gsa": GSAPolicy}[algorithm])(retrieval=retrieval, vote=vote)
     policy.collected = []
     with Engine(TorchBackend(model, attention="reference"), policy, sparse=sparse,
                 # the synchronous schedule: these tests compare representation paths retrieval by retrieval; under
@@ -216,12 +216,14 @@ def tiny_model_for_retrieval():
     return _tiny()
 
 
+@pytest.mark.parametrize("vote", [False, True])
 @pytest.mark.parametrize("algorithm", ["esa", "gsa"])
-def test_device_representations_select_like_host_on_cpu(algorithm, tiny_model_for_retrieval):
+def test_device_representations_select_like_host_on_cpu(algorithm, vote, tiny_model_for_retrieval):
     """representations='device' (here the device is the CPU: the same code path without CUDA)
-    gives the host path's selections at every step and the same tokens."""
-    host = _run(tiny_model_for_retrieval, algorithm, RetrievalConfig())
-    dev = _run(tiny_model_for_retrieval, algorithm, RetrievalConfig(representations="device"))
+    gives the host path's selections at every step and the same tokens (dot scores and the
+    per-head vote, make_policy's default)."""
+    host = _run(tiny_model_for_retrieval, algorithm, RetrievalConfig(), vote=vote)
+    dev = _run(tiny_model_for_retrieval, algorithm, RetrievalConfig(representations="device"), vote=vote)
     assert host[0] == dev[0]
     assert len(host[1]) == len(dev[1]) > 0
     for a, b in zip(host[1], dev[1], strict=True):
@@ -232,12 +234,16 @@ def test_device_representations_select_like_host_on_cpu(algorithm, tiny_model_fo
     assert dev[2]["representation_bytes_peak"] == host[2]["representation_bytes_peak"] == 2 * 2 * 16 * blocks * 4
 
 
-def test_half_precision_representations_run_and_mostly_agree(tiny_model_for_retrieval):
+def test_half_precision_representations_halve_the_store(tiny_model_for_retrieval):
+    """bf16 storage runs end to end with half the representation bytes; its selections are those of
+    the rounded representations (checked exactly at the function level in
+    test_batched_dot_scores_half_store_upcasts), so no equality with float32 is asked here."""
     host = _run(tiny_model_for_retrieval, "esa", RetrievalConfig())
     half = _run(tiny_model_for_retrieval, "esa", RetrievalConfig(rep_dtype=torch.bfloat16))
-    assert len(half[0]) == len(host[0])
-    same = sum(torch.equal(a, b) for a, b in zip(host[1], half[1], strict=True))
-    assert same >= len(host[1]) // 2  # bf16 rounding may move a block at the budget's edge, not most
+    assert len(half[0]) == len(host[0]) and half[2]["retrievals"] == host[2]["retrievals"]
+    assert 2 * half[2]["representation_bytes_peak"] == host[2]["representation_bytes_peak"] > 0
+    for sel in half[1]:
+        assert sel.dtype == torch.int32 and bool((sel[sel >= 0] < 19).all())  # prompt blocks only
 
 
 @pytest.mark.parametrize("algorithm", ["esa", "gsa", "kvstar"])
@@ -251,8 +257,10 @@ def test_query_drift_controls_turnover(algorithm, tiny_model_for_retrieval):
     model = _run(tiny_model_for_retrieval, algorithm, RetrievalConfig(), stride=2, steps=30)
     for stats in (frozen[2], fresh[2], model[2]):
         assert stats["retrievals"] >= 8 and 0.0 <= stats["topk_turnover"] <= 1.0
-    # frozen: only the switch from the prefill query to the first drift query changes blocks
-    # (and, for GSA, decode blocks that fill and become candidates)
+    # frozen: the drift starts at the prefill retrieval's query, so ESA never changes a block; GSA's
+    # decode blocks fill and become candidates, KVStar's prefill vote used a window of prompt queries
+    if algorithm == "esa":
+        assert frozen[2]["topk_turnover"] == 0.0 and frozen[2]["selection_turnover"] == 0.0, frozen[2]
     assert frozen[2]["topk_turnover"] < 0.15, frozen[2]
     assert fresh[2]["topk_turnover"] > 0.4, fresh[2]
     assert frozen[2]["query_drift_persistence"] == 1.0 and model[2]["query_drift_persistence"] is None
@@ -265,7 +273,7 @@ def test_query_drift_target_turnover_is_calibrated_once_and_reached(tiny_model_f
                        RetrievalConfig(query_drift=QueryDrift(target_turnover=0.3)), stride=2, steps=40)
     assert 0.0 < stats["query_drift_persistence"] < 1.0
     assert abs(stats["query_drift_calibrated_turnover"] - 0.3) <= 0.05
-    assert abs(stats["topk_turnover"] - 0.3) <= 0.2, stats
+    assert abs(stats["topk_turnover"] - 0.3) <= 0.15, stats
 
 
 def test_query_drift_target_needs_mean_representations(tiny_model_for_retrieval):
@@ -379,3 +387,24 @@ def test_turnover_counts_equal_the_set_based_reference():
     empty = torch.zeros(3, 0, dtype=torch.int32)
     sel = torch.tensor([[0, 5, 9], [1, 2, -1], [-1, -1, -1]], dtype=torch.int32)
     assert turnover_counts(empty, 12, sel, 12, sp) == (5, 5, 4, 4)  # top-k part: ids in [1, 10)
+
+
+def test_calibration_turnover_matches_a_plain_resimulation():
+    """The turnover calibrate_persistence reports at its a equals re-running its streams with the
+    public pieces (QueryDrift, batched_dot_scores, select_batched) one stream at a time."""
+    reps, q0 = _reps_and_query(seed=4)
+    sp = SparseConfig(block_size=32, budget=Budget.ratio(0.25), retrieval_stride=3)
+    a, t = calibrate_persistence(0.2, reps, q0, sp, retrievals=10, streams=3, seed=7, tol=0.01)
+    nb, hkv = reps.shape[-1], reps.shape[1]
+    changed = selected = 0
+    for k in range(3):
+        dq = QueryDrift(persistence=a, seed=7).start(f"calibration-{k}", 0, q0)
+        prev = None
+        for i in range(11):
+            sel = topk_part(select_batched(batched_dot_scores(dq.at(3 * i), reps), nb, sp, "dot", hkv), nb, sp)
+            if prev is not None:
+                c, n = selection_turnover(prev, sel)
+                changed, selected = changed + int(c.sum()), selected + int(n.sum())
+            prev = sel
+    assert changed / selected == pytest.approx(t, abs=0.01)
+    assert abs(t - 0.2) <= 0.01

@@ -75,7 +75,7 @@ class RetrievalConfig:
         computed in float32 from the rounded values, so selections can differ where scores are close).
     query_drift:
         ``None``: the model's queries. A :class:`~ucm_trt.sparse.turnover.QueryDrift`: synthetic
-        drifting queries (started at the model's query), for benchmarks that need a given turnover.
+        drifting queries (started at the prefill retrieval's query), for benchmarks that need a given turnover.
     """
 
     representations: str = "host"
@@ -331,21 +331,30 @@ class OffloadPolicy(Policy):
     def _step_queries(self, queries: list[torch.Tensor], row: int, req: RequestView) -> torch.Tensor:
         """The retrieval query ``[L, Hq, D]`` of ``req``'s decode step: the model's (a copy), or the
         request's :class:`~ucm_trt.sparse.turnover.QueryDrift` query when configured (started at the
-        model's query the first time it is asked)."""
+        prefill retrieval's query by :meth:`_start_drift`)."""
         q = self._row_queries(queries, row)
         drift = self.retrieval.query_drift
         if drift is None:
             return q
         st = self._state[req.rid]
-        dq = st.get("drift")
-        if dq is None:
-            a = None
-            if drift.target_turnover is not None:
-                if self.drift_persistence is None:
-                    self._calibrate_drift(st, q)
-                a = self.drift_persistence
-            dq = st["drift"] = drift.start(req.rid, req.step, q, persistence=a)
-        return dq.at(req.step)
+        if st.get("drift") is None:  # a policy that did not start it at prefill end: start here
+            self._start_drift(req.rid, st, q, req.step)
+        return st["drift"].at(req.step)
+
+    def _start_drift(self, rid: str, st: dict, q: torch.Tensor, step: int = 0) -> None:
+        """Start the request's :class:`~ucm_trt.sparse.turnover.QueryDrift` query at ``q [L, Hq, D]``:
+        the query of its prefill retrieval (``step`` 0), so the first decode retrieval already differs
+        from the prefill's by the drift alone (calibrating ``a`` first when a target is set). No-op
+        without ``query_drift``."""
+        drift = self.retrieval.query_drift
+        if drift is None:
+            return
+        a = None
+        if drift.target_turnover is not None:
+            if self.drift_persistence is None:
+                self._calibrate_drift(st, q)
+            a = self.drift_persistence
+        st["drift"] = drift.start(rid, step, q, persistence=a)
 
     def _calibrate_drift(self, st: dict, q: torch.Tensor) -> None:
         """Find the drift persistence of ``QueryDrift.target_turnover`` on this request's prompt

@@ -73,10 +73,12 @@ class ESAPolicy(OffloadPolicy):
         lens = block_lens_from_seq_lens(torch.tensor(req.prompt_len), nbp, self.sparse.block_size)
         lens = lens.to(kv.layout.device)
         store = self._new_rep_store(nbp)
-        store.append(torch.stack([block_mean(kv.gather_keys(req.rid, layer, list(range(nbp))), lens)
+        # each layer's means move to the store's device (host or GPU) as they are made
+        store.append(torch.stack([block_mean(kv.gather_keys(req.rid, layer, list(range(nbp))), lens).to(store.device)
                                   for layer in range(shape.num_layers)]))
         st["store"] = store
         q_last = torch.stack([q[:, -1] for q in queries])  # [L, Hq, D], a copy
+        self._start_drift(req.rid, st, q_last)  # RetrievalConfig.query_drift only
         self._collect(st, self._submit(req.rid, 0, nbp, self._task(store, nbp, q_last)))
 
     def _task(self, store: BlockRepStore, nbp: int, q: torch.Tensor):

@@ -69,7 +69,7 @@ class GSAPolicy(OffloadPolicy):
         kv = self.rt.kv
         blocks = list(range(store.num_blocks, full))
         lens = torch.full((len(blocks),), bs, dtype=torch.int32, device=kv.layout.device)
-        store.append(torch.stack([block_mean(kv.gather_keys(rid, layer, blocks), lens)
+        store.append(torch.stack([block_mean(kv.gather_keys(rid, layer, blocks), lens).to(store.device)
                                   for layer in range(self.shape.num_layers)]))
 
     def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
@@ -80,6 +80,7 @@ class GSAPolicy(OffloadPolicy):
         self._decide_dense_layers(req, queries)
         self._update_reps(req.rid, st, req.prompt_len)
         q_last = torch.stack([q[:, -1] for q in queries])  # [L, Hq, D], a copy
+        self._start_drift(req.rid, st, q_last)  # RetrievalConfig.query_drift only
         self._collect(st, self._retrieve(req.rid, st, nb, q_last, 0))
 
     def _retrieve(self, rid: str, st: dict, nb: int, q: torch.Tensor, step: int):

@@ -130,6 +130,7 @@ class KVStarPolicy(OffloadPolicy):
             votes.append(PreparedVote(sub, cand))
         st["votes"] = votes
         group = [q.clone() for q in queries]  # per layer [Hq, W, D]; the runtime reuses its buffer
+        self._start_drift(req.rid, st, torch.stack([q[:, -1] for q in queries]))  # query_drift only
         self._collect(st, self._submit(req.rid, 0, nbp, self._task(st, group)))
 
     def _task(self, st: dict, group: list[torch.Tensor]):
