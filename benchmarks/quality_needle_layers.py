@@ -62,8 +62,8 @@ def main() -> int:
                 kmin, kmax = (x.permute(1, 2, 0)[None] for x in block_minmax(kb, lens))
                 ql = q[None, :, -1]  # [1, Hq, D]
                 scores = {"mean/dot": host_scores(mean, ql)[0], "minmax/quest": host_scores((kmin, kmax), ql)[0],
-                          "mean/vote": host_vote_scores(mean, ql)[0],
-                          "minmax/vote": host_vote_scores((kmin, kmax), ql)[0]}
+                          "mean/vote": host_vote_scores(ql, mean)[0],
+                          "minmax/vote": host_vote_scores(ql, (kmin, kmax))[0]}
                 orc = oracle_selection(q[None, :, -1:], k[None], block_size=BS, counts=Budget.ratio(RATIO).num_blocks(nb - 3),
                                        sink_blocks=1, local_blocks=2, mode=mode)[0]
                 o_hit = bool(set(orc.flatten().tolist()) & needle)

@@ -133,7 +133,7 @@ def test_vote_method_of_the_eval_scores_like_the_policies():
     kb, lens = tokens_to_blocks(k, 16)
     got = block_scores("vote", q, kb, lens, MethodContext())
     for i in range(3):
-        torch.testing.assert_close(got[i], host_layer_vote_scores(block_mean(kb, lens), q[i]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[i], host_layer_vote_scores(q[i], block_mean(kb, lens)), rtol=1e-5, atol=1e-6)
     sel = make_selector("vote", ratio=0.5, context=lambda layer: MethodContext())
     out = sel(0, q.transpose(0, 1)[None], k[None], 16)
     assert out.shape[:2] == (1, 2)

@@ -65,11 +65,11 @@ def test_host_scores_equal_per_layer_reference(representation, integer):
 def test_vote_scores_equal_the_head_by_head_reference(representation):
     q, k, lens = _case(5, layers=2, hq=6, hkv=2, d=16, nb=9, integer=False)
     reps = _reps(k, lens, representation)
-    got = host_vote_scores(reps, q)
+    got = host_vote_scores(q, reps)
     assert got.shape == (2, 2, 9)
     torch.testing.assert_close(got.sum(-1), torch.full((2, 2), 3.0))  # one unit of vote per query head
     for layer in range(2):
-        torch.testing.assert_close(got[layer], host_layer_vote_scores(layer_view(reps, layer), q[layer]),
+        torch.testing.assert_close(got[layer], host_layer_vote_scores(q[layer], layer_view(reps, layer)),
                                    rtol=1e-5, atol=1e-6)
 
 
@@ -88,7 +88,7 @@ def test_vote_lets_one_sharp_head_win_over_broad_heads():
     q[0, 0, 0] = 10.0 * math.sqrt(d)
     q[0, 1, 1] = q[0, 2, 1] = math.sqrt(d)
     assert int(host_scores(reps, q)[0, 0].argmax()) == 7
-    assert int(host_vote_scores(reps, q)[0, 0].argmax()) == 4
+    assert int(host_vote_scores(q, reps)[0, 0].argmax()) == 4
 
 
 def _bind(policy, layers, hq, hkv, d, sparse):

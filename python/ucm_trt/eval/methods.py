@@ -187,7 +187,7 @@ def block_scores(
         from ucm_trt.sparse.policies._reps import host_vote_scores
 
         reps = R.block_mean(k_blocks, block_lens).permute(1, 2, 0)  # [Hkv, D, nb]
-        return host_vote_scores(reps[None].expand(q.shape[0], -1, -1, -1), q)
+        return host_vote_scores(q, reps[None].expand(q.shape[0], -1, -1, -1))
     if method == "first":
         return S.dot_scores(q, R.block_first(k_blocks, block_lens))
     if method == "minmax":

@@ -65,8 +65,9 @@ def host_layer_scores(rep: Reps, q: torch.Tensor) -> torch.Tensor:
     return quest_scores(q[None], rep[0], rep[1])[0]
 
 
-def host_vote_scores(reps: Reps, q: torch.Tensor) -> torch.Tensor:
-    """Per-head vote of every layer: ``q [L, Hq, D]`` -> float32 ``[L, Hkv, nb]``, the softmax mass over
+def host_vote_scores(q: torch.Tensor, reps: Reps) -> torch.Tensor:
+    """Per-head vote of every layer (arguments as :func:`batched_dot_scores`): ``q [L, Hq, D]``,
+    ``reps [L, Hkv, D, nb]`` (or a min / max pair) -> float32 ``[L, Hkv, nb]``, the softmax mass over
     the blocks of each query head's logit estimate (``q_h . mean`` or ``q_h``'s Quest bound, times
     ``1/sqrt(D)``), summed over the heads of each KV head's group. Rows sum to the group size."""
     kmin_or_mean = reps if isinstance(reps, torch.Tensor) else reps[0]
@@ -82,7 +83,7 @@ def host_vote_scores(reps: Reps, q: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits / math.sqrt(d), dim=-1).sum(2)
 
 
-def host_layer_vote_scores(rep: Reps, q: torch.Tensor) -> torch.Tensor:
+def host_layer_vote_scores(q: torch.Tensor, rep: Reps) -> torch.Tensor:
     """Per-layer reference of :func:`host_vote_scores`, head by head with the functions of
     :mod:`ucm_trt.sparse.score`: ``rep [nb, Hkv, D]`` (or a min / max pair), ``q [Hq, D]`` -> ``[Hkv, nb]``."""
     first = rep if isinstance(rep, torch.Tensor) else rep[0]

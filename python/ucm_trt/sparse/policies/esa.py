@@ -99,7 +99,7 @@ class ESAPolicy(OffloadPolicy):
     def _select(self, reps: list[torch.Tensor], nbp: int, qs: list[torch.Tensor], layer: int) -> torch.Tensor:
         """Per-layer reference (and hook): ``reps[layer] [nbp, Hkv, D]``, ``qs[layer] [Hq, D]`` -> ``[Hkv, S]``."""
         if self.vote:
-            scores = host_layer_vote_scores(reps[layer], qs[layer])
+            scores = host_layer_vote_scores(qs[layer], reps[layer])
         else:
             scores = dot_scores(qs[layer][None], reps[layer])[0]  # [Hkv, nbp]
         if self.adaptive is not None:

@@ -110,7 +110,7 @@ class GSAPolicy(OffloadPolicy):
         r = reps[layer]
         scores = torch.zeros(self.shape.num_kv_heads, nb)
         if r.shape[0]:
-            scores[:, : r.shape[0]] = (host_layer_vote_scores(r, qs[layer]) if self.vote
+            scores[:, : r.shape[0]] = (host_layer_vote_scores(qs[layer], r) if self.vote
                                        else dot_scores(qs[layer][None], r)[0])
         if self.adaptive is not None:
             return self._adaptive_select(scores[None], nb, self._full_block_lens(nb), extra=self.prefetch_blocks)[0]
