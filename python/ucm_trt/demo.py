@@ -15,13 +15,13 @@ What it does, all on SmolLM2-135M-Instruct (30 layers, 9 query / 3 KV heads, hea
    as DESIGN §5 asks.
 
 5. Answers the passkey with real sparse attention over the dense prefix, through
-   :mod:`ucm_trt.eval`: the oracle selection, ``vote`` (mean K scored by the per-head vote, what
-   ESA and GSA use by default) and ``subblock`` (KVStar's multi-query vote); the question itself
+   :mod:`ucm_trt.eval`: the oracle selection, ``vote`` (mean K scored by the per-head vote, ESA /
+   GSA's ``vote=True`` option) and ``subblock`` (KVStar's multi-query vote); the question itself
    runs sparse here, a stricter test than the runtime's.
 6. The main job end to end: exports SmolLM2 to ONNX, rewrites it to UCM paged sparse attention
    (``ucm-trt export`` + ``ucm-trt rewrite``; cached under ``~/.cache/ucm-trt/onnx`` after the
    first run) and answers the passkey through the runtime on ONNX Runtime with dense, ESA and GSA
-   side by side (default settings: per-head vote, diffuse layers detected and run dense): answers,
+   side by side (default settings: per-head selection, diffuse layers detected and run dense): answers,
    timing, blocks selected and KV held. The demo ends with whether every algorithm answered like dense.
 
 It runs in a few minutes on two CPU cores (the first run adds the GGUF conversion, the export and

@@ -60,7 +60,7 @@ METHOD_LABELS: dict[str, str] = {
     "first": "first/dot",
     "weighted_mean": "weighted_mean/dot",
     "subblock": "subblock/kvstar_vote (KVStar)",
-    "vote": "mean/per-head vote (ESA, GSA default)",
+    "vote": "mean/per-head vote (ESA, GSA vote=True)",
     "oracle": "oracle (true top blocks by mass)",
     "streaming": "streaming (sink + recent)",
     "dense": "dense",

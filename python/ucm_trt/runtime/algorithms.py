@@ -58,8 +58,7 @@ _BLEND_IS_NO_POLICY = (
 #: ``ucm`` (upstream UCM's representations and scoring, to reproduce upstream behaviour)
 PRESETS: tuple[str, ...] = ("default", "ucm")
 
-# representation / scoring each algorithm reads (upstream UCM's; ucm-trt's default preset scores ESA / GSA
-# mean K with the per-head vote, a policy option, see make_policy)
+# representation / scoring each algorithm reads (upstream UCM's, both presets)
 _SCORING = {
     "dense": ("mean", "dot"),
     "esa": ("mean", "dot"),
@@ -91,12 +90,16 @@ def _check_preset(preset: object) -> str:
 
 def sparse_config_for(algorithm: str, base: SparseConfig | None = None, *, preset: str = "default") -> SparseConfig:
     """``base`` (default ``SparseConfig()``) with the representation / scoring of ``algorithm`` under
-    ``preset`` (:data:`PRESETS`)."""
+    ``preset`` (:data:`PRESETS`): ``ucm`` also sets upstream's shared selection; ``default`` keeps
+    ``base.selection`` (``SparseConfig``'s default is per head)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {algorithm!r}")
     _check_preset(preset)
     base = SparseConfig() if base is None else base
-    rep, scoring = _SCORING[algorithm]  # both presets read the same representations (make_policy differs)
+    rep, scoring = _SCORING[algorithm]  # both presets read the same representations
+    if preset == "ucm":
+        # upstream ESA / GSA reduce the scores over the KV heads (one selection for all heads)
+        return dataclasses.replace(base, representation=rep, scoring=scoring, selection="shared")
     return dataclasses.replace(base, representation=rep, scoring=scoring)
 
 
@@ -157,9 +160,9 @@ def make_policy(
         return DensePolicy()
     policy: Policy | None = None
     if algorithm == "esa":
-        policy = ESAPolicy(vote=preset == "default", dense_layers=rule, adaptive=adaptive, retrieval=retrieval)
+        policy = ESAPolicy(dense_layers=rule, adaptive=adaptive, retrieval=retrieval)
     elif algorithm == "gsa":
-        policy = GSAPolicy(vote=preset == "default", dense_layers=rule, adaptive=adaptive, retrieval=retrieval)
+        policy = GSAPolicy(dense_layers=rule, adaptive=adaptive, retrieval=retrieval)
     elif algorithm == "gsa-on-device":
         policy = GSAOnDevicePolicy(gsa_on_device, dense_layers=rule)
     elif algorithm == "kvstar":

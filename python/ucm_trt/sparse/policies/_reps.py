@@ -10,14 +10,15 @@ Quest bound, used by the diagnostics):
 :func:`host_layer_scores` is the per-layer reference (the functions of :mod:`ucm_trt.sparse.score`)
 that :func:`host_scores` must equal.
 
-**Per-head vote** (:func:`host_vote_scores`, ucm-trt's default for ESA / GSA): instead of one score
+**Per-head vote** (:func:`host_vote_scores`, ``ESAPolicy(vote=True)`` / ``GSAPolicy(vote=True)``): instead of one score
 from the group-averaged query, every query head ``h`` reads its own logit estimate per block
 (``q_h . mean_k`` or its own Quest bound), scaled by ``1/sqrt(D)``, and softmaxes it over the blocks;
 a block's score is the probability mass it gets, summed over the group's heads (over every head for
 a shared selection). Each head then has one unit of vote: a retrieval head that puts its mass on
 the needle's block is not outvoted by the raw dot products of the other heads (averaging the query
 of a GQA group, or summing raw scores over heads, lets large-norm diffuse heads dominate). Measured
-on SmolLM2 passkey prompts (docs/quality.md): the needle's block is kept in more layers.
+on SmolLM2 passkey prompts (docs/algorithms.md): the needle's block is kept in more layers, but the
+end-to-end answers measured so far did not improve, so it is off by default.
 """
 
 from __future__ import annotations

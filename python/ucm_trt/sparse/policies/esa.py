@@ -7,8 +7,8 @@
   the first decode step's query; ours is one token older, which lets the runtime prefetch the
   blocks before the first decode step).
 * Score: ``dot`` of the GQA-averaged query with each block's mean K (upstream, ``preset="ucm"``), or
-  the per-head vote (``vote=True``, ucm-trt's default: each query head softmaxes its own logits over
-  the blocks, a block scores the mass it gets; docs/quality.md); summed over KV heads for a
+  the per-head vote (``vote=True``: each query head softmaxes its own logits over the blocks, a block scores the
+  mass it gets; docs/algorithms.md); summed over KV heads for a
   shared selection; budget from :class:`~ucm_trt.config.SparseConfig` (``Budget.ratio`` as
   upstream's ``sparse_ratio``), forced sink / local windows at the prompt's end.
 * Decode-generated blocks are never sparsified: every block past the prompt is selected.
@@ -40,7 +40,7 @@ __all__ = ["ESAPolicy"]
 
 class ESAPolicy(OffloadPolicy):
     """ESA. ``vote``: score blocks by the per-head softmax vote
-    (:func:`~ucm_trt.sparse.policies._reps.host_vote_scores`, ucm-trt's default through ``make_policy``)
+    (:func:`~ucm_trt.sparse.policies._reps.host_vote_scores`; off by default)
     instead of upstream's dot product of the group-averaged query."""
 
     name = "esa"

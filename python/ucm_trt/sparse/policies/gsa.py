@@ -6,7 +6,7 @@
   host, or on the GPU with ``RetrievalConfig(representations="device")``, see ``_offload``).
 * Score: ``dot`` of the GQA-averaged query with the block means, summed over KV heads
   (``score = sum_h q_h . kpre_h``, upstream's one-representation case; ``preset="ucm"``), or the
-  per-head vote (``vote=True``, ucm-trt's default, see ESA); candidates are every
+  per-head vote (``vote=True``, see ESA); candidates are every
   block of the current sequence outside the sink / local windows, so decode blocks are
   retrievable too. ``prefetch_blocks`` extra candidates (upstream ``NUM_PREFETCH_BLOCKS = 1``)
   are kept beyond the budget.
@@ -43,7 +43,7 @@ class GSAPolicy(OffloadPolicy):
 
     def __init__(self, *, prefetch_blocks: int = 1, vote: bool = False, retrieval: RetrievalConfig | None = None,
                  dense_layers=None, adaptive=None) -> None:
-        """``vote``: per-head softmax vote scoring (ucm-trt's default through ``make_policy``), see ESA."""
+        """``vote``: per-head softmax vote scoring (off by default), see ESA."""
         super().__init__(retrieval=retrieval, dense_layers=dense_layers, adaptive=adaptive)
         self.prefetch_blocks = check_non_negative_int("prefetch_blocks", prefetch_blocks)
         if not isinstance(vote, bool):
