@@ -288,6 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"export + rewrite SmolLM2 for ESA (block_size {args.block_size}) into {onnx_dir}, then answer a "
             f"~{args.tokens}-token passkey on ONNX Runtime through the paged runtime: dense vs ESA vs GSA",
         )
+        import onnxruntime
+
+        # ORT logs a warning per layer and step when consecutive layers' selection inputs differ in
+        # width (a dense layer reads every block): buffer reuse only, the results are unaffected
+        onnxruntime.set_default_logger_severity(3)
         onnx_path = prepare_onnx(onnx_dir, algorithm="esa", block_size=args.block_size,
                                  progress=lambda msg: print(f"      {msg}", flush=True))
         runs = passkey_side_by_side(num_tokens=args.tokens, block_size=args.block_size, tokenizer=tok,

@@ -36,8 +36,9 @@ def test_run_algorithms_match_the_registry():
 @pytest.mark.parametrize("algorithm", ["dense", "esa"])
 def test_run_prints_text_and_stats(algorithm, tiny_dir, capsys):
     prompt = "The quick brown fox jumps over the lazy dog. " * 30
+    # --dense-layers none: the random tiny model's layers are diffuse, auto detection would run them all dense
     rc = main(["run", "--prompt", prompt, "--model", str(tiny_dir), "--algorithm", algorithm,
-               "--max-new-tokens", "6", "--block-size", "16", "--stride", "2", "--json"])
+               "--max-new-tokens", "6", "--block-size", "16", "--stride", "2", "--json", "--dense-layers", "none"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     stats = out["stats"]
@@ -84,7 +85,7 @@ def test_run_on_onnx_runtime_backend(tiny_dir, tmp_path, capsys):
     path = save_model(model, tmp_path / "tiny-esa.onnx")
     prompt = "The quick brown fox jumps over the lazy dog. " * 30
     rc = main(["run", "--prompt", prompt, "--model", str(tiny_dir), "--onnx", str(path), "--algorithm", "esa",
-               "--max-new-tokens", "6", "--block-size", "16", "--stride", "2", "--json"])
+               "--max-new-tokens", "6", "--block-size", "16", "--stride", "2", "--json", "--dense-layers", "none"])
     assert rc == 0
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]
     assert stats["attention"] == "onnxruntime (esa graph)" and stats["algorithm"] == "esa"

@@ -116,7 +116,9 @@ def test_engine_offload_bytes_equal_changed_blocks(dense_run, hf_greedy):
     previous step did not hold; bytes moved = that count x block bytes."""
     model, _, _ = dense_run
     prompt, _ = hf_greedy
-    sparse = sparse_config_for("esa", SparseConfig(block_size=16, budget=Budget.ratio(0.25), retrieval_stride=3))
+    # shared selection: the expected loads below read the selection's first (= every) head's row
+    sparse = sparse_config_for("esa", SparseConfig(block_size=16, budget=Budget.ratio(0.25), retrieval_stride=3,
+                                                   selection="shared"))
     policy = _RecordingESA()
     eng = Engine(TorchBackend(model, attention="reference"), policy, sparse=sparse,
                  config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128, cache_blocks=0,

@@ -267,7 +267,7 @@ def test_per_head_rows_differ_and_example() -> None:
 
 
 def test_fixed_width_output_and_by_count() -> None:
-    cfg = SparseConfig(block_size=16, budget=Budget.top_k(1), min_blocks=1)
+    cfg = SparseConfig(block_size=16, budget=Budget.top_k(1), min_blocks=1, selection="shared")
     scores = torch.arange(10, dtype=torch.float32).reshape(1, 1, 10)
     sel = select_blocks(scores, torch.tensor([10], dtype=torch.int32), cfg, num_kv_heads=3, max_selected=8)
     assert sel.shape == (1, 3, 8)
@@ -331,7 +331,7 @@ S = torch.zeros(1, 2, 6)
         (lambda: select_blocks(S, NB, "cfg"), TypeError, "config"),
         (lambda: select_blocks(S, NB, CFG, num_kv_heads=3), ValueError, "num_kv_heads"),
         (lambda: select_blocks(S, NB, CFG, max_selected=0), ValueError, "max_selected"),
-        (lambda: select_blocks(S, NB, SparseConfig(block_size=16)), ValueError, "reduce"),
+        (lambda: select_blocks(S, NB, SparseConfig(block_size=16, selection="shared")), ValueError, "reduce"),
         (lambda: select_blocks(torch.full((1, 2, 6), float("nan")), NB, CFG), ValueError, "finite"),
         (lambda: select_blocks_by_count(S, NB, -1, sink_blocks=1, local_blocks=1), ValueError, "counts"),
         (lambda: select_blocks_by_count(S, NB, torch.ones(3, 3, dtype=torch.int64), sink_blocks=1,

@@ -16,6 +16,7 @@ Wired into the ``ucm-trt`` CLI by :func:`add_run_parser` / :func:`run_command`; 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -76,7 +77,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local-blocks", type=int, default=2)
     g.add_argument("--min-blocks", type=int, default=4)
     g.add_argument("--stride", type=int, default=4, help="retrieval stride (ESA/GSA)")
-    g.add_argument("--selection", choices=("shared", "per_head"), default="shared")
+    g.add_argument("--selection", choices=("shared", "per_head"), default=None,
+                   help="default: per_head (SparseConfig's default; shared with --preset ucm)")
+    g.add_argument("--preset", choices=("default", "ucm"), default="default",
+                   help="ucm-trt's defaults, or upstream UCM's settings (shared selection, no dense layers)")
+    g.add_argument("--dense-layers", default="auto", metavar="auto|none|L,L,...",
+                   help="layers the sparse policies run dense: auto (the preset's: detected per request with "
+                        "--preset default), none, or a comma list of layer indices")
     g.add_argument("--kvstar-stride", type=int, default=8)
     g.add_argument("--top-k-tokens", type=int, default=512, help="GSA On-Device tokens kept")
     g.add_argument("--seq-len-threshold", type=int, default=0, help="GSA On-Device gate")
@@ -173,6 +180,18 @@ def _load_model(args):
     return model.to(args.device), tok
 
 
+def _parse_dense_layers(spec: str):
+    from ucm_trt.config import DenseLayers
+
+    if spec == "none":
+        return DenseLayers()
+    try:
+        layers = tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--dense-layers must be auto, none or a comma list of layer indices, got {spec!r}") from None
+    return DenseLayers(layers=layers)
+
+
 def build_engine(args, model, prompt_len: int, *, backend=None):
     """Engine for the parsed ``args`` (shared by the CLI and the benchmarks); ``backend``: an already
     opened backend (``ucm-trt run`` opens the ONNX model first, to check it before the tokenizer)."""
@@ -184,11 +203,16 @@ def build_engine(args, model, prompt_len: int, *, backend=None):
     alg = args.algorithm
     policy_alg = "dense" if alg == "blend" else alg  # Blend prefills through BlendRunner, then decodes dense
     stride = args.kvstar_stride if alg == "kvstar" else args.stride
-    sparse = sparse_config_for(alg, SparseConfig(
-        block_size=args.block_size, budget=Budget.ratio(args.ratio), sink_blocks=args.sink_blocks,
-        local_blocks=args.local_blocks, min_blocks=args.min_blocks, retrieval_stride=stride,
-        selection=args.selection))
-    kw = {}
+    preset = getattr(args, "preset", "default")
+    base = SparseConfig(block_size=args.block_size, budget=Budget.ratio(args.ratio), sink_blocks=args.sink_blocks,
+                        local_blocks=args.local_blocks, min_blocks=args.min_blocks, retrieval_stride=stride)
+    sparse = sparse_config_for(alg, base, preset=preset)
+    if getattr(args, "selection", None) is not None:
+        sparse = dataclasses.replace(sparse, selection=args.selection)
+    kw = {"preset": preset}
+    dense_spec = getattr(args, "dense_layers", "auto")
+    if policy_alg in ("esa", "gsa", "gsa-on-device", "kvstar") and dense_spec != "auto":
+        kw["dense_layers"] = _parse_dense_layers(dense_spec)
     if alg == "kvstar":
         kw["kvstar"] = KVStarConfig(retrieval_stride=args.kvstar_stride)
     elif alg == "gsa-on-device":
