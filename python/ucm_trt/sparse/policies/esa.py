@@ -91,7 +91,7 @@ class ESAPolicy(OffloadPolicy):
     def _select_all(self, reps: torch.Tensor, nbp: int, q: torch.Tensor) -> torch.Tensor:
         """Every layer at once: ``reps [L, Hkv, D, nbp]``, ``q [L, Hq, D]`` -> ``[L, Hkv, S]``."""
         qd = q.to(reps.device)
-        scores = host_vote_scores(reps, qd) if self.vote else batched_dot_scores(qd, reps)  # [L, Hkv, nbp]
+        scores = host_vote_scores(qd, reps) if self.vote else batched_dot_scores(qd, reps)  # [L, Hkv, nbp]
         if self.adaptive is not None:
             return self._adaptive_select(scores, nbp, self._full_block_lens(nbp))
         return select_batched(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)

@@ -100,7 +100,7 @@ class GSAPolicy(OffloadPolicy):
         scores = torch.zeros(self.shape.num_layers, self.shape.num_kv_heads, nb, device=reps.device)
         if reps.shape[-1]:
             qd = q.to(reps.device)
-            scores[..., : reps.shape[-1]] = host_vote_scores(reps, qd) if self.vote else batched_dot_scores(qd, reps)
+            scores[..., : reps.shape[-1]] = host_vote_scores(qd, reps) if self.vote else batched_dot_scores(qd, reps)
         if self.adaptive is not None:
             return self._adaptive_select(scores, nb, self._full_block_lens(nb), extra=self.prefetch_blocks)
         return select_batched(scores, nb, self.sparse, "dot", self.shape.num_kv_heads, extra=self.prefetch_blocks)
