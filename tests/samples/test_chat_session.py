@@ -47,7 +47,9 @@ def test_turns_stream_keep_history_and_switch_algorithm(session, doc_file):
     assert s.blocks_total >= nb
     assert s.selected_fraction is not None and 0.2 < s.selected_fraction < 0.7
     k = int(0.3 * (nb - 3))  # Budget.ratio: floor(ratio * candidates)
-    assert abs(s.blocks_selected - (3 + k)) <= 1.01, (s.blocks_selected, nb, k)
+    # at least the budget per (layer, KV head); more where the default preset's automatic dense layers
+    # (diffuse layers detected at prefill end) read every block
+    assert 3 + k - 1.01 <= s.blocks_selected <= 3 + k + (nb - 3 - k) * 0.5, (s.blocks_selected, nb, k)
     assert s.blocks_selected < s.blocks_total
     assert s.retrieval_tasks > 0 and s.retrieval_ms > 0
     assert s.bytes_h2d > 0 and s.bytes_d2h > 0  # offload: blocks written back, working set prefetched

@@ -73,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sparse attention (switch during the chat with /algo and /budget)")
     g.add_argument("--algorithm", choices=CHAT_ALGORITHMS, default="dense",
                    help="attention algorithm (default dense); blend is not a chat algorithm (use ucm-trt run)")
+    g.add_argument("--preset", choices=("default", "ucm"), default="default",
+                   help="ucm-trt's defaults or upstream UCM's settings (shared selection, no dense layers)")
     g.add_argument("--budget", type=float, default=0.25,
                    help="fraction of candidate blocks a sparse algorithm keeps, in (0, 1] (default 0.25)")
     g.add_argument("--block-size", type=int, default=None,
@@ -123,7 +125,7 @@ def _settings_from_args(args: argparse.Namespace):
                             retrieval_stride=args.retrieval_stride, rerope_window=args.rerope_window,
                             max_context=args.max_context, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                            system_prompt=args.system)
+                            system_prompt=args.system, preset=args.preset)
     except (ValueError, TypeError) as exc:
         # name the command-line option rather than the dataclass field
         msg = str(exc)

@@ -93,6 +93,7 @@ def passkey_side_by_side(
     haystack=None,
     onnx_path: str | Path | None = None,
     file: TextIO | None = None,
+    preset: str = "default",
 ) -> list[PasskeyRun]:
     """Answer one passkey prompt with each of ``algorithms``; print and return the results.
 
@@ -123,6 +124,8 @@ def passkey_side_by_side(
         block size is used (``block_size`` must then match it or be left at the default).
     file:
         Where the progress and the table go (default ``sys.stdout``); ``None`` prints to stdout.
+    preset:
+        ``default`` (ucm-trt's settings) or ``ucm`` (upstream's), as ``make_policy``.
     """
     if algorithms is None:
         algorithms = TORCH_ALGORITHMS if onnx_path is None else ORT_ALGORITHMS
@@ -189,7 +192,7 @@ def passkey_side_by_side(
 
     runs: list[PasskeyRun] = []
     for algo in algorithms:
-        settings = ChatSettings(algorithm=algo, budget=float(budget), block_size=block_size,
+        settings = ChatSettings(algorithm=algo, budget=float(budget), block_size=block_size, preset=preset,
                                 max_new_tokens=max_new_tokens)
         policy = settings.make_policy(len(ids), int(backend.shape.max_positions))
         engine = Engine(backend, policy, sparse=settings.sparse_config(),

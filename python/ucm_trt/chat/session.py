@@ -99,8 +99,12 @@ class ChatSettings:
     prefill_chunk: int = 512
     rerope_window: int = 1024
     max_context: int | None = None
+    #: ``default`` (ucm-trt's: per-head selection, automatic dense layers) or ``ucm`` (upstream's)
+    preset: str = "default"
 
     def __post_init__(self) -> None:
+        if self.preset not in ("default", "ucm"):
+            raise ValueError(f"ChatSettings.preset must be 'default' or 'ucm', got {self.preset!r}")
         if self.algorithm not in CHAT_ALGORITHMS:
             raise ValueError(
                 f"ChatSettings.algorithm must be one of {', '.join(CHAT_ALGORITHMS)}; got {self.algorithm!r}"
@@ -139,7 +143,7 @@ class ChatSettings:
         base = SparseConfig(block_size=self.block_size, sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
                             min_blocks=self.min_blocks, budget=Budget.ratio(float(self.budget)),
                             retrieval_stride=stride)
-        return sparse_config_for(self.algorithm, base)
+        return sparse_config_for(self.algorithm, base, preset=self.preset)
 
     def make_policy(self, prompt_tokens: int, max_positions: int):
         """A fresh policy for one turn whose prompt has ``prompt_tokens`` tokens."""
@@ -151,11 +155,11 @@ class ChatSettings:
             candidates = max(0, -(-prompt_tokens // bs) - forced)
             keep = max(1, Budget.ratio(float(self.budget)).num_blocks(candidates) or 0)
             cfg = GSAOnDeviceConfig(top_k_tokens=(forced + keep) * bs, seq_len_threshold=self.min_blocks * bs)
-            return make_policy("gsa-on-device", gsa_on_device=cfg)
+            return make_policy("gsa-on-device", gsa_on_device=cfg, preset=self.preset)
         if self.algorithm == "rerope":
             window = min(self.rerope_window, max_positions)
             return make_policy("rerope", rerope=ReRoPEConfig(window=window, training_length=max_positions))
-        return make_policy(self.algorithm)
+        return make_policy(self.algorithm, preset=self.preset)
 
     def describe(self) -> str:
         budget = f" budget={self.budget:g}" if self.algorithm in BUDGETED_ALGORITHMS else ""
