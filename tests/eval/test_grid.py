@@ -5,6 +5,8 @@ The end-to-end run uses the tiny random Llama and the byte-level tokenizer of te
 
 from __future__ import annotations
 
+import copy
+
 import json
 
 import pytest
@@ -86,7 +88,9 @@ def test_methods_and_config_validation():
 def test_tiny_grid_runs_every_method_through_the_runtime(tiny_model, tiny_tokenizer, filler, tmp_path):
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM(tiny_model.config).eval()  # own copy: the runtime switches its attention
+    # own copy, config included: the runtime switches the attention implementation on the model's config
+    # object, which the session fixture's model would otherwise share (and then run 'ucm_paged')
+    model = LlamaForCausalLM(copy.deepcopy(tiny_model.config)).eval()
     model.load_state_dict(tiny_model.state_dict())
     cfg = GridConfig(tasks=("passkey", "multikey"), methods=("dense", "esa", "gsa", "gsa-on-device", "kvstar",
                                                              "esa@ucm"),
