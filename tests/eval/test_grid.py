@@ -6,7 +6,6 @@ The end-to-end run uses the tiny random Llama and the byte-level tokenizer of te
 from __future__ import annotations
 
 import copy
-
 import json
 
 import pytest
