@@ -161,11 +161,11 @@ class SparseConfig:
         ``dot`` (GQA-averaged query . representation), ``quest`` (upper bound over min/max),
         ``hamming`` (hash codes; smaller distance is better), ``kvstar_vote`` (softmax-mass voting).
     selection:
-        ``shared``: one selection for all KV heads (scores reduced over heads; upstream ESA / GSA,
-        ``sparse_config_for(..., preset="ucm")``); ``per_head`` (default): each KV head selects its
-        own blocks. Per head keeps the answer's block in more layers (docs/quality.md: 53/79 vs 38/65
-        layer-prompts where the oracle keeps it, and the ``make demo`` passkey that shared ESA loses);
-        the offload path then loads the union of the heads' blocks per layer.
+        ``shared`` (default): one selection for all KV heads (scores reduced over heads; upstream ESA /
+        GSA); ``per_head``: each KV head selects its own blocks. Per head keeps the answer's block in
+        more layers (docs/quality.md: 53/79 vs 38/65 layer-prompts where the oracle keeps it, and the
+        ``make demo`` passkey that shared ESA loses; the chat and the demo use it), but the offload
+        path then loads the union of the heads' blocks per layer (pool sizing, bytes moved).
     retrieval_stride:
         Decode steps between retrievals (upstream ``retrieval_stride``); 1 retrieves every step.
     """
@@ -177,7 +177,7 @@ class SparseConfig:
     min_blocks: int = 4
     representation: Representation = "mean"
     scoring: Scoring = "dot"
-    selection: SelectionMode = "per_head"
+    selection: SelectionMode = "shared"
     retrieval_stride: int = 1
 
     def __post_init__(self) -> None:

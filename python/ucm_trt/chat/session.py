@@ -143,7 +143,10 @@ class ChatSettings:
         base = SparseConfig(block_size=self.block_size, sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
                             min_blocks=self.min_blocks, budget=Budget.ratio(float(self.budget)),
                             retrieval_stride=stride)
-        return sparse_config_for(self.algorithm, base, preset=self.preset)
+        sparse = sparse_config_for(self.algorithm, base, preset=self.preset)
+        if self.preset == "default":  # per-head selection keeps the answer's block more often (docs/quality.md)
+            sparse = dataclasses.replace(sparse, selection="per_head")
+        return sparse
 
     def make_policy(self, prompt_tokens: int, max_positions: int):
         """A fresh policy for one turn whose prompt has ``prompt_tokens`` tokens."""

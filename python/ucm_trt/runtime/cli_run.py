@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-blocks", type=int, default=4)
     g.add_argument("--stride", type=int, default=4, help="retrieval stride (ESA/GSA)")
     g.add_argument("--selection", choices=("shared", "per_head"), default=None,
-                   help="default: per_head (SparseConfig's default; shared with --preset ucm)")
+                   help="default: SparseConfig's (shared)")
     g.add_argument("--preset", choices=("default", "ucm"), default="default",
                    help="ucm-trt's defaults, or upstream UCM's settings (shared selection, no dense layers)")
     g.add_argument("--dense-layers", default="auto", metavar="auto|none|L,L,...",
