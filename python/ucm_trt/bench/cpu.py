@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from ucm_trt.config import Budget, SparseConfig
+from ucm_trt.config import Budget, DenseLayers, SparseConfig
 from ucm_trt.sparse.batched import BlockRepStore, batched_dot_scores, select_batched
 from ucm_trt.sparse.policies.base import select_from_scores
 from ucm_trt.sparse.score import dot_scores, reduce_scores
@@ -546,7 +546,11 @@ def bench_offload(
                 cfg = RuntimeConfig(max_batch=1, max_seq_len=setup.prompt_tokens + setup.decode_steps + 1,
                                     prefill_chunk=setup.prefill_chunk, cache_blocks=setup.cache_blocks,
                                     retrieval_threads=1)
-                engine = Engine(TorchBackend(model), make_policy(alg), sparse=sparse, config=cfg)
+                # every layer sparse: the model is random, so the default preset's automatic dense-layer
+                # detection would find every layer diffuse and run it dense, and there would be no offload
+                # traffic to measure
+                engine = Engine(TorchBackend(model), make_policy(alg, dense_layers=DenseLayers()), sparse=sparse,
+                                config=cfg)
                 try:
                     t0 = time.perf_counter()
                     engine.generate([prompt], SamplingParams(max_new_tokens=setup.decode_steps))
