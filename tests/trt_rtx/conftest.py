@@ -6,8 +6,8 @@ reason. Installed but unusable (the unversioned library link missing) is an erro
 message names the fix.
 
 The tiny models are the graph tests' export matrix (``tests/graph/_graph_models.py``) with
-``head_dim=32``: the plugins apply the TensorRT plugins' geometry checks, which need a power-of-two
-head_dim in [32, 256] (the graph tests' head_dim 16 is rejected, see test_rtx_plugins.py).
+``head_dim=32``: the plugins apply the TensorRT plugins' geometry checks (``ucm_trt.limits``: head_dim a
+multiple of 16 in [16, 256]; a head_dim outside it fails the build, see test_rtx_plugins.py).
 """
 
 from __future__ import annotations

@@ -128,10 +128,11 @@ def test_other_rtx_targets_build(target):
 
 
 def test_the_tensorrt_plugins_geometry_check_fails_the_build():
-    """head_dim 16 (the graph tests' tiny models) is rejected by the TensorRT plugins' kernel check."""
-    model = single_op("UcmPagedSparseAttention", head_dim=16)
-    with pytest.raises(EngineBuildError, match=r"head_dim must be a power of two in \[32, 256\], got 16"):
-        parse_rtx_network(fixed_inputs(model, concrete_shapes(model, {**DIMS, "D": 16})))
+    """A head_dim outside ``ucm_trt.limits`` (24: not a multiple of 16) is rejected by the TensorRT plugins'
+    kernel check, in the limits' own words."""
+    model = single_op("UcmPagedSparseAttention", head_dim=24)
+    with pytest.raises(EngineBuildError, match=r"head_dim must be a multiple of 16 in \[16, 256\], got 24"):
+        parse_rtx_network(fixed_inputs(model, concrete_shapes(model, {**DIMS, "D": 24})))
 
 
 def test_a_constant_dim_that_contradicts_the_attributes_fails():
