@@ -36,16 +36,6 @@ def num_sms(device: torch.device) -> int:
     return 8
 
 
-def check_head_dim(name: str, d: int) -> None:
-    if not (is_pow2(d) and 32 <= d <= 256):
-        raise ValueError(f"{name} head_dim must be a power of two in [32, 256], got {d}")
-
-
-def check_block_size(name: str, bs: int) -> None:
-    if not (is_pow2(bs) and 16 <= bs <= 256):
-        raise ValueError(f"{name} block_size must be a power of two in [16, 256], got {bs}")
-
-
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     if t.dim() and t.stride(-1) != 1:
         raise ValueError(
