@@ -357,6 +357,7 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
 
 
 def bench_attention(cx, args, rows):
+    """Every attention shape; the rows are saved after each shape, and no new shape starts after ``--max-minutes``."""
     fi = FlashInferPeer(args.flashinfer_cache)
     rows.append({"op": "flashinfer_status", "flashinfer": fi.version, "flashinfer_error": fi.error})
     big = max(args.contexts)
@@ -369,12 +370,18 @@ def bench_attention(cx, args, rows):
                 if ctx == big and bs == 64:
                     budgets = args.budgets
                     extras |= {"guard", "rerope"} | ({"ppsm"} if batch == 1 else set())
+                if args.out_of_time(f"shape_{ctx}_{batch}_{bs}"):
+                    continue
                 _try(rows, f"shape_{ctx}_{batch}_{bs}", lambda: bench_shape(
                     cx, args, rows, fi, ctx, batch, bs, D, budgets, extras=extras))
+                args.save()
     for d in args.odd_head_dims:
         for batch in args.batches:
+            if args.out_of_time(f"shape_d{d}_{batch}"):
+                continue
             _try(rows, f"shape_d{d}_{batch}", lambda: bench_shape(
                 cx, args, rows, fi, big, batch, 64, d, [1 / 8], extras={"no_peer"}))
+            args.save()
     status = next(r for r in rows if r["op"] == "flashinfer_status")
     status["flashinfer_error"] = fi.error
 
@@ -458,7 +465,7 @@ def print_table(rows, cx):
             print(f"dense paged ctx {r['context_len']} batch {r['batch']}: num_splits={r['num_splits']}: {r['us']:.1f} us"
                   f" ({r['speedup_vs_dense']}x SDPA)")
     for r in rows:
-        if r["op"].startswith("error_") or r["op"] == "flashinfer_status":
+        if r["op"].startswith("error_") or r["op"] in ("flashinfer_status", "skipped"):
             print(r)
 
 
@@ -475,6 +482,9 @@ def main():
     p.add_argument("--flashinfer-cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "flashinfer-ws"),
                    help="FlashInfer's JIT cache (FLASHINFER_WORKSPACE_BASE; must be writable)")
     p.add_argument("--skip-retrieval", action="store_true")
+    p.add_argument("--retrieval-first", action="store_true", help="run the retrieval rows before the attention rows")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no new attention shape after this (skipped shapes are listed in a 'skipped' row)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -485,15 +495,33 @@ def main():
     cx = Ctx(card, date, copy_bandwidth_tbps(), args.reps)
     rows = [{"op": "copy_bandwidth", "effective_tbps": round(cx.copy_tbps, 4), "card": card, "date": date,
              "torch": torch.__version__, "triton": __import__("triton").__version__}]  # fmt: skip
-    benches = [bench_attention] + ([] if args.skip_retrieval else [bench_retrieval])
-    for fn in benches:
-        _try(rows, fn.__name__, lambda: fn(cx, args, rows))
     slug = card.replace(" ", "-").replace("/", "-")
     path = os.path.join(args.out, f"kernels_{slug}_{date}.json")
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
+    skipped = {"op": "skipped", "shapes": []}
+
+    def save():
+        with open(path + ".tmp", "w") as f:
+            json.dump(rows + ([skipped] if skipped["shapes"] else []), f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    def out_of_time(what):
+        late = args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes
+        if late:
+            skipped["shapes"].append(what)
+        return late
+
+    args.save, args.out_of_time = save, out_of_time
+    benches = [bench_attention] + ([] if args.skip_retrieval else [bench_retrieval])
+    if args.retrieval_first:
+        benches.reverse()
+    for fn in benches:
+        _try(rows, fn.__name__, lambda: fn(cx, args, rows))
+        save()
+    save()
     print(f"wrote {len(rows)} rows to {path} in {time.time() - t0:.0f} s")
     print_table(rows, cx)
+    if skipped["shapes"]:
+        print(f"skipped after --max-minutes {args.max_minutes}: {skipped['shapes']}")
     return 0 if not any(r["op"].startswith("error_") for r in rows) else 1
 
 

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One <= 10-minute device call for issues 14 and 17: the kernel benchmark against its peers (FlashInfer from .whl/,
+# SDPA, the AOT PTX through the driver; block sizes 16-128; head_dim 80/96; the index guard's cost), the retrieval
+# kernel benchmark, then the kernel GPU tests with the time left. Everything under $OUT; tables printed last.
+#   run with carry [".whl"]:  bash benchmarks/gpu_kernels_call.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/python:$PWD" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+left() { echo $(( ${BUDGET_S:-570} - ($(date +%s) - T0) )); }
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv,noheader 2>/dev/null || true
+if compgen -G ".whl/flashinfer_python-*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ucm-site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/ucm-site" || echo "installing .whl/*.whl failed"
+fi
+t0=$(date +%s)
+timeout "${BENCH_S:-320}" $PY benchmarks/bench_kernels.py --out "$OUT" --max-minutes "${BENCH_MIN:-4}" ${BENCH_ARGS:-} \
+  > "$OUT/bench_kernels.log" 2>&1
+echo "bench_kernels rc=$? in $(( $(date +%s) - t0 )) s"
+t0=$(date +%s)
+timeout "${RETR_S:-75}" $PY benchmarks/bench_retrieval_kernels.py --no-sweep --reps 30 --out "$OUT" \
+  > "$OUT/bench_retrieval_kernels.log" 2>&1
+echo "bench_retrieval_kernels rc=$? in $(( $(date +%s) - t0 )) s"
+t0=$(date +%s)
+tl=$(( $(left) - 10 )); (( tl < 30 )) && tl=30
+timeout "$tl" $PY -m pytest -q -p no:cacheprovider -m "gpu and not perf" ${KERNEL_TESTS:-tests/kernels tests/trt/test_aot_gpu.py} \
+  --junitxml="$OUT/gpu_kernel_tests.xml" > "$OUT/gpu_kernel_tests.log" 2>&1
+echo "kernel gpu tests rc=$? in $(( $(date +%s) - t0 )) s (limit $tl s): $(tail -n 1 "$OUT/gpu_kernel_tests.log")"
+grep -E "^(FAILED|ERROR)" "$OUT/gpu_kernel_tests.log" | head -10
+echo "================ retrieval"; tail -n 30 "$OUT/bench_retrieval_kernels.log"
+echo "================ kernels"; sed -n '/^card:/,$p' "$OUT/bench_kernels.log" | head -120
+grep -E "Traceback|Error" "$OUT/bench_kernels.log" | head -10
