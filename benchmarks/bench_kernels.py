@@ -185,12 +185,13 @@ class AotPeer:
         self.single = aot_launch("UcmPagedSparseAttention", self.attrs, DTYPE, 1, self.target)
         self._split = {}
 
-    def split(self, splits):
+    def split(self, splits, tile=None):
         from trt_plugins._attention import aot_split_launch
 
-        if splits not in self._split:
-            self._split[splits] = aot_split_launch(self.attrs, DTYPE, 1, self.target, splits, rerope=False)
-        return self._split[splits]
+        if (splits, tile) not in self._split:
+            self._split[splits, tile] = aot_split_launch(self.attrs, DTYPE, 1, self.target, splits, rerope=False,
+                                                         tile=tile)
+        return self._split[splits, tile]
 
     @staticmethod
     def inputs(q, pool, table, seq, sel):
@@ -218,12 +219,12 @@ class AotPeer:
 
         return run, mod
 
-    def split_fn(self, inputs, out, splits):
+    def split_fn(self, inputs, out, splits, tile=None):
         from trt_plugins.aot import int_cdiv
         from trt_plugins.cuda_launch import PtxModule
         from ucm_trt.kernels.aot import partials_shapes
 
-        part, merge = self.split(splits)
+        part, merge = self.split(splits, tile)
         shapes = {n: tuple(t.shape) for n, t in inputs.items()}
         b, _, t, _ = shapes["q"]
         from trt_plugins._attention import geometry
@@ -304,7 +305,9 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
             try:
                 fi_ms = time_ms(fi.decode_fn(q, pool, table, shared[:, 0].contiguous(), ctx), cx.reps)
             except Exception as exc:  # noqa: BLE001
-                fi_err = f"{type(exc).__name__}: {exc}"[:2000]
+                msg = f"{type(exc).__name__}: {exc}"
+                print(msg, flush=True)  # whole, into the log (a ninja failure's cause is at its end)
+                fi_err = msg if len(msg) <= 3000 else msg[:600] + " [...] " + msg[-2400:]
                 fi.error = fi_err  # do not retry (a failed JIT build would fail again)
         if fi_ms is not None:
             add("flashinfer_paged_decode", "flashinfer", frac, fi_ms, sel_bytes, flashinfer=fi.version,
@@ -331,6 +334,23 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
                 add("ours_sparse", "aot_split", frac, ms, sel_bytes, selection="per-head", launches=2, splits=splits,
                     aot_vs_jit=round(jit_ms / ms, 3), **vs(ms))
                 del keep, keep2
+                if "aot_tiles" in extras and abs(budget - 0.125) < 1e-6:  # the AOT tile rule's choice against the other tiles that fit 48 KiB
+                    from dataclasses import replace
+
+                    base = part_tile = aot.split(splits)[0].config
+                    for bn, ns in ((16, 1), (16, 2), (16, 3), (32, 1), (32, 2), (64, 1)):
+                        tile = replace(base, block_n=bn, num_stages=ns)
+                        try:
+                            fn, keep3 = aot.split_fn(inputs, out, splits, tile)
+                        except Exception as exc:  # noqa: BLE001 - over the limit: a row saying so
+                            rows.append({"op": "ours_sparse_aot_tile", "block_n": bn, "num_stages": ns,
+                                         "batch": batch, "error": f"{type(exc).__name__}"})
+                            continue
+                        ms = time_ms(fn, cx.reps)
+                        add("ours_sparse_aot_tile", "aot_split", frac, ms, sel_bytes, block_n=bn, num_stages=ns,
+                            chosen=(bn, ns) == (part_tile.block_n, part_tile.num_stages), splits=splits,
+                            aot_vs_jit=round(jit_ms / ms, 3))
+                        del keep3
 
             _try(rows, "aot_run", aot_rows)
         if "guard" in extras:
@@ -369,7 +389,7 @@ def bench_attention(cx, args, rows):
                 budgets = [1 / 8]
                 if ctx == big and bs == 64:
                     budgets = args.budgets
-                    extras |= {"guard", "rerope"} | ({"ppsm"} if batch == 1 else set())
+                    extras |= {"guard", "rerope", "aot_tiles"} | ({"ppsm"} if batch == 1 else set())
                 if args.out_of_time(f"shape_{ctx}_{batch}_{bs}"):
                     continue
                 _try(rows, f"shape_{ctx}_{batch}_{bs}", lambda: bench_shape(
@@ -451,7 +471,7 @@ def print_table(rows, cx):
     print(f"{'op':<26}{'path':<11}{'ctx':>7}{'B':>3}{'bs':>4}{'d':>4}{'budget':>7}{'us':>9}{'%copy':>7}"
           f"{'x dense':>8}{'x FI':>7}")
     for r in rows:
-        if r.get("us") is None or r["op"] in ("ours_sparse_ppsm", "ours_dense_paged_splits"):
+        if r.get("us") is None or r["op"] in ("ours_sparse_ppsm", "ours_dense_paged_splits", "ours_sparse_aot_tile"):
             continue
         sp = f"{r['speedup_vs_dense']:.2f}" if r.get("speedup_vs_dense") else "-"
         fi = f"{r['speedup_vs_flashinfer']:.2f}" if r.get("speedup_vs_flashinfer") else "-"
@@ -461,6 +481,10 @@ def print_table(rows, cx):
     for r in rows:
         if r["op"] == "ours_sparse_ppsm":
             print(f"batch-1 split rule: programs_per_sm={r['programs_per_sm']}: {r['us']:.1f} us")
+        if r["op"] == "ours_sparse_aot_tile" and r.get("us") is not None:
+            print(f"AOT split tile batch {r['batch']} budget {r['budget']:.3f}: BLOCK_N={r['block_n']} "
+                  f"stages={r['num_stages']}{' (chosen)' if r['chosen'] else ''}: {r['us']:.1f} us "
+                  f"({r['aot_vs_jit']}x JIT)")
         if r["op"] == "ours_dense_paged_splits":
             print(f"dense paged ctx {r['context_len']} batch {r['batch']}: num_splits={r['num_splits']}: {r['us']:.1f} us"
                   f" ({r['speedup_vs_dense']}x SDPA)")

@@ -6,8 +6,9 @@
 # (data/csrc 262 MB unpacked, vendored CUTLASS and CCCL); the device call carries at most 64 MiB.
 # The wheel is therefore repacked (same name and version, RECORD rewritten) keeping the Python
 # package, data/include, data/spdlog and of data/csrc only the shared headers and the batch-decode
-# sources that BatchDecodeWithPagedKVCacheWrapper JIT-compiles; CUTLASS and CCCL are dropped (the
-# decode kernels include neither; nvcc's own CCCL remains). Its import-time needs beyond the
+# sources that BatchDecodeWithPagedKVCacheWrapper JIT-compiles, and of the vendored CCCL only libcudacxx's
+# headers: the decode headers include <cuda/cmath> (flashinfer/fastdiv.cuh), which the device's nvcc CCCL
+# lacks (the first device run failed its ninja build without them); CUTLASS, CUB and Thrust are dropped. Its import-time needs beyond the
 # device's torch/numpy: apache-tvm-ffi (cp312) and nvidia-ml-py, plus the small pure-Python
 # requirements einops, tabulate, click, tqdm. The heavy optional ones (cuda-tile, cutlass-dsl,
 # cudnn-frontend, nccl4py) are not carried: `import flashinfer` does not need them.
@@ -27,6 +28,8 @@ import base64, hashlib, os, re, sys, zipfile
 src, dest = sys.argv[1], sys.argv[2]
 keep_csrc = re.compile(r"flashinfer/data/csrc/(batch_decode[^/]*|[^/]+\.(h|cuh|inc))$")
 def keep(name):
+    if name.startswith("flashinfer/data/cccl/libcudacxx/include/"):
+        return True
     if name.startswith(("flashinfer/data/cutlass/", "flashinfer/data/cccl/")):
         return False
     if name.startswith("flashinfer/data/csrc/"):

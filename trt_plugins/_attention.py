@@ -84,28 +84,39 @@ def _tile_candidates(tile: TileConfig, group: int):
         rows //= 2
 
 
+def _fit_tile(geom: PagedAttentionGeometry, tac: int, dtype: torch.dtype, target: PtxTarget, *, split: bool,
+              rerope: bool):
+    """The tactic's tile compiled for the AOT launcher's shared-memory limit (``MAX_AOT_SHARED_MEM``).
+
+    Pipelining matters more than tile width for a memory-bound decode: every candidate tile is tried
+    with two stages before any is tried with one (the first H200 run measured the single-stage tile
+    at 2x the JIT kernel's time). Returns ``(tile, ptx)``; results never depend on the tile."""
+    tried = []
+    for stages in (2, 1):
+        for tile in _tile_candidates(tile_config(tac, geom), geom.group):
+            tile = replace(tile, num_stages=stages)
+            kernel, signature, constexprs = paged_attention_kernel_args(geom, tile, dtype, split=split)
+            try:
+                ptx = compile_within_shared_limit(kernel, signature, constexprs, target, tile.num_warps,
+                                                  stages=(stages,), divisible_by_16=divisible_by_16(signature))
+            except SharedMemoryLimitError as exc:
+                tried.append(f"BLOCK_M={tile.block_m} BLOCK_N={tile.block_n}: {exc.needed}")
+                continue
+            return tile, ptx
+    raise SharedMemoryLimitError(
+        f"no tile of {'ReRoPE' if rerope else 'sparse'} attention (head_dim {geom.head_dim}) fits "
+        f"{MAX_AOT_SHARED_MEM} B of shared memory for the AOT path ({'; '.join(tried)}); use the JIT plugins",
+        needed="; ".join(tried),
+    )
+
+
 def aot_launch(values: Mapping[str, object], dtype: torch.dtype, tactic: int, target: PtxTarget,
                *, rerope: bool) -> AotLaunch:
     """PTX of the tactic's tile, or of the largest smaller tile whose shared memory fits the AOT
-    launcher's limit (``MAX_AOT_SHARED_MEM``); results never depend on the tile."""
+    launcher's limit (:func:`_fit_tile`); results never depend on the tile."""
     geom = geometry(values, rerope=rerope)
     tac = _tactic(tactic)
-    tried = []
-    for tile in _tile_candidates(tile_config(tac, geom), geom.group):
-        kernel, signature, constexprs = paged_attention_kernel_args(geom, tile, dtype)
-        try:
-            ptx = compile_within_shared_limit(kernel, signature, constexprs, target, tile.num_warps,
-                                              divisible_by_16=divisible_by_16(signature))
-        except SharedMemoryLimitError as exc:
-            tried.append(f"BLOCK_M={tile.block_m} BLOCK_N={tile.block_n}: {exc.needed}")
-            continue
-        break
-    else:
-        raise SharedMemoryLimitError(
-            f"no tile of {'ReRoPE' if rerope else 'sparse'} attention (head_dim {geom.head_dim}) fits "
-            f"{MAX_AOT_SHARED_MEM} B of shared memory for the AOT path ({'; '.join(tried)}); use the JIT plugins",
-            needed="; ".join(tried),
-        )
+    tile, ptx = _fit_tile(geom, tac, dtype, target, split=False, rerope=rerope)
 
     def grid(shapes, cdiv):
         q = shapes["q"]
@@ -118,20 +129,24 @@ def aot_launch(values: Mapping[str, object], dtype: torch.dtype, tactic: int, ta
 
 
 def aot_split_launch(values: Mapping[str, object], dtype: torch.dtype, tactic: int, target: PtxTarget,
-                     splits: int, *, rerope: bool) -> tuple[AotLaunch, AotLaunch]:
+                     splits: int, *, rerope: bool, tile: TileConfig | None = None) -> tuple[AotLaunch, AotLaunch]:
     """Split-K on the AOT path as two chained plugins would run it: the partials kernel (outputs
     ``po``, ``plse``, shapes :func:`~ucm_trt.kernels.aot.partials_shapes`) and the merge kernel
     (inputs ``po``, ``plse``; output ``out``). ``grid``/``extras`` take the attention op's input
     shapes for both (concrete ints: the benchmark and the GPU tests launch them through the driver;
-    the graph does not chain them yet, see docs/kernels.md)."""
+    the graph does not chain them yet, see docs/kernels.md). ``tile``: compile exactly this tile
+    (benchmarks compare tiles; :class:`SharedMemoryLimitError` if it does not fit) instead of
+    :func:`_fit_tile`'s choice."""
     if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
         raise ValueError(f"splits must be an int >= 1, got {splits!r}")
     geom = geometry(values, rerope=rerope)
     tac = _tactic(tactic)
-    tile = tile_config(tac, geom)
-    kernel, signature, constexprs = paged_attention_kernel_args(geom, tile, dtype, split=True)
-    part_ptx = compile_within_shared_limit(kernel, signature, constexprs, target, tile.num_warps,
-                                           divisible_by_16=divisible_by_16(signature))  # fmt: skip
+    if tile is None:
+        tile, part_ptx = _fit_tile(geom, tac, dtype, target, split=True, rerope=rerope)
+    else:
+        kernel, signature, constexprs = paged_attention_kernel_args(geom, tile, dtype, split=True)
+        part_ptx = compile_within_shared_limit(kernel, signature, constexprs, target, tile.num_warps,
+                                               stages=(tile.num_stages,), divisible_by_16=divisible_by_16(signature))
     mk, msig, mconst = merge_kernel_args(geom, tile, dtype)
     merge_ptx = compile_within_shared_limit(mk, msig, mconst, target, 4)
 
