@@ -210,37 +210,37 @@ def _as_ids(blocks, limit: int) -> np.ndarray:
 
 
 class _Seq:
-    """KV state of one request: per layer a block table row (logical -> physical, ``NULL_BLOCK``
-    where not resident) and the last-use stamps of the resident blocks (LRU order), plus the host
-    store id of every written-back logical block. Arrays, so a plan updates a working set with a
-    few vector operations instead of a Python loop over its blocks."""
+    """KV state of one request. Its arrays live in the manager's per-slot arrays (so a plan works
+    on every request and layer of a step at once): per layer a block table row (logical ->
+    physical, ``NULL_BLOCK`` where not resident) and the last-use stamps of the resident blocks
+    (LRU order), plus the host store id of every written-back logical block; ``table``, ``lru``
+    and ``host_ids`` are views of the request's slot."""
 
-    __slots__ = ("rid", "seq_len", "host_ids", "table", "lru", "flushed", "last_want", "last_src", "last_geom",
-                 "last_counts", "vis", "stale", "version", "serial", "layer_version", "planned_version")
+    __slots__ = ("rid", "slot", "serial", "seq_len", "flushed", "version", "_kv")
 
-    def __init__(self, rid: str, num_layers: int, max_blocks: int, serial: int = 0) -> None:
+    def __init__(self, kv: KVManager, rid: str, slot: int, serial: int = 0) -> None:
+        self._kv = kv
         self.rid = rid
+        self.slot = slot
         self.serial = serial  # unique per manager: (serial, version) names one state of ``table``
         self.seq_len = 0
-        self.host_ids = np.full(max_blocks, -1, dtype=np.int64)  # -1: not written back yet
-        self.table = np.zeros((num_layers, max_blocks), dtype=np.int32)
-        # per layer: stamp of each resident block's last use (larger = more recent)
-        self.lru = np.zeros((num_layers, max_blocks), dtype=np.int64)
         self.flushed = 0  # completed blocks written back to the host store
-        # per layer: the want mask of the previous plan (offload), to skip unchanged steps
-        self.last_want: list[np.ndarray | None] = [None] * num_layers
-        self.last_src: list[object] = [None] * num_layers  # the ``needed`` object that produced it
-        self.last_geom: list[tuple[int, int, int] | None] = [None] * num_layers
-        self.last_counts: list[tuple[int, int]] = [(0, 0)] * num_layers  # (working set, needed existing)
-        # per layer: blocks the attention read at the last step (None = every block), and whether
-        # that was a stale selection (overlapped schedule: new blocks still loading)
-        self.vis: list[np.ndarray | None] = [None] * num_layers
-        self.stale = [False] * num_layers
         self.version = 0  # bumped on every change of ``table`` (the engine re-uploads changed rows only)
-        # per layer: bumped on every change of that layer's table row, and its value when the
-        # layer's last plan ended (equal = nothing evicted or loaded since: the working set stands)
-        self.layer_version = [0] * num_layers
-        self.planned_version = [-1] * num_layers
+
+    @property
+    def table(self) -> np.ndarray:
+        """int32 ``[L, max_blocks]`` (a view)."""
+        return self._kv._table[:, self.slot, : self._kv.max_blocks]
+
+    @property
+    def lru(self) -> np.ndarray:
+        """int64 ``[L, max_blocks]``: stamp of each resident block's last use (larger = more recent)."""
+        return self._kv._lru[:, self.slot, : self._kv.max_blocks]
+
+    @property
+    def host_ids(self) -> np.ndarray:
+        """int64 ``[max_blocks]``: host store id per logical block, -1 = not written back yet."""
+        return self._kv._host_ids[self.slot, : self._kv.max_blocks]
 
     @property
     def resident(self) -> list[OrderedDict[int, int]]:
@@ -337,6 +337,9 @@ class KVManager:
 
             self._dma = BatchMemcpy()
         self.time_copies = time_copies
+        #: plan request by request (the sequential path) even where the batched plan applies; for
+        #: tests and the before/after benchmark, not a tuning knob
+        self.sequential_plans = False
         self.layout = layout
         self.max_batch = max_batch
         self.max_blocks = max_blocks
@@ -385,7 +388,13 @@ class KVManager:
         self._forward_start = None  # event on the compute stream before this step's forward
         self._staging: dict[str, tuple[torch.Tensor, torch.cuda.Event | None]] = {}  # pinned buffers + last use
         self._timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # (load | wait, start, end)
-        self._step_want: dict[tuple[str, int], np.ndarray] = {}  # this plan: want mask per (request, layer)
+        self._step_want: dict[tuple[str, int], np.ndarray] = {}  # sequential plan: want mask per (request, layer)
+        # per-request state, one slot per active request (``_Seq.slot``), grown on demand:
+        # block tables, LRU stamps, host ids, and per layer the blocks the attention read at the
+        # last step (``_vis`` over ``_vis_len`` blocks; ``_vis_set`` False = every block, e.g. after
+        # a prefill) and whether that was a stale selection (overlapped schedule)
+        self._slots_free: list[int] = []
+        self._alloc_slots(max_batch)
         self._uploaded: list[tuple[str, int] | None] = [None] * max_batch  # (rid, table version) per row
         self._tables_event = None  # the last table upload from the pinned mirror
         self._serials = 0
@@ -393,11 +402,49 @@ class KVManager:
         self.seqs: dict[str, _Seq] = {}
 
     # ------------------------------------------------------------------ requests
+    def _alloc_slots(self, n: int) -> None:
+        """Make room for ``n`` request slots (keeps the existing ones' state)."""
+        L = self.layout.num_layers
+        mb = 1 << (self.max_blocks - 1).bit_length()  # width: a power of two (flat index -> pair, block by shifts)
+        have = getattr(self, "_table", np.zeros((L, 0, mb), dtype=np.int32)).shape[1]
+        if n <= have:
+            return
+        grow = [("_table", (L, n, mb), np.int32, 0), ("_lru", (L, n, mb), np.int64, 0),
+                ("_host_ids", (n, mb), np.int64, -1), ("_vis", (L, n, mb), bool, False),
+                ("_vis_len", (L, n), np.int64, 0), ("_vis_set", (L, n), bool, False), ("_stale", (L, n), bool, False),
+                # the batched plan's record of each pair's last plan (see _plan_batched)
+                ("_src", (L, n), object, None), ("_geom", (L, n, 3), np.int64, -1), ("_clean", (L, n), bool, False),
+                ("_counts", (L, n, 2), np.int64, 0)]
+        for name, shape, dtype, fill in grow:
+            new = np.full(shape, fill, dtype=dtype)
+            if have:
+                old = getattr(self, name)
+                if name == "_host_ids":
+                    new[:have] = old
+                else:
+                    new[:, :have] = old
+            setattr(self, name, new)
+        self._slots_free = list(range(n - 1, have - 1, -1)) + self._slots_free
+
     def add_request(self, rid: str) -> None:
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already active")
+        if not self._slots_free:
+            self._alloc_slots(2 * self._table.shape[1])
+        slot = self._slots_free.pop()
+        self._table[:, slot] = NULL_BLOCK
+        self._lru[:, slot] = 0
+        self._host_ids[slot] = -1
+        self._vis[:, slot] = False
+        self._vis_len[:, slot] = 0
+        self._vis_set[:, slot] = False
+        self._stale[:, slot] = False
+        self._src[:, slot] = None
+        self._geom[:, slot] = -1
+        self._clean[:, slot] = False
+        self._counts[:, slot] = 0
         self._serials += 1
-        self.seqs[rid] = _Seq(rid, self.layout.num_layers, self.max_blocks, self._serials)
+        self.seqs[rid] = _Seq(self, rid, slot, self._serials)
 
     def free_request(self, rid: str) -> None:
         """Return every device and host block of ``rid``. No wait: a freed block keeps the
@@ -411,6 +458,7 @@ class KVManager:
         if self.host_allocator is not None:
             self.host_allocator.free_array(seq.host_ids[seq.host_ids >= 0])
         del self.seqs[rid]
+        self._slots_free.append(seq.slot)
 
     def _seq(self, rid: str) -> _Seq:
         try:
@@ -492,19 +540,22 @@ class KVManager:
         self._step_want = {}
         self._layer_wait = [0] * L
         self._step_waits = None
-        for row, (rid, t) in enumerate(zip(rids, num_new_tokens, strict=True)):
+        geoms: list[tuple[int, int, int]] = []
+        seqs: list[_Seq] = []
+        for rid, t in zip(rids, num_new_tokens, strict=True):
             seq = self._seq(rid)
-            old_nb = (seq.seq_len + bs - 1) // bs
             new_len = seq.seq_len + t
             if new_len > self.max_blocks * bs:
                 raise ValueError(
                     f"request {rid!r}: sequence length {new_len} exceeds the planned maximum "
                     f"{self.max_blocks * bs} (RuntimeConfig.max_seq_len)"
                 )
-            new_nb = (new_len + bs - 1) // bs
-            first_written = seq.seq_len // bs  # block that receives the first new token
-            if not self.offload:
-                # every block stays resident: only the blocks the new tokens open are allocated
+            # (blocks before, block that receives the first new token, blocks after)
+            geoms.append(((seq.seq_len + bs - 1) // bs, seq.seq_len // bs, (new_len + bs - 1) // bs))
+            seqs.append(seq)
+        if not self.offload:
+            # every block stays resident: only the blocks the new tokens open are allocated
+            for seq, (old_nb, _, new_nb) in zip(seqs, geoms, strict=True):
                 if new_nb > old_nb:
                     for layer in range(L):
                         phys = self.allocators[layer].allocate_array(new_nb - old_nb)
@@ -512,14 +563,18 @@ class KVManager:
                         self._wait_fresh(layer, phys)
                     seq.version += 1
                 transfer.working_set_blocks += new_nb * L
-                seq.seq_len = new_len
-                continue
-            geom = (old_nb, first_written, new_nb)
-            for layer in range(L):
-                extra = None if prefetch is None else prefetch[layer][row]
-                stale[layer][row] = self._plan_layer(seq, layer, needed[layer][row], geom, loads[layer], transfer,
-                                                     extra, early[layer], row)
-            seq.seq_len = new_len
+        else:
+            layers = list(range(L))
+            if prefetch is None and not self.sequential_plans and seqs:
+                layers = self._plan_batched(seqs, geoms, needed, transfer, loads, stale)
+            # layers under pool pressure (or with early prefetch): request by request, in row order
+            for layer in layers:
+                for row, (seq, geom) in enumerate(zip(seqs, geoms, strict=True)):
+                    extra = None if prefetch is None else prefetch[layer][row]
+                    stale[layer][row] = self._plan_layer(seq, layer, needed[layer][row], geom, loads[layer],
+                                                         transfer, extra, early[layer], row)
+        for seq, t in zip(seqs, num_new_tokens, strict=True):
+            seq.seq_len += t
         if any(loads):
             self._load(loads, transfer)
         if any(early):
@@ -560,34 +615,225 @@ class KVManager:
             if g > self._layer_wait[layer]:
                 self._layer_wait[layer] = g
 
+    def _plan_batched(self, seqs: list[_Seq], geoms: list[tuple[int, int, int]], needed, transfer: StepTransfer,
+                      loads: list[list[tuple[np.ndarray, np.ndarray]]], stale: list[list[bool]]) -> list[int]:
+        """The plan of every (request, layer) pair of the step in one pass of array operations, for
+        the layers whose pool holds every block the step must allocate without evicting for it (no
+        pool pressure). There the sequential rules (:meth:`_plan_layer`) do not depend on the order
+        of the rows, and this gives the same working sets, LRU order, loads, deferrals and stale
+        decisions (the physical ids may differ: the allocator hands them out in another order).
+        Each layer's loads become one (host ids, physical ids) pair of arrays.
+
+        A pair whose selection is the very object of its last plan, at the same block geometry, not
+        stale then and untouched since (``_clean``), has the same working set, resident and last in
+        LRU order: only its counters and its compute wait are renewed. The others are gathered into
+        ``[pairs, width]`` masks. Returns the layers left for the sequential path."""
+        L, b, W = self.layout.num_layers, len(seqs), self._table.shape[2]
+        shift = W.bit_length() - 1
+        slots = np.fromiter((s.slot for s in seqs), dtype=np.int64, count=b)
+        geom = np.asarray(geoms, dtype=np.int64).reshape(b, 3)
+        old_nb, first, new_nb = geom[:, 0], geom[:, 1], geom[:, 2]
+        same = (self._geom[:, slots] == geom[None]).all(-1) & self._clean[:, slots] & ~self._stale[:, slots]
+        src = self._src
+        want_none = np.zeros((L, b), dtype=bool)
+        parts, pairs = [], []
+        for layer in range(L):
+            for row, w in enumerate(needed[layer]):
+                if w is None:
+                    want_none[layer, row] = True
+                    same[layer, row] = False
+                elif same[layer, row] and src[layer, slots[row]] is w:
+                    continue
+                else:
+                    same[layer, row] = False
+                    parts.append(w if isinstance(w, np.ndarray) else np.fromiter(w, dtype=np.int64, count=len(w)))
+                    pairs.append(layer * b + row)
+        dirty = np.flatnonzero(~same.reshape(-1))  # pair index layer * b + row, layer-major
+        pl, pr = dirty // b, dirty % b
+        ps = slots[pr]
+        P = dirty.size
+        need = np.zeros((P, W), dtype=bool)
+        if parts:
+            sizes = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
+            ids = np.concatenate(parts).astype(np.int64, copy=False)
+            pid = np.repeat(np.searchsorted(dirty, np.asarray(pairs, dtype=np.int64)), sizes)
+            ok = (ids >= 0) & (ids < old_nb[pr[pid]])
+            need.reshape(-1)[(pid[ok] << shift) | ids[ok]] = True
+        ar = np.arange(W)
+        p_old, p_first, p_new = old_nb[pr][:, None], first[pr][:, None], new_nb[pr][:, None]
+        old_rng = ar < p_old
+        need |= want_none[pl, pr][:, None] & old_rng
+        need |= (ar >= p_first) & (ar < p_new)
+        tbl = self._table[pl, ps]  # [P, W] (a copy)
+        resident = tbl != NULL_BLOCK
+        missing_need = need & ~resident
+        want_sel = ~want_none[pl, pr]
+        if self.overlap:
+            # overlapped switch where the previous selection (+ the blocks opened since) is resident;
+            # without pool pressure the room check of the sequential path always passes
+            lo = np.minimum(self._vis_len[pl, ps][:, None], p_first)
+            old_vis = (self._vis[pl, ps] & (ar < p_new)) | ((ar >= lo) & (ar < p_new))
+            cand = want_sel & self._vis_set[pl, ps] & (missing_need & old_rng).any(-1)
+            kept = (~old_vis | resident | ~old_rng).all(-1)
+            st = cand & kept
+            vis = np.where(st[:, None], old_vis, need)
+        else:
+            cand = kept = st = np.zeros(P, dtype=bool)
+            vis = need
+        mask = need | vis
+        spare = resident & ~mask
+        n_evict = np.count_nonzero(spare, axis=1) - self.cache_blocks
+        # pool pressure: in row order, the free blocks before each row (what the earlier rows
+        # evicted and allocated) must cover its new blocks; a layer where they may not goes sequential
+        delta = np.zeros((L, b), dtype=np.int64)
+        n_new = np.zeros((L, b), dtype=np.int64)
+        n_new[pl, pr] = np.count_nonzero(missing_need, axis=1)
+        delta[pl, pr] = np.maximum(n_evict, 0) - n_new[pl, pr]
+        free = np.fromiter((a.num_free for a in self.allocators), dtype=np.int64, count=L)
+        before = free[:, None] + np.cumsum(delta, axis=1) - delta
+        fits = (before >= n_new).all(axis=1)
+        if not fits.all():
+            keep = fits[pl]
+            (dirty, pl, pr, ps, need, old_rng, tbl, resident, want_sel, cand, kept, st, vis, mask, spare,
+             n_evict) = (x[keep] for x in (dirty, pl, pr, ps, need, old_rng, tbl, resident, want_sel, cand, kept,
+                                           st, vis, mask, spare, n_evict))
+            p_old, p_first, p_new = p_old[keep], p_first[keep], p_new[keep]
+            same &= fits[:, None]
+            P = dirty.size
+        # the pairs that stand: counters and compute waits only
+        sl, sr = np.nonzero(same)
+        if sl.size:
+            cnt = self._counts[sl, slots[sr]].sum(0)
+            transfer.working_set_blocks += int(cnt[0])
+            transfer.blocks_needed += int(cnt[1])
+            self._note_standing(sl, slots[sr])
+        for layer in np.flatnonzero(fits).tolist():
+            stale[layer] = [False] * b
+        if not P:
+            return np.flatnonzero(~fits).tolist()
+        transfer.stale_layers += int(st.sum())
+        transfer.sync_switches += int((cand & ~kept).sum())
+        self._vis[pl, ps] = vis
+        self._vis_len[pl, ps] = p_new[:, 0]
+        self._vis_set[pl, ps] = want_sel
+        self._stale[pl, ps] = st
+        n_mask = np.count_nonzero(mask, axis=1)
+        n_need = np.count_nonzero(need & old_rng, axis=1)
+        transfer.working_set_blocks += int(n_mask.sum())
+        transfer.blocks_needed += int(n_need.sum())
+        self._counts[pl, ps, 0], self._counts[pl, ps, 1] = n_mask, n_need
+        self._geom[pl, ps] = geom[pr]
+        self._clean[pl, ps] = want_sel
+        src[pl[want_sel], ps[want_sel]] = [needed[la][r] for la, r in zip(pl[want_sel].tolist(), pr[want_sel].tolist(),
+                                                                          strict=True)]
+        changed = np.zeros(b, dtype=bool)
+        layers = np.flatnonzero(fits)
+        # evict spare blocks (resident, not wanted) beyond the cache, least recently used first
+        if (n_evict > 0).any():
+            flat = np.flatnonzero(spare & (n_evict > 0)[:, None])
+            ep, eb = flat >> shift, flat & (W - 1)
+            order = np.lexsort((eb, self._lru[pl[ep], ps[ep], eb], ep))
+            k = ep[order]
+            rank = np.arange(k.size) - np.searchsorted(k, k, side="left")
+            vic = order[rank < n_evict[k]]
+            vp, vb = ep[vic], eb[vic]
+            bad = self._host_ids[ps[vp], vb] < 0
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise RuntimeError(
+                    f"request {seqs[pr[vp[i]]].rid!r} layer {int(pl[vp[i]])}: evicting logical block {int(vb[i])} "
+                    "that is not in the host store (only completed, written-back blocks may leave the device)"
+                )
+            phys = tbl[vp, vb].astype(np.int64)
+            vl = pl[vp]
+            for layer in layers.tolist():
+                lo_, hi_ = np.searchsorted(vl, [layer, layer + 1])
+                if hi_ > lo_:
+                    self.allocators[layer].free_array(phys[lo_:hi_])
+            tbl[vp, vb] = NULL_BLOCK
+            self._table[pl[vp], ps[vp], vb] = NULL_BLOCK
+            changed[pr[vp]] = True
+            transfer.blocks_evicted += int(vp.size)
+        # allocate the missing blocks; existing ones load from the host store (now, or beside the
+        # step where the pair attends its stale selection), new ones are written by this step
+        flat = np.flatnonzero(mask & (tbl == NULL_BLOCK))
+        if flat.size:
+            mp, mb = flat >> shift, flat & (W - 1)
+            ml = pl[mp]
+            bounds = np.searchsorted(ml, np.arange(L + 1))
+            phys = np.concatenate([self.allocators[layer].allocate_array(int(bounds[layer + 1] - bounds[layer]))
+                                   for layer in range(L)])
+            self._table[ml, ps[mp], mb] = phys
+            changed[pr[mp]] = True
+            old = mb < p_old[mp, 0]
+            hids = self._host_ids[ps[mp], mb]
+            bad = old & (hids < 0)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise RuntimeError(
+                    f"request {seqs[pr[mp[i]]].rid!r} layer {int(ml[i])}: logical block {int(mb[i])} is neither "
+                    "resident nor in the host store (internal invariant broken)"
+                )
+            deferred = old & st[mp]
+            now = old & ~deferred
+            transfer.blocks_deferred += int(deferred.sum())
+            for layer in range(L):
+                sl_ = slice(bounds[layer], bounds[layer + 1])
+                if sl_.stop == sl_.start:
+                    continue
+                for sel, out in ((now[sl_], loads[layer]), (deferred[sl_], self._deferred[layer])):
+                    if sel.any():
+                        out.append((hids[sl_][sel], phys[sl_][sel]))
+                fresh = ~old[sl_]
+                if fresh.any():
+                    self._wait_fresh(layer, phys[sl_][fresh])
+        for row in np.flatnonzero(changed).tolist():
+            seqs[row].version += 1
+        # the wanted blocks become the most recently used, in block order
+        flat = np.flatnonzero(mask)
+        wp, wb = flat >> shift, flat & (W - 1)
+        self._stamp += 1
+        self._lru[pl[wp], ps[wp], wb] = self._stamp * W + (np.arange(wp.size) - np.searchsorted(wp, wp, side="left"))
+        # this step's compute waits for the last copies of the blocks it attends
+        flat = np.flatnonzero(vis)
+        vp = flat >> shift
+        phys = self._table[pl[vp], ps[vp], flat & (W - 1)]
+        vl = pl[vp]
+        bounds = np.searchsorted(vl, np.arange(L + 1))
+        for layer in layers.tolist():
+            self._note_wait(layer, phys[bounds[layer] : bounds[layer + 1]])
+        for p in np.flatnonzero(st).tolist():
+            stale[int(pl[p])][int(pr[p])] = True
+        return np.flatnonzero(~fits).tolist()
+
+    def _note_standing(self, layers: np.ndarray, slots: np.ndarray) -> None:
+        """The compute waits of (layer, slot) pairs whose working set stands from their last plan
+        (:meth:`_plan_batched`): only where a copy newer than both the last wait and this layer's
+        wait so far touched the layer's pool (with a copy log: every read is logged)."""
+        for layer in np.unique(layers).tolist():
+            sel = slots[layers == layer]
+            if self.copy_log is None and (self._gen <= self._waited
+                                          or int(self._block_gen[layer].max()) <= max(self._waited,
+                                                                                      self._layer_wait[layer])):
+                continue
+            tbl = self._table[layer, sel]
+            self._note_wait(layer, tbl[self._vis[layer, sel] & (tbl != NULL_BLOCK)])
+
     def _plan_layer(self, seq: _Seq, layer: int, want, geom: tuple[int, int, int],
                     loads: list[tuple[np.ndarray, np.ndarray]], transfer: StepTransfer, extra=None,
                     early: list[tuple[np.ndarray, np.ndarray]] | None = None, row: int = 0) -> bool:
-        """Working set of one (request, layer) for this step: evict spare blocks beyond the LRU
-        cache, allocate and schedule loads of the missing wanted blocks, stamp the wanted blocks
-        most recently used (in block order, as an LRU list would append them). Returns True when
-        the step attends with the stale (previous) selection while the new blocks load (overlap).
+        """The sequential path: working set of one (request, layer) for this step (the rules
+        :meth:`_plan_batched` applies to all pairs at once where the pool has room): evict spare
+        blocks beyond the LRU cache, allocate and schedule loads of the missing wanted blocks
+        (evicting other requests' cached blocks under pool pressure), stamp the wanted blocks most
+        recently used (in block order, as an LRU list would append them). Returns True when the
+        step attends with the stale (previous) selection while the new blocks load (overlap).
 
         ``extra``: blocks a coming selection will need (early prefetch); made resident too, from
         free pool blocks only, with their loads in ``early`` (this step does not wait for them)."""
         old_nb, first_written, new_nb = geom
+        slot = seq.slot
         tbl, lru = seq.table[layer], seq.lru[layer]
-        last = seq.last_want[layer]
-        src = (want, extra)
-        if (want is not None and last is not None and seq.last_src[layer] is not None and not seq.stale[layer]
-                and src[0] is seq.last_src[layer][0] and src[1] is seq.last_src[layer][1]
-                and geom == seq.last_geom[layer] and seq.layer_version[layer] == seq.planned_version[layer]):
-            # the very objects of the last plan (the engine reuses them while the policy's
-            # selections are unchanged) at the same block geometry: the same working set, resident
-            self._step_want[(seq.rid, layer)] = last
-            n_work, n_need = seq.last_counts[layer]
-            transfer.working_set_blocks += n_work
-            transfer.blocks_needed += n_need
-            vis = seq.vis[layer]
-            if self._gen > self._waited and vis is not None:
-                self._note_wait(layer, tbl[np.flatnonzero(vis)])
-            return False
-        seq.last_src[layer], seq.last_geom[layer] = src, geom
         need = np.zeros(new_nb, dtype=bool)
         if want is None:
             need[:old_nb] = True
@@ -597,13 +843,12 @@ class KVManager:
         resident = tbl[:new_nb] != NULL_BLOCK
         stale = False
         vis = need
-        prev = seq.vis[layer]
-        if self.overlap and want is not None and prev is not None and (need[:old_nb] & ~resident[:old_nb]).any():
+        if (self.overlap and want is not None and self._vis_set[layer, slot]
+                and (need[:old_nb] & ~resident[:old_nb]).any()):
             # overlapped switch: keep attending the previous selection (+ the blocks opened since)
             # while the new blocks load, if that set is still resident and the pool has room for both
-            old_vis = np.zeros(new_nb, dtype=bool)
-            old_vis[: prev.size] = prev[:new_nb]
-            old_vis[min(prev.size, first_written):new_nb] = True
+            old_vis = self._vis[layer, slot, :new_nb].copy()
+            old_vis[min(int(self._vis_len[layer, slot]), first_written):new_nb] = True
             n_new = int((need & ~resident).sum())
             room = self.allocators[layer].num_free + int((resident & ~(old_vis | need)).sum())
             if resident[:old_nb][old_vis[:old_nb]].all() and (room >= n_new or self._reclaimable(layer, seq) + room >= n_new):
@@ -625,22 +870,13 @@ class KVManager:
                 early_blocks = early_blocks[:0]
                 ex &= resident
             mask |= ex
-        seq.vis[layer], seq.stale[layer] = (None if want is None else vis), stale
+        self._set_vis(layer, slot, vis, new_nb, want is not None, stale)
         # protected from pressure evictions in this plan: what the step reads or loads now; early
         # blocks that are already resident are only a cache for a coming selection
         self._step_want[(seq.rid, layer)] = mask if extra is None else (need | vis) | (mask & ~resident)
         wanted = np.flatnonzero(mask)
-        n_need = int(need[:old_nb].sum())
-        seq.last_counts[layer] = (wanted.size, n_need)
         transfer.working_set_blocks += wanted.size
-        transfer.blocks_needed += n_need
-        if last is not None and last.size == mask.size and np.array_equal(last, mask) and resident[mask].all():
-            # the working set of this layer's previous step (between retrievals), all still
-            # resident and already last in LRU order: nothing to evict, load or reorder
-            self._note_wait(layer, tbl[np.flatnonzero(vis)])
-            seq.planned_version[layer] = seq.layer_version[layer]
-            return stale
-        seq.last_want[layer] = mask
+        transfer.blocks_needed += int(need[:old_nb].sum())
         # evict spare blocks (resident, not wanted) beyond the cache, least recently used first
         spare = np.flatnonzero(resident & ~mask)
         n_evict = spare.size - self.cache_blocks
@@ -651,7 +887,6 @@ class KVManager:
         missing = wanted[tbl[wanted] == NULL_BLOCK]
         if missing.size:
             seq.version += 1
-            seq.layer_version[layer] += 1
             now = missing[~np.isin(missing, early_blocks)] if early_blocks.size else missing
             if stale:
                 # the new selection's blocks load beside this step (issue_deferred); only the
@@ -683,16 +918,24 @@ class KVManager:
                         self._early_entries[layer].append((seq, out[-1], blocks))
             transfer.blocks_prefetched += int(early_blocks.size)
         self._stamp += 1
-        lru[wanted] = self._stamp * self.max_blocks + np.arange(wanted.size)
+        lru[wanted] = self._stamp * self._table.shape[2] + np.arange(wanted.size)
         if new_nb > old_nb:
             self._wait_fresh(layer, tbl[old_nb:new_nb])
         self._note_wait(layer, tbl[np.flatnonzero(vis)])
-        seq.planned_version[layer] = seq.layer_version[layer]
         if stale:
             # kept for _unstale: pool pressure from a later row may turn this switch synchronous
             self._stale_entries[layer].append((seq, row, dentry, np.flatnonzero(vis[:old_nb] & ~need[:old_nb]),
                                                need))
+        self._clean[layer, slot] = False  # planned here: the next batched plan recomputes the pair
         return stale
+
+    def _set_vis(self, layer: int, slot: int, vis: np.ndarray, n: int, selected: bool, stale: bool) -> None:
+        """Record the blocks a (request, layer) attends this step (``selected`` False: every block)."""
+        self._vis[layer, slot] = False
+        self._vis[layer, slot, :n] = vis
+        self._vis_len[layer, slot] = n
+        self._vis_set[layer, slot] = selected
+        self._stale[layer, slot] = stale
 
     def _revoke_early(self, layer: int) -> bool:
         """Pool pressure: give back the blocks of the last early prefetch scheduled in this plan (a
@@ -703,17 +946,10 @@ class KVManager:
         self._early_now[layer][:] = [e for e in self._early_now[layer] if e is not entry]
         self._drop(seq, layer, blocks)
         self._transfer.blocks_prefetched -= int(blocks.size)
-        for masks in (self._step_want, None):
-            if masks is None:
-                m = seq.last_want[layer]
-                if m is not None:
-                    m = m.copy()
-                    m[blocks] = False
-                    seq.last_want[layer] = m
-            elif (seq.rid, layer) in masks:
-                m = masks[(seq.rid, layer)].copy()
-                m[blocks] = False
-                masks[(seq.rid, layer)] = m
+        if (seq.rid, layer) in self._step_want:
+            m = self._step_want[(seq.rid, layer)].copy()
+            m[blocks] = False
+            self._step_want[(seq.rid, layer)] = m
         return True
 
     def _unstale(self, layer: int) -> bool:
@@ -735,8 +971,8 @@ class KVManager:
             tr.blocks_evicted += int(old_only.size)
         mask = self._step_want[(seq.rid, layer)].copy()
         mask[old_only] = False
-        self._step_want[(seq.rid, layer)] = seq.last_want[layer] = mask
-        seq.vis[layer], seq.stale[layer] = need, False
+        self._step_want[(seq.rid, layer)] = mask
+        self._set_vis(layer, seq.slot, need, need.size, True, False)
         self._stale_flags[layer][row] = False
         self._note_wait(layer, seq.table[layer][np.flatnonzero(need)])
         return True
@@ -774,7 +1010,7 @@ class KVManager:
         self.allocators[layer].free_array(tbl[blocks].astype(np.int64))
         tbl[blocks] = NULL_BLOCK
         seq.version += 1
-        seq.layer_version[layer] += 1
+        self._clean[layer, seq.slot] = False
 
     def _evict_under_pressure(self, layer: int, n: int) -> None:
         # Drop ``n`` cached blocks (written back, not needed by any row planned so far in this
@@ -1030,26 +1266,33 @@ class KVManager:
 
     def _write_tables(self, rids: list[str]) -> None:
         """Copy the block-table rows that changed since their last upload (or moved to another row)
-        into the pinned host mirror and upload them in one copy. The host waits for the previous
-        upload from the mirror before it writes into it (normally long finished)."""
-        th = self.tables_host
-        changed = []
+        into the pinned host mirror (one gather over all layers) and upload them in one copy. The
+        host waits for the previous upload from the mirror before it writes into it (normally long
+        finished)."""
+        changed, slots = [], []
         for row, rid in enumerate(rids):
             seq = self.seqs[rid]
             key = (seq.serial, seq.version)
             if self._uploaded[row] != key:
-                changed.append((row, seq, key))
+                changed.append(row)
+                slots.append(seq.slot)
+                self._uploaded[row] = key
         if not changed:
             return
         if self._tables_event is not None:
             self._tables_event.synchronize()
-        for row, seq, key in changed:
-            if int(seq.table.max()) >= self.pools[0].shape[0] or int(seq.table.min()) < 0:
-                raise RuntimeError(f"request {seq.rid!r}: block table holds ids outside the device pool "
-                                   f"[0, {self.pools[0].shape[0]}) (internal invariant broken)")
-            th[:, row] = torch.from_numpy(seq.table)
-            self._uploaded[row] = key
-        lo, hi = changed[0][0], changed[-1][0] + 1
+        rows = self._table[:, slots, : self.max_blocks]  # [L, n, max_blocks]
+        n_dev = self.pools[0].shape[0]
+        if int(rows.max()) >= n_dev or int(rows.min()) < 0:
+            rid = rids[changed[int(np.flatnonzero(((rows >= n_dev) | (rows < 0)).any(axis=(0, 2)))[0])]]
+            raise RuntimeError(f"request {rid!r}: block table holds ids outside the device pool "
+                               f"[0, {n_dev}) (internal invariant broken)")
+        th = self.tables_host
+        lo, hi = changed[0], changed[-1] + 1
+        if hi - lo == len(changed):
+            th[:, lo:hi] = torch.from_numpy(rows)
+        else:
+            th[:, changed] = torch.from_numpy(rows)
         self.tables[:, lo:hi].copy_(th[:, lo:hi], non_blocking=self.is_cuda)
         if self.is_cuda:
             self._tables_event = torch.cuda.Event()
