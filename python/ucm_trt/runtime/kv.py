@@ -405,7 +405,7 @@ class KVManager:
     def _alloc_slots(self, n: int) -> None:
         """Make room for ``n`` request slots (keeps the existing ones' state)."""
         L = self.layout.num_layers
-        mb = 1 << (self.max_blocks - 1).bit_length()  # width: a power of two (flat index -> pair, block by shifts)
+        mb = -(-self.max_blocks // 8) * 8  # row width of the per-slot arrays
         have = getattr(self, "_table", np.zeros((L, 0, mb), dtype=np.int32)).shape[1]
         if n <= have:
             return
@@ -618,18 +618,19 @@ class KVManager:
     def _plan_batched(self, seqs: list[_Seq], geoms: list[tuple[int, int, int]], needed, transfer: StepTransfer,
                       loads: list[list[tuple[np.ndarray, np.ndarray]]], stale: list[list[bool]]) -> list[int]:
         """The plan of every (request, layer) pair of the step in one pass of array operations, for
-        the layers whose pool holds every block the step must allocate without evicting for it (no
-        pool pressure). There the sequential rules (:meth:`_plan_layer`) do not depend on the order
-        of the rows, and this gives the same working sets, LRU order, loads, deferrals and stale
-        decisions (the physical ids may differ: the allocator hands them out in another order).
-        Each layer's loads become one (host ids, physical ids) pair of arrays.
+        the layers where no pool pressure can arise (in row order, the free blocks before each row
+        cover its new blocks). There the sequential rules (:meth:`_plan_layer`) do not depend on
+        the order of the rows, and this gives the same working sets, LRU order, loads, deferrals
+        and stale decisions (the physical ids may differ: the allocator hands them out in another
+        order). Each layer's loads become one (host ids, physical ids) pair of arrays.
 
         A pair whose selection is the very object of its last plan, at the same block geometry, not
         stale then and untouched since (``_clean``), has the same working set, resident and last in
-        LRU order: only its counters and its compute wait are renewed. The others are gathered into
-        ``[pairs, width]`` masks. Returns the layers left for the sequential path."""
-        L, b, W = self.layout.num_layers, len(seqs), self._table.shape[2]
-        shift = W.bit_length() - 1
+        LRU order: only its counters and its compute wait are renewed. The others ("dirty") are
+        gathered into ``[pairs, width]`` masks (rows of the per-slot arrays). Returns the layers
+        left for the sequential path."""
+        L, b = self.layout.num_layers, len(seqs)
+        S, W = self._table.shape[1], self._table.shape[2]
         slots = np.fromiter((s.slot for s in seqs), dtype=np.int64, count=b)
         geom = np.asarray(geoms, dtype=np.int64).reshape(b, 3)
         old_nb, first, new_nb = geom[:, 0], geom[:, 1], geom[:, 2]
@@ -638,19 +639,19 @@ class KVManager:
         want_none = np.zeros((L, b), dtype=bool)
         parts, pairs = [], []
         for layer in range(L):
+            src_l, same_l = src[layer], same[layer]
             for row, w in enumerate(needed[layer]):
                 if w is None:
                     want_none[layer, row] = True
-                    same[layer, row] = False
-                elif same[layer, row] and src[layer, slots[row]] is w:
+                    same_l[row] = False
+                elif same_l[row] and src_l[slots[row]] is w:
                     continue
                 else:
-                    same[layer, row] = False
+                    same_l[row] = False
                     parts.append(w if isinstance(w, np.ndarray) else np.fromiter(w, dtype=np.int64, count=len(w)))
                     pairs.append(layer * b + row)
         dirty = np.flatnonzero(~same.reshape(-1))  # pair index layer * b + row, layer-major
         pl, pr = dirty // b, dirty % b
-        ps = slots[pr]
         P = dirty.size
         need = np.zeros((P, W), dtype=bool)
         if parts:
@@ -658,46 +659,54 @@ class KVManager:
             ids = np.concatenate(parts).astype(np.int64, copy=False)
             pid = np.repeat(np.searchsorted(dirty, np.asarray(pairs, dtype=np.int64)), sizes)
             ok = (ids >= 0) & (ids < old_nb[pr[pid]])
-            need.reshape(-1)[(pid[ok] << shift) | ids[ok]] = True
+            need.reshape(-1)[pid[ok] * W + ids[ok]] = True
         ar = np.arange(W)
         p_old, p_first, p_new = old_nb[pr][:, None], first[pr][:, None], new_nb[pr][:, None]
         old_rng = ar < p_old
-        need |= want_none[pl, pr][:, None] & old_rng
+        want_sel = ~want_none[pl, pr]
+        if not want_sel.all():
+            need[~want_sel] |= old_rng[~want_sel]
         need |= (ar >= p_first) & (ar < p_new)
-        tbl = self._table[pl, ps]  # [P, W] (a copy)
+        prow = pl * S + slots[pr]  # row of the pair in the [L * S, W] views of the per-slot arrays
+        tbl = self._table.reshape(L * S, W)[prow]  # [P, W] (a copy)
         resident = tbl != NULL_BLOCK
         missing_need = need & ~resident
-        want_sel = ~want_none[pl, pr]
+        n_new = np.count_nonzero(missing_need, axis=1)
+        st = cand = kept = np.zeros(P, dtype=bool)
+        vis = need
         if self.overlap:
             # overlapped switch where the previous selection (+ the blocks opened since) is resident;
             # without pool pressure the room check of the sequential path always passes
-            lo = np.minimum(self._vis_len[pl, ps][:, None], p_first)
-            old_vis = (self._vis[pl, ps] & (ar < p_new)) | ((ar >= lo) & (ar < p_new))
-            cand = want_sel & self._vis_set[pl, ps] & (missing_need & old_rng).any(-1)
-            kept = (~old_vis | resident | ~old_rng).all(-1)
-            st = cand & kept
-            vis = np.where(st[:, None], old_vis, need)
-        else:
-            cand = kept = st = np.zeros(P, dtype=bool)
-            vis = need
-        mask = need | vis
+            cand = want_sel & self._vis_set.reshape(-1)[prow] & (missing_need & old_rng).any(-1)
+            c = np.flatnonzero(cand)
+            if c.size:
+                crow = prow[c]
+                lo = np.minimum(self._vis_len.reshape(-1)[crow][:, None], p_first[c])
+                old_vis = (self._vis.reshape(L * S, W)[crow] | (ar >= lo)) & (ar < p_new[c])
+                ok_c = ~(old_vis & ~resident[c] & old_rng[c]).any(-1)
+                kept = np.zeros(P, dtype=bool)
+                kept[c] = ok_c
+                st = cand & kept
+                if ok_c.any():
+                    vis = need.copy()
+                    vis[c[ok_c]] = old_vis[ok_c]
+        mask = need | vis if vis is not need else need
         spare = resident & ~mask
         n_evict = np.count_nonzero(spare, axis=1) - self.cache_blocks
         # pool pressure: in row order, the free blocks before each row (what the earlier rows
         # evicted and allocated) must cover its new blocks; a layer where they may not goes sequential
         delta = np.zeros((L, b), dtype=np.int64)
-        n_new = np.zeros((L, b), dtype=np.int64)
-        n_new[pl, pr] = np.count_nonzero(missing_need, axis=1)
-        delta[pl, pr] = np.maximum(n_evict, 0) - n_new[pl, pr]
+        n_new_lb = np.zeros((L, b), dtype=np.int64)
+        n_new_lb[pl, pr] = n_new
+        delta[pl, pr] = np.maximum(n_evict, 0) - n_new
         free = np.fromiter((a.num_free for a in self.allocators), dtype=np.int64, count=L)
-        before = free[:, None] + np.cumsum(delta, axis=1) - delta
-        fits = (before >= n_new).all(axis=1)
+        fits = (free[:, None] + np.cumsum(delta, axis=1) - delta >= n_new_lb).all(axis=1)
         if not fits.all():
             keep = fits[pl]
-            (dirty, pl, pr, ps, need, old_rng, tbl, resident, want_sel, cand, kept, st, vis, mask, spare,
-             n_evict) = (x[keep] for x in (dirty, pl, pr, ps, need, old_rng, tbl, resident, want_sel, cand, kept,
-                                           st, vis, mask, spare, n_evict))
-            p_old, p_first, p_new = p_old[keep], p_first[keep], p_new[keep]
+            (dirty, pl, pr, prow, need, old_rng, tbl, want_sel, cand, kept, st, vis, mask, spare, n_evict) = (
+                x[keep] for x in (dirty, pl, pr, prow, need, old_rng, tbl, want_sel, cand, kept, st, vis, mask,
+                                  spare, n_evict))
+            p_old, p_new = p_old[keep], p_new[keep]
             same &= fits[:, None]
             P = dirty.size
         # the pairs that stand: counters and compute waits only
@@ -713,31 +722,35 @@ class KVManager:
             return np.flatnonzero(~fits).tolist()
         transfer.stale_layers += int(st.sum())
         transfer.sync_switches += int((cand & ~kept).sum())
-        self._vis[pl, ps] = vis
-        self._vis_len[pl, ps] = p_new[:, 0]
-        self._vis_set[pl, ps] = want_sel
-        self._stale[pl, ps] = st
+        self._vis.reshape(L * S, W)[prow] = vis
+        self._vis_len.reshape(-1)[prow] = p_new[:, 0]
+        self._vis_set.reshape(-1)[prow] = want_sel
+        self._stale.reshape(-1)[prow] = st
         n_mask = np.count_nonzero(mask, axis=1)
         n_need = np.count_nonzero(need & old_rng, axis=1)
         transfer.working_set_blocks += int(n_mask.sum())
         transfer.blocks_needed += int(n_need.sum())
-        self._counts[pl, ps, 0], self._counts[pl, ps, 1] = n_mask, n_need
-        self._geom[pl, ps] = geom[pr]
-        self._clean[pl, ps] = want_sel
-        src[pl[want_sel], ps[want_sel]] = [needed[la][r] for la, r in zip(pl[want_sel].tolist(), pr[want_sel].tolist(),
-                                                                          strict=True)]
+        counts = self._counts.reshape(L * S, 2)
+        counts[prow, 0], counts[prow, 1] = n_mask, n_need
+        self._geom.reshape(L * S, 3)[prow] = geom[pr]
+        self._clean.reshape(-1)[prow] = want_sel
+        ws = np.flatnonzero(want_sel)
+        src_flat = src.reshape(-1)
+        for p, la, r in zip(prow[ws].tolist(), pl[ws].tolist(), pr[ws].tolist(), strict=True):
+            src_flat[p] = needed[la][r]
         changed = np.zeros(b, dtype=bool)
-        layers = np.flatnonzero(fits)
+        table_flat, lru_flat = self._table.reshape(-1), self._lru.reshape(-1)
         # evict spare blocks (resident, not wanted) beyond the cache, least recently used first
         if (n_evict > 0).any():
             flat = np.flatnonzero(spare & (n_evict > 0)[:, None])
-            ep, eb = flat >> shift, flat & (W - 1)
-            order = np.lexsort((eb, self._lru[pl[ep], ps[ep], eb], ep))
+            ep, eb = np.divmod(flat, W)
+            at = prow[ep] * W + eb
+            order = np.lexsort((lru_flat[at], ep))  # within a pair LRU values are distinct
             k = ep[order]
             rank = np.arange(k.size) - np.searchsorted(k, k, side="left")
-            vic = order[rank < n_evict[k]]
+            vic = order[rank < n_evict[k]]  # still in pair order, so layer-major
             vp, vb = ep[vic], eb[vic]
-            bad = self._host_ids[ps[vp], vb] < 0
+            bad = self._host_ids[slots[pr[vp]], vb] < 0
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
                 raise RuntimeError(
@@ -745,28 +758,27 @@ class KVManager:
                     "that is not in the host store (only completed, written-back blocks may leave the device)"
                 )
             phys = tbl[vp, vb].astype(np.int64)
-            vl = pl[vp]
-            for layer in layers.tolist():
-                lo_, hi_ = np.searchsorted(vl, [layer, layer + 1])
-                if hi_ > lo_:
-                    self.allocators[layer].free_array(phys[lo_:hi_])
+            bounds = np.searchsorted(pl[vp], np.arange(L + 1))
+            for layer in range(L):
+                if bounds[layer + 1] > bounds[layer]:
+                    self.allocators[layer].free_array(phys[bounds[layer] : bounds[layer + 1]])
             tbl[vp, vb] = NULL_BLOCK
-            self._table[pl[vp], ps[vp], vb] = NULL_BLOCK
+            table_flat[at[vic]] = NULL_BLOCK
             changed[pr[vp]] = True
             transfer.blocks_evicted += int(vp.size)
         # allocate the missing blocks; existing ones load from the host store (now, or beside the
         # step where the pair attends its stale selection), new ones are written by this step
         flat = np.flatnonzero(mask & (tbl == NULL_BLOCK))
         if flat.size:
-            mp, mb = flat >> shift, flat & (W - 1)
+            mp, mb = np.divmod(flat, W)
             ml = pl[mp]
             bounds = np.searchsorted(ml, np.arange(L + 1))
             phys = np.concatenate([self.allocators[layer].allocate_array(int(bounds[layer + 1] - bounds[layer]))
                                    for layer in range(L)])
-            self._table[ml, ps[mp], mb] = phys
+            table_flat[prow[mp] * W + mb] = phys
             changed[pr[mp]] = True
             old = mb < p_old[mp, 0]
-            hids = self._host_ids[ps[mp], mb]
+            hids = self._host_ids[slots[pr[mp]], mb]
             bad = old & (hids < 0)
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
@@ -778,30 +790,28 @@ class KVManager:
             now = old & ~deferred
             transfer.blocks_deferred += int(deferred.sum())
             for layer in range(L):
-                sl_ = slice(bounds[layer], bounds[layer + 1])
-                if sl_.stop == sl_.start:
+                lo_, hi_ = int(bounds[layer]), int(bounds[layer + 1])
+                if hi_ == lo_:
                     continue
-                for sel, out in ((now[sl_], loads[layer]), (deferred[sl_], self._deferred[layer])):
+                for sel, out in ((now[lo_:hi_], loads[layer]), (deferred[lo_:hi_], self._deferred[layer])):
                     if sel.any():
-                        out.append((hids[sl_][sel], phys[sl_][sel]))
-                fresh = ~old[sl_]
+                        out.append((hids[lo_:hi_][sel], phys[lo_:hi_][sel]))
+                fresh = ~old[lo_:hi_]
                 if fresh.any():
-                    self._wait_fresh(layer, phys[sl_][fresh])
+                    self._wait_fresh(layer, phys[lo_:hi_][fresh])
         for row in np.flatnonzero(changed).tolist():
             seqs[row].version += 1
         # the wanted blocks become the most recently used, in block order
-        flat = np.flatnonzero(mask)
-        wp, wb = flat >> shift, flat & (W - 1)
         self._stamp += 1
-        self._lru[pl[wp], ps[wp], wb] = self._stamp * W + (np.arange(wp.size) - np.searchsorted(wp, wp, side="left"))
+        wp, wb = np.divmod(np.flatnonzero(mask), W)
+        lru_flat[prow[wp] * W + wb] = self._stamp * W + wb
         # this step's compute waits for the last copies of the blocks it attends
-        flat = np.flatnonzero(vis)
-        vp = flat >> shift
-        phys = self._table[pl[vp], ps[vp], flat & (W - 1)]
-        vl = pl[vp]
-        bounds = np.searchsorted(vl, np.arange(L + 1))
-        for layer in layers.tolist():
-            self._note_wait(layer, phys[bounds[layer] : bounds[layer + 1]])
+        if self.copy_log is not None or self._gen > self._waited:
+            vp, vb = np.divmod(np.flatnonzero(vis), W)
+            phys = table_flat[prow[vp] * W + vb]
+            bounds = np.searchsorted(pl[vp], np.arange(L + 1))
+            for layer in np.flatnonzero(fits).tolist():
+                self._note_wait(layer, phys[bounds[layer] : bounds[layer + 1]])
         for p in np.flatnonzero(st).tolist():
             stale[int(pl[p])][int(pr[p])] = True
         return np.flatnonzero(~fits).tolist()
@@ -918,7 +928,7 @@ class KVManager:
                         self._early_entries[layer].append((seq, out[-1], blocks))
             transfer.blocks_prefetched += int(early_blocks.size)
         self._stamp += 1
-        lru[wanted] = self._stamp * self._table.shape[2] + np.arange(wanted.size)
+        lru[wanted] = self._stamp * self._table.shape[2] + wanted  # in block order, after every older stamp
         if new_nb > old_nb:
             self._wait_fresh(layer, tbl[old_nb:new_nb])
         self._note_wait(layer, tbl[np.flatnonzero(vis)])
@@ -1281,7 +1291,7 @@ class KVManager:
             return
         if self._tables_event is not None:
             self._tables_event.synchronize()
-        rows = self._table[:, slots, : self.max_blocks]  # [L, n, max_blocks]
+        rows = self._table.take(slots, axis=1)[:, :, : self.max_blocks]  # [L, n, max_blocks]
         n_dev = self.pools[0].shape[0]
         if int(rows.max()) >= n_dev or int(rows.min()) < 0:
             rid = rids[changed[int(np.flatnonzero(((rows >= n_dev) | (rows < 0)).any(axis=(0, 2)))[0])]]
@@ -1290,9 +1300,9 @@ class KVManager:
         th = self.tables_host
         lo, hi = changed[0], changed[-1] + 1
         if hi - lo == len(changed):
-            th[:, lo:hi] = torch.from_numpy(rows)
+            th.numpy()[:, lo:hi] = rows
         else:
-            th[:, changed] = torch.from_numpy(rows)
+            th.numpy()[:, changed] = rows
         self.tables[:, lo:hi].copy_(th[:, lo:hi], non_blocking=self.is_cuda)
         if self.is_cuda:
             self._tables_event = torch.cuda.Event()
