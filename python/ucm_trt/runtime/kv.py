@@ -143,17 +143,20 @@ class BlockAllocator:
         inside = (ids >= 0) & (ids < self.num_blocks)
         ok = inside.copy()
         ok[inside] = self._used[ids[inside]]
-        if ok.all() and np.unique(ids).size != ids.size:
+        if ok.all():
+            self._used[ids] = False
+            if np.count_nonzero(self._used) == self._num_used - ids.size:  # no id twice in this call
+                self._stack[self._top : self._top + ids.size] = ids
+                self._top += ids.size
+                self._num_used -= ids.size
+                return
+            self._used[ids] = True  # undo: every id was in use
             _, first = np.unique(ids, return_index=True)
             dup = np.setdiff1d(np.arange(ids.size), first)[0]
             ok[dup] = False  # the second free of the same id in one call
         if not ok.all():
             bad = int(ids[np.flatnonzero(~ok)[0]])
             raise ValueError(f"{self.name}: block {bad} is not allocated (double free or foreign id)")
-        self._used[ids] = False
-        self._stack[self._top : self._top + ids.size] = ids
-        self._top += ids.size
-        self._num_used -= ids.size
 
     def free(self, ids) -> None:
         self.free_array(np.fromiter((int(i) for i in ids), dtype=np.int64))
@@ -650,6 +653,7 @@ class KVManager:
                     same_l[row] = False
                     parts.append(w if isinstance(w, np.ndarray) else np.fromiter(w, dtype=np.int64, count=len(w)))
                     pairs.append(layer * b + row)
+                    src_l[slots[row]] = w  # this plan's (ignored unless the pair ends clean, see below)
         dirty = np.flatnonzero(~same.reshape(-1))  # pair index layer * b + row, layer-major
         pl, pr = dirty // b, dirty % b
         P = dirty.size
@@ -734,10 +738,6 @@ class KVManager:
         counts[prow, 0], counts[prow, 1] = n_mask, n_need
         self._geom.reshape(L * S, 3)[prow] = geom[pr]
         self._clean.reshape(-1)[prow] = want_sel
-        ws = np.flatnonzero(want_sel)
-        src_flat = src.reshape(-1)
-        for p, la, r in zip(prow[ws].tolist(), pl[ws].tolist(), pr[ws].tolist(), strict=True):
-            src_flat[p] = needed[la][r]
         changed = np.zeros(b, dtype=bool)
         table_flat, lru_flat = self._table.reshape(-1), self._lru.reshape(-1)
         # evict spare blocks (resident, not wanted) beyond the cache, least recently used first
@@ -745,7 +745,8 @@ class KVManager:
             flat = np.flatnonzero(spare & (n_evict > 0)[:, None])
             ep, eb = np.divmod(flat, W)
             at = prow[ep] * W + eb
-            order = np.lexsort((lru_flat[at], ep))  # within a pair LRU values are distinct
+            lru_v = lru_flat[at]
+            order = np.argsort(ep * (int(lru_v.max()) + 1) + lru_v)  # within a pair LRU values are distinct
             k = ep[order]
             rank = np.arange(k.size) - np.searchsorted(k, k, side="left")
             vic = order[rank < n_evict[k]]  # still in pair order, so layer-major
@@ -1276,9 +1277,9 @@ class KVManager:
 
     def _write_tables(self, rids: list[str]) -> None:
         """Copy the block-table rows that changed since their last upload (or moved to another row)
-        into the pinned host mirror (one gather over all layers) and upload them in one copy. The
-        host waits for the previous upload from the mirror before it writes into it (normally long
-        finished)."""
+        into the pinned host mirror (every layer of a row in one copy), check them (one pass) and
+        upload them in one copy. The host waits for the previous upload from the mirror before it
+        writes into it (normally long finished)."""
         changed, slots = [], []
         for row, rid in enumerate(rids):
             seq = self.seqs[rid]
@@ -1291,18 +1292,17 @@ class KVManager:
             return
         if self._tables_event is not None:
             self._tables_event.synchronize()
-        rows = self._table.take(slots, axis=1)[:, :, : self.max_blocks]  # [L, n, max_blocks]
+        th = self.tables_host.numpy()
+        for row, slot in zip(changed, slots, strict=True):
+            th[:, row] = self._table[:, slot, : self.max_blocks]
+        lo, hi = changed[0], changed[-1] + 1
         n_dev = self.pools[0].shape[0]
-        if int(rows.max()) >= n_dev or int(rows.min()) < 0:
-            rid = rids[changed[int(np.flatnonzero(((rows >= n_dev) | (rows < 0)).any(axis=(0, 2)))[0])]]
+        outside = th[:, lo:hi].view(np.uint32) >= n_dev  # a negative id reads as a large unsigned one
+        if outside.any():
+            rid = rids[lo + int(np.flatnonzero(outside.any(axis=(0, 2)))[0])]
             raise RuntimeError(f"request {rid!r}: block table holds ids outside the device pool "
                                f"[0, {n_dev}) (internal invariant broken)")
         th = self.tables_host
-        lo, hi = changed[0], changed[-1] + 1
-        if hi - lo == len(changed):
-            th.numpy()[:, lo:hi] = rows
-        else:
-            th.numpy()[:, changed] = rows
         self.tables[:, lo:hi].copy_(th[:, lo:hi], non_blocking=self.is_cuda)
         if self.is_cuda:
             self._tables_event = torch.cuda.Event()
