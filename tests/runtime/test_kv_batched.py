@@ -223,3 +223,26 @@ def test_request_slots_grow_and_are_reused():
     kv.add_request("r9")
     assert kv.seqs["r9"].slot == kv.seqs["r9"].slot and not kv.seqs["r9"].table.any()
     assert (kv.seqs["r9"].host_ids == -1).all()
+
+
+def test_free_array_rejects_a_duplicate_and_leaves_the_allocator_as_it_was():
+    from ucm_trt.runtime.kv import BlockAllocator
+
+    a = BlockAllocator(8, first=1, name="p")
+    got = a.allocate_array(5)
+    with pytest.raises(ValueError, match=f"p: block {int(got[1])} is not allocated"):
+        a.free_array(np.array([got[0], got[1], got[1]]))
+    assert a.num_used == 5 and a.num_free == 2
+    a.free_array(got)  # every id still in use: the failed call changed nothing
+    assert a.num_used == 0 and sorted(a.allocate(7)) == list(range(1, 8))
+
+
+def test_table_upload_checks_ids_against_the_pool():
+    kv = KVManager(_layout(), max_batch=2, max_blocks=8, num_device_blocks=20, offload=True,
+                   num_host_blocks=16, cache_blocks=0)
+    kv.add_request("r0")
+    kv.plan_step(["r0"], [5], [[None]] * L, StepTransfer())
+    kv.seqs["r0"].table[1, 0] = 20  # corrupt (outside the pool) and mark changed
+    kv.seqs["r0"].version += 1
+    with pytest.raises(RuntimeError, match=r"request 'r0': block table holds ids outside the device pool \[0, 20\)"):
+        kv._write_tables(["r0"])
