@@ -197,15 +197,15 @@ def default_kv_budget_gib(spec: ModelSpec, sequence_len: int, *, block_size: int
 
 
 def host_store_blocks(spec: ModelSpec, host_gib: float, *, block_size: int, dtype_bytes: int) -> int:
-    """Blocks of the host store that fit ``host_gib`` of pinned memory.
-
-    The store is one pinned tensor per layer, and torch's caching host allocator rounds every
-    pinned allocation up to a power of two (``CachingHostAllocator``), so each layer's tensor is
-    sized to the largest power of two with ``layers x size <= host_gib``: nothing is lost to rounding."""
+    """Blocks of the host store that fit ``host_gib`` of page-locked memory: one tensor per layer,
+    ``layers x size <= host_gib``. The runtime page-locks each at its exact size
+    (:mod:`ucm_trt.runtime.host_memory`; torch's caching host allocator would round each up to a
+    power of two, which made an 8B-class store of 108 GiB cost 128)."""
     per_layer = host_gib * GIB / spec.layers
-    if per_layer < block_bytes(spec, block_size, dtype_bytes):
+    bb = block_bytes(spec, block_size, dtype_bytes)
+    if per_layer < bb:
         raise ValueError(f"--host-gib {host_gib} holds less than one block per layer of {spec.name}")
-    return 2 ** int(math.floor(math.log2(per_layer))) // block_bytes(spec, block_size, dtype_bytes)
+    return int(per_layer // bb)
 
 
 def device_rep_blocks(spec: ModelSpec, prompt_blocks: int, block_size: int, dtype_bytes: int) -> int:

@@ -10,7 +10,8 @@ Layout (DESIGN §3)
   buffer allocated once plus a host mirror (pinned on CUDA) that the plan writes and copies
   ``non_blocking``.
 * Host block store (offload mode only): ``[num_host_blocks, 2, Hkv, block_size, D]`` per layer in
-  host memory (pinned when the device is CUDA). Every *completed* block of every layer is written
+  host memory (page-locked at its exact size with ``cudaHostRegister`` when the device is CUDA:
+  :mod:`ucm_trt.runtime.host_memory`). Every *completed* block of every layer is written
   back to it once (device -> host, when it fills); the partial last block is always resident
   because the local window holds it. One host id per logical block, shared by all layers.
 * Working set, per (request, layer): the resident logical blocks, held as a numpy block-table
@@ -62,6 +63,7 @@ import numpy as np
 import torch
 
 from ucm_trt._validation import check_non_negative_int, check_positive_int
+from ucm_trt.runtime.host_memory import page_locked_zeros
 
 __all__ = [
     "LOAD_METHODS",
@@ -359,10 +361,13 @@ class KVManager:
         self.tables_host = torch.zeros(L, max_batch, max_blocks, dtype=torch.int32, pin_memory=self.is_cuda)
         # host block store
         if offload:
-            self.host = [
-                torch.zeros(num_host_blocks, 2, H, bs, D, dtype=layout.dtype, pin_memory=self.is_cuda)
-                for _ in range(L)
-            ]
+            shape = (num_host_blocks, 2, H, bs, D)
+            if self.is_cuda:
+                # page-locked at the exact size (cudaHostRegister), not rounded up to a power of two
+                # by torch's caching host allocator; unregistered when this manager is collected
+                self.host, self._host_lock = page_locked_zeros(self, L, shape, layout.dtype)
+            else:
+                self.host = [torch.zeros(shape, dtype=layout.dtype) for _ in range(L)]
             self.host_allocator = BlockAllocator(num_host_blocks, name="host block store")
         else:
             self.host = []
