@@ -16,14 +16,16 @@ CPU memcpy of a block store would measure the memory bus, not the planner. ``_co
 replaced by its bookkeeping (a generation per layer), so the times are the planner's host work.
 Both wall time and the planning thread's CPU time are recorded (this box is shared).
 
-BEFORE/AFTER: ``--kv-module PATH`` plans with another copy of ``kv.py`` (e.g. main's:
-``git show main:python/ucm_trt/runtime/kv.py > /tmp/kv_before.py``) and tags the rows ``--label``.
+BEFORE/AFTER: ``--before PATH`` also plans with another copy of ``kv.py`` (e.g. main's:
+``git show main:python/ucm_trt/runtime/kv.py > /tmp/kv_before.py``), each case alternating
+before / after ``--repeat`` times in the same process, so both see the same load; a row reports
+the fastest repeat (``plan_ms_per_step``) and every repeat's mean (``repeats_ms``). ``--kv-module``
+replaces the "after" module.
 
 Example::
 
-    python benchmarks/bench_plan.py --label after --out benchmarks/results/cpu/plan_<box>.json
     git show main:python/ucm_trt/runtime/kv.py > /tmp/kv_before.py
-    python benchmarks/bench_plan.py --kv-module /tmp/kv_before.py --label before --out <same file>
+    python benchmarks/bench_plan.py --before /tmp/kv_before.py --out benchmarks/results/cpu/plan_<box>.json
 """
 
 from __future__ import annotations
@@ -194,8 +196,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv-module", type=Path, default=None, help="plan with this copy of kv.py (BEFORE runs)")
-    p.add_argument("--label", default="after")
+    p.add_argument("--kv-module", type=Path, default=None, help="plan with this copy of kv.py instead of the package's")
+    p.add_argument("--label", default="after", help="label of the --kv-module (or package) rows")
+    p.add_argument("--before", type=Path, default=None, help="also plan with this copy of kv.py, rows labelled 'before'")
+    p.add_argument("--repeat", type=int, default=3, help="runs per case and module (alternating); the fastest is kept")
     p.add_argument("--box", default=None, help="machine name for the JSON (default: host, CPU count)")
     p.add_argument("--out", type=Path, default=None, help="JSON file: rows are merged (same label+case replaced)")
     return p.parse_args(argv)
@@ -204,19 +208,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    mod = load_kv_module(args.kv_module)
+    mods = [(args.label, load_kv_module(args.kv_module))]
+    if args.before is not None:
+        mods.insert(0, ("before", load_kv_module(args.before)))
     box = args.box or f"{platform.node()} ({os.cpu_count()} CPU cores, {platform.processor() or platform.machine()})"
     rows = []
     for case in args.cases:
         context, batch = (int(x) for x in case.split(":"))
         for turnover in args.turnovers:
-            row = {"label": args.label, **run_case(mod, batch=batch, context=context, turnover=turnover, args=args)}
-            rows.append(row)
-            print(f"{args.label:7s} ctx {context:6d} batch {batch:3d} {turnover:9s} plan {row['plan_ms_per_step']:8.2f} ms"
-                  f"/step (cpu {row['plan_cpu_ms_per_step']:.2f}, retrieval steps {row['plan_ms_retrieval_steps']:.2f}, "
-                  f"{row['plan_us_per_pair']:.1f} us/pair), write-back {row['write_back_ms_per_step']:.2f} ms, "
-                  f"loaded {row['blocks_loaded_per_step']:.0f}/step, stale {row['stale_pairs_per_step']:.0f}, "
-                  f"sync {row['sync_switches_per_step']:.0f}", flush=True)
+            runs: dict[str, list[dict]] = {label: [] for label, _ in mods}
+            for _ in range(args.repeat):
+                for label, mod in mods:
+                    runs[label].append(run_case(mod, batch=batch, context=context, turnover=turnover, args=args))
+            for label, _ in mods:
+                best = min(runs[label], key=lambda r: r["plan_ms_per_step"])
+                row = {"label": label, **best, "repeats_ms": [r["plan_ms_per_step"] for r in runs[label]],
+                       "repeats_cpu_ms": [r["plan_cpu_ms_per_step"] for r in runs[label]]}
+                rows.append(row)
+                print(f"{label:7s} ctx {context:6d} batch {batch:3d} {turnover:9s} plan {row['plan_ms_per_step']:8.2f} "
+                      f"ms/step (cpu {row['plan_cpu_ms_per_step']:.2f}, retrieval steps "
+                      f"{row['plan_ms_retrieval_steps']:.2f}, {row['plan_us_per_pair']:.1f} us/pair; repeats "
+                      f"{', '.join(f'{x:.1f}' for x in row['repeats_ms'])}), write-back "
+                      f"{row['write_back_ms_per_step']:.2f} ms, loaded {row['blocks_loaded_per_step']:.0f}/step, "
+                      f"stale {row['stale_pairs_per_step']:.0f}, sync {row['sync_switches_per_step']:.0f}", flush=True)
     if args.out is not None:
         doc = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
         keys = {(r["label"], r["context_len"], r["batch"], r["turnover"]) for r in rows}
@@ -224,7 +238,8 @@ def main(argv=None) -> int:
         doc["rows"] += rows
         doc.update(box=box, benchmark="bench_plan.py", note=(
             "host time of KVManager.plan_step + issue_deferred per decode step, copies stubbed (bookkeeping only); "
-            "wall and thread CPU ms; a shared box, so wall times carry other jobs' load"))
+            "wall and thread CPU ms, fastest of the repeats (before/after alternating in one process); a shared box, "
+            "so times carry other jobs' load"))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {args.out}")
