@@ -15,11 +15,16 @@ Layout (DESIGN §3)
   back to it once (device -> host, when it fills); the partial last block is always resident
   because the local window holds it. One host id per logical block, shared by all layers.
 * Working set, per (request, layer): the resident logical blocks, held as a numpy block-table
-  row plus last-use stamps (LRU order). Each step the policy names the blocks a layer needs
-  (sink + local + selected); :meth:`KVManager.plan_step` computes with vector operations which
-  blocks to evict (unneeded ones beyond ``cache_blocks`` of LRU cache) and which to copy in (delta
-  prefetch, host -> device: one :func:`ucm_trt.kernels.copy_blocks` launch per layer on a side
-  CUDA stream on GPU, reading the pinned store directly; an indexed copy on the CPU).
+  row plus last-use stamps (LRU order), held in per-manager ``[layers, slots, width]`` arrays (one
+  slot per active request). Each step the policy names the blocks a layer needs (sink + local +
+  selected); :meth:`KVManager.plan_step` computes which blocks to evict (unneeded ones beyond
+  ``cache_blocks`` of LRU cache) and which to copy in (delta prefetch, host -> device: one
+  :func:`ucm_trt.kernels.copy_blocks` launch per layer on a side CUDA stream on GPU, reading the
+  pinned store directly; an indexed copy on the CPU). It plans every (request, layer) pair of the
+  step in one pass of array operations (:meth:`KVManager._plan_batched`), except for layers where
+  pool pressure could arise (evictions of other requests' blocks, whose outcome depends on the
+  order of the rows) or with early prefetch: those go request by request (:meth:`KVManager._plan_layer`),
+  the rules below; both give the same working sets (``tests/runtime/test_kv_batched.py``).
 
 Without offload every block of every request stays resident and the host store is not built.
 
