@@ -452,7 +452,9 @@ def make_engine(model, name: str, plan: CapacityPlan, settings: Settings, *, max
     check_chunking(plan.context_len, chunk)
     rt = RuntimeConfig(max_batch=max_batch, max_seq_len=plan.sequence_len, prefill_chunk=chunk,
                        cache_blocks=settings.cache_blocks, num_device_blocks=pool,
-                       num_host_blocks=plan.host_blocks if policy.offload else None,
+                       # the store holds every running sequence's full KV: no more is page-locked
+                       num_host_blocks=min(plan.host_blocks, max_batch * plan.sequence_blocks) if policy.offload
+                       else None,
                        retrieval_threads=settings.retrieval_threads, cuda_graph=settings.cuda_graph,
                        **dict(settings.runtime_options))
     backend = TorchBackend(model, attention="auto", validate=False)

@@ -8,7 +8,7 @@ import gc
 import pytest
 import torch
 
-from ucm_trt.runtime.host_memory import PageLock, page_locked_zeros
+from ucm_trt.runtime.host_memory import PageLock, page_locked_empty
 
 
 class _FakeCudart:
@@ -37,10 +37,10 @@ class _Owner:
 def test_store_tensors_are_registered_at_their_exact_size_and_released_with_their_owner():
     cudart, owner = _FakeCudart(), _Owner()
     # 30 blocks (not a power of two) of the 8B shape's layout, registered at exactly their bytes
-    tensors, lock = page_locked_zeros(owner, 2, (30, 2, 8, 64, 128), torch.bfloat16, cudart=cudart)
+    tensors, lock = page_locked_empty(owner, 2, (30, 2, 8, 64, 128), torch.bfloat16, cudart=cudart)
     assert [t.shape for t in tensors] == [torch.Size((30, 2, 8, 64, 128))] * 2
     assert cudart.registered == {t.data_ptr(): 30 * 2 * 8 * 64 * 128 * 2 for t in tensors}
-    assert all(t.is_contiguous() and not t.any() for t in tensors)
+    assert all(t.is_contiguous() and t.dtype == torch.bfloat16 for t in tensors)
     # the addressing the copies use: block i of layer l is at data_ptr + i * block bytes
     bb = 2 * 8 * 64 * 128 * 2
     tensors[1][7].fill_(3)
@@ -57,7 +57,7 @@ def test_a_failed_registration_names_the_size_and_undoes_the_others():
     cudart, owner = _FakeCudart(fail_at=3), _Owner()
     with pytest.raises(RuntimeError, match=r"cudaHostRegister of host store tensor 2 \(0\.00 GiB\) failed with CUDA "
                                            r"error 2; lower RuntimeConfig.num_host_blocks"):
-        page_locked_zeros(owner, 4, (4, 2, 1, 4, 8), torch.float32, cudart=cudart)
+        page_locked_empty(owner, 4, (4, 2, 1, 4, 8), torch.float32, cudart=cudart)
     assert cudart.registered == {}
 
 

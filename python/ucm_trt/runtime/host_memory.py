@@ -2,8 +2,9 @@
 
 ``torch.zeros(..., pin_memory=True)`` goes through torch's caching host allocator, which rounds
 every allocation up to a power of two: a 3.4 GiB layer store takes 4 GiB of page-locked memory,
-so an 8B-class store of 108 GiB would need 128 GiB. :func:`page_locked_zeros` instead allocates an
-ordinary (pageable) tensor of the exact size and page-locks it with ``cudaHostRegister``
+so an 8B-class store of 108 GiB would need 128 GiB. :func:`page_locked_empty` instead allocates an
+ordinary (pageable, uninitialised: the store is only read where it was written) tensor of the
+exact size and page-locks it with ``cudaHostRegister``
 (``cudaHostRegisterDefault``: with unified addressing the memory is mapped and portable, so the
 copy kernels reach it through its host pointer, as they reach ``cudaHostAlloc`` memory; torch's
 ``is_pinned()`` reports it pinned). :class:`PageLock` unregisters the tensors when its owner is
@@ -16,7 +17,7 @@ import weakref
 
 import torch
 
-__all__ = ["PageLock", "page_locked_zeros"]
+__all__ = ["PageLock", "page_locked_empty"]
 
 #: ``cudaHostRegisterDefault``
 REGISTER_DEFAULT = 0
@@ -63,11 +64,11 @@ def _unregister(cudart, tensors: list[torch.Tensor]) -> None:
     tensors.clear()
 
 
-def page_locked_zeros(owner: object, count: int, shape: tuple[int, ...], dtype: torch.dtype,
+def page_locked_empty(owner: object, count: int, shape: tuple[int, ...], dtype: torch.dtype,
                       cudart=None) -> tuple[list[torch.Tensor], PageLock]:
-    """``count`` zeroed host tensors of ``shape``, page-locked at their exact size until ``owner``
-    is collected. ``cudart`` defaults to ``torch.cuda.cudart()``."""
-    tensors = [torch.zeros(shape, dtype=dtype) for _ in range(count)]
+    """``count`` uninitialised host tensors of ``shape``, page-locked at their exact size until
+    ``owner`` is collected. ``cudart`` defaults to ``torch.cuda.cudart()``."""
+    tensors = [torch.empty(shape, dtype=dtype) for _ in range(count)]
     if cudart is None:
         cudart = torch.cuda.cudart()
     return tensors, PageLock(owner, tensors, cudart)

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from ucm_trt._validation import check_non_negative_int, check_positive_int
-from ucm_trt.runtime.host_memory import page_locked_zeros
+from ucm_trt.runtime.host_memory import page_locked_empty
 
 __all__ = [
     "LOAD_METHODS",
@@ -370,7 +370,7 @@ class KVManager:
             if self.is_cuda:
                 # page-locked at the exact size (cudaHostRegister), not rounded up to a power of two
                 # by torch's caching host allocator; unregistered when this manager is collected
-                self.host, self._host_lock = page_locked_zeros(self, L, shape, layout.dtype)
+                self.host, self._host_lock = page_locked_empty(self, L, shape, layout.dtype)
             else:
                 self.host = [torch.zeros(shape, dtype=layout.dtype) for _ in range(L)]
             self.host_allocator = BlockAllocator(num_host_blocks, name="host block store")
