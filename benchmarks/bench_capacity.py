@@ -197,15 +197,15 @@ def default_kv_budget_gib(spec: ModelSpec, sequence_len: int, *, block_size: int
 
 
 def host_store_blocks(spec: ModelSpec, host_gib: float, *, block_size: int, dtype_bytes: int) -> int:
-    """Blocks of the host store that fit ``host_gib`` of pinned memory.
-
-    The store is one pinned tensor per layer, and torch's caching host allocator rounds every
-    pinned allocation up to a power of two (``CachingHostAllocator``), so each layer's tensor is
-    sized to the largest power of two with ``layers x size <= host_gib``: nothing is lost to rounding."""
+    """Blocks of the host store that fit ``host_gib`` of page-locked memory: one tensor per layer,
+    ``layers x size <= host_gib``. The runtime page-locks each at its exact size
+    (:mod:`ucm_trt.runtime.host_memory`; torch's caching host allocator would round each up to a
+    power of two, which made an 8B-class store of 108 GiB cost 128)."""
     per_layer = host_gib * GIB / spec.layers
-    if per_layer < block_bytes(spec, block_size, dtype_bytes):
+    bb = block_bytes(spec, block_size, dtype_bytes)
+    if per_layer < bb:
         raise ValueError(f"--host-gib {host_gib} holds less than one block per layer of {spec.name}")
-    return 2 ** int(math.floor(math.log2(per_layer))) // block_bytes(spec, block_size, dtype_bytes)
+    return int(per_layer // bb)
 
 
 def device_rep_blocks(spec: ModelSpec, prompt_blocks: int, block_size: int, dtype_bytes: int) -> int:
@@ -452,7 +452,9 @@ def make_engine(model, name: str, plan: CapacityPlan, settings: Settings, *, max
     check_chunking(plan.context_len, chunk)
     rt = RuntimeConfig(max_batch=max_batch, max_seq_len=plan.sequence_len, prefill_chunk=chunk,
                        cache_blocks=settings.cache_blocks, num_device_blocks=pool,
-                       num_host_blocks=plan.host_blocks if policy.offload else None,
+                       # the store holds every running sequence's full KV: no more is page-locked
+                       num_host_blocks=min(plan.host_blocks, max_batch * plan.sequence_blocks) if policy.offload
+                       else None,
                        retrieval_threads=settings.retrieval_threads, cuda_graph=settings.cuda_graph,
                        **dict(settings.runtime_options))
     backend = TorchBackend(model, attention="auto", validate=False)

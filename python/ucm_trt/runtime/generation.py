@@ -582,21 +582,34 @@ class Engine:
     def _block_arrays(caches: dict, rows: list[str], sels) -> list[list[np.ndarray | None]]:
         """Per layer, per row: the blocks of a selection (int64, unique), or None (every block).
         The same array object comes back while the policy hands back the same, unmodified tensor
-        (between retrievals), which lets the working-set update skip the layer."""
-        out = []
-        for layer, per_row in enumerate(sels):
-            arrays = []
-            for rid, sel in zip(rows, per_row, strict=True):
+        (between retrievals), which lets the working-set update skip the layer. The layers of a row
+        whose selections changed are made unique together (one sort per row, not per layer)."""
+        out: list[list[np.ndarray | None]] = [[None] * len(rows) for _ in sels]
+        for row, rid in enumerate(rows):
+            cache = caches.setdefault(rid, {})
+            miss = []
+            for layer, per_row in enumerate(sels):
+                sel = per_row[row]
                 if sel is None:
-                    arrays.append(None)
                     continue
-                cache = caches.setdefault(rid, {})
                 hit = cache.get(layer)
                 if hit is None or hit[0] is not sel or hit[1] != sel._version:
-                    hit = (sel, sel._version, np.unique(sel[sel >= 0].cpu().numpy()).astype(np.int64))
-                    cache[layer] = hit
-                arrays.append(hit[2])
-            out.append(arrays)
+                    miss.append((layer, sel))
+                else:
+                    out[layer][row] = hit[2]
+            if not miss:
+                continue
+            flat = [sel.cpu().numpy().reshape(-1) for _, sel in miss]
+            span = 1 + max((int(f.max()) for f in flat if f.size), default=0)
+            keys = np.concatenate([f.astype(np.int64) + i * span for i, f in enumerate(flat)])
+            keys = np.unique(keys[keys >= np.repeat(np.arange(len(miss)) * span, [f.size for f in flat])])
+            which = keys // span
+            bounds = np.searchsorted(which, np.arange(len(miss) + 1))
+            blocks = keys - which * span
+            for i, (layer, sel) in enumerate(miss):
+                arr = blocks[bounds[i] : bounds[i + 1]]
+                cache[layer] = (sel, sel._version, arr)
+                out[layer][row] = arr
         return out
 
     def _decode_forward(self, b: int, widths: tuple, ctx: StepContext) -> torch.Tensor:
@@ -627,35 +640,51 @@ class Engine:
         out: list[int | None] = []
         changed: dict[int, list[int]] = {}  # layer -> rows written (only those are checked)
         sh = self._sel_h
+        rewrite: list[set[int]] = []  # per layer: the rows whose mirror changes
         for layer, per_row in enumerate(sels):
             if all(s is None for s in per_row):
                 out.append(None)
+                rewrite.append(set())
                 continue
             width = 1
             lkey = key[1][layer]
             pkey = None if prev is None else prev[1][layer]
             rows = [r for r in range(b) if pkey is None or lkey[r] != pkey[r]]  # a row keeps its mirror otherwise
-            for row in rows:
-                sh[layer, row].fill_(-1)
             for row, s in enumerate(per_row):
                 if s is None:
-                    nb = -(-new_lens[row] // bs)
-                    if row in rows:
-                        sh[layer, row, :, :nb] = self._arange[:nb]
-                    width = max(width, nb)
+                    width = max(width, -(-new_lens[row] // bs))
                 else:
                     if s.dim() != 2 or s.shape[0] != h:
                         raise RuntimeError(
                             f"policy {self.policy.name!r}: layer {layer} row {row} selection must be [Hkv={h}, S], "
                             f"got shape {tuple(s.shape)}"
                         )
-                    if row in rows:
-                        sh[layer, row, :, : s.shape[1]] = s
                     width = max(width, s.shape[1])
             cap = self._sel.shape[-1]
             out.append(min(cap, -(-width // SELECTION_WIDTH_BUCKET) * SELECTION_WIDTH_BUCKET))
+            rewrite.append(set(rows))
             if rows:
                 changed[layer] = rows
+        selected = [layer for layer, w in enumerate(out) if w is not None]
+        for row in range(b):
+            layers = [layer for layer in selected if row in rewrite[layer]]
+            if not layers:
+                continue
+            per = [sels[layer][row] for layer in layers]
+            if all(s is not None for s in per) and len({s.shape[1] for s in per}) == 1:
+                # the policy's layers of a row share one width: one write for all of them
+                n = per[0].shape[1]
+                idx = torch.tensor(layers) if len(layers) < len(sels) else slice(None)
+                sh[idx, row, :, :n] = torch.stack(per) if len(per) > 1 else per[0][None]
+                sh[idx, row, :, n:] = -1
+                continue
+            for layer, s in zip(layers, per, strict=True):
+                sh[layer, row].fill_(-1)
+                if s is None:
+                    nb = -(-new_lens[row] // bs)
+                    sh[layer, row, :, :nb] = self._arange[:nb]
+                else:
+                    sh[layer, row, :, : s.shape[1]] = s
         if changed:
             self._check_selections(out, new_lens, b, changed)
             w = max(x for x in out if x is not None)  # the kernels read [:b, :, :width] of each layer

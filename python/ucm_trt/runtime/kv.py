@@ -10,15 +10,21 @@ Layout (DESIGN §3)
   buffer allocated once plus a host mirror (pinned on CUDA) that the plan writes and copies
   ``non_blocking``.
 * Host block store (offload mode only): ``[num_host_blocks, 2, Hkv, block_size, D]`` per layer in
-  host memory (pinned when the device is CUDA). Every *completed* block of every layer is written
+  host memory (page-locked at its exact size with ``cudaHostRegister`` when the device is CUDA:
+  :mod:`ucm_trt.runtime.host_memory`). Every *completed* block of every layer is written
   back to it once (device -> host, when it fills); the partial last block is always resident
   because the local window holds it. One host id per logical block, shared by all layers.
 * Working set, per (request, layer): the resident logical blocks, held as a numpy block-table
-  row plus last-use stamps (LRU order). Each step the policy names the blocks a layer needs
-  (sink + local + selected); :meth:`KVManager.plan_step` computes with vector operations which
-  blocks to evict (unneeded ones beyond ``cache_blocks`` of LRU cache) and which to copy in (delta
-  prefetch, host -> device: one :func:`ucm_trt.kernels.copy_blocks` launch per layer on a side
-  CUDA stream on GPU, reading the pinned store directly; an indexed copy on the CPU).
+  row plus last-use stamps (LRU order), held in per-manager ``[layers, slots, width]`` arrays (one
+  slot per active request). Each step the policy names the blocks a layer needs (sink + local +
+  selected); :meth:`KVManager.plan_step` computes which blocks to evict (unneeded ones beyond
+  ``cache_blocks`` of LRU cache) and which to copy in (delta prefetch, host -> device: one
+  :func:`ucm_trt.kernels.copy_blocks` launch per layer on a side CUDA stream on GPU, reading the
+  pinned store directly; an indexed copy on the CPU). It plans every (request, layer) pair of the
+  step in one pass of array operations (:meth:`KVManager._plan_batched`), except for layers where
+  pool pressure could arise (evictions of other requests' blocks, whose outcome depends on the
+  order of the rows) or with early prefetch: those go request by request (:meth:`KVManager._plan_layer`),
+  the rules below; both give the same working sets (``tests/runtime/test_kv_batched.py``).
 
 Without offload every block of every request stays resident and the host store is not built.
 
@@ -62,6 +68,7 @@ import numpy as np
 import torch
 
 from ucm_trt._validation import check_non_negative_int, check_positive_int
+from ucm_trt.runtime.host_memory import page_locked_empty
 
 __all__ = [
     "LOAD_METHODS",
@@ -143,17 +150,20 @@ class BlockAllocator:
         inside = (ids >= 0) & (ids < self.num_blocks)
         ok = inside.copy()
         ok[inside] = self._used[ids[inside]]
-        if ok.all() and np.unique(ids).size != ids.size:
+        if ok.all():
+            self._used[ids] = False
+            if np.count_nonzero(self._used) == self._num_used - ids.size:  # no id twice in this call
+                self._stack[self._top : self._top + ids.size] = ids
+                self._top += ids.size
+                self._num_used -= ids.size
+                return
+            self._used[ids] = True  # undo: every id was in use
             _, first = np.unique(ids, return_index=True)
             dup = np.setdiff1d(np.arange(ids.size), first)[0]
             ok[dup] = False  # the second free of the same id in one call
         if not ok.all():
             bad = int(ids[np.flatnonzero(~ok)[0]])
             raise ValueError(f"{self.name}: block {bad} is not allocated (double free or foreign id)")
-        self._used[ids] = False
-        self._stack[self._top : self._top + ids.size] = ids
-        self._top += ids.size
-        self._num_used -= ids.size
 
     def free(self, ids) -> None:
         self.free_array(np.fromiter((int(i) for i in ids), dtype=np.int64))
@@ -210,37 +220,37 @@ def _as_ids(blocks, limit: int) -> np.ndarray:
 
 
 class _Seq:
-    """KV state of one request: per layer a block table row (logical -> physical, ``NULL_BLOCK``
-    where not resident) and the last-use stamps of the resident blocks (LRU order), plus the host
-    store id of every written-back logical block. Arrays, so a plan updates a working set with a
-    few vector operations instead of a Python loop over its blocks."""
+    """KV state of one request. Its arrays live in the manager's per-slot arrays (so a plan works
+    on every request and layer of a step at once): per layer a block table row (logical ->
+    physical, ``NULL_BLOCK`` where not resident) and the last-use stamps of the resident blocks
+    (LRU order), plus the host store id of every written-back logical block; ``table``, ``lru``
+    and ``host_ids`` are views of the request's slot."""
 
-    __slots__ = ("rid", "seq_len", "host_ids", "table", "lru", "flushed", "last_want", "last_src", "last_geom",
-                 "last_counts", "vis", "stale", "version", "serial", "layer_version", "planned_version")
+    __slots__ = ("rid", "slot", "serial", "seq_len", "flushed", "version", "_kv")
 
-    def __init__(self, rid: str, num_layers: int, max_blocks: int, serial: int = 0) -> None:
+    def __init__(self, kv: KVManager, rid: str, slot: int, serial: int = 0) -> None:
+        self._kv = kv
         self.rid = rid
+        self.slot = slot
         self.serial = serial  # unique per manager: (serial, version) names one state of ``table``
         self.seq_len = 0
-        self.host_ids = np.full(max_blocks, -1, dtype=np.int64)  # -1: not written back yet
-        self.table = np.zeros((num_layers, max_blocks), dtype=np.int32)
-        # per layer: stamp of each resident block's last use (larger = more recent)
-        self.lru = np.zeros((num_layers, max_blocks), dtype=np.int64)
         self.flushed = 0  # completed blocks written back to the host store
-        # per layer: the want mask of the previous plan (offload), to skip unchanged steps
-        self.last_want: list[np.ndarray | None] = [None] * num_layers
-        self.last_src: list[object] = [None] * num_layers  # the ``needed`` object that produced it
-        self.last_geom: list[tuple[int, int, int] | None] = [None] * num_layers
-        self.last_counts: list[tuple[int, int]] = [(0, 0)] * num_layers  # (working set, needed existing)
-        # per layer: blocks the attention read at the last step (None = every block), and whether
-        # that was a stale selection (overlapped schedule: new blocks still loading)
-        self.vis: list[np.ndarray | None] = [None] * num_layers
-        self.stale = [False] * num_layers
         self.version = 0  # bumped on every change of ``table`` (the engine re-uploads changed rows only)
-        # per layer: bumped on every change of that layer's table row, and its value when the
-        # layer's last plan ended (equal = nothing evicted or loaded since: the working set stands)
-        self.layer_version = [0] * num_layers
-        self.planned_version = [-1] * num_layers
+
+    @property
+    def table(self) -> np.ndarray:
+        """int32 ``[L, max_blocks]`` (a view)."""
+        return self._kv._table[:, self.slot, : self._kv.max_blocks]
+
+    @property
+    def lru(self) -> np.ndarray:
+        """int64 ``[L, max_blocks]``: stamp of each resident block's last use (larger = more recent)."""
+        return self._kv._lru[:, self.slot, : self._kv.max_blocks]
+
+    @property
+    def host_ids(self) -> np.ndarray:
+        """int64 ``[max_blocks]``: host store id per logical block, -1 = not written back yet."""
+        return self._kv._host_ids[self.slot, : self._kv.max_blocks]
 
     @property
     def resident(self) -> list[OrderedDict[int, int]]:
@@ -337,6 +347,9 @@ class KVManager:
 
             self._dma = BatchMemcpy()
         self.time_copies = time_copies
+        #: plan request by request (the sequential path) even where the batched plan applies; for
+        #: tests and the before/after benchmark, not a tuning knob
+        self.sequential_plans = False
         self.layout = layout
         self.max_batch = max_batch
         self.max_blocks = max_blocks
@@ -353,10 +366,13 @@ class KVManager:
         self.tables_host = torch.zeros(L, max_batch, max_blocks, dtype=torch.int32, pin_memory=self.is_cuda)
         # host block store
         if offload:
-            self.host = [
-                torch.zeros(num_host_blocks, 2, H, bs, D, dtype=layout.dtype, pin_memory=self.is_cuda)
-                for _ in range(L)
-            ]
+            shape = (num_host_blocks, 2, H, bs, D)
+            if self.is_cuda:
+                # page-locked at the exact size (cudaHostRegister), not rounded up to a power of two
+                # by torch's caching host allocator; unregistered when this manager is collected
+                self.host, self._host_lock = page_locked_empty(self, L, shape, layout.dtype)
+            else:
+                self.host = [torch.zeros(shape, dtype=layout.dtype) for _ in range(L)]
             self.host_allocator = BlockAllocator(num_host_blocks, name="host block store")
         else:
             self.host = []
@@ -385,7 +401,13 @@ class KVManager:
         self._forward_start = None  # event on the compute stream before this step's forward
         self._staging: dict[str, tuple[torch.Tensor, torch.cuda.Event | None]] = {}  # pinned buffers + last use
         self._timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # (load | wait, start, end)
-        self._step_want: dict[tuple[str, int], np.ndarray] = {}  # this plan: want mask per (request, layer)
+        self._step_want: dict[tuple[str, int], np.ndarray] = {}  # sequential plan: want mask per (request, layer)
+        # per-request state, one slot per active request (``_Seq.slot``), grown on demand:
+        # block tables, LRU stamps, host ids, and per layer the blocks the attention read at the
+        # last step (``_vis`` over ``_vis_len`` blocks; ``_vis_set`` False = every block, e.g. after
+        # a prefill) and whether that was a stale selection (overlapped schedule)
+        self._slots_free: list[int] = []
+        self._alloc_slots(max_batch)
         self._uploaded: list[tuple[str, int] | None] = [None] * max_batch  # (rid, table version) per row
         self._tables_event = None  # the last table upload from the pinned mirror
         self._serials = 0
@@ -393,11 +415,49 @@ class KVManager:
         self.seqs: dict[str, _Seq] = {}
 
     # ------------------------------------------------------------------ requests
+    def _alloc_slots(self, n: int) -> None:
+        """Make room for ``n`` request slots (keeps the existing ones' state)."""
+        L = self.layout.num_layers
+        mb = -(-self.max_blocks // 8) * 8  # row width of the per-slot arrays
+        have = getattr(self, "_table", np.zeros((L, 0, mb), dtype=np.int32)).shape[1]
+        if n <= have:
+            return
+        grow = [("_table", (L, n, mb), np.int32, 0), ("_lru", (L, n, mb), np.int64, 0),
+                ("_host_ids", (n, mb), np.int64, -1), ("_vis", (L, n, mb), bool, False),
+                ("_vis_len", (L, n), np.int64, 0), ("_vis_set", (L, n), bool, False), ("_stale", (L, n), bool, False),
+                # the batched plan's record of each pair's last plan (see _plan_batched)
+                ("_src", (L, n), object, None), ("_geom", (L, n, 3), np.int64, -1), ("_clean", (L, n), bool, False),
+                ("_counts", (L, n, 2), np.int64, 0)]
+        for name, shape, dtype, fill in grow:
+            new = np.full(shape, fill, dtype=dtype)
+            if have:
+                old = getattr(self, name)
+                if name == "_host_ids":
+                    new[:have] = old
+                else:
+                    new[:, :have] = old
+            setattr(self, name, new)
+        self._slots_free = list(range(n - 1, have - 1, -1)) + self._slots_free
+
     def add_request(self, rid: str) -> None:
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already active")
+        if not self._slots_free:
+            self._alloc_slots(2 * self._table.shape[1])
+        slot = self._slots_free.pop()
+        self._table[:, slot] = NULL_BLOCK
+        self._lru[:, slot] = 0
+        self._host_ids[slot] = -1
+        self._vis[:, slot] = False
+        self._vis_len[:, slot] = 0
+        self._vis_set[:, slot] = False
+        self._stale[:, slot] = False
+        self._src[:, slot] = None
+        self._geom[:, slot] = -1
+        self._clean[:, slot] = False
+        self._counts[:, slot] = 0
         self._serials += 1
-        self.seqs[rid] = _Seq(rid, self.layout.num_layers, self.max_blocks, self._serials)
+        self.seqs[rid] = _Seq(self, rid, slot, self._serials)
 
     def free_request(self, rid: str) -> None:
         """Return every device and host block of ``rid``. No wait: a freed block keeps the
@@ -411,6 +471,7 @@ class KVManager:
         if self.host_allocator is not None:
             self.host_allocator.free_array(seq.host_ids[seq.host_ids >= 0])
         del self.seqs[rid]
+        self._slots_free.append(seq.slot)
 
     def _seq(self, rid: str) -> _Seq:
         try:
@@ -492,19 +553,22 @@ class KVManager:
         self._step_want = {}
         self._layer_wait = [0] * L
         self._step_waits = None
-        for row, (rid, t) in enumerate(zip(rids, num_new_tokens, strict=True)):
+        geoms: list[tuple[int, int, int]] = []
+        seqs: list[_Seq] = []
+        for rid, t in zip(rids, num_new_tokens, strict=True):
             seq = self._seq(rid)
-            old_nb = (seq.seq_len + bs - 1) // bs
             new_len = seq.seq_len + t
             if new_len > self.max_blocks * bs:
                 raise ValueError(
                     f"request {rid!r}: sequence length {new_len} exceeds the planned maximum "
                     f"{self.max_blocks * bs} (RuntimeConfig.max_seq_len)"
                 )
-            new_nb = (new_len + bs - 1) // bs
-            first_written = seq.seq_len // bs  # block that receives the first new token
-            if not self.offload:
-                # every block stays resident: only the blocks the new tokens open are allocated
+            # (blocks before, block that receives the first new token, blocks after)
+            geoms.append(((seq.seq_len + bs - 1) // bs, seq.seq_len // bs, (new_len + bs - 1) // bs))
+            seqs.append(seq)
+        if not self.offload:
+            # every block stays resident: only the blocks the new tokens open are allocated
+            for seq, (old_nb, _, new_nb) in zip(seqs, geoms, strict=True):
                 if new_nb > old_nb:
                     for layer in range(L):
                         phys = self.allocators[layer].allocate_array(new_nb - old_nb)
@@ -512,14 +576,18 @@ class KVManager:
                         self._wait_fresh(layer, phys)
                     seq.version += 1
                 transfer.working_set_blocks += new_nb * L
-                seq.seq_len = new_len
-                continue
-            geom = (old_nb, first_written, new_nb)
-            for layer in range(L):
-                extra = None if prefetch is None else prefetch[layer][row]
-                stale[layer][row] = self._plan_layer(seq, layer, needed[layer][row], geom, loads[layer], transfer,
-                                                     extra, early[layer], row)
-            seq.seq_len = new_len
+        else:
+            layers = list(range(L))
+            if prefetch is None and not self.sequential_plans and seqs:
+                layers = self._plan_batched(seqs, geoms, needed, transfer, loads, stale)
+            # layers under pool pressure (or with early prefetch): request by request, in row order
+            for layer in layers:
+                for row, (seq, geom) in enumerate(zip(seqs, geoms, strict=True)):
+                    extra = None if prefetch is None else prefetch[layer][row]
+                    stale[layer][row] = self._plan_layer(seq, layer, needed[layer][row], geom, loads[layer],
+                                                         transfer, extra, early[layer], row)
+        for seq, t in zip(seqs, num_new_tokens, strict=True):
+            seq.seq_len += t
         if any(loads):
             self._load(loads, transfer)
         if any(early):
@@ -560,34 +628,233 @@ class KVManager:
             if g > self._layer_wait[layer]:
                 self._layer_wait[layer] = g
 
+    def _plan_batched(self, seqs: list[_Seq], geoms: list[tuple[int, int, int]], needed, transfer: StepTransfer,
+                      loads: list[list[tuple[np.ndarray, np.ndarray]]], stale: list[list[bool]]) -> list[int]:
+        """The plan of every (request, layer) pair of the step in one pass of array operations, for
+        the layers where no pool pressure can arise (in row order, the free blocks before each row
+        cover its new blocks). There the sequential rules (:meth:`_plan_layer`) do not depend on
+        the order of the rows, and this gives the same working sets, LRU order, loads, deferrals
+        and stale decisions (the physical ids may differ: the allocator hands them out in another
+        order). Each layer's loads become one (host ids, physical ids) pair of arrays.
+
+        A pair whose selection is the very object of its last plan, at the same block geometry, not
+        stale then and untouched since (``_clean``), has the same working set, resident and last in
+        LRU order: only its counters and its compute wait are renewed. The others ("dirty") are
+        gathered into ``[pairs, width]`` masks (rows of the per-slot arrays). Returns the layers
+        left for the sequential path."""
+        L, b = self.layout.num_layers, len(seqs)
+        S, W = self._table.shape[1], self._table.shape[2]
+        slots = np.fromiter((s.slot for s in seqs), dtype=np.int64, count=b)
+        geom = np.asarray(geoms, dtype=np.int64).reshape(b, 3)
+        old_nb, first, new_nb = geom[:, 0], geom[:, 1], geom[:, 2]
+        same = (self._geom[:, slots] == geom[None]).all(-1) & self._clean[:, slots] & ~self._stale[:, slots]
+        src = self._src
+        want_none = np.zeros((L, b), dtype=bool)
+        parts, pairs = [], []
+        for layer in range(L):
+            src_l, same_l = src[layer], same[layer]
+            for row, w in enumerate(needed[layer]):
+                if w is None:
+                    want_none[layer, row] = True
+                    same_l[row] = False
+                elif same_l[row] and src_l[slots[row]] is w:
+                    continue
+                else:
+                    same_l[row] = False
+                    parts.append(w if isinstance(w, np.ndarray) else np.fromiter(w, dtype=np.int64, count=len(w)))
+                    pairs.append(layer * b + row)
+                    src_l[slots[row]] = w  # this plan's (ignored unless the pair ends clean, see below)
+        dirty = np.flatnonzero(~same.reshape(-1))  # pair index layer * b + row, layer-major
+        pl, pr = dirty // b, dirty % b
+        P = dirty.size
+        need = np.zeros((P, W), dtype=bool)
+        if parts:
+            sizes = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
+            ids = np.concatenate(parts).astype(np.int64, copy=False)
+            pid = np.repeat(np.searchsorted(dirty, np.asarray(pairs, dtype=np.int64)), sizes)
+            ok = (ids >= 0) & (ids < old_nb[pr[pid]])
+            need.reshape(-1)[pid[ok] * W + ids[ok]] = True
+        ar = np.arange(W)
+        p_old, p_first, p_new = old_nb[pr][:, None], first[pr][:, None], new_nb[pr][:, None]
+        old_rng = ar < p_old
+        want_sel = ~want_none[pl, pr]
+        if not want_sel.all():
+            need[~want_sel] |= old_rng[~want_sel]
+        need |= (ar >= p_first) & (ar < p_new)
+        prow = pl * S + slots[pr]  # row of the pair in the [L * S, W] views of the per-slot arrays
+        tbl = self._table.reshape(L * S, W)[prow]  # [P, W] (a copy)
+        resident = tbl != NULL_BLOCK
+        missing_need = need & ~resident
+        n_new = np.count_nonzero(missing_need, axis=1)
+        st = cand = kept = np.zeros(P, dtype=bool)
+        vis = need
+        if self.overlap:
+            # overlapped switch where the previous selection (+ the blocks opened since) is resident;
+            # without pool pressure the room check of the sequential path always passes
+            cand = want_sel & self._vis_set.reshape(-1)[prow] & (missing_need & old_rng).any(-1)
+            c = np.flatnonzero(cand)
+            if c.size:
+                crow = prow[c]
+                lo = np.minimum(self._vis_len.reshape(-1)[crow][:, None], p_first[c])
+                old_vis = (self._vis.reshape(L * S, W)[crow] | (ar >= lo)) & (ar < p_new[c])
+                ok_c = ~(old_vis & ~resident[c] & old_rng[c]).any(-1)
+                kept = np.zeros(P, dtype=bool)
+                kept[c] = ok_c
+                st = cand & kept
+                if ok_c.any():
+                    vis = need.copy()
+                    vis[c[ok_c]] = old_vis[ok_c]
+        mask = need | vis if vis is not need else need
+        spare = resident & ~mask
+        n_evict = np.count_nonzero(spare, axis=1) - self.cache_blocks
+        # pool pressure: in row order, the free blocks before each row (what the earlier rows
+        # evicted and allocated) must cover its new blocks; a layer where they may not goes sequential
+        delta = np.zeros((L, b), dtype=np.int64)
+        n_new_lb = np.zeros((L, b), dtype=np.int64)
+        n_new_lb[pl, pr] = n_new
+        delta[pl, pr] = np.maximum(n_evict, 0) - n_new
+        free = np.fromiter((a.num_free for a in self.allocators), dtype=np.int64, count=L)
+        fits = (free[:, None] + np.cumsum(delta, axis=1) - delta >= n_new_lb).all(axis=1)
+        if not fits.all():
+            keep = fits[pl]
+            (dirty, pl, pr, prow, need, old_rng, tbl, want_sel, cand, kept, st, vis, mask, spare, n_evict) = (
+                x[keep] for x in (dirty, pl, pr, prow, need, old_rng, tbl, want_sel, cand, kept, st, vis, mask,
+                                  spare, n_evict))
+            p_old, p_new = p_old[keep], p_new[keep]
+            same &= fits[:, None]
+            P = dirty.size
+        # the pairs that stand: counters and compute waits only
+        sl, sr = np.nonzero(same)
+        if sl.size:
+            cnt = self._counts[sl, slots[sr]].sum(0)
+            transfer.working_set_blocks += int(cnt[0])
+            transfer.blocks_needed += int(cnt[1])
+            self._note_standing(sl, slots[sr])
+        for layer in np.flatnonzero(fits).tolist():
+            stale[layer] = [False] * b
+        if not P:
+            return np.flatnonzero(~fits).tolist()
+        transfer.stale_layers += int(st.sum())
+        transfer.sync_switches += int((cand & ~kept).sum())
+        self._vis.reshape(L * S, W)[prow] = vis
+        self._vis_len.reshape(-1)[prow] = p_new[:, 0]
+        self._vis_set.reshape(-1)[prow] = want_sel
+        self._stale.reshape(-1)[prow] = st
+        n_mask = np.count_nonzero(mask, axis=1)
+        n_need = np.count_nonzero(need & old_rng, axis=1)
+        transfer.working_set_blocks += int(n_mask.sum())
+        transfer.blocks_needed += int(n_need.sum())
+        counts = self._counts.reshape(L * S, 2)
+        counts[prow, 0], counts[prow, 1] = n_mask, n_need
+        self._geom.reshape(L * S, 3)[prow] = geom[pr]
+        self._clean.reshape(-1)[prow] = want_sel
+        changed = np.zeros(b, dtype=bool)
+        table_flat, lru_flat = self._table.reshape(-1), self._lru.reshape(-1)
+        # evict spare blocks (resident, not wanted) beyond the cache, least recently used first
+        if (n_evict > 0).any():
+            flat = np.flatnonzero(spare & (n_evict > 0)[:, None])
+            ep, eb = np.divmod(flat, W)
+            at = prow[ep] * W + eb
+            lru_v = lru_flat[at]
+            order = np.argsort(ep * (int(lru_v.max()) + 1) + lru_v)  # within a pair LRU values are distinct
+            k = ep[order]
+            rank = np.arange(k.size) - np.searchsorted(k, k, side="left")
+            vic = order[rank < n_evict[k]]  # still in pair order, so layer-major
+            vp, vb = ep[vic], eb[vic]
+            bad = self._host_ids[slots[pr[vp]], vb] < 0
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise RuntimeError(
+                    f"request {seqs[pr[vp[i]]].rid!r} layer {int(pl[vp[i]])}: evicting logical block {int(vb[i])} "
+                    "that is not in the host store (only completed, written-back blocks may leave the device)"
+                )
+            phys = tbl[vp, vb].astype(np.int64)
+            bounds = np.searchsorted(pl[vp], np.arange(L + 1))
+            for layer in range(L):
+                if bounds[layer + 1] > bounds[layer]:
+                    self.allocators[layer].free_array(phys[bounds[layer] : bounds[layer + 1]])
+            tbl[vp, vb] = NULL_BLOCK
+            table_flat[at[vic]] = NULL_BLOCK
+            changed[pr[vp]] = True
+            transfer.blocks_evicted += int(vp.size)
+        # allocate the missing blocks; existing ones load from the host store (now, or beside the
+        # step where the pair attends its stale selection), new ones are written by this step
+        flat = np.flatnonzero(mask & (tbl == NULL_BLOCK))
+        if flat.size:
+            mp, mb = np.divmod(flat, W)
+            ml = pl[mp]
+            bounds = np.searchsorted(ml, np.arange(L + 1))
+            phys = np.concatenate([self.allocators[layer].allocate_array(int(bounds[layer + 1] - bounds[layer]))
+                                   for layer in range(L)])
+            table_flat[prow[mp] * W + mb] = phys
+            changed[pr[mp]] = True
+            old = mb < p_old[mp, 0]
+            hids = self._host_ids[slots[pr[mp]], mb]
+            bad = old & (hids < 0)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise RuntimeError(
+                    f"request {seqs[pr[mp[i]]].rid!r} layer {int(ml[i])}: logical block {int(mb[i])} is neither "
+                    "resident nor in the host store (internal invariant broken)"
+                )
+            deferred = old & st[mp]
+            now = old & ~deferred
+            transfer.blocks_deferred += int(deferred.sum())
+            for layer in range(L):
+                lo_, hi_ = int(bounds[layer]), int(bounds[layer + 1])
+                if hi_ == lo_:
+                    continue
+                for sel, out in ((now[lo_:hi_], loads[layer]), (deferred[lo_:hi_], self._deferred[layer])):
+                    if sel.any():
+                        out.append((hids[lo_:hi_][sel], phys[lo_:hi_][sel]))
+                fresh = ~old[lo_:hi_]
+                if fresh.any():
+                    self._wait_fresh(layer, phys[lo_:hi_][fresh])
+        for row in np.flatnonzero(changed).tolist():
+            seqs[row].version += 1
+        # the wanted blocks become the most recently used, in block order
+        self._stamp += 1
+        wp, wb = np.divmod(np.flatnonzero(mask), W)
+        lru_flat[prow[wp] * W + wb] = self._stamp * W + wb
+        # this step's compute waits for the last copies of the blocks it attends
+        if self.copy_log is not None or self._gen > self._waited:
+            vp, vb = np.divmod(np.flatnonzero(vis), W)
+            phys = table_flat[prow[vp] * W + vb]
+            bounds = np.searchsorted(pl[vp], np.arange(L + 1))
+            for layer in np.flatnonzero(fits).tolist():
+                self._note_wait(layer, phys[bounds[layer] : bounds[layer + 1]])
+        for p in np.flatnonzero(st).tolist():
+            stale[int(pl[p])][int(pr[p])] = True
+        return np.flatnonzero(~fits).tolist()
+
+    def _note_standing(self, layers: np.ndarray, slots: np.ndarray) -> None:
+        """The compute waits of (layer, slot) pairs whose working set stands from their last plan
+        (:meth:`_plan_batched`): only where a copy newer than both the last wait and this layer's
+        wait so far touched the layer's pool (with a copy log: every read is logged)."""
+        for layer in np.unique(layers).tolist():
+            sel = slots[layers == layer]
+            if self.copy_log is None and (self._gen <= self._waited
+                                          or int(self._block_gen[layer].max()) <= max(self._waited,
+                                                                                      self._layer_wait[layer])):
+                continue
+            tbl = self._table[layer, sel]
+            self._note_wait(layer, tbl[self._vis[layer, sel] & (tbl != NULL_BLOCK)])
+
     def _plan_layer(self, seq: _Seq, layer: int, want, geom: tuple[int, int, int],
                     loads: list[tuple[np.ndarray, np.ndarray]], transfer: StepTransfer, extra=None,
                     early: list[tuple[np.ndarray, np.ndarray]] | None = None, row: int = 0) -> bool:
-        """Working set of one (request, layer) for this step: evict spare blocks beyond the LRU
-        cache, allocate and schedule loads of the missing wanted blocks, stamp the wanted blocks
-        most recently used (in block order, as an LRU list would append them). Returns True when
-        the step attends with the stale (previous) selection while the new blocks load (overlap).
+        """The sequential path: working set of one (request, layer) for this step (the rules
+        :meth:`_plan_batched` applies to all pairs at once where the pool has room): evict spare
+        blocks beyond the LRU cache, allocate and schedule loads of the missing wanted blocks
+        (evicting other requests' cached blocks under pool pressure), stamp the wanted blocks most
+        recently used (in block order, as an LRU list would append them). Returns True when the
+        step attends with the stale (previous) selection while the new blocks load (overlap).
 
         ``extra``: blocks a coming selection will need (early prefetch); made resident too, from
         free pool blocks only, with their loads in ``early`` (this step does not wait for them)."""
         old_nb, first_written, new_nb = geom
+        slot = seq.slot
         tbl, lru = seq.table[layer], seq.lru[layer]
-        last = seq.last_want[layer]
-        src = (want, extra)
-        if (want is not None and last is not None and seq.last_src[layer] is not None and not seq.stale[layer]
-                and src[0] is seq.last_src[layer][0] and src[1] is seq.last_src[layer][1]
-                and geom == seq.last_geom[layer] and seq.layer_version[layer] == seq.planned_version[layer]):
-            # the very objects of the last plan (the engine reuses them while the policy's
-            # selections are unchanged) at the same block geometry: the same working set, resident
-            self._step_want[(seq.rid, layer)] = last
-            n_work, n_need = seq.last_counts[layer]
-            transfer.working_set_blocks += n_work
-            transfer.blocks_needed += n_need
-            vis = seq.vis[layer]
-            if self._gen > self._waited and vis is not None:
-                self._note_wait(layer, tbl[np.flatnonzero(vis)])
-            return False
-        seq.last_src[layer], seq.last_geom[layer] = src, geom
         need = np.zeros(new_nb, dtype=bool)
         if want is None:
             need[:old_nb] = True
@@ -597,13 +864,12 @@ class KVManager:
         resident = tbl[:new_nb] != NULL_BLOCK
         stale = False
         vis = need
-        prev = seq.vis[layer]
-        if self.overlap and want is not None and prev is not None and (need[:old_nb] & ~resident[:old_nb]).any():
+        if (self.overlap and want is not None and self._vis_set[layer, slot]
+                and (need[:old_nb] & ~resident[:old_nb]).any()):
             # overlapped switch: keep attending the previous selection (+ the blocks opened since)
             # while the new blocks load, if that set is still resident and the pool has room for both
-            old_vis = np.zeros(new_nb, dtype=bool)
-            old_vis[: prev.size] = prev[:new_nb]
-            old_vis[min(prev.size, first_written):new_nb] = True
+            old_vis = self._vis[layer, slot, :new_nb].copy()
+            old_vis[min(int(self._vis_len[layer, slot]), first_written):new_nb] = True
             n_new = int((need & ~resident).sum())
             room = self.allocators[layer].num_free + int((resident & ~(old_vis | need)).sum())
             if resident[:old_nb][old_vis[:old_nb]].all() and (room >= n_new or self._reclaimable(layer, seq) + room >= n_new):
@@ -625,22 +891,13 @@ class KVManager:
                 early_blocks = early_blocks[:0]
                 ex &= resident
             mask |= ex
-        seq.vis[layer], seq.stale[layer] = (None if want is None else vis), stale
+        self._set_vis(layer, slot, vis, new_nb, want is not None, stale)
         # protected from pressure evictions in this plan: what the step reads or loads now; early
         # blocks that are already resident are only a cache for a coming selection
         self._step_want[(seq.rid, layer)] = mask if extra is None else (need | vis) | (mask & ~resident)
         wanted = np.flatnonzero(mask)
-        n_need = int(need[:old_nb].sum())
-        seq.last_counts[layer] = (wanted.size, n_need)
         transfer.working_set_blocks += wanted.size
-        transfer.blocks_needed += n_need
-        if last is not None and last.size == mask.size and np.array_equal(last, mask) and resident[mask].all():
-            # the working set of this layer's previous step (between retrievals), all still
-            # resident and already last in LRU order: nothing to evict, load or reorder
-            self._note_wait(layer, tbl[np.flatnonzero(vis)])
-            seq.planned_version[layer] = seq.layer_version[layer]
-            return stale
-        seq.last_want[layer] = mask
+        transfer.blocks_needed += int(need[:old_nb].sum())
         # evict spare blocks (resident, not wanted) beyond the cache, least recently used first
         spare = np.flatnonzero(resident & ~mask)
         n_evict = spare.size - self.cache_blocks
@@ -651,7 +908,6 @@ class KVManager:
         missing = wanted[tbl[wanted] == NULL_BLOCK]
         if missing.size:
             seq.version += 1
-            seq.layer_version[layer] += 1
             now = missing[~np.isin(missing, early_blocks)] if early_blocks.size else missing
             if stale:
                 # the new selection's blocks load beside this step (issue_deferred); only the
@@ -683,16 +939,24 @@ class KVManager:
                         self._early_entries[layer].append((seq, out[-1], blocks))
             transfer.blocks_prefetched += int(early_blocks.size)
         self._stamp += 1
-        lru[wanted] = self._stamp * self.max_blocks + np.arange(wanted.size)
+        lru[wanted] = self._stamp * self._table.shape[2] + wanted  # in block order, after every older stamp
         if new_nb > old_nb:
             self._wait_fresh(layer, tbl[old_nb:new_nb])
         self._note_wait(layer, tbl[np.flatnonzero(vis)])
-        seq.planned_version[layer] = seq.layer_version[layer]
         if stale:
             # kept for _unstale: pool pressure from a later row may turn this switch synchronous
             self._stale_entries[layer].append((seq, row, dentry, np.flatnonzero(vis[:old_nb] & ~need[:old_nb]),
                                                need))
+        self._clean[layer, slot] = False  # planned here: the next batched plan recomputes the pair
         return stale
+
+    def _set_vis(self, layer: int, slot: int, vis: np.ndarray, n: int, selected: bool, stale: bool) -> None:
+        """Record the blocks a (request, layer) attends this step (``selected`` False: every block)."""
+        self._vis[layer, slot] = False
+        self._vis[layer, slot, :n] = vis
+        self._vis_len[layer, slot] = n
+        self._vis_set[layer, slot] = selected
+        self._stale[layer, slot] = stale
 
     def _revoke_early(self, layer: int) -> bool:
         """Pool pressure: give back the blocks of the last early prefetch scheduled in this plan (a
@@ -703,17 +967,10 @@ class KVManager:
         self._early_now[layer][:] = [e for e in self._early_now[layer] if e is not entry]
         self._drop(seq, layer, blocks)
         self._transfer.blocks_prefetched -= int(blocks.size)
-        for masks in (self._step_want, None):
-            if masks is None:
-                m = seq.last_want[layer]
-                if m is not None:
-                    m = m.copy()
-                    m[blocks] = False
-                    seq.last_want[layer] = m
-            elif (seq.rid, layer) in masks:
-                m = masks[(seq.rid, layer)].copy()
-                m[blocks] = False
-                masks[(seq.rid, layer)] = m
+        if (seq.rid, layer) in self._step_want:
+            m = self._step_want[(seq.rid, layer)].copy()
+            m[blocks] = False
+            self._step_want[(seq.rid, layer)] = m
         return True
 
     def _unstale(self, layer: int) -> bool:
@@ -735,8 +992,8 @@ class KVManager:
             tr.blocks_evicted += int(old_only.size)
         mask = self._step_want[(seq.rid, layer)].copy()
         mask[old_only] = False
-        self._step_want[(seq.rid, layer)] = seq.last_want[layer] = mask
-        seq.vis[layer], seq.stale[layer] = need, False
+        self._step_want[(seq.rid, layer)] = mask
+        self._set_vis(layer, seq.slot, need, need.size, True, False)
         self._stale_flags[layer][row] = False
         self._note_wait(layer, seq.table[layer][np.flatnonzero(need)])
         return True
@@ -774,7 +1031,7 @@ class KVManager:
         self.allocators[layer].free_array(tbl[blocks].astype(np.int64))
         tbl[blocks] = NULL_BLOCK
         seq.version += 1
-        seq.layer_version[layer] += 1
+        self._clean[layer, seq.slot] = False
 
     def _evict_under_pressure(self, layer: int, n: int) -> None:
         # Drop ``n`` cached blocks (written back, not needed by any row planned so far in this
@@ -1030,26 +1287,32 @@ class KVManager:
 
     def _write_tables(self, rids: list[str]) -> None:
         """Copy the block-table rows that changed since their last upload (or moved to another row)
-        into the pinned host mirror and upload them in one copy. The host waits for the previous
-        upload from the mirror before it writes into it (normally long finished)."""
-        th = self.tables_host
-        changed = []
+        into the pinned host mirror (every layer of a row in one copy), check them (one pass) and
+        upload them in one copy. The host waits for the previous upload from the mirror before it
+        writes into it (normally long finished)."""
+        changed, slots = [], []
         for row, rid in enumerate(rids):
             seq = self.seqs[rid]
             key = (seq.serial, seq.version)
             if self._uploaded[row] != key:
-                changed.append((row, seq, key))
+                changed.append(row)
+                slots.append(seq.slot)
+                self._uploaded[row] = key
         if not changed:
             return
         if self._tables_event is not None:
             self._tables_event.synchronize()
-        for row, seq, key in changed:
-            if int(seq.table.max()) >= self.pools[0].shape[0] or int(seq.table.min()) < 0:
-                raise RuntimeError(f"request {seq.rid!r}: block table holds ids outside the device pool "
-                                   f"[0, {self.pools[0].shape[0]}) (internal invariant broken)")
-            th[:, row] = torch.from_numpy(seq.table)
-            self._uploaded[row] = key
-        lo, hi = changed[0][0], changed[-1][0] + 1
+        th = self.tables_host.numpy()
+        for row, slot in zip(changed, slots, strict=True):
+            th[:, row] = self._table[:, slot, : self.max_blocks]
+        lo, hi = changed[0], changed[-1] + 1
+        n_dev = self.pools[0].shape[0]
+        outside = th[:, lo:hi].view(np.uint32) >= n_dev  # a negative id reads as a large unsigned one
+        if outside.any():
+            rid = rids[lo + int(np.flatnonzero(outside.any(axis=(0, 2)))[0])]
+            raise RuntimeError(f"request {rid!r}: block table holds ids outside the device pool "
+                               f"[0, {n_dev}) (internal invariant broken)")
+        th = self.tables_host
         self.tables[:, lo:hi].copy_(th[:, lo:hi], non_blocking=self.is_cuda)
         if self.is_cuda:
             self._tables_event = torch.cuda.Event()
