@@ -19,19 +19,19 @@ if compgen -G ".whl/flashinfer_python-*.whl" >/dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/ucm-site" || echo "installing .whl/*.whl failed"
 fi
 t0=$(date +%s)
-timeout "${KERNELS_S:-110}" $PY benchmarks/bench_kernels.py --out "$OUT" --contexts 131072 --batches 1 8 \
+timeout "${KERNELS_S:-100}" $PY benchmarks/bench_kernels.py --out "$OUT" --contexts 131072 --batches 1 8 \
   --block-sizes 64 --budgets 0.125 --odd-head-dims --skip-retrieval --reps 30 > "$OUT/bench_kernels.log" 2>&1
 echo "bench_kernels rc=$? in $(( $(date +%s) - t0 )) s"
 sed -n '/^card:/,$p' "$OUT/bench_kernels.log" | head -40
 grep -E "^(RuntimeError|ninja|FAILED|.*error:)" "$OUT/bench_kernels.log" | tail -n 12
 t0=$(date +%s)
-timeout "${TESTS_S:-60}" $PY -m pytest -q -p no:cacheprovider -m gpu tests/runtime/test_host_memory.py tests/bench/test_bench_capacity.py \
+timeout "${TESTS_S:-50}" $PY -m pytest -q -p no:cacheprovider -m gpu tests/runtime/test_host_memory.py tests/bench/test_bench_capacity.py \
   > "$OUT/gpu_capacity_tests.log" 2>&1
 echo "capacity/host-memory gpu tests rc=$? in $(( $(date +%s) - t0 )) s: $(tail -n 1 "$OUT/gpu_capacity_tests.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/gpu_capacity_tests.log" | head -5
 # the capacity wall (prints its table last)
 t0=$(date +%s)
 # shellcheck disable=SC2086
-timeout "${CAPACITY_S:-250}" $PY benchmarks/bench_capacity.py ${CAPACITY_ARGS:---algorithms dense gsa-on-device esa gsa kvstar --decode-steps 16 --max-minutes 3.3} \
+timeout "${CAPACITY_S:-240}" $PY benchmarks/bench_capacity.py ${CAPACITY_ARGS:---algorithms dense gsa-on-device esa gsa kvstar --decode-steps 16 --max-minutes 3.0} \
   --out-dir "$OUT" > "$OUT/bench_capacity.log" 2>&1
 echo "capacity rc=$? in $(( $(date +%s) - t0 )) s"; tail -n 40 "$OUT/bench_capacity.log"
