@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 from ucm_trt.eval.grid import (  # noqa: E402
     GRID_TASKS,
     GridConfig,
+    format_matrix,
     format_rows,
     markdown_grid,
     plot_grid,
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=d.samples)
     p.add_argument("--block-size", type=int, default=d.block_size)
     p.add_argument("--batch", type=int, default=None, help="requests decoded together (default: 16 CUDA, 4 CPU)")
-    p.add_argument("--prefill-chunk", type=int, default=None, help="default: 2048 CUDA, 512 CPU")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="default: 8192 CUDA (one chunk per prompt), 512 CPU")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--haystack", default="essays", choices=("auto", "essays", "filler"),
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     cfg = GridConfig(tasks=tuple(args.tasks), methods=tuple(args.methods), budgets=tuple(args.budgets),
                      lengths=tuple(args.lengths), depths=tuple(args.depths), samples=args.samples,
                      block_size=args.block_size, batch=args.batch or (16 if cuda else 4),
-                     prefill_chunk=args.prefill_chunk or (2048 if cuda else 512), seed=args.seed)
+                     prefill_chunk=args.prefill_chunk or (8192 if cuda else 512), seed=args.seed)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     t_start = time.perf_counter()
     model, tok = load_smollm2(dtype=dtype)
@@ -127,7 +128,8 @@ def main(argv=None) -> int:
                        log=lambda msg: print(msg, flush=True))
     write(records)
     print(f"wrote {path} ({time.perf_counter() - t_start:.0f} s)")
-    print(format_rows(summarize(records)))
+    print("agreement with dense (dense line: prompts dense answers right / prompts)")
+    print(format_matrix(summarize(records)))
     return 0
 
 

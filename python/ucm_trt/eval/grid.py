@@ -33,6 +33,7 @@ __all__ = [
     "GridConfig",
     "GridPrompt",
     "build_grid_prompt",
+    "format_matrix",
     "format_rows",
     "markdown_grid",
     "plot_grid",
@@ -153,7 +154,7 @@ class GridConfig:
     budgets: tuple[float, ...] = (0.125, 0.25)
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-    samples: int = 2
+    samples: int = 4
     block_size: int = 32
     batch: int = 8
     prefill_chunk: int = 512
@@ -197,7 +198,10 @@ class GridConfig:
 
 def method_engine(backend: Any, method: str, budget: float | None, *, max_prompt_len: int, min_prompt_len: int,
                   max_new_tokens: int, cfg: GridConfig):
-    """A fresh :class:`~ucm_trt.runtime.Engine` for ``method`` at ``Budget.ratio(budget)``."""
+    """A fresh :class:`~ucm_trt.runtime.Engine` for ``method`` at ``Budget.ratio(budget)``.
+
+    Decode runs eagerly (``cuda_graph=False``): a grid engine lives for one batch of 7-14 decode steps,
+    fewer than a CUDA-graph capture would pay back."""
     from ucm_trt.config import Budget, SparseConfig
     from ucm_trt.runtime import Engine, RuntimeConfig
     from ucm_trt.runtime.algorithms import grid_gsa_on_device_config, make_policy, sparse_config_for
@@ -211,7 +215,7 @@ def method_engine(backend: Any, method: str, budget: float | None, *, max_prompt
     policy = make_policy(algo, preset=preset, **kwargs)
     bs = cfg.block_size
     rcfg = RuntimeConfig(max_batch=cfg.batch, max_seq_len=max_prompt_len + max_new_tokens + bs,
-                         prefill_chunk=cfg.prefill_chunk)
+                         prefill_chunk=cfg.prefill_chunk, cuda_graph=False)
     return Engine(backend, policy, sparse=sparse, config=rcfg)
 
 
@@ -227,53 +231,58 @@ def run_grid(
 ) -> list[dict]:
     """Every prompt of the grid answered by every ``(method, budget)``; returns one record per answer.
 
-    ``on_records(records_so_far)`` is called after each engine (write partial results there). With
-    ``deadline`` (a ``time.perf_counter()`` value) no new engine starts after it; what finished is
-    returned (and logged as stopped)."""
+    Order: in *rounds* of one sample per cell (round ``s`` = sample ``s`` of every task x depth), each
+    round over every length and every ``(method, budget)``, so that a run stopped early still covers
+    the whole grid with fewer samples. ``on_records(records_so_far)`` is called after each engine
+    (write partial results there). With ``deadline`` (a ``time.perf_counter()`` value) no new engine
+    starts after it; in a round cut short the methods that did not reach it have fewer prompts (``n``
+    of :func:`summarize`); dense runs first for every (round, length), so agreement stays defined."""
     from ucm_trt.runtime import SamplingParams, TorchBackend
 
     if not isinstance(cfg, GridConfig):
         raise TypeError(f"cfg must be a GridConfig, got {type(cfg).__name__}")
     backend = TorchBackend(model)
     records: list[dict] = []
-    for length in cfg.lengths:
-        prompts = [build_grid_prompt(tokenizer, haystack, task=t, context_len=length, depth=d, sample=s, seed=cfg.seed)
-                   for t in cfg.tasks for d in cfg.depths for s in range(cfg.samples)]
-        lens = [len(p.input_ids) for p in prompts]
-        max_new = max(p.max_new_tokens for p in prompts)
-        for method, budget in cfg.variants():
-            t0 = time.perf_counter()
-            if deadline is not None and t0 > deadline:
+    for sample in range(cfg.samples):
+        for length in cfg.lengths:
+            prompts = [build_grid_prompt(tokenizer, haystack, task=t, context_len=length, depth=d, sample=sample,
+                                         seed=cfg.seed)
+                       for t in cfg.tasks for d in cfg.depths]
+            lens = [len(p.input_ids) for p in prompts]
+            max_new = max(p.max_new_tokens for p in prompts)
+            for method, budget in cfg.variants():
+                t0 = time.perf_counter()
+                if deadline is not None and t0 > deadline:
+                    if log is not None:
+                        log(f"[grid] deadline reached: stopped before sample {sample}, {length} {method} {budget}")
+                    return records
+                engine = method_engine(backend, method, budget, max_prompt_len=max(lens), min_prompt_len=min(lens),
+                                       max_new_tokens=max_new, cfg=cfg)
+                try:
+                    params = [SamplingParams(max_new_tokens=p.max_new_tokens) for p in prompts]
+                    results = engine.generate([p.input_ids for p in prompts], params)
+                    stats = engine.stats().get("policy", {})
+                finally:
+                    engine.close()
+                run = {"seconds": round(time.perf_counter() - t0, 2),
+                       **{k: stats[k] for k in ("selected_block_fraction", "dense_layer_counts", "adaptive")
+                          if k in stats}}
+                for p, res in zip(prompts, results, strict=True):
+                    text = tokenizer.decode(res.token_ids, skip_special_tokens=True)
+                    records.append({
+                        "task": p.task, "context_len": length, "prompt_tokens": len(p.input_ids), "depth": p.depth,
+                        "sample": p.sample, "method": method, "budget": budget, "answers": list(p.answers),
+                        "completion": text, "correct": p.is_correct(text), "run": run,
+                    })
+                ok = sum(r["correct"] for r in records[-len(prompts):])
                 if log is not None:
-                    log(f"[grid] deadline reached: stopped before {length} {method} {budget}")
-                return records
-            engine = method_engine(backend, method, budget, max_prompt_len=max(lens), min_prompt_len=min(lens),
-                                   max_new_tokens=max_new, cfg=cfg)
-            try:
-                params = [SamplingParams(max_new_tokens=p.max_new_tokens) for p in prompts]
-                results = engine.generate([p.input_ids for p in prompts], params)
-                stats = engine.stats().get("policy", {})
-            finally:
-                engine.close()
-            run = {"seconds": round(time.perf_counter() - t0, 2),
-                   **{k: stats[k] for k in ("selected_block_fraction", "dense_layer_counts", "adaptive")
-                      if k in stats}}
-            for p, res in zip(prompts, results, strict=True):
-                text = tokenizer.decode(res.token_ids, skip_special_tokens=True)
-                records.append({
-                    "task": p.task, "context_len": length, "prompt_tokens": len(p.input_ids), "depth": p.depth,
-                    "sample": p.sample, "method": method, "budget": budget, "answers": list(p.answers),
-                    "completion": text, "correct": p.is_correct(text), "run": run,
-                })
-            ok = sum(r["correct"] for r in records[-len(prompts):])
-            if log is not None:
-                frac = stats.get("selected_block_fraction")
-                extra = f", blocks read {frac:.3f}" if isinstance(frac, float) else ""
-                log(f"[grid] {length:>5} {method:<18} budget {budget if budget is not None else '-':<6} "
-                    f"{ok}/{len(prompts)} correct ({time.perf_counter() - t0:.1f} s{extra}, dense layers "
-                    f"{stats.get('dense_layer_counts', {})})")
-            if on_records is not None:
-                on_records(records)
+                    frac = stats.get("selected_block_fraction")
+                    extra = f", blocks read {frac:.3f}" if isinstance(frac, float) else ""
+                    log(f"[grid] s{sample} {length:>5} {method:<18} budget {budget if budget is not None else '-':<6} "
+                        f"{ok}/{len(prompts)} correct ({time.perf_counter() - t0:.1f} s{extra}, dense layers "
+                        f"{stats.get('dense_layer_counts', {})})")
+                if on_records is not None:
+                    on_records(records)
     return records
 
 
@@ -312,6 +321,30 @@ def format_rows(rows: Sequence[dict]) -> str:
         lines.append(f"{r['task']:<12} {r['context_len']:>5} {r['algorithm']:<20} {budget:>6} {r['n']:>4} "
                      f"{r['dense_correct']:>8} {agree:>6}")
     return "\n".join(lines)
+
+
+def format_matrix(rows: Sequence[dict]) -> str:
+    """Compact plain text: per task, a line per method x budget, a column per context length; cells
+    ``agree_with_dense`` (dense line: ``dense_correct/n``)."""
+    out = []
+    for task in [t for t in GRID_TASKS if any(r["task"] == t for r in rows)]:
+        rs = [r for r in rows if r["task"] == task]
+        lengths = sorted({r["context_len"] for r in rs})
+        methods = sorted({(r["algorithm"], r["budget"]) for r in rs}, key=lambda m: (m[0] != "dense", m[0], m[1] or 0))
+        out.append(f"{task:<22}" + "".join(f"{f'{n // 1024}K':>8}" for n in lengths))
+        for algo, b in methods:
+            cells = []
+            for n in lengths:
+                r = next((x for x in rs if x["algorithm"] == algo and x["budget"] == b and x["context_len"] == n), None)
+                if r is None:
+                    cells.append("-")
+                elif algo == "dense":
+                    cells.append(f"{r['dense_correct']}/{r['n']}")
+                else:
+                    cells.append("-" if r["agree_with_dense"] is None else f"{r['agree_with_dense']:.2f}")
+            label = algo if b is None else f"{algo} @{b:g}"
+            out.append(f"  {label:<20}" + "".join(f"{c:>8}" for c in cells))
+    return "\n".join(out)
 
 
 def markdown_grid(rows: Sequence[dict], *, budget: float | None = None) -> str:
