@@ -121,6 +121,9 @@ def main(argv=None) -> int:
                              "tokens": res.token_ids})
     write()
     for spec in args.recompute:
+        if runs and over():
+            print(f"[blend] --max-seconds reached: settings from {spec} on not run", flush=True)
+            break
         layer, ratio = spec.split(":")
         cfg = BlendConfig(recompute_layer=int(layer), recompute_ratio=float(ratio))
         rows = []

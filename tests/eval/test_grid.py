@@ -140,3 +140,27 @@ def test_vote_method_of_the_eval_scores_like_the_policies():
     sel = make_selector("vote", ratio=0.5, context=lambda layer: MethodContext())
     out = sel(0, q.transpose(0, 1)[None], k[None], 16)
     assert out.shape[:2] == (1, 2)
+
+
+def test_grid_runs_in_rounds_and_stops_at_the_deadline(tiny_model, tiny_tokenizer, filler):
+    import time
+
+    from transformers import LlamaForCausalLM
+
+    from ucm_trt.eval.grid import format_matrix
+
+    model = LlamaForCausalLM(copy.deepcopy(tiny_model.config)).eval()
+    model.load_state_dict(tiny_model.state_dict())
+    cfg = GridConfig(tasks=("passkey",), methods=("dense", "esa"), budgets=(0.25,), lengths=(512, 1024),
+                     depths=(0.5,), samples=2, block_size=32, batch=2, prefill_chunk=256)
+    order = []
+    records = run_grid(model, tiny_tokenizer, filler, cfg, log=None,
+                       on_records=lambda r: order.append((r[-1]["sample"], r[-1]["context_len"], r[-1]["method"])))
+    # round 0 covers every length and method before round 1 starts; dense first in each (round, length)
+    assert order == [(s, n, m) for s in (0, 1) for n in (512, 1024) for m in ("dense", "esa")]
+    assert len(records) == 8
+    text = format_matrix(summarize(records))
+    assert text.splitlines()[0].split() == ["passkey", "0.5K", "1K"]
+    assert any(line.strip().startswith("esa @0.25") for line in text.splitlines())
+    # a deadline already past: nothing starts; the records so far are returned, not an error
+    assert run_grid(model, tiny_tokenizer, filler, cfg, log=None, deadline=time.perf_counter() - 1) == []

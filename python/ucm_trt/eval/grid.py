@@ -198,7 +198,8 @@ class GridConfig:
 
 def method_engine(backend: Any, method: str, budget: float | None, *, max_prompt_len: int, min_prompt_len: int,
                   max_new_tokens: int, cfg: GridConfig):
-    """A fresh :class:`~ucm_trt.runtime.Engine` for ``method`` at ``Budget.ratio(budget)``.
+    """A fresh :class:`~ucm_trt.runtime.Engine` for ``method`` at ``Budget.ratio(budget)``: preset
+    ``default`` selects per KV head, ``ucm`` shared (upstream's).
 
     Decode runs eagerly (``cuda_graph=False``): a grid engine lives for one batch of 7-14 decode steps,
     fewer than a CUDA-graph capture would pay back."""
@@ -207,7 +208,9 @@ def method_engine(backend: Any, method: str, budget: float | None, *, max_prompt
     from ucm_trt.runtime.algorithms import grid_gsa_on_device_config, make_policy, sparse_config_for
 
     algo, preset = parse_method(method)
-    base = SparseConfig(block_size=cfg.block_size, budget=Budget.ratio(budget if budget is not None else 1.0))
+    # preset default selects per KV head (as the chat and `make demo`); ucm: shared (sparse_config_for)
+    base = SparseConfig(block_size=cfg.block_size, budget=Budget.ratio(budget if budget is not None else 1.0),
+                        selection="per_head" if preset == "default" else "shared")
     sparse = sparse_config_for(algo, base, preset=preset)
     kwargs: dict[str, Any] = {}
     if algo == "gsa-on-device":
@@ -323,6 +326,10 @@ def format_rows(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _klabel(n: int) -> str:
+    return f"{n / 1024:g}K"
+
+
 def format_matrix(rows: Sequence[dict]) -> str:
     """Compact plain text: per task, a line per method x budget, a column per context length; cells
     ``agree_with_dense`` (dense line: ``dense_correct/n``)."""
@@ -331,7 +338,7 @@ def format_matrix(rows: Sequence[dict]) -> str:
         rs = [r for r in rows if r["task"] == task]
         lengths = sorted({r["context_len"] for r in rs})
         methods = sorted({(r["algorithm"], r["budget"]) for r in rs}, key=lambda m: (m[0] != "dense", m[0], m[1] or 0))
-        out.append(f"{task:<22}" + "".join(f"{f'{n // 1024}K':>8}" for n in lengths))
+        out.append(f"{task:<22}" + "".join(f"{_klabel(n):>8}" for n in lengths))
         for algo, b in methods:
             cells = []
             for n in lengths:
@@ -358,7 +365,7 @@ def markdown_grid(rows: Sequence[dict], *, budget: float | None = None) -> str:
                          key=lambda m: (m[0] != "dense", m[0], m[1] or 0))
         out.append(f"**{task}** — dense row: prompts dense answers right / prompts; other rows: agreement with "
                    "dense (of the prompts dense answers right, the fraction the method answers right)\n")
-        out.append("| method | budget | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |")
+        out.append("| method | budget | " + " | ".join(_klabel(n) for n in lengths) + " |")
         out.append("|---|---|" + "---|" * len(lengths))
         for algo, b in methods:
             cells = []
