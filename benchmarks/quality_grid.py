@@ -29,7 +29,6 @@ from ucm_trt.eval.grid import (  # noqa: E402
     GRID_TASKS,
     GridConfig,
     format_matrix,
-    format_rows,
     markdown_grid,
     plot_grid,
     run_grid,
@@ -40,21 +39,48 @@ DOC_BEGIN = "<!-- BEGIN GRID TABLES -->"
 DOC_END = "<!-- END GRID TABLES -->"
 
 
+def rerope_markdown(rows: list[dict]) -> str:
+    """ReRoPE rows (``task="passkey_rerope"``, ``context_len``, ``n``, ``accuracy``; optional ``algorithm``,
+    ``budget``, ``window``, ``logn``) as a markdown table."""
+    out = ["| context | algorithm | budget | n | accuracy | window | log-n |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda x: (x["context_len"], str(x.get("algorithm", "")))):
+        b = r.get("budget")
+        out.append(f"| {r['context_len'] / 1024:g}K | {r.get('algorithm', 'rerope')} | {'-' if b is None else f'{b:g}'} "
+                   f"| {r['n']} | {r['accuracy']:.2f} | {r.get('window', '-')} | {r.get('logn', '-')} |")
+    return "\n".join(out) + "\n"
+
+
 def report(files: list[Path], docs: Path | None) -> int:
-    """Tables + plot from finished grid JSON files (and the docs block between the GRID markers)."""
+    """Tables (+ a plot per grid file) from finished JSON files, from their ``rows`` alone: grid rows
+    (``task`` in passkey / multikey / aggregation, ``algorithm``, ``budget``, ``context_len``, ``n``,
+    ``dense_correct``, ``agree_with_dense``) and ReRoPE rows (``task="passkey_rerope"``, ``context_len``,
+    ``n``, ``accuracy``); ``meta``, when present, only labels the table. With ``docs``: rewrites the
+    block between the GRID markers."""
     parts = []
     for f in files:
         d = json.loads(f.read_text())
-        rows = d["rows"]
-        png = f.with_suffix(".png")
-        plot_grid(rows, png)
-        m = d["meta"]
-        cfg = m["config"]
-        parts.append(f"#### `{f.name}` — {m['card']}, {m['dtype']}, {m['haystack']} haystack, block size "
-                     f"{cfg['block_size']}, depths {cfg['depths']}, {cfg['samples']} sample(s) per depth; "
-                     f"plot `{png.name}`\n")
-        parts.append(markdown_grid(rows))
-        print(format_rows(rows))
+        rows = d["rows"] if isinstance(d, dict) else d
+        m = d.get("meta", {}) if isinstance(d, dict) else {}
+        cfg = m.get("config", {})
+        label = ", ".join(str(x) for x in (m.get("card"), m.get("dtype"), m.get("haystack") and
+                                             f"{m['haystack']} haystack") if x)
+        grid = [r for r in rows if r.get("task") in GRID_TASKS]
+        rerope = [r for r in rows if r.get("task") == "passkey_rerope"]
+        if not grid and not rerope:
+            raise SystemExit(f"{f}: no grid rows (task in {', '.join(GRID_TASKS)}) or ReRoPE rows "
+                             "(task 'passkey_rerope')")
+        if grid:
+            png = f.with_suffix(".png")
+            plot_grid(grid, png)
+            extra = (f", block size {cfg['block_size']}, depths {cfg['depths']}, {cfg['samples']} sample(s) per depth"
+                     if {"block_size", "depths", "samples"} <= set(cfg) else "")
+            parts.append(f"#### `{f.name}` — {label or 'no meta'}{extra}; plot `{png.name}`\n")
+            parts.append(markdown_grid(grid))
+            print(format_matrix(grid))
+        if rerope:
+            parts.append(f"#### `{f.name}` — ReRoPE passkey{', ' + label if label else ''}\n")
+            parts.append(rerope_markdown(rerope))
+            print(rerope_markdown(rerope))
     block = "\n".join(parts)
     if docs is not None:
         text = docs.read_text()
@@ -65,6 +91,8 @@ def report(files: list[Path], docs: Path | None) -> int:
         docs.write_text(head + DOC_BEGIN + "\n" + block + "\n" + DOC_END + tail)
         print(f"updated {docs}")
     return 0
+
+
 from ucm_trt.models import haystack_text, load_smollm2  # noqa: E402
 
 
