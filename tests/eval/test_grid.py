@@ -15,6 +15,7 @@ from ucm_trt.eval.grid import (
     GridConfig,
     build_grid_prompt,
     markdown_grid,
+    method_schedule,
     parse_method,
     run_grid,
     summarize,
@@ -72,6 +73,10 @@ def test_summarize_agreement_counts_only_prompts_dense_answers():
 
 def test_methods_and_config_validation():
     assert parse_method("esa") == ("esa", "default") and parse_method("gsa@ucm") == ("gsa", "ucm")
+    assert parse_method("esa+sync") == ("esa", "default") and parse_method("gsa@ucm+sync") == ("gsa", "ucm")
+    assert method_schedule("esa") and not method_schedule("esa@ucm+sync")
+    with pytest.raises(ValueError, match="only suffix is"):
+        parse_method("esa+fast")
     with pytest.raises(ValueError, match="preset must be one of default, ucm"):
         parse_method("esa@fast")
     with pytest.raises(ValueError, match="algorithm must be one of"):
@@ -151,14 +156,14 @@ def test_grid_runs_in_rounds_and_stops_at_the_deadline(tiny_model, tiny_tokenize
 
     model = LlamaForCausalLM(copy.deepcopy(tiny_model.config)).eval()
     model.load_state_dict(tiny_model.state_dict())
-    cfg = GridConfig(tasks=("passkey",), methods=("dense", "esa"), budgets=(0.25,), lengths=(512, 1024),
+    cfg = GridConfig(tasks=("passkey",), methods=("dense", "esa", "esa+sync"), budgets=(0.25,), lengths=(512, 1024),
                      depths=(0.5,), samples=2, block_size=32, batch=2, prefill_chunk=256)
     order = []
     records = run_grid(model, tiny_tokenizer, filler, cfg, log=None,
                        on_records=lambda r: order.append((r[-1]["sample"], r[-1]["context_len"], r[-1]["method"])))
     # round 0 covers every length and method before round 1 starts; dense first in each (round, length)
-    assert order == [(s, n, m) for s in (0, 1) for n in (512, 1024) for m in ("dense", "esa")]
-    assert len(records) == 8
+    assert order == [(s, n, m) for s in (0, 1) for n in (512, 1024) for m in ("dense", "esa", "esa+sync")]
+    assert len(records) == 12
     text = format_matrix(summarize(records))
     assert text.splitlines()[0].split() == ["passkey", "0.5K", "1K"]
     assert any(line.strip().startswith("esa @0.25") for line in text.splitlines())

@@ -16,7 +16,8 @@ answers right, the fraction the method also answers right (:func:`summarize`).
 
 A method is ``algorithm`` or ``algorithm@preset`` (:data:`ucm_trt.runtime.algorithms.PRESETS`), at a
 budget ``Budget.ratio(b)`` of the candidate blocks (``gsa-on-device``: ``top_k_tokens`` set to the same
-number of blocks, gate open).
+number of blocks, gate open); a ``+sync`` suffix runs it with ``RuntimeConfig(overlap_loads=False)``
+(a retrieval's blocks are attended at the step it is due, not one step later).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "markdown_grid",
     "plot_grid",
     "method_engine",
+    "method_schedule",
     "parse_method",
     "run_grid",
     "summarize",
@@ -127,18 +129,30 @@ def build_grid_prompt(tokenizer: Any, haystack: Any, *, task: str, context_len: 
 
 
 def parse_method(method: str) -> tuple[str, str]:
-    """``"esa"`` -> ``("esa", "default")``; ``"esa@ucm"`` -> ``("esa", "ucm")``."""
+    """``"esa"`` -> ``("esa", "default")``; ``"esa@ucm"`` -> ``("esa", "ucm")``. A ``+sync`` suffix
+    (:func:`method_schedule`) is accepted and not part of the result."""
     from ucm_trt.runtime.algorithms import PRESETS
 
     if not isinstance(method, str) or not method:
-        raise ValueError(f"method must be 'algorithm' or 'algorithm@preset', got {method!r}")
-    algo, _, preset = method.partition("@")
+        raise ValueError(f"method must be 'algorithm[@preset][+sync]', got {method!r}")
+    base, plus, schedule = method.partition("+")
+    if plus and schedule != "sync":
+        raise ValueError(f"method {method!r}: the only suffix is '+sync', got '+{schedule}'")
+    algo, _, preset = base.partition("@")
     preset = preset or "default"
     if algo not in GRID_ALGORITHMS:
         raise ValueError(f"method {method!r}: algorithm must be one of {', '.join(GRID_ALGORITHMS)}")
     if preset not in PRESETS:
         raise ValueError(f"method {method!r}: preset must be one of {', '.join(PRESETS)}")
     return algo, preset
+
+
+def method_schedule(method: str) -> bool:
+    """Whether ``method`` runs the runtime's overlapped (stale-by-one) load schedule
+    (``RuntimeConfig.overlap_loads``, the default) — ``False`` for ``algorithm[@preset]+sync``, where a
+    step that needs new blocks waits for them and attends the selection its retrieval made."""
+    parse_method(method)
+    return not method.endswith("+sync")
 
 
 GRID_ALGORITHMS: tuple[str, ...] = ("dense", "esa", "gsa", "gsa-on-device", "kvstar")
@@ -218,7 +232,7 @@ def method_engine(backend: Any, method: str, budget: float | None, *, max_prompt
     policy = make_policy(algo, preset=preset, **kwargs)
     bs = cfg.block_size
     rcfg = RuntimeConfig(max_batch=cfg.batch, max_seq_len=max_prompt_len + max_new_tokens + bs,
-                         prefill_chunk=cfg.prefill_chunk, cuda_graph=False)
+                         prefill_chunk=cfg.prefill_chunk, cuda_graph=False, overlap_loads=method_schedule(method))
     return Engine(backend, policy, sparse=sparse, config=rcfg)
 
 
