@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -142,7 +143,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     name = "grid_" + card.replace(" ", "-") + (f"_{args.tag}" if args.tag else "") + ".json"
     path = args.out / name
-    meta = {"card": card, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    meta = {"card": card, "device": args.device, "revision": rev, "dtype": str(dtype).removeprefix("torch."),
             "torch": torch.__version__, "haystack": hay.source, "model": "SmolLM2-135M-Instruct",
             "config": {k: v for k, v in vars(cfg).items()}, "command": " ".join(sys.argv),
             "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
