@@ -169,3 +169,32 @@ def test_grid_runs_in_rounds_and_stops_at_the_deadline(tiny_model, tiny_tokenize
     assert any(line.strip().startswith("esa @0.25") for line in text.splitlines())
     # a deadline already past: nothing starts; the records so far are returned, not an error
     assert run_grid(model, tiny_tokenizer, filler, cfg, log=None, deadline=time.perf_counter() - 1) == []
+
+
+def test_report_reads_grid_and_rerope_rows_alone(tmp_path):
+    """`quality_grid.py --report` builds the docs block from the JSON rows issue 15 asks for (no meta)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "quality_grid.py"
+    spec = importlib.util.spec_from_file_location("quality_grid_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    grid = [{"task": "passkey", "algorithm": "dense", "budget": None, "context_len": 1024, "n": 4, "dense_correct": 3,
+             "agree_with_dense": 1.0},
+            {"task": "passkey", "algorithm": "esa", "budget": 0.125, "context_len": 1024, "n": 4, "dense_correct": 3,
+             "agree_with_dense": 2 / 3}]
+    rerope = [{"task": "passkey_rerope", "context_len": 16384, "n": 20, "accuracy": 0.95}]
+    (tmp_path / "grid_x.json").write_text(json.dumps({"rows": grid}))
+    (tmp_path / "rerope_grid_x.json").write_text(json.dumps({"rows": rerope}))
+    docs = tmp_path / "q.md"
+    docs.write_text(f"head\n{mod.DOC_BEGIN}\nold\n{mod.DOC_END}\ntail\n")
+    assert mod.report([tmp_path / "grid_x.json", tmp_path / "rerope_grid_x.json"], docs) == 0
+    text = docs.read_text()
+    assert "old" not in text and text.startswith("head\n") and text.endswith("tail\n")
+    assert "| dense | - | 3/4 |" in text and "| esa | 0.125 | 0.67 |" in text
+    assert "| 16K | rerope | - | 20 | 0.95 |" in text
+    assert (tmp_path / "grid_x.png").exists()
+    (tmp_path / "other.json").write_text(json.dumps({"rows": [{"task": "chat"}]}))
+    with pytest.raises(SystemExit, match="no grid rows"):
+        mod.report([tmp_path / "other.json"], None)
