@@ -64,12 +64,13 @@ stage() {
 
 for s in $STAGES; do
   case $s in
-    grid)   # 3 tasks x 1K/2K/4K/8K x 5 depths, dense + 5 algorithms x 1/8, 1/4 + 2 upstream presets x 1/8, 1/4
-            # + ESA with the synchronous load schedule (esa+sync), in rounds of one sample per cell (a stopped
-            # run still covers the whole grid, with fewer samples); 17 engines per (round, length)
-      stage grid "$GRID_S" 80 python benchmarks/quality_grid.py --out "$OUT" \
-        --methods dense esa gsa gsa-on-device kvstar esa@ucm gsa@ucm esa+sync --max-seconds $(( GRID_S - 45 )) \
-        $GRID_ARGS ;;
+    grid)   # 3 tasks x 8K/4K/2K/1K (longest first: 1K-2K also have CPU slices) x 5 depths: dense, the 5
+            # algorithms at 1/8 and 1/4, upstream ESA / GSA (preset ucm) and ESA with the synchronous load
+            # schedule (+sync) at 1/8; 14 engines per (round, length), in rounds of one sample per cell
+            # (a stopped run covers every cell it reached with fewer samples)
+      stage grid "$GRID_S" 80 python benchmarks/quality_grid.py --out "$OUT" --lengths 8192 4096 2048 1024 \
+        --methods dense esa gsa gsa-on-device kvstar esa@ucm:0.125 gsa@ucm:0.125 esa+sync:0.125 \
+        --max-seconds $(( GRID_S - 45 )) $GRID_ARGS ;;
     rerope) # 16K and 32K x 20 prompts, window / log-n tuned per length on 2 other prompts, selection off then on
       stage rerope "$REROPE_S" 12 python benchmarks/quality_rerope.py --out "$OUT" --max-seconds $(( REROPE_S - 30 )) $REROPE_ARGS ;;
     blend)  # 12 questions, 4 chunks of 480 tokens, 3 recompute settings; TTFT vs a warmed full prefill

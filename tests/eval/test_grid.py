@@ -87,6 +87,12 @@ def test_methods_and_config_validation():
         GridConfig(budgets=(0.0,))
     assert GridConfig(methods=("dense", "esa"), budgets=(0.1, 0.2)).variants() == [
         ("dense", None), ("esa", 0.1), ("esa", 0.2)]
+    assert GridConfig(methods=("dense", "esa", "esa@ucm:0.1", "esa+sync:0.3"), budgets=(0.1, 0.2)).variants() == [
+        ("dense", None), ("esa", 0.1), ("esa", 0.2), ("esa@ucm", 0.1), ("esa+sync", 0.3)]
+    assert parse_method("esa@ucm+sync:0.125") == ("esa", "ucm") and not method_schedule("esa+sync:0.125")
+    for bad in ("esa:0", "esa:x", "esa:1.5"):
+        with pytest.raises(ValueError, match="followed by a budget"):
+            parse_method(bad)
 
 
 def test_tiny_grid_runs_every_method_through_the_runtime(tiny_model, tiny_tokenizer, filler, tmp_path):

@@ -17,7 +17,8 @@ answers right, the fraction the method also answers right (:func:`summarize`).
 A method is ``algorithm`` or ``algorithm@preset`` (:data:`ucm_trt.runtime.algorithms.PRESETS`), at a
 budget ``Budget.ratio(b)`` of the candidate blocks (``gsa-on-device``: ``top_k_tokens`` set to the same
 number of blocks, gate open); a ``+sync`` suffix runs it with ``RuntimeConfig(overlap_loads=False)``
-(a retrieval's blocks are attended at the step it is due, not one step later).
+(a retrieval's blocks are attended at the step it is due, not one step later), a ``:b`` suffix at
+budget ``b`` only (``esa@ucm:0.125``).
 """
 
 from __future__ import annotations
@@ -128,14 +129,30 @@ def build_grid_prompt(tokenizer: Any, haystack: Any, *, task: str, context_len: 
                       input_ids=p.input_ids[0].tolist(), answers=answers, max_new_tokens=_MAX_NEW[task])
 
 
+def _split_budget(method: str) -> tuple[str, float | None]:
+    """``"esa@ucm:0.125"`` -> ``("esa@ucm", 0.125)``; no ``:`` -> ``(method, None)``."""
+    name, colon, b = method.partition(":")
+    if not colon:
+        return method, None
+    try:
+        budget = float(b)
+    except ValueError:
+        raise ValueError(f"method {method!r}: ':' must be followed by a budget in (0, 1], got {b!r}") from None
+    if not 0 < budget <= 1:
+        raise ValueError(f"method {method!r}: ':' must be followed by a budget in (0, 1], got {b!r}")
+    return name, budget
+
+
 def parse_method(method: str) -> tuple[str, str]:
     """``"esa"`` -> ``("esa", "default")``; ``"esa@ucm"`` -> ``("esa", "ucm")``. A ``+sync`` suffix
-    (:func:`method_schedule`) is accepted and not part of the result."""
+    (:func:`method_schedule`) and a ``:budget`` suffix (run at that budget only, :meth:`GridConfig.variants`)
+    are accepted and not part of the result: ``"esa@ucm+sync:0.125"``."""
     from ucm_trt.runtime.algorithms import PRESETS
 
     if not isinstance(method, str) or not method:
-        raise ValueError(f"method must be 'algorithm[@preset][+sync]', got {method!r}")
-    base, plus, schedule = method.partition("+")
+        raise ValueError(f"method must be 'algorithm[@preset][+sync][:budget]', got {method!r}")
+    base, _ = _split_budget(method)
+    base, plus, schedule = base.partition("+")
     if plus and schedule != "sync":
         raise ValueError(f"method {method!r}: the only suffix is '+sync', got '+{schedule}'")
     algo, _, preset = base.partition("@")
@@ -152,7 +169,7 @@ def method_schedule(method: str) -> bool:
     (``RuntimeConfig.overlap_loads``, the default) — ``False`` for ``algorithm[@preset]+sync``, where a
     step that needs new blocks waits for them and attends the selection its retrieval made."""
     parse_method(method)
-    return not method.endswith("+sync")
+    return not _split_budget(method)[0].endswith("+sync")
 
 
 GRID_ALGORITHMS: tuple[str, ...] = ("dense", "esa", "gsa", "gsa-on-device", "kvstar")
@@ -204,9 +221,14 @@ class GridConfig:
             raise ValueError(f"{c}.block_size must be a power of two, got {self.block_size}")
 
     def variants(self) -> list[tuple[str, float | None]]:
-        """``(method, budget)`` in run order: dense first (budget None), then every sparse method x budget."""
+        """``(method, budget)`` in run order: dense first (budget None), then every sparse method x budget;
+        a method named ``name:b`` runs at budget ``b`` only (as ``name``; ``b`` need not be in ``budgets``)."""
         out: list[tuple[str, float | None]] = [("dense", None)]
-        out += [(m, float(b)) for m in self.methods if m != "dense" for b in self.budgets]
+        for m in self.methods:
+            if m == "dense":
+                continue
+            name, only = _split_budget(m)
+            out += [(name, only)] if only is not None else [(m, float(b)) for b in self.budgets]
         return out
 
 

@@ -89,7 +89,8 @@ class ESAPolicy(OffloadPolicy):
     of every run of that many tokens (it must divide the block size) and score a block by its best
     sub-block, or with the vote by the mass of its sub-blocks (:func:`sub_block_scores`); ``None`` is
     upstream's one mean per block. The store then holds ``block_size / sub_block_tokens`` vectors per
-    block (``1 / sub_block_tokens`` of the K bytes)."""
+    block (``1 / sub_block_tokens`` of the K elements; ``block_size / sub_block_tokens`` times the
+    store and scoring work of one mean per block)."""
 
     name = "esa"
 
