@@ -146,7 +146,10 @@ def make_policy(
 
     ``dense_layers``: the layers the sparse policies (esa, gsa, gsa-on-device, kvstar) run dense;
     default :func:`default_dense_layers` of ``preset`` (``default``: detected per request).
-    ``adaptive``: an adaptive budget for the CPU-scored policies (esa, gsa); default off."""
+    ``adaptive``: an adaptive budget for the CPU-scored policies (esa, gsa); default off.
+    ESA / GSA score as :data:`BLOCK_SCORING` of ``preset`` says, except that a ``retrieval`` with
+    ``query_drift`` (the speed benchmarks' synthetic drift, calibrated on block means) keeps one mean
+    per block."""
     _check_preset(preset)
     if algorithm in PREFILL_ALGORITHMS:
         raise ValueError(_BLEND_IS_NO_POLICY)
@@ -170,10 +173,14 @@ def make_policy(
     if algorithm == "dense":
         return DensePolicy()
     policy: Policy | None = None
+    scoring = dict(BLOCK_SCORING[preset])
+    if retrieval is not None and getattr(retrieval, "query_drift", None) is not None:
+        # the synthetic query drift of the speed benchmarks is calibrated on one mean per block
+        scoring["sub_block_tokens"] = None
     if algorithm == "esa":
-        policy = ESAPolicy(dense_layers=rule, adaptive=adaptive, retrieval=retrieval, **BLOCK_SCORING[preset])
+        policy = ESAPolicy(dense_layers=rule, adaptive=adaptive, retrieval=retrieval, **scoring)
     elif algorithm == "gsa":
-        policy = GSAPolicy(dense_layers=rule, adaptive=adaptive, retrieval=retrieval, **BLOCK_SCORING[preset])
+        policy = GSAPolicy(dense_layers=rule, adaptive=adaptive, retrieval=retrieval, **scoring)
     elif algorithm == "gsa-on-device":
         policy = GSAOnDevicePolicy(gsa_on_device, dense_layers=rule)
     elif algorithm == "kvstar":
