@@ -446,7 +446,9 @@ def make_engine(model, name: str, plan: CapacityPlan, settings: Settings, *, max
         # dense-layer detection (the default preset's) would run them all dense; a speed benchmark of the
         # sparse path fixes the layer set instead (a real model adds its detected layers' full KV)
         kw["dense_layers"] = DenseLayers()
-    policy = make_policy(algorithm, **kw)
+    # preset ucm: ESA / GSA keep one mean K per block, the representation size plan_capacity and
+    # device_rep_blocks model (the default preset's 8-token sub-block means are block_size / 8 times that)
+    policy = make_policy(algorithm, preset="ucm", **kw)
     pool = plan.pool_blocks[name]
     chunk = min(settings.fill_chunk, plan.context_len)
     check_chunking(plan.context_len, chunk)

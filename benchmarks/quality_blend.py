@@ -21,6 +21,7 @@ import json
 import platform
 import statistics
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -67,8 +68,16 @@ def main(argv=None) -> int:
     p.add_argument("--recompute", nargs="+", default=["1:0.2", "1:0.0", "2:0.3"],
                    help="BlendConfig settings recompute_layer:recompute_ratio")
     p.add_argument("--max-new-tokens", type=int, default=7)
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="time budget from the start: no new question starts after it; the JSON, rewritten after "
+                        "every setting, keeps what finished")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
+    t_start = time.perf_counter()
+
+    def over() -> bool:
+        return args.max_seconds is not None and time.perf_counter() - t_start > args.max_seconds
+
     model, tok = load_smollm2(dtype=torch.bfloat16 if cuda else torch.float32)
     model = model.to(args.device).eval()
     text = haystack_text(source="essays").text
@@ -81,28 +90,48 @@ def main(argv=None) -> int:
     sparse = SparseConfig(block_size=bs)
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     backend = TorchBackend(model)
+    card = torch.cuda.get_device_name() if cuda else f"cpu-{platform.machine()}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / ("blend_" + card.replace(" ", "-") + ".json")
+    meta = {"card": card, "torch": torch.__version__, "model": "SmolLM2-135M-Instruct", "block_size": bs,
+            "chunks": args.chunks, "chunk_tokens": args.chunk_tokens, "prompt_tokens_max": longest,
+            "command": " ".join(sys.argv), "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    full: list[dict] = []
+    runs: list[dict] = []
+
+    def write() -> None:
+        meta["seconds"] = round(time.perf_counter() - t_start, 1)
+        path.write_text(json.dumps({"meta": meta, "full_prefill": [{k: v for k, v in r.items() if k != "tokens"}
+                                                                   for r in full], "runs": runs}, indent=1))
 
     def sync():
         if cuda:
             torch.cuda.synchronize()
 
-    full = []
     with Engine(backend, sparse=sparse, config=rt) as eng:
         for i, (ch, sfx, key) in enumerate(qs):
+            if i > 1 and over():
+                print(f"[blend] --max-seconds reached: full prefill of {i - 1} question(s)", flush=True)
+                break
             sync()
             [res] = eng.generate([t for c in ch for t in c] + sfx, params)
             text_out = tok.decode(res.token_ids, skip_special_tokens=True)
             if i:  # question 0 warms the full-prefill path
                 full.append({"ttft_s": res.ttft_seconds, "completion": text_out, "correct": key in text_out,
                              "tokens": res.token_ids})
-    runs = []
+    write()
     for spec in args.recompute:
+        if runs and over():
+            print(f"[blend] --max-seconds reached: settings from {spec} on not run", flush=True)
+            break
         layer, ratio = spec.split(":")
         cfg = BlendConfig(recompute_layer=int(layer), recompute_ratio=float(ratio))
         rows = []
         with Engine(backend, sparse=sparse, config=rt) as eng:
             runner = BlendRunner(eng, cfg)
-            for i, (ch, sfx, key) in enumerate(qs):
+            for i, (ch, sfx, key) in enumerate(qs[: len(full) + 1]):
+                if i > 1 and over():
+                    break
                 for c in ch:
                     runner.cache_chunk(c)
                 sync()
@@ -115,30 +144,27 @@ def main(argv=None) -> int:
                                  "greedy_agreement": sum(a == b for a, b in zip(res.token_ids, f["tokens"],
                                                                                 strict=False)) / len(f["tokens"])})
             stats = dict(runner.stats)
+        if not rows:
+            print(f"[blend] --max-seconds reached before layer {layer} ratio {ratio}", flush=True)
+            break
+        # both medians over the same questions (a setting cut short by --max-seconds answered fewer)
+        same = full[: len(rows)]
         ttft = statistics.median(r["ttft_s"] for r in rows)
-        full_ttft = statistics.median(r["ttft_s"] for r in full)
+        full_ttft = statistics.median(r["ttft_s"] for r in same)
         runs.append({"recompute_layer": cfg.recompute_layer, "recompute_ratio": cfg.recompute_ratio,
                      "n": len(rows), "accuracy": sum(r["correct"] for r in rows) / len(rows),
-                     "full_prefill_accuracy": sum(r["correct"] for r in full) / len(full),
+                     "full_prefill_accuracy": sum(r["correct"] for r in same) / len(same),
                      "ttft_median_s": ttft, "full_prefill_ttft_median_s": full_ttft,
                      "ttft_speedup_vs_warm_full": full_ttft / ttft,
                      "first_token_equal": sum(r["first_token_equal"] for r in rows) / len(rows),
                      "greedy_agreement": statistics.mean(r["greedy_agreement"] for r in rows),
                      "runner_stats": stats, "questions": rows})
+        write()
         print(f"[blend] layer {layer} ratio {ratio}: accuracy {runs[-1]['accuracy']:.2f} (full "
               f"{runs[-1]['full_prefill_accuracy']:.2f}), TTFT {ttft * 1e3:.1f} ms vs full {full_ttft * 1e3:.1f} ms",
               flush=True)
-    card = torch.cuda.get_device_name() if cuda else f"cpu-{platform.machine()}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("blend_" + card.replace(" ", "-") + ".json")
-    for r in full:
-        del r["tokens"]
-    path.write_text(json.dumps({
-        "meta": {"card": card, "torch": torch.__version__, "model": "SmolLM2-135M-Instruct", "block_size": bs,
-                 "chunks": args.chunks, "chunk_tokens": args.chunk_tokens, "prompt_tokens_max": longest,
-                 "command": " ".join(sys.argv), "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-        "full_prefill": full, "runs": runs}, indent=1))
-    print(f"wrote {path}")
+    write()
+    print(f"wrote {path} ({time.perf_counter() - t_start:.0f} s)")
     print(f"{'recompute':>10} {'n':>3} {'acc':>5} {'full acc':>8} {'TTFT ms':>8} {'full ms':>8} {'speedup':>7} {'agree':>6}")
     for r in runs:
         print(f"{r['recompute_layer']}:{r['recompute_ratio']:<8g} {r['n']:>3} {r['accuracy']:>5.2f} "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 from ucm_trt.eval.grid import (  # noqa: E402
     GRID_TASKS,
     GridConfig,
-    format_rows,
+    format_matrix,
     markdown_grid,
     plot_grid,
     run_grid,
@@ -39,21 +40,48 @@ DOC_BEGIN = "<!-- BEGIN GRID TABLES -->"
 DOC_END = "<!-- END GRID TABLES -->"
 
 
+def rerope_markdown(rows: list[dict]) -> str:
+    """ReRoPE rows (``task="passkey_rerope"``, ``context_len``, ``n``, ``accuracy``; optional ``algorithm``,
+    ``budget``, ``window``, ``logn``) as a markdown table."""
+    out = ["| context | algorithm | budget | n | accuracy | window | log-n |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda x: (x["context_len"], str(x.get("algorithm", "")))):
+        b = r.get("budget")
+        out.append(f"| {r['context_len'] / 1024:g}K | {r.get('algorithm', 'rerope')} | {'-' if b is None else f'{b:g}'} "
+                   f"| {r['n']} | {r['accuracy']:.2f} | {r.get('window', '-')} | {r.get('logn', '-')} |")
+    return "\n".join(out) + "\n"
+
+
 def report(files: list[Path], docs: Path | None) -> int:
-    """Tables + plot from finished grid JSON files (and the docs block between the GRID markers)."""
+    """Tables (+ a plot per grid file) from finished JSON files, from their ``rows`` alone: grid rows
+    (``task`` in passkey / multikey / aggregation, ``algorithm``, ``budget``, ``context_len``, ``n``,
+    ``dense_correct``, ``agree_with_dense``) and ReRoPE rows (``task="passkey_rerope"``, ``context_len``,
+    ``n``, ``accuracy``); ``meta``, when present, only labels the table. With ``docs``: rewrites the
+    block between the GRID markers."""
     parts = []
     for f in files:
         d = json.loads(f.read_text())
-        rows = d["rows"]
-        png = f.with_suffix(".png")
-        plot_grid(rows, png)
-        m = d["meta"]
-        cfg = m["config"]
-        parts.append(f"#### `{f.name}` — {m['card']}, {m['dtype']}, {m['haystack']} haystack, block size "
-                     f"{cfg['block_size']}, depths {cfg['depths']}, {cfg['samples']} sample(s) per depth; "
-                     f"plot `{png.name}`\n")
-        parts.append(markdown_grid(rows))
-        print(format_rows(rows))
+        rows = d["rows"] if isinstance(d, dict) else d
+        m = d.get("meta", {}) if isinstance(d, dict) else {}
+        cfg = m.get("config", {})
+        label = ", ".join(str(x) for x in (m.get("card"), m.get("dtype"), m.get("haystack") and
+                                             f"{m['haystack']} haystack") if x)
+        grid = [r for r in rows if r.get("task") in GRID_TASKS]
+        rerope = [r for r in rows if r.get("task") == "passkey_rerope"]
+        if not grid and not rerope:
+            raise SystemExit(f"{f}: no grid rows (task in {', '.join(GRID_TASKS)}) or ReRoPE rows "
+                             "(task 'passkey_rerope')")
+        if grid:
+            png = f.with_suffix(".png")
+            plot_grid(grid, png)
+            extra = (f", block size {cfg['block_size']}, depths {cfg['depths']}, {cfg['samples']} sample(s) per depth"
+                     if {"block_size", "depths", "samples"} <= set(cfg) else "")
+            parts.append(f"#### `{f.name}` — {label or 'no meta'}{extra}; plot `{png.name}`\n")
+            parts.append(markdown_grid(grid))
+            print(format_matrix(grid))
+        if rerope:
+            parts.append(f"#### `{f.name}` — ReRoPE passkey{', ' + label if label else ''}\n")
+            parts.append(rerope_markdown(rerope))
+            print(rerope_markdown(rerope))
     block = "\n".join(parts)
     if docs is not None:
         text = docs.read_text()
@@ -64,6 +92,8 @@ def report(files: list[Path], docs: Path | None) -> int:
         docs.write_text(head + DOC_BEGIN + "\n" + block + "\n" + DOC_END + tail)
         print(f"updated {docs}")
     return 0
+
+
 from ucm_trt.models import haystack_text, load_smollm2  # noqa: E402
 
 
@@ -84,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=d.samples)
     p.add_argument("--block-size", type=int, default=d.block_size)
     p.add_argument("--batch", type=int, default=None, help="requests decoded together (default: 16 CUDA, 4 CPU)")
-    p.add_argument("--prefill-chunk", type=int, default=None, help="default: 2048 CUDA, 512 CPU")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="default: 8192 CUDA (one chunk per prompt), 512 CPU")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--haystack", default="essays", choices=("auto", "essays", "filler"),
@@ -103,7 +133,7 @@ def main(argv=None) -> int:
     cfg = GridConfig(tasks=tuple(args.tasks), methods=tuple(args.methods), budgets=tuple(args.budgets),
                      lengths=tuple(args.lengths), depths=tuple(args.depths), samples=args.samples,
                      block_size=args.block_size, batch=args.batch or (16 if cuda else 4),
-                     prefill_chunk=args.prefill_chunk or (2048 if cuda else 512), seed=args.seed)
+                     prefill_chunk=args.prefill_chunk or (8192 if cuda else 512), seed=args.seed)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     t_start = time.perf_counter()
     model, tok = load_smollm2(dtype=dtype)
@@ -113,7 +143,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     name = "grid_" + card.replace(" ", "-") + (f"_{args.tag}" if args.tag else "") + ".json"
     path = args.out / name
-    meta = {"card": card, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    meta = {"card": card, "device": args.device, "revision": rev, "dtype": str(dtype).removeprefix("torch."),
             "torch": torch.__version__, "haystack": hay.source, "model": "SmolLM2-135M-Instruct",
             "config": {k: v for k, v in vars(cfg).items()}, "command": " ".join(sys.argv),
             "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -127,7 +162,8 @@ def main(argv=None) -> int:
                        log=lambda msg: print(msg, flush=True))
     write(records)
     print(f"wrote {path} ({time.perf_counter() - t_start:.0f} s)")
-    print(format_rows(summarize(records)))
+    print("agreement with dense (dense line: prompts dense answers right / prompts)")
+    print(format_matrix(summarize(records)))
     return 0
 
 

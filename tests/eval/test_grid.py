@@ -15,6 +15,7 @@ from ucm_trt.eval.grid import (
     GridConfig,
     build_grid_prompt,
     markdown_grid,
+    method_schedule,
     parse_method,
     run_grid,
     summarize,
@@ -72,6 +73,10 @@ def test_summarize_agreement_counts_only_prompts_dense_answers():
 
 def test_methods_and_config_validation():
     assert parse_method("esa") == ("esa", "default") and parse_method("gsa@ucm") == ("gsa", "ucm")
+    assert parse_method("esa+sync") == ("esa", "default") and parse_method("gsa@ucm+sync") == ("gsa", "ucm")
+    assert method_schedule("esa") and not method_schedule("esa@ucm+sync")
+    with pytest.raises(ValueError, match="only suffix is"):
+        parse_method("esa+fast")
     with pytest.raises(ValueError, match="preset must be one of default, ucm"):
         parse_method("esa@fast")
     with pytest.raises(ValueError, match="algorithm must be one of"):
@@ -82,6 +87,12 @@ def test_methods_and_config_validation():
         GridConfig(budgets=(0.0,))
     assert GridConfig(methods=("dense", "esa"), budgets=(0.1, 0.2)).variants() == [
         ("dense", None), ("esa", 0.1), ("esa", 0.2)]
+    assert GridConfig(methods=("dense", "esa", "esa@ucm:0.1", "esa+sync:0.3"), budgets=(0.1, 0.2)).variants() == [
+        ("dense", None), ("esa", 0.1), ("esa", 0.2), ("esa@ucm", 0.1), ("esa+sync", 0.3)]
+    assert parse_method("esa@ucm+sync:0.125") == ("esa", "ucm") and not method_schedule("esa+sync:0.125")
+    for bad in ("esa:0", "esa:x", "esa:1.5"):
+        with pytest.raises(ValueError, match="followed by a budget"):
+            parse_method(bad)
 
 
 def test_tiny_grid_runs_every_method_through_the_runtime(tiny_model, tiny_tokenizer, filler, tmp_path):
@@ -140,3 +151,56 @@ def test_vote_method_of_the_eval_scores_like_the_policies():
     sel = make_selector("vote", ratio=0.5, context=lambda layer: MethodContext())
     out = sel(0, q.transpose(0, 1)[None], k[None], 16)
     assert out.shape[:2] == (1, 2)
+
+
+def test_grid_runs_in_rounds_and_stops_at_the_deadline(tiny_model, tiny_tokenizer, filler):
+    import time
+
+    from transformers import LlamaForCausalLM
+
+    from ucm_trt.eval.grid import format_matrix
+
+    model = LlamaForCausalLM(copy.deepcopy(tiny_model.config)).eval()
+    model.load_state_dict(tiny_model.state_dict())
+    cfg = GridConfig(tasks=("passkey",), methods=("dense", "esa", "esa+sync"), budgets=(0.25,), lengths=(512, 1024),
+                     depths=(0.5,), samples=2, block_size=32, batch=2, prefill_chunk=256)
+    order = []
+    records = run_grid(model, tiny_tokenizer, filler, cfg, log=None,
+                       on_records=lambda r: order.append((r[-1]["sample"], r[-1]["context_len"], r[-1]["method"])))
+    # round 0 covers every length and method before round 1 starts; dense first in each (round, length)
+    assert order == [(s, n, m) for s in (0, 1) for n in (512, 1024) for m in ("dense", "esa", "esa+sync")]
+    assert len(records) == 12
+    text = format_matrix(summarize(records))
+    assert text.splitlines()[0].split() == ["passkey", "0.5K", "1K"]
+    assert any(line.strip().startswith("esa @0.25") for line in text.splitlines())
+    # a deadline already past: nothing starts; the records so far are returned, not an error
+    assert run_grid(model, tiny_tokenizer, filler, cfg, log=None, deadline=time.perf_counter() - 1) == []
+
+
+def test_report_reads_grid_and_rerope_rows_alone(tmp_path):
+    """`quality_grid.py --report` builds the docs block from the JSON rows issue 15 asks for (no meta)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "quality_grid.py"
+    spec = importlib.util.spec_from_file_location("quality_grid_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    grid = [{"task": "passkey", "algorithm": "dense", "budget": None, "context_len": 1024, "n": 4, "dense_correct": 3,
+             "agree_with_dense": 1.0},
+            {"task": "passkey", "algorithm": "esa", "budget": 0.125, "context_len": 1024, "n": 4, "dense_correct": 3,
+             "agree_with_dense": 2 / 3}]
+    rerope = [{"task": "passkey_rerope", "context_len": 16384, "n": 20, "accuracy": 0.95}]
+    (tmp_path / "grid_x.json").write_text(json.dumps({"rows": grid}))
+    (tmp_path / "rerope_grid_x.json").write_text(json.dumps({"rows": rerope}))
+    docs = tmp_path / "q.md"
+    docs.write_text(f"head\n{mod.DOC_BEGIN}\nold\n{mod.DOC_END}\ntail\n")
+    assert mod.report([tmp_path / "grid_x.json", tmp_path / "rerope_grid_x.json"], docs) == 0
+    text = docs.read_text()
+    assert "old" not in text and text.startswith("head\n") and text.endswith("tail\n")
+    assert "| dense | - | 3/4 |" in text and "| esa | 0.125 | 0.67 |" in text
+    assert "| 16K | rerope | - | 20 | 0.95 |" in text
+    assert (tmp_path / "grid_x.png").exists()
+    (tmp_path / "other.json").write_text(json.dumps({"rows": [{"task": "chat"}]}))
+    with pytest.raises(SystemExit, match="no grid rows"):
+        mod.report([tmp_path / "other.json"], None)

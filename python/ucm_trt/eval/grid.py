@@ -16,7 +16,9 @@ answers right, the fraction the method also answers right (:func:`summarize`).
 
 A method is ``algorithm`` or ``algorithm@preset`` (:data:`ucm_trt.runtime.algorithms.PRESETS`), at a
 budget ``Budget.ratio(b)`` of the candidate blocks (``gsa-on-device``: ``top_k_tokens`` set to the same
-number of blocks, gate open).
+number of blocks, gate open); a ``+sync`` suffix runs it with ``RuntimeConfig(overlap_loads=False)``
+(a retrieval's blocks are attended at the step it is due, not one step later), a ``:b`` suffix at
+budget ``b`` only (``esa@ucm:0.125``).
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ __all__ = [
     "GridConfig",
     "GridPrompt",
     "build_grid_prompt",
+    "format_matrix",
     "format_rows",
     "markdown_grid",
     "plot_grid",
     "method_engine",
+    "method_schedule",
     "parse_method",
     "run_grid",
     "summarize",
@@ -125,19 +129,47 @@ def build_grid_prompt(tokenizer: Any, haystack: Any, *, task: str, context_len: 
                       input_ids=p.input_ids[0].tolist(), answers=answers, max_new_tokens=_MAX_NEW[task])
 
 
+def _split_budget(method: str) -> tuple[str, float | None]:
+    """``"esa@ucm:0.125"`` -> ``("esa@ucm", 0.125)``; no ``:`` -> ``(method, None)``."""
+    name, colon, b = method.partition(":")
+    if not colon:
+        return method, None
+    try:
+        budget = float(b)
+    except ValueError:
+        raise ValueError(f"method {method!r}: ':' must be followed by a budget in (0, 1], got {b!r}") from None
+    if not 0 < budget <= 1:
+        raise ValueError(f"method {method!r}: ':' must be followed by a budget in (0, 1], got {b!r}")
+    return name, budget
+
+
 def parse_method(method: str) -> tuple[str, str]:
-    """``"esa"`` -> ``("esa", "default")``; ``"esa@ucm"`` -> ``("esa", "ucm")``."""
+    """``"esa"`` -> ``("esa", "default")``; ``"esa@ucm"`` -> ``("esa", "ucm")``. A ``+sync`` suffix
+    (:func:`method_schedule`) and a ``:budget`` suffix (run at that budget only, :meth:`GridConfig.variants`)
+    are accepted and not part of the result: ``"esa@ucm+sync:0.125"``."""
     from ucm_trt.runtime.algorithms import PRESETS
 
     if not isinstance(method, str) or not method:
-        raise ValueError(f"method must be 'algorithm' or 'algorithm@preset', got {method!r}")
-    algo, _, preset = method.partition("@")
+        raise ValueError(f"method must be 'algorithm[@preset][+sync][:budget]', got {method!r}")
+    base, _ = _split_budget(method)
+    base, plus, schedule = base.partition("+")
+    if plus and schedule != "sync":
+        raise ValueError(f"method {method!r}: the only suffix is '+sync', got '+{schedule}'")
+    algo, _, preset = base.partition("@")
     preset = preset or "default"
     if algo not in GRID_ALGORITHMS:
         raise ValueError(f"method {method!r}: algorithm must be one of {', '.join(GRID_ALGORITHMS)}")
     if preset not in PRESETS:
         raise ValueError(f"method {method!r}: preset must be one of {', '.join(PRESETS)}")
     return algo, preset
+
+
+def method_schedule(method: str) -> bool:
+    """Whether ``method`` runs the runtime's overlapped (stale-by-one) load schedule
+    (``RuntimeConfig.overlap_loads``, the default) — ``False`` for ``algorithm[@preset]+sync``, where a
+    step that needs new blocks waits for them and attends the selection its retrieval made."""
+    parse_method(method)
+    return not _split_budget(method)[0].endswith("+sync")
 
 
 GRID_ALGORITHMS: tuple[str, ...] = ("dense", "esa", "gsa", "gsa-on-device", "kvstar")
@@ -153,7 +185,7 @@ class GridConfig:
     budgets: tuple[float, ...] = (0.125, 0.25)
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-    samples: int = 2
+    samples: int = 4
     block_size: int = 32
     batch: int = 8
     prefill_chunk: int = 512
@@ -189,21 +221,32 @@ class GridConfig:
             raise ValueError(f"{c}.block_size must be a power of two, got {self.block_size}")
 
     def variants(self) -> list[tuple[str, float | None]]:
-        """``(method, budget)`` in run order: dense first (budget None), then every sparse method x budget."""
+        """``(method, budget)`` in run order: dense first (budget None), then every sparse method x budget;
+        a method named ``name:b`` runs at budget ``b`` only (as ``name``; ``b`` need not be in ``budgets``)."""
         out: list[tuple[str, float | None]] = [("dense", None)]
-        out += [(m, float(b)) for m in self.methods if m != "dense" for b in self.budgets]
+        for m in self.methods:
+            if m == "dense":
+                continue
+            name, only = _split_budget(m)
+            out += [(name, only)] if only is not None else [(m, float(b)) for b in self.budgets]
         return out
 
 
 def method_engine(backend: Any, method: str, budget: float | None, *, max_prompt_len: int, min_prompt_len: int,
                   max_new_tokens: int, cfg: GridConfig):
-    """A fresh :class:`~ucm_trt.runtime.Engine` for ``method`` at ``Budget.ratio(budget)``."""
+    """A fresh :class:`~ucm_trt.runtime.Engine` for ``method`` at ``Budget.ratio(budget)``: preset
+    ``default`` selects per KV head, ``ucm`` shared (upstream's).
+
+    Decode runs eagerly (``cuda_graph=False``): a grid engine lives for one batch of 7-14 decode steps,
+    fewer than a CUDA-graph capture would pay back."""
     from ucm_trt.config import Budget, SparseConfig
     from ucm_trt.runtime import Engine, RuntimeConfig
     from ucm_trt.runtime.algorithms import grid_gsa_on_device_config, make_policy, sparse_config_for
 
     algo, preset = parse_method(method)
-    base = SparseConfig(block_size=cfg.block_size, budget=Budget.ratio(budget if budget is not None else 1.0))
+    # preset default selects per KV head (as the chat and `make demo`); ucm: shared (sparse_config_for)
+    base = SparseConfig(block_size=cfg.block_size, budget=Budget.ratio(budget if budget is not None else 1.0),
+                        selection="per_head" if preset == "default" else "shared")
     sparse = sparse_config_for(algo, base, preset=preset)
     kwargs: dict[str, Any] = {}
     if algo == "gsa-on-device":
@@ -211,7 +254,7 @@ def method_engine(backend: Any, method: str, budget: float | None, *, max_prompt
     policy = make_policy(algo, preset=preset, **kwargs)
     bs = cfg.block_size
     rcfg = RuntimeConfig(max_batch=cfg.batch, max_seq_len=max_prompt_len + max_new_tokens + bs,
-                         prefill_chunk=cfg.prefill_chunk)
+                         prefill_chunk=cfg.prefill_chunk, cuda_graph=False, overlap_loads=method_schedule(method))
     return Engine(backend, policy, sparse=sparse, config=rcfg)
 
 
@@ -227,53 +270,58 @@ def run_grid(
 ) -> list[dict]:
     """Every prompt of the grid answered by every ``(method, budget)``; returns one record per answer.
 
-    ``on_records(records_so_far)`` is called after each engine (write partial results there). With
-    ``deadline`` (a ``time.perf_counter()`` value) no new engine starts after it; what finished is
-    returned (and logged as stopped)."""
+    Order: in *rounds* of one sample per cell (round ``s`` = sample ``s`` of every task x depth), each
+    round over every length and every ``(method, budget)``, so that a run stopped early still covers
+    the whole grid with fewer samples. ``on_records(records_so_far)`` is called after each engine
+    (write partial results there). With ``deadline`` (a ``time.perf_counter()`` value) no new engine
+    starts after it; in a round cut short the methods that did not reach it have fewer prompts (``n``
+    of :func:`summarize`); dense runs first for every (round, length), so agreement stays defined."""
     from ucm_trt.runtime import SamplingParams, TorchBackend
 
     if not isinstance(cfg, GridConfig):
         raise TypeError(f"cfg must be a GridConfig, got {type(cfg).__name__}")
     backend = TorchBackend(model)
     records: list[dict] = []
-    for length in cfg.lengths:
-        prompts = [build_grid_prompt(tokenizer, haystack, task=t, context_len=length, depth=d, sample=s, seed=cfg.seed)
-                   for t in cfg.tasks for d in cfg.depths for s in range(cfg.samples)]
-        lens = [len(p.input_ids) for p in prompts]
-        max_new = max(p.max_new_tokens for p in prompts)
-        for method, budget in cfg.variants():
-            t0 = time.perf_counter()
-            if deadline is not None and t0 > deadline:
+    for sample in range(cfg.samples):
+        for length in cfg.lengths:
+            prompts = [build_grid_prompt(tokenizer, haystack, task=t, context_len=length, depth=d, sample=sample,
+                                         seed=cfg.seed)
+                       for t in cfg.tasks for d in cfg.depths]
+            lens = [len(p.input_ids) for p in prompts]
+            max_new = max(p.max_new_tokens for p in prompts)
+            for method, budget in cfg.variants():
+                t0 = time.perf_counter()
+                if deadline is not None and t0 > deadline:
+                    if log is not None:
+                        log(f"[grid] deadline reached: stopped before sample {sample}, {length} {method} {budget}")
+                    return records
+                engine = method_engine(backend, method, budget, max_prompt_len=max(lens), min_prompt_len=min(lens),
+                                       max_new_tokens=max_new, cfg=cfg)
+                try:
+                    params = [SamplingParams(max_new_tokens=p.max_new_tokens) for p in prompts]
+                    results = engine.generate([p.input_ids for p in prompts], params)
+                    stats = engine.stats().get("policy", {})
+                finally:
+                    engine.close()
+                run = {"seconds": round(time.perf_counter() - t0, 2),
+                       **{k: stats[k] for k in ("selected_block_fraction", "dense_layer_counts", "adaptive")
+                          if k in stats}}
+                for p, res in zip(prompts, results, strict=True):
+                    text = tokenizer.decode(res.token_ids, skip_special_tokens=True)
+                    records.append({
+                        "task": p.task, "context_len": length, "prompt_tokens": len(p.input_ids), "depth": p.depth,
+                        "sample": p.sample, "method": method, "budget": budget, "answers": list(p.answers),
+                        "completion": text, "correct": p.is_correct(text), "run": run,
+                    })
+                ok = sum(r["correct"] for r in records[-len(prompts):])
                 if log is not None:
-                    log(f"[grid] deadline reached: stopped before {length} {method} {budget}")
-                return records
-            engine = method_engine(backend, method, budget, max_prompt_len=max(lens), min_prompt_len=min(lens),
-                                   max_new_tokens=max_new, cfg=cfg)
-            try:
-                params = [SamplingParams(max_new_tokens=p.max_new_tokens) for p in prompts]
-                results = engine.generate([p.input_ids for p in prompts], params)
-                stats = engine.stats().get("policy", {})
-            finally:
-                engine.close()
-            run = {"seconds": round(time.perf_counter() - t0, 2),
-                   **{k: stats[k] for k in ("selected_block_fraction", "dense_layer_counts", "adaptive")
-                      if k in stats}}
-            for p, res in zip(prompts, results, strict=True):
-                text = tokenizer.decode(res.token_ids, skip_special_tokens=True)
-                records.append({
-                    "task": p.task, "context_len": length, "prompt_tokens": len(p.input_ids), "depth": p.depth,
-                    "sample": p.sample, "method": method, "budget": budget, "answers": list(p.answers),
-                    "completion": text, "correct": p.is_correct(text), "run": run,
-                })
-            ok = sum(r["correct"] for r in records[-len(prompts):])
-            if log is not None:
-                frac = stats.get("selected_block_fraction")
-                extra = f", blocks read {frac:.3f}" if isinstance(frac, float) else ""
-                log(f"[grid] {length:>5} {method:<18} budget {budget if budget is not None else '-':<6} "
-                    f"{ok}/{len(prompts)} correct ({time.perf_counter() - t0:.1f} s{extra}, dense layers "
-                    f"{stats.get('dense_layer_counts', {})})")
-            if on_records is not None:
-                on_records(records)
+                    frac = stats.get("selected_block_fraction")
+                    extra = f", blocks read {frac:.3f}" if isinstance(frac, float) else ""
+                    log(f"[grid] s{sample} {length:>5} {method:<18} budget {budget if budget is not None else '-':<6} "
+                        f"{ok}/{len(prompts)} correct ({time.perf_counter() - t0:.1f} s{extra}, dense layers "
+                        f"{stats.get('dense_layer_counts', {})})")
+                if on_records is not None:
+                    on_records(records)
     return records
 
 
@@ -314,6 +362,34 @@ def format_rows(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _klabel(n: int) -> str:
+    return f"{n / 1024:g}K"
+
+
+def format_matrix(rows: Sequence[dict]) -> str:
+    """Compact plain text: per task, a line per method x budget, a column per context length; cells
+    ``agree_with_dense`` (dense line: ``dense_correct/n``)."""
+    out = []
+    for task in [t for t in GRID_TASKS if any(r["task"] == t for r in rows)]:
+        rs = [r for r in rows if r["task"] == task]
+        lengths = sorted({r["context_len"] for r in rs})
+        methods = sorted({(r["algorithm"], r["budget"]) for r in rs}, key=lambda m: (m[0] != "dense", m[0], m[1] or 0))
+        out.append(f"{task:<22}" + "".join(f"{_klabel(n):>8}" for n in lengths))
+        for algo, b in methods:
+            cells = []
+            for n in lengths:
+                r = next((x for x in rs if x["algorithm"] == algo and x["budget"] == b and x["context_len"] == n), None)
+                if r is None:
+                    cells.append("-")
+                elif algo == "dense":
+                    cells.append(f"{r['dense_correct']}/{r['n']}")
+                else:
+                    cells.append("-" if r["agree_with_dense"] is None else f"{r['agree_with_dense']:.2f}")
+            label = algo if b is None else f"{algo} @{b:g}"
+            out.append(f"  {label:<20}" + "".join(f"{c:>8}" for c in cells))
+    return "\n".join(out)
+
+
 def markdown_grid(rows: Sequence[dict], *, budget: float | None = None) -> str:
     """Markdown: one table per task, a row per method (x budget), a column per context length; cell
     ``agree_with_dense`` (and ``dense_correct``/``n`` on the dense row). ``budget``: only that budget."""
@@ -325,7 +401,7 @@ def markdown_grid(rows: Sequence[dict], *, budget: float | None = None) -> str:
                          key=lambda m: (m[0] != "dense", m[0], m[1] or 0))
         out.append(f"**{task}** — dense row: prompts dense answers right / prompts; other rows: agreement with "
                    "dense (of the prompts dense answers right, the fraction the method answers right)\n")
-        out.append("| method | budget | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |")
+        out.append("| method | budget | " + " | ".join(_klabel(n) for n in lengths) + " |")
         out.append("|---|---|" + "---|" * len(lengths))
         for algo, b in methods:
             cells = []

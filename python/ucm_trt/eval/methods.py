@@ -13,6 +13,9 @@ method             repr / scoring      scores
 ``weighted_mean``  weighted_mean / dot query . attention-weighted mean of K (weights: the mass
                                        an observation window of earlier queries gave each token)
 ``subblock``       subblock / kvstar   KVStar softmax-mass vote over channel-pruned sub-blocks
+``vote``           mean / vote         per-head softmax vote over block means   [ESA, GSA ``vote=True``]
+``subvote``        submean / vote      per-head softmax vote over 8-token sub-block means, a block
+                                       scoring the mass of its sub-blocks       [ESA, GSA default]
 =================  ==================  ===========================================================
 
 and two baselines at the same budget: ``oracle`` (the true top blocks by attention mass, from
@@ -51,7 +54,9 @@ __all__ = [
     "make_selector",
 ]
 
-METHODS: tuple[str, ...] = ("mean", "minmax", "hash", "first", "weighted_mean", "subblock", "vote")
+METHODS: tuple[str, ...] = ("mean", "minmax", "hash", "first", "weighted_mean", "subblock", "vote", "subvote")
+#: tokens per sub-block of ``subvote`` (ESA / GSA's default ``sub_block_tokens``)
+SUBVOTE_TOKENS = 8
 BASELINES: tuple[str, ...] = ("oracle", "streaming")
 METHOD_LABELS: dict[str, str] = {
     "mean": "mean/dot (ESA, GSA upstream)",
@@ -61,6 +66,7 @@ METHOD_LABELS: dict[str, str] = {
     "weighted_mean": "weighted_mean/dot",
     "subblock": "subblock/kvstar_vote (KVStar)",
     "vote": "mean/per-head vote (ESA, GSA vote=True)",
+    "subvote": "8-token sub-block means/per-head vote (ESA, GSA default)",
     "oracle": "oracle (true top blocks by mass)",
     "streaming": "streaming (sink + recent)",
     "dense": "dense",
@@ -188,6 +194,12 @@ def block_scores(
 
         reps = R.block_mean(k_blocks, block_lens).permute(1, 2, 0)  # [Hkv, D, nb]
         return host_vote_scores(q, reps[None].expand(q.shape[0], -1, -1, -1))
+    if method == "subvote":
+        from ucm_trt.sparse.policies.esa import sub_block_scores
+
+        sb = max(1, bs // SUBVOTE_TOKENS) if bs % SUBVOTE_TOKENS == 0 else 1
+        reps = R.block_submeans(k_blocks, block_lens, sb).permute(1, 2, 0)  # [Hkv, D, nb * sb]
+        return sub_block_scores(q, reps[None].expand(q.shape[0], -1, -1, -1), sb, vote=True)
     if method == "first":
         return S.dot_scores(q, R.block_first(k_blocks, block_lens))
     if method == "minmax":
@@ -241,7 +253,7 @@ def make_selector(
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise ValueError(f"ratio must be a number in (0, 1] (fraction of candidate blocks kept), got {ratio!r}")
     budget = Budget.ratio(ratio)
-    rep = method if method in METHODS and method != "vote" else "mean"  # vote: mean K, per-head vote
+    rep = method if method in METHODS and method not in ("vote", "subvote") else "mean"  # (sub-)block means
     scoring = SCORING_FOR_REPRESENTATION[rep]
     if method in METHODS and context is None:
         raise ValueError(f"method {method!r} needs context=(layer -> MethodContext)")

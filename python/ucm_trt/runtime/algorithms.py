@@ -11,6 +11,8 @@ so :func:`make_policy` refuses it with a message saying how to run it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from ucm_trt.config import (
     AdaptiveBudget,
@@ -76,6 +78,14 @@ _REROPE_SPARSE = ("esa", "gsa", "gsa-on-device", "kvstar")
 #: budget below the threshold) run dense. Upstream (``ucm``) has no automatic dense layers.
 DEFAULT_DENSE_LAYERS = DenseLayers(auto=True, threshold=0.7)
 
+#: ESA / GSA block scoring per preset (docs/quality.md): ``default`` keeps the mean K of every 8 tokens
+#: and scores a block by the per-head softmax vote over those sub-blocks; ``ucm`` is upstream's one mean
+#: per block scored with the group-averaged query
+BLOCK_SCORING: Mapping[str, Mapping[str, object]] = MappingProxyType({
+    "default": MappingProxyType({"vote": True, "sub_block_tokens": 8}),
+    "ucm": MappingProxyType({"vote": False, "sub_block_tokens": None}),
+})
+
 
 def default_dense_layers(preset: str = "default") -> DenseLayers:
     """The :class:`DenseLayers` rule a policy gets under ``preset`` when none is given."""
@@ -91,7 +101,8 @@ def _check_preset(preset: object) -> str:
 def sparse_config_for(algorithm: str, base: SparseConfig | None = None, *, preset: str = "default") -> SparseConfig:
     """``base`` (default ``SparseConfig()``) with the representation / scoring of ``algorithm`` under
     ``preset`` (:data:`PRESETS`): ``ucm`` also sets upstream's shared selection; ``default`` keeps
-    ``base.selection`` (``SparseConfig``'s default is per head)."""
+    ``base.selection`` (``SparseConfig``'s default is shared; the chat, ``make demo`` and the retrieval
+    grid pass ``per_head``)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {algorithm!r}")
     _check_preset(preset)
@@ -135,7 +146,10 @@ def make_policy(
 
     ``dense_layers``: the layers the sparse policies (esa, gsa, gsa-on-device, kvstar) run dense;
     default :func:`default_dense_layers` of ``preset`` (``default``: detected per request).
-    ``adaptive``: an adaptive budget for the CPU-scored policies (esa, gsa); default off."""
+    ``adaptive``: an adaptive budget for the CPU-scored policies (esa, gsa); default off.
+    ESA / GSA score as :data:`BLOCK_SCORING` of ``preset`` says, except that a ``retrieval`` with
+    ``query_drift`` (the speed benchmarks' synthetic drift, calibrated on block means) keeps one mean
+    per block."""
     _check_preset(preset)
     if algorithm in PREFILL_ALGORITHMS:
         raise ValueError(_BLEND_IS_NO_POLICY)
@@ -159,10 +173,14 @@ def make_policy(
     if algorithm == "dense":
         return DensePolicy()
     policy: Policy | None = None
+    scoring = dict(BLOCK_SCORING[preset])
+    if retrieval is not None and getattr(retrieval, "query_drift", None) is not None:
+        # the synthetic query drift of the speed benchmarks is calibrated on one mean per block
+        scoring["sub_block_tokens"] = None
     if algorithm == "esa":
-        policy = ESAPolicy(dense_layers=rule, adaptive=adaptive, retrieval=retrieval)
+        policy = ESAPolicy(dense_layers=rule, adaptive=adaptive, retrieval=retrieval, **scoring)
     elif algorithm == "gsa":
-        policy = GSAPolicy(dense_layers=rule, adaptive=adaptive, retrieval=retrieval)
+        policy = GSAPolicy(dense_layers=rule, adaptive=adaptive, retrieval=retrieval, **scoring)
     elif algorithm == "gsa-on-device":
         policy = GSAOnDevicePolicy(gsa_on_device, dense_layers=rule)
     elif algorithm == "kvstar":

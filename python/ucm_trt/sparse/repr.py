@@ -45,6 +45,7 @@ __all__ = [
     "tokens_to_blocks",
     "block_lens_from_seq_lens",
     "block_mean",
+    "block_submeans",
     "block_minmax",
     "block_first",
     "block_weighted_mean",
@@ -132,6 +133,26 @@ def block_mean(k_blocks: torch.Tensor, block_lens: torch.Tensor) -> torch.Tensor
     total = torch.where(mask, k.float(), 0.0).sum(-2)
     count = lens.to(torch.float32)[..., None, None].clamp(min=1)
     return total / count
+
+
+def block_submeans(k_blocks: torch.Tensor, block_lens: torch.Tensor, sub_blocks: int) -> torch.Tensor:
+    """Mean of K over each of ``sub_blocks`` equal, consecutive token ranges of every block: float32
+    ``[..., nb * sub_blocks, Hkv, D]``, block-major (sub-block ``j`` of block ``b`` at ``b * sub_blocks + j``).
+
+    A range without valid tokens (past a partial block's end) is 0. ``sub_blocks = 1`` equals
+    :func:`block_mean`. ESA / GSA's sub-block representation (``sub_blocks > 1``): a needle of a few
+    tokens moves its sub-block's mean ``block_size / sub_blocks`` times less diluted than the block mean."""
+    k, lens = _check_blocks(k_blocks, block_lens)
+    sb = check_positive_int("sub_blocks", sub_blocks)
+    *lead, nb, hkv, bs, d = k.shape
+    if bs % sb:
+        raise ValueError(f"sub_blocks ({sb}) must divide block_size ({bs})")
+    mask = _token_mask(lens, bs)  # [..., nb, bs]
+    kf = torch.where(mask[..., None, :, None], k.float(), 0.0)  # [..., nb, Hkv, bs, D]
+    sums = kf.reshape(*lead, nb, hkv, sb, bs // sb, d).sum(-2)  # [..., nb, Hkv, S, D]
+    counts = mask.reshape(*lead, nb, sb, bs // sb).sum(-1).to(torch.float32).clamp(min=1)  # [..., nb, S]
+    means = sums / counts[..., None, :, None]
+    return means.transpose(-2, -3).reshape(*lead, nb * sb, hkv, d)
 
 
 def block_minmax(k_blocks: torch.Tensor, block_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,24 +32,76 @@ from ucm_trt.sparse.batched import BlockRepStore, batched_dot_scores, select_bat
 from ucm_trt.sparse.policies._offload import OffloadPolicy
 from ucm_trt.sparse.policies._reps import host_layer_vote_scores, host_vote_scores
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
-from ucm_trt.sparse.repr import block_lens_from_seq_lens, block_mean
+from ucm_trt.sparse.repr import block_lens_from_seq_lens, block_submeans
 from ucm_trt.sparse.score import dot_scores
 
-__all__ = ["ESAPolicy"]
+__all__ = ["ESAPolicy", "sub_block_layer_scores", "sub_block_scores", "sub_blocks_per_block"]
+
+
+def check_sub_block_tokens(sub_block_tokens: object) -> int | None:
+    if sub_block_tokens is not None and (isinstance(sub_block_tokens, bool) or not isinstance(sub_block_tokens, int)
+                                         or sub_block_tokens < 1):
+        raise ValueError(f"sub_block_tokens must be None or an int >= 1, got {sub_block_tokens!r}")
+    return sub_block_tokens
+
+
+def sub_blocks_per_block(name: str, sub_block_tokens: int | None, block_size: int, retrieval) -> int:
+    """Sub-blocks per block for ``sub_block_tokens`` (``None``: 1, the block mean); it must divide the
+    block size, and query-drift calibration reads block means only."""
+    if sub_block_tokens is None:
+        return 1
+    if block_size % sub_block_tokens:
+        raise ValueError(f"{name} sub_block_tokens ({sub_block_tokens}) must divide SparseConfig.block_size "
+                         f"({block_size})")
+    if retrieval.query_drift is not None:
+        raise ValueError(f"{name}: RetrievalConfig.query_drift calibrates on block means; it needs "
+                         f"sub_block_tokens=None, got {sub_block_tokens}")
+    return block_size // sub_block_tokens
+
+
+def sub_block_scores(q: torch.Tensor, reps: torch.Tensor, sub_blocks: int, vote: bool) -> torch.Tensor:
+    """Block scores of every layer ``[L, Hkv, nb]`` from ``q [L, Hq, D]`` and a store of ``nb * sub_blocks``
+    sub-block means ``[L, Hkv, D, nb * sub_blocks]`` (block-major, :func:`~ucm_trt.sparse.repr.block_submeans`).
+
+    ``vote=False``: upstream's dot product of the group-averaged query with every sub-block mean, a block
+    scoring its best sub-block (the max; ``sub_blocks = 1``: the block mean's dot product, upstream ESA).
+    ``vote=True``: each query head softmaxes its logit estimates over every sub-block of every block
+    (:func:`~ucm_trt.sparse.policies._reps.host_vote_scores`); a block scores the mass of its sub-blocks."""
+    s = host_vote_scores(q, reps) if vote else batched_dot_scores(q, reps)  # [L, Hkv, nb * S]
+    if sub_blocks == 1:
+        return s
+    s = s.reshape(*s.shape[:-1], -1, sub_blocks)
+    return s.sum(-1) if vote else s.amax(-1)
+
+
+def sub_block_layer_scores(q: torch.Tensor, rep: torch.Tensor, sub_blocks: int, vote: bool) -> torch.Tensor:
+    """Per-layer reference of :func:`sub_block_scores`: ``q [Hq, D]``, ``rep [nb * sub_blocks, Hkv, D]``
+    -> ``[Hkv, nb]``, with the functions of :mod:`ucm_trt.sparse.score`."""
+    s = host_layer_vote_scores(q, rep) if vote else dot_scores(q[None], rep)[0]  # [Hkv, nb * S]
+    s = s.reshape(s.shape[0], -1, sub_blocks)
+    return s.sum(-1) if vote else s.amax(-1)
 
 
 class ESAPolicy(OffloadPolicy):
     """ESA. ``vote``: score blocks by the per-head softmax vote
     (:func:`~ucm_trt.sparse.policies._reps.host_vote_scores`; off by default)
-    instead of upstream's dot product of the group-averaged query."""
+    instead of upstream's dot product of the group-averaged query. ``sub_block_tokens``: keep the mean K
+    of every run of that many tokens (it must divide the block size) and score a block by its best
+    sub-block, or with the vote by the mass of its sub-blocks (:func:`sub_block_scores`); ``None`` is
+    upstream's one mean per block. The store then holds ``block_size / sub_block_tokens`` vectors per
+    block (``1 / sub_block_tokens`` of the K elements; ``block_size / sub_block_tokens`` times the
+    store and scoring work of one mean per block)."""
 
     name = "esa"
 
-    def __init__(self, *, vote: bool = False, retrieval=None, dense_layers=None, adaptive=None) -> None:
+    def __init__(self, *, vote: bool = False, sub_block_tokens: int | None = None, retrieval=None,
+                 dense_layers=None, adaptive=None) -> None:
         super().__init__(retrieval=retrieval, dense_layers=dense_layers, adaptive=adaptive)
         if not isinstance(vote, bool):
             raise TypeError(f"vote must be a bool, got {vote!r}")
         self.vote = vote
+        self.sub_block_tokens = check_sub_block_tokens(sub_block_tokens)
+        self.sub_blocks = 1  # per block, set at bind from the block size
 
     def bind(self, rt: PolicyRuntime) -> None:
         super().bind(rt)
@@ -60,6 +112,7 @@ class ESAPolicy(OffloadPolicy):
                 f"scoring='dot' and representation='mean', got scoring={s.scoring!r}, "
                 f"representation={s.representation!r}"
             )
+        self.sub_blocks = sub_blocks_per_block("ESA", self.sub_block_tokens, s.block_size, self.retrieval)
 
     def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
         nbp = self._num_blocks(req.prompt_len)
@@ -72,10 +125,11 @@ class ESAPolicy(OffloadPolicy):
         shape = self.shape
         lens = block_lens_from_seq_lens(torch.tensor(req.prompt_len), nbp, self.sparse.block_size)
         lens = lens.to(kv.layout.device)
-        store = self._new_rep_store(nbp)
-        # each layer's means move to the store's device (host or GPU) as they are made
-        store.append(torch.stack([block_mean(kv.gather_keys(req.rid, layer, list(range(nbp))), lens).to(store.device)
-                                  for layer in range(shape.num_layers)]))
+        sb = self.sub_blocks
+        store = self._new_rep_store(nbp * sb)
+        # each layer's (sub-)block means move to the store's device (host or GPU) as they are made
+        store.append(torch.stack([block_submeans(kv.gather_keys(req.rid, layer, list(range(nbp))), lens, sb)
+                                  .to(store.device) for layer in range(shape.num_layers)]))
         st["store"] = store
         q_last = torch.stack([q[:, -1] for q in queries])  # [L, Hq, D], a copy
         self._start_drift(req.rid, st, q_last)  # RetrievalConfig.query_drift only
@@ -91,17 +145,15 @@ class ESAPolicy(OffloadPolicy):
     def _select_all(self, reps: torch.Tensor, nbp: int, q: torch.Tensor) -> torch.Tensor:
         """Every layer at once: ``reps [L, Hkv, D, nbp]``, ``q [L, Hq, D]`` -> ``[L, Hkv, S]``."""
         qd = q.to(reps.device)
-        scores = host_vote_scores(qd, reps) if self.vote else batched_dot_scores(qd, reps)  # [L, Hkv, nbp]
+        scores = sub_block_scores(qd, reps, self.sub_blocks, self.vote)  # [L, Hkv, nbp]
         if self.adaptive is not None:
             return self._adaptive_select(scores, nbp, self._full_block_lens(nbp))
         return select_batched(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)
 
     def _select(self, reps: list[torch.Tensor], nbp: int, qs: list[torch.Tensor], layer: int) -> torch.Tensor:
-        """Per-layer reference (and hook): ``reps[layer] [nbp, Hkv, D]``, ``qs[layer] [Hq, D]`` -> ``[Hkv, S]``."""
-        if self.vote:
-            scores = host_layer_vote_scores(qs[layer], reps[layer])
-        else:
-            scores = dot_scores(qs[layer][None], reps[layer])[0]  # [Hkv, nbp]
+        """Per-layer reference (and hook): ``reps[layer] [nbp * sub_blocks, Hkv, D]``, ``qs[layer] [Hq, D]``
+        -> ``[Hkv, S]``."""
+        scores = sub_block_layer_scores(qs[layer], reps[layer], self.sub_blocks, self.vote)  # [Hkv, nbp]
         if self.adaptive is not None:
             return self._adaptive_select(scores[None], nbp, self._full_block_lens(nbp))[0]
         return select_from_scores(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)

@@ -28,12 +28,16 @@ from functools import partial
 import torch
 
 from ucm_trt._validation import check_non_negative_int
-from ucm_trt.sparse.batched import BlockRepStore, batched_dot_scores, select_batched
+from ucm_trt.sparse.batched import BlockRepStore, select_batched
 from ucm_trt.sparse.policies._offload import OffloadPolicy, RetrievalConfig
-from ucm_trt.sparse.policies._reps import host_layer_vote_scores, host_vote_scores
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
-from ucm_trt.sparse.repr import block_mean
-from ucm_trt.sparse.score import dot_scores
+from ucm_trt.sparse.policies.esa import (
+    check_sub_block_tokens,
+    sub_block_layer_scores,
+    sub_block_scores,
+    sub_blocks_per_block,
+)
+from ucm_trt.sparse.repr import block_submeans
 
 __all__ = ["GSAPolicy"]
 
@@ -41,14 +45,17 @@ __all__ = ["GSAPolicy"]
 class GSAPolicy(OffloadPolicy):
     name = "gsa"
 
-    def __init__(self, *, prefetch_blocks: int = 1, vote: bool = False, retrieval: RetrievalConfig | None = None,
-                 dense_layers=None, adaptive=None) -> None:
-        """``vote``: per-head softmax vote scoring (off by default), see ESA."""
+    def __init__(self, *, prefetch_blocks: int = 1, vote: bool = False, sub_block_tokens: int | None = None,
+                 retrieval: RetrievalConfig | None = None, dense_layers=None, adaptive=None) -> None:
+        """``vote``: per-head softmax vote scoring; ``sub_block_tokens``: a mean K per run of that many
+        tokens, a block scoring its best sub-block (``None``: upstream's block mean); see ESA."""
         super().__init__(retrieval=retrieval, dense_layers=dense_layers, adaptive=adaptive)
         self.prefetch_blocks = check_non_negative_int("prefetch_blocks", prefetch_blocks)
         if not isinstance(vote, bool):
             raise TypeError(f"vote must be a bool, got {vote!r}")
         self.vote = vote
+        self.sub_block_tokens = check_sub_block_tokens(sub_block_tokens)
+        self.sub_blocks = 1  # per block, set at bind from the block size
 
     def bind(self, rt: PolicyRuntime) -> None:
         super().bind(rt)
@@ -59,22 +66,25 @@ class GSAPolicy(OffloadPolicy):
                 f"scoring='dot' and representation='mean', got scoring={s.scoring!r}, "
                 f"representation={s.representation!r}"
             )
+        self.sub_blocks = sub_blocks_per_block("GSA", self.sub_block_tokens, s.block_size, self.retrieval)
 
     def _update_reps(self, rid: str, st: dict, tokens: int) -> None:
         bs = self.sparse.block_size
         store: BlockRepStore = st["store"]
+        sb = self.sub_blocks
         full = tokens // bs
-        if full <= store.num_blocks:
+        done = store.num_blocks // sb  # the store holds sub_blocks vectors per block
+        if full <= done:
             return
         kv = self.rt.kv
-        blocks = list(range(store.num_blocks, full))
+        blocks = list(range(done, full))
         lens = torch.full((len(blocks),), bs, dtype=torch.int32, device=kv.layout.device)
-        store.append(torch.stack([block_mean(kv.gather_keys(rid, layer, blocks), lens).to(store.device)
+        store.append(torch.stack([block_submeans(kv.gather_keys(rid, layer, blocks), lens, sb).to(store.device)
                                   for layer in range(self.shape.num_layers)]))
 
     def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
         nb = self._num_blocks(req.prompt_len)
-        store = self._new_rep_store(max(nb, 16))
+        store = self._new_rep_store(max(nb, 16) * self.sub_blocks)
         st = {"dense": False, "pending": None, "store": store}
         self._state[req.rid] = st
         self._decide_dense_layers(req, queries)
@@ -100,18 +110,18 @@ class GSAPolicy(OffloadPolicy):
         scores = torch.zeros(self.shape.num_layers, self.shape.num_kv_heads, nb, device=reps.device)
         if reps.shape[-1]:
             qd = q.to(reps.device)
-            scores[..., : reps.shape[-1]] = host_vote_scores(qd, reps) if self.vote else batched_dot_scores(qd, reps)
+            scores[..., : reps.shape[-1] // self.sub_blocks] = sub_block_scores(qd, reps, self.sub_blocks, self.vote)
         if self.adaptive is not None:
             return self._adaptive_select(scores, nb, self._full_block_lens(nb), extra=self.prefetch_blocks)
         return select_batched(scores, nb, self.sparse, "dot", self.shape.num_kv_heads, extra=self.prefetch_blocks)
 
     def _select(self, reps: list[torch.Tensor], nb: int, qs: list[torch.Tensor], layer: int) -> torch.Tensor:
-        """Per-layer reference (and hook): ``reps[layer] [n_rep, Hkv, D]``, ``qs[layer] [Hq, D]``."""
+        """Per-layer reference (and hook): ``reps[layer] [n_rep * sub_blocks, Hkv, D]``, ``qs[layer] [Hq, D]``."""
         r = reps[layer]
         scores = torch.zeros(self.shape.num_kv_heads, nb)
         if r.shape[0]:
-            scores[:, : r.shape[0]] = (host_layer_vote_scores(qs[layer], r) if self.vote
-                                       else dot_scores(qs[layer][None], r)[0])
+            scores[:, : r.shape[0] // self.sub_blocks] = sub_block_layer_scores(qs[layer], r, self.sub_blocks,
+                                                                                 self.vote)
         if self.adaptive is not None:
             return self._adaptive_select(scores[None], nb, self._full_block_lens(nb), extra=self.prefetch_blocks)[0]
         return select_from_scores(scores, nb, self.sparse, "dot", self.shape.num_kv_heads,
