@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from trt_plugins import INSTALL_HINT, TensorRTUnavailableError, ops
@@ -56,43 +58,88 @@ def test_op_name_collides_with_no_builtin(name):
     assert {"Attention", "RotaryEmbedding", "TRT_Attention"} <= reserved_op_names()
 
 
+# The plugin fields each op's QDP declares, written out by hand from the op docs (docs/graph.md): name,
+# registration order and the Python annotation tensorrt.plugin gives the field. Independent of
+# trt_plugins.spec, so a spec that reorders, drops or retypes a field fails against it.
+_FIELDS = {
+    "UcmPagedSparseAttention": {"num_q_heads": int, "num_kv_heads": int, "head_dim": int, "block_size": int,
+                                "scale": float},
+    "UcmPagedReRoPEAttention": {"num_q_heads": int, "num_kv_heads": int, "head_dim": int, "block_size": int,
+                                "scale": float, "rope_theta": float, "rerope_window": int, "logn_training_length": int},
+    "UcmSelectAllBlocks": {"num_kv_heads": int},
+}  # fmt: skip
+_TENSORS = {
+    "UcmPagedSparseAttention": ("q", "k", "v", "kv_pool", "block_table", "seq_lens", "selection"),
+    "UcmPagedReRoPEAttention": ("q", "k", "v", "kv_pool", "block_table", "seq_lens", "selection"),
+    "UcmSelectAllBlocks": ("block_table",),
+}
+# TensorRT's ONNX parser: INT -> INT32 field, FLOAT -> FLOAT32 field, STRING -> CHAR + NUL
+# (shared/reference/tensorrt.md §1). The ONNX side of each pair is checked against the enum onnx assigns.
+_ONNX_TYPE_OF_FIELD = {int: onnx.AttributeProto.INT, float: onnx.AttributeProto.FLOAT}
+_INT32 = np.iinfo(np.int32)
+
+
+def _onnx_stored(name: str, value: object) -> object:
+    """What an ONNX AttributeProto holds for ``value`` (FLOAT is a 32-bit proto field), read back."""
+    return onnx.helper.get_attribute_value(onnx.helper.make_attribute(name, value))
+
+
+def _onnx_stored_type(name: str, value: object) -> int:
+    """The AttributeProto type onnx assigns to a Python ``value``."""
+    return onnx.helper.make_attribute(name, value).type
+
+
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_onnx_node_carries_what_the_parser_needs(name):
-    """op_type = plugin name, plugin_namespace / plugin_version as STRING attributes, and every plugin
-    field present with the ONNX attribute type the parser converts (QDP fields have no defaults)."""
+    """op_type = plugin name, plugin_namespace / plugin_version as STRING attributes, every plugin field
+    with the ONNX type onnx itself gives a Python value of the field's type; ONNX Runtime accepts the
+    node; the values the plugin receives equal what the serialized proto holds, in the QDP's types."""
     spec = plugin_spec(name)
-    model = make_single_op_model(name, **_ATTRS[name])
+    model = onnx.load_from_string(make_single_op_model(name, **_ATTRS[name]).SerializeToString())
     onnx.checker.check_model(model)
+    # ONNX Runtime refuses a node whose attribute types do not match the function's (an INT scale, say)
+    ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (node,) = [n for n in model.graph.node if n.domain == DOMAIN]
-    assert node.op_type == spec.name
+    assert node.op_type == name
     attrs = {a.name: a for a in node.attribute}
-    assert attrs["plugin_namespace"].type == onnx.AttributeProto.STRING
-    assert attrs["plugin_namespace"].s.decode() == spec.namespace == "ucm"
+    assert attrs["plugin_namespace"].type == _onnx_stored_type("ns", "ucm") == onnx.AttributeProto.STRING
+    assert attrs["plugin_namespace"].s == b"ucm"
     assert attrs["plugin_version"].type == onnx.AttributeProto.STRING
-    assert attrs["plugin_version"].s.decode() == spec.version == "1"
-    for a in spec.attrs:
-        assert a.name in attrs, f"node lacks plugin field {a.name}"
-        assert onnx.AttributeProto.AttributeType.Name(attrs[a.name].type) == a.onnx_type
+    assert attrs["plugin_version"].s == b"1"
     assert any(o.domain == DOMAIN for o in model.opset_import)
+    fields = _FIELDS[name]
+    for field, py_type in fields.items():
+        assert field in attrs, f"node lacks plugin field {field}"
+        assert attrs[field].type == _ONNX_TYPE_OF_FIELD[py_type] == _onnx_stored_type(field, py_type(1))
     # what the plugin receives after the parser's INT->INT32 / FLOAT->FLOAT32 conversion
     got = spec.attribute_values({k: onnx.helper.get_attribute_value(v) for k, v in attrs.items()})
-    assert list(got) == list(spec.attr_names)
+    assert list(got) == list(fields)
     for k, v in got.items():
-        assert type(v) is plugin_spec(name).attrs[spec.attr_names.index(k)].py_type
-        assert v == pytest.approx(_ATTRS[name][k], rel=1e-7)
+        assert type(v) is fields[k], (k, type(v))
+        assert v == _onnx_stored(k, fields[k](_ATTRS[name][k])), k
 
 
 def test_parser_field_conversion():
+    """INT fields are int32 (np.iinfo bounds, both ends); FLOAT fields carry exactly the float32 the ONNX
+    proto stores; STRING fields arrive with a trailing NUL that the plugin strips."""
     spec = plugin_spec("UcmPagedReRoPEAttention")
     a = {x.name: x for x in spec.attrs}
-    assert parser_field_value(a["rerope_window"], 8) == 8
-    with pytest.raises(ValueError, match="does not fit int32"):
-        parser_field_value(a["rerope_window"], 2**31)
-    assert parser_field_value(a["scale"], 0.1) == pytest.approx(0.1, rel=1e-7)
+    for v in (8, 0, -1, int(_INT32.min), int(_INT32.max), np.int64(5)):
+        assert parser_field_value(a["rerope_window"], v) == int(v)
+        assert type(parser_field_value(a["rerope_window"], v)) is int
+    for v in (int(_INT32.max) + 1, int(_INT32.min) - 1, 2**40):
+        with pytest.raises(ValueError, match="does not fit int32"):
+            parser_field_value(a["rerope_window"], v)
+    for v in (0.1, 1 / 96**0.5, 10000.0, 1e-40, 3.0e38, 2):
+        got = parser_field_value(a["scale"], v)
+        assert type(got) is float and got == _onnx_stored("scale", float(v)), v
     assert parser_field_value(a["scale"], 0.1) != 0.1  # rounded through float32, as TensorRT delivers it
+    with pytest.raises(TypeError, match="rerope_window"):
+        parser_field_value(a["rerope_window"], 8.0)
     from trt_plugins.spec import PluginAttr
 
-    assert parser_field_value(PluginAttr("mode", "string", str, "STRING"), b"abc\x00") == "abc"
+    stored = _onnx_stored("mode", "abc")  # bytes, as the proto holds a STRING attribute
+    assert parser_field_value(PluginAttr("mode", "string", str, "STRING"), stored + b"\x00") == "abc"
     with pytest.raises(ValueError, match="required by the plugin"):
         spec.attribute_values({"num_q_heads": 4})
 
@@ -157,14 +204,15 @@ def test_register_without_tensorrt_is_one_line_error_naming_the_extra():
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_qdp_parameter_lists_follow_the_validated_schema(name):
     """tensorrt.plugin checks names and order: tensors, attributes (registration order), then
-    outputs/stream/tactic; aot_impl must declare every attribute and end with (outputs, tactic)."""
+    outputs/stream/tactic; aot_impl must declare every attribute and end with (outputs, tactic).
+    Expected lists are the hand-written interface above, not the spec's own fields."""
     from trt_plugins._qdp import parameter_names
 
-    spec = plugin_spec(name)
-    names = parameter_names(spec)
-    tensors = tuple(t.name for t in SCHEMAS[name].inputs)
-    attrs = spec.attr_names
-    assert names["register"] == tensors + attrs
-    assert names["impl"] == tensors + attrs + ("outputs", "stream", "tactic")
-    assert names["aot_impl"] == tensors + attrs + ("outputs", "tactic")
-    assert names["autotune"] == tensors + ("outputs",)
+    names = parameter_names(plugin_spec(name))
+    tensors, fields = _TENSORS[name], tuple(_FIELDS[name])
+    assert names == {
+        "register": tensors + fields,
+        "impl": tensors + fields + ("outputs", "stream", "tactic"),
+        "aot_impl": tensors + fields + ("outputs", "tactic"),
+        "autotune": tensors + ("outputs",),
+    }
