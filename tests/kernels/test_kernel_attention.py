@@ -124,7 +124,8 @@ def test_rerope_attention_matches_reference(name, device):
 
 
 def test_rerope_with_large_window_is_rope_attention(device):
-    """Window beyond every distance, no log-n: equals ordinary attention over rotated q and K."""
+    """Window beyond every distance, no log-n: equals ordinary attention over rotated q and K, computed by
+    the fp32 reference (not by the sparse kernel, which shares the launcher and the softmax with this one)."""
     gen = torch.Generator().manual_seed(3)
     case = make_paged_case(lens=(35,), hkv=2, group=2, d=64, bs=16, tq=1, dtype=torch.float32, device=device,
                            gen=gen, poison=False)
@@ -134,7 +135,7 @@ def test_rerope_with_large_window_is_rope_attention(device):
         pos = torch.arange(16 * j, 16 * j + 16, device=device)
         rot[p, 0] = R.apply_rope(case.kv_pool[p, 0], pos, theta=500.0)
     q_rot = R.apply_rope(case.q, torch.tensor([34], device=device), theta=500.0)
-    ref = paged_sparse_attention(q_rot, rot, case.block_table, case.seq_lens)
+    ref = R.paged_sparse_attention(q_rot, rot, case.block_table, case.seq_lens)
     torch.testing.assert_close(got, ref, **tolerances_for(torch.float32))
 
 
