@@ -7,7 +7,7 @@ offloaded working sets (hit rate = 1 - misses / needed), device and host KV byte
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["RuntimeMetrics", "StepRecord"]
@@ -95,6 +95,3 @@ class RuntimeMetrics:
             "ttft_seconds": dict(self.ttft),
         }
         return out
-
-    def as_dicts(self) -> list[dict[str, Any]]:
-        return [asdict(s) for s in self.steps]

@@ -80,10 +80,6 @@ class RetrievalWorker:
         self.tasks += 1
         return RetrievalTicket(self._pool.submit(timed), what, time.perf_counter(), self)
 
-    def run_sync(self, fn: Callable[[], Any], *, what: str) -> Any:
-        """Submit and wait (used where the schedule retrieves synchronously)."""
-        return self.submit(fn, what=what).result()
-
     def _account(self, seconds: float, waited: float) -> None:
         self.busy_seconds += seconds
         self.wait_seconds += waited
