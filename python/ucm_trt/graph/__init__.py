@@ -11,7 +11,7 @@ This package never imports tensorrt.
 
 from __future__ import annotations
 
-import importlib
+from ucm_trt._lazy import lazy_exports
 
 # name -> module that defines it, imported on first use (PEP 562): the CLI reads ExportConfig and
 # checks its flags before onnx (driver, functions) is imported.
@@ -35,13 +35,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    raise AttributeError(f"module 'ucm_trt.graph' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

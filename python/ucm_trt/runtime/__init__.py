@@ -13,7 +13,7 @@ Quick start (CPU, PyTorch backend)::
 
 from __future__ import annotations
 
-import importlib
+from ucm_trt._lazy import lazy_exports
 
 # name -> module that defines it. Imported on first use (PEP 562), so that importing a light
 # submodule (``ucm_trt.runtime.cli_run``, whose options ``ucm-trt --help`` reads) loads no torch.
@@ -36,13 +36,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    raise AttributeError(f"module 'ucm_trt.runtime' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
