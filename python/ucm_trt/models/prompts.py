@@ -173,10 +173,7 @@ def build_passkey_prompt(
     offset_chars:
         Where in the haystack text the filler starts. Use different offsets for different samples.
     """
-    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
-        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
-        raise TypeError(f"num_tokens must be an int, got {num_tokens!r} ({type(num_tokens).__name__})")
+    _check_tokenizer_and_length(tokenizer, num_tokens)
     if isinstance(passkey, bool) or not isinstance(passkey, (int, str)):
         raise TypeError(
             f"passkey must be an int or a str of digits, got {passkey!r} ({type(passkey).__name__})"
@@ -188,51 +185,23 @@ def build_passkey_prompt(
         )
     if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= float(depth) <= 1.0:
         raise ValueError(f"depth must be a number in [0, 1], got {depth!r}")
-    if isinstance(offset_chars, bool) or not isinstance(offset_chars, int) or offset_chars < 0:
-        raise ValueError(f"offset_chars must be an int >= 0, got {offset_chars!r}")
-    if haystack is None:
-        haystack = haystack_text(source="auto")
-    elif not isinstance(haystack, Haystack):
-        raise TypeError(f"haystack must be a Haystack or None, got {type(haystack).__name__}")
-
-    needle = _needle(key)
-    overhead = len(
-        tokenizer(PASSKEY_INTRO + needle + PASSKEY_QUESTION, add_special_tokens=False)["input_ids"]
+    p = build_needle_prompt(
+        tokenizer,
+        num_tokens=num_tokens,
+        needles=((float(depth), _needle(key)),),
+        question=PASSKEY_QUESTION,
+        answers=(key,),
+        haystack=haystack,
+        offset_chars=offset_chars,
+        intro=PASSKEY_INTRO,
     )
-    hay_tokens = num_tokens - overhead
-    if hay_tokens < 16:
-        raise ValueError(
-            f"num_tokens must leave at least 16 haystack tokens after the {overhead} tokens of the "
-            f"intro, needle and question, got num_tokens={num_tokens}"
-        )
-    # Tokenize only a generous slice of the haystack (English text averages about 4 chars/token).
-    window = haystack.text[offset_chars : offset_chars + 8 * hay_tokens + 1024]
-    hay_ids = tokenizer(window, add_special_tokens=False)["input_ids"]
-    if len(hay_ids) < hay_tokens:
-        raise ValueError(
-            f"the {haystack.source} haystack has only {len(hay_ids)} tokens after offset_chars="
-            f"{offset_chars}, but num_tokens={num_tokens} needs {hay_tokens}; use a smaller num_tokens "
-            "or offset_chars"
-        )
-    hay = tokenizer.decode(hay_ids[:hay_tokens])
-    cut = hay.rfind(".", 0, int(len(hay) * float(depth))) + 1
-    head = PASSKEY_INTRO + hay[:cut]
-    text = head + needle + hay[cut:] + PASSKEY_QUESTION
-
-    enc = tokenizer(text, return_offsets_mapping=True)
-    needle_start, needle_end = len(head), len(head) + len(needle)
-    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < needle_end and b > needle_start]
-    if not inside:
-        raise RuntimeError(
-            "the needle was not found among the prompt's token offsets; the tokenizer is unusual"
-        )
     return PasskeyPrompt(
-        text=text,
-        input_ids=torch.tensor([enc["input_ids"]], dtype=torch.int64),
+        text=p.text,
+        input_ids=p.input_ids,
         passkey=key,
         depth=float(depth),
-        needle_token_span=(inside[0], inside[-1] + 1),
-        haystack_source=haystack.source,
+        needle_token_span=p.needle_token_spans[0],
+        haystack_source=p.haystack_source,
     )
 
 
@@ -297,10 +266,7 @@ def build_needle_prompt(
         Non-empty strings a correct completion contains (all of them).
     Other parameters as :func:`build_passkey_prompt`.
     """
-    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
-        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
-        raise TypeError(f"num_tokens must be an int, got {num_tokens!r} ({type(num_tokens).__name__})")
+    _check_tokenizer_and_length(tokenizer, num_tokens)
     if not isinstance(needles, (list, tuple)) or not needles:
         raise ValueError(f"needles must be a non-empty list of (depth, text) pairs, got {needles!r}")
     for i, item in enumerate(needles):
@@ -315,29 +281,10 @@ def build_needle_prompt(
         raise ValueError(f"question must be a non-empty str, got {question!r}")
     if not isinstance(answers, tuple) or not answers or not all(isinstance(a, str) and a for a in answers):
         raise ValueError(f"answers must be a non-empty tuple of non-empty str, got {answers!r}")
-    if isinstance(offset_chars, bool) or not isinstance(offset_chars, int) or offset_chars < 0:
-        raise ValueError(f"offset_chars must be an int >= 0, got {offset_chars!r}")
-    if haystack is None:
-        haystack = haystack_text(source="auto")
-    elif not isinstance(haystack, Haystack):
-        raise TypeError(f"haystack must be a Haystack or None, got {type(haystack).__name__}")
-
-    fixed = intro + "".join(t for _, t in needles) + question
-    overhead = len(tokenizer(fixed, add_special_tokens=False)["input_ids"])
-    hay_tokens = num_tokens - overhead
-    if hay_tokens < 16:
-        raise ValueError(
-            f"num_tokens must leave at least 16 haystack tokens after the {overhead} tokens of the "
-            f"intro, needles and question, got num_tokens={num_tokens}"
-        )
-    window = haystack.text[offset_chars : offset_chars + 8 * hay_tokens + 1024]
-    hay_ids = tokenizer(window, add_special_tokens=False)["input_ids"]
-    if len(hay_ids) < hay_tokens:
-        raise ValueError(
-            f"the {haystack.source} haystack has only {len(hay_ids)} tokens after offset_chars="
-            f"{offset_chars}, but num_tokens={num_tokens} needs {hay_tokens}"
-        )
-    hay = tokenizer.decode(hay_ids[:hay_tokens])
+    haystack = _resolve_haystack(haystack, offset_chars)
+    hay = _haystack_tokens_text(
+        tokenizer, haystack, num_tokens, offset_chars, intro + "".join(t for _, t in needles) + question
+    )
     # cut points in the haystack, one per needle (ties keep the needles' order)
     order = sorted(range(len(needles)), key=lambda i: (float(needles[i][0]), i))
     cuts = {i: hay.rfind(".", 0, int(len(hay) * float(needles[i][0]))) + 1 for i in order}
@@ -360,7 +307,9 @@ def build_needle_prompt(
         a, b = starts[i], starts[i] + len(needles[i][1])
         inside = [j for j, (x, y) in enumerate(enc["offset_mapping"]) if x < b and y > a]
         if not inside:
-            raise RuntimeError("a needle was not found among the prompt's token offsets; the tokenizer is unusual")
+            raise RuntimeError(
+                "a needle was not found among the prompt's token offsets; the tokenizer is unusual"
+            )
         spans.append((inside[0], inside[-1] + 1))
     return NeedlePrompt(
         text=text,
@@ -370,3 +319,44 @@ def build_needle_prompt(
         needle_token_spans=tuple(spans),
         haystack_source=haystack.source,
     )
+
+
+def _check_tokenizer_and_length(tokenizer: Any, num_tokens: object) -> None:
+    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+        raise TypeError(f"num_tokens must be an int, got {num_tokens!r} ({type(num_tokens).__name__})")
+
+
+def _resolve_haystack(haystack: object, offset_chars: object) -> Haystack:
+    if isinstance(offset_chars, bool) or not isinstance(offset_chars, int) or offset_chars < 0:
+        raise ValueError(f"offset_chars must be an int >= 0, got {offset_chars!r}")
+    if haystack is None:
+        return haystack_text(source="auto")
+    if not isinstance(haystack, Haystack):
+        raise TypeError(f"haystack must be a Haystack or None, got {type(haystack).__name__}")
+    return haystack
+
+
+def _haystack_tokens_text(
+    tokenizer: Any, haystack: Haystack, num_tokens: int, offset_chars: int, fixed: str
+) -> str:
+    """The haystack text that, with the ``fixed`` text (intro, needles, question), makes about
+    ``num_tokens`` tokens: the first ``num_tokens - len(tokens(fixed))`` tokens from ``offset_chars``."""
+    overhead = len(tokenizer(fixed, add_special_tokens=False)["input_ids"])
+    hay_tokens = num_tokens - overhead
+    if hay_tokens < 16:
+        raise ValueError(
+            f"num_tokens must leave at least 16 haystack tokens after the {overhead} tokens of the "
+            f"intro, needles and question, got num_tokens={num_tokens}"
+        )
+    # Tokenize only a generous slice of the haystack (English text averages about 4 chars/token).
+    window = haystack.text[offset_chars : offset_chars + 8 * hay_tokens + 1024]
+    hay_ids = tokenizer(window, add_special_tokens=False)["input_ids"]
+    if len(hay_ids) < hay_tokens:
+        raise ValueError(
+            f"the {haystack.source} haystack has only {len(hay_ids)} tokens after offset_chars="
+            f"{offset_chars}, but num_tokens={num_tokens} needs {hay_tokens}; use a smaller num_tokens "
+            "or offset_chars"
+        )
+    return tokenizer.decode(hay_ids[:hay_tokens])
