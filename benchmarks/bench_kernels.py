@@ -55,28 +55,14 @@ from ucm_trt.kernels import (
 )
 from ucm_trt.kernels.attention import ATTENTION_GUARD_CODES
 from ucm_trt.kernels.guard import IndexGuard
-from ucm_trt.testing.bench import bench_gpu_ms, copy_bandwidth_tbps
+from ucm_trt.testing.bench import bench_gpu_ms, copy_bandwidth_tbps, cuda_graphed
 
 HQ, HKV, D, BS = 32, 8, 128, 128  # retrieval rows: head_dim 128, block 128
 DTYPE = torch.bfloat16
 
 
-def graphed(fn):
-    """Capture ``fn`` in a CUDA graph (after a warm-up on a side stream); return its replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
 def time_ms(fn, reps):
-    return bench_gpu_ms(graphed(fn), warmup=5, reps=reps, flush_l2=True)
+    return bench_gpu_ms(cuda_graphed(fn), warmup=5, reps=reps, flush_l2=True)
 
 
 class Ctx:
