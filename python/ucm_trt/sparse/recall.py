@@ -354,6 +354,53 @@ def recall_curve(
     :class:`RecallCurve` with rows for every representation x budget, the oracle at each
     count-based budget, and the ``sink+local`` baseline (no candidate blocks).
     """
+    reps, kv_cfg = _check_curve_args(q, k, budgets, representations, selection, observation_q, kvstar, scale)
+    # One SparseConfig per (representation, budget) validates block_size, windows and min_blocks.
+    configs = {
+        (rep, i): SparseConfig(
+            block_size=block_size,
+            sink_blocks=sink_blocks,
+            local_blocks=local_blocks,
+            budget=bud,
+            min_blocks=min_blocks,
+            representation=rep,
+            scoring=SCORING_FOR_REPRESENTATION[rep],
+            selection=selection,
+        )
+        for rep in reps
+        for i, bud in enumerate(budgets)
+    }
+    base = SparseConfig(
+        block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks, min_blocks=min_blocks,
+        selection=selection,
+    )
+    steps = _DecodeSteps.of(q, k, base, scale)
+    kb, blens = tokens_to_blocks(k, steps.block_size)  # [m, Hkv, bs, D], [m]
+    scores = {
+        rep: _representation_scores(rep, q, k, kb, blens, steps, observation_q=observation_q,
+                                    hash_encoder=hash_encoder, hash_seed=hash_seed, kvstar=kv_cfg,
+                                    quest_group=quest_group, scale=scale)
+        for rep in reps
+    }  # rep -> [Tq, Hkv, m]
+    rows = [steps.row("sink+local", "-", steps.recall_of(steps.oracle_for(0)))]
+    for i, bud in enumerate(budgets):
+        label = _budget_label(bud)
+        if bud.kind in ("top_k", "ratio"):
+            c = budget_counts(bud, steps.candidates)
+            rows.append(steps.row("oracle", label, steps.recall_of(steps.oracle_for(c[:, None]))))
+        for rep in reps:
+            rows.append(steps.method_row(rep, label, scores[rep], configs[(rep, i)]))
+    hq, tq, d = q.shape
+    meta = dict(num_q_heads=hq, num_kv_heads=k.shape[0], head_dim=d, num_tokens=k.shape[1], num_queries=tq,
+                block_size=steps.block_size, selection=selection, sink_blocks=sink_blocks,
+                local_blocks=local_blocks, min_blocks=min_blocks,
+                kvstar=dict(channel_ratio=kv_cfg.channel_ratio, token_merge=kv_cfg.token_merge,
+                            retrieval_stride=kv_cfg.retrieval_stride))
+    return RecallCurve(rows=rows, meta=meta)
+
+
+def _check_curve_args(q, k, budgets, representations, selection, observation_q, kvstar, scale):
+    """recall_curve's argument checks; returns the representations to score and the KVStar config."""
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     hq, tq, d = q.shape
     check_tensor("k", k, ndim=3, dtypes=FLOAT_DTYPES, shape=(None, None, d))
@@ -376,137 +423,131 @@ def recall_curve(
             raise ValueError(
                 f"observation_q has {observation_q.shape[1]} tokens, but only T - Tq = {t - tq} tokens precede q"
             )
-    if representations is None:
-        reps = [r for r in REPRESENTATIONS if r != "weighted_mean" or observation_q is not None]
-    else:
-        if isinstance(representations, str) or not isinstance(representations, Sequence):
-            raise TypeError(f"representations must be a sequence of names, got {representations!r}")
-        reps = list(representations)
-        for r in reps:
-            if r not in REPRESENTATIONS:
-                raise ValueError(f"representations: unknown {r!r}; choose from {', '.join(REPRESENTATIONS)}")
-        if len(set(reps)) != len(reps):
-            raise ValueError(f"representations must not repeat a name, got {reps}")
-        if "weighted_mean" in reps and observation_q is None:
-            raise ValueError("representations includes 'weighted_mean', which needs observation_q (the weights)")
+    reps = _check_representations(representations, observation_q is not None)
     kv_cfg = KVStarConfig() if kvstar is None else kvstar
     if not isinstance(kv_cfg, KVStarConfig):
         raise TypeError(f"kvstar must be a KVStarConfig or None, got {type(kvstar).__name__}")
     _check_scale(scale)
-    # One SparseConfig per (representation, budget) validates block_size, windows and min_blocks.
-    configs = {
-        (rep, i): SparseConfig(
-            block_size=block_size,
-            sink_blocks=sink_blocks,
-            local_blocks=local_blocks,
-            budget=bud,
-            min_blocks=min_blocks,
-            representation=rep,
-            scoring=SCORING_FOR_REPRESENTATION[rep],
-            selection=selection,
+    return reps, kv_cfg
+
+
+def _check_representations(representations, have_observation: bool) -> list[str]:
+    if representations is None:
+        return [r for r in REPRESENTATIONS if r != "weighted_mean" or have_observation]
+    if isinstance(representations, str) or not isinstance(representations, Sequence):
+        raise TypeError(f"representations must be a sequence of names, got {representations!r}")
+    reps = list(representations)
+    for r in reps:
+        if r not in REPRESENTATIONS:
+            raise ValueError(f"representations: unknown {r!r}; choose from {', '.join(REPRESENTATIONS)}")
+    if len(set(reps)) != len(reps):
+        raise ValueError(f"representations must not repeat a name, got {reps}")
+    if "weighted_mean" in reps and not have_observation:
+        raise ValueError("representations includes 'weighted_mean', which needs observation_q (the weights)")
+    return reps
+
+
+@dataclass(frozen=True, eq=False)
+class _DecodeSteps:
+    """Every query token of recall_curve's ``q`` as a decode step: query token ``i`` ends a sequence
+    of ``T - Tq + i + 1`` tokens. Holds the exact block mass of each step and what the windows force."""
+
+    config: SparseConfig  # block size, windows, min_blocks, selection
+    num_kv_heads: int
+    group: int
+    q_steps: torch.Tensor  # [Tq, Hq, D]
+    num_blocks: torch.Tensor  # int32 [Tq]: blocks of each step's sequence
+    mass: torch.Tensor  # [Tq, Hq, m]: exact attention mass per block
+    forced: torch.Tensor  # bool [Tq, m]
+    candidates: torch.Tensor  # bool [Tq, m]: blocks of the sequence that are not forced
+    oracle_scores: torch.Tensor  # [Tq, Hkv or 1, m]: mass summed per KV head (or over all heads)
+
+    @classmethod
+    def of(cls, q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig, scale: float | None) -> _DecodeSteps:
+        hq, tq, d = q.shape
+        hkv, t, _ = k.shape
+        bs, group, dev = cfg.block_size, hq // hkv, q.device
+        lens = torch.arange(t - tq + 1, t + 1, device=dev, dtype=torch.int64)  # [Tq]
+        num_blocks = ((lens + bs - 1) // bs).to(torch.int32)
+        m = (t + bs - 1) // bs
+        q_steps = q.transpose(0, 1)  # [Tq, Hq, D]
+        # Exact block mass of each query token (its own token, always visible, lies in a forced block).
+        mass = block_attention_mass(q_steps[:, :, None, :], k[None].expand(tq, hkv, t, d), block_size=bs,
+                                    seq_lens=lens, scale=scale)[:, :, 0, :]  # [Tq, Hq, m]
+        forced = _forced(num_blocks.to(torch.int64), m, cfg.sink_blocks, cfg.local_blocks, cfg.min_blocks)
+        per_kv_mass = mass.reshape(tq, hkv, group, m).sum(2)
+        return cls(
+            config=cfg, num_kv_heads=hkv, group=group, q_steps=q_steps, num_blocks=num_blocks, mass=mass,
+            forced=forced, candidates=(torch.arange(m, device=dev) < num_blocks[:, None]) & ~forced,
+            oracle_scores=per_kv_mass if cfg.selection == "per_head" else per_kv_mass.sum(1, keepdim=True),
         )
-        for rep in reps
-        for i, bud in enumerate(budgets)
-    }
-    base = SparseConfig(
-        block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks, min_blocks=min_blocks,
-        selection=selection,
-    )
-    bs = base.block_size
-    group = hq // hkv
-    dev = q.device
 
-    # Every query token t is a decode step of a sequence of length T - Tq + t + 1.
-    lens = torch.arange(t - tq + 1, t + 1, device=dev, dtype=torch.int64)  # [Tq]
-    num_blocks = ((lens + bs - 1) // bs).to(torch.int32)
-    m = (t + bs - 1) // bs
-    q_steps = q.transpose(0, 1)  # [Tq, Hq, D]
-    # Exact block mass of each query token (its own token, always visible, lies in a forced block).
-    mass = block_attention_mass(q_steps[:, :, None, :], k[None].expand(tq, hkv, t, d), block_size=bs,
-                                seq_lens=lens, scale=scale)[:, :, 0, :]  # [Tq, Hq, m]
-    forced = _forced(num_blocks.to(torch.int64), m, sink_blocks, local_blocks, min_blocks)  # [Tq, m]
-    cand = (torch.arange(m, device=dev) < num_blocks[:, None]) & ~forced
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
 
-    def recall_of(sel: torch.Tensor) -> tuple[float, list[float], float]:
-        smask = selection_mask(sel, m).repeat_interleave(group, dim=1)  # [Tq, Hq, m]
-        per = (mass * smask).sum(-1)  # [Tq, Hq]
+    def recall_of(self, sel: torch.Tensor) -> tuple[float, list[float], float]:
+        """(mean recall, recall per query head, mean selected blocks) of selection ``sel`` [Tq, Hkv, S]."""
+        smask = selection_mask(sel, self.mass.shape[-1]).repeat_interleave(self.group, dim=1)  # [Tq, Hq, m]
+        per = (self.mass * smask).sum(-1)  # [Tq, Hq]
         blocks = float(selection_counts(sel).float().mean())
         return float(per.mean()), per.mean(0).tolist(), blocks
 
-    per_kv_mass = mass.reshape(tq, hkv, group, m).sum(2)
-    oracle_scores = per_kv_mass if selection == "per_head" else per_kv_mass.sum(1, keepdim=True)
-
-    def oracle_for(counts: torch.Tensor) -> torch.Tensor:
+    def oracle_for(self, counts: int | torch.Tensor) -> torch.Tensor:
+        """The oracle selection with ``counts`` candidate blocks per row (0: sink+local only)."""
+        c = self.config
         return select_blocks_by_count(
-            oracle_scores, num_blocks, counts, sink_blocks=sink_blocks, local_blocks=local_blocks,
-            min_blocks=min_blocks, num_kv_heads=hkv,
+            self.oracle_scores, self.num_blocks, counts, sink_blocks=c.sink_blocks, local_blocks=c.local_blocks,
+            min_blocks=c.min_blocks, num_kv_heads=self.num_kv_heads,
         )
 
-    kb, blens = tokens_to_blocks(k, bs)  # [m, Hkv, bs, D], [m]
-    scores: dict[str, torch.Tensor] = {}
-    for rep in reps:
-        if rep == "mean":
-            s = dot_scores(q_steps, block_mean(kb, blens))
-        elif rep == "first":
-            s = dot_scores(q_steps, block_first(kb, blens))
-        elif rep == "weighted_mean":
-            end = t - tq  # observation queries are positions end - To .. end - 1
-            w = attention_token_weights(observation_q[None], k[None, :, :end], scale=scale)[0]  # [Hkv, end]
-            w = torch.nn.functional.pad(w, (0, t - end))
-            wb, _ = tokens_to_blocks(w[..., None], bs)  # [m, Hkv, bs, 1]
-            s = dot_scores(q_steps, block_weighted_mean(kb, blens, wb[..., 0]))
-        elif rep == "minmax":
-            kmin, kmax = block_minmax(kb, blens)
-            s = quest_scores(q_steps, kmin, kmax, group=quest_group)
-        elif rep == "hash":
-            enc = hash_encoder if hash_encoder is not None else HashEncoder.random(d, d, seed=hash_seed)
-            s = hamming_scores(q_steps, enc.to(dev), block_hash_codes(kb, blens, enc.to(dev)), blens)
-        elif rep == "subblock":
-            sub = kvstar_subblock(kb, blens, kv_cfg)
-            r = kv_cfg.retrieval_stride
-            src = torch.arange(tq, device=dev)[:, None] - (r - 1) + torch.arange(r, device=dev)[None, :]  # [Tq, R]
-            qmask = src >= 0
-            voters = q[:, src.clamp(min=0)].permute(1, 0, 2, 3)  # [Tq, Hq, R, D]
-            s = kvstar_vote_scores(voters, sub, block_mask=cand, query_mask=qmask)
-        else:  # pragma: no cover - guarded above
-            raise ValueError(f"unknown representation {rep!r}")
-        scores[rep] = s  # [Tq, Hkv, m]
+    def row(self, method: str, budget: str, recall: tuple[float, list[float], float]) -> dict[str, Any]:
+        """A row whose method is its own oracle (the oracle, or the sink+local baseline)."""
+        rec, heads, blocks = recall
+        return dict(method=method, representation=None, scoring=None, budget=budget, recall=rec,
+                    oracle_recall=rec, relative=1.0, blocks=blocks,
+                    num_blocks=float(self.num_blocks.float().mean()), per_head=heads)
 
-    rows: list[dict[str, Any]] = []
-    nb_mean = float(num_blocks.float().mean())
-    sink_local = select_blocks_by_count(
-        oracle_scores, num_blocks, 0, sink_blocks=sink_blocks, local_blocks=local_blocks,
-        min_blocks=min_blocks, num_kv_heads=hkv,
-    )
-    base_recall, base_heads, base_blocks = recall_of(sink_local)
-    rows.append(dict(method="sink+local", representation=None, scoring=None, budget="-", recall=base_recall,
-                     oracle_recall=base_recall, relative=1.0, blocks=base_blocks, num_blocks=nb_mean,
-                     per_head=base_heads))
-    for i, bud in enumerate(budgets):
-        label = _budget_label(bud)
-        if bud.kind in ("top_k", "ratio"):
-            c = budget_counts(bud, cand)
-            orc, orc_heads, orc_blocks = recall_of(oracle_for(c[:, None]))
-            rows.append(dict(method="oracle", representation=None, scoring=None, budget=label, recall=orc,
-                             oracle_recall=orc, relative=1.0, blocks=orc_blocks, num_blocks=nb_mean,
-                             per_head=orc_heads))
-        for rep in reps:
-            cfg = configs[(rep, i)]
-            s = scores[rep]
-            if selection == "shared":
-                s = reduce_scores(s, cfg.scoring)
-            sel = select_blocks(s, num_blocks, cfg, num_kv_heads=hkv)
-            rec, heads, blocks = recall_of(sel)
-            kept = selection_counts(sel) - forced.sum(-1, keepdim=True)  # [Tq, Hkv]
-            if selection == "shared":
-                kept = kept[:, :1]  # identical rows
-            orc = recall_of(oracle_for(kept))[0]
-            rows.append(dict(method=f"{rep}/{cfg.scoring}", representation=rep, scoring=cfg.scoring, budget=label,
-                             recall=rec, oracle_recall=orc, relative=rec / orc if orc > 0 else float("nan"),
-                             blocks=blocks, num_blocks=nb_mean, per_head=heads))
-    meta = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, num_tokens=t, num_queries=tq,
-                block_size=bs, selection=selection, sink_blocks=sink_blocks, local_blocks=local_blocks,
-                min_blocks=min_blocks, kvstar=dict(channel_ratio=kv_cfg.channel_ratio,
-                                                   token_merge=kv_cfg.token_merge,
-                                                   retrieval_stride=kv_cfg.retrieval_stride))
-    return RecallCurve(rows=rows, meta=meta)
+    def method_row(self, rep: str, budget: str, scores: torch.Tensor, cfg: SparseConfig) -> dict[str, Any]:
+        """Select with ``cfg`` from ``scores`` [Tq, Hkv, m]; recall against the oracle with as many candidates."""
+        shared = cfg.selection == "shared"
+        s = reduce_scores(scores, cfg.scoring) if shared else scores
+        sel = select_blocks(s, self.num_blocks, cfg, num_kv_heads=self.num_kv_heads)
+        rec, heads, blocks = self.recall_of(sel)
+        kept = selection_counts(sel) - self.forced.sum(-1, keepdim=True)  # [Tq, Hkv]
+        if shared:
+            kept = kept[:, :1]  # identical rows
+        orc = self.recall_of(self.oracle_for(kept))[0]
+        return dict(method=f"{rep}/{cfg.scoring}", representation=rep, scoring=cfg.scoring, budget=budget,
+                    recall=rec, oracle_recall=orc, relative=rec / orc if orc > 0 else float("nan"),
+                    blocks=blocks, num_blocks=float(self.num_blocks.float().mean()), per_head=heads)
+
+
+def _representation_scores(rep, q, k, kb, blens, steps, *, observation_q, hash_encoder, hash_seed, kvstar,
+                           quest_group, scale) -> torch.Tensor:
+    """Scores [Tq, Hkv, m] of every decode step under representation ``rep`` (its own scoring)."""
+    q_steps, dev = steps.q_steps, q.device
+    tq, d, t = q.shape[1], q.shape[2], k.shape[1]
+    if rep == "mean":
+        return dot_scores(q_steps, block_mean(kb, blens))
+    if rep == "first":
+        return dot_scores(q_steps, block_first(kb, blens))
+    if rep == "weighted_mean":
+        end = t - tq  # observation queries are positions end - To .. end - 1
+        w = attention_token_weights(observation_q[None], k[None, :, :end], scale=scale)[0]  # [Hkv, end]
+        w = torch.nn.functional.pad(w, (0, t - end))
+        wb, _ = tokens_to_blocks(w[..., None], steps.block_size)  # [m, Hkv, bs, 1]
+        return dot_scores(q_steps, block_weighted_mean(kb, blens, wb[..., 0]))
+    if rep == "minmax":
+        kmin, kmax = block_minmax(kb, blens)
+        return quest_scores(q_steps, kmin, kmax, group=quest_group)
+    if rep == "hash":
+        enc = hash_encoder if hash_encoder is not None else HashEncoder.random(d, d, seed=hash_seed)
+        return hamming_scores(q_steps, enc.to(dev), block_hash_codes(kb, blens, enc.to(dev)), blens)
+    if rep == "subblock":
+        sub = kvstar_subblock(kb, blens, kvstar)
+        r = kvstar.retrieval_stride
+        src = torch.arange(tq, device=dev)[:, None] - (r - 1) + torch.arange(r, device=dev)[None, :]  # [Tq, R]
+        voters = q[:, src.clamp(min=0)].permute(1, 0, 2, 3)  # [Tq, Hq, R, D]
+        return kvstar_vote_scores(voters, sub, block_mask=steps.candidates, query_mask=src >= 0)
+    raise ValueError(f"unknown representation {rep!r}")  # pragma: no cover - guarded by the argument checks
