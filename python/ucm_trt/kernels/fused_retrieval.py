@@ -370,7 +370,8 @@ def check_block_size_arg(block_size: object) -> int:
     return block_size  # type: ignore[return-value]
 
 
-def _check_query(q: torch.Tensor, hkv: int) -> tuple[torch.Tensor, int, int]:
+def check_decode_query(q: torch.Tensor, hkv: int) -> tuple[torch.Tensor, int, int]:
+    """One decode query per sequence, ``[B, Hq, D]`` or ``[B, Hq, 1, D]`` -> ``(q [B, Hq, D], group, D)``."""
     check_tensor("q", q, dtypes=KERNEL_FLOAT_DTYPES)
     if q.dim() == 4:
         if q.shape[2] != 1:
@@ -386,12 +387,12 @@ def _check_query(q: torch.Tensor, hkv: int) -> tuple[torch.Tensor, int, int]:
     return q, hq // hkv, q.shape[2]
 
 
-def _check_selection_args(top_k, sink_blocks, local_blocks, shared, validate) -> None:
+def check_selection_args(top_k, sink_blocks, local_blocks, shared) -> None:
+    """The selection's size and forced blocks: sink + local blocks must fit in ``top_k``."""
     check_positive_int("top_k", top_k)
     check_non_negative_int("sink_blocks", sink_blocks)
     check_non_negative_int("local_blocks", local_blocks)
     check_bool("shared", shared)
-    check_bool("validate", validate)
     if sink_blocks + local_blocks > top_k:
         raise ValueError(
             f"top_k ({top_k}) must be >= sink_blocks + local_blocks ({sink_blocks} + {local_blocks}), "
@@ -399,14 +400,42 @@ def _check_selection_args(top_k, sink_blocks, local_blocks, shared, validate) ->
         )
 
 
-def _retrieve(mode, q, r0, r1, w, block_table, seq_lens, *, num_blocks, hkv, block_size, bits, top_k,
-              sink_blocks, local_blocks, shared, validate, workspace, guard, launch, out):
-    q, group, d = _check_query(q, hkv)
-    b = q.shape[0]
+def check_table_args(block_table, seq_lens, b: int) -> int:
+    """block_table int32 ``[B, max_blocks]`` (rows contiguous) and seq_lens int32 ``[B]``; returns max_blocks."""
     check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), shape=(b, None))
     check_last_dim_contiguous("block_table", block_table)
     check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), shape=(b,))
-    mb = block_table.shape[1]
+    return block_table.shape[1]
+
+
+def selection_out(out, b: int, hkv: int, top_k: int, device: torch.device) -> torch.Tensor:
+    """``out`` checked as the int32 ``[B, Hkv, top_k]`` selection, or a new one."""
+    if out is None:
+        return torch.empty((b, hkv, top_k), device=device, dtype=torch.int32)
+    check_tensor("out", out, dtypes=(torch.int32,), shape=(b, hkv, top_k))
+    check_last_dim_contiguous("out", out)
+    return out
+
+
+def check_hash_codes(hash_codes) -> tuple[int, int, int, int]:
+    """uint8 ``[num_blocks, Hkv, block_size, bytes]`` with contiguous code bytes; returns its shape."""
+    check_tensor("hash_codes", hash_codes, ndim=4, dtypes=(torch.uint8,))
+    nblocks, hkv, bs, nbytes = hash_codes.shape
+    check_block_size("hash_codes", bs)
+    check_last_dim_contiguous("hash_codes", hash_codes)
+    return nblocks, hkv, bs, nbytes
+
+
+def check_q_head_dim(q, d: int, name: str) -> None:
+    if isinstance(q, torch.Tensor) and q.dim() and q.shape[-1] != d:
+        raise ValueError(f"q head_dim ({q.shape[-1]}) must equal {name} head_dim ({d})")
+
+
+def _retrieve(mode, q, r0, r1, w, block_table, seq_lens, *, num_blocks, hkv, block_size, bits, top_k,
+              sink_blocks, local_blocks, shared, validate, workspace, guard, launch, out):
+    q, group, d = check_decode_query(q, hkv)
+    b = q.shape[0]
+    mb = check_table_args(block_table, seq_lens, b)
     if not 1 <= mb <= MAX_RETRIEVAL_BLOCKS:
         raise ValueError(f"block_table must have 1 to {MAX_RETRIEVAL_BLOCKS} columns (logical blocks), got {mb}")
     if launch is None:
@@ -417,11 +446,7 @@ def _retrieve(mode, q, r0, r1, w, block_table, seq_lens, *, num_blocks, hkv, blo
         raise TypeError(f"workspace must be a RetrievalWorkspace or None, got {type(workspace).__name__}")
     if guard is not None and not isinstance(guard, IndexGuard):
         raise TypeError(f"guard must be an IndexGuard or None, got {type(guard).__name__}")
-    if out is None:
-        out = torch.empty((b, hkv, top_k), device=q.device, dtype=torch.int32)
-    else:
-        check_tensor("out", out, dtypes=(torch.int32,), shape=(b, hkv, top_k))
-        check_last_dim_contiguous("out", out)
+    out = selection_out(out, b, hkv, top_k, q.device)
     check_same_device(q=q, block_table=block_table, seq_lens=seq_lens, out=out, hash_weight=w,
                       **{("hash_codes" if mode == _MODE_HAMMING else "reps"): r0},
                       workspace=None if workspace is None else workspace.counters,
@@ -505,11 +530,9 @@ def hash_retrieve(
     indexed by physical block; hash_weight float32 ``[D, bits]``; block_table int32 ``[B, max_blocks]``;
     seq_lens int32 ``[B]``. Returns int32 ``[B, Hkv, top_k]`` sorted logical block ids, -1 padded.
     """
-    _check_selection_args(top_k, sink_blocks, local_blocks, shared, validate)
-    check_tensor("hash_codes", hash_codes, ndim=4, dtypes=(torch.uint8,))
-    nblocks, hkv, bs, nbytes = hash_codes.shape
-    check_block_size("hash_codes", bs)
-    check_last_dim_contiguous("hash_codes", hash_codes)
+    check_selection_args(top_k, sink_blocks, local_blocks, shared)
+    check_bool("validate", validate)
+    nblocks, hkv, bs, nbytes = check_hash_codes(hash_codes)
     bits = nbytes * 8
     if not 8 <= bits <= 1024:
         raise ValueError(f"hash_codes must hold 1 to 128 bytes (8 to 1024 bits) per token, got {nbytes} bytes")
@@ -544,9 +567,18 @@ def _check_reps(names, r0, r1):
     return nblocks, hkv, d
 
 
-def _check_q_dim(q, d, name):
-    if isinstance(q, torch.Tensor) and q.dim() and q.shape[-1] != d:
-        raise ValueError(f"q head_dim ({q.shape[-1]}) must equal {name} head_dim ({d})")
+def _retrieve_reps(mode, q, names, r0, r1, block_table, seq_lens, block_size, top_k, sink_blocks, local_blocks,
+                   shared, validate, workspace, guard, launch, out):
+    """Dot / Quest retrieval from per-block representations ``r0`` (and ``r1``), named ``names``."""
+    check_selection_args(top_k, sink_blocks, local_blocks, shared)
+    check_bool("validate", validate)
+    check_block_size_arg(block_size)
+    nblocks, hkv, d = _check_reps(names, r0, r1)
+    check_q_head_dim(q, d, names[0])
+    return _retrieve(mode, q, r0, r1, None, block_table, seq_lens, num_blocks=nblocks, hkv=hkv,
+                     block_size=block_size, bits=0, top_k=top_k, sink_blocks=sink_blocks,
+                     local_blocks=local_blocks, shared=shared, validate=validate, workspace=workspace,
+                     guard=guard, launch=launch, out=out)
 
 
 def quest_retrieve(
@@ -574,17 +606,12 @@ def quest_retrieve(
     ``quest_group`` as :func:`ucm_trt.sparse.score.quest_scores`' ``group``: ``"sum"`` (bound of each
     query head, summed over the GQA group) or ``"mean_query"`` (bound of the group-averaged query).
     """
-    _check_selection_args(top_k, sink_blocks, local_blocks, shared, validate)
-    check_block_size_arg(block_size)
     if quest_group not in ("sum", "mean_query"):
         raise ValueError(f"quest_group must be 'sum' or 'mean_query', got {quest_group!r}")
-    nblocks, hkv, d = _check_reps(("block_min", "block_max"), block_min, block_max)
-    _check_q_dim(q, d, "block_min")
     mode = _MODE_QUEST_SUM if quest_group == "sum" else _MODE_QUEST_MEAN
-    return _retrieve(mode, q, block_min, block_max, None, block_table, seq_lens, num_blocks=nblocks, hkv=hkv,
-                     block_size=block_size, bits=0, top_k=top_k, sink_blocks=sink_blocks,
-                     local_blocks=local_blocks, shared=shared, validate=validate, workspace=workspace,
-                     guard=guard, launch=launch, out=out)
+    return _retrieve_reps(mode, q, ("block_min", "block_max"), block_min, block_max, block_table, seq_lens,
+                          block_size, top_k, sink_blocks, local_blocks, shared, validate, workspace, guard, launch,
+                          out)
 
 
 def dot_retrieve(
@@ -606,11 +633,5 @@ def dot_retrieve(
 ) -> torch.Tensor:
     """Dot-product retrieval in one launch: ``q_avg . block_mean`` per block (``[num_blocks, Hkv, D]``,
     physical ids), block top-k (largest scores; shared: summed over KV heads)."""
-    _check_selection_args(top_k, sink_blocks, local_blocks, shared, validate)
-    check_block_size_arg(block_size)
-    nblocks, hkv, d = _check_reps(("block_mean",), block_mean, None)
-    _check_q_dim(q, d, "block_mean")
-    return _retrieve(_MODE_DOT, q, block_mean, None, None, block_table, seq_lens, num_blocks=nblocks, hkv=hkv,
-                     block_size=block_size, bits=0, top_k=top_k, sink_blocks=sink_blocks,
-                     local_blocks=local_blocks, shared=shared, validate=validate, workspace=workspace,
-                     guard=guard, launch=launch, out=out)
+    return _retrieve_reps(_MODE_DOT, q, ("block_mean",), block_mean, None, block_table, seq_lens, block_size,
+                          top_k, sink_blocks, local_blocks, shared, validate, workspace, guard, launch, out)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ucm_trt._validation import check_non_negative_int, check_positive_int, check_same_device, check_tensor
+from ucm_trt._validation import check_positive_int, check_same_device, check_tensor
 from ucm_trt.kernels._common import (
     KERNEL_FLOAT_DTYPES,
     check_block_table_contents,
@@ -38,8 +38,16 @@ from ucm_trt.kernels._common import (
     is_pow2,
     next_pow2,
 )
-from ucm_trt.kernels.fused_retrieval import check_block_size_arg
-from ucm_trt.limits import check_block_size, check_head_dim
+from ucm_trt.kernels.fused_retrieval import (
+    MAX_RETRIEVAL_BLOCKS,
+    check_block_size_arg,
+    check_decode_query,
+    check_hash_codes,
+    check_q_head_dim,
+    check_selection_args,
+    check_table_args,
+    selection_out,
+)
 
 
 @triton.jit
@@ -201,26 +209,8 @@ def _block_topk_kernel(
         tl.store(out_row + h * stride_oh + idx, -1, mask=(idx >= k_eff) & (idx < TOP_K))
 
 
-def _check_query(q: torch.Tensor, hkv: int) -> tuple[torch.Tensor, int, int, int]:
-    check_tensor("q", q, dtypes=KERNEL_FLOAT_DTYPES)
-    if q.dim() == 4:
-        if q.shape[2] != 1:
-            raise ValueError(f"q must be [B, Hq, D] or [B, Hq, 1, D] (one query token), got {tuple(q.shape)}")
-        q = q[:, :, 0]
-    if q.dim() != 3:
-        raise ValueError(f"q must be [B, Hq, D] or [B, Hq, 1, D], got shape {tuple(q.shape)}")
-    b, hq, d = q.shape
-    if hq % hkv:
-        raise ValueError(f"q heads ({hq}) must be a positive multiple of the KV heads ({hkv})")
-    check_head_dim("q", d)
-    check_last_dim_contiguous("q", q)
-    return q, b, hq // hkv, d
-
-
 def _check_table(block_table, seq_lens, b, bs, nblocks, validate):
-    check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), shape=(b, None))
-    check_last_dim_contiguous("block_table", block_table)
-    check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), shape=(b,))
+    check_table_args(block_table, seq_lens, b)
     if validate:
         check_block_table_contents(block_table, seq_lens, bs, nblocks)
 
@@ -242,11 +232,9 @@ def hamming_block_scores(
     """
     check_bool("validate", validate)
     check_positive_int("blocks_per_program", blocks_per_program)
-    check_tensor("hash_codes", hash_codes, ndim=4, dtypes=(torch.uint8,))
-    nblocks, hkv, bs, nbytes = hash_codes.shape
-    check_block_size("hash_codes", bs)
-    check_last_dim_contiguous("hash_codes", hash_codes)
-    q, b, group, d = _check_query(q, hkv)
+    nblocks, hkv, bs, nbytes = check_hash_codes(hash_codes)
+    q, group, d = check_decode_query(q, hkv)
+    b = q.shape[0]
     check_tensor("hash_weight", hash_weight, dtypes=(torch.float32,), shape=(d, nbytes * 8))
     bits = nbytes * 8
     if not (is_pow2(bits) and 16 <= bits <= 1024):
@@ -286,9 +274,9 @@ def _rep_scores(q, r0, r1, block_table, seq_lens, block_size, quest, blocks_per_
             raise ValueError(
                 f"{names[1]} must have the strides of {names[0]} {tuple(r0.stride())}, got {tuple(r1.stride())}"
             )
-    q, b, group, dq = _check_query(q, hkv)
-    if dq != d:
-        raise ValueError(f"q head_dim ({dq}) must equal {names[0]} head_dim ({d})")
+    q, group, _ = check_decode_query(q, hkv)
+    check_q_head_dim(q, d, names[0])
+    b = q.shape[0]
     _check_table(block_table, seq_lens, b, block_size, nblocks, validate)
     check_same_device(q=q, r0=r0, r1=r1, block_table=block_table, seq_lens=seq_lens)
     mb = block_table.shape[1]
@@ -360,24 +348,12 @@ def block_topk(
     check_last_dim_contiguous("scores", scores)
     b, hkv, mb = scores.shape
     check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), shape=(b,))
-    check_positive_int("top_k", top_k)
     check_block_size_arg(block_size)
-    check_non_negative_int("sink_blocks", sink_blocks)
-    check_non_negative_int("local_blocks", local_blocks)
+    check_selection_args(top_k, sink_blocks, local_blocks, shared)
     check_bool("largest", largest)
-    check_bool("shared", shared)
-    if sink_blocks + local_blocks > top_k:
-        raise ValueError(
-            f"top_k ({top_k}) must be >= sink_blocks + local_blocks ({sink_blocks} + {local_blocks}), "
-            "the forced blocks must fit in the selection"
-        )
-    if mb > 8192:
-        raise ValueError(f"scores may cover at most 8192 blocks per sequence, got {mb}")
-    if out is None:
-        out = torch.empty((b, hkv, top_k), device=scores.device, dtype=torch.int32)
-    else:
-        check_tensor("out", out, dtypes=(torch.int32,), shape=(b, hkv, top_k))
-        check_last_dim_contiguous("out", out)
+    if mb > MAX_RETRIEVAL_BLOCKS:
+        raise ValueError(f"scores may cover at most {MAX_RETRIEVAL_BLOCKS} blocks per sequence, got {mb}")
+    out = selection_out(out, b, hkv, top_k, scores.device)
     check_same_device(scores=scores, seq_lens=seq_lens, out=out)
     nblk = max(16, next_pow2(max(mb, top_k)))
     grid = (b, 1 if shared else hkv)
