@@ -37,7 +37,7 @@ def main(paths: list[str]) -> int:
         print("usage: runtime_table.py [--markdown] RESULT.json [...]", file=sys.stderr)
         return 2
     print(f"{'file':<34} {'algorithm':<14} {'ctx':>7} {'B':>2} {'graph':>5} {'tok/s':>7} {'step ms':>8} {'1st ms':>7} "
-          f"{'dev KV MB':>9} {'H2D MB/st':>9} {'overlap':>7}")
+          f"{'dev KV MiB':>10} {'H2D MiB/st':>10} {'overlap':>7}")
     for p in paths:
         d = json.loads(Path(p).read_text())
         name = Path(p).stem[-33:]
@@ -50,7 +50,7 @@ def main(paths: list[str]) -> int:
         if "max_concurrent_measured" in d:
             for r in d["runs"]:
                 status = _fmt(r.get("decode_tokens_per_s")) + " tok/s" if r["ok"] else "PoolExhausted"
-                print(f"{name:<34} capacity {r['algorithm']:<6} ctx {d['context']} budget {d['kv_budget_gb']} GB: "
+                print(f"{name:<34} capacity {r['algorithm']:<6} ctx {d['context']} budget {d['kv_budget_gb']} GiB: "
                       f"{r['sequences']} sequences -> {status}")
             continue
         for r in d.get("runs", []):
@@ -62,7 +62,7 @@ def main(paths: list[str]) -> int:
             h2d = (r.get("decode_bytes_h2d_per_step") or 0) / 2**20
             print(f"{name:<34} {r['algorithm']:<14} {r['context']:>7} {r['batch']:>2} "
                   f"{r.get('cuda_graph_mode', '-'):>5} {_fmt(steady):>7} "
-                  f"{_fmt(r.get('decode_step_ms_median'), '.2f'):>8} {_fmt(r.get('decode_step_ms_first'), '.0f'):>7} {mb:>9.0f} {h2d:>9.1f} "
+                  f"{_fmt(r.get('decode_step_ms_median'), '.2f'):>8} {_fmt(r.get('decode_step_ms_first'), '.0f'):>7} {mb:>10.0f} {h2d:>10.1f} "
                   f"{_fmt(r.get('retrieval_overlap'), '.2f'):>7}")
     return 0
 

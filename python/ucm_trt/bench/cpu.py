@@ -130,7 +130,7 @@ def machine_facts() -> dict[str, Any]:
 
 
 def read_bandwidth_gbps(*, mbytes: int = 256, warmup: int = 1, repeats: int = 5, threads: int = 1) -> float:
-    """Measured single-pass read bandwidth (GB/s) of a float32 ``sum`` over ``mbytes`` MB with ``threads``.
+    """Measured single-pass read bandwidth (GB/s) of a float32 ``sum`` over ``mbytes`` MiB with ``threads``.
 
     Scoring reads every block representation once per step; ``rep bytes / this`` (``read_floor_ms``)
     is the time a plain torch reduction needs to stream them once. A reference rate, not a hard
