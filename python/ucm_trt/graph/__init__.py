@@ -13,26 +13,24 @@ from __future__ import annotations
 
 from ucm_trt._lazy import lazy_exports
 
-# name -> module that defines it, imported on first use (PEP 562): the CLI reads ExportConfig and
+# module -> the public names it defines, imported on first use (PEP 562): the CLI reads ExportConfig and
 # checks its flags before onnx (driver, functions) is imported.
-_EXPORTS = {
-    "ALGORITHMS": "ucm_trt.graph.driver",
-    "RewriteConfig": "ucm_trt.graph.driver",
-    "RewriteError": "ucm_trt.graph.driver",
-    "RewriteReport": "ucm_trt.graph.driver",
-    "load_model": "ucm_trt.graph.driver",
-    "rewrite_model": "ucm_trt.graph.driver",
-    "save_model": "ucm_trt.graph.driver",
-    "ExportConfig": "ucm_trt.graph.export",
-    "export_hf_model": "ucm_trt.graph.export",
-    "load_hf_model": "ucm_trt.graph.export",
-    "build_function": "ucm_trt.graph.functions",
-    "make_single_op_model": "ucm_trt.graph.functions",
-    "SCHEMAS": "ucm_trt.graph.schemas",
-    "get_schema": "ucm_trt.graph.schemas",
-}
-
-__all__ = list(_EXPORTS)
-
-
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+_names, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "ucm_trt.graph.driver": (
+            "ALGORITHMS",
+            "RewriteConfig",
+            "RewriteError",
+            "RewriteReport",
+            "load_model",
+            "rewrite_model",
+            "save_model",
+        ),
+        "ucm_trt.graph.export": ("ExportConfig", "export_hf_model", "load_hf_model"),
+        "ucm_trt.graph.functions": ("build_function", "make_single_op_model"),
+        "ucm_trt.graph.schemas": ("SCHEMAS", "get_schema"),
+    },
+    globals(),
+)
+__all__ = _names

@@ -15,25 +15,24 @@ from __future__ import annotations
 
 from ucm_trt._lazy import lazy_exports
 
-# name -> module that defines it. Imported on first use (PEP 562), so that importing a light
+# module -> the public names it defines. Imported on first use (PEP 562), so that importing a light
 # submodule (``ucm_trt.runtime.cli_run``, whose options ``ucm-trt --help`` reads) loads no torch.
-_EXPORTS = {
-    "BlockAllocator": "ucm_trt.runtime.kv",
-    "Engine": "ucm_trt.runtime.generation",
-    "GenerationResult": "ucm_trt.runtime.generation",
-    "KVLayout": "ucm_trt.runtime.kv",
-    "KVManager": "ucm_trt.runtime.kv",
-    "PoolExhaustedError": "ucm_trt.runtime.kv",
-    "RetrievalError": "ucm_trt.runtime.worker",
-    "RetrievalWorker": "ucm_trt.runtime.worker",
-    "RuntimeConfig": "ucm_trt.runtime.plan",
-    "StepTransfer": "ucm_trt.runtime.kv",
-    "SamplingParams": "ucm_trt.runtime.generation",
-    "TorchBackend": "ucm_trt.runtime.backends.torch_backend",
-    "make_policy": "ucm_trt.runtime.algorithms",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+_names, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "ucm_trt.runtime.kv": (
+            "BlockAllocator",
+            "KVLayout",
+            "KVManager",
+            "PoolExhaustedError",
+            "StepTransfer",
+        ),
+        "ucm_trt.runtime.generation": ("Engine", "GenerationResult", "SamplingParams"),
+        "ucm_trt.runtime.worker": ("RetrievalError", "RetrievalWorker"),
+        "ucm_trt.runtime.plan": ("RuntimeConfig",),
+        "ucm_trt.runtime.backends.torch_backend": ("TorchBackend",),
+        "ucm_trt.runtime.algorithms": ("make_policy",),
+    },
+    globals(),
+)
+__all__ = sorted(_names)
