@@ -105,8 +105,28 @@ def haystack_text(*, source: str = "auto", min_chars: int = 200_000) -> Haystack
     return Haystack(text=FILLER_SENTENCES * reps, source="filler")
 
 
+class _AnsweredPrompt:
+    """What a prompt with token ids and expected answers offers: its length, and a check of a completion."""
+
+    input_ids: torch.Tensor
+
+    @property
+    def expected(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def is_correct(self, completion: str) -> bool:
+        """Whether a model's completion of the prompt contains every expected answer."""
+        if not isinstance(completion, str):
+            raise TypeError(f"completion must be a str, got {type(completion).__name__}")
+        return all(a in completion for a in self.expected)
+
+
 @dataclass(frozen=True, kw_only=True)
-class PasskeyPrompt:
+class PasskeyPrompt(_AnsweredPrompt):
     """A passkey retrieval prompt.
 
     Attributes
@@ -134,14 +154,8 @@ class PasskeyPrompt:
     haystack_source: str
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.shape[1])
-
-    def is_correct(self, completion: str) -> bool:
-        """Whether a model's completion of :attr:`text` contains the key."""
-        if not isinstance(completion, str):
-            raise TypeError(f"completion must be a str, got {type(completion).__name__}")
-        return self.passkey in completion
+    def expected(self) -> tuple[str, ...]:
+        return (self.passkey,)
 
 
 def build_passkey_prompt(
@@ -206,7 +220,7 @@ def build_passkey_prompt(
 
 
 @dataclass(frozen=True, kw_only=True)
-class NeedlePrompt:
+class NeedlePrompt(_AnsweredPrompt):
     """A prompt with one or more needle sentences in a haystack and a question about them.
 
     Attributes
@@ -232,14 +246,8 @@ class NeedlePrompt:
     haystack_source: str
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.shape[1])
-
-    def is_correct(self, completion: str) -> bool:
-        """Whether ``completion`` contains every answer."""
-        if not isinstance(completion, str):
-            raise TypeError(f"completion must be a str, got {type(completion).__name__}")
-        return all(a in completion for a in self.answers)
+    def expected(self) -> tuple[str, ...]:
+        return self.answers
 
 
 def build_needle_prompt(
