@@ -193,7 +193,7 @@ def test_filled_prefill_leaves_the_engine_state_a_real_prefill_leaves(tiny_model
         states.append({
             "seq_len": [s.seq_len for s in seqs], "flushed": [s.flushed for s in seqs],
             "host_ids": [s.host_ids.copy() for s in seqs], "resident": [(s.table != 0).copy() for s in seqs],
-            "reps": [p["store"].num_blocks for p in pol], "sel_shape": [tuple(p["sel"].shape[:2]) for p in pol],
+            "reps": [p.store.num_blocks for p in pol], "sel_shape": [tuple(p.sel.shape[:2]) for p in pol],
             "device_blocks": eng.kv.device_blocks_held(),
         })
         while eng.has_work:

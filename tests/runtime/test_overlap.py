@@ -193,8 +193,8 @@ def test_no_step_reads_a_block_before_the_copy_that_brought_it_is_waited_for(pol
 
         def prefetch(self, reqs):
             for st in self._state.values():
-                if st.get("pending") is not None:
-                    st["pending"].ticket.future.exception()  # waits; a failure surfaces at collect
+                if st.pending is not None:
+                    st.pending.ticket.future.exception()  # waits; a failure surfaces at collect
             return super().prefetch(reqs)
 
     with Engine(TorchBackend(model, attention="reference"), Settled(), sparse=_sparse(algorithm, stride=4),

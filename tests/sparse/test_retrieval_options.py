@@ -179,7 +179,7 @@ def _recording(policy_cls):
     class Recording(policy_cls):
         def _collect(self, st, pending):
             super()._collect(st, pending)
-            self.collected.append(st["sel"].clone())
+            self.collected.append(st.sel.clone())
 
     return Recording
 

@@ -14,7 +14,7 @@ import torch
 from ucm_trt.config import Budget, KVStarConfig, SparseConfig
 from ucm_trt.sparse.batched import BlockRepStore, batched_dot_scores, extend_selections, select_batched
 from ucm_trt.sparse.policies import ESAPolicy, GSAPolicy, KVStarPolicy
-from ucm_trt.sparse.policies._offload import stack_layer_selections
+from ucm_trt.sparse.policies._offload import OffloadRequestState, stack_layer_selections
 from ucm_trt.sparse.policies.base import (
     ModelShape,
     PolicyRuntime,
@@ -22,7 +22,7 @@ from ucm_trt.sparse.policies.base import (
     extend_selection,
     select_from_scores,
 )
-from ucm_trt.sparse.policies.kvstar import PreparedVote
+from ucm_trt.sparse.policies.kvstar import KVStarRequestState, PreparedVote
 from ucm_trt.sparse.repr import SubBlockRepr, block_lens_from_seq_lens, block_mean, kvstar_subblock
 from ucm_trt.sparse.score import dot_scores, kvstar_vote_scores
 from ucm_trt.sparse.select import candidate_mask
@@ -306,7 +306,7 @@ def test_kvstar_select_all_equals_per_layer_select(selection):
         sub = kvstar_subblock(torch.randn(nb, hkv, bs, d, generator=g), lens, cfg)
         reps.append(SubBlockRepr(values=sub.values.half(), counts=sub.counts, channels=sub.channels))
     cand = candidate_mask(torch.tensor([nb], dtype=torch.int32), nb, sink_blocks=1, local_blocks=2, min_blocks=4)[0]
-    st = {"votes": [PreparedVote(r, cand) for r in reps], "sel_nb": nb}
+    st = KVStarRequestState(dense=False, votes=[PreparedVote(r, cand) for r in reps], sel_nb=nb)
     group = [torch.randn(hq, tv, d, generator=g) for _ in range(layers)]
     want = [pol._select(st, group, layer) for layer in range(layers)]
     _assert_rows_equal(pol._select_all(st, group), want, "kvstar")
@@ -321,8 +321,8 @@ def test_offload_plan_equals_per_layer_extend_selection_and_caches():
     for i, j in itertools.product(range(layers), range(hkv)):
         ids = torch.randperm(6, generator=g)[: 1 + (i + j) % 4].sort().values
         sel[i, j, : len(ids)] = ids.to(torch.int32)
-    pol._state["a"] = {"dense": False, "sel": sel, "sel_nb": 6, "pending": None}
-    pol._state["b"] = {"dense": True}
+    pol._state["a"] = OffloadRequestState(dense=False, sel=sel, sel_nb=6)
+    pol._state["b"] = OffloadRequestState(dense=True)
     selected = candidates = 0
     for step, new_len in enumerate([24, 25, 28, 29, 33], start=1):  # 6, 7, 7, 8, 9 blocks
         views = [RequestView(rid="b", prompt_len=20, seq_len=new_len - 1, new_len=new_len, step=step),
@@ -379,7 +379,7 @@ def test_policies_snapshot_the_reused_query_buffer():
         lens = block_lens_from_seq_lens(torch.tensor(nb * bs), nb, bs)
         reps = [kvstar_subblock(torch.randn(nb, hkv, bs, d, generator=g), lens, cfg) for _ in range(layers)]
         cand = candidate_mask(torch.tensor([nb], dtype=torch.int32), nb, sink_blocks=1, local_blocks=2)[0]
-        pol._state["a"] = {"dense": False, "sel_nb": nb, "pending": None, "group": [], "votes": [PreparedVote(r, cand) for r in reps]}
+        pol._state["a"] = KVStarRequestState(dense=False, sel_nb=nb, votes=[PreparedVote(r, cand) for r in reps])
         buf = torch.zeros(layers, 1, hq, d)  # one buffer, overwritten every step like the runtime's capture
         written = []
         for step in range(1, r + 1):
@@ -389,7 +389,7 @@ def test_policies_snapshot_the_reused_query_buffer():
                                step=step)
             pol.after_step([view], list(buf))
         buf.fill_(float("nan"))  # the next step overwrites the buffer while the retrieval may still run
-        pol._state["a"]["pending"].result()
+        pol._state["a"].pending.result()
         assert len(seen) == 1
         for layer in range(layers):
             want = torch.stack([w[layer, 0] for w in written], dim=1)  # [Hq, R, D]

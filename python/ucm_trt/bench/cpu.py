@@ -436,6 +436,7 @@ def plan_cost(shape: RetrievalShape, sparse: SparseConfig, *, num_blocks: int, r
     The selection keeps ``floor(sparse budget)`` blocks of ``num_blocks`` prompt blocks on every head.
     """
     from ucm_trt.sparse.policies import ESAPolicy
+    from ucm_trt.sparse.policies._offload import OffloadRequestState
     from ucm_trt.sparse.policies.base import ModelShape, PolicyRuntime, RequestView, extend_selection
 
     _pos("num_blocks", num_blocks)
@@ -449,7 +450,7 @@ def plan_cost(shape: RetrievalShape, sparse: SparseConfig, *, num_blocks: int, r
     g = torch.Generator().manual_seed(0)
     keep = max(1, min(num_blocks, int(sparse.budget.value * num_blocks) if sparse.budget.kind == "ratio" else 64))
     sel = torch.randperm(num_blocks, generator=g)[:keep].sort().values.to(torch.int32).expand(L, hkv, keep).contiguous()
-    pol._state["r"] = {"dense": False, "sel": sel, "sel_nb": num_blocks, "pending": None}
+    pol._state["r"] = OffloadRequestState(dense=False, sel=sel, sel_nb=num_blocks)
     prompt = num_blocks * shape.block_size
     view = RequestView(rid="r", prompt_len=prompt, seq_len=prompt + 4, new_len=prompt + 5, step=5)
 
@@ -457,7 +458,7 @@ def plan_cost(shape: RetrievalShape, sparse: SparseConfig, *, num_blocks: int, r
         pol.plan([view])
 
     def rebuild() -> None:
-        pol._state["r"]["ext"] = None
+        pol._state["r"].ext = None
         pol.plan([view])
 
     def old() -> None:

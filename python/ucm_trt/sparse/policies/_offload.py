@@ -37,18 +37,19 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from ucm_trt.runtime.worker import RetrievalTicket
 from ucm_trt.sparse.batched import BlockRepStore, extend_selections
 from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView
-from ucm_trt.sparse.turnover import QueryDrift, calibrate_persistence, turnover_counts
+from ucm_trt.sparse.turnover import DriftingQuery, QueryDrift, calibrate_persistence, turnover_counts
 
 __all__ = [
     "REP_PLACEMENTS",
     "OffloadPolicy",
+    "OffloadRequestState",
     "PendingRetrieval",
     "RetrievalConfig",
     "device_task",
@@ -140,6 +141,40 @@ class PendingRetrieval:
         return fut.result()[0][0]
 
 
+@dataclass(eq=False, kw_only=True)
+class OffloadRequestState:
+    """What an offload policy keeps for one live request (made at its prefill end, dropped at its end).
+
+    ``dense``: the prompt has fewer than ``SparseConfig.min_blocks`` blocks, so every step reads every
+    block and nothing is retrieved. ``sel`` int32 ``[L, Hkv, S]`` (sorted, -1 padded) is the collected
+    selection, covering the first ``sel_nb`` blocks; ``pending`` the retrieval in flight. ``ext`` caches
+    ``plan``'s extension of ``sel`` by the decode-generated blocks: ``(blocks, per-layer views, selected
+    count)``; ``peeked`` caches ``prefetch``'s look at a finished ``pending``: ``(pending, per-layer
+    views)``. ``drift``: the request's synthetic query (``RetrievalConfig.query_drift`` only);
+    ``store``: its block representations (ESA, GSA).
+    """
+
+    dense: bool
+    sel: torch.Tensor | None = None
+    sel_nb: int | None = None
+    pending: PendingRetrieval | None = None
+    ext: tuple[int, tuple[torch.Tensor, ...], int] | None = None
+    peeked: tuple[PendingRetrieval, tuple[torch.Tensor, ...]] | None = None
+    drift: DriftingQuery | None = None
+    store: BlockRepStore | None = None
+
+
+@dataclass(kw_only=True)
+class AdaptiveCounts:
+    """What :class:`~ucm_trt.config.AdaptiveBudget` selection did, summed over (layer, KV head) retrievals."""
+
+    layer_retrievals: int = 0
+    widened: int = 0
+    dense: int = 0
+    base_blocks: int = 0
+    extra_blocks: int = 0
+
+
 def device_task(fn: Callable[[], torch.Tensor], stream: torch.cuda.Stream) -> Callable[[], torch.Tensor]:
     """Wrap a device-side retrieval task for the worker thread: it runs on ``stream`` after the work
     queued so far on the calling thread's current stream (which wrote the representations), and
@@ -170,14 +205,13 @@ class OffloadPolicy(Policy):
             raise TypeError(f"adaptive must be an AdaptiveBudget or None, got {type(adaptive).__name__}")
         self.adaptive = adaptive
         self._adaptive_lock = threading.Lock()
-        self._adaptive_counts = {"layer_retrievals": 0, "widened": 0, "dense": 0, "base_blocks": 0,
-                                 "extra_blocks": 0}
+        self._adaptive_counts = AdaptiveCounts()
         if retrieval is None:
             retrieval = RetrievalConfig()
         if not isinstance(retrieval, RetrievalConfig):
             raise TypeError(f"retrieval must be a RetrievalConfig, got {type(retrieval).__name__}")
         self.retrieval = retrieval
-        self._state: dict[str, dict] = {}
+        self._state: dict[str, OffloadRequestState] = {}
         self._stream = None  # CUDA stream of device-side retrieval tasks
         self.retrievals = 0
         self.selected_blocks = 0
@@ -229,8 +263,8 @@ class OffloadPolicy(Policy):
         L = self.shape.num_layers
         what = f"{self.name} request {rid!r} layers 0-{L - 1} step {step}"
         st = self._state.get(rid)
-        prev = None if st is None else st.get("sel")
-        prev_nb = None if st is None else st.get("sel_nb")
+        prev = None if st is None else st.sel
+        prev_nb = None if st is None else st.sel_nb
 
         def task() -> tuple[torch.Tensor, tuple[int, int, int, int] | None]:
             sel = fn()
@@ -246,7 +280,7 @@ class OffloadPolicy(Policy):
         L = self.shape.num_layers
         return lambda: stack_layer_selections([fn(layer) for layer in range(L)])
 
-    def _collect(self, st: dict, pending: PendingRetrieval) -> None:
+    def _collect(self, st: OffloadRequestState, pending: PendingRetrieval) -> None:
         sel = pending.result()
         L, h = self.shape.num_layers, self.shape.num_kv_heads
         if sel.dim() != 3 or tuple(sel.shape[:2]) != (L, h) or sel.dtype != torch.int32:
@@ -260,9 +294,9 @@ class OffloadPolicy(Policy):
             self.turnover_selected += n
             self.topk_changed += kc
             self.topk_selected += kn
-        st["sel"] = sel
-        st["sel_nb"] = pending.num_blocks
-        st["ext"] = None  # plan's cached extension is stale
+        st.sel = sel
+        st.sel_nb = pending.num_blocks
+        st.ext = None  # plan's cached extension is stale
         self.retrievals += 1
 
     def _turnover(self, old: torch.Tensor, old_nb: int, new: torch.Tensor, new_nb: int) -> tuple[int, int, int, int]:
@@ -290,11 +324,11 @@ class OffloadPolicy(Policy):
         sel, out = adaptive_select(logits, nb, block_lens, self.sparse, self.adaptive, scale=scale, extra=extra)
         with self._adaptive_lock:
             c = self._adaptive_counts
-            c["layer_retrievals"] += int(out.dense.numel())
-            c["widened"] += int(out.widened.sum())
-            c["dense"] += int(out.dense.sum())
-            c["base_blocks"] += out.base_blocks
-            c["extra_blocks"] += out.extra_blocks
+            c.layer_retrievals += int(out.dense.numel())
+            c.widened += int(out.widened.sum())
+            c.dense += int(out.dense.sum())
+            c.base_blocks += out.base_blocks
+            c.extra_blocks += out.extra_blocks
         return sel
 
     def _full_block_lens(self, nb: int) -> torch.Tensor:
@@ -306,7 +340,7 @@ class OffloadPolicy(Policy):
         if self.adaptive is None:
             return {}
         with self._adaptive_lock:
-            c = dict(self._adaptive_counts)
+            c = asdict(self._adaptive_counts)
         kv = getattr(self.rt, "kv", None)
         per_head_block = kv.block_bytes / self.shape.num_kv_heads if kv is not None else None
         n = c["layer_retrievals"]
@@ -337,11 +371,11 @@ class OffloadPolicy(Policy):
         if drift is None:
             return q
         st = self._state[req.rid]
-        if st.get("drift") is None:  # a policy that did not start it at prefill end: start here
+        if st.drift is None:  # a policy that did not start it at prefill end: start here
             self._start_drift(req.rid, st, q, req.step)
-        return st["drift"].at(req.step)
+        return st.drift.at(req.step)
 
-    def _start_drift(self, rid: str, st: dict, q: torch.Tensor, step: int = 0) -> None:
+    def _start_drift(self, rid: str, st: OffloadRequestState, q: torch.Tensor, step: int = 0) -> None:
         """Start the request's :class:`~ucm_trt.sparse.turnover.QueryDrift` query at ``q [L, Hq, D]``:
         the query of its prefill retrieval (``step`` 0), so the first decode retrieval already differs
         from the prefill's by the drift alone (calibrating ``a`` first when a target is set). No-op
@@ -354,12 +388,12 @@ class OffloadPolicy(Policy):
             if self.drift_persistence is None:
                 self._calibrate_drift(st, q)
             a = self.drift_persistence
-        st["drift"] = drift.start(rid, step, q, persistence=a)
+        st.drift = drift.start(rid, step, q, persistence=a)
 
-    def _calibrate_drift(self, st: dict, q: torch.Tensor) -> None:
+    def _calibrate_drift(self, st: OffloadRequestState, q: torch.Tensor) -> None:
         """Find the drift persistence of ``QueryDrift.target_turnover`` on this request's prompt
         representations and query (once per policy; ESA and GSA, whose stores hold mean K)."""
-        store = st.get("store")
+        store = st.store
         if not isinstance(store, BlockRepStore):
             raise ValueError(
                 f"{self.name}: QueryDrift(target_turnover=...) needs mean-K block representations to "
@@ -378,17 +412,17 @@ class OffloadPolicy(Policy):
             st = self._state.get(req.rid)
             if st is None:
                 raise RuntimeError(f"{self.name}: request {req.rid!r} has no state (prefill did not finish)")
-            store = st.get("store")
+            store = st.store
             if isinstance(store, BlockRepStore):
                 rep_bytes += store.nbytes
-            if st["dense"]:
+            if st.dense:
                 continue
             nb_new = self._num_blocks(req.new_len)
-            ext = st.get("ext")
+            ext = st.ext
             if ext is None or ext[0] != nb_new:
-                full = extend_selections(st["sel"], st["sel_nb"], nb_new)  # [L, Hkv, S']
+                full = extend_selections(st.sel, st.sel_nb, nb_new)  # [L, Hkv, S']
                 ext = (nb_new, full.unbind(0), int((full >= 0).sum()))
-                st["ext"] = ext
+                st.ext = ext
             _, layers, count = ext
             dense = self.dense_layers_of(req.rid)
             for layer in range(L):
@@ -407,16 +441,16 @@ class OffloadPolicy(Policy):
         out = None
         for row, req in enumerate(reqs):
             st = self._state.get(req.rid)
-            pending = None if st is None or st["dense"] else st.get("pending")
+            pending = None if st is None or st.dense else st.pending
             if pending is None:
                 continue
-            cached = st.get("peeked")
+            cached = st.peeked
             if cached is None or cached[0] is not pending:
                 sel = pending.peek()
                 if sel is None or sel.dim() != 3 or tuple(sel.shape[:2]) != (L, h) or sel.dtype != torch.int32:
                     continue  # not ready (or malformed: collecting it will raise)
                 cached = (pending, sel.unbind(0))
-                st["peeked"] = cached
+                st.peeked = cached
             if out is None:
                 out = [[None] * len(reqs) for _ in range(L)]
             dense = self.dense_layers_of(req.rid)
@@ -427,9 +461,9 @@ class OffloadPolicy(Policy):
     def on_request_end(self, rid: str) -> None:
         self._end_dense(rid)
         st = self._state.pop(rid, None)
-        if st is not None and st.get("pending") is not None:
+        if st is not None and st.pending is not None:
             # drain (and surface failures of) a retrieval that is still in flight
-            st["pending"].result()
+            st.pending.result()
 
     def stats(self) -> dict:
         frac = self.selected_blocks / self.candidate_blocks if self.candidate_blocks else None

@@ -29,7 +29,7 @@ from functools import partial
 import torch
 
 from ucm_trt.sparse.batched import BlockRepStore, batched_dot_scores, select_batched
-from ucm_trt.sparse.policies._offload import OffloadPolicy
+from ucm_trt.sparse.policies._offload import OffloadPolicy, OffloadRequestState
 from ucm_trt.sparse.policies._reps import host_layer_vote_scores, host_vote_scores
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
 from ucm_trt.sparse.repr import block_lens_from_seq_lens, block_submeans
@@ -116,9 +116,9 @@ class ESAPolicy(OffloadPolicy):
 
     def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
         nbp = self._num_blocks(req.prompt_len)
-        st = {"dense": nbp < self.sparse.min_blocks, "sel_nb": nbp, "pending": None}
+        st = OffloadRequestState(dense=nbp < self.sparse.min_blocks, sel_nb=nbp)
         self._state[req.rid] = st
-        if st["dense"]:
+        if st.dense:
             return
         self._decide_dense_layers(req, queries)
         kv = self.rt.kv
@@ -130,7 +130,7 @@ class ESAPolicy(OffloadPolicy):
         # each layer's (sub-)block means move to the store's device (host or GPU) as they are made
         store.append(torch.stack([block_submeans(kv.gather_keys(req.rid, layer, list(range(nbp))), lens, sb)
                                   .to(store.device) for layer in range(shape.num_layers)]))
-        st["store"] = store
+        st.store = store
         q_last = torch.stack([q[:, -1] for q in queries])  # [L, Hq, D], a copy
         self._start_drift(req.rid, st, q_last)  # RetrievalConfig.query_drift only
         self._collect(st, self._submit(req.rid, 0, nbp, self._task(store, nbp, q_last)))
@@ -162,14 +162,14 @@ class ESAPolicy(OffloadPolicy):
         r = self.sparse.retrieval_stride
         for row, req in enumerate(reqs):
             st = self._state[req.rid]
-            if st["dense"]:
+            if st.dense:
                 continue
             s = req.step
             if s % r == 2 % r:
                 q = self._step_queries(queries, row, req)
-                st["pending"] = self._submit(req.rid, s, st["sel_nb"], self._task(st["store"], st["sel_nb"], q))
+                st.pending = self._submit(req.rid, s, st.sel_nb, self._task(st.store, st.sel_nb, q))
             if s % r == 0:
-                if st["pending"] is None:
+                if st.pending is None:
                     raise RuntimeError(f"esa: request {req.rid!r} step {s}: no retrieval to collect")
-                self._collect(st, st["pending"])
-                st["pending"] = None
+                self._collect(st, st.pending)
+                st.pending = None

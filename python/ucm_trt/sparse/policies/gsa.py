@@ -29,7 +29,7 @@ import torch
 
 from ucm_trt._validation import check_non_negative_int
 from ucm_trt.sparse.batched import BlockRepStore, select_batched
-from ucm_trt.sparse.policies._offload import OffloadPolicy, RetrievalConfig
+from ucm_trt.sparse.policies._offload import OffloadPolicy, OffloadRequestState, RetrievalConfig
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
 from ucm_trt.sparse.policies.esa import (
     check_sub_block_tokens,
@@ -68,9 +68,9 @@ class GSAPolicy(OffloadPolicy):
             )
         self.sub_blocks = sub_blocks_per_block("GSA", self.sub_block_tokens, s.block_size, self.retrieval)
 
-    def _update_reps(self, rid: str, st: dict, tokens: int) -> None:
+    def _update_reps(self, rid: str, st: OffloadRequestState, tokens: int) -> None:
         bs = self.sparse.block_size
-        store: BlockRepStore = st["store"]
+        store: BlockRepStore = st.store
         sb = self.sub_blocks
         full = tokens // bs
         done = store.num_blocks // sb  # the store holds sub_blocks vectors per block
@@ -85,7 +85,7 @@ class GSAPolicy(OffloadPolicy):
     def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
         nb = self._num_blocks(req.prompt_len)
         store = self._new_rep_store(max(nb, 16) * self.sub_blocks)
-        st = {"dense": False, "pending": None, "store": store}
+        st = OffloadRequestState(dense=False, store=store)
         self._state[req.rid] = st
         self._decide_dense_layers(req, queries)
         self._update_reps(req.rid, st, req.prompt_len)
@@ -93,8 +93,8 @@ class GSAPolicy(OffloadPolicy):
         self._start_drift(req.rid, st, q_last)  # RetrievalConfig.query_drift only
         self._collect(st, self._retrieve(req.rid, st, nb, q_last, 0))
 
-    def _retrieve(self, rid: str, st: dict, nb: int, q: torch.Tensor, step: int):
-        store: BlockRepStore = st["store"]
+    def _retrieve(self, rid: str, st: OffloadRequestState, nb: int, q: torch.Tensor, step: int):
+        store: BlockRepStore = st.store
         # snapshot: the store is append-only, so this view of the blocks so far never changes
         reps = store.reps()
         if self._layerwise(GSAPolicy):
@@ -133,10 +133,10 @@ class GSAPolicy(OffloadPolicy):
             st = self._state[req.rid]
             s = req.step
             self._update_reps(req.rid, st, req.new_len)
-            pending = st["pending"]
+            pending = st.pending
             if pending is not None and pending.step == s - 1:
                 self._collect(st, pending)
-                st["pending"] = None
-            if s % r == 0 and st["pending"] is None:
+                st.pending = None
+            if s % r == 0 and st.pending is None:
                 q = self._step_queries(queries, row, req)
-                st["pending"] = self._retrieve(req.rid, st, self._num_blocks(req.new_len), q, s)
+                st.pending = self._retrieve(req.rid, st, self._num_blocks(req.new_len), q, s)

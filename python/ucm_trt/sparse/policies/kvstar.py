@@ -22,18 +22,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 
 from ucm_trt.config import KVStarConfig
 from ucm_trt.sparse.batched import select_batched
-from ucm_trt.sparse.policies._offload import OffloadPolicy, RetrievalConfig
+from ucm_trt.sparse.policies._offload import OffloadPolicy, OffloadRequestState, RetrievalConfig
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
 from ucm_trt.sparse.repr import SubBlockRepr, block_lens_from_seq_lens, kvstar_subblock
 from ucm_trt.sparse.select import candidate_mask
 
-__all__ = ["KVStarPolicy", "PreparedVote"]
+__all__ = ["KVStarPolicy", "KVStarRequestState", "PreparedVote"]
 
 
 class PreparedVote:
@@ -74,6 +75,16 @@ class PreparedVote:
         return out.index_add_(1, self.block_of, mass)
 
 
+@dataclass(eq=False, kw_only=True)
+class KVStarRequestState(OffloadRequestState):
+    """:class:`OffloadRequestState` plus KVStar's per-layer prepared votes (one :class:`PreparedVote` per
+    layer, from the prompt's sub-blocks) and the decode queries gathered since the last retrieval
+    (each ``[L, Hq, D]``)."""
+
+    votes: list[PreparedVote] = field(default_factory=list)
+    group: list[torch.Tensor] = field(default_factory=list)
+
+
 class KVStarPolicy(OffloadPolicy):
     name = "kvstar"
     device_representations = False  # its sub-block votes run on the CPU
@@ -111,9 +122,9 @@ class KVStarPolicy(OffloadPolicy):
 
     def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
         nbp = self._num_blocks(req.prompt_len)
-        st = {"dense": nbp < self.sparse.min_blocks, "sel_nb": nbp, "pending": None, "group": []}
+        st = KVStarRequestState(dense=nbp < self.sparse.min_blocks, sel_nb=nbp)
         self._state[req.rid] = st
-        if st["dense"]:
+        if st.dense:
             return
         self._decide_dense_layers(req, queries)
         kv = self.rt.kv
@@ -128,49 +139,49 @@ class KVStarPolicy(OffloadPolicy):
             sub = SubBlockRepr(values=sub.values.to("cpu", torch.float16), counts=sub.counts.cpu(),
                                channels=sub.channels.cpu())
             votes.append(PreparedVote(sub, cand))
-        st["votes"] = votes
+        st.votes = votes
         group = [q.clone() for q in queries]  # per layer [Hq, W, D]; the runtime reuses its buffer
         self._start_drift(req.rid, st, torch.stack([q[:, -1] for q in queries]))  # query_drift only
         self._collect(st, self._submit(req.rid, 0, nbp, self._task(st, group)))
 
-    def _task(self, st: dict, group: list[torch.Tensor]):
+    def _task(self, st: KVStarRequestState, group: list[torch.Tensor]):
         if self._layerwise(KVStarPolicy):
             return self._per_layer(partial(self._select, st, group))
         return partial(self._select_all, st, group)
 
-    def _layer_scores(self, st: dict, group: list[torch.Tensor], layer: int) -> torch.Tensor:
+    def _layer_scores(self, st: KVStarRequestState, group: list[torch.Tensor], layer: int) -> torch.Tensor:
         # group[layer]: [Hq, Tv, D] -> per-KV-head vote scores [Hkv, nbp]
-        return st["votes"][layer].scores(group[layer])
+        return st.votes[layer].scores(group[layer])
 
-    def _select_all(self, st: dict, group: list[torch.Tensor]) -> torch.Tensor:
+    def _select_all(self, st: KVStarRequestState, group: list[torch.Tensor]) -> torch.Tensor:
         """Every layer: the votes per layer (the vote materialises ``[Hq, Tv, nb * M]`` softmax
         weights, too large to stack over layers), then one batched selection -> ``[L, Hkv, S]``."""
         scores = torch.stack([self._layer_scores(st, group, layer) for layer in range(self.shape.num_layers)])
-        return select_batched(scores, st["sel_nb"], self.sparse, "kvstar_vote", self.shape.num_kv_heads)
+        return select_batched(scores, st.sel_nb, self.sparse, "kvstar_vote", self.shape.num_kv_heads)
 
-    def _select(self, st: dict, group: list[torch.Tensor], layer: int) -> torch.Tensor:
+    def _select(self, st: KVStarRequestState, group: list[torch.Tensor], layer: int) -> torch.Tensor:
         """Per-layer reference (and hook) -> ``[Hkv, S]``."""
         scores = self._layer_scores(st, group, layer)
-        return select_from_scores(scores, st["sel_nb"], self.sparse, "kvstar_vote", self.shape.num_kv_heads)
+        return select_from_scores(scores, st.sel_nb, self.sparse, "kvstar_vote", self.shape.num_kv_heads)
 
     def after_step(self, reqs: list[RequestView], queries: list[torch.Tensor]) -> None:
         r = self.config.retrieval_stride
         L = self.shape.num_layers
         for row, req in enumerate(reqs):
             st = self._state[req.rid]
-            if st["dense"]:
+            if st.dense:
                 continue
             s = req.step
             # a copy: the runtime reuses the buffer behind ``queries`` on the next step
-            st["group"].append(self._step_queries(queries, row, req))  # [L, Hq, D]
+            st.group.append(self._step_queries(queries, row, req))  # [L, Hq, D]
             if s % r:
                 continue
             if s >= 2 * r:
-                pending = st["pending"]
+                pending = st.pending
                 if pending is None or pending.step != s - r:
                     raise RuntimeError(f"kvstar: request {req.rid!r} step {s}: no retrieval from step {s - r}")
                 self._collect(st, pending)
-            stacked = torch.stack(st["group"][-r:], dim=2)  # [L, Hq, R, D]
+            stacked = torch.stack(st.group[-r:], dim=2)  # [L, Hq, R, D]
             group = [stacked[layer] for layer in range(L)]
-            st["group"] = []
-            st["pending"] = self._submit(req.rid, s, st["sel_nb"], self._task(st, group))
+            st.group = []
+            st.pending = self._submit(req.rid, s, st.sel_nb, self._task(st, group))
