@@ -348,10 +348,36 @@ def test_sliding_window_model_is_refused_not_silently_run():
         engine.generate(_prompt(40), SamplingParams(max_new_tokens=2))
 
 
+@pytest.mark.parametrize("algorithm", ["esa", "gsa", "kvstar"])
+def test_offload_policies_never_write_a_selection_they_handed_out(algorithm, dense_run, hf_greedy):
+    """The engine recognises an unchanged selection by its identity (Policy.plan's contract, no torch
+    version counter): every tensor plan() and prefetch() returned still holds, after the generation,
+    what it held when it was returned."""
+    model, _, _ = dense_run
+    prompt, _ = hf_greedy
+    handed = []
+    rt = RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128, cache_blocks=0, early_prefetch=True)
+    kw = {"kvstar": KVStarConfig(retrieval_stride=2)} if algorithm == "kvstar" else {}
+    with _engine(model, algorithm, stride=2, rt=rt, **kw) as eng:
+        def recording(hook):
+            def recorded(reqs):
+                out = hook(reqs)
+                handed.extend((s, s.clone()) for per_row in out or [] for s in per_row if s is not None)
+                return out
+
+            return recorded
+
+        eng.policy.plan = recording(eng.policy.plan)
+        eng.policy.prefetch = recording(eng.policy.prefetch)
+        eng.generate(prompt, SamplingParams(max_new_tokens=24))
+        assert eng.policy.stats()["retrievals"] > 2  # the selection changed during the run
+    assert handed and all(torch.equal(s, kept) for s, kept in handed)
+
+
 class _ScriptedPolicy(DensePolicy):
     """Hands the engine selections that change between steps in every way the engine's caches must
-    notice: a new tensor, the same tensor modified in place, the same tensor unchanged, and None
-    (every block). Records what each layer's attention saw in the device selection buffer."""
+    notice: a new tensor, a new tensor equal to the last but for one id, the same tensor again, and
+    None (every block). Records what each layer's attention saw in the device selection buffer."""
 
     name = "scripted"
 
@@ -372,7 +398,9 @@ class _ScriptedPolicy(DensePolicy):
                 t[:, :3] = torch.tensor([0, 1, nb - 1], dtype=torch.int32)
                 self.kept[r.rid] = t
             elif step % 5 == 2:
-                self.kept[r.rid][:, 1] = 2  # the same tensor, changed in place
+                t = self.kept[r.rid].clone()  # a changed selection is a new tensor (Policy.plan)
+                t[:, 1] = 2
+                self.kept[r.rid] = t
         kept = [self.kept[r.rid] for r in reqs]
         sels = [kept, [None if step % 3 == 0 else t for t in kept]]
         self.planned.append([[None if s is None else s.clone() for s in layer] for layer in sels])

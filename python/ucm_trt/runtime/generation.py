@@ -581,9 +581,10 @@ class Engine:
     @staticmethod
     def _block_arrays(caches: dict, rows: list[str], sels) -> list[list[np.ndarray | None]]:
         """Per layer, per row: the blocks of a selection (int64, unique), or None (every block).
-        The same array object comes back while the policy hands back the same, unmodified tensor
-        (between retrievals), which lets the working-set update skip the layer. The layers of a row
-        whose selections changed are made unique together (one sort per row, not per layer)."""
+        The same array object comes back while the policy hands back the same tensor (between
+        retrievals; a policy never writes a selection it handed out, see ``Policy.plan``), which lets
+        the working-set update skip the layer; the cache holds the tensor, so its id is not reused.
+        The layers of a row whose selections changed are made unique together (one sort per row)."""
         out: list[list[np.ndarray | None]] = [[None] * len(rows) for _ in sels]
         for row, rid in enumerate(rows):
             cache = caches.setdefault(rid, {})
@@ -593,10 +594,10 @@ class Engine:
                 if sel is None:
                     continue
                 hit = cache.get(layer)
-                if hit is None or hit[0] is not sel or hit[1] != sel._version:
+                if hit is None or hit[0] is not sel:
                     miss.append((layer, sel))
                 else:
-                    out[layer][row] = hit[2]
+                    out[layer][row] = hit[1]
             if not miss:
                 continue
             flat = [sel.cpu().numpy().reshape(-1) for _, sel in miss]
@@ -608,7 +609,7 @@ class Engine:
             blocks = keys - which * span
             for i, (layer, sel) in enumerate(miss):
                 arr = blocks[bounds[i] : bounds[i + 1]]
-                cache[layer] = (sel, sel._version, arr)
+                cache[layer] = (sel, arr)
                 out[layer][row] = arr
         return out
 
@@ -632,7 +633,8 @@ class Engine:
         rounded up to a multiple of ``SELECTION_WIDTH_BUCKET`` blocks (``-1`` padding, which the
         kernels skip), so steps of a growing sequence share kernel specialisations and CUDA graphs.
         """
-        key = (b, tuple(tuple((id(x), x._version) if x is not None else -(-n // bs) for x, n in zip(per_row, new_lens, strict=True))
+        # a selection is keyed by its identity: a policy never writes one it handed out (Policy.plan)
+        key = (b, tuple(tuple(id(x) if x is not None else -(-n // bs) for x, n in zip(per_row, new_lens, strict=True))
                         if any(x is not None for x in per_row) else None for per_row in sels))
         if self._sel_last is not None and key == self._sel_last[0]:
             return self._sel_last[2]  # the same selections as the last step: the device buffer holds them

@@ -12,6 +12,8 @@ Lifecycle of a request, as the runtime calls the hooks::
         plan(reqs) -> selections        per layer, per batch row: int32 [Hkv, S] logical block ids
                                         (sorted, -1 padded) this step attends to, or None = all
                                         blocks. The runtime prefetches exactly these blocks.
+                                        A tensor handed out is never written afterwards: a changed
+                                        selection is a new tensor (the runtime caches by identity).
         prefetch(reqs) -> coming | None (optional, RuntimeConfig.early_prefetch) blocks a later
                                         selection will need, loaded ahead without being attended
         graph_key()                     what a CUDA-graph capture of this step's hooks depends on
@@ -185,6 +187,9 @@ class Policy:
         pass
 
     def plan(self, reqs: list[RequestView]) -> list[list[torch.Tensor | None]]:
+        """Per layer, per row: the selection ``[Hkv, S]`` of this step, or None (every block). A tensor
+        returned here (or by :meth:`prefetch`) must never be written afterwards; return a new tensor
+        when a selection changes (the runtime recognises an unchanged selection by its identity)."""
         return [[None] * len(reqs) for _ in range(self.shape.num_layers)]
 
     def layer_selection(self, layer: int, q: torch.Tensor, step: Any) -> Any:
