@@ -34,13 +34,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ucm_trt import algorithms as registry
 from ucm_trt.limits import BLOCK_SIZE_RULE
 
 __all__ = ["main", "check", "build_parser", "Command", "COMMANDS"]
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
-# Same tuple as ucm_trt.graph.driver.ALGORITHMS (a test checks); repeated so --help imports nothing heavy.
-ALGORITHMS = ("dense", "esa", "gsa", "gsa-on-device", "kvstar", "blend", "rerope")
+# the registry's names (ucm_trt.algorithms imports nothing heavy, so --help stays instant)
+ALGORITHMS = registry.names()
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,7 @@ def _run_export(args: argparse.Namespace) -> int:
 def _configure_rewrite(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="IN.onnx", help="exported decoder with contiguous past/present KV I/O")
     p.add_argument("output", metavar="OUT.onnx", help="rewritten model (written only if the rewrite succeeds)")
-    p.add_argument("--algorithm", choices=ALGORITHMS, required=True,
-                   help="dense: every block, no selection inputs; esa/gsa/gsa-on-device/kvstar/blend: "
-                        "UcmPagedSparseAttention + per-layer selection inputs (the policy runs in the "
-                        "runtime); rerope: UcmPagedReRoPEAttention over un-rotated K")  # fmt: skip
+    p.add_argument("--algorithm", choices=ALGORITHMS, required=True, help=_rewrite_algorithm_help())
     p.add_argument("--block-size", type=int, required=True,
                    help=f"tokens per KV block, {BLOCK_SIZE_RULE} (the kernels' rule; e.g. 16, 64, 128)")  # fmt: skip
     p.add_argument("--rerope-window", type=int, help="ReRoPE window w (required with --algorithm rerope)")
@@ -150,6 +148,15 @@ def _configure_rewrite(p: argparse.ArgumentParser) -> None:
                         "contiguous KV I/O and are listed)")  # fmt: skip
     p.add_argument("--report-json", metavar="PATH", help="also write the rewrite report as JSON")
     _add_make_dirs(p, "OUT.onnx and --report-json")
+
+
+def _rewrite_algorithm_help() -> str:
+    """What ``rewrite`` emits per algorithm, from the registry's ``graph_op``."""
+    by_op = {op: "/".join(n for n in ALGORITHMS if registry.get(n).graph_op == op)
+             for op in ("dense", "sparse", "rerope")}  # fmt: skip
+    return (f"{by_op['dense']}: every block, no selection inputs; {by_op['sparse']}: UcmPagedSparseAttention + "
+            f"per-layer selection inputs (the policy runs in the runtime); {by_op['rerope']}: "
+            "UcmPagedReRoPEAttention over un-rotated K")
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
@@ -402,7 +409,7 @@ COMMANDS.append(Command(
     "run",
     "generate for one prompt with a UCM algorithm; prints the text and the runtime stats",
     "Generate with the paged-KV runtime (PyTorch backend, or ONNX Runtime on a rewritten model with "
-    "--onnx) and one algorithm: dense, esa, gsa, gsa-on-device, kvstar, blend or rerope. Prints the streamed "
+    f"--onnx) and one algorithm: {', '.join(ALGORITHMS[:-1])} or {ALGORITHMS[-1]}. Prints the streamed "
     "text, then the stats (prefill/decode time, tokens/s, bytes moved, KV held, cache hit rate, "
     "retrieval latency and overlap, selected-block fraction).\n\n"
     "blend (PyTorch backend): the prompt is the --chunk/--chunk-file documents, in order, then the "

@@ -265,7 +265,7 @@ def test_invalid_configs_are_rejected(dense_run):
         Engine(backend, sparse=SparseConfig(block_size=16), config=RuntimeConfig(max_seq_len=8192))
     with pytest.raises(ValueError, match="needs rerope=ReRoPEConfig"):
         make_policy("rerope")
-    with pytest.raises(ValueError, match="kvstar= config given for algorithm 'esa'"):
+    with pytest.raises(ValueError, match="algorithm 'esa' cannot be combined with kvstar=: a KVStarConfig"):
         make_policy("esa", kvstar=KVStarConfig())
     eng = Engine(backend, sparse=SparseConfig(block_size=16), config=RuntimeConfig(max_seq_len=256))
     with pytest.raises(ValueError, match="prompt of 300 tokens leaves no room"):

@@ -95,7 +95,7 @@ def test_dense_layers_config_validation():
         DenseLayers(layers=[1])
     with pytest.raises(ValueError, match="names layer 5, but the model has 2 layers"):
         DenseLayers(layers=(5,)).check_num_layers(2)
-    with pytest.raises(ValueError, match="dense_layers= given for algorithm 'dense'"):
+    with pytest.raises(ValueError, match="algorithm 'dense' cannot be combined with dense_layers="):
         make_policy("dense", dense_layers=DenseLayers())
     assert default_dense_layers("default").auto and not default_dense_layers("ucm").auto
 

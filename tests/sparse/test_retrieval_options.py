@@ -121,7 +121,7 @@ def test_retrieval_config_validation():
         RetrievalConfig(query_drift=0.9)
     from ucm_trt.runtime.algorithms import make_policy
 
-    with pytest.raises(ValueError, match="retrieval= config"):
+    with pytest.raises(ValueError, match="cannot be combined with retrieval=: a RetrievalConfig"):
         make_policy("dense", retrieval=RetrievalConfig())
     with pytest.raises(TypeError, match="RetrievalConfig"):
         make_policy("esa", retrieval="device")

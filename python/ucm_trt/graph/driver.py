@@ -29,6 +29,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
+from ucm_trt import algorithms as registry
 from ucm_trt.config import ReRoPEConfig
 from ucm_trt.graph.functions import MIN_OPSET, build_function
 from ucm_trt.graph.rules import UNSUPPORTED_ANCHORS, AttentionMatch, Rule, default_rules
@@ -52,10 +53,8 @@ __all__ = [
     "load_model",
 ]
 
-ALGORITHMS: tuple[str, ...] = ("dense", "esa", "gsa", "gsa-on-device", "kvstar", "blend", "rerope")
-# Algorithms whose block choice comes from outside the graph (the runtime's retrieval):
-# their models take a per-layer selection input. ``dense`` selects every block in-graph.
-_SELECTING = ("esa", "gsa", "gsa-on-device", "kvstar", "blend")
+#: every algorithm (the registry's, ``ucm_trt.algorithms``); its ``graph_op`` says what the rewrite emits
+ALGORITHMS: tuple[str, ...] = registry.names()
 
 Status = Literal["rewritten", "unsupported", "not_attention"]
 
@@ -64,10 +63,11 @@ Status = Literal["rewritten", "unsupported", "not_attention"]
 class RewriteConfig:
     """How to rewrite.
 
-    algorithm:        one of ALGORITHMS. All sparse algorithms produce the same graph (the
-                      UcmPagedSparseAttention op with per-layer selection inputs); they differ in
-                      the runtime policy, recorded in the model metadata. ``dense`` selects every
-                      block in-graph; ``rerope`` uses UcmPagedReRoPEAttention (pool of un-rotated K).
+    algorithm:        one of ALGORITHMS; its registry entry's ``graph_op`` decides the graph. All
+                      block-selecting algorithms produce the same graph (the UcmPagedSparseAttention
+                      op with per-layer selection inputs); they differ in the runtime policy, recorded
+                      in the model metadata. ``dense`` selects every block in-graph; ``rerope`` uses
+                      UcmPagedReRoPEAttention (pool of un-rotated K).
     block_size:       tokens per KV block (pool axis 3); the kernels' rule (``ucm_trt.limits``): a power
                       of two in [16, 256]. Attention whose head_dim breaks the kernels' rule (a multiple
                       of 16 in [16, 256]) is reported ``unsupported`` with that reason.
@@ -90,19 +90,22 @@ class RewriteConfig:
         c = "RewriteConfig"
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"{c}.algorithm must be one of {', '.join(ALGORITHMS)}; got {self.algorithm!r}")
+        op = registry.get(self.algorithm).graph_op
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
             raise TypeError(f"{c}.block_size must be an int, got {self.block_size!r}")
         problem = block_size_problem(self.block_size)
         if problem is not None:  # the kernels (TensorRT plugins, Triton) run nothing else
             raise ValueError(f"{c}.block_size {problem} (the kernels' rule), got {self.block_size}")
-        if self.algorithm == "rerope" and not isinstance(self.rerope, ReRoPEConfig):
-            raise ValueError(f"{c}.rerope must be a ReRoPEConfig when algorithm='rerope', got {self.rerope!r}")
-        if self.algorithm != "rerope" and self.rerope is not None:
-            raise ValueError(f"{c}.rerope is only used with algorithm='rerope' (algorithm={self.algorithm!r})")
+        if op == "rerope" and not isinstance(self.rerope, ReRoPEConfig):
+            raise ValueError(f"{c}.rerope must be a ReRoPEConfig when algorithm={self.algorithm!r}, got {self.rerope!r}")
+        if op != "rerope" and self.rerope is not None:
+            raise registry.refuse(self.algorithm, f"{c}.rerope", "a rewrite emits ReRoPE attention for "
+                                  "algorithm='rerope' only (combine it with block sparsity by selection_inputs=True)")
         if self.selection_inputs is not None and not isinstance(self.selection_inputs, bool):
             raise TypeError(f"{c}.selection_inputs must be a bool or None, got {self.selection_inputs!r}")
-        if self.algorithm == "dense" and self.selection_inputs:
-            raise ValueError(f"{c}.selection_inputs=True contradicts algorithm='dense'")
+        if op == "dense" and self.selection_inputs:
+            raise registry.refuse(self.algorithm, f"{c}.selection_inputs=True",
+                                  "it attends to every block; its model has no selection inputs")
         if not isinstance(self.dense_layers, tuple) or any(
             isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.dense_layers
         ):
@@ -111,10 +114,15 @@ class RewriteConfig:
             raise TypeError(f"{c}.allow_partial must be a bool, got {self.allow_partial!r}")
 
     @property
+    def graph_op(self) -> str:
+        """The attention the rewrite emits (the registry's ``graph_op``: dense, sparse or rerope)."""
+        return registry.get(self.algorithm).graph_op
+
+    @property
     def with_selection(self) -> bool:
         if self.selection_inputs is not None:
             return self.selection_inputs
-        return self.algorithm in _SELECTING
+        return registry.get(self.algorithm).selects_blocks
 
 
 @dataclass
@@ -290,7 +298,7 @@ class _Emitter:
         m, cfg = self.m, self.cfg
         common = dict(num_q_heads=m.num_q_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
                       block_size=cfg.block_size, scale=float(m.scale))  # fmt: skip
-        if cfg.algorithm == "rerope":
+        if cfg.graph_op == "rerope":
             schema = PAGED_REROPE_ATTENTION
             attrs = node_attributes(
                 schema, **common, rope_theta=float(m.rope_theta), rerope_window=cfg.rerope.window,
@@ -509,7 +517,7 @@ def rewrite_model(
             nr.status, nr.reason = "unsupported", (
                 f"head_dim {res.head_dim} cannot run on the UCM kernels: head_dim {head_dim_why}"
             )
-        elif config.algorithm == "rerope" and res.rope_failure is not None:
+        elif config.graph_op == "rerope" and res.rope_failure is not None:
             nr.status, nr.reason = "unsupported", f"ReRoPE needs the un-rotated q/k and RoPE theta: {res.rope_failure}"
         report.nodes.append(nr)
         if nr.status == "rewritten":
@@ -527,9 +535,9 @@ def rewrite_model(
         seen_layers[layer] = nr.node
         nr.layer = layer
         nr.reason = (
-            f"-> {PAGED_REROPE_ATTENTION.name if config.algorithm == 'rerope' else PAGED_SPARSE_ATTENTION.name} "
+            f"-> {PAGED_REROPE_ATTENTION.name if config.graph_op == 'rerope' else PAGED_SPARSE_ATTENTION.name} "
             f"(Hq={m.num_q_heads}, Hkv={m.num_kv_heads}, D={m.head_dim}, scale={m.scale:.6g}"
-            + (f", theta={m.rope_theta:g}" if config.algorithm == "rerope" else "")
+            + (f", theta={m.rope_theta:g}" if config.graph_op == "rerope" else "")
             + ")"
             + "".join(f"; {note}" for note in m.extra.get("notes", ()))
         )

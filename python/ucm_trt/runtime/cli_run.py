@@ -21,10 +21,12 @@ import json
 import sys
 from pathlib import Path
 
+from ucm_trt import algorithms as registry
+
 __all__ = ["RUN_ALGORITHMS", "add_arguments", "add_run_parser", "build_engine", "check_args", "main", "run_command"]
 
-# Same as ucm_trt.runtime.algorithms.ALGORITHMS (a test checks); repeated so --help imports no torch.
-RUN_ALGORITHMS = ("dense", "esa", "gsa", "gsa-on-device", "kvstar", "blend", "rerope")
+# the registry's names (ucm_trt.algorithms imports no torch, so --help stays instant)
+RUN_ALGORITHMS = registry.names()
 
 # BlendConfig's defaults (a test checks), repeated so --help imports no torch.
 BLEND_DEFAULTS = {"recompute_layer": 1, "recompute_ratio": 0.2, "min_reused_blocks": 1}

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ucm_trt import algorithms as registry
 from ucm_trt.config import SparseConfig
 from ucm_trt.runtime.backends.base import Backend
 from ucm_trt.runtime.cuda_graph import SELECTION_WIDTH_BUCKET, DecodeGraphs
@@ -175,35 +176,14 @@ class Engine:
                 f"SparseConfig.block_size ({sparse.block_size}) must equal the block size the backend's model "
                 f"was built for ({backend.block_size})"
             )
-        if not backend.supports_layer_hooks and type(policy).layer_selection is not Policy.layer_selection:
-            raise ValueError(
-                f"the {policy.name} policy selects blocks inside each layer's attention, which the "
-                f"{type(backend).__name__} cannot run; use the PyTorch backend"
-            )
-        if getattr(backend, "rerope", None) is not None and policy.rerope is None:
-            raise ValueError(f"the backend's model was rewritten for ReRoPE; use the rerope policy, got {policy.name!r}")
-        graph_backend = getattr(backend, "algorithm", None) is not None  # ORT / TensorRT: attention fixed at rewrite
-        if graph_backend and policy.rerope is not None and policy.rerope != backend.rerope:
-            raise ValueError(
-                f"the rerope policy ({policy.rerope}) needs a model rewritten for ReRoPE with the same settings; "
-                f"the backend's model was rewritten with rerope={backend.rerope}"
-            )
-        if getattr(backend, "algorithm", None) == "dense" and policy.name not in ("dense",):
-            raise ValueError(
-                f"the backend's model was rewritten for 'dense' (no selection inputs); the {policy.name} policy "
-                "needs a model rewritten for a sparse algorithm"
-            )
+        # what the algorithm cannot serve (backend, rewritten model, query window): the registry's rules
         width = max(1, policy.query_window)
-        if backend.max_query_window is not None and width > backend.max_query_window:
-            raise ValueError(
-                f"the {policy.name} policy needs the queries of the last {width} prompt tokens; "
-                f"{type(backend).__name__} returns at most {backend.max_query_window}"
-            )
-        if width > config.prefill_chunk:
-            raise ValueError(
-                f"the {policy.name} policy needs the queries of the last {width} prompt tokens, more than "
-                f"RuntimeConfig.prefill_chunk ({config.prefill_chunk}); raise prefill_chunk"
-            )
+        registry.check_backend(policy.name, backend.kind,
+                               in_layer_selection=type(policy).layer_selection is not Policy.layer_selection)
+        registry.check_graph_model(policy.name, model_algorithm=backend.algorithm, model_rerope=backend.rerope,
+                                   policy_rerope=policy.rerope)
+        registry.check_query_window(policy.name, width, backend=backend.kind, most=backend.max_query_window,
+                                    prefill_chunk=config.prefill_chunk)
         if config.cuda_graph is True and not backend.supports_cuda_graph:
             raise ValueError(
                 f"RuntimeConfig.cuda_graph=True, but {type(backend).__name__} cannot capture its decode step "
