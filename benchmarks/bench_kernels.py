@@ -173,10 +173,11 @@ class AotPeer:
 
     def split(self, splits, tile=None):
         from trt_plugins._attention import aot_split_launch
+        from trt_plugins.spec import plugin_spec
 
         if (splits, tile) not in self._split:
-            self._split[splits, tile] = aot_split_launch(self.attrs, DTYPE, 1, self.target, splits, rerope=False,
-                                                         tile=tile)
+            self._split[splits, tile] = aot_split_launch(self.attrs, DTYPE, 1, self.target, splits, tile=tile,
+                                                         spec=plugin_spec("UcmPagedSparseAttention"))
         return self._split[splits, tile]
 
     @staticmethod
@@ -214,8 +215,10 @@ class AotPeer:
         shapes = {n: tuple(t.shape) for n, t in inputs.items()}
         b, _, t, _ = shapes["q"]
         from trt_plugins._attention import geometry
+        from trt_plugins.spec import plugin_spec
 
-        po_shape, lse_shape = partials_shapes(b, t, geometry(self.attrs, rerope=False), part.config, splits)
+        geom = geometry(self.attrs, spec=plugin_spec("UcmPagedSparseAttention"))
+        po_shape, lse_shape = partials_shapes(b, t, geom, part.config, splits)
         po = torch.empty(po_shape, dtype=torch.float32, device="cuda")
         plse = torch.empty(lse_shape, dtype=torch.float32, device="cuda")
         pm = PtxModule(part.kernel.name, part.kernel.ptx)

@@ -5,10 +5,10 @@ modules import without TensorRT (specs, PTX compilation, kernels); :func:`regist
 needs TensorRT >= 10.9 and otherwise raises a one-line :class:`TensorRTUnavailableError` that
 names the extra to install (``pip install "ucm-trt[trt]"``).
 
-Plugins (namespace ``ucm``, version ``"1"``), one module each:
+Plugins (namespace ``ucm``, version ``"1"``), each built from its schema (``ops.module(name)``):
 
-* ``UcmPagedSparseAttention``  -- ``ucm_paged_sparse_attention.py``
-* ``UcmPagedReRoPEAttention``  -- ``ucm_paged_rerope_attention.py``
+* ``UcmPagedSparseAttention``, ``UcmPagedReRoPEAttention`` -- ``_attention.py`` (one builder; the
+  schemas' attributes decide the kernel geometry)
 * ``UcmSelectAllBlocks``       -- ``ucm_select_all_blocks.py``
 
 Each has ``register`` (output shapes/dtypes from the schema's symbols), ``impl`` (JIT: Triton
@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import functools
 
-from trt_plugins._tensorrt import INSTALL_HINT, TensorRTUnavailableError, require_tensorrt
+from trt_plugins._tensorrt import INSTALL_HINT, TensorRTUnavailableError, require_tensorrt, torch_dtype
 
-__all__ = ["register_plugins", "TensorRTUnavailableError", "require_tensorrt", "INSTALL_HINT"]
+__all__ = ["register_plugins", "TensorRTUnavailableError", "require_tensorrt", "torch_dtype", "INSTALL_HINT"]
 
 
 @functools.cache

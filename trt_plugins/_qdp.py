@@ -20,10 +20,10 @@ from typing import List, Tuple, Union  # noqa: UP035 - QDP inspects typing.Tuple
 
 import torch
 
-from trt_plugins._tensorrt import require_tensorrt
+from trt_plugins._tensorrt import require_tensorrt, torch_dtype
 from trt_plugins.spec import PluginSpec, check_input_dims, output_shape
 
-__all__ = ["OpImpl", "define_plugin", "parameter_names", "torch_dtype", "torch_view"]
+__all__ = ["OpImpl", "define_plugin", "parameter_names", "torch_view"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,15 +32,6 @@ class OpImpl:
     aot: Callable[..., tuple] | None = None
     check: Callable[..., None] | None = None
     tactics: Sequence[int] | None = None
-
-
-def torch_dtype(trt_dtype) -> torch.dtype:
-    trt, _ = require_tensorrt()
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-             trt.int32: torch.int32}  # fmt: skip
-    if trt_dtype not in table:
-        raise TypeError(f"TensorRT dtype {trt_dtype} is not one the UCM plugins handle (fp32, fp16, bf16, int32)")
-    return table[trt_dtype]
 
 
 class _CudaArray:
@@ -57,7 +48,9 @@ _TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<i2", t
 def torch_view(tensor) -> torch.Tensor:
     """A torch CUDA tensor aliasing a ``trtp.Tensor`` (no copy). ``Tensor.__cuda_array_interface__``
     rejects BF16, so the view is built from ``data_ptr`` and the shape instead."""
-    dtype = torch_dtype(tensor.dtype)
+    dtype = torch_dtype(tensor.dtype, what="a UCM plugin tensor")
+    if dtype not in _TYPESTR:
+        raise TypeError(f"a UCM plugin tensor has dtype {dtype}; the plugins handle fp32, fp16, bf16, int32")
     shape = tuple(int(s) for s in tensor.shape)
     if any(s == 0 for s in shape):
         return torch.empty(shape, dtype=dtype, device="cuda")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
-__all__ = ["MIN_TENSORRT", "TensorRTUnavailableError", "require_tensorrt", "tensorrt_version"]
+__all__ = ["MIN_TENSORRT", "TensorRTUnavailableError", "require_tensorrt", "tensorrt_version", "torch_dtype"]
 
 # aot_impl (Python-free engines) and the QuickPluginCreationRequest closure API exist since 10.9.
 MIN_TENSORRT = (10, 9)
@@ -59,3 +59,17 @@ def tensorrt_version() -> tuple[int, ...]:
     """Installed TensorRT version as a tuple (raises like :func:`require_tensorrt`)."""
     trt, _ = require_tensorrt()
     return _parse_version(trt.__version__)
+
+
+def torch_dtype(trt_dtype, *, what: str = "TensorRT tensor"):
+    """The torch dtype of a TensorRT dtype: the one map of the project (engine I/O, plugin I/O).
+    ``what`` names the tensor in the TypeError for a dtype with no torch twin here."""
+    import torch
+
+    trt, _ = require_tensorrt()
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+             trt.int32: torch.int32, trt.int64: torch.int64, trt.int8: torch.int8, trt.bool: torch.bool}  # fmt: skip
+    if trt_dtype not in table:
+        known = ", ".join(str(d).replace("torch.", "") for d in table.values())
+        raise TypeError(f"{what} has dtype {trt_dtype}, which has no torch dtype here (known: {known})")
+    return table[trt_dtype]

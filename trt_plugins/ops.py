@@ -1,34 +1,58 @@
-"""The plugin module of every UCM op, and the glue from a module to ``tensorrt.plugin``.
+"""The plugin of every UCM op, generated from its schema, and the glue from a plugin to ``tensorrt.plugin``.
 
-Each op module (``ucm_<op>.py``) defines ``SPEC`` (from the schema), ``TACTICS``, ``check``,
-``jit_run`` (torch tensors) and ``aot_launch`` (PTX + launch rule). Importing them needs no
-TensorRT; only :func:`define` does.
+Each op's :class:`OpPlugin` (``SPEC`` from the schema, ``TACTICS``, ``check``, ``jit_run`` on torch
+tensors, ``aot_launch`` = PTX + launch rule) is built by a builder that takes the op's
+:class:`~trt_plugins.spec.PluginSpec`: the two paged attention ops share one builder
+(``trt_plugins._attention``; the schema's attributes fill the kernel geometry, so ReRoPE is the op
+whose schema has ``rerope_window``), ``UcmSelectAllBlocks`` has its own
+(``trt_plugins.ucm_select_all_blocks``). Building needs no TensorRT; only :func:`define` does.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-from types import ModuleType
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
-from ucm_trt.graph.schemas import SCHEMAS
+from trt_plugins.spec import PluginSpec, plugin_spec
+from ucm_trt.graph.schemas import SCHEMAS, node_attributes
 
-__all__ = ["OP_MODULES", "module", "define", "device_target"]
+__all__ = ["OP_MODULES", "OpPlugin", "check_attributes", "module", "define", "device_target"]
 
-# UCM op name -> module implementing its plugin. Every schema must have one (a test checks it).
+# UCM op name -> module whose ``plugin(spec)`` builds its OpPlugin. Every schema must have one (a test checks).
 OP_MODULES = {
-    "UcmPagedSparseAttention": "trt_plugins.ucm_paged_sparse_attention",
-    "UcmPagedReRoPEAttention": "trt_plugins.ucm_paged_rerope_attention",
+    "UcmPagedSparseAttention": "trt_plugins._attention",
+    "UcmPagedReRoPEAttention": "trt_plugins._attention",
     "UcmSelectAllBlocks": "trt_plugins.ucm_select_all_blocks",
 }
 
 
-def module(op_name: str) -> ModuleType:
+@dataclass(frozen=True)
+class OpPlugin:
+    """What the QDP glue needs of one op (upper-case names: the former per-op module constants)."""
+
+    SPEC: PluginSpec
+    TACTICS: tuple[int, ...] | None
+    check: Callable[[Mapping[str, object]], None]
+    jit_run: Callable[..., None]
+    aot_launch: Callable[..., object]
+
+
+def check_attributes(spec: PluginSpec, values: Mapping[str, object]) -> None:
+    """The schema's attribute rules (types, minimums, GQA, log-n) on plugin field values."""
+    node_attributes(spec.schema, **{n: values[n] for n in spec.attr_names})
+
+
+@functools.cache
+def module(op_name: str) -> OpPlugin:
+    """The plugin of UCM op ``op_name``, built from its schema (once per process)."""
     if op_name not in OP_MODULES:
         known = ", ".join(sorted(OP_MODULES))
         raise ValueError(f"UCM op {op_name!r} has no TensorRT plugin module; plugins exist for: {known}")
-    return importlib.import_module(OP_MODULES[op_name])
+    return importlib.import_module(OP_MODULES[op_name]).plugin(plugin_spec(op_name))
 
 
 def missing_plugin_modules() -> list[str]:
@@ -48,8 +72,8 @@ def device_target():
 
 def define(op_name: str) -> str:
     """Register the QDP of ``op_name`` with TensorRT; returns its plugin id."""
-    from trt_plugins._qdp import OpImpl, define_plugin, torch_dtype, torch_view
-    from trt_plugins._tensorrt import require_tensorrt
+    from trt_plugins._qdp import OpImpl, define_plugin, torch_view
+    from trt_plugins._tensorrt import require_tensorrt, torch_dtype
     from trt_plugins.aot import aot_launch
 
     _, trtp = require_tensorrt()

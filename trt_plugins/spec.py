@@ -57,11 +57,6 @@ class PluginAttr:
     py_type: type
     onnx_type: str
 
-    @property
-    def required_on_node(self) -> bool:
-        """QDP fields have no defaults: the ONNX node must carry every field (the rewriter fills defaults)."""
-        return True
-
 
 @dataclass(frozen=True)
 class PluginSpec:

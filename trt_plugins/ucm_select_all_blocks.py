@@ -7,21 +7,13 @@ extra ``(max_blocks,)``.
 from __future__ import annotations
 
 from trt_plugins.aot import AotLaunch, compile_within_shared_limit
-from trt_plugins.spec import plugin_spec
-from ucm_trt._validation import check_positive_int
+from trt_plugins.spec import PluginSpec
 from ucm_trt.kernels.aot import (
     select_all_blocks,
     select_all_blocks_extras,
     select_all_blocks_grid,
     select_all_blocks_kernel_args,
 )
-
-SPEC = plugin_spec("UcmSelectAllBlocks")
-TACTICS = None
-
-
-def check(values):
-    check_positive_int("UcmSelectAllBlocks.num_kv_heads", values["num_kv_heads"])
 
 
 def jit_run(tensors, values, out, tactic):
@@ -41,3 +33,11 @@ def aot_launch(values, dtype, tactic, target) -> AotLaunch:
         return select_all_blocks_extras(shapes["block_table"][1])
 
     return AotLaunch(kernel=ptx, grid=grid, extras=extras, tactic=0)
+
+
+def plugin(spec: PluginSpec):
+    """The :class:`~trt_plugins.ops.OpPlugin` of ``UcmSelectAllBlocks`` (attribute checks from its schema)."""
+    from trt_plugins.ops import OpPlugin, check_attributes
+
+    return OpPlugin(SPEC=spec, TACTICS=None, check=lambda values: check_attributes(spec, values),
+                    jit_run=jit_run, aot_launch=aot_launch)  # fmt: skip

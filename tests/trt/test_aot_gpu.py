@@ -112,7 +112,7 @@ def test_aot_split_k_pair_launched_like_tensorrt(name, splits):
     spec = ops.module(case.op_name).SPEC
     tactic = TACTIC_DECODE if case.t <= 8 else TACTIC_PREFILL
     part, merge = aot_split_launch(case.attrs(), dtype, tactic, ops.device_target(), splits,
-                                   rerope=case.rerope_window is not None)  # fmt: skip
+                                   spec=spec)  # fmt: skip
     shapes = {n: tuple(inputs[n].shape) for n in spec.inputs}
     po_shape, lse_shape = partials_shapes(case.batch, case.t, case.geometry(), part.config, splits)
     po = torch.full(po_shape, float("nan"), device="cuda")

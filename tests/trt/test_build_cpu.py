@@ -192,7 +192,7 @@ def test_plugin_kernel_equals_function_body_on_real_model_data(rewritten, algo):
     for node in nodes:
         spec = plugin_spec(node.op_type)
         values = spec.attribute_values({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
-        g = _attention.geometry(values, rerope=node.op_type == "UcmPagedReRoPEAttention")
+        g = _attention.geometry(values, spec=spec)
         q, k, v = (torch.from_numpy(np.ascontiguousarray(outs[x])) for x in node.input[:3])
         sel_in = node.input[6]
         if sel_in in feeds:

@@ -185,10 +185,11 @@ def test_split_k_pair_compiles_with_tensorrt_argument_order():
     """The chained AOT split-K: partials kernel = inputs, extras (ITEMS_PER_SPLIT too), outputs po/plse;
     merge = po/plse, 5 extras, out. Both fit the AOT shared-memory limit."""
     from trt_plugins._attention import aot_split_launch
+    from trt_plugins.spec import plugin_spec
 
     case = CASES["d96_gqa4"]
     part, merge = aot_split_launch(case.attrs(), torch.bfloat16, 1, PtxTarget(arch=90, ptx_version=80), 4,
-                                   rerope=False)  # fmt: skip
+                                   spec=plugin_spec("UcmPagedSparseAttention"))  # fmt: skip
     shapes = {"q": (2, case.hq, 1, case.d), "kv_pool": (50, 2, case.hkv, case.bs, case.d),
               "block_table": (2, 9), "selection": (2, case.hkv, 4)}  # fmt: skip
     n_extras = len(part.extras(shapes))

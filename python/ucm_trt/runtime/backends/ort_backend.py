@@ -27,7 +27,13 @@ import numpy as np
 import torch
 
 from ucm_trt.config import ReRoPEConfig
-from ucm_trt.runtime.backends.base import Backend
+from ucm_trt.runtime.backends.base import (
+    Backend,
+    gather_working_sets,
+    gathered_table,
+    step_blocks,
+    tables_agree,
+)
 from ucm_trt.sparse.policies.base import ModelShape
 
 __all__ = ["OrtBackend"]
@@ -48,6 +54,7 @@ class OrtBackend(Backend):
         ONNX Runtime execution providers (default CPU).
     """
 
+    kind = "onnxruntime"
     supports_layer_hooks = False
     max_query_window = 1
 
@@ -100,23 +107,18 @@ class OrtBackend(Backend):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step) -> torch.Tensor:
         b, t = input_ids.shape
-        bs = self.block_size
-        nb = max(-(-n // bs) for n in step.new_lens)
-        th = step.kv.tables_host[: self.shape.num_layers, :b, :nb]
-        shared = bool((th == th[:1]).all())  # e.g. no offload: every layer maps blocks identically
+        nb = step_blocks(step)
+        gathered = None if tables_agree(step, self.shape.num_layers) else gather_working_sets(step, self.shape.num_layers)
         feeds: dict[str, np.ndarray] = {
             "input_ids": input_ids.cpu().numpy(),
             "position_ids": positions.cpu().numpy(),
             "seq_lens": step.seq_lens.cpu().numpy(),
-            "block_table": (np.ascontiguousarray(th[0].numpy()) if shared
-                            else np.arange(b * nb, dtype=np.int32).reshape(b, nb)),
+            "block_table": np.ascontiguousarray((step.kv.tables_host[0, :b, :nb] if gathered is None
+                                                 else gathered_table(step)).numpy()),
         }
         for layer in range(self.shape.num_layers):
-            if shared:  # the pools themselves (no copy)
-                feeds[f"kv_pool.{layer}"] = step.kv.pools[layer].numpy()
-            else:
-                idx = step.tables(layer)[:, :nb].long().reshape(-1)
-                feeds[f"kv_pool.{layer}"] = step.kv.pools[layer][idx].numpy()
+            # the pools themselves (no copy) when every layer maps blocks identically (e.g. no offload)
+            feeds[f"kv_pool.{layer}"] = (step.kv.pools[layer] if gathered is None else gathered[layer]).numpy()
             sel = step.selections[layer]
             if self.has_selection[layer]:
                 if sel is None:

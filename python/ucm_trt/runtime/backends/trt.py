@@ -22,7 +22,8 @@ agree, pools and table are bound as they are; otherwise each layer's blocks of t
 gathered into a staging pool first (one copy of the working set per layer).
 
 Limits, with clear errors: selections computed inside a layer (``Policy.layer_selection``, e.g. GSA
-On-Device) cannot reach an engine; the engine returns only the last token's query per layer.
+On-Device) cannot reach an engine (the registry, ``ucm_trt.algorithms``, refuses them when the
+``Engine`` is built); the engine returns only the last token's query per layer.
 """
 
 from __future__ import annotations
@@ -33,51 +34,22 @@ from pathlib import Path
 import torch
 
 from ucm_trt.config import ReRoPEConfig
-from ucm_trt.runtime.backends.base import Backend
-from ucm_trt.sparse.policies.base import ModelShape, Policy
+from ucm_trt.runtime.backends.base import Backend, gather_working_sets, gathered_table, tables_agree
+from ucm_trt.sparse.policies.base import ModelShape
 
-__all__ = ["TrtBackend", "load_engine"]
-
-
-def _trt():
-    from trt_plugins import register_plugins, require_tensorrt
-
-    trt, _ = require_tensorrt()
-    return trt, register_plugins
-
-
-def load_engine(engine_path: str | Path, *, register: bool = True):
-    """Deserialize an engine (registering the UCM plugins first unless ``register=False``)."""
-    trt, register_plugins = _trt()
-    path = Path(engine_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"engine {str(path)!r} does not exist")
-    if register:
-        register_plugins()
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(path.read_bytes())
-    if engine is None:
-        raise RuntimeError(f"TensorRT could not deserialize {path} (built by another TensorRT version or GPU?)")
-    return runtime, engine
-
-
-def _torch_dtype(trt, dt) -> torch.dtype:
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-             trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool, trt.int8: torch.int8}  # fmt: skip
-    if dt not in table:
-        raise TypeError(f"engine tensor dtype {dt} is not supported by the TensorRT backend")
-    return table[dt]
+__all__ = ["TrtBackend"]
 
 
 class TrtBackend(Backend):
     """Backend over a ``ucm-trt build`` engine and its ``ENGINE.json`` sidecar."""
 
+    kind = "tensorrt"
     supports_layer_hooks = False  # selections are engine inputs; nothing runs between layers
     max_query_window = 1  # the engine returns the last token's query per layer
 
     def __init__(self, engine_path: str | Path, *, device: str | torch.device = "cuda") -> None:
-        trt, _ = _trt()
-        self._trt = trt
+        from trt_plugins.runner import load_engine  # TensorRT is imported here, when a backend is built
+
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"device must be a CUDA device for the TensorRT backend, got {self.device}")
@@ -98,12 +70,9 @@ class TrtBackend(Backend):
         if ucm.get("ucm.partial", "false") == "true":
             raise ValueError("the engine was built from a partially rewritten model; every attention layer must be paged")
         self.rerope = ReRoPEConfig(**json.loads(ucm["ucm.rerope"])) if "ucm.rerope" in ucm else None
-        self._runtime, self.engine = load_engine(engine_path)
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        mode = trt.TensorIOMode
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode.INPUT]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == mode.OUTPUT]
-        self._dtype = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
+        loaded = load_engine(engine_path)
+        self._runtime, self.engine = loaded.runtime, loaded.engine
+        self.inputs, self.outputs, self._dtype = list(loaded.inputs), list(loaded.outputs), dict(loaded.dtypes)
         self.kv_dtype = self._dtype["kv_pool.0"]
         max_blocks = self.meta["build_config"]["max_blocks"]
         self.shape = ModelShape(
@@ -152,23 +121,13 @@ class TrtBackend(Backend):
         the step's rows are gathered, in logical order, into a staging pool and the table becomes
         ``b * nb + j`` -- one copy of the working set per layer, as the ONNX Runtime backend does.
         """
-        th = step.kv.tables_host[:, :b]
-        if th.shape[0] == 1 or bool((th == th[:1]).all()):
+        if tables_agree(step, self.num_layers):
             return [step.kv.pools[i] for i in range(self.num_layers)], step.tables(0)
-        bs = self.block_size
-        nb = max(-(-n // bs) for n in step.new_lens)
         if self._staging is None:
             nmax = self.meta["build_config"]["max_batch"] * self._max_blocks
             self._staging = [torch.empty((nmax, *p.shape[1:]), dtype=p.dtype, device=p.device)
                              for p in step.kv.pools[: self.num_layers]]  # fmt: skip
-        pools = []
-        for i in range(self.num_layers):
-            idx = step.tables(i)[:, :nb].reshape(-1).long()
-            view = self._staging[i][: b * nb]
-            torch.index_select(step.kv.pools[i], 0, idx, out=view)
-            pools.append(view)
-        table = torch.arange(b * nb, dtype=torch.int32, device=self.device).view(b, nb)
-        return pools, table
+        return gather_working_sets(step, self.num_layers, out=self._staging), gathered_table(step, self.device)
 
     def _bind_inputs(self, input_ids, positions, step) -> dict[str, torch.Tensor]:
         b, t = input_ids.shape
@@ -191,11 +150,6 @@ class TrtBackend(Backend):
         return {n: feeds[n] for n in self.inputs}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step) -> torch.Tensor:
-        if type(step.policy).layer_selection is not Policy.layer_selection:
-            raise ValueError(
-                f"policy {step.policy.name!r} selects blocks inside each layer (on-device retrieval); a TensorRT "
-                "engine takes selections as inputs only: use a CPU-retrieval policy with this backend"
-            )
         b, t = input_ids.shape
         profile = 0 if t > 1 else 1
         ctx = self._contexts[profile]
