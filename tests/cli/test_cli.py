@@ -152,7 +152,7 @@ def test_chat_happy_path_through_the_cli(monkeypatch, capsys):
     out = captured.out
     assert "you> What is the capital of France?" in out
     assert "assistant> The capital of France" in out
-    assert "[stats] torch/cpu:reference | dense | prompt " in out
+    assert "[stats] torch/cpu:torch | dense | prompt " in out
     assert "[chat] algorithm -> esa" in out and "algorithm=esa budget=0.25 block_size=16" in out
     # /algo offers only what a chat turn can run, and refuses blend with the reason in one line
     assert "[chat] algorithm esa; available: dense, esa, gsa, gsa-on-device, kvstar, rerope" in out

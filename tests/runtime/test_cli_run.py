@@ -160,7 +160,7 @@ def test_blend_run_prints_text_and_stats(tiny_dir, capsys):
     kv = dict(line.split(": ", 1) for line in lines[stats_at + 1:])
     sizes, blocks, q = _expected_blocks(tiny_dir)
     reused = sum(blocks) * 16
-    assert kv["algorithm"] == "blend" and kv["decode_algorithm"] == "dense" and kv["attention"] == "reference"
+    assert kv["algorithm"] == "blend" and kv["decode_algorithm"] == "dense" and kv["attention"] == "torch"
     assert kv["blend.chunks"] == "2" and kv["blend.chunk_tokens"] == str([b * 16 for b in blocks])
     assert kv["blend.chunk_pad_tokens"] == str([b * 16 - n for b, n in zip(blocks, sizes, strict=True)])
     assert int(kv["prompt_tokens"]) == reused + q and kv["blend.suffix_tokens"] == str(q)

@@ -52,11 +52,11 @@ def test_head_dim_96_triton_kernels_match_ort_graph_and_reference(head_dim_96):
     model, path = head_dim_96
     prompt = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3)).tolist()  # 3 blocks of 16
     tokens = {}
-    for name, backend in (("reference", TorchBackend(model, attention="reference")),
+    for name, backend in (("torch", TorchBackend(model, attention="torch")),
                           ("triton", TorchBackend(model, attention="triton")), ("ort", OrtBackend(path))):
         with Engine(backend, make_policy("dense"), sparse=SparseConfig(block_size=BS),
                     config=RuntimeConfig(max_batch=1, max_seq_len=64, prefill_chunk=40)) as eng:
             [res] = eng.generate(prompt, SamplingParams(max_new_tokens=3))
             assert name == "ort" or eng.stats()["attention"] == name
             tokens[name] = res.token_ids
-    assert tokens["triton"] == tokens["reference"] == tokens["ort"], tokens
+    assert tokens["triton"] == tokens["torch"] == tokens["ort"], tokens

@@ -65,7 +65,7 @@ def test_scripted_conversation(doc_file):
     assert "unknown algorithm 'quest'" in errors[2]
     assert "no such file" in errors[3]
 
-    assert "backend torch/cpu:reference" in text  # the stats and the banner name the backend
+    assert "backend torch/cpu:torch" in text  # the stats and the banner name the backend
     assert "[chat] algorithm -> gsa-on-device" in text and "[chat] budget -> 0.3" in text
     assert re.search(r"\[chat\] loaded .*long doc\.txt: \d+ chars, \d+ tokens", text)
     assert "[chat] conversation cleared" in text
@@ -111,6 +111,6 @@ def test_sample_script_subprocess():
                        input="Hi!\n/budget 2\n", capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert re.search(r"^assistant> \S", r.stdout, flags=re.M), r.stdout
-    assert re.search(r"^\[stats\] torch/cpu:reference \| esa@0.25 \| prompt \d+ tok", r.stdout, flags=re.M)
+    assert re.search(r"^\[stats\] torch/cpu:torch \| esa@0.25 \| prompt \d+ tok", r.stdout, flags=re.M)
     errs = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errs == ["error: /budget must be in (0, 1] (a fraction of candidate blocks); got 2"], r.stderr

@@ -26,7 +26,7 @@ def test_dense_and_esa_side_by_side(chat_model):
     assert dense.stats.blocks_selected is None
     assert esa.stats.blocks_selected is not None and esa.stats.blocks_selected < esa.stats.blocks_total
     assert esa.stats.kv_held_bytes < esa.stats.kv_dense_bytes
-    assert "backend: torch/cpu:reference" in text
+    assert "backend: torch/cpu:torch" in text
     assert "prompt: 3" in text and "filler text, key 52917" in text
     for col in ("algorithm", "answer", "correct", "prefill s", "decode tok/s", "blocks/step sel/total",
                 "KV held / dense"):

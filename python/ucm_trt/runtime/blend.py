@@ -8,7 +8,7 @@
 * **Blend prefill.** :meth:`BlendRunner.add_request` takes the chunks and the question suffix. Each
   chunk is looked up block by block (a chunk stops at its first miss). The request's KV is laid
   out in the paged pools; hit blocks get the cached K rotated by the chunk's new offset
-  (delta-RoPE, ``reference.delta_rope``: RoPE is a rotation, ``R(start + p) = R(start) R(p)``) and
+  (delta-RoPE, ``torch_attention.rope_rotate`` by the offset: RoPE is a rotation, ``R(start + p) = R(start) R(p)``) and
   the cached V, in every layer from ``recompute_layer`` on.
 * **Selective recompute.** Layers before ``recompute_layer`` recompute every token (their fresh
   K/V overwrite everything). At ``recompute_layer`` the fresh K of every token is computed and the
@@ -34,10 +34,11 @@ from collections.abc import Sequence
 
 import torch
 
+from ucm_trt import algorithms as registry
 from ucm_trt.config import BlendConfig
-from ucm_trt.reference import apply_rope, delta_rope
 from ucm_trt.runtime.generation import Engine, SamplingParams, TokenCallback, _check_prompt, _Request
 from ucm_trt.runtime.kv import StepTransfer
+from ucm_trt.runtime.torch_attention import rope_rotate
 from ucm_trt.sparse.policies.base import RequestView
 
 __all__ = ["BlendRunner", "ChunkCache"]
@@ -80,19 +81,17 @@ class BlendRunner:
     """Chunk-KV reuse on top of an :class:`~ucm_trt.runtime.generation.Engine` (PyTorch backend)."""
 
     def __init__(self, engine: Engine, config: BlendConfig) -> None:
-        from ucm_trt.runtime.backends.torch_backend import TorchBackend
-
         if not isinstance(engine, Engine):
             raise TypeError(f"engine must be an Engine, got {type(engine).__name__}")
         if not isinstance(config, BlendConfig):
             raise TypeError(f"config must be a BlendConfig, got {type(config).__name__}")
-        if not isinstance(engine.backend, TorchBackend):
-            raise ValueError(f"Blend needs the PyTorch backend (it drops token rows mid-network), got "
-                             f"{type(engine.backend).__name__}")
+        registry.check_backend("blend", engine.backend.kind)
         if engine.policy.rerope is not None:
-            raise ValueError("Blend reuses post-RoPE K with delta-RoPE; the rerope policy stores un-rotated K")
+            raise registry.refuse("blend", f"the {engine.policy.name} policy's ReRoPE attention",
+                                  "Blend reuses post-RoPE K with delta-RoPE; ReRoPE stores un-rotated K")
         if engine.policy.offload:
-            raise ValueError(f"Blend prefill needs the KV resident; the {engine.policy.name} policy offloads it")
+            raise registry.refuse("blend", f"the {engine.policy.name} policy",
+                                  f"Blend prefill needs the KV resident; the {engine.policy.name} policy offloads it")
         config.check_num_layers(engine.shape.num_layers)
         inner = getattr(engine.backend.model, "model", None)
         layers = getattr(inner, "layers", None)
@@ -237,8 +236,9 @@ class BlendRunner:
                 phys = int(kv.tables_host[layer, 0, blk])
                 k = cached[layer, 0].to(dev)
                 if offset:
-                    k = delta_rope(k, torch.full((bs,), offset, dtype=torch.long, device=dev),
-                                   theta=eng.shape.rope_theta)
+                    # RoPE is a rotation: rotating post-RoPE K by the offset moves it there
+                    k = rope_rotate(k, torch.full((bs,), offset, dtype=torch.long, device=dev),
+                                    theta=eng.shape.rope_theta)
                 pool[phys, 0] = k.to(pool.dtype)
                 pool[phys, 1] = cached[layer, 1].to(device=dev, dtype=pool.dtype)
         ids_t = torch.tensor([ids], dtype=torch.long, device=dev)
@@ -275,7 +275,7 @@ class BlendRunner:
         n = h.shape[1]
         x = dl.input_layernorm(h)
         k = dl.self_attn.k_proj(x).view(1, n, hkv, d).transpose(1, 2)  # [1, Hkv, n, D]
-        k = apply_rope(k.float(), pos[0], theta=eng.shape.rope_theta)[0]  # [Hkv, n, D]
+        k = rope_rotate(k.float(), pos[0], theta=eng.shape.rope_theta)[0]  # [Hkv, n, D]
         pool = kv.pools[layer]
         nb = -(-n // bs)
         phys = kv.tables[layer, 0, :nb].long()

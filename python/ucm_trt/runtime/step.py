@@ -9,8 +9,8 @@ Per layer, ``attend``:
    policy's ``on_append`` hook (GSA On-Device hashes K there);
 3. takes the layer's selection: the policy's per-layer hook if it has one (on-device
    retrieval), else the selection the plan wrote (``None`` = every block);
-4. runs paged attention over the pool / block table / seq_lens / selection: the fp32 reference
-   (:mod:`ucm_trt.reference`) or the Triton kernels (:mod:`ucm_trt.kernels`);
+4. runs paged attention over the pool / block table / seq_lens / selection: the PyTorch attention
+   (:mod:`ucm_trt.runtime.torch_attention`) or the Triton kernels (:mod:`ucm_trt.kernels`);
 5. records the queries of the last ``capture_width`` tokens (float32) for CPU retrieval.
 
 Where each field lives: ``kv.pools``/``kv.tables``, ``seq_lens``, ``selections``,
@@ -25,17 +25,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ucm_trt.reference.rope import rope_cos_sin, rotate_half
+from ucm_trt.runtime import torch_attention
+from ucm_trt.runtime.torch_attention import rope_cos_sin, rotate_half
 
 if TYPE_CHECKING:
     from ucm_trt.runtime.kv import KVManager
     from ucm_trt.sparse.policies.base import Policy
 
-__all__ = ["AttentionImpl", "StepContext", "reference_attention", "triton_attention"]
+__all__ = ["AttentionImpl", "StepContext", "torch_attention_impl", "triton_attention"]
 
 
 class AttentionImpl:
-    """Paged attention functions of one implementation (reference or Triton)."""
+    """Paged attention functions of one implementation (PyTorch or Triton)."""
 
     def __init__(self, name: str, sparse: Callable, rerope: Callable, *, validate: bool | None) -> None:
         self.name = name
@@ -57,10 +58,9 @@ class AttentionImpl:
                             logn_training_length=cfg.logn_training_length, scale=scale, **self._kw(guard))
 
 
-def reference_attention() -> AttentionImpl:
-    from ucm_trt import reference
-
-    return AttentionImpl("reference", reference.paged_sparse_attention, reference.paged_rerope_attention,
+def torch_attention_impl() -> AttentionImpl:
+    """The PyTorch paged attention (:mod:`ucm_trt.runtime.torch_attention`; CPU or eager CUDA)."""
+    return AttentionImpl("torch", torch_attention.paged_sparse_attention, torch_attention.paged_rerope_attention,
                          validate=None)
 
 
@@ -165,9 +165,7 @@ class StepContext:
 
     def _attend_scattered(self, layer: int, q: torch.Tensor, scale: float | None) -> torch.Tensor:
         """Dense causal attention of queries at arbitrary positions over each row's whole sequence
-        (every block), through the fp32 reference."""
-        from ucm_trt.reference import dense_attention
-
+        (every block), through the PyTorch attention."""
         pool = self.kv.pools[layer]
         _, _, hkv, bs, d = pool.shape
         outs = []
@@ -177,9 +175,8 @@ class StepContext:
             blocks = pool[phys]  # [nb, 2, Hkv, bs, D]
             k = blocks[:, 0].permute(1, 0, 2, 3).reshape(hkv, nb * bs, d)[:, :n]
             v = blocks[:, 1].permute(1, 0, 2, 3).reshape(hkv, nb * bs, d)[:, :n]
-            outs.append(dense_attention(q[row : row + 1], k[None], v[None], scale=scale, causal=True,
-                                        q_positions=self.query_positions[row],
-                                        k_positions=torch.arange(n, device=q.device)))
+            outs.append(torch_attention.dense_attention_at(q[row : row + 1], k[None], v[None],
+                                                           self.query_positions[row], scale=scale))
         w = min(q.shape[2], self.capture_width)
         self.capture[layer, : q.shape[0], :, :w] = q[:, :, q.shape[2] - w :].float()
         return torch.cat(outs)

@@ -8,7 +8,7 @@ monkey-patched. Each forward passes the step's :class:`~ucm_trt.runtime.step.Ste
 ``ucm_step`` keyword, which transformers forwards to every attention call, and runs with
 ``use_cache=False`` (the runtime owns the cache).
 
-Attention implementation: ``"reference"`` (fp32 references, the CPU default), ``"triton"``
+Attention implementation: ``"torch"`` (``runtime.torch_attention``, the CPU default), ``"triton"``
 (``ucm_trt.kernels``; the CUDA default), or ``"auto"``.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ucm_trt.runtime.backends.base import Backend
-from ucm_trt.runtime.step import StepContext, reference_attention, triton_attention
+from ucm_trt.runtime.step import StepContext, torch_attention_impl, triton_attention
 from ucm_trt.sparse.policies.base import ModelShape
 
 __all__ = ["UCM_ATTENTION", "TorchBackend", "register_ucm_attention"]
@@ -94,7 +94,9 @@ class TorchBackend(Backend):
         A ``PreTrainedModel`` for causal LM, in eval mode. It is switched to the ``"ucm_paged"``
         attention implementation.
     attention:
-        ``"auto"`` (Triton kernels on CUDA, references on CPU), ``"reference"`` or ``"triton"``.
+        ``"auto"`` (Triton kernels on CUDA, the PyTorch attention on CPU), ``"torch"``
+        (:mod:`ucm_trt.runtime.torch_attention`) or ``"triton"``. ``"reference"``, its former name
+        (when it ran the test oracle), still selects ``"torch"``.
     validate:
         Debug switch: the Triton launchers also check the contents of their index tensors (block
         tables, selections, lengths) at every launch, which reads them back to the host (2*B+2
@@ -110,8 +112,8 @@ class TorchBackend(Backend):
             raise ImportError("TorchBackend needs transformers: pip install transformers") from exc
         if not isinstance(model, PreTrainedModel):
             raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-        if attention not in ("auto", "reference", "triton"):
-            raise ValueError(f"attention must be 'auto', 'reference' or 'triton', got {attention!r}")
+        if attention not in ("auto", "torch", "reference", "triton"):
+            raise ValueError(f"attention must be 'auto', 'torch' or 'triton', got {attention!r}")
         if model.training:
             raise ValueError("model must be in eval mode (call model.eval()); the runtime is inference-only")
         self.model = model
@@ -120,8 +122,8 @@ class TorchBackend(Backend):
         self.device = param.device
         self.kv_dtype = param.dtype
         if attention == "auto":
-            attention = "triton" if self.device.type == "cuda" else "reference"
-        self.attention = triton_attention(validate=validate) if attention == "triton" else reference_attention()
+            attention = "triton" if self.device.type == "cuda" else "torch"
+        self.attention = triton_attention(validate=validate) if attention == "triton" else torch_attention_impl()
         # capturable when the attention launches only device work: Triton kernels without index checks
         self.supports_cuda_graph = self.device.type == "cuda" and attention == "triton" and not validate
         register_ucm_attention()
