@@ -131,28 +131,22 @@ _ALL = BACKENDS
 _ON_DEVICE_ONLY = ("it selects blocks inside each layer's attention (GPU retrieval, Policy.layer_selection), "
                    "which only the PyTorch backend runs; a graph backend takes selections as inputs")
 _SPARSE_OPTIONS = frozenset({"rerope=", "dense_layers="})
+# what the CPU-retrieval (offload) policies esa, gsa and kvstar share
+_CPU_RETRIEVAL = dict(kind="policy", graph_op="sparse", retrieval="cpu", needs_queries=True, cuda_graph=True,
+                      offload=True, budgeted=True, backends=_ALL)
+# what the policies that attend to every block share (dense, rerope)
+_EVERY_BLOCK = dict(kind="policy", representation="mean", scoring="dot", retrieval="none", needs_queries=False,
+                    cuda_graph=True, offload=False, budgeted=False, backends=_ALL)
 
 REGISTRY: dict[str, AlgorithmSpec] = {s.name: s for s in (
-    AlgorithmSpec(
-        name="dense", kind="policy", entry="ucm_trt.sparse.policies.dense:DensePolicy",
-        representation="mean", scoring="dot", graph_op="dense", retrieval="none", needs_queries=False,
-        cuda_graph=True, offload=False, budgeted=False, backends=_ALL,
-        summary="every block, no selection inputs",
-    ),
-    AlgorithmSpec(
-        name="esa", kind="policy", entry="ucm_trt.sparse.policies.esa:ESAPolicy",
-        representation="mean", scoring="dot", graph_op="sparse", retrieval="cpu", needs_queries=True,
-        cuda_graph=True, offload=True, budgeted=True, backends=_ALL,
-        options=_SPARSE_OPTIONS | {"retrieval=", "adaptive="}, preset_scoring=True,
-        summary="mean-K dot scoring on the CPU, retrieval every stride, offloaded KV",
-    ),
-    AlgorithmSpec(
-        name="gsa", kind="policy", entry="ucm_trt.sparse.policies.gsa:GSAPolicy",
-        representation="mean", scoring="dot", graph_op="sparse", retrieval="cpu", needs_queries=True,
-        cuda_graph=True, offload=True, budgeted=True, backends=_ALL,
-        options=_SPARSE_OPTIONS | {"retrieval=", "adaptive="}, preset_scoring=True,
-        summary="mean-K dot scoring on the CPU with a one-step lag and prefetch, offloaded KV",
-    ),
+    AlgorithmSpec(name="dense", entry="ucm_trt.sparse.policies.dense:DensePolicy", graph_op="dense",
+                  summary="every block, no selection inputs", **_EVERY_BLOCK),
+    AlgorithmSpec(name="esa", entry="ucm_trt.sparse.policies.esa:ESAPolicy", representation="mean", scoring="dot",
+                  options=_SPARSE_OPTIONS | {"retrieval=", "adaptive="}, preset_scoring=True, **_CPU_RETRIEVAL,
+                  summary="mean-K dot scoring on the CPU, retrieval every stride, offloaded KV"),
+    AlgorithmSpec(name="gsa", entry="ucm_trt.sparse.policies.gsa:GSAPolicy", representation="mean", scoring="dot",
+                  options=_SPARSE_OPTIONS | {"retrieval=", "adaptive="}, preset_scoring=True, **_CPU_RETRIEVAL,
+                  summary="mean-K dot scoring on the CPU with a one-step lag and prefetch, offloaded KV"),
     AlgorithmSpec(
         name="gsa-on-device", kind="policy", entry="ucm_trt.sparse.policies.gsa_on_device:GSAOnDevicePolicy",
         representation="hash", scoring="hamming", graph_op="sparse", retrieval="gpu", needs_queries=False,
@@ -160,13 +154,9 @@ REGISTRY: dict[str, AlgorithmSpec] = {s.name: s for s in (
         options=_SPARSE_OPTIONS | {"gsa_on_device="},
         summary="hashed-K Hamming scoring inside each layer on the device",
     ),
-    AlgorithmSpec(
-        name="kvstar", kind="policy", entry="ucm_trt.sparse.policies.kvstar:KVStarPolicy",
-        representation="subblock", scoring="kvstar_vote", graph_op="sparse", retrieval="cpu", needs_queries=True,
-        cuda_graph=True, offload=True, budgeted=True, backends=_ALL,
-        options=_SPARSE_OPTIONS | {"retrieval=", "kvstar="},
-        summary="sub-block multi-query voting on the CPU, offloaded KV",
-    ),
+    AlgorithmSpec(name="kvstar", entry="ucm_trt.sparse.policies.kvstar:KVStarPolicy", representation="subblock",
+                  scoring="kvstar_vote", options=_SPARSE_OPTIONS | {"retrieval=", "kvstar="}, **_CPU_RETRIEVAL,
+                  summary="sub-block multi-query voting on the CPU, offloaded KV"),
     AlgorithmSpec(
         name="blend", kind="prefill", entry="ucm_trt.runtime.blend:BlendRunner",
         representation="mean", scoring="dot", graph_op="sparse", retrieval="none", needs_queries=False,
@@ -175,13 +165,9 @@ REGISTRY: dict[str, AlgorithmSpec] = {s.name: s for s in (
                      "PyTorch backend runs",
         summary="prefill that reuses the KV of cached document chunks; the engine's policy decodes",
     ),
-    AlgorithmSpec(
-        name="rerope", kind="policy", entry="ucm_trt.sparse.policies.rerope:ReRoPEPolicy",
-        representation="mean", scoring="dot", graph_op="rerope", retrieval="none", needs_queries=False,
-        cuda_graph=True, offload=False, budgeted=False, backends=_ALL,
-        options=frozenset({"rerope="}), required=frozenset({"rerope="}),
-        summary="ReRoPE attention over un-rotated K (every block), beyond the trained context",
-    ),
+    AlgorithmSpec(name="rerope", entry="ucm_trt.sparse.policies.rerope:ReRoPEPolicy", graph_op="rerope",
+                  options=frozenset({"rerope="}), required=frozenset({"rerope="}), **_EVERY_BLOCK,
+                  summary="ReRoPE attention over un-rotated K (every block), beyond the trained context"),
 )}
 
 
