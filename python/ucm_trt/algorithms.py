@@ -239,12 +239,12 @@ def check_query_window(algorithm: str, window: int, *, backend: str, most: int |
     backend returns at most ``most`` of them, or a prefill chunk is shorter than ``window``."""
     if most is not None and window > most:
         raise refuse(algorithm, f"the {backend} backend", (
-            f"the policy needs the queries of the last {window} prompt tokens; the {backend} backend returns "
+            f"the {algorithm} policy needs the queries of the last {window} prompt tokens; the {backend} backend returns "
             f"at most {most}"
         ))
     if window > prefill_chunk:
         raise refuse(algorithm, f"RuntimeConfig.prefill_chunk={prefill_chunk}", (
-            f"the policy needs the queries of the last {window} prompt tokens, more than one prefill chunk; "
+            f"the {algorithm} policy needs the queries of the last {window} prompt tokens, more than one prefill chunk; "
             "raise prefill_chunk"
         ))
 

@@ -208,7 +208,8 @@ def test_blend_chunk_files_padding_and_fallback(tiny_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, msg",
     [
-        (["--backend", "ort"], "--algorithm blend needs --backend torch, got --backend ort: Blend drops token rows"),
+        (["--backend", "ort"], "--algorithm blend needs --backend torch, got --backend ort: algorithm 'blend' cannot "
+                               "be combined with the onnxruntime backend: its prefill drops token rows"),
         (["--onnx", "m.onnx"], "--algorithm blend needs --backend torch, got --backend ort (chosen by --onnx)"),
         (["--recompute-ratio", "1.5"], "--recompute-ratio must be in [0, 1] (a fraction of the reused tokens), got 1.5"),
         (["--recompute-ratio", "-0.1"], "--recompute-ratio must be in [0, 1]"),

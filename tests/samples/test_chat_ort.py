@@ -55,7 +55,8 @@ def test_chat_on_onnx_runtime(tiny_rewritten, doc_file):
     assert m and int(m.group(1)) > 120 and float(m.group(2)) < float(m.group(3)), stats[1]
     errors = err.getvalue().splitlines()
     assert len(errors) == 3 and all(e.startswith("error: ") for e in errors), errors
-    assert "gsa-on-device policy selects blocks inside each layer's attention" in errors[0]
+    assert ("algorithm 'gsa-on-device' cannot be combined with the onnxruntime backend: it selects blocks inside "
+            "each layer's attention") in errors[0]
     assert "kvstar policy needs the queries of the last 8 prompt tokens" in errors[1]
     assert "rerope algorithm needs a model rewritten for ReRoPE" in errors[2] and "'esa'" in errors[2]
     assert "[chat] algorithm -> gsa-on-device" not in text  # the switch was refused; esa stays
@@ -114,7 +115,8 @@ def test_chat_on_a_tensorrt_engine(tiny_rewritten, tmp_path):
     assert len(stats) == 2 and all(s.startswith("[stats] trt/cuda:tensorrt") for s in stats), out.getvalue()
     assert "| dense |" in stats[0] and "| esa@0.25 |" in stats[1]
     errors = err.getvalue().splitlines()
-    assert len(errors) == 1 and "gsa-on-device policy selects blocks inside each layer's attention" in errors[0]
+    assert len(errors) == 1 and ("algorithm 'gsa-on-device' cannot be combined with the onnxruntime backend: it "
+                                 "selects blocks inside each layer's attention") in errors[0]
 
 
 def test_prepare_onnx_exports_rewrites_and_reuses(tiny_rewritten, tmp_path):

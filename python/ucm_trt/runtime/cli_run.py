@@ -243,6 +243,21 @@ def build_engine(args, model, prompt_len: int, *, backend=None):
     return Engine(backend, make_policy(policy_alg, **kw), sparse=sparse, config=rt)
 
 
+# --backend value -> the registry's backend kind
+_BACKEND_KINDS = {"torch": "torch", "ort": "onnxruntime"}
+
+
+def _check_backend(args) -> None:
+    """The registry's backend rule (ucm_trt.algorithms), said in flags."""
+    try:
+        registry.check_backend(args.algorithm, _BACKEND_KINDS[args.backend])
+    except registry.IncompatibleAlgorithmError as exc:
+        ok = " or ".join(f for f, k in _BACKEND_KINDS.items() if k in registry.get(args.algorithm).backends)
+        chosen = " (chosen by --onnx)" if args.onnx is not None else ""
+        raise ValueError(f"--algorithm {args.algorithm} needs --backend {ok}, got --backend {args.backend}{chosen}: "
+                         f"{exc}") from None
+
+
 def check_args(args, *, create_dirs: bool = True) -> str:
     """Check every flag before anything loads (a bad command line fails at once, naming the flag);
     returns the prompt text (``--prompt``, or ``--prompt-file`` read as UTF-8). ``run`` writes no
@@ -251,10 +266,7 @@ def check_args(args, *, create_dirs: bool = True) -> str:
 
     if args.backend is None:
         args.backend = "ort" if args.onnx is not None else "torch"
-    if args.algorithm == "blend" and args.backend != "torch":
-        raise ValueError(f"--algorithm blend needs --backend torch, got --backend {args.backend}"
-                         f"{' (chosen by --onnx)' if args.onnx is not None else ''}: Blend drops token rows "
-                         "between layers through per-layer hooks, which a whole ONNX graph cannot")
+    _check_backend(args)
     if args.backend == "ort" and args.onnx is None:
         raise ValueError("--backend ort needs --onnx PATH (a model rewritten by 'ucm-trt rewrite')")
     if args.backend == "torch" and args.onnx is not None:
