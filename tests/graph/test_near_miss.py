@@ -155,8 +155,8 @@ def test_already_rewritten_model_is_refused():
         (dict(block_size=512), ValueError, r"block_size must be a power of two in \[16, 256\] .*got 512"),
         (dict(block_size=4.0), TypeError, "block_size must be an int"),
         (dict(algorithm="rerope"), ValueError, "rerope must be a ReRoPEConfig"),
-        (dict(algorithm="esa", rerope=ReRoPEConfig(window=2, training_length=4)), ValueError, "only used with"),
-        (dict(algorithm="dense", selection_inputs=True), ValueError, "contradicts"),
+        (dict(algorithm="esa", rerope=ReRoPEConfig(window=2, training_length=4)), ValueError, "cannot be combined with RewriteConfig.rerope"),
+        (dict(algorithm="dense", selection_inputs=True), ValueError, "cannot be combined with RewriteConfig.selection_inputs=True"),
         (dict(dense_layers=[0]), ValueError, "dense_layers must be a tuple"),
     ],
 )

@@ -461,34 +461,63 @@ def rewrite_model(
     Raises ``RewriteError`` (a ValueError) with the full report when an attention node cannot be
     rewritten (unless ``config.allow_partial``) or none is found; ``ValueError``/``TypeError``
     for malformed models and bad arguments. The input model is never modified.
+
+    Steps (module docstring): load and infer shapes; match every anchor against the rules; check
+    the masks and number the layers (refusing what cannot be rewritten); emit one UCM node per
+    layer with the paged inputs / outputs; drop the contiguous KV I/O; attach the functions and
+    check the result.
     """
     if not isinstance(config, RewriteConfig):
         raise TypeError(f"config must be a RewriteConfig, got {type(config).__name__}")
     proto = load_model(model)
+    opset = _check_rewritable(proto)
+    irm = _ir_with_shapes(proto)
+    rules = default_rules() if rules is None else rules
+    report = RewriteReport(algorithm=config.algorithm)
+    matches = _match_attention(irm.graph, rules, config, report)
+    _check_masks(proto, matches, report)
+    matches = [(m, nr) for m, nr in matches if nr.status == "rewritten"]
+    _number_layers(matches, config)
+    _refuse_unrewritable(matches, config, report)
+    tape, removed_inputs, block_table, layers_meta = _emit_paged_layers(irm, matches, rules, config, report)
+    _drop_contiguous_kv(irm, tape, removed_inputs, block_table, report)
+    return _finish(irm, proto, opset, config, report, layers_meta)
+
+
+def _check_rewritable(proto: onnx.ModelProto) -> int:
+    """The default-domain opset; refuses an old opset or a model rewritten before."""
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None or opset < MIN_OPSET:
         raise ValueError(f"model default-domain opset must be >= {MIN_OPSET}, got {opset}")
     if any(f.domain == DOMAIN for f in proto.functions) or any(n.domain == DOMAIN for n in proto.graph.node):
         raise ValueError(f"model already contains '{DOMAIN}' ops: it has been rewritten before")
+    return opset
+
+
+def _ir_with_shapes(proto: onnx.ModelProto) -> ir.Model:
+    """The model in onnx_ir, with inferred shapes (data propagation) where the graph lacks them."""
     irm = ir.serde.deserialize_model(proto)
-    graph = irm.graph
     try:  # shapes (with data propagation) help the rules find static head counts
         inferred = onnx.shape_inference.infer_shapes(_skeleton(proto), strict_mode=False, data_prop=True)
     except Exception:  # an aid only: the rules fail with a reason when shapes are missing
         inferred = None
     if inferred is not None:
         infos = {vi.name: vi for vi in inferred.graph.value_info}
-        for node in graph:
+        for node in irm.graph:
             for v in node.outputs:
                 if v.name in infos and (v.shape is None or v.type is None):
                     ir.serde.deserialize_value_info_proto(infos[v.name], v)
-    rules = default_rules() if rules is None else rules
+    return irm
+
+
+def _match_attention(graph, rules: tuple[Rule, ...], config: RewriteConfig,
+                     report: RewriteReport) -> list[tuple[AttentionMatch, NodeReport]]:
+    """Every anchor node against the rules: one NodeReport each (rewritten / unsupported /
+    not_attention, with the reason); returns the matches still marked rewritten."""
     by_anchor: dict[tuple[str, str], list[Rule]] = {}
     for r in rules:
         for a in r.anchors:
             by_anchor.setdefault(a, []).append(r)
-
-    report = RewriteReport(algorithm=config.algorithm)
     matches: list[tuple[AttentionMatch, NodeReport]] = []
     for node in list(graph):
         key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
@@ -522,11 +551,11 @@ def rewrite_model(
         report.nodes.append(nr)
         if nr.status == "rewritten":
             matches.append((res, nr))
+    return matches
 
-    _check_masks(proto, matches, report)
-    matches = [(m, nr) for m, nr in matches if nr.status == "rewritten"]
 
-    # layer numbers: from the past input names, else in graph order
+def _number_layers(matches: list[tuple[AttentionMatch, NodeReport]], config: RewriteConfig) -> None:
+    """Layer numbers from the past input names (else graph order), and each node's report line."""
     seen_layers: dict[int, str] = {}
     for i, (m, nr) in enumerate(matches):
         layer = _layer_of(m, i)
@@ -541,6 +570,11 @@ def rewrite_model(
             + ")"
             + "".join(f"; {note}" for note in m.extra.get("notes", ()))
         )
+
+
+def _refuse_unrewritable(matches, config: RewriteConfig, report: RewriteReport) -> None:
+    """RewriteError (with the report) for shared past inputs, unsupported nodes (unless
+    allow_partial) or no attention at all; else the report's counts and partial flag."""
     pasts = Counter(id(m.past_key) for m, _ in matches)
     if any(c > 1 for c in pasts.values()):
         raise RewriteError("two attention nodes read the same past KV input; cannot assign one pool per layer", report)
@@ -556,11 +590,18 @@ def rewrite_model(
     for m, _ in matches:
         report.counts[m.rule] = report.counts.get(m.rule, 0) + 1
 
-    # --- rewrite -----------------------------------------------------------------------------
+
+def _emit_paged_layers(irm, matches, rules: tuple[Rule, ...], config: RewriteConfig, report: RewriteReport):
+    """One UCM node per matched layer: the paged inputs (seq_lens, block_table, kv_pool.{i},
+    selection.{i}) and outputs (new_key / new_value / last_query), the present outputs dropped.
+    Returns the tape, the past inputs to remove with their matches, the block table input and
+    each layer's metadata (``ucm.layers``)."""
+    graph = irm.graph
     existing = {v.name for v in graph.inputs} | {v.name for v in graph.outputs}
     for n in graph:
         existing.update(o.name for o in n.outputs)
-    def new_input(name, dtype, shape):  # noqa: E306
+
+    def new_input(name, dtype, shape):
         if name in existing:
             raise RewriteError(f"model already has a value named {name!r}; cannot add the paged input")
         v = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
@@ -575,7 +616,7 @@ def rewrite_model(
     block_table = new_input("block_table", ir.DataType.INT32, [batch, "max_blocks"])
     tape = ir.tape.Tape(graph)
     select_all: dict[int, ir.Value] = {}
-    removed_inputs: list[tuple[ir.Value, ir.Value]] = []
+    removed_inputs: list[tuple[ir.Value, AttentionMatch]] = []
     new_outputs: list[ir.Value] = []
     layers_meta = {}
     ucm_outputs: list[ir.Value] = []
@@ -621,11 +662,17 @@ def rewrite_model(
     guards = _drop_empty_row_guards(ucm_outputs)
     if guards:
         report.counts["drop_empty_row_guard"] = guards
+    return tape, removed_inputs, block_table, layers_meta
+
+
+def _drop_contiguous_kv(irm, tape, removed_inputs, block_table, report: RewriteReport) -> None:
+    """Remove the past KV inputs (their shape-only readers get an empty stand-in) and the
+    attention mask (kept only for layers a partial rewrite left on contiguous KV)."""
+    graph = irm.graph
     graph.sort()
     ir_passes.RemoveUnusedNodesPass()(irm)
     _fold_static_shape_reads(graph, [p for p, _ in removed_inputs], tape)
     ir_passes.RemoveUnusedNodesPass()(irm)
-
     for past, m in removed_inputs:
         # an empty [B, Hkv, 0, D] tensor that depends only on block_table (no cycle through attention)
         dims = tape.op("Concat", [tape.op("Shape", [block_table], attributes={"start": 0, "end": 1}),
@@ -648,6 +695,10 @@ def rewrite_model(
             graph.inputs.remove(v)
     ir_passes.RemoveUnusedNodesPass()(irm)
 
+
+def _finish(irm, proto: onnx.ModelProto, opset: int, config: RewriteConfig, report: RewriteReport,
+            layers_meta: dict) -> tuple[onnx.ModelProto, RewriteReport]:
+    """Metadata, the UCM function bodies and opset, the ONNX checker; the report's I/O lists."""
     irm.metadata_props.update({
         "ucm.algorithm": config.algorithm,
         "ucm.block_size": str(config.block_size),
