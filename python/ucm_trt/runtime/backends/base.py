@@ -17,7 +17,7 @@ import torch
 
 from ucm_trt.sparse.policies.base import ModelShape
 
-__all__ = ["Backend", "gather_working_sets", "gathered_table", "step_blocks", "tables_agree"]
+__all__ = ["Backend", "gather_working_sets", "gathered_table", "layer_selection_feed", "step_blocks", "tables_agree"]
 
 
 class Backend(ABC):
@@ -84,3 +84,17 @@ def gathered_table(step, device: torch.device | str = "cpu") -> torch.Tensor:
     """The block table of :func:`gather_working_sets`' pools: ``[b, nb]`` int32, ``r * nb + j``."""
     b, nb = len(step.rows), step_blocks(step)
     return torch.arange(b * nb, dtype=torch.int32, device=device).view(b, nb)
+
+
+def layer_selection_feed(step, layer: int, *, has_input: bool, every_block, model: str):
+    """What a graph layer's ``selection.{layer}`` input gets: the plan's selection, or
+    ``every_block()`` when the plan selects every block (``None``). ``None`` for a layer without a
+    selection input (a ``dense`` rewrite, a dense layer), which a plan that selected blocks cannot
+    reach: ValueError naming ``model`` (e.g. "the engine (built for 'dense')")."""
+    sel = step.selections[layer]
+    if has_input:
+        return every_block() if sel is None else sel
+    if sel is not None:
+        raise ValueError(f"layer {layer} of {model} has no selection input but the policy {step.policy.name!r} "
+                         "selected blocks; rewrite (and build) the model for a block-selecting algorithm")
+    return None

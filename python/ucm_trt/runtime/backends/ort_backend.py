@@ -31,6 +31,7 @@ from ucm_trt.runtime.backends.base import (
     Backend,
     gather_working_sets,
     gathered_table,
+    layer_selection_feed,
     step_blocks,
     tables_agree,
 )
@@ -119,16 +120,13 @@ class OrtBackend(Backend):
         for layer in range(self.shape.num_layers):
             # the pools themselves (no copy) when every layer maps blocks identically (e.g. no offload)
             feeds[f"kv_pool.{layer}"] = (step.kv.pools[layer] if gathered is None else gathered[layer]).numpy()
-            sel = step.selections[layer]
-            if self.has_selection[layer]:
-                if sel is None:
-                    sel = torch.arange(nb, dtype=torch.int32).expand(b, self.shape.num_kv_heads, nb)
+            sel = layer_selection_feed(
+                step, layer, has_input=self.has_selection[layer],
+                every_block=lambda: torch.arange(nb, dtype=torch.int32).expand(b, self.shape.num_kv_heads, nb),
+                model=f"the ONNX model (rewritten for {self.algorithm!r})",
+            )  # fmt: skip
+            if sel is not None:
                 feeds[f"selection.{layer}"] = np.ascontiguousarray(sel.cpu().numpy())
-            elif sel is not None:
-                raise RuntimeError(
-                    f"layer {layer} of the ONNX model (rewritten for {self.algorithm!r}) has no selection input "
-                    f"but the policy {step.policy.name!r} selected blocks; rewrite the model for a sparse algorithm"
-                )
         outs = dict(zip(self._outputs, self.session.run(None, feeds), strict=True))
         hkv, d = self.shape.num_kv_heads, self.shape.head_dim
         for layer in range(self.shape.num_layers):

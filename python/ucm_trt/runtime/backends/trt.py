@@ -34,7 +34,13 @@ from pathlib import Path
 import torch
 
 from ucm_trt.config import ReRoPEConfig
-from ucm_trt.runtime.backends.base import Backend, gather_working_sets, gathered_table, tables_agree
+from ucm_trt.runtime.backends.base import (
+    Backend,
+    gather_working_sets,
+    gathered_table,
+    layer_selection_feed,
+    tables_agree,
+)
 from ucm_trt.sparse.policies.base import ModelShape
 
 __all__ = ["TrtBackend"]
@@ -136,14 +142,11 @@ class TrtBackend(Backend):
         width = table.shape[1]
         for i in range(self.num_layers):
             feeds[f"kv_pool.{i}"] = pools[i]
-            sel = step.selections[i]
-            if f"selection.{i}" in self.inputs:
-                feeds[f"selection.{i}"] = self._all_blocks[:b, :, :width] if sel is None else sel
-            elif sel is not None:
-                raise ValueError(
-                    f"layer {i} of the engine (built for {self.algorithm!r}) has no selection input but the policy "
-                    f"{step.policy.name!r} selected blocks; rewrite and build the model for a sparse algorithm"
-                )
+            sel = layer_selection_feed(step, i, has_input=f"selection.{i}" in self.inputs,
+                                       every_block=lambda: self._all_blocks[:b, :, :width],
+                                       model=f"the engine (built for {self.algorithm!r})")
+            if sel is not None:
+                feeds[f"selection.{i}"] = sel
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
             raise ValueError(f"engine inputs {missing} are not provided by the runtime step")
