@@ -35,8 +35,6 @@ LAYERS: dict[str, int] = {
 #: branch, which owns sparse/policies/_offload.py): (file, imported name)
 PENDING = {
     ("python/ucm_trt/sparse/policies/_offload.py", "ucm_trt.runtime.worker.RetrievalTicket"),
-    ("python/ucm_trt/sparse/policies/base.py", "ucm_trt.runtime.kv.KVManager"),
-    ("python/ucm_trt/sparse/policies/base.py", "ucm_trt.runtime.worker.RetrievalWorker"),
 }
 #: who may import the test oracle (besides tests/): the quality eval, which measures against it
 ORACLE_READERS = {"reference", "eval"}

@@ -30,8 +30,10 @@ generated during decode); the current chunk's tokens are visible regardless.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -39,15 +41,14 @@ from ucm_trt.config import DenseLayers, ReRoPEConfig, SparseConfig
 from ucm_trt.sparse.score import reduce_scores
 from ucm_trt.sparse.select import budget_counts, candidate_mask, select_blocks, select_blocks_by_count
 
-if TYPE_CHECKING:
-    from ucm_trt.runtime.kv import KVManager
-    from ucm_trt.runtime.worker import RetrievalWorker
-
 __all__ = [
+    "KVAccess",
     "ModelShape",
     "Policy",
     "PolicyRuntime",
     "RequestView",
+    "RetrievalTicket",
+    "TaskRunner",
     "extend_selection",
     "select_from_scores",
 ]
@@ -74,14 +75,44 @@ class RequestView:
     step: int  # decode step index: 1 for the first decode step
 
 
+class KVAccess(Protocol):
+    """What a policy reads of the runtime's KV manager (``ucm_trt.runtime.kv.KVManager`` is one):
+    declared here so the policies depend on no runtime module (docs/architecture.md)."""
+
+    layout: Any  # ucm_trt.runtime.kv.KVLayout: block_size, device, dtype, ...
+    pools: Sequence[torch.Tensor]  # per layer [num_blocks, 2, Hkv, block_size, D]
+    guard: Any  # the kernels' IndexGuard, or None
+
+    @property
+    def block_bytes(self) -> int: ...
+
+    def gather_keys(self, rid: str, layer: int, blocks: list[int] | None = None) -> torch.Tensor: ...
+
+
+class RetrievalTicket(Protocol):
+    """A submitted retrieval task (``ucm_trt.runtime.worker.RetrievalTicket`` is one)."""
+
+    future: Future
+
+    def done(self) -> bool: ...
+
+    def result(self) -> Any: ...
+
+
+class TaskRunner(Protocol):
+    """Runs retrieval tasks off the generation loop (``ucm_trt.runtime.worker.RetrievalWorker`` is one)."""
+
+    def submit(self, fn: Callable[[], Any], *, what: str) -> RetrievalTicket: ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class PolicyRuntime:
     """What the runtime lends a policy at bind time."""
 
     shape: ModelShape
     sparse: SparseConfig
-    kv: KVManager
-    worker: RetrievalWorker
+    kv: KVAccess
+    worker: TaskRunner
     device: torch.device
 
 
