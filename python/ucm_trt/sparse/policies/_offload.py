@@ -41,9 +41,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ucm_trt.runtime.worker import RetrievalTicket
 from ucm_trt.sparse.batched import BlockRepStore, extend_selections
-from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView
+from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView, RetrievalTicket
 from ucm_trt.sparse.turnover import DriftingQuery, QueryDrift, calibrate_persistence, turnover_counts
 
 __all__ = [
