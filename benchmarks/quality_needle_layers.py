@@ -24,7 +24,7 @@ from ucm_trt.eval.grid import build_grid_prompt  # noqa: E402
 from ucm_trt.models import forward_with_capture, haystack_text, load_smollm2  # noqa: E402
 from ucm_trt.sparse.policies._reps import host_scores, host_vote_scores  # noqa: E402
 from ucm_trt.sparse.recall import oracle_selection  # noqa: E402
-from ucm_trt.sparse.repr import block_mean, block_minmax, tokens_to_blocks  # noqa: E402
+from ucm_trt.sparse.representations import block_mean, block_minmax, tokens_to_blocks  # noqa: E402
 from ucm_trt.sparse.score import reduce_scores  # noqa: E402
 from ucm_trt.sparse.select import select_blocks  # noqa: E402
 

@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sparse_methods:
         from ucm_trt.eval.methods import METHODS, MethodContext, make_selector
         from ucm_trt.eval.sparse_lm import PrefixCache, SparseRun, greedy_generate
-        from ucm_trt.sparse.repr import HashEncoder
+        from ucm_trt.sparse.representations import HashEncoder
 
         ratio = args.ratios[0]
         print()

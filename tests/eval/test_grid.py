@@ -139,7 +139,7 @@ def test_vote_method_of_the_eval_scores_like_the_policies():
 
     from ucm_trt.eval.methods import MethodContext, block_scores, make_selector
     from ucm_trt.sparse.policies._reps import host_layer_vote_scores
-    from ucm_trt.sparse.repr import block_mean, tokens_to_blocks
+    from ucm_trt.sparse.representations import block_mean, tokens_to_blocks
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 4, 8, generator=g)  # 3 queries, 4 heads

@@ -8,7 +8,7 @@ import torch
 from ucm_trt.eval.methods import BASELINES, METHODS, MethodContext, make_selector
 from ucm_trt.eval.sparse_lm import SparseRun, continuation_nll, greedy_generate, prefill
 from ucm_trt.sparse.recall import attention_mass_recall
-from ucm_trt.sparse.repr import HashEncoder
+from ucm_trt.sparse.representations import HashEncoder
 from ucm_trt.sparse.select import selection_mask
 
 

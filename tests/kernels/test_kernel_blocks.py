@@ -1,6 +1,6 @@
 """KV append + representation update, GPU retrieval (scores, top-k) and delta-RoPE kernels.
 
-References: ucm_trt.sparse.repr (block_mean, block_minmax, block_hash_codes, HashEncoder,
+References: ucm_trt.sparse.representations (block_mean, block_minmax, block_hash_codes, HashEncoder,
 unpack_bits), ucm_trt.sparse.select.select_blocks_by_count (top-k with forced windows) and
 ucm_trt.reference.delta_rope. Block scores (Hamming min-over-tokens, dot with the mean, Quest
 bound) are recomputed here with small independent torch code, because ucm_trt.sparse.score had
@@ -23,7 +23,7 @@ from ucm_trt.kernels import (
     hash_retrieve,
     quest_block_scores,
 )
-from ucm_trt.sparse import repr as rp
+from ucm_trt.sparse import representations as rp
 from ucm_trt.sparse.select import select_blocks_by_count
 from ucm_trt.testing.tolerances import tolerances_for
 

@@ -19,7 +19,7 @@ from ucm_trt.kernels.fused_retrieval import (
     quest_retrieve,
 )
 from ucm_trt.kernels.guard import IndexGuard, IndexOutOfRangeError
-from ucm_trt.sparse import repr as rp
+from ucm_trt.sparse import representations as rp
 from ucm_trt.sparse.score import dot_scores, hamming_scores, quest_scores, reduce_scores
 from ucm_trt.sparse.select import select_blocks_by_count
 

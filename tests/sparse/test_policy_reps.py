@@ -20,7 +20,7 @@ from ucm_trt.sparse.policies._reps import (
     layer_view,
 )
 from ucm_trt.sparse.policies.base import ModelShape, PolicyRuntime
-from ucm_trt.sparse.repr import block_lens_from_seq_lens, block_mean, block_minmax
+from ucm_trt.sparse.representations import block_lens_from_seq_lens, block_mean, block_minmax
 from ucm_trt.sparse.score import dot_scores, quest_scores
 
 

@@ -23,7 +23,7 @@ from ucm_trt.sparse.policies.base import (
     select_from_scores,
 )
 from ucm_trt.sparse.policies.kvstar import KVStarRequestState, PreparedVote
-from ucm_trt.sparse.repr import SubBlockRepr, block_lens_from_seq_lens, block_mean, kvstar_subblock
+from ucm_trt.sparse.representations import SubBlockRepr, block_lens_from_seq_lens, block_mean, kvstar_subblock
 from ucm_trt.sparse.score import dot_scores, kvstar_vote_scores
 from ucm_trt.sparse.select import candidate_mask
 

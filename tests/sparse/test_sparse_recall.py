@@ -17,7 +17,7 @@ from ucm_trt.sparse.recall import (
     oracle_selection,
     recall_curve,
 )
-from ucm_trt.sparse.repr import block_mean, kvstar_subblock, tokens_to_blocks
+from ucm_trt.sparse.representations import block_mean, kvstar_subblock, tokens_to_blocks
 from ucm_trt.sparse.score import dot_scores, kvstar_vote_scores, reduce_scores
 from ucm_trt.sparse.select import (
     candidate_mask,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ucm_trt.config import KVStarConfig
-from ucm_trt.sparse.repr import (
+from ucm_trt.sparse.representations import (
     BlockReprState,
     HashEncoder,
     attention_token_weights,

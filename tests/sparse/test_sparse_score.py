@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucm_trt.sparse.repr import (
+from ucm_trt.sparse.representations import (
     HashEncoder,
     SubBlockRepr,
     block_hash_codes,

@@ -13,7 +13,7 @@ from ucm_trt.sparse.batched import BlockRepStore
 from ucm_trt.sparse.policies import ESAPolicy, GSAPolicy
 from ucm_trt.sparse.policies.base import ModelShape, PolicyRuntime
 from ucm_trt.sparse.policies.esa import sub_block_scores
-from ucm_trt.sparse.repr import block_lens_from_seq_lens, block_mean, block_submeans
+from ucm_trt.sparse.representations import block_lens_from_seq_lens, block_mean, block_submeans
 
 
 def test_block_submeans_equal_a_token_loop():

@@ -37,7 +37,7 @@ import torch
 
 from ucm_trt._validation import FLOAT_DTYPES, INT_DTYPES, check_tensor
 from ucm_trt.config import Budget, KVStarConfig, SparseConfig
-from ucm_trt.sparse import repr as R
+from ucm_trt.sparse import representations as R
 from ucm_trt.sparse import score as S
 from ucm_trt.sparse.recall import SCORING_FOR_REPRESENTATION, oracle_selection
 from ucm_trt.sparse.select import budget_counts, candidate_mask, select_blocks, select_blocks_by_count
@@ -172,7 +172,7 @@ def block_scores(
         tokens of one chunk).
     k_blocks, block_lens:
         The sequence's K as blocks ``[nb, Hkv, bs, D]`` and valid tokens per block ``[nb]``
-        (:func:`ucm_trt.sparse.repr.tokens_to_blocks`).
+        (:func:`ucm_trt.sparse.representations.tokens_to_blocks`).
     ctx:
         Side data (hash encoder, KVStar settings, observation weights).
     block_mask:

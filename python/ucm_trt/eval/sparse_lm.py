@@ -67,7 +67,7 @@ class SparseRun:
         Layers that run dense (diffuse layers, DESIGN §5).
     observe_window:
         In a dense prefill call (no cached context), record per layer the attention mass that the
-        last ``observe_window`` queries give each key (:func:`ucm_trt.sparse.repr.attention_token_weights`)
+        last ``observe_window`` queries give each key (:func:`ucm_trt.sparse.representations.attention_token_weights`)
         into ``observed[layer]`` (``[B, Hkv, T]``); 0 records nothing. Used by ``weighted_mean``.
     kept_blocks, total_blocks:
         Filled in during the forward: selected and valid blocks summed over calls, batch rows and KV
@@ -130,7 +130,7 @@ def _sparse_eval_attention(
     layer = getattr(module, "layer_idx", None)
     tq, tk = query.shape[2], key.shape[2]
     if run is not None and run.observe_window and tq == tk:
-        from ucm_trt.sparse.repr import attention_token_weights
+        from ucm_trt.sparse.representations import attention_token_weights
 
         w = min(run.observe_window, tq)
         run.observed[layer] = attention_token_weights(query[:, :, -w:], key, scale=kwargs.get("scaling"))

@@ -405,7 +405,7 @@ def run_recall_sweep(
 
 def _contexts(prefix: Any, cfg: AccuracyConfig, head_dim: int):
     from ucm_trt.config import KVStarConfig
-    from ucm_trt.sparse.repr import HashEncoder
+    from ucm_trt.sparse.representations import HashEncoder
 
     enc = HashEncoder.random(head_dim, head_dim, seed=cfg.seed)
     kv = KVStarConfig()

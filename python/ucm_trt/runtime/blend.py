@@ -36,7 +36,7 @@ import torch
 
 from ucm_trt import algorithms as registry
 from ucm_trt.config import BlendConfig
-from ucm_trt.runtime.generation import Engine, SamplingParams, TokenCallback, _check_prompt, _Request
+from ucm_trt.runtime.engine import Engine, SamplingParams, TokenCallback, _check_prompt, _Request
 from ucm_trt.runtime.kv import StepTransfer
 from ucm_trt.runtime.torch_attention import rope_rotate
 from ucm_trt.sparse.policies.base import RequestView
@@ -78,7 +78,7 @@ class ChunkCache:
 
 
 class BlendRunner:
-    """Chunk-KV reuse on top of an :class:`~ucm_trt.runtime.generation.Engine` (PyTorch backend)."""
+    """Chunk-KV reuse on top of an :class:`~ucm_trt.runtime.engine.Engine` (PyTorch backend)."""
 
     def __init__(self, engine: Engine, config: BlendConfig) -> None:
         if not isinstance(engine, Engine):

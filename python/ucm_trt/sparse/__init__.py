@@ -2,7 +2,7 @@
 
 Batched torch on CPU or GPU tensors, float32 math internally.
 
-- :mod:`ucm_trt.sparse.repr`   block representations of K (mean, min-max, hash codes, first token,
+- :mod:`ucm_trt.sparse.representations`   block representations of K (mean, min-max, hash codes, first token,
   attention-weighted mean, KVStar sub-blocks) and their incremental update
 - :mod:`ucm_trt.sparse.score`  block scores (ESA dot, Quest bound, Hamming, KVStar voting)
 - :mod:`ucm_trt.sparse.select` selection with forced sink/local windows and a budget (DESIGN §3 format)
@@ -25,7 +25,7 @@ from ucm_trt.sparse.recall import (
     oracle_selection,
     recall_curve,
 )
-from ucm_trt.sparse.repr import (
+from ucm_trt.sparse.representations import (
     BlockReprState,
     HashEncoder,
     SubBlockRepr,

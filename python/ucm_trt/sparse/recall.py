@@ -33,7 +33,7 @@ from ucm_trt._validation import (
     check_tensor,
 )
 from ucm_trt.config import REPRESENTATIONS, SCORING_REPRESENTATIONS, Budget, KVStarConfig, SparseConfig
-from ucm_trt.sparse.repr import (
+from ucm_trt.sparse.representations import (
     HashEncoder,
     attention_token_weights,
     block_first,

@@ -29,7 +29,7 @@ import torch
 
 from ucm_trt._validation import FLOAT_DTYPES, INT_DTYPES, check_gqa, check_same_device, check_tensor
 from ucm_trt.config import SCORINGS
-from ucm_trt.sparse.repr import HashEncoder, SubBlockRepr
+from ucm_trt.sparse.representations import HashEncoder, SubBlockRepr
 
 __all__ = [
     "group_mean_query",
@@ -133,7 +133,7 @@ def hamming_distances(q_codes: torch.Tensor, k_codes: torch.Tensor, block_lens: 
     """Block distance ``[B, Hkv, nb]`` (float32): min over the block's valid tokens of ``popcount(q ^ k)``.
 
     ``q_codes`` uint8 ``[B, Hkv, nbytes]``; ``k_codes`` uint8 ``[B, nb, Hkv, bs, nbytes]`` or
-    ``[nb, Hkv, bs, nbytes]`` (from :func:`~ucm_trt.sparse.repr.block_hash_codes`); ``block_lens``
+    ``[nb, Hkv, bs, nbytes]`` (from :func:`~ucm_trt.sparse.representations.block_hash_codes`); ``block_lens``
     ``[B, nb]`` or ``[nb]`` to match. Invalid tokens count as ``+inf``, so an empty block is ``+inf``.
     Smaller is better.
     """

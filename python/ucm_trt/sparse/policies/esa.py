@@ -32,7 +32,7 @@ from ucm_trt.sparse.batched import BlockRepStore, batched_dot_scores, select_bat
 from ucm_trt.sparse.policies._offload import OffloadPolicy, OffloadRequestState
 from ucm_trt.sparse.policies._reps import host_layer_vote_scores, host_vote_scores
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
-from ucm_trt.sparse.repr import block_lens_from_seq_lens, block_submeans
+from ucm_trt.sparse.representations import block_lens_from_seq_lens, block_submeans
 from ucm_trt.sparse.score import dot_scores
 
 __all__ = ["ESAPolicy", "sub_block_layer_scores", "sub_block_scores", "sub_blocks_per_block"]
@@ -61,7 +61,7 @@ def sub_blocks_per_block(name: str, sub_block_tokens: int | None, block_size: in
 
 def sub_block_scores(q: torch.Tensor, reps: torch.Tensor, sub_blocks: int, vote: bool) -> torch.Tensor:
     """Block scores of every layer ``[L, Hkv, nb]`` from ``q [L, Hq, D]`` and a store of ``nb * sub_blocks``
-    sub-block means ``[L, Hkv, D, nb * sub_blocks]`` (block-major, :func:`~ucm_trt.sparse.repr.block_submeans`).
+    sub-block means ``[L, Hkv, D, nb * sub_blocks]`` (block-major, :func:`~ucm_trt.sparse.representations.block_submeans`).
 
     ``vote=False``: upstream's dot product of the group-averaged query with every sub-block mean, a block
     scoring its best sub-block (the max; ``sub_blocks = 1``: the block mean's dot product, upstream ESA).

@@ -37,7 +37,7 @@ from ucm_trt.sparse.policies.esa import (
     sub_block_scores,
     sub_blocks_per_block,
 )
-from ucm_trt.sparse.repr import block_submeans
+from ucm_trt.sparse.representations import block_submeans
 
 __all__ = ["GSAPolicy"]
 

@@ -28,7 +28,7 @@ import torch
 
 from ucm_trt.config import GSAOnDeviceConfig
 from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView
-from ucm_trt.sparse.repr import HashEncoder, block_lens_from_seq_lens
+from ucm_trt.sparse.representations import HashEncoder, block_lens_from_seq_lens
 from ucm_trt.sparse.score import hamming_scores, reduce_scores
 from ucm_trt.sparse.select import select_blocks_by_count
 

@@ -2,7 +2,7 @@
 
 * Prefill end, per layer: channel pruning (the ``KVStarConfig.kept_channels(D)`` channels with the
   largest mean |K| over the prompt, per KV head) and token merge (every ``token_merge`` tokens of
-  a block averaged), i.e. :func:`ucm_trt.sparse.repr.kvstar_subblock`, kept on the host in fp16.
+  a block averaged), i.e. :func:`ucm_trt.sparse.representations.kvstar_subblock`, kept on the host in fp16.
   The queries of the last ``R`` prompt tokens form the "prefill" voting group; the first
   selection is retrieved from it synchronously.
 * Score: multi-query softmax voting (:func:`ucm_trt.sparse.score.kvstar_vote_scores`): each query
@@ -31,7 +31,7 @@ from ucm_trt.config import KVStarConfig
 from ucm_trt.sparse.batched import select_batched
 from ucm_trt.sparse.policies._offload import OffloadPolicy, OffloadRequestState, RetrievalConfig
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
-from ucm_trt.sparse.repr import SubBlockRepr, block_lens_from_seq_lens, kvstar_subblock
+from ucm_trt.sparse.representations import SubBlockRepr, block_lens_from_seq_lens, kvstar_subblock
 from ucm_trt.sparse.select import candidate_mask
 
 __all__ = ["KVStarPolicy", "KVStarRequestState", "PreparedVote"]

@@ -2,7 +2,7 @@
 
 ``Engine`` owns the KV manager (pools, tables, host store, working sets), the retrieval worker,
 the policy and every per-step buffer; all are allocated once at construction at the sizes of
-:class:`~ucm_trt.runtime.plan.RuntimeConfig` (plan/run style). A step is either one prefill chunk
+:class:`~ucm_trt.runtime.config.RuntimeConfig` (plan/run style). A step is either one prefill chunk
 of one request or one decode token for every running request:
 
 ``plan``  policy selections -> working-set delta prefetch -> block tables, slots, selections
@@ -29,10 +29,10 @@ import torch
 from ucm_trt import algorithms as registry
 from ucm_trt.config import SparseConfig
 from ucm_trt.runtime.backends.base import Backend
+from ucm_trt.runtime.config import RuntimeConfig
 from ucm_trt.runtime.cuda_graph import SELECTION_WIDTH_BUCKET, DecodeGraphs
 from ucm_trt.runtime.kv import KVLayout, KVManager, StepTransfer
 from ucm_trt.runtime.metrics import RuntimeMetrics, StepRecord
-from ucm_trt.runtime.plan import RuntimeConfig
 from ucm_trt.runtime.step import StepContext
 from ucm_trt.runtime.worker import RetrievalWorker
 from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView, extend_selection
@@ -143,7 +143,7 @@ class Engine:
     sparse:
         Block size, windows, budget, scoring (:class:`~ucm_trt.config.SparseConfig`).
     config:
-        Maximum sizes (:class:`~ucm_trt.runtime.plan.RuntimeConfig`).
+        Maximum sizes (:class:`~ucm_trt.runtime.config.RuntimeConfig`).
     """
 
     def __init__(
