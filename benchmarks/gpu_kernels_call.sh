@@ -4,19 +4,10 @@
 # kernel benchmark, then the kernel GPU tests with the time left. Everything under $OUT; tables printed last.
 #   run with carry [".whl"]:  bash benchmarks/gpu_kernels_call.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD/python:$PWD" PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/_gpu_env.sh"
 T0=$(date +%s)
 left() { echo $(( ${BUDGET_S:-570} - ($(date +%s) - T0) )); }
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv,noheader 2>/dev/null || true
-if compgen -G ".whl/flashinfer_python-*.whl" >/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ucm-site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/ucm-site" || echo "installing .whl/*.whl failed"
-fi
 t0=$(date +%s)
 timeout "${BENCH_S:-320}" $PY benchmarks/bench_kernels.py --out "$OUT" --max-minutes "${BENCH_MIN:-4}" ${BENCH_ARGS:-} \
   > "$OUT/bench_kernels.log" 2>&1

@@ -7,17 +7,8 @@
 #   3. the capacity wall (SUITE=capacity of gpu_suite.sh: its gpu tests, then bench_capacity.py for both shapes).
 #   run with carry [".whl", ".carry/a"]:  bash benchmarks/gpu_offload_call.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD/python:$PWD" PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/_gpu_env.sh"
 if [[ -f .carry/a/p1 ]]; then mkdir -p ~/smol && cp .carry/a/* ~/smol/ && echo "SmolLM2 part 1 stored in ~/smol"; fi
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-if compgen -G ".whl/flashinfer_python-*.whl" >/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ucm-site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/ucm-site" || echo "installing .whl/*.whl failed"
-fi
 t0=$(date +%s)
 timeout "${KERNELS_S:-100}" $PY benchmarks/bench_kernels.py --out "$OUT" --contexts 131072 --batches 1 8 \
   --block-sizes 64 --budgets 0.125 --odd-head-dims --skip-retrieval --reps 30 > "$OUT/bench_kernels.log" 2>&1

@@ -19,7 +19,6 @@ from ucm_trt.sparse.policies._reps import (
     host_vote_scores,
     layer_view,
 )
-from ucm_trt.sparse.policies.base import ModelShape, PolicyRuntime
 from ucm_trt.sparse.representations import block_lens_from_seq_lens, block_mean, block_minmax
 from ucm_trt.sparse.score import dot_scores, quest_scores
 
@@ -91,25 +90,19 @@ def test_vote_lets_one_sharp_head_win_over_broad_heads():
     assert int(host_vote_scores(q, reps)[0, 0].argmax()) == 4
 
 
-def _bind(policy, layers, hq, hkv, d, sparse):
-    shape = ModelShape(num_layers=layers, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, rope_theta=1e4,
-                       max_positions=1 << 16)
-    policy.bind(PolicyRuntime(shape=shape, sparse=sparse, kv=None, worker=None, device=torch.device("cpu")))
-    return policy
-
 
 @pytest.mark.parametrize("vote", [False, True])
 @pytest.mark.parametrize("selection", ["shared", "per_head"])
-def test_esa_gsa_batched_selection_equals_per_layer(selection, vote):
+def test_esa_gsa_batched_selection_equals_per_layer(selection, vote, bind_policy):
     q, k, lens = _case(11, layers=3, hq=8, hkv=2, d=16, nb=23, bs=8)
     layers, nb, hkv = k.shape[0], k.shape[1], k.shape[2]
     sparse = SparseConfig(block_size=8, budget=Budget.ratio(0.25), selection=selection)
     store = BlockRepStore(num_layers=layers, num_kv_heads=hkv, head_dim=16)
     store.append(torch.stack([block_mean(x, lens) for x in k]))
     per = [store.layer(layer) for layer in range(layers)]
-    esa = _bind(ESAPolicy(vote=vote), layers, 8, hkv, 16, sparse)
+    esa = bind_policy(ESAPolicy(vote=vote), layers, 8, hkv, 16, sparse)
     got = esa._select_all(store.reps(), nb, q)
-    gsa = _bind(GSAPolicy(prefetch_blocks=1, vote=vote), layers, 8, hkv, 16, sparse)
+    gsa = bind_policy(GSAPolicy(prefetch_blocks=1, vote=vote), layers, 8, hkv, 16, sparse)
     got_gsa = gsa._select_all(store.reps(), nb, q)
     for layer in range(layers):
         want = esa._select(per, nb, list(q), layer)

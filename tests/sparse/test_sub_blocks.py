@@ -11,7 +11,6 @@ import torch
 from ucm_trt.config import Budget, SparseConfig
 from ucm_trt.sparse.batched import BlockRepStore
 from ucm_trt.sparse.policies import ESAPolicy, GSAPolicy
-from ucm_trt.sparse.policies.base import ModelShape, PolicyRuntime
 from ucm_trt.sparse.policies.esa import sub_block_scores
 from ucm_trt.sparse.representations import block_lens_from_seq_lens, block_mean, block_submeans
 
@@ -48,16 +47,10 @@ def test_sub_block_scores_max_and_mass():
     torch.testing.assert_close(vote.sum(-1), torch.full((L, hkv), float(hq // hkv)))  # every head: one unit
 
 
-def _bind(policy, layers, hq, hkv, d, sparse):
-    shape = ModelShape(num_layers=layers, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, rope_theta=1e4,
-                       max_positions=1 << 16)
-    policy.bind(PolicyRuntime(shape=shape, sparse=sparse, kv=None, worker=None, device=torch.device("cpu")))
-    return policy
-
 
 @pytest.mark.parametrize("vote", [False, True])
 @pytest.mark.parametrize("selection", ["shared", "per_head"])
-def test_sub_block_batched_selection_equals_per_layer(selection, vote):
+def test_sub_block_batched_selection_equals_per_layer(selection, vote, bind_policy):
     g = torch.Generator().manual_seed(11)
     layers, hq, hkv, d, nb, bs, sb = 3, 8, 2, 16, 23, 8, 4
     k = torch.randint(-4, 5, (layers, nb, hkv, bs, d), generator=g).float()
@@ -69,7 +62,7 @@ def test_sub_block_batched_selection_equals_per_layer(selection, vote):
     per = [store.layer(layer) for layer in range(layers)]
     for policy in (ESAPolicy(vote=vote, sub_block_tokens=bs // sb),
                    GSAPolicy(prefetch_blocks=1, vote=vote, sub_block_tokens=bs // sb)):
-        p = _bind(policy, layers, hq, hkv, d, sparse)
+        p = bind_policy(policy, layers, hq, hkv, d, sparse)
         assert p.sub_blocks == sb
         got = p._select_all(store.reps(), nb, q)
         for layer in range(layers):
@@ -95,9 +88,9 @@ def test_sub_blocks_find_a_short_needle_the_block_mean_dilutes():
 
 
 @pytest.mark.parametrize("policy", [ESAPolicy, GSAPolicy])
-def test_sub_block_tokens_are_checked(policy):
+def test_sub_block_tokens_are_checked(policy, bind_policy):
     with pytest.raises(ValueError, match="sub_block_tokens must be None or an int >= 1"):
         policy(sub_block_tokens=0)
     with pytest.raises(ValueError, match="must divide SparseConfig.block_size"):
-        _bind(policy(sub_block_tokens=3), 1, 2, 1, 8, SparseConfig(block_size=16))
-    assert _bind(policy(), 1, 2, 1, 8, SparseConfig(block_size=16)).sub_blocks == 1
+        bind_policy(policy(sub_block_tokens=3), 1, 2, 1, 8, SparseConfig(block_size=16))
+    assert bind_policy(policy(), 1, 2, 1, 8, SparseConfig(block_size=16)).sub_blocks == 1

@@ -376,18 +376,25 @@ def format_matrix(rows: Sequence[dict]) -> str:
         methods = sorted({(r["algorithm"], r["budget"]) for r in rs}, key=lambda m: (m[0] != "dense", m[0], m[1] or 0))
         out.append(f"{task:<22}" + "".join(f"{_klabel(n):>8}" for n in lengths))
         for algo, b in methods:
-            cells = []
-            for n in lengths:
-                r = next((x for x in rs if x["algorithm"] == algo and x["budget"] == b and x["context_len"] == n), None)
-                if r is None:
-                    cells.append("-")
-                elif algo == "dense":
-                    cells.append(f"{r['dense_correct']}/{r['n']}")
-                else:
-                    cells.append("-" if r["agree_with_dense"] is None else f"{r['agree_with_dense']:.2f}")
+            cells = _grid_cells(rs, algo, b, lengths)
             label = algo if b is None else f"{algo} @{b:g}"
             out.append(f"  {label:<20}" + "".join(f"{c:>8}" for c in cells))
     return "\n".join(out)
+
+
+def _grid_cells(rows: Sequence[dict], algo: str, budget: float | None, lengths: Sequence[int]) -> list[str]:
+    """One table row's cells, a column per context length: ``dense_correct/n`` on the dense row, else
+    ``agree_with_dense``; ``-`` where there is no row or no agreement."""
+    cells = []
+    for n in lengths:
+        r = next((x for x in rows if x["algorithm"] == algo and x["budget"] == budget and x["context_len"] == n), None)
+        if r is None:
+            cells.append("-")
+        elif algo == "dense":
+            cells.append(f"{r['dense_correct']}/{r['n']}")
+        else:
+            cells.append("-" if r["agree_with_dense"] is None else f"{r['agree_with_dense']:.2f}")
+    return cells
 
 
 def markdown_grid(rows: Sequence[dict], *, budget: float | None = None) -> str:
@@ -404,16 +411,7 @@ def markdown_grid(rows: Sequence[dict], *, budget: float | None = None) -> str:
         out.append("| method | budget | " + " | ".join(_klabel(n) for n in lengths) + " |")
         out.append("|---|---|" + "---|" * len(lengths))
         for algo, b in methods:
-            cells = []
-            for n in lengths:
-                r = next((x for x in rs if x["algorithm"] == algo and x["budget"] == b and x["context_len"] == n), None)
-                if r is None:
-                    cells.append("-")
-                elif algo == "dense":
-                    cells.append(f"{r['dense_correct']}/{r['n']}")
-                else:
-                    a = r["agree_with_dense"]
-                    cells.append("-" if a is None else f"{a:.2f}")
+            cells = _grid_cells(rs, algo, b, lengths)
             out.append(f"| {algo} | {'-' if b is None else f'{b:g}'} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
