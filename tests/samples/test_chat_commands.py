@@ -155,8 +155,8 @@ def test_stats_line_names_every_quantity():
     line = _stats().line()
     assert "\n" not in line
     for part in ("[stats] torch/cpu:reference", "esa@0.25", "prompt 345 tok", "prefill 1.23 s", "decode 6 tok",
-                 "4.6 tok/s", "blocks/step 7.5/22.0 (34%)", "retrieval 12.5 ms/4 tasks", "moved h2d 3.0 MB d2h 2.0 KB",
-                 "KV held 5.0 MB (dense 15.0 MB)"):
+                 "4.6 tok/s", "blocks/step 7.5/22.0 (34%)", "retrieval 12.5 ms/4 tasks", "moved h2d 3.0 MiB d2h 2.0 KiB",
+                 "KV held 5.0 MiB (dense 15.0 MiB)"):
         assert part in line, (part, line)
     dense = _stats(algorithm="dense", budget=None, blocks_selected=None, selected_fraction=None, retrieval_tasks=0,
                    decode_tokens_per_s=None).line()
@@ -166,7 +166,7 @@ def test_stats_line_names_every_quantity():
 
 def test_format_bytes():
     assert [format_bytes(x) for x in (0, 1023, 1024, 1536 * 1024, 3 * 1024**3)] == [
-        "0 B", "1023 B", "1.0 KB", "1.5 MB", "3.0 GB"]
+        "0 B", "1023 B", "1.0 KiB", "1.5 MiB", "3.0 GiB"]
 
 
 class _ByteTokenizer:

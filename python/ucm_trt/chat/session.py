@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ucm_trt import algorithms
 from ucm_trt.chat._names import CHAT_ALGORITHMS, not_in_chat
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 #: algorithms whose selection size the budget ratio sets
-BUDGETED_ALGORITHMS: tuple[str, ...] = ("esa", "gsa", "gsa-on-device", "kvstar")
+BUDGETED_ALGORITHMS: tuple[str, ...] = tuple(n for n in algorithms.names() if algorithms.get(n).budgeted)
 
 
 class ChatError(ValueError):
@@ -246,10 +247,11 @@ class TurnResult:
 
 
 def format_bytes(n: int | float | None) -> str:
+    """``n`` bytes in binary units (KiB, MiB, GiB: powers of 1024, named as such)."""
     if n is None:
         return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
