@@ -154,6 +154,17 @@ class Engine:
         sparse: SparseConfig | None = None,
         config: RuntimeConfig | None = None,
     ) -> None:
+        policy, sparse, config = self._checked_args(backend, policy, sparse, config)
+        self._refuse_incompatible(backend, policy, sparse, config)
+        self.backend, self.policy, self.sparse, self.config = backend, policy, sparse, config
+        self.shape = backend.shape
+        self._build_kv()
+        self._allocate_step_buffers()
+        self._init_scheduler()
+
+    @staticmethod
+    def _checked_args(backend, policy, sparse, config) -> tuple[Policy, SparseConfig, RuntimeConfig]:
+        """The arguments' types, with the defaults filled in (dense policy, default configs)."""
         if not isinstance(backend, Backend):
             raise TypeError(f"backend must be a ucm_trt Backend, got {type(backend).__name__}")
         policy = DensePolicy() if policy is None else policy
@@ -165,6 +176,12 @@ class Engine:
         config = RuntimeConfig() if config is None else config
         if not isinstance(config, RuntimeConfig):
             raise TypeError(f"config must be a RuntimeConfig, got {type(config).__name__}")
+        return policy, sparse, config
+
+    @staticmethod
+    def _refuse_incompatible(backend: Backend, policy: Policy, sparse: SparseConfig, config: RuntimeConfig) -> None:
+        """What this combination cannot serve: positions beyond the model's, a block size other than
+        the rewritten model's, the registry's rules (backend, rewritten model, query window), graphs."""
         shape = backend.shape
         if policy.rerope is None and config.max_seq_len > shape.max_positions:
             raise ValueError(
@@ -176,29 +193,29 @@ class Engine:
                 f"SparseConfig.block_size ({sparse.block_size}) must equal the block size the backend's model "
                 f"was built for ({backend.block_size})"
             )
-        # what the algorithm cannot serve (backend, rewritten model, query window): the registry's rules
-        width = max(1, policy.query_window)
         registry.check_backend(policy.name, backend.kind,
                                in_layer_selection=type(policy).layer_selection is not Policy.layer_selection)
         registry.check_graph_model(policy.name, model_algorithm=backend.algorithm, model_rerope=backend.rerope,
                                    policy_rerope=policy.rerope)
-        registry.check_query_window(policy.name, width, backend=backend.kind, most=backend.max_query_window,
-                                    prefill_chunk=config.prefill_chunk)
+        registry.check_query_window(policy.name, max(1, policy.query_window), backend=backend.kind,
+                                    most=backend.max_query_window, prefill_chunk=config.prefill_chunk)
         if config.cuda_graph is True and not backend.supports_cuda_graph:
             raise ValueError(
                 f"RuntimeConfig.cuda_graph=True, but {type(backend).__name__} cannot capture its decode step "
                 "(CUDA graphs need the PyTorch backend on a CUDA device with attention='triton' and "
                 "validate=False); use cuda_graph=None (auto) or False"
             )
-        self.backend, self.policy, self.sparse, self.config = backend, policy, sparse, config
-        self.shape = shape
-        dev = backend.device
-        bs = sparse.block_size
+
+    def _build_kv(self) -> None:
+        """The KV manager (device pools, host store when the policy offloads), the index guard, the
+        retrieval worker, and the policy bound to them."""
+        shape, config, policy, dev = self.shape, self.config, self.policy, self.backend.device
+        bs = self.sparse.block_size
         max_blocks = config.max_blocks(bs)
         n_dev = config.num_device_blocks or config.max_batch * max_blocks + 1
         n_host = (config.num_host_blocks or config.max_batch * max_blocks) if policy.offload else 0
         layout = KVLayout(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
-                          block_size=bs, dtype=backend.kv_dtype, device=dev)
+                          block_size=bs, dtype=self.backend.kv_dtype, device=dev)
         # one device flag for the Triton kernels' out-of-range ids (block copies, attention): set
         # without a sync, read with the step's one device-to-host copy (_check_guard)
         self.guard = _index_guard(dev) if dev.type == "cuda" else None
@@ -207,10 +224,15 @@ class Engine:
                             overlap=config.overlap_loads, load_method=config.load_method,
                             time_copies=config.time_loads and dev.type == "cuda", guard=self.guard)
         self.worker = RetrievalWorker(config.retrieval_threads)
-        policy.bind(PolicyRuntime(shape=shape, sparse=sparse, kv=self.kv, worker=self.worker, device=dev))
-        # -- per-step buffers, allocated once (device + host mirrors; pinned on CUDA)
+        policy.bind(PolicyRuntime(shape=shape, sparse=self.sparse, kv=self.kv, worker=self.worker, device=dev))
+
+    def _allocate_step_buffers(self) -> None:
+        """Per-step buffers, allocated once: device tensors and their host mirrors (pinned on CUDA)."""
+        shape, config, dev = self.shape, self.config, self.backend.device
         pin = dev.type == "cuda"
         L, B, H = shape.num_layers, config.max_batch, shape.num_kv_heads
+        max_blocks = config.max_blocks(self.sparse.block_size)
+        width = max(1, self.policy.query_window)
         tok = config.prefill_chunk + width  # the last prefill chunk may absorb a short remainder
         self._capture_width = width
         self._ids = torch.zeros(B, tok, dtype=torch.long, device=dev)
@@ -229,12 +251,15 @@ class Engine:
         self._capture = torch.zeros(L, B, shape.num_q_heads, width, shape.head_dim, dtype=torch.float32, device=dev)
         # host copy of the captured queries (pinned on CUDA), only for policies that read them
         # (their after_step is not the base no-op): a non-blocking copy per decode step
-        self._host_queries = type(policy).after_step is not Policy.after_step
+        self._host_queries = type(self.policy).after_step is not Policy.after_step
         # [B, L, Hq, D]: a step's rows are one contiguous slice, so the copy lands directly in it
         self._capture_h = torch.zeros(B, L, shape.num_q_heads, shape.head_dim, dtype=torch.float32,
                                       pin_memory=pin) if self._host_queries else None
         self._arange = torch.arange(max_blocks, dtype=torch.int32)
-        # -- requests
+
+    def _init_scheduler(self) -> None:
+        """Request queues, metrics, the decode graphs and the caches of the last step's plan."""
+        config, backend = self.config, self.backend
         self._requests: dict[str, _Request] = {}
         self._waiting: deque[str] = deque()
         self._prefilling: str | None = None
@@ -244,9 +269,10 @@ class Engine:
         use_graphs = config.cuda_graph is not False and backend.supports_cuda_graph
         self._graphs = DecodeGraphs(backend, max_graphs=config.max_cuda_graphs) if use_graphs else None
         self._eager_decode_steps = 0
-        # per request and layer: (selection tensor, its version, its blocks) of the last plan
-        self._needed_cache: dict[str, dict[int, tuple[torch.Tensor, int, np.ndarray]]] = {}
-        self._prefetch_cache: dict[str, dict[int, tuple[torch.Tensor, int, np.ndarray]]] = {}
+        # per request and layer: (selection tensor, its blocks) of the last plan (the tensor kept
+        # alive, so its identity stays its own: a policy never writes a selection it handed out)
+        self._needed_cache: dict[str, dict[int, tuple[torch.Tensor, np.ndarray]]] = {}
+        self._prefetch_cache: dict[str, dict[int, tuple[torch.Tensor, np.ndarray]]] = {}
         # what the selection buffers hold: (key, the keyed tensors kept alive, (views, widths))
         self._sel_last: tuple | None = None
         # overlapped schedule: the selections the last decode step attended, {rid: row}, new lens
