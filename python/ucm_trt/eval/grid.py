@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from ucm_trt import algorithms as registry
+
 __all__ = [
     "GRID_TASKS",
     "GridConfig",
@@ -172,7 +174,8 @@ def method_schedule(method: str) -> bool:
     return not _split_budget(method)[0].endswith("+sync")
 
 
-GRID_ALGORITHMS: tuple[str, ...] = ("dense", "esa", "gsa", "gsa-on-device", "kvstar")
+#: dense and every block-selecting decode policy of the registry (dense, esa, gsa, gsa-on-device, kvstar)
+GRID_ALGORITHMS: tuple[str, ...] = ("dense",) + tuple(n for n in registry.names("policy") if registry.get(n).budgeted)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,7 +184,7 @@ class GridConfig:
     first (it defines the reference answers) and takes no budget."""
 
     tasks: tuple[str, ...] = GRID_TASKS
-    methods: tuple[str, ...] = ("dense", "esa", "gsa", "gsa-on-device", "kvstar")
+    methods: tuple[str, ...] = GRID_ALGORITHMS
     budgets: tuple[float, ...] = (0.125, 0.25)
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ucm_trt import algorithms as registry
 from ucm_trt.eval.methods import BASELINES, METHODS, MethodContext, make_selector
 from ucm_trt.eval.results import ResultStore, cell_key
 
@@ -518,9 +519,10 @@ def config_dict(cfg: RecallSweepConfig | AccuracyConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # passkey through the generation runtime (ucm_trt.runtime)
 
-RUNTIME_ALGORITHMS: tuple[str, ...] = ("dense", "esa", "gsa", "gsa-on-device", "kvstar")
-_RUNTIME_REPR = {"esa": ("mean", "dot"), "gsa": ("mean", "dot"), "gsa-on-device": ("hash", "hamming"),
-                 "kvstar": ("subblock", "kvstar_vote"), "dense": ("mean", "dot")}
+#: dense and every block-selecting decode policy of the registry (dense, esa, gsa, gsa-on-device, kvstar)
+RUNTIME_ALGORITHMS: tuple[str, ...] = ("dense",) + tuple(
+    n for n in registry.names("policy") if registry.get(n).budgeted)
+_RUNTIME_REPR = {n: (registry.get(n).representation, registry.get(n).scoring) for n in RUNTIME_ALGORITHMS}
 
 
 @dataclass(frozen=True, kw_only=True)
