@@ -243,7 +243,18 @@ def main():
     t0 = time.time()
     rows = [{"op": "setup", "card": card, "date": date, "torch": torch.__version__,
              "triton": __import__("triton").__version__}]
-    for fn in (bench_retrieval, bench_guard):
+    slug = card.replace(" ", "-").replace("/", "-")
+    path = os.path.join(args.out, f"retrieval_{slug}_{date}.json")
+
+    def save():  # after every part, so a call cut by its time limit keeps what finished
+        rows[0]["seconds"] = round(time.time() - t0, 1)
+        with open(path + ".tmp", "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    # the guard rows first: two short launches (issue 17's cost), then the retrieval grid (the first
+    # H200 run was cut by its limit inside the guard part, after the retrieval grid, and wrote nothing)
+    for fn in (bench_guard, bench_retrieval):
         try:
             fn(args, card, date, rows)
         except Exception as exc:  # noqa: BLE001 - keep what was measured; the error is recorded
@@ -252,11 +263,7 @@ def main():
             traceback.print_exc()
             rows.append({"op": f"error_{fn.__name__}", "error": f"{type(exc).__name__}: {exc}", "card": card,
                          "date": date})
-    rows[0]["seconds"] = round(time.time() - t0, 1)
-    slug = card.replace(" ", "-").replace("/", "-")
-    path = os.path.join(args.out, f"retrieval_{slug}_{date}.json")
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
+        save()
     print(f"wrote {path} ({rows[0]['seconds']} s)")
     print_table(rows, card)
 
