@@ -326,9 +326,9 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
                 if "aot_tiles" in extras and abs(budget - 0.125) < 1e-6:  # the AOT tile rule's choice against the other tiles that fit 48 KiB
                     from dataclasses import replace
 
-                    base = part_tile = aot.split(splits)[0].config
+                    chosen = aot.split(splits)[0].config
                     for bn, ns in ((16, 1), (16, 2), (16, 3), (32, 1), (32, 2), (64, 1)):
-                        tile = replace(base, block_n=bn, num_stages=ns)
+                        tile = replace(chosen, block_n=bn, num_stages=ns)
                         try:
                             fn, keep3 = aot.split_fn(inputs, out, splits, tile)
                         except Exception as exc:  # noqa: BLE001 - over the limit: a row saying so
@@ -337,7 +337,7 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
                             continue
                         ms = time_ms(fn, cx.reps)
                         add("ours_sparse_aot_tile", "aot_split", frac, ms, sel_bytes, block_n=bn, num_stages=ns,
-                            chosen=(bn, ns) == (part_tile.block_n, part_tile.num_stages), splits=splits,
+                            chosen=(bn, ns) == (chosen.block_n, chosen.num_stages), splits=splits,
                             aot_vs_jit=round(jit_ms / ms, 3))
                         del keep3
 

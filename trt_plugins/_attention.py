@@ -77,6 +77,14 @@ def _tile_candidates(tile: kaot.TileConfig, group: int):
         rows //= 2
 
 
+def _compile_tile(geom: kaot.PagedAttentionGeometry, tile: kaot.TileConfig, dtype: torch.dtype, target: PtxTarget,
+                  *, split: bool):
+    """PTX of exactly ``tile`` (its ``num_stages``); :class:`SharedMemoryLimitError` over the AOT limit."""
+    kernel, signature, constexprs = kaot.paged_attention_kernel_args(geom, tile, dtype, split=split)
+    return compile_within_shared_limit(kernel, signature, constexprs, target, tile.num_warps,
+                                       stages=(tile.num_stages,), divisible_by_16=kaot.divisible_by_16(signature))
+
+
 def _fit_tile(geom: kaot.PagedAttentionGeometry, tac: int, dtype: torch.dtype, target: PtxTarget, *, split: bool,
               name: str):
     """The tactic's tile compiled for the AOT launcher's shared-memory limit (``MAX_AOT_SHARED_MEM``).
@@ -88,10 +96,8 @@ def _fit_tile(geom: kaot.PagedAttentionGeometry, tac: int, dtype: torch.dtype, t
     for stages in (2, 1):
         for tile in _tile_candidates(kaot.tile_config(tac, geom), geom.group):
             tile = replace(tile, num_stages=stages)
-            kernel, signature, constexprs = kaot.paged_attention_kernel_args(geom, tile, dtype, split=split)
             try:
-                ptx = compile_within_shared_limit(kernel, signature, constexprs, target, tile.num_warps,
-                                                  stages=(stages,), divisible_by_16=kaot.divisible_by_16(signature))
+                ptx = _compile_tile(geom, tile, dtype, target, split=split)
             except SharedMemoryLimitError as exc:
                 tried.append(f"BLOCK_M={tile.block_m} BLOCK_N={tile.block_n}: {exc.needed}")
                 continue
@@ -137,9 +143,7 @@ def aot_split_launch(values: Mapping[str, object], dtype: torch.dtype, tactic: i
     if tile is None:
         tile, part_ptx = _fit_tile(geom, tac, dtype, target, split=True, name=spec.name)
     else:
-        kernel, signature, constexprs = kaot.paged_attention_kernel_args(geom, tile, dtype, split=True)
-        part_ptx = compile_within_shared_limit(kernel, signature, constexprs, target, tile.num_warps,
-                                               stages=(tile.num_stages,), divisible_by_16=kaot.divisible_by_16(signature))
+        part_ptx = _compile_tile(geom, tile, dtype, target, split=True)
     mk, msig, mconst = kaot.merge_kernel_args(geom, tile, dtype)
     merge_ptx = compile_within_shared_limit(mk, msig, mconst, target, 4)
 
