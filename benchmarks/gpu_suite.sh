@@ -11,24 +11,15 @@
 # CAPACITY_ARGS overrides bench_capacity.py's (default: both shapes, 32K and 128K, every algorithm, both
 # turnovers, no new algorithm started after 6.5 minutes); CAPACITY_TESTS=0 skips its gpu tests.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
+# FlashInfer (the kernel benchmark's peer) travels as wheels in .whl/ (benchmarks/flashinfer_wheels.sh), installed
+# by _gpu_env.sh; without them the benchmark records speedup_vs_flashinfer: null and the import error
+source "$(dirname "$0")/_gpu_env.sh"
 SUITE=${SUITE:-kernels}
-$PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>/dev/null || true
 rc=0
 
 if [[ " $SUITE " == *" kernels "* ]]; then
   t0=$(date +%s)
-  # FlashInfer (the benchmark's peer) travels as wheels in .whl/ (benchmarks/flashinfer_wheels.sh); without
-  # them the benchmark records speedup_vs_flashinfer: null and the import error
-  if compgen -G ".whl/flashinfer_python-*.whl" >/dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ucm-site .whl/*.whl \
-      && export PYTHONPATH="$PYTHONPATH:/tmp/ucm-site" || echo "installing .whl/*.whl failed"
-  fi
   $PY -m pytest -q -p no:cacheprovider ${KERNEL_TESTS:-tests/kernels tests/trt/test_aot_gpu.py} -x --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
   test_rc=$?
   echo "kernel tests on GPU: rc=$test_rc in $(( $(date +%s) - t0 )) s"
