@@ -33,6 +33,7 @@ __all__ = [
     "check_options",
     "check_query_window",
     "get",
+    "budgeted_names",
     "names",
     "refuse",
 ]
@@ -174,6 +175,12 @@ REGISTRY: dict[str, AlgorithmSpec] = {s.name: s for s in (
 def names(kind: Kind | None = None) -> tuple[str, ...]:
     """Every algorithm name (registry order), or those of one ``kind``."""
     return tuple(n for n, s in REGISTRY.items() if kind is None or s.kind == kind)
+
+
+def budgeted_names() -> tuple[str, ...]:
+    """The algorithms whose ``SparseConfig.budget`` decides how many blocks they keep (registry order):
+    the block-selecting decode policies esa, gsa, gsa-on-device, kvstar."""
+    return tuple(n for n, s in REGISTRY.items() if s.budgeted)
 
 
 def get(algorithm: object) -> AlgorithmSpec:

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 #: algorithms whose selection size the budget ratio sets
-BUDGETED_ALGORITHMS: tuple[str, ...] = tuple(n for n in algorithms.names() if algorithms.get(n).budgeted)
+BUDGETED_ALGORITHMS: tuple[str, ...] = algorithms.budgeted_names()
 
 
 class ChatError(ValueError):

@@ -175,7 +175,7 @@ def method_schedule(method: str) -> bool:
 
 
 #: dense and every block-selecting decode policy of the registry (dense, esa, gsa, gsa-on-device, kvstar)
-GRID_ALGORITHMS: tuple[str, ...] = ("dense",) + tuple(n for n in registry.names("policy") if registry.get(n).budgeted)
+GRID_ALGORITHMS: tuple[str, ...] = ("dense", *registry.budgeted_names())
 
 
 @dataclass(frozen=True, kw_only=True)

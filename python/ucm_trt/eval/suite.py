@@ -520,8 +520,7 @@ def config_dict(cfg: RecallSweepConfig | AccuracyConfig) -> dict[str, Any]:
 # passkey through the generation runtime (ucm_trt.runtime)
 
 #: dense and every block-selecting decode policy of the registry (dense, esa, gsa, gsa-on-device, kvstar)
-RUNTIME_ALGORITHMS: tuple[str, ...] = ("dense",) + tuple(
-    n for n in registry.names("policy") if registry.get(n).budgeted)
+RUNTIME_ALGORITHMS: tuple[str, ...] = ("dense", *registry.budgeted_names())
 _RUNTIME_REPR = {n: (registry.get(n).representation, registry.get(n).scoring) for n in RUNTIME_ALGORITHMS}
 
 
