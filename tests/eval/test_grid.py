@@ -10,11 +10,13 @@ import json
 
 import pytest
 
+from ucm_trt.config import PrefillWindow
 from ucm_trt.eval.grid import (
     GRID_TASKS,
     GridConfig,
     build_grid_prompt,
     markdown_grid,
+    method_prefill_window,
     method_schedule,
     parse_method,
     run_grid,
@@ -75,8 +77,17 @@ def test_methods_and_config_validation():
     assert parse_method("esa") == ("esa", "default") and parse_method("gsa@ucm") == ("gsa", "ucm")
     assert parse_method("esa+sync") == ("esa", "default") and parse_method("gsa@ucm+sync") == ("gsa", "ucm")
     assert method_schedule("esa") and not method_schedule("esa@ucm+sync")
-    with pytest.raises(ValueError, match="only suffix is"):
+    with pytest.raises(ValueError, match="suffix must be"):
         parse_method("esa+fast")
+    for bad in ("esa+w0", "esa+sync+sync", "esa+w4+w8", "esa+wmax"):
+        with pytest.raises(ValueError, match="suffix must be"):
+            parse_method(bad)
+    with pytest.raises(ValueError, match="applies to esa and gsa only"):
+        parse_method("kvstar+w8")
+    assert method_prefill_window("esa") is None
+    assert method_prefill_window("gsa@ucm+sync+w16:0.125") == PrefillWindow(tokens=16)
+    assert method_prefill_window("esa+w8max") == PrefillWindow(tokens=8, reduce="max")
+    assert not method_schedule("esa+w8+sync") and method_schedule("esa+w8")
     with pytest.raises(ValueError, match="preset must be one of default, ucm"):
         parse_method("esa@fast")
     with pytest.raises(ValueError, match="algorithm must be one of"):

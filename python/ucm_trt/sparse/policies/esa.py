@@ -3,9 +3,11 @@
 * Prefill end: mean-K representation of every prompt block of every layer, kept on the host in
   one :class:`~ucm_trt.sparse.batched.BlockRepStore` ``[L, Hkv, D, nb]`` (float32 on the host, or
   on the GPU with ``RetrievalConfig(representations="device")``, see ``_offload``).
-  The first selection is retrieved synchronously from the last prompt token's query (upstream uses
-  the first decode step's query; ours is one token older, which lets the runtime prefetch the
-  blocks before the first decode step).
+  The first selection is retrieved synchronously from the last ``PrefillWindow.tokens`` prompt
+  queries (:class:`~ucm_trt.config.PrefillWindow`; ``tokens=1``, the last prompt token's query, is
+  upstream's, which uses the first decode step's query, one token later): each window query scores
+  the blocks, the scores are averaged (or maxed) over the window (:func:`window_block_scores`), so the
+  question's tokens at the end of the prompt choose the first blocks.
 * Score: ``dot`` of the GQA-averaged query with each block's mean K (upstream, ``preset="ucm"``), or
   the per-head vote (``vote=True``: each query head softmaxes its own logits over the blocks, a block scores the
   mass it gets; docs/algorithms.md); summed over KV heads for a
@@ -28,6 +30,7 @@ from functools import partial
 
 import torch
 
+from ucm_trt.config import PrefillWindow
 from ucm_trt.sparse.batched import BlockRepStore, batched_dot_scores, select_batched
 from ucm_trt.sparse.policies._offload import OffloadPolicy, OffloadRequestState
 from ucm_trt.sparse.policies._reps import host_layer_vote_scores, host_vote_scores
@@ -35,7 +38,15 @@ from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from
 from ucm_trt.sparse.representations import block_lens_from_seq_lens, block_submeans
 from ucm_trt.sparse.score import dot_scores
 
-__all__ = ["ESAPolicy", "sub_block_layer_scores", "sub_block_scores", "sub_blocks_per_block"]
+__all__ = [
+    "ESAPolicy",
+    "check_prefill_window",
+    "sub_block_layer_scores",
+    "sub_block_scores",
+    "sub_blocks_per_block",
+    "window_block_scores",
+    "window_layer_scores",
+]
 
 
 def check_sub_block_tokens(sub_block_tokens: object) -> int | None:
@@ -82,6 +93,56 @@ def sub_block_layer_scores(q: torch.Tensor, rep: torch.Tensor, sub_blocks: int, 
     return s.sum(-1) if vote else s.amax(-1)
 
 
+def check_prefill_window(prefill_window: object) -> PrefillWindow:
+    """``None`` -> ``PrefillWindow()`` (one query, upstream's); a :class:`PrefillWindow` as it is."""
+    if prefill_window is None:
+        return PrefillWindow()
+    if not isinstance(prefill_window, PrefillWindow):
+        raise TypeError(f"prefill_window must be a PrefillWindow or None, got {type(prefill_window).__name__}")
+    return prefill_window
+
+
+def window_block_scores(q: torch.Tensor, reps: torch.Tensor, sub_blocks: int, vote: bool,
+                        reduce: str = "mean") -> torch.Tensor:
+    """Block scores ``[L, Hkv, nb]`` of one query per layer ``q [L, Hq, D]`` (:func:`sub_block_scores`), or
+    of a window of queries ``q [L, Hq, W, D]``: every window query scores the blocks as one query does,
+    and the ``W`` score vectors are combined by ``reduce`` (``mean``: each query one unit of vote;
+    ``max``: a block scores its best query)."""
+    if q.dim() == 3:
+        return sub_block_scores(q, reps, sub_blocks, vote)
+    if q.dim() != 4 or q.shape[2] < 1:
+        raise ValueError(f"q must be [L, Hq, D] or [L, Hq, W, D] with W >= 1, got shape {tuple(q.shape)}")
+    per = torch.stack([sub_block_scores(q[:, :, i], reps, sub_blocks, vote) for i in range(q.shape[2])])
+    return _reduce_window(per, reduce)
+
+
+def window_layer_scores(q: torch.Tensor, rep: torch.Tensor, sub_blocks: int, vote: bool,
+                        reduce: str = "mean") -> torch.Tensor:
+    """Per-layer reference of :func:`window_block_scores`: ``q [Hq, D]`` or ``[Hq, W, D]``,
+    ``rep [nb * sub_blocks, Hkv, D]`` -> ``[Hkv, nb]``."""
+    if q.dim() == 2:
+        return sub_block_layer_scores(q, rep, sub_blocks, vote)
+    per = torch.stack([sub_block_layer_scores(q[:, i], rep, sub_blocks, vote) for i in range(q.shape[1])])
+    return _reduce_window(per, reduce)
+
+
+def _reduce_window(per: torch.Tensor, reduce: str) -> torch.Tensor:
+    if reduce == "mean":
+        return per.mean(0)
+    if reduce == "max":
+        return per.amax(0)
+    raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
+
+
+def first_queries(queries: list[torch.Tensor], window: int) -> torch.Tensor:
+    """The first retrieval's queries from the prefill's per-layer ``[Hq, w, D]``: the last prompt query
+    ``[L, Hq, D]`` for a window of 1, else the last ``window`` ones ``[L, Hq, W, D]`` (a copy; fewer when
+    the prompt is shorter than the window)."""
+    if window == 1:
+        return torch.stack([q[:, -1] for q in queries])
+    return torch.stack([q[:, -window:] for q in queries])
+
+
 class ESAPolicy(OffloadPolicy):
     """ESA. ``vote``: score blocks by the per-head softmax vote
     (:func:`~ucm_trt.sparse.policies._reps.host_vote_scores`; off by default)
@@ -90,18 +151,22 @@ class ESAPolicy(OffloadPolicy):
     sub-block, or with the vote by the mass of its sub-blocks (:func:`sub_block_scores`); ``None`` is
     upstream's one mean per block. The store then holds ``block_size / sub_block_tokens`` vectors per
     block (``1 / sub_block_tokens`` of the K elements; ``block_size / sub_block_tokens`` times the
-    store and scoring work of one mean per block)."""
+    store and scoring work of one mean per block). ``prefill_window``: the prompt queries the first
+    retrieval scores with (:class:`~ucm_trt.config.PrefillWindow`; ``None``: the last one, upstream's)."""
 
     name = "esa"
 
-    def __init__(self, *, vote: bool = False, sub_block_tokens: int | None = None, retrieval=None,
-                 dense_layers=None, adaptive=None) -> None:
+    def __init__(self, *, vote: bool = False, sub_block_tokens: int | None = None,
+                 prefill_window: PrefillWindow | None = None, retrieval=None, dense_layers=None,
+                 adaptive=None) -> None:
         super().__init__(retrieval=retrieval, dense_layers=dense_layers, adaptive=adaptive)
         if not isinstance(vote, bool):
             raise TypeError(f"vote must be a bool, got {vote!r}")
         self.vote = vote
         self.sub_block_tokens = check_sub_block_tokens(sub_block_tokens)
         self.sub_blocks = 1  # per block, set at bind from the block size
+        self.prefill_window = check_prefill_window(prefill_window)
+        self.query_window = self.prefill_window.tokens
 
     def bind(self, rt: PolicyRuntime) -> None:
         super().bind(rt)
@@ -120,7 +185,9 @@ class ESAPolicy(OffloadPolicy):
         self._state[req.rid] = st
         if st.dense:
             return
-        self._decide_dense_layers(req, queries)
+        # diffuse layers are judged from the last prompt query (as before the window), so that the window
+        # changes the first selection only
+        self._decide_dense_layers(req, [q[:, -1:] for q in queries])
         kv = self.rt.kv
         shape = self.shape
         lens = block_lens_from_seq_lens(torch.tensor(req.prompt_len), nbp, self.sparse.block_size)
@@ -133,27 +200,30 @@ class ESAPolicy(OffloadPolicy):
         st.store = store
         q_last = torch.stack([q[:, -1] for q in queries])  # [L, Hq, D], a copy
         self._start_drift(req.rid, st, q_last)  # RetrievalConfig.query_drift only
-        self._collect(st, self._submit(req.rid, 0, nbp, self._task(store, nbp, q_last)))
+        q_first = first_queries(queries, self.prefill_window.tokens)  # [L, Hq, D] or [L, Hq, W, D]
+        self._collect(st, self._submit(req.rid, 0, nbp, self._task(store, nbp, q_first)))
 
     def _task(self, store: BlockRepStore, nbp: int, q: torch.Tensor):
-        """The retrieval of every layer from queries ``q [L, Hq, D]``: batched, or the per-layer hook."""
+        """The retrieval of every layer from queries ``q [L, Hq, D]`` (or a prefill window ``[L, Hq, W, D]``):
+        batched, or the per-layer hook."""
         if self._layerwise(ESAPolicy):
             reps = [store.layer(layer) for layer in range(self.shape.num_layers)]
             return self._per_layer(partial(self._select, reps, nbp, list(q)))
         return self._on_device(partial(self._select_all, store.reps(), nbp, q))
 
     def _select_all(self, reps: torch.Tensor, nbp: int, q: torch.Tensor) -> torch.Tensor:
-        """Every layer at once: ``reps [L, Hkv, D, nbp]``, ``q [L, Hq, D]`` -> ``[L, Hkv, S]``."""
+        """Every layer at once: ``reps [L, Hkv, D, nbp]``, ``q [L, Hq, D]`` or ``[L, Hq, W, D]`` -> ``[L, Hkv, S]``."""
         qd = q.to(reps.device)
-        scores = sub_block_scores(qd, reps, self.sub_blocks, self.vote)  # [L, Hkv, nbp]
+        scores = window_block_scores(qd, reps, self.sub_blocks, self.vote, self.prefill_window.reduce)  # [L, Hkv, nbp]
         if self.adaptive is not None:
             return self._adaptive_select(scores, nbp, self._full_block_lens(nbp))
         return select_batched(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)
 
     def _select(self, reps: list[torch.Tensor], nbp: int, qs: list[torch.Tensor], layer: int) -> torch.Tensor:
         """Per-layer reference (and hook): ``reps[layer] [nbp * sub_blocks, Hkv, D]``, ``qs[layer] [Hq, D]``
-        -> ``[Hkv, S]``."""
-        scores = sub_block_layer_scores(qs[layer], reps[layer], self.sub_blocks, self.vote)  # [Hkv, nbp]
+        (or a prefill window ``[Hq, W, D]``) -> ``[Hkv, S]``."""
+        scores = window_layer_scores(qs[layer], reps[layer], self.sub_blocks, self.vote,
+                                     self.prefill_window.reduce)  # [Hkv, nbp]
         if self.adaptive is not None:
             return self._adaptive_select(scores[None], nbp, self._full_block_lens(nbp))[0]
         return select_from_scores(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)

@@ -10,6 +10,7 @@
   block of the current sequence outside the sink / local windows, so decode blocks are
   retrievable too. ``prefetch_blocks`` extra candidates (upstream ``NUM_PREFETCH_BLOCKS = 1``)
   are kept beyond the budget.
+* First retrieval (prefill end): from the last ``PrefillWindow.tokens`` prompt queries, as ESA's.
 * Cadence with ``R = SparseConfig.retrieval_stride`` (upstream 3): after decode step ``s`` with
   ``s % R == 0`` (and no retrieval in flight) a retrieval is submitted; it is collected after
   step ``s + 1`` and used from step ``s + 2`` on — the selection always lags one step, so the
@@ -28,14 +29,17 @@ from functools import partial
 import torch
 
 from ucm_trt._validation import check_non_negative_int
+from ucm_trt.config import PrefillWindow
 from ucm_trt.sparse.batched import BlockRepStore, select_batched
 from ucm_trt.sparse.policies._offload import OffloadPolicy, OffloadRequestState, RetrievalConfig
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
 from ucm_trt.sparse.policies.esa import (
+    check_prefill_window,
     check_sub_block_tokens,
-    sub_block_layer_scores,
-    sub_block_scores,
+    first_queries,
     sub_blocks_per_block,
+    window_block_scores,
+    window_layer_scores,
 )
 from ucm_trt.sparse.representations import block_submeans
 
@@ -46,9 +50,11 @@ class GSAPolicy(OffloadPolicy):
     name = "gsa"
 
     def __init__(self, *, prefetch_blocks: int = 1, vote: bool = False, sub_block_tokens: int | None = None,
-                 retrieval: RetrievalConfig | None = None, dense_layers=None, adaptive=None) -> None:
+                 prefill_window: PrefillWindow | None = None, retrieval: RetrievalConfig | None = None,
+                 dense_layers=None, adaptive=None) -> None:
         """``vote``: per-head softmax vote scoring; ``sub_block_tokens``: a mean K per run of that many
-        tokens, a block scoring its best sub-block (``None``: upstream's block mean); see ESA."""
+        tokens, a block scoring its best sub-block (``None``: upstream's block mean); ``prefill_window``:
+        the prompt queries the first retrieval scores with (``None``: the last one); see ESA."""
         super().__init__(retrieval=retrieval, dense_layers=dense_layers, adaptive=adaptive)
         self.prefetch_blocks = check_non_negative_int("prefetch_blocks", prefetch_blocks)
         if not isinstance(vote, bool):
@@ -56,6 +62,8 @@ class GSAPolicy(OffloadPolicy):
         self.vote = vote
         self.sub_block_tokens = check_sub_block_tokens(sub_block_tokens)
         self.sub_blocks = 1  # per block, set at bind from the block size
+        self.prefill_window = check_prefill_window(prefill_window)
+        self.query_window = self.prefill_window.tokens
 
     def bind(self, rt: PolicyRuntime) -> None:
         super().bind(rt)
@@ -87,11 +95,13 @@ class GSAPolicy(OffloadPolicy):
         store = self._new_rep_store(max(nb, 16) * self.sub_blocks)
         st = OffloadRequestState(dense=False, store=store)
         self._state[req.rid] = st
-        self._decide_dense_layers(req, queries)
+        # diffuse layers judged from the last prompt query, as before the window (ESA)
+        self._decide_dense_layers(req, [q[:, -1:] for q in queries])
         self._update_reps(req.rid, st, req.prompt_len)
         q_last = torch.stack([q[:, -1] for q in queries])  # [L, Hq, D], a copy
         self._start_drift(req.rid, st, q_last)  # RetrievalConfig.query_drift only
-        self._collect(st, self._retrieve(req.rid, st, nb, q_last, 0))
+        q_first = first_queries(queries, self.prefill_window.tokens)  # [L, Hq, D] or [L, Hq, W, D]
+        self._collect(st, self._retrieve(req.rid, st, nb, q_first, 0))
 
     def _retrieve(self, rid: str, st: OffloadRequestState, nb: int, q: torch.Tensor, step: int):
         store: BlockRepStore = st.store
@@ -106,22 +116,24 @@ class GSAPolicy(OffloadPolicy):
 
     def _select_all(self, reps: torch.Tensor, nb: int, q: torch.Tensor) -> torch.Tensor:
         """Every layer at once: ``reps [L, Hkv, D, n_rep]`` (blocks without a representation yet score
-        0), ``q [L, Hq, D]`` -> ``[L, Hkv, S]``."""
+        0), ``q [L, Hq, D]`` (or the prefill window ``[L, Hq, W, D]``) -> ``[L, Hkv, S]``."""
         scores = torch.zeros(self.shape.num_layers, self.shape.num_kv_heads, nb, device=reps.device)
         if reps.shape[-1]:
             qd = q.to(reps.device)
-            scores[..., : reps.shape[-1] // self.sub_blocks] = sub_block_scores(qd, reps, self.sub_blocks, self.vote)
+            scores[..., : reps.shape[-1] // self.sub_blocks] = window_block_scores(
+                qd, reps, self.sub_blocks, self.vote, self.prefill_window.reduce)
         if self.adaptive is not None:
             return self._adaptive_select(scores, nb, self._full_block_lens(nb), extra=self.prefetch_blocks)
         return select_batched(scores, nb, self.sparse, "dot", self.shape.num_kv_heads, extra=self.prefetch_blocks)
 
     def _select(self, reps: list[torch.Tensor], nb: int, qs: list[torch.Tensor], layer: int) -> torch.Tensor:
-        """Per-layer reference (and hook): ``reps[layer] [n_rep * sub_blocks, Hkv, D]``, ``qs[layer] [Hq, D]``."""
+        """Per-layer reference (and hook): ``reps[layer] [n_rep * sub_blocks, Hkv, D]``, ``qs[layer] [Hq, D]``
+        (or the prefill window ``[Hq, W, D]``)."""
         r = reps[layer]
         scores = torch.zeros(self.shape.num_kv_heads, nb)
         if r.shape[0]:
-            scores[:, : r.shape[0] // self.sub_blocks] = sub_block_layer_scores(qs[layer], r, self.sub_blocks,
-                                                                                 self.vote)
+            scores[:, : r.shape[0] // self.sub_blocks] = window_layer_scores(qs[layer], r, self.sub_blocks,
+                                                                             self.vote, self.prefill_window.reduce)
         if self.adaptive is not None:
             return self._adaptive_select(scores[None], nb, self._full_block_lens(nb), extra=self.prefetch_blocks)[0]
         return select_from_scores(scores, nb, self.sparse, "dot", self.shape.num_kv_heads,
