@@ -130,8 +130,8 @@ def make_policy(
     ESA / GSA score as :data:`BLOCK_SCORING` of ``preset`` says, except that a ``retrieval`` with
     ``query_drift`` (the speed benchmarks' synthetic drift, calibrated on block means) keeps one mean
     per block. ``prefill_window``: the prompt queries ESA's / GSA's first retrieval scores with (default:
-    the preset's, :data:`BLOCK_SCORING`); a graph backend must return that many (``ucm-trt rewrite
-    --query-window``)."""
+    the preset's, :data:`BLOCK_SCORING`); a graph backend's model must return that many
+    (``RewriteConfig.query_window``, default 64)."""
     _check_preset(preset)
     given = {"kvstar=": kvstar, "gsa_on_device=": gsa_on_device, "rerope=": rerope, "retrieval=": retrieval,
              "dense_layers=": dense_layers, "adaptive=": adaptive, "prefill_window=": prefill_window}
