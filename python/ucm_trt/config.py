@@ -487,7 +487,7 @@ class PrefillWindow:
     scores every block with each of the last ``tokens`` prompt queries (the policy's own scoring, e.g.
     the per-head softmax vote) and combines the per-query scores with ``reduce``: ``mean`` (every
     query one unit of vote) or ``max`` (a block scores its best query). Later retrievals score with
-    their decode step's query, as before.
+    their decode step's query, plus ``persist`` times the first retrieval's scores (0: as before).
 
     Attributes
     ----------
@@ -497,12 +497,20 @@ class PrefillWindow:
         the number it was rewritten for (``RewriteConfig.query_window``).
     reduce:
         ``mean`` or ``max`` over the window's per-query block scores.
+    persist:
+        Weight, >= 0, of the window's block scores in every later retrieval of the request: a decode
+        retrieval scores ``own + persist * window`` (the question keeps pulling its blocks in while the
+        answer is generated one token at a time; the budget is unchanged). 0: the first retrieval only.
     """
 
     tokens: int = 1
     reduce: Literal["mean", "max"] = "mean"
+    persist: float = 0.0
 
     def __post_init__(self) -> None:
         c = "PrefillWindow"
         _int(c, "tokens", self.tokens, minimum=1)
         _choice(c, "reduce", self.reduce, ("mean", "max"))
+        _number(c, "persist", self.persist)
+        if self.persist < 0:
+            raise ValueError(f"{c}.persist must be >= 0, got {self.persist}")

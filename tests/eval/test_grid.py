@@ -79,7 +79,7 @@ def test_methods_and_config_validation():
     assert method_schedule("esa") and not method_schedule("esa@ucm+sync")
     with pytest.raises(ValueError, match="suffix must be"):
         parse_method("esa+fast")
-    for bad in ("esa+w0", "esa+sync+sync", "esa+w4+w8", "esa+wmax"):
+    for bad in ("esa+w0", "esa+sync+sync", "esa+w4+w8", "esa+wmax", "esa+w4p", "esa+w4px"):
         with pytest.raises(ValueError, match="suffix must be"):
             parse_method(bad)
     with pytest.raises(ValueError, match="applies to esa and gsa only"):
@@ -87,6 +87,8 @@ def test_methods_and_config_validation():
     assert method_prefill_window("esa") is None
     assert method_prefill_window("gsa@ucm+sync+w16:0.125") == PrefillWindow(tokens=16)
     assert method_prefill_window("esa+w8max") == PrefillWindow(tokens=8, reduce="max")
+    assert method_prefill_window("esa+w8maxp0.5") == PrefillWindow(tokens=8, reduce="max", persist=0.5)
+    assert method_prefill_window("gsa+w4p2") == PrefillWindow(tokens=4, persist=2.0)
     assert not method_schedule("esa+w8+sync") and method_schedule("esa+w8")
     with pytest.raises(ValueError, match="preset must be one of default, ucm"):
         parse_method("esa@fast")

@@ -128,3 +128,77 @@ def test_presets_and_make_policy():
     for algo in ("kvstar", "gsa-on-device"):
         with pytest.raises(ValueError, match=f"algorithm '{algo}' cannot be combined with prefill_window="):
             make_policy(algo, prefill_window=PrefillWindow(tokens=4))
+
+
+def test_persist_validation():
+    assert PrefillWindow().persist == 0.0
+    with pytest.raises(ValueError, match=r"PrefillWindow.persist must be >= 0, got -1"):
+        PrefillWindow(persist=-1)
+    with pytest.raises(TypeError, match=r"PrefillWindow.persist must be a number"):
+        PrefillWindow(persist="1")
+
+
+@pytest.mark.parametrize("policy_cls", [ESAPolicy, GSAPolicy])
+def test_persist_adds_the_window_scores_to_later_retrievals(policy_cls, bind_policy):
+    # the window (prior) points at block 5, a decode step's query at block 15: the later retrieval keeps
+    # block 15 without persist, block 5 with a large enough persist; batched == per-layer either way
+    nb, bs, d, w = 24, 8, 16, 8
+    g = torch.Generator().manual_seed(4)
+    k = 0.05 * torch.randn(2, nb, 1, bs, d, generator=g)
+    k[:, 5, 0, :, 0] += 3.0
+    k[:, 15, 0, :, 1] += 3.0
+    qw = torch.zeros(2, 2, w, d)
+    qw[..., 0] = 4.0
+    q_step = torch.zeros(2, 2, d)
+    q_step[..., 1] = 4.0
+    lens = torch.full((nb,), bs, dtype=torch.int32)
+    store = BlockRepStore(num_layers=2, num_kv_heads=1, head_dim=d)
+    store.append(torch.stack([block_submeans(x, lens, 1) for x in k]))
+    sparse = SparseConfig(block_size=bs, budget=Budget.top_k(1), selection="per_head")
+    extra = {"prefetch_blocks": 0} if policy_cls is GSAPolicy else {}
+    for persist, want in ((0.0, 15), (4.0, 5)):
+        window = PrefillWindow(tokens=w, persist=persist)
+        p = bind_policy(policy_cls(vote=True, prefill_window=window, **extra), 2, 2, 1, d, sparse)
+        prior = window_block_scores(qw, store.reps(), 1, True)
+        torch.testing.assert_close(prior.sum(-1), torch.full((2, 1), 2.0))  # a vote: one unit per query head
+        got = p._select_all(store.reps(), nb, q_step, prior if persist else None)
+        per = [store.layer(layer) for layer in range(2)]
+        for layer in range(2):
+            want_sel = p._select(per, nb, list(q_step), layer, prior=prior if persist else None)
+            assert torch.equal(got[layer, :, : want_sel.shape[1]], want_sel)
+            chosen = set(got[layer, 0][got[layer, 0] >= 0].tolist()) - {0, nb - 2, nb - 1}
+            assert chosen == {want}, (persist, got[layer])
+        # the first retrieval (the window itself) is not changed by persist
+        first = p._select_all(store.reps(), nb, qw, prior if persist else None)
+        assert {5} == set(first[0, 0][first[0, 0] >= 0].tolist()) - {0, nb - 2, nb - 1}
+
+
+@pytest.mark.parametrize("algo", ["esa", "gsa"])
+def test_window_and_persist_through_the_engine(algo):
+    """Through the runtime (PyTorch backend, tiny Llama, prompts of 200 and 120 tokens in chunks of 64):
+    the policy receives the last 8 prompt queries, keeps a prior per request while it runs, none after."""
+    from tests.runtime.conftest import tiny_llama
+    from ucm_trt.config import DenseLayers
+    from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend
+    from ucm_trt.runtime.algorithms import sparse_config_for
+
+    policy = make_policy(algo, prefill_window=PrefillWindow(tokens=8, reduce="max", persist=1.0),
+                         dense_layers=DenseLayers())
+    seen = []
+    first = policy.on_prefill_end
+
+    def record(req, queries):
+        seen.append([q.shape for q in queries])
+        first(req, queries)
+        assert len(policy._priors) >= 1
+
+    policy.on_prefill_end = record
+    sparse = sparse_config_for(algo, SparseConfig(block_size=16, budget=Budget.ratio(0.25), selection="per_head"))
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (200, 120)]
+    with Engine(TorchBackend(tiny_llama(), attention="reference"), policy, sparse=sparse,
+                config=RuntimeConfig(max_batch=2, max_seq_len=512, prefill_chunk=64, cache_blocks=0)) as eng:
+        res = eng.generate(prompts, SamplingParams(max_new_tokens=12))
+    assert [len(r.token_ids) for r in res] == [12, 12]
+    assert len(seen) == 2 and all(s[1] == 8 for shapes in seen for s in shapes)  # [Hq, W, D]
+    assert policy._priors == {}

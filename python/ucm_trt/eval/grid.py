@@ -19,12 +19,14 @@ budget ``Budget.ratio(b)`` of the candidate blocks (``gsa-on-device``: ``top_k_t
 number of blocks, gate open); a ``+sync`` suffix runs it with ``RuntimeConfig(overlap_loads=False)``
 (a retrieval's blocks are attended at the step it is due, not one step later), a ``+wN`` suffix
 (``esa`` / ``gsa`` only) makes the first retrieval from the last ``N`` prompt queries
-(``PrefillWindow(tokens=N)``; ``+wNmax``: ``reduce="max"``; ``+w1`` is the window-less first retrieval),
+(``PrefillWindow(tokens=N)``; ``+wNmax``: ``reduce="max"``; ``+wNp1``: ``persist=1``, the window's scores
+added to every later retrieval; ``+w1`` is the window-less first retrieval),
 a ``:b`` suffix at budget ``b`` only (``esa@ucm:0.125``). Suffixes combine: ``esa+sync+w1:0.125``.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -157,11 +159,11 @@ def _suffixes(method: str) -> tuple[str, dict[str, Any]]:
         if part == "sync" and not out["sync"]:
             out["sync"] = True
             continue
-        digits = part[1:].removesuffix("max")
-        if part.startswith("w") and digits.isdigit() and int(digits) >= 1 and out["window"] is None:
-            out["window"] = (int(digits), "max" if part.endswith("max") else "mean")
+        m = re.fullmatch(r"w(\d+)(max)?(?:p(\d+(?:\.\d+)?))?", part)
+        if m and int(m[1]) >= 1 and out["window"] is None:
+            out["window"] = (int(m[1]), "max" if m[2] else "mean", float(m[3]) if m[3] else 0.0)
             continue
-        raise ValueError(f"method {method!r}: a suffix must be '+sync' or '+wN' / '+wNmax' (N >= 1), each at most "
+        raise ValueError(f"method {method!r}: a suffix must be '+sync' or '+wN[max][pX]' (N >= 1), each at most "
                          f"once; got '+{part}'")
     return base, out
 
@@ -197,13 +199,13 @@ def method_schedule(method: str) -> bool:
 
 
 def method_prefill_window(method: str):
-    """The :class:`~ucm_trt.config.PrefillWindow` a ``+wN`` / ``+wNmax`` suffix sets, or ``None`` (the
-    preset's)."""
+    """The :class:`~ucm_trt.config.PrefillWindow` a ``+wN[max][pX]`` suffix sets (``tokens=N``, ``max``:
+    ``reduce="max"``, ``pX``: ``persist=X``), or ``None`` (the preset's)."""
     from ucm_trt.config import PrefillWindow
 
     parse_method(method)
     window = _suffixes(method)[1]["window"]
-    return None if window is None else PrefillWindow(tokens=window[0], reduce=window[1])
+    return None if window is None else PrefillWindow(tokens=window[0], reduce=window[1], persist=window[2])
 
 
 #: dense and every block-selecting decode policy of the registry (dense, esa, gsa, gsa-on-device, kvstar)

@@ -167,6 +167,8 @@ class ESAPolicy(OffloadPolicy):
         self.sub_blocks = 1  # per block, set at bind from the block size
         self.prefill_window = check_prefill_window(prefill_window)
         self.query_window = self.prefill_window.tokens
+        # PrefillWindow.persist: the first retrieval's block scores [L, Hkv, nbp], per request (by its store)
+        self._priors: dict[int, torch.Tensor] = {}
 
     def bind(self, rt: PolicyRuntime) -> None:
         super().bind(rt)
@@ -201,29 +203,52 @@ class ESAPolicy(OffloadPolicy):
         q_last = torch.stack([q[:, -1] for q in queries])  # [L, Hq, D], a copy
         self._start_drift(req.rid, st, q_last)  # RetrievalConfig.query_drift only
         q_first = first_queries(queries, self.prefill_window.tokens)  # [L, Hq, D] or [L, Hq, W, D]
+        if self.prefill_window.persist > 0:
+            # the window's block scores, added (times persist) to every later retrieval of this request
+            self._priors[id(store)] = window_block_scores(q_first.to(store.device), store.reps(), sb, self.vote,
+                                                          self.prefill_window.reduce)
         self._collect(st, self._submit(req.rid, 0, nbp, self._task(store, nbp, q_first)))
+
+    def on_request_end(self, rid: str) -> None:
+        st = self._state.get(rid)
+        if st is not None and st.store is not None:
+            self._priors.pop(id(st.store), None)
+        super().on_request_end(rid)
 
     def _task(self, store: BlockRepStore, nbp: int, q: torch.Tensor):
         """The retrieval of every layer from queries ``q [L, Hq, D]`` (or a prefill window ``[L, Hq, W, D]``):
         batched, or the per-layer hook."""
+        prior = self._priors.get(id(store))
         if self._layerwise(ESAPolicy):
             reps = [store.layer(layer) for layer in range(self.shape.num_layers)]
-            return self._per_layer(partial(self._select, reps, nbp, list(q)))
-        return self._on_device(partial(self._select_all, store.reps(), nbp, q))
+            return self._per_layer(partial(self._select, reps, nbp, list(q), prior=prior))
+        return self._on_device(partial(self._select_all, store.reps(), nbp, q, prior))
 
-    def _select_all(self, reps: torch.Tensor, nbp: int, q: torch.Tensor) -> torch.Tensor:
-        """Every layer at once: ``reps [L, Hkv, D, nbp]``, ``q [L, Hq, D]`` or ``[L, Hq, W, D]`` -> ``[L, Hkv, S]``."""
-        qd = q.to(reps.device)
-        scores = window_block_scores(qd, reps, self.sub_blocks, self.vote, self.prefill_window.reduce)  # [L, Hkv, nbp]
+    def _scores(self, q: torch.Tensor, reps: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        """Block scores of every layer ``[L, Hkv, nbp]``: the window's or the step query's, plus
+        ``persist`` times the first retrieval's scores ``prior`` (a decode step's query, ``q [L, Hq, D]``)."""
+        scores = window_block_scores(q.to(reps.device), reps, self.sub_blocks, self.vote, self.prefill_window.reduce)
+        if prior is not None and q.dim() == 3:
+            scores = scores + self.prefill_window.persist * prior.to(scores.device)
+        return scores
+
+    def _select_all(self, reps: torch.Tensor, nbp: int, q: torch.Tensor,
+                    prior: torch.Tensor | None = None) -> torch.Tensor:
+        """Every layer at once: ``reps [L, Hkv, D, nbp]``, ``q [L, Hq, D]`` or ``[L, Hq, W, D]`` (``prior``:
+        :attr:`PrefillWindow.persist`'s first-retrieval scores ``[L, Hkv, nbp]``) -> ``[L, Hkv, S]``."""
+        scores = self._scores(q, reps, prior)  # [L, Hkv, nbp]
         if self.adaptive is not None:
             return self._adaptive_select(scores, nbp, self._full_block_lens(nbp))
         return select_batched(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)
 
-    def _select(self, reps: list[torch.Tensor], nbp: int, qs: list[torch.Tensor], layer: int) -> torch.Tensor:
+    def _select(self, reps: list[torch.Tensor], nbp: int, qs: list[torch.Tensor], layer: int, *,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
         """Per-layer reference (and hook): ``reps[layer] [nbp * sub_blocks, Hkv, D]``, ``qs[layer] [Hq, D]``
         (or a prefill window ``[Hq, W, D]``) -> ``[Hkv, S]``."""
         scores = window_layer_scores(qs[layer], reps[layer], self.sub_blocks, self.vote,
                                      self.prefill_window.reduce)  # [Hkv, nbp]
+        if prior is not None and qs[layer].dim() == 2:
+            scores = scores + self.prefill_window.persist * prior[layer].to(scores.device)
         if self.adaptive is not None:
             return self._adaptive_select(scores[None], nbp, self._full_block_lens(nbp))[0]
         return select_from_scores(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)

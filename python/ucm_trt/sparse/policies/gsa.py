@@ -64,6 +64,8 @@ class GSAPolicy(OffloadPolicy):
         self.sub_blocks = 1  # per block, set at bind from the block size
         self.prefill_window = check_prefill_window(prefill_window)
         self.query_window = self.prefill_window.tokens
+        # PrefillWindow.persist: the first retrieval's block scores [L, Hkv, nb_prompt], per request
+        self._priors: dict[str, torch.Tensor] = {}
 
     def bind(self, rt: PolicyRuntime) -> None:
         super().bind(rt)
@@ -101,32 +103,55 @@ class GSAPolicy(OffloadPolicy):
         q_last = torch.stack([q[:, -1] for q in queries])  # [L, Hq, D], a copy
         self._start_drift(req.rid, st, q_last)  # RetrievalConfig.query_drift only
         q_first = first_queries(queries, self.prefill_window.tokens)  # [L, Hq, D] or [L, Hq, W, D]
+        if self.prefill_window.persist > 0:
+            # the window's block scores, added (times persist) to every later retrieval of this request
+            reps = st.store.reps()
+            self._priors[req.rid] = window_block_scores(q_first.to(reps.device), reps, self.sub_blocks, self.vote,
+                                                        self.prefill_window.reduce)
         self._collect(st, self._retrieve(req.rid, st, nb, q_first, 0))
+
+    def on_request_end(self, rid: str) -> None:
+        self._priors.pop(rid, None)
+        super().on_request_end(rid)
 
     def _retrieve(self, rid: str, st: OffloadRequestState, nb: int, q: torch.Tensor, step: int):
         store: BlockRepStore = st.store
         # snapshot: the store is append-only, so this view of the blocks so far never changes
         reps = store.reps()
+        prior = self._priors.get(rid)
         if self._layerwise(GSAPolicy):
             per = [reps[layer].permute(2, 0, 1) for layer in range(self.shape.num_layers)]
-            task = self._per_layer(partial(self._select, per, nb, list(q)))
+            task = self._per_layer(partial(self._select, per, nb, list(q), prior=prior))
         else:
-            task = self._on_device(partial(self._select_all, reps, nb, q))
+            task = self._on_device(partial(self._select_all, reps, nb, q, prior))
         return self._submit(rid, step, nb, task)
 
-    def _select_all(self, reps: torch.Tensor, nb: int, q: torch.Tensor) -> torch.Tensor:
+    def _add_prior(self, scores: torch.Tensor, q: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        """``scores [..., nb]`` plus ``persist`` times the first retrieval's scores of the prompt blocks
+        (a decode step's query only: ``q`` without a window axis)."""
+        if prior is None or q.dim() == scores.dim() + 1:
+            return scores
+        n = prior.shape[-1]
+        scores[..., :n] += self.prefill_window.persist * prior.to(scores.device)
+        return scores
+
+    def _select_all(self, reps: torch.Tensor, nb: int, q: torch.Tensor,
+                    prior: torch.Tensor | None = None) -> torch.Tensor:
         """Every layer at once: ``reps [L, Hkv, D, n_rep]`` (blocks without a representation yet score
-        0), ``q [L, Hq, D]`` (or the prefill window ``[L, Hq, W, D]``) -> ``[L, Hkv, S]``."""
+        0), ``q [L, Hq, D]`` (or the prefill window ``[L, Hq, W, D]``; ``prior``: the first retrieval's
+        scores, :attr:`PrefillWindow.persist`) -> ``[L, Hkv, S]``."""
         scores = torch.zeros(self.shape.num_layers, self.shape.num_kv_heads, nb, device=reps.device)
         if reps.shape[-1]:
             qd = q.to(reps.device)
             scores[..., : reps.shape[-1] // self.sub_blocks] = window_block_scores(
                 qd, reps, self.sub_blocks, self.vote, self.prefill_window.reduce)
+        scores = self._add_prior(scores, q, prior)
         if self.adaptive is not None:
             return self._adaptive_select(scores, nb, self._full_block_lens(nb), extra=self.prefetch_blocks)
         return select_batched(scores, nb, self.sparse, "dot", self.shape.num_kv_heads, extra=self.prefetch_blocks)
 
-    def _select(self, reps: list[torch.Tensor], nb: int, qs: list[torch.Tensor], layer: int) -> torch.Tensor:
+    def _select(self, reps: list[torch.Tensor], nb: int, qs: list[torch.Tensor], layer: int, *,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
         """Per-layer reference (and hook): ``reps[layer] [n_rep * sub_blocks, Hkv, D]``, ``qs[layer] [Hq, D]``
         (or the prefill window ``[Hq, W, D]``)."""
         r = reps[layer]
@@ -134,6 +159,7 @@ class GSAPolicy(OffloadPolicy):
         if r.shape[0]:
             scores[:, : r.shape[0] // self.sub_blocks] = window_layer_scores(qs[layer], r, self.sub_blocks,
                                                                              self.vote, self.prefill_window.reduce)
+        scores = self._add_prior(scores, qs[layer], None if prior is None else prior[layer])
         if self.adaptive is not None:
             return self._adaptive_select(scores[None], nb, self._full_block_lens(nb), extra=self.prefetch_blocks)[0]
         return select_from_scores(scores, nb, self.sparse, "dot", self.shape.num_kv_heads,
