@@ -188,6 +188,14 @@ def test_grid_runs_in_rounds_and_stops_at_the_deadline(tiny_model, tiny_tokenize
     assert any(line.strip().startswith("esa @0.25") for line in text.splitlines())
     # a deadline already past: nothing starts; the records so far are returned, not an error
     assert run_grid(model, tiny_tokenizer, filler, cfg, log=None, deadline=time.perf_counter() - 1) == []
+    # resumed: the finished engines are taken, not run (a past deadline would stop any engine that runs);
+    # an engine with a missing answer runs again
+    again = run_grid(model, tiny_tokenizer, filler, cfg, log=None, deadline=time.perf_counter() - 1, reuse=records)
+    assert [{k: v for k, v in r.items() if k != "reused"} for r in again] == records
+    assert all(r["reused"] for r in again)
+    partial = run_grid(model, tiny_tokenizer, filler, cfg, log=None, deadline=time.perf_counter() - 1,
+                       reuse=[r for r in records if r["method"] != "esa+sync" or r["sample"] == 0])
+    assert len(partial) == 6 + 2  # round 0 all reused, round 1: dense and esa, then the deadline stops esa+sync
 
 
 def test_report_reads_grid_and_rerope_rows_alone(tmp_path):

@@ -307,6 +307,7 @@ def run_grid(
     on_records: Callable[[list[dict]], None] | None = None,
     log: Callable[[str], None] | None = print,
     deadline: float | None = None,
+    reuse: Sequence[dict] = (),
 ) -> list[dict]:
     """Every prompt of the grid answered by every ``(method, budget)``; returns one record per answer.
 
@@ -315,13 +316,18 @@ def run_grid(
     the whole grid with fewer samples. ``on_records(records_so_far)`` is called after each engine
     (write partial results there). With ``deadline`` (a ``time.perf_counter()`` value) no new engine
     starts after it; in a round cut short the methods that did not reach it have fewer prompts (``n``
-    of :func:`summarize`); dense runs first for every (round, length), so agreement stays defined."""
+    of :func:`summarize`); dense runs first for every (round, length), so agreement stays defined.
+
+    ``reuse``: records of an earlier run (same prompts: tasks, depths, seed); an engine whose every
+    prompt has a record there for the same method and budget is not run again, its records are taken
+    (marked ``"reused": True``)."""
     from ucm_trt.runtime import SamplingParams, TorchBackend
 
     if not isinstance(cfg, GridConfig):
         raise TypeError(f"cfg must be a GridConfig, got {type(cfg).__name__}")
     backend = TorchBackend(model)
     records: list[dict] = []
+    done = {(r["method"], r["budget"], r["task"], r["context_len"], r["depth"], r["sample"]): r for r in reuse}
     for sample in range(cfg.samples):
         for length in cfg.lengths:
             prompts = [build_grid_prompt(tokenizer, haystack, task=t, context_len=length, depth=d, sample=sample,
@@ -331,6 +337,13 @@ def run_grid(
             max_new = max(p.max_new_tokens for p in prompts)
             for method, budget in cfg.variants():
                 t0 = time.perf_counter()
+                old = [done.get((method, budget, p.task, length, p.depth, p.sample)) for p in prompts]
+                if all(r is not None for r in old):
+                    records += [{**r, "reused": True} for r in old]
+                    if log is not None:
+                        log(f"[grid] s{sample} {length:>5} {method:<18} budget {budget if budget is not None else '-':<6} "
+                            f"{sum(r['correct'] for r in old)}/{len(old)} correct (reused)")
+                    continue
                 if deadline is not None and t0 > deadline:
                     if log is not None:
                         log(f"[grid] deadline reached: stopped before sample {sample}, {length} {method} {budget}")
