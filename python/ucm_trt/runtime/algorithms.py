@@ -54,7 +54,7 @@ DEFAULT_DENSE_LAYERS = DenseLayers(auto=True, threshold=0.7)
 
 #: the first retrieval's prompt queries of ESA / GSA under the ``default`` preset (docs/quality.md: chosen
 #: on a tuning set of grid prompts, seed 1, separate from the reported ones)
-DEFAULT_PREFILL_WINDOW = PrefillWindow(tokens=16, reduce="mean")
+DEFAULT_PREFILL_WINDOW = PrefillWindow(tokens=8, reduce="max")
 
 #: ESA / GSA block scoring per preset (docs/quality.md): ``default`` keeps the mean K of every 8 tokens,
 #: scores a block by the per-head softmax vote over those sub-blocks and makes the first selection from
