@@ -104,7 +104,7 @@ def test_ort_backend_rejects_mismatched_setups(rewritten):
         Engine(esa_w1, make_policy("kvstar"), sparse=sparse_config_for("kvstar", SparseConfig(block_size=BS)),
                config=RuntimeConfig(max_seq_len=256))
     with pytest.raises(ValueError, match="algorithm 'esa' cannot be combined with the onnxruntime backend: the esa "
-                                         "policy needs the queries of the last 16 prompt tokens"):
+                                         "policy needs the queries of the last 8 prompt tokens"):
         Engine(esa_w1, make_policy("esa"), sparse=sparse_config_for("esa", SparseConfig(block_size=BS)),
                config=RuntimeConfig(max_seq_len=256))
     from ucm_trt.config import ReRoPEConfig
