@@ -221,7 +221,9 @@ class ESAPolicy(OffloadPolicy):
         prior = self._priors.get(id(store))
         if self._layerwise(ESAPolicy):
             reps = [store.layer(layer) for layer in range(self.shape.num_layers)]
-            return self._per_layer(partial(self._select, reps, nbp, list(q), prior=prior))
+            # prior passed only when set: a subclass's _select hook with the plain signature keeps working
+            extra = {} if prior is None else {"prior": prior}
+            return self._per_layer(partial(self._select, reps, nbp, list(q), **extra))
         return self._on_device(partial(self._select_all, store.reps(), nbp, q, prior))
 
     def _scores(self, q: torch.Tensor, reps: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:

@@ -121,7 +121,9 @@ class GSAPolicy(OffloadPolicy):
         prior = self._priors.get(rid)
         if self._layerwise(GSAPolicy):
             per = [reps[layer].permute(2, 0, 1) for layer in range(self.shape.num_layers)]
-            task = self._per_layer(partial(self._select, per, nb, list(q), prior=prior))
+            # prior passed only when set: a subclass's _select hook with the plain signature keeps working
+            extra = {} if prior is None else {"prior": prior}
+            task = self._per_layer(partial(self._select, per, nb, list(q), **extra))
         else:
             task = self._on_device(partial(self._select_all, reps, nb, q, prior))
         return self._submit(rid, step, nb, task)
