@@ -18,7 +18,8 @@ a shared selection). Each head then has one unit of vote: a retrieval head that 
 the needle's block is not outvoted by the raw dot products of the other heads (averaging the query
 of a GQA group, or summing raw scores over heads, lets large-norm diffuse heads dominate). Measured
 on SmolLM2 passkey prompts (docs/algorithms.md): the needle's block is kept in more layers, but the
-end-to-end answers measured so far did not improve, so it is off by default.
+end-to-end answers did not improve over block means alone; over 8-token sub-block means it is the
+``default`` preset's scoring (``runtime.algorithms.BLOCK_SCORING``; the class default stays off).
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def first_queries(queries: list[torch.Tensor], window: int) -> torch.Tensor:
 
 class ESAPolicy(OffloadPolicy):
     """ESA. ``vote``: score blocks by the per-head softmax vote
-    (:func:`~ucm_trt.sparse.policies._reps.host_vote_scores`; off by default)
+    (:func:`~ucm_trt.sparse.policies._reps.host_vote_scores`; off in the class, on in the ``default`` preset)
     instead of upstream's dot product of the group-averaged query. ``sub_block_tokens``: keep the mean K
     of every run of that many tokens (it must divide the block size) and score a block by its best
     sub-block, or with the vote by the mass of its sub-blocks (:func:`sub_block_scores`); ``None`` is
