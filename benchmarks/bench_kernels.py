@@ -17,7 +17,7 @@ head-shared selection: same blocks, same bytes).
   kernel, split-K merged inside it (one launch), on path ``jit`` (:func:`ucm_trt.kernels.paged_sparse_attention`,
   the runtime's launcher, with an :class:`~ucm_trt.kernels.AttentionWorkspace`) and, for ``ours_sparse``, on
   path ``aot``: the AOT PTX of the same kernel launched through the CUDA driver exactly as TensorRT's launcher
-  does (``[inputs + split scratch] [int32 extras] [output]``, split count from the AOT rule's shape
+  does (``[inputs, split counters] [int32 extras] [output, split partials]``, split count from the AOT rule's shape
   expression, ``splits`` in the row); ``ours_sparse_nosplit`` (path ``aot``) is the plugin's unsplit PTX,
   what an engine runs until the graph feeds the split scratch;
 * ``ours_sparse_guard``: the JIT path with an :class:`~ucm_trt.kernels.guard.IndexGuard` (validate=False
@@ -165,7 +165,7 @@ class FlashInferPeer:
 
 class AotPeer:
     """The AOT kernels for one (block_size, head_dim), launched through the CUDA driver: the plugin's
-    unsplit PTX (``single``) and the split-K PTX (the same kernel, merge inside, scratch as inputs)."""
+    unsplit PTX (``single``) and the split-K PTX (the same kernel, merge inside, scratch as I/O)."""
 
     def __init__(self, bs, d):
         from trt_plugins import ops
@@ -216,7 +216,7 @@ class AotPeer:
 
     def split_fn(self, inputs, out, tile=None):
         """``(run, keep, splits)``: one driver launch of the split-K PTX; its counters (zeroed once here,
-        left zero by every launch) and partials are the two inputs after the op's seven."""
+        left zero by every launch) are an eighth input, its partials a second output."""
         from trt_plugins.aot import int_cdiv
         from trt_plugins.cuda_launch import PtxModule
 
@@ -227,10 +227,10 @@ class AotPeer:
         partials = torch.empty(part_shape, dtype=torch.float32, device="cuda")
         mod = PtxModule(la.kernel.name, la.kernel.ptx)
         grid, extras = la.grid(shapes, int_cdiv), la.extras(shapes)
-        ptrs = [x.data_ptr() for x in inputs.values()] + [counters.data_ptr(), partials.data_ptr()]
+        ptrs = [x.data_ptr() for x in inputs.values()] + [counters.data_ptr()]
 
         def run():
-            mod.launch(grid, la.block, la.kernel.shared_mem, ptrs, extras, [out.data_ptr()])
+            mod.launch(grid, la.block, la.kernel.shared_mem, ptrs, extras, [out.data_ptr(), partials.data_ptr()])
 
         return run, (mod, counters, partials), int(grid[2])
 

@@ -6,7 +6,7 @@ the two ops differ only in their schemas.
 JIT: ``ucm_trt.kernels.aot.paged_attention_chunk`` on TensorRT's stream (tactic 1 = decode tiles,
 2 = prefill tiles), split-K merged in the kernel. AOT: the same Triton kernel compiled to PTX, one
 launch per plugin, grid ``(B * Hkv, cdiv(T, BLOCK_T))``, extras ``(T, max_blocks, S, ...)``; with
-split-K (:func:`aot_split_launch`) still one launch, its scratch as two more inputs."""
+split-K (:func:`aot_split_launch`) still one launch, its scratch as an input and an output."""
 
 from __future__ import annotations
 
@@ -133,11 +133,11 @@ def aot_split_launch(values: Mapping[str, object], dtype: torch.dtype, tactic: i
                      *, spec: PluginSpec, sms: int, programs_per_sm: int = DEFAULT_LAUNCH.programs_per_sm,
                      splits: int | None = None, tile: kaot.TileConfig | None = None) -> AotLaunch:
     """Split-K on the AOT path: ONE kernel (the merge inside it), in TensorRT's calling convention
-    with two scratch inputs after the op's seven, ``split_counters`` (int32, zero before the launch
-    and left zero by it) and ``split_partials`` (fp32); ``AotLaunch.scratch(shapes)`` gives their
-    shapes. ``aot_impl`` has no workspace, so these must be plugin inputs the graph feeds; the op
-    schema does not have them yet (docs/performance.md), so the engine's plugin still builds
-    :func:`aot_launch` and this launch is used by the benchmark and the GPU tests through the driver.
+    with its scratch as plugin I/O: ``split_counters`` (int32, zero before the launch and left zero
+    by it) an eighth input, ``split_partials`` (fp32) a second output; ``AotLaunch.scratch(shapes)``
+    gives their shapes. ``aot_impl`` has no workspace, so the counters must be an input the graph
+    feeds; the op schema has neither tensor yet (docs/performance.md), so the engine's plugin still
+    builds :func:`aot_launch` and this launch serves the benchmark and the GPU tests (CUDA driver).
 
     The split count is the launch rule's :func:`~ucm_trt.kernels.attention.min_splits` for the card's
     ``sms`` (an expression of the batch and the chunk length, which TensorRT would evaluate at run

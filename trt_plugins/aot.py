@@ -38,9 +38,9 @@ class AotLaunch:
 
     ``grid(shapes, cdiv)`` -> ``(x, y, z)`` and ``extras(shapes)`` -> int32 extras, where
     ``shapes`` maps each op input name to its dims (ints or TensorRT shape expressions).
-    ``scratch(shapes)`` (concrete ints), where the kernel has scratch inputs after the op's own
-    inputs: their shapes, in kernel order (the split-K attention kernel: int32 counters that must be
-    zero before the launch and are left zero, then fp32 partials).
+    ``scratch(shapes)`` (concrete ints), where the kernel has scratch I/O beyond the op's own: their
+    shapes (the split-K attention kernel: the int32 counter input, zero before the launch and left
+    zero, that follows the op's inputs; the fp32 partials output that follows the op's output).
     """
 
     kernel: PtxKernel

@@ -104,7 +104,8 @@ def test_select_all_ptx_launched_like_tensorrt():
                                          ("big_prefill_rerope", 3)])
 def test_aot_split_k_one_kernel_launched_like_tensorrt(name, splits):
     """Split-K on the AOT path: ONE PTX kernel (merge inside) through the driver in TensorRT's order, the
-    scratch as inputs after the op's seven; launched twice on the same counters, which stay zero.
+    counters an eighth input, the partials a second output; launched twice on the same counters, which
+    stay zero.
     ``splits=None``: the launch rule's split count for this card."""
     from trt_plugins._attention import aot_split_launch
     from ucm_trt.kernels._common import num_sms
@@ -125,7 +126,7 @@ def test_aot_split_k_one_kernel_launched_like_tensorrt(name, splits):
     for _ in range(2):
         out = torch.full_like(inputs["q"], float("nan"))
         mod.launch(launch.grid(shapes, int_cdiv), launch.block, launch.kernel.shared_mem,
-                   [inputs[n].data_ptr() for n in spec.inputs] + [counters.data_ptr(), partials.data_ptr()],
-                   launch.extras(shapes), [out.data_ptr()])  # fmt: skip
+                   [inputs[n].data_ptr() for n in spec.inputs] + [counters.data_ptr()], launch.extras(shapes),
+                   [out.data_ptr(), partials.data_ptr()])  # fmt: skip
         torch.testing.assert_close(out.float().cpu(), ref, **tolerances_for(dtype))
         assert int(counters.abs().sum()) == 0

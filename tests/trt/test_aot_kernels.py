@@ -57,9 +57,9 @@ def _launch_like_tensorrt(case, inputs, tactic):
 
 
 def _split_launch_like_tensorrt(case, inputs, tactic, splits, counters=None):
-    """Split-K as ONE AOT kernel (the merge inside it): arguments = the op's inputs, the two scratch
-    inputs (int32 counters, zero; fp32 partials, poisoned), the int32 extras (ITEMS_PER_SPLIT too),
-    the output; grid z = splits. Returns ``(out, counters)``."""
+    """Split-K as ONE AOT kernel (the merge inside it): arguments = the op's inputs, the int32 counter
+    input (zero), the int32 extras (ITEMS_PER_SPLIT too), the output, the fp32 partials output
+    (poisoned); grid z = splits. Returns ``(out, counters)``."""
     geom = case.geometry()
     tile = tile_config(tactic, geom)
     dtype = inputs["q"].dtype
@@ -73,7 +73,7 @@ def _split_launch_like_tensorrt(case, inputs, tactic, splits, counters=None):
     extras = paged_attention_extras(shapes, geom, items_per_split=split_items(shapes["selection"][2], t,
                                                                               geom.block_size, splits))
     out = torch.full_like(inputs["q"], float("nan"))
-    args = [inputs[n] for n in names] + [counters, partials] + [int(e) for e in extras] + [out]
+    args = [inputs[n] for n in names] + [counters] + [int(e) for e in extras] + [out, partials]
     assert len(args) == len(signature)
     grid = paged_attention_grid(b, t, geom, tile, int_cdiv, splits)
     # by name: the constant strides are constexprs between the extras, so the call cannot be positional
@@ -94,7 +94,7 @@ def test_attention_aot_convention_matches_reference(name, tactic):
 @pytest.mark.parametrize("splits", [1, 2, 7])
 @pytest.mark.parametrize("name", ["decode", "prefill", "rerope_logn_prefill", "d80", "one_block", "select_all"])
 def test_split_k_in_one_aot_kernel_matches_reference(name, splits):
-    """The AOT path's split-K: one kernel in TensorRT's calling convention, scratch as inputs; run twice
+    """The AOT path's split-K: one kernel in TensorRT's calling convention, scratch as I/O; run twice
     on the same counters, which must be zero after each launch (7 splits exceed some rows' blocks)."""
     case = CASES[name]
     inputs, pool_full = make_inputs(case)

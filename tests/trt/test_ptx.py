@@ -183,8 +183,8 @@ def test_kernel_signature_has_no_float_scalars():
 
 @pytest.mark.parametrize("name,tactic,arch", [("d96_gqa4", 1, 90), ("rerope_logn_prefill", TACTIC_PREFILL, 80)])
 def test_split_k_kernel_compiles_as_one_launch_with_tensorrt_argument_order(name, tactic, arch):
-    """Split-K on the AOT path is ONE kernel: the op's 7 inputs, the 2 scratch inputs (int32 counters,
-    fp32 partials), 14 int32 extras (ITEMS_PER_SPLIT among them), the output; within 48 KiB of shared
+    """Split-K on the AOT path is ONE kernel: the op's 7 inputs + the int32 counter input, 14 int32
+    extras (ITEMS_PER_SPLIT among them), the output + the fp32 partials output; within 48 KiB of shared
     memory. The PTX holds the in-kernel merge's acquire-release ticket (an atom.add on the counters)."""
     from trt_plugins._attention import aot_split_launch
     from trt_plugins.spec import plugin_spec
@@ -199,7 +199,7 @@ def test_split_k_kernel_compiles_as_one_launch_with_tensorrt_argument_order(name
     assert (gx, gy) == (2 * case.hkv, 1) and gz == -(-264 // (2 * case.hkv))  # min_splits at 2 programs per SM
     assert len(extras) == 14 and extras[4] == -(-(4 + 1) // gz)  # ITEMS_PER_SPLIT = ceil((S + 1 chunk block) / splits)
     k = launch.kernel
-    assert [d for d, _ in entry_params(k.ptx, k.name)] == [PTR] * 9 + [I32] * 14 + [PTR]
+    assert [d for d, _ in entry_params(k.ptx, k.name)] == [PTR] * 8 + [I32] * 14 + [PTR] * 2
     assert k.shared_mem <= MAX_AOT_SHARED_MEM
     assert re.search(r"atom\.[a-z.]*acq_rel[a-z.]*\.add|atom\.[a-z.]*add[a-z.]*acq_rel", k.ptx)
     cnt, part = launch.scratch(shapes)

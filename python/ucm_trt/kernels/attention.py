@@ -9,8 +9,10 @@ The same ``@triton.jit`` function serves
   ``[inputs][int32 extras][outputs]`` (:mod:`ucm_trt.kernels.aot.attention_op`).
 
 Its parameters are therefore ordered ``q, k, v, kv_pool, block_table, seq_lens, selection``
-(the op's inputs), then int32 sizes and strides (TensorRT's extras, computed from the shapes),
-then the outputs. Every float and geometry attribute is a ``tl.constexpr``.
+(the op's inputs) and the split counters (an input of the split AOT kernel), then int32 sizes and
+strides (TensorRT's extras, computed from the shapes), then the output and the split partials (an
+output of the split AOT kernel), then JIT-only pointers. Every float and geometry attribute is a
+``tl.constexpr``.
 
 * **Grid** ``(B * Hkv, query tiles, splits)``. A program owns one KV head of one sequence and all
   ``G = Hq / Hkv`` query heads of its group (rows = query token x group head, padded to >= 16 for
@@ -121,14 +123,14 @@ def _softmax_update(s, v, kmask, pos, qpos, row_ok, m_i, l_i, acc, QK_SCALE: tl.
 
 @triton.jit
 def _paged_attn_fwd(
-    q_ptr, k_ptr, v_ptr, pool_ptr, bt_ptr, seqlen_ptr, sel_ptr, cnt_ptr, part_ptr,
+    q_ptr, k_ptr, v_ptr, pool_ptr, bt_ptr, seqlen_ptr, sel_ptr, cnt_ptr,
     T, MAX_BLOCKS, NUM_SEL, NUM_BLOCKS, ITEMS_PER_SPLIT,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_pn, stride_pkv, stride_ph, stride_pt,
     stride_btb, stride_sb, stride_sh,
     stride_ob, stride_oh, stride_ot,
-    out_ptr, guard_ptr,
+    out_ptr, part_ptr, guard_ptr,
     H_KV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, D: tl.constexpr,
     DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_SEL: tl.constexpr, CHUNK_KV: tl.constexpr, SPLIT: tl.constexpr, HAS_GUARD: tl.constexpr,
@@ -613,7 +615,7 @@ def run_attention(
     grid = (b * hkv, plan.n_qtiles, plan.splits)
     _paged_attn_fwd[grid](
         q, k if chunk_kv else q, v if chunk_kv else q, kv_pool, block_table, seq_lens,
-        selection if has_sel else dummy, counters, partials,
+        selection if has_sel else dummy, counters,
         tq, block_table.shape[1], selection.shape[2] if has_sel else 0, kv_pool.shape[0], plan.items_per_split,
         q.stride(0), q.stride(1), q.stride(2),
         *((k.stride(0), k.stride(1), k.stride(2)) if chunk_kv else (0, 0, 0)),
@@ -621,7 +623,7 @@ def run_attention(
         block_table.stride(0),
         *((selection.stride(0), selection.stride(1)) if has_sel else (0, 0)),
         out.stride(0), out.stride(1), out.stride(2),
-        out, guard.flag if guard is not None else dummy,
+        out, partials, guard.flag if guard is not None else dummy,
         **consts, BLOCK_N=plan.block_n, BLOCK_T=plan.block_t, BLOCK_M=plan.block_m,
         HAS_SEL=has_sel, CHUNK_KV=chunk_kv, SPLIT=plan.splits > 1, HAS_GUARD=guard is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 or not cuda else "tf32",

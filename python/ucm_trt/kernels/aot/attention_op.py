@@ -19,10 +19,13 @@ depend on dynamic dims (T, max_blocks, S) are int32 extras. Its parameters are t
 Split-K on the AOT path is the same single kernel with its merge inside (the last-arriving split
 of a tile merges). TensorRT's ``aot_impl`` gives a kernel no workspace (``KernelLaunchParams`` has
 only grid, block and shared memory; the arguments are only I/O pointers and int32 extras), so the
-scratch comes in as two more *inputs* after the op's seven: ``split_counters`` (int32, zero before
-the launch; the kernel leaves it zero) and ``split_partials`` (fp32), sized by
-:func:`split_scratch_shapes`; ``ITEMS_PER_SPLIT`` becomes an extra and the grid gets a third axis
-(:func:`split_count`, an expression of the batch and chunk length TensorRT evaluates per launch).
+scratch comes from the plugin's I/O: ``split_counters`` (int32, zero before the launch, left zero
+by it) as an eighth *input*, which the graph must feed (a graph input per execution context, or an
+initializer when contexts never run concurrently), and ``split_partials`` (fp32) as a second
+*output*, which TensorRT allocates from the context's activation memory (written and read within the
+launch, so its contents at launch do not matter); both sized by :func:`split_scratch_shapes`.
+``ITEMS_PER_SPLIT`` becomes an extra and the grid gets a third axis (:func:`split_count`, an
+expression of the batch and chunk length that TensorRT evaluates per launch).
 See :func:`paged_attention_kernel_args` with ``split=True`` and docs/performance.md.
 """
 
@@ -167,9 +170,9 @@ def paged_attention_kernel_args(
 
     ``signature`` maps the non-constexpr parameters, in order, to Triton types: 7 input pointers,
     the int32 extras of :func:`paged_attention_extras`, then the output pointer ``out``. With
-    ``split=True`` (split-K merged in the kernel) two scratch inputs follow the seven,
-    ``cnt_ptr`` (int32 counters, zero before the launch and left zero) and ``part_ptr`` (fp32
-    partials), both sized by :func:`split_scratch_shapes`, and ``ITEMS_PER_SPLIT`` is an extra.
+    ``split=True`` (split-K merged in the kernel) ``cnt_ptr`` (int32 counters, zero before the
+    launch and left zero) is an eighth input, ``ITEMS_PER_SPLIT`` an extra and ``part_ptr`` (fp32
+    partials) a second output, both sized by :func:`split_scratch_shapes`.
     """
     if dtype not in _TRITON_PTR:
         raise TypeError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
@@ -181,7 +184,7 @@ def paged_attention_kernel_args(
         "sel_ptr": "*i32",
     }  # fmt: skip
     if split:
-        signature.update({"cnt_ptr": "*i32", "part_ptr": "*fp32"})
+        signature["cnt_ptr"] = "*i32"
     signature.update({"T": "i32", "MAX_BLOCKS": "i32", "NUM_SEL": "i32", "NUM_BLOCKS": "i32"})
     if split:
         signature["ITEMS_PER_SPLIT"] = "i32"
@@ -189,6 +192,8 @@ def paged_attention_kernel_args(
         "stride_qb": "i32", "stride_qh": "i32", "stride_kb": "i32", "stride_kh": "i32", "stride_btb": "i32",
         "stride_sb": "i32", "stride_sh": "i32", "stride_ob": "i32", "stride_oh": "i32", "out_ptr": ty,
     })  # fmt: skip
+    if split:
+        signature["part_ptr"] = "*fp32"
     constexprs = dict(
         g.constexprs(),
         # strides fixed by constant dims (contiguous tensors)
@@ -251,7 +256,8 @@ def split_items(num_sel, chunk_len, block_size: int, splits):
 
 def split_scratch_shapes(batch: int, chunk_len: int, geometry: PagedAttentionGeometry, tile: TileConfig,
                          splits: int) -> tuple[tuple[int], tuple[int]]:
-    """``(counters, partials)`` shapes of the split kernel's scratch inputs (int32 zeros, fp32)."""
+    """``(counters, partials)`` shapes of the split kernel's scratch: the int32 counter input (zeros)
+    and the fp32 partials output."""
     n_cnt, n_part = split_scratch_sizes(batch=batch, num_kv_heads=geometry.num_kv_heads,
                                         n_qtiles=-(-chunk_len // tile.block_t), splits=splits,
                                         block_m=tile.block_m, dv=head_tiles(geometry.head_dim)[1])  # fmt: skip
