@@ -128,6 +128,8 @@ def test_workspace_grows_and_keeps_counters_zero(device):
     assert c2.data_ptr() == c.data_ptr() and p2.data_ptr() == p.data_ptr()
     c3, _ = ws.buffers(11, 100)
     assert c3.numel() >= 11 and int(c3.abs().sum()) == 0
+    # the outgrown counters stay allocated (a graph captured before the growth still uses them)
+    assert any(t.data_ptr() == c.data_ptr() for t in ws._outgrown)
 
 
 def test_workspace_argument_errors(device):

@@ -559,21 +559,25 @@ class AttentionWorkspace:
     ``counters`` int32: one arrival counter per (sequence, KV head, query tile), all zero between
     launches (the program that merges a tile re-zeroes its counter, so no memset is needed).
     ``partials`` fp32: every split's partial output and log2-sum-exp. Both grow on demand; a grown
-    buffer is allocated (the counters zeroed) on the current stream, so size the workspace with one
-    eager call at the largest shape before capturing a graph.
+    buffer is allocated (the counters zeroed) on the current stream, so run a shape eagerly once
+    before capturing it in a graph. Outgrown buffers are kept, not freed: a graph captured earlier
+    still launches on them.
     """
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.counters = torch.zeros(0, dtype=torch.int32, device=self.device)
         self.partials = torch.empty(0, dtype=torch.float32, device=self.device)
+        self._outgrown: list[torch.Tensor] = []
 
     def buffers(self, counters: int, partials: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The counter and partial buffers, grown to hold at least ``counters`` / ``partials`` elements."""
         if self.counters.numel() < counters:
+            self._outgrown.append(self.counters)
             self.counters = torch.zeros(max(counters, 2 * self.counters.numel()), dtype=torch.int32,
                                         device=self.device)
         if self.partials.numel() < partials:
+            self._outgrown.append(self.partials)
             self.partials = torch.empty(max(partials, 2 * self.partials.numel()), dtype=torch.float32,
                                         device=self.device)
         return self.counters, self.partials
