@@ -25,7 +25,7 @@ from ucm_trt.kernels import (
     paged_rerope_attention,
     paged_sparse_attention,
 )
-from ucm_trt.kernels.attention import min_splits, plan_attention, split_scratch_sizes
+from ucm_trt.kernels.attention import merge_tile, min_splits, plan_attention, split_scratch_sizes
 from ucm_trt.testing.tolerances import tolerances_for
 
 
@@ -47,6 +47,7 @@ CASES = {
     "decode-g4": ((45, 90), 2, 4, 64, 16, 1),
     "decode-g8-one-block": ((9, 14), 1, 8, 32, 16, 1),
     "chunk-g4-tq3": ((50, 23), 2, 4, 32, 16, 3),
+    "chunk-g3-tq2": ((45, 30), 1, 3, 32, 16, 2),  # a group that is not a power of two (masked merge rows)
     "prefill-g2": ((40,), 2, 2, 32, 16, 19),
 }
 
@@ -75,6 +76,28 @@ def test_split_k_matches_reference_for_every_split_count(name, device):
                                          workspace=ws)
             _check(got, ref, torch.float32, f"{sel_name} splits={splits}")
             assert int(ws.counters.abs().sum()) == 0, f"{sel_name} splits={splits}: counters left non-zero"
+
+
+def test_split_k_merges_more_splits_than_one_merge_step(device):
+    """24 to 48 splits, more than the MERGE_SPLITS (16) the last program merges per step: the merge
+    walks several steps, the last one partial."""
+    gen = torch.Generator().manual_seed(9)
+    case = make_paged_case(lens=(700, 333), hkv=1, group=8, d=64, bs=16, tq=1, dtype=torch.float32, device=device,
+                           gen=gen)
+    assert merge_tile(8, 64) == {"MERGE_ROWS": 8, "MERGE_SPLITS": 16}
+    assert merge_tile(4, 128) == {"MERGE_ROWS": 4, "MERGE_SPLITS": 16}  # the issue's shape: 33 splits in 3 loads
+    ws = _workspace(device)
+    for sel in (None, random_selection(case.num_blocks, 1, 30, gen, device)):
+        ref = R.paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel)
+        for splits in (32, 48):
+            plan_splits = plan_attention(batch=2, num_kv_heads=1, group=8, tq=1, head_dim=64, block_size=16,
+                                         work_items=(46 if sel is None else 30) + 2, sms=8,
+                                         launch=AttentionLaunch(num_splits=splits)).splits
+            assert plan_splits > 16
+            got = paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel,
+                                         out=nan_like(case.q), launch=AttentionLaunch(num_splits=splits), workspace=ws)
+            _check(got, ref, torch.float32, f"splits={splits}")
+            assert int(ws.counters.abs().sum()) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -136,7 +136,7 @@ def _paged_attn_fwd(
     HAS_SEL: tl.constexpr, CHUNK_KV: tl.constexpr, SPLIT: tl.constexpr, HAS_GUARD: tl.constexpr,
     QK_SCALE: tl.constexpr, REROPE: tl.constexpr, WINDOW: tl.constexpr, LOG2_THETA: tl.constexpr,
     LOGN: tl.constexpr, INV_LOG_TRAIN: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
-    ITEMS: tl.constexpr, BPT: tl.constexpr,
+    ITEMS: tl.constexpr, BPT: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_SPLITS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -348,31 +348,42 @@ def _paged_attn_fwd(
         n_split = tl.num_programs(2)
         tile = pid_bh * tl.num_programs(1) + pid_t  # (sequence, KV head, query tile)
         lse_base = (tl.num_programs(0) * tl.num_programs(1) * n_split).to(tl.int64) * (BLOCK_M * DV)
-        row0 = tile.to(tl.int64) * n_split * BLOCK_M + rows  # this tile's rows of split 0
-        prow = row0 + pid_s * BLOCK_M
+        tile_row0 = tile.to(tl.int64) * n_split * BLOCK_M  # this tile's first partial row (split 0)
+        prow = tile_row0 + pid_s * BLOCK_M + rows
         tl.store(part_ptr + lse_base + prow, tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf")), mask=row_ok)
         tl.store(part_ptr + prow[:, None] * DV + dv[None, :], o, mask=o_mask)
         tl.debug_barrier()
         ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if ticket == n_split - 1:
             tl.store(cnt_ptr + tile, 0)
-            m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_sum = tl.zeros([BLOCK_M], tl.float32)
-            res = tl.zeros([BLOCK_M, DV], tl.float32)
-            for sp in range(0, n_split):
-                r = row0 + sp * BLOCK_M
-                # .cg: read at L2, where the other programs' stores are (past this SM's L1)
-                lse = tl.load(part_ptr + lse_base + r, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-                o_s = tl.load(part_ptr + r[:, None] * DV + dv[None, :], mask=o_mask, other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m, lse)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m - m_safe)
-                w = tl.exp2(lse - m_safe)
-                l_sum = l_sum * alpha + w
-                res = res * alpha[:, None] + o_s * w[:, None]
-                m = m_new
-            res = res / tl.where(l_sum > 0.0, l_sum, 1.0)[:, None]
-            tl.store(o_rows[:, None] + dv[None, :], res.to(out_ptr.dtype.element_ty), mask=o_mask)
+            # merge token by token (only the tile's tokens < T: one at decode), MERGE_SPLITS splits of
+            # the token's G rows per load, so the tail costs a few L2 round trips, not one per split
+            gm = tl.arange(0, MERGE_ROWS)
+            g_ok = gm < G
+            sc = tl.arange(0, MERGE_SPLITS)
+            for tt in range(0, tl.minimum(BLOCK_T, T - pid_t * BLOCK_T)):
+                m = tl.full([MERGE_ROWS], float("-inf"), tl.float32)
+                l_sum = tl.zeros([MERGE_ROWS], tl.float32)
+                res = tl.zeros([MERGE_ROWS, DV], tl.float32)
+                for s0 in range(0, n_split, MERGE_SPLITS):
+                    sp = s0 + sc
+                    r2 = tile_row0 + sp.to(tl.int64)[:, None] * BLOCK_M + (tt * G + gm)[None, :]  # [splits, G]
+                    ok2 = (sp < n_split)[:, None] & g_ok[None, :]
+                    # .cg: read at L2, where the other programs' stores are (past this SM's L1)
+                    lse = tl.load(part_ptr + lse_base + r2, mask=ok2, other=float("-inf"), cache_modifier=".cg")
+                    o3 = tl.load(part_ptr + r2[:, :, None] * DV + dv[None, None, :],
+                                 mask=ok2[:, :, None] & dv_ok[None, None, :], other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(m, tl.max(lse, 0))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp2(m - m_safe)
+                    w = tl.exp2(lse - m_safe[None, :])
+                    l_sum = l_sum * alpha + tl.sum(w, 0)
+                    res = res * alpha[:, None] + tl.sum(o3 * w[:, :, None], 0)
+                    m = m_new
+                res = res / tl.where(l_sum > 0.0, l_sum, 1.0)[:, None]
+                m_rows = out_ptr + b64 * stride_ob + (h * G + gm) * stride_oh + (pid_t * BLOCK_T + tt) * stride_ot
+                tl.store(m_rows[:, None] + dv[None, :], res.to(out_ptr.dtype.element_ty),
+                         mask=g_ok[:, None] & dv_ok[None, :])
     else:
         tl.store(o_rows[:, None] + dv[None, :], o.to(out_ptr.dtype.element_ty), mask=o_mask)
 
@@ -543,6 +554,18 @@ def geometry_constexprs(*, num_kv_heads: int, group: int, head_dim: int, block_s
                 QK_SCALE=float(scale) * LOG2E)
 
 
+# fp32 partial elements the merging program loads per step (64 registers a thread at 4 warps)
+MERGE_ELEMS = 8192
+
+
+def merge_tile(group: int, dv: int) -> dict:
+    """The in-kernel merge's constexprs: ``MERGE_ROWS``, one query token's rows (its ``group`` heads)
+    rounded up to a power of two, and ``MERGE_SPLITS``, the splits merged per load (a power of two
+    in [1, 64] within :data:`MERGE_ELEMS` loaded elements)."""
+    rows = next_pow2(group)
+    return dict(MERGE_ROWS=rows, MERGE_SPLITS=max(1, min(64, MERGE_ELEMS // (rows * dv))))
+
+
 def split_scratch_sizes(*, batch: int, num_kv_heads: int, n_qtiles: int, splits: int, block_m: int,
                         dv: int) -> tuple[int, int]:
     """``(counters, partials)``: int32 arrival counters (one per sequence x KV head x query tile)
@@ -633,6 +656,7 @@ def run_attention(
         DOT_PREC="ieee" if q.dtype == torch.float32 or not cuda else "tf32",
         # Triton's interpreter (CPU tensors) mis-computes bf16 tl.dot (seen with triton 3.9): upcast there
         DOT_F32=not cuda, ITEMS=plan.items, BPT=blocks_per_tile(plan.block_n, consts["BS"]),
+        **merge_tile(consts["G"], dv),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return out

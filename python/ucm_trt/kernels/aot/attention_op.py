@@ -50,6 +50,7 @@ from ucm_trt.kernels.attention import (
     default_block_n,
     geometry_constexprs,
     head_tiles,
+    merge_tile,
     min_splits,
     plan_attention,
     query_tile,
@@ -203,6 +204,7 @@ def paged_attention_kernel_args(
         HAS_SEL=True, CHUNK_KV=True, SPLIT=split, HAS_GUARD=False, guard_ptr=None,
         DOT_PREC="ieee" if dtype == torch.float32 else "tf32", DOT_F32=False, ITEMS=ITEM_CHUNK,
         BPT=blocks_per_tile(tile.block_n, bs),
+        **merge_tile(g.group, head_tiles(d)[1]),
     )  # fmt: skip
     if not split:
         constexprs.update(ITEMS_PER_SPLIT=_NO_SPLIT_ITEMS, cnt_ptr=None, part_ptr=None)
