@@ -127,6 +127,11 @@ class _SharedTicket:
         self.ticket = ticket
         self._value: list | None = None
 
+    @property
+    def future(self):
+        """The worker's future of the task (its value: ``(list, seconds)``)."""
+        return self.ticket.future
+
     def result(self) -> list:
         if self._value is None:
             self._value = self.ticket.result()  # a failed task raises here, for every request collecting it
