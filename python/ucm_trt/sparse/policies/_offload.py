@@ -1,10 +1,15 @@
 """Shared machinery of the CPU-retrieval (offload) policies: ESA, GSA and KVStar.
 
-A retrieval is ONE task on the runtime's :class:`~ucm_trt.runtime.worker.RetrievalWorker` per
-request, covering every layer (the worker's threads split requests, not layers); it returns the
-selections of all layers as one int32 ``[L, Hkv, S]`` tensor (sorted, -1 padded). Everything a
-task reads is an immutable CPU snapshot taken when it is submitted (query copies, append-only
-representation stores), so a task never races the model step.
+A request's retrieval covers every layer and returns the selections of all layers as one int32
+``[L, Hkv, S]`` tensor (sorted, -1 padded). The retrievals a decode step starts are submitted
+together (:meth:`OffloadPolicy._submit_batch`): one task per thread of the runtime's
+:class:`~ucm_trt.runtime.worker.RetrievalWorker` (at most), each covering a contiguous share of the
+step's requests, with the scores of its requests that have the same number of blocks selected in
+one batched pass (:class:`RetrievalJob`), and one copy of the step's query rows — not a task, a
+query copy and a selection pass per request. The selections equal the per-request path's
+(``tests/runtime/test_step_batch.py``). Everything a task reads is an immutable CPU snapshot taken
+when it is submitted (query copies, append-only representation stores), so a task never races the
+model step.
 
 Per-layer hook: each policy keeps its per-layer reference retrieval ``_select(..., layer)``
 (the functions of :mod:`ucm_trt.sparse.score` / :func:`~ucm_trt.sparse.policies.base.select_from_scores`).

@@ -17,9 +17,10 @@
   after step ``s`` with ``s % R == 0`` it is collected (waited for) and the next plan loads the
   blocks that changed. Steps in between run on the previous selection, as upstream.
   ``R = 1`` and ``R = 2`` degenerate to synchronous retrieval every ``R`` steps.
-* A retrieval is one worker task for all layers: one batched matmul scores every layer and KV
-  head, one batched selection picks the blocks (:mod:`ucm_trt.sparse.batched`); ``_select`` is the
-  per-layer reference it must equal.
+* A retrieval covers all layers: one batched matmul scores every layer and KV head, one batched
+  selection picks the blocks (:mod:`ucm_trt.sparse.batched`; the requests of a step that have the
+  same number of blocks in one pass, see ``_offload``); ``_select`` is the per-layer reference it
+  must equal.
 """
 
 from __future__ import annotations

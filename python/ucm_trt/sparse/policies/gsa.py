@@ -15,8 +15,9 @@
   step ``s + 1`` and used from step ``s + 2`` on — the selection always lags one step, so the
   retrieval overlaps a whole model step. This is deterministic (upstream consumes whatever has
   finished, which makes the lag timing-dependent).
-* A retrieval is one worker task for all layers (one batched matmul, one batched selection;
-  :mod:`ucm_trt.sparse.batched`); ``_select`` is the per-layer reference it must equal.
+* A retrieval covers all layers (one batched matmul, one batched selection;
+  :mod:`ucm_trt.sparse.batched`; a step's retrievals share the worker's tasks, see ``_offload``);
+  ``_select`` is the per-layer reference it must equal.
 * The prefetch engine: the runtime's working set diffs each new selection against the resident
   blocks of every layer and loads only the misses (delta prefetch), keeping an LRU cache.
 """
