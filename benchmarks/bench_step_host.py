@@ -281,6 +281,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def save(path: Path, rows: list[dict], args) -> None:
+    """Merge ``rows`` into the JSON at ``path`` (same label + case replaced); called after every case."""
+    doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    keys = {(r["label"], r["algorithm"], r["batch"], r["turnover"]) for r in rows}
+    doc["rows"] = [r for r in doc["rows"] if (r["label"], r["algorithm"], r["batch"], r["turnover"]) not in keys]
+    doc["rows"] += rows
+    box = args.box or f"{platform.node()} ({os.cpu_count()} CPU cores, {platform.processor() or platform.machine()})"
+    doc.update(box=box, benchmark="bench_step_host.py", shape=HOST_SHAPE.describe(), note=(
+        "host cost of one decode step (wall ms per measured step, main thread), split by wrapping the engine's "
+        "and policy's methods with timers; tiny dimensions so the arithmetic is negligible; a shared 2-core box"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
@@ -311,17 +325,9 @@ def main(argv=None) -> int:
                       f"turnover {row['topk_turnover'] or 0:.3f})", flush=True)
                 if batch == max(args.batches):
                     print("\n".join(row["profile_top_cumtime_ucm_trt"][: args.profile_top + 1]), flush=True)
+                if args.out is not None:
+                    save(args.out, [row], args)
     if args.out is not None:
-        doc = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
-        keys = {(r["label"], r["algorithm"], r["batch"], r["turnover"]) for r in rows}
-        doc["rows"] = [r for r in doc["rows"] if (r["label"], r["algorithm"], r["batch"], r["turnover"]) not in keys]
-        doc["rows"] += rows
-        box = args.box or f"{platform.node()} ({os.cpu_count()} CPU cores, {platform.processor() or platform.machine()})"
-        doc.update(box=box, benchmark="bench_step_host.py", shape=HOST_SHAPE.describe(), note=(
-            "host cost of one decode step (wall ms per measured step, main thread), split by wrapping the engine's "
-            "and policy's methods with timers; tiny dimensions so the arithmetic is negligible; a shared 2-core box"))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 
