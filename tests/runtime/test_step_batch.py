@@ -193,3 +193,20 @@ def test_engine_batched_retrieval_equals_per_request_path(algorithm, tiny_model)
     for a, b in zip(sels, ref_sels, strict=True):
         assert torch.equal(a, b)
     assert tasks < ref_tasks  # fewer tasks: the step's requests share them
+
+
+def test_decode_steps_record_their_host_time_split(tiny_model):
+    """StepRecord splits a decode step's host time: plan, the forward's call, the token copy, the
+    policy's after_step; together at most the step's time, each measured (> 0)."""
+    sparse = sparse_config_for("esa", SparseConfig(block_size=16, budget=Budget.ratio(0.25), retrieval_stride=2,
+                                                   min_blocks=4))
+    with Engine(TorchBackend(tiny_model, attention="torch"), ESAPolicy(), sparse=sparse,
+                config=RuntimeConfig(max_batch=2, max_seq_len=512, prefill_chunk=128)) as eng:
+        eng.generate([list(range(100)), list(range(5, 130))], SamplingParams(max_new_tokens=6))
+        dec = [r for r in eng.metrics.steps if r.kind == "decode"]
+        assert len(dec) == 5
+        for r in dec:
+            parts = (r.plan_seconds, r.forward_seconds, r.sync_seconds, r.after_step_seconds)
+            assert all(p > 0 for p in parts) and sum(parts) <= r.seconds
+        stats = eng.stats()
+        assert stats["decode_forward_ms_mean"] > 0 and stats["decode_after_step_ms_mean"] > 0

@@ -413,10 +413,10 @@ class Engine:
         self._mark_uploads_done()  # the last upload of a step: covers the ids and selections before it
 
     def _record(self, kind: str, rows: int, tokens: int, t0: float, tr: StepTransfer, held: tuple[int, int, int],
-                plan_seconds: float = 0.0) -> None:
+                plan_seconds: float = 0.0, **host: float) -> None:
         timed = self.kv.collect_timings() if self.kv.time_copies else (0.0, 0.0)
         self.metrics.record(StepRecord(
-            plan_seconds=plan_seconds,
+            plan_seconds=plan_seconds, **host,
             kind=kind, rows=rows, tokens=tokens, seconds=time.perf_counter() - t0,
             blocks_loaded=tr.blocks_loaded, blocks_needed=tr.blocks_needed,
             blocks_written_back=tr.blocks_written_back, blocks_evicted=tr.blocks_evicted,
@@ -522,15 +522,17 @@ class Engine:
         self._ids[:b, :1].copy_(self._ids_h[:b, :1], non_blocking=self._ids.device.type == "cuda")
         self._write_slots(rows, [v.seq_len for v in views], 1)
         ctx = self._context(rows, 1, new_lens, selections)
-        plan_seconds = time.perf_counter() - t0
+        t_plan = time.perf_counter()
         self.kv.mark_forward_start()
         logits = self._decode_forward(b, widths, ctx)
+        t_forward = time.perf_counter()
         self.kv.issue_deferred(tr)  # overlapped loads run beside the forward just enqueued
         self.kv.write_back(rows, tr)
         held = self._held()
         query_copy = self._start_query_copy(b) if self._host_queries else None
         emitted = []
         reqs = [self._requests[rid] for rid in rows]
+        t_sync = time.perf_counter()
         if all(r.params.temperature == 0 for r in reqs):
             # greedy: only the token ids (and the index guard's flag) leave the device, in one copy
             tokens = self._tokens_and_guard(logits.argmax(-1), "decode step")
@@ -538,17 +540,20 @@ class Engine:
             logits = logits.cpu()
             self._check_guard("decode step")
             tokens = None
+        t_after = time.perf_counter()
         if self._host_queries:
             if query_copy is not None:
                 query_copy.synchronize()  # normally done: the token copy above waited for the step
             self.policy.after_step(views, list(self._capture_h[:b].transpose(0, 1)))  # per layer [B, Hq, D]
+        t_done = time.perf_counter()
         if tokens is None:
             tokens = [self._sample(logits[row], req) for row, req in enumerate(reqs)]
         for req, token in zip(reqs, tokens, strict=True):
             req.step += 1
             emitted.append((req.rid, token))
             self._emit(req, token)
-        self._record("decode", b, b, t0, tr, held, plan_seconds)
+        self._record("decode", b, b, t0, tr, held, t_plan - t0, forward_seconds=t_forward - t_plan,
+                     sync_seconds=t_after - t_sync, after_step_seconds=t_done - t_after)
         return emitted
 
     def _attend_selections(self, rows: list[str], sels, stale: list[list[bool]], new_lens: list[int]):
