@@ -278,6 +278,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label", default="after")
     p.add_argument("--box", default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON: rows merged (same label + case replaced)")
+    p.add_argument("--table", type=Path, default=None, help="print the before -> after Markdown table of this JSON")
     return p.parse_args(argv)
 
 
@@ -295,8 +296,31 @@ def save(path: Path, rows: list[dict], args) -> None:
     path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
+def markdown_table(doc: dict, labels: tuple[str, str] = ("before", "after")) -> str:
+    """Per case, ``labels[0]`` -> ``labels[1]``: wall ms per step and component, main-thread CPU ms."""
+    rows = {(r["label"], r["algorithm"], r["batch"], r["turnover"]): r for r in doc["rows"]}
+    cases = sorted({k[1:] for k in rows}, key=lambda c: (ALGORITHMS.index(c[0]), c[1], TURNOVERS.index(c[2])))
+    head = ["algorithm", "batch", "turnover", "step", *COMPONENTS, "main-thread CPU", "retrieval tasks/step"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(a, b, key, spec=".1f"):
+        va = "-" if a is None else format(a[key], spec)
+        vb = "-" if b is None else format(b[key], spec)
+        return f"{va} -> {vb}"
+
+    for c in cases:
+        a, b = rows.get((labels[0], *c)), rows.get((labels[1], *c))
+        cells = [c[0], str(c[1]), c[2], cell(a, b, "step_ms"), *(cell(a, b, f"{k}_ms") for k in COMPONENTS),
+                 cell(a, b, "main_thread_cpu_ms"), cell(a, b, "retrieval_tasks_per_step", ".1f")]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.table is not None:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return 0
     torch.set_num_threads(1)
     model = bc.build_model(HOST_SHAPE, dtype=torch.float32, device="cpu", max_positions=args.context)
     drift = None

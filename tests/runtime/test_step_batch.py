@@ -210,3 +210,38 @@ def test_decode_steps_record_their_host_time_split(tiny_model):
             assert all(p > 0 for p in parts) and sum(parts) <= r.seconds
         stats = eng.stats()
         assert stats["decode_forward_ms_mean"] > 0 and stats["decode_after_step_ms_mean"] > 0
+
+
+def test_plan_extends_every_request_as_alone():
+    """``plan`` extends the selections of the requests whose blocks grew together (one call per
+    shape): each request gets exactly ``extend_selections`` of its own selection (values and width),
+    and the selected-block count of the per-request path."""
+    from ucm_trt.sparse.batched import extend_selections
+    from ucm_trt.sparse.policies.base import RequestView
+
+    g = torch.Generator().manual_seed(5)
+    sparse = SparseConfig(block_size=16, budget=Budget.ratio(0.25), retrieval_stride=4, min_blocks=4)
+    pol = ESAPolicy()
+    worker = _bind(pol, sparse, 1)
+    try:
+        views, want = [], []
+        for i, (nb, width) in enumerate([(10, 5), (10, 5), (10, 5), (12, 5), (10, 7)]):
+            sel = torch.full((L, HKV, width), -1, dtype=torch.int32)
+            for layer in range(L):
+                for head in range(HKV):
+                    k = int(torch.randint(1, width + 1, (1,), generator=g))
+                    ids = torch.randperm(nb, generator=g)[:k].sort().values
+                    sel[layer, head, :k] = ids.to(torch.int32)
+            pol._state[f"p{i}"] = OffloadRequestState(dense=False, sel=sel, sel_nb=nb)
+            new_len = nb * 16 + 1 + 16 * i % 32  # 1 or 2 blocks past the prompt
+            views.append(RequestView(rid=f"p{i}", prompt_len=nb * 16, seq_len=new_len - 1, new_len=new_len, step=3))
+            want.append(extend_selections(sel, nb, -(-new_len // 16)))
+        out = pol.plan(views)
+        for i, w in enumerate(want):
+            for layer in range(L):
+                assert torch.equal(out[layer][i], w[layer]), (i, layer)
+        assert pol.selected_blocks == sum(int((w >= 0).sum()) for w in want)
+        again = pol.plan(views)  # nothing changed: the same tensors come back
+        assert all(again[layer][i] is out[layer][i] for layer in range(L) for i in range(len(views)))
+    finally:
+        worker.shutdown()

@@ -537,7 +537,8 @@ class OffloadPolicy(Policy):
         h = self.shape.num_kv_heads
         out: list[list[torch.Tensor | None]] = [[None] * len(reqs) for _ in range(L)]
         rep_bytes = 0
-        for row, req in enumerate(reqs):
+        stale: list[tuple[OffloadRequestState, int]] = []  # requests whose cached extension is out of date
+        for req in reqs:
             st = self._state.get(req.rid)
             if st is None:
                 raise RuntimeError(f"{self.name}: request {req.rid!r} has no state (prefill did not finish)")
@@ -547,12 +548,15 @@ class OffloadPolicy(Policy):
             if st.dense:
                 continue
             nb_new = self._num_blocks(req.new_len)
-            ext = st.ext
-            if ext is None or ext[0] != nb_new:
-                full = extend_selections(st.sel, st.sel_nb, nb_new)  # [L, Hkv, S']
-                ext = (nb_new, full.unbind(0), int((full >= 0).sum()))
-                st.ext = ext
-            _, layers, count = ext
+            if st.ext is None or st.ext[0] != nb_new:
+                stale.append((st, nb_new))
+        if stale:
+            self._extend_all(stale)
+        for row, req in enumerate(reqs):
+            st = self._state[req.rid]
+            if st.dense:
+                continue
+            nb_new, layers, count = st.ext
             dense = self.dense_layers_of(req.rid)
             for layer in range(L):
                 out[layer][row] = None if layer in dense else layers[layer]
@@ -562,6 +566,27 @@ class OffloadPolicy(Policy):
             self.candidate_blocks += nb_new * h * L
         self.peak_representation_bytes = max(self.peak_representation_bytes, rep_bytes)
         return out
+
+    @staticmethod
+    def _extend_all(todo: list[tuple[OffloadRequestState, int]]) -> None:
+        """Renew ``st.ext`` of every ``(state, blocks now)``: the selection extended with the
+        decode-generated blocks (``extend_selections``), as per-layer views and the selected count.
+        Requests whose selections have one shape and block counts are extended together (one
+        ``extend_selections`` call); each keeps the width it would get alone (its longest row)."""
+        groups: dict[tuple, list[OffloadRequestState]] = {}
+        for st, nb_new in todo:
+            groups.setdefault((tuple(st.sel.shape), st.sel_nb, nb_new), []).append(st)
+        for (_, start, nb_new), sts in groups.items():
+            if len(sts) == 1:
+                full = extend_selections(sts[0].sel, start, nb_new)  # [L, Hkv, S']
+                sts[0].ext = (nb_new, full.unbind(0), int((full >= 0).sum()))
+                continue
+            full = extend_selections(torch.stack([st.sel for st in sts]), start, nb_new)  # [n, L, Hkv, S']
+            counts = (full >= 0).sum(-1).flatten(1)  # [n, L * Hkv]
+            widths = counts.amax(1).clamp(min=1).tolist()
+            totals = counts.sum(1).tolist()
+            for i, st in enumerate(sts):
+                st.ext = (nb_new, full[i, :, :, : widths[i]].unbind(0), totals[i])
 
     def prefetch(self, reqs: list[RequestView]) -> list[list[torch.Tensor | None]] | None:
         """The selection of a retrieval that has finished but is not collected yet (it is due at a
