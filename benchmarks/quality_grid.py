@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="start no new (length, method) run after this many seconds; the JSON keeps what finished")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", type=Path, nargs="+", default=(),
+                   help="grid JSON files of earlier runs (same prompts): engines whose every answer is there "
+                        "(same method and budget) are taken from them, not run again")
     args = p.parse_args(argv)
     if args.report:
         return report(args.report, args.docs)
@@ -158,8 +161,16 @@ def main(argv=None) -> int:
         path.write_text(json.dumps({"meta": meta, "rows": summarize(records), "records": records}, indent=1))
 
     deadline = None if args.max_seconds is None else t_start + args.max_seconds
+    reuse = []
+    for f in args.resume:
+        old = json.loads(Path(f).read_text())
+        if old.get("meta", {}).get("config", {}).get("seed", 0) != cfg.seed:
+            raise SystemExit(f"--resume {f}: its seed differs from --seed {cfg.seed} (other prompts)")
+        reuse += old["records"]
+    if reuse:
+        meta["resumed_from"] = [str(f) for f in args.resume]
     records = run_grid(model, tok, hay, cfg, on_records=write, deadline=deadline,
-                       log=lambda msg: print(msg, flush=True))
+                       log=lambda msg: print(msg, flush=True), reuse=reuse)
     write(records)
     print(f"wrote {path} ({time.perf_counter() - t_start:.0f} s)")
     print("agreement with dense (dense line: prompts dense answers right / prompts)")

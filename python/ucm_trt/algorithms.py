@@ -54,6 +54,8 @@ OPTIONS: dict[str, str] = {
     "retrieval=": "a RetrievalConfig configures the CPU-retrieval (offload) policies esa, gsa and kvstar only",
     "dense_layers=": "dense layers apply to the block-selecting policies; this one runs every layer dense already",
     "adaptive=": "adaptive= is implemented for esa and gsa (their block scores are logit estimates)",
+    "prefill_window=": "a PrefillWindow sets the first retrieval's prompt queries of esa and gsa only (kvstar "
+                       "votes with its retrieval stride's queries, gsa-on-device selects per step inside the layer)",
 }
 #: the rule of an option an algorithm cannot run without
 _REQUIRED: dict[str, str] = {
@@ -143,10 +145,12 @@ REGISTRY: dict[str, AlgorithmSpec] = {s.name: s for s in (
     AlgorithmSpec(name="dense", entry="ucm_trt.sparse.policies.dense:DensePolicy", graph_op="dense",
                   summary="every block, no selection inputs", **_EVERY_BLOCK),
     AlgorithmSpec(name="esa", entry="ucm_trt.sparse.policies.esa:ESAPolicy", representation="mean", scoring="dot",
-                  options=_SPARSE_OPTIONS | {"retrieval=", "adaptive="}, preset_scoring=True, **_CPU_RETRIEVAL,
+                  options=_SPARSE_OPTIONS | {"retrieval=", "adaptive=", "prefill_window="}, preset_scoring=True,
+                  **_CPU_RETRIEVAL,
                   summary="mean-K dot scoring on the CPU, retrieval every stride, offloaded KV"),
     AlgorithmSpec(name="gsa", entry="ucm_trt.sparse.policies.gsa:GSAPolicy", representation="mean", scoring="dot",
-                  options=_SPARSE_OPTIONS | {"retrieval=", "adaptive="}, preset_scoring=True, **_CPU_RETRIEVAL,
+                  options=_SPARSE_OPTIONS | {"retrieval=", "adaptive=", "prefill_window="}, preset_scoring=True,
+                  **_CPU_RETRIEVAL,
                   summary="mean-K dot scoring on the CPU with a one-step lag and prefetch, offloaded KV"),
     AlgorithmSpec(
         name="gsa-on-device", kind="policy", entry="ucm_trt.sparse.policies.gsa_on_device:GSAOnDevicePolicy",

@@ -15,6 +15,7 @@ BlendConfig         CacheBlend chunk reuse and selective recompute
 GSAOnDeviceConfig   hash bits, gates, rollback layers and layer reuse of GSA On-Device
 DenseLayers         layers a sparse policy runs dense: fixed, and detected per request (diffuse layers)
 AdaptiveBudget      widen a retrieval's budget, or go dense, where the selection misses attention mass
+PrefillWindow       the prompt queries ESA's / GSA's first retrieval scores with (the question's tokens)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "GSAOnDeviceConfig",
     "DenseLayers",
     "AdaptiveBudget",
+    "PrefillWindow",
     "REPRESENTATIONS",
     "SCORINGS",
     "SCORING_REPRESENTATIONS",
@@ -473,3 +475,42 @@ class AdaptiveBudget:
         _unit_interval(c, "max_ratio", self.max_ratio)
         if not isinstance(self.dense_fallback, bool):
             raise TypeError(f"{c}.dense_fallback must be a bool, got {self.dense_fallback!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefillWindow:
+    """The prompt queries the first retrieval of ESA / GSA scores the blocks with (at prefill end).
+
+    The question sits at the end of the prompt: its tokens' queries are what point at the needle,
+    while the last token alone (upstream: ``tokens=1``) often attends elsewhere (SnapKV / ShadowKV use
+    an observation window of the last 16-64 prompt queries for the same reason). The first retrieval
+    scores every block with each of the last ``tokens`` prompt queries (the policy's own scoring, e.g.
+    the per-head softmax vote) and combines the per-query scores with ``reduce``: ``mean`` (every
+    query one unit of vote) or ``max`` (a block scores its best query). Later retrievals score with
+    their decode step's query, plus ``persist`` times the first retrieval's scores (0: as before).
+
+    Attributes
+    ----------
+    tokens:
+        Prompt queries (the last ones) the first retrieval scores with; >= 1. The runtime must return
+        that many (``Policy.query_window``): the PyTorch backend returns any number, a rewritten graph
+        the number it was rewritten for (``RewriteConfig.query_window``).
+    reduce:
+        ``mean`` or ``max`` over the window's per-query block scores.
+    persist:
+        Weight, >= 0, of the window's block scores in every later retrieval of the request: a decode
+        retrieval scores ``own + persist * window`` (the question keeps pulling its blocks in while the
+        answer is generated one token at a time; the budget is unchanged). 0: the first retrieval only.
+    """
+
+    tokens: int = 1
+    reduce: Literal["mean", "max"] = "mean"
+    persist: float = 0.0
+
+    def __post_init__(self) -> None:
+        c = "PrefillWindow"
+        _int(c, "tokens", self.tokens, minimum=1)
+        _choice(c, "reduce", self.reduce, ("mean", "max"))
+        _number(c, "persist", self.persist)
+        if self.persist < 0:
+            raise ValueError(f"{c}.persist must be >= 0, got {self.persist}")

@@ -10,11 +10,13 @@ import json
 
 import pytest
 
+from ucm_trt.config import PrefillWindow
 from ucm_trt.eval.grid import (
     GRID_TASKS,
     GridConfig,
     build_grid_prompt,
     markdown_grid,
+    method_prefill_window,
     method_schedule,
     parse_method,
     run_grid,
@@ -75,8 +77,19 @@ def test_methods_and_config_validation():
     assert parse_method("esa") == ("esa", "default") and parse_method("gsa@ucm") == ("gsa", "ucm")
     assert parse_method("esa+sync") == ("esa", "default") and parse_method("gsa@ucm+sync") == ("gsa", "ucm")
     assert method_schedule("esa") and not method_schedule("esa@ucm+sync")
-    with pytest.raises(ValueError, match="only suffix is"):
+    with pytest.raises(ValueError, match="suffix must be"):
         parse_method("esa+fast")
+    for bad in ("esa+w0", "esa+sync+sync", "esa+w4+w8", "esa+wmax", "esa+w4p", "esa+w4px"):
+        with pytest.raises(ValueError, match="suffix must be"):
+            parse_method(bad)
+    with pytest.raises(ValueError, match="applies to esa and gsa only"):
+        parse_method("kvstar+w8")
+    assert method_prefill_window("esa") is None
+    assert method_prefill_window("gsa@ucm+sync+w16:0.125") == PrefillWindow(tokens=16)
+    assert method_prefill_window("esa+w8max") == PrefillWindow(tokens=8, reduce="max")
+    assert method_prefill_window("esa+w8maxp0.5") == PrefillWindow(tokens=8, reduce="max", persist=0.5)
+    assert method_prefill_window("gsa+w4p2") == PrefillWindow(tokens=4, persist=2.0)
+    assert not method_schedule("esa+w8+sync") and method_schedule("esa+w8")
     with pytest.raises(ValueError, match="preset must be one of default, ucm"):
         parse_method("esa@fast")
     with pytest.raises(ValueError, match="algorithm must be one of"):
@@ -175,6 +188,14 @@ def test_grid_runs_in_rounds_and_stops_at_the_deadline(tiny_model, tiny_tokenize
     assert any(line.strip().startswith("esa @0.25") for line in text.splitlines())
     # a deadline already past: nothing starts; the records so far are returned, not an error
     assert run_grid(model, tiny_tokenizer, filler, cfg, log=None, deadline=time.perf_counter() - 1) == []
+    # resumed: the finished engines are taken, not run (a past deadline would stop any engine that runs);
+    # an engine with a missing answer runs again
+    again = run_grid(model, tiny_tokenizer, filler, cfg, log=None, deadline=time.perf_counter() - 1, reuse=records)
+    assert [{k: v for k, v in r.items() if k != "reused"} for r in again] == records
+    assert all(r["reused"] for r in again)
+    partial = run_grid(model, tiny_tokenizer, filler, cfg, log=None, deadline=time.perf_counter() - 1,
+                       reuse=[r for r in records if r["method"] != "esa+sync" or r["sample"] == 0])
+    assert len(partial) == 6 + 2  # round 0 all reused, round 1: dense and esa, then the deadline stops esa+sync
 
 
 def test_report_reads_grid_and_rerope_rows_alone(tmp_path):

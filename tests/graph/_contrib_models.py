@@ -180,6 +180,7 @@ class TorchTwin:
         self.pools = [torch.zeros(n, 2, meta["hkv"], block_size, meta["d"]) for _ in range(meta["layers"])]
         self.length = 0
         self.last_query: list[np.ndarray] = []  # per layer: q of the last chunk token (as fed to attention)
+        self.chunk_query: list[np.ndarray] = []  # per layer: q of every chunk token [B, Hq, T, D]
 
     def step(self, ids: np.ndarray, selections=None) -> np.ndarray:
         m, w = self.meta, self.w
@@ -188,6 +189,7 @@ class TorchTwin:
         seq = torch.full((b,), self.length + t, dtype=torch.int32)
         h = w["embed"][torch.from_numpy(ids)]
         self.last_query = []
+        self.chunk_query = []
         for i in range(m["layers"]):
             q = (h @ w[f"q{i}"]).reshape(b, t, m["hq"], m["d"]).transpose(1, 2)
             k = (h @ w[f"k{i}"]).reshape(b, t, m["hkv"], m["d"]).transpose(1, 2)
@@ -200,6 +202,7 @@ class TorchTwin:
                     self.pools[i][self.bt[bi, p // self.bs], 0, :, p % self.bs] = k[bi, :, ti]
                     self.pools[i][self.bt[bi, p // self.bs], 1, :, p % self.bs] = v[bi, :, ti]
             self.last_query.append(q[:, :, -1].numpy())
+            self.chunk_query.append(q.numpy())
             sel = None if selections is None else torch.from_numpy(selections[i])
             if self.mode == "sparse":
                 o = R.paged_sparse_attention(q, self.pools[i], self.bt, seq, sel)

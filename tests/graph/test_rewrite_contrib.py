@@ -53,6 +53,38 @@ def test_sparse_matches_paged_reference(kind):
         assert rel_err(got, want) <= TOL, (t, rel_err(got, want))
         for i in range(LAYERS):  # the retrieval query output: post-RoPE q of the last token
             np.testing.assert_allclose(paged.last_outputs[f"last_query.{i}"], twin.last_query[i], atol=1e-5)
+            # the default query window (64): every query of a chunk up to 64 tokens, oldest first
+            np.testing.assert_allclose(paged.last_outputs[f"query_window.{i}"], twin.chunk_query[i], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gqa-fused", "mha", "onnx-attention"])
+@pytest.mark.parametrize("window", [1, 4])
+def test_query_window_output_holds_the_chunk_last_queries(kind, window):
+    model, w, meta = build(kind, seed=3)
+    rw, rep = rewrite_model(model, config=RewriteConfig(algorithm="esa", block_size=BS, query_window=window))
+    names = {f"query_window.{i}" for i in range(LAYERS)}
+    assert names <= set(rep.outputs) if window > 1 else not names & set(rep.outputs)
+    assert {p.key: p.value for p in rw.metadata_props}["ucm.query_window"] == str(window)
+    twin = TorchTwin(w, meta, block_size=BS, mode="sparse", batch=B)
+    paged = PagedRunner(rw, B, LAYERS, meta["hkv"], D, BS, MAX_BLOCKS, seed=2)
+    rng = np.random.default_rng(1)
+    for t in (40, 3, 1):
+        past = int(paged.lengths[0])
+        ids = rng.integers(0, 100, (B, t))
+        sels = [sparse_selection(rng, B, meta["hkv"], max(past, 1), BS, width=3) for _ in range(LAYERS)]
+        paged.step(ids, sels)
+        twin.step(ids, sels)
+        for i in range(LAYERS):
+            np.testing.assert_allclose(paged.last_outputs[f"last_query.{i}"], twin.last_query[i], atol=1e-5)
+            if window > 1:  # the last min(window, t) queries, oldest first
+                got = paged.last_outputs[f"query_window.{i}"]
+                assert got.shape[2] == min(window, t), (t, got.shape)
+                np.testing.assert_allclose(got, twin.chunk_query[i][:, :, -window:], atol=1e-5)
+
+
+def test_query_window_is_checked():
+    with pytest.raises(ValueError, match=r"RewriteConfig.query_window must be an int >= 1, got 0"):
+        RewriteConfig(query_window=0)
 
 
 @pytest.mark.parametrize("kind, sparse", [(k, False) for k in KINDS] + [("gqa-fused", True), ("mha", True)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucm_trt.config import Budget, DenseLayers, SparseConfig
+from ucm_trt.config import Budget, DenseLayers, PrefillWindow, SparseConfig
 from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend
 from ucm_trt.runtime.algorithms import make_policy, sparse_config_for
 from ucm_trt.runtime.backends.ort_backend import OrtBackend
@@ -27,6 +27,9 @@ def rewritten(tmp_path_factory):
     for alg in ("dense", "esa"):
         model, _ = rewrite_model(src, config=RewriteConfig(algorithm=alg, block_size=BS))
         paths[alg] = save_model(model, d / f"tiny_{alg}.onnx")
+    # as rewritten before the query-window output: the last token's query only
+    model, _ = rewrite_model(src, config=RewriteConfig(algorithm="esa", block_size=BS, query_window=1))
+    paths["esa_w1"] = save_model(model, d / "tiny_esa_w1.onnx")
     return paths
 
 
@@ -40,7 +43,7 @@ class _FixedESA(ESAPolicy):
     every third middle block, shifted by layer): the ORT and PyTorch backends must then
     attend to exactly the same blocks, so their greedy tokens must agree exactly."""
 
-    def _select(self, reps, nbp, qs, layer):
+    def _select(self, reps, nbp, qs, layer, **options):  # options: ESA's (the window prior), unused
         shift = layer % 3
         ids = sorted({0, nbp - 2, nbp - 1} | set(range(1 + shift, nbp - 2, 3)))
         return torch.tensor(ids, dtype=torch.int32).expand(self.shape.num_kv_heads, len(ids)).contiguous()
@@ -94,8 +97,15 @@ def test_ort_backend_rejects_mismatched_setups(rewritten):
     with pytest.raises(ValueError, match="selects blocks inside each layer's attention"):
         Engine(esa, make_policy("gsa-on-device"), sparse=sparse_config_for("gsa-on-device", SparseConfig(block_size=BS)),
                config=RuntimeConfig(max_seq_len=256))
-    with pytest.raises(ValueError, match="needs the queries of the last 8 prompt tokens"):
-        Engine(esa, make_policy("kvstar"), sparse=sparse_config_for("kvstar", SparseConfig(block_size=BS)),
+    esa_w1 = OrtBackend(rewritten["esa_w1"])
+    assert esa_w1.max_query_window == 1 and esa.max_query_window == 64
+    with pytest.raises(ValueError, match="needs the queries of the last 8 prompt tokens; the onnxruntime backend "
+                                         "returns at most 1"):
+        Engine(esa_w1, make_policy("kvstar"), sparse=sparse_config_for("kvstar", SparseConfig(block_size=BS)),
+               config=RuntimeConfig(max_seq_len=256))
+    with pytest.raises(ValueError, match="algorithm 'esa' cannot be combined with the onnxruntime backend: the esa "
+                                         "policy needs the queries of the last 8 prompt tokens"):
+        Engine(esa_w1, make_policy("esa"), sparse=sparse_config_for("esa", SparseConfig(block_size=BS)),
                config=RuntimeConfig(max_seq_len=256))
     from ucm_trt.config import ReRoPEConfig
 
@@ -105,3 +115,29 @@ def test_ort_backend_rejects_mismatched_setups(rewritten):
                config=RuntimeConfig(max_seq_len=256))
     with pytest.raises(ValueError, match="not a file"):
         OrtBackend("/nonexistent.onnx")
+
+
+class _RecordingESA(ESAPolicy):
+    """ESA (a prefill window of 16 queries) that keeps the queries its first retrieval received."""
+
+    def __init__(self):
+        super().__init__(vote=True, prefill_window=PrefillWindow(tokens=16), dense_layers=DenseLayers())
+        self.seen: list[torch.Tensor] = []
+
+    def on_prefill_end(self, req, queries):
+        self.seen.append(torch.stack(queries).clone())  # [L, Hq, W, D]
+        super().on_prefill_end(req, queries)
+
+
+def test_ort_returns_the_prefill_window_queries_of_the_torch_backend(rewritten):
+    """The rewritten graph's query_window.{i} output reaches the policy as the PyTorch backend's queries
+    do: the last 16 prompt queries per layer, oldest first (a 200- and a 120-token prompt, chunks of 64)."""
+    runs = {}
+    for name, backend in (("torch", TorchBackend(tiny_llama(), attention="reference")),
+                          ("ort", OrtBackend(rewritten["esa"]))):
+        policy = _RecordingESA()
+        tokens, _ = _run(backend, "esa", Budget.ratio(0.25), policy)
+        assert len(policy.seen) == 2 and all(q.shape[2] == 16 for q in policy.seen)
+        runs[name] = (tokens, policy.seen)
+    for got, want in zip(runs["ort"][1], runs["torch"][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -279,3 +279,41 @@ def test_trt_backend_generates_like_torch_backend(rewritten, tmp_path):
                 config=rt) as eng:  # fmt: skip
         [b] = eng.generate(prompt, SamplingParams(max_new_tokens=16))
     assert a.token_ids == b.token_ids
+
+
+def test_trt_backend_returns_the_prefill_window_queries(rewritten, tmp_path):
+    """ESA with a prefill window of 16 queries on the TensorRT engine (rewritten with the default
+    query_window, 64): its first retrieval receives the same last-16 prompt queries per layer as on the
+    PyTorch backend (engine output ``query_window.{i}``, ``[B, Hq, min(64, T), D]``)."""
+    from trt_plugins.build import EngineBuildConfig, build_engine
+    from ucm_trt.config import Budget, DenseLayers, PrefillWindow, SparseConfig
+    from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend
+    from ucm_trt.runtime.algorithms import sparse_config_for
+    from ucm_trt.runtime.backends.trt import TrtBackend
+    from ucm_trt.sparse.policies import ESAPolicy
+
+    class Recording(ESAPolicy):
+        def __init__(self):
+            super().__init__(vote=True, prefill_window=PrefillWindow(tokens=16), dense_layers=DenseLayers())
+            self.seen = []
+
+        def on_prefill_end(self, req, queries):
+            self.seen.append(torch.stack(queries).clone())
+            super().on_prefill_end(req, queries)
+
+    model, paths = rewritten
+    rt = RuntimeConfig(max_batch=1, max_seq_len=512, prefill_chunk=64, cache_blocks=0, num_device_blocks=40)
+    sparse = sparse_config_for("esa", SparseConfig(block_size=16, budget=Budget.ratio(0.25)))
+    res = build_engine(paths["esa"], tmp_path / "tiny-esa.engine",
+                       config=EngineBuildConfig(max_batch=1, max_prefill_tokens=64, max_blocks=64, num_blocks=40))  # fmt: skip
+    backend = TrtBackend(res.engine_path)
+    assert backend.max_query_window == 64
+    prompt = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(3)).tolist()
+    seen = {}
+    for name, be in (("trt", backend), ("torch", TorchBackend(model.to("cuda"), attention="reference"))):
+        policy = Recording()
+        with Engine(be, policy, sparse=sparse, config=rt) as eng:
+            eng.generate(prompt, SamplingParams(max_new_tokens=4))
+        assert len(policy.seen) == 1 and policy.seen[0].shape[2] == 16
+        seen[name] = policy.seen[0]
+    torch.testing.assert_close(seen["trt"], seen["torch"], rtol=2e-3, atol=2e-3)

@@ -63,7 +63,9 @@ def prepare_onnx(out_dir: str | Path, *, algorithm: str = "esa", block_size: int
     rewritten = out / f"{name}-{algorithm}-bs{block_size}.onnx"
     if rewritten.is_file():
         meta = {p.key: p.value for p in onnx.load(str(rewritten), load_external_data=False).metadata_props}
-        if meta.get("ucm.algorithm") == algorithm and meta.get("ucm.block_size") == str(block_size):
+        # a model rewritten before the query-window output (no ucm.query_window) is rewritten again
+        if (meta.get("ucm.algorithm") == algorithm and meta.get("ucm.block_size") == str(block_size)
+                and meta.get("ucm.query_window") == str(RewriteConfig().query_window)):
             return rewritten
     tmp = out / f".{rewritten.name}.tmp-{time.time_ns()}.onnx"
     t0 = time.perf_counter()

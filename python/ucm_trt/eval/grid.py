@@ -17,12 +17,16 @@ answers right, the fraction the method also answers right (:func:`summarize`).
 A method is ``algorithm`` or ``algorithm@preset`` (:data:`ucm_trt.runtime.algorithms.PRESETS`), at a
 budget ``Budget.ratio(b)`` of the candidate blocks (``gsa-on-device``: ``top_k_tokens`` set to the same
 number of blocks, gate open); a ``+sync`` suffix runs it with ``RuntimeConfig(overlap_loads=False)``
-(a retrieval's blocks are attended at the step it is due, not one step later), a ``:b`` suffix at
-budget ``b`` only (``esa@ucm:0.125``).
+(a retrieval's blocks are attended at the step it is due, not one step later), a ``+wN`` suffix
+(``esa`` / ``gsa`` only) makes the first retrieval from the last ``N`` prompt queries
+(``PrefillWindow(tokens=N)``; ``+wNmax``: ``reduce="max"``; ``+wNp1``: ``persist=1``, the window's scores
+added to every later retrieval; ``+w1`` is the window-less first retrieval),
+a ``:b`` suffix at budget ``b`` only (``esa@ucm:0.125``). Suffixes combine: ``esa+sync+w1:0.125``.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +46,7 @@ __all__ = [
     "markdown_grid",
     "plot_grid",
     "method_engine",
+    "method_prefill_window",
     "method_schedule",
     "parse_method",
     "run_grid",
@@ -145,24 +150,43 @@ def _split_budget(method: str) -> tuple[str, float | None]:
     return name, budget
 
 
+def _suffixes(method: str) -> tuple[str, dict[str, Any]]:
+    """``"esa@ucm+sync+w16max:0.125"`` -> ``("esa@ucm", {"sync": True, "window": (16, "max")})``."""
+    base, _ = _split_budget(method)
+    base, *parts = base.split("+")
+    out: dict[str, Any] = {"sync": False, "window": None}
+    for part in parts:
+        if part == "sync" and not out["sync"]:
+            out["sync"] = True
+            continue
+        m = re.fullmatch(r"w(\d+)(max)?(?:p(\d+(?:\.\d+)?))?", part)
+        if m and int(m[1]) >= 1 and out["window"] is None:
+            out["window"] = (int(m[1]), "max" if m[2] else "mean", float(m[3]) if m[3] else 0.0)
+            continue
+        raise ValueError(f"method {method!r}: a suffix must be '+sync' or '+wN[max][pX]' (N >= 1), each at most "
+                         f"once; got '+{part}'")
+    return base, out
+
+
 def parse_method(method: str) -> tuple[str, str]:
-    """``"esa"`` -> ``("esa", "default")``; ``"esa@ucm"`` -> ``("esa", "ucm")``. A ``+sync`` suffix
-    (:func:`method_schedule`) and a ``:budget`` suffix (run at that budget only, :meth:`GridConfig.variants`)
-    are accepted and not part of the result: ``"esa@ucm+sync:0.125"``."""
+    """``"esa"`` -> ``("esa", "default")``; ``"esa@ucm"`` -> ``("esa", "ucm")``. The ``+sync``
+    (:func:`method_schedule`) and ``+wN`` (:func:`method_prefill_window`) suffixes and a ``:budget`` suffix
+    (run at that budget only, :meth:`GridConfig.variants`) are accepted and not part of the result:
+    ``"esa@ucm+sync+w16:0.125"``."""
     from ucm_trt.runtime.algorithms import PRESETS
 
     if not isinstance(method, str) or not method:
-        raise ValueError(f"method must be 'algorithm[@preset][+sync][:budget]', got {method!r}")
-    base, _ = _split_budget(method)
-    base, plus, schedule = base.partition("+")
-    if plus and schedule != "sync":
-        raise ValueError(f"method {method!r}: the only suffix is '+sync', got '+{schedule}'")
+        raise ValueError(f"method must be 'algorithm[@preset][+sync][+wN][:budget]', got {method!r}")
+    base, opts = _suffixes(method)
     algo, _, preset = base.partition("@")
     preset = preset or "default"
     if algo not in GRID_ALGORITHMS:
         raise ValueError(f"method {method!r}: algorithm must be one of {', '.join(GRID_ALGORITHMS)}")
     if preset not in PRESETS:
         raise ValueError(f"method {method!r}: preset must be one of {', '.join(PRESETS)}")
+    if opts["window"] is not None and algo not in ("esa", "gsa"):
+        raise ValueError(f"method {method!r}: '+wN' (the first retrieval's prompt queries) applies to esa and gsa "
+                         f"only, not {algo}")
     return algo, preset
 
 
@@ -171,7 +195,17 @@ def method_schedule(method: str) -> bool:
     (``RuntimeConfig.overlap_loads``, the default) — ``False`` for ``algorithm[@preset]+sync``, where a
     step that needs new blocks waits for them and attends the selection its retrieval made."""
     parse_method(method)
-    return not _split_budget(method)[0].endswith("+sync")
+    return not _suffixes(method)[1]["sync"]
+
+
+def method_prefill_window(method: str):
+    """The :class:`~ucm_trt.config.PrefillWindow` a ``+wN[max][pX]`` suffix sets (``tokens=N``, ``max``:
+    ``reduce="max"``, ``pX``: ``persist=X``), or ``None`` (the preset's)."""
+    from ucm_trt.config import PrefillWindow
+
+    parse_method(method)
+    window = _suffixes(method)[1]["window"]
+    return None if window is None else PrefillWindow(tokens=window[0], reduce=window[1], persist=window[2])
 
 
 #: dense and every block-selecting decode policy of the registry (dense, esa, gsa, gsa-on-device, kvstar)
@@ -254,6 +288,9 @@ def method_engine(backend: Any, method: str, budget: float | None, *, max_prompt
     kwargs: dict[str, Any] = {}
     if algo == "gsa-on-device":
         kwargs["gsa_on_device"] = grid_gsa_on_device_config(sparse, min_prompt_len, preset=preset)
+    window = method_prefill_window(method)
+    if window is not None:
+        kwargs["prefill_window"] = window
     policy = make_policy(algo, preset=preset, **kwargs)
     bs = cfg.block_size
     rcfg = RuntimeConfig(max_batch=cfg.batch, max_seq_len=max_prompt_len + max_new_tokens + bs,
@@ -270,6 +307,7 @@ def run_grid(
     on_records: Callable[[list[dict]], None] | None = None,
     log: Callable[[str], None] | None = print,
     deadline: float | None = None,
+    reuse: Sequence[dict] = (),
 ) -> list[dict]:
     """Every prompt of the grid answered by every ``(method, budget)``; returns one record per answer.
 
@@ -278,13 +316,18 @@ def run_grid(
     the whole grid with fewer samples. ``on_records(records_so_far)`` is called after each engine
     (write partial results there). With ``deadline`` (a ``time.perf_counter()`` value) no new engine
     starts after it; in a round cut short the methods that did not reach it have fewer prompts (``n``
-    of :func:`summarize`); dense runs first for every (round, length), so agreement stays defined."""
+    of :func:`summarize`); dense runs first for every (round, length), so agreement stays defined.
+
+    ``reuse``: records of an earlier run (same prompts: tasks, depths, seed); an engine whose every
+    prompt has a record there for the same method and budget is not run again, its records are taken
+    (marked ``"reused": True``)."""
     from ucm_trt.runtime import SamplingParams, TorchBackend
 
     if not isinstance(cfg, GridConfig):
         raise TypeError(f"cfg must be a GridConfig, got {type(cfg).__name__}")
     backend = TorchBackend(model)
     records: list[dict] = []
+    done = {(r["method"], r["budget"], r["task"], r["context_len"], r["depth"], r["sample"]): r for r in reuse}
     for sample in range(cfg.samples):
         for length in cfg.lengths:
             prompts = [build_grid_prompt(tokenizer, haystack, task=t, context_len=length, depth=d, sample=sample,
@@ -294,6 +337,13 @@ def run_grid(
             max_new = max(p.max_new_tokens for p in prompts)
             for method, budget in cfg.variants():
                 t0 = time.perf_counter()
+                old = [done.get((method, budget, p.task, length, p.depth, p.sample)) for p in prompts]
+                if all(r is not None for r in old):
+                    records += [{**r, "reused": True} for r in old]
+                    if log is not None:
+                        log(f"[grid] s{sample} {length:>5} {method:<18} budget {budget if budget is not None else '-':<6} "
+                            f"{sum(r['correct'] for r in old)}/{len(old)} correct (reused)")
+                    continue
                 if deadline is not None and t0 > deadline:
                     if log is not None:
                         log(f"[grid] deadline reached: stopped before sample {sample}, {length} {method} {budget}")

@@ -77,6 +77,11 @@ class RewriteConfig:
     dense_layers:     layers that always attend to every block ("rollback" layers): no selection input.
     allow_partial:    write a model even if some attention nodes could not be rewritten; those
                       layers keep contiguous past/present I/O and are listed in the report.
+    query_window:     prompt queries per layer the model returns for the policy's first retrieval
+                      (``Policy.query_window``: ESA / GSA's ``PrefillWindow``, KVStar's voting group):
+                      ``> 1`` adds the outputs ``query_window.{i}`` ``[batch, Hq, min(W, chunk), D]``, the
+                      queries of the chunk's last tokens (one at a decode step); recorded as
+                      ``ucm.query_window``. 1: only ``last_query.{i}`` (the models rewritten before it).
     """
 
     algorithm: str = "esa"
@@ -85,9 +90,12 @@ class RewriteConfig:
     selection_inputs: bool | None = None
     dense_layers: tuple[int, ...] = ()
     allow_partial: bool = False
+    query_window: int = 64
 
     def __post_init__(self) -> None:
         c = "RewriteConfig"
+        if isinstance(self.query_window, bool) or not isinstance(self.query_window, int) or self.query_window < 1:
+            raise ValueError(f"{c}.query_window must be an int >= 1, got {self.query_window!r}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"{c}.algorithm must be one of {', '.join(ALGORITHMS)}; got {self.algorithm!r}")
         op = registry.get(self.algorithm).graph_op
@@ -593,7 +601,8 @@ def _refuse_unrewritable(matches, config: RewriteConfig, report: RewriteReport) 
 
 def _emit_paged_layers(irm, matches, rules: tuple[Rule, ...], config: RewriteConfig, report: RewriteReport):
     """One UCM node per matched layer: the paged inputs (seq_lens, block_table, kv_pool.{i},
-    selection.{i}) and outputs (new_key / new_value / last_query), the present outputs dropped.
+    selection.{i}) and outputs (new_key / new_value / last_query, query_window when
+    ``config.query_window > 1``), the present outputs dropped.
     Returns the tape, the past inputs to remove with their matches, the block table input and
     each layer's metadata (``ucm.layers``)."""
     graph = irm.graph
@@ -650,6 +659,13 @@ def _emit_paged_layers(irm, matches, rules: tuple[Rule, ...], config: RewriteCon
                       shape=ir.Shape([batch, m.num_q_heads, m.head_dim]))  # fmt: skip
         tape.op("Gather", [emitter.q_out, _const(tape, -1)], attributes={"axis": 2}, output=lq)
         new_outputs.append(lq)
+        if config.query_window > 1:
+            # the last min(W, T) queries of the chunk: Slice clamps the start -W to 0 on a shorter chunk
+            qw = ir.Value(name=f"query_window.{i}", type=ir.TensorType(emitter.q_out.dtype or pool.dtype),
+                          shape=ir.Shape([batch, m.num_q_heads, "window", m.head_dim]))  # fmt: skip
+            tape.op("Slice", [emitter.q_out, _const(tape, [-config.query_window]),
+                              _const(tape, [np.iinfo(np.int64).max]), _const(tape, [2])], output=qw)
+            new_outputs.append(qw)
         removed_inputs += [(m.past_key, m), (m.past_value, m)]
         for pres in (m.present_key, m.present_value):
             idx = [j for j, o in enumerate(graph.outputs) if o is pres]
@@ -704,6 +720,7 @@ def _finish(irm, proto: onnx.ModelProto, opset: int, config: RewriteConfig, repo
         "ucm.block_size": str(config.block_size),
         "ucm.layers": json.dumps({str(k): v for k, v in sorted(layers_meta.items())}),
         "ucm.partial": str(report.partial).lower(),
+        "ucm.query_window": str(config.query_window),
     })  # fmt: skip
     if config.rerope is not None:
         irm.metadata_props["ucm.rerope"] = json.dumps(asdict(config.rerope))

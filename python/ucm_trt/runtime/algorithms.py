@@ -20,6 +20,7 @@ from ucm_trt.config import (
     DenseLayers,
     GSAOnDeviceConfig,
     KVStarConfig,
+    PrefillWindow,
     ReRoPEConfig,
     SparseConfig,
 )
@@ -51,12 +52,18 @@ PRESETS: tuple[str, ...] = ("default", "ucm")
 DEFAULT_DENSE_LAYERS = DenseLayers(auto=True, threshold=0.7)
 
 
-#: ESA / GSA block scoring per preset (docs/quality.md): ``default`` keeps the mean K of every 8 tokens
-#: and scores a block by the per-head softmax vote over those sub-blocks; ``ucm`` is upstream's one mean
-#: per block scored with the group-averaged query (the algorithms whose spec has ``preset_scoring``)
+#: the first retrieval's prompt queries of ESA / GSA under the ``default`` preset (docs/quality.md: chosen
+#: on a tuning set of grid prompts, seed 1, separate from the reported ones)
+DEFAULT_PREFILL_WINDOW = PrefillWindow(tokens=8, reduce="max")
+
+#: ESA / GSA block scoring per preset (docs/quality.md): ``default`` keeps the mean K of every 8 tokens,
+#: scores a block by the per-head softmax vote over those sub-blocks and makes the first selection from
+#: the last :data:`DEFAULT_PREFILL_WINDOW` prompt queries; ``ucm`` is upstream's one mean per block scored
+#: with the group-averaged query, the first selection from the last prompt query (the algorithms whose
+#: spec has ``preset_scoring``)
 BLOCK_SCORING: Mapping[str, Mapping[str, object]] = MappingProxyType({
-    "default": MappingProxyType({"vote": True, "sub_block_tokens": 8}),
-    "ucm": MappingProxyType({"vote": False, "sub_block_tokens": None}),
+    "default": MappingProxyType({"vote": True, "sub_block_tokens": 8, "prefill_window": DEFAULT_PREFILL_WINDOW}),
+    "ucm": MappingProxyType({"vote": False, "sub_block_tokens": None, "prefill_window": PrefillWindow()}),
 })
 
 
@@ -110,6 +117,7 @@ def make_policy(
     dense_layers: DenseLayers | None = None,
     adaptive: AdaptiveBudget | None = None,
     retrieval: RetrievalConfig | None = None,
+    prefill_window: PrefillWindow | None = None,
 ) -> Policy:
     """A fresh policy for ``algorithm`` (one of :data:`POLICY_ALGORITHMS`; ``blend`` is refused with
     a ValueError that says how to run it), with ``preset``'s settings (:data:`PRESETS`). ``retrieval``:
@@ -121,10 +129,12 @@ def make_policy(
     ``adaptive``: an adaptive budget for the CPU-scored policies (esa, gsa); default off.
     ESA / GSA score as :data:`BLOCK_SCORING` of ``preset`` says, except that a ``retrieval`` with
     ``query_drift`` (the speed benchmarks' synthetic drift, calibrated on block means) keeps one mean
-    per block."""
+    per block. ``prefill_window``: the prompt queries ESA's / GSA's first retrieval scores with (default:
+    the preset's, :data:`BLOCK_SCORING`); a graph backend's model must return that many
+    (``RewriteConfig.query_window``, default 64)."""
     _check_preset(preset)
     given = {"kvstar=": kvstar, "gsa_on_device=": gsa_on_device, "rerope=": rerope, "retrieval=": retrieval,
-             "dense_layers=": dense_layers, "adaptive=": adaptive}
+             "dense_layers=": dense_layers, "adaptive=": adaptive, "prefill_window=": prefill_window}
     spec = registry.check_options(algorithm, [k for k, v in given.items() if v is not None])
     if rerope is not None and not isinstance(rerope, ReRoPEConfig):
         raise TypeError(f"rerope must be a ReRoPEConfig, got {type(rerope).__name__}")
@@ -144,6 +154,8 @@ def make_policy(
         if retrieval is not None and getattr(retrieval, "query_drift", None) is not None:
             # the synthetic query drift of the speed benchmarks is calibrated on one mean per block
             kwargs["sub_block_tokens"] = None
+        if prefill_window is not None:
+            kwargs["prefill_window"] = prefill_window
     config = {"kvstar": kvstar, "gsa-on-device": gsa_on_device}
     policy = cls(config[algorithm], **kwargs) if algorithm in config else cls(**kwargs)
     if rerope is not None:

@@ -4,7 +4,9 @@ The rewritten model (docs/graph.md) takes ``input_ids``, ``position_ids``, ``seq
 including the chunk), ONE ``block_table`` shared by all layers, per layer ``kv_pool.{i}`` (past
 tokens only) and, for sparse algorithms, ``selection.{i}``; it returns ``logits``,
 ``new_key.{i}`` / ``new_value.{i}`` (the chunk's K/V, which the runtime appends) and
-``last_query.{i}`` (the last token's query, for CPU retrieval).
+``last_query.{i}`` (the last token's query, for CPU retrieval) and, in a model rewritten with
+``RewriteConfig.query_window = W > 1`` (the default, 64), ``query_window.{i}`` (the chunk's last
+``min(W, T)`` queries: the prompt queries a policy's first retrieval reads, ``Policy.query_window``).
 
 The runtime keeps one block table per layer (per-layer working sets), the graph takes one. When
 every layer's table rows are identical (no offload) the pools are passed as they are, with that
@@ -13,9 +15,9 @@ into a contiguous per-layer pool and passes ``block_table[b, j] = b * nb + j``; 
 holds exactly the blocks the layer's table maps (non-resident blocks read as the null block, and
 they are never selected). That costs one copy of the working set per layer per step.
 
-Limits: the graph returns only the last token's query, so policies that need more prompt queries
-(KVStar's voting group) are rejected; per-layer on-device selection hooks (GSA On-Device) cannot
-run inside the graph and are rejected too.
+Limits: a policy that needs more prompt queries than the model returns (``ucm.query_window``; 1 for
+models rewritten before that output) is rejected when the engine is built; per-layer on-device
+selection hooks (GSA On-Device) cannot run inside the graph and are rejected too.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from ucm_trt.config import ReRoPEConfig
+from ucm_trt.runtime.backends._queries import copy_queries, query_window_of
 from ucm_trt.runtime.backends.base import (
     Backend,
     gather_working_sets,
@@ -57,7 +60,7 @@ class OrtBackend(Backend):
 
     kind = "onnxruntime"
     supports_layer_hooks = False
-    max_query_window = 1
+    max_query_window = 1  # a model's own: its ucm.query_window (read at __init__)
 
     def __init__(self, model_path: str | Path, *, max_positions: int | None = None,
                  providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
@@ -90,6 +93,7 @@ class OrtBackend(Backend):
         self.block_size = int(meta["ucm.block_size"])
         self.rerope = ReRoPEConfig(**json.loads(meta["ucm.rerope"])) if "ucm.rerope" in meta else None
         self.has_selection = [bool(layers[i].get("selection")) for i in range(n)]
+        self.max_query_window = query_window_of(meta)
         theta = first.get("rope_theta")
         self.shape = ModelShape(num_layers=n, num_q_heads=first["num_q_heads"], num_kv_heads=first["num_kv_heads"],
                                 head_dim=first["head_dim"], rope_theta=float(theta) if theta else 0.0,
@@ -135,6 +139,6 @@ class OrtBackend(Backend):
             if tuple(k.shape) != (b, hkv, t, d):
                 raise RuntimeError(f"new_key.{layer} has shape {tuple(k.shape)}, expected {(b, hkv, t, d)}")
             step.append_kv(layer, k, v)
-            step.capture[layer, :b, :, 0] = torch.from_numpy(outs[f"last_query.{layer}"]).float()
+            copy_queries(step, layer, b, t, outs, torch.from_numpy)
             step.layers_run += 1
         return torch.from_numpy(outs["logits"])[:, -1].float()

@@ -23,7 +23,9 @@ gathered into a staging pool first (one copy of the working set per layer).
 
 Limits, with clear errors: selections computed inside a layer (``Policy.layer_selection``, e.g. GSA
 On-Device) cannot reach an engine (the registry, ``ucm_trt.algorithms``, refuses them when the
-``Engine`` is built); the engine returns only the last token's query per layer.
+``Engine`` is built); the engine returns the last ``ucm.query_window`` queries of a chunk per layer
+(``query_window.{i}``; only ``last_query.{i}`` from models rewritten before that output), and a policy
+that needs more is refused when the ``Engine`` is built.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ucm_trt.config import ReRoPEConfig
+from ucm_trt.runtime.backends._queries import copy_queries, query_window_of
 from ucm_trt.runtime.backends.base import (
     Backend,
     gather_working_sets,
@@ -51,7 +54,7 @@ class TrtBackend(Backend):
 
     kind = "tensorrt"
     supports_layer_hooks = False  # selections are engine inputs; nothing runs between layers
-    max_query_window = 1  # the engine returns the last token's query per layer
+    max_query_window = 1  # the engine's own: its ucm.query_window (read at __init__)
 
     def __init__(self, engine_path: str | Path, *, device: str | torch.device = "cuda") -> None:
         from trt_plugins.runner import load_engine  # TensorRT is imported here, when a backend is built
@@ -76,6 +79,7 @@ class TrtBackend(Backend):
         if ucm.get("ucm.partial", "false") == "true":
             raise ValueError("the engine was built from a partially rewritten model; every attention layer must be paged")
         self.rerope = ReRoPEConfig(**json.loads(ucm["ucm.rerope"])) if "ucm.rerope" in ucm else None
+        self.max_query_window = query_window_of(ucm)
         loaded = load_engine(engine_path)
         self._runtime, self.engine = loaded.runtime, loaded.engine
         self.inputs, self.outputs, self._dtype = list(loaded.inputs), list(loaded.outputs), dict(loaded.dtypes)
@@ -194,13 +198,7 @@ class TrtBackend(Backend):
         return logits[:, -1].float()
 
     def _append(self, outs: dict[str, torch.Tensor], step, b: int, t: int) -> None:
-        w = min(t, step.capture_width)
-        if w > 1:
-            raise ValueError(
-                f"the policy needs the queries of the last {w} tokens, but the engine outputs only the last "
-                "token's query per layer (last_query.{i})"
-            )
         for i in range(self.num_layers):
             step.append_kv(i, outs[f"new_key.{i}"], outs[f"new_value.{i}"])
-            step.capture[i, :b, :, 0] = outs[f"last_query.{i}"].float()
+            copy_queries(step, i, b, t, outs)
             step.layers_run += 1

@@ -3,9 +3,11 @@
 * Prefill end: mean-K representation of every prompt block of every layer, kept on the host in
   one :class:`~ucm_trt.sparse.batched.BlockRepStore` ``[L, Hkv, D, nb]`` (float32 on the host, or
   on the GPU with ``RetrievalConfig(representations="device")``, see ``_offload``).
-  The first selection is retrieved synchronously from the last prompt token's query (upstream uses
-  the first decode step's query; ours is one token older, which lets the runtime prefetch the
-  blocks before the first decode step).
+  The first selection is retrieved synchronously from the last ``PrefillWindow.tokens`` prompt
+  queries (:class:`~ucm_trt.config.PrefillWindow`; ``tokens=1``, the last prompt token's query, is
+  upstream's, which uses the first decode step's query, one token later): each window query scores
+  the blocks, the scores are averaged (or maxed) over the window (:func:`window_block_scores`), so the
+  question's tokens at the end of the prompt choose the first blocks.
 * Score: ``dot`` of the GQA-averaged query with each block's mean K (upstream, ``preset="ucm"``), or
   the per-head vote (``vote=True``: each query head softmaxes its own logits over the blocks, a block scores the
   mass it gets; docs/algorithms.md); summed over KV heads for a
@@ -29,6 +31,7 @@ from functools import partial
 
 import torch
 
+from ucm_trt.config import PrefillWindow
 from ucm_trt.sparse.batched import BlockRepStore, batched_dot_scores, select_batched
 from ucm_trt.sparse.policies._offload import OffloadPolicy, OffloadRequestState, RetrievalJob
 from ucm_trt.sparse.policies._reps import host_layer_vote_scores, host_vote_scores
@@ -36,7 +39,15 @@ from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from
 from ucm_trt.sparse.representations import block_lens_from_seq_lens, block_submeans
 from ucm_trt.sparse.score import dot_scores
 
-__all__ = ["ESAPolicy", "sub_block_layer_scores", "sub_block_scores", "sub_blocks_per_block"]
+__all__ = [
+    "ESAPolicy",
+    "check_prefill_window",
+    "sub_block_layer_scores",
+    "sub_block_scores",
+    "sub_blocks_per_block",
+    "window_block_scores",
+    "window_layer_scores",
+]
 
 
 def check_sub_block_tokens(sub_block_tokens: object) -> int | None:
@@ -83,6 +94,56 @@ def sub_block_layer_scores(q: torch.Tensor, rep: torch.Tensor, sub_blocks: int, 
     return s.sum(-1) if vote else s.amax(-1)
 
 
+def check_prefill_window(prefill_window: object) -> PrefillWindow:
+    """``None`` -> ``PrefillWindow()`` (one query, upstream's); a :class:`PrefillWindow` as it is."""
+    if prefill_window is None:
+        return PrefillWindow()
+    if not isinstance(prefill_window, PrefillWindow):
+        raise TypeError(f"prefill_window must be a PrefillWindow or None, got {type(prefill_window).__name__}")
+    return prefill_window
+
+
+def window_block_scores(q: torch.Tensor, reps: torch.Tensor, sub_blocks: int, vote: bool,
+                        reduce: str = "mean") -> torch.Tensor:
+    """Block scores ``[L, Hkv, nb]`` of one query per layer ``q [L, Hq, D]`` (:func:`sub_block_scores`), or
+    of a window of queries ``q [L, Hq, W, D]``: every window query scores the blocks as one query does,
+    and the ``W`` score vectors are combined by ``reduce`` (``mean``: each query one unit of vote;
+    ``max``: a block scores its best query)."""
+    if q.dim() == 3:
+        return sub_block_scores(q, reps, sub_blocks, vote)
+    if q.dim() != 4 or q.shape[2] < 1:
+        raise ValueError(f"q must be [L, Hq, D] or [L, Hq, W, D] with W >= 1, got shape {tuple(q.shape)}")
+    per = torch.stack([sub_block_scores(q[:, :, i], reps, sub_blocks, vote) for i in range(q.shape[2])])
+    return _reduce_window(per, reduce)
+
+
+def window_layer_scores(q: torch.Tensor, rep: torch.Tensor, sub_blocks: int, vote: bool,
+                        reduce: str = "mean") -> torch.Tensor:
+    """Per-layer reference of :func:`window_block_scores`: ``q [Hq, D]`` or ``[Hq, W, D]``,
+    ``rep [nb * sub_blocks, Hkv, D]`` -> ``[Hkv, nb]``."""
+    if q.dim() == 2:
+        return sub_block_layer_scores(q, rep, sub_blocks, vote)
+    per = torch.stack([sub_block_layer_scores(q[:, i], rep, sub_blocks, vote) for i in range(q.shape[1])])
+    return _reduce_window(per, reduce)
+
+
+def _reduce_window(per: torch.Tensor, reduce: str) -> torch.Tensor:
+    if reduce == "mean":
+        return per.mean(0)
+    if reduce == "max":
+        return per.amax(0)
+    raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
+
+
+def first_queries(queries: list[torch.Tensor], window: int) -> torch.Tensor:
+    """The first retrieval's queries from the prefill's per-layer ``[Hq, w, D]``: the last prompt query
+    ``[L, Hq, D]`` for a window of 1, else the last ``window`` ones ``[L, Hq, W, D]`` (a copy; fewer when
+    the prompt is shorter than the window)."""
+    if window == 1:
+        return torch.stack([q[:, -1] for q in queries])
+    return torch.stack([q[:, -window:] for q in queries])
+
+
 class ESAPolicy(OffloadPolicy):
     """ESA. ``vote``: score blocks by the per-head softmax vote
     (:func:`~ucm_trt.sparse.policies._reps.host_vote_scores`; off by default)
@@ -91,18 +152,24 @@ class ESAPolicy(OffloadPolicy):
     sub-block, or with the vote by the mass of its sub-blocks (:func:`sub_block_scores`); ``None`` is
     upstream's one mean per block. The store then holds ``block_size / sub_block_tokens`` vectors per
     block (``1 / sub_block_tokens`` of the K elements; ``block_size / sub_block_tokens`` times the
-    store and scoring work of one mean per block)."""
+    store and scoring work of one mean per block). ``prefill_window``: the prompt queries the first
+    retrieval scores with (:class:`~ucm_trt.config.PrefillWindow`; ``None``: the last one, upstream's)."""
 
     name = "esa"
 
-    def __init__(self, *, vote: bool = False, sub_block_tokens: int | None = None, retrieval=None,
-                 dense_layers=None, adaptive=None) -> None:
+    def __init__(self, *, vote: bool = False, sub_block_tokens: int | None = None,
+                 prefill_window: PrefillWindow | None = None, retrieval=None, dense_layers=None,
+                 adaptive=None) -> None:
         super().__init__(retrieval=retrieval, dense_layers=dense_layers, adaptive=adaptive)
         if not isinstance(vote, bool):
             raise TypeError(f"vote must be a bool, got {vote!r}")
         self.vote = vote
         self.sub_block_tokens = check_sub_block_tokens(sub_block_tokens)
         self.sub_blocks = 1  # per block, set at bind from the block size
+        self.prefill_window = check_prefill_window(prefill_window)
+        self.query_window = self.prefill_window.tokens
+        # PrefillWindow.persist: the first retrieval's block scores [L, Hkv, nbp], per request (by its store)
+        self._priors: dict[int, torch.Tensor] = {}
 
     def bind(self, rt: PolicyRuntime) -> None:
         super().bind(rt)
@@ -121,7 +188,9 @@ class ESAPolicy(OffloadPolicy):
         self._state[req.rid] = st
         if st.dense:
             return
-        self._decide_dense_layers(req, queries)
+        # diffuse layers are judged from the last prompt query (as before the window), so that the window
+        # changes the first selection only
+        self._decide_dense_layers(req, [q[:, -1:] for q in queries])
         kv = self.rt.kv
         shape = self.shape
         lens = block_lens_from_seq_lens(torch.tensor(req.prompt_len), nbp, self.sparse.block_size)
@@ -134,38 +203,61 @@ class ESAPolicy(OffloadPolicy):
         st.store = store
         q_last = torch.stack([q[:, -1] for q in queries])  # [L, Hq, D], a copy
         self._start_drift(req.rid, st, q_last)  # RetrievalConfig.query_drift only
-        self._collect(st, self._submit(req.rid, 0, nbp, self._task(store, nbp, q_last)))
+        q_first = first_queries(queries, self.prefill_window.tokens)  # [L, Hq, D] or [L, Hq, W, D]
+        if self.prefill_window.persist > 0:
+            # the window's block scores, added (times persist) to every later retrieval of this request
+            self._priors[id(store)] = window_block_scores(q_first.to(store.device), store.reps(), sb, self.vote,
+                                                          self.prefill_window.reduce)
+        self._collect(st, self._submit(req.rid, 0, nbp, self._task(store, nbp, q_first)))
+
+    def on_request_end(self, rid: str) -> None:
+        st = self._state.get(rid)
+        if st is not None and st.store is not None:
+            self._priors.pop(id(st.store), None)
+        super().on_request_end(rid)
 
     def _task(self, store: BlockRepStore, nbp: int, q: torch.Tensor):
-        """The retrieval of every layer from queries ``q [L, Hq, D]``: batched, or the per-layer hook."""
+        """The retrieval of every layer from queries ``q [L, Hq, D]`` (or a prefill window ``[L, Hq, W, D]``):
+        batched, or the per-layer hook."""
+        prior = self._priors.get(id(store))
         if self._layerwise(ESAPolicy):
             reps = [store.layer(layer) for layer in range(self.shape.num_layers)]
-            return self._per_layer(partial(self._select, reps, nbp, list(q)))
-        return self._on_device(partial(self._select_all, store.reps(), nbp, q))
+            return self._per_layer(partial(self._select, reps, nbp, list(q), prior=prior))
+        return self._on_device(partial(self._select_all, store.reps(), nbp, q, prior))
 
     def _job(self, rid: str, step: int, store: BlockRepStore, nbp: int, q: torch.Tensor) -> RetrievalJob:
         """The retrieval of request ``rid`` as a job of the step's batch (``OffloadPolicy._submit_batch``):
         its scores are selected together with the other requests' where the batched path applies."""
         batched = self.adaptive is None and self._stream is None and not self._layerwise(ESAPolicy)
+        prior = self._priors.get(id(store))
         return RetrievalJob(rid=rid, step=step, num_blocks=nbp, task=self._task(store, nbp, q),
-                            scores=partial(self._scores_all, store.reps(), q) if batched else None)
+                            scores=partial(self._scores, q, store.reps(), prior) if batched else None)
 
-    def _scores_all(self, reps: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """Per-KV-head block scores of every layer: ``reps [L, Hkv, D, nbp * sub_blocks]``, ``q [L, Hq, D]``
-        -> ``[L, Hkv, nbp]``."""
-        return sub_block_scores(q.to(reps.device), reps, self.sub_blocks, self.vote)
+    def _scores(self, q: torch.Tensor, reps: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        """Block scores of every layer ``[L, Hkv, nbp]``: the window's or the step query's, plus
+        ``persist`` times the first retrieval's scores ``prior`` (a decode step's query, ``q [L, Hq, D]``)."""
+        scores = window_block_scores(q.to(reps.device), reps, self.sub_blocks, self.vote, self.prefill_window.reduce)
+        if prior is not None and q.dim() == 3:
+            scores = scores + self.prefill_window.persist * prior.to(scores.device)
+        return scores
 
-    def _select_all(self, reps: torch.Tensor, nbp: int, q: torch.Tensor) -> torch.Tensor:
-        """Every layer at once: ``reps [L, Hkv, D, nbp]``, ``q [L, Hq, D]`` -> ``[L, Hkv, S]``."""
-        scores = self._scores_all(reps, q)  # [L, Hkv, nbp]
+    def _select_all(self, reps: torch.Tensor, nbp: int, q: torch.Tensor,
+                    prior: torch.Tensor | None = None) -> torch.Tensor:
+        """Every layer at once: ``reps [L, Hkv, D, nbp]``, ``q [L, Hq, D]`` or ``[L, Hq, W, D]`` (``prior``:
+        :attr:`PrefillWindow.persist`'s first-retrieval scores ``[L, Hkv, nbp]``) -> ``[L, Hkv, S]``."""
+        scores = self._scores(q, reps, prior)  # [L, Hkv, nbp]
         if self.adaptive is not None:
             return self._adaptive_select(scores, nbp, self._full_block_lens(nbp))
         return select_batched(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)
 
-    def _select(self, reps: list[torch.Tensor], nbp: int, qs: list[torch.Tensor], layer: int) -> torch.Tensor:
+    def _select(self, reps: list[torch.Tensor], nbp: int, qs: list[torch.Tensor], layer: int, *,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
         """Per-layer reference (and hook): ``reps[layer] [nbp * sub_blocks, Hkv, D]``, ``qs[layer] [Hq, D]``
-        -> ``[Hkv, S]``."""
-        scores = sub_block_layer_scores(qs[layer], reps[layer], self.sub_blocks, self.vote)  # [Hkv, nbp]
+        (or a prefill window ``[Hq, W, D]``) -> ``[Hkv, S]``."""
+        scores = window_layer_scores(qs[layer], reps[layer], self.sub_blocks, self.vote,
+                                     self.prefill_window.reduce)  # [Hkv, nbp]
+        if prior is not None and qs[layer].dim() == 2:
+            scores = scores + self.prefill_window.persist * prior[layer].to(scores.device)
         if self.adaptive is not None:
             return self._adaptive_select(scores[None], nbp, self._full_block_lens(nbp))[0]
         return select_from_scores(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)

@@ -10,6 +10,7 @@
   block of the current sequence outside the sink / local windows, so decode blocks are
   retrievable too. ``prefetch_blocks`` extra candidates (upstream ``NUM_PREFETCH_BLOCKS = 1``)
   are kept beyond the budget.
+* First retrieval (prefill end): from the last ``PrefillWindow.tokens`` prompt queries, as ESA's.
 * Cadence with ``R = SparseConfig.retrieval_stride`` (upstream 3): after decode step ``s`` with
   ``s % R == 0`` (and no retrieval in flight) a retrieval is submitted; it is collected after
   step ``s + 1`` and used from step ``s + 2`` on — the selection always lags one step, so the
@@ -29,14 +30,17 @@ from functools import partial
 import torch
 
 from ucm_trt._validation import check_non_negative_int
+from ucm_trt.config import PrefillWindow
 from ucm_trt.sparse.batched import BlockRepStore, select_batched
 from ucm_trt.sparse.policies._offload import OffloadPolicy, OffloadRequestState, RetrievalConfig, RetrievalJob
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
 from ucm_trt.sparse.policies.esa import (
+    check_prefill_window,
     check_sub_block_tokens,
-    sub_block_layer_scores,
-    sub_block_scores,
+    first_queries,
     sub_blocks_per_block,
+    window_block_scores,
+    window_layer_scores,
 )
 from ucm_trt.sparse.representations import block_submeans
 
@@ -47,9 +51,11 @@ class GSAPolicy(OffloadPolicy):
     name = "gsa"
 
     def __init__(self, *, prefetch_blocks: int = 1, vote: bool = False, sub_block_tokens: int | None = None,
-                 retrieval: RetrievalConfig | None = None, dense_layers=None, adaptive=None) -> None:
+                 prefill_window: PrefillWindow | None = None, retrieval: RetrievalConfig | None = None,
+                 dense_layers=None, adaptive=None) -> None:
         """``vote``: per-head softmax vote scoring; ``sub_block_tokens``: a mean K per run of that many
-        tokens, a block scoring its best sub-block (``None``: upstream's block mean); see ESA."""
+        tokens, a block scoring its best sub-block (``None``: upstream's block mean); ``prefill_window``:
+        the prompt queries the first retrieval scores with (``None``: the last one); see ESA."""
         super().__init__(retrieval=retrieval, dense_layers=dense_layers, adaptive=adaptive)
         self.prefetch_blocks = check_non_negative_int("prefetch_blocks", prefetch_blocks)
         if not isinstance(vote, bool):
@@ -57,6 +63,10 @@ class GSAPolicy(OffloadPolicy):
         self.vote = vote
         self.sub_block_tokens = check_sub_block_tokens(sub_block_tokens)
         self.sub_blocks = 1  # per block, set at bind from the block size
+        self.prefill_window = check_prefill_window(prefill_window)
+        self.query_window = self.prefill_window.tokens
+        # PrefillWindow.persist: the first retrieval's block scores [L, Hkv, nb_prompt], per request
+        self._priors: dict[str, torch.Tensor] = {}
 
     def bind(self, rt: PolicyRuntime) -> None:
         super().bind(rt)
@@ -88,11 +98,22 @@ class GSAPolicy(OffloadPolicy):
         store = self._new_rep_store(max(nb, 16) * self.sub_blocks)
         st = OffloadRequestState(dense=False, store=store)
         self._state[req.rid] = st
-        self._decide_dense_layers(req, queries)
+        # diffuse layers judged from the last prompt query, as before the window (ESA)
+        self._decide_dense_layers(req, [q[:, -1:] for q in queries])
         self._update_reps(req.rid, st, req.prompt_len)
         q_last = torch.stack([q[:, -1] for q in queries])  # [L, Hq, D], a copy
         self._start_drift(req.rid, st, q_last)  # RetrievalConfig.query_drift only
-        self._collect(st, self._retrieve(req.rid, st, nb, q_last, 0))
+        q_first = first_queries(queries, self.prefill_window.tokens)  # [L, Hq, D] or [L, Hq, W, D]
+        if self.prefill_window.persist > 0:
+            # the window's block scores, added (times persist) to every later retrieval of this request
+            reps = st.store.reps()
+            self._priors[req.rid] = window_block_scores(q_first.to(reps.device), reps, self.sub_blocks, self.vote,
+                                                        self.prefill_window.reduce)
+        self._collect(st, self._retrieve(req.rid, st, nb, q_first, 0))
+
+    def on_request_end(self, rid: str) -> None:
+        self._priors.pop(rid, None)
+        super().on_request_end(rid)
 
     def _retrieve(self, rid: str, st: OffloadRequestState, nb: int, q: torch.Tensor, step: int):
         return self._submit_batch([self._job(rid, st, nb, q, step)])[0]
@@ -102,39 +123,57 @@ class GSAPolicy(OffloadPolicy):
         store: BlockRepStore = st.store
         # snapshot: the store is append-only, so this view of the blocks so far never changes
         reps = store.reps()
+        prior = self._priors.get(rid)
         if self._layerwise(GSAPolicy):
             per = [reps[layer].permute(2, 0, 1) for layer in range(self.shape.num_layers)]
             return RetrievalJob(rid=rid, step=step, num_blocks=nb,
-                                task=self._per_layer(partial(self._select, per, nb, list(q))))
+                                task=self._per_layer(partial(self._select, per, nb, list(q), prior=prior)))
         batched = self.adaptive is None and self._stream is None
         return RetrievalJob(rid=rid, step=step, num_blocks=nb,
-                            task=self._on_device(partial(self._select_all, reps, nb, q)),
-                            scores=partial(self._scores_all, reps, nb, q) if batched else None,
+                            task=self._on_device(partial(self._select_all, reps, nb, q, prior)),
+                            scores=partial(self._scores_all, reps, nb, q, prior) if batched else None,
                             extra=self.prefetch_blocks)
 
-    def _scores_all(self, reps: torch.Tensor, nb: int, q: torch.Tensor) -> torch.Tensor:
-        """Per-KV-head scores ``[L, Hkv, nb]`` (blocks without a representation yet score 0)."""
+    def _add_prior(self, scores: torch.Tensor, q: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        """``scores [..., nb]`` plus ``persist`` times the first retrieval's scores of the prompt blocks
+        (a decode step's query only: ``q`` without a window axis)."""
+        if prior is None or q.dim() == scores.dim() + 1:
+            return scores
+        n = prior.shape[-1]
+        scores[..., :n] += self.prefill_window.persist * prior.to(scores.device)
+        return scores
+
+    def _scores_all(self, reps: torch.Tensor, nb: int, q: torch.Tensor,
+                    prior: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-KV-head scores ``[L, Hkv, nb]`` (blocks without a representation yet score 0) from ``q [L, Hq, D]``
+        (or the prefill window ``[L, Hq, W, D]``), plus ``prior`` (the first retrieval's scores,
+        :attr:`PrefillWindow.persist`)."""
         scores = torch.zeros(self.shape.num_layers, self.shape.num_kv_heads, nb, device=reps.device)
         if reps.shape[-1]:
             qd = q.to(reps.device)
-            scores[..., : reps.shape[-1] // self.sub_blocks] = sub_block_scores(qd, reps, self.sub_blocks, self.vote)
-        return scores
+            scores[..., : reps.shape[-1] // self.sub_blocks] = window_block_scores(
+                qd, reps, self.sub_blocks, self.vote, self.prefill_window.reduce)
+        return self._add_prior(scores, q, prior)
 
-    def _select_all(self, reps: torch.Tensor, nb: int, q: torch.Tensor) -> torch.Tensor:
-        """Every layer at once: ``reps [L, Hkv, D, n_rep]`` (blocks without a representation yet score
-        0), ``q [L, Hq, D]`` -> ``[L, Hkv, S]``."""
-        scores = self._scores_all(reps, nb, q)
+    def _select_all(self, reps: torch.Tensor, nb: int, q: torch.Tensor,
+                    prior: torch.Tensor | None = None) -> torch.Tensor:
+        """Every layer at once: ``reps [L, Hkv, D, n_rep]``, ``q [L, Hq, D]`` or ``[L, Hq, W, D]``, ``prior``
+        (:meth:`_scores_all`) -> ``[L, Hkv, S]``."""
+        scores = self._scores_all(reps, nb, q, prior)
         if self.adaptive is not None:
             return self._adaptive_select(scores, nb, self._full_block_lens(nb), extra=self.prefetch_blocks)
         return select_batched(scores, nb, self.sparse, "dot", self.shape.num_kv_heads, extra=self.prefetch_blocks)
 
-    def _select(self, reps: list[torch.Tensor], nb: int, qs: list[torch.Tensor], layer: int) -> torch.Tensor:
-        """Per-layer reference (and hook): ``reps[layer] [n_rep * sub_blocks, Hkv, D]``, ``qs[layer] [Hq, D]``."""
+    def _select(self, reps: list[torch.Tensor], nb: int, qs: list[torch.Tensor], layer: int, *,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-layer reference (and hook): ``reps[layer] [n_rep * sub_blocks, Hkv, D]``, ``qs[layer] [Hq, D]``
+        (or the prefill window ``[Hq, W, D]``)."""
         r = reps[layer]
         scores = torch.zeros(self.shape.num_kv_heads, nb)
         if r.shape[0]:
-            scores[:, : r.shape[0] // self.sub_blocks] = sub_block_layer_scores(qs[layer], r, self.sub_blocks,
-                                                                                 self.vote)
+            scores[:, : r.shape[0] // self.sub_blocks] = window_layer_scores(qs[layer], r, self.sub_blocks,
+                                                                             self.vote, self.prefill_window.reduce)
+        scores = self._add_prior(scores, qs[layer], None if prior is None else prior[layer])
         if self.adaptive is not None:
             return self._adaptive_select(scores[None], nb, self._full_block_lens(nb), extra=self.prefetch_blocks)[0]
         return select_from_scores(scores, nb, self.sparse, "dot", self.shape.num_kv_heads,
