@@ -331,7 +331,7 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
                     from dataclasses import replace
 
                     chosen = aot.split().config
-                    for bn, ns in ((16, 1), (16, 2), (16, 3), (32, 1), (32, 2), (64, 1)):
+                    for bn, ns in ((16, 1), (16, 2), (16, 3), (16, 4), (32, 1), (32, 2), (64, 1)):
                         tile = replace(chosen, block_n=bn, num_stages=ns)
                         try:
                             fn, keep3, _ = aot.split_fn(inputs, out, tile)

@@ -92,10 +92,13 @@ def _fit_tile(geom: kaot.PagedAttentionGeometry, tac: int, dtype: torch.dtype, t
     """The tactic's tile compiled for the AOT launcher's shared-memory limit (``MAX_AOT_SHARED_MEM``).
 
     Pipelining matters more than tile width for a memory-bound decode: every candidate tile is tried
-    with two stages before any is tried with one (the first H200 run measured the single-stage tile
-    at 2x the JIT kernel's time). Returns ``(tile, ptx)``; results never depend on the tile."""
+    with three stages, then two, then one (H100, 2026-12-07, 128K, 1/8, GQA 32/8, d128, the split
+    kernel: BLOCK_N 16 with 3 / 2 / 1 stages ran 55.5 / 70.8 / 97.4 us at batch 1 and 309 / 359 / 484 us
+    at batch 8; BLOCK_N 32 and 64 fit with one stage only and ran 85.3 and 80.9 us at batch 1;
+    ``benchmarks/results/kernels_NVIDIA-H100-80GB-HBM3_2026-12-07.json``, ``ours_sparse_aot_tile``).
+    Returns ``(tile, ptx)``; results never depend on the tile."""
     tried = []
-    for stages in (2, 1):
+    for stages in (3, 2, 1):
         for tile in _tile_candidates(kaot.tile_config(tac, geom), geom.group):
             tile = replace(tile, num_stages=stages)
             try:

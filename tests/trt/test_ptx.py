@@ -115,6 +115,21 @@ def test_prefill_rerope_d128_fits_shared_memory_by_fewer_stages():
     assert launch.kernel.shared_mem <= MAX_AOT_SHARED_MEM
 
 
+def test_decode_tile_at_the_issue_shape_takes_the_most_pipeline_stages_that_fit():
+    """GQA 32/8, head_dim 128, block 64, bf16 decode: the AOT rule keeps the deepest pipeline within 48 KiB
+    (BLOCK_N 16, 3 stages: the fastest AOT tile the H100 run of 2026-12-07 measured), for the unsplit kernel and
+    the split-K kernel alike."""
+    from tests.trt._cases import Case
+    from trt_plugins._attention import aot_split_launch
+
+    case = Case(hq=32, hkv=8, d=128, bs=64, t=1, lens=(300, 70))
+    target = PtxTarget(arch=90, ptx_version=80)
+    for launch in (aot_launch(case.op_name, case.attrs(), torch.bfloat16, 1, target),
+                   aot_split_launch(case.attrs(), torch.bfloat16, 1, target, spec=plugin_spec(case.op_name), sms=132)):
+        assert (launch.config.block_n, launch.config.num_stages) == (16, 3)
+        assert launch.kernel.shared_mem <= MAX_AOT_SHARED_MEM
+
+
 _FAKE_PTX = """.version 8.0
 .target sm_90a
 .address_size 64
