@@ -34,8 +34,9 @@ PROG = "ucm-trt chat"
 EXIT_OK, EXIT_ENV, EXIT_USAGE = 0, 1, 2
 _ORT_BACKEND_MODULE = "ucm_trt.runtime.backends.ort_backend"
 _TRT_BACKEND_MODULE = "ucm_trt.runtime.backends.trt"
-#: algorithms the default ONNX Runtime model (rewritten for ESA) cannot run: --backend auto picks PyTorch
-GRAPHLESS_ALGORITHMS = ("gsa-on-device", "kvstar", "rerope")
+#: what the default ONNX Runtime model is rewritten for; --backend auto picks PyTorch for an algorithm it cannot run
+#: (``ucm_trt.algorithms.runs_on_rewrite``)
+ORT_MODEL_ALGORITHM = "esa"
 
 
 class ChatSetupError(RuntimeError):
@@ -169,7 +170,10 @@ def _resolve_backend(args: argparse.Namespace) -> str:
     if args.onnx is not None and args.backend not in ("auto", "ort"):
         raise ValueError(f"--onnx runs the ONNX Runtime backend; it cannot be combined with --backend {args.backend}")
     # auto on the CPU: ONNX Runtime, unless the starting algorithm is one a rewritten ESA graph cannot run
-    auto_ort = args.backend == "auto" and dev == "cpu" and args.algorithm not in GRAPHLESS_ALGORITHMS
+    from ucm_trt import algorithms
+
+    auto_ort = (args.backend == "auto" and dev == "cpu"
+                and algorithms.runs_on_rewrite(args.algorithm, ORT_MODEL_ALGORITHM))
     if args.onnx is not None or args.backend == "ort" or auto_ort:
         if args.onnx is not None:
             cli_args.input_file("--onnx", args.onnx)
@@ -246,7 +250,7 @@ def _prepare(args: argparse.Namespace, ckpt: Path) -> Path:
     print(f"[chat] ONNX Runtime model: {args.model} rewritten for ESA, block size {bs}, in {cache} "
           "(the first run exports and rewrites it, about 2-3 min; later runs reuse it)", file=out, flush=True)
     try:
-        return prepare_onnx(cache, algorithm="esa", block_size=bs,
+        return prepare_onnx(cache, algorithm=ORT_MODEL_ALGORITHM, block_size=bs,
                             checkpoint=None if args.model == "smollm2" else ckpt,
                             progress=lambda msg: print(msg, file=out, flush=True))
     except (ValueError, TypeError) as exc:
