@@ -12,8 +12,8 @@ the CPU, over ``--onnx MODEL.onnx`` or over ``--model`` exported and rewritten f
 (CPU: fp32 reference attention; ``--device cuda``: Triton kernels), which runs every algorithm;
 ``--engine PLAN`` its TensorRT backend (from ``ucm-trt build``), which fails with a one-line error
 where TensorRT is not installed. The graph backends run only the algorithms their model was
-rewritten for (a sparse rewrite runs dense, ESA and GSA; not GSA On-Device, whose selection runs
-inside each layer, nor KVStar).
+rewritten for (``ucm_trt.algorithms.runs_on_rewrite``: a sparse rewrite runs dense, ESA, GSA and KVStar;
+not GSA On-Device, whose selection runs inside each layer, nor ReRoPE).
 
 Exit codes: 0 after ``/quit`` or end of input; 1 the environment cannot run the request
 (TensorRT missing, model wheel missing); 2 bad arguments.
