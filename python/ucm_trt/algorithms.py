@@ -32,6 +32,7 @@ __all__ = [
     "check_graph_model",
     "check_options",
     "check_query_window",
+    "runs_on_rewrite",
     "get",
     "budgeted_names",
     "names",
@@ -258,6 +259,18 @@ def check_query_window(algorithm: str, window: int, *, backend: str, most: int |
             f"the {algorithm} policy needs the queries of the last {window} prompt tokens, more than one prefill chunk; "
             "raise prefill_chunk"
         ))
+
+
+def runs_on_rewrite(algorithm: str, model_algorithm: str) -> bool:
+    """Whether the graph backends run ``algorithm`` over a model rewritten for ``model_algorithm``: the
+    algorithm runs on them at all (``onnxruntime`` in its backends) and its attention op
+    (:attr:`AlgorithmSpec.graph_op`) is one the rewrite's op serves (a ``sparse`` rewrite takes any selection,
+    every block included: ``dense`` and ``sparse``; a ``dense`` or ``rerope`` rewrite only its own op).
+    The query window and the ReRoPE settings are checked when the engine is built
+    (:func:`check_query_window`, :func:`check_graph_model`)."""
+    spec, model = get(algorithm), get(model_algorithm)
+    serves = {"sparse": ("dense", "sparse"), "dense": ("dense",), "rerope": ("rerope",)}[model.graph_op]
+    return spec.kind == "policy" and "onnxruntime" in spec.backends and spec.graph_op in serves
 
 
 def check_graph_model(algorithm: str, *, model_algorithm: str | None, model_rerope: object,

@@ -227,7 +227,8 @@ def test_filled_prefill_writes_its_random_kv_into_the_host_store(tiny_model, dev
     for layer in range(shape.num_layers):
         k = torch.randn(1, shape.num_kv_heads, 128, shape.head_dim, generator=g, device=device)
         v = torch.randn(1, shape.num_kv_heads, 128, shape.head_dim, generator=g, device=device)
-        torch.randn(1, shape.num_q_heads, 1, shape.head_dim, generator=g, device=device)  # the queries
+        w = min(128, max(1, eng.policy.query_window))  # the queries the policy reads at prefill end
+        torch.randn(1, shape.num_q_heads, w, shape.head_dim, generator=g, device=device)
         host = eng.kv.host[layer][torch.from_numpy(seq.host_ids[:8])]  # [8, 2, Hkv, 16, D]
         want_k = k[0].reshape(shape.num_kv_heads, 8, 16, shape.head_dim).permute(1, 0, 2, 3).cpu()
         want_v = v[0].reshape(shape.num_kv_heads, 8, 16, shape.head_dim).permute(1, 0, 2, 3).cpu()

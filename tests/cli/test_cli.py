@@ -236,10 +236,10 @@ def test_build_without_tensorrt_exits_1_with_one_line(tmp_path, capsys):
         (["--algorithm", "esa"], "ort"),
         (["--algorithm", "gsa"], "ort"),
         (["--algorithm", "gsa-on-device"], "torch"),  # a rewritten graph cannot select inside a layer
-        (["--algorithm", "kvstar"], "torch"),
-        (["--algorithm", "rerope"], "torch"),
+        (["--algorithm", "kvstar"], "ort"),  # the rewritten graph returns the prompt queries KVStar reads
+        (["--algorithm", "rerope"], "torch"),  # the ESA-rewritten graph has no ReRoPE attention
         (["--backend", "torch"], "torch"),
-        (["--backend", "ort", "--algorithm", "kvstar"], "ort"),  # explicit: the session refuses kvstar later
+        (["--backend", "ort", "--algorithm", "rerope"], "ort"),  # explicit: the session refuses rerope later
         (["--onnx", "PLAN"], "ort"),
     ],
 )

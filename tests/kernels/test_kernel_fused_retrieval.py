@@ -173,6 +173,24 @@ def test_quest_retrieve_float_scores_and_padded_head_dims(d, device):
         assert torch.equal(got.cpu(), ref), launch
 
 
+@pytest.mark.parametrize("radix_bits", [1, 4, 7, 8])
+def test_dot_retrieve_float_scores_every_radix_width(radix_bits, device):
+    """Distinct float scores end the radix select early (T's bucket holds exactly the keys still needed);
+    the integer-data cases above end it with ties in the bucket. Both must give the reference's top-k,
+    from a top-k of one block to every candidate, in one chunk and re-read in several."""
+    lens = [700, 301, 64]
+    q, reps, table, seq, ref_scores = rep_case(lens=lens, hkv=2, group=4, d=64, bs=16, seed=radix_bits,
+                                               mode="dot", integer=False)
+    first = ref_scores[0, :, : -(-lens[0] // 16)]  # the longest row's blocks in use
+    assert len(torch.unique(first)) == first.numel(), "float data must have no ties"
+    for top_k, sink, local in [(4, 1, 2), (3, 0, 2), (1, 0, 1), (44, 1, 1), (30, 2, 3)]:
+        ref = ref_selection(ref_scores, lens, 16, top_k=top_k, sink=sink, local=local, shared=False, scoring="dot")
+        for launch in (RetrievalLaunch(radix_bits=radix_bits), RetrievalLaunch(radix_bits=radix_bits, topk_chunk=16)):
+            got = run_rep("dot", q, reps, table, seq, bs=16, dev=device, top_k=top_k, sink_blocks=sink,
+                          local_blocks=local, shared=False, launch=launch)
+            assert torch.equal(got.cpu(), ref), (top_k, sink, local, launch)
+
+
 def test_nan_and_inf_scores_rank_as_documented(device):
     """+inf is the best score, -inf the worst candidate, NaN after every other candidate."""
     lens = [16 * 8]
@@ -269,7 +287,7 @@ def test_bad_arguments_are_refused_by_name(device):
         quest_retrieve(q, torch.zeros(3, 2, 32, device=device), torch.zeros(3, 2, 32, device=device), table, seq,
                        block_size=16, quest_group="max", **kw)
     with pytest.raises(ValueError, match="RetrievalLaunch.radix_bits must be in"):
-        RetrievalLaunch(radix_bits=7)
+        RetrievalLaunch(radix_bits=9)
 
 
 # ------------------------------------------------------------------ GPU tier

@@ -216,11 +216,11 @@ class _FailingESA(ESAPolicy):
         self.calls = 0
         self.fail_after = fail_after
 
-    def _select(self, reps, nbp, qs, layer):
+    def _select(self, reps, nbp, qs, layer, **options):
         self.calls += 1
         if self.calls > self.fail_after:
             raise OSError("injected retrieval failure")
-        return super()._select(reps, nbp, qs, layer)
+        return super()._select(reps, nbp, qs, layer, **options)
 
 
 def test_injected_retrieval_failure_stops_generation_with_clear_error(dense_run, hf_greedy):

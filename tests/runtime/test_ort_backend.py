@@ -43,7 +43,7 @@ class _FixedESA(ESAPolicy):
     every third middle block, shifted by layer): the ORT and PyTorch backends must then
     attend to exactly the same blocks, so their greedy tokens must agree exactly."""
 
-    def _select(self, reps, nbp, qs, layer):
+    def _select(self, reps, nbp, qs, layer, **options):  # options: ESA's (the window prior), unused
         shift = layer % 3
         ids = sorted({0, nbp - 2, nbp - 1} | set(range(1 + shift, nbp - 2, 3)))
         return torch.tensor(ids, dtype=torch.int32).expand(self.shape.num_kv_heads, len(ids)).contiguous()

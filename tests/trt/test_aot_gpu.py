@@ -100,28 +100,33 @@ def test_select_all_ptx_launched_like_tensorrt():
     assert torch.equal(out.cpu(), torch.arange(300, dtype=torch.int32).expand(3, 4, 300))
 
 
-@pytest.mark.parametrize("name,splits", [("big_decode", 8), ("big_prefill_rerope", 3)])
-def test_aot_split_k_pair_launched_like_tensorrt(name, splits):
-    """Split-K on the AOT path: partials PTX then merge PTX, both through the driver in TensorRT's order."""
+@pytest.mark.parametrize("name,splits", [("big_decode", None), ("big_decode", 8), ("big_decode_bs16_d96", None),
+                                         ("big_prefill_rerope", 3)])
+def test_aot_split_k_one_kernel_launched_like_tensorrt(name, splits):
+    """Split-K on the AOT path: ONE PTX kernel (merge inside) through the driver in TensorRT's order, the
+    counters an eighth input, the partials a second output; launched twice on the same counters, which
+    stay zero.
+    ``splits=None``: the launch rule's split count for this card."""
     from trt_plugins._attention import aot_split_launch
-    from ucm_trt.kernels.aot import partials_shapes
+    from ucm_trt.kernels._common import num_sms
 
     case = _BIG[name]
     dtype = torch.bfloat16
     inputs, pool_full = make_inputs(case, dtype, "cuda")
+    ref = reference(case, inputs, pool_full)
     spec = ops.module(case.op_name).SPEC
     tactic = TACTIC_DECODE if case.t <= 8 else TACTIC_PREFILL
-    part, merge = aot_split_launch(case.attrs(), dtype, tactic, ops.device_target(), splits,
-                                   spec=spec)  # fmt: skip
+    launch = aot_split_launch(case.attrs(), dtype, tactic, ops.device_target(), spec=spec,
+                              sms=num_sms(torch.device("cuda")), splits=splits)  # fmt: skip
     shapes = {n: tuple(inputs[n].shape) for n in spec.inputs}
-    po_shape, lse_shape = partials_shapes(case.batch, case.t, case.geometry(), part.config, splits)
-    po = torch.full(po_shape, float("nan"), device="cuda")
-    plse = torch.full(lse_shape, float("nan"), device="cuda")
-    out = torch.full_like(inputs["q"], float("nan"))
-    _Loaded(part.kernel.name, part.kernel.ptx).launch(
-        part.grid(shapes, int_cdiv), part.block, part.kernel.shared_mem, [inputs[n].data_ptr() for n in spec.inputs],
-        part.extras(shapes), [po.data_ptr(), plse.data_ptr()])  # fmt: skip
-    _Loaded(merge.kernel.name, merge.kernel.ptx).launch(
-        merge.grid(shapes, int_cdiv), merge.block, merge.kernel.shared_mem, [po.data_ptr(), plse.data_ptr()],
-        merge.extras(shapes), [out.data_ptr()])  # fmt: skip
-    torch.testing.assert_close(out.float().cpu(), reference(case, inputs, pool_full), **tolerances_for(dtype))
+    cnt_shape, part_shape = launch.scratch(shapes)
+    counters = torch.zeros(cnt_shape, dtype=torch.int32, device="cuda")
+    partials = torch.full(part_shape, float("nan"), device="cuda")
+    mod = _Loaded(launch.kernel.name, launch.kernel.ptx)
+    for _ in range(2):
+        out = torch.full_like(inputs["q"], float("nan"))
+        mod.launch(launch.grid(shapes, int_cdiv), launch.block, launch.kernel.shared_mem,
+                   [inputs[n].data_ptr() for n in spec.inputs] + [counters.data_ptr()], launch.extras(shapes),
+                   [out.data_ptr(), partials.data_ptr()])  # fmt: skip
+        torch.testing.assert_close(out.float().cpu(), ref, **tolerances_for(dtype))
+        assert int(counters.abs().sum()) == 0

@@ -17,19 +17,17 @@ from trt_plugins.aot import int_cdiv
 from ucm_trt.kernels.aot import (
     TACTIC_DECODE,
     TACTIC_PREFILL,
-    aot_item_split,
-    merge_extras,
-    merge_grid,
-    merge_kernel_args,
     paged_attention_chunk,
     paged_attention_extras,
     paged_attention_grid,
     paged_attention_kernel_args,
-    partials_shapes,
     select_all_blocks,
     select_all_blocks_extras,
     select_all_blocks_grid,
     select_all_blocks_kernel_args,
+    split_count,
+    split_items,
+    split_scratch_shapes,
     tile_config,
 )
 from ucm_trt.testing.tolerances import tolerances_for
@@ -58,9 +56,10 @@ def _launch_like_tensorrt(case, inputs, tactic):
     return out
 
 
-def _split_launch_like_tensorrt(case, inputs, tactic, splits):
-    """Split-K as two chained AOT plugins would run it: the partials kernel (outputs po, plse),
-    then the merge kernel (inputs po, plse; output out), each in TensorRT's argument order."""
+def _split_launch_like_tensorrt(case, inputs, tactic, splits, counters=None):
+    """Split-K as ONE AOT kernel (the merge inside it): arguments = the op's inputs, the int32 counter
+    input (zero), the int32 extras (ITEMS_PER_SPLIT too), the output, the fp32 partials output
+    (poisoned); grid z = splits. Returns ``(out, counters)``."""
     geom = case.geometry()
     tile = tile_config(tactic, geom)
     dtype = inputs["q"].dtype
@@ -68,23 +67,19 @@ def _split_launch_like_tensorrt(case, inputs, tactic, splits):
     shapes = {n: tuple(inputs[n].shape) for n in names}
     b, _, t, _ = shapes["q"]
     kernel, signature, constexprs = paged_attention_kernel_args(geom, tile, dtype, split=True)
-    po_shape, lse_shape = partials_shapes(b, t, geom, tile, splits)
-    po = torch.full(po_shape, float("nan"))
-    plse = torch.full(lse_shape, float("nan"))
-    per = aot_item_split(shapes["selection"][2], t, geom.block_size, splits)
-    extras = paged_attention_extras(shapes, geom, items_per_split=per)
-    args = [inputs[n] for n in names] + [int(e) for e in extras] + [po, plse]
+    cnt_shape, part_shape = split_scratch_shapes(b, t, geom, tile, splits)
+    counters = torch.zeros(cnt_shape, dtype=torch.int32) if counters is None else counters
+    partials = torch.full(part_shape, float("nan"))
+    extras = paged_attention_extras(shapes, geom, items_per_split=split_items(shapes["selection"][2], t,
+                                                                              geom.block_size, splits))
+    out = torch.full_like(inputs["q"], float("nan"))
+    args = [inputs[n] for n in names] + [counters] + [int(e) for e in extras] + [out, partials]
     assert len(args) == len(signature)
     grid = paged_attention_grid(b, t, geom, tile, int_cdiv, splits)
     # by name: the constant strides are constexprs between the extras, so the call cannot be positional
     kernel[grid](**dict(zip(signature, args, strict=True)), **_interpreted(constexprs), num_warps=tile.num_warps,
                  num_stages=tile.num_stages)  # fmt: skip
-    mk, msig, mconst = merge_kernel_args(geom, tile, dtype)
-    out = torch.full_like(inputs["q"], float("nan"))
-    margs = [po, plse, *merge_extras(t, splits, geom, tile, int_cdiv), out]
-    assert len(margs) == len(msig)
-    mk[merge_grid(b, t, geom, tile, int_cdiv)](**dict(zip(msig, margs, strict=True)), **mconst)
-    return out
+    return out, counters
 
 
 @pytest.mark.parametrize("tactic", [TACTIC_DECODE, TACTIC_PREFILL])
@@ -96,15 +91,63 @@ def test_attention_aot_convention_matches_reference(name, tactic):
     torch.testing.assert_close(out, reference(case, inputs, pool_full), **tolerances_for(torch.float32))
 
 
-@pytest.mark.parametrize("splits", [2, 7])
-@pytest.mark.parametrize("name", ["decode", "prefill", "rerope_logn_prefill", "d80"])
-def test_split_k_as_two_chained_aot_kernels_matches_reference(name, splits):
-    """The AOT path's split-K: partials kernel + merge kernel, both in TensorRT's calling convention."""
+@pytest.mark.parametrize("splits", [1, 2, 7])
+@pytest.mark.parametrize("name", ["decode", "prefill", "rerope_logn_prefill", "d80", "one_block", "select_all"])
+def test_split_k_in_one_aot_kernel_matches_reference(name, splits):
+    """The AOT path's split-K: one kernel in TensorRT's calling convention, scratch as I/O; run twice
+    on the same counters, which must be zero after each launch (7 splits exceed some rows' blocks)."""
     case = CASES[name]
     inputs, pool_full = make_inputs(case)
     tactic = TACTIC_DECODE if case.t <= 8 else TACTIC_PREFILL
-    out = _split_launch_like_tensorrt(case, inputs, tactic, splits)
-    torch.testing.assert_close(out, reference(case, inputs, pool_full), **tolerances_for(torch.float32))
+    ref = reference(case, inputs, pool_full)
+    counters = None
+    for _ in range(2):
+        out, counters = _split_launch_like_tensorrt(case, inputs, tactic, splits, counters)
+        torch.testing.assert_close(out, ref, **tolerances_for(torch.float32))
+        assert int(counters.abs().sum()) == 0
+
+
+class _Expr:
+    """A stand-in for a TensorRT shape expression: + - * // with an expression on the left only (TensorRT's
+    ShapeExpr has no reflected operators), recording the arithmetic so it can be evaluated later."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def _op(self, other, f):
+        o = other.fn if isinstance(other, _Expr) else (lambda env, c=other: c)
+        return _Expr(lambda env: f(self.fn(env), o(env)))
+
+    def __add__(self, other):
+        return self._op(other, lambda a, b: a + b)
+
+    def __sub__(self, other):
+        return self._op(other, lambda a, b: a - b)
+
+    def __mul__(self, other):
+        return self._op(other, lambda a, b: a * b)
+
+    def __floordiv__(self, other):
+        return self._op(other, lambda a, b: a // b)
+
+
+def test_split_rule_is_a_shape_expression():
+    """split_count / split_items / the grid / the extras build from TensorRT-like expressions of the batch,
+    chunk length and selection width (no Python max or int on the left) and evaluate to the int rule."""
+    from tests.trt._cases import Case
+
+    geom = Case(hq=32, hkv=8, d=128, bs=64).geometry()
+    tile = tile_config(TACTIC_DECODE, geom)
+    B, T, S = (_Expr(lambda env, k=k: env[k]) for k in "BTS")
+    splits = split_count(B, T, geom, tile, sms=132, programs_per_sm=2)
+    per = split_items(S, T, 64, splits)
+    grid = paged_attention_grid(B, T, geom, tile, lambda a, b: (a + (b - 1)) // b, splits)
+    for b, t, s in ((1, 1, 256), (8, 1, 256), (3, 40, 17), (64, 1, 1000)):
+        env = {"B": b, "T": t, "S": s}
+        n = splits.fn(env)
+        assert n == split_count(b, t, geom, tile, sms=132, programs_per_sm=2) == max(1, -(-264 // (b * 8 * -(-t // tile.block_t))))
+        assert per.fn(env) == -(-(s + -(-t // 64)) // n)
+        assert grid[0].fn(env) == b * 8 and grid[2].fn(env) == n
 
 
 @pytest.mark.parametrize("splits", [2, 3, 50])

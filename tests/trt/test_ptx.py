@@ -115,6 +115,21 @@ def test_prefill_rerope_d128_fits_shared_memory_by_fewer_stages():
     assert launch.kernel.shared_mem <= MAX_AOT_SHARED_MEM
 
 
+def test_decode_tile_at_the_issue_shape_takes_the_most_pipeline_stages_that_fit():
+    """GQA 32/8, head_dim 128, block 64, bf16 decode: the AOT rule keeps the deepest pipeline within 48 KiB
+    (BLOCK_N 16, 3 stages: the fastest AOT tile the H100 run of 2026-12-07 measured), for the unsplit kernel and
+    the split-K kernel alike."""
+    from tests.trt._cases import Case
+    from trt_plugins._attention import aot_split_launch
+
+    case = Case(hq=32, hkv=8, d=128, bs=64, t=1, lens=(300, 70))
+    target = PtxTarget(arch=90, ptx_version=80)
+    for launch in (aot_launch(case.op_name, case.attrs(), torch.bfloat16, 1, target),
+                   aot_split_launch(case.attrs(), torch.bfloat16, 1, target, spec=plugin_spec(case.op_name), sms=132)):
+        assert (launch.config.block_n, launch.config.num_stages) == (16, 3)
+        assert launch.kernel.shared_mem <= MAX_AOT_SHARED_MEM
+
+
 _FAKE_PTX = """.version 8.0
 .target sm_90a
 .address_size 64
@@ -181,20 +196,30 @@ def test_kernel_signature_has_no_float_scalars():
     assert isinstance(constexprs["QK_SCALE"], float) and isinstance(constexprs["INV_LOG_TRAIN"], float)
 
 
-def test_split_k_pair_compiles_with_tensorrt_argument_order():
-    """The chained AOT split-K: partials kernel = inputs, extras (ITEMS_PER_SPLIT too), outputs po/plse;
-    merge = po/plse, 5 extras, out. Both fit the AOT shared-memory limit."""
+@pytest.mark.parametrize("name,tactic,arch", [("d96_gqa4", 1, 90), ("rerope_logn_prefill", TACTIC_PREFILL, 80)])
+def test_split_k_kernel_compiles_as_one_launch_with_tensorrt_argument_order(name, tactic, arch):
+    """Split-K on the AOT path is ONE kernel: the op's 7 inputs + the int32 counter input, 14 int32
+    extras (ITEMS_PER_SPLIT among them), the output + the fp32 partials output; within 48 KiB of shared
+    memory. The PTX holds the in-kernel merge's acquire-release ticket (an atom.add on the counters)."""
     from trt_plugins._attention import aot_split_launch
     from trt_plugins.spec import plugin_spec
 
-    case = CASES["d96_gqa4"]
-    part, merge = aot_split_launch(case.attrs(), torch.bfloat16, 1, PtxTarget(arch=90, ptx_version=80), 4,
-                                   spec=plugin_spec("UcmPagedSparseAttention"))  # fmt: skip
+    case = CASES[name]
+    launch = aot_split_launch(case.attrs(), torch.bfloat16, tactic, PtxTarget(arch=arch, ptx_version=80),
+                              spec=plugin_spec(case.op_name), sms=132)  # fmt: skip
     shapes = {"q": (2, case.hq, 1, case.d), "kv_pool": (50, 2, case.hkv, case.bs, case.d),
               "block_table": (2, 9), "selection": (2, case.hkv, 4)}  # fmt: skip
-    n_extras = len(part.extras(shapes))
-    assert n_extras == 14 and part.extras(shapes)[4] == 2  # ITEMS_PER_SPLIT = ceil((4 + 1) / 4)
-    assert [d for d, _ in entry_params(part.kernel.ptx, part.kernel.name)] == [PTR] * 7 + [I32] * 14 + [PTR] * 2
-    assert [d for d, _ in entry_params(merge.kernel.ptx, merge.kernel.name)] == [PTR] * 2 + [I32] * 5 + [PTR]
-    assert part.grid(shapes, int_cdiv) == (2 * case.hkv, 1, 4)
-    assert max(part.kernel.shared_mem, merge.kernel.shared_mem) <= MAX_AOT_SHARED_MEM
+    extras = launch.extras(shapes)
+    gx, gy, gz = launch.grid(shapes, int_cdiv)
+    assert (gx, gy) == (2 * case.hkv, 1) and gz == -(-264 // (2 * case.hkv))  # min_splits at 2 programs per SM
+    assert len(extras) == 14 and extras[4] == -(-(4 + 1) // gz)  # ITEMS_PER_SPLIT = ceil((S + 1 chunk block) / splits)
+    k = launch.kernel
+    assert [d for d, _ in entry_params(k.ptx, k.name)] == [PTR] * 8 + [I32] * 14 + [PTR] * 2
+    assert k.shared_mem <= MAX_AOT_SHARED_MEM
+    assert re.search(r"atom\.[a-z.]*acq_rel[a-z.]*\.add|atom\.[a-z.]*add[a-z.]*acq_rel", k.ptx)
+    cnt, part = launch.scratch(shapes)
+    tile = launch.config
+    assert cnt == (2 * case.hkv,) and part == (2 * case.hkv * gz * tile.block_m * (1 + max(16, 1 << (case.d - 1).bit_length())),)
+    fixed = aot_split_launch(case.attrs(), torch.bfloat16, tactic, PtxTarget(arch=arch, ptx_version=80),
+                             spec=plugin_spec(case.op_name), sms=132, splits=3, tile=tile)  # fmt: skip
+    assert fixed.grid(shapes, int_cdiv)[2] == 3 and fixed.kernel.ptx == k.ptx

@@ -12,8 +12,8 @@ the CPU, over ``--onnx MODEL.onnx`` or over ``--model`` exported and rewritten f
 (CPU: fp32 reference attention; ``--device cuda``: Triton kernels), which runs every algorithm;
 ``--engine PLAN`` its TensorRT backend (from ``ucm-trt build``), which fails with a one-line error
 where TensorRT is not installed. The graph backends run only the algorithms their model was
-rewritten for (a sparse rewrite runs dense, ESA and GSA; not GSA On-Device, whose selection runs
-inside each layer, nor KVStar).
+rewritten for (``ucm_trt.algorithms.runs_on_rewrite``: a sparse rewrite runs dense, ESA, GSA and KVStar;
+not GSA On-Device, whose selection runs inside each layer, nor ReRoPE).
 
 Exit codes: 0 after ``/quit`` or end of input; 1 the environment cannot run the request
 (TensorRT missing, model wheel missing); 2 bad arguments.
@@ -34,8 +34,9 @@ PROG = "ucm-trt chat"
 EXIT_OK, EXIT_ENV, EXIT_USAGE = 0, 1, 2
 _ORT_BACKEND_MODULE = "ucm_trt.runtime.backends.ort_backend"
 _TRT_BACKEND_MODULE = "ucm_trt.runtime.backends.trt"
-#: algorithms the default ONNX Runtime model (rewritten for ESA) cannot run: --backend auto picks PyTorch
-GRAPHLESS_ALGORITHMS = ("gsa-on-device", "kvstar", "rerope")
+#: what the default ONNX Runtime model is rewritten for; --backend auto picks PyTorch for an algorithm it cannot run
+#: (``ucm_trt.algorithms.runs_on_rewrite``)
+ORT_MODEL_ALGORITHM = "esa"
 
 
 class ChatSetupError(RuntimeError):
@@ -169,7 +170,10 @@ def _resolve_backend(args: argparse.Namespace) -> str:
     if args.onnx is not None and args.backend not in ("auto", "ort"):
         raise ValueError(f"--onnx runs the ONNX Runtime backend; it cannot be combined with --backend {args.backend}")
     # auto on the CPU: ONNX Runtime, unless the starting algorithm is one a rewritten ESA graph cannot run
-    auto_ort = args.backend == "auto" and dev == "cpu" and args.algorithm not in GRAPHLESS_ALGORITHMS
+    from ucm_trt import algorithms
+
+    auto_ort = (args.backend == "auto" and dev == "cpu"
+                and algorithms.runs_on_rewrite(args.algorithm, ORT_MODEL_ALGORITHM))
     if args.onnx is not None or args.backend == "ort" or auto_ort:
         if args.onnx is not None:
             cli_args.input_file("--onnx", args.onnx)
@@ -246,7 +250,7 @@ def _prepare(args: argparse.Namespace, ckpt: Path) -> Path:
     print(f"[chat] ONNX Runtime model: {args.model} rewritten for ESA, block size {bs}, in {cache} "
           "(the first run exports and rewrites it, about 2-3 min; later runs reuse it)", file=out, flush=True)
     try:
-        return prepare_onnx(cache, algorithm="esa", block_size=bs,
+        return prepare_onnx(cache, algorithm=ORT_MODEL_ALGORITHM, block_size=bs,
                             checkpoint=None if args.model == "smollm2" else ckpt,
                             progress=lambda msg: print(msg, file=out, flush=True))
     except (ValueError, TypeError) as exc:

@@ -6,6 +6,7 @@ the caller before the first import of this package; the library never sets it).
 
 from ucm_trt.kernels.attention import (
     AttentionLaunch,
+    AttentionWorkspace,
     paged_rerope_attention,
     paged_sparse_attention,
 )
@@ -28,6 +29,7 @@ from ucm_trt.kernels.rope import delta_rope_blocks_
 
 __all__ = [
     "AttentionLaunch",
+    "AttentionWorkspace",
     "RetrievalLaunch",
     "RetrievalWorkspace",
     "append_kv",

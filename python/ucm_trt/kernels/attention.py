@@ -9,8 +9,10 @@ The same ``@triton.jit`` function serves
   ``[inputs][int32 extras][outputs]`` (:mod:`ucm_trt.kernels.aot.attention_op`).
 
 Its parameters are therefore ordered ``q, k, v, kv_pool, block_table, seq_lens, selection``
-(the op's inputs), then int32 sizes and strides (TensorRT's extras, computed from the shapes),
-then the outputs. Every float and geometry attribute is a ``tl.constexpr``.
+(the op's inputs) and the split counters (an input of the split AOT kernel), then int32 sizes and
+strides (TensorRT's extras, computed from the shapes), then the output and the split partials (an
+output of the split AOT kernel), then JIT-only pointers. Every float and geometry attribute is a
+``tl.constexpr``.
 
 * **Grid** ``(B * Hkv, query tiles, splits)``. A program owns one KV head of one sequence and all
   ``G = Hq / Hkv`` query heads of its group (rows = query token x group head, padded to >= 16 for
@@ -18,9 +20,13 @@ then the outputs. Every float and geometry attribute is a ``tl.constexpr``.
 * **Work list** per (sequence, KV head, query tile): the selection's slots (the part of each
   selected block that lies before the chunk; all pre-chunk blocks when there is no selection),
   then the chunk's own blocks (causal). Unselected keys are never loaded.
-* **Split-K (flash-decoding).** The work list is cut into ``splits`` contiguous pieces; each
-  writes a normalised partial output and its log2-sum-exp, and :func:`_merge_splits` (a second,
-  equally AOT-compatible kernel) combines them. With one split the output is written directly.
+* **Split-K (flash-decoding), merged in the kernel.** The work list is cut into ``splits``
+  contiguous pieces; each writes a normalised partial output and its log2-sum-exp to a caller-owned
+  scratch buffer and takes a ticket from an int32 arrival counter of its (sequence, KV head, query
+  tile) with acquire-release order; the program that arrives last merges the tile's splits by
+  log-sum-exp, writes the output and re-zeroes the counter (so the counters stay zero between
+  launches: CUDA-graph replayable, no memset). One launch on every path, TensorRT's AOT launcher
+  included (it takes one kernel per plugin). With one split the output is written directly.
 * **head_dim** (:mod:`ucm_trt.limits`: a multiple of 16 in [16, 256]) runs in the next
   power-of-two tile: each RoPE half in ``HALF_P`` lanes, V in ``DV`` lanes, the extra lanes
   masked on load and store. The cache is never copied or padded.
@@ -68,12 +74,14 @@ __all__ = [
     "ATTENTION_GUARD_CODES",
     "AttentionLaunch",
     "AttentionPlan",
+    "AttentionWorkspace",
     "GUARD_BAD_BLOCK_TABLE",
     "GUARD_BAD_SELECTION",
     "GUARD_BAD_SEQ_LEN",
     "paged_rerope_attention",
     "paged_sparse_attention",
     "plan_attention",
+    "split_scratch_sizes",
 ]
 
 LOG2E = 1.4426950408889634
@@ -115,20 +123,20 @@ def _softmax_update(s, v, kmask, pos, qpos, row_ok, m_i, l_i, acc, QK_SCALE: tl.
 
 @triton.jit
 def _paged_attn_fwd(
-    q_ptr, k_ptr, v_ptr, pool_ptr, bt_ptr, seqlen_ptr, sel_ptr,
+    q_ptr, k_ptr, v_ptr, pool_ptr, bt_ptr, seqlen_ptr, sel_ptr, cnt_ptr,
     T, MAX_BLOCKS, NUM_SEL, NUM_BLOCKS, ITEMS_PER_SPLIT,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_pn, stride_pkv, stride_ph, stride_pt,
     stride_btb, stride_sb, stride_sh,
     stride_ob, stride_oh, stride_ot,
-    out_ptr, po_ptr, plse_ptr, guard_ptr,
+    out_ptr, part_ptr, guard_ptr,
     H_KV: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, D: tl.constexpr,
     DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_SEL: tl.constexpr, CHUNK_KV: tl.constexpr, SPLIT: tl.constexpr, HAS_GUARD: tl.constexpr,
     QK_SCALE: tl.constexpr, REROPE: tl.constexpr, WINDOW: tl.constexpr, LOG2_THETA: tl.constexpr,
     LOGN: tl.constexpr, INV_LOG_TRAIN: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
-    ITEMS: tl.constexpr, BPT: tl.constexpr,
+    ITEMS: tl.constexpr, BPT: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_SPLITS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -330,58 +338,54 @@ def _paged_attn_fwd(
         tl.atomic_max(guard_ptr, _BAD_BLOCK_TABLE, mask=n_bad_phys > 0)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
-    if SPLIT:  # normalised partial output + log2-sum-exp; _merge_splits combines the pieces
-        part = (pid_bh * tl.num_programs(1) + pid_t) * tl.num_programs(2) + pid_s
-        prow = part.to(tl.int64) * BLOCK_M + rows
-        tl.store(plse_ptr + prow, tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf")))
-        tl.store(po_ptr + prow[:, None] * DV + dv[None, :], o)
+    o_rows = out_ptr + b64 * stride_ob + (h * G + g) * stride_oh + t * stride_ot
+    o_mask = row_ok[:, None] & dv_ok[None, :]
+    if SPLIT:
+        # Split-K merged in the kernel: every split writes its normalised partial output and its
+        # log2-sum-exp, then takes a ticket from the tile's arrival counter (acquire-release, after a
+        # CTA barrier so the whole program's stores are ordered before it). The program that arrives
+        # last merges all splits of the tile and re-zeroes the counter for the next launch.
+        n_split = tl.num_programs(2)
+        tile = pid_bh * tl.num_programs(1) + pid_t  # (sequence, KV head, query tile)
+        lse_base = (tl.num_programs(0) * tl.num_programs(1) * n_split).to(tl.int64) * (BLOCK_M * DV)
+        tile_row0 = tile.to(tl.int64) * n_split * BLOCK_M  # this tile's first partial row (split 0)
+        prow = tile_row0 + pid_s * BLOCK_M + rows
+        tl.store(part_ptr + lse_base + prow, tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf")), mask=row_ok)
+        tl.store(part_ptr + prow[:, None] * DV + dv[None, :], o, mask=o_mask)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_split - 1:
+            tl.store(cnt_ptr + tile, 0)
+            # merge token by token (only the tile's tokens < T: one at decode), MERGE_SPLITS splits of
+            # the token's G rows per load, so the tail costs a few L2 round trips, not one per split
+            gm = tl.arange(0, MERGE_ROWS)
+            g_ok = gm < G
+            sc = tl.arange(0, MERGE_SPLITS)
+            for tt in range(0, tl.minimum(BLOCK_T, T - pid_t * BLOCK_T)):
+                m = tl.full([MERGE_ROWS], float("-inf"), tl.float32)
+                l_sum = tl.zeros([MERGE_ROWS], tl.float32)
+                res = tl.zeros([MERGE_ROWS, DV], tl.float32)
+                for s0 in range(0, n_split, MERGE_SPLITS):
+                    sp = s0 + sc
+                    r2 = tile_row0 + sp.to(tl.int64)[:, None] * BLOCK_M + (tt * G + gm)[None, :]  # [splits, G]
+                    ok2 = (sp < n_split)[:, None] & g_ok[None, :]
+                    # .cg: read at L2, where the other programs' stores are (past this SM's L1)
+                    lse = tl.load(part_ptr + lse_base + r2, mask=ok2, other=float("-inf"), cache_modifier=".cg")
+                    o3 = tl.load(part_ptr + r2[:, :, None] * DV + dv[None, None, :],
+                                 mask=ok2[:, :, None] & dv_ok[None, None, :], other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(m, tl.max(lse, 0))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp2(m - m_safe)
+                    w = tl.exp2(lse - m_safe[None, :])
+                    l_sum = l_sum * alpha + tl.sum(w, 0)
+                    res = res * alpha[:, None] + tl.sum(o3 * w[:, :, None], 0)
+                    m = m_new
+                res = res / tl.where(l_sum > 0.0, l_sum, 1.0)[:, None]
+                m_rows = out_ptr + b64 * stride_ob + (h * G + gm) * stride_oh + (pid_t * BLOCK_T + tt) * stride_ot
+                tl.store(m_rows[:, None] + dv[None, :], res.to(out_ptr.dtype.element_ty),
+                         mask=g_ok[:, None] & dv_ok[None, :])
     else:
-        o_rows = out_ptr + b64 * stride_ob + (h * G + g) * stride_oh + t * stride_ot
-        tl.store(o_rows[:, None] + dv[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
-
-
-@triton.jit
-def _merge_splits(
-    po_ptr, plse_ptr,
-    T, NUM_SPLITS, NUM_QTILES, stride_ob, stride_oh, stride_ot,
-    out_ptr,
-    H_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_M: tl.constexpr, SCHUNK: tl.constexpr,
-):
-    """Program ``(bh * NUM_QTILES + qtile, row)`` merges one output row's split partials by
-    log-sum-exp, ``SCHUNK`` splits per vector load. Parameters in TensorRT AOT order: the
-    partials (inputs), int32 extras, the output."""
-    pid = tl.program_id(0)
-    row = tl.program_id(1)
-    pid_bh = pid // NUM_QTILES
-    pid_t = pid % NUM_QTILES
-    b = pid_bh // H_KV
-    h = pid_bh % H_KV
-    t_loc = row // G
-    g = row % G
-    t = pid_t * BLOCK_T + t_loc
-    if (t_loc < BLOCK_T) & (t < T):
-        dd = tl.arange(0, DV)
-        sc = tl.arange(0, SCHUNK)
-        base = pid.to(tl.int64) * NUM_SPLITS
-        m = tl.full([], float("-inf"), tl.float32)
-        l_sum = tl.zeros([], tl.float32)
-        acc = tl.zeros([DV], tl.float32)
-        for s0 in range(0, NUM_SPLITS, SCHUNK):
-            s_ok = s0 + sc < NUM_SPLITS
-            part = (base + s0 + sc) * BLOCK_M + row
-            lse = tl.load(plse_ptr + part, mask=s_ok, other=float("-inf"))
-            o = tl.load(po_ptr + part[:, None] * DV + dd[None, :], mask=s_ok[:, None], other=0.0)
-            m_new = tl.maximum(m, tl.max(lse, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_safe)
-            w = tl.exp2(lse - m_safe)
-            l_sum = l_sum * alpha + tl.sum(w, 0)
-            acc = acc * alpha + tl.sum(o * w[:, None], 0)
-            m = m_new
-        res = acc / tl.where(l_sum > 0.0, l_sum, 1.0)
-        o_row = out_ptr + b.to(tl.int64) * stride_ob + (h * G + g) * stride_oh + t * stride_ot
-        tl.store(o_row + dd, res.to(out_ptr.dtype.element_ty), mask=dd < D)
+        tl.store(o_rows[:, None] + dv[None, :], o.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 # ---------------------------------------------------------------------------------- launch rule
@@ -456,13 +460,23 @@ def _even_split(work_items: int, splits: int) -> tuple[int, int]:
     return per_split, -(-work_items // per_split)
 
 
+def min_splits(base, programs_per_sm: int, sms: int, cdiv):
+    """The fewest splits that give ``base >= 1`` programs (``batch x Hkv x query tiles``) at least
+    ``programs_per_sm x sms`` programs in all: ``ceil(P / base)`` (>= 1). ``base`` is an int or a
+    TensorRT shape expression (kept on the left of every operator; ``cdiv`` matches it), so the
+    AOT plugin's grid evaluates the same rule at run time."""
+    return cdiv(base * 0 + programs_per_sm * sms, base)
+
+
 def _balanced_split(work_items: int, base: int, programs_per_sm: int, sms: int) -> tuple[int, int]:
     """The split count for ``base`` programs without splitting: at least ``programs_per_sm x sms``
-    programs in all, and among 1x to 2x that count the one whose programs spread most evenly over
-    the SMs (``P / (ceil(P / sms) x sms)``, fewest splits on ties). Equal programs that do not fill a
-    last round leave SMs idle while the rest finish: 320 programs on 132 SMs run as 3 rounds of
-    which the last is 42% full (81% efficiency), 384 as 3 rounds at 97%."""
-    s0 = -(-(programs_per_sm * sms) // base)
+    programs in all (:func:`min_splits`), and among 1x to 2x that count the one whose programs
+    spread most evenly over the SMs (``P / (ceil(P / sms) x sms)``, fewest splits on ties). Equal
+    programs that do not fill a last round leave SMs idle while the rest finish: 320 programs on 132
+    SMs run as 3 rounds of which the last is 42% full (81% efficiency), 384 as 3 rounds at 97%.
+    (The AOT path, whose batch and chunk length are only known as expressions at build time, takes
+    :func:`min_splits` itself.)"""
+    s0 = min_splits(base, programs_per_sm, sms, lambda a, b: -(-a // b))
     if s0 <= 1:
         return _even_split(work_items, 1)
     best = None
@@ -477,7 +491,7 @@ def _balanced_split(work_items: int, base: int, programs_per_sm: int, sms: int) 
 
 @dataclass(frozen=True, kw_only=True)
 class AttentionPlan:
-    """One launch of :func:`_paged_attn_fwd` (+ :func:`_merge_splits` when ``splits > 1``)."""
+    """One launch of :func:`_paged_attn_fwd` (split-K merged in the kernel when ``splits > 1``)."""
 
     block_t: int
     block_m: int
@@ -540,31 +554,95 @@ def geometry_constexprs(*, num_kv_heads: int, group: int, head_dim: int, block_s
                 QK_SCALE=float(scale) * LOG2E)
 
 
+# fp32 partial elements the merging program loads per step (64 registers a thread at 4 warps)
+MERGE_ELEMS = 8192
+
+
+def merge_tile(group: int, dv: int) -> dict:
+    """The in-kernel merge's constexprs: ``MERGE_ROWS``, one query token's rows (its ``group`` heads)
+    rounded up to a power of two, and ``MERGE_SPLITS``, the splits merged per load (a power of two
+    in [1, 64] within :data:`MERGE_ELEMS` loaded elements)."""
+    rows = next_pow2(group)
+    return dict(MERGE_ROWS=rows, MERGE_SPLITS=max(1, min(64, MERGE_ELEMS // (rows * dv))))
+
+
+def split_scratch_sizes(*, batch: int, num_kv_heads: int, n_qtiles: int, splits: int, block_m: int,
+                        dv: int) -> tuple[int, int]:
+    """``(counters, partials)``: int32 arrival counters (one per sequence x KV head x query tile)
+    and fp32 partial elements (``[tiles x splits x BLOCK_M, DV]`` outputs, then as many
+    log2-sum-exps) of one launch of the split-K kernel (``SPLIT`` on, also with one split)."""
+    tiles = batch * num_kv_heads * n_qtiles
+    return tiles, tiles * splits * block_m * (dv + 1)
+
+
+class AttentionWorkspace:
+    """Scratch of the split-K attention kernel, owned by the caller and reused across calls and
+    CUDA-graph replays (one per stream: two launches in flight must not share one).
+
+    ``counters`` int32: one arrival counter per (sequence, KV head, query tile), all zero between
+    launches (the program that merges a tile re-zeroes its counter, so no memset is needed).
+    ``partials`` fp32: every split's partial output and log2-sum-exp. Both grow on demand; a grown
+    buffer is allocated (the counters zeroed) on the current stream, so run a shape eagerly once
+    before capturing it in a graph. Outgrown buffers are kept, not freed: a graph captured earlier
+    still launches on them.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.counters = torch.zeros(0, dtype=torch.int32, device=self.device)
+        self.partials = torch.empty(0, dtype=torch.float32, device=self.device)
+        self._outgrown: list[torch.Tensor] = []
+
+    def buffers(self, counters: int, partials: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The counter and partial buffers, grown to hold at least ``counters`` / ``partials`` elements."""
+        if self.counters.numel() < counters:
+            self._outgrown.append(self.counters)
+            self.counters = torch.zeros(max(counters, 2 * self.counters.numel()), dtype=torch.int32,
+                                        device=self.device)
+        if self.partials.numel() < partials:
+            self._outgrown.append(self.partials)
+            self.partials = torch.empty(max(partials, 2 * self.partials.numel()), dtype=torch.float32,
+                                        device=self.device)
+        return self.counters, self.partials
+
+
+def check_workspace(workspace: object, device: torch.device) -> AttentionWorkspace | None:
+    if workspace is None:
+        return None
+    if not isinstance(workspace, AttentionWorkspace):
+        raise TypeError(f"workspace must be an AttentionWorkspace or None, got {type(workspace).__name__}")
+    if workspace.counters.device != device:
+        raise ValueError(f"workspace must live on q's device {device}, got one on {workspace.counters.device}")
+    return workspace
+
+
 def run_attention(
     q, k, v, kv_pool, block_table, seq_lens, selection, out, *, plan: AttentionPlan, consts: dict,
-    guard: IndexGuard | None,
+    guard: IndexGuard | None, workspace: AttentionWorkspace | None = None,
 ) -> torch.Tensor:
-    """Launch the kernel (and the merge) on checked tensors. ``k``/``v`` ``None``: the chunk is in the
-    pool. ``consts``: :func:`geometry_constexprs` + :func:`rope_constexprs`."""
+    """Launch the kernel (one launch, split-K merged in it) on checked tensors. ``k``/``v`` ``None``:
+    the chunk is in the pool. ``consts``: :func:`geometry_constexprs` + :func:`rope_constexprs`.
+    ``workspace``: the split scratch (``None``: a fresh one for this call, i.e. a memset more)."""
     b, _, tq, _ = q.shape
     hkv = kv_pool.shape[2]
     dv = consts["DV"]
     chunk_kv = k is not None
     has_sel = selection is not None
     cuda = q.device.type == "cuda"
-    rows = b * hkv * plan.n_qtiles * plan.splits * plan.block_m
-    if plan.splits > 1:
-        po = torch.empty((rows, dv), device=q.device, dtype=torch.float32)
-        plse = torch.empty((rows,), device=q.device, dtype=torch.float32)
-    else:
-        po = plse = out
     if guard is not None and guard.flag.device != q.device:
         raise ValueError(f"guard must live on q's device {q.device}, got its flag on {guard.flag.device}")
+    check_workspace(workspace, q.device)
     dummy = seq_lens  # stands for pointers a constexpr switch leaves unused
+    if plan.splits > 1:
+        ws = AttentionWorkspace(q.device) if workspace is None else workspace
+        counters, partials = ws.buffers(*split_scratch_sizes(
+            batch=b, num_kv_heads=hkv, n_qtiles=plan.n_qtiles, splits=plan.splits, block_m=plan.block_m, dv=dv))
+    else:
+        counters, partials = dummy, q
     grid = (b * hkv, plan.n_qtiles, plan.splits)
     _paged_attn_fwd[grid](
         q, k if chunk_kv else q, v if chunk_kv else q, kv_pool, block_table, seq_lens,
-        selection if has_sel else dummy,
+        selection if has_sel else dummy, counters,
         tq, block_table.shape[1], selection.shape[2] if has_sel else 0, kv_pool.shape[0], plan.items_per_split,
         q.stride(0), q.stride(1), q.stride(2),
         *((k.stride(0), k.stride(1), k.stride(2)) if chunk_kv else (0, 0, 0)),
@@ -572,20 +650,15 @@ def run_attention(
         block_table.stride(0),
         *((selection.stride(0), selection.stride(1)) if has_sel else (0, 0)),
         out.stride(0), out.stride(1), out.stride(2),
-        out, po, plse, guard.flag if guard is not None else dummy,
+        out, partials, guard.flag if guard is not None else dummy,
         **consts, BLOCK_N=plan.block_n, BLOCK_T=plan.block_t, BLOCK_M=plan.block_m,
         HAS_SEL=has_sel, CHUNK_KV=chunk_kv, SPLIT=plan.splits > 1, HAS_GUARD=guard is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 or not cuda else "tf32",
         # Triton's interpreter (CPU tensors) mis-computes bf16 tl.dot (seen with triton 3.9): upcast there
         DOT_F32=not cuda, ITEMS=plan.items, BPT=blocks_per_tile(plan.block_n, consts["BS"]),
+        **merge_tile(consts["G"], dv),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    if plan.splits > 1:
-        _merge_splits[(b * hkv * plan.n_qtiles, plan.block_m)](
-            po, plse, tq, plan.splits, plan.n_qtiles, out.stride(0), out.stride(1), out.stride(2), out,
-            H_KV=hkv, G=consts["G"], D=consts["D"], DV=dv, BLOCK_T=plan.block_t, BLOCK_M=plan.block_m,
-            SCHUNK=min(64, max(2, next_pow2(plan.splits))), num_warps=4,
-        )
     return out
 
 
@@ -632,7 +705,7 @@ def _check_inputs(q, kv_pool, block_table, seq_lens, selection, out):
     return b, hq, tq, d, hkv, bs, group, nblocks
 
 
-def _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, launch, guard,
+def _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, launch, guard, workspace,
             rerope, window, theta, logn_training_length):
     if not isinstance(launch, AttentionLaunch):
         raise TypeError(f"launch must be an AttentionLaunch, got {type(launch).__name__}")
@@ -659,7 +732,7 @@ def _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, 
     consts = dict(geometry_constexprs(num_kv_heads=hkv, group=group, head_dim=d, block_size=bs, scale=scale),
                   **rope_constexprs(rerope, window, theta, logn_training_length))
     return run_attention(q, None, None, kv_pool, block_table, seq_lens, selection, out, plan=plan, consts=consts,
-                         guard=guard)
+                         guard=guard, workspace=check_workspace(workspace, q.device))
 
 
 def paged_sparse_attention(
@@ -674,6 +747,7 @@ def paged_sparse_attention(
     validate: bool = True,
     launch: AttentionLaunch = DEFAULT_LAUNCH,
     guard: IndexGuard | None = None,
+    workspace: AttentionWorkspace | None = None,
 ) -> torch.Tensor:
     """Paged block-sparse attention for decode (``Tq`` of 1-8) and chunked prefill (any ``Tq``).
 
@@ -685,8 +759,10 @@ def paged_sparse_attention(
     writes ``out``). ``validate=True`` also checks index contents (one device sync). With
     ``validate=False`` an out-of-range id is still never dereferenced; pass ``guard`` to have it
     flagged (:class:`~ucm_trt.kernels.guard.IndexGuard`, codes :data:`ATTENTION_GUARD_CODES`).
+    ``workspace``: an :class:`AttentionWorkspace` for the split-K scratch, kept by the caller so a
+    call is exactly one launch (``None``: each split call allocates zeroed counters, a memset more).
     """
-    return _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, launch, guard,
+    return _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, launch, guard, workspace,
                    False, 0, 0.0, None)
 
 
@@ -705,6 +781,7 @@ def paged_rerope_attention(
     validate: bool = True,
     launch: AttentionLaunch = DEFAULT_LAUNCH,
     guard: IndexGuard | None = None,
+    workspace: AttentionWorkspace | None = None,
 ) -> torch.Tensor:
     """Paged ReRoPE attention, one fused pass; the pool holds UN-rotated K, q is un-rotated.
 
@@ -720,5 +797,5 @@ def paged_rerope_attention(
         or logn_training_length < 2
     ):
         raise ValueError(f"logn_training_length must be an int >= 2 or None, got {logn_training_length!r}")
-    return _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, launch, guard,
+    return _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, launch, guard, workspace,
                    True, window, theta, logn_training_length)

@@ -91,7 +91,7 @@ class RetrievalLaunch:
 
     ``None`` picks the default rule. ``tokens_per_tile``: Hamming tokens (blocks x block_size) a
     program scores per head and step (default 1024); ``blocks_per_tile``: dot/Quest blocks per
-    program (default ``max(8, min(32, blocks // 128))``); ``radix_bits``: key bits per radix pass (1-6,
+    program (default ``max(8, min(32, blocks // 128))``); ``radix_bits``: key bits per radix pass (1-8,
     default 4); ``topk_chunk``: keys the top-k holds in registers at once (default 2048; longer rows
     are re-read from L2 per pass); ``num_warps`` (default 8); ``hash_precision``: ``tl.dot``
     precision of the query hash, ``"ieee"`` (default) or ``"tf32x3"``.
@@ -113,8 +113,8 @@ class RetrievalLaunch:
                     raise ValueError(f"RetrievalLaunch.{name} must be a power of two, got {v}")
         if self.radix_bits is not None:
             check_positive_int("RetrievalLaunch.radix_bits", self.radix_bits)
-            if self.radix_bits > 6:
-                raise ValueError(f"RetrievalLaunch.radix_bits must be in [1, 6], got {self.radix_bits}")
+            if self.radix_bits > 8:
+                raise ValueError(f"RetrievalLaunch.radix_bits must be in [1, 8], got {self.radix_bits}")
         if self.num_warps is not None and self.num_warps > 32:
             raise ValueError(f"RetrievalLaunch.num_warps must be <= 32, got {self.num_warps}")
         if self.hash_precision not in ("ieee", "tf32x3"):
@@ -192,23 +192,49 @@ def _select_row(keys_row, out_row, stride_oh, nb, TOP_K, SINK, LOCAL, HPP: tl.co
     ii = tl.arange(0, CH)
     keys1 = _load_keys(keys_row, ii, nb)  # used when the row is one chunk (NCH == 1)
     need = need0
-    thr = tl.full((), 0, tl.uint32)
-    for p in tl.static_range(PASSES):
+    thr = tl.full((), 0, tl.uint32)  # T's digits found so far
+    p = tl.full((), 0, tl.int32)
+    shift = tl.full((), (PASSES - 1) * RB, tl.int32)
+    done = tl.full((), 0, tl.int1)
+    while (p < PASSES) & (done == 0):
         shift = (PASSES - 1 - p) * RB
+        above = tl.minimum(shift + RB, 31).to(tl.uint32)  # p == 0 compares nothing (see `first`)
+        first = p == 0
         hist = tl.zeros([2 * R], tl.int32)
         for ci in tl.static_range(NCH):
             idx = ci * CH + ii
             skey = _chunk_keys(keys_row, keys1, idx, nb, NCH)
             live = (idx < nb) & (idx >= SINK) & (idx < nb - LOCAL)  # candidates
-            if p > 0:
-                live = live & ((skey >> (shift + RB)) == thr)  # digits above this pass equal T's
-            digit = ((skey >> shift) & (R - 1)).to(tl.int32)
+            live = live & (first | ((skey >> above) == thr))  # digits above this pass equal T's
+            digit = ((skey >> shift.to(tl.uint32)) & (R - 1)).to(tl.int32)
             hist += tl.histogram(tl.where(live, digit, R), 2 * R)  # bins >= R: not live
         cum = tl.cumsum(hist, 0)
         under = (bins < R) & (cum < need)
         d = tl.sum(under.to(tl.int32), 0)
         need = need - tl.max(tl.where(under, cum, 0), 0)
         thr = (thr << RB) | d.to(tl.uint32)
+        # early exit: every candidate in T's bucket is chosen, so T's lower digits do not matter
+        in_bucket = tl.sum(tl.where(bins == d, hist, 0), 0)
+        done = need == in_bucket
+        p += 1
+    if (shift > 0) & (need > 0):
+        # stopped early: T = the largest candidate key in the bucket, all its ties chosen
+        top = tl.full((), 0, tl.uint32)
+        for ci in tl.static_range(NCH):
+            idx = ci * CH + ii
+            skey = _chunk_keys(keys_row, keys1, idx, nb, NCH)
+            live = (idx < nb) & (idx >= SINK) & (idx < nb - LOCAL) & ((skey >> shift.to(tl.uint32)) == thr)
+            top = tl.maximum(top, tl.max(tl.where(live, skey, 0), 0))
+        ties = tl.full((), 0, tl.int32)
+        for ci in tl.static_range(NCH):
+            idx = ci * CH + ii
+            skey = _chunk_keys(keys_row, keys1, idx, nb, NCH)
+            live = (idx < nb) & (idx >= SINK) & (idx < nb - LOCAL) & (skey == top)
+            ties += tl.sum(live.to(tl.int32), 0)
+        thr = top
+        need = ties
+    elif shift > 0:
+        thr = tl.full((), 0, tl.uint32)  # nothing to choose: no candidate is below T = 0 or taken at it
     # chosen: forced, candidates below T, and the first `need` candidates at T by block id; one
     # prefix sum (forced/below count in the low 16 bits, ties in the high bits) gives the slots
     total = n_forced + need0

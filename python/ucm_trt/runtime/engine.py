@@ -121,6 +121,36 @@ def _check_prompt(prompt: object) -> list[int]:
     return out
 
 
+def _selection_blocks(sels: list[torch.Tensor]) -> list[np.ndarray]:
+    """The blocks each selection ``[Hkv, S]`` (int, sorted, -1 padded) reads: int64, unique,
+    ascending, negative entries dropped. Selections of one shape are converted together; where every
+    KV-head row is the same strictly ascending selection (a shared selection), its first row's
+    valid prefix is the answer, otherwise ``np.unique`` of the row's entries."""
+    out: list[np.ndarray | None] = [None] * len(sels)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(sels):
+        groups.setdefault(tuple(s.shape), []).append(i)
+    for idx in groups.values():
+        m = torch.stack([sels[i] for i in idx]).cpu().numpy().astype(np.int64)  # [P, H, S]
+        if m.shape[-1] == 0 or m.ndim != 3:
+            for j, i in enumerate(idx):
+                a = m[j].reshape(-1)
+                out[i] = np.unique(a[a >= 0])
+            continue
+        first = m[:, 0]  # [P, S]
+        valid = first >= 0
+        count = valid.sum(-1)
+        ok = (m == first[:, None]).all(axis=(1, 2)) & (valid == (np.arange(m.shape[-1]) < count[:, None])).all(-1)
+        ok &= ((first[:, 1:] > first[:, :-1]) | ~valid[:, 1:]).all(-1)
+        for j, i in enumerate(idx):
+            if ok[j]:
+                out[i] = first[j, : count[j]]
+            else:
+                a = m[j].reshape(-1)
+                out[i] = np.unique(a[a >= 0])
+    return out
+
+
 def _index_guard(device: torch.device):
     """The engine's IndexGuard, knowing the words of the attention's and the block copies' codes
     (imported here: the Triton kernels are needed on CUDA only)."""
@@ -248,6 +278,7 @@ class Engine:
         self._slot_o_h = torch.zeros(L, slots, dtype=torch.long, pin_memory=pin)
         self._sel = torch.full((L, B, H, max_blocks), -1, dtype=torch.int32, device=dev)
         self._sel_h = torch.full((L, B, H, max_blocks), -1, dtype=torch.int32, pin_memory=pin)
+        self._sel_hw = np.zeros((L, B), dtype=np.int64)  # per (layer, row): the mirror is -1 from there on
         self._capture = torch.zeros(L, B, shape.num_q_heads, width, shape.head_dim, dtype=torch.float32, device=dev)
         # host copy of the captured queries (pinned on CUDA), only for policies that read them
         # (their after_step is not the base no-op): a non-blocking copy per decode step
@@ -382,10 +413,10 @@ class Engine:
         self._mark_uploads_done()  # the last upload of a step: covers the ids and selections before it
 
     def _record(self, kind: str, rows: int, tokens: int, t0: float, tr: StepTransfer, held: tuple[int, int, int],
-                plan_seconds: float = 0.0) -> None:
+                plan_seconds: float = 0.0, **host: float) -> None:
         timed = self.kv.collect_timings() if self.kv.time_copies else (0.0, 0.0)
         self.metrics.record(StepRecord(
-            plan_seconds=plan_seconds,
+            plan_seconds=plan_seconds, **host,
             kind=kind, rows=rows, tokens=tokens, seconds=time.perf_counter() - t0,
             blocks_loaded=tr.blocks_loaded, blocks_needed=tr.blocks_needed,
             blocks_written_back=tr.blocks_written_back, blocks_evicted=tr.blocks_evicted,
@@ -491,15 +522,17 @@ class Engine:
         self._ids[:b, :1].copy_(self._ids_h[:b, :1], non_blocking=self._ids.device.type == "cuda")
         self._write_slots(rows, [v.seq_len for v in views], 1)
         ctx = self._context(rows, 1, new_lens, selections)
-        plan_seconds = time.perf_counter() - t0
+        t_plan = time.perf_counter()
         self.kv.mark_forward_start()
         logits = self._decode_forward(b, widths, ctx)
+        t_forward = time.perf_counter()
         self.kv.issue_deferred(tr)  # overlapped loads run beside the forward just enqueued
         self.kv.write_back(rows, tr)
         held = self._held()
         query_copy = self._start_query_copy(b) if self._host_queries else None
         emitted = []
         reqs = [self._requests[rid] for rid in rows]
+        t_sync = time.perf_counter()
         if all(r.params.temperature == 0 for r in reqs):
             # greedy: only the token ids (and the index guard's flag) leave the device, in one copy
             tokens = self._tokens_and_guard(logits.argmax(-1), "decode step")
@@ -507,17 +540,20 @@ class Engine:
             logits = logits.cpu()
             self._check_guard("decode step")
             tokens = None
+        t_after = time.perf_counter()
         if self._host_queries:
             if query_copy is not None:
                 query_copy.synchronize()  # normally done: the token copy above waited for the step
             self.policy.after_step(views, list(self._capture_h[:b].transpose(0, 1)))  # per layer [B, Hq, D]
+        t_done = time.perf_counter()
         if tokens is None:
             tokens = [self._sample(logits[row], req) for row, req in enumerate(reqs)]
         for req, token in zip(reqs, tokens, strict=True):
             req.step += 1
             emitted.append((req.rid, token))
             self._emit(req, token)
-        self._record("decode", b, b, t0, tr, held, plan_seconds)
+        self._record("decode", b, b, t0, tr, held, t_plan - t0, forward_seconds=t_forward - t_plan,
+                     sync_seconds=t_after - t_sync, after_step_seconds=t_done - t_after)
         return emitted
 
     def _attend_selections(self, rows: list[str], sels, stale: list[list[bool]], new_lens: list[int]):
@@ -586,36 +622,28 @@ class Engine:
 
     @staticmethod
     def _block_arrays(caches: dict, rows: list[str], sels) -> list[list[np.ndarray | None]]:
-        """Per layer, per row: the blocks of a selection (int64, unique), or None (every block).
-        The same array object comes back while the policy hands back the same tensor (between
+        """Per layer, per row: the blocks of a selection (int64, unique, ascending), or None (every
+        block). The same array object comes back while the policy hands back the same tensor (between
         retrievals; a policy never writes a selection it handed out, see ``Policy.plan``), which lets
         the working-set update skip the layer; the cache holds the tensor, so its id is not reused.
-        The layers of a row whose selections changed are made unique together (one sort per row)."""
+        The (row, layer) selections that changed are converted together (:func:`_selection_blocks`)."""
         out: list[list[np.ndarray | None]] = [[None] * len(rows) for _ in sels]
+        miss: list[tuple[int, int, torch.Tensor]] = []
         for row, rid in enumerate(rows):
             cache = caches.setdefault(rid, {})
-            miss = []
             for layer, per_row in enumerate(sels):
                 sel = per_row[row]
                 if sel is None:
                     continue
                 hit = cache.get(layer)
                 if hit is None or hit[0] is not sel:
-                    miss.append((layer, sel))
+                    miss.append((layer, row, sel))
                 else:
                     out[layer][row] = hit[1]
-            if not miss:
-                continue
-            flat = [sel.cpu().numpy().reshape(-1) for _, sel in miss]
-            span = 1 + max((int(f.max()) for f in flat if f.size), default=0)
-            keys = np.concatenate([f.astype(np.int64) + i * span for i, f in enumerate(flat)])
-            keys = np.unique(keys[keys >= np.repeat(np.arange(len(miss)) * span, [f.size for f in flat])])
-            which = keys // span
-            bounds = np.searchsorted(which, np.arange(len(miss) + 1))
-            blocks = keys - which * span
-            for i, (layer, sel) in enumerate(miss):
-                arr = blocks[bounds[i] : bounds[i + 1]]
-                cache[layer] = (sel, arr)
+        if miss:
+            arrays = _selection_blocks([sel for _, _, sel in miss])
+            for (layer, row, sel), arr in zip(miss, arrays, strict=True):
+                caches[rows[row]][layer] = (sel, arr)
                 out[layer][row] = arr
         return out
 
@@ -638,6 +666,8 @@ class Engine:
         Returns the per-layer device views (``None`` = every block) and their widths; a width is
         rounded up to a multiple of ``SELECTION_WIDTH_BUCKET`` blocks (``-1`` padding, which the
         kernels skip), so steps of a growing sequence share kernel specialisations and CUDA graphs.
+        Only the (layer, row) entries whose selection changed since the last step are rewritten and
+        checked, all of one shape in one indexed write (not a write per row).
         """
         # a selection is keyed by its identity: a policy never writes one it handed out (Policy.plan)
         key = (b, tuple(tuple(id(x) if x is not None else -(-n // bs) for x, n in zip(per_row, new_lens, strict=True))
@@ -646,18 +676,14 @@ class Engine:
             return self._sel_last[2]  # the same selections as the last step: the device buffer holds them
         prev = self._sel_last[0] if self._sel_last is not None and self._sel_last[0][0] == b else None
         out: list[int | None] = []
-        changed: dict[int, list[int]] = {}  # layer -> rows written (only those are checked)
-        sh = self._sel_h
-        rewrite: list[set[int]] = []  # per layer: the rows whose mirror changes
+        writes: list[tuple[int, int]] = []  # (layer, row) entries whose mirror changes
         for layer, per_row in enumerate(sels):
-            if all(s is None for s in per_row):
-                out.append(None)
-                rewrite.append(set())
-                continue
-            width = 1
             lkey = key[1][layer]
+            if lkey is None:
+                out.append(None)
+                continue
             pkey = None if prev is None else prev[1][layer]
-            rows = [r for r in range(b) if pkey is None or lkey[r] != pkey[r]]  # a row keeps its mirror otherwise
+            width = 1
             for row, s in enumerate(per_row):
                 if s is None:
                     width = max(width, -(-new_lens[row] // bs))
@@ -668,75 +694,79 @@ class Engine:
                             f"got shape {tuple(s.shape)}"
                         )
                     width = max(width, s.shape[1])
-            cap = self._sel.shape[-1]
-            out.append(min(cap, -(-width // SELECTION_WIDTH_BUCKET) * SELECTION_WIDTH_BUCKET))
-            rewrite.append(set(rows))
-            if rows:
-                changed[layer] = rows
-        selected = [layer for layer, w in enumerate(out) if w is not None]
-        for row in range(b):
-            layers = [layer for layer in selected if row in rewrite[layer]]
-            if not layers:
-                continue
-            per = [sels[layer][row] for layer in layers]
-            if all(s is not None for s in per) and len({s.shape[1] for s in per}) == 1:
-                # the policy's layers of a row share one width: one write for all of them
-                n = per[0].shape[1]
-                idx = torch.tensor(layers) if len(layers) < len(sels) else slice(None)
-                sh[idx, row, :, :n] = torch.stack(per) if len(per) > 1 else per[0][None]
-                sh[idx, row, :, n:] = -1
-                continue
-            for layer, s in zip(layers, per, strict=True):
-                sh[layer, row].fill_(-1)
-                if s is None:
-                    nb = -(-new_lens[row] // bs)
-                    sh[layer, row, :, :nb] = self._arange[:nb]
-                else:
-                    sh[layer, row, :, : s.shape[1]] = s
-        if changed:
-            self._check_selections(out, new_lens, b, changed)
+                if pkey is None or lkey[row] != pkey[row]:  # a row keeps its mirror otherwise
+                    writes.append((layer, row))
+            out.append(min(self._sel.shape[-1], -(-width // SELECTION_WIDTH_BUCKET) * SELECTION_WIDTH_BUCKET))
+        if writes:
+            self._write_mirror(sels, writes, new_lens, bs)
+            self._check_selections(writes, new_lens)
             w = max(x for x in out if x is not None)  # the kernels read [:b, :, :width] of each layer
-            self._sel[:, :b, :, :w].copy_(sh[:, :b, :, :w], non_blocking=self._sel.device.type == "cuda")
+            self._sel[:, :b, :, :w].copy_(self._sel_h[:, :b, :, :w], non_blocking=self._sel.device.type == "cuda")
         views = [None if w is None else self._sel[layer, :b, :, :w] for layer, w in enumerate(out)]
         # the keyed tensors are kept alive so their ids cannot be reused by new tensors
         self._sel_last = (key, [x for per_row in sels for x in per_row], (views, tuple(out)))
         return self._sel_last[2]
 
-    def _check_selections(self, widths: list[int | None], new_lens: list[int], b: int,
-                          changed: dict[int, list[int]]) -> None:
+    def _write_mirror(self, sels, writes: list[tuple[int, int]], new_lens: list[int], bs: int) -> None:
+        """Rewrite the mirror entries ``writes`` (layer, row): the selections of one width ``[Hkv, n]``
+        in one indexed write, ``-1`` beyond ``n`` up to what the entry held before
+        (``self._sel_hw``: the mirror is ``-1`` past it); ``None`` = every block of the row."""
+        sh, hw = self._sel_h, self._sel_hw
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for layer, row in writes:
+            s = sels[layer][row]
+            if s is None:
+                nb = -(-new_lens[row] // bs)
+                sh[layer, row, :, :nb] = self._arange[:nb]
+                if hw[layer, row] > nb:
+                    sh[layer, row, :, nb : hw[layer, row]] = -1
+                hw[layer, row] = nb
+            else:
+                groups.setdefault(s.shape[1], []).append((layer, row))
+        for n, pairs in groups.items():
+            li = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
+            ri = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
+            vals = torch.stack([sels[layer][row] for layer, row in pairs]).to(torch.int32)  # [P, Hkv, n]
+            old = int(hw[li.numpy(), ri.numpy()].max())
+            if old > n:  # clear what wider selections left there
+                vals = torch.cat([vals, vals.new_full((*vals.shape[:2], old - n), -1)], dim=-1)
+            sh[li, ri, :, : vals.shape[-1]] = vals
+            hw[li.numpy(), ri.numpy()] = n
+
+    def _check_selections(self, writes: list[tuple[int, int]], new_lens: list[int]) -> None:
         """The index checks of the kernels, on the host where the step's selections are built (once
-        per change, numpy over the host mirrors; the launches then run without a sync): every row
-        of every layer holds logical block ids in ``[0, blocks of its sequence)``, sorted strictly
-        ascending, then ``-1`` padding, and each selected block is resident in that layer's block
-        table (not the null block). ``changed``: per layer, the rows written this step (the others
-        were checked when they were written and are unchanged)."""
+        per change, numpy over the host mirror, every written entry at once; the launches then run
+        without a sync): every written (layer, row) holds logical block ids in ``[0, blocks of its
+        sequence)``, sorted strictly ascending, then ``-1`` padding, and each selected block is
+        resident in that layer's block table (not the null block). The entries not written this
+        step were checked when they were written and are unchanged."""
         bs = self.sparse.block_size
         nb_all = np.array([-(-n // bs) for n in new_lens], dtype=np.int64)
+        li = np.fromiter((p[0] for p in writes), dtype=np.int64, count=len(writes))
+        ri = np.fromiter((p[1] for p in writes), dtype=np.int64, count=len(writes))
+        w = max(1, int(self._sel_hw[li, ri].max()))  # the mirror is -1 past every entry's width
+        x = self._sel_h.numpy()[li, ri, :, :w].astype(np.int64)  # [P, H, w]
+        nb = nb_all[ri][:, None, None]
+        valid = x >= 0
+        nv = valid.sum(-1, keepdims=True)
+        bad = (x < -1) | (valid != (np.arange(w) < nv)) | (valid & (x >= nb))
+        bad[..., 1:] |= valid[..., 1:] & (x[..., 1:] <= x[..., :-1])
+        safe = np.where(valid & ~bad, x, 0).reshape(len(writes), -1)
         tables = self.kv.tables_host.numpy()
-        for layer, rows in changed.items():
-            w = widths[layer]
-            idx = np.asarray(rows)
-            nb = nb_all[idx][:, None, None]
-            x = self._sel_h[layer, :b, :, :w].numpy()[idx].astype(np.int64)  # [rows, H, w]
-            valid = x >= 0
-            nv = valid.sum(-1, keepdims=True)
-            bad = (x < -1) | (valid != (np.arange(w) < nv)) | (valid & (x >= nb))
-            bad[..., 1:] |= valid[..., 1:] & (x[..., 1:] <= x[..., :-1])
-            safe = np.where(valid & ~bad, x, 0).reshape(idx.size, -1)
-            phys = np.take_along_axis(tables[layer, idx].astype(np.int64), safe, axis=1).reshape(x.shape)
-            not_resident = valid & ~bad & (phys == 0)
-            if bad.any() or not_resident.any():
-                i, head, _ = (int(j[0]) for j in np.nonzero(bad | not_resident))
-                row = int(idx[i])
-                ids = x[i, head][x[i, head] != -1].tolist()
-                rule = (f"must hold logical block ids in [0, {int(nb_all[row])}) sorted strictly ascending, "
-                        "then -1 padding" if bad[i, head].any() else
-                        "is not resident in the layer's block table (internal: the plan must load every selected block)")
-                rid = self._running[row] if row < len(self._running) else "?"
-                raise ValueError(
-                    f"policy {self.policy.name!r}: layer {layer} row {row} ({rid}) head {head} selection "
-                    f"{ids[:16]}{' ...' if len(ids) > 16 else ''} {rule}"
-                )
+        phys = np.take_along_axis(tables[li, ri].astype(np.int64), safe, axis=1).reshape(x.shape)
+        not_resident = valid & ~bad & (phys == 0)
+        if bad.any() or not_resident.any():
+            i, head, _ = (int(j[0]) for j in np.nonzero(bad | not_resident))
+            layer, row = int(li[i]), int(ri[i])
+            ids = x[i, head][x[i, head] != -1].tolist()
+            rule = (f"must hold logical block ids in [0, {int(nb_all[row])}) sorted strictly ascending, "
+                    "then -1 padding" if bad[i, head].any() else
+                    "is not resident in the layer's block table (internal: the plan must load every selected block)")
+            rid = self._running[row] if row < len(self._running) else "?"
+            raise ValueError(
+                f"policy {self.policy.name!r}: layer {layer} row {row} ({rid}) head {head} selection "
+                f"{ids[:16]}{' ...' if len(ids) > 16 else ''} {rule}"
+            )
 
     # ================================================================== sampling / finishing
     def _sample(self, logits: torch.Tensor, req: _Request) -> int:

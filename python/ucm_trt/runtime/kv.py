@@ -1303,8 +1303,7 @@ class KVManager:
         if self._tables_event is not None:
             self._tables_event.synchronize()
         th = self.tables_host.numpy()
-        for row, slot in zip(changed, slots, strict=True):
-            th[:, row] = self._table[:, slot, : self.max_blocks]
+        th[:, changed] = self._table[:, slots, : self.max_blocks]  # every changed row in one indexed copy
         lo, hi = changed[0], changed[-1] + 1
         n_dev = self.pools[0].shape[0]
         outside = th[:, lo:hi].view(np.uint32) >= n_dev  # a negative id reads as a large unsigned one

@@ -31,6 +31,11 @@ class StepRecord:
     dense_kv_bytes: int  # what the same sequences would hold on the device without offload
     working_set_bytes: int  # blocks this step needed (sink + local + selected + new), all layers
     plan_seconds: float = 0.0  # host time before the forward was launched (policy plan, prefetch, buffers)
+    # decode steps, host time of the rest of the step (issue 13's breakdown; seconds - the four = the
+    # remainder: deferred-load issue, write-back, query copy start, sampling, emitting):
+    forward_seconds: float = 0.0  # the forward's call (eager: its Python and launches; a CUDA graph: the replay)
+    sync_seconds: float = 0.0  # the token ids' (or logits') copy to the host: waits for the step's GPU work
+    after_step_seconds: float = 0.0  # the policy's after_step (retrieval submission, collection and its waits)
     blocks_prefetched: int = 0  # loaded early for a coming selection (included in blocks_loaded)
     blocks_deferred: int = 0  # overlapped schedule: loaded beside this step for the next (in blocks_loaded)
     stale_layers: int = 0  # (row, layer) pairs that attended their previous selection while new blocks loaded
@@ -92,6 +97,9 @@ class RuntimeMetrics:
             "load_wait_ms_total": sum(s.load_wait_ms for s in self.steps),
             "load_hidden_fraction": _hidden(self.steps),
             "decode_plan_ms_mean": (1e3 * sum(s.plan_seconds for s in dec) / len(dec)) if dec else None,
+            "decode_forward_ms_mean": (1e3 * sum(s.forward_seconds for s in dec) / len(dec)) if dec else None,
+            "decode_sync_ms_mean": (1e3 * sum(s.sync_seconds for s in dec) / len(dec)) if dec else None,
+            "decode_after_step_ms_mean": (1e3 * sum(s.after_step_seconds for s in dec) / len(dec)) if dec else None,
             "ttft_seconds": dict(self.ttft),
         }
         return out

@@ -38,24 +38,33 @@ __all__ = ["AttentionImpl", "StepContext", "torch_attention_impl", "triton_atten
 class AttentionImpl:
     """Paged attention functions of one implementation (PyTorch or Triton)."""
 
-    def __init__(self, name: str, sparse: Callable, rerope: Callable, *, validate: bool | None) -> None:
+    def __init__(self, name: str, sparse: Callable, rerope: Callable, *, validate: bool | None,
+                 workspace: Callable | None = None) -> None:
         self.name = name
         self._sparse = sparse
         self._rerope = rerope
         self._validate = validate
+        self._new_workspace = workspace
+        self._workspaces: dict = {}
 
-    def _kw(self, guard=None) -> dict:
+    def _kw(self, q, guard=None) -> dict:
         kw = {} if self._validate is None else {"validate": self._validate}
         if guard is not None and self.name == "triton":
             kw["guard"] = guard  # the Triton launchers flag out-of-range ids there (no sync)
+        if self._new_workspace is not None:
+            # the split-K scratch, one per device, reused by every layer and step (attention runs on
+            # one stream, layer after layer): each call is one kernel launch
+            if q.device not in self._workspaces:
+                self._workspaces[q.device] = self._new_workspace(q.device)
+            kw["workspace"] = self._workspaces[q.device]
         return kw
 
     def sparse(self, q, pool, table, seq_lens, selection, scale, guard=None):
-        return self._sparse(q, pool, table, seq_lens, selection, scale=scale, **self._kw(guard))
+        return self._sparse(q, pool, table, seq_lens, selection, scale=scale, **self._kw(q, guard))
 
     def rerope(self, q, pool, table, seq_lens, selection, scale, cfg, theta, guard=None):
         return self._rerope(q, pool, table, seq_lens, selection, window=cfg.window, theta=theta,
-                            logn_training_length=cfg.logn_training_length, scale=scale, **self._kw(guard))
+                            logn_training_length=cfg.logn_training_length, scale=scale, **self._kw(q, guard))
 
 
 def torch_attention_impl() -> AttentionImpl:
@@ -68,7 +77,7 @@ def triton_attention(*, validate: bool = False) -> AttentionImpl:
     from ucm_trt import kernels
 
     return AttentionImpl("triton", kernels.paged_sparse_attention, kernels.paged_rerope_attention,
-                         validate=validate)
+                         validate=validate, workspace=kernels.AttentionWorkspace)
 
 
 class StepContext:

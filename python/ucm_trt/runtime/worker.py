@@ -1,8 +1,9 @@
 """Asynchronous CPU retrieval: a thread pool that runs block scoring / top-k between steps.
 
-Offload policies submit one task per request (all layers, batched: ``ucm_trt.sparse.batched``)
-on their schedule and collect the result at the step their schedule names; the threads split the
-requests of a step. A task that raised makes :meth:`RetrievalTicket.result`
+Offload policies submit the retrievals a decode step starts together, one task per thread (each
+covering its share of the step's requests, all layers, batched: ``ucm_trt.sparse.batched`` and
+``OffloadPolicy._submit_batch``), and collect each request's result at the step their schedule
+names. A task that raised makes :meth:`RetrievalTicket.result`
 raise :class:`RetrievalError` naming the policy, request, layers and step; the generation loop
 lets it propagate, so no request continues on a stale selection. The PyTorch ops used for
 scoring release the GIL, so several tasks do run in parallel.

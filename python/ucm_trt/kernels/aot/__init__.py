@@ -2,7 +2,7 @@
 
 TensorRT's ``aot_impl`` launches exactly one kernel per plugin with the arguments
 ``[input pointers] [int32 extras] [output pointers]``: no workspace, no float scalars, no
-host logic. The attention op runs the one kernel of :mod:`ucm_trt.kernels.attention` (compiled
+host logic (so split-K merges inside the attention kernel). The attention op runs the one kernel of :mod:`ucm_trt.kernels.attention` (compiled
 with the op's attributes and constant strides as constexprs, see :mod:`.attention_op`);
 ``UcmSelectAllBlocks`` has its own tiny kernel (:mod:`.select_all`).
 """
@@ -13,16 +13,14 @@ from ucm_trt.kernels.aot.attention_op import (
     TACTICS,
     PagedAttentionGeometry,
     TileConfig,
-    aot_item_split,
     divisible_by_16,
-    merge_extras,
-    merge_grid,
-    merge_kernel_args,
     paged_attention_chunk,
     paged_attention_extras,
     paged_attention_grid,
     paged_attention_kernel_args,
-    partials_shapes,
+    split_count,
+    split_items,
+    split_scratch_shapes,
     tile_config,
 )
 from ucm_trt.kernels.aot.select_all import (
@@ -38,16 +36,14 @@ __all__ = [
     "TACTIC_PREFILL",
     "PagedAttentionGeometry",
     "TileConfig",
-    "aot_item_split",
     "divisible_by_16",
-    "merge_extras",
-    "merge_grid",
-    "merge_kernel_args",
     "paged_attention_chunk",
     "paged_attention_extras",
     "paged_attention_grid",
     "paged_attention_kernel_args",
-    "partials_shapes",
+    "split_count",
+    "split_items",
+    "split_scratch_shapes",
     "tile_config",
     "select_all_blocks",
     "select_all_blocks_extras",

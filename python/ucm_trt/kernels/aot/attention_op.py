@@ -16,11 +16,17 @@ depend on dynamic dims (T, max_blocks, S) are int32 extras. Its parameters are t
     T, MAX_BLOCKS, NUM_SEL, NUM_BLOCKS, <dynamic strides>     int32 extras (:func:`paged_attention_extras`)
     out                                                       output
 
-Split-K on the AOT path needs a second kernel (the merge) and a buffer for the partials, which one
-TensorRT AOT plugin cannot have: :func:`paged_attention_kernel_args` with ``split=True`` gives the
-partials kernel (outputs ``po``, ``plse``) and :func:`merge_kernel_args` the merge kernel (inputs
-``po``, ``plse``; output ``out``): two chained plugins with the partials as an intermediate tensor
-(docs/kernels.md, "Split-K on every path").
+Split-K on the AOT path is the same single kernel with its merge inside (the last-arriving split
+of a tile merges). TensorRT's ``aot_impl`` gives a kernel no workspace (``KernelLaunchParams`` has
+only grid, block and shared memory; the arguments are only I/O pointers and int32 extras), so the
+scratch comes from the plugin's I/O: ``split_counters`` (int32, zero before the launch, left zero
+by it) as an eighth *input*, which the graph must feed (a graph input per execution context, or an
+initializer when contexts never run concurrently), and ``split_partials`` (fp32) as a second
+*output*, which TensorRT allocates from the context's activation memory (written and read within the
+launch, so its contents at launch do not matter); both sized by :func:`split_scratch_shapes`.
+``ITEMS_PER_SPLIT`` becomes an extra and the grid gets a third axis (:func:`split_count`, an
+expression of the batch and chunk length that TensorRT evaluates per launch).
+See :func:`paged_attention_kernel_args` with ``split=True`` and docs/performance.md.
 """
 
 from __future__ import annotations
@@ -37,17 +43,20 @@ from ucm_trt.kernels.attention import (
     ITEM_CHUNK,
     PREFILL_ROWS,
     AttentionLaunch,
-    _merge_splits,
+    AttentionWorkspace,
     _paged_attn_fwd,
     blocks_per_tile,
     check_guard,
     default_block_n,
     geometry_constexprs,
     head_tiles,
+    merge_tile,
+    min_splits,
     plan_attention,
     query_tile,
     rope_constexprs,
     run_attention,
+    split_scratch_sizes,
 )
 from ucm_trt.kernels.guard import IndexGuard
 
@@ -62,11 +71,9 @@ __all__ = [
     "paged_attention_grid",
     "paged_attention_extras",
     "paged_attention_chunk",
-    "merge_kernel_args",
-    "merge_grid",
-    "merge_extras",
-    "partials_shapes",
-    "aot_item_split",
+    "split_count",
+    "split_items",
+    "split_scratch_shapes",
     "divisible_by_16",
 ]
 
@@ -163,9 +170,10 @@ def paged_attention_kernel_args(
     """``(kernel, signature, constexprs)`` of the one attention kernel in TensorRT's AOT convention.
 
     ``signature`` maps the non-constexpr parameters, in order, to Triton types: 7 input pointers,
-    the int32 extras of :func:`paged_attention_extras`, then the output pointer ``out``; with
-    ``split=True`` (the partials kernel of a chained split-K) ``ITEMS_PER_SPLIT`` is an extra too and
-    the outputs are ``po`` (fp32 ``[rows, DV]``) and ``plse`` (fp32 ``[rows]``), see :func:`partials_shapes`.
+    the int32 extras of :func:`paged_attention_extras`, then the output pointer ``out``. With
+    ``split=True`` (split-K merged in the kernel) ``cnt_ptr`` (int32 counters, zero before the
+    launch and left zero) is an eighth input, ``ITEMS_PER_SPLIT`` an extra and ``part_ptr`` (fp32
+    partials) a second output, both sized by :func:`split_scratch_shapes`.
     """
     if dtype not in _TRITON_PTR:
         raise TypeError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
@@ -174,18 +182,19 @@ def paged_attention_kernel_args(
     d, bs, hkv = g.head_dim, g.block_size, g.num_kv_heads
     signature = {
         "q_ptr": ty, "k_ptr": ty, "v_ptr": ty, "pool_ptr": ty, "bt_ptr": "*i32", "seqlen_ptr": "*i32",
-        "sel_ptr": "*i32", "T": "i32", "MAX_BLOCKS": "i32", "NUM_SEL": "i32", "NUM_BLOCKS": "i32",
+        "sel_ptr": "*i32",
     }  # fmt: skip
+    if split:
+        signature["cnt_ptr"] = "*i32"
+    signature.update({"T": "i32", "MAX_BLOCKS": "i32", "NUM_SEL": "i32", "NUM_BLOCKS": "i32"})
     if split:
         signature["ITEMS_PER_SPLIT"] = "i32"
     signature.update({
         "stride_qb": "i32", "stride_qh": "i32", "stride_kb": "i32", "stride_kh": "i32", "stride_btb": "i32",
-        "stride_sb": "i32", "stride_sh": "i32", "stride_ob": "i32", "stride_oh": "i32",
+        "stride_sb": "i32", "stride_sh": "i32", "stride_ob": "i32", "stride_oh": "i32", "out_ptr": ty,
     })  # fmt: skip
     if split:
-        signature.update({"po_ptr": "*fp32", "plse_ptr": "*fp32"})
-    else:
-        signature["out_ptr"] = ty
+        signature["part_ptr"] = "*fp32"
     constexprs = dict(
         g.constexprs(),
         # strides fixed by constant dims (contiguous tensors)
@@ -195,11 +204,10 @@ def paged_attention_kernel_args(
         HAS_SEL=True, CHUNK_KV=True, SPLIT=split, HAS_GUARD=False, guard_ptr=None,
         DOT_PREC="ieee" if dtype == torch.float32 else "tf32", DOT_F32=False, ITEMS=ITEM_CHUNK,
         BPT=blocks_per_tile(tile.block_n, bs),
+        **merge_tile(g.group, head_tiles(d)[1]),
     )  # fmt: skip
-    if split:
-        constexprs["out_ptr"] = None
-    else:
-        constexprs.update(ITEMS_PER_SPLIT=_NO_SPLIT_ITEMS, po_ptr=None, plse_ptr=None)
+    if not split:
+        constexprs.update(ITEMS_PER_SPLIT=_NO_SPLIT_ITEMS, cnt_ptr=None, part_ptr=None)
     return _paged_attn_fwd, signature, constexprs
 
 
@@ -218,8 +226,8 @@ def paged_attention_grid(batch, chunk_len, geometry: PagedAttentionGeometry, til
 
 def paged_attention_extras(shapes, geometry: PagedAttentionGeometry, items_per_split=None):
     """The int32 extras, in kernel order, from the op's input ``shapes`` (name -> dims; ints or
-    TensorRT shape expressions, kept on the left of every operator). ``items_per_split`` only for
-    the partials kernel of a chained split-K."""
+    TensorRT shape expressions, kept on the left of every operator). ``items_per_split`` (int or
+    expression, :func:`split_items`) only for the split kernel."""
     q, pool, bt, sel = shapes["q"], shapes["kv_pool"], shapes["block_table"], shapes["selection"]
     d, hq, hkv = geometry.head_dim, geometry.num_q_heads, geometry.num_kv_heads
     t = q[2]
@@ -232,33 +240,30 @@ def paged_attention_extras(shapes, geometry: PagedAttentionGeometry, items_per_s
             t * (hq * d), t * d)  # out strides (b, h)  # fmt: skip
 
 
-def partials_shapes(batch: int, chunk_len: int, geometry: PagedAttentionGeometry, tile: TileConfig, splits: int):
-    """``(po, plse)`` shapes of the split-K partials of one launch."""
-    rows = batch * geometry.num_kv_heads * -(-chunk_len // tile.block_t) * splits * tile.block_m
-    return (rows, head_tiles(geometry.head_dim)[1]), (rows,)
+def split_count(batch, chunk_len, geometry: PagedAttentionGeometry, tile: TileConfig, *, sms: int,
+                programs_per_sm: int):
+    """Splits of the AOT split kernel: :func:`~ucm_trt.kernels.attention.min_splits` of the launch
+    rule for ``batch x Hkv x query tiles`` programs. ``batch``/``chunk_len`` are ints or TensorRT
+    shape expressions (kept on the left of every operator: ``(a + b - 1) // b`` is the ceil-division)."""
+    qtiles = (chunk_len + (tile.block_t - 1)) // tile.block_t
+    return min_splits(batch * geometry.num_kv_heads * qtiles, programs_per_sm, sms, lambda a, b: (a + b - 1) // b)
 
 
-def merge_kernel_args(geometry: PagedAttentionGeometry, tile: TileConfig, dtype: torch.dtype):
-    """``(kernel, signature, constexprs)`` of the split merge in TensorRT's AOT convention:
-    inputs ``po``, ``plse``; extras :func:`merge_extras`; output ``out``."""
-    if dtype not in _TRITON_PTR:
-        raise TypeError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
-    signature = {"po_ptr": "*fp32", "plse_ptr": "*fp32", "T": "i32", "NUM_SPLITS": "i32", "NUM_QTILES": "i32",
-                 "stride_ob": "i32", "stride_oh": "i32", "out_ptr": _TRITON_PTR[dtype]}  # fmt: skip
-    g = geometry
-    constexprs = dict(stride_ot=g.head_dim, H_KV=g.num_kv_heads, G=g.group, D=g.head_dim,
-                      DV=head_tiles(g.head_dim)[1], BLOCK_T=tile.block_t, BLOCK_M=tile.block_m, SCHUNK=64)  # fmt: skip
-    return _merge_splits, signature, constexprs
+def split_items(num_sel, chunk_len, block_size: int, splits):
+    """``ITEMS_PER_SPLIT`` of a split launch: the op's work list (``S`` selection slots, then the
+    chunk's blocks) cut into ``splits`` pieces; ints or shape expressions."""
+    work = num_sel + (chunk_len + (block_size - 1)) // block_size
+    return (work + splits - 1) // splits
 
 
-def merge_grid(batch, chunk_len, geometry: PagedAttentionGeometry, tile: TileConfig, cdiv):
-    return batch * geometry.num_kv_heads * cdiv(chunk_len, tile.block_t), tile.block_m, 1
-
-
-def merge_extras(chunk_len, splits, geometry: PagedAttentionGeometry, tile: TileConfig, cdiv):
-    d = geometry.head_dim
-    return (chunk_len, splits, cdiv(chunk_len, tile.block_t), chunk_len * (geometry.num_q_heads * d),
-            chunk_len * d)  # fmt: skip
+def split_scratch_shapes(batch: int, chunk_len: int, geometry: PagedAttentionGeometry, tile: TileConfig,
+                         splits: int) -> tuple[tuple[int], tuple[int]]:
+    """``(counters, partials)`` shapes of the split kernel's scratch: the int32 counter input (zeros)
+    and the fp32 partials output."""
+    n_cnt, n_part = split_scratch_sizes(batch=batch, num_kv_heads=geometry.num_kv_heads,
+                                        n_qtiles=-(-chunk_len // tile.block_t), splits=splits,
+                                        block_m=tile.block_m, dv=head_tiles(geometry.head_dim)[1])  # fmt: skip
+    return (n_cnt,), (n_part,)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -280,6 +285,7 @@ def paged_attention_chunk(
     out: torch.Tensor | None = None,
     validate: bool = True,
     guard: IndexGuard | None = None,
+    workspace: AttentionWorkspace | None = None,
 ) -> torch.Tensor:
     """Run the UCM paged attention op (sparse or ReRoPE per ``geometry``) through Triton: the
     TensorRT JIT plugin path, split-K included.
@@ -289,7 +295,8 @@ def paged_attention_chunk(
     selection int32 ``[B, Hkv, S]``. All contiguous, one float dtype. Returns ``[B, Hq, T, D]``.
     ``tactic=None`` takes the query tile of the launch rule; ``num_splits=None`` the split count of
     the rule (:func:`ucm_trt.kernels.attention.plan_attention`). ``validate=True`` also checks index
-    contents (one device sync); ``guard`` flags out-of-range ids without one.
+    contents (one device sync); ``guard`` flags out-of-range ids without one. ``workspace``: the
+    split-K scratch (:class:`~ucm_trt.kernels.attention.AttentionWorkspace`; ``None``: one per call).
     """
     if not isinstance(geometry, PagedAttentionGeometry):
         raise TypeError(f"geometry must be a PagedAttentionGeometry, got {type(geometry).__name__}")
@@ -350,10 +357,4 @@ def paged_attention_chunk(
         work_items=selection.shape[2] + _cdiv(t, bs), sms=num_sms(q.device), launch=launch,
     )
     return run_attention(q, k, v, kv_pool, block_table, seq_lens, selection, out, plan=plan,
-                         consts=geometry.constexprs(), guard=guard)
-
-
-def aot_item_split(num_sel: int, chunk_len: int, block_size: int, splits: int) -> int:
-    """``ITEMS_PER_SPLIT`` of a chained split-K launch with ``splits`` pieces."""
-    return max(1, _cdiv(num_sel + _cdiv(chunk_len, block_size), splits))
-
+                         consts=geometry.constexprs(), guard=guard, workspace=workspace)

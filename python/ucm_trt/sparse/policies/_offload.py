@@ -1,10 +1,15 @@
 """Shared machinery of the CPU-retrieval (offload) policies: ESA, GSA and KVStar.
 
-A retrieval is ONE task on the runtime's :class:`~ucm_trt.runtime.worker.RetrievalWorker` per
-request, covering every layer (the worker's threads split requests, not layers); it returns the
-selections of all layers as one int32 ``[L, Hkv, S]`` tensor (sorted, -1 padded). Everything a
-task reads is an immutable CPU snapshot taken when it is submitted (query copies, append-only
-representation stores), so a task never races the model step.
+A request's retrieval covers every layer and returns the selections of all layers as one int32
+``[L, Hkv, S]`` tensor (sorted, -1 padded). The retrievals a decode step starts are submitted
+together (:meth:`OffloadPolicy._submit_batch`): one task per thread of the runtime's
+:class:`~ucm_trt.runtime.worker.RetrievalWorker` (at most), each covering a contiguous share of the
+step's requests, with the scores of its requests that have the same number of blocks selected in
+one batched pass (:class:`RetrievalJob`), and one copy of the step's query rows — not a task, a
+query copy and a selection pass per request. The selections equal the per-request path's
+(``tests/runtime/test_step_batch.py``). Everything a task reads is an immutable CPU snapshot taken
+when it is submitted (query copies, append-only representation stores), so a task never races the
+model step.
 
 Per-layer hook: each policy keeps its per-layer reference retrieval ``_select(..., layer)``
 (the functions of :mod:`ucm_trt.sparse.score` / :func:`~ucm_trt.sparse.policies.base.select_from_scores`).
@@ -38,10 +43,11 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
-from ucm_trt.sparse.batched import BlockRepStore, extend_selections
+from ucm_trt.sparse.batched import BlockRepStore, extend_selections, select_batched
 from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView, RetrievalTicket
 from ucm_trt.sparse.turnover import DriftingQuery, QueryDrift, calibrate_persistence, turnover_counts
 
@@ -51,6 +57,7 @@ __all__ = [
     "OffloadRequestState",
     "PendingRetrieval",
     "RetrievalConfig",
+    "RetrievalJob",
     "device_task",
     "stack_layer_selections",
 ]
@@ -116,28 +123,76 @@ def stack_layer_selections(sels: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-class PendingRetrieval:
-    """The one task of a retrieval submitted at ``step``; its selection covers ``num_blocks`` blocks."""
+class _SharedTicket:
+    """The worker ticket of one task that covers several requests' retrievals: its value (a list of
+    ``(selection, turnover counts)``, one per request) is fetched once, so the worker accounts the
+    task's time and the wait for it once, however many requests collect from it."""
 
-    def __init__(self, ticket: RetrievalTicket, step: int, num_blocks: int) -> None:
+    def __init__(self, ticket: RetrievalTicket) -> None:
+        self.ticket = ticket
+        self._value: list | None = None
+
+    @property
+    def future(self):
+        """The worker's future of the task (its value: ``(list, seconds)``)."""
+        return self.ticket.future
+
+    def result(self) -> list:
+        if self._value is None:
+            self._value = self.ticket.result()  # a failed task raises here, for every request collecting it
+        return self._value
+
+    def peek(self) -> list | None:
+        """The value if the task has finished successfully, else None; never waits."""
+        if self._value is not None:
+            return self._value
+        fut = self.ticket.future
+        if not fut.done() or fut.exception() is not None:
+            return None
+        return fut.result()[0]
+
+
+class PendingRetrieval:
+    """Request's retrieval submitted at ``step`` (item ``index`` of a task shared by the requests of
+    that step, see :meth:`OffloadPolicy._submit_batch`); its selection covers ``num_blocks`` blocks."""
+
+    def __init__(self, ticket: _SharedTicket, step: int, num_blocks: int, index: int = 0) -> None:
         self.ticket = ticket
         self.step = step
         self.num_blocks = num_blocks
+        self.index = index
         #: turnover counts against the selection active at submission (``turnover_counts``), or None
         self.counts: tuple[int, int, int, int] | None = None
 
     def result(self) -> torch.Tensor:
         """Wait; int32 ``[L, Hkv, S]``. A failed task raises :class:`~ucm_trt.runtime.worker.RetrievalError`."""
-        sel, self.counts = self.ticket.result()
+        sel, self.counts = self.ticket.result()[self.index]
         return sel
 
     def peek(self) -> torch.Tensor | None:
         """The result if the task has finished successfully, else None; never waits and leaves the
         collection (and its accounting, and the surfacing of a failure) to :meth:`result`."""
-        fut = self.ticket.future
-        if not fut.done() or fut.exception() is not None:
-            return None
-        return fut.result()[0][0]
+        value = self.ticket.peek()
+        return None if value is None else value[self.index][0]
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class RetrievalJob:
+    """One request's retrieval in a step's batch (:meth:`OffloadPolicy._submit_batch`).
+
+    ``task() -> [L, Hkv, S]`` computes it alone. ``scores``, when given, is the same retrieval split
+    for batching: ``scores() -> [L, Hkv, nb]`` per-KV-head scores, selected with
+    :func:`~ucm_trt.sparse.batched.select_batched` (``scoring``, ``extra``) together with the other
+    requests of the task that have the same ``num_blocks`` (one selection pass over all their
+    layers); the result equals ``task()``'s (tested)."""
+
+    rid: str
+    step: int
+    num_blocks: int
+    task: Callable[[], torch.Tensor]
+    scores: Callable[[], torch.Tensor] | None = None
+    scoring: str = "dot"
+    extra: int = 0
 
 
 @dataclass(eq=False, kw_only=True)
@@ -255,24 +310,87 @@ class OffloadPolicy(Policy):
         return type(self)._select is not base._select  # type: ignore[attr-defined]
 
     def _submit(self, rid: str, step: int, num_blocks: int, fn: Callable[[], torch.Tensor]) -> PendingRetrieval:
-        """Submit ``fn() -> [L, Hkv, S]`` (every layer of request ``rid``) as one worker task. The task
-        also counts the turnover against the request's selection active now (the one the new selection
-        replaces when collected: every schedule collects its retrievals in submission order), off the
-        main thread."""
+        """Submit ``fn() -> [L, Hkv, S]`` (every layer of request ``rid``) as one worker task (see
+        :meth:`_submit_batch`, of which this is the one-request case)."""
+        return self._submit_batch([RetrievalJob(rid=rid, step=step, num_blocks=num_blocks, task=fn)])[0]
+
+    def _submit_batch(self, jobs: list[RetrievalJob]) -> list[PendingRetrieval]:
+        """Submit the retrievals of one step: the jobs are split into one contiguous chunk per worker
+        thread (at most), each chunk ONE task that runs its requests' retrievals in order, with the
+        scores of the requests that have the same number of blocks selected in one batched pass
+        (:class:`RetrievalJob`). Returns one :class:`PendingRetrieval` per job, in order.
+
+        Each task also counts every request's turnover against the request's selection active now (the
+        one the new selection replaces when collected: every schedule collects its retrievals in
+        submission order), off the main thread."""
+        if not jobs:
+            return []
         L = self.shape.num_layers
-        what = f"{self.name} request {rid!r} layers 0-{L - 1} step {step}"
-        st = self._state.get(rid)
-        prev = None if st is None else st.sel
-        prev_nb = None if st is None else st.sel_nb
+        threads = max(1, int(getattr(self.rt.worker, "num_threads", 1)))
+        n_tasks = min(threads, len(jobs))
+        bounds = [len(jobs) * i // n_tasks for i in range(n_tasks + 1)]
+        out: list[PendingRetrieval] = []
+        for t in range(n_tasks):
+            chunk = jobs[bounds[t] : bounds[t + 1]]
+            prev = []
+            for job in chunk:
+                st = self._state.get(job.rid)
+                prev.append((None, None) if st is None else (st.sel, st.sel_nb))
+            if len(chunk) == 1:
+                what = f"{self.name} request {chunk[0].rid!r} layers 0-{L - 1} step {chunk[0].step}"
+            else:
+                what = (f"{self.name} requests " + ", ".join(f"{j.rid!r} (step {j.step})" for j in chunk)
+                        + f" layers 0-{L - 1}")
+            ticket = _SharedTicket(self.rt.worker.submit(partial(self._run_jobs, chunk, prev), what=what))
+            out += [PendingRetrieval(ticket, job.step, job.num_blocks, i) for i, job in enumerate(chunk)]
+        return out
 
-        def task() -> tuple[torch.Tensor, tuple[int, int, int, int] | None]:
-            sel = fn()
+    def _run_jobs(self, jobs: list[RetrievalJob], prev: list[tuple]) -> list[tuple]:
+        """A task of :meth:`_submit_batch` (on a worker thread): ``[(selection, turnover counts)]``."""
+        sels: list[torch.Tensor | None] = [None] * len(jobs)
+        groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        for i, job in enumerate(jobs):
+            try:
+                if job.scores is None:
+                    sels[i] = job.task()
+                else:
+                    scores = job.scores()
+                    groups.setdefault((job.num_blocks, job.scoring, job.extra, scores.device), []).append((i, scores))
+            except Exception as exc:
+                if len(jobs) == 1:
+                    raise
+                raise RuntimeError(f"request {job.rid!r} step {job.step}: {type(exc).__name__}: {exc}") from exc
+        h = self.shape.num_kv_heads
+        for (nb, scoring, extra, _), items in groups.items():
+            rows = [s.shape[0] for _, s in items]
+            cat = torch.cat([s for _, s in items]) if len(items) > 1 else items[0][1]
+            try:
+                sel = select_batched(cat, nb, self.sparse, scoring, h, extra=extra)
+            except Exception:
+                if len(jobs) == 1:
+                    raise
+                for i, scores in items:  # name the request whose scores the selection refused
+                    try:
+                        select_batched(scores, nb, self.sparse, scoring, h, extra=extra)
+                    except Exception as exc:
+                        job = jobs[i]
+                        raise RuntimeError(f"request {job.rid!r} step {job.step}: {type(exc).__name__}: {exc}") from exc
+                raise
+            start = 0
+            for (i, _), n in zip(items, rows, strict=True):
+                part = sel[start : start + n]
+                start += n
+                if len(items) > 1:  # the width select_batched gives this request alone: its most selected
+                    part = part[..., : max(1, int((part >= 0).sum(-1).max()))].contiguous()
+                sels[i] = part
+        out = []
+        for sel, (old, old_nb), job in zip(sels, prev, jobs, strict=True):
             # a malformed selection is left to _collect, which names the problem
-            if prev is None or not isinstance(sel, torch.Tensor) or sel.dim() != 3 or sel.shape[:2] != prev.shape[:2]:
-                return sel, None
-            return sel, self._turnover(prev, prev_nb, sel, num_blocks)
-
-        return PendingRetrieval(self.rt.worker.submit(task, what=what), step, num_blocks)
+            if old is None or not isinstance(sel, torch.Tensor) or sel.dim() != 3 or sel.shape[:2] != old.shape[:2]:
+                out.append((sel, None))
+            else:
+                out.append((sel, self._turnover(old, old_nb, sel, job.num_blocks)))
+        return out
 
     def _per_layer(self, fn: Callable[[int], torch.Tensor]) -> Callable[[], torch.Tensor]:
         """A task running the per-layer hook ``fn(layer) -> [Hkv, S]`` over every layer."""
@@ -357,22 +475,34 @@ class OffloadPolicy(Policy):
         return (tokens + bs - 1) // bs
 
     @staticmethod
-    def _row_queries(queries: list[torch.Tensor], row: int) -> torch.Tensor:
+    def _row_queries(queries, row: int) -> torch.Tensor:
         """A copy of batch row ``row`` of every layer's query: ``[L, Hq, D]`` (the runtime reuses its buffer)."""
         return torch.stack([q[row] for q in queries])
 
-    def _step_queries(self, queries: list[torch.Tensor], row: int, req: RequestView) -> torch.Tensor:
+    def _step_queries(self, queries, row: int, req: RequestView) -> torch.Tensor:
         """The retrieval query ``[L, Hq, D]`` of ``req``'s decode step: the model's (a copy), or the
         request's :class:`~ucm_trt.sparse.turnover.QueryDrift` query when configured (started at the
         prefill retrieval's query by :meth:`_start_drift`)."""
-        q = self._row_queries(queries, row)
-        drift = self.retrieval.query_drift
-        if drift is None:
-            return q
-        st = self._state[req.rid]
-        if st.drift is None:  # a policy that did not start it at prefill end: start here
-            self._start_drift(req.rid, st, q, req.step)
-        return st.drift.at(req.step)
+        return self._batch_queries(queries, [row], [req])[0]
+
+    def _batch_queries(self, queries, rows: list[int], reqs: list[RequestView]) -> list[torch.Tensor]:
+        """The retrieval queries ``[L, Hq, D]`` of the step's requests ``reqs`` at batch ``rows``:
+        the model's, as ONE copy of those rows (``queries``: per layer ``[B, Hq, D]``, or one
+        ``[L, B, Hq, D]`` tensor; the runtime reuses its buffer), or each request's
+        :class:`~ucm_trt.sparse.turnover.QueryDrift` query when configured."""
+        if not rows:
+            return []
+        if self.retrieval.query_drift is None:
+            q = queries if isinstance(queries, torch.Tensor) else torch.stack(list(queries))  # [L, B, Hq, D]
+            idx = torch.tensor(rows, dtype=torch.int64, device=q.device)
+            return list(q.transpose(0, 1).index_select(0, idx))  # [n, L, Hq, D], a fresh copy
+        out = []
+        for row, req in zip(rows, reqs, strict=True):
+            st = self._state[req.rid]
+            if st.drift is None:  # a policy that did not start it at prefill end: start here
+                self._start_drift(req.rid, st, self._row_queries(queries, row), req.step)
+            out.append(st.drift.at(req.step))
+        return out
 
     def _start_drift(self, rid: str, st: OffloadRequestState, q: torch.Tensor, step: int = 0) -> None:
         """Start the request's :class:`~ucm_trt.sparse.turnover.QueryDrift` query at ``q [L, Hq, D]``:
@@ -407,7 +537,8 @@ class OffloadPolicy(Policy):
         h = self.shape.num_kv_heads
         out: list[list[torch.Tensor | None]] = [[None] * len(reqs) for _ in range(L)]
         rep_bytes = 0
-        for row, req in enumerate(reqs):
+        stale: list[tuple[OffloadRequestState, int]] = []  # requests whose cached extension is out of date
+        for req in reqs:
             st = self._state.get(req.rid)
             if st is None:
                 raise RuntimeError(f"{self.name}: request {req.rid!r} has no state (prefill did not finish)")
@@ -417,12 +548,15 @@ class OffloadPolicy(Policy):
             if st.dense:
                 continue
             nb_new = self._num_blocks(req.new_len)
-            ext = st.ext
-            if ext is None or ext[0] != nb_new:
-                full = extend_selections(st.sel, st.sel_nb, nb_new)  # [L, Hkv, S']
-                ext = (nb_new, full.unbind(0), int((full >= 0).sum()))
-                st.ext = ext
-            _, layers, count = ext
+            if st.ext is None or st.ext[0] != nb_new:
+                stale.append((st, nb_new))
+        if stale:
+            self._extend_all(stale)
+        for row, req in enumerate(reqs):
+            st = self._state[req.rid]
+            if st.dense:
+                continue
+            nb_new, layers, count = st.ext
             dense = self.dense_layers_of(req.rid)
             for layer in range(L):
                 out[layer][row] = None if layer in dense else layers[layer]
@@ -432,6 +566,27 @@ class OffloadPolicy(Policy):
             self.candidate_blocks += nb_new * h * L
         self.peak_representation_bytes = max(self.peak_representation_bytes, rep_bytes)
         return out
+
+    @staticmethod
+    def _extend_all(todo: list[tuple[OffloadRequestState, int]]) -> None:
+        """Renew ``st.ext`` of every ``(state, blocks now)``: the selection extended with the
+        decode-generated blocks (``extend_selections``), as per-layer views and the selected count.
+        Requests whose selections have one shape and block counts are extended together (one
+        ``extend_selections`` call); each keeps the width it would get alone (its longest row)."""
+        groups: dict[tuple, list[OffloadRequestState]] = {}
+        for st, nb_new in todo:
+            groups.setdefault((tuple(st.sel.shape), st.sel_nb, nb_new), []).append(st)
+        for (_, start, nb_new), sts in groups.items():
+            if len(sts) == 1:
+                full = extend_selections(sts[0].sel, start, nb_new)  # [L, Hkv, S']
+                sts[0].ext = (nb_new, full.unbind(0), int((full >= 0).sum()))
+                continue
+            full = extend_selections(torch.stack([st.sel for st in sts]), start, nb_new)  # [n, L, Hkv, S']
+            counts = (full >= 0).sum(-1).flatten(1)  # [n, L * Hkv]
+            widths = counts.amax(1).clamp(min=1).tolist()
+            totals = counts.sum(1).tolist()
+            for i, st in enumerate(sts):
+                st.ext = (nb_new, full[i, :, :, : widths[i]].unbind(0), totals[i])
 
     def prefetch(self, reqs: list[RequestView]) -> list[list[torch.Tensor | None]] | None:
         """The selection of a retrieval that has finished but is not collected yet (it is due at a

@@ -19,9 +19,10 @@
   after step ``s`` with ``s % R == 0`` it is collected (waited for) and the next plan loads the
   blocks that changed. Steps in between run on the previous selection, as upstream.
   ``R = 1`` and ``R = 2`` degenerate to synchronous retrieval every ``R`` steps.
-* A retrieval is one worker task for all layers: one batched matmul scores every layer and KV
-  head, one batched selection picks the blocks (:mod:`ucm_trt.sparse.batched`); ``_select`` is the
-  per-layer reference it must equal.
+* A retrieval covers all layers: one batched matmul scores every layer and KV head, one batched
+  selection picks the blocks (:mod:`ucm_trt.sparse.batched`; the requests of a step that have the
+  same number of blocks in one pass, see ``_offload``); ``_select`` is the per-layer reference it
+  must equal.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 from ucm_trt.config import PrefillWindow
 from ucm_trt.sparse.batched import BlockRepStore, batched_dot_scores, select_batched
-from ucm_trt.sparse.policies._offload import OffloadPolicy, OffloadRequestState
+from ucm_trt.sparse.policies._offload import OffloadPolicy, OffloadRequestState, RetrievalJob
 from ucm_trt.sparse.policies._reps import host_layer_vote_scores, host_vote_scores
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
 from ucm_trt.sparse.representations import block_lens_from_seq_lens, block_submeans
@@ -226,6 +227,14 @@ class ESAPolicy(OffloadPolicy):
             return self._per_layer(partial(self._select, reps, nbp, list(q), **extra))
         return self._on_device(partial(self._select_all, store.reps(), nbp, q, prior))
 
+    def _job(self, rid: str, step: int, store: BlockRepStore, nbp: int, q: torch.Tensor) -> RetrievalJob:
+        """The retrieval of request ``rid`` as a job of the step's batch (``OffloadPolicy._submit_batch``):
+        its scores are selected together with the other requests' where the batched path applies."""
+        batched = self.adaptive is None and self._stream is None and not self._layerwise(ESAPolicy)
+        prior = self._priors.get(id(store))
+        return RetrievalJob(rid=rid, step=step, num_blocks=nbp, task=self._task(store, nbp, q),
+                            scores=partial(self._scores, q, store.reps(), prior) if batched else None)
+
     def _scores(self, q: torch.Tensor, reps: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
         """Block scores of every layer ``[L, Hkv, nbp]``: the window's or the step query's, plus
         ``persist`` times the first retrieval's scores ``prior`` (a decode step's query, ``q [L, Hq, D]``)."""
@@ -255,18 +264,29 @@ class ESAPolicy(OffloadPolicy):
             return self._adaptive_select(scores[None], nbp, self._full_block_lens(nbp))[0]
         return select_from_scores(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)
 
-    def after_step(self, reqs: list[RequestView], queries: list[torch.Tensor]) -> None:
+    def after_step(self, reqs: list[RequestView], queries) -> None:
+        """The step's retrievals are submitted as one batch (``OffloadPolicy._submit_batch``: one task
+        per worker thread, not one per request), then the due ones collected, request by request in
+        the order of the per-request schedule (module docstring)."""
         r = self.sparse.retrieval_stride
+        submit: list[tuple[int, RequestView, OffloadRequestState]] = []
+        collect: list[tuple[RequestView, OffloadRequestState]] = []
         for row, req in enumerate(reqs):
             st = self._state[req.rid]
             if st.dense:
                 continue
             s = req.step
             if s % r == 2 % r:
-                q = self._step_queries(queries, row, req)
-                st.pending = self._submit(req.rid, s, st.sel_nb, self._task(st.store, st.sel_nb, q))
+                submit.append((row, req, st))
             if s % r == 0:
-                if st.pending is None:
-                    raise RuntimeError(f"esa: request {req.rid!r} step {s}: no retrieval to collect")
-                self._collect(st, st.pending)
-                st.pending = None
+                collect.append((req, st))
+        if submit:
+            qs = self._batch_queries(queries, [row for row, _, _ in submit], [req for _, req, _ in submit])
+            jobs = [self._job(req.rid, req.step, st.store, st.sel_nb, q) for (_, req, st), q in zip(submit, qs, strict=True)]
+            for (_, _, st), pending in zip(submit, self._submit_batch(jobs), strict=True):
+                st.pending = pending
+        for req, st in collect:
+            if st.pending is None:
+                raise RuntimeError(f"esa: request {req.rid!r} step {req.step}: no retrieval to collect")
+            self._collect(st, st.pending)
+            st.pending = None

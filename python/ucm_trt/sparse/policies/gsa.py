@@ -16,8 +16,9 @@
   step ``s + 1`` and used from step ``s + 2`` on — the selection always lags one step, so the
   retrieval overlaps a whole model step. This is deterministic (upstream consumes whatever has
   finished, which makes the lag timing-dependent).
-* A retrieval is one worker task for all layers (one batched matmul, one batched selection;
-  :mod:`ucm_trt.sparse.batched`); ``_select`` is the per-layer reference it must equal.
+* A retrieval covers all layers (one batched matmul, one batched selection;
+  :mod:`ucm_trt.sparse.batched`; a step's retrievals share the worker's tasks, see ``_offload``);
+  ``_select`` is the per-layer reference it must equal.
 * The prefetch engine: the runtime's working set diffs each new selection against the resident
   blocks of every layer and loads only the misses (delta prefetch), keeping an LRU cache.
 """
@@ -31,7 +32,7 @@ import torch
 from ucm_trt._validation import check_non_negative_int
 from ucm_trt.config import PrefillWindow
 from ucm_trt.sparse.batched import BlockRepStore, select_batched
-from ucm_trt.sparse.policies._offload import OffloadPolicy, OffloadRequestState, RetrievalConfig
+from ucm_trt.sparse.policies._offload import OffloadPolicy, OffloadRequestState, RetrievalConfig, RetrievalJob
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
 from ucm_trt.sparse.policies.esa import (
     check_prefill_window,
@@ -115,6 +116,10 @@ class GSAPolicy(OffloadPolicy):
         super().on_request_end(rid)
 
     def _retrieve(self, rid: str, st: OffloadRequestState, nb: int, q: torch.Tensor, step: int):
+        return self._submit_batch([self._job(rid, st, nb, q, step)])[0]
+
+    def _job(self, rid: str, st: OffloadRequestState, nb: int, q: torch.Tensor, step: int) -> RetrievalJob:
+        """The retrieval of request ``rid`` as a job of the step's batch (``OffloadPolicy._submit_batch``)."""
         store: BlockRepStore = st.store
         # snapshot: the store is append-only, so this view of the blocks so far never changes
         reps = store.reps()
@@ -123,10 +128,13 @@ class GSAPolicy(OffloadPolicy):
             per = [reps[layer].permute(2, 0, 1) for layer in range(self.shape.num_layers)]
             # prior passed only when set: a subclass's _select hook with the plain signature keeps working
             extra = {} if prior is None else {"prior": prior}
-            task = self._per_layer(partial(self._select, per, nb, list(q), **extra))
-        else:
-            task = self._on_device(partial(self._select_all, reps, nb, q, prior))
-        return self._submit(rid, step, nb, task)
+            return RetrievalJob(rid=rid, step=step, num_blocks=nb,
+                                task=self._per_layer(partial(self._select, per, nb, list(q), **extra)))
+        batched = self.adaptive is None and self._stream is None
+        return RetrievalJob(rid=rid, step=step, num_blocks=nb,
+                            task=self._on_device(partial(self._select_all, reps, nb, q, prior)),
+                            scores=partial(self._scores_all, reps, nb, q, prior) if batched else None,
+                            extra=self.prefetch_blocks)
 
     def _add_prior(self, scores: torch.Tensor, q: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
         """``scores [..., nb]`` plus ``persist`` times the first retrieval's scores of the prompt blocks
@@ -137,17 +145,23 @@ class GSAPolicy(OffloadPolicy):
         scores[..., :n] += self.prefill_window.persist * prior.to(scores.device)
         return scores
 
-    def _select_all(self, reps: torch.Tensor, nb: int, q: torch.Tensor,
+    def _scores_all(self, reps: torch.Tensor, nb: int, q: torch.Tensor,
                     prior: torch.Tensor | None = None) -> torch.Tensor:
-        """Every layer at once: ``reps [L, Hkv, D, n_rep]`` (blocks without a representation yet score
-        0), ``q [L, Hq, D]`` (or the prefill window ``[L, Hq, W, D]``; ``prior``: the first retrieval's
-        scores, :attr:`PrefillWindow.persist`) -> ``[L, Hkv, S]``."""
+        """Per-KV-head scores ``[L, Hkv, nb]`` (blocks without a representation yet score 0) from ``q [L, Hq, D]``
+        (or the prefill window ``[L, Hq, W, D]``), plus ``prior`` (the first retrieval's scores,
+        :attr:`PrefillWindow.persist`)."""
         scores = torch.zeros(self.shape.num_layers, self.shape.num_kv_heads, nb, device=reps.device)
         if reps.shape[-1]:
             qd = q.to(reps.device)
             scores[..., : reps.shape[-1] // self.sub_blocks] = window_block_scores(
                 qd, reps, self.sub_blocks, self.vote, self.prefill_window.reduce)
-        scores = self._add_prior(scores, q, prior)
+        return self._add_prior(scores, q, prior)
+
+    def _select_all(self, reps: torch.Tensor, nb: int, q: torch.Tensor,
+                    prior: torch.Tensor | None = None) -> torch.Tensor:
+        """Every layer at once: ``reps [L, Hkv, D, n_rep]``, ``q [L, Hq, D]`` or ``[L, Hq, W, D]``, ``prior``
+        (:meth:`_scores_all`) -> ``[L, Hkv, S]``."""
+        scores = self._scores_all(reps, nb, q, prior)
         if self.adaptive is not None:
             return self._adaptive_select(scores, nb, self._full_block_lens(nb), extra=self.prefetch_blocks)
         return select_batched(scores, nb, self.sparse, "dot", self.shape.num_kv_heads, extra=self.prefetch_blocks)
@@ -167,8 +181,11 @@ class GSAPolicy(OffloadPolicy):
         return select_from_scores(scores, nb, self.sparse, "dot", self.shape.num_kv_heads,
                                   extra=self.prefetch_blocks)
 
-    def after_step(self, reqs: list[RequestView], queries: list[torch.Tensor]) -> None:
+    def after_step(self, reqs: list[RequestView], queries) -> None:
+        """Per request: new block representations, then the collection due (the retrieval of the last
+        step); the step's new retrievals are submitted as one batch (``OffloadPolicy._submit_batch``)."""
         r = self.sparse.retrieval_stride
+        submit: list[tuple[int, RequestView, OffloadRequestState]] = []
         for row, req in enumerate(reqs):
             st = self._state[req.rid]
             s = req.step
@@ -178,5 +195,10 @@ class GSAPolicy(OffloadPolicy):
                 self._collect(st, pending)
                 st.pending = None
             if s % r == 0 and st.pending is None:
-                q = self._step_queries(queries, row, req)
-                st.pending = self._retrieve(req.rid, st, self._num_blocks(req.new_len), q, s)
+                submit.append((row, req, st))
+        if submit:
+            qs = self._batch_queries(queries, [row for row, _, _ in submit], [req for _, req, _ in submit])
+            jobs = [self._job(req.rid, st, self._num_blocks(req.new_len), q, req.step)
+                    for (_, req, st), q in zip(submit, qs, strict=True)]
+            for (_, _, st), pending in zip(submit, self._submit_batch(jobs), strict=True):
+                st.pending = pending

@@ -14,7 +14,7 @@
   ``s >= 2R`` the retrieval submitted at ``s - R`` is collected at the same point, so queries of
   steps ``[1..R]`` choose the blocks of steps ``[2R+1..3R]`` (one-stride lag, retrieval overlaps a
   whole stride). Decode-generated blocks are never sparsified.
-* A retrieval is one worker task for all layers: the vote per layer on the layer's
+* A retrieval covers all layers (a step's retrievals share the worker's tasks, see ``_offload``): the vote per layer on the layer's
   :class:`PreparedVote` (float32, allowed positions only, laid out for one batched matmul; the
   softmax weights ``[Hq, Tv, positions]`` are too large to stack over layers), then one batched
   selection over all layers (:mod:`ucm_trt.sparse.batched`).
@@ -29,7 +29,7 @@ import torch
 
 from ucm_trt.config import KVStarConfig
 from ucm_trt.sparse.batched import select_batched
-from ucm_trt.sparse.policies._offload import OffloadPolicy, OffloadRequestState, RetrievalConfig
+from ucm_trt.sparse.policies._offload import OffloadPolicy, OffloadRequestState, RetrievalConfig, RetrievalJob
 from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
 from ucm_trt.sparse.representations import SubBlockRepr, block_lens_from_seq_lens, kvstar_subblock
 from ucm_trt.sparse.select import candidate_mask
@@ -153,10 +153,14 @@ class KVStarPolicy(OffloadPolicy):
         # group[layer]: [Hq, Tv, D] -> per-KV-head vote scores [Hkv, nbp]
         return st.votes[layer].scores(group[layer])
 
+    def _scores_all(self, st: KVStarRequestState, group: list[torch.Tensor]) -> torch.Tensor:
+        """The votes per layer (the vote materialises ``[Hq, Tv, nb * M]`` softmax weights, too large
+        to stack over layers) -> per-KV-head scores ``[L, Hkv, nb]``."""
+        return torch.stack([self._layer_scores(st, group, layer) for layer in range(self.shape.num_layers)])
+
     def _select_all(self, st: KVStarRequestState, group: list[torch.Tensor]) -> torch.Tensor:
-        """Every layer: the votes per layer (the vote materialises ``[Hq, Tv, nb * M]`` softmax
-        weights, too large to stack over layers), then one batched selection -> ``[L, Hkv, S]``."""
-        scores = torch.stack([self._layer_scores(st, group, layer) for layer in range(self.shape.num_layers)])
+        """Every layer: :meth:`_scores_all`, then one batched selection -> ``[L, Hkv, S]``."""
+        scores = self._scores_all(st, group)
         return select_batched(scores, st.sel_nb, self.sparse, "kvstar_vote", self.shape.num_kv_heads)
 
     def _select(self, st: KVStarRequestState, group: list[torch.Tensor], layer: int) -> torch.Tensor:
@@ -164,16 +168,28 @@ class KVStarPolicy(OffloadPolicy):
         scores = self._layer_scores(st, group, layer)
         return select_from_scores(scores, st.sel_nb, self.sparse, "kvstar_vote", self.shape.num_kv_heads)
 
-    def after_step(self, reqs: list[RequestView], queries: list[torch.Tensor]) -> None:
+    def _job(self, rid: str, step: int, st: KVStarRequestState, group: list[torch.Tensor]) -> RetrievalJob:
+        """The retrieval of request ``rid`` as a job of the step's batch (``OffloadPolicy._submit_batch``)."""
+        batched = not self._layerwise(KVStarPolicy)
+        return RetrievalJob(rid=rid, step=step, num_blocks=st.sel_nb, task=self._task(st, group),
+                            scores=partial(self._scores_all, st, group) if batched else None,
+                            scoring="kvstar_vote")
+
+    def after_step(self, reqs: list[RequestView], queries) -> None:
+        """Every step's queries are kept (one copy of the step's rows); every ``R`` steps the due
+        retrieval is collected and the new ones are submitted as one batch
+        (``OffloadPolicy._submit_batch``)."""
         r = self.config.retrieval_stride
-        L = self.shape.num_layers
-        for row, req in enumerate(reqs):
-            st = self._state[req.rid]
-            if st.dense:
-                continue
+        live = [(row, req, self._state[req.rid]) for row, req in enumerate(reqs)]
+        live = [x for x in live if not x[2].dense]
+        if not live:
+            return
+        # copies: the runtime reuses the buffer behind ``queries`` on the next step
+        qs = self._batch_queries(queries, [row for row, _, _ in live], [req for _, req, _ in live])
+        submit: list[tuple[RequestView, KVStarRequestState, list[torch.Tensor]]] = []
+        for (_, req, st), q in zip(live, qs, strict=True):
             s = req.step
-            # a copy: the runtime reuses the buffer behind ``queries`` on the next step
-            st.group.append(self._step_queries(queries, row, req))  # [L, Hq, D]
+            st.group.append(q)  # [L, Hq, D]
             if s % r:
                 continue
             if s >= 2 * r:
@@ -182,6 +198,9 @@ class KVStarPolicy(OffloadPolicy):
                     raise RuntimeError(f"kvstar: request {req.rid!r} step {s}: no retrieval from step {s - r}")
                 self._collect(st, pending)
             stacked = torch.stack(st.group[-r:], dim=2)  # [L, Hq, R, D]
-            group = [stacked[layer] for layer in range(L)]
             st.group = []
-            st.pending = self._submit(req.rid, s, st.sel_nb, self._task(st, group))
+            submit.append((req, st, list(stacked)))
+        if submit:
+            jobs = [self._job(req.rid, req.step, st, group) for req, st, group in submit]
+            for (_, st, _), pending in zip(submit, self._submit_batch(jobs), strict=True):
+                st.pending = pending
