@@ -82,7 +82,7 @@ for s in $STAGES; do
             # schedule (+sync) and ESA with the one-query first retrieval of before the prefill window (+w1)
             # at 1/8; 15 engines per (round, length), in rounds of one sample per cell (a stopped run covers
             # every cell it reached with fewer samples)
-      stage grid "$GRID_S" 80 $PY benchmarks/quality_grid.py --out "$OUT" --lengths 8192 4096 2048 1024 \
+      stage grid "$GRID_S" 80 $PY benchmarks/quality_grid.py --out "$OUT" --lengths 8000 4096 2048 1024 \
         --methods dense esa gsa gsa-on-device kvstar esa@ucm:0.125 gsa@ucm:0.125 esa+sync:0.125 esa+w1:0.125 \
         --max-seconds $(( GRID_S - 45 )) $GRID_ARGS ;;
     rerope) # 16K and 32K x 20 prompts, window / log-n tuned per length on 2 other prompts, selection off then on

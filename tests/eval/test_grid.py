@@ -225,3 +225,16 @@ def test_report_reads_grid_and_rerope_rows_alone(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"rows": [{"task": "chat"}]}))
     with pytest.raises(SystemExit, match="no grid rows"):
         mod.report([tmp_path / "other.json"], None)
+
+
+def test_a_length_without_room_for_the_answer_is_refused_before_any_engine(tiny_model, tiny_tokenizer, filler):
+    """The tiny model has 4096 positions: a 4096-token prompt leaves none for the answer (the H100 grid of
+    2026-12-07 failed this way at 8192 on SmolLM2 after its first engine); the refusal names the length and
+    the longest that fits, before anything runs."""
+    cfg = GridConfig(tasks=("passkey",), methods=("dense",), budgets=(0.25,), lengths=(4096,), depths=(0.5,),
+                     samples=1, block_size=32, batch=1, prefill_chunk=256)
+    seen = []
+    with pytest.raises(ValueError, match=r"GridConfig.lengths: 4096 leaves no room for the answer within the "
+                                         r"model's 4096 positions.*use a length <= 40\d\d"):
+        run_grid(tiny_model, tiny_tokenizer, filler, cfg, on_records=seen.append, log=None)
+    assert seen == []

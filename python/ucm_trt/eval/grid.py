@@ -220,7 +220,7 @@ class GridConfig:
     tasks: tuple[str, ...] = GRID_TASKS
     methods: tuple[str, ...] = GRID_ALGORITHMS
     budgets: tuple[float, ...] = (0.125, 0.25)
-    lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
+    lengths: tuple[int, ...] = (1024, 2048, 4096, 8000)  # 8000: SmolLM2's 8192 positions hold the answer too
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     samples: int = 4
     block_size: int = 32
@@ -335,6 +335,14 @@ def run_grid(
                        for t in cfg.tasks for d in cfg.depths]
             lens = [len(p.input_ids) for p in prompts]
             max_new = max(p.max_new_tokens for p in prompts)
+            room = max(lens) + max_new + cfg.block_size  # what method_engine's RuntimeConfig.max_seq_len asks for
+            if room > backend.shape.max_positions:
+                raise ValueError(
+                    f"GridConfig.lengths: {length} leaves no room for the answer within the model's "
+                    f"{backend.shape.max_positions} positions (prompt {max(lens)} + {max_new} new tokens + one block "
+                    f"of {cfg.block_size} = {room}); use a length <= "
+                    f"{backend.shape.max_positions - max_new - cfg.block_size - (max(lens) - length)}"
+                )
             for method, budget in cfg.variants():
                 t0 = time.perf_counter()
                 old = [done.get((method, budget, p.task, length, p.depth, p.sample)) for p in prompts]
