@@ -229,7 +229,7 @@ def test_report_reads_grid_and_rerope_rows_alone(tmp_path):
 
 def test_a_length_without_room_for_the_answer_is_refused_before_any_engine(tiny_model, tiny_tokenizer, filler):
     """The tiny model has 4096 positions: a 4096-token prompt leaves none for the answer (the H100 grid of
-    2026-12-07 failed this way at 8192 on SmolLM2 after its first engine); the refusal names the length and
+    2026-12-07 failed this way at 8192 on SmolLM2, at its first engine); the refusal names the length and
     the longest that fits, before anything runs."""
     cfg = GridConfig(tasks=("passkey",), methods=("dense",), budgets=(0.25,), lengths=(4096,), depths=(0.5,),
                      samples=1, block_size=32, batch=1, prefill_chunk=256)
