@@ -100,8 +100,13 @@ def test_selective_recompute_keeps_reused_kv_of_unselected_tokens(model, parts, 
     for j, key in enumerate(runner.cache.block_hashes(chunks[2])):
         cached = delta_rope(runner.cache.get(key)[2, 0], torch.full((BS,), 128, dtype=torch.long),
                             theta=eng.shape.rope_theta)
-        cur = eng.kv.pools[2][int(eng.kv.tables_host[2, 0, 8 + j]), 0]
-        unchanged += int(torch.isclose(cur, cached, atol=1e-5).all(dim=(0, 2)).sum())
+        phys = int(eng.kv.tables_host[2, 0, 8 + j])
+        cur = eng.kv.pools[2][phys, 0]
+        kept = torch.isclose(cur, cached, atol=1e-5).all(dim=(0, 2))  # [bs]: tokens still holding the reused K
+        unchanged += int(kept.sum())
+        # ... and their V is this block's cached V, unrotated (V carries no position)
+        cur_v, cached_v = eng.kv.pools[2][phys, 1], runner.cache.get(key)[2, 1]
+        torch.testing.assert_close(cur_v[:, kept], cached_v[:, kept].to(cur_v.dtype), rtol=0, atol=0)
     assert 0 < unchanged < 64
     while eng._requests[rid].finish_reason is None:
         eng.step()

@@ -229,18 +229,22 @@ class BlendRunner:
         kv.plan_step([rid], [n], [[None]] * L, tr)
         eng._write_slots([rid], [0], n)
         r = self.config.recompute_layer if reuse else L
-        # reused KV (delta-RoPE'd to its new offset) into every layer from r on
-        for layer in range(r, L):
-            pool = kv.pools[layer]
-            for blk, cached, offset in reuse:
-                phys = int(kv.tables_host[layer, 0, blk])
-                k = cached[layer, 0].to(dev)
-                if offset:
-                    # RoPE is a rotation: rotating post-RoPE K by the offset moves it there
-                    k = rope_rotate(k, torch.full((bs,), offset, dtype=torch.long, device=dev),
-                                    theta=eng.shape.rope_theta)
-                pool[phys, 0] = k.to(pool.dtype)
-                pool[phys, 1] = cached[layer, 1].to(device=dev, dtype=pool.dtype)
+        # reused KV (delta-RoPE'd to its new offset) into every layer from r on: the hit blocks of all those
+        # layers in one host-to-device copy and one rotation, then one indexed write per layer and pool half
+        # (block by block and layer by layer it was ~2 copies and ~8 launches per block and layer: 886 ms of
+        # a 1.9K-token TTFT on an H100, 2026-12-07)
+        if reuse and r < L:
+            blocks = torch.tensor([blk for blk, _, _ in reuse], dtype=torch.long)
+            cached = torch.stack([c[r:L] for _, c, _ in reuse]).to(dev)  # [nr, L - r, 2, Hkv, bs, D]
+            offsets = torch.tensor([off for _, _, off in reuse], dtype=torch.long, device=dev)
+            # RoPE is a rotation: rotating post-RoPE K by the offset moves it there (offset 0: cos 1, sin 0)
+            k_all = rope_rotate(cached[:, :, 0], offsets[:, None, None, None].expand(-1, 1, 1, bs),
+                                theta=eng.shape.rope_theta)  # [nr, L - r, Hkv, bs, D]
+            for i, layer in enumerate(range(r, L)):
+                pool = kv.pools[layer]
+                phys = kv.tables_host[layer, 0, blocks].long().to(dev)
+                pool[phys, 0] = k_all[:, i].to(pool.dtype)
+                pool[phys, 1] = cached[:, i, 1].to(pool.dtype)
         ids_t = torch.tensor([ids], dtype=torch.long, device=dev)
         pos = torch.arange(n, device=dev)[None]
         h = self.inner.embed_tokens(ids_t)
