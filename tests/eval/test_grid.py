@@ -231,10 +231,17 @@ def test_a_length_without_room_for_the_answer_is_refused_before_any_engine(tiny_
     """The tiny model has 4096 positions: a 4096-token prompt leaves none for the answer (the H100 grid of
     2026-12-07 failed this way at 8192 on SmolLM2, at its first engine); the refusal names the length and
     the longest that fits, before anything runs."""
+    from transformers import LlamaForCausalLM
+
+    # own copy, config included: the runtime's backend switches the attention implementation on the model's
+    # config, which the session fixture's model (shared with the sparse-LM tests) must keep
+    model = LlamaForCausalLM(copy.deepcopy(tiny_model.config)).eval()
+    model.load_state_dict(tiny_model.state_dict())
     cfg = GridConfig(tasks=("passkey",), methods=("dense",), budgets=(0.25,), lengths=(4096,), depths=(0.5,),
                      samples=1, block_size=32, batch=1, prefill_chunk=256)
     seen = []
     with pytest.raises(ValueError, match=r"GridConfig.lengths: 4096 leaves no room for the answer within the "
                                          r"model's 4096 positions.*use a length <= 40\d\d"):
-        run_grid(tiny_model, tiny_tokenizer, filler, cfg, on_records=seen.append, log=None)
+        run_grid(model, tiny_tokenizer, filler, cfg, on_records=seen.append, log=None)
     assert seen == []
+    assert tiny_model.config._attn_implementation == "sdpa"  # the shared fixture is untouched
