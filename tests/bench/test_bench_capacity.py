@@ -407,6 +407,9 @@ def test_job_order_runs_what_the_capacity_speedup_needs_first():
                         (32768, "esa", "realistic"), (131072, "dense", "random"), (131072, "gsa-on-device", "random"),
                         (131072, "esa", "random"), (131072, "esa", "realistic")]
     assert jobs[8:] == [(c, a, t) for c in (32768, 131072) for a in ("gsa", "kvstar") for t in ("random", "realistic")]
+    # by default the realistic turnover runs before the random one (a time-limited call gets the target's row first)
+    assert bc.job_order(["dense", "esa"], [32768], list(bc.TURNOVERS)) == [
+        (32768, "dense", "random"), (32768, "esa", "realistic"), (32768, "esa", "random")]
 
 
 def test_max_minutes_records_what_it_leaves_out(tmp_path):
