@@ -168,8 +168,8 @@ class ESAPolicy(OffloadPolicy):
         self.sub_blocks = 1  # per block, set at bind from the block size
         self.prefill_window = check_prefill_window(prefill_window)
         self.query_window = self.prefill_window.tokens
-        # PrefillWindow.persist: the first retrieval's block scores [L, Hkv, nbp], per request (by its store)
-        self._priors: dict[int, torch.Tensor] = {}
+        # PrefillWindow.persist: the first retrieval's block scores [L, Hkv, nbp], per request
+        self._priors: dict[str, torch.Tensor] = {}
 
     def bind(self, rt: PolicyRuntime) -> None:
         super().bind(rt)
@@ -206,20 +206,17 @@ class ESAPolicy(OffloadPolicy):
         q_first = first_queries(queries, self.prefill_window.tokens)  # [L, Hq, D] or [L, Hq, W, D]
         if self.prefill_window.persist > 0:
             # the window's block scores, added (times persist) to every later retrieval of this request
-            self._priors[id(store)] = window_block_scores(q_first.to(store.device), store.reps(), sb, self.vote,
+            self._priors[req.rid] = window_block_scores(q_first.to(store.device), store.reps(), sb, self.vote,
                                                           self.prefill_window.reduce)
-        self._collect(st, self._submit(req.rid, 0, nbp, self._task(store, nbp, q_first)))
+        self._collect(st, self._submit(req.rid, 0, nbp, self._task(store, nbp, q_first, self._priors.get(req.rid))))
 
     def on_request_end(self, rid: str) -> None:
-        st = self._state.get(rid)
-        if st is not None and st.store is not None:
-            self._priors.pop(id(st.store), None)
+        self._priors.pop(rid, None)
         super().on_request_end(rid)
 
-    def _task(self, store: BlockRepStore, nbp: int, q: torch.Tensor):
-        """The retrieval of every layer from queries ``q [L, Hq, D]`` (or a prefill window ``[L, Hq, W, D]``):
-        batched, or the per-layer hook."""
-        prior = self._priors.get(id(store))
+    def _task(self, store: BlockRepStore, nbp: int, q: torch.Tensor, prior: torch.Tensor | None):
+        """The retrieval of every layer from queries ``q [L, Hq, D]`` (or a prefill window ``[L, Hq, W, D]``)
+        and the request's :attr:`PrefillWindow.persist` scores ``prior``: batched, or the per-layer hook."""
         if self._layerwise(ESAPolicy):
             reps = [store.layer(layer) for layer in range(self.shape.num_layers)]
             # prior passed only when set: a subclass's _select hook with the plain signature keeps working
@@ -231,8 +228,8 @@ class ESAPolicy(OffloadPolicy):
         """The retrieval of request ``rid`` as a job of the step's batch (``OffloadPolicy._submit_batch``):
         its scores are selected together with the other requests' where the batched path applies."""
         batched = self.adaptive is None and self._stream is None and not self._layerwise(ESAPolicy)
-        prior = self._priors.get(id(store))
-        return RetrievalJob(rid=rid, step=step, num_blocks=nbp, task=self._task(store, nbp, q),
+        prior = self._priors.get(rid)
+        return RetrievalJob(rid=rid, step=step, num_blocks=nbp, task=self._task(store, nbp, q, prior),
                             scores=partial(self._scores, q, store.reps(), prior) if batched else None)
 
     def _scores(self, q: torch.Tensor, reps: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
