@@ -57,7 +57,7 @@ from ucm_trt.kernels import (
     quest_block_scores,
     quest_retrieve,
 )
-from ucm_trt.kernels.attention import ATTENTION_GUARD_CODES
+from ucm_trt.kernels.attention import ATTENTION_GUARD_CODES, DEFAULT_LAUNCH, default_block_n
 from ucm_trt.kernels.guard import IndexGuard
 from ucm_trt.testing.bench import bench_gpu_ms, copy_bandwidth_tbps, cuda_graphed
 
@@ -258,6 +258,18 @@ def _try(rows, what, fn):
         return None
 
 
+def tile_sweep():
+    """The JIT launch's tile neighbours: keys per tile x pipeline stages x warps (the default is 64 x 2 x 4)."""
+    return [AttentionLaunch(block_n=bn, num_stages=ns, num_warps=nw)
+            for bn in (64, 128) for ns in (2, 3, 4) for nw in (4, 8)]
+
+
+def tile_fields(la, bs, d):
+    chosen = (default_block_n(bs, d), DEFAULT_LAUNCH.num_stages, DEFAULT_LAUNCH.num_warps)
+    return {"block_n": la.block_n, "num_stages": la.num_stages, "num_warps": la.num_warps,
+            "chosen": (la.block_n, la.num_stages, la.num_warps) == chosen}
+
+
 def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
     """All rows of one (context, batch, block_size, head_dim)."""
     gen = torch.Generator(device="cuda").manual_seed(ctx + batch + bs + d)
@@ -286,6 +298,11 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
             ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, None, out=out, validate=False, workspace=ws,
                                                         launch=la), cx.reps)  # fmt: skip
             add("ours_dense_paged_splits", "jit", 1.0, ms, kv_bytes, num_splits=ns)
+    if "dense_tiles" in extras:  # the launch's tile against its neighbours (head_dim 80/96: padded lanes)
+        for la in tile_sweep():
+            ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, None, out=out, validate=False, workspace=ws,
+                                                        launch=la), cx.reps)  # fmt: skip
+            add("ours_dense_paged_tile", "jit", 1.0, ms, kv_bytes, **tile_fields(la, bs, d))
     aot = _try(rows, "aot_compile", lambda: AotPeer(bs, d))
     for budget in budgets:
         sel = make_selection(batch, nb, budget, gen)
@@ -353,6 +370,12 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
             add("ours_sparse_guard", "jit", frac, ms, sel_bytes, selection="per-head",
                 guard_overhead_pct=round(100 * (ms / jit_ms - 1), 2))
             guard.check("benchmark")  # good ids: the flag must be clear
+        if "jit_tiles" in extras and abs(budget - 0.125) < 1e-6:
+            for la in tile_sweep():
+                ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, sel, out=out, validate=False,
+                                                            workspace=ws, launch=la), cx.reps)  # fmt: skip
+                add("ours_sparse_tile", "jit", frac, ms, sel_bytes, selection="per-head", **tile_fields(la, bs, d),
+                    vs_default=round(jit_ms / ms, 3), **vs(ms))
         if "ppsm" in extras:
             for pps in (1, 2, 4, 8):
                 la = AttentionLaunch(programs_per_sm=pps)
@@ -382,7 +405,7 @@ def bench_attention(cx, args, rows):
                 budgets = [1 / 8]
                 if ctx == big and bs == 64:
                     budgets = args.budgets
-                    extras |= {"guard", "rerope", "aot_tiles"} | ({"ppsm"} if batch == 1 else set())
+                    extras |= {"guard", "rerope", "aot_tiles", "jit_tiles"} | ({"ppsm"} if batch == 1 else set())
                 if args.out_of_time(f"shape_{ctx}_{batch}_{bs}"):
                     continue
                 _try(rows, f"shape_{ctx}_{batch}_{bs}", lambda: bench_shape(
@@ -393,7 +416,7 @@ def bench_attention(cx, args, rows):
             if args.out_of_time(f"shape_d{d}_{batch}"):
                 continue
             _try(rows, f"shape_d{d}_{batch}", lambda: bench_shape(
-                cx, args, rows, fi, big, batch, 64, d, [1 / 8], extras={"no_peer"}))
+                cx, args, rows, fi, big, batch, 64, d, [1 / 8], extras={"no_peer", "dense_tiles"}))
             args.save()
     status = next(r for r in rows if r["op"] == "flashinfer_status")
     status["flashinfer_error"] = fi.error

@@ -83,6 +83,8 @@ __all__ = [
 NULL_BLOCK = 0
 #: blocks per chunk of the ``"staged"`` load method (two pinned + two device slots of this size)
 STAGING_BLOCKS = 64
+#: pinned block-id buffers the copies rotate through (the host reuses one after its upload ran)
+ID_STAGING_SLOTS = 4
 #: how host -> device loads move on CUDA (KVManager ``load_method``)
 LOAD_METHODS = ("kernel", "staged", "batch_dma")
 
@@ -400,6 +402,7 @@ class KVManager:
         self._deferred: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(L)]
         self._forward_start = None  # event on the compute stream before this step's forward
         self._staging: dict[str, tuple[torch.Tensor, torch.cuda.Event | None]] = {}  # pinned buffers + last use
+        self._ids_turn = 0  # the next slot of the copies' block-id ring (_copy_layers)
         self._timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # (load | wait, start, end)
         self._step_want: dict[tuple[str, int], np.ndarray] = {}  # sequential plan: want mask per (request, layer)
         # per-request state, one slot per active request (``_Seq.slot``), grown on demand:
@@ -1107,7 +1110,12 @@ class KVManager:
         # every layer's ids in one pinned buffer and one upload
         sizes = [per[layer][0].size for layer in layers]
         total = sum(sizes)
-        ids_h = self._pinned("ids", 2 * total, torch.int64)
+        # a ring of id buffers: the host waits for the upload that read a buffer ID_STAGING_SLOTS batches
+        # ago, not for the last one (whose event completes only after the side stream's earlier loads and
+        # the compute work they wait for: one buffer made every plan that loads wait for the last loads)
+        slot = f"ids{self._ids_turn % ID_STAGING_SLOTS}"
+        self._ids_turn += 1
+        ids_h = self._pinned(slot, 2 * total, torch.int64)
         off = 0
         for layer, n in zip(layers, sizes, strict=True):
             ids_h[off : off + n] = torch.from_numpy(per[layer][0])
@@ -1120,7 +1128,7 @@ class KVManager:
                 t0 = torch.cuda.Event(enable_timing=True)
                 t0.record(stream)
             ids = ids_h[: 2 * total].to(self.layout.device, non_blocking=True)
-            self._used("ids", stream)
+            self._used(slot, stream)
             off = 0
             for layer, n in zip(layers, sizes, strict=True):
                 hids, phys = ids[off : off + n], ids[total + off : total + off + n]
