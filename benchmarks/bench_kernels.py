@@ -416,7 +416,8 @@ def bench_attention(cx, args, rows):
             if args.out_of_time(f"shape_d{d}_{batch}"):
                 continue
             _try(rows, f"shape_d{d}_{batch}", lambda: bench_shape(
-                cx, args, rows, fi, big, batch, 64, d, [1 / 8], extras={"no_peer", "dense_tiles"}))
+                cx, args, rows, fi, big, batch, 64, d, [1 / 8],
+                extras={"no_peer"} | ({"dense_tiles"} if batch == max(args.batches) else set())))
             args.save()
     status = next(r for r in rows if r["op"] == "flashinfer_status")
     status["flashinfer_error"] = fi.error
