@@ -42,7 +42,7 @@ from trt_plugins.build import (
     check_ucm_nodes,
     profile_shapes,
 )
-from trt_plugins.spec import PluginSpec, all_plugin_specs, check_input_dims, output_shape
+from trt_plugins.spec import PluginSpec, all_plugin_specs, check_input_dims, fixed_type, output_shape
 
 __all__ = [
     "RTX_MODULE",
@@ -169,6 +169,35 @@ def _fields(trt, spec: PluginSpec, values: Mapping[str, object] | None):
 # ---- the plugin and its creator --------------------------------------------------------------
 
 
+class _Dim:
+    """An ``IDimensionExpr`` with Python arithmetic (``+ - * //`` with ints or dims, :meth:`maximum`), so
+    that the launch rule's length expressions (``trt_plugins._attention.partials_len``), written for ints
+    and ``tensorrt.plugin`` shape expressions, also build RTX dimension expressions."""
+
+    def __init__(self, trt, builder, expr) -> None:
+        self.trt, self.builder, self.expr = trt, builder, expr
+
+    def _op(self, name: str, other) -> _Dim:
+        rhs = other.expr if isinstance(other, _Dim) else self.builder.constant(int(other))
+        return _Dim(self.trt, self.builder, self.builder.operation(getattr(self.trt.DimensionOperation, name), self.expr, rhs))
+
+    def __add__(self, other):
+        return self._op("SUM", other)
+
+    def __sub__(self, other):
+        return self._op("SUB", other)
+
+    def __mul__(self, other):
+        return self._op("PROD", other)
+
+    def __floordiv__(self, other):
+        return self._op("FLOOR_DIV", other)
+
+    @staticmethod
+    def maximum(a, b):
+        return a._op("MAX", b) if isinstance(a, _Dim) else b._op("MAX", a)
+
+
 class _Recorder:
     """What the plugin callbacks saw during one parse/build: the exceptions they raised (TensorRT
     only logs 'Exception caught in ...' and returns an error code) and the fields they serialized."""
@@ -238,7 +267,8 @@ def _plugin_classes(trt: ModuleType):
             if len(floats) > 1:
                 raise TypeError(f"{self.spec.name}: all float inputs must share one dtype, got {sorted(map(str, floats))}")
             float_type = next(iter(floats), None)
-            return [trt.DataType.INT32 if t.types == ("int32",) else float_type for t in schema.outputs]
+            return [float_type if fixed_type(t) is None else getattr(trt.DataType, _TRT_TYPE[fixed_type(t)])
+                    for t in schema.outputs]  # fmt: skip
 
         def get_output_shapes(self, inputs, shape_inputs, expr_builder):
             return _recorded(self.recorder, self._where("get_output_shapes"), self._output_shapes, inputs, expr_builder)
@@ -247,8 +277,10 @@ def _plugin_classes(trt: ModuleType):
             dims = [[d[i] for i in range(len(d))] for d in inputs]
             known = [[e.get_constant_value() if e.is_constant() else None for e in ds] for ds in dims]
             check_input_dims(self.spec, known, self.values)
-            const = lambda v: expr_builder.constant(int(v))  # noqa: E731
-            return [trt.DimsExprs(output_shape(self.spec, i, dims, self.values, const=const))
+            wrapped = [[_Dim(trt, expr_builder, e) for e in ds] for ds in dims]
+            const = lambda v: _Dim(trt, expr_builder, expr_builder.constant(int(v)))  # noqa: E731
+            return [trt.DimsExprs([d.expr for d in output_shape(self.spec, i, wrapped, self.values, const=const,
+                                                                maximum=_Dim.maximum)])
                     for i in range(len(self.spec.outputs))]  # fmt: skip
 
         def supports_format_combination(self, pos, in_out, num_inputs):
@@ -259,7 +291,7 @@ def _plugin_classes(trt: ModuleType):
                 return False
             if desc.type not in {getattr(trt.DataType, _TRT_TYPE[x]) for x in t.types}:
                 return False
-            if "int32" in t.types:
+            if fixed_type(t) is not None:  # int32 indices / counters, fp32 split partials
                 return True
             # every float tensor takes the type of the first float tensor (as the QDP autotune says)
             first = next(i for i, s in enumerate(tensors) if "int32" not in s.types)

@@ -38,6 +38,6 @@ def test_smollm2_checkpoint_builds_for_sm89(tmp_path):
     rw, rep = rewrite_model(path, config=RewriteConfig(algorithm="esa", block_size=BS))
     assert rep.counts == {"decomposed_sdpa": 30} and not rep.unsupported
     result = check_rtx_build(rw, ENGINE, BS)
-    assert result.network.plugin_layers == {"UcmPagedSparseAttention": 30}
+    assert result.network.plugin_layers == {"UcmPagedSparseAttentionSplitK": 30}
     print(f"SmolLM2 on TensorRT for RTX {result.tensorrt_rtx_version} (SM89): engine {len(result.engine) / 1e6:.1f} MB, "
           f"build {result.seconds:.1f} s")

@@ -74,6 +74,7 @@ __all__ = [
     "split_count",
     "split_items",
     "split_scratch_shapes",
+    "split_scratch_exprs",
     "divisible_by_16",
 ]
 
@@ -264,6 +265,14 @@ def split_scratch_shapes(batch: int, chunk_len: int, geometry: PagedAttentionGeo
                                         n_qtiles=-(-chunk_len // tile.block_t), splits=splits,
                                         block_m=tile.block_m, dv=head_tiles(geometry.head_dim)[1])  # fmt: skip
     return (n_cnt,), (n_part,)
+
+
+def split_scratch_exprs(batch, chunk_len, geometry: PagedAttentionGeometry, tile: TileConfig, splits):
+    """:func:`split_scratch_shapes`' two lengths (counters, partials) for ints or TensorRT shape
+    expressions (kept on the left of every operator), as TensorRT's shape inference evaluates them.
+    Must agree with :func:`ucm_trt.kernels.attention.split_scratch_sizes` (a test checks)."""
+    tiles = batch * geometry.num_kv_heads * ((chunk_len + (tile.block_t - 1)) // tile.block_t)
+    return tiles, tiles * splits * (tile.block_m * (head_tiles(geometry.head_dim)[1] + 1))
 
 
 def _cdiv(a: int, b: int) -> int:
