@@ -39,8 +39,11 @@ from trt_plugins.build import (
     PROFILE_NAMES,
     EngineBuildConfig,
     EngineBuildError,
+    _split_nodes,
     check_ucm_nodes,
     profile_shapes,
+    resolve_sms,
+    stamp_split_plan,
 )
 from trt_plugins.spec import PluginSpec, all_plugin_specs, check_input_dims, fixed_type, output_shape
 
@@ -481,14 +484,17 @@ def _load(model_or_path):
     return onnx.load(str(path))
 
 
-def parse_rtx_network(model_or_path) -> RtxNetwork:
+def parse_rtx_network(model_or_path, *, sms: int | None = None) -> RtxNetwork:
     """Parse a rewritten model with TensorRT for RTX and the UCM plugins; no build.
 
     With every input dim fixed (``onnx`` ``dim_value``), the plugin layers' shape inference runs on
-    constants and the outputs' shapes come back concrete."""
+    constants and the outputs' shapes come back concrete. ``sms``: stamped as ``num_sms`` on the split
+    attention nodes first (as the builders do; their ``split_partials`` length needs it)."""
     trt = require_tensorrt_rtx()
     reg = _registration()
     model = _load(model_or_path)
+    if sms is not None:
+        model = stamp_split_plan(model, sms)
     ucm_nodes = check_ucm_nodes(model, trt.get_plugin_registry())
     reg.recorder.clear()
     _, network, _, _ = _parse(trt, model, reg.recorder)
@@ -509,6 +515,8 @@ def build_rtx_engine(model_or_path, config: RtxBuildConfig = RtxBuildConfig()) -
         raise ValueError(f"RtxBuildConfig.compute_capability {config.compute_capability!r} is not an RTX target; valid: {valid}")
     reg = _registration()
     model = _load(model_or_path)
+    if _split_nodes(model):  # there is no CUDA device here: EngineBuildConfig.sms must be given
+        model = stamp_split_plan(model, resolve_sms(config.engine))
     ucm_nodes = check_ucm_nodes(model, trt.get_plugin_registry())
     profiles = profile_shapes(model, config.engine)
     reg.recorder.clear()
@@ -556,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=1)
     ap.add_argument("--max-prefill-tokens", type=int, default=1024)
     ap.add_argument("--max-blocks", type=int, default=64)
+    ap.add_argument("--sms", type=int, default=None,
+                    help="SM count of the target GPU, for the split-K attention (required: no CUDA device here)")
     args = ap.parse_args(argv)  # fmt: skip
     if (args.build is None) != (args.out is None):
         ap.error("--build and --out go together")
@@ -566,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TensorRT for RTX {trt.__version__}: usable; UCM plugins {', '.join(register_rtx_plugins())}")
         if args.build is not None:
             engine = EngineBuildConfig(max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens,
-                                       max_blocks=args.max_blocks)  # fmt: skip
+                                       max_blocks=args.max_blocks, sms=args.sms)  # fmt: skip
             result = build_rtx_engine(args.build, RtxBuildConfig(engine=engine, compute_capability=args.compute_capability))
             Path(args.out).write_bytes(result.engine)
             layers = ", ".join(f"{n} x{c}" for n, c in sorted(result.network.plugin_layers.items()))

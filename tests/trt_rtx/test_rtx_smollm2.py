@@ -13,7 +13,8 @@ from ucm_trt.config import ReRoPEConfig
 from ucm_trt.graph import ExportConfig, RewriteConfig, export_hf_model, rewrite_model
 
 BS = 16
-ENGINE = EngineBuildConfig(max_batch=2, max_prefill_tokens=32, max_blocks=4, num_blocks=8, max_selected=4)
+ENGINE = EngineBuildConfig(max_batch=2, max_prefill_tokens=32, max_blocks=4, num_blocks=8, max_selected=4,
+                           sms=128)  # SM89 target: an RTX 4090's 128 SMs
 ALGORITHMS = {"esa": {}, "rerope": {"rerope": ReRoPEConfig(window=512, training_length=8192)}}
 
 
