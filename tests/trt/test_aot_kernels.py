@@ -56,7 +56,7 @@ def _launch_like_tensorrt(case, inputs, tactic):
     return out
 
 
-def _split_launch_like_tensorrt(case, inputs, tactic, splits, counters=None):
+def _split_launch_like_tensorrt(case, inputs, tactic, splits, counters=None, partials_len=None):
     """Split-K as ONE AOT kernel (the merge inside it): arguments = the op's inputs, the int32 counter
     input (zero), the int32 extras (ITEMS_PER_SPLIT too), the output, the fp32 partials output
     (poisoned); grid z = splits. Returns ``(out, counters)``."""
@@ -69,6 +69,11 @@ def _split_launch_like_tensorrt(case, inputs, tactic, splits, counters=None):
     kernel, signature, constexprs = paged_attention_kernel_args(geom, tile, dtype, split=True)
     cnt_shape, part_shape = split_scratch_shapes(b, t, geom, tile, splits)
     counters = torch.zeros(cnt_shape, dtype=torch.int32) if counters is None else counters
+    if partials_len is not None:  # the plugin's declared length: at least what this launch writes
+        assert partials_len >= part_shape[0]
+        part_shape = (partials_len,)
+    if counters.numel() < cnt_shape[0]:
+        raise ValueError(f"counters has {counters.numel()} elements, the launch needs {cnt_shape[0]}")
     partials = torch.full(part_shape, float("nan"))
     extras = paged_attention_extras(shapes, geom, items_per_split=split_items(shapes["selection"][2], t,
                                                                               geom.block_size, splits))
@@ -105,6 +110,33 @@ def test_split_k_in_one_aot_kernel_matches_reference(name, splits):
         out, counters = _split_launch_like_tensorrt(case, inputs, tactic, splits, counters)
         torch.testing.assert_close(out, ref, **tolerances_for(torch.float32))
         assert int(counters.abs().sum()) == 0
+
+
+def test_one_counters_buffer_serves_consecutive_layers_at_the_plugin_s_lengths():
+    """The rewritten graph feeds ONE zeroed ``attn_split_counters`` to every attention node. Three launches
+    in a row -- a sparse layer, a ReRoPE layer of another geometry, the sparse layer again -- share one
+    counters buffer of the builder's length (the most any of them needs), each with partials of exactly the
+    length the plugin declares (``split_partials``) and the launch rule's split count; every output equals
+    the reference and the counters are zero after every launch (so the next layer may use them)."""
+    from trt_plugins._attention import counters_needed, scratch_bounds
+    from trt_plugins.spec import plugin_spec
+    from ucm_trt.kernels.attention import DEFAULT_LAUNCH
+
+    sms = 3  # a small card, so that the rule splits these small cases (2-3 splits) and the interpreter stays quick
+    layers = [CASES["decode"], CASES["rerope"], CASES["decode"]]
+    n_cnt = max(counters_needed(c.batch, c.t, dict(c.attrs(), num_sms=sms), spec=plugin_spec(c.op_name + "SplitK"))
+                for c in layers)  # fmt: skip
+    counters = torch.zeros(n_cnt, dtype=torch.int32)
+    for case in layers:
+        inputs, pool_full = make_inputs(case)
+        geom = case.geometry()
+        splits = split_count(case.batch, case.t, geom, tile_config(TACTIC_DECODE, geom), sms=sms,
+                             programs_per_sm=DEFAULT_LAUNCH.programs_per_sm)  # fmt: skip
+        assert splits >= 2
+        part_len = scratch_bounds(case.batch, case.t, geom, sms=sms, maximum=max)[1]
+        out, counters = _split_launch_like_tensorrt(case, inputs, TACTIC_DECODE, splits, counters, partials_len=part_len)
+        torch.testing.assert_close(out, reference(case, inputs, pool_full), **tolerances_for(torch.float32))
+        assert counters.shape == (n_cnt,) and int(counters.abs().sum()) == 0
 
 
 class _Expr:
