@@ -259,3 +259,22 @@ def test_plugin_kernel_equals_function_body_on_real_model_data(rewritten, algo):
                                     torch.from_numpy(bt), torch.from_numpy(feeds["seq_lens"]), selection, geometry=g)  # fmt: skip
         ref = torch.from_numpy(outs[node.output[0]])
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_build_sms_flag(tmp_path):
+    """``ucm-trt build --sms N`` reaches EngineBuildConfig.sms; a bad value is a one-line flag error before
+    TensorRT loads."""
+    import argparse
+
+    from trt_plugins import cli_build
+    from ucm_trt.cli_args import FlagError
+
+    path = tmp_path / "m.onnx"
+    onnx.save(make_single_op_model("UcmSelectAllBlocks", num_kv_heads=2), path)
+    p = argparse.ArgumentParser()
+    cli_build.configure(p)
+    args = p.parse_args([str(path), "-o", str(tmp_path / "m.engine"), "--sms", "132"])
+    cli_build.check_args(args, create_dirs=False)
+    assert args.sms == 132
+    with pytest.raises(FlagError, match="--sms"):
+        cli_build.check_args(p.parse_args([str(path), "-o", str(tmp_path / "m.engine"), "--sms", "0"]), create_dirs=False)
