@@ -236,6 +236,11 @@ def profile_shapes(model, config: EngineBuildConfig) -> list[dict[str, tuple[tup
                             f"EngineBuildConfig.fixed_dims or use a known dim name "
                             f"({', '.join(sorted(_ROLE_BY_NAME))})"
                         )
+                    if role not in ranges:  # a split_counters dim in a graph without split attention nodes
+                        raise EngineBuildError(
+                            f"input {vi.name!r} axis {axis} ({d!r}) is a split-K counters dim, but the model has no "
+                            "split attention node to size it for; name it in EngineBuildConfig.fixed_dims"
+                        )
                     lo, op, hi = ranges[role][p]
                 mins.append(lo)
                 opts.append(op)
