@@ -265,3 +265,30 @@ def test_geometry_validation_names_field():
         PagedAttentionGeometry(**base, rerope_window=4, logn_training_length=1)
     with pytest.raises(ValueError, match="scale"):
         PagedAttentionGeometry(**dict(base, scale=0.0))
+
+
+def test_split_scratch_lengths_as_shape_expressions():
+    """The lengths TensorRT infers for the split variants (``split_scratch_exprs``, ``scratch_bounds``) build
+    from TensorRT-like expressions of B and T (expression on the left only, ``maximum`` a function) and
+    evaluate to the kernel's own sizes (``split_scratch_shapes``) for every tile, and to the most of them
+    over the candidate tiles."""
+    from tests.trt._cases import Case
+    from trt_plugins._attention import _size_tiles, scratch_bounds
+    from ucm_trt.kernels.aot import split_scratch_exprs
+
+    geom = Case(hq=32, hkv=8, d=96, bs=16).geometry()
+    B, T = (_Expr(lambda env, k=k: env[k]) for k in "BT")
+    smax = lambda a, b: _Expr(lambda env: max(a.fn(env), b.fn(env)))  # noqa: E731
+    cnt_e, part_e = scratch_bounds(B, T, geom, sms=132, maximum=smax, programs_per_sm=2)
+    tiles = _size_tiles(geom)
+    assert len(tiles) >= 3  # both tactics' tiles and their smaller fallbacks
+    for b, t in ((1, 1), (8, 1), (3, 40), (2, 700)):
+        env = {"B": b, "T": t}
+        want_cnt = want_part = 0
+        for tile in tiles:
+            splits = split_count(b, t, geom, tile, sms=132, programs_per_sm=2)
+            (c,), (p,) = split_scratch_shapes(b, t, geom, tile, splits)
+            ce, pe = split_scratch_exprs(B, T, geom, tile, split_count(B, T, geom, tile, sms=132, programs_per_sm=2))
+            assert (ce.fn(env), pe.fn(env)) == (c, p) == split_scratch_exprs(b, t, geom, tile, splits)
+            want_cnt, want_part = max(want_cnt, c), max(want_part, p)
+        assert (cnt_e.fn(env), part_e.fn(env)) == (want_cnt, want_part)
