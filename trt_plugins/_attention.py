@@ -54,7 +54,8 @@ def is_split(spec: PluginSpec) -> bool:
 def geometry(values: Mapping[str, object], *, spec: PluginSpec) -> kaot.PagedAttentionGeometry:
     """Kernel geometry from plugin field values (as the parser delivers them): one geometry field
     per schema attribute (but ``num_sms``), of the attribute's type."""
-    return kaot.PagedAttentionGeometry(**{a.name: a.py_type(values[a.name]) for a in spec.attrs if a.name != SPLIT_ATTR})
+    fields = {a.name: a.py_type(values[a.name]) for a in spec.attrs if a.name != SPLIT_ATTR}
+    return kaot.PagedAttentionGeometry(**fields)
 
 
 def planned_sms(values: Mapping[str, object], *, spec: PluginSpec) -> int:

@@ -336,7 +336,8 @@ class _Emitter:
             return self.tape.op(schema.name, inputs, attributes=attrs, domain=DOMAIN, name=name)
         # the split-K variant: num_sms stays 0 here (the engine builder stamps its target's SM count)
         split = SPLIT_OPS[schema.name]
-        partials = ir.Value(name=f"split_partials.{self.layer}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["split_partials"]))
+        partials = ir.Value(name=f"split_partials.{self.layer}", type=ir.TensorType(ir.DataType.FLOAT),
+                            shape=ir.Shape(["split_partials"]))  # consumed by nothing; not a graph output
         out = ir.Value(name=None)
         self.tape.op_multi_out(split.name, [*inputs, self.counters], attributes=node_attributes(split, **attrs),
                                outputs=[out, partials], domain=DOMAIN, name=name)  # fmt: skip
