@@ -7,7 +7,9 @@ names the extra to install (``pip install "ucm-trt[trt]"``).
 
 Plugins (namespace ``ucm``, version ``"1"``), each built from its schema (``ops.module(name)``):
 
-* ``UcmPagedSparseAttention``, ``UcmPagedReRoPEAttention`` -- ``_attention.py`` (one builder; the
+* ``UcmPagedSparseAttention``, ``UcmPagedReRoPEAttention`` and their split-K variants
+  ``UcmPagedSparseAttentionSplitK``, ``UcmPagedReRoPEAttentionSplitK`` (the scratch as I/O: what the
+  rewriter emits; AOT = the split kernel for ``num_sms``) -- ``_attention.py`` (one builder; the
   schemas' attributes decide the kernel geometry)
 * ``UcmSelectAllBlocks``       -- ``ucm_select_all_blocks.py``
 

@@ -4,9 +4,13 @@ built from the op's schema by :func:`plugin`: the schema's attributes fill
 the two ops differ only in their schemas.
 
 JIT: ``ucm_trt.kernels.aot.paged_attention_chunk`` on TensorRT's stream (tactic 1 = decode tiles,
-2 = prefill tiles), split-K merged in the kernel. AOT: the same Triton kernel compiled to PTX, one
-launch per plugin, grid ``(B * Hkv, cdiv(T, BLOCK_T))``, extras ``(T, max_blocks, S, ...)``; with
-split-K (:func:`aot_split_launch`) still one launch, its scratch as an input and an output."""
+2 = prefill tiles), split-K merged in the kernel (its scratch in a torch workspace). AOT: the same
+Triton kernel compiled to PTX, one launch per plugin. The v1 ops (7 inputs, 1 output) launch it
+unsplit (:func:`aot_launch`): grid ``(B * Hkv, cdiv(T, BLOCK_T))``. Their split-K variants
+(``...SplitK``: ``split_counters`` an eighth input, ``split_partials`` a second output, ``num_sms`` an
+attribute; ``ucm_trt.graph.schemas.SPLIT_OPS``) launch it with split-K (:func:`aot_split_launch`):
+still one launch, grid ``(B * Hkv, cdiv(T, BLOCK_T), splits)`` with the launch rule's split count for
+``num_sms`` SMs, the merge inside the kernel."""
 
 from __future__ import annotations
 
@@ -39,10 +43,75 @@ def plugin(spec: PluginSpec):
     )  # fmt: skip
 
 
+SPLIT_ATTR = "num_sms"  # the split variants' extra attribute: not a geometry field
+
+
+def is_split(spec: PluginSpec) -> bool:
+    """Whether ``spec`` is a split-K variant (its scratch as I/O, ``ucm_trt.graph.schemas.SPLIT_OPS``)."""
+    return "split_counters" in spec.inputs
+
+
 def geometry(values: Mapping[str, object], *, spec: PluginSpec) -> kaot.PagedAttentionGeometry:
     """Kernel geometry from plugin field values (as the parser delivers them): one geometry field
-    per schema attribute, of the attribute's type."""
-    return kaot.PagedAttentionGeometry(**{a.name: a.py_type(values[a.name]) for a in spec.attrs})
+    per schema attribute (but ``num_sms``), of the attribute's type."""
+    fields = {a.name: a.py_type(values[a.name]) for a in spec.attrs if a.name != SPLIT_ATTR}
+    return kaot.PagedAttentionGeometry(**fields)
+
+
+def planned_sms(values: Mapping[str, object], *, spec: PluginSpec) -> int:
+    """The split variant's ``num_sms`` field; a clear error while it is still 0 (not planned)."""
+    sms = int(values[SPLIT_ATTR])
+    if sms < 1:
+        raise ValueError(
+            f"{spec.name}.{SPLIT_ATTR} is {sms}: the split count is planned for the build target's SM count, "
+            "which the engine builder stamps on every split attention node (ucm-trt build --sms N, "
+            "EngineBuildConfig.sms; default: the CUDA device's count). Build with trt_plugins.build, or set "
+            f"{SPLIT_ATTR} >= 1 on the node"
+        )
+    return sms
+
+
+def _size_tiles(geom: kaot.PagedAttentionGeometry) -> list[kaot.TileConfig]:
+    """One tile per distinct (BLOCK_T, BLOCK_M) that :func:`_fit_tile` may pick for any tactic: the
+    scratch of the tile TensorRT ends up running is at most the largest of theirs."""
+    seen, out = set(), []
+    for tac in kaot.TACTICS:
+        for tile in _tile_candidates(kaot.tile_config(tac, geom), geom.group):
+            if (tile.block_t, tile.block_m) not in seen:
+                seen.add((tile.block_t, tile.block_m))
+                out.append(tile)
+    return out
+
+
+def scratch_bounds(batch, chunk_len, geom: kaot.PagedAttentionGeometry, *, sms: int, maximum,
+                   programs_per_sm: int = DEFAULT_LAUNCH.programs_per_sm):
+    """``(counters, partials)`` lengths that hold the split kernel's scratch at ``batch`` x ``chunk_len``
+    whichever tactic and tile the builder picks: the most over :func:`_size_tiles` of
+    :func:`~ucm_trt.kernels.aot.split_scratch_exprs` with the launch rule's split count. Ints or
+    TensorRT shape expressions (``maximum``: ``max`` for ints, ``tensorrt.plugin.max`` for expressions).
+    The engine builder sizes the ``attn_split_counters`` graph input by the first; the plugin's
+    ``split_partials`` output has the second as its length."""
+    cnt = part = None
+    for tile in _size_tiles(geom):
+        splits = kaot.split_count(batch, chunk_len, geom, tile, sms=sms, programs_per_sm=programs_per_sm)
+        c, p = kaot.split_scratch_exprs(batch, chunk_len, geom, tile, splits)
+        cnt = c if cnt is None else maximum(cnt, c)
+        part = p if part is None else maximum(part, p)
+    return cnt, part
+
+
+def partials_len(symbols: Mapping[str, object], values: Mapping[str, object], *, spec: PluginSpec, maximum):
+    """The ``split_partials`` output's length from the op's shape symbols (``B``, ``T``: ints or shape
+    expressions) and its plugin field values."""
+    geom = geometry(values, spec=spec)
+    return scratch_bounds(symbols["B"], symbols["T"], geom, sms=planned_sms(values, spec=spec), maximum=maximum)[1]
+
+
+def counters_needed(batch: int, chunk_len: int, values: Mapping[str, object], *, spec: PluginSpec) -> int:
+    """The ``split_counters`` length a launch at ``batch`` x ``chunk_len`` may touch (concrete ints;
+    independent of ``num_sms``)."""
+    geom = geometry(values, spec=spec)
+    return scratch_bounds(batch, chunk_len, geom, sms=1, maximum=max)[0]
 
 
 def _tactic(tactic: int, t: int | None = None) -> int:
@@ -117,7 +186,11 @@ def _fit_tile(geom: kaot.PagedAttentionGeometry, tac: int, dtype: torch.dtype, t
 def aot_launch(values: Mapping[str, object], dtype: torch.dtype, tactic: int, target: PtxTarget,
                *, spec: PluginSpec) -> AotLaunch:
     """PTX of the tactic's tile, or of the largest smaller tile whose shared memory fits the AOT
-    launcher's limit (:func:`_fit_tile`); results never depend on the tile."""
+    launcher's limit (:func:`_fit_tile`); results never depend on the tile. A split variant's spec
+    gets :func:`aot_split_launch` for its ``num_sms`` (what its engines run); a v1 op's the unsplit
+    kernel (what engines of graphs rewritten before the split variants run)."""
+    if is_split(spec):
+        return aot_split_launch(values, dtype, tactic, target, spec=spec, sms=planned_sms(values, spec=spec))
     geom = geometry(values, spec=spec)
     tac = _tactic(tactic)
     tile, ptx = _fit_tile(geom, tac, dtype, target, split=False, name=spec.name)
@@ -138,9 +211,9 @@ def aot_split_launch(values: Mapping[str, object], dtype: torch.dtype, tactic: i
     """Split-K on the AOT path: ONE kernel (the merge inside it), in TensorRT's calling convention
     with its scratch as plugin I/O: ``split_counters`` (int32, zero before the launch and left zero
     by it) an eighth input, ``split_partials`` (fp32) a second output; ``AotLaunch.scratch(shapes)``
-    gives their shapes. ``aot_impl`` has no workspace, so the counters must be an input the graph
-    feeds; the op schema has neither tensor yet (docs/performance.md), so the engine's plugin still
-    builds :func:`aot_launch` and this launch serves the benchmark and the GPU tests (CUDA driver).
+    gives their shapes. ``aot_impl`` has no workspace, so the counters are an input the graph feeds
+    (the split variants' ``split_counters``, from the rewriter's ``attn_split_counters`` graph input);
+    :func:`aot_launch` of a split variant returns this launch with ``sms`` = the node's ``num_sms``.
 
     The split count is the launch rule's :func:`~ucm_trt.kernels.attention.min_splits` for the card's
     ``sms`` (an expression of the batch and the chunk length, which TensorRT would evaluate at run

@@ -21,7 +21,7 @@ from typing import List, Tuple, Union  # noqa: UP035 - QDP inspects typing.Tuple
 import torch
 
 from trt_plugins._tensorrt import require_tensorrt, torch_dtype
-from trt_plugins.spec import PluginSpec, check_input_dims, output_shape
+from trt_plugins.spec import DERIVED_SYMBOLS, PluginSpec, check_input_dims, fixed_type, output_shape
 
 __all__ = ["OpImpl", "define_plugin", "parameter_names", "torch_view"]
 
@@ -137,8 +137,13 @@ def define_plugin(spec: PluginSpec, impl: OpImpl) -> None:
         const = (lambda v: trtp.ShapeExpr()) if fake else (lambda v: v)  # noqa: E731
         outs = []
         for i, t in enumerate(spec.schema.outputs):
-            dims = output_shape(spec, i, [d.shape_expr for d in descs_list], values, const=const)
-            dtype = trt.int32 if t.types == ("int32",) else float_in.dtype
+            if fake and any(sym in DERIVED_SYMBOLS for sym in t.shape):
+                dims = [trtp.ShapeExpr() for _ in t.shape]  # the launch rule's length: shape pass only
+            else:
+                dims = output_shape(spec, i, [d.shape_expr for d in descs_list], values, const=const,
+                                    maximum=trtp.max)  # fmt: skip
+            dtype = {None: float_in.dtype if float_in is not None else None, "int32": trt.int32,
+                     "float": trt.float32}[fixed_type(t)]  # fmt: skip
             outs.append(trtp.from_shape_expr(tuple(dims), dtype=dtype))
         return outs[0] if len(outs) == 1 else tuple(outs)
 

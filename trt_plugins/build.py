@@ -35,6 +35,9 @@ __all__ = [
     "check_ucm_nodes",
     "strip_ucm_functions",
     "plugin_override_flag",
+    "resolve_sms",
+    "stamp_split_plan",
+    "split_counters_length",
     "PROFILE_PREFILL",
     "PROFILE_DECODE",
 ]
@@ -47,6 +50,7 @@ _ROLE_BY_NAME = {
     "batch": "batch", "batch_size": "batch", "B": "batch",
     "seq": "tokens", "seq_len": "tokens", "sequence_length": "tokens", "sequence": "tokens", "T": "tokens",
     "max_blocks": "max_blocks", "num_blocks": "num_blocks", "max_selected": "max_selected", "S": "max_selected",
+    "split_counters": "split_counters",
 }  # fmt: skip
 _ROLE_BY_POSITION = [
     (r"input_ids|position_ids", {0: "batch", 1: "tokens"}),
@@ -54,6 +58,7 @@ _ROLE_BY_POSITION = [
     (r"block_table", {0: "batch", 1: "max_blocks"}),
     (r"kv_pool(\.\d+)?", {0: "num_blocks"}),
     (r"selection(\.\d+)?", {0: "batch", 2: "max_selected"}),
+    (r"attn_split_counters|split_counters", {0: "split_counters"}),
     (r"q", {0: "batch", 2: "tokens"}),
     (r"k|v", {0: "batch", 2: "tokens"}),
 ]
@@ -73,6 +78,11 @@ class EngineBuildConfig:
     num_blocks:          pool blocks per layer (None = max_batch * max_blocks).
     max_selected:        selection width (None = max_blocks).
     plugin_mode:         "aot" (kernels embedded as PTX: engine runs without Python) or "jit".
+    sms:                 SM count of the GPU the engine is for: the split-K attention's split count is the
+                         launch rule's for it (stamped as ``num_sms`` on every split attention node, and
+                         recorded in ENGINE.json). None = the CUDA device's count; a build without a CUDA
+                         device (TensorRT for RTX) must give it. Only graphs with split attention nodes
+                         need it. Results never depend on it; speed does (H100 SXM: 132).
     fixed_dims:          values for any other dynamic dim, by dim_param name (e.g. single-op models).
     workspace_bytes:     builder workspace pool limit (None = TensorRT default).
     """
@@ -84,6 +94,7 @@ class EngineBuildConfig:
     num_blocks: int | None = None
     max_selected: int | None = None
     plugin_mode: Literal["aot", "jit"] = "aot"
+    sms: int | None = None
     fixed_dims: Mapping[str, int] = field(default_factory=dict)
     workspace_bytes: int | None = None
 
@@ -92,7 +103,7 @@ class EngineBuildConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"EngineBuildConfig.{name} must be an int >= 1, got {v!r}")
-        for name in ("opt_prefill_tokens", "num_blocks", "max_selected", "workspace_bytes"):
+        for name in ("opt_prefill_tokens", "num_blocks", "max_selected", "workspace_bytes", "sms"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"EngineBuildConfig.{name} must be None or an int >= 1, got {v!r}")
@@ -141,14 +152,70 @@ def _role(input_name: str, axis: int, param: str) -> str | None:
     return None
 
 
+def _split_nodes(model) -> list:
+    from ucm_trt.graph.schemas import DOMAIN, SPLIT_OPS
+
+    names = {s.name for s in SPLIT_OPS.values()}
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type in names]
+
+
+def split_counters_length(model, config: EngineBuildConfig) -> int:
+    """Length of the ``attn_split_counters`` input in both profiles: the most counters any split
+    attention node's kernel may touch at the profiles' largest batch and chunk
+    (``config.max_batch`` x ``config.max_prefill_tokens``), for any tactic and tile the builder picks
+    (``trt_plugins._attention.counters_needed``). One buffer of this length serves every layer."""
+    from onnx import helper
+
+    from trt_plugins._attention import counters_needed
+    from trt_plugins.spec import plugin_spec
+
+    need = 1
+    for node in _split_nodes(model):
+        spec = plugin_spec(node.op_type)
+        values = spec.attribute_values({a.name: helper.get_attribute_value(a) for a in node.attribute})
+        need = max(need, counters_needed(config.max_batch, config.max_prefill_tokens, values, spec=spec))
+    return need
+
+
+def resolve_sms(config: EngineBuildConfig) -> int:
+    """``config.sms``, else the current CUDA device's SM count; :class:`EngineBuildError` without either."""
+    if config.sms is not None:
+        return config.sms
+    import torch
+
+    if not torch.cuda.is_available():
+        raise EngineBuildError(
+            "EngineBuildConfig.sms is None and there is no CUDA device to read the SM count from: the split-K "
+            "attention plans its split count for the target GPU's SMs; pass it (ucm-trt build --sms N; H100 SXM: 132)"
+        )
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
+
+
+def stamp_split_plan(model, sms: int):
+    """A copy of ``model`` whose split attention nodes carry ``num_sms = sms`` (the rewriter writes 0)."""
+    from onnx import helper
+
+    out = type(model)()
+    out.CopyFrom(model)
+    for node in _split_nodes(out):
+        keep = [a for a in node.attribute if a.name != "num_sms"]
+        del node.attribute[:]
+        node.attribute.extend(keep + [helper.make_attribute("num_sms", int(sms))])
+    return out
+
+
 def profile_shapes(model, config: EngineBuildConfig) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
     """``[prefill, decode]``: per network input, its ``(min, opt, max)`` shapes.
 
-    Every dynamic dim must resolve to a role (batch, tokens, max_blocks, num_blocks, max_selected)
-    or be given in ``config.fixed_dims``; otherwise :class:`EngineBuildError` names it.
+    Every dynamic dim must resolve to a role (batch, tokens, max_blocks, num_blocks, max_selected,
+    split_counters: :func:`split_counters_length` in both profiles) or be given in
+    ``config.fixed_dims``; otherwise :class:`EngineBuildError` names it.
     """
     initializers = {i.name for i in model.graph.initializer}
-    ranges = config.role_ranges()
+    ranges = dict(config.role_ranges())
+    if _split_nodes(model):
+        n = split_counters_length(model, config)
+        ranges["split_counters"] = ((n, n, n),) * 2
     profiles: list[dict[str, tuple[tuple[int, ...], ...]]] = [{}, {}]
     for vi in model.graph.input:
         if vi.name in initializers:
@@ -168,6 +235,11 @@ def profile_shapes(model, config: EngineBuildConfig) -> list[dict[str, tuple[tup
                             f"input {vi.name!r} axis {axis} is dynamic ({d!r}) and has no range: name it in "
                             f"EngineBuildConfig.fixed_dims or use a known dim name "
                             f"({', '.join(sorted(_ROLE_BY_NAME))})"
+                        )
+                    if role not in ranges:  # a split_counters dim in a graph without split attention nodes
+                        raise EngineBuildError(
+                            f"input {vi.name!r} axis {axis} ({d!r}) is a split-K counters dim, but the model has no "
+                            "split attention node to size it for; name it in EngineBuildConfig.fixed_dims"
                         )
                     lo, op, hi = ranges[role][p]
                 mins.append(lo)
@@ -312,7 +384,15 @@ def build_engine(
     ucm_nodes = check_ucm_nodes(model, trt.get_plugin_registry())
     progress(f"{onnx_path.name}: {len(model.graph.node)} nodes, {len(ucm_nodes)} UCM nodes")
     profiles = profile_shapes(model, config)
-
+    split = len(_split_nodes(model))
+    sms = resolve_sms(config) if split else None
+    if split:
+        progress(f"{split} split-K attention nodes: split count planned for {sms} SMs "
+                 f"({'--sms' if config.sms is not None else 'the CUDA device'}), "
+                 f"attn_split_counters length {profiles[0].get('attn_split_counters', ((0,),))[0][0]}")
+    else:
+        progress("no split-K attention nodes (a model rewritten before issue 14 or with split_scratch=False): "
+                 "the engine's attention runs unsplit")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     F = trt.NetworkDefinitionCreationFlag
@@ -328,7 +408,7 @@ def build_engine(
     override = plugin_override_flag(trt)
     if override is not None:
         parser.set_flag(override)
-    stripped = strip_ucm_functions(model)
+    stripped = strip_ucm_functions(model if sms is None else stamp_split_plan(model, sms))
     progress(f"parsing {onnx_path} ({config.plugin_mode.upper()} plugins, strongly typed; "
              f"{len(model.functions) - len(stripped.functions)} UCM function bodies stripped, "
              f"plugin override flag {'set' if override is not None else 'absent (TensorRT < 10.15)'})")
@@ -377,6 +457,8 @@ def build_engine(
         "outputs": [vo.name for vo in model.graph.output],
         "ucm": {p.key: p.value for p in model.metadata_props if p.key.startswith("ucm.")},
         "build_config": {k: v for k, v in asdict(config).items() if k != "fixed_dims"} | {"fixed_dims": dict(config.fixed_dims)},
+        "sms": sms,  # the SM count the split-K attention was planned for (None: no split nodes)
+        "split_attention_nodes": split,
     }  # fmt: skip
     meta_path.write_text(json.dumps(meta, indent=1))
     seconds = time.perf_counter() - t_start

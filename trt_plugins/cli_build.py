@@ -33,6 +33,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plugins", choices=("aot", "jit"), default="aot",
                    help="aot: Triton kernels embedded as PTX (engine runs without Python); jit: Python "
                         "callbacks (the process that runs the engine must import trt_plugins)")  # fmt: skip
+    p.add_argument("--sms", type=int, default=None,
+                   help="SM count of the target GPU, for the split-K attention's split count (default: the CUDA "
+                        "device's; required without one). Recorded in ENGINE.json")  # fmt: skip
     p.add_argument("--workspace-mb", type=int, default=None, help="builder workspace limit in MiB")
     p.add_argument("--fix-dim", action="append", default=[], metavar="NAME=VALUE",
                    help="value of another dynamic dim by its ONNX dim name (repeatable)")  # fmt: skip
@@ -49,7 +52,8 @@ def check_args(args: argparse.Namespace, *, create_dirs: bool = True) -> None:
                         ("--max-blocks", args.max_blocks)):
         ca.int_at_least(flag, value, 1)
     for flag, value in (("--opt-prefill-tokens", args.opt_prefill_tokens), ("--num-blocks", args.num_blocks),
-                        ("--max-selected", args.max_selected), ("--workspace-mb", args.workspace_mb)):
+                        ("--max-selected", args.max_selected), ("--workspace-mb", args.workspace_mb),
+                        ("--sms", args.sms)):
         if value is not None:
             ca.int_at_least(flag, value, 1)
     if args.opt_prefill_tokens is not None and args.opt_prefill_tokens > args.max_prefill_tokens:
@@ -81,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         num_blocks=args.num_blocks,
         max_selected=args.max_selected,
         plugin_mode=args.plugins,
+        sms=args.sms,
         fixed_dims=_fixed(args.fix_dim),
         workspace_bytes=None if args.workspace_mb is None else args.workspace_mb << 20,
     )

@@ -26,6 +26,8 @@ __all__ = ["OP_MODULES", "OpPlugin", "check_attributes", "module", "define", "de
 OP_MODULES = {
     "UcmPagedSparseAttention": "trt_plugins._attention",
     "UcmPagedReRoPEAttention": "trt_plugins._attention",
+    "UcmPagedSparseAttentionSplitK": "trt_plugins._attention",
+    "UcmPagedReRoPEAttentionSplitK": "trt_plugins._attention",
     "UcmSelectAllBlocks": "trt_plugins.ucm_select_all_blocks",
 }
 

@@ -39,10 +39,13 @@ from trt_plugins.build import (
     PROFILE_NAMES,
     EngineBuildConfig,
     EngineBuildError,
+    _split_nodes,
     check_ucm_nodes,
     profile_shapes,
+    resolve_sms,
+    stamp_split_plan,
 )
-from trt_plugins.spec import PluginSpec, all_plugin_specs, check_input_dims, output_shape
+from trt_plugins.spec import PluginSpec, all_plugin_specs, check_input_dims, fixed_type, output_shape
 
 __all__ = [
     "RTX_MODULE",
@@ -169,6 +172,35 @@ def _fields(trt, spec: PluginSpec, values: Mapping[str, object] | None):
 # ---- the plugin and its creator --------------------------------------------------------------
 
 
+class _Dim:
+    """An ``IDimensionExpr`` with Python arithmetic (``+ - * //`` with ints or dims, :meth:`maximum`), so
+    that the launch rule's length expressions (``trt_plugins._attention.partials_len``), written for ints
+    and ``tensorrt.plugin`` shape expressions, also build RTX dimension expressions."""
+
+    def __init__(self, trt, builder, expr) -> None:
+        self.trt, self.builder, self.expr = trt, builder, expr
+
+    def _op(self, name: str, other) -> _Dim:
+        rhs = other.expr if isinstance(other, _Dim) else self.builder.constant(int(other))
+        return _Dim(self.trt, self.builder, self.builder.operation(getattr(self.trt.DimensionOperation, name), self.expr, rhs))
+
+    def __add__(self, other):
+        return self._op("SUM", other)
+
+    def __sub__(self, other):
+        return self._op("SUB", other)
+
+    def __mul__(self, other):
+        return self._op("PROD", other)
+
+    def __floordiv__(self, other):
+        return self._op("FLOOR_DIV", other)
+
+    @staticmethod
+    def maximum(a, b):
+        return a._op("MAX", b) if isinstance(a, _Dim) else b._op("MAX", a)
+
+
 class _Recorder:
     """What the plugin callbacks saw during one parse/build: the exceptions they raised (TensorRT
     only logs 'Exception caught in ...' and returns an error code) and the fields they serialized."""
@@ -238,7 +270,8 @@ def _plugin_classes(trt: ModuleType):
             if len(floats) > 1:
                 raise TypeError(f"{self.spec.name}: all float inputs must share one dtype, got {sorted(map(str, floats))}")
             float_type = next(iter(floats), None)
-            return [trt.DataType.INT32 if t.types == ("int32",) else float_type for t in schema.outputs]
+            return [float_type if fixed_type(t) is None else getattr(trt.DataType, _TRT_TYPE[fixed_type(t)])
+                    for t in schema.outputs]  # fmt: skip
 
         def get_output_shapes(self, inputs, shape_inputs, expr_builder):
             return _recorded(self.recorder, self._where("get_output_shapes"), self._output_shapes, inputs, expr_builder)
@@ -247,8 +280,10 @@ def _plugin_classes(trt: ModuleType):
             dims = [[d[i] for i in range(len(d))] for d in inputs]
             known = [[e.get_constant_value() if e.is_constant() else None for e in ds] for ds in dims]
             check_input_dims(self.spec, known, self.values)
-            const = lambda v: expr_builder.constant(int(v))  # noqa: E731
-            return [trt.DimsExprs(output_shape(self.spec, i, dims, self.values, const=const))
+            wrapped = [[_Dim(trt, expr_builder, e) for e in ds] for ds in dims]
+            const = lambda v: _Dim(trt, expr_builder, expr_builder.constant(int(v)))  # noqa: E731
+            return [trt.DimsExprs([d.expr for d in output_shape(self.spec, i, wrapped, self.values, const=const,
+                                                                maximum=_Dim.maximum)])
                     for i in range(len(self.spec.outputs))]  # fmt: skip
 
         def supports_format_combination(self, pos, in_out, num_inputs):
@@ -259,7 +294,7 @@ def _plugin_classes(trt: ModuleType):
                 return False
             if desc.type not in {getattr(trt.DataType, _TRT_TYPE[x]) for x in t.types}:
                 return False
-            if "int32" in t.types:
+            if fixed_type(t) is not None:  # int32 indices / counters, fp32 split partials
                 return True
             # every float tensor takes the type of the first float tensor (as the QDP autotune says)
             first = next(i for i, s in enumerate(tensors) if "int32" not in s.types)
@@ -449,14 +484,17 @@ def _load(model_or_path):
     return onnx.load(str(path))
 
 
-def parse_rtx_network(model_or_path) -> RtxNetwork:
+def parse_rtx_network(model_or_path, *, sms: int | None = None) -> RtxNetwork:
     """Parse a rewritten model with TensorRT for RTX and the UCM plugins; no build.
 
     With every input dim fixed (``onnx`` ``dim_value``), the plugin layers' shape inference runs on
-    constants and the outputs' shapes come back concrete."""
+    constants and the outputs' shapes come back concrete. ``sms``: stamped as ``num_sms`` on the split
+    attention nodes first (as the builders do; their ``split_partials`` length needs it)."""
     trt = require_tensorrt_rtx()
     reg = _registration()
     model = _load(model_or_path)
+    if sms is not None:
+        model = stamp_split_plan(model, sms)
     ucm_nodes = check_ucm_nodes(model, trt.get_plugin_registry())
     reg.recorder.clear()
     _, network, _, _ = _parse(trt, model, reg.recorder)
@@ -477,6 +515,8 @@ def build_rtx_engine(model_or_path, config: RtxBuildConfig = RtxBuildConfig()) -
         raise ValueError(f"RtxBuildConfig.compute_capability {config.compute_capability!r} is not an RTX target; valid: {valid}")
     reg = _registration()
     model = _load(model_or_path)
+    if _split_nodes(model):  # there is no CUDA device here: EngineBuildConfig.sms must be given
+        model = stamp_split_plan(model, resolve_sms(config.engine))
     ucm_nodes = check_ucm_nodes(model, trt.get_plugin_registry())
     profiles = profile_shapes(model, config.engine)
     reg.recorder.clear()
@@ -524,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=1)
     ap.add_argument("--max-prefill-tokens", type=int, default=1024)
     ap.add_argument("--max-blocks", type=int, default=64)
+    ap.add_argument("--sms", type=int, default=None,
+                    help="SM count of the target GPU, for the split-K attention (required: no CUDA device here)")
     args = ap.parse_args(argv)  # fmt: skip
     if (args.build is None) != (args.out is None):
         ap.error("--build and --out go together")
@@ -534,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TensorRT for RTX {trt.__version__}: usable; UCM plugins {', '.join(register_rtx_plugins())}")
         if args.build is not None:
             engine = EngineBuildConfig(max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens,
-                                       max_blocks=args.max_blocks)  # fmt: skip
+                                       max_blocks=args.max_blocks, sms=args.sms)  # fmt: skip
             result = build_rtx_engine(args.build, RtxBuildConfig(engine=engine, compute_capability=args.compute_capability))
             Path(args.out).write_bytes(result.engine)
             layers = ", ".join(f"{n} x{c}" for n, c in sorted(result.network.plugin_layers.items()))

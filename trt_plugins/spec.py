@@ -9,7 +9,10 @@ types come from the one schema. This module only maps them onto TensorRT's conve
   the node and are not fields). Schema kinds map to QDP annotations ``int`` / ``float`` / ``str``;
   the parser converts ONNX INT -> INT32, FLOAT -> FLOAT32, STRING -> CHAR (+ trailing NUL);
 * output shapes from the schema's symbolic shapes: a symbol is read from the first input that
-  carries it, or from the attribute that defines it (``SYMBOL_ATTRIBUTES``).
+  carries it, or from the attribute that defines it (``SYMBOL_ATTRIBUTES``), or -- the split
+  attention variants' ``split_partials`` -- from the kernel's launch rule (``DERIVED_SYMBOLS``);
+* an output whose schema allows one element type (``split_partials``: fp32) has that type; the other
+  float outputs take the float inputs' type.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ __all__ = [
     "reserved_op_names",
     "output_shape",
     "check_input_dims",
+    "fixed_type",
+    "DERIVED_SYMBOLS",
 ]
 
 # Node attributes that route an ONNX node to a plugin creator; they are not plugin fields.
@@ -42,6 +47,10 @@ SYMBOL_ATTRIBUTES: Mapping[str, str] = {
     "D": "head_dim",
     "block_size": "block_size",
 }
+
+# Output symbols that no input or attribute defines: the plugin's launch rule computes them from the
+# other symbols and the field values (ints or shape expressions; ``maximum`` = max of two of them).
+DERIVED_SYMBOLS = ("split_partials",)
 
 _KIND_TO_PY = {"int": int, "float": float, "string": str}
 # ONNX attribute type the parser must see for each schema kind (onnx.AttributeProto enum names).
@@ -157,18 +166,27 @@ def all_plugin_specs() -> dict[str, PluginSpec]:
     return {name: plugin_spec(name) for name in _schemas.SCHEMAS}
 
 
+def fixed_type(t: _schemas.TensorSpec) -> str | None:
+    """The one element type a tensor of the schema must have (``int32`` indices, ``float`` for the
+    split partials), or None where it takes the op's float type."""
+    return t.types[0] if len(t.types) == 1 else None
+
+
 def output_shape(
     spec: PluginSpec,
     output_index: int,
     input_shapes: Sequence[Sequence[object]],
     attrs: Mapping[str, object],
     const: Callable[[int], object] = lambda v: v,
+    maximum: Callable[[object, object], object] = max,
 ) -> list[object]:
     """Output ``output_index``'s shape from the schema's symbols.
 
     ``input_shapes`` hold per-input dims (ints or TensorRT shape expressions); a symbol takes the
     dim of the first input that carries it, else the value of the attribute that defines it,
-    else a literal integer. ``const`` wraps attribute/literal ints (e.g. into a shape expression).
+    else a literal integer, else (``DERIVED_SYMBOLS``) the plugin's launch rule
+    (``trt_plugins._attention.partials_len``). ``const`` wraps attribute/literal ints (e.g. into a
+    shape expression); ``maximum`` is the max of two dims (``tensorrt.plugin.max`` for expressions).
     """
     if len(input_shapes) != len(spec.inputs):
         raise ValueError(f"{spec.name} takes {len(spec.inputs)} inputs, got {len(input_shapes)} shapes")
@@ -187,6 +205,10 @@ def output_shape(
             out.append(const(int(attrs[SYMBOL_ATTRIBUTES[sym]])))  # type: ignore[arg-type]
         elif sym.isdigit():
             out.append(const(int(sym)))
+        elif sym in DERIVED_SYMBOLS:
+            from trt_plugins._attention import partials_len
+
+            out.append(partials_len(symbols, attrs, spec=spec, maximum=maximum))
         else:
             raise ValueError(f"{spec.name}: output symbol {sym!r} is defined by no input and no attribute")
     return out
@@ -207,6 +229,27 @@ def check_input_dims(spec: PluginSpec, dims: Sequence[Sequence[int | None]], att
                 raise ValueError(
                     f"{spec.name}: input {t.name} axis {axis} ({sym}) is {d} but the node's attributes say {want}"
                 )
+    if "split_counters" in spec.inputs:
+        _check_counters(spec, dims, attrs)
+
+
+def _check_counters(spec: PluginSpec, dims: Sequence[Sequence[int | None]], attrs: Mapping[str, object]) -> None:
+    """A split variant's ``split_counters`` must hold a counter for every tile the kernel may run at the
+    largest known ``B`` x ``T`` (a shorter buffer would be written out of bounds): checked where the
+    three dims are build-time constants (``ucm-trt build`` fixes the counters' length per profile)."""
+    from trt_plugins._attention import counters_needed
+
+    by_name = dict(zip(spec.inputs, dims, strict=True))
+    n, b, t = by_name["split_counters"][0], by_name["q"][0], by_name["q"][2]
+    if n is None or b is None or t is None:
+        return
+    need = counters_needed(int(b), int(t), attrs, spec=spec)
+    if n < need:
+        raise ValueError(
+            f"{spec.name}: input split_counters has {n} elements but a launch at B={b}, T={t} may use {need} "
+            "(one int32 counter per row x KV head x query tile of the smallest query tile); feed a zeroed "
+            "buffer at least that long (ucm-trt build sizes the attn_split_counters input)"
+        )
 
 
 def reserved_op_names() -> set[str]:

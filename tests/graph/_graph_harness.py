@@ -87,6 +87,9 @@ class PagedRunner:
             "position_ids": (self.lengths[:, None] + np.arange(t)[None]).astype(np.int64),
             "seq_lens": (self.lengths + t).astype(np.int32),
             "block_table": self.block_table,
+            # the split-K scratch: zeros (the function bodies do not read it; the TensorRT backend binds
+            # a zeroed buffer of the engine's length)
+            "attn_split_counters": np.zeros(1, np.int32),
         }
         for i in range(self.L):
             feeds[f"kv_pool.{i}"] = self.pools[i]

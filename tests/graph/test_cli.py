@@ -49,13 +49,13 @@ def test_export_then_rewrite(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 attention node(s) rewritten" in out and "decomposed_sdpa=2" in out
     m = onnx.load(str(out_path))
-    assert sum(n.op_type == "UcmPagedSparseAttention" for n in m.graph.node) == 2
+    assert sum(n.op_type == "UcmPagedSparseAttentionSplitK" for n in m.graph.node) == 2
     assert json.loads(rep_path.read_text())["counts"] == {"decomposed_sdpa": 2}
     # ReRoPE through the CLI
     rr = tmp_path / "tiny-rerope.onnx"
     assert cli.main(["rewrite", str(onnx_path), str(rr), "--algorithm", "rerope", "--block-size", "16",
                      "--rerope-window", "64", "--rerope-training-length", "512"]) == 0  # fmt: skip
-    assert sum(n.op_type == "UcmPagedReRoPEAttention" for n in onnx.load(str(rr)).graph.node) == 2
+    assert sum(n.op_type == "UcmPagedReRoPEAttentionSplitK" for n in onnx.load(str(rr)).graph.node) == 2
 
 
 def test_refused_rewrite_exits_1_and_writes_nothing(tmp_path, capsys):

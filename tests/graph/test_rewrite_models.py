@@ -147,3 +147,77 @@ def test_kv_head_variants_legacy(tmp_path, kv_heads):
     for ids in _tokens(4):
         want, got = orig.step(ids), paged.step(ids, paged.all_blocks(kv_heads))
         assert rel_err(got, want) <= TOL
+
+
+@pytest.mark.parametrize("algorithm", ["esa", "rerope"])
+def test_split_scratch_graph_equals_the_v1_graph(exported, algorithm):
+    """The default rewrite emits the split-K variants: ONE int32 1-D graph input ``attn_split_counters``
+    read by every attention node as its 8th input, each node's ``split_partials.{i}`` consumed by nothing
+    and not a graph output, ``num_sms`` left 0 for the builder. On ONNX Runtime the function bodies ignore
+    the counters: every graph output equals the v1 graph's (``split_scratch=False``, what models rewritten
+    before issue 14 hold) bit for bit, through prefill, a chunk and decode."""
+    import onnx
+
+    from ucm_trt.graph.schemas import SPLIT_COUNTERS_INPUT
+
+    path = exported("llama", "legacy", 17)
+    extra = {"rerope": ReRoPEConfig(window=6, training_length=8, logn=True)} if algorithm == "rerope" else {}
+    split, rep = rewrite_model(path, config=RewriteConfig(algorithm=algorithm, block_size=BS, **extra))
+    v1, _ = rewrite_model(path, config=RewriteConfig(algorithm=algorithm, block_size=BS, split_scratch=False, **extra))
+    base = "UcmPagedReRoPEAttention" if algorithm == "rerope" else "UcmPagedSparseAttention"
+    nodes = [n for n in split.graph.node if n.domain == "ucm" and n.op_type != "UcmSelectAllBlocks"]
+    assert [n.op_type for n in nodes] == [base + "SplitK"] * LAYERS
+    assert all(f"-> {base}SplitK " in n.reason for n in rep.rewritten)
+    assert {n.op_type for n in v1.graph.node if n.domain == "ucm"} <= {base, "UcmSelectAllBlocks"}
+    (cnt,) = [i for i in split.graph.input if i.name == SPLIT_COUNTERS_INPUT]
+    assert cnt.type.tensor_type.elem_type == onnx.TensorProto.INT32
+    assert [d.dim_param for d in cnt.type.tensor_type.shape.dim] == ["split_counters"]
+    assert SPLIT_COUNTERS_INPUT not in {i.name for i in v1.graph.input}
+    readers = [i for n in split.graph.node for i in n.input]
+    outputs = {o.name for o in split.graph.output}
+    for i, n in enumerate(nodes):
+        assert list(n.input[:7]) == list(next(m for m in v1.graph.node if m.name == n.name).input)
+        assert n.input[7] == SPLIT_COUNTERS_INPUT
+        assert n.output[1] == f"split_partials.{i}" and n.output[1] not in readers and n.output[1] not in outputs
+        assert {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["num_sms"] == 0
+    assert [o.name for o in split.graph.output] == [o.name for o in v1.graph.output]
+    ps = PagedRunner(split, B, LAYERS, HKV, D, BS, MAX_BLOCKS, seed=5)
+    pv = PagedRunner(v1, B, LAYERS, HKV, D, BS, MAX_BLOCKS, seed=5)
+    assert SPLIT_COUNTERS_INPUT in ps.in_names and SPLIT_COUNTERS_INPUT not in pv.in_names
+    rng = np.random.default_rng(9)
+    for ids in _tokens(3):
+        past = int(ps.lengths[0])
+        sels = None
+        if algorithm == "esa":
+            sels = ([np.pad(np.zeros((B, HKV, 1), np.int32), ((0, 0), (0, 0), (0, 2)), constant_values=-1)] * LAYERS
+                    if past == 0 else [sparse_selection(rng, B, HKV, past, BS, width=3) for _ in range(LAYERS)])  # fmt: skip
+        ps.step(ids, sels)
+        pv.step(ids, sels)
+        assert ps.last_outputs.keys() == pv.last_outputs.keys()
+        for name, want in pv.last_outputs.items():
+            np.testing.assert_array_equal(ps.last_outputs[name], want, err_msg=name)
+
+
+def test_ort_backend_runs_split_and_v1_graphs_alike(exported, tmp_path):
+    """The ONNX Runtime backend feeds the counters input where a model has it (one zero: the function
+    bodies never read it) and nothing where it has not (models rewritten before): the same greedy tokens."""
+    import torch
+
+    from ucm_trt.config import SparseConfig
+    from ucm_trt.graph import save_model
+    from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams
+    from ucm_trt.runtime.algorithms import make_policy, sparse_config_for
+    from ucm_trt.runtime.backends.ort_backend import OrtBackend
+
+    path = exported("llama", "legacy", 17)
+    tokens = {}
+    for split in (True, False):
+        model, _ = rewrite_model(path, config=RewriteConfig(algorithm="dense", block_size=BS, split_scratch=split))
+        backend = OrtBackend(save_model(model, tmp_path / f"dense-{split}.onnx"))
+        assert backend._split_counters == split
+        with Engine(backend, make_policy("dense"), sparse=sparse_config_for("dense", SparseConfig(block_size=BS)),
+                    config=RuntimeConfig(max_batch=1, max_seq_len=256, prefill_chunk=32, cache_blocks=0)) as eng:  # fmt: skip
+            prompt = torch.randint(0, 1000, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+            [res] = eng.generate(prompt, SamplingParams(max_new_tokens=6))
+        tokens[split] = res.token_ids
+    assert tokens[True] == tokens[False] and len(tokens[True]) == 6

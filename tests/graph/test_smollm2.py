@@ -43,7 +43,7 @@ def test_smollm2_architecture_structure_and_dense_equality(tmp_path):
     path = export_hf_model(model, tmp_path / "smol2.onnx", config=ExportConfig(exporter="legacy"))
     rw, rep = rewrite_model(path, config=RewriteConfig(algorithm="esa", block_size=BS))
     assert rep.counts == {"decomposed_sdpa": 2}
-    nodes = [n for n in rw.graph.node if n.op_type == "UcmPagedSparseAttention"]
+    nodes = [n for n in rw.graph.node if n.op_type == "UcmPagedSparseAttentionSplitK"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
     assert (attrs["num_q_heads"], attrs["num_kv_heads"], attrs["head_dim"], attrs["block_size"]) == (9, 3, 64, BS)
     assert attrs["scale"] == pytest.approx(0.125) and attrs["plugin_namespace"] == b"ucm"

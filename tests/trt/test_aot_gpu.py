@@ -130,3 +130,40 @@ def test_aot_split_k_one_kernel_launched_like_tensorrt(name, splits):
                    [out.data_ptr(), partials.data_ptr()])  # fmt: skip
         torch.testing.assert_close(out.float().cpu(), ref, **tolerances_for(dtype))
         assert int(counters.abs().sum()) == 0
+
+
+def test_split_variant_plugin_launch_shares_one_counters_buffer_across_layers():
+    """What an engine of a rewritten graph runs, without TensorRT: the split variants' ``aot_impl`` artifacts
+    (``aot_launch`` of ``UcmPagedSparseAttentionSplitK`` / ``UcmPagedReRoPEAttentionSplitK`` with ``num_sms`` =
+    this card's count) launched through the CUDA driver in TensorRT's argument order, three layers in a row
+    (sparse, ReRoPE, sparse) on ONE zeroed counters buffer of the builder's length, each with a NaN-poisoned
+    partials buffer of exactly the length the plugin declares. Every output equals the reference, and the
+    counters are zero after every launch: the next layer (and the next step) may reuse them unzeroed."""
+    from trt_plugins._attention import counters_needed
+    from trt_plugins.spec import output_shape, plugin_spec
+    from ucm_trt.kernels._common import num_sms
+
+    sms = num_sms(torch.device("cuda"))
+    dtype = torch.bfloat16
+    layers = [_BIG["big_decode"], _BIG["big_prefill_rerope"], _BIG["big_decode"]]
+    specs = [plugin_spec(c.op_name + "SplitK") for c in layers]
+    n_cnt = max(counters_needed(c.batch, c.t, dict(c.attrs(), num_sms=sms), spec=s) for c, s in zip(layers, specs, strict=True))
+    counters = torch.zeros(n_cnt, dtype=torch.int32, device="cuda")
+    for case, spec in zip(layers, specs, strict=True):
+        attrs = dict(case.attrs(), num_sms=sms)
+        inputs, pool_full = make_inputs(case, dtype, "cuda")
+        ref = reference(case, inputs, pool_full)
+        tactic = TACTIC_DECODE if case.t <= 8 else TACTIC_PREFILL
+        launch = aot_launch(spec.name, attrs, dtype, tactic, ops.device_target())
+        shapes = {n: tuple(inputs[n].shape) for n in spec.inputs[:7]}
+        shapes["split_counters"] = (n_cnt,)
+        (part_len,) = output_shape(spec, 1, [shapes[n] for n in spec.inputs], attrs)
+        assert launch.grid(shapes, int_cdiv)[2] > 1 or case.t > 8  # decode at this size splits on any card
+        partials = torch.full((part_len,), float("nan"), device="cuda")
+        out = torch.full_like(inputs["q"], float("nan"))
+        mod = _Loaded(launch.kernel.name, launch.kernel.ptx)
+        mod.launch(launch.grid(shapes, int_cdiv), launch.block, launch.kernel.shared_mem,
+                   [inputs[n].data_ptr() for n in spec.inputs[:7]] + [counters.data_ptr()], launch.extras(shapes),
+                   [out.data_ptr(), partials.data_ptr()])  # fmt: skip
+        torch.testing.assert_close(out.float().cpu(), ref, **tolerances_for(dtype))
+        assert int(counters.abs().sum()) == 0

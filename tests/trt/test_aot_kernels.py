@@ -56,7 +56,7 @@ def _launch_like_tensorrt(case, inputs, tactic):
     return out
 
 
-def _split_launch_like_tensorrt(case, inputs, tactic, splits, counters=None):
+def _split_launch_like_tensorrt(case, inputs, tactic, splits, counters=None, partials_len=None):
     """Split-K as ONE AOT kernel (the merge inside it): arguments = the op's inputs, the int32 counter
     input (zero), the int32 extras (ITEMS_PER_SPLIT too), the output, the fp32 partials output
     (poisoned); grid z = splits. Returns ``(out, counters)``."""
@@ -69,6 +69,11 @@ def _split_launch_like_tensorrt(case, inputs, tactic, splits, counters=None):
     kernel, signature, constexprs = paged_attention_kernel_args(geom, tile, dtype, split=True)
     cnt_shape, part_shape = split_scratch_shapes(b, t, geom, tile, splits)
     counters = torch.zeros(cnt_shape, dtype=torch.int32) if counters is None else counters
+    if partials_len is not None:  # the plugin's declared length: at least what this launch writes
+        assert partials_len >= part_shape[0]
+        part_shape = (partials_len,)
+    if counters.numel() < cnt_shape[0]:
+        raise ValueError(f"counters has {counters.numel()} elements, the launch needs {cnt_shape[0]}")
     partials = torch.full(part_shape, float("nan"))
     extras = paged_attention_extras(shapes, geom, items_per_split=split_items(shapes["selection"][2], t,
                                                                               geom.block_size, splits))
@@ -105,6 +110,33 @@ def test_split_k_in_one_aot_kernel_matches_reference(name, splits):
         out, counters = _split_launch_like_tensorrt(case, inputs, tactic, splits, counters)
         torch.testing.assert_close(out, ref, **tolerances_for(torch.float32))
         assert int(counters.abs().sum()) == 0
+
+
+def test_one_counters_buffer_serves_consecutive_layers_at_the_plugin_s_lengths():
+    """The rewritten graph feeds ONE zeroed ``attn_split_counters`` to every attention node. Three launches
+    in a row -- a sparse layer, a ReRoPE layer of another geometry, the sparse layer again -- share one
+    counters buffer of the builder's length (the most any of them needs), each with partials of exactly the
+    length the plugin declares (``split_partials``) and the launch rule's split count; every output equals
+    the reference and the counters are zero after every launch (so the next layer may use them)."""
+    from trt_plugins._attention import counters_needed, scratch_bounds
+    from trt_plugins.spec import plugin_spec
+    from ucm_trt.kernels.attention import DEFAULT_LAUNCH
+
+    sms = 3  # a small card, so that the rule splits these small cases (2-3 splits) and the interpreter stays quick
+    layers = [CASES["decode"], CASES["rerope"], CASES["decode"]]
+    n_cnt = max(counters_needed(c.batch, c.t, dict(c.attrs(), num_sms=sms), spec=plugin_spec(c.op_name + "SplitK"))
+                for c in layers)  # fmt: skip
+    counters = torch.zeros(n_cnt, dtype=torch.int32)
+    for case in layers:
+        inputs, pool_full = make_inputs(case)
+        geom = case.geometry()
+        splits = split_count(case.batch, case.t, geom, tile_config(TACTIC_DECODE, geom), sms=sms,
+                             programs_per_sm=DEFAULT_LAUNCH.programs_per_sm)  # fmt: skip
+        assert splits >= 2
+        part_len = scratch_bounds(case.batch, case.t, geom, sms=sms, maximum=max)[1]
+        out, counters = _split_launch_like_tensorrt(case, inputs, TACTIC_DECODE, splits, counters, partials_len=part_len)
+        torch.testing.assert_close(out, reference(case, inputs, pool_full), **tolerances_for(torch.float32))
+        assert counters.shape == (n_cnt,) and int(counters.abs().sum()) == 0
 
 
 class _Expr:
@@ -233,3 +265,30 @@ def test_geometry_validation_names_field():
         PagedAttentionGeometry(**base, rerope_window=4, logn_training_length=1)
     with pytest.raises(ValueError, match="scale"):
         PagedAttentionGeometry(**dict(base, scale=0.0))
+
+
+def test_split_scratch_lengths_as_shape_expressions():
+    """The lengths TensorRT infers for the split variants (``split_scratch_exprs``, ``scratch_bounds``) build
+    from TensorRT-like expressions of B and T (expression on the left only, ``maximum`` a function) and
+    evaluate to the kernel's own sizes (``split_scratch_shapes``) for every tile, and to the most of them
+    over the candidate tiles."""
+    from tests.trt._cases import Case
+    from trt_plugins._attention import _size_tiles, scratch_bounds
+    from ucm_trt.kernels.aot import split_scratch_exprs
+
+    geom = Case(hq=32, hkv=8, d=96, bs=16).geometry()
+    B, T = (_Expr(lambda env, k=k: env[k]) for k in "BT")
+    smax = lambda a, b: _Expr(lambda env: max(a.fn(env), b.fn(env)))  # noqa: E731
+    cnt_e, part_e = scratch_bounds(B, T, geom, sms=132, maximum=smax, programs_per_sm=2)
+    tiles = _size_tiles(geom)
+    assert len(tiles) >= 3  # both tactics' tiles and their smaller fallbacks
+    for b, t in ((1, 1), (8, 1), (3, 40), (2, 700)):
+        env = {"B": b, "T": t}
+        want_cnt = want_part = 0
+        for tile in tiles:
+            splits = split_count(b, t, geom, tile, sms=132, programs_per_sm=2)
+            (c,), (p,) = split_scratch_shapes(b, t, geom, tile, splits)
+            ce, pe = split_scratch_exprs(B, T, geom, tile, split_count(B, T, geom, tile, sms=132, programs_per_sm=2))
+            assert (ce.fn(env), pe.fn(env)) == (c, p) == split_scratch_exprs(b, t, geom, tile, splits)
+            want_cnt, want_part = max(want_cnt, c), max(want_part, p)
+        assert (cnt_e.fn(env), part_e.fn(env)) == (want_cnt, want_part)

@@ -15,6 +15,9 @@ from trt_plugins.build import (
     EngineBuildError,
     check_ucm_nodes,
     profile_shapes,
+    resolve_sms,
+    split_counters_length,
+    stamp_split_plan,
     strip_ucm_functions,
 )
 from trt_plugins.spec import plugin_spec
@@ -86,6 +89,58 @@ def test_profiles_cover_prefill_and_decode(rewritten):
     assert prefill["kv_pool.0"][2] == (100, 2, 2, 16, 32)
     assert decode["selection.1"][2] == (4, 2, 8)
     assert set(prefill) == {i.name for i in rewritten["esa"].graph.input}
+    # the split-K counters: one length in both profiles, the most tiles at 4 rows x 256 tokens. By hand:
+    # 2 KV heads, group 2; the smallest query tile any tactic may take is the decode tactic's 16 rows =
+    # 8 tokens, so 4 x 2 x ceil(256 / 8) = 256 counters
+    assert prefill["attn_split_counters"] == decode["attn_split_counters"] == ((256,),) * 3
+    assert split_counters_length(rewritten["esa"], cfg) == 256
+    assert split_counters_length(rewritten["esa"], EngineBuildConfig(max_batch=1, max_prefill_tokens=9)) == 1 * 2 * 2
+
+
+def test_split_plan_is_stamped_and_the_sm_count_resolved(rewritten):
+    """The rewriter leaves num_sms = 0 (the graph is target-free); the builder's copy carries the build's
+    SM count on every split attention node and nothing else changes; without --sms and without a CUDA
+    device the build refuses to guess."""
+    import torch
+
+    model = rewritten["esa"]
+    splits = [n for n in model.graph.node if n.op_type == "UcmPagedSparseAttentionSplitK"]
+    assert len(splits) == 2
+    assert all(onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "num_sms")) == 0 for n in splits)
+    stamped = stamp_split_plan(model, 132)
+    for a, b in zip(model.graph.node, stamped.graph.node, strict=True):
+        fa = {x.name: onnx.helper.get_attribute_value(x) for x in a.attribute}
+        fb = {x.name: onnx.helper.get_attribute_value(x) for x in b.attribute}
+        assert fb == (fa | {"num_sms": 132} if a.op_type.endswith("SplitK") else fa)
+        assert list(a.input) == list(b.input) and list(a.output) == list(b.output)
+    assert check_ucm_nodes(stamped) == check_ucm_nodes(model)
+    assert resolve_sms(EngineBuildConfig(sms=78)) == 78
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineBuildError, match=r"EngineBuildConfig.sms is None and there is no CUDA device.*--sms N"):
+            resolve_sms(EngineBuildConfig())
+    with pytest.raises(ValueError, match=r"EngineBuildConfig.sms must be None or an int >= 1, got 0"):
+        EngineBuildConfig(sms=0)
+    # the plugins refuse an unstamped node (num_sms 0) when they plan the launch
+    from trt_plugins._attention import planned_sms
+
+    spec = plugin_spec(splits[0].op_type)
+    values = spec.attribute_values({a.name: onnx.helper.get_attribute_value(a) for a in splits[0].attribute})
+    with pytest.raises(ValueError, match=r"num_sms is 0: the split count is planned for the build target's SM count"):
+        planned_sms(values, spec=spec)
+
+
+def test_rewrite_without_split_scratch_builds_unsplit(tmp_path):
+    """RewriteConfig(split_scratch=False) writes the v1 ops (as models rewritten before issue 14): no
+    counters input, no num_sms needed, profiles as before."""
+    from tests.graph._graph_models import make_tiny
+    from ucm_trt.graph import ExportConfig, RewriteConfig, export_hf_model, rewrite_model
+
+    path = export_hf_model(make_tiny("llama", head_dim=32), tmp_path / "t.onnx", config=ExportConfig(exporter="legacy"))
+    old, _ = rewrite_model(path, config=RewriteConfig(algorithm="esa", block_size=16, split_scratch=False))
+    assert {n.op_type for n in old.graph.node if n.domain == "ucm"} == {"UcmPagedSparseAttention"}
+    prefill, _ = profile_shapes(old, EngineBuildConfig())
+    assert "attn_split_counters" not in prefill and "attn_split_counters" not in {i.name for i in old.graph.input}
+    assert split_counters_length(old, EngineBuildConfig()) == 1
 
 
 def test_unresolvable_dynamic_dim_is_named():
@@ -181,7 +236,8 @@ def test_plugin_kernel_equals_function_body_on_real_model_data(rewritten, algo):
     names = {i.name for i in model.graph.input}
     feeds = {"input_ids": rng.integers(0, 256, (2, t)).astype(np.int64),
              "position_ids": np.broadcast_to(np.arange(past, past + t), (2, t)).astype(np.int64),
-             "seq_lens": np.array([past + t, past + t], np.int32), "block_table": bt}  # fmt: skip
+             "seq_lens": np.array([past + t, past + t], np.int32), "block_table": bt,
+             "attn_split_counters": np.zeros(1, np.int32)}  # fmt: skip
     sel = np.full((2, 2, 3), -1, np.int32)
     sel[:, :, :2] = [0, 3]  # block 0 and the chunk's last block; block 1 (past) is left out
     for i, p in enumerate(pools):
@@ -203,3 +259,22 @@ def test_plugin_kernel_equals_function_body_on_real_model_data(rewritten, algo):
                                     torch.from_numpy(bt), torch.from_numpy(feeds["seq_lens"]), selection, geometry=g)  # fmt: skip
         ref = torch.from_numpy(outs[node.output[0]])
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_build_sms_flag(tmp_path):
+    """``ucm-trt build --sms N`` reaches EngineBuildConfig.sms; a bad value is a one-line flag error before
+    TensorRT loads."""
+    import argparse
+
+    from trt_plugins import cli_build
+    from ucm_trt.cli_args import FlagError
+
+    path = tmp_path / "m.onnx"
+    onnx.save(make_single_op_model("UcmSelectAllBlocks", num_kv_heads=2), path)
+    p = argparse.ArgumentParser()
+    cli_build.configure(p)
+    args = p.parse_args([str(path), "-o", str(tmp_path / "m.engine"), "--sms", "132"])
+    cli_build.check_args(args, create_dirs=False)
+    assert args.sms == 132
+    with pytest.raises(FlagError, match="--sms"):
+        cli_build.check_args(p.parse_args([str(path), "-o", str(tmp_path / "m.engine"), "--sms", "0"]), create_dirs=False)

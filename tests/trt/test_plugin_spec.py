@@ -26,6 +26,8 @@ _ATTRS = {
                                     rope_theta=10000.0, rerope_window=8, logn_training_length=16),
     "UcmSelectAllBlocks": dict(num_kv_heads=2),
 }  # fmt: skip
+_ATTRS["UcmPagedSparseAttentionSplitK"] = dict(_ATTRS["UcmPagedSparseAttention"], num_sms=132)
+_ATTRS["UcmPagedReRoPEAttentionSplitK"] = dict(_ATTRS["UcmPagedReRoPEAttention"], num_sms=132)
 
 
 def test_every_schema_has_a_plugin_module_and_spec():
@@ -68,11 +70,16 @@ _FIELDS = {
                                 "scale": float, "rope_theta": float, "rerope_window": int, "logn_training_length": int},
     "UcmSelectAllBlocks": {"num_kv_heads": int},
 }  # fmt: skip
+# the split-K variants: the v1 fields, then num_sms; the v1 tensors, then the counters
+_FIELDS["UcmPagedSparseAttentionSplitK"] = {**_FIELDS["UcmPagedSparseAttention"], "num_sms": int}
+_FIELDS["UcmPagedReRoPEAttentionSplitK"] = {**_FIELDS["UcmPagedReRoPEAttention"], "num_sms": int}
 _TENSORS = {
     "UcmPagedSparseAttention": ("q", "k", "v", "kv_pool", "block_table", "seq_lens", "selection"),
     "UcmPagedReRoPEAttention": ("q", "k", "v", "kv_pool", "block_table", "seq_lens", "selection"),
     "UcmSelectAllBlocks": ("block_table",),
 }
+_TENSORS["UcmPagedSparseAttentionSplitK"] = (*_TENSORS["UcmPagedSparseAttention"], "split_counters")
+_TENSORS["UcmPagedReRoPEAttentionSplitK"] = (*_TENSORS["UcmPagedReRoPEAttention"], "split_counters")
 # TensorRT's ONNX parser: INT -> INT32 field, FLOAT -> FLOAT32 field, STRING -> CHAR + NUL
 # (shared/reference/tensorrt.md §1). The ONNX side of each pair is checked against the enum onnx assigns.
 _ONNX_TYPE_OF_FIELD = {int: onnx.AttributeProto.INT, float: onnx.AttributeProto.FLOAT}
@@ -148,12 +155,22 @@ def test_parser_field_conversion():
 def test_output_shapes_from_schema_symbols(name):
     spec = plugin_spec(name)
     dims = {"B": 3, "Hq": 4, "Hkv": 2, "T": 5, "D": 32, "num_blocks": 11, "2": 2, "block_size": 16,
-            "max_blocks": 7, "S": 6}  # fmt: skip
+            "max_blocks": 7, "S": 6, "split_counters": 100}  # fmt: skip
     shapes = [[dims[s] for s in t.shape] for t in spec.schema.inputs]
     out = output_shape(spec, 0, shapes, _ATTRS[name])
     want = {"UcmPagedSparseAttention": [3, 4, 5, 32], "UcmPagedReRoPEAttention": [3, 4, 5, 32],
-            "UcmSelectAllBlocks": [3, 2, 7]}[name]  # fmt: skip
+            "UcmSelectAllBlocks": [3, 2, 7], "UcmPagedSparseAttentionSplitK": [3, 4, 5, 32],
+            "UcmPagedReRoPEAttentionSplitK": [3, 4, 5, 32]}[name]  # fmt: skip
     assert out == want
+    if name.endswith("SplitK"):
+        # partials, by hand: the launch rule wants 132 SMs x programs_per_sm programs; the decode tactic's
+        # 16-row tile holds 8 tokens of group 2, so T = 5 is one query tile: 3 x 2 = 6 tiles, and
+        # ceil(132 * pps / 6) splits of 16 rows x (32 + 1) fp32 each; the prefill tactic's 64-row tile
+        # (32 tokens: the same 6 tiles and splits, 4x the rows) is the largest candidate
+        from ucm_trt.kernels.attention import DEFAULT_LAUNCH
+
+        splits = -(-132 * DEFAULT_LAUNCH.programs_per_sm // 6)
+        assert output_shape(spec, 1, shapes, _ATTRS[name]) == [6 * splits * 64 * 33]
     with pytest.raises(ValueError, match="rank"):
         output_shape(spec, 0, [s[:-1] for s in shapes], _ATTRS[name])
 

@@ -223,3 +223,40 @@ def test_split_k_kernel_compiles_as_one_launch_with_tensorrt_argument_order(name
     fixed = aot_split_launch(case.attrs(), torch.bfloat16, tactic, PtxTarget(arch=arch, ptx_version=80),
                              spec=plugin_spec(case.op_name), sms=132, splits=3, tile=tile)  # fmt: skip
     assert fixed.grid(shapes, int_cdiv)[2] == 3 and fixed.kernel.ptx == k.ptx
+
+
+@pytest.mark.parametrize("name,tactic", [("decode", 1), ("rerope_logn_prefill", TACTIC_PREFILL)])
+def test_split_variant_plugin_compiles_the_split_kernel_for_the_rule_s_tile(name, tactic):
+    """What the split variants' ``aot_impl`` hands TensorRT (``aot_launch`` of the ``...SplitK`` op, the call
+    the QDP makes): the split kernel (8 input pointers: the op's 7 + the counters; 14 int32 extras; output +
+    fp32 partials), compiled for the tile :func:`_fit_tile` picks, its grid's third axis the launch rule's
+    split count for the node's ``num_sms``, and its scratch within the lengths the plugin declares to TensorRT
+    (the ``split_partials`` output, the counters the builder sizes). The v1 op still gets the unsplit kernel."""
+    from trt_plugins._attention import aot_split_launch, counters_needed, scratch_bounds
+    from ucm_trt.kernels.aot import split_count
+    from ucm_trt.kernels.attention import DEFAULT_LAUNCH
+
+    case = CASES[name]
+    split_op = case.op_name + "SplitK"
+    attrs = dict(case.attrs(), num_sms=132)
+    target = PtxTarget(arch=90, ptx_version=80)
+    launch = aot_launch(split_op, attrs, torch.bfloat16, tactic, target)
+    k = launch.kernel
+    assert [d for d, _ in entry_params(k.ptx, k.name)] == [PTR] * 8 + [I32] * 14 + [PTR] * 2
+    assert k.shared_mem <= MAX_AOT_SHARED_MEM
+    rule = aot_split_launch(case.attrs(), torch.bfloat16, tactic, target, spec=plugin_spec(case.op_name), sms=132)
+    assert launch.config == rule.config and k.ptx == rule.kernel.ptx  # the tile _fit_tile picks, same kernel
+    spec = plugin_spec(split_op)
+    geom = case.geometry()
+    for b, t in ((1, 1), (2, 3), (8, 1), (3, 40)):
+        shapes = {"q": (b, case.hq, t, case.d), "kv_pool": (50, 2, case.hkv, case.bs, case.d),
+                  "block_table": (b, 9), "selection": (b, case.hkv, 4)}  # fmt: skip
+        splits = split_count(b, t, geom, launch.config, sms=132, programs_per_sm=DEFAULT_LAUNCH.programs_per_sm)
+        assert launch.grid(shapes, int_cdiv)[2] == splits >= 1
+        (cnt,), (part,) = launch.scratch(shapes)
+        max_cnt, max_part = scratch_bounds(b, t, geom, sms=132, maximum=max)
+        assert cnt <= counters_needed(b, t, attrs, spec=spec) == max_cnt and part <= max_part
+    unsplit = aot_launch(case.op_name, case.attrs(), torch.bfloat16, tactic, target).kernel
+    assert [d for d, _ in entry_params(unsplit.ptx, unsplit.name)] == [PTR] * 7 + [I32] * 13 + [PTR]
+    with pytest.raises(ValueError, match=r"num_sms is 0: the split count is planned"):
+        aot_launch(split_op, dict(case.attrs(), num_sms=0), torch.bfloat16, tactic, target)

@@ -146,6 +146,10 @@ def rewritten(tmp_path_factory):
         rw, _ = rewrite_model(path, config=RewriteConfig(algorithm=algo, block_size=16))
         save_model(rw, d / f"tiny-{algo}.onnx")
         out[algo] = d / f"tiny-{algo}.onnx"
+        # the v1 ops (no split-K scratch), as models rewritten before issue 14: their engines run unsplit
+        rw, _ = rewrite_model(path, config=RewriteConfig(algorithm=algo, block_size=16, split_scratch=False))
+        save_model(rw, d / f"tiny-{algo}-v1.onnx")
+        out[f"{algo}-v1"] = d / f"tiny-{algo}-v1.onnx"
     return model, out
 
 
@@ -168,20 +172,30 @@ def _paged_feeds(rng, t, lengths, bt, pools, with_sel, names, hkv=2):
     return {k: v for k, v in feeds.items() if k in names}
 
 
+@pytest.mark.parametrize("graph", ["esa", "esa-v1"])
 @pytest.mark.parametrize("mode", ["aot", "jit"])
-def test_rewritten_model_engine_matches_onnxruntime(rewritten, tmp_path, mode):
+def test_rewritten_model_engine_matches_onnxruntime(rewritten, tmp_path, mode, graph):
     """Prefill 20 tokens then 3 decode steps; every output of the engine (logits, new K/V, last
-    queries) against ONNX Runtime on the same rewritten model and the same inputs."""
-    from trt_plugins.build import EngineBuildConfig, build_engine
+    queries) against ONNX Runtime on the same rewritten model and the same inputs. ``esa``: the split-K
+    attention nodes, fed ONE zeroed counters buffer for all steps (zero after each); ``esa-v1``: the v1
+    ops of models rewritten before (no counters input), still built and run."""
+    from trt_plugins.build import EngineBuildConfig, build_engine, split_counters_length
     from trt_plugins.runner import EngineRunner
+    from ucm_trt.kernels._common import num_sms
 
     _, paths = rewritten
-    model = onnx.load(paths["esa"])
-    res = build_engine(paths["esa"], tmp_path / f"tiny-esa-{mode}.engine",
-                       config=EngineBuildConfig(max_batch=2, max_prefill_tokens=64, max_blocks=8, num_blocks=19,
-                                                max_selected=8, plugin_mode=mode))  # fmt: skip
+    model = onnx.load(paths[graph])
+    config = EngineBuildConfig(max_batch=2, max_prefill_tokens=64, max_blocks=8, num_blocks=19, max_selected=8,
+                               plugin_mode=mode)  # fmt: skip
+    res = build_engine(paths[graph], tmp_path / f"tiny-{graph}-{mode}.engine", config=config)
     assert res.plugin_layers == 2
+    meta = json.loads(res.metadata_path.read_text())
+    split = graph == "esa"
+    assert meta["sms"] == (num_sms(torch.device("cuda")) if split else None)
+    assert meta["split_attention_nodes"] == (2 if split else 0)
     runner = EngineRunner(res.engine_path)
+    assert ("attn_split_counters" in runner.inputs) == split
+    counters = torch.zeros(split_counters_length(model, config), dtype=torch.int32, device="cuda")
     sess_names = [o.name for o in model.graph.output]
     rng = np.random.default_rng(0)
     bt = rng.permutation(19)[:16].reshape(2, 8).astype(np.int32)
@@ -189,8 +203,12 @@ def test_rewritten_model_engine_matches_onnxruntime(rewritten, tmp_path, mode):
     lengths = [0, 0]
     for t in (20, 1, 1, 1):
         feeds = _paged_feeds(rng, t, lengths, bt, pools, with_sel=True, names={i.name for i in model.graph.input})
+        if split:
+            feeds["attn_split_counters"] = counters.cpu().numpy()
         ref = dict(zip(sess_names, _ort(model, feeds), strict=True))
-        got = runner.run({k: torch.from_numpy(v).cuda() for k, v in feeds.items()})
+        got = runner.run({k: (counters if k == "attn_split_counters" else torch.from_numpy(v).cuda())
+                          for k, v in feeds.items()})  # fmt: skip
+        assert int(counters.abs().sum()) == 0  # every layer's launch left the shared counters zero
         for n in sess_names:
             assert_polygraphy_close(got[n], torch.from_numpy(ref[n]), atol=1e-4, rtol=1e-4, what=f"T={t} {n}")
         for i in range(2):  # append the chunk's K/V (from ONNX Runtime) into the pools
@@ -259,8 +277,11 @@ def test_node_without_plugin_is_a_clear_build_error(tmp_path):
         build_engine(tmp_path / "bad.onnx", tmp_path / "bad.engine")
 
 
-def test_trt_backend_generates_like_torch_backend(rewritten, tmp_path):
-    """The runtime on the TensorRT engine produces the same greedy tokens as on PyTorch (dense)."""
+@pytest.mark.parametrize("graph", ["dense", "dense-v1"])
+def test_trt_backend_generates_like_torch_backend(rewritten, tmp_path, graph):
+    """The runtime on the TensorRT engine produces the same greedy tokens as on PyTorch (dense); with the
+    split-K nodes the backend binds its once-zeroed counters (still zero after generating), with the v1
+    ops of an older graph it binds none."""
     from trt_plugins.build import EngineBuildConfig, build_engine
     from ucm_trt.config import SparseConfig
     from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend
@@ -270,11 +291,15 @@ def test_trt_backend_generates_like_torch_backend(rewritten, tmp_path):
     model, paths = rewritten
     rt = RuntimeConfig(max_batch=1, max_seq_len=512, prefill_chunk=64, cache_blocks=0, num_device_blocks=40)
     sparse = sparse_config_for("dense", SparseConfig(block_size=16))
-    res = build_engine(paths["dense"], tmp_path / "tiny-dense.engine",
+    res = build_engine(paths[graph], tmp_path / f"tiny-{graph}.engine",
                        config=EngineBuildConfig(max_batch=1, max_prefill_tokens=64, max_blocks=64, num_blocks=40))  # fmt: skip
     prompt = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(3)).tolist()
-    with Engine(TrtBackend(res.engine_path), make_policy("dense"), sparse=sparse, config=rt) as eng:
+    backend = TrtBackend(res.engine_path)
+    assert (backend._split_counters is None) == graph.endswith("-v1")
+    with Engine(backend, make_policy("dense"), sparse=sparse, config=rt) as eng:
         [a] = eng.generate(prompt, SamplingParams(max_new_tokens=16))
+    if backend._split_counters is not None:
+        assert int(backend._split_counters.abs().sum()) == 0
     with Engine(TorchBackend(model.to("cuda"), attention="reference"), make_policy("dense"), sparse=sparse,
                 config=rt) as eng:  # fmt: skip
         [b] = eng.generate(prompt, SamplingParams(max_new_tokens=16))

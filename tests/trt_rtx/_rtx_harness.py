@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from trt_plugins.build import EngineBuildConfig, profile_shapes
+from trt_plugins.build import EngineBuildConfig, profile_shapes, split_counters_length, stamp_split_plan
 from trt_plugins.rtx import RtxBuildConfig, RtxBuildResult, build_rtx_engine, parse_rtx_network
 from trt_plugins.spec import plugin_spec
 from ucm_trt.graph.schemas import DOMAIN
@@ -69,6 +69,8 @@ def valid_feeds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], bloc
             feeds[name] = (np.arange(shape[0] * shape[1]).reshape(shape) % n).astype(elem[name])
         elif name.startswith("kv_pool"):
             feeds[name] = np.random.default_rng(0).standard_normal(shape).astype(elem[name])
+        elif name == "attn_split_counters":  # the split-K counters: zeros (the function bodies ignore them)
+            feeds[name] = np.zeros(shape, elem[name])
         elif name.startswith("selection"):
             used = -(-t // block_size)
             ids = np.where(np.arange(shape[2]) < used, np.arange(shape[2]), -1)
@@ -94,10 +96,12 @@ class OrtOutputs:
         return {n: (tuple(v.shape), TRT_DTYPE[str(v.dtype)]) for n, v in zip(self.names, outs, strict=True)}
 
 
-def check_shapes_against_ort(ort_outputs: OrtOutputs, shapes: dict[str, tuple[int, ...]], block_size: int) -> None:
-    """TensorRT for RTX's concrete output shapes/dtypes for inputs of ``shapes`` equal ONNX Runtime's."""
+def check_shapes_against_ort(ort_outputs: OrtOutputs, shapes: dict[str, tuple[int, ...]], block_size: int,
+                             sms: int | None = None) -> None:  # fmt: skip
+    """TensorRT for RTX's concrete output shapes/dtypes for inputs of ``shapes`` equal ONNX Runtime's
+    (``sms``: stamped on split attention nodes, as the builders do)."""
     want = ort_outputs(valid_feeds(ort_outputs.model, shapes, block_size))
-    got = parse_rtx_network(fixed_inputs(ort_outputs.model, shapes)).outputs
+    got = parse_rtx_network(fixed_inputs(ort_outputs.model, shapes), sms=sms).outputs
     assert got == want, f"inputs {shapes}:\n  TensorRT for RTX {got}\n  ONNX Runtime     {want}"
 
 
@@ -129,13 +133,23 @@ def check_rtx_build(model: onnx.ModelProto, engine: EngineBuildConfig, block_siz
         assert dtype == want_dtype and len(dims) == len(want_dims), (name, dims, dtype, concrete[name])
         assert all(d in (-1, w) for d, w in zip(dims, want_dims, strict=True)), (name, dims, want_dims)
     for shapes in points.values():
-        check_shapes_against_ort(ort_outputs, shapes, block_size)
+        check_shapes_against_ort(ort_outputs, shapes, block_size, sms=engine.sms)
+    # split-K attention: one counters input of the builder's length, fed to every attention node; each
+    # node's partials consumed by nothing and not an output
+    splits = [n for n in nodes if n.op_type.endswith("SplitK")]
+    if splits:
+        n_cnt = split_counters_length(model, engine)
+        assert prefill["attn_split_counters"] == decode["attn_split_counters"] == ((n_cnt,),) * 3
+        assert all(n.input[7] == "attn_split_counters" for n in splits)
+        readers = {i for n in model.graph.node for i in n.input}
+        assert all(n.output[1] not in readers and n.output[1] not in out_names for n in splits)
 
     # serialization: a non-empty plan naming every plugin; every plugin serialized exactly its node's fields
     assert len(result.engine) > 0
     for op in {n.op_type for n in nodes}:
         assert op.encode() in result.engine, f"{op} is not named in the serialized engine"
     serialized = {(op, tuple(sorted(f.items()))) for op, f in result.serialized_fields}
-    expected = {(n.op_type, tuple(sorted(node_fields(n).items()))) for n in nodes}
+    stamped = ucm_nodes(stamp_split_plan(model, engine.sms)) if splits else nodes  # num_sms = the build's
+    expected = {(n.op_type, tuple(sorted(node_fields(n).items()))) for n in stamped}
     assert serialized == expected
     return result

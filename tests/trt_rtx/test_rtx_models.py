@@ -18,7 +18,8 @@ from ucm_trt.config import ReRoPEConfig
 from ucm_trt.graph import RewriteConfig, rewrite_model
 
 BS = 16
-ENGINE = EngineBuildConfig(max_batch=2, max_prefill_tokens=16, max_blocks=4, num_blocks=8, max_selected=4)
+ENGINE = EngineBuildConfig(max_batch=2, max_prefill_tokens=16, max_blocks=4, num_blocks=8, max_selected=4,
+                           sms=128)  # SM89 target: an RTX 4090's 128 SMs
 ALGORITHMS = {
     "esa": {},
     "dense": {},

@@ -12,6 +12,7 @@ import onnx
 import pytest
 
 from tests.trt_rtx._rtx_harness import OrtOutputs, fixed_inputs, node_fields, ucm_nodes
+from trt_plugins._attention import counters_needed, geometry, scratch_bounds
 from trt_plugins.build import EngineBuildConfig, EngineBuildError
 from trt_plugins.rtx import (
     UNVERSIONED_LIBRARY,
@@ -35,8 +36,13 @@ OPS = {
     "UcmPagedReRoPEAttention": {**ATTN, "rope_theta": 10000.0, "rerope_window": 8, "logn_training_length": 64},
     "UcmSelectAllBlocks": {"num_kv_heads": 2},
 }
-# concrete dims of the single-op models' symbols (B=2, T=3, 5 pool blocks, 4 table columns, 3 selected)
-DIMS = {"B": 2, "Hq": 4, "Hkv": 2, "T": 3, "D": 32, "num_blocks": 5, "block_size": 16, "max_blocks": 4, "S": 3, "2": 2}
+OPS["UcmPagedSparseAttentionSplitK"] = OPS["UcmPagedSparseAttention"]
+OPS["UcmPagedReRoPEAttentionSplitK"] = OPS["UcmPagedReRoPEAttention"]
+SMS = 46  # the split variants' num_sms here (an RTX 4070's SM count)
+# concrete dims of the single-op models' symbols (B=2, T=3, 5 pool blocks, 4 table columns, 3 selected,
+# 64 split counters: more than the 2 x 2 x 3 tiles of the smallest query tile)
+DIMS = {"B": 2, "Hq": 4, "Hkv": 2, "T": 3, "D": 32, "num_blocks": 5, "block_size": 16, "max_blocks": 4, "S": 3, "2": 2,
+        "split_counters": 64}  # fmt: skip
 TRT_DTYPE = {"float": "FLOAT", "float16": "HALF", "bfloat16": "BF16"}
 
 
@@ -66,6 +72,8 @@ def op_feeds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict
             feeds[vi.name] = np.full(shape, DIMS["T"], dt)
         elif vi.name == "selection":
             feeds[vi.name] = np.where(np.arange(shape[2]) < 1, np.arange(shape[2]), -1).astype(dt) * np.ones(shape, dt)
+        elif vi.name == "split_counters":
+            feeds[vi.name] = np.zeros(shape, dt)
         else:
             feeds[vi.name] = rng.standard_normal(shape).astype(dt)
     return feeds
@@ -94,27 +102,64 @@ def test_one_creator_per_schema_with_the_schema_fields(tensorrt_rtx):
 def test_single_op_shapes_dtypes_and_build(op, dtype):
     model = single_op(op, dtype)
     shapes = concrete_shapes(model)
-    net = parse_rtx_network(fixed_inputs(model, shapes))
+    split = op.endswith("SplitK")
+    net = parse_rtx_network(fixed_inputs(model, shapes), sms=SMS if split else None)
     assert net.plugin_layers == {op: 1}
     spec = plugin_spec(op)
     out_dtype = "INT32" if spec.schema.outputs[0].types == ("int32",) else TRT_DTYPE[dtype]
+    name, (dims, got_dtype) = next(iter(net.outputs.items()))
     if dtype == "bfloat16":  # ONNX Runtime's CPU provider has no bf16 kernels for the function bodies
-        [(name, (dims, got_dtype))] = net.outputs.items()
         want_dims = tuple(DIMS[s] if not s.isdigit() else int(s) for s in spec.schema.outputs[0].shape)
         assert (dims, got_dtype) == (want_dims, out_dtype)
     else:
         want = OrtOutputs(model)(op_feeds(model, shapes))
-        assert net.outputs == want
-        assert next(iter(want.values()))[1] == out_dtype
+        assert net.outputs[name] == want[name] and want[name][1] == out_dtype
+        # the split variants' function body returns empty partials (it has no splits); the plugin the
+        # launch rule's length, fp32 whatever the op's dtype
+        assert want.get("split_partials", ((0,), "FLOAT")) == ((0,), "FLOAT")
+        assert net.outputs.keys() == want.keys()
+    if split:
+        bound = scratch_bounds(DIMS["B"], DIMS["T"], geometry(OPS[op], spec=spec), sms=SMS, maximum=max)[1]
+        assert net.outputs["split_partials"] == ((bound,), "FLOAT") and bound > 0
     # a build negotiates formats/types for this dtype and serializes the node's fields
-    fixed = {k: v for k, v in DIMS.items() if k not in ("B", "T", "max_blocks", "num_blocks", "S")}
+    fixed = {k: v for k, v in DIMS.items() if k not in ("B", "T", "max_blocks", "num_blocks", "S", "split_counters")}
     engine = EngineBuildConfig(max_batch=2, max_prefill_tokens=8, max_blocks=4, num_blocks=5, max_selected=3,
-                               fixed_dims=fixed)  # fmt: skip
+                               fixed_dims=fixed, sms=SMS)  # fmt: skip
     result = build_rtx_engine(model, RtxBuildConfig(engine=engine))
     assert result.network.plugin_layers == {op: 1} and len(result.engine) > 0
-    assert {tuple(sorted(f.items())) for _, f in result.serialized_fields} == {
-        tuple(sorted(node_fields(n).items())) for n in ucm_nodes(model)
-    }
+    want_fields = {tuple(sorted((node_fields(n) | ({"num_sms": SMS} if split else {})).items())) for n in ucm_nodes(model)}
+    assert {tuple(sorted(f.items())) for _, f in result.serialized_fields} == want_fields
+    if split:  # the builder sized the counters: the most tiles at the profile's largest B x T (2 x 8)
+        need = counters_needed(2, 8, OPS[op], spec=spec)
+        assert result.profiles[0]["split_counters"] == ((need,),) * 3 == result.profiles[1]["split_counters"]
+        assert result.network.inputs["split_counters"] == ((-1,), "INT32")
+
+
+@pytest.mark.parametrize("op", ["UcmPagedSparseAttentionSplitK", "UcmPagedReRoPEAttentionSplitK"])
+def test_split_counters_shorter_than_the_tiles_fail(op):
+    """A counters input shorter than the kernel's tiles at the known B x T would be written out of bounds:
+    the plugins refuse it. Here the smallest query tile any tactic may take holds 16 rows / group 2 = 8
+    tokens, so T = 3 is one tile: 2 rows x 2 KV heads x 1 tile = 4 counters."""
+    model = single_op(op)
+    need = counters_needed(DIMS["B"], DIMS["T"], OPS[op], spec=plugin_spec(op))
+    assert need == 4
+    assert counters_needed(DIMS["B"], 9, OPS[op], spec=plugin_spec(op)) == 8  # two tiles of 8 tokens
+    parse_rtx_network(fixed_inputs(model, concrete_shapes(model, {**DIMS, "split_counters": need})), sms=SMS)
+    with pytest.raises(EngineBuildError, match=rf"split_counters has {need - 1} elements but a launch at B=2, T=3 "
+                                               rf"may use {need}"):  # fmt: skip
+        parse_rtx_network(fixed_inputs(model, concrete_shapes(model, {**DIMS, "split_counters": need - 1})), sms=SMS)
+
+
+def test_split_attention_needs_the_sm_count():
+    """The split count is planned for the target's SMs: without ``num_sms`` (the rewriter writes 0) the
+    plugins refuse to size the partials, and an RTX build (no CUDA device) without ``sms`` is refused."""
+    model = single_op("UcmPagedSparseAttentionSplitK")
+    with pytest.raises(EngineBuildError, match=r"UcmPagedSparseAttentionSplitK.num_sms is 0: the split count is planned"):
+        parse_rtx_network(fixed_inputs(model, concrete_shapes(model)))
+    fixed = {k: v for k, v in DIMS.items() if k not in ("B", "T", "max_blocks", "num_blocks", "S", "split_counters")}
+    engine = EngineBuildConfig(max_batch=2, max_prefill_tokens=8, max_blocks=4, num_blocks=5, fixed_dims=fixed)
+    with pytest.raises(EngineBuildError, match=r"EngineBuildConfig.sms is None and there is no CUDA device"):
+        build_rtx_engine(model, RtxBuildConfig(engine=engine))
 
 
 @pytest.mark.parametrize("target", ["SM75", "SM86", "SM120"])

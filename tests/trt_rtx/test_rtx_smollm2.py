@@ -13,7 +13,8 @@ from ucm_trt.config import ReRoPEConfig
 from ucm_trt.graph import ExportConfig, RewriteConfig, export_hf_model, rewrite_model
 
 BS = 16
-ENGINE = EngineBuildConfig(max_batch=2, max_prefill_tokens=32, max_blocks=4, num_blocks=8, max_selected=4)
+ENGINE = EngineBuildConfig(max_batch=2, max_prefill_tokens=32, max_blocks=4, num_blocks=8, max_selected=4,
+                           sms=128)  # SM89 target: an RTX 4090's 128 SMs
 ALGORITHMS = {"esa": {}, "rerope": {"rerope": ReRoPEConfig(window=512, training_length=8192)}}
 
 
@@ -38,6 +39,6 @@ def test_smollm2_checkpoint_builds_for_sm89(tmp_path):
     rw, rep = rewrite_model(path, config=RewriteConfig(algorithm="esa", block_size=BS))
     assert rep.counts == {"decomposed_sdpa": 30} and not rep.unsupported
     result = check_rtx_build(rw, ENGINE, BS)
-    assert result.network.plugin_layers == {"UcmPagedSparseAttention": 30}
+    assert result.network.plugin_layers == {"UcmPagedSparseAttentionSplitK": 30}
     print(f"SmolLM2 on TensorRT for RTX {result.tensorrt_rtx_version} (SM89): engine {len(result.engine) / 1e6:.1f} MB, "
           f"build {result.seconds:.1f} s")

@@ -38,6 +38,8 @@ from ucm_trt.graph.schemas import (
     PAGED_REROPE_ATTENTION,
     PAGED_SPARSE_ATTENTION,
     SELECT_ALL_BLOCKS,
+    SPLIT_COUNTERS_INPUT,
+    SPLIT_OPS,
     node_attributes,
 )
 from ucm_trt.limits import block_size_problem, head_dim_problem
@@ -77,6 +79,12 @@ class RewriteConfig:
     dense_layers:     layers that always attend to every block ("rollback" layers): no selection input.
     allow_partial:    write a model even if some attention nodes could not be rewritten; those
                       layers keep contiguous past/present I/O and are listed in the report.
+    split_scratch:    emit the split-K variants of the attention ops (``UcmPagedSparseAttentionSplitK`` /
+                      ``UcmPagedReRoPEAttentionSplitK``: TensorRT engines run the split-K kernel) with the
+                      graph input ``attn_split_counters`` (int32 ``[split_counters]``, zeros; one buffer for
+                      every layer) and each node's unconsumed ``split_partials.{i}`` output. False: the v1
+                      ops (7 inputs, one output; engines run the unsplit kernel), as models rewritten
+                      before issue 14. ONNX Runtime computes the same outputs either way.
     query_window:     prompt queries per layer the model returns for the policy's first retrieval
                       (``Policy.query_window``: ESA / GSA's ``PrefillWindow``, KVStar's voting group):
                       ``> 1`` adds the outputs ``query_window.{i}`` ``[batch, Hq, min(W, chunk), D]``, the
@@ -90,6 +98,7 @@ class RewriteConfig:
     selection_inputs: bool | None = None
     dense_layers: tuple[int, ...] = ()
     allow_partial: bool = False
+    split_scratch: bool = True
     query_window: int = 64
 
     def __post_init__(self) -> None:
@@ -120,6 +129,8 @@ class RewriteConfig:
             raise ValueError(f"{c}.dense_layers must be a tuple of layer indices >= 0, got {self.dense_layers!r}")
         if not isinstance(self.allow_partial, bool):
             raise TypeError(f"{c}.allow_partial must be a bool, got {self.allow_partial!r}")
+        if not isinstance(self.split_scratch, bool):
+            raise TypeError(f"{c}.split_scratch must be a bool, got {self.split_scratch!r}")
 
     @property
     def graph_op(self) -> str:
@@ -288,9 +299,11 @@ def _const(tape: ir.tape.Tape, values, dtype=np.int64) -> ir.Value:
 class _Emitter:
     """Creates one layer's UCM node; remembers what the runtime outputs need."""
 
-    def __init__(self, tape, cfg: RewriteConfig, m: AttentionMatch, pool, block_table, seq_lens, selection):
+    def __init__(self, tape, cfg: RewriteConfig, m: AttentionMatch, pool, block_table, seq_lens, selection,
+                 counters=None, layer: int = 0):
         self.tape, self.cfg, self.m = tape, cfg, m
         self.pool, self.block_table, self.seq_lens, self.selection = pool, block_table, seq_lens, selection
+        self.counters, self.layer = counters, layer  # counters: the split-K scratch input (None: v1 ops)
         self.k_out = self.v_out = self.q_out = None
 
     def positions(self, q4: ir.Value) -> ir.Value:
@@ -317,10 +330,18 @@ class _Emitter:
             schema = PAGED_SPARSE_ATTENTION
             attrs = node_attributes(schema, **common)
         self.q_out, self.k_out, self.v_out = q, k, v
-        return self.tape.op(
-            schema.name, [q, k, v, self.pool, self.block_table, self.seq_lens, self.selection],
-            attributes=attrs, domain=DOMAIN, name=f"ucm_attention_{m.anchor.name or id(m.anchor)}",
-        )  # fmt: skip
+        inputs = [q, k, v, self.pool, self.block_table, self.seq_lens, self.selection]
+        name = f"ucm_attention_{m.anchor.name or id(m.anchor)}"
+        if self.counters is None:
+            return self.tape.op(schema.name, inputs, attributes=attrs, domain=DOMAIN, name=name)
+        # the split-K variant: num_sms stays 0 here (the engine builder stamps its target's SM count)
+        split = SPLIT_OPS[schema.name]
+        partials = ir.Value(name=f"split_partials.{self.layer}", type=ir.TensorType(ir.DataType.FLOAT),
+                            shape=ir.Shape(["split_partials"]))  # consumed by nothing; not a graph output
+        out = ir.Value(name=None)
+        self.tape.op_multi_out(split.name, [*inputs, self.counters], attributes=node_attributes(split, **attrs),
+                               outputs=[out, partials], domain=DOMAIN, name=name)  # fmt: skip
+        return out
 
 
 def _reroute_past(past: ir.Value, stand_in: ir.Value) -> str | None:
@@ -571,8 +592,9 @@ def _number_layers(matches: list[tuple[AttentionMatch, NodeReport]], config: Rew
             layer = max(seen_layers) + 1
         seen_layers[layer] = nr.node
         nr.layer = layer
+        op = PAGED_REROPE_ATTENTION.name if config.graph_op == "rerope" else PAGED_SPARSE_ATTENTION.name
         nr.reason = (
-            f"-> {PAGED_REROPE_ATTENTION.name if config.graph_op == 'rerope' else PAGED_SPARSE_ATTENTION.name} "
+            f"-> {SPLIT_OPS[op].name if config.split_scratch else op} "
             f"(Hq={m.num_q_heads}, Hkv={m.num_kv_heads}, D={m.head_dim}, scale={m.scale:.6g}"
             + (f", theta={m.rope_theta:g}" if config.graph_op == "rerope" else "")
             + ")"
@@ -623,6 +645,9 @@ def _emit_paged_layers(irm, matches, rules: tuple[Rule, ...], config: RewriteCon
         batch = str(first_past.shape[0])
     seq_lens = new_input("seq_lens", ir.DataType.INT32, [batch])
     block_table = new_input("block_table", ir.DataType.INT32, [batch, "max_blocks"])
+    # one zeroed counter buffer for every layer: each split-K launch leaves it zero, and the layers run
+    # in order on one stream (the engine builder fixes its length per build, docs/graph.md)
+    counters = new_input(SPLIT_COUNTERS_INPUT, ir.DataType.INT32, ["split_counters"]) if config.split_scratch else None
     tape = ir.tape.Tape(graph)
     select_all: dict[int, ir.Value] = {}
     removed_inputs: list[tuple[ir.Value, AttentionMatch]] = []
@@ -644,7 +669,7 @@ def _emit_paged_layers(irm, matches, rules: tuple[Rule, ...], config: RewriteCon
                 )  # fmt: skip
             sel = select_all[m.num_kv_heads]
         rule = next(r for r in rules if r.name == m.rule)
-        emitter = _Emitter(tape, config, m, pool, block_table, seq_lens, sel)
+        emitter = _Emitter(tape, config, m, pool, block_table, seq_lens, sel, counters=counters, layer=i)
         out = rule.rewrite(tape, m, emitter)
         if m.output.is_graph_output():
             raise RewriteError(f"attention output {m.output.name!r} is a graph output; unsupported", report)

@@ -25,6 +25,7 @@ from ucm_trt.graph.schemas import (
     PAGED_REROPE_ATTENTION,
     PAGED_SPARSE_ATTENTION,
     SELECT_ALL_BLOCKS,
+    SPLIT_OPS,
     OpSchema,
     get_schema,
 )
@@ -221,10 +222,25 @@ def _select_all_body(b: _Body) -> None:
     b.nodes.append(helper.make_node("Expand", [ids, shape], ["selection"]))
 
 
+def _split_body(body):
+    """The body of a split-K variant (``schemas.SPLIT_OPS``): ``body`` computes ``output`` exactly as
+    for the v1 op (``split_counters`` is not read: the function has no splits); ``split_partials``,
+    scratch that nothing consumes, is an empty fp32 tensor."""
+
+    def build(b: _Body) -> None:
+        body(b)
+        empty = numpy_helper.from_array(np.zeros([0], dtype=np.float32), "split_partials")
+        b.nodes.append(helper.make_node("Constant", [], ["split_partials"], value=empty))
+
+    return build
+
+
 _BODIES = {
     PAGED_SPARSE_ATTENTION.name: _sparse_body,
     PAGED_REROPE_ATTENTION.name: _rerope_body,
     SELECT_ALL_BLOCKS.name: _select_all_body,
+    SPLIT_OPS[PAGED_SPARSE_ATTENTION.name].name: _split_body(_sparse_body),
+    SPLIT_OPS[PAGED_REROPE_ATTENTION.name].name: _split_body(_rerope_body),
 }
 
 
@@ -263,7 +279,7 @@ def make_single_op_model(op_name: str, *, opset: int = 20, dtype: str = "float",
     full = node_attributes(schema, **attrs)
 
     def vi(t):
-        elem = _ELEM[dtype] if "float" in t.types else _ELEM[t.types[0]]
+        elem = _ELEM[t.types[0]] if len(t.types) == 1 else _ELEM[dtype]  # one allowed type (int32, fp32 scratch)
         return helper.make_tensor_value_info(t.name, elem, list(t.shape))
 
     node = helper.make_node(schema.name, [t.name for t in schema.inputs], [t.name for t in schema.outputs],

@@ -30,6 +30,10 @@ __all__ = [
     "PAGED_SPARSE_ATTENTION",
     "PAGED_REROPE_ATTENTION",
     "SELECT_ALL_BLOCKS",
+    "PAGED_SPARSE_ATTENTION_SPLIT",
+    "PAGED_REROPE_ATTENTION_SPLIT",
+    "SPLIT_OPS",
+    "SPLIT_COUNTERS_INPUT",
 ]
 
 DOMAIN = "ucm"
@@ -225,8 +229,66 @@ SELECT_ALL_BLOCKS = OpSchema(
 )
 
 
+#: the graph input the rewriter feeds every split attention node's ``split_counters`` from
+SPLIT_COUNTERS_INPUT = "attn_split_counters"
+
+_COUNTERS = TensorSpec(
+    name="split_counters",
+    types=("int32",),
+    shape=("split_counters",),
+    doc="scratch of the split-K kernel: one int32 arrival counter per (row, KV head, query tile); ALL ZERO "
+    "before the op, and the op leaves them zero (the program that merges a tile re-zeroes its counter), "
+    "so one zeroed buffer serves every layer of a graph that runs its layers in order on one stream. At "
+    "least as long as the most tiles of the largest (B, T) the op runs at (the engine builder sizes the "
+    "graph input; the ONNX function body ignores it).",
+)
+_PARTIALS = TensorSpec(
+    name="split_partials",
+    types=("float",),
+    shape=("split_partials",),
+    doc="scratch of the split-K kernel (fp32 partial outputs and log-sum-exps of every split), written and "
+    "read within the op: consumed by nothing. Its length is the plugin's launch rule's (an expression of B, "
+    "T and num_sms); the ONNX function body, which has no splits, returns an empty tensor.",
+)
+_NUM_SMS = AttrSpec(
+    name="num_sms",
+    kind="int",
+    default=0,
+    minimum=0,
+    doc="SM count of the GPU the engine is built for: the split count is the launch rule's for it "
+    "(0 = not planned yet: the rewriter writes 0 and the engine builder, ucm-trt build --sms, stamps the "
+    "build target's count; a TensorRT plugin refuses 0). Results never depend on it.",
+)
+
+
+def _split_variant(base: OpSchema, name: str) -> OpSchema:
+    """``base`` with the split-K kernel's scratch as I/O (TensorRT's AOT launcher gives a kernel no
+    workspace): ``split_counters`` an extra input, ``split_partials`` an extra output, ``num_sms`` an
+    extra attribute. Output 0 and its semantics are ``base``'s."""
+    return OpSchema(
+        name=name,
+        version="1",
+        summary=base.summary + " Split-K variant: the kernel's scratch is op I/O.",
+        semantics=(base.semantics + f" Output 'output' equals {base.name}'s on the same inputs and attributes; "
+                   "'split_counters' (all zero, left zero) and 'split_partials' are the split-K kernel's scratch "
+                   "and never change 'output'."),
+        inputs=base.inputs + (_COUNTERS,),
+        outputs=base.outputs + (_PARTIALS,),
+        attributes=base.attributes + (_NUM_SMS,),
+    )
+
+
+PAGED_SPARSE_ATTENTION_SPLIT = _split_variant(PAGED_SPARSE_ATTENTION, "UcmPagedSparseAttentionSplitK")
+PAGED_REROPE_ATTENTION_SPLIT = _split_variant(PAGED_REROPE_ATTENTION, "UcmPagedReRoPEAttentionSplitK")
+#: the split-K variant of each paged attention op (the rewriter emits these; the base ops stay loadable)
+SPLIT_OPS: Mapping[str, OpSchema] = {
+    PAGED_SPARSE_ATTENTION.name: PAGED_SPARSE_ATTENTION_SPLIT,
+    PAGED_REROPE_ATTENTION.name: PAGED_REROPE_ATTENTION_SPLIT,
+}
+
 SCHEMAS: Mapping[str, OpSchema] = {
-    s.name: s for s in (PAGED_SPARSE_ATTENTION, PAGED_REROPE_ATTENTION, SELECT_ALL_BLOCKS)
+    s.name: s for s in (PAGED_SPARSE_ATTENTION, PAGED_REROPE_ATTENTION, SELECT_ALL_BLOCKS,
+                        PAGED_SPARSE_ATTENTION_SPLIT, PAGED_REROPE_ATTENTION_SPLIT)
 }
 
 # Released versions: (op, version) -> one-line note. Never change a released version's semantics.
@@ -234,6 +296,8 @@ VERSIONS: Mapping[tuple[str, str], str] = {
     ("UcmPagedSparseAttention", "1"): "initial",
     ("UcmPagedReRoPEAttention", "1"): "initial",
     ("UcmSelectAllBlocks", "1"): "initial",
+    ("UcmPagedSparseAttentionSplitK", "1"): "the v1 op with the split-K scratch as I/O (issue 14)",
+    ("UcmPagedReRoPEAttentionSplitK", "1"): "the v1 op with the split-K scratch as I/O (issue 14)",
 }
 
 

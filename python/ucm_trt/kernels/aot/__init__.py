@@ -20,6 +20,7 @@ from ucm_trt.kernels.aot.attention_op import (
     paged_attention_kernel_args,
     split_count,
     split_items,
+    split_scratch_exprs,
     split_scratch_shapes,
     tile_config,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "split_count",
     "split_items",
     "split_scratch_shapes",
+    "split_scratch_exprs",
     "tile_config",
     "select_all_blocks",
     "select_all_blocks_extras",

@@ -20,10 +20,11 @@ Split-K on the AOT path is the same single kernel with its merge inside (the las
 of a tile merges). TensorRT's ``aot_impl`` gives a kernel no workspace (``KernelLaunchParams`` has
 only grid, block and shared memory; the arguments are only I/O pointers and int32 extras), so the
 scratch comes from the plugin's I/O: ``split_counters`` (int32, zero before the launch, left zero
-by it) as an eighth *input*, which the graph must feed (a graph input per execution context, or an
-initializer when contexts never run concurrently), and ``split_partials`` (fp32) as a second
-*output*, which TensorRT allocates from the context's activation memory (written and read within the
-launch, so its contents at launch do not matter); both sized by :func:`split_scratch_shapes`.
+by it) as an eighth *input*, which the graph feeds (the rewriter's one ``attn_split_counters`` graph
+input for every layer of the split-K ops, ``ucm_trt.graph.schemas.SPLIT_OPS``), and ``split_partials``
+(fp32) as a second *output*, which TensorRT allocates from the context's activation memory (written
+and read within the launch, so its contents at launch do not matter); both sized by
+:func:`split_scratch_shapes` (:func:`split_scratch_exprs` as shape expressions).
 ``ITEMS_PER_SPLIT`` becomes an extra and the grid gets a third axis (:func:`split_count`, an
 expression of the batch and chunk length that TensorRT evaluates per launch).
 See :func:`paged_attention_kernel_args` with ``split=True`` and docs/performance.md.
@@ -74,6 +75,7 @@ __all__ = [
     "split_count",
     "split_items",
     "split_scratch_shapes",
+    "split_scratch_exprs",
     "divisible_by_16",
 ]
 
@@ -264,6 +266,14 @@ def split_scratch_shapes(batch: int, chunk_len: int, geometry: PagedAttentionGeo
                                         n_qtiles=-(-chunk_len // tile.block_t), splits=splits,
                                         block_m=tile.block_m, dv=head_tiles(geometry.head_dim)[1])  # fmt: skip
     return (n_cnt,), (n_part,)
+
+
+def split_scratch_exprs(batch, chunk_len, geometry: PagedAttentionGeometry, tile: TileConfig, splits):
+    """:func:`split_scratch_shapes`' two lengths (counters, partials) for ints or TensorRT shape
+    expressions (kept on the left of every operator), as TensorRT's shape inference evaluates them.
+    Must agree with :func:`ucm_trt.kernels.attention.split_scratch_sizes` (a test checks)."""
+    tiles = batch * geometry.num_kv_heads * ((chunk_len + (tile.block_t - 1)) // tile.block_t)
+    return tiles, tiles * splits * (tile.block_m * (head_tiles(geometry.head_dim)[1] + 1))
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ucm_trt.config import ReRoPEConfig
+from ucm_trt.graph.schemas import SPLIT_COUNTERS_INPUT
 from ucm_trt.runtime.backends._queries import copy_queries, query_window_of
 from ucm_trt.runtime.backends.base import (
     Backend,
@@ -106,6 +107,9 @@ class OrtBackend(Backend):
         self.device = torch.device("cpu")
         self.attention = None
         self._outputs = [o.name for o in self.session.get_outputs()]
+        # the split-K scratch input of models rewritten since issue 14 (absent before): the function bodies
+        # never read it, so one zero serves every step
+        self._split_counters = SPLIT_COUNTERS_INPUT in inputs
 
     def attention_name(self) -> str:
         return f"onnxruntime ({self.algorithm} graph)"
@@ -121,6 +125,8 @@ class OrtBackend(Backend):
             "block_table": np.ascontiguousarray((step.kv.tables_host[0, :b, :nb] if gathered is None
                                                  else gathered_table(step)).numpy()),
         }
+        if self._split_counters:
+            feeds[SPLIT_COUNTERS_INPUT] = np.zeros(1, dtype=np.int32)
         for layer in range(self.shape.num_layers):
             # the pools themselves (no copy) when every layer maps blocks identically (e.g. no offload)
             feeds[f"kv_pool.{layer}"] = (step.kv.pools[layer] if gathered is None else gathered[layer]).numpy()

@@ -6,7 +6,8 @@ Per step (``forward``):
 1. inputs bound by address, no copies: ``input_ids``/``position_ids`` ``[B, T]``, ``seq_lens``
    ``[B]``, ``block_table`` ``[B, max_blocks]``, per layer ``kv_pool.{i}`` (the runtime's pool, which
    the engine only reads) and ``selection.{i}`` (the plan's selection, or a preallocated
-   "every block" selection when the plan says ``None``);
+   "every block" selection when the plan says ``None``), and ``attn_split_counters`` (the split-K
+   attention's counters: zeroed once, never re-zeroed; engines built before it have no such input);
 2. the execution context of profile 0 (prefill, T > 1) or 1 (decode, T == 1) runs on the current
    stream;
 3. the engine's ``new_key.{i}``/``new_value.{i}`` ``[B, Hkv, T, D]`` are appended into the pools at
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ucm_trt.config import ReRoPEConfig
+from ucm_trt.graph.schemas import SPLIT_COUNTERS_INPUT
 from ucm_trt.runtime.backends._queries import copy_queries, query_window_of
 from ucm_trt.runtime.backends.base import (
     Backend,
@@ -104,9 +106,28 @@ class TrtBackend(Backend):
         self._all_blocks = torch.arange(max_blocks, dtype=torch.int32, device=self.device).expand(mb, hkv, max_blocks).contiguous()
         self._max_blocks = max_blocks
         self._staging: list[torch.Tensor] | None = None  # per-layer gathered pools, allocated on first need
+        self._split_counters = self._counters_buffer()
 
     def attention_name(self) -> str:
         return f"tensorrt ({self.meta.get('plugin_mode', '?')} plugins)"
+
+    def _counters_buffer(self) -> torch.Tensor | None:
+        """The split-K attention kernel's counters (``attn_split_counters``, engines of models rewritten
+        since issue 14; None for older engines, whose attention runs unsplit and has no such input).
+
+        Allocated and zeroed ONCE, at the length ``ucm-trt build`` fixed in both profiles, and bound to
+        every step as it is: never re-zeroed, because every launch of the kernel leaves its counters zero
+        (the program that merges a tile resets the tile's counter), and one buffer serves every layer
+        because the engine runs its layers in order on one stream. Both execution contexts share it: the
+        backend runs one step at a time on one stream."""
+        if SPLIT_COUNTERS_INPUT not in self.inputs:
+            return None
+        lengths = {tuple(int(d) for d in self.engine.get_tensor_profile_shape(SPLIT_COUNTERS_INPUT, p)[2])
+                   for p in range(2)}  # fmt: skip
+        if len(lengths) != 1:
+            raise ValueError(f"engine input {SPLIT_COUNTERS_INPUT} has different lengths per profile ({sorted(lengths)}); "
+                             "rebuild it with 'ucm-trt build'")
+        return torch.zeros(lengths.pop(), dtype=torch.int32, device=self.device)
 
     # -- buffers ---------------------------------------------------------------------------------
     def _allocate_outputs(self) -> dict[str, torch.Tensor]:
@@ -143,6 +164,8 @@ class TrtBackend(Backend):
         b, t = input_ids.shape
         pools, table = self._pools_and_table(step, b)
         feeds = {"input_ids": input_ids, "position_ids": positions, "seq_lens": step.seq_lens, "block_table": table}
+        if self._split_counters is not None:
+            feeds[SPLIT_COUNTERS_INPUT] = self._split_counters  # zero, and left zero by every launch
         width = table.shape[1]
         for i in range(self.num_layers):
             feeds[f"kv_pool.{i}"] = pools[i]
