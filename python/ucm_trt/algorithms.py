@@ -75,8 +75,8 @@ class AlgorithmSpec:
     entry:           ``"module:attribute"`` of the policy class or the prefill runner.
     representation, scoring: the block representation / scoring it reads (``SparseConfig`` fields).
     graph_op:        the attention the rewriter emits: ``dense`` (every block, no selection input),
-                     ``sparse`` (UcmPagedSparseAttention with per-layer selection inputs), ``rerope``
-                     (UcmPagedReRoPEAttention over un-rotated K).
+                     ``sparse`` (UcmPagedSparseAttention, or its SplitK variant, with per-layer selection
+                     inputs), ``rerope`` (UcmPagedReRoPEAttention[SplitK] over un-rotated K).
     retrieval:       where blocks are chosen: ``none`` (every block), ``cpu`` (scored on the host from
                      the step's queries, ``Policy.after_step``), ``gpu`` (inside each layer's attention,
                      ``Policy.layer_selection``).

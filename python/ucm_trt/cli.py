@@ -146,6 +146,9 @@ def _configure_rewrite(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-partial", action="store_true",
                    help="write the model even if some attention nodes cannot be rewritten (they keep "
                         "contiguous KV I/O and are listed)")  # fmt: skip
+    p.add_argument("--no-split-scratch", dest="split_scratch", action="store_false",
+                   help="emit the unsplit attention ops (no attn_split_counters input; engines then run the "
+                        "unsplit AOT kernel, ~14x slower at 128K on the H100)")  # fmt: skip
     p.add_argument("--report-json", metavar="PATH", help="also write the rewrite report as JSON")
     _add_make_dirs(p, "OUT.onnx and --report-json")
 
@@ -154,9 +157,10 @@ def _rewrite_algorithm_help() -> str:
     """What ``rewrite`` emits per algorithm, from the registry's ``graph_op``."""
     by_op = {op: "/".join(n for n in ALGORITHMS if registry.get(n).graph_op == op)
              for op in ("dense", "sparse", "rerope")}  # fmt: skip
-    return (f"{by_op['dense']}: every block, no selection inputs; {by_op['sparse']}: UcmPagedSparseAttention + "
+    return (f"{by_op['dense']}: every block, no selection inputs; {by_op['sparse']}: UcmPagedSparseAttention[SplitK] + "
             f"per-layer selection inputs (the policy runs in the runtime); {by_op['rerope']}: "
-            "UcmPagedReRoPEAttention over un-rotated K")
+            "UcmPagedReRoPEAttention[SplitK] over un-rotated K (SplitK, the default: split-K scratch as plugin I/O; "
+            "--no-split-scratch: the unsplit ops)")
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
@@ -205,7 +209,7 @@ def _rewrite_config(args: argparse.Namespace, rerope, dense_layers: tuple[int, .
 
     return RewriteConfig(algorithm=args.algorithm, block_size=args.block_size, rerope=rerope,
                          selection_inputs=args.selection_inputs, dense_layers=dense_layers,
-                         allow_partial=args.allow_partial)  # fmt: skip
+                         allow_partial=args.allow_partial, split_scratch=args.split_scratch)  # fmt: skip
 
 
 def _run_rewrite(args: argparse.Namespace) -> int:

@@ -56,6 +56,15 @@ def test_export_then_rewrite(tmp_path, capsys):
     assert cli.main(["rewrite", str(onnx_path), str(rr), "--algorithm", "rerope", "--block-size", "16",
                      "--rerope-window", "64", "--rerope-training-length", "512"]) == 0  # fmt: skip
     assert sum(n.op_type == "UcmPagedReRoPEAttentionSplitK" for n in onnx.load(str(rr)).graph.node) == 2
+    # --no-split-scratch: the unsplit ops and no counters input
+    plain = tmp_path / "tiny-esa-plain.onnx"
+    assert cli.main(["rewrite", str(onnx_path), str(plain), "--algorithm", "esa", "--block-size", "16",
+                     "--no-split-scratch"]) == 0  # fmt: skip
+    pm = onnx.load(str(plain))
+    assert sum(n.op_type == "UcmPagedSparseAttention" for n in pm.graph.node) == 2
+    assert not any(n.op_type.endswith("SplitK") for n in pm.graph.node)
+    assert "attn_split_counters" not in {i.name for i in pm.graph.input}
+    assert "attn_split_counters" in {i.name for i in m.graph.input}
 
 
 def test_refused_rewrite_exits_1_and_writes_nothing(tmp_path, capsys):
