@@ -191,8 +191,15 @@ def _methods(host, dev, hid: np.ndarray, did: np.ndarray, stream: torch.cuda.Str
         nbytes = host[0].numel() * host.element_size()
         srcs = np.uint64(host.data_ptr()) + hid.astype(np.uint64) * np.uint64(nbytes)
         dsts = np.uint64(dev.data_ptr()) + did.astype(np.uint64) * np.uint64(nbytes)
-        out["batch_dma"] = (lambda: dma.copy(dsts, srcs, nbytes, torch.cuda.current_stream().cuda_stream),
-                            f"DMA, one {dma.name} call")
+        dma_stream = torch.cuda.Stream()  # the call refuses the legacy default stream (CUresult 1)
+
+        def batch_dma():
+            cur = torch.cuda.current_stream()
+            dma_stream.wait_stream(cur)
+            dma.copy(dsts, srcs, nbytes, dma_stream.cuda_stream)
+            cur.wait_stream(dma_stream)
+
+        out["batch_dma"] = (batch_dma, f"DMA, one {dma.name} call")
     else:
         out["batch_dma"] = (None, f"unavailable: {why}")
     for method in ("kernel", "staged") + (("batch_dma",) if why is None else ()):

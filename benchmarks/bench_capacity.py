@@ -575,6 +575,7 @@ def decode_round(engine: Engine, *, batch: int, prompt_len: int, vocab: int, set
                                  if isinstance(getattr(measured[0], f.name), (int, float))},
         **load_hiding(measured),
         "cuda_graph_replays_total": engine.stats().get("cuda_graph_replays"),  # the engine's, all rounds so far
+        "load_method": engine.kv.load_method,  # the one used ("auto" resolved)
     }
     if worker_start is not None:
         out.update(_worker_delta(worker_start, engine.worker.stats(), len(measured)))

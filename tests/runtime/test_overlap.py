@@ -110,6 +110,7 @@ def test_overlapped_schedule_equals_its_stale_by_one_model(algorithm, model):
         want = [r.token_ids for r in eng.generate(prompts, SamplingParams(max_new_tokens=24))]
         st_ref = eng.stats()
     assert got == want
+    assert st["load_method"] == "kernel"  # "auto" on the CPU: the stats name the method used
     assert st["decode_stale_layers"] == ref_policy.stale_steps > 0
     assert st["decode_blocks_deferred"] > 0 and st["decode_sync_switches"] == 0
     assert st_ref["decode_stale_layers"] == 0  # the reference engine ran synchronously
@@ -270,7 +271,7 @@ def test_load_method_and_batch_dma_errors_are_clear():
 
     from ucm_trt.runtime.batch_copy import BatchMemcpy, _MemcpyAttributes
 
-    with pytest.raises(ValueError, match="load_method must be 'kernel', 'staged' or 'batch_dma', got 'dma'"):
+    with pytest.raises(ValueError, match="load_method must be 'auto', 'kernel', 'staged' or 'batch_dma', got 'dma'"):
         RuntimeConfig(load_method="dma")
     with pytest.raises(TypeError, match="overlap_loads must be a bool"):
         RuntimeConfig(overlap_loads=1)
@@ -326,3 +327,29 @@ def test_index_guard_flag_is_read_at_the_steps_sync_and_stops_generation(model):
     eng.abort_all()
     assert eng.kv.device_blocks_held() == 0 and eng.result(rid).finish_reason == "aborted"
     eng.close()
+
+
+def test_auto_load_method_resolves_to_a_named_method_and_is_reported():
+    """``"auto"`` (the default) becomes ``"kernel"`` off CUDA or without offload; the manager and the
+    engine's stats name the method used, never ``"auto"``; unknown names are refused by name."""
+    from ucm_trt.runtime.kv import resolve_load_method
+
+    cpu = torch.device("cpu")
+    assert RuntimeConfig().load_method == "auto"
+    assert resolve_load_method("auto", cpu, True) == "kernel"
+    assert resolve_load_method("auto", torch.device("cuda", 0), False) == "kernel"
+    for name in ("kernel", "staged", "batch_dma"):
+        assert resolve_load_method(name, cpu, True) == name
+    with pytest.raises(ValueError, match="load_method must be one of .* got 'dma'"):
+        resolve_load_method("dma", cpu, True)
+
+
+def test_batch_memcpy_refuses_the_legacy_default_stream():
+    """cuMemcpyBatchAsync answers CUresult 1 for stream 0 (the benchmark's first run hit it): the
+    wrapper refuses it by name before calling the driver."""
+    from ucm_trt.runtime.batch_copy import BatchMemcpy
+
+    dma = BatchMemcpy.__new__(BatchMemcpy)  # no driver here: the check runs before any driver call
+    one = np.zeros(1, dtype=np.uint64)
+    with pytest.raises(ValueError, match="stream must be a created CUDA stream"):
+        dma.copy(one, one, 64, 0)

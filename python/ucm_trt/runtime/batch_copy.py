@@ -58,6 +58,10 @@ class BatchMemcpy:
         """Copy ``nbytes`` from each address in ``src`` to the address at the same index in ``dst``
         (uint64 arrays of equal length), in stream order on ``stream`` (a raw ``cudaStream_t``,
         e.g. ``torch.cuda.Stream.cuda_stream``). Returns once the copies are enqueued."""
+        if not stream:
+            # the driver answers CUDA_ERROR_INVALID_VALUE (CUresult 1) for the legacy NULL stream
+            raise ValueError("stream must be a created CUDA stream (cuMemcpyBatchAsync refuses the legacy default "
+                             f"stream), got {stream!r}")
         n = int(dst.size)
         if src.size != n:
             raise ValueError(f"dst and src must list as many addresses, got {n} and {src.size}")

@@ -863,6 +863,7 @@ class Engine:
             "block_size": self.sparse.block_size,
             "block_bytes_per_layer": self.kv.block_bytes,
             "offload": self.policy.offload,
+            "load_method": self.kv.load_method,
         }
         out.update(self.metrics.summary())
         out.update(self.worker.stats())
