@@ -57,7 +57,7 @@ from ucm_trt.kernels import (
     quest_block_scores,
     quest_retrieve,
 )
-from ucm_trt.kernels.attention import ATTENTION_GUARD_CODES, DEFAULT_LAUNCH, default_block_n
+from ucm_trt.kernels.attention import ATTENTION_GUARD_CODES, default_block_n, default_warps_stages
 from ucm_trt.kernels.guard import IndexGuard
 from ucm_trt.testing.bench import bench_gpu_ms, copy_bandwidth_tbps, cuda_graphed
 
@@ -264,8 +264,9 @@ def tile_sweep():
             for bn in (64, 128) for ns in (2, 3, 4) for nw in (4, 8)]
 
 
-def tile_fields(la, bs, d):
-    chosen = (default_block_n(bs, d), DEFAULT_LAUNCH.num_stages, DEFAULT_LAUNCH.num_warps)
+def tile_fields(la, bs, d, *, dense):
+    rule_n, warps, stages = default_warps_stages(dense=dense, decode=True, head_dim=d, block_size=bs)
+    chosen = (rule_n or default_block_n(bs, d), stages, warps)
     return {"block_n": la.block_n, "num_stages": la.num_stages, "num_warps": la.num_warps,
             "chosen": (la.block_n, la.num_stages, la.num_warps) == chosen}
 
@@ -302,7 +303,7 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
         for la in tile_sweep():
             ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, None, out=out, validate=False, workspace=ws,
                                                         launch=la), cx.reps)  # fmt: skip
-            add("ours_dense_paged_tile", "jit", 1.0, ms, kv_bytes, **tile_fields(la, bs, d))
+            add("ours_dense_paged_tile", "jit", 1.0, ms, kv_bytes, **tile_fields(la, bs, d, dense=True))
     aot = _try(rows, "aot_compile", lambda: AotPeer(bs, d))
     for budget in budgets:
         sel = make_selection(batch, nb, budget, gen)
@@ -374,7 +375,7 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
             for la in tile_sweep():
                 ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, sel, out=out, validate=False,
                                                             workspace=ws, launch=la), cx.reps)  # fmt: skip
-                add("ours_sparse_tile", "jit", frac, ms, sel_bytes, selection="per-head", **tile_fields(la, bs, d),
+                add("ours_sparse_tile", "jit", frac, ms, sel_bytes, selection="per-head", **tile_fields(la, bs, d, dense=False),
                     vs_default=round(jit_ms / ms, 3), **vs(ms))
         if "ppsm" in extras:
             for pps in (1, 2, 4, 8):

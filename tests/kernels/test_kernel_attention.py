@@ -363,3 +363,35 @@ def test_gpu_rerope(dtype, tq):
         got = paged_rerope_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel, window=2048,
                                      theta=1e6, logn_training_length=4096, out=out)
         torch.testing.assert_close(got.float(), ref, **tolerances_for(dtype))
+
+
+def test_launch_rule_padded_dense_decode_tile():
+    """Dense decode over a padded head_dim (80, 96) with blocks >= 64 takes the H100-swept tile (128 keys,
+    8 warps, 3 stages); a selection, head_dim 128, small blocks, prefill or an explicit launch keep theirs."""
+    def plan(**kw):
+        args = dict(batch=8, num_kv_heads=8, group=4, tq=1, head_dim=80, block_size=64, work_items=2049, sms=132,
+                    launch=AttentionLaunch(), dense=True)
+        args.update(kw)
+        p = plan_attention(**args)
+        return p.block_n, p.num_warps, p.num_stages
+
+    assert plan() == plan(head_dim=96) == (128, 8, 3)
+    assert plan(dense=False) == plan(head_dim=128) == plan(block_size=32) == (64, 4, 2)
+    assert plan(tq=64) == (64, 4, 2)  # a prefill chunk
+    assert plan(launch=AttentionLaunch(num_warps=4, num_stages=2, block_n=64)) == (64, 4, 2)
+    assert plan(launch=AttentionLaunch(num_warps=2)) == (128, 2, 3)  # only what the launch leaves open
+
+
+@pytest.mark.parametrize("d", [80, 96])
+def test_padded_dense_decode_tile_matches_reference(d):
+    """The padded dense decode tile (two 64-token blocks per 128-key tile, masked lanes 80/96 of 128)
+    against the fp32 reference, with a partial last block and a one-block sequence."""
+    gen = torch.Generator().manual_seed(d)
+    case = make_paged_case(lens=(300, 64, 1), hkv=2, group=4, d=d, bs=64, tq=1, dtype=torch.float32,
+                           device=torch.device("cpu"), gen=gen)
+    p = plan_attention(batch=3, num_kv_heads=2, group=4, tq=1, head_dim=d, block_size=64,
+                       work_items=case.block_table.shape[1] + 2, sms=4, launch=AttentionLaunch(), dense=True)
+    assert (p.block_n, p.num_warps, p.num_stages) == (128, 8, 3)
+    ref = R.paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, None)
+    got = paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, None, out=nan_like(case.q))
+    torch.testing.assert_close(got.float(), ref, **tolerances_for(torch.float32))

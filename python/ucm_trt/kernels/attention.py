@@ -399,27 +399,25 @@ class AttentionLaunch:
     ``num_splits=None`` picks enough splits of the work list to give every SM at least
     ``programs_per_sm`` programs (:func:`plan_attention`). ``block_n=None`` uses
     :func:`default_block_n` keys per inner tile. ``block_t=None`` uses the query tile of
-    :func:`plan_attention`. ``num_warps``/``num_stages``: the best of a sweep on an H200 (128K
-    context, 1/8 budget, batch 8) of the former kernel.
+    :func:`plan_attention`. ``num_warps``/``num_stages=None``: :func:`default_warps_stages`.
     """
 
     num_splits: int | None = None
     programs_per_sm: int = 2
     block_n: int | None = None
     block_t: int | None = None
-    num_warps: int = 4
-    num_stages: int = 2
+    num_warps: int | None = None
+    num_stages: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("num_splits", "block_n", "block_t"):
+        for name in ("num_splits", "block_n", "block_t", "num_warps", "num_stages"):
             val = getattr(self, name)
             if val is not None:
                 check_positive_int(name, val)
-        for name in ("programs_per_sm", "num_warps", "num_stages"):
-            check_positive_int(name, getattr(self, name))
+        check_positive_int("programs_per_sm", self.programs_per_sm)
         if self.block_n is not None and (self.block_n & (self.block_n - 1) or self.block_n < 16):
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
-        if self.num_warps & (self.num_warps - 1):
+        if self.num_warps is not None and self.num_warps & (self.num_warps - 1):
             raise ValueError(f"num_warps must be a power of two, got {self.num_warps}")
 
 
@@ -448,6 +446,28 @@ def default_block_n(block_size: int, head_dim: int) -> int:
     """Keys per inner tile: 64 to 128 (64 above head_dim 128). Blocks smaller than the tile are
     gathered several per tile (``BPT`` blocks), larger ones walked in sub-tiles."""
     return min(max(block_size, 64), 128 if head_dim <= 128 else 64)
+
+
+#: (num_warps, num_stages) of every launch but the one below: the best of a sweep on an H200 (128K
+#: context, 1/8 budget, batch 8) of the former kernel, and again of this one on an H100 (2026-12-07:
+#: 64 keys x 2 stages x 4 warps was the fastest of 12 tiles at batch 1 and batch 8)
+DEFAULT_WARPS_STAGES = (4, 2)
+#: (block_n, num_warps, num_stages) of a dense decode over a padded head_dim (80, 96: lanes padded to
+#: 128) with blocks of 64 or more: the H100 sweep at 128K, batch 8 (2026-12-07,
+#: benchmarks/results/kernels_NVIDIA-H100-80GB-HBM3_2026-12-07_s6.json) took head_dim 80 from 1384
+#: to 1147 us and head_dim 96 from 1444 to 1156 us (SDPA: 907 / 1090 us). Sparse decode kept the
+#: default (at head_dim 128 this tile is 1.3x slower at batch 1); other shapes were not swept.
+PADDED_DENSE_DECODE_TILE = (128, 8, 3)
+
+
+def default_warps_stages(*, dense: bool, decode: bool, head_dim: int, block_size: int) -> tuple[int | None, int, int]:
+    """``(block_n or None, num_warps, num_stages)`` when the launch leaves them to the rule: the padded
+    dense decode tile (:data:`PADDED_DENSE_DECODE_TILE`) for a decode over every block with a head_dim
+    that is not a power of two and blocks of >= 64 tokens, else :data:`DEFAULT_WARPS_STAGES` (block_n
+    None: :func:`default_block_n`)."""
+    if dense and decode and head_dim != next_pow2(head_dim) and block_size >= 64:
+        return PADDED_DENSE_DECODE_TILE
+    return (None, *DEFAULT_WARPS_STAGES)
 
 
 def blocks_per_tile(block_n: int, block_size: int) -> int:
@@ -507,7 +527,7 @@ class AttentionPlan:
 
 def plan_attention(
     *, batch: int, num_kv_heads: int, group: int, tq: int, head_dim: int, block_size: int,
-    work_items: int, sms: int, launch: AttentionLaunch = DEFAULT_LAUNCH,
+    work_items: int, sms: int, launch: AttentionLaunch = DEFAULT_LAUNCH, dense: bool = False,
 ) -> AttentionPlan:
     """The launch rule shared by every path.
 
@@ -517,14 +537,19 @@ def plan_attention(
       ``work_items`` (blocks one program may visit), so a batch-1 decode still fills the GPU, the
       count chosen so the programs spread evenly over the SMs (:func:`_balanced_split`); none when
       the grid already fills the GPU;
-    * ``items``: block ids resolved per vector load (a power of two <= ``ITEM_CHUNK``).
+    * ``items``: block ids resolved per vector load (a power of two <= ``ITEM_CHUNK``);
+    * warps and stages (and the key tile) the launch leaves open: :func:`default_warps_stages`
+      (``dense``: the launch visits every block, no selection).
     """
-    rows = DECODE_ROWS if tq * group <= DECODE_ROWS else PREFILL_ROWS
+    decode = tq * group <= DECODE_ROWS
+    rows = DECODE_ROWS if decode else PREFILL_ROWS
     block_t, _ = query_tile(rows, group, tq)
     if launch.block_t is not None:
         block_t = min(launch.block_t, tq)
     block_m = max(16, next_pow2(block_t * group))
-    block_n = launch.block_n or default_block_n(block_size, head_dim)
+    rule_n, rule_warps, rule_stages = default_warps_stages(dense=dense, decode=decode, head_dim=head_dim,
+                                                           block_size=block_size)
+    block_n = launch.block_n or rule_n or default_block_n(block_size, head_dim)
     n_qtiles = -(-tq // block_t)
     base = batch * num_kv_heads * n_qtiles
     if launch.num_splits is not None:
@@ -535,7 +560,7 @@ def plan_attention(
         block_t=block_t, block_m=block_m, block_n=block_n, n_qtiles=n_qtiles, splits=splits,
         items_per_split=per_split,
         items=max(2, blocks_per_tile(block_n, block_size), min(ITEM_CHUNK, next_pow2(per_split))),
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        num_warps=launch.num_warps or rule_warps, num_stages=launch.num_stages or rule_stages,
     )
 
 
@@ -729,6 +754,7 @@ def _launch(q, kv_pool, block_table, seq_lens, selection, scale, out, validate, 
     plan = plan_attention(
         batch=b, num_kv_heads=hkv, group=group, tq=tq, head_dim=d, block_size=bs,
         work_items=past_items + -(-min(tq, max_blocks * bs) // bs) + 1, sms=num_sms(q.device), launch=launch,
+        dense=selection is None,
     )
     consts = dict(geometry_constexprs(num_kv_heads=hkv, group=group, head_dim=d, block_size=bs, scale=scale),
                   **rope_constexprs(rerope, window, theta, logn_training_length))
