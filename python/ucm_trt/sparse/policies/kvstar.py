@@ -34,19 +34,48 @@ from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from
 from ucm_trt.sparse.representations import SubBlockRepr, block_lens_from_seq_lens, kvstar_subblock
 from ucm_trt.sparse.select import candidate_mask
 
-__all__ = ["KVStarPolicy", "KVStarRequestState", "PreparedVote"]
+__all__ = ["KVStarPolicy", "KVStarRequestState", "PreparedVote", "VoteWorkspace"]
+
+
+_LOG2E = 1.4426950408889634
+
+
+class VoteWorkspace:
+    """Scratch buffers of :meth:`PreparedVote.scores`, reused over the layers of one retrieval task
+    (one per task / thread: a vote writes into it). Grown on demand."""
+
+    def __init__(self) -> None:
+        self._tile = torch.empty(0)
+        self._sums = torch.empty(0)
+        self._maxes = torch.empty(0)
+
+    def buffers(self, tile: int, sums: int, maxes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._tile.numel() < tile:
+            self._tile = torch.empty(tile)
+        if self._sums.numel() < sums:
+            self._sums = torch.empty(sums)
+        if self._maxes.numel() < maxes:
+            self._maxes = torch.empty(maxes)
+        return self._tile[:tile], self._sums[:sums], self._maxes[:maxes]
 
 
 class PreparedVote:
     """One layer's sub-block representations laid out for fast voting on the CPU.
 
-    :func:`ucm_trt.sparse.score.kvstar_vote_scores` converts the fp16 store to float32, permutes it
-    and masks the excluded positions on every call. Here that is done once at prefill end: only the
-    allowed positions (non-empty sub-blocks of candidate blocks) are kept, as float32 ``[Hkv, d', n]``,
-    so a vote is one batched matmul ``[Hkv, G*Tv, d'] x [Hkv, d', n]``, a softmax and an
-    ``index_add`` of each position's mass into its block. Same scores as ``kvstar_vote_scores``
-    (up to float32 summation order; tested).
+    Laid out once at prefill end: the blocks that have an allowed position (a non-empty sub-block of
+    a candidate block), as float32 tiles ``[Hkv, d', T * M]`` of ``T = TILE_BLOCKS`` blocks (the
+    last tile shorter), with the empty sub-blocks of those blocks listed per tile. A vote
+    (:meth:`scores`) runs tile by tile, so the logits never leave the core's cache: per tile one
+    batched matmul ``[Hkv, G*Tv, d'] x [Hkv, d', T * M]`` (the queries pre-scaled by ``log2 e``),
+    the tile's row maximum, ``exp2`` of the shifted logits and each block's sum of them; at the
+    end every tile's sums are rescaled to the row's overall maximum (online softmax) and a
+    block's score is ``sum_rows block_sum / row_sum``: the softmax mass of the block, summed over
+    the group's queries, as :func:`ucm_trt.sparse.score.kvstar_vote_scores` computes it (up to
+    float32 rounding: another summation order, and ``exp2`` of ``log2 e``-scaled logits; tested
+    against the previous one-pass layout in ``tests/sparse/test_kvstar_vote.py``).
     """
+
+    TILE_BLOCKS = 32
 
     def __init__(self, sub: SubBlockRepr, cand: torch.Tensor) -> None:
         vals, counts, ch = sub.values, sub.counts, sub.channels
@@ -55,24 +84,56 @@ class PreparedVote:
         nb, m, hkv, dp = vals.shape
         if cand.dtype != torch.bool or tuple(cand.shape) != (nb,):
             raise ValueError(f"cand must be a bool [nb={nb}] mask, got {cand.dtype} {tuple(cand.shape)}")
-        allowed = ((counts > 0) & cand[:, None]).reshape(-1)
-        cols = torch.nonzero(allowed)[:, 0]
-        self.nb = nb
-        self.block_of = cols // m  # block of each kept position
-        self.vt = vals.reshape(nb * m, hkv, dp)[cols].float().permute(1, 2, 0).contiguous()  # [Hkv, d', n]
+        allowed = (counts > 0) & cand[:, None]  # [nb, M]
+        blocks = torch.nonzero(allowed.any(1))[:, 0]  # blocks with an allowed position
+        self.nb, self.m, self.hkv, self.dp = nb, m, hkv, dp
+        self.blocks = blocks
         self.channels = ch.to(torch.int64)  # [Hkv, d']
+        t = self.TILE_BLOCKS
+        self.tiles: list[torch.Tensor] = []  # [Hkv, d', w * M] float32
+        self.empty: list[torch.Tensor | None] = []  # per tile: columns of empty sub-blocks
+        for b0 in range(0, len(blocks), t):
+            ids = blocks[b0 : b0 + t]
+            v = vals[ids].float()  # [w, M, Hkv, d']
+            self.tiles.append(v.permute(2, 3, 0, 1).reshape(hkv, dp, -1).contiguous())
+            bad = torch.nonzero(~allowed[ids].reshape(-1))[:, 0]
+            self.empty.append(bad if bad.numel() else None)
 
-    def scores(self, q: torch.Tensor) -> torch.Tensor:
-        """``q [Hq, Tv, D]`` (the voting queries) -> float32 per-KV-head scores ``[Hkv, nb]``."""
+    def scores(self, q: torch.Tensor, work: VoteWorkspace | None = None) -> torch.Tensor:
+        """``q [Hq, Tv, D]`` (the voting queries) -> float32 per-KV-head scores ``[Hkv, nb]``.
+        ``work``: scratch buffers to reuse (a task votes every layer with one)."""
         hq, tv, d = q.shape
-        hkv, dp, n = self.vt.shape
+        hkv, dp, m = self.hkv, self.dp, self.m
         g = hq // hkv
+        rows = g * tv
         out = torch.zeros(hkv, self.nb)
-        if n == 0:
+        nt = len(self.tiles)
+        if nt == 0:
             return out  # no allowed position: nothing to vote for
-        qp = torch.gather(q.float().reshape(hkv, g * tv, d), -1, self.channels[:, None, :].expand(hkv, g * tv, dp))
-        mass = torch.softmax(torch.bmm(qp, self.vt), dim=-1).sum(1)  # [Hkv, n]
-        return out.index_add_(1, self.block_of, mass)
+        t = self.TILE_BLOCKS
+        if work is None:
+            work = VoteWorkspace()
+        tile_buf, sums_buf, max_buf = work.buffers(hkv * rows * t * m, nt * hkv * rows * t, nt * hkv * rows)
+        qf = q.reshape(hkv, rows, d)
+        qp = torch.gather(qf, -1, self.channels[:, None, :].expand(hkv, rows, dp)).float().mul_(_LOG2E)
+        sums = sums_buf.view(nt, hkv, rows, t)
+        maxes = max_buf.view(nt, hkv, rows)
+        for i, (v, bad) in enumerate(zip(self.tiles, self.empty, strict=True)):
+            w = v.shape[-1] // m
+            x = torch.bmm(qp, v, out=tile_buf[: hkv * rows * w * m].view(hkv, rows, w * m))
+            if bad is not None:
+                x.index_fill_(2, bad, float("-inf"))
+            mx = torch.amax(x, -1, out=maxes[i])
+            torch.exp2(x.sub_(mx[..., None]), out=x)
+            if w < t:
+                sums[i, ..., w:] = 0
+            torch.sum(x.view(hkv, rows, w, m), -1, out=sums[i, ..., :w])
+        top = maxes.amax(0)  # [Hkv, rows]
+        sums.mul_(torch.exp2(maxes.sub_(top))[..., None])  # every tile's sums at the row's maximum
+        inv = sums.sum((0, 3)).reciprocal_()  # [Hkv, rows]: 1 / the row's softmax denominator
+        mass = torch.einsum("khrb,hr->hkb", sums, inv).reshape(hkv, nt * t)  # [Hkv, tiles * T]
+        out[:, self.blocks] = mass[:, : len(self.blocks)]
+        return out
 
 
 @dataclass(eq=False, kw_only=True)
@@ -149,14 +210,15 @@ class KVStarPolicy(OffloadPolicy):
             return self._per_layer(partial(self._select, st, group))
         return partial(self._select_all, st, group)
 
-    def _layer_scores(self, st: KVStarRequestState, group: list[torch.Tensor], layer: int) -> torch.Tensor:
+    def _layer_scores(self, st: KVStarRequestState, group: list[torch.Tensor], layer: int,
+                      work: VoteWorkspace | None = None) -> torch.Tensor:
         # group[layer]: [Hq, Tv, D] -> per-KV-head vote scores [Hkv, nbp]
-        return st.votes[layer].scores(group[layer])
+        return st.votes[layer].scores(group[layer], work)
 
     def _scores_all(self, st: KVStarRequestState, group: list[torch.Tensor]) -> torch.Tensor:
-        """The votes per layer (the vote materialises ``[Hq, Tv, nb * M]`` softmax weights, too large
-        to stack over layers) -> per-KV-head scores ``[L, Hkv, nb]``."""
-        return torch.stack([self._layer_scores(st, group, layer) for layer in range(self.shape.num_layers)])
+        """The votes per layer, on one scratch workspace -> per-KV-head scores ``[L, Hkv, nb]``."""
+        work = VoteWorkspace()
+        return torch.stack([self._layer_scores(st, group, layer, work) for layer in range(self.shape.num_layers)])
 
     def _select_all(self, st: KVStarRequestState, group: list[torch.Tensor]) -> torch.Tensor:
         """Every layer: :meth:`_scores_all`, then one batched selection -> ``[L, Hkv, S]``."""
