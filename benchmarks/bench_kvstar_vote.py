@@ -65,16 +65,19 @@ def _bind(policy, shape: ModelShape, sparse: SparseConfig, worker=None):
     return policy
 
 
-def _timed(fn, repeats: int, warmup: int) -> tuple[list[float], object]:
+def _timed(fn, repeats: int, warmup: int) -> tuple[list[float], object, list[float]]:
+    """Wall ms per call, the last result, and the process's CPU ms per call (all its threads: on a
+    loaded shared box the CPU time is the steadier figure of the work done)."""
     out = None
     for _ in range(warmup):
         out = fn()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = fn()
         times.append(1e3 * (time.perf_counter() - t0))
-    return times, out
+        cpu.append(1e3 * (time.process_time() - c0))
+    return times, out, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,18 +133,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for t in args.threads:
             torch.set_num_threads(t)
-            vote_t, _ = _timed(lambda: votes[0].scores(group[0]), args.repeats * 3, args.warmup)
-            task_t, sel = _timed(lambda: kv._select_all(st, group), args.repeats, args.warmup)
+            vote_t, _, vote_c = _timed(lambda: votes[0].scores(group[0]), args.repeats * 3, args.warmup)
+            task_t, sel, task_c = _timed(lambda: kv._select_all(st, group), args.repeats, args.warmup)
             row = {"label": args.label, "what": "single task", "intra_op_threads": t, "concurrent_tasks": 1,
                    "stride": args.stride, "vote_ms_per_layer": statistics.median(vote_t),
-                   "vote_ms_per_layer_all": vote_t, "kvstar_task_ms": statistics.median(task_t),
-                   "kvstar_task_ms_all": task_t,
+                   "vote_ms_per_layer_all": vote_t, "vote_cpu_ms_per_layer": statistics.median(vote_c),
+                   "kvstar_task_ms": statistics.median(task_t), "kvstar_task_ms_all": task_t,
+                   "kvstar_task_cpu_ms": statistics.median(task_c), "kvstar_task_cpu_ms_all": task_c,
                    "kvstar_gflops": flops / (1e6 * statistics.median(task_t)),
                    "selection_digest": _digest(sel)}
             if store is not None:
-                esa_t, esel = _timed(lambda: esa._select_all(store.reps(), nb, esa_q), args.repeats * 3, args.warmup)
+                esa_t, esel, esa_c = _timed(lambda: esa._select_all(store.reps(), nb, esa_q), args.repeats * 3,
+                                            args.warmup)
                 row |= {"esa_task_ms": statistics.median(esa_t), "esa_task_ms_all": esa_t,
+                        "esa_task_cpu_ms": statistics.median(esa_c),
                         "kvstar_over_esa": statistics.median(task_t) / statistics.median(esa_t),
+                        "kvstar_over_esa_cpu": statistics.median(task_c) / statistics.median(esa_c),
                         "esa_selection_digest": _digest(esel)}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not k.endswith("_all")}), flush=True)
@@ -155,12 +162,13 @@ def main(argv: list[str] | None = None) -> int:
                 return [tk.result() for tk in tickets]
 
             try:
-                wall, sels = _timed(run_batch, args.repeats, args.warmup)
+                wall, sels, cpu = _timed(run_batch, args.repeats, args.warmup)
             finally:
                 worker.shutdown()
-            row = {"label": args.label, "what": f"{n} tasks at once on RetrievalWorker({n})",
-                   "intra_op_threads": "worker default", "concurrent_tasks": n, "stride": args.stride,
+            row = {"label": args.label, "what": f"{n} tasks at once on RetrievalWorker({n})", "concurrent_tasks": n, "stride": args.stride,
+                   "worker_intra_op_threads": getattr(worker, "intra_op_threads", "torch default (no option)"),
                    "kvstar_task_ms": statistics.median(wall) / n, "batch_wall_ms_all": wall,
+                   "kvstar_task_cpu_ms": statistics.median(cpu) / n,
                    "selection_digest": _digest(sels[0]),
                    "all_tasks_equal": all(torch.equal(s, sels[0]) for s in sels)}
             rows.append(row)
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 "kv_heads": hkv, "head_dim": d, "kept_channels": dp, "sub_blocks_per_block": m,
                 "stride": args.stride, "candidate_positions_per_head": n_pos, "budget": "ratio 1/8",
                 "vote_gflop_per_task": flops / 1e9, "prepare_ms_per_layer": prepare_ms,
-                "repeats": args.repeats, "warmup": args.warmup, "pid_load": os.getloadavg()}
+                "repeats": args.repeats, "warmup": args.warmup, "load_average_end": os.getloadavg()}
     doc = {"what": "KVStar CPU vote vs ESA retrieval per task at the 8B / 128K geometry (issue 13)", "runs": []}
     if args.out.exists():
         doc = json.loads(args.out.read_text())
