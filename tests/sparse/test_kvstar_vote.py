@@ -191,3 +191,27 @@ def test_tiled_vote_at_a_large_geometry_matches_one_pass():
     got_scores = torch.stack([v.scores(q, work) for v, q in zip(st.votes, group, strict=True)])
     torch.testing.assert_close(got_scores, ref, rtol=5e-5, atol=1e-6)
     assert torch.equal(pol._select_all(st, group), select_batched(ref, nb, sparse, "kvstar_vote", hkv))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_tiled_vote_scores_do_not_depend_on_the_thread_count(threads, monkeypatch):
+    """Tiles go through the vote one per intra-op thread; each tile's arithmetic is the same, so the
+    scores are the same with 1, 2 or 3 threads (3 leaves a short last group: 10 tiles)."""
+    monkeypatch.setattr(PreparedVote, "TILE_BLOCKS", 3)
+    g = torch.Generator().manual_seed(threads)
+    nb, bs, d, tv, hq, hkv = 31, 16, 32, 4, 8, 2
+    cfg = KVStarConfig(retrieval_stride=tv, token_merge=4, channel_ratio=0.5)
+    sub = _sub(g, nb, hkv, bs, d, cfg, (nb - 1) * bs + 3, scale=2.0)
+    q = 2.0 * torch.randn(hq, tv, d, generator=g)
+    cand = torch.ones(nb, dtype=torch.bool)
+    vote = PreparedVote(sub, cand)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = vote.scores(q)
+        torch.set_num_threads(threads)
+        many = vote.scores(q, VoteWorkspace())
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(many, one, rtol=1e-6, atol=0)
+    torch.testing.assert_close(one, _OnePassVote(sub, cand).scores(q), rtol=2e-5, atol=1e-6)

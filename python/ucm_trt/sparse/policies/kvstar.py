@@ -63,16 +63,18 @@ class PreparedVote:
     """One layer's sub-block representations laid out for fast voting on the CPU.
 
     Laid out once at prefill end: the blocks that have an allowed position (a non-empty sub-block of
-    a candidate block), as float32 tiles ``[Hkv, d', T * M]`` of ``T = TILE_BLOCKS`` blocks (the
-    last tile shorter), with the empty sub-blocks of those blocks listed per tile. A vote
-    (:meth:`scores`) runs tile by tile, so the logits never leave the core's cache: per tile one
-    batched matmul ``[Hkv, G*Tv, d'] x [Hkv, d', T * M]`` (the queries pre-scaled by ``log2 e``),
-    the tile's row maximum, ``exp2`` of the shifted logits and each block's sum of them; at the
-    end every tile's sums are rescaled to the row's overall maximum (online softmax) and a
-    block's score is ``sum_rows block_sum / row_sum``: the softmax mass of the block, summed over
-    the group's queries, as :func:`ucm_trt.sparse.score.kvstar_vote_scores` computes it (up to
-    float32 rounding: another summation order, and ``exp2`` of ``log2 e``-scaled logits; tested
-    against the previous one-pass layout in ``tests/sparse/test_kvstar_vote.py``).
+    a candidate block), as float32 tiles ``[tiles, Hkv, d', T * M]`` of ``T = TILE_BLOCKS`` blocks
+    (the last tile padded), with a mask of the tiles' empty sub-blocks and padding. A vote
+    (:meth:`scores`) runs through the tiles a few at a time (one per torch intra-op thread), so the
+    logits stay in the cores' caches: per tile one batched matmul ``[Hkv, G*Tv, d'] x [Hkv, d', T * M]``
+    (the queries pre-scaled by ``log2 e``), the tile's row maxima, ``exp2`` of the shifted logits and
+    each block's sum of them; at the end every tile's sums are rescaled to the row's overall maximum
+    (online softmax) and a block's score is ``sum_rows block_sum / row_sum``: the softmax mass of the
+    block summed over the group's queries, as :func:`ucm_trt.sparse.score.kvstar_vote_scores`
+    computes it, up to float32 rounding (another summation order, and ``exp2`` of ``log2 e``-scaled
+    logits; tested against the previous one-pass layout in ``tests/sparse/test_kvstar_vote.py``).
+    The arithmetic of a tile does not depend on how many tiles go together, so the scores do not
+    depend on the thread count.
     """
 
     TILE_BLOCKS = 32
@@ -90,14 +92,15 @@ class PreparedVote:
         self.blocks = blocks
         self.channels = ch.to(torch.int64)  # [Hkv, d']
         t = self.TILE_BLOCKS
-        self.tiles: list[torch.Tensor] = []  # [Hkv, d', w * M] float32
-        self.empty: list[torch.Tensor | None] = []  # per tile: columns of empty sub-blocks
-        for b0 in range(0, len(blocks), t):
-            ids = blocks[b0 : b0 + t]
-            v = vals[ids].float()  # [w, M, Hkv, d']
-            self.tiles.append(v.permute(2, 3, 0, 1).reshape(hkv, dp, -1).contiguous())
-            bad = torch.nonzero(~allowed[ids].reshape(-1))[:, 0]
-            self.empty.append(bad if bad.numel() else None)
+        nt = -(-len(blocks) // t)
+        v = torch.zeros(nt * t, m, hkv, dp)
+        v[: len(blocks)] = vals[blocks]
+        self.vt = v.view(nt, t, m, hkv, dp).permute(0, 3, 4, 1, 2).reshape(nt, hkv, dp, t * m).contiguous()
+        ok = torch.zeros(nt * t, m, dtype=torch.bool)
+        ok[: len(blocks)] = allowed[blocks]
+        bad = ~ok.view(nt, 1, 1, t * m)  # [tiles, 1, 1, T * M]: empty sub-blocks and padding
+        #: per tile, its mask of positions that vote nothing, or None (all allowed)
+        self.bad: list[torch.Tensor | None] = [bad[i] if bool(bad[i].any()) else None for i in range(nt)]
 
     def scores(self, q: torch.Tensor, work: VoteWorkspace | None = None) -> torch.Tensor:
         """``q [Hq, Tv, D]`` (the voting queries) -> float32 per-KV-head scores ``[Hkv, nb]``.
@@ -107,27 +110,28 @@ class PreparedVote:
         g = hq // hkv
         rows = g * tv
         out = torch.zeros(hkv, self.nb)
-        nt = len(self.tiles)
+        nt = self.vt.shape[0]
         if nt == 0:
             return out  # no allowed position: nothing to vote for
         t = self.TILE_BLOCKS
+        k = max(1, min(nt, torch.get_num_threads()))  # tiles per step: one per intra-op thread
         if work is None:
             work = VoteWorkspace()
-        tile_buf, sums_buf, max_buf = work.buffers(hkv * rows * t * m, nt * hkv * rows * t, nt * hkv * rows)
-        qf = q.reshape(hkv, rows, d)
-        qp = torch.gather(qf, -1, self.channels[:, None, :].expand(hkv, rows, dp)).float().mul_(_LOG2E)
+        tile_buf, sums_buf, max_buf = work.buffers(k * hkv * rows * t * m, nt * hkv * rows * t, nt * hkv * rows)
+        qp = torch.gather(q.reshape(hkv, rows, d), -1, self.channels[:, None, :].expand(hkv, rows, dp))
+        qp = qp.float().mul_(_LOG2E).expand(k, hkv, rows, dp).reshape(k * hkv, rows, dp)
         sums = sums_buf.view(nt, hkv, rows, t)
         maxes = max_buf.view(nt, hkv, rows)
-        for i, (v, bad) in enumerate(zip(self.tiles, self.empty, strict=True)):
-            w = v.shape[-1] // m
-            x = torch.bmm(qp, v, out=tile_buf[: hkv * rows * w * m].view(hkv, rows, w * m))
-            if bad is not None:
-                x.index_fill_(2, bad, float("-inf"))
-            mx = torch.amax(x, -1, out=maxes[i])
+        for i in range(0, nt, k):
+            n = min(k, nt - i)
+            x = torch.bmm(qp[: n * hkv], self.vt[i : i + n].view(n * hkv, dp, t * m),
+                          out=tile_buf[: n * hkv * rows * t * m].view(n * hkv, rows, t * m)).view(n, hkv, rows, t * m)
+            for j in range(n):
+                if self.bad[i + j] is not None:
+                    x[j].masked_fill_(self.bad[i + j], float("-inf"))
+            mx = torch.amax(x, -1, out=maxes[i : i + n])
             torch.exp2(x.sub_(mx[..., None]), out=x)
-            if w < t:
-                sums[i, ..., w:] = 0
-            torch.sum(x.view(hkv, rows, w, m), -1, out=sums[i, ..., :w])
+            torch.sum(x.view(n, hkv, rows, t, m), -1, out=sums[i : i + n])
         top = maxes.amax(0)  # [Hkv, rows]
         sums.mul_(torch.exp2(maxes.sub_(top))[..., None])  # every tile's sums at the row's maximum
         inv = sums.sum((0, 3)).reciprocal_()  # [Hkv, rows]: 1 / the row's softmax denominator
