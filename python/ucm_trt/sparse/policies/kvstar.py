@@ -15,9 +15,9 @@
   steps ``[1..R]`` choose the blocks of steps ``[2R+1..3R]`` (one-stride lag, retrieval overlaps a
   whole stride). Decode-generated blocks are never sparsified.
 * A retrieval covers all layers (a step's retrievals share the worker's tasks, see ``_offload``): the vote per layer on the layer's
-  :class:`PreparedVote` (float32, allowed positions only, laid out for one batched matmul; the
-  softmax weights ``[Hq, Tv, positions]`` are too large to stack over layers), then one batched
-  selection over all layers (:mod:`ucm_trt.sparse.batched`).
+  :class:`PreparedVote` (float32 tiles of candidate blocks, one online-softmax pass that never
+  materialises the ``[Hq, Tv, positions]`` weights; the task's layers share one
+  :class:`VoteWorkspace`), then one batched selection over all layers (:mod:`ucm_trt.sparse.batched`).
 """
 
 from __future__ import annotations
