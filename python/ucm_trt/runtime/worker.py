@@ -6,16 +6,22 @@ covering its share of the step's requests, all layers, batched: ``ucm_trt.sparse
 names. A task that raised makes :meth:`RetrievalTicket.result`
 raise :class:`RetrievalError` naming the policy, request, layers and step; the generation loop
 lets it propagate, so no request continues on a stale selection. The PyTorch ops used for
-scoring release the GIL, so several tasks do run in parallel.
+scoring release the GIL, so several tasks do run in parallel. Each worker thread runs its torch
+ops on ``intra_op_threads`` threads (default: the creating thread's ``torch.get_num_threads()``
+divided by ``num_threads``, at least 1): without it every concurrent task would start a full-size
+OpenMP team and ``num_threads`` tasks would oversubscribe the cores ``num_threads``-fold.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from ucm_trt._validation import check_positive_int
 
@@ -50,6 +56,13 @@ class RetrievalTicket:
         return value
 
 
+def _set_intra_op_threads(n: int) -> None:
+    """Worker thread initializer: its own torch intra-op thread count (OpenMP and MKL keep it per
+    thread once the thread has run ``torch.get_num_threads``)."""
+    torch.set_num_threads(n)
+    torch.get_num_threads()  # initialise this thread's count now, while the process-wide value is n
+
+
 class RetrievalWorker:
     """Thread pool for CPU retrieval tasks plus latency/overlap accounting.
 
@@ -58,12 +71,26 @@ class RetrievalWorker:
     behind model steps (1.0 = fully hidden; synchronous retrieval gives about 0).
     """
 
-    def __init__(self, num_threads: int = 2) -> None:
+    def __init__(self, num_threads: int = 2, *, intra_op_threads: int | None = None) -> None:
         check_positive_int("num_threads", num_threads)
+        own = torch.get_num_threads()  # also fixes this thread's own intra-op count before the workers start
+        if intra_op_threads is None:
+            intra_op_threads = max(1, own // num_threads)
+        check_positive_int("intra_op_threads", intra_op_threads)
         self.num_threads = num_threads
+        #: torch intra-op threads of each worker thread (default: the caller's count / ``num_threads``,
+        #: at least 1), so ``num_threads`` concurrent tasks do not oversubscribe the cores
+        self.intra_op_threads = intra_op_threads
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
-            max_workers=num_threads, thread_name_prefix="ucm-retrieval"
+            max_workers=num_threads, thread_name_prefix="ucm-retrieval",
+            initializer=_set_intra_op_threads, initargs=(intra_op_threads,)
         )
+        # start every worker thread now (each blocks until all have started), then restore the
+        # process-wide count torch hands to threads started later (torch.set_num_threads sets it too)
+        started = threading.Barrier(num_threads)
+        for f in [self._pool.submit(started.wait) for _ in range(num_threads)]:
+            f.result()
+        torch.set_num_threads(own)
         self.tasks = 0
         self.busy_seconds = 0.0
         self.wait_seconds = 0.0

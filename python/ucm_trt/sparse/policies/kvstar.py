@@ -15,9 +15,9 @@
   steps ``[1..R]`` choose the blocks of steps ``[2R+1..3R]`` (one-stride lag, retrieval overlaps a
   whole stride). Decode-generated blocks are never sparsified.
 * A retrieval covers all layers (a step's retrievals share the worker's tasks, see ``_offload``): the vote per layer on the layer's
-  :class:`PreparedVote` (float32, allowed positions only, laid out for one batched matmul; the
-  softmax weights ``[Hq, Tv, positions]`` are too large to stack over layers), then one batched
-  selection over all layers (:mod:`ucm_trt.sparse.batched`).
+  :class:`PreparedVote` (float32 tiles of candidate blocks, one online-softmax pass that never
+  materialises the ``[Hq, Tv, positions]`` weights; the task's layers share one
+  :class:`VoteWorkspace`), then one batched selection over all layers (:mod:`ucm_trt.sparse.batched`).
 """
 
 from __future__ import annotations
@@ -34,19 +34,50 @@ from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from
 from ucm_trt.sparse.representations import SubBlockRepr, block_lens_from_seq_lens, kvstar_subblock
 from ucm_trt.sparse.select import candidate_mask
 
-__all__ = ["KVStarPolicy", "KVStarRequestState", "PreparedVote"]
+__all__ = ["KVStarPolicy", "KVStarRequestState", "PreparedVote", "VoteWorkspace"]
+
+
+_LOG2E = 1.4426950408889634
+
+
+class VoteWorkspace:
+    """Scratch buffers of :meth:`PreparedVote.scores`, reused over the layers of one retrieval task
+    (one per task / thread: a vote writes into it). Grown on demand."""
+
+    def __init__(self) -> None:
+        self._tile = torch.empty(0)
+        self._sums = torch.empty(0)
+        self._maxes = torch.empty(0)
+
+    def buffers(self, tile: int, sums: int, maxes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._tile.numel() < tile:
+            self._tile = torch.empty(tile)
+        if self._sums.numel() < sums:
+            self._sums = torch.empty(sums)
+        if self._maxes.numel() < maxes:
+            self._maxes = torch.empty(maxes)
+        return self._tile[:tile], self._sums[:sums], self._maxes[:maxes]
 
 
 class PreparedVote:
     """One layer's sub-block representations laid out for fast voting on the CPU.
 
-    :func:`ucm_trt.sparse.score.kvstar_vote_scores` converts the fp16 store to float32, permutes it
-    and masks the excluded positions on every call. Here that is done once at prefill end: only the
-    allowed positions (non-empty sub-blocks of candidate blocks) are kept, as float32 ``[Hkv, d', n]``,
-    so a vote is one batched matmul ``[Hkv, G*Tv, d'] x [Hkv, d', n]``, a softmax and an
-    ``index_add`` of each position's mass into its block. Same scores as ``kvstar_vote_scores``
-    (up to float32 summation order; tested).
+    Laid out once at prefill end: the blocks that have an allowed position (a non-empty sub-block of
+    a candidate block), as float32 tiles ``[tiles, Hkv, d', T * M]`` of ``T = TILE_BLOCKS`` blocks
+    (the last tile padded), with a mask of the tiles' empty sub-blocks and padding. A vote
+    (:meth:`scores`) runs through the tiles a few at a time (one per torch intra-op thread), so the
+    logits stay in the cores' caches: per tile one batched matmul ``[Hkv, G*Tv, d'] x [Hkv, d', T * M]``
+    (the queries pre-scaled by ``log2 e``), the tile's row maxima, ``exp2`` of the shifted logits and
+    each block's sum of them; at the end every tile's sums are rescaled to the row's overall maximum
+    (online softmax) and a block's score is ``sum_rows block_sum / row_sum``: the softmax mass of the
+    block summed over the group's queries, as :func:`ucm_trt.sparse.score.kvstar_vote_scores`
+    computes it, up to float32 rounding (another summation order, and ``exp2`` of ``log2 e``-scaled
+    logits; tested against the previous one-pass layout in ``tests/sparse/test_kvstar_vote.py``).
+    The arithmetic of a tile does not depend on how many tiles go together, so the scores do not
+    depend on the thread count.
     """
+
+    TILE_BLOCKS = 32
 
     def __init__(self, sub: SubBlockRepr, cand: torch.Tensor) -> None:
         vals, counts, ch = sub.values, sub.counts, sub.channels
@@ -55,24 +86,58 @@ class PreparedVote:
         nb, m, hkv, dp = vals.shape
         if cand.dtype != torch.bool or tuple(cand.shape) != (nb,):
             raise ValueError(f"cand must be a bool [nb={nb}] mask, got {cand.dtype} {tuple(cand.shape)}")
-        allowed = ((counts > 0) & cand[:, None]).reshape(-1)
-        cols = torch.nonzero(allowed)[:, 0]
-        self.nb = nb
-        self.block_of = cols // m  # block of each kept position
-        self.vt = vals.reshape(nb * m, hkv, dp)[cols].float().permute(1, 2, 0).contiguous()  # [Hkv, d', n]
+        allowed = (counts > 0) & cand[:, None]  # [nb, M]
+        blocks = torch.nonzero(allowed.any(1))[:, 0]  # blocks with an allowed position
+        self.nb, self.m, self.hkv, self.dp = nb, m, hkv, dp
+        self.blocks = blocks
         self.channels = ch.to(torch.int64)  # [Hkv, d']
+        t = self.TILE_BLOCKS
+        nt = -(-len(blocks) // t)
+        v = torch.zeros(nt * t, m, hkv, dp)
+        v[: len(blocks)] = vals[blocks]
+        self.vt = v.view(nt, t, m, hkv, dp).permute(0, 3, 4, 1, 2).reshape(nt, hkv, dp, t * m).contiguous()
+        ok = torch.zeros(nt * t, m, dtype=torch.bool)
+        ok[: len(blocks)] = allowed[blocks]
+        bad = ~ok.view(nt, 1, 1, t * m)  # [tiles, 1, 1, T * M]: empty sub-blocks and padding
+        #: per tile, its mask of positions that vote nothing, or None (all allowed)
+        self.bad: list[torch.Tensor | None] = [bad[i] if bool(bad[i].any()) else None for i in range(nt)]
 
-    def scores(self, q: torch.Tensor) -> torch.Tensor:
-        """``q [Hq, Tv, D]`` (the voting queries) -> float32 per-KV-head scores ``[Hkv, nb]``."""
+    def scores(self, q: torch.Tensor, work: VoteWorkspace | None = None) -> torch.Tensor:
+        """``q [Hq, Tv, D]`` (the voting queries) -> float32 per-KV-head scores ``[Hkv, nb]``.
+        ``work``: scratch buffers to reuse (a task votes every layer with one)."""
         hq, tv, d = q.shape
-        hkv, dp, n = self.vt.shape
+        hkv, dp, m = self.hkv, self.dp, self.m
         g = hq // hkv
+        rows = g * tv
         out = torch.zeros(hkv, self.nb)
-        if n == 0:
+        nt = self.vt.shape[0]
+        if nt == 0:
             return out  # no allowed position: nothing to vote for
-        qp = torch.gather(q.float().reshape(hkv, g * tv, d), -1, self.channels[:, None, :].expand(hkv, g * tv, dp))
-        mass = torch.softmax(torch.bmm(qp, self.vt), dim=-1).sum(1)  # [Hkv, n]
-        return out.index_add_(1, self.block_of, mass)
+        t = self.TILE_BLOCKS
+        k = max(1, min(nt, torch.get_num_threads()))  # tiles per step: one per intra-op thread
+        if work is None:
+            work = VoteWorkspace()
+        tile_buf, sums_buf, max_buf = work.buffers(k * hkv * rows * t * m, nt * hkv * rows * t, nt * hkv * rows)
+        qp = torch.gather(q.reshape(hkv, rows, d), -1, self.channels[:, None, :].expand(hkv, rows, dp))
+        qp = qp.float().mul_(_LOG2E).expand(k, hkv, rows, dp).reshape(k * hkv, rows, dp)
+        sums = sums_buf.view(nt, hkv, rows, t)
+        maxes = max_buf.view(nt, hkv, rows)
+        for i in range(0, nt, k):
+            n = min(k, nt - i)
+            x = torch.bmm(qp[: n * hkv], self.vt[i : i + n].view(n * hkv, dp, t * m),
+                          out=tile_buf[: n * hkv * rows * t * m].view(n * hkv, rows, t * m)).view(n, hkv, rows, t * m)
+            for j in range(n):
+                if self.bad[i + j] is not None:
+                    x[j].masked_fill_(self.bad[i + j], float("-inf"))
+            mx = torch.amax(x, -1, out=maxes[i : i + n])
+            torch.exp2(x.sub_(mx[..., None]), out=x)
+            torch.sum(x.view(n, hkv, rows, t, m), -1, out=sums[i : i + n])
+        top = maxes.amax(0)  # [Hkv, rows]
+        sums.mul_(torch.exp2(maxes.sub_(top))[..., None])  # every tile's sums at the row's maximum
+        inv = sums.sum((0, 3)).reciprocal_()  # [Hkv, rows]: 1 / the row's softmax denominator
+        mass = torch.einsum("khrb,hr->hkb", sums, inv).reshape(hkv, nt * t)  # [Hkv, tiles * T]
+        out[:, self.blocks] = mass[:, : len(self.blocks)]
+        return out
 
 
 @dataclass(eq=False, kw_only=True)
@@ -149,14 +214,15 @@ class KVStarPolicy(OffloadPolicy):
             return self._per_layer(partial(self._select, st, group))
         return partial(self._select_all, st, group)
 
-    def _layer_scores(self, st: KVStarRequestState, group: list[torch.Tensor], layer: int) -> torch.Tensor:
+    def _layer_scores(self, st: KVStarRequestState, group: list[torch.Tensor], layer: int,
+                      work: VoteWorkspace | None = None) -> torch.Tensor:
         # group[layer]: [Hq, Tv, D] -> per-KV-head vote scores [Hkv, nbp]
-        return st.votes[layer].scores(group[layer])
+        return st.votes[layer].scores(group[layer], work)
 
     def _scores_all(self, st: KVStarRequestState, group: list[torch.Tensor]) -> torch.Tensor:
-        """The votes per layer (the vote materialises ``[Hq, Tv, nb * M]`` softmax weights, too large
-        to stack over layers) -> per-KV-head scores ``[L, Hkv, nb]``."""
-        return torch.stack([self._layer_scores(st, group, layer) for layer in range(self.shape.num_layers)])
+        """The votes per layer, on one scratch workspace -> per-KV-head scores ``[L, Hkv, nb]``."""
+        work = VoteWorkspace()
+        return torch.stack([self._layer_scores(st, group, layer, work) for layer in range(self.shape.num_layers)])
 
     def _select_all(self, st: KVStarRequestState, group: list[torch.Tensor]) -> torch.Tensor:
         """Every layer: :meth:`_scores_all`, then one batched selection -> ``[L, Hkv, S]``."""
