@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import gc
 import importlib.util
 import io
@@ -82,6 +83,14 @@ from ucm_trt.runtime.step import AttentionImpl  # noqa: E402
 #: the 1B shape's layers and heads, tiny dimensions (the arithmetic is negligible)
 HOST_SHAPE = bc.ModelSpec(name="host-1b-structure", layers=16, hidden=64, intermediate=128, q_heads=32, kv_heads=8,
                           head_dim=2, vocab=1024, tied_embeddings=True, rope_theta=500000.0)
+
+
+def host_shape(layers: int) -> bc.ModelSpec:
+    """``HOST_SHAPE`` with ``layers`` layers (``--layers 32``: the 8B shape's layer count; it has the
+    1B's 32 q / 8 KV heads too, so only the layer count differs in the host work)."""
+    if layers == HOST_SHAPE.layers:
+        return HOST_SHAPE
+    return dataclasses.replace(HOST_SHAPE, name=f"host-{layers}-layer-structure", layers=layers)
 ALGORITHMS = ("esa", "gsa", "kvstar")
 TURNOVERS = ("realistic", "random")
 COMPONENTS = ("plan", "forward", "retrieval", "after_step", "other")
@@ -135,8 +144,7 @@ def stand_in_attention() -> AttentionImpl:
 
 
 def make_plan(context: int, batch: int, block_size: int, ratio: float, stride: int, cache_blocks: int,
-              dtype_bytes: int, pool_blocks: int):
-    spec = HOST_SHAPE
+              dtype_bytes: int, pool_blocks: int, spec: bc.ModelSpec = HOST_SHAPE):
     bb = bc.block_bytes(spec, block_size, dtype_bytes)
     budget = pool_blocks * spec.layers * bb / bc.GIB
     host = spec.layers * batch * (context // block_size) * bb / bc.GIB
@@ -159,8 +167,9 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
                            cache_blocks=args.cache_blocks, decode_steps=args.decode_steps,
                            warmup_steps=args.warmup_steps, fill_chunk=args.fill_chunk,
                            retrieval_threads=args.retrieval_threads, cuda_graph=False, batch1=False)
+    shape = host_shape(args.layers)
     plan = make_plan(args.context, batch, args.block_size, args.ratio, args.stride, args.cache_blocks, 4,
-                     args.pool_blocks)
+                     args.pool_blocks, shape)
     engine = bc.make_engine(model, alg, plan, settings, max_batch=batch, drift=drift, seed=0)
     if args.attention == "stand-in":
         engine.backend.attention = stand_in_attention()
@@ -177,7 +186,7 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
     params = SamplingParams(max_new_tokens=args.decode_steps + 1)
     t_fill = time.perf_counter()
     for _ in range(batch):
-        engine.add_request(torch.randint(0, HOST_SHAPE.vocab, (plan.context_len,), generator=g), params)
+        engine.add_request(torch.randint(0, shape.vocab, (plan.context_len,), generator=g), params)
     prof = cProfile.Profile()
     decoded = 0
     first = None
@@ -239,8 +248,8 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
     pol = stats["policy"]
     return {
         "label": args.label, "algorithm": alg, "turnover": turnover, "batch": batch, "context_len": plan.context_len,
-        "sequence_len": plan.sequence_len, "layers": HOST_SHAPE.layers, "kv_heads": HOST_SHAPE.kv_heads,
-        "head_dim": HOST_SHAPE.head_dim, "attention": args.attention, "real_copies": args.real_copies, "block_size": args.block_size, "pool_blocks": plan.pool_blocks[alg],
+        "sequence_len": plan.sequence_len, "layers": shape.layers, "kv_heads": shape.kv_heads,
+        "head_dim": shape.head_dim, "attention": args.attention, "real_copies": args.real_copies, "block_size": args.block_size, "pool_blocks": plan.pool_blocks[alg],
         "measured_steps": n, "step_ms": step, "step_ms_median": 1e3 * statistics.median(r.seconds for r in recs),
         **{f"{k}_ms": v for k, v in parts.items()},
         "main_thread_cpu_ms": cpu_step,
@@ -258,6 +267,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     p.add_argument("--turnovers", nargs="+", default=list(TURNOVERS), choices=TURNOVERS)
     p.add_argument("--batches", type=int, nargs="+", default=[8, 32, 56])
+    p.add_argument("--layers", type=int, default=HOST_SHAPE.layers,
+                   help="model layers (16: the 1B shape's; 32: the 8B shape's, same heads)")
     p.add_argument("--context", type=int, default=32768, help="tokens per sequence at the end (bench_capacity's)")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--ratio", type=float, default=0.125)
@@ -283,14 +294,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _case_key(r: dict) -> tuple:
+    return r["label"], r["algorithm"], r["batch"], r["turnover"], r.get("layers", 16), r["context_len"]
+
+
 def save(path: Path, rows: list[dict], args) -> None:
     """Merge ``rows`` into the JSON at ``path`` (same label + case replaced); called after every case."""
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    keys = {(r["label"], r["algorithm"], r["batch"], r["turnover"]) for r in rows}
-    doc["rows"] = [r for r in doc["rows"] if (r["label"], r["algorithm"], r["batch"], r["turnover"]) not in keys]
+    keys = {_case_key(r) for r in rows}
+    doc["rows"] = [r for r in doc["rows"] if _case_key(r) not in keys]
     doc["rows"] += rows
     box = args.box or f"{platform.node()} ({os.cpu_count()} CPU cores, {platform.processor() or platform.machine()})"
-    doc.update(box=box, benchmark="bench_step_host.py", shape=HOST_SHAPE.describe(), note=(
+    shapes = sorted({host_shape(r.get("layers", HOST_SHAPE.layers)).describe() for r in doc["rows"]})
+    doc.update(box=box, benchmark="bench_step_host.py", shape="; ".join(shapes), note=(
         "host cost of one decode step (wall ms per measured step, main thread), split by wrapping the engine's "
         "and policy's methods with timers; tiny dimensions so the arithmetic is negligible; a shared 2-core box"))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -299,10 +315,11 @@ def save(path: Path, rows: list[dict], args) -> None:
 
 def markdown_table(doc: dict, labels: tuple[str, str] = ("before", "after")) -> str:
     """Per case, ``labels[0]`` -> ``labels[1]``: wall ms per step and component, main-thread CPU ms."""
-    rows = {(r["label"], r["algorithm"], r["batch"], r["turnover"]): r for r in doc["rows"]}
-    cases = sorted({k[1:] for k in rows}, key=lambda c: (ALGORITHMS.index(c[0]), c[1], TURNOVERS.index(c[2])))
-    head = ["algorithm", "batch", "turnover", "step", *COMPONENTS, "main-thread CPU", "of it plan + other",
-            "retrieval tasks/step"]
+    rows = {_case_key(r): r for r in doc["rows"]}
+    cases = sorted({k[1:] for k in rows}, key=lambda c: (c[3], c[4], ALGORITHMS.index(c[0]), c[1],
+                                                         TURNOVERS.index(c[2])))
+    head = ["layers", "context", "algorithm", "batch", "turnover", "step", *COMPONENTS, "main-thread CPU",
+            "of it plan + other", "retrieval tasks/step"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(a, b, key, spec=".1f"):
@@ -312,7 +329,8 @@ def markdown_table(doc: dict, labels: tuple[str, str] = ("before", "after")) -> 
 
     for c in cases:
         a, b = rows.get((labels[0], *c)), rows.get((labels[1], *c))
-        cells = [c[0], str(c[1]), c[2], cell(a, b, "step_ms"), *(cell(a, b, f"{k}_ms") for k in COMPONENTS),
+        cells = [str(c[3]), str(c[4]), c[0], str(c[1]), c[2], cell(a, b, "step_ms"),
+                 *(cell(a, b, f"{k}_ms") for k in COMPONENTS),
                  cell(a, b, "main_thread_cpu_ms"), cell(a, b, "plan_and_other_cpu_ms"),
                  cell(a, b, "retrieval_tasks_per_step", ".1f")]
         out.append("| " + " | ".join(cells) + " |")
@@ -325,7 +343,8 @@ def main(argv=None) -> int:
         print(markdown_table(json.loads(args.table.read_text())))
         return 0
     torch.set_num_threads(1)
-    model = bc.build_model(HOST_SHAPE, dtype=torch.float32, device="cpu", max_positions=args.context)
+    shape = host_shape(args.layers)
+    model = bc.build_model(shape, dtype=torch.float32, device="cpu", max_positions=args.context)
     drift = None
     if "realistic" in args.turnovers:
         sparse = bc.Settings(block_size=args.block_size, ratio=args.ratio, stride=args.stride).sparse_for("esa")
@@ -333,8 +352,8 @@ def main(argv=None) -> int:
                   bc.measured_turnover(_HERE / "results" / "runtime", block_size=args.block_size, ratio=args.ratio,
                                        stride=args.stride))
         plan = make_plan(args.context, max(args.batches), args.block_size, args.ratio, args.stride,
-                         args.cache_blocks, 4, args.pool_blocks)
-        drift = bc.calibrate_turnover(plan, HOST_SHAPE, sparse, target[0], target[1], seed=0)
+                         args.cache_blocks, 4, args.pool_blocks, shape)
+        drift = bc.calibrate_turnover(plan, shape, sparse, target[0], target[1], seed=0)
         print(f"realistic turnover {target[0]:.3f} ({target[1]}): persistence {drift.persistence:.4f}", flush=True)
     rows = []
     for batch in args.batches:

@@ -739,34 +739,55 @@ class Engine:
         without a sync): every written (layer, row) holds logical block ids in ``[0, blocks of its
         sequence)``, sorted strictly ascending, then ``-1`` padding, and each selected block is
         resident in that layer's block table (not the null block). The entries not written this
-        step were checked when they were written and are unchanged."""
+        step were checked when they were written and are unchanged.
+
+        An entry whose KV heads all hold the same row (a shared selection) is checked once, not once
+        per head; only when a check fails is every head examined, to name the first bad one."""
         bs = self.sparse.block_size
         nb_all = np.array([-(-n // bs) for n in new_lens], dtype=np.int64)
         li = np.fromiter((p[0] for p in writes), dtype=np.int64, count=len(writes))
         ri = np.fromiter((p[1] for p in writes), dtype=np.int64, count=len(writes))
         w = max(1, int(self._sel_hw[li, ri].max()))  # the mirror is -1 past every entry's width
-        x = self._sel_h.numpy()[li, ri, :, :w].astype(np.int64)  # [P, H, w]
-        nb = nb_all[ri][:, None, None]
+        x = self._sel_h.numpy()[li, ri, :, :w]  # [P, H, w] int32
+        h = x.shape[1]
+        shared = (x == x[:, :1]).all(axis=(1, 2))
+        if shared.all():
+            rows, pair = x[:, 0], np.arange(len(writes))
+        else:
+            own = np.flatnonzero(~shared)
+            rows = np.concatenate([x[shared, 0], x[own].reshape(-1, w)])
+            pair = np.concatenate([np.flatnonzero(shared), np.repeat(own, h)])
+        bad, not_resident = self._selection_faults(rows, nb_all[ri[pair]][:, None], li[pair], ri[pair])
+        if bad.any() or not_resident.any():
+            self._raise_selection_error(x, li, ri, nb_all)
+
+    def _selection_faults(self, x: np.ndarray, nb: np.ndarray, li: np.ndarray, ri: np.ndarray):
+        """Per entry of ``x`` ``[..., w]`` (selection rows of layers ``li``, rows ``ri``, ``nb`` blocks;
+        ``li``/``ri``/``nb`` broadcast against ``x[..., 0]``): which ids break the range / order /
+        padding rule (``bad``) and which valid ids are not resident in the block table."""
+        w = x.shape[-1]
         valid = x >= 0
         nv = valid.sum(-1, keepdims=True)
         bad = (x < -1) | (valid != (np.arange(w) < nv)) | (valid & (x >= nb))
         bad[..., 1:] |= valid[..., 1:] & (x[..., 1:] <= x[..., :-1])
-        safe = np.where(valid & ~bad, x, 0).reshape(len(writes), -1)
-        tables = self.kv.tables_host.numpy()
-        phys = np.take_along_axis(tables[li, ri].astype(np.int64), safe, axis=1).reshape(x.shape)
-        not_resident = valid & ~bad & (phys == 0)
-        if bad.any() or not_resident.any():
-            i, head, _ = (int(j[0]) for j in np.nonzero(bad | not_resident))
-            layer, row = int(li[i]), int(ri[i])
-            ids = x[i, head][x[i, head] != -1].tolist()
-            rule = (f"must hold logical block ids in [0, {int(nb_all[row])}) sorted strictly ascending, "
-                    "then -1 padding" if bad[i, head].any() else
-                    "is not resident in the layer's block table (internal: the plan must load every selected block)")
-            rid = self._running[row] if row < len(self._running) else "?"
-            raise ValueError(
-                f"policy {self.policy.name!r}: layer {layer} row {row} ({rid}) head {head} selection "
-                f"{ids[:16]}{' ...' if len(ids) > 16 else ''} {rule}"
-            )
+        ok = valid & ~bad
+        phys = self.kv.tables_host.numpy()[li[..., None], ri[..., None], np.where(ok, x, 0)]
+        return bad, ok & (phys == 0)
+
+    def _raise_selection_error(self, x: np.ndarray, li: np.ndarray, ri: np.ndarray, nb_all: np.ndarray) -> None:
+        """The ValueError naming the first bad (entry, head) of ``x`` ``[P, H, w]`` in (entry, head) order."""
+        bad, not_resident = self._selection_faults(x, nb_all[ri][:, None, None], li[:, None], ri[:, None])
+        i, head, _ = (int(j[0]) for j in np.nonzero(bad | not_resident))
+        layer, row = int(li[i]), int(ri[i])
+        ids = x[i, head][x[i, head] != -1].tolist()
+        rule = (f"must hold logical block ids in [0, {int(nb_all[row])}) sorted strictly ascending, "
+                "then -1 padding" if bad[i, head].any() else
+                "is not resident in the layer's block table (internal: the plan must load every selected block)")
+        rid = self._running[row] if row < len(self._running) else "?"
+        raise ValueError(
+            f"policy {self.policy.name!r}: layer {layer} row {row} ({rid}) head {head} selection "
+            f"{ids[:16]}{' ...' if len(ids) > 16 else ''} {rule}"
+        )
 
     # ================================================================== sampling / finishing
     def _sample(self, logits: torch.Tensor, req: _Request) -> int:
