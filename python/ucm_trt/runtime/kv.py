@@ -429,7 +429,8 @@ class KVManager:
                 ("_host_ids", (n, mb), np.int64, -1), ("_vis", (L, n, mb), bool, False),
                 ("_vis_len", (L, n), np.int64, 0), ("_vis_set", (L, n), bool, False), ("_stale", (L, n), bool, False),
                 # the batched plan's record of each pair's last plan (see _plan_batched)
-                ("_src", (L, n), object, None), ("_geom", (L, n, 3), np.int64, -1), ("_clean", (L, n), bool, False),
+                ("_src", (L, n), object, None), ("_src_id", (L, n), np.uint64, 0), ("_geom", (L, n, 3), np.int64, -1),
+                ("_clean", (L, n), bool, False),
                 ("_counts", (L, n, 2), np.int64, 0)]
         for name, shape, dtype, fill in grow:
             new = np.full(shape, fill, dtype=dtype)
@@ -456,6 +457,7 @@ class KVManager:
         self._vis_set[:, slot] = False
         self._stale[:, slot] = False
         self._src[:, slot] = None
+        self._src_id[:, slot] = 0
         self._geom[:, slot] = -1
         self._clean[:, slot] = False
         self._counts[:, slot] = 0
@@ -651,22 +653,19 @@ class KVManager:
         geom = np.asarray(geoms, dtype=np.int64).reshape(b, 3)
         old_nb, first, new_nb = geom[:, 0], geom[:, 1], geom[:, 2]
         same = (self._geom[:, slots] == geom[None]).all(-1) & self._clean[:, slots] & ~self._stale[:, slots]
-        src = self._src
-        want_none = np.zeros((L, b), dtype=bool)
+        # a pair's selection is the object of its last plan when its id is the one recorded (the
+        # recorded object is kept alive in _src, so no other object can carry that id); 0 = None
+        ids = np.array([[0 if w is None else id(w) for w in per_row] for per_row in needed], dtype=np.uint64)
+        want_none = ids == 0
+        same &= (self._src_id[:, slots] == ids) & ~want_none
         parts, pairs = [], []
-        for layer in range(L):
-            src_l, same_l = src[layer], same[layer]
-            for row, w in enumerate(needed[layer]):
-                if w is None:
-                    want_none[layer, row] = True
-                    same_l[row] = False
-                elif same_l[row] and src_l[slots[row]] is w:
-                    continue
-                else:
-                    same_l[row] = False
-                    parts.append(w if isinstance(w, np.ndarray) else np.fromiter(w, dtype=np.int64, count=len(w)))
-                    pairs.append(layer * b + row)
-                    src_l[slots[row]] = w  # this plan's (ignored unless the pair ends clean, see below)
+        src, src_id = self._src, self._src_id
+        for layer, row in zip(*np.nonzero(~same & ~want_none), strict=True):
+            w = needed[layer][row]
+            parts.append(w if isinstance(w, np.ndarray) else np.fromiter(w, dtype=np.int64, count=len(w)))
+            pairs.append(layer * b + row)
+            src[layer, slots[row]] = w  # this plan's (ignored unless the pair ends clean, see below)
+            src_id[layer, slots[row]] = ids[layer, row]
         dirty = np.flatnonzero(~same.reshape(-1))  # pair index layer * b + row, layer-major
         pl, pr = dirty // b, dirty % b
         P = dirty.size
