@@ -32,6 +32,12 @@ and the policy's methods with timers (the library is not changed for it):
 * ``other``: the step's remainder (write-back and deferred-load bookkeeping, the token copy,
   sampling, emitting, metrics).
 
+The plan's own main-thread CPU time is ``plan_cpu_ms`` (wall time on this shared box carries other
+jobs' load), and ``plan_by_step_kind`` splits the plan by step: ``retrieval`` (new selections from the
+policy), ``switch`` (the step after, where the overlapped schedule's stale pairs switch to them) and
+``between`` (the selections stand: the plan should be nearly free there). ``--layers 32`` gives the
+8B shape's layer count (same heads).
+
 The retrieval tasks themselves run on the worker threads (``--retrieval-threads``, 2 = this
 box's cores); their CPU time is reported as ``retrieval_task_ms`` (worker busy time per step).
 A cProfile of the main thread over the measured steps gives the top functions by cumulative time.
@@ -132,6 +138,43 @@ class Timers:
         setattr(obj, name, timed)
 
 
+class PlanProbe:
+    """Per decode step: the main thread's CPU seconds of the plan (from ``Engine._decode``'s entry to
+    ``KVManager.mark_forward_start``, which the step calls right after its plan) and the step's kind:
+    ``retrieval`` (the policy handed out a selection object it did not hand out at the last step),
+    ``switch`` (the step after one: on the overlapped schedule the pairs that attended their old
+    selection while the new blocks loaded switch now) or ``between`` (neither: the selections stand)."""
+
+    def __init__(self, engine) -> None:
+        self.cpu: list[float] = []
+        self.kinds: list[str] = []
+        self._t0: float | None = None
+        self._last_ids: set[int] = set()
+        self._new = False
+        self._prev_new = False
+        decode, mark, plan = engine._decode, engine.kv.mark_forward_start, engine.policy.plan
+
+        def timed_decode(*a, **kw):
+            self._t0 = time.thread_time()
+            return decode(*a, **kw)
+
+        def timed_mark(*a, **kw):
+            if self._t0 is not None:
+                self.cpu.append(time.thread_time() - self._t0)
+                self.kinds.append("retrieval" if self._new else "switch" if self._prev_new else "between")
+                self._t0 = None
+            return mark(*a, **kw)
+
+        def watched_plan(reqs):
+            sels = plan(reqs)
+            ids = {id(x) for per_row in sels for x in per_row if x is not None}
+            self._prev_new, self._new = self._new, bool(ids - self._last_ids)
+            self._last_ids = ids
+            return sels
+
+        engine._decode, engine.kv.mark_forward_start, engine.policy.plan = timed_decode, timed_mark, watched_plan
+
+
 def _attention_stand_in(q, pool, table, seq_lens, selection, *, scale, **_):
     """One op per layer in place of the paged attention (on the GPU it is one kernel launch, or part
     of a graph replay): the CPU attention reads every token of the sequence (it masks the
@@ -176,6 +219,7 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
     if not args.real_copies:
         stub_copies(engine.kv)
     timers = Timers()
+    probe = PlanProbe(engine)
     for name in ENGINE_TIMED:
         timers.wrap(engine, name)
     for name in POLICY_TIMED:
@@ -199,6 +243,7 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
             if decoded == args.warmup_steps and not timers.on:
                 timers.on = True
                 first = seen
+                p0 = len(probe.cpu)
                 w0 = engine.worker.stats()
                 cpu0 = time.thread_time()
                 prof.enable()
@@ -214,6 +259,7 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
                     timers.on = False
                     w1 = engine.worker.stats()
                     last = len(engine.metrics.steps)
+                    p1 = len(probe.cpu)
     finally:
         prof.disable()
         stats = engine.stats()
@@ -246,13 +292,21 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
     top = _profile_top(prof, args.profile_top)
     top_ucm = _profile_top(prof, args.profile_top, "ucm_trt/")
     pol = stats["policy"]
+    if p1 - p0 != n:
+        raise RuntimeError(f"the plan probe saw {p1 - p0} decode plans in {n} measured steps")
+    by_kind = {}
+    for kind in ("retrieval", "switch", "between"):
+        idx = [i for i in range(n) if probe.kinds[p0 + i] == kind]
+        by_kind[kind] = {"steps": len(idx),
+                         "plan_ms": 1e3 * sum(recs[i].plan_seconds for i in idx) / len(idx) if idx else None,
+                         "plan_cpu_ms": 1e3 * sum(probe.cpu[p0 + i] for i in idx) / len(idx) if idx else None}
     return {
         "label": args.label, "algorithm": alg, "turnover": turnover, "batch": batch, "context_len": plan.context_len,
         "sequence_len": plan.sequence_len, "layers": shape.layers, "kv_heads": shape.kv_heads,
         "head_dim": shape.head_dim, "attention": args.attention, "real_copies": args.real_copies, "block_size": args.block_size, "pool_blocks": plan.pool_blocks[alg],
         "measured_steps": n, "step_ms": step, "step_ms_median": 1e3 * statistics.median(r.seconds for r in recs),
         **{f"{k}_ms": v for k, v in parts.items()},
-        "main_thread_cpu_ms": cpu_step,
+        "main_thread_cpu_ms": cpu_step, "plan_cpu_ms": 1e3 * sum(probe.cpu[p0:p1]) / n, "plan_by_step_kind": by_kind,
         "retrieval_wait_ms": wait / n, "retrieval_tasks_per_step": tasks / n, "retrieval_task_ms": busy / n,
         "stale_layers_per_step": sum(r.stale_layers for r in recs) / n,
         "sync_switches_per_step": sum(r.sync_switches for r in recs) / n,
@@ -368,7 +422,9 @@ def main(argv=None) -> int:
                                                ("plan_and_other", "forward", "retrieval", "after_step"))
                       + f" (retrieval wait {row['retrieval_wait_ms']:.1f}, tasks {row['retrieval_tasks_per_step']:.1f}"
                       f"/step, worker {row['retrieval_task_ms']:.1f} ms/step; main CPU {row['main_thread_cpu_ms']:.1f};"
-                      f" stale {row['stale_layers_per_step']:.0f}, sync {row['sync_switches_per_step']:.0f}, "
+                      f" plan CPU {row['plan_cpu_ms']:.1f} = "
+                      + ", ".join(f"{k} {v['plan_cpu_ms'] or 0:.1f} x{v['steps']}" for k, v in row["plan_by_step_kind"].items())
+                      + f"; stale {row['stale_layers_per_step']:.0f}, sync {row['sync_switches_per_step']:.0f}, "
                       f"turnover {row['topk_turnover'] or 0:.3f})", flush=True)
                 if batch == max(args.batches):
                     print("\n".join(row["profile_top_cumtime_ucm_trt"][: args.profile_top + 1]), flush=True)
