@@ -655,17 +655,16 @@ class KVManager:
         same = (self._geom[:, slots] == geom[None]).all(-1) & self._clean[:, slots] & ~self._stale[:, slots]
         # a pair's selection is the object of its last plan when its id is the one recorded (the
         # recorded object is kept alive in _src, so no other object can carry that id); 0 = None
-        ids = np.array([[0 if w is None else id(w) for w in per_row] for per_row in needed], dtype=np.uint64)
-        want_none = ids == 0
-        same &= (self._src_id[:, slots] == ids) & ~want_none
-        parts, pairs = [], []
-        src, src_id = self._src, self._src_id
-        for layer, row in zip(*np.nonzero(~same & ~want_none), strict=True):
-            w = needed[layer][row]
-            parts.append(w if isinstance(w, np.ndarray) else np.fromiter(w, dtype=np.int64, count=len(w)))
-            pairs.append(layer * b + row)
-            src[layer, slots[row]] = w  # this plan's (ignored unless the pair ends clean, see below)
-            src_id[layer, slots[row]] = ids[layer, row]
+        sid = np.array([[0 if w is None else id(w) for w in per_row] for per_row in needed], dtype=np.uint64)
+        want_none = sid == 0
+        same &= (self._src_id[:, slots] == sid) & ~want_none
+        # the changed pairs record this plan's selection (ignored unless the pair ends clean, see below)
+        cl, cr = np.nonzero(~same & ~want_none)
+        objs = np.fromiter((w for per_row in needed for w in per_row), dtype=object, count=L * b).reshape(L, b)[cl, cr]
+        self._src[cl, slots[cr]] = objs
+        self._src_id[cl, slots[cr]] = sid[cl, cr]
+        parts = [w if isinstance(w, np.ndarray) else np.fromiter(w, dtype=np.int64, count=len(w)) for w in objs]
+        pairs = cl * b + cr
         dirty = np.flatnonzero(~same.reshape(-1))  # pair index layer * b + row, layer-major
         pl, pr = dirty // b, dirty % b
         P = dirty.size
@@ -673,7 +672,7 @@ class KVManager:
         if parts:
             sizes = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
             ids = np.concatenate(parts).astype(np.int64, copy=False)
-            pid = np.repeat(np.searchsorted(dirty, np.asarray(pairs, dtype=np.int64)), sizes)
+            pid = np.repeat(np.searchsorted(dirty, pairs), sizes)
             ok = (ids >= 0) & (ids < old_nb[pr[pid]])
             need.reshape(-1)[pid[ok] * W + ids[ok]] = True
         ar = np.arange(W)
@@ -825,8 +824,11 @@ class KVManager:
             bounds = np.searchsorted(pl[vp], np.arange(L + 1))
             for layer in np.flatnonzero(fits).tolist():
                 self._note_wait(layer, phys[bounds[layer] : bounds[layer + 1]])
-        for p in np.flatnonzero(st).tolist():
-            stale[int(pl[p])][int(pr[p])] = True
+        if st.any():
+            flags = np.zeros((L, b), dtype=bool)
+            flags[pl[st], pr[st]] = True
+            for layer in np.unique(pl[st]).tolist():
+                stale[layer] = flags[layer].tolist()
         return np.flatnonzero(~fits).tolist()
 
     def _note_standing(self, layers: np.ndarray, slots: np.ndarray) -> None:
