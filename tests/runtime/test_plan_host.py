@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ucm_trt.config import SparseConfig
 from ucm_trt.runtime import Engine, RuntimeConfig, TorchBackend
@@ -98,3 +99,69 @@ def test_selection_check_equals_the_per_head_check(engine, seed, fault):
     with pytest.raises(ValueError) as err:
         engine._check_selections(writes, new_lens)
     assert where in str(err.value) and rule in str(err.value)
+
+
+def _reference_views(sels, new_lens, h, max_width):
+    """Per layer, what the kernels must read: each row's selection then -1 (None = every block of the
+    row), at the bucketed width of the layer's widest row; None where the whole layer is None."""
+    from ucm_trt.runtime.cuda_graph import SELECTION_WIDTH_BUCKET
+
+    out = []
+    for per_row in sels:
+        if all(s is None for s in per_row):
+            out.append(None)
+            continue
+        rows = [torch.arange(-(-n // BS), dtype=torch.int32).expand(h, -1) if s is None else s
+                for s, n in zip(per_row, new_lens, strict=True)]
+        width = max(1, *(r.shape[1] for r in rows))
+        width = min(max_width, -(-width // SELECTION_WIDTH_BUCKET) * SELECTION_WIDTH_BUCKET)
+        v = torch.full((len(rows), h, width), -1, dtype=torch.int32)
+        for i, r in enumerate(rows):
+            v[i, :, : r.shape[1]] = r
+        out.append(v)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_selection_writes_equal_a_fresh_write_every_step(engine, seed):
+    """Steps of random selections (kept objects, new ones, None rows and layers, widths growing and
+    shrinking, the batch changing size): after each step the device views equal a mirror written
+    from scratch, whatever the layer- and row-level reuse skipped."""
+    g = np.random.default_rng(seed)
+    L, B, H, M = engine._sel_h.shape
+    engine.kv.tables_host.fill_(1)  # every block resident (the residency check passes)
+    engine._sel_last = None
+    engine._sel_h.fill_(-1)
+    engine._sel_hw[:] = 0
+    lens = [int(g.integers(BS, 30 * BS)) for _ in range(B)]
+    last = None
+    for _ in range(25):
+        b = int(g.integers(1, B + 1)) if g.random() < 0.2 or last is None else len(last[0])
+        lens = [n + int(g.integers(0, 2)) for n in lens]
+        new_lens = lens[:b]
+        sels = []
+        for layer in range(L):
+            per_row = []
+            for row in range(b):
+                u = g.random()
+                keep = last is not None and row < len(last[layer]) and u < 0.6
+                if keep and last[layer][row] is not None:
+                    per_row.append(last[layer][row])
+                elif u < 0.75:
+                    per_row.append(None)
+                else:
+                    nb = -(-new_lens[row] // BS)
+                    ids = np.sort(g.choice(nb, size=int(g.integers(1, min(nb, 40) + 1)), replace=False))
+                    per_row.append(torch.from_numpy(ids.astype(np.int32)).expand(H, -1).contiguous())
+            if g.random() < 0.15:
+                per_row = [None] * b
+            sels.append(per_row)
+        views, widths = engine._write_selections(sels, new_lens, BS, b, H)
+        want = _reference_views(sels, new_lens, H, M)
+        for layer in range(L):
+            if want[layer] is None:
+                assert views[layer] is None and widths[layer] is None
+            else:
+                assert widths[layer] == want[layer].shape[-1]
+                assert torch.equal(views[layer], want[layer]), f"layer {layer}"
+        last = sels

@@ -674,7 +674,9 @@ class Engine:
                         if any(x is not None for x in per_row) else None for per_row in sels))
         if self._sel_last is not None and key == self._sel_last[0]:
             return self._sel_last[2]  # the same selections as the last step: the device buffer holds them
-        prev = self._sel_last[0] if self._sel_last is not None and self._sel_last[0][0] == b else None
+        same_b = self._sel_last is not None and self._sel_last[0][0] == b
+        prev = self._sel_last[0] if same_b else None
+        prev_out = self._sel_last[2][1] if same_b else None
         out: list[int | None] = []
         writes: list[tuple[int, int]] = []  # (layer, row) entries whose mirror changes
         for layer, per_row in enumerate(sels):
@@ -683,19 +685,21 @@ class Engine:
                 out.append(None)
                 continue
             pkey = None if prev is None else prev[1][layer]
+            if pkey == lkey:  # the layer's selections are those of the last step: checked, width known
+                out.append(prev_out[layer])
+                continue
             width = 1
             for row, s in enumerate(per_row):
-                if s is None:
-                    width = max(width, -(-new_lens[row] // bs))
-                else:
-                    if s.dim() != 2 or s.shape[0] != h:
-                        raise RuntimeError(
-                            f"policy {self.policy.name!r}: layer {layer} row {row} selection must be [Hkv={h}, S], "
-                            f"got shape {tuple(s.shape)}"
-                        )
-                    width = max(width, s.shape[1])
-                if pkey is None or lkey[row] != pkey[row]:  # a row keeps its mirror otherwise
-                    writes.append((layer, row))
+                if pkey is not None and lkey[row] == pkey[row]:  # a row keeps its mirror (checked then)
+                    width = max(width, self._sel_width(s, new_lens[row], bs))
+                    continue
+                if s is not None and (s.dim() != 2 or s.shape[0] != h):
+                    raise RuntimeError(
+                        f"policy {self.policy.name!r}: layer {layer} row {row} selection must be [Hkv={h}, S], "
+                        f"got shape {tuple(s.shape)}"
+                    )
+                width = max(width, self._sel_width(s, new_lens[row], bs))
+                writes.append((layer, row))
             out.append(min(self._sel.shape[-1], -(-width // SELECTION_WIDTH_BUCKET) * SELECTION_WIDTH_BUCKET))
         if writes:
             self._write_mirror(sels, writes, new_lens, bs)
@@ -706,6 +710,11 @@ class Engine:
         # the keyed tensors are kept alive so their ids cannot be reused by new tensors
         self._sel_last = (key, [x for per_row in sels for x in per_row], (views, tuple(out)))
         return self._sel_last[2]
+
+    @staticmethod
+    def _sel_width(s: torch.Tensor | None, new_len: int, bs: int) -> int:
+        """Blocks a row's selection spans in the mirror (``None``: every block of the sequence)."""
+        return -(-new_len // bs) if s is None else s.shape[1]
 
     def _write_mirror(self, sels, writes: list[tuple[int, int]], new_lens: list[int], bs: int) -> None:
         """Rewrite the mirror entries ``writes`` (layer, row): the selections of one width ``[Hkv, n]``
