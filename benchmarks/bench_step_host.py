@@ -246,7 +246,8 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
                 p0 = len(probe.cpu)
                 w0 = engine.worker.stats()
                 cpu0 = time.thread_time()
-                prof.enable()
+                if args.profile_top:
+                    prof.enable()
             engine.step()
             new = engine.metrics.steps[seen:]
             if any(r.kind == "decode" for r in new):
@@ -289,8 +290,8 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
     wait = w1["retrieval_wait_ms"] - w0["retrieval_wait_ms"]
     busy = w1["retrieval_busy_ms"] - w0["retrieval_busy_ms"]
     tasks = w1["retrieval_tasks"] - w0["retrieval_tasks"]
-    top = _profile_top(prof, args.profile_top)
-    top_ucm = _profile_top(prof, args.profile_top, "ucm_trt/")
+    top = _profile_top(prof, args.profile_top) if args.profile_top else []
+    top_ucm = _profile_top(prof, args.profile_top, "ucm_trt/") if args.profile_top else []
     pol = stats["policy"]
     if p1 - p0 != n:
         raise RuntimeError(f"the plan probe saw {p1 - p0} decode plans in {n} measured steps")
@@ -312,7 +313,7 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
         "sync_switches_per_step": sum(r.sync_switches for r in recs) / n,
         "blocks_loaded_per_step": sum(r.blocks_loaded for r in recs) / n,
         "topk_turnover": pol.get("topk_turnover"), "prefill_seconds": prefill_s,
-        "profile_top_cumtime": top, "profile_top_cumtime_ucm_trt": top_ucm,
+        "profiled": bool(args.profile_top), "profile_top_cumtime": top, "profile_top_cumtime_ucm_trt": top_ucm,
     }
 
 
@@ -340,7 +341,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "sequence); torch: the runtime's CPU attention")
     p.add_argument("--real-copies", action="store_true",
                    help="move the blocks (a CPU memcpy) instead of keeping only the copies' bookkeeping")
-    p.add_argument("--profile-top", type=int, default=15)
+    p.add_argument("--profile-top", type=int, default=15,
+                   help="cProfile's top functions per case (0: no profiler; it slows the Python it watches ~2x)")
     p.add_argument("--label", default="after")
     p.add_argument("--box", default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON: rows merged (same label + case replaced)")
@@ -426,7 +428,7 @@ def main(argv=None) -> int:
                       + ", ".join(f"{k} {v['plan_cpu_ms'] or 0:.1f} x{v['steps']}" for k, v in row["plan_by_step_kind"].items())
                       + f"; stale {row['stale_layers_per_step']:.0f}, sync {row['sync_switches_per_step']:.0f}, "
                       f"turnover {row['topk_turnover'] or 0:.3f})", flush=True)
-                if batch == max(args.batches):
+                if batch == max(args.batches) and args.profile_top:
                     print("\n".join(row["profile_top_cumtime_ucm_trt"][: args.profile_top + 1]), flush=True)
                 if args.out is not None:
                     save(args.out, [row], args)
