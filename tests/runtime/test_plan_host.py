@@ -165,3 +165,18 @@ def test_selection_writes_equal_a_fresh_write_every_step(engine, seed):
                 assert widths[layer] == want[layer].shape[-1]
                 assert torch.equal(views[layer], want[layer]), f"layer {layer}"
         last = sels
+
+
+def test_a_selection_of_the_wrong_shape_is_named(engine):
+    """A changed row whose selection is not ``[Hkv, S]`` is a RuntimeError naming layer, row and
+    shape; rows that did not change since the last step are not checked again."""
+    L, B, H, _ = engine._sel_h.shape
+    engine.kv.tables_host.fill_(1)
+    engine._sel_last = None
+    good = torch.arange(3, dtype=torch.int32).expand(H, -1).contiguous()
+    sels = [[good, None] for _ in range(L)]
+    engine._write_selections(sels, [100, 100], BS, 2, H)
+    bad = [[good, None] for _ in range(L)]
+    bad[L - 1][1] = torch.arange(3, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=rf"layer {L - 1} row 1 selection must be \[Hkv={H}, S\], got shape \(3,\)"):
+        engine._write_selections(bad, [100, 100], BS, 2, H)
