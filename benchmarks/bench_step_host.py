@@ -32,6 +32,12 @@ and the policy's methods with timers (the library is not changed for it):
 * ``other``: the step's remainder (write-back and deferred-load bookkeeping, the token copy,
   sampling, emitting, metrics).
 
+The plan's own main-thread CPU time is ``plan_cpu_ms`` (wall time on this shared box carries other
+jobs' load), and ``plan_by_step_kind`` splits the plan by step: ``retrieval`` (new selections from the
+policy), ``switch`` (the step after, where the overlapped schedule's stale pairs switch to them) and
+``between`` (the selections stand: the plan should be nearly free there). ``--layers 32`` gives the
+8B shape's layer count (same heads).
+
 The retrieval tasks themselves run on the worker threads (``--retrieval-threads``, 2 = this
 box's cores); their CPU time is reported as ``retrieval_task_ms`` (worker busy time per step).
 A cProfile of the main thread over the measured steps gives the top functions by cumulative time.
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import gc
 import importlib.util
 import io
@@ -82,6 +89,14 @@ from ucm_trt.runtime.step import AttentionImpl  # noqa: E402
 #: the 1B shape's layers and heads, tiny dimensions (the arithmetic is negligible)
 HOST_SHAPE = bc.ModelSpec(name="host-1b-structure", layers=16, hidden=64, intermediate=128, q_heads=32, kv_heads=8,
                           head_dim=2, vocab=1024, tied_embeddings=True, rope_theta=500000.0)
+
+
+def host_shape(layers: int) -> bc.ModelSpec:
+    """``HOST_SHAPE`` with ``layers`` layers (``--layers 32``: the 8B shape's layer count; it has the
+    1B's 32 q / 8 KV heads too, so only the layer count differs in the host work)."""
+    if layers == HOST_SHAPE.layers:
+        return HOST_SHAPE
+    return dataclasses.replace(HOST_SHAPE, name=f"host-{layers}-layer-structure", layers=layers)
 ALGORITHMS = ("esa", "gsa", "kvstar")
 TURNOVERS = ("realistic", "random")
 COMPONENTS = ("plan", "forward", "retrieval", "after_step", "other")
@@ -123,6 +138,43 @@ class Timers:
         setattr(obj, name, timed)
 
 
+class PlanProbe:
+    """Per decode step: the main thread's CPU seconds of the plan (from ``Engine._decode``'s entry to
+    ``KVManager.mark_forward_start``, which the step calls right after its plan) and the step's kind:
+    ``retrieval`` (the policy handed out a selection object it did not hand out at the last step),
+    ``switch`` (the step after one: on the overlapped schedule the pairs that attended their old
+    selection while the new blocks loaded switch now) or ``between`` (neither: the selections stand)."""
+
+    def __init__(self, engine) -> None:
+        self.cpu: list[float] = []
+        self.kinds: list[str] = []
+        self._t0: float | None = None
+        self._last_ids: set[int] = set()
+        self._new = False
+        self._prev_new = False
+        decode, mark, plan = engine._decode, engine.kv.mark_forward_start, engine.policy.plan
+
+        def timed_decode(*a, **kw):
+            self._t0 = time.thread_time()
+            return decode(*a, **kw)
+
+        def timed_mark(*a, **kw):
+            if self._t0 is not None:
+                self.cpu.append(time.thread_time() - self._t0)
+                self.kinds.append("retrieval" if self._new else "switch" if self._prev_new else "between")
+                self._t0 = None
+            return mark(*a, **kw)
+
+        def watched_plan(reqs):
+            sels = plan(reqs)
+            ids = {id(x) for per_row in sels for x in per_row if x is not None}
+            self._prev_new, self._new = self._new, bool(ids - self._last_ids)
+            self._last_ids = ids
+            return sels
+
+        engine._decode, engine.kv.mark_forward_start, engine.policy.plan = timed_decode, timed_mark, watched_plan
+
+
 def _attention_stand_in(q, pool, table, seq_lens, selection, *, scale, **_):
     """One op per layer in place of the paged attention (on the GPU it is one kernel launch, or part
     of a graph replay): the CPU attention reads every token of the sequence (it masks the
@@ -135,8 +187,7 @@ def stand_in_attention() -> AttentionImpl:
 
 
 def make_plan(context: int, batch: int, block_size: int, ratio: float, stride: int, cache_blocks: int,
-              dtype_bytes: int, pool_blocks: int):
-    spec = HOST_SHAPE
+              dtype_bytes: int, pool_blocks: int, spec: bc.ModelSpec = HOST_SHAPE):
     bb = bc.block_bytes(spec, block_size, dtype_bytes)
     budget = pool_blocks * spec.layers * bb / bc.GIB
     host = spec.layers * batch * (context // block_size) * bb / bc.GIB
@@ -159,14 +210,16 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
                            cache_blocks=args.cache_blocks, decode_steps=args.decode_steps,
                            warmup_steps=args.warmup_steps, fill_chunk=args.fill_chunk,
                            retrieval_threads=args.retrieval_threads, cuda_graph=False, batch1=False)
+    shape = host_shape(args.layers)
     plan = make_plan(args.context, batch, args.block_size, args.ratio, args.stride, args.cache_blocks, 4,
-                     args.pool_blocks)
+                     args.pool_blocks, shape)
     engine = bc.make_engine(model, alg, plan, settings, max_batch=batch, drift=drift, seed=0)
     if args.attention == "stand-in":
         engine.backend.attention = stand_in_attention()
     if not args.real_copies:
         stub_copies(engine.kv)
     timers = Timers()
+    probe = PlanProbe(engine)
     for name in ENGINE_TIMED:
         timers.wrap(engine, name)
     for name in POLICY_TIMED:
@@ -177,7 +230,7 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
     params = SamplingParams(max_new_tokens=args.decode_steps + 1)
     t_fill = time.perf_counter()
     for _ in range(batch):
-        engine.add_request(torch.randint(0, HOST_SHAPE.vocab, (plan.context_len,), generator=g), params)
+        engine.add_request(torch.randint(0, shape.vocab, (plan.context_len,), generator=g), params)
     prof = cProfile.Profile()
     decoded = 0
     first = None
@@ -190,9 +243,11 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
             if decoded == args.warmup_steps and not timers.on:
                 timers.on = True
                 first = seen
+                p0 = len(probe.cpu)
                 w0 = engine.worker.stats()
                 cpu0 = time.thread_time()
-                prof.enable()
+                if args.profile_top:
+                    prof.enable()
             engine.step()
             new = engine.metrics.steps[seen:]
             if any(r.kind == "decode" for r in new):
@@ -205,6 +260,7 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
                     timers.on = False
                     w1 = engine.worker.stats()
                     last = len(engine.metrics.steps)
+                    p1 = len(probe.cpu)
     finally:
         prof.disable()
         stats = engine.stats()
@@ -234,22 +290,30 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
     wait = w1["retrieval_wait_ms"] - w0["retrieval_wait_ms"]
     busy = w1["retrieval_busy_ms"] - w0["retrieval_busy_ms"]
     tasks = w1["retrieval_tasks"] - w0["retrieval_tasks"]
-    top = _profile_top(prof, args.profile_top)
-    top_ucm = _profile_top(prof, args.profile_top, "ucm_trt/")
+    top = _profile_top(prof, args.profile_top) if args.profile_top else []
+    top_ucm = _profile_top(prof, args.profile_top, "ucm_trt/") if args.profile_top else []
     pol = stats["policy"]
+    if p1 - p0 != n:
+        raise RuntimeError(f"the plan probe saw {p1 - p0} decode plans in {n} measured steps")
+    by_kind = {}
+    for kind in ("retrieval", "switch", "between"):
+        idx = [i for i in range(n) if probe.kinds[p0 + i] == kind]
+        by_kind[kind] = {"steps": len(idx),
+                         "plan_ms": 1e3 * sum(recs[i].plan_seconds for i in idx) / len(idx) if idx else None,
+                         "plan_cpu_ms": 1e3 * sum(probe.cpu[p0 + i] for i in idx) / len(idx) if idx else None}
     return {
         "label": args.label, "algorithm": alg, "turnover": turnover, "batch": batch, "context_len": plan.context_len,
-        "sequence_len": plan.sequence_len, "layers": HOST_SHAPE.layers, "kv_heads": HOST_SHAPE.kv_heads,
-        "head_dim": HOST_SHAPE.head_dim, "attention": args.attention, "real_copies": args.real_copies, "block_size": args.block_size, "pool_blocks": plan.pool_blocks[alg],
+        "sequence_len": plan.sequence_len, "layers": shape.layers, "kv_heads": shape.kv_heads,
+        "head_dim": shape.head_dim, "attention": args.attention, "real_copies": args.real_copies, "block_size": args.block_size, "pool_blocks": plan.pool_blocks[alg],
         "measured_steps": n, "step_ms": step, "step_ms_median": 1e3 * statistics.median(r.seconds for r in recs),
         **{f"{k}_ms": v for k, v in parts.items()},
-        "main_thread_cpu_ms": cpu_step,
+        "main_thread_cpu_ms": cpu_step, "plan_cpu_ms": 1e3 * sum(probe.cpu[p0:p1]) / n, "plan_by_step_kind": by_kind,
         "retrieval_wait_ms": wait / n, "retrieval_tasks_per_step": tasks / n, "retrieval_task_ms": busy / n,
         "stale_layers_per_step": sum(r.stale_layers for r in recs) / n,
         "sync_switches_per_step": sum(r.sync_switches for r in recs) / n,
         "blocks_loaded_per_step": sum(r.blocks_loaded for r in recs) / n,
         "topk_turnover": pol.get("topk_turnover"), "prefill_seconds": prefill_s,
-        "profile_top_cumtime": top, "profile_top_cumtime_ucm_trt": top_ucm,
+        "profiled": bool(args.profile_top), "profile_top_cumtime": top, "profile_top_cumtime_ucm_trt": top_ucm,
     }
 
 
@@ -258,6 +322,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     p.add_argument("--turnovers", nargs="+", default=list(TURNOVERS), choices=TURNOVERS)
     p.add_argument("--batches", type=int, nargs="+", default=[8, 32, 56])
+    p.add_argument("--layers", type=int, default=HOST_SHAPE.layers,
+                   help="model layers (16: the 1B shape's; 32: the 8B shape's, same heads)")
     p.add_argument("--context", type=int, default=32768, help="tokens per sequence at the end (bench_capacity's)")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--ratio", type=float, default=0.125)
@@ -275,7 +341,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "sequence); torch: the runtime's CPU attention")
     p.add_argument("--real-copies", action="store_true",
                    help="move the blocks (a CPU memcpy) instead of keeping only the copies' bookkeeping")
-    p.add_argument("--profile-top", type=int, default=15)
+    p.add_argument("--profile-top", type=int, default=15,
+                   help="cProfile's top functions per case (0: no profiler; it slows the Python it watches ~2x)")
     p.add_argument("--label", default="after")
     p.add_argument("--box", default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON: rows merged (same label + case replaced)")
@@ -283,14 +350,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _case_key(r: dict) -> tuple:
+    return r["label"], r["algorithm"], r["batch"], r["turnover"], r.get("layers", 16), r["context_len"]
+
+
 def save(path: Path, rows: list[dict], args) -> None:
     """Merge ``rows`` into the JSON at ``path`` (same label + case replaced); called after every case."""
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    keys = {(r["label"], r["algorithm"], r["batch"], r["turnover"]) for r in rows}
-    doc["rows"] = [r for r in doc["rows"] if (r["label"], r["algorithm"], r["batch"], r["turnover"]) not in keys]
+    keys = {_case_key(r) for r in rows}
+    doc["rows"] = [r for r in doc["rows"] if _case_key(r) not in keys]
     doc["rows"] += rows
     box = args.box or f"{platform.node()} ({os.cpu_count()} CPU cores, {platform.processor() or platform.machine()})"
-    doc.update(box=box, benchmark="bench_step_host.py", shape=HOST_SHAPE.describe(), note=(
+    shapes = sorted({host_shape(r.get("layers", HOST_SHAPE.layers)).describe() for r in doc["rows"]})
+    doc.update(box=box, benchmark="bench_step_host.py", shape="; ".join(shapes), note=(
         "host cost of one decode step (wall ms per measured step, main thread), split by wrapping the engine's "
         "and policy's methods with timers; tiny dimensions so the arithmetic is negligible; a shared 2-core box"))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -299,10 +371,11 @@ def save(path: Path, rows: list[dict], args) -> None:
 
 def markdown_table(doc: dict, labels: tuple[str, str] = ("before", "after")) -> str:
     """Per case, ``labels[0]`` -> ``labels[1]``: wall ms per step and component, main-thread CPU ms."""
-    rows = {(r["label"], r["algorithm"], r["batch"], r["turnover"]): r for r in doc["rows"]}
-    cases = sorted({k[1:] for k in rows}, key=lambda c: (ALGORITHMS.index(c[0]), c[1], TURNOVERS.index(c[2])))
-    head = ["algorithm", "batch", "turnover", "step", *COMPONENTS, "main-thread CPU", "of it plan + other",
-            "retrieval tasks/step"]
+    rows = {_case_key(r): r for r in doc["rows"]}
+    cases = sorted({k[1:] for k in rows}, key=lambda c: (c[3], c[4], ALGORITHMS.index(c[0]), c[1],
+                                                         TURNOVERS.index(c[2])))
+    head = ["layers", "context", "algorithm", "batch", "turnover", "step", *COMPONENTS, "main-thread CPU",
+            "of it plan + other", "retrieval tasks/step"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(a, b, key, spec=".1f"):
@@ -312,7 +385,8 @@ def markdown_table(doc: dict, labels: tuple[str, str] = ("before", "after")) -> 
 
     for c in cases:
         a, b = rows.get((labels[0], *c)), rows.get((labels[1], *c))
-        cells = [c[0], str(c[1]), c[2], cell(a, b, "step_ms"), *(cell(a, b, f"{k}_ms") for k in COMPONENTS),
+        cells = [str(c[3]), str(c[4]), c[0], str(c[1]), c[2], cell(a, b, "step_ms"),
+                 *(cell(a, b, f"{k}_ms") for k in COMPONENTS),
                  cell(a, b, "main_thread_cpu_ms"), cell(a, b, "plan_and_other_cpu_ms"),
                  cell(a, b, "retrieval_tasks_per_step", ".1f")]
         out.append("| " + " | ".join(cells) + " |")
@@ -325,7 +399,8 @@ def main(argv=None) -> int:
         print(markdown_table(json.loads(args.table.read_text())))
         return 0
     torch.set_num_threads(1)
-    model = bc.build_model(HOST_SHAPE, dtype=torch.float32, device="cpu", max_positions=args.context)
+    shape = host_shape(args.layers)
+    model = bc.build_model(shape, dtype=torch.float32, device="cpu", max_positions=args.context)
     drift = None
     if "realistic" in args.turnovers:
         sparse = bc.Settings(block_size=args.block_size, ratio=args.ratio, stride=args.stride).sparse_for("esa")
@@ -333,8 +408,8 @@ def main(argv=None) -> int:
                   bc.measured_turnover(_HERE / "results" / "runtime", block_size=args.block_size, ratio=args.ratio,
                                        stride=args.stride))
         plan = make_plan(args.context, max(args.batches), args.block_size, args.ratio, args.stride,
-                         args.cache_blocks, 4, args.pool_blocks)
-        drift = bc.calibrate_turnover(plan, HOST_SHAPE, sparse, target[0], target[1], seed=0)
+                         args.cache_blocks, 4, args.pool_blocks, shape)
+        drift = bc.calibrate_turnover(plan, shape, sparse, target[0], target[1], seed=0)
         print(f"realistic turnover {target[0]:.3f} ({target[1]}): persistence {drift.persistence:.4f}", flush=True)
     rows = []
     for batch in args.batches:
@@ -349,9 +424,11 @@ def main(argv=None) -> int:
                                                ("plan_and_other", "forward", "retrieval", "after_step"))
                       + f" (retrieval wait {row['retrieval_wait_ms']:.1f}, tasks {row['retrieval_tasks_per_step']:.1f}"
                       f"/step, worker {row['retrieval_task_ms']:.1f} ms/step; main CPU {row['main_thread_cpu_ms']:.1f};"
-                      f" stale {row['stale_layers_per_step']:.0f}, sync {row['sync_switches_per_step']:.0f}, "
+                      f" plan CPU {row['plan_cpu_ms']:.1f} = "
+                      + ", ".join(f"{k} {v['plan_cpu_ms'] or 0:.1f} x{v['steps']}" for k, v in row["plan_by_step_kind"].items())
+                      + f"; stale {row['stale_layers_per_step']:.0f}, sync {row['sync_switches_per_step']:.0f}, "
                       f"turnover {row['topk_turnover'] or 0:.3f})", flush=True)
-                if batch == max(args.batches):
+                if batch == max(args.batches) and args.profile_top:
                     print("\n".join(row["profile_top_cumtime_ucm_trt"][: args.profile_top + 1]), flush=True)
                 if args.out is not None:
                     save(args.out, [row], args)

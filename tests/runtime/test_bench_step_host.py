@@ -35,6 +35,9 @@ def test_small_run_splits_the_step_and_writes_json(bench, tmp_path):
         parts = sum(r[f"{k}_ms"] for k in bench.COMPONENTS)
         assert parts == pytest.approx(r["step_ms"], rel=1e-6)
         assert r["plan_ms"] > 0 and r["forward_ms"] > 0 and r["main_thread_cpu_ms"] > 0
+        kinds = r["plan_by_step_kind"]
+        assert sum(k["steps"] for k in kinds.values()) == 8 and kinds["retrieval"]["steps"] >= 3
+        assert 0 < r["plan_cpu_ms"] <= r["main_thread_cpu_ms"]
         # one submission per retrieval step (stride 2): one task per worker thread, not one per request
         assert 0 < r["retrieval_tasks_per_step"] <= 2 / 2
         assert any("ucm_trt" in line for line in r["profile_top_cumtime_ucm_trt"])

@@ -452,7 +452,8 @@ class KVManager:
                 ("_host_ids", (n, mb), np.int64, -1), ("_vis", (L, n, mb), bool, False),
                 ("_vis_len", (L, n), np.int64, 0), ("_vis_set", (L, n), bool, False), ("_stale", (L, n), bool, False),
                 # the batched plan's record of each pair's last plan (see _plan_batched)
-                ("_src", (L, n), object, None), ("_geom", (L, n, 3), np.int64, -1), ("_clean", (L, n), bool, False),
+                ("_src", (L, n), object, None), ("_src_id", (L, n), np.uint64, 0), ("_geom", (L, n, 3), np.int64, -1),
+                ("_clean", (L, n), bool, False),
                 ("_counts", (L, n, 2), np.int64, 0)]
         for name, shape, dtype, fill in grow:
             new = np.full(shape, fill, dtype=dtype)
@@ -479,6 +480,7 @@ class KVManager:
         self._vis_set[:, slot] = False
         self._stale[:, slot] = False
         self._src[:, slot] = None
+        self._src_id[:, slot] = 0
         self._geom[:, slot] = -1
         self._clean[:, slot] = False
         self._counts[:, slot] = 0
@@ -674,22 +676,18 @@ class KVManager:
         geom = np.asarray(geoms, dtype=np.int64).reshape(b, 3)
         old_nb, first, new_nb = geom[:, 0], geom[:, 1], geom[:, 2]
         same = (self._geom[:, slots] == geom[None]).all(-1) & self._clean[:, slots] & ~self._stale[:, slots]
-        src = self._src
-        want_none = np.zeros((L, b), dtype=bool)
-        parts, pairs = [], []
-        for layer in range(L):
-            src_l, same_l = src[layer], same[layer]
-            for row, w in enumerate(needed[layer]):
-                if w is None:
-                    want_none[layer, row] = True
-                    same_l[row] = False
-                elif same_l[row] and src_l[slots[row]] is w:
-                    continue
-                else:
-                    same_l[row] = False
-                    parts.append(w if isinstance(w, np.ndarray) else np.fromiter(w, dtype=np.int64, count=len(w)))
-                    pairs.append(layer * b + row)
-                    src_l[slots[row]] = w  # this plan's (ignored unless the pair ends clean, see below)
+        # a pair's selection is the object of its last plan when its id is the one recorded (the
+        # recorded object is kept alive in _src, so no other object can carry that id); 0 = None
+        sid = np.array([[0 if w is None else id(w) for w in per_row] for per_row in needed], dtype=np.uint64)
+        want_none = sid == 0
+        same &= (self._src_id[:, slots] == sid) & ~want_none
+        # the changed pairs record this plan's selection (ignored unless the pair ends clean, see below)
+        cl, cr = np.nonzero(~same & ~want_none)
+        objs = np.fromiter((w for per_row in needed for w in per_row), dtype=object, count=L * b).reshape(L, b)[cl, cr]
+        self._src[cl, slots[cr]] = objs
+        self._src_id[cl, slots[cr]] = sid[cl, cr]
+        parts = [w if isinstance(w, np.ndarray) else np.fromiter(w, dtype=np.int64, count=len(w)) for w in objs]
+        pairs = cl * b + cr
         dirty = np.flatnonzero(~same.reshape(-1))  # pair index layer * b + row, layer-major
         pl, pr = dirty // b, dirty % b
         P = dirty.size
@@ -697,7 +695,7 @@ class KVManager:
         if parts:
             sizes = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
             ids = np.concatenate(parts).astype(np.int64, copy=False)
-            pid = np.repeat(np.searchsorted(dirty, np.asarray(pairs, dtype=np.int64)), sizes)
+            pid = np.repeat(np.searchsorted(dirty, pairs), sizes)
             ok = (ids >= 0) & (ids < old_nb[pr[pid]])
             need.reshape(-1)[pid[ok] * W + ids[ok]] = True
         ar = np.arange(W)
@@ -849,8 +847,11 @@ class KVManager:
             bounds = np.searchsorted(pl[vp], np.arange(L + 1))
             for layer in np.flatnonzero(fits).tolist():
                 self._note_wait(layer, phys[bounds[layer] : bounds[layer + 1]])
-        for p in np.flatnonzero(st).tolist():
-            stale[int(pl[p])][int(pr[p])] = True
+        if st.any():
+            flags = np.zeros((L, b), dtype=bool)
+            flags[pl[st], pr[st]] = True
+            for layer in np.unique(pl[st]).tolist():
+                stale[layer] = flags[layer].tolist()
         return np.flatnonzero(~fits).tolist()
 
     def _note_standing(self, layers: np.ndarray, slots: np.ndarray) -> None:
