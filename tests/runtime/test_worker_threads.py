@@ -47,3 +47,21 @@ def test_worker_threads_run_with_their_own_intra_op_count(threads, intra, want):
 def test_worker_rejects_bad_intra_op_threads():
     with pytest.raises(ValueError, match="intra_op_threads"):
         RetrievalWorker(2, intra_op_threads=0)
+
+
+def test_runtime_config_passes_retrieval_intra_op_threads_to_the_engine_worker():
+    """RuntimeConfig.retrieval_intra_op_threads reaches the engine's worker; bad values are named."""
+    from ucm_trt.config import SparseConfig
+    from ucm_trt.runtime import Engine, RuntimeConfig, TorchBackend
+    from ucm_trt.runtime.algorithms import make_policy, sparse_config_for
+
+    from .conftest import tiny_llama
+
+    with pytest.raises(ValueError, match="RuntimeConfig.retrieval_intra_op_threads must be >= 1, got 0"):
+        RuntimeConfig(retrieval_intra_op_threads=0)
+    with pytest.raises(TypeError, match="RuntimeConfig.retrieval_intra_op_threads must be an int"):
+        RuntimeConfig(retrieval_intra_op_threads=1.5)
+    model = tiny_llama()
+    with Engine(TorchBackend(model, attention="reference"), make_policy("esa"), sparse=sparse_config_for("esa", SparseConfig(block_size=16)),
+                config=RuntimeConfig(max_seq_len=512, retrieval_threads=2, retrieval_intra_op_threads=1)) as eng:
+        assert eng.worker.intra_op_threads == 1

@@ -36,6 +36,11 @@ class RuntimeConfig:
         Unneeded blocks each (request, layer) working set keeps as LRU cache (offload policies).
     retrieval_threads:
         Threads of the CPU retrieval worker.
+    retrieval_intra_op_threads:
+        torch intra-op threads of each retrieval worker thread; ``None`` (default): the creating
+        thread's count / ``retrieval_threads``, at least 1 (:class:`~ucm_trt.runtime.worker.RetrievalWorker`).
+        Use 1 on a machine whose cores other processes share: OpenMP waits on threads pushed off
+        their cores (on a loaded 2-core box 2 threads made KVStar's vote 1.9x slower than 1).
     cuda_graph:
         Capture decode steps in CUDA graphs and replay them (:mod:`ucm_trt.runtime.cuda_graph`).
         ``None`` (default): on backends that support it (PyTorch on CUDA), for every step whose
@@ -85,6 +90,7 @@ class RuntimeConfig:
     num_host_blocks: int | None = None
     cache_blocks: int = 2
     retrieval_threads: int = 2
+    retrieval_intra_op_threads: int | None = None
     cuda_graph: bool | None = None
     max_cuda_graphs: int = 32
     early_prefetch: bool = False
@@ -102,6 +108,8 @@ class RuntimeConfig:
             _pos_int("num_host_blocks", self.num_host_blocks)
         _pos_int("cache_blocks", self.cache_blocks, 0)
         _pos_int("retrieval_threads", self.retrieval_threads)
+        if self.retrieval_intra_op_threads is not None:
+            _pos_int("retrieval_intra_op_threads", self.retrieval_intra_op_threads)
         if self.cuda_graph is not None and not isinstance(self.cuda_graph, bool):
             raise TypeError(f"RuntimeConfig.cuda_graph must be True, False or None (auto), got {self.cuda_graph!r}")
         _pos_int("max_cuda_graphs", self.max_cuda_graphs)

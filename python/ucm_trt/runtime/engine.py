@@ -253,7 +253,7 @@ class Engine:
                             offload=policy.offload, num_host_blocks=n_host, cache_blocks=config.cache_blocks,
                             overlap=config.overlap_loads, load_method=config.load_method,
                             time_copies=config.time_loads and dev.type == "cuda", guard=self.guard)
-        self.worker = RetrievalWorker(config.retrieval_threads)
+        self.worker = RetrievalWorker(config.retrieval_threads, intra_op_threads=config.retrieval_intra_op_threads)
         policy.bind(PolicyRuntime(shape=shape, sparse=self.sparse, kv=self.kv, worker=self.worker, device=dev))
 
     def _allocate_step_buffers(self) -> None:
