@@ -19,6 +19,7 @@ from ucm_trt.config import (
     AdaptiveBudget,
     DenseLayers,
     GSAOnDeviceConfig,
+    HeadMerge,
     KVStarConfig,
     PrefillWindow,
     ReRoPEConfig,
@@ -32,6 +33,7 @@ __all__ = [
     "PREFILL_ALGORITHMS",
     "PRESETS",
     "default_dense_layers",
+    "default_head_merge",
     "grid_gsa_on_device_config",
     "make_policy",
     "sparse_config_for",
@@ -65,6 +67,16 @@ BLOCK_SCORING: Mapping[str, Mapping[str, object]] = MappingProxyType({
     "default": MappingProxyType({"vote": True, "sub_block_tokens": 8, "prefill_window": DEFAULT_PREFILL_WINDOW}),
     "ucm": MappingProxyType({"vote": False, "sub_block_tokens": None, "prefill_window": PrefillWindow()}),
 })
+
+
+#: what each KV head of a per-head retrieval attends (esa, gsa, kvstar), per preset; ``ucm``: each head its own
+#: blocks (upstream's per-head top-k; its default selection is shared anyway)
+HEAD_MERGE: Mapping[str, HeadMerge] = MappingProxyType({"default": HeadMerge(), "ucm": HeadMerge()})
+
+
+def default_head_merge(preset: str = "default") -> HeadMerge:
+    """The :class:`HeadMerge` an esa / gsa / kvstar policy gets under ``preset`` when none is given."""
+    return HEAD_MERGE[_check_preset(preset)]
 
 
 def default_dense_layers(preset: str = "default") -> DenseLayers:
@@ -118,6 +130,7 @@ def make_policy(
     adaptive: AdaptiveBudget | None = None,
     retrieval: RetrievalConfig | None = None,
     prefill_window: PrefillWindow | None = None,
+    head_merge: HeadMerge | None = None,
 ) -> Policy:
     """A fresh policy for ``algorithm`` (one of :data:`POLICY_ALGORITHMS`; ``blend`` is refused with
     a ValueError that says how to run it), with ``preset``'s settings (:data:`PRESETS`). ``retrieval``:
@@ -131,10 +144,12 @@ def make_policy(
     ``query_drift`` (the speed benchmarks' synthetic drift, calibrated on block means) keeps one mean
     per block. ``prefill_window``: the prompt queries ESA's / GSA's first retrieval scores with (default:
     the preset's, :data:`BLOCK_SCORING`); a graph backend's model must return that many
-    (``RewriteConfig.query_window``, default 64)."""
+    (``RewriteConfig.query_window``, default 64). ``head_merge``: what each KV head of esa's / gsa's / kvstar's
+    per-head retrievals attends (default: the preset's, :data:`HEAD_MERGE`)."""
     _check_preset(preset)
     given = {"kvstar=": kvstar, "gsa_on_device=": gsa_on_device, "rerope=": rerope, "retrieval=": retrieval,
-             "dense_layers=": dense_layers, "adaptive=": adaptive, "prefill_window=": prefill_window}
+             "dense_layers=": dense_layers, "adaptive=": adaptive, "prefill_window=": prefill_window,
+             "head_merge=": head_merge}
     spec = registry.check_options(algorithm, [k for k, v in given.items() if v is not None])
     if rerope is not None and not isinstance(rerope, ReRoPEConfig):
         raise TypeError(f"rerope must be a ReRoPEConfig, got {type(rerope).__name__}")
@@ -149,6 +164,8 @@ def make_policy(
         kwargs["retrieval"] = retrieval
     if "adaptive=" in spec.options:
         kwargs["adaptive"] = adaptive
+    if "head_merge=" in spec.options:
+        kwargs["head_merge"] = default_head_merge(preset) if head_merge is None else head_merge
     if spec.preset_scoring:
         kwargs.update(BLOCK_SCORING[preset])
         if retrieval is not None and getattr(retrieval, "query_drift", None) is not None:
