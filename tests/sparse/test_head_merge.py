@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ucm_trt.config import Budget, DenseLayers, HeadMerge, SparseConfig
-from ucm_trt.runtime.algorithms import BLOCK_SCORING, DEFAULT_HEAD_MERGE, make_policy
+from ucm_trt.runtime.algorithms import DEFAULT_HEAD_MERGE, HEAD_MERGE, make_policy
 from ucm_trt.sparse.policies import ESAPolicy, GSAPolicy, KVStarPolicy
 from ucm_trt.sparse.select import union_kv_heads
 
@@ -31,14 +31,11 @@ def test_head_merge_validation():
 
 
 def test_presets():
-    assert DEFAULT_HEAD_MERGE == HeadMerge(mode="union")
-    assert BLOCK_SCORING["default"]["head_merge"] == DEFAULT_HEAD_MERGE
-    assert BLOCK_SCORING["ucm"]["head_merge"] == HeadMerge()
-    for algo in ("esa", "gsa"):
+    assert DEFAULT_HEAD_MERGE == HeadMerge(mode="union") == HEAD_MERGE["default"]
+    assert HEAD_MERGE["ucm"] == HeadMerge()
+    for algo in ("esa", "gsa", "kvstar"):
         assert make_policy(algo).head_merge == DEFAULT_HEAD_MERGE
         assert make_policy(algo, preset="ucm").head_merge == HeadMerge()
-    assert make_policy("kvstar").head_merge == HeadMerge() == make_policy("kvstar", preset="ucm").head_merge
-    for algo in ("esa", "gsa", "kvstar"):
         for preset in ("default", "ucm"):
             for mode in ("own", "union"):
                 assert make_policy(algo, preset=preset, head_merge=HeadMerge(mode=mode)).head_merge.mode == mode

@@ -62,18 +62,16 @@ DEFAULT_PREFILL_WINDOW = PrefillWindow(tokens=8, reduce="max")
 #: the last :data:`DEFAULT_PREFILL_WINDOW` prompt queries; ``ucm`` is upstream's one mean per block scored
 #: with the group-averaged query, the first selection from the last prompt query (the algorithms whose
 #: spec has ``preset_scoring``)
-#: what each KV head of ESA's / GSA's per-head retrievals attends under the ``default`` preset: the union of
-#: its layer's heads' blocks (:class:`HeadMerge`; docs/quality.md: chosen on tuning prompts, seed 1, reported
-#: on seed 0); ``ucm``: each head its own (upstream's per-head top-k; upstream selects shared anyway). KVStar
-#: keeps ``HeadMerge()`` unless given one (the union did not change its answers on the tuning prompts).
-DEFAULT_HEAD_MERGE = HeadMerge(mode="union")
-
 BLOCK_SCORING: Mapping[str, Mapping[str, object]] = MappingProxyType({
-    "default": MappingProxyType({"vote": True, "sub_block_tokens": 8, "prefill_window": DEFAULT_PREFILL_WINDOW,
-                                 "head_merge": DEFAULT_HEAD_MERGE}),
-    "ucm": MappingProxyType({"vote": False, "sub_block_tokens": None, "prefill_window": PrefillWindow(),
-                             "head_merge": HeadMerge()}),
+    "default": MappingProxyType({"vote": True, "sub_block_tokens": 8, "prefill_window": DEFAULT_PREFILL_WINDOW}),
+    "ucm": MappingProxyType({"vote": False, "sub_block_tokens": None, "prefill_window": PrefillWindow()}),
 })
+
+#: what each KV head of a per-head retrieval attends (esa, gsa, kvstar; :class:`HeadMerge`) per preset:
+#: ``default`` the union of its layer's heads' blocks (docs/quality.md: chosen on tuning prompts, seed 1,
+#: reported on seed 0); ``ucm`` each head its own (upstream's per-head top-k; upstream selects shared anyway)
+DEFAULT_HEAD_MERGE = HeadMerge(mode="union")
+HEAD_MERGE: Mapping[str, HeadMerge] = MappingProxyType({"default": DEFAULT_HEAD_MERGE, "ucm": HeadMerge()})
 
 
 def default_dense_layers(preset: str = "default") -> DenseLayers:
@@ -142,7 +140,7 @@ def make_policy(
     per block. ``prefill_window``: the prompt queries ESA's / GSA's first retrieval scores with (default:
     the preset's, :data:`BLOCK_SCORING`); a graph backend's model must return that many
     (``RewriteConfig.query_window``, default 64). ``head_merge``: what each KV head of esa's / gsa's / kvstar's
-    per-head retrievals attends (default: esa / gsa the preset's, :data:`BLOCK_SCORING`; kvstar ``HeadMerge()``)."""
+    per-head retrievals attends (default: the preset's, :data:`HEAD_MERGE`)."""
     _check_preset(preset)
     given = {"kvstar=": kvstar, "gsa_on_device=": gsa_on_device, "rerope=": rerope, "retrieval=": retrieval,
              "dense_layers=": dense_layers, "adaptive=": adaptive, "prefill_window=": prefill_window,
@@ -161,6 +159,8 @@ def make_policy(
         kwargs["retrieval"] = retrieval
     if "adaptive=" in spec.options:
         kwargs["adaptive"] = adaptive
+    if "head_merge=" in spec.options:
+        kwargs["head_merge"] = HEAD_MERGE[preset] if head_merge is None else head_merge
     if spec.preset_scoring:
         kwargs.update(BLOCK_SCORING[preset])
         if retrieval is not None and getattr(retrieval, "query_drift", None) is not None:
@@ -168,8 +168,7 @@ def make_policy(
             kwargs["sub_block_tokens"] = None
         if prefill_window is not None:
             kwargs["prefill_window"] = prefill_window
-    if head_merge is not None:
-        kwargs["head_merge"] = head_merge
+
     config = {"kvstar": kvstar, "gsa-on-device": gsa_on_device}
     policy = cls(config[algorithm], **kwargs) if algorithm in config else cls(**kwargs)
     if rerope is not None:
