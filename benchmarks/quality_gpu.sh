@@ -79,11 +79,11 @@ for s in $STAGES; do
   case $s in
     grid)   # 3 tasks x 8K/4K/2K/1K (longest first: 1K-2K also have CPU slices) x 5 depths: dense, the 5
             # algorithms at 1/8 and 1/4, upstream ESA / GSA (preset ucm), ESA with the synchronous load
-            # schedule (+sync) and ESA with the one-query first retrieval of before the prefill window (+w1)
-            # at 1/8; 15 engines per (round, length), in rounds of one sample per cell (a stopped run covers
-            # every cell it reached with fewer samples)
+            # schedule (+sync) and ESA with each KV head attending its own blocks only (+own, the default
+            # before HeadMerge "union") at 1/8; 15 engines per (round, length), in rounds of one sample per
+            # cell (a stopped run covers every cell it reached with fewer samples)
       stage grid "$GRID_S" 80 $PY benchmarks/quality_grid.py --out "$OUT" --lengths 8000 4096 2048 1024 \
-        --methods dense esa gsa gsa-on-device kvstar esa@ucm:0.125 gsa@ucm:0.125 esa+sync:0.125 esa+w1:0.125 \
+        --methods dense esa gsa gsa-on-device kvstar esa@ucm:0.125 gsa@ucm:0.125 esa+sync:0.125 esa+own:0.125 \
         --max-seconds $(( GRID_S - 45 )) $GRID_ARGS ;;
     rerope) # 16K and 32K x 20 prompts, window / log-n tuned per length on 2 other prompts, selection off then on
       stage rerope "$REROPE_S" 12 $PY benchmarks/quality_rerope.py --out "$OUT" --max-seconds $(( REROPE_S - 30 )) $REROPE_ARGS ;;

@@ -104,11 +104,12 @@ OPTION_VALUES = {
 
 
 def _option_value(option: str):
-    from ucm_trt.config import AdaptiveBudget, DenseLayers, PrefillWindow
+    from ucm_trt.config import AdaptiveBudget, DenseLayers, HeadMerge, PrefillWindow
     from ucm_trt.sparse.policies import RetrievalConfig
 
     return {**OPTION_VALUES, "retrieval=": RetrievalConfig(), "dense_layers=": DenseLayers(),
-            "adaptive=": AdaptiveBudget(), "prefill_window=": PrefillWindow(tokens=4)}[option]  # fmt: skip
+            "adaptive=": AdaptiveBudget(), "prefill_window=": PrefillWindow(tokens=4),
+            "head_merge=": HeadMerge(mode="union")}[option]  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "option"), [(n, o) for n in registry.names("policy") for o in registry.OPTIONS

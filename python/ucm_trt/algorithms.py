@@ -55,6 +55,8 @@ OPTIONS: dict[str, str] = {
     "retrieval=": "a RetrievalConfig configures the CPU-retrieval (offload) policies esa, gsa and kvstar only",
     "dense_layers=": "dense layers apply to the block-selecting policies; this one runs every layer dense already",
     "adaptive=": "adaptive= is implemented for esa and gsa (their block scores are logit estimates)",
+    "head_merge=": "a HeadMerge sets what each KV head attends of a per-head retrieval of esa, gsa and kvstar only "
+                   "(gsa-on-device selects inside the layer on the device)",
     "prefill_window=": "a PrefillWindow sets the first retrieval's prompt queries of esa and gsa only (kvstar "
                        "votes with its retrieval stride's queries, gsa-on-device selects per step inside the layer)",
 }
@@ -146,11 +148,11 @@ REGISTRY: dict[str, AlgorithmSpec] = {s.name: s for s in (
     AlgorithmSpec(name="dense", entry="ucm_trt.sparse.policies.dense:DensePolicy", graph_op="dense",
                   summary="every block, no selection inputs", **_EVERY_BLOCK),
     AlgorithmSpec(name="esa", entry="ucm_trt.sparse.policies.esa:ESAPolicy", representation="mean", scoring="dot",
-                  options=_SPARSE_OPTIONS | {"retrieval=", "adaptive=", "prefill_window="}, preset_scoring=True,
+                  options=_SPARSE_OPTIONS | {"retrieval=", "adaptive=", "prefill_window=", "head_merge="}, preset_scoring=True,
                   **_CPU_RETRIEVAL,
                   summary="mean-K dot scoring on the CPU, retrieval every stride, offloaded KV"),
     AlgorithmSpec(name="gsa", entry="ucm_trt.sparse.policies.gsa:GSAPolicy", representation="mean", scoring="dot",
-                  options=_SPARSE_OPTIONS | {"retrieval=", "adaptive=", "prefill_window="}, preset_scoring=True,
+                  options=_SPARSE_OPTIONS | {"retrieval=", "adaptive=", "prefill_window=", "head_merge="}, preset_scoring=True,
                   **_CPU_RETRIEVAL,
                   summary="mean-K dot scoring on the CPU with a one-step lag and prefetch, offloaded KV"),
     AlgorithmSpec(
@@ -161,7 +163,7 @@ REGISTRY: dict[str, AlgorithmSpec] = {s.name: s for s in (
         summary="hashed-K Hamming scoring inside each layer on the device",
     ),
     AlgorithmSpec(name="kvstar", entry="ucm_trt.sparse.policies.kvstar:KVStarPolicy", representation="subblock",
-                  scoring="kvstar_vote", options=_SPARSE_OPTIONS | {"retrieval=", "kvstar="}, **_CPU_RETRIEVAL,
+                  scoring="kvstar_vote", options=_SPARSE_OPTIONS | {"retrieval=", "kvstar=", "head_merge="}, **_CPU_RETRIEVAL,
                   summary="sub-block multi-query voting on the CPU, offloaded KV"),
     AlgorithmSpec(
         name="blend", kind="prefill", entry="ucm_trt.runtime.blend:BlendRunner",

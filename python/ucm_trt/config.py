@@ -36,6 +36,7 @@ __all__ = [
     "DenseLayers",
     "AdaptiveBudget",
     "PrefillWindow",
+    "HeadMerge",
     "REPRESENTATIONS",
     "SCORINGS",
     "SCORING_REPRESENTATIONS",
@@ -514,3 +515,28 @@ class PrefillWindow:
         _number(c, "persist", self.persist)
         if self.persist < 0:
             raise ValueError(f"{c}.persist must be >= 0, got {self.persist}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadMerge:
+    """What each KV head attends of a per-KV-head retrieval (ESA, GSA, KVStar with
+    ``SparseConfig(selection="per_head")``; a shared selection is the same for every head already).
+
+    Per-head top-k lets every KV head keep its own best blocks; the offload path then loads, per
+    layer, the *union* of the heads' blocks (a block holds every head's K/V). ``own``: each head attends
+    its own blocks only (upstream's per-head behaviour). ``union``: each head attends every block any
+    head of the layer selected -- the blocks already loaded, so no extra host-to-device bytes, only
+    more attention reads (at most ``num_kv_heads`` times a head's own). On SmolLM2 the heads that copy
+    the key (retrieval heads) often miss the needle's block that another head of the same layer kept
+    (docs/quality.md, "Selected and still wrong").
+
+    Attributes
+    ----------
+    mode:
+        ``"own"`` or ``"union"``.
+    """
+
+    mode: Literal["own", "union"] = "own"
+
+    def __post_init__(self) -> None:
+        _choice("HeadMerge", "mode", self.mode, ("own", "union"))

@@ -20,7 +20,9 @@ number of blocks, gate open); a ``+sync`` suffix runs it with ``RuntimeConfig(ov
 (a retrieval's blocks are attended at the step it is due, not one step later), a ``+wN`` suffix
 (``esa`` / ``gsa`` only) makes the first retrieval from the last ``N`` prompt queries
 (``PrefillWindow(tokens=N)``; ``+wNmax``: ``reduce="max"``; ``+wNp1``: ``persist=1``, the window's scores
-added to every later retrieval; ``+w1`` is the window-less first retrieval),
+added to every later retrieval; ``+w1`` is the window-less first retrieval), a ``+own`` / ``+union`` suffix
+(``esa`` / ``gsa`` / ``kvstar``) sets :class:`~ucm_trt.config.HeadMerge` (each KV head attends its own blocks /
+the union of its layer's heads' blocks),
 a ``:b`` suffix at budget ``b`` only (``esa@ucm:0.125``). Suffixes combine: ``esa+sync+w1:0.125``.
 """
 
@@ -46,6 +48,7 @@ __all__ = [
     "markdown_grid",
     "plot_grid",
     "method_engine",
+    "method_head_merge",
     "method_prefill_window",
     "method_schedule",
     "parse_method",
@@ -154,17 +157,20 @@ def _suffixes(method: str) -> tuple[str, dict[str, Any]]:
     """``"esa@ucm+sync+w16max:0.125"`` -> ``("esa@ucm", {"sync": True, "window": (16, "max")})``."""
     base, _ = _split_budget(method)
     base, *parts = base.split("+")
-    out: dict[str, Any] = {"sync": False, "window": None}
+    out: dict[str, Any] = {"sync": False, "window": None, "heads": None}
     for part in parts:
         if part == "sync" and not out["sync"]:
             out["sync"] = True
+            continue
+        if part in ("own", "union") and out["heads"] is None:
+            out["heads"] = part
             continue
         m = re.fullmatch(r"w(\d+)(max)?(?:p(\d+(?:\.\d+)?))?", part)
         if m and int(m[1]) >= 1 and out["window"] is None:
             out["window"] = (int(m[1]), "max" if m[2] else "mean", float(m[3]) if m[3] else 0.0)
             continue
-        raise ValueError(f"method {method!r}: a suffix must be '+sync' or '+wN[max][pX]' (N >= 1), each at most "
-                         f"once; got '+{part}'")
+        raise ValueError(f"method {method!r}: a suffix must be '+sync', '+wN[max][pX]' (N >= 1) or '+own' / "
+                         f"'+union', each at most once; got '+{part}'")
     return base, out
 
 
@@ -187,7 +193,19 @@ def parse_method(method: str) -> tuple[str, str]:
     if opts["window"] is not None and algo not in ("esa", "gsa"):
         raise ValueError(f"method {method!r}: '+wN' (the first retrieval's prompt queries) applies to esa and gsa "
                          f"only, not {algo}")
+    if opts["heads"] is not None and algo not in ("esa", "gsa", "kvstar"):
+        raise ValueError(f"method {method!r}: '+{opts['heads']}' (HeadMerge: what each KV head attends) applies to "
+                         f"esa, gsa and kvstar only, not {algo}")
     return algo, preset
+
+
+def method_head_merge(method: str):
+    """The :class:`~ucm_trt.config.HeadMerge` a ``+own`` / ``+union`` suffix sets, or ``None`` (the preset's)."""
+    from ucm_trt.config import HeadMerge
+
+    parse_method(method)
+    heads = _suffixes(method)[1]["heads"]
+    return None if heads is None else HeadMerge(mode=heads)
 
 
 def method_schedule(method: str) -> bool:
@@ -291,6 +309,9 @@ def method_engine(backend: Any, method: str, budget: float | None, *, max_prompt
     window = method_prefill_window(method)
     if window is not None:
         kwargs["prefill_window"] = window
+    heads = method_head_merge(method)
+    if heads is not None:
+        kwargs["head_merge"] = heads
     policy = make_policy(algo, preset=preset, **kwargs)
     bs = cfg.block_size
     rcfg = RuntimeConfig(max_batch=cfg.batch, max_seq_len=max_prompt_len + max_new_tokens + bs,

@@ -19,6 +19,7 @@ from ucm_trt.config import (
     AdaptiveBudget,
     DenseLayers,
     GSAOnDeviceConfig,
+    HeadMerge,
     KVStarConfig,
     PrefillWindow,
     ReRoPEConfig,
@@ -65,6 +66,12 @@ BLOCK_SCORING: Mapping[str, Mapping[str, object]] = MappingProxyType({
     "default": MappingProxyType({"vote": True, "sub_block_tokens": 8, "prefill_window": DEFAULT_PREFILL_WINDOW}),
     "ucm": MappingProxyType({"vote": False, "sub_block_tokens": None, "prefill_window": PrefillWindow()}),
 })
+
+#: what each KV head of a per-head retrieval attends (esa, gsa, kvstar; :class:`HeadMerge`) per preset:
+#: ``default`` the union of its layer's heads' blocks (docs/quality.md: chosen on tuning prompts, seed 1,
+#: reported on seed 0); ``ucm`` each head its own (upstream's per-head top-k; upstream selects shared anyway)
+DEFAULT_HEAD_MERGE = HeadMerge(mode="union")
+HEAD_MERGE: Mapping[str, HeadMerge] = MappingProxyType({"default": DEFAULT_HEAD_MERGE, "ucm": HeadMerge()})
 
 
 def default_dense_layers(preset: str = "default") -> DenseLayers:
@@ -118,6 +125,7 @@ def make_policy(
     adaptive: AdaptiveBudget | None = None,
     retrieval: RetrievalConfig | None = None,
     prefill_window: PrefillWindow | None = None,
+    head_merge: HeadMerge | None = None,
 ) -> Policy:
     """A fresh policy for ``algorithm`` (one of :data:`POLICY_ALGORITHMS`; ``blend`` is refused with
     a ValueError that says how to run it), with ``preset``'s settings (:data:`PRESETS`). ``retrieval``:
@@ -131,10 +139,12 @@ def make_policy(
     ``query_drift`` (the speed benchmarks' synthetic drift, calibrated on block means) keeps one mean
     per block. ``prefill_window``: the prompt queries ESA's / GSA's first retrieval scores with (default:
     the preset's, :data:`BLOCK_SCORING`); a graph backend's model must return that many
-    (``RewriteConfig.query_window``, default 64)."""
+    (``RewriteConfig.query_window``, default 64). ``head_merge``: what each KV head of esa's / gsa's / kvstar's
+    per-head retrievals attends (default: the preset's, :data:`HEAD_MERGE`)."""
     _check_preset(preset)
     given = {"kvstar=": kvstar, "gsa_on_device=": gsa_on_device, "rerope=": rerope, "retrieval=": retrieval,
-             "dense_layers=": dense_layers, "adaptive=": adaptive, "prefill_window=": prefill_window}
+             "dense_layers=": dense_layers, "adaptive=": adaptive, "prefill_window=": prefill_window,
+             "head_merge=": head_merge}
     spec = registry.check_options(algorithm, [k for k, v in given.items() if v is not None])
     if rerope is not None and not isinstance(rerope, ReRoPEConfig):
         raise TypeError(f"rerope must be a ReRoPEConfig, got {type(rerope).__name__}")
@@ -149,6 +159,8 @@ def make_policy(
         kwargs["retrieval"] = retrieval
     if "adaptive=" in spec.options:
         kwargs["adaptive"] = adaptive
+    if "head_merge=" in spec.options:
+        kwargs["head_merge"] = HEAD_MERGE[preset] if head_merge is None else head_merge
     if spec.preset_scoring:
         kwargs.update(BLOCK_SCORING[preset])
         if retrieval is not None and getattr(retrieval, "query_drift", None) is not None:
@@ -156,6 +168,7 @@ def make_policy(
             kwargs["sub_block_tokens"] = None
         if prefill_window is not None:
             kwargs["prefill_window"] = prefill_window
+
     config = {"kvstar": kvstar, "gsa-on-device": gsa_on_device}
     policy = cls(config[algorithm], **kwargs) if algorithm in config else cls(**kwargs)
     if rerope is not None:

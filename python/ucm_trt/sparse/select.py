@@ -20,6 +20,7 @@ forced_mask, candidate_mask
 selection_mask           selection -> bool ``[B, H, max_blocks]``
 mask_to_selection        bool mask -> selection (sorted, -1 padded)
 selection_counts         number of selected blocks per row
+union_kv_heads           every KV-head row -> the union of the rows of its batch entry (HeadMerge "union")
 num_blocks_from_seq_lens ceil(seq_len / block_size)
 """
 
@@ -46,6 +47,7 @@ __all__ = [
     "selection_mask",
     "mask_to_selection",
     "selection_counts",
+    "union_kv_heads",
     "num_blocks_from_seq_lens",
 ]
 
@@ -174,6 +176,19 @@ def selection_counts(selection: torch.Tensor) -> torch.Tensor:
     """Number of selected (non -1) blocks per row, int64 ``[B, H]``."""
     sel = _check_selection(selection)
     return (sel >= 0).sum(-1)
+
+
+def union_kv_heads(selection: torch.Tensor, max_blocks: int) -> torch.Tensor:
+    """Selection ``[B, H, S]`` -> ``[B, H, S']``: every head row of a batch entry becomes the union of that
+    entry's ``H`` rows (ids ascending, -1 padded, ``S'`` the largest union, at least 1), the same dtype.
+
+    Entries must be -1 or block ids in ``[0, max_blocks)`` (:func:`selection_mask`). With
+    :class:`~ucm_trt.config.HeadMerge` ``mode="union"`` the offload policies give every KV head the blocks
+    any head of the layer selected (a layer's selections are one batch entry)."""
+    sel = _check_selection(selection)
+    mask = selection_mask(sel, max_blocks).any(dim=1, keepdim=True)  # [B, 1, max_blocks]
+    out = mask_to_selection(mask)  # [B, 1, S']
+    return out.expand(-1, sel.shape[1], -1).contiguous().to(sel.dtype)
 
 
 def budget_counts(

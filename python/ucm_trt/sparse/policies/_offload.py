@@ -49,6 +49,7 @@ import torch
 
 from ucm_trt.sparse.batched import BlockRepStore, extend_selections, select_batched
 from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView, RetrievalTicket
+from ucm_trt.sparse.select import union_kv_heads
 from ucm_trt.sparse.turnover import DriftingQuery, QueryDrift, calibrate_persistence, turnover_counts
 
 __all__ = [
@@ -251,13 +252,20 @@ class OffloadPolicy(Policy):
     #: policies whose representations can live on the device (``RetrievalConfig.representations``)
     device_representations: bool = True
 
-    def __init__(self, *, retrieval: RetrievalConfig | None = None, dense_layers=None, adaptive=None) -> None:
+    def __init__(self, *, retrieval: RetrievalConfig | None = None, dense_layers=None, adaptive=None,
+                 head_merge=None) -> None:
         super().__init__(dense_layers=dense_layers)
-        from ucm_trt.config import AdaptiveBudget
+        from ucm_trt.config import AdaptiveBudget, HeadMerge
 
         if adaptive is not None and not isinstance(adaptive, AdaptiveBudget):
             raise TypeError(f"adaptive must be an AdaptiveBudget or None, got {type(adaptive).__name__}")
         self.adaptive = adaptive
+        if head_merge is None:
+            head_merge = HeadMerge()
+        if not isinstance(head_merge, HeadMerge):
+            raise TypeError(f"head_merge must be a HeadMerge or None, got {type(head_merge).__name__}")
+        #: what each KV head attends of a per-head retrieval (HeadMerge: its own blocks, or the layer's union)
+        self.head_merge = head_merge
         self._adaptive_lock = threading.Lock()
         self._adaptive_counts = AdaptiveCounts()
         if retrieval is None:
@@ -411,6 +419,9 @@ class OffloadPolicy(Policy):
             self.turnover_selected += n
             self.topk_changed += kc
             self.topk_selected += kn
+        if self.head_merge.mode == "union" and self.sparse.selection == "per_head":
+            # every KV head attends the blocks any head of its layer selected (the blocks loaded anyway)
+            sel = union_kv_heads(sel, pending.num_blocks)
         st.sel = sel
         st.sel_nb = pending.num_blocks
         st.ext = None  # plan's cached extension is stale

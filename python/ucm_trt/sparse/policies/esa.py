@@ -159,8 +159,8 @@ class ESAPolicy(OffloadPolicy):
 
     def __init__(self, *, vote: bool = False, sub_block_tokens: int | None = None,
                  prefill_window: PrefillWindow | None = None, retrieval=None, dense_layers=None,
-                 adaptive=None) -> None:
-        super().__init__(retrieval=retrieval, dense_layers=dense_layers, adaptive=adaptive)
+                 adaptive=None, head_merge=None) -> None:
+        super().__init__(retrieval=retrieval, dense_layers=dense_layers, adaptive=adaptive, head_merge=head_merge)
         if not isinstance(vote, bool):
             raise TypeError(f"vote must be a bool, got {vote!r}")
         self.vote = vote

@@ -52,11 +52,11 @@ class GSAPolicy(OffloadPolicy):
 
     def __init__(self, *, prefetch_blocks: int = 1, vote: bool = False, sub_block_tokens: int | None = None,
                  prefill_window: PrefillWindow | None = None, retrieval: RetrievalConfig | None = None,
-                 dense_layers=None, adaptive=None) -> None:
+                 dense_layers=None, adaptive=None, head_merge=None) -> None:
         """``vote``: per-head softmax vote scoring; ``sub_block_tokens``: a mean K per run of that many
         tokens, a block scoring its best sub-block (``None``: upstream's block mean); ``prefill_window``:
         the prompt queries the first retrieval scores with (``None``: the last one); see ESA."""
-        super().__init__(retrieval=retrieval, dense_layers=dense_layers, adaptive=adaptive)
+        super().__init__(retrieval=retrieval, dense_layers=dense_layers, adaptive=adaptive, head_merge=head_merge)
         self.prefetch_blocks = check_non_negative_int("prefetch_blocks", prefetch_blocks)
         if not isinstance(vote, bool):
             raise TypeError(f"vote must be a bool, got {vote!r}")

@@ -155,8 +155,8 @@ class KVStarPolicy(OffloadPolicy):
     device_representations = False  # its sub-block votes run on the CPU
 
     def __init__(self, config: KVStarConfig | None = None, *, retrieval: RetrievalConfig | None = None,
-                 dense_layers=None) -> None:
-        super().__init__(retrieval=retrieval, dense_layers=dense_layers)
+                 dense_layers=None, head_merge=None) -> None:
+        super().__init__(retrieval=retrieval, dense_layers=dense_layers, head_merge=head_merge)
         if self.retrieval.rep_dtype != torch.float32:
             raise ValueError(
                 "KVStar stores its sub-block representations in float16 and votes in float32; "
