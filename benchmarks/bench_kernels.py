@@ -399,7 +399,7 @@ def bench_attention(cx, args, rows):
     rows.append({"op": "flashinfer_status", "flashinfer": fi.version, "flashinfer_error": fi.error})
     big = max(args.contexts)
     args.sdpa_done = set()
-    for ctx in args.contexts:
+    for ctx in [] if args.odd_head_dims_only else args.contexts:
         for batch in args.batches:
             for bs in args.block_sizes if ctx == big else [64]:
                 extras = {"dense_splits"} if (ctx != big and batch == 8) else set()
@@ -520,6 +520,8 @@ def main():
     p.add_argument("--budgets", type=float, nargs="+", default=[1 / 4, 1 / 8, 1 / 16],
                    help="budgets at the largest context and block size 64 (others: 1/8)")
     p.add_argument("--odd-head-dims", type=int, nargs="*", default=[80, 96])
+    p.add_argument("--odd-head-dims-only", action="store_true",
+                   help="only the --odd-head-dims shapes (largest context; the dense tile sweep at the largest batch)")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--flashinfer-cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "flashinfer-ws"),
                    help="FlashInfer's JIT cache (FLASHINFER_WORKSPACE_BASE; must be writable)")
