@@ -41,6 +41,7 @@ from ucm_trt.sparse.score import dot_scores
 
 __all__ = [
     "ESAPolicy",
+    "MeanKeyPolicy",
     "check_prefill_window",
     "sub_block_layer_scores",
     "sub_block_scores",
@@ -144,18 +145,9 @@ def first_queries(queries: list[torch.Tensor], window: int) -> torch.Tensor:
     return torch.stack([q[:, -window:] for q in queries])
 
 
-class ESAPolicy(OffloadPolicy):
-    """ESA. ``vote``: score blocks by the per-head softmax vote
-    (:func:`~ucm_trt.sparse.policies._reps.host_vote_scores`; off in the class, on in the ``default`` preset)
-    instead of upstream's dot product of the group-averaged query. ``sub_block_tokens``: keep the mean K
-    of every run of that many tokens (it must divide the block size) and score a block by its best
-    sub-block, or with the vote by the mass of its sub-blocks (:func:`sub_block_scores`); ``None`` is
-    upstream's one mean per block. The store then holds ``block_size / sub_block_tokens`` vectors per
-    block (``1 / sub_block_tokens`` of the K elements; ``block_size / sub_block_tokens`` times the
-    store and scoring work of one mean per block). ``prefill_window``: the prompt queries the first
-    retrieval scores with (:class:`~ucm_trt.config.PrefillWindow`; ``None``: the last one, upstream's)."""
-
-    name = "esa"
+class MeanKeyPolicy(OffloadPolicy):
+    """What ESA and GSA share: mean-K (sub-)block representations scored with a dot product or the
+    per-head vote, and the first retrieval's prompt-query window. Subclasses set ``name``."""
 
     def __init__(self, *, vote: bool = False, sub_block_tokens: int | None = None,
                  prefill_window: PrefillWindow | None = None, retrieval=None, dense_layers=None,
@@ -168,19 +160,34 @@ class ESAPolicy(OffloadPolicy):
         self.sub_blocks = 1  # per block, set at bind from the block size
         self.prefill_window = check_prefill_window(prefill_window)
         self.query_window = self.prefill_window.tokens
-        # PrefillWindow.persist: the first retrieval's block scores [L, Hkv, nbp], per request
+        # PrefillWindow.persist: the first retrieval's block scores [L, Hkv, nb_prompt], per request
         self._priors: dict[str, torch.Tensor] = {}
 
     def bind(self, rt: PolicyRuntime) -> None:
         super().bind(rt)
         s = rt.sparse
+        label = self.name.upper()
         if s.scoring != "dot" or s.representation != "mean":
             raise ValueError(
-                "ESA scores mean-K block representations with a dot product: SparseConfig must have "
+                f"{label} scores mean-K block representations with a dot product: SparseConfig must have "
                 f"scoring='dot' and representation='mean', got scoring={s.scoring!r}, "
                 f"representation={s.representation!r}"
             )
-        self.sub_blocks = sub_blocks_per_block("ESA", self.sub_block_tokens, s.block_size, self.retrieval)
+        self.sub_blocks = sub_blocks_per_block(label, self.sub_block_tokens, s.block_size, self.retrieval)
+
+
+class ESAPolicy(MeanKeyPolicy):
+    """ESA. ``vote``: score blocks by the per-head softmax vote
+    (:func:`~ucm_trt.sparse.policies._reps.host_vote_scores`; off in the class, on in the ``default`` preset)
+    instead of upstream's dot product of the group-averaged query. ``sub_block_tokens``: keep the mean K
+    of every run of that many tokens (it must divide the block size) and score a block by its best
+    sub-block, or with the vote by the mass of its sub-blocks (:func:`sub_block_scores`); ``None`` is
+    upstream's one mean per block. The store then holds ``block_size / sub_block_tokens`` vectors per
+    block (``1 / sub_block_tokens`` of the K elements; ``block_size / sub_block_tokens`` times the
+    store and scoring work of one mean per block). ``prefill_window``: the prompt queries the first
+    retrieval scores with (:class:`~ucm_trt.config.PrefillWindow`; ``None``: the last one, upstream's)."""
+
+    name = "esa"
 
     def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
         nbp = self._num_blocks(req.prompt_len)

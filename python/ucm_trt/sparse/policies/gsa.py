@@ -32,13 +32,11 @@ import torch
 from ucm_trt._validation import check_non_negative_int
 from ucm_trt.config import PrefillWindow
 from ucm_trt.sparse.batched import BlockRepStore, select_batched
-from ucm_trt.sparse.policies._offload import OffloadPolicy, OffloadRequestState, RetrievalConfig, RetrievalJob
-from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from_scores
+from ucm_trt.sparse.policies._offload import OffloadRequestState, RetrievalConfig, RetrievalJob
+from ucm_trt.sparse.policies.base import RequestView, select_from_scores
 from ucm_trt.sparse.policies.esa import (
-    check_prefill_window,
-    check_sub_block_tokens,
+    MeanKeyPolicy,
     first_queries,
-    sub_blocks_per_block,
     window_block_scores,
     window_layer_scores,
 )
@@ -47,7 +45,7 @@ from ucm_trt.sparse.representations import block_submeans
 __all__ = ["GSAPolicy"]
 
 
-class GSAPolicy(OffloadPolicy):
+class GSAPolicy(MeanKeyPolicy):
     name = "gsa"
 
     def __init__(self, *, prefetch_blocks: int = 1, vote: bool = False, sub_block_tokens: int | None = None,
@@ -56,28 +54,9 @@ class GSAPolicy(OffloadPolicy):
         """``vote``: per-head softmax vote scoring; ``sub_block_tokens``: a mean K per run of that many
         tokens, a block scoring its best sub-block (``None``: upstream's block mean); ``prefill_window``:
         the prompt queries the first retrieval scores with (``None``: the last one); see ESA."""
-        super().__init__(retrieval=retrieval, dense_layers=dense_layers, adaptive=adaptive, head_merge=head_merge)
+        super().__init__(vote=vote, sub_block_tokens=sub_block_tokens, prefill_window=prefill_window,
+                         retrieval=retrieval, dense_layers=dense_layers, adaptive=adaptive, head_merge=head_merge)
         self.prefetch_blocks = check_non_negative_int("prefetch_blocks", prefetch_blocks)
-        if not isinstance(vote, bool):
-            raise TypeError(f"vote must be a bool, got {vote!r}")
-        self.vote = vote
-        self.sub_block_tokens = check_sub_block_tokens(sub_block_tokens)
-        self.sub_blocks = 1  # per block, set at bind from the block size
-        self.prefill_window = check_prefill_window(prefill_window)
-        self.query_window = self.prefill_window.tokens
-        # PrefillWindow.persist: the first retrieval's block scores [L, Hkv, nb_prompt], per request
-        self._priors: dict[str, torch.Tensor] = {}
-
-    def bind(self, rt: PolicyRuntime) -> None:
-        super().bind(rt)
-        s = rt.sparse
-        if s.scoring != "dot" or s.representation != "mean":
-            raise ValueError(
-                "GSA scores mean-K block representations with a dot product: SparseConfig must have "
-                f"scoring='dot' and representation='mean', got scoring={s.scoring!r}, "
-                f"representation={s.representation!r}"
-            )
-        self.sub_blocks = sub_blocks_per_block("GSA", self.sub_block_tokens, s.block_size, self.retrieval)
 
     def _update_reps(self, rid: str, st: OffloadRequestState, tokens: int) -> None:
         bs = self.sparse.block_size
