@@ -34,8 +34,9 @@ that the top-k turnover per retrieval matches the one measured on SmolLM2
 retrieval queries: they are measured once and their rows say ``turnover_independent``.
 
 Offload variants: ``esa``, ``gsa``, ``kvstar`` keep their block representations on the host and
-score on the CPU retrieval threads (UCM's design); ``esa-gpu-reps`` / ``gsa-gpu-reps`` keep them on
-the GPU (``RetrievalConfig(representations="device")``), counted against the device budget.
+score on the CPU retrieval threads (UCM's design); ``esa-gpu-reps`` / ``gsa-gpu-reps`` /
+``kvstar-gpu-reps`` keep them on the GPU (``RetrievalConfig(representations="device")``; KVStar's float16
+sub-block tiles, 1/16 of the KV at its defaults), counted against the device budget.
 
 Example (one H100, both shapes; prints a table last)::
 
@@ -81,11 +82,12 @@ VARIANTS: dict[str, tuple[str, str | None]] = {
     "kvstar": ("kvstar", "host"),
     "esa-gpu-reps": ("esa", "device"),
     "gsa-gpu-reps": ("gsa", "device"),
+    "kvstar-gpu-reps": ("kvstar", "device"),
 }
 ALGORITHMS = tuple(VARIANTS)
 OFFLOAD_ALGORITHMS = tuple(a for a, (_, reps) in VARIANTS.items() if reps is not None)
 #: the default algorithms (run order: :func:`job_order`)
-DEFAULT_ALGORITHMS = ("dense", "gsa-on-device", "esa", "gsa", "esa-gpu-reps", "kvstar")
+DEFAULT_ALGORITHMS = ("dense", "gsa-on-device", "esa", "gsa", "esa-gpu-reps", "kvstar-gpu-reps", "kvstar")
 #: in run order: the realistic turnover (the one issue 13's targets are about) before the worst case, whose
 #: PCIe-bound steps are the slowest (the H100 call of 2026-12-07 spent its time limit on ESA's random row)
 TURNOVERS = ("realistic", "random")
@@ -210,10 +212,27 @@ def host_store_blocks(spec: ModelSpec, host_gib: float, *, block_size: int, dtyp
     return int(per_layer // bb)
 
 
-def device_rep_blocks(spec: ModelSpec, prompt_blocks: int, block_size: int, dtype_bytes: int) -> int:
+def device_rep_blocks(spec: ModelSpec, prompt_blocks: int, block_size: int, dtype_bytes: int,
+                      algorithm: str = "esa") -> int:
     """GPU-resident block representations of one sequence's prompt (``RetrievalConfig(representations=
-    "device")``: float32 ``[L, Hkv, D, blocks]``, 1/64 of bf16 K+V at block 64), per layer, in KV blocks."""
-    return -(-prompt_blocks * spec.kv_heads * spec.head_dim * 4 // block_bytes(spec, block_size, dtype_bytes))
+    "device")``), per layer, in KV blocks. ESA / GSA (preset ``ucm``): float32 ``[Hkv, D]`` per block, 1/64 of
+    bf16 K+V at block 64. KVStar: its compact vote layout (``PreparedVote(compact=True)``, default
+    ``KVStarConfig``), float16 ``[Hkv, kept channels, block_size / token_merge]`` per block in tiles of
+    ``PreparedVote.TILE_BLOCKS`` blocks, + one mask byte per sub-block and the 8-byte block id: 1/16 of bf16
+    K+V at the defaults (the vote's float32 scratch, one chunk of tiles per retrieval thread, is not counted)."""
+    from ucm_trt.sparse.policies.kvstar import PreparedVote
+
+    bb = block_bytes(spec, block_size, dtype_bytes)
+    if algorithm in ("esa", "gsa"):
+        return -(-prompt_blocks * spec.kv_heads * spec.head_dim * 4 // bb)
+    if algorithm != "kvstar":
+        raise ValueError(f"algorithm must be esa, gsa or kvstar, got {algorithm!r}")
+    cfg = KVStarConfig()
+    cfg.check_block_size(block_size)
+    m = block_size // cfg.token_merge
+    tiles = -(-prompt_blocks // PreparedVote.TILE_BLOCKS) * PreparedVote.TILE_BLOCKS
+    per_block = spec.kv_heads * cfg.kept_channels(spec.head_dim) * m * 2 + m
+    return -(-(tiles * per_block + prompt_blocks * 8) // bb)
 
 
 def offload_working_set(algorithm: str, prompt_blocks: int, sequence_blocks: int, sparse: SparseConfig,
@@ -252,8 +271,8 @@ def plan_capacity(spec: ModelSpec, *, sequence_len: int, decode_steps: int, kv_b
     ws = {a: offload_working_set(a, prompt // bs, seq_blocks, sparse, cache_blocks) for a in OFFLOAD_ALGORITHMS}
     max_batch = {"dense": (dense_pool - 1) // seq_blocks, "gsa-on-device": (od_pool - 1) // seq_blocks}
     pools = {"dense": dense_pool, "gsa-on-device": od_pool}
-    reps = {a: device_rep_blocks(spec, prompt // bs, bs, dtype_bytes) if VARIANTS[a][1] == "device" else 0
-            for a in OFFLOAD_ALGORITHMS}
+    reps = {a: device_rep_blocks(spec, prompt // bs, bs, dtype_bytes, VARIANTS[a][0]) if VARIANTS[a][1] == "device"
+            else 0 for a in OFFLOAD_ALGORITHMS}
     for a, w in ws.items():
         # one prompt being prefilled (all its blocks resident, then its representations) + the
         # others' working sets and representations; the pool is what the representations leave

@@ -115,6 +115,14 @@ def test_offload_batch_keeps_room_for_one_prefill_and_respects_the_host_store():
     assert plan.sequence_blocks + (n - 1) * plan.working_set_blocks["esa"] <= plan.pool_blocks["esa-gpu-reps"] - 1
     assert plan.sequence_blocks + reps + n * (plan.working_set_blocks["esa"] + reps) > plan.dense_pool_blocks - 1
     assert n <= plan.max_batch["esa"]
+    # KVStar's compact vote tiles: float16 [Hkv=8, 16 kept channels of 64, 32 sub-blocks] + a mask byte per
+    # sub-block per block, 2048 prompt-block slots (64 tiles of 32), + an 8-byte id per block, in 128 KiB blocks
+    per_block = 8 * 16 * 32 * 2 + 32
+    want = math.ceil((2048 * per_block + 2047 * 8) / (64 * 8 * 64 * 2 * 2))
+    assert plan.device_rep_blocks["kvstar-gpu-reps"] == want and plan.device_rep_blocks["kvstar"] == 0
+    assert plan.pool_blocks["kvstar-gpu-reps"] == plan.dense_pool_blocks - plan.max_batch["kvstar-gpu-reps"] * want
+    with pytest.raises(ValueError, match="esa, gsa or kvstar"):
+        bc.device_rep_blocks(spec, 10, 64, 2, "dense")
     # a host store of 4 sequences (1 GiB per layer) caps the batch
     small = bc.plan_capacity(spec, sequence_len=131072, decode_steps=40, kv_budget_gib=8.5, host_gib=16,
                              sparse=sparse, cache_blocks=2, dtype_bytes=2)
@@ -307,7 +315,7 @@ def test_tiny_run_realistic_turnover_and_gpu_representations(tmp_path):
     its measured top-k turnover is far below the random run's); dense and GSA On-Device rows are
     shared by both turnovers; the GPU-representation variant runs ESA with device representations."""
     rc = bc.main(["--shapes", "tiny", "--contexts", "1024", "--algorithms", "dense", "gsa-on-device", "esa",
-                  "esa-gpu-reps", "--block-size", "16", "--decode-steps", "12", "--warmup-steps", "4", "--stride", "2",
+                  "esa-gpu-reps", "kvstar-gpu-reps", "--block-size", "16", "--decode-steps", "12", "--warmup-steps", "4", "--stride", "2",
                   "--host-gib", "0.004", "--realistic-turnover", "0.05", "--no-batch1", "--threads", "1",
                   "--out-dir", str(tmp_path)])
     assert rc == 0
@@ -318,7 +326,8 @@ def test_tiny_run_realistic_turnover_and_gpu_representations(tmp_path):
     assert model["source"] == "--realistic-turnover"
     runs = [r for r in d["rows"] if r["kind"] == "run"]
     assert {(r["algorithm"], r["turnover"]) for r in runs} == {
-        (a, t) for a in ("dense", "gsa-on-device", "esa", "esa-gpu-reps") for t in ("random", "realistic")}
+        (a, t) for a in ("dense", "gsa-on-device", "esa", "esa-gpu-reps", "kvstar-gpu-reps")
+        for t in ("random", "realistic")}
     assert all(r["turnover_independent"] == (r["algorithm"] in ("dense", "gsa-on-device")) for r in runs)
     assert all(r["batch_kind"] == "max" for r in runs)  # --no-batch1
     esa = {r["turnover"]: r for r in runs if r["algorithm"] == "esa"}
@@ -332,6 +341,10 @@ def test_tiny_run_realistic_turnover_and_gpu_representations(tmp_path):
     block = plan["bytes_per_token_per_layer"] * plan["block_size"]
     allowed = gpu["batch"] * plan["device_rep_blocks"]["esa-gpu-reps"] * block * bc.SHAPES["tiny"].layers
     assert 0 < gpu["policy"]["representation_bytes_peak"] <= allowed
+    kv = next(r for r in runs if r["algorithm"] == "kvstar-gpu-reps" and r["turnover"] == "random")
+    assert kv["policy"]["representations"] == "device"
+    allowed = kv["batch"] * plan["device_rep_blocks"]["kvstar-gpu-reps"] * block * bc.SHAPES["tiny"].layers
+    assert 0 < kv["policy"]["representation_bytes_peak"] <= allowed
     summary = [r for r in d["rows"] if r["kind"] == "summary"]
     assert sorted(s["turnover"] for s in summary) == ["random", "realistic"]
 

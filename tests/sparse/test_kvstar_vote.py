@@ -215,3 +215,50 @@ def test_tiled_vote_scores_do_not_depend_on_the_thread_count(threads, monkeypatc
         torch.set_num_threads(before)
     torch.testing.assert_close(many, one, rtol=1e-6, atol=0)
     torch.testing.assert_close(one, _OnePassVote(sub, cand).scores(q), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compact_tiles", [1, 4, 16])
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 8)])
+def test_compact_vote_layout_scores_equal_the_host_layout(hq, hkv, compact_tiles, monkeypatch):
+    """The compact layout (GPU-resident representations: float16 tiles upcast per chunk, one mask tensor)
+    gives the host layout's scores, here on the CPU: with empty sub-blocks of a partial last block, masked
+    candidates, several chunks with a short last one, and half the tile bytes."""
+    monkeypatch.setattr(PreparedVote, "TILE_BLOCKS", 3)
+    monkeypatch.setattr(PreparedVote, "COMPACT_TILES", compact_tiles)
+    g = torch.Generator().manual_seed(hq + hkv + compact_tiles)
+    nb, bs, d, tv = 29, 16, 32, 3
+    cfg = KVStarConfig(retrieval_stride=tv, token_merge=4, channel_ratio=0.5)
+    sub = _sub(g, nb, hkv, bs, d, cfg, (nb - 1) * bs + 5, scale=2.0)
+    q = 2.0 * torch.randn(hq, tv, d, generator=g)
+    for cand in (candidate_mask(torch.tensor([nb], dtype=torch.int32), nb, sink_blocks=1, local_blocks=2,
+                                min_blocks=4)[0], torch.arange(nb) % 4 != 2):
+        host = PreparedVote(sub, cand)
+        compact = PreparedVote(sub, cand, compact=True, device="cpu")
+        assert compact.vt.dtype == torch.float16 and host.vt.dtype == torch.float32
+        assert compact.vt.numel() == host.vt.numel()
+        assert compact.nbytes < host.nbytes
+        want = host.scores(q)
+        got = compact.scores(q, VoteWorkspace("cpu"))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        assert (got[:, ~cand] == 0).all()
+        # the empty sub-blocks vote nothing: the masses still sum to the group's query count
+        torch.testing.assert_close(got.sum(-1), torch.full((hkv,), float(hq // hkv * tv)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="compact must be a bool"):
+        PreparedVote(sub, cand, compact=1)
+
+
+@pytest.mark.gpu
+def test_compact_vote_on_cuda_matches_the_host_layout():
+    """On CUDA the compact layout's scores are the host layout's up to the GPU matmul's rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(5)
+    nb, bs, d, tv, hq, hkv = 300, 64, 128, 8, 32, 8
+    cfg = KVStarConfig(retrieval_stride=tv)
+    sub = _sub(g, nb, hkv, bs, d, cfg, nb * bs - 7)
+    q = torch.randn(hq, tv, d, generator=g)
+    cand = candidate_mask(torch.tensor([nb], dtype=torch.int32), nb, sink_blocks=1, local_blocks=2, min_blocks=4)[0]
+    want = PreparedVote(sub, cand).scores(q)
+    got = PreparedVote(sub, cand, compact=True, device="cuda").scores(q.cuda())
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-6)

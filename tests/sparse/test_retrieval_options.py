@@ -234,6 +234,20 @@ def test_device_representations_select_like_host_on_cpu(algorithm, vote, tiny_mo
     assert dev[2]["representation_bytes_peak"] == host[2]["representation_bytes_peak"] == 2 * 2 * 16 * blocks * 4
 
 
+def test_kvstar_device_representations_select_like_host_on_cpu(tiny_model_for_retrieval):
+    """KVStar with representations='device' (the compact float16 vote layout; the device is the CPU here):
+    the host path's selections at every retrieval and its tokens, with fewer representation bytes
+    (float16 tiles instead of float32) that stats() reports."""
+    host = _run(tiny_model_for_retrieval, "kvstar", RetrievalConfig(), vote=False)
+    dev = _run(tiny_model_for_retrieval, "kvstar", RetrievalConfig(representations="device"), vote=False)
+    assert host[0] == dev[0]
+    assert len(host[1]) == len(dev[1]) > 0
+    for a, b in zip(host[1], dev[1], strict=True):
+        assert torch.equal(a, b)
+    assert dev[2]["representations"] == "device" and host[2]["retrievals"] == dev[2]["retrievals"]
+    assert 0 < dev[2]["representation_bytes_peak"] < host[2]["representation_bytes_peak"]
+
+
 def test_half_precision_representations_halve_the_store(tiny_model_for_retrieval):
     """bf16 storage runs end to end with half the representation bytes; its selections are those of
     the rounded representations (checked exactly at the function level in
@@ -323,7 +337,7 @@ def test_device_selection_on_cuda_equals_cpu_selection():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("algorithm", ["esa", "gsa"])
+@pytest.mark.parametrize("algorithm", ["esa", "gsa", "kvstar"])
 def test_device_representations_on_cuda_match_host(algorithm):
     """On CUDA, representations='device' (GPU store, scoring + top-k on a side stream) selects what
     the host path selects. GPU and CPU matmuls may round a score differently, which can move a block
@@ -332,9 +346,10 @@ def test_device_representations_on_cuda_match_host(algorithm):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from tests.runtime.conftest import tiny_llama
+    from ucm_trt.config import KVStarConfig
     from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend
     from ucm_trt.runtime.algorithms import sparse_config_for
-    from ucm_trt.sparse.policies import ESAPolicy, GSAPolicy
+    from ucm_trt.sparse.policies import ESAPolicy, GSAPolicy, KVStarPolicy
 
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, 256, (600,), generator=g).tolist()
@@ -343,8 +358,12 @@ def test_device_representations_on_cuda_match_host(algorithm):
         model = tiny_llama().cuda()
         sparse = sparse_config_for(algorithm, SparseConfig(block_size=16, budget=Budget.ratio(0.25),
                                                            retrieval_stride=2))
-        policy = _recording({"esa": ESAPolicy, "gsa": GSAPolicy}[algorithm])(
-            retrieval=RetrievalConfig(representations=where))
+        if algorithm == "kvstar":
+            policy = _recording(KVStarPolicy)(KVStarConfig(retrieval_stride=2),
+                                              retrieval=RetrievalConfig(representations=where))
+        else:
+            policy = _recording({"esa": ESAPolicy, "gsa": GSAPolicy}[algorithm])(
+                retrieval=RetrievalConfig(representations=where))
         policy.collected = []
         with Engine(TorchBackend(model, attention="triton"), policy, sparse=sparse,
                     config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=256)) as eng:

@@ -24,8 +24,9 @@ representations live and which queries score them:
 
 * ``representations="host"`` (default, UCM's design): a float32 host store; scoring and top-k run
   on the retrieval worker's CPU threads.
-* ``representations="device"`` (ESA, GSA): the store lives on the runtime's device (the GPU; it is
-  1/block_size of K); the task uploads the query, scores and selects there on its own CUDA
+* ``representations="device"``: the store lives on the runtime's device (the GPU; ESA's / GSA's
+  mean K is 1/block_size of K, KVStar's float16 sub-blocks ``channel_ratio / token_merge`` of it, 1/8 at
+  its defaults); the task uploads the query, scores and selects there on its own CUDA
   stream (after the step that wrote the representations) and brings back only the selected ids.
   The KV blocks stay in the host store either way. Same selections as the host path for the same
   scores (the scores themselves may differ in the last bits: another summation order).
@@ -206,7 +207,7 @@ class OffloadRequestState:
     ``plan``'s extension of ``sel`` by the decode-generated blocks: ``(blocks, per-layer views, selected
     count)``; ``peeked`` caches ``prefetch``'s look at a finished ``pending``: ``(pending, per-layer
     views)``. ``drift``: the request's synthetic query (``RetrievalConfig.query_drift`` only);
-    ``store``: its block representations (ESA, GSA).
+    ``store``: its block representations (ESA, GSA; KVStar keeps its own, ``KVStarRequestState.votes``).
     """
 
     dense: bool
@@ -217,6 +218,11 @@ class OffloadRequestState:
     peeked: tuple[PendingRetrieval, tuple[torch.Tensor, ...]] | None = None
     drift: DriftingQuery | None = None
     store: BlockRepStore | None = None
+
+    @property
+    def representation_bytes(self) -> int:
+        """Bytes of the request's block representations (its store's; a policy with another layout says)."""
+        return self.store.nbytes if isinstance(self.store, BlockRepStore) else 0
 
 
 @dataclass(kw_only=True)
@@ -249,8 +255,6 @@ class OffloadPolicy(Policy):
     """Base of policies whose KV lives in the host store and whose selections come from CPU tasks."""
 
     offload = True
-    #: policies whose representations can live on the device (``RetrievalConfig.representations``)
-    device_representations: bool = True
 
     def __init__(self, *, retrieval: RetrievalConfig | None = None, dense_layers=None, adaptive=None,
                  head_merge=None) -> None:
@@ -290,14 +294,8 @@ class OffloadPolicy(Policy):
 
     def bind(self, rt: PolicyRuntime) -> None:
         super().bind(rt)
-        if self.retrieval.representations == "device":
-            if not self.device_representations:
-                raise ValueError(
-                    f"{self.name}: RetrievalConfig.representations='device' is not supported by this policy "
-                    "(ESA and GSA support it); use 'host'"
-                )
-            if rt.device.type == "cuda":
-                self._stream = torch.cuda.Stream(device=rt.device)
+        if self.retrieval.representations == "device" and rt.device.type == "cuda":
+            self._stream = torch.cuda.Stream(device=rt.device)
 
     @property
     def rep_device(self) -> torch.device:
@@ -553,9 +551,7 @@ class OffloadPolicy(Policy):
             st = self._state.get(req.rid)
             if st is None:
                 raise RuntimeError(f"{self.name}: request {req.rid!r} has no state (prefill did not finish)")
-            store = st.store
-            if isinstance(store, BlockRepStore):
-                rep_bytes += store.nbytes
+            rep_bytes += st.representation_bytes
             if st.dense:
                 continue
             nb_new = self._num_blocks(req.new_len)

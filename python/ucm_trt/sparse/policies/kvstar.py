@@ -42,20 +42,21 @@ _LOG2E = 1.4426950408889634
 
 class VoteWorkspace:
     """Scratch buffers of :meth:`PreparedVote.scores`, reused over the layers of one retrieval task
-    (one per task / thread: a vote writes into it). Grown on demand."""
+    (one per task / thread: a vote writes into it), on ``device`` (default the CPU). Grown on demand."""
 
-    def __init__(self) -> None:
-        self._tile = torch.empty(0)
-        self._sums = torch.empty(0)
-        self._maxes = torch.empty(0)
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self._tile = torch.empty(0, device=self.device)
+        self._sums = torch.empty(0, device=self.device)
+        self._maxes = torch.empty(0, device=self.device)
 
     def buffers(self, tile: int, sums: int, maxes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._tile.numel() < tile:
-            self._tile = torch.empty(tile)
+            self._tile = torch.empty(tile, device=self.device)
         if self._sums.numel() < sums:
-            self._sums = torch.empty(sums)
+            self._sums = torch.empty(sums, device=self.device)
         if self._maxes.numel() < maxes:
-            self._maxes = torch.empty(maxes)
+            self._maxes = torch.empty(maxes, device=self.device)
         return self._tile[:tile], self._sums[:sums], self._maxes[:maxes]
 
 
@@ -75,32 +76,57 @@ class PreparedVote:
     logits; tested against the previous one-pass layout in ``tests/sparse/test_kvstar_vote.py``).
     The arithmetic of a tile does not depend on how many tiles go together, so the scores do not
     depend on the thread count.
+
+    ``compact=True`` is the layout of GPU-resident representations (``RetrievalConfig(representations=
+    "device")``, on ``device``): the tiles stay float16 as stored (half the bytes) and are upcast to float32
+    :attr:`COMPACT_TILES` at a time inside the vote, the empty positions are one mask tensor (no host sync
+    per tile), and the queries move to the tiles' device. The float32 arithmetic is the same, so the scores
+    equal the host layout's on the same device.
     """
 
     TILE_BLOCKS = 32
+    #: tiles upcast and voted per matmul in the compact layout (bounds its float32 scratch: at head_dim
+    #: 128, 8 KV heads, block 64, 8 queries per vote, about 16 MiB of tiles + 32 MiB of logits)
+    COMPACT_TILES = 16
 
-    def __init__(self, sub: SubBlockRepr, cand: torch.Tensor) -> None:
+    def __init__(self, sub: SubBlockRepr, cand: torch.Tensor, *, compact: bool = False,
+                 device: torch.device | str | None = None) -> None:
         vals, counts, ch = sub.values, sub.counts, sub.channels
         if vals.dim() != 4:
             raise ValueError(f"sub.values must be [nb, M, Hkv, d'], got shape {tuple(vals.shape)}")
         nb, m, hkv, dp = vals.shape
         if cand.dtype != torch.bool or tuple(cand.shape) != (nb,):
             raise ValueError(f"cand must be a bool [nb={nb}] mask, got {cand.dtype} {tuple(cand.shape)}")
+        if not isinstance(compact, bool):
+            raise TypeError(f"compact must be a bool, got {compact!r}")
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        vals, counts, ch, cand = vals.to(dev), counts.to(dev), ch.to(dev), cand.to(dev)
         allowed = (counts > 0) & cand[:, None]  # [nb, M]
         blocks = torch.nonzero(allowed.any(1))[:, 0]  # blocks with an allowed position
         self.nb, self.m, self.hkv, self.dp = nb, m, hkv, dp
+        self.compact = compact
         self.blocks = blocks
         self.channels = ch.to(torch.int64)  # [Hkv, d']
         t = self.TILE_BLOCKS
         nt = -(-len(blocks) // t)
-        v = torch.zeros(nt * t, m, hkv, dp)
+        v = torch.zeros(nt * t, m, hkv, dp, dtype=vals.dtype if compact else torch.float32, device=dev)
         v[: len(blocks)] = vals[blocks]
         self.vt = v.view(nt, t, m, hkv, dp).permute(0, 3, 4, 1, 2).reshape(nt, hkv, dp, t * m).contiguous()
-        ok = torch.zeros(nt * t, m, dtype=torch.bool)
+        ok = torch.zeros(nt * t, m, dtype=torch.bool, device=dev)
         ok[: len(blocks)] = allowed[blocks]
         bad = ~ok.view(nt, 1, 1, t * m)  # [tiles, 1, 1, T * M]: empty sub-blocks and padding
-        #: per tile, its mask of positions that vote nothing, or None (all allowed)
-        self.bad: list[torch.Tensor | None] = [bad[i] if bool(bad[i].any()) else None for i in range(nt)]
+        #: compact: every tile's mask of positions that vote nothing, as one tensor
+        self.bad_all: torch.Tensor | None = bad if compact else None
+        #: host layout: per tile, its mask, or None (all allowed)
+        self.bad: list[torch.Tensor | None] = (
+            [] if compact else [bad[i] if bool(bad[i].any()) else None for i in range(nt)])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the laid-out representations (tiles, channel ids, block ids, masks)."""
+        mask = self.bad_all.numel() if self.bad_all is not None else sum(b.numel() for b in self.bad if b is not None)
+        return (self.vt.numel() * self.vt.element_size() + self.channels.numel() * 8 + self.blocks.numel() * 8
+                + mask)
 
     def scores(self, q: torch.Tensor, work: VoteWorkspace | None = None) -> torch.Tensor:
         """``q [Hq, Tv, D]`` (the voting queries) -> float32 per-KV-head scores ``[Hkv, nb]``.
@@ -109,24 +135,32 @@ class PreparedVote:
         hkv, dp, m = self.hkv, self.dp, self.m
         g = hq // hkv
         rows = g * tv
-        out = torch.zeros(hkv, self.nb)
+        dev = self.vt.device
+        out = torch.zeros(hkv, self.nb, device=dev)
         nt = self.vt.shape[0]
         if nt == 0:
             return out  # no allowed position: nothing to vote for
         t = self.TILE_BLOCKS
-        k = max(1, min(nt, torch.get_num_threads()))  # tiles per step: one per intra-op thread
-        if work is None:
-            work = VoteWorkspace()
+        # tiles per step: the compact layout's bound, or one per intra-op thread (host)
+        k = min(nt, self.COMPACT_TILES) if self.compact else max(1, min(nt, torch.get_num_threads()))
+        if work is None or work.device != dev:
+            work = VoteWorkspace(dev)
         tile_buf, sums_buf, max_buf = work.buffers(k * hkv * rows * t * m, nt * hkv * rows * t, nt * hkv * rows)
+        q = q.to(dev)
         qp = torch.gather(q.reshape(hkv, rows, d), -1, self.channels[:, None, :].expand(hkv, rows, dp))
         qp = qp.float().mul_(_LOG2E).expand(k, hkv, rows, dp).reshape(k * hkv, rows, dp)
         sums = sums_buf.view(nt, hkv, rows, t)
         maxes = max_buf.view(nt, hkv, rows)
         for i in range(0, nt, k):
             n = min(k, nt - i)
-            x = torch.bmm(qp[: n * hkv], self.vt[i : i + n].view(n * hkv, dp, t * m),
+            tiles = self.vt[i : i + n]
+            if self.compact:
+                tiles = tiles.float()  # float16 as stored -> the host layout's float32 values
+            x = torch.bmm(qp[: n * hkv], tiles.view(n * hkv, dp, t * m),
                           out=tile_buf[: n * hkv * rows * t * m].view(n * hkv, rows, t * m)).view(n, hkv, rows, t * m)
-            for j in range(n):
+            if self.compact:
+                x.masked_fill_(self.bad_all[i : i + n], float("-inf"))
+            for j in range(0 if self.compact else n):
                 if self.bad[i + j] is not None:
                     x[j].masked_fill_(self.bad[i + j], float("-inf"))
             mx = torch.amax(x, -1, out=maxes[i : i + n])
@@ -149,10 +183,15 @@ class KVStarRequestState(OffloadRequestState):
     votes: list[PreparedVote] = field(default_factory=list)
     group: list[torch.Tensor] = field(default_factory=list)
 
+    @property
+    def representation_bytes(self) -> int:
+        return sum(v.nbytes for v in self.votes)
+
 
 class KVStarPolicy(OffloadPolicy):
     name = "kvstar"
-    device_representations = False  # its sub-block votes run on the CPU
+    # RetrievalConfig(representations="device"): the sub-block tiles live on the runtime's device (float16,
+    # PreparedVote's compact layout) and the votes and top-k run there on the policy's side stream
 
     def __init__(self, config: KVStarConfig | None = None, *, retrieval: RetrievalConfig | None = None,
                  dense_layers=None, head_merge=None) -> None:
@@ -196,14 +235,17 @@ class KVStarPolicy(OffloadPolicy):
         lens = block_lens_from_seq_lens(torch.tensor(req.prompt_len), nbp, self.sparse.block_size)
         cand = candidate_mask(torch.tensor([nbp], dtype=torch.int32), nbp, sink_blocks=self.sparse.sink_blocks,
                               local_blocks=self.sparse.local_blocks, min_blocks=self.sparse.min_blocks)[0]
+        dev = self.rep_device
+        compact = self.retrieval.representations == "device"
         votes = []
         for layer in range(self.shape.num_layers):
             sub = kvstar_subblock(kv.gather_keys(req.rid, layer, list(range(nbp))), lens.to(kv.layout.device),
                                   self.config)
-            # stored in fp16 as upstream, then laid out for voting (float32, allowed positions only)
-            sub = SubBlockRepr(values=sub.values.to("cpu", torch.float16), counts=sub.counts.cpu(),
-                               channels=sub.channels.cpu())
-            votes.append(PreparedVote(sub, cand))
+            # stored in fp16 as upstream, then laid out for voting (allowed positions only; float32 tiles on
+            # the host, float16 tiles upcast per chunk on the device)
+            sub = SubBlockRepr(values=sub.values.to(dev, torch.float16), counts=sub.counts.to(dev),
+                               channels=sub.channels.to(dev))
+            votes.append(PreparedVote(sub, cand, compact=compact, device=dev))
         st.votes = votes
         group = [q.clone() for q in queries]  # per layer [Hq, W, D]; the runtime reuses its buffer
         self._start_drift(req.rid, st, torch.stack([q[:, -1] for q in queries]))  # query_drift only
@@ -212,7 +254,7 @@ class KVStarPolicy(OffloadPolicy):
     def _task(self, st: KVStarRequestState, group: list[torch.Tensor]):
         if self._layerwise(KVStarPolicy):
             return self._per_layer(partial(self._select, st, group))
-        return partial(self._select_all, st, group)
+        return self._on_device(partial(self._select_all, st, group))
 
     def _layer_scores(self, st: KVStarRequestState, group: list[torch.Tensor], layer: int,
                       work: VoteWorkspace | None = None) -> torch.Tensor:
@@ -221,7 +263,7 @@ class KVStarPolicy(OffloadPolicy):
 
     def _scores_all(self, st: KVStarRequestState, group: list[torch.Tensor]) -> torch.Tensor:
         """The votes per layer, on one scratch workspace -> per-KV-head scores ``[L, Hkv, nb]``."""
-        work = VoteWorkspace()
+        work = VoteWorkspace(self.rep_device)
         return torch.stack([self._layer_scores(st, group, layer, work) for layer in range(self.shape.num_layers)])
 
     def _select_all(self, st: KVStarRequestState, group: list[torch.Tensor]) -> torch.Tensor:
@@ -236,7 +278,7 @@ class KVStarPolicy(OffloadPolicy):
 
     def _job(self, rid: str, step: int, st: KVStarRequestState, group: list[torch.Tensor]) -> RetrievalJob:
         """The retrieval of request ``rid`` as a job of the step's batch (``OffloadPolicy._submit_batch``)."""
-        batched = not self._layerwise(KVStarPolicy)
+        batched = self._stream is None and not self._layerwise(KVStarPolicy)
         return RetrievalJob(rid=rid, step=step, num_blocks=st.sel_nb, task=self._task(st, group),
                             scores=partial(self._scores_all, st, group) if batched else None,
                             scoring="kvstar_vote")
