@@ -59,6 +59,7 @@ from ucm_trt.kernels import (
 )
 from ucm_trt.kernels.attention import ATTENTION_GUARD_CODES, default_block_n, default_warps_stages
 from ucm_trt.kernels.guard import IndexGuard
+from ucm_trt.runtime.algorithms import GSA_ON_DEVICE_HASH_BITS_PER_DIM
 from ucm_trt.testing.bench import bench_gpu_ms, copy_bandwidth_tbps, cuda_graphed
 
 HQ, HKV, D, BS = 32, 8, 128, 128  # retrieval rows: head_dim 128, block 128
@@ -445,6 +446,14 @@ def bench_retrieval(cx, args, rows):
         ms = time_ms(lambda: hamming_block_scores(q, codes, w, table, seq, validate=False), args.reps)
         rows.append(row(cx, "retrieval_hash_scores_only", "jit", ctx, batch, 1 / 8, BS, D, ms, code_bytes, None,
                         us_per_layer=round(ms * 1e3, 2), hash_bits=bits))
+        # the default preset's width (GSA_ON_DEVICE_HASH_BITS_PER_DIM["default"] bits per channel)
+        wide = GSA_ON_DEVICE_HASH_BITS_PER_DIM["default"] * D
+        codes_w = torch.randint(0, 256, (nphys, HKV, BS, wide // 8), device="cuda", dtype=torch.uint8, generator=gen)
+        w_w = torch.randn((D, wide), device="cuda", generator=gen)
+        ms = time_ms(lambda: hash_retrieve(q, codes_w, w_w, table, seq, top_k=top_k, sink_blocks=1, local_blocks=2,
+                                           shared=True, validate=False), args.reps)
+        rows.append(row(cx, "retrieval_hash_topk", "jit", ctx, batch, 1 / 8, BS, D, ms, codes_w[1:].numel(), None,
+                        us_per_layer=round(ms * 1e3, 2), hash_bits=wide))
         scores = torch.randn((batch, HKV, nb), device="cuda", generator=gen)
         ms = time_ms(lambda: block_topk(scores, seq, top_k=top_k, block_size=BS, sink_blocks=1, local_blocks=2,
                                         largest=False, shared=True), args.reps)

@@ -104,6 +104,16 @@ def test_gsa_on_device_config():
     assert cfg.gate_open([4096]) and not GSAOnDeviceConfig(concurrency_threshold=2).gate_open([4096, 10])
     with pytest.raises(ValueError, match="hash_bits must be a multiple of 8"):
         GSAOnDeviceConfig(hash_bits=60)
+    # hash width per head-dim channel: None = 1 (upstream's head_dim bits); exclusive with hash_bits
+    assert GSAOnDeviceConfig(hash_bits_per_dim=4).resolved_hash_bits(64) == 256
+    assert GSAOnDeviceConfig(hash_bits_per_dim=2).resolved_hash_bits(80) == 160
+    assert GSAOnDeviceConfig(hash_bits=96).resolved_hash_bits(64) == 96
+    with pytest.raises(ValueError, match="hash_bits_per_dim must be"):
+        GSAOnDeviceConfig(hash_bits_per_dim=0)
+    with pytest.raises(ValueError, match="not both"):
+        GSAOnDeviceConfig(hash_bits=64, hash_bits_per_dim=2)
+    with pytest.raises(ValueError, match="not a multiple of 8; give hash_bits"):
+        GSAOnDeviceConfig(hash_bits_per_dim=3).resolved_hash_bits(36)
     with pytest.raises(ValueError, match="only reuse an earlier layer"):
         GSAOnDeviceConfig(layer_reuse={3: 3})
     with pytest.raises(ValueError, match="itself reuses"):

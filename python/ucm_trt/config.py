@@ -330,7 +330,13 @@ class GSAOnDeviceConfig:
     Attributes
     ----------
     hash_bits:
-        Bits per hash code; a multiple of 8 (packed into uint8). ``None`` = head_dim, as upstream.
+        Bits per hash code; a multiple of 8 (packed into uint8). ``None``: ``hash_bits_per_dim`` x head_dim.
+    hash_bits_per_dim:
+        With ``hash_bits=None``, the code has this many bits per head-dim channel. ``None`` = 1 (head_dim bits,
+        as upstream); :func:`ucm_trt.runtime.algorithms.make_policy` fills it from its preset (``default``: 4,
+        chosen on tuning prompts, docs/quality.md; ``ucm``: 1). Random projections need more bits than trained
+        ones (upstream's HATA weights) to rank blocks alike: more bits cost code memory and retrieval bytes
+        (4 x head_dim bits: 1/8 of a token's K+V in fp16/bf16, against 1/32).
     top_k_tokens:
         Tokens kept per sequence (sink + local + selected), upstream ``vllm_hash_attention_topk``.
     seq_len_threshold, concurrency_threshold:
@@ -348,6 +354,7 @@ class GSAOnDeviceConfig:
     """
 
     hash_bits: int | None = None
+    hash_bits_per_dim: int | None = None
     top_k_tokens: int = 2048
     seq_len_threshold: int = 2048
     concurrency_threshold: int = 1
@@ -362,6 +369,11 @@ class GSAOnDeviceConfig:
             _int(c, "hash_bits", self.hash_bits, minimum=8)
             if self.hash_bits % 8:
                 raise ValueError(f"{c}.hash_bits must be a multiple of 8, got {self.hash_bits}")
+        if self.hash_bits_per_dim is not None:
+            _int(c, "hash_bits_per_dim", self.hash_bits_per_dim, minimum=1)
+            if self.hash_bits is not None:
+                raise ValueError(f"{c}: give hash_bits ({self.hash_bits}) or hash_bits_per_dim "
+                                 f"({self.hash_bits_per_dim}), not both")
         _int(c, "top_k_tokens", self.top_k_tokens, minimum=1)
         _int(c, "seq_len_threshold", self.seq_len_threshold, minimum=0)
         _int(c, "concurrency_threshold", self.concurrency_threshold, minimum=1)
@@ -397,7 +409,13 @@ class GSAOnDeviceConfig:
             raise TypeError(f"{c}.hash_weights_path must be a str path, got {self.hash_weights_path!r}")
 
     def resolved_hash_bits(self, head_dim: int) -> int:
-        return head_dim if self.hash_bits is None else self.hash_bits
+        if self.hash_bits is not None:
+            return self.hash_bits
+        bits = head_dim * (self.hash_bits_per_dim or 1)
+        if bits % 8:
+            raise ValueError(f"GSAOnDeviceConfig: head_dim {head_dim} x hash_bits_per_dim "
+                             f"{self.hash_bits_per_dim or 1} = {bits} bits is not a multiple of 8; give hash_bits")
+        return bits
 
     def check_num_layers(self, num_layers: int) -> None:
         for layer in (*self.rollback_layers, *self.layer_reuse):

@@ -32,8 +32,10 @@ __all__ = [
     "POLICY_ALGORITHMS",
     "PREFILL_ALGORITHMS",
     "PRESETS",
+    "GSA_ON_DEVICE_HASH_BITS_PER_DIM",
     "default_dense_layers",
     "grid_gsa_on_device_config",
+    "gsa_on_device_for_preset",
     "make_policy",
     "sparse_config_for",
 ]
@@ -74,6 +76,25 @@ DEFAULT_HEAD_MERGE = HeadMerge(mode="union")
 HEAD_MERGE: Mapping[str, HeadMerge] = MappingProxyType({"default": DEFAULT_HEAD_MERGE, "ucm": HeadMerge()})
 
 
+#: GSA On-Device's hash bits per head-dim channel when its config leaves them open
+#: (``GSAOnDeviceConfig.hash_bits_per_dim=None``), per preset: ``default`` 4 (chosen on tuning prompts,
+#: docs/quality.md), ``ucm`` 1 (head_dim bits, upstream's)
+GSA_ON_DEVICE_HASH_BITS_PER_DIM: Mapping[str, int] = MappingProxyType({"default": 4, "ucm": 1})
+
+
+def gsa_on_device_for_preset(config: GSAOnDeviceConfig | None, preset: str = "default") -> GSAOnDeviceConfig:
+    """``config`` (default: ``GSAOnDeviceConfig()``) with the hash width ``preset`` gives where it leaves it
+    open (neither ``hash_bits`` nor ``hash_bits_per_dim`` set)."""
+    _check_preset(preset)
+    if config is None:
+        config = GSAOnDeviceConfig()
+    if not isinstance(config, GSAOnDeviceConfig):
+        raise TypeError(f"gsa_on_device must be a GSAOnDeviceConfig, got {type(config).__name__}")
+    if config.hash_bits is None and config.hash_bits_per_dim is None:
+        config = dataclasses.replace(config, hash_bits_per_dim=GSA_ON_DEVICE_HASH_BITS_PER_DIM[preset])
+    return config
+
+
 def default_dense_layers(preset: str = "default") -> DenseLayers:
     """The :class:`DenseLayers` rule a policy gets under ``preset`` when none is given."""
     return DEFAULT_DENSE_LAYERS if _check_preset(preset) == "default" else DenseLayers()
@@ -111,7 +132,7 @@ def grid_gsa_on_device_config(sparse: SparseConfig, prompt_len: int, *, preset: 
     candidates = max(0, -(-prompt_len // bs) - forced)
     keep = max(1, sparse.budget.num_blocks(candidates) or 1)
     kw = {"top_k_tokens": (forced + keep) * bs, "seq_len_threshold": 0, **overrides}
-    return GSAOnDeviceConfig(**kw)
+    return gsa_on_device_for_preset(GSAOnDeviceConfig(**kw), preset)
 
 
 def make_policy(
@@ -169,6 +190,8 @@ def make_policy(
         if prefill_window is not None:
             kwargs["prefill_window"] = prefill_window
 
+    if algorithm == "gsa-on-device":
+        gsa_on_device = gsa_on_device_for_preset(gsa_on_device, preset)
     config = {"kvstar": kvstar, "gsa-on-device": gsa_on_device}
     policy = cls(config[algorithm], **kwargs) if algorithm in config else cls(**kwargs)
     if rerope is not None:
