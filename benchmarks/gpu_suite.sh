@@ -7,6 +7,10 @@
 #   SUITE=capacity benchmarks/gpu_suite.sh                capacity: throughput at the capacity wall (bench_capacity.py)
 #   SUITE=retrieval benchmarks/gpu_suite.sh               retrieval: retrieval-option gpu tests, CPU threads vs GPU-resident
 #                                                         representations by batch, end-to-end ESA decode cost of each
+#   SUITE=pending benchmarks/gpu_suite.sh                 pending: what was written without a GPU and never ran on one
+#                                                         (session 7: split-K plugin launch, KVStar device votes, wide
+#                                                         hash codes, the padded-head_dim tile, kvstar-gpu-reps and
+#                                                         batched-DMA loads at 128K); about 6 minutes
 #   SUITE="kernels runtime" benchmarks/gpu_suite.sh       several (the default is "kernels")
 #
 # KERNEL_TESTS narrows the kernel test selection; RUNTIME_BENCH_ARGS overrides bench_runtime.py's arguments;
@@ -87,5 +91,22 @@ if [[ " $SUITE " == *" retrieval "* ]]; then
   b2_rc=${PIPESTATUS[0]}
   echo "retrieval: tests rc=$test_rc bench rc=$b1_rc/$b2_rc"
   (( test_rc == 0 && b1_rc == 0 && b2_rc == 0 )) || rc=1
+fi
+if [[ " $SUITE " == *" pending "* ]]; then
+  t0=$(date +%s)
+  $PY -m pytest -q -p no:cacheprovider tests/trt/test_aot_gpu.py -k split \
+      tests/sparse/test_kvstar_vote.py tests/sparse/test_retrieval_options.py tests/kernels/test_kernel_fused_retrieval.py \
+      tests/sparse/test_gsa_on_device_hash_width.py -m gpu --junitxml="$OUT/pending_tests.xml" >"$OUT/pending_tests.log" 2>&1
+  test_rc=$?
+  echo "pending gpu tests: rc=$test_rc in $(( $(date +%s) - t0 )) s"; tail -n 8 "$OUT/pending_tests.log"
+  timeout 120 $PY benchmarks/bench_kernels.py --contexts 131072 --batches 8 --odd-head-dims 80 96 --odd-head-dims-only \
+      --skip-retrieval --reps 10 --out "$OUT" 2>&1 | tail -n 12
+  k_rc=${PIPESTATUS[0]}
+  # shellcheck disable=SC2086
+  $PY benchmarks/bench_capacity.py ${CAPACITY_ARGS:---shapes llama8b --contexts 131072 --turnovers realistic \
+      --algorithms dense esa gsa kvstar-gpu-reps gsa-on-device --max-minutes 3.5} --out-dir "$OUT" 2>&1 | tail -n 20
+  cap_rc=${PIPESTATUS[0]}
+  echo "pending: tests rc=$test_rc kernels rc=$k_rc capacity rc=$cap_rc in $(( $(date +%s) - t0 )) s"
+  (( test_rc == 0 && k_rc == 0 && cap_rc == 0 )) || rc=1
 fi
 exit $rc
