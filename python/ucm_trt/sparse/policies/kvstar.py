@@ -121,12 +121,10 @@ class PreparedVote:
         self.bad: list[torch.Tensor | None] = (
             [] if compact else [bad[i] if bool(bad[i].any()) else None for i in range(nt)])
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the laid-out representations (tiles, channel ids, block ids, masks)."""
-        mask = self.bad_all.numel() if self.bad_all is not None else sum(b.numel() for b in self.bad if b is not None)
-        return (self.vt.numel() * self.vt.element_size() + self.channels.numel() * 8 + self.blocks.numel() * 8
-                + mask)
+        mask = bad.numel() if compact else sum(m.numel() for m in self.bad if m is not None)
+        #: bytes of the laid-out representations (tiles, channel ids, block ids, masks); fixed once laid out
+        self.nbytes = (self.vt.numel() * self.vt.element_size() + self.channels.numel() * 8
+                       + self.blocks.numel() * 8 + mask)
 
     def scores(self, q: torch.Tensor, work: VoteWorkspace | None = None) -> torch.Tensor:
         """``q [Hq, Tv, D]`` (the voting queries) -> float32 per-KV-head scores ``[Hkv, nb]``.
@@ -185,7 +183,7 @@ class KVStarRequestState(OffloadRequestState):
 
     @property
     def representation_bytes(self) -> int:
-        return sum(v.nbytes for v in self.votes)
+        return sum(v.nbytes for v in self.votes)  # one int per layer (PreparedVote.nbytes is fixed at layout)
 
 
 class KVStarPolicy(OffloadPolicy):
