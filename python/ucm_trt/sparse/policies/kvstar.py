@@ -45,7 +45,8 @@ class VoteWorkspace:
     (one per task / thread: a vote writes into it), on ``device`` (default the CPU). Grown on demand."""
 
     def __init__(self, device: torch.device | str | None = None) -> None:
-        self.device = torch.device("cpu") if device is None else torch.device(device)
+        # the device as tensors report it ("cuda" -> "cuda:0"), so that PreparedVote.scores reuses the workspace
+        self.device = torch.empty(0, device="cpu" if device is None else device).device
         self._tile = torch.empty(0, device=self.device)
         self._sums = torch.empty(0, device=self.device)
         self._maxes = torch.empty(0, device=self.device)
