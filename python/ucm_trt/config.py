@@ -411,11 +411,7 @@ class GSAOnDeviceConfig:
     def resolved_hash_bits(self, head_dim: int) -> int:
         if self.hash_bits is not None:
             return self.hash_bits
-        bits = head_dim * (self.hash_bits_per_dim or 1)
-        if bits % 8:
-            raise ValueError(f"GSAOnDeviceConfig: head_dim {head_dim} x hash_bits_per_dim "
-                             f"{self.hash_bits_per_dim or 1} = {bits} bits is not a multiple of 8; give hash_bits")
-        return bits
+        return head_dim * (self.hash_bits_per_dim or 1)  # GSAOnDevicePolicy.bind refuses a width not in bytes
 
     def check_num_layers(self, num_layers: int) -> None:
         for layer in (*self.rollback_layers, *self.layer_reuse):

@@ -76,6 +76,12 @@ class GSAOnDevicePolicy(Policy):
                 f"(sink_blocks + local_blocks) * block_size = {forced * s.block_size}"
             )
         bits = cfg.resolved_hash_bits(shape.head_dim)
+        if bits % 8:
+            raise ValueError(
+                f"GSA On-Device codes are packed in bytes: head_dim {shape.head_dim} x "
+                f"GSAOnDeviceConfig.hash_bits_per_dim {cfg.hash_bits_per_dim or 1} = {bits} bits is not a multiple "
+                "of 8; set GSAOnDeviceConfig.hash_bits"
+            )
         dev = rt.device
         n_dev = rt.kv.pools[0].shape[0]
         if self.use_kernel is None:
