@@ -61,13 +61,11 @@ def test_the_code_cache_and_encoders_take_the_preset_width(preset):
         assert eng.stats()["policy"]["sparse_steps"] > 0
 
 
-def test_a_width_that_is_not_whole_bytes_is_refused_at_bind():
+def test_a_width_that_is_not_whole_bytes_is_refused_at_bind(bind_policy):
     from ucm_trt.sparse.policies import GSAOnDevicePolicy
-    from ucm_trt.sparse.policies.base import ModelShape, PolicyRuntime
 
-    shape = ModelShape(num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=12, rope_theta=1e4, max_positions=4096)
     sparse = sparse_config_for("gsa-on-device", SparseConfig(block_size=16, budget=Budget.ratio(0.25)))
     policy = GSAOnDevicePolicy(GSAOnDeviceConfig(hash_bits_per_dim=1, top_k_tokens=96))
     with pytest.raises(ValueError, match=r"head_dim 12 x GSAOnDeviceConfig.hash_bits_per_dim 1 = 12 bits is not a "
                                          r"multiple of 8; set GSAOnDeviceConfig.hash_bits"):
-        policy.bind(PolicyRuntime(shape=shape, sparse=sparse, kv=None, worker=None, device=torch.device("cpu")))
+        bind_policy(policy, 2, 4, 2, 12, sparse)

@@ -20,7 +20,6 @@ import torch
 from ucm_trt.config import Budget, KVStarConfig, SparseConfig
 from ucm_trt.sparse.batched import select_batched
 from ucm_trt.sparse.policies import KVStarPolicy
-from ucm_trt.sparse.policies.base import ModelShape, PolicyRuntime
 from ucm_trt.sparse.policies.kvstar import KVStarRequestState, PreparedVote, VoteWorkspace
 from ucm_trt.sparse.representations import SubBlockRepr, block_lens_from_seq_lens, kvstar_subblock
 from ucm_trt.sparse.score import kvstar_vote_scores
@@ -118,23 +117,17 @@ def test_tiled_vote_scores_equal_one_pass_and_reference(hq, hkv, tile, monkeypat
         PreparedVote(sub, torch.ones(nb + 1, dtype=torch.bool))
 
 
-def _bind(pol, layers, hq, hkv, d, sparse):
-    shape = ModelShape(num_layers=layers, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, rope_theta=1e4,
-                       max_positions=1 << 16)
-    pol.bind(PolicyRuntime(shape=shape, sparse=sparse, kv=None, worker=None, device=torch.device("cpu")))
-    return pol
-
 
 @pytest.mark.parametrize("selection", ["shared", "per_head"])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (16, 4), (8, 1)])  # GQA groups 1, 4, 8
-def test_tiled_vote_selects_what_the_one_pass_vote_selected(selection, hq, hkv, monkeypatch):
+def test_tiled_vote_selects_what_the_one_pass_vote_selected(selection, hq, hkv, monkeypatch, bind_policy):
     """Whole retrievals (every layer, one batched selection) on random inputs: identical selections
     where the oracle's k-th score has no near-tie, near-tie-only differences elsewhere."""
     monkeypatch.setattr(PreparedVote, "TILE_BLOCKS", 5)
     layers, d, bs, tv = 3, 64, 16, 4
     cfg = KVStarConfig(retrieval_stride=tv, token_merge=2, channel_ratio=0.25)
     sparse = _sparse(bs, selection)
-    pol = _bind(KVStarPolicy(cfg), layers, hq, hkv, d, sparse)
+    pol = bind_policy(KVStarPolicy(cfg), layers, hq, hkv, d, sparse)
     for seed, nb in enumerate([9, 37, 64]):
         g = torch.Generator().manual_seed(100 + seed)
         seq = (nb - 1) * bs + 1 + seed  # partial last block
@@ -151,7 +144,7 @@ def test_tiled_vote_selects_what_the_one_pass_vote_selected(selection, hq, hkv, 
 
 
 @pytest.mark.parametrize("selection", ["shared", "per_head"])
-def test_tiled_vote_ties_resolve_like_the_one_pass_vote(selection, monkeypatch):
+def test_tiled_vote_ties_resolve_like_the_one_pass_vote(selection, monkeypatch, bind_policy):
     """Identical blocks (exact ties) and a row of equal blocks straddling the budget's edge: the
     selections may differ only among the tied blocks, and with exactly equal scores (both votes
     give identical blocks identical scores here) they are identical (lower id wins)."""
@@ -159,7 +152,7 @@ def test_tiled_vote_ties_resolve_like_the_one_pass_vote(selection, monkeypatch):
     layers, hq, hkv, d, bs, tv, nb = 2, 8, 2, 32, 16, 2, 24
     cfg = KVStarConfig(retrieval_stride=tv, token_merge=4, channel_ratio=0.5)
     sparse = _sparse(bs, selection, ratio=0.2)
-    pol = _bind(KVStarPolicy(cfg), layers, hq, hkv, d, sparse)
+    pol = bind_policy(KVStarPolicy(cfg), layers, hq, hkv, d, sparse)
     g = torch.Generator().manual_seed(7)
     cand = candidate_mask(torch.tensor([nb], dtype=torch.int32), nb, sink_blocks=1, local_blocks=2, min_blocks=4)[0]
     subs = []
@@ -175,12 +168,12 @@ def test_tiled_vote_ties_resolve_like_the_one_pass_vote(selection, monkeypatch):
     _check_selection(got, select_batched(ref, nb, sparse, "kvstar_vote", hkv), ref, nb, sparse, hkv)
 
 
-def test_tiled_vote_at_a_large_geometry_matches_one_pass():
+def test_tiled_vote_at_a_large_geometry_matches_one_pass(bind_policy):
     """Real tile size, 32 sub-blocks per block, 300 blocks, GQA 4, R 8: identical selections."""
     layers, hq, hkv, d, bs, tv, nb = 2, 16, 4, 128, 64, 8, 300
     cfg = KVStarConfig(retrieval_stride=tv)
     sparse = _sparse(bs, "per_head", ratio=1 / 8)
-    pol = _bind(KVStarPolicy(cfg), layers, hq, hkv, d, sparse)
+    pol = bind_policy(KVStarPolicy(cfg), layers, hq, hkv, d, sparse)
     g = torch.Generator().manual_seed(11)
     cand = candidate_mask(torch.tensor([nb], dtype=torch.int32), nb, sink_blocks=1, local_blocks=2, min_blocks=4)[0]
     subs = [_sub(g, nb, hkv, bs, d, cfg, nb * bs - 5) for _ in range(layers)]

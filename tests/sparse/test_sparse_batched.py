@@ -265,26 +265,18 @@ def test_stack_layer_selections():
 # the policies' batched retrieval and plan vs their per-layer reference
 
 
-def _bind(policy, layers, hq, hkv, d, sparse):
-    shape = ModelShape(num_layers=layers, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, rope_theta=1e4,
-                       max_positions=1 << 16)
-    # scoring/selection only: no KV manager or worker is touched by the methods under test
-    policy.bind(PolicyRuntime(shape=shape, sparse=sparse, kv=None, worker=None, device=torch.device("cpu")))
-    return policy
-
-
 @pytest.mark.parametrize("selection", ["shared", "per_head"])
-def test_esa_and_gsa_select_all_equal_their_per_layer_select(selection):
+def test_esa_and_gsa_select_all_equal_their_per_layer_select(selection, bind_policy):
     g = torch.Generator().manual_seed(5)
     layers, hq, hkv, d, nb = 3, 8, 2, 64, 23
     sparse = SparseConfig(block_size=16, budget=Budget.ratio(0.25), selection=selection)
     q, reps = _esa_case(g, layers, hq, hkv, d, nb, 16, exact=True)
     store = BlockRepStore(num_layers=layers, num_kv_heads=hkv, head_dim=d)
     store.append(torch.stack(reps))
-    esa = _bind(ESAPolicy(), layers, hq, hkv, d, sparse)
+    esa = bind_policy(ESAPolicy(), layers, hq, hkv, d, sparse)
     want = [esa._select(reps, nb, list(q), layer) for layer in range(layers)]
     _assert_rows_equal(esa._select_all(store.reps(), nb, q), want, "esa")
-    gsa = _bind(GSAPolicy(prefetch_blocks=2), layers, hq, hkv, d, sparse)
+    gsa = bind_policy(GSAPolicy(prefetch_blocks=2), layers, hq, hkv, d, sparse)
     for n_rep, nb_now in [(nb, nb), (nb - 1, nb), (0, 3)]:  # last block without a representation yet
         part = store.reps()[..., :n_rep]
         want = [gsa._select([r[:n_rep] for r in reps], nb_now, list(q), layer) for layer in range(layers)]
@@ -292,13 +284,13 @@ def test_esa_and_gsa_select_all_equal_their_per_layer_select(selection):
 
 
 @pytest.mark.parametrize("selection", ["shared", "per_head"])
-def test_kvstar_select_all_equals_per_layer_select(selection):
+def test_kvstar_select_all_equals_per_layer_select(selection, bind_policy):
     g = torch.Generator().manual_seed(9)
     layers, hq, hkv, d, nb, bs, tv = 3, 8, 2, 32, 13, 16, 4
     cfg = KVStarConfig(retrieval_stride=tv, token_merge=4, channel_ratio=0.5)
     sparse = SparseConfig(block_size=bs, budget=Budget.ratio(0.3), scoring="kvstar_vote",
                           representation="subblock", selection=selection)
-    pol = _bind(KVStarPolicy(cfg), layers, hq, hkv, d, sparse)
+    pol = bind_policy(KVStarPolicy(cfg), layers, hq, hkv, d, sparse)
     seq = (nb - 1) * bs + 5
     lens = block_lens_from_seq_lens(torch.tensor(seq), nb, bs)
     reps = []
@@ -312,10 +304,10 @@ def test_kvstar_select_all_equals_per_layer_select(selection):
     _assert_rows_equal(pol._select_all(st, group), want, "kvstar")
 
 
-def test_offload_plan_equals_per_layer_extend_selection_and_caches():
+def test_offload_plan_equals_per_layer_extend_selection_and_caches(bind_policy):
     layers, hkv = 3, 2
     sparse = SparseConfig(block_size=4)
-    pol = _bind(ESAPolicy(), layers, 4, hkv, 8, sparse)
+    pol = bind_policy(ESAPolicy(), layers, 4, hkv, 8, sparse)
     g = torch.Generator().manual_seed(2)
     sel = torch.full((layers, hkv, 4), -1, dtype=torch.int32)
     for i, j in itertools.product(range(layers), range(hkv)):

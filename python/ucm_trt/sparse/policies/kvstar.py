@@ -122,7 +122,7 @@ class PreparedVote:
         self.bad: list[torch.Tensor | None] = (
             [] if compact else [bad[i] if bool(bad[i].any()) else None for i in range(nt)])
 
-        mask = bad.numel() if compact else sum(m.numel() for m in self.bad if m is not None)
+        mask = bad.numel() if compact else sum(b.numel() for b in self.bad if b is not None)
         #: bytes of the laid-out representations (tiles, channel ids, block ids, masks); fixed once laid out
         self.nbytes = (self.vt.numel() * self.vt.element_size() + self.channels.numel() * 8
                        + self.blocks.numel() * 8 + mask)
