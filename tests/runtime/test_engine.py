@@ -295,10 +295,11 @@ def test_gsa_on_device_triton_retrieval_matches_pytorch_path(dense_run, hf_greed
     """The fused kernel (ucm_trt.kernels.hash_retrieve; Triton interpreter on the CPU) and the PyTorch
     scoring/selection path pick the same blocks, so greedy decoding agrees token for token."""
     from ucm_trt.sparse.policies import GSAOnDevicePolicy
+    from ucm_trt.sparse.representations import unpack_bits
 
     model, _, _ = dense_run
     prompt, _ = hf_greedy
-    runs = {}
+    runs, codes = {}, {}
     for use_kernel in (False, True):
         policy = GSAOnDevicePolicy(GSAOnDeviceConfig(top_k_tokens=96, seq_len_threshold=0), use_kernel=use_kernel)
         sparse = sparse_config_for("gsa-on-device", SparseConfig(block_size=16))
@@ -306,8 +307,16 @@ def test_gsa_on_device_triton_retrieval_matches_pytorch_path(dense_run, hf_greed
                     config=RuntimeConfig(max_batch=1, max_seq_len=512, prefill_chunk=128)) as eng:
             [res] = eng.generate(prompt, SamplingParams(max_new_tokens=6))
             runs[use_kernel] = (res.token_ids, eng.stats()["policy"]["selected_block_fraction"])
+            codes[use_kernel] = {layer: c.clone() for layer, c in policy.codes.items()}
     assert runs[True] == runs[False]
     assert runs[True][1] < 0.5
+    # the code caches: the kernel's one-launch encoding (ucm_trt.kernels.hash_encode) wrote the bits the
+    # PyTorch path's encode wrote, up to projections within float32 rounding of 0 (at most 1 in 1000 bits)
+    assert codes[True].keys() == codes[False].keys() and codes[True]
+    for layer, c in codes[True].items():
+        assert c.shape == codes[False][layer].shape
+        differ = unpack_bits(c ^ codes[False][layer]).float().mean().item()
+        assert differ <= 1e-3, f"layer {layer}: {differ:.2%} of the code bits differ"
 
 
 @pytest.mark.parametrize("gate", [dict(seq_len_threshold=10_000), dict(seq_len_threshold=0, concurrency_threshold=2)])

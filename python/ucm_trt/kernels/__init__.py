@@ -18,6 +18,7 @@ from ucm_trt.kernels.fused_retrieval import (
     hash_retrieve,
     quest_retrieve,
 )
+from ucm_trt.kernels.hash_encode import encode_keys_into
 from ucm_trt.kernels.kv_append import append_kv
 from ucm_trt.kernels.retrieval import (
     block_topk,
@@ -38,6 +39,7 @@ __all__ = [
     "delta_rope_blocks_",
     "dot_block_scores",
     "dot_retrieve",
+    "encode_keys_into",
     "hamming_block_scores",
     "hash_retrieve",
     "paged_rerope_attention",

@@ -3,7 +3,8 @@
 
 * Every K appended to the pool (prefill and decode) is hashed into a paged code cache
   ``[num_device_blocks, Hkv, block_size, bits/8]`` per layer that shares the KV pool's physical
-  block ids (:meth:`on_append`). Rollback and reuse layers keep no code cache.
+  block ids (:meth:`on_append`; with ``use_kernel`` one Triton launch per layer,
+  ``ucm_trt.kernels.encode_keys_into``). Rollback and reuse layers keep no code cache.
 * Each decode step, inside each layer's attention (:meth:`layer_selection`): the query is
   averaged over each GQA group and hashed; a block's distance is the minimum over its tokens of
   ``popcount(q_code XOR k_code)``, then the minimum over KV heads for a shared selection; the
@@ -118,6 +119,14 @@ class GSAOnDevicePolicy(Policy):
     def on_append(self, layer: int, phys_blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor) -> None:
         codes = self.codes.get(layer)
         if codes is None:
+            return
+        if self.use_kernel:
+            # one launch: project, pack and store (the PyTorch path below is a float32 GEMM, five
+            # elementwise kernels and an index_put per layer and step; ucm_trt.kernels.hash_encode)
+            from ucm_trt.kernels.hash_encode import encode_keys_into
+
+            encode_keys_into(k if k.stride(-1) == 1 else k.contiguous(), self._weights[layer], codes, phys_blocks,
+                             offsets, validate=False, guard=self.rt.kv.guard)
             return
         enc = self.encoders[layer]
         codes[phys_blocks, :, offsets] = enc.encode(k)  # k [N, Hkv, D] -> [N, Hkv, bytes]
