@@ -10,12 +10,13 @@ import json
 
 import pytest
 
-from ucm_trt.config import PrefillWindow
+from ucm_trt.config import AdaptiveBudget, PrefillWindow
 from ucm_trt.eval.grid import (
     GRID_TASKS,
     GridConfig,
     build_grid_prompt,
     markdown_grid,
+    method_adaptive,
     method_prefill_window,
     method_schedule,
     parse_method,
@@ -106,6 +107,17 @@ def test_methods_and_config_validation():
     for bad in ("esa:0", "esa:x", "esa:1.5"):
         with pytest.raises(ValueError, match="followed by a budget"):
             parse_method(bad)
+    # +aX: the adaptive budget (AdaptiveBudget(max_missed=X)), esa and gsa only
+    assert method_adaptive("esa") is None
+    assert method_adaptive("esa+a0.1:0.125") == AdaptiveBudget(max_missed=0.1)
+    assert method_adaptive("gsa@ucm+sync+a.05") == AdaptiveBudget(max_missed=0.05)
+    assert parse_method("esa+a0.2+own") == ("esa", "default")
+    for bad in ("esa+a0", "esa+a1.5", "esa+a0.1+a0.2", "esa+a", "esa+ax"):
+        with pytest.raises(ValueError, match="suffix must be"):
+            parse_method(bad)
+    for algo in ("kvstar", "gsa-on-device"):
+        with pytest.raises(ValueError, match=r"'\+aX' .* applies to esa and gsa only"):
+            parse_method(f"{algo}+a0.1")
 
 
 def test_tiny_grid_runs_every_method_through_the_runtime(tiny_model, tiny_tokenizer, filler, tmp_path):
@@ -116,12 +128,12 @@ def test_tiny_grid_runs_every_method_through_the_runtime(tiny_model, tiny_tokeni
     model = LlamaForCausalLM(copy.deepcopy(tiny_model.config)).eval()
     model.load_state_dict(tiny_model.state_dict())
     cfg = GridConfig(tasks=("passkey", "multikey"), methods=("dense", "esa", "gsa", "gsa-on-device", "kvstar",
-                                                             "esa@ucm"),
+                                                             "esa@ucm", "esa+a0.05"),
                      budgets=(0.25,), lengths=(1024,), depths=(0.5,), samples=1, block_size=32, batch=2,
                      prefill_chunk=256)
     seen = []
     records = run_grid(model, tiny_tokenizer, filler, cfg, on_records=lambda r: seen.append(len(r)), log=None)
-    assert len(records) == 2 * 6 and seen[-1] == len(records) and len(seen) == 6
+    assert len(records) == 2 * 7 and seen[-1] == len(records) and len(seen) == 7
     rows = summarize(records)
     assert {(r["task"], r["algorithm"]) for r in rows} == {(t, m) for t in cfg.tasks for m in cfg.methods}
     for r in rows:
@@ -131,6 +143,10 @@ def test_tiny_grid_runs_every_method_through_the_runtime(tiny_model, tiny_tokeni
         assert rec["run"]["seconds"] > 0
         if rec["method"] not in ("dense", "esa@ucm"):  # default preset: dense layers detected and reported
             assert set(rec["run"]["dense_layer_counts"]) <= {0, 1}
+        # the adaptive budget's counters reach the record (its retrievals counted), and only its
+        assert ("adaptive" in rec["run"]) == (rec["method"] == "esa+a0.05")
+        if rec["method"] == "esa+a0.05":
+            assert rec["run"]["adaptive"]["layer_retrievals"] > 0
     json.dumps(records)  # the benchmark writes them as JSON
 
 

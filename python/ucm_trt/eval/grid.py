@@ -154,11 +154,16 @@ def _split_budget(method: str) -> tuple[str, float | None]:
 
 
 def _suffixes(method: str) -> tuple[str, dict[str, Any]]:
-    """``"esa@ucm+sync+w16max:0.125"`` -> ``("esa@ucm", {"sync": True, "window": (16, "max")})``."""
+    """``"esa@ucm+sync+w16max+a0.1:0.125"`` -> ``("esa@ucm", {"sync": True, "window": (16, "max", 0.0),
+    "heads": None, "adaptive": 0.1})``."""
     base, _ = _split_budget(method)
     base, *parts = base.split("+")
-    out: dict[str, Any] = {"sync": False, "window": None, "heads": None}
+    out: dict[str, Any] = {"sync": False, "window": None, "heads": None, "adaptive": None}
     for part in parts:
+        a = re.fullmatch(r"a(0?\.\d+)", part)
+        if a and out["adaptive"] is None and 0 < float(a[1]) < 1:
+            out["adaptive"] = float(a[1])
+            continue
         if part == "sync" and not out["sync"]:
             out["sync"] = True
             continue
@@ -169,8 +174,8 @@ def _suffixes(method: str) -> tuple[str, dict[str, Any]]:
         if m and int(m[1]) >= 1 and out["window"] is None:
             out["window"] = (int(m[1]), "max" if m[2] else "mean", float(m[3]) if m[3] else 0.0)
             continue
-        raise ValueError(f"method {method!r}: a suffix must be '+sync', '+wN[max][pX]' (N >= 1) or '+own' / "
-                         f"'+union', each at most once; got '+{part}'")
+        raise ValueError(f"method {method!r}: a suffix must be '+sync', '+wN[max][pX]' (N >= 1), '+own' / "
+                         f"'+union' or '+aX' (0 < X < 1), each at most once; got '+{part}'")
     return base, out
 
 
@@ -193,6 +198,9 @@ def parse_method(method: str) -> tuple[str, str]:
     if opts["window"] is not None and algo not in ("esa", "gsa"):
         raise ValueError(f"method {method!r}: '+wN' (the first retrieval's prompt queries) applies to esa and gsa "
                          f"only, not {algo}")
+    if opts["adaptive"] is not None and algo not in ("esa", "gsa"):
+        raise ValueError(f"method {method!r}: '+aX' (AdaptiveBudget(max_missed=X)) applies to esa and gsa only, "
+                         f"not {algo}")
     if opts["heads"] is not None and algo not in ("esa", "gsa", "kvstar"):
         raise ValueError(f"method {method!r}: '+{opts['heads']}' (HeadMerge: what each KV head attends) applies to "
                          f"esa, gsa and kvstar only, not {algo}")
@@ -206,6 +214,16 @@ def method_head_merge(method: str):
     parse_method(method)
     heads = _suffixes(method)[1]["heads"]
     return None if heads is None else HeadMerge(mode=heads)
+
+
+def method_adaptive(method: str):
+    """The :class:`~ucm_trt.config.AdaptiveBudget` a ``+aX`` suffix sets (``max_missed=X``, the other fields
+    their defaults), or ``None`` (off, the default)."""
+    from ucm_trt.config import AdaptiveBudget
+
+    parse_method(method)
+    x = _suffixes(method)[1]["adaptive"]
+    return None if x is None else AdaptiveBudget(max_missed=x)
 
 
 def method_schedule(method: str) -> bool:
@@ -312,6 +330,9 @@ def method_engine(backend: Any, method: str, budget: float | None, *, max_prompt
     heads = method_head_merge(method)
     if heads is not None:
         kwargs["head_merge"] = heads
+    adaptive = method_adaptive(method)
+    if adaptive is not None:
+        kwargs["adaptive"] = adaptive
     policy = make_policy(algo, preset=preset, **kwargs)
     bs = cfg.block_size
     rcfg = RuntimeConfig(max_batch=cfg.batch, max_seq_len=max_prompt_len + max_new_tokens + bs,
