@@ -10,13 +10,14 @@ import json
 
 import pytest
 
-from ucm_trt.config import AdaptiveBudget, PrefillWindow
+from ucm_trt.config import AdaptiveBudget, KVStarConfig, PrefillWindow
 from ucm_trt.eval.grid import (
     GRID_TASKS,
     GridConfig,
     build_grid_prompt,
     markdown_grid,
     method_adaptive,
+    method_kvstar_config,
     method_prefill_window,
     method_schedule,
     parse_method,
@@ -118,6 +119,15 @@ def test_methods_and_config_validation():
     for algo in ("kvstar", "gsa-on-device"):
         with pytest.raises(ValueError, match=r"'\+aX' .* applies to esa and gsa only"):
             parse_method(f"{algo}+a0.1")
+    # +crX: KVStar's channel ratio
+    assert method_kvstar_config("kvstar") is None
+    assert method_kvstar_config("kvstar+cr0.5:0.125") == KVStarConfig(channel_ratio=0.5)
+    assert method_kvstar_config("kvstar+own+cr1") == KVStarConfig(channel_ratio=1.0)
+    for bad in ("kvstar+cr0", "kvstar+cr1.5", "kvstar+cr0.5+cr1", "kvstar+cr"):
+        with pytest.raises(ValueError, match="suffix must be"):
+            parse_method(bad)
+    with pytest.raises(ValueError, match=r"'\+crX' .* applies to kvstar only"):
+        parse_method("esa+cr0.5")
 
 
 def test_tiny_grid_runs_every_method_through_the_runtime(tiny_model, tiny_tokenizer, filler, tmp_path):
@@ -128,12 +138,12 @@ def test_tiny_grid_runs_every_method_through_the_runtime(tiny_model, tiny_tokeni
     model = LlamaForCausalLM(copy.deepcopy(tiny_model.config)).eval()
     model.load_state_dict(tiny_model.state_dict())
     cfg = GridConfig(tasks=("passkey", "multikey"), methods=("dense", "esa", "gsa", "gsa-on-device", "kvstar",
-                                                             "esa@ucm", "esa+a0.05"),
+                                                             "esa@ucm", "esa+a0.05", "kvstar+cr0.5"),
                      budgets=(0.25,), lengths=(1024,), depths=(0.5,), samples=1, block_size=32, batch=2,
                      prefill_chunk=256)
     seen = []
     records = run_grid(model, tiny_tokenizer, filler, cfg, on_records=lambda r: seen.append(len(r)), log=None)
-    assert len(records) == 2 * 7 and seen[-1] == len(records) and len(seen) == 7
+    assert len(records) == 2 * 8 and seen[-1] == len(records) and len(seen) == 8
     rows = summarize(records)
     assert {(r["task"], r["algorithm"]) for r in rows} == {(t, m) for t in cfg.tasks for m in cfg.methods}
     for r in rows:

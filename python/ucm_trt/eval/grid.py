@@ -158,8 +158,12 @@ def _suffixes(method: str) -> tuple[str, dict[str, Any]]:
     "heads": None, "adaptive": 0.1})``."""
     base, _ = _split_budget(method)
     base, *parts = base.split("+")
-    out: dict[str, Any] = {"sync": False, "window": None, "heads": None, "adaptive": None}
+    out: dict[str, Any] = {"sync": False, "window": None, "heads": None, "adaptive": None, "channels": None}
     for part in parts:
+        c = re.fullmatch(r"cr(0?\.\d+|1(?:\.0*)?)", part)
+        if c and out["channels"] is None and 0 < float(c[1]) <= 1:
+            out["channels"] = float(c[1])
+            continue
         a = re.fullmatch(r"a(0?\.\d+)", part)
         if a and out["adaptive"] is None and 0 < float(a[1]) < 1:
             out["adaptive"] = float(a[1])
@@ -175,7 +179,7 @@ def _suffixes(method: str) -> tuple[str, dict[str, Any]]:
             out["window"] = (int(m[1]), "max" if m[2] else "mean", float(m[3]) if m[3] else 0.0)
             continue
         raise ValueError(f"method {method!r}: a suffix must be '+sync', '+wN[max][pX]' (N >= 1), '+own' / "
-                         f"'+union' or '+aX' (0 < X < 1), each at most once; got '+{part}'")
+                         f"'+union', '+aX' (0 < X < 1) or '+crX' (0 < X <= 1), each at most once; got '+{part}'")
     return base, out
 
 
@@ -201,6 +205,8 @@ def parse_method(method: str) -> tuple[str, str]:
     if opts["adaptive"] is not None and algo not in ("esa", "gsa"):
         raise ValueError(f"method {method!r}: '+aX' (AdaptiveBudget(max_missed=X)) applies to esa and gsa only, "
                          f"not {algo}")
+    if opts["channels"] is not None and algo != "kvstar":
+        raise ValueError(f"method {method!r}: '+crX' (KVStarConfig(channel_ratio=X)) applies to kvstar only, not {algo}")
     if opts["heads"] is not None and algo not in ("esa", "gsa", "kvstar"):
         raise ValueError(f"method {method!r}: '+{opts['heads']}' (HeadMerge: what each KV head attends) applies to "
                          f"esa, gsa and kvstar only, not {algo}")
@@ -224,6 +230,16 @@ def method_adaptive(method: str):
     parse_method(method)
     x = _suffixes(method)[1]["adaptive"]
     return None if x is None else AdaptiveBudget(max_missed=x)
+
+
+def method_kvstar_config(method: str):
+    """The :class:`~ucm_trt.config.KVStarConfig` a ``+crX`` suffix sets (``channel_ratio=X``, the other fields
+    their defaults), or ``None`` (the defaults)."""
+    from ucm_trt.config import KVStarConfig
+
+    parse_method(method)
+    x = _suffixes(method)[1]["channels"]
+    return None if x is None else KVStarConfig(channel_ratio=x)
 
 
 def method_schedule(method: str) -> bool:
@@ -333,6 +349,9 @@ def method_engine(backend: Any, method: str, budget: float | None, *, max_prompt
     adaptive = method_adaptive(method)
     if adaptive is not None:
         kwargs["adaptive"] = adaptive
+    kvstar = method_kvstar_config(method)
+    if kvstar is not None:
+        kwargs["kvstar"] = kvstar
     policy = make_policy(algo, preset=preset, **kwargs)
     bs = cfg.block_size
     rcfg = RuntimeConfig(max_batch=cfg.batch, max_seq_len=max_prompt_len + max_new_tokens + bs,
