@@ -20,7 +20,7 @@ import torch
 from ucm_trt.config import Budget, KVStarConfig, SparseConfig
 from ucm_trt.sparse.batched import select_batched
 from ucm_trt.sparse.policies import KVStarPolicy
-from ucm_trt.sparse.policies.kvstar import KVStarRequestState, PreparedVote, VoteWorkspace
+from ucm_trt.sparse.policies.kvstar import KVStarRequestState, PreparedVote, StackedVote, VoteWorkspace
 from ucm_trt.sparse.representations import SubBlockRepr, block_lens_from_seq_lens, kvstar_subblock
 from ucm_trt.sparse.score import kvstar_vote_scores
 from ucm_trt.sparse.select import candidate_mask
@@ -255,3 +255,56 @@ def test_compact_vote_on_cuda_matches_the_host_layout():
     got = PreparedVote(sub, cand, compact=True, device="cuda").scores(q.cuda())
     assert got.device.type == "cuda"
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("scratch_tiles", [1, 3, 5, 1000])  # a tile per chunk, chunks across layers, all at once
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (6, 3)])
+def test_stacked_vote_scores_every_layer_like_its_per_layer_votes(hq, hkv, scratch_tiles, monkeypatch):
+    """StackedVote (every layer's compact tiles in one tensor, voted in chunks that may span layers) gives each
+    layer's PreparedVote scores, on the CPU: per-layer channels and values, a partial last block, masked
+    candidates; each layer alone (layer_scores) too; the same selections."""
+    monkeypatch.setattr(PreparedVote, "TILE_BLOCKS", 3)
+    g = torch.Generator().manual_seed(hq * 7 + scratch_tiles)
+    nb, bs, d, tv, L = 23, 16, 32, 3, 4
+    cfg = KVStarConfig(retrieval_stride=tv, token_merge=4, channel_ratio=0.5)
+    seq = (nb - 1) * bs + 5
+    subs = [_sub(g, nb, hkv, bs, d, cfg, seq, scale=2.0) for _ in range(L)]
+    assert not all(torch.equal(subs[0].channels, s.channels) for s in subs[1:])  # layers prune different channels
+    qs = 2.0 * torch.randn(L, hq, tv, d, generator=g)
+    m = subs[0].values.shape[1]
+    rows = hq // hkv * tv
+    monkeypatch.setattr(StackedVote, "SCRATCH_BYTES", scratch_tiles * 4 * hkv * 3 * m * (rows + subs[0].values.shape[-1]))
+    for cand in (candidate_mask(torch.tensor([nb], dtype=torch.int32), nb, sink_blocks=1, local_blocks=2,
+                                min_blocks=4)[0], torch.arange(nb) % 3 != 1):
+        per_layer = [PreparedVote(s, cand, compact=True, device="cpu") for s in subs]
+        stacked = StackedVote(subs, cand, device="cpu")
+        assert stacked.vt.shape[0] == L * per_layer[0].vt.shape[0]
+        assert stacked.nbytes < sum(p.nbytes for p in per_layer)
+        want = torch.stack([p.scores(q) for p, q in zip(per_layer, qs, strict=True)])
+        got = stacked.scores(list(qs), VoteWorkspace("cpu"))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(stacked.scores(qs), got, rtol=0, atol=0)  # a tensor of queries: the same
+        for layer in (0, L - 1):
+            torch.testing.assert_close(stacked.layer_scores(layer, qs[layer]), want[layer], rtol=1e-6, atol=1e-7)
+        assert (got[:, :, ~cand] == 0).all()
+        sparse = _sparse(bs, "per_head")
+        _check_selection(select_batched(got, nb, sparse, "kvstar_vote", hkv),
+                         select_batched(want, nb, sparse, "kvstar_vote", hkv), want, nb, sparse, hkv)
+
+
+def test_stacked_vote_refuses_layers_that_do_not_share_blocks():
+    g = torch.Generator().manual_seed(2)
+    nb, bs, d = 12, 16, 32
+    cfg = KVStarConfig(retrieval_stride=2, token_merge=4)
+    a = _sub(g, nb, 2, bs, d, cfg, nb * bs)
+    b = _sub(g, nb, 2, bs, d, cfg, (nb - 1) * bs + 3)  # another length: the last block's sub-blocks differ
+    cand = torch.ones(nb, dtype=torch.bool)
+    with pytest.raises(ValueError, match="layer 1's sub-blocks differ from layer 0's"):
+        StackedVote([a, b], cand, device="cpu")
+    with pytest.raises(ValueError, match="one SubBlockRepr per layer"):
+        StackedVote([], cand, device="cpu")
+    sv = StackedVote([a, a], cand, device="cpu")
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 2\)"):
+        sv.layer_scores(2, torch.zeros(4, 2, d))
+    with pytest.raises(ValueError, match=r"qs must be \[L=2"):
+        sv.scores(torch.zeros(3, 4, 2, d))

@@ -34,7 +34,7 @@ from ucm_trt.sparse.policies.base import PolicyRuntime, RequestView, select_from
 from ucm_trt.sparse.representations import SubBlockRepr, block_lens_from_seq_lens, kvstar_subblock
 from ucm_trt.sparse.select import candidate_mask
 
-__all__ = ["KVStarPolicy", "KVStarRequestState", "PreparedVote", "VoteWorkspace"]
+__all__ = ["KVStarPolicy", "KVStarRequestState", "PreparedVote", "StackedVote", "VoteWorkspace"]
 
 
 _LOG2E = 1.4426950408889634
@@ -173,17 +173,132 @@ class PreparedVote:
         return out
 
 
+class StackedVote:
+    """Every layer's votes in the compact layout, stacked: a retrieval votes all layers in a few large
+    batched operations instead of a loop of small ones per layer and tile chunk (GPU-resident
+    representations, ``RetrievalConfig(representations="device")``).
+
+    The tiles are :class:`PreparedVote`'s compact ones (float16 as stored), layer after layer in one
+    tensor ``[L * tiles, Hkv, d', T * M]``; the candidate blocks and the sub-block token counts are the
+    same in every layer (one prompt, one length), so one block list and one mask serve all layers
+    (checked when laid out). :meth:`scores` runs through the ``L * tiles`` axis in chunks of as many
+    tiles as :attr:`SCRATCH_BYTES` of float32 scratch holds (tiles upcast plus logits), each chunk one
+    ``index_select`` of its tiles' layer queries, one batched matmul, the mask, the row maxima, ``exp2``
+    and the block sums; then the online-softmax rescaling and the block masses for every layer at once.
+    A tile's arithmetic is :class:`PreparedVote`'s, so the scores are its per-layer scores up to the
+    order of the final float32 sums. On an H100 at 128K (64 tiles per layer, 32 layers) the per-layer
+    loop launched over 1,000 small kernels per request and retrieval (``benchmarks/profile_decode.py``);
+    this runs about ten chunks.
+    """
+
+    #: float32 scratch one chunk may use (tiles upcast + logits); the chunk is at least one tile
+    SCRATCH_BYTES = 256 << 20
+
+    def __init__(self, subs: list[SubBlockRepr], cand: torch.Tensor, *, device: torch.device | str) -> None:
+        if not subs:
+            raise ValueError("subs must hold one SubBlockRepr per layer, got none")
+        first = None
+        vt = None
+        channels = []
+        for layer, sub in enumerate(subs):
+            p = PreparedVote(sub, cand, compact=True, device=device)
+            if first is None:
+                first = p
+                nt = p.vt.shape[0]
+                vt = torch.empty((len(subs) * nt, *p.vt.shape[1:]), dtype=p.vt.dtype, device=p.vt.device)
+            elif (p.vt.shape != first.vt.shape or not torch.equal(p.blocks, first.blocks)
+                  or not torch.equal(p.bad_all, first.bad_all)):
+                raise ValueError(
+                    f"layer {layer}'s sub-blocks differ from layer 0's in shape, blocks or empty positions "
+                    f"({tuple(p.vt.shape)} vs {tuple(first.vt.shape)}): the layers of one request must share them"
+                )
+            vt[layer * nt : (layer + 1) * nt] = p.vt  # one layer's tiles at a time: no second full copy
+            channels.append(p.channels)
+        self.num_layers = len(subs)
+        self.nb, self.m, self.hkv, self.dp = first.nb, first.m, first.hkv, first.dp
+        self.tiles_per_layer = nt
+        self.blocks = first.blocks
+        self.vt = vt
+        self.channels = torch.stack(channels)  # [L, Hkv, d']
+        self.bad_all = first.bad_all  # [tiles, 1, 1, T * M]
+        #: bytes of the laid-out representations (tiles, channel ids, block ids, mask)
+        self.nbytes = (self.vt.numel() * self.vt.element_size() + self.channels.numel() * 8
+                       + self.blocks.numel() * 8 + self.bad_all.numel())
+
+    def layer_scores(self, layer: int, q: torch.Tensor, work: VoteWorkspace | None = None) -> torch.Tensor:
+        """One layer's vote: ``q [Hq, Tv, D]`` -> ``[Hkv, nb]`` (the per-layer path and its tests)."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        return self._scores(q[None], layer, 1, work)[0]
+
+    def scores(self, qs, work: VoteWorkspace | None = None) -> torch.Tensor:
+        """Every layer's vote: ``qs`` per layer ``[Hq, Tv, D]`` (a list, or one ``[L, Hq, Tv, D]`` tensor)
+        -> float32 per-KV-head scores ``[L, Hkv, nb]``."""
+        qs = torch.stack(list(qs)) if not isinstance(qs, torch.Tensor) else qs
+        if qs.dim() != 4 or qs.shape[0] != self.num_layers:
+            raise ValueError(f"qs must be [L={self.num_layers}, Hq, Tv, D], got shape {tuple(qs.shape)}")
+        return self._scores(qs, 0, self.num_layers, work)
+
+    def _scores(self, qs: torch.Tensor, first: int, count: int, work: VoteWorkspace | None) -> torch.Tensor:
+        _, hq, tv, d = qs.shape
+        hkv, dp, m, nt = self.hkv, self.dp, self.m, self.tiles_per_layer
+        g = hq // hkv
+        rows = g * tv
+        dev = self.vt.device
+        out = torch.zeros(count, hkv, self.nb, device=dev)
+        total = count * nt
+        if total == 0:
+            return out  # no allowed position: nothing to vote for
+        t = PreparedVote.TILE_BLOCKS
+        per_tile = 4 * hkv * t * m * (rows + dp)
+        k = max(1, min(total, self.SCRATCH_BYTES // per_tile))
+        if work is None or work.device != dev:
+            work = VoteWorkspace(dev)
+        tile_buf, sums_buf, max_buf = work.buffers(k * hkv * rows * t * m, total * hkv * rows * t, total * hkv * rows)
+        qs = qs.to(dev)
+        chans = self.channels[first : first + count]  # [count, Hkv, d']
+        qp = torch.gather(qs.reshape(count, hkv, rows, d), -1, chans[:, :, None, :].expand(count, hkv, rows, dp))
+        qp = qp.float().mul_(_LOG2E)  # [count, Hkv, rows, d']
+        layer_of = torch.arange(total, device=dev) // nt  # the layer (of this call's) of every tile
+        vt = self.vt[first * nt : (first + count) * nt]
+        sums = sums_buf.view(total, hkv, rows, t)
+        maxes = max_buf.view(total, hkv, rows)
+        for i in range(0, total, k):
+            n = min(k, total - i)
+            qi = qp.index_select(0, layer_of[i : i + n]) if count > 1 else qp.expand(n, hkv, rows, dp)
+            x = torch.bmm(qi.reshape(n * hkv, rows, dp), vt[i : i + n].float().view(n * hkv, dp, t * m),
+                          out=tile_buf[: n * hkv * rows * t * m].view(n * hkv, rows, t * m)).view(n, hkv, rows, t * m)
+            j = i % nt
+            if j + n <= nt:  # the chunk's tiles in one layer: their masks are one slice
+                x.masked_fill_(self.bad_all[j : j + n], float("-inf"))
+            else:
+                x.masked_fill_(self.bad_all[(torch.arange(i, i + n, device=dev) % nt)], float("-inf"))
+            mx = torch.amax(x, -1, out=maxes[i : i + n])
+            torch.exp2(x.sub_(mx[..., None]), out=x)
+            torch.sum(x.view(n, hkv, rows, t, m), -1, out=sums[i : i + n])
+        sums = sums.view(count, nt, hkv, rows, t)
+        maxes = maxes.view(count, nt, hkv, rows)
+        top = maxes.amax(1)  # [count, Hkv, rows]
+        sums.mul_(torch.exp2(maxes.sub_(top[:, None]))[..., None])  # every tile's sums at its row's maximum
+        inv = sums.sum((1, 4)).reciprocal_()  # [count, Hkv, rows]
+        mass = torch.einsum("lkhrb,lhr->lhkb", sums, inv).reshape(count, hkv, nt * t)
+        out[:, :, self.blocks] = mass[:, :, : len(self.blocks)]
+        return out
+
+
 @dataclass(eq=False, kw_only=True)
 class KVStarRequestState(OffloadRequestState):
     """:class:`OffloadRequestState` plus KVStar's per-layer prepared votes (one :class:`PreparedVote` per
     layer, from the prompt's sub-blocks) and the decode queries gathered since the last retrieval
     (each ``[L, Hq, D]``)."""
 
-    votes: list[PreparedVote] = field(default_factory=list)
+    votes: list[PreparedVote] | StackedVote = field(default_factory=list)
     group: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def representation_bytes(self) -> int:
+        if isinstance(self.votes, StackedVote):
+            return self.votes.nbytes
         return sum(v.nbytes for v in self.votes)  # one int per layer (PreparedVote.nbytes is fixed at layout)
 
 
@@ -236,16 +351,17 @@ class KVStarPolicy(OffloadPolicy):
                               local_blocks=self.sparse.local_blocks, min_blocks=self.sparse.min_blocks)[0]
         dev = self.rep_device
         compact = self.retrieval.representations == "device"
-        votes = []
+        subs = []
         for layer in range(self.shape.num_layers):
             sub = kvstar_subblock(kv.gather_keys(req.rid, layer, list(range(nbp))), lens.to(kv.layout.device),
                                   self.config)
             # stored in fp16 as upstream, then laid out for voting (allowed positions only; float32 tiles on
-            # the host, float16 tiles upcast per chunk on the device)
-            sub = SubBlockRepr(values=sub.values.to(dev, torch.float16), counts=sub.counts.to(dev),
-                               channels=sub.channels.to(dev))
-            votes.append(PreparedVote(sub, cand, compact=compact, device=dev))
-        st.votes = votes
+            # the host per layer, float16 tiles of every layer stacked on the device)
+            subs.append(SubBlockRepr(values=sub.values.to(dev, torch.float16), counts=sub.counts.to(dev),
+                                     channels=sub.channels.to(dev)))
+        st.votes = (StackedVote(subs, cand, device=dev) if compact
+                    else [PreparedVote(sub, cand, device=dev) for sub in subs])
+        del subs
         group = [q.clone() for q in queries]  # per layer [Hq, W, D]; the runtime reuses its buffer
         self._start_drift(req.rid, st, torch.stack([q[:, -1] for q in queries]))  # query_drift only
         self._collect(st, self._submit(req.rid, 0, nbp, self._task(st, group)))
@@ -258,11 +374,15 @@ class KVStarPolicy(OffloadPolicy):
     def _layer_scores(self, st: KVStarRequestState, group: list[torch.Tensor], layer: int,
                       work: VoteWorkspace | None = None) -> torch.Tensor:
         # group[layer]: [Hq, Tv, D] -> per-KV-head vote scores [Hkv, nbp]
+        if isinstance(st.votes, StackedVote):
+            return st.votes.layer_scores(layer, group[layer], work)
         return st.votes[layer].scores(group[layer], work)
 
     def _scores_all(self, st: KVStarRequestState, group: list[torch.Tensor]) -> torch.Tensor:
         """The votes per layer, on one scratch workspace -> per-KV-head scores ``[L, Hkv, nb]``."""
         work = VoteWorkspace(self.rep_device)
+        if isinstance(st.votes, StackedVote):
+            return st.votes.scores(group, work)  # every layer in a few batched chunks
         return torch.stack([self._layer_scores(st, group, layer, work) for layer in range(self.shape.num_layers)])
 
     def _select_all(self, st: KVStarRequestState, group: list[torch.Tensor]) -> torch.Tensor:
