@@ -188,11 +188,12 @@ class StackedVote:
     A tile's arithmetic is :class:`PreparedVote`'s, so the scores are its per-layer scores up to the
     order of the final float32 sums. On an H100 at 128K (64 tiles per layer, 32 layers) the per-layer
     loop launched over 1,000 small kernels per request and retrieval (``benchmarks/profile_decode.py``);
-    this runs about ten chunks.
+    this runs about 25 chunks.
     """
 
-    #: float32 scratch one chunk may use (tiles upcast + logits); the chunk is at least one tile
-    SCRATCH_BYTES = 256 << 20
+    #: float32 scratch one chunk may use (tiles upcast + logits); the chunk is at least one tile. Each retrieval
+    #: task that votes holds its own (the worker's threads may vote at once), outside the KV budget
+    SCRATCH_BYTES = 128 << 20
 
     def __init__(self, subs: list[SubBlockRepr], cand: torch.Tensor, *, device: torch.device | str) -> None:
         if not subs:
