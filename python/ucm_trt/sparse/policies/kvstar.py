@@ -188,7 +188,7 @@ class StackedVote:
     A tile's arithmetic is :class:`PreparedVote`'s, so the scores are its per-layer scores up to the
     order of the final float32 sums. On an H100 at 128K (64 tiles per layer, 32 layers) the per-layer
     loop launched over 1,000 small kernels per request and retrieval (``benchmarks/profile_decode.py``);
-    this runs about 25 chunks.
+    this runs 32 chunks of 64 tiles (2 MiB of scratch per tile at 8 queries per vote).
     """
 
     #: float32 scratch one chunk may use (tiles upcast + logits); the chunk is at least one tile. Each retrieval
