@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from ucm_trt.config import AdaptiveBudget, KVStarConfig, PrefillWindow
+from ucm_trt.config import AdaptiveBudget, HeadMerge, KVStarConfig, PrefillWindow
 from ucm_trt.eval.grid import (
     GRID_TASKS,
     GridConfig,
@@ -18,6 +18,7 @@ from ucm_trt.eval.grid import (
     markdown_grid,
     method_adaptive,
     method_kvstar_config,
+    method_policy_options,
     method_prefill_window,
     method_schedule,
     parse_method,
@@ -128,6 +129,13 @@ def test_methods_and_config_validation():
             parse_method(bad)
     with pytest.raises(ValueError, match=r"'\+crX' .* applies to kvstar only"):
         parse_method("esa+cr0.5")
+    # what the engine's policy gets from the suffixes
+    assert method_policy_options("esa:0.125") == {}
+    assert method_policy_options("esa+w8max+union+a0.1") == {
+        "prefill_window": PrefillWindow(tokens=8, reduce="max"), "head_merge": HeadMerge(mode="union"),
+        "adaptive": AdaptiveBudget(max_missed=0.1)}
+    assert method_policy_options("kvstar+own+cr0.5") == {"head_merge": HeadMerge(mode="own"),
+                                                         "kvstar": KVStarConfig(channel_ratio=0.5)}
 
 
 def test_tiny_grid_runs_every_method_through_the_runtime(tiny_model, tiny_tokenizer, filler, tmp_path):

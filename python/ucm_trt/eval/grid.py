@@ -242,6 +242,14 @@ def method_kvstar_config(method: str):
     return None if x is None else KVStarConfig(channel_ratio=x)
 
 
+def method_policy_options(method: str) -> dict[str, Any]:
+    """The :func:`~ucm_trt.runtime.algorithms.make_policy` keyword arguments ``method``'s suffixes set
+    (``prefill_window``, ``head_merge``, ``adaptive``, ``kvstar``); those it does not set are left out."""
+    opts = {"prefill_window": method_prefill_window(method), "head_merge": method_head_merge(method),
+            "adaptive": method_adaptive(method), "kvstar": method_kvstar_config(method)}
+    return {name: value for name, value in opts.items() if value is not None}
+
+
 def method_schedule(method: str) -> bool:
     """Whether ``method`` runs the runtime's overlapped (stale-by-one) load schedule
     (``RuntimeConfig.overlap_loads``, the default) — ``False`` for ``algorithm[@preset]+sync``, where a
@@ -340,18 +348,7 @@ def method_engine(backend: Any, method: str, budget: float | None, *, max_prompt
     kwargs: dict[str, Any] = {}
     if algo == "gsa-on-device":
         kwargs["gsa_on_device"] = grid_gsa_on_device_config(sparse, min_prompt_len, preset=preset)
-    window = method_prefill_window(method)
-    if window is not None:
-        kwargs["prefill_window"] = window
-    heads = method_head_merge(method)
-    if heads is not None:
-        kwargs["head_merge"] = heads
-    adaptive = method_adaptive(method)
-    if adaptive is not None:
-        kwargs["adaptive"] = adaptive
-    kvstar = method_kvstar_config(method)
-    if kvstar is not None:
-        kwargs["kvstar"] = kvstar
+    kwargs.update(method_policy_options(method))
     policy = make_policy(algo, preset=preset, **kwargs)
     bs = cfg.block_size
     rcfg = RuntimeConfig(max_batch=cfg.batch, max_seq_len=max_prompt_len + max_new_tokens + bs,
