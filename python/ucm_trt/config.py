@@ -24,7 +24,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 __all__ = [
     "Budget",
@@ -254,7 +254,10 @@ class KVStarConfig:
     ----------
     channel_ratio:
         Fraction of head-dim channels kept per KV head (largest mean |K|); upstream
-        ``blk_repre_dim_prune_ratio`` (0.25). 1.0 keeps all channels.
+        ``blk_repre_dim_prune_ratio`` (0.25). 1.0 keeps all channels. ``None`` (the default): the
+        preset's where the policy comes from ``runtime.algorithms.make_policy``
+        (``KVSTAR_CHANNEL_RATIO``: ``default`` 0.5, ``ucm`` 0.25), else upstream's 0.25
+        (:attr:`kept_ratio`).
     token_merge:
         Consecutive tokens averaged into one sub-block representation (upstream
         ``blk_repre_inner_token_merge``); must divide the block size.
@@ -263,13 +266,17 @@ class KVStarConfig:
         computed from steps [1..R] is used in steps [2R+1..3R] (one-stride lag).
     """
 
-    channel_ratio: float = 0.25
+    channel_ratio: float | None = None
     token_merge: int = 2
     retrieval_stride: int = 8
 
+    #: upstream's channel ratio: what ``channel_ratio=None`` keeps outside a preset
+    UPSTREAM_CHANNEL_RATIO: ClassVar[float] = 0.25
+
     def __post_init__(self) -> None:
         c = "KVStarConfig"
-        _unit_interval(c, "channel_ratio", self.channel_ratio)
+        if self.channel_ratio is not None:
+            _unit_interval(c, "channel_ratio", self.channel_ratio)
         _int(c, "token_merge", self.token_merge, minimum=1)
         _int(c, "retrieval_stride", self.retrieval_stride, minimum=1)
 
@@ -279,8 +286,13 @@ class KVStarConfig:
                 f"KVStarConfig.token_merge ({self.token_merge}) must divide block_size ({block_size})"
             )
 
+    @property
+    def kept_ratio(self) -> float:
+        """The channel ratio in effect: :attr:`channel_ratio`, or upstream's 0.25 where it is ``None``."""
+        return self.UPSTREAM_CHANNEL_RATIO if self.channel_ratio is None else self.channel_ratio
+
     def kept_channels(self, head_dim: int) -> int:
-        return max(1, round(head_dim * self.channel_ratio))
+        return max(1, round(head_dim * self.kept_ratio))
 
 
 @dataclass(frozen=True, kw_only=True)

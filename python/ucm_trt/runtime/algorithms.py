@@ -33,9 +33,11 @@ __all__ = [
     "PREFILL_ALGORITHMS",
     "PRESETS",
     "GSA_ON_DEVICE_HASH_BITS_PER_DIM",
+    "KVSTAR_CHANNEL_RATIO",
     "default_dense_layers",
     "grid_gsa_on_device_config",
     "gsa_on_device_for_preset",
+    "kvstar_for_preset",
     "make_policy",
     "sparse_config_for",
 ]
@@ -80,6 +82,24 @@ HEAD_MERGE: Mapping[str, HeadMerge] = MappingProxyType({"default": DEFAULT_HEAD_
 #: (``GSAOnDeviceConfig.hash_bits_per_dim=None``), per preset: ``default`` 4 (chosen on tuning prompts,
 #: docs/quality.md), ``ucm`` 1 (head_dim bits, upstream's)
 GSA_ON_DEVICE_HASH_BITS_PER_DIM: Mapping[str, int] = MappingProxyType({"default": 4, "ucm": 1})
+
+
+#: KVStar's channel ratio when its config leaves it open (``KVStarConfig.channel_ratio=None``), per preset:
+#: ``default`` 0.5 (chosen on tuning prompts: 25 of dense's 29 answers vs 20 at 0.25 and 26 at 1.0, docs/quality.md),
+#: ``ucm`` 0.25 (upstream's ``blk_repre_dim_prune_ratio``)
+KVSTAR_CHANNEL_RATIO: Mapping[str, float] = MappingProxyType({"default": 0.5, "ucm": 0.25})
+
+
+def kvstar_for_preset(config: KVStarConfig | None, preset: str = "default") -> KVStarConfig:
+    """``config`` (default: ``KVStarConfig()``) with the channel ratio ``preset`` gives where it leaves it open."""
+    _check_preset(preset)
+    if config is None:
+        config = KVStarConfig()
+    if not isinstance(config, KVStarConfig):
+        raise TypeError(f"kvstar must be a KVStarConfig, got {type(config).__name__}")
+    if config.channel_ratio is None:
+        config = dataclasses.replace(config, channel_ratio=KVSTAR_CHANNEL_RATIO[preset])
+    return config
 
 
 def gsa_on_device_for_preset(config: GSAOnDeviceConfig | None, preset: str = "default") -> GSAOnDeviceConfig:
@@ -192,6 +212,8 @@ def make_policy(
 
     if algorithm == "gsa-on-device":
         gsa_on_device = gsa_on_device_for_preset(gsa_on_device, preset)
+    if algorithm == "kvstar":
+        kvstar = kvstar_for_preset(kvstar, preset)
     config = {"kvstar": kvstar, "gsa-on-device": gsa_on_device}
     policy = cls(config[algorithm], **kwargs) if algorithm in config else cls(**kwargs)
     if rerope is not None:

@@ -394,7 +394,7 @@ def recall_curve(
     meta = dict(num_q_heads=hq, num_kv_heads=k.shape[0], head_dim=d, num_tokens=k.shape[1], num_queries=tq,
                 block_size=steps.block_size, selection=selection, sink_blocks=sink_blocks,
                 local_blocks=local_blocks, min_blocks=min_blocks,
-                kvstar=dict(channel_ratio=kv_cfg.channel_ratio, token_merge=kv_cfg.token_merge,
+                kvstar=dict(channel_ratio=kv_cfg.kept_ratio, token_merge=kv_cfg.token_merge,
                             retrieval_stride=kv_cfg.retrieval_stride))
     return RecallCurve(rows=rows, meta=meta)
 
