@@ -308,3 +308,25 @@ def test_stacked_vote_refuses_layers_that_do_not_share_blocks():
         sv.layer_scores(2, torch.zeros(4, 2, d))
     with pytest.raises(ValueError, match=r"qs must be \[L=2"):
         sv.scores(torch.zeros(3, 4, 2, d))
+
+
+@pytest.mark.gpu
+def test_stacked_vote_on_cuda_matches_the_host_layout():
+    """On CUDA every layer's stacked vote is the host layout's per-layer vote up to the GPU matmul's rounding,
+    at a geometry where chunks span layers."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(6)
+    nb, bs, d, tv, hq, hkv, L = 300, 64, 128, 8, 32, 8, 3
+    cfg = KVStarConfig(retrieval_stride=tv, channel_ratio=0.5)
+    subs = [_sub(g, nb, hkv, bs, d, cfg, nb * bs - 7) for _ in range(L)]
+    qs = torch.randn(L, hq, tv, d, generator=g)
+    cand = candidate_mask(torch.tensor([nb], dtype=torch.int32), nb, sink_blocks=1, local_blocks=2, min_blocks=4)[0]
+    want = torch.stack([PreparedVote(s, cand).scores(q) for s, q in zip(subs, qs, strict=True)])
+    stacked = StackedVote(subs, cand, device="cuda")
+    m, dp, rows = subs[0].values.shape[1], subs[0].values.shape[-1], hq // hkv * tv
+    stacked.SCRATCH_BYTES = 3 * 4 * hkv * PreparedVote.TILE_BLOCKS * m * (rows + dp)  # 3 tiles a chunk, 10 a layer
+    assert stacked.tiles_per_layer % 3
+    got = stacked.scores(qs.cuda())
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-6)
