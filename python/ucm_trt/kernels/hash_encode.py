@@ -41,6 +41,15 @@ _BITS_PER_PROGRAM = 64
 
 
 @triton.jit
+def pack_sign_bits(x, ROWS: tl.constexpr, NBITS: tl.constexpr):
+    """Projections ``x [ROWS, NBITS]`` -> int32 ``[ROWS, NBITS // 8]``: the bytes of ``x > 0``, bit ``j`` of byte
+    ``i`` being bit ``8 i + j`` (the packing of every hash code cache; ``append_kv``'s too)."""
+    bits = (x > 0.0).to(tl.int32)
+    shifts = tl.arange(0, 8)[None, None, :]
+    return tl.sum(tl.reshape(bits, (ROWS, NBITS // 8, 8)) << shifts, 2)
+
+
+@triton.jit
 def _encode_keys_kernel(
     k_ptr, w_ptr, codes_ptr, blk_ptr, off_ptr, guard_ptr,
     stride_kn, stride_kh, stride_cn, stride_ch, stride_ct,
@@ -62,10 +71,7 @@ def _encode_keys_kernel(
                 mask=(hh < H)[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)  # [HP, DP]
     w = tl.load(w_ptr + dd[:, None] * BITS + bb[None, :], mask=(dd < D)[:, None] & (bb < BITS)[None, :],
                 other=0.0)  # [DP, BC] float32
-    x = tl.dot(k, w, input_precision="ieee")  # [HP, BC]
-    bits = (x > 0.0).to(tl.int32)
-    shifts = tl.arange(0, 8)[None, None, :]
-    code = tl.sum(tl.reshape(bits, (HP, BC // 8, 8)) << shifts, 2)  # [HP, BC // 8]
+    code = pack_sign_bits(tl.dot(k, w, input_precision="ieee"), HP, BC)  # [HP, BC // 8]
     nb8 = c * (BC // 8) + tl.arange(0, BC // 8)
     dst = codes_ptr + tl.where(ok, blk, 0) * stride_cn + hh[:, None] * stride_ch + tl.where(ok, off, 0) * stride_ct \
         + nb8[None, :]

@@ -38,6 +38,7 @@ from ucm_trt.kernels._common import (
     next_pow2,
 )
 from ucm_trt.kernels.guard import IndexGuard
+from ucm_trt.kernels.hash_encode import pack_sign_bits
 from ucm_trt.limits import check_block_size, check_head_dim
 
 __all__ = ["GUARD_CODES", "append_kv"]
@@ -127,11 +128,7 @@ def _append_kv_kernel(
         if DO_HASH:
             bb = tl.arange(0, BITS)
             w = tl.load(w_ptr + dd[:, None] * BITS + bb[None, :], mask=(dd < D)[:, None], other=0.0)
-            x = tl.dot(k, w, input_precision="ieee")  # [BS, BITS] fp32
-            bits = (x > 0.0).to(tl.int32)
-            bits3 = tl.reshape(bits, (BS, BITS // 8, 8))
-            shifts = tl.arange(0, 8)[None, None, :]
-            code = tl.sum(bits3 << shifts, 2)  # [BS, BITS // 8]
+            code = pack_sign_bits(tl.dot(k, w, input_precision="ieee"), BS, BITS)  # [BS, BITS // 8]
             nb8 = tl.arange(0, BITS // 8)
             h_ptrs = hash_ptr + phys * stride_hn + h * stride_hh + tok[:, None] * stride_ht + nb8[None, :]
             tl.store(h_ptrs, code.to(tl.uint8), mask=is_new[:, None])
