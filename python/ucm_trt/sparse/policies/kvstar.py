@@ -40,6 +40,35 @@ __all__ = ["KVStarPolicy", "KVStarRequestState", "PreparedVote", "StackedVote", 
 _LOG2E = 1.4426950408889634
 
 
+def _chunk_logits(q: torch.Tensor, tiles: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """One chunk's logits ``[n, Hkv, rows, T*M]``, written into ``buf``: the (``log2 e``-scaled) queries
+    ``q [n * Hkv, rows, d']`` times the float32 tiles ``[n, Hkv, d', T*M]``, one batched matmul."""
+    n, hkv, dp, tm = tiles.shape
+    rows = q.shape[1]
+    return torch.bmm(q, tiles.view(n * hkv, dp, tm), out=buf[: n * hkv * rows * tm].view(n * hkv, rows, tm)).view(
+        n, hkv, rows, tm)
+
+
+def _chunk_sums(x: torch.Tensor, maxes: torch.Tensor, sums: torch.Tensor, m: int) -> None:
+    """In place: each row's maximum of the (masked) chunk logits ``x [n, Hkv, rows, T*M]`` into ``maxes``, then each
+    block's sum of ``exp2(x - max)`` over its ``m`` positions into ``sums [n, Hkv, rows, T]`` (``x`` is overwritten)."""
+    n, hkv, rows, tm = x.shape
+    mx = torch.amax(x, -1, out=maxes)
+    torch.exp2(x.sub_(mx[..., None]), out=x)
+    torch.sum(x.view(n, hkv, rows, tm // m, m), -1, out=sums)
+
+
+def _block_masses(sums: torch.Tensor, maxes: torch.Tensor) -> torch.Tensor:
+    """The online softmax's end: every tile's block sums ``sums [..., tiles, Hkv, rows, T]`` (at that tile's row
+    maxima ``maxes [..., tiles, Hkv, rows]``) rescaled to each row's overall maximum and divided by the row's sum,
+    summed over rows -> the blocks' masses ``[..., Hkv, tiles * T]`` (both inputs are overwritten)."""
+    top = maxes.amax(-3, keepdim=True)  # [..., 1, Hkv, rows]
+    sums.mul_(torch.exp2(maxes.sub_(top))[..., None])  # every tile's sums at the row's maximum
+    inv = sums.sum((-4, -1)).reciprocal_()  # [..., Hkv, rows]: 1 / the row's softmax denominator
+    mass = torch.einsum("...khrb,...hr->...hkb", sums, inv)  # [..., Hkv, tiles, T]
+    return mass.reshape(*mass.shape[:-2], -1)
+
+
 class VoteWorkspace:
     """Scratch buffers of :meth:`PreparedVote.scores`, reused over the layers of one retrieval task
     (one per task / thread: a vote writes into it), on ``device`` (default the CPU). Grown on demand."""
@@ -155,21 +184,14 @@ class PreparedVote:
             tiles = self.vt[i : i + n]
             if self.compact:
                 tiles = tiles.float()  # float16 as stored -> the host layout's float32 values
-            x = torch.bmm(qp[: n * hkv], tiles.view(n * hkv, dp, t * m),
-                          out=tile_buf[: n * hkv * rows * t * m].view(n * hkv, rows, t * m)).view(n, hkv, rows, t * m)
+            x = _chunk_logits(qp[: n * hkv], tiles, tile_buf)
             if self.compact:
                 x.masked_fill_(self.bad_all[i : i + n], float("-inf"))
             for j in range(0 if self.compact else n):
                 if self.bad[i + j] is not None:
                     x[j].masked_fill_(self.bad[i + j], float("-inf"))
-            mx = torch.amax(x, -1, out=maxes[i : i + n])
-            torch.exp2(x.sub_(mx[..., None]), out=x)
-            torch.sum(x.view(n, hkv, rows, t, m), -1, out=sums[i : i + n])
-        top = maxes.amax(0)  # [Hkv, rows]
-        sums.mul_(torch.exp2(maxes.sub_(top))[..., None])  # every tile's sums at the row's maximum
-        inv = sums.sum((0, 3)).reciprocal_()  # [Hkv, rows]: 1 / the row's softmax denominator
-        mass = torch.einsum("khrb,hr->hkb", sums, inv).reshape(hkv, nt * t)  # [Hkv, tiles * T]
-        out[:, self.blocks] = mass[:, : len(self.blocks)]
+            _chunk_sums(x, maxes[i : i + n], sums[i : i + n], m)
+        out[:, self.blocks] = _block_masses(sums, maxes)[:, : len(self.blocks)]
         return out
 
 
@@ -267,23 +289,15 @@ class StackedVote:
         for i in range(0, total, k):
             n = min(k, total - i)
             qi = qp.index_select(0, layer_of[i : i + n]) if count > 1 else qp.expand(n, hkv, rows, dp)
-            x = torch.bmm(qi.reshape(n * hkv, rows, dp), vt[i : i + n].float().view(n * hkv, dp, t * m),
-                          out=tile_buf[: n * hkv * rows * t * m].view(n * hkv, rows, t * m)).view(n, hkv, rows, t * m)
+            x = _chunk_logits(qi.reshape(n * hkv, rows, dp), vt[i : i + n].float(), tile_buf)
             j = i % nt
             if j + n <= nt:  # the chunk's tiles in one layer: their masks are one slice
                 x.masked_fill_(self.bad_all[j : j + n], float("-inf"))
             else:
                 x.masked_fill_(self.bad_all[(torch.arange(i, i + n, device=dev) % nt)], float("-inf"))
-            mx = torch.amax(x, -1, out=maxes[i : i + n])
-            torch.exp2(x.sub_(mx[..., None]), out=x)
-            torch.sum(x.view(n, hkv, rows, t, m), -1, out=sums[i : i + n])
-        sums = sums.view(count, nt, hkv, rows, t)
-        maxes = maxes.view(count, nt, hkv, rows)
-        top = maxes.amax(1)  # [count, Hkv, rows]
-        sums.mul_(torch.exp2(maxes.sub_(top[:, None]))[..., None])  # every tile's sums at its row's maximum
-        inv = sums.sum((1, 4)).reciprocal_()  # [count, Hkv, rows]
-        mass = torch.einsum("lkhrb,lhr->lhkb", sums, inv).reshape(count, hkv, nt * t)
-        out[:, :, self.blocks] = mass[:, :, : len(self.blocks)]
+            _chunk_sums(x, maxes[i : i + n], sums[i : i + n], m)
+        masses = _block_masses(sums.view(count, nt, hkv, rows, t), maxes.view(count, nt, hkv, rows))
+        out[:, :, self.blocks] = masses[:, :, : len(self.blocks)]
         return out
 
 
