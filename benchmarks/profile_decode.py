@@ -77,14 +77,10 @@ def kernel_table(prof, steps: int) -> tuple[float, list[dict]]:
     return total / steps, rows
 
 
-def profile_one(model, name: str, plan, settings, *, batch: int, args) -> dict:
-    drift = None
-    if args.realistic and name != "dense" and name != "gsa-on-device":
-        target = bc.measured_turnover(Path(__file__).resolve().parent / "results" / "runtime",
-                                      block_size=settings.block_size, ratio=settings.ratio, stride=settings.stride)
-        drift = bc.calibrate_turnover(plan, bc.SHAPES[args.shape], settings.sparse_for("esa"), target[0], target[1],
-                                      seed=0)
-    engine = bc.make_engine(model, name, plan, settings, max_batch=batch, drift=drift)
+def profile_one(model, name: str, plan, settings, *, batch: int, drift, args) -> dict:
+    """``drift``: the realistic-turnover query model (``--realistic``), used by the offload algorithms only."""
+    engine = bc.make_engine(model, name, plan, settings, max_batch=batch,
+                            drift=drift if name in bc.OFFLOAD_ALGORITHMS else None)
     g = torch.Generator().manual_seed(0)
     total_steps = args.warmup_steps + args.steps
     params = SamplingParams(max_new_tokens=total_steps + 2)
@@ -136,13 +132,18 @@ def main(argv: list[str] | None = None) -> int:
                             cache_blocks=settings.cache_blocks, dtype_bytes=2)
     print(bc.format_plan(plan), flush=True)
     model = bc.build_model(spec, dtype=dtype, device="cuda", max_positions=args.context)
+    drift = None
+    if args.realistic:  # calibrated once, as bench_capacity does per shape and context
+        target = bc.measured_turnover(Path(__file__).resolve().parent / "results" / "runtime",
+                                      block_size=settings.block_size, ratio=settings.ratio, stride=settings.stride)
+        drift = bc.calibrate_turnover(plan, spec, settings.sparse_for("esa"), target[0], target[1], seed=0)
     results = []
     for name in args.algorithms:
         batch = args.batch or plan.max_batch[name]
         if batch > plan.max_batch[name]:
             print(f"{name}: batch {batch} exceeds the plan's {plan.max_batch[name]}; skipped", flush=True)
             continue
-        res = profile_one(model, name, plan, settings, batch=batch, args=args)
+        res = profile_one(model, name, plan, settings, batch=batch, drift=drift, args=args)
         results.append(res)
         print(f"\n== {name} batch {batch} @ {plan.context_len}: step {res['step_ms_mean']:.2f} ms (plan "
               f"{res['plan_ms_per_step']:.2f}), GPU kernels {res['gpu_kernel_ms_per_step']:.2f} ms per step", flush=True)
