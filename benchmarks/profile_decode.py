@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     print(bc.format_plan(plan), flush=True)
     model = bc.build_model(spec, dtype=dtype, device="cuda", max_positions=args.context)
     drift = None
-    if args.realistic:  # calibrated once, as bench_capacity does per shape and context
+    if args.realistic and set(args.algorithms) & set(bc.OFFLOAD_ALGORITHMS):  # once, as bench_capacity does
         target = bc.measured_turnover(Path(__file__).resolve().parent / "results" / "runtime",
                                       block_size=settings.block_size, ratio=settings.ratio, stride=settings.stride)
         drift = bc.calibrate_turnover(plan, spec, settings.sparse_for("esa"), target[0], target[1], seed=0)
