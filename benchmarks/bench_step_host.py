@@ -16,6 +16,9 @@ own queries).
 Per step (the measured steps after the warm-up; wall ms, main thread), by wrapping the engine's
 and the policy's methods with timers (the library is not changed for it):
 
+The engine runs with ``RuntimeConfig.plan_ahead=False`` (the serial order), so each host part is timed
+on its own; with it on (the default) the GPU runs the forward while the host makes the next plan.
+
 * ``plan``: everything before the forward is launched (``StepRecord.plan_seconds``: policy plan,
   block arrays, ``KVManager.plan_step``, selection / slot uploads);
 * ``forward``: the backend forward (Python + the tiny ops). The paged attention is replaced by a
@@ -209,7 +212,10 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
     settings = bc.Settings(block_size=args.block_size, ratio=args.ratio, stride=args.stride,
                            cache_blocks=args.cache_blocks, decode_steps=args.decode_steps,
                            warmup_steps=args.warmup_steps, fill_chunk=args.fill_chunk,
-                           retrieval_threads=args.retrieval_threads, cuda_graph=False, batch1=False)
+                           retrieval_threads=args.retrieval_threads, cuda_graph=False, batch1=False,
+                           # the serial order: its host parts are the ones timed here (on the CPU the forward
+                           # is synchronous, so the next step's plan could not overlap it anyway)
+                           runtime_options=(("plan_ahead", False),))
     shape = host_shape(args.layers)
     plan = make_plan(args.context, batch, args.block_size, args.ratio, args.stride, args.cache_blocks, 4,
                      args.pool_blocks, shape)

@@ -112,6 +112,8 @@ def profile_one(model, name: str, plan, settings, *, batch: int, drift, args) ->
     return {"algorithm": name, "batch": batch, "context_len": plan.context_len, "steps": args.steps,
             "step_ms_mean": 1e3 * sum(r.seconds for r in recs) / len(recs),
             "plan_ms_per_step": 1e3 * sum(r.plan_seconds for r in recs) / len(recs),
+            # the next step's plan, made during this step's forward (RuntimeConfig.plan_ahead)
+            "plan_ahead_ms_per_step": 1e3 * sum(r.plan_ahead_seconds for r in recs) / len(recs),
             "profiled_wall_ms_per_step": 1e3 * wall / args.steps,  # with the profiler's own overhead
             "gpu_kernel_ms_per_step": gpu_us / 1e3, "kernels": rows[: args.top],
             "kernels_not_shown_us_per_step": sum(r["us_per_step"] for r in rows[args.top:])}
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         res = profile_one(model, name, plan, settings, batch=batch, drift=drift, args=args)
         results.append(res)
         print(f"\n== {name} batch {batch} @ {plan.context_len}: step {res['step_ms_mean']:.2f} ms (plan "
-              f"{res['plan_ms_per_step']:.2f}), GPU kernels {res['gpu_kernel_ms_per_step']:.2f} ms per step", flush=True)
+              f"{res['plan_ms_per_step']:.2f}, ahead {res['plan_ahead_ms_per_step']:.2f}), GPU kernels {res['gpu_kernel_ms_per_step']:.2f} ms per step", flush=True)
         for r in res["kernels"]:
             print(f"  {r['us_per_step']:9.1f} us {r['share'] * 100:5.1f} % {r['launches_per_step']:7.1f}x  {r['kernel']}")
         bc._free_memory()

@@ -152,11 +152,11 @@ def _slow_copies(base: type, cycles: int):
     return Slow
 
 
-def _overlap_tokens(model, policy, *, overlap, load_method="kernel", cache_blocks=0, steps=24):
+def _overlap_tokens(model, policy, *, overlap, load_method="kernel", cache_blocks=0, steps=24, plan_ahead=True):
     sparse = sparse_config_for(policy.name, SparseConfig(block_size=16, budget=Budget.ratio(0.25), retrieval_stride=3,
                                                          min_blocks=4, local_blocks=2, sink_blocks=1))
     rt = RuntimeConfig(max_batch=2, max_seq_len=1024, prefill_chunk=128, cache_blocks=cache_blocks,
-                       overlap_loads=overlap, load_method=load_method)
+                       overlap_loads=overlap, load_method=load_method, plan_ahead=plan_ahead)
     with Engine(TorchBackend(model, attention="triton"), policy, sparse=sparse, config=rt) as eng:
         g = torch.Generator().manual_seed(3)
         prompts = [torch.randint(0, 256, (300,), generator=g).tolist(), torch.randint(0, 256, (230,), generator=g).tolist()]
@@ -248,6 +248,27 @@ def test_a_corrupted_device_block_table_is_flagged_by_the_kernels_not_read():
     eng.abort_all()
     assert eng.kv.device_blocks_held() == 0
     eng.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("algorithm", ["esa", "gsa", "kvstar"])
+def test_plans_made_ahead_on_cuda_equal_the_serial_order_even_with_slow_copies(algorithm):
+    """RuntimeConfig.plan_ahead on the GPU (CUDA graphs, asynchronous forward): the next step's plan,
+    its evictions and loads are made while the forward runs; the tokens equal the serial engine's,
+    also with every copy parked ~5-10 ms behind a sleep kernel (a load into a block the running
+    forward still reads, or a step reading a block before its load, would change them)."""
+    from ucm_trt.sparse.policies import ESAPolicy, GSAPolicy, KVStarPolicy
+
+    base = {"esa": ESAPolicy, "gsa": GSAPolicy, "kvstar": KVStarPolicy}[algorithm]
+    args = {"config": KVStarConfig(retrieval_stride=3)} if algorithm == "kvstar" else {}
+    model = tiny_llama(head_dim=32).to("cuda", torch.float32)
+    want, _ = _overlap_tokens(model, base(**args), overlap=True, plan_ahead=False, cache_blocks=1)
+    got, st = _overlap_tokens(model, base(**args), overlap=True, plan_ahead=True, cache_blocks=1)
+    slow, st_slow = _overlap_tokens(model, _slow_copies(base, 10_000_000)(**args), overlap=True, plan_ahead=True,
+                                    cache_blocks=1)
+    assert st["cuda_graph"] is True and st["decode_plan_ahead_ms_mean"] > 0
+    assert got == want and slow == want
+    assert st_slow["load_wait_ms_total"] > 0
 
 
 @pytest.mark.gpu

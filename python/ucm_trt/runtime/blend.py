@@ -160,6 +160,12 @@ class BlendRunner:
         self._check_fits(len(prompt))
         if eng._prefilling is not None or len(eng._running) >= eng.config.max_batch:
             raise RuntimeError("the engine is busy (a prefill in progress or max_batch requests running)")
+        if eng._ahead is not None:
+            raise RuntimeError(
+                "the engine's next decode step is planned ahead (RuntimeConfig.plan_ahead) and a Blend prefill "
+                "would overwrite its buffers: call engine.step() until none is (no request waiting lets it plan "
+                "ahead), or build the engine with plan_ahead=False"
+            )
         # look up every chunk's blocks: (logical block, cached kv, offset)
         reuse: list[tuple[int, torch.Tensor, int]] = []
         start = 0

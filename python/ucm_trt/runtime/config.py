@@ -74,6 +74,16 @@ class RuntimeConfig:
         driver has it, else ``"kernel"`` (``Engine.stats()["load_method"]`` says which ran); see
         :func:`ucm_trt.runtime.kv.resolve_load_method`. ``benchmarks/bench_block_copy.py`` measures
         them (H100: batched DMA 44.9 GB/s slowing the attention beside it 1.08x; the kernel 29.4 GB/s, 1.73x).
+    plan_ahead:
+        Make the next decode step's plan (policy plan, working sets, evictions, loads, uploads) while
+        this step's forward runs on the device, before waiting for its tokens (vLLM's / SGLang's
+        "overlap scheduling"), instead of after. The tokens are those of the serial order: the plan
+        needs nothing of the step's output but its stop decisions and the retrievals due after it,
+        which the policy collects first (``Policy.collect``). It is made only when the next step is
+        surely a decode step of the same rows minus those that reach a length limit (no request
+        waits for a free row, ``Policy.collects_ahead()``); a row that stops on a stop token rides
+        along in that step, its output dropped, and is freed after it. ``StepRecord.plan_ahead_seconds``
+        times it. ``False``: the serial order (plan, forward, wait, retrieval hand-off).
     time_loads:
         Time the loads and the compute stream's waits for them with CUDA events (a few event
         records per step that loads): ``Engine.stats()`` then reports ``load_gpu_ms_total``,
@@ -96,6 +106,7 @@ class RuntimeConfig:
     early_prefetch: bool = False
     overlap_loads: bool = True
     load_method: str = "auto"
+    plan_ahead: bool = True
     time_loads: bool = True
 
     def __post_init__(self) -> None:
@@ -113,7 +124,7 @@ class RuntimeConfig:
         if self.cuda_graph is not None and not isinstance(self.cuda_graph, bool):
             raise TypeError(f"RuntimeConfig.cuda_graph must be True, False or None (auto), got {self.cuda_graph!r}")
         _pos_int("max_cuda_graphs", self.max_cuda_graphs)
-        for name in ("early_prefetch", "overlap_loads", "time_loads"):
+        for name in ("early_prefetch", "overlap_loads", "plan_ahead", "time_loads"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"RuntimeConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.load_method not in ("auto", "kernel", "staged", "batch_dma"):

@@ -106,6 +106,19 @@ class _Request:
     ttft: float = 0.0
 
 
+@dataclass
+class _DecodePlan:
+    """A decode step's plan (:meth:`Engine._make_plan`), made before its forward: the step's rows and
+    views, its transfers, the selection widths and the step context over the uploaded buffers."""
+
+    rows: list[str]
+    views: list[RequestView]
+    transfer: StepTransfer
+    widths: tuple
+    context: StepContext
+    seconds: float
+
+
 def _check_prompt(prompt: object) -> list[int]:
     if isinstance(prompt, torch.Tensor):
         if prompt.dim() != 1:
@@ -309,6 +322,10 @@ class Engine:
         # overlapped schedule: the selections the last decode step attended, {rid: row}, new lens
         self._attended: tuple[dict[str, int], list, list[int]] | None = None
         self._uploads_done = None  # event after the last step's host-mirror uploads (CUDA)
+        self._ahead: _DecodePlan | None = None  # the next decode step's plan, made during the last step
+        self._unreleased: set[str] = set()  # stopped requests a plan made ahead still holds (freed after it)
+        self._planning_rows: list[str] = []  # the rows of the plan being made (error messages)
+        self._output_h: dict = {}  # pinned buffer of the step's output copy (CUDA)
         self._closed = False
 
     # ================================================================== requests
@@ -358,13 +375,15 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._running)
+        return bool(self._waiting or self._prefilling or self._running or self._ahead is not None)
 
     # ================================================================== stepping
     def step(self) -> list[tuple[str, int]]:
         """Run one step; returns the ``(request_id, token)`` pairs it produced."""
         if self._closed:
             raise RuntimeError("engine is closed")
+        if self._ahead is not None:  # the decode step planned during the last one runs first
+            return self._decode()
         if self._prefilling is None and self._waiting and len(self._running) < self.config.max_batch:
             rid = self._waiting.popleft()
             req = self._requests[rid]
@@ -491,17 +510,114 @@ class Engine:
         return emitted
 
     def _decode(self) -> list[tuple[str, int]]:
+        """One decode step: the plan (made now, or ahead during the last step), the forward, then —
+        while the forward runs on the device — the next step's plan where :meth:`_plan_ahead_rows`
+        allows it, and only then the wait for this step's tokens (module docstring)."""
         t0 = time.perf_counter()
-        rows = list(self._running)
+        plan, self._ahead = self._ahead, None
+        plan_seconds = 0.0
+        if plan is None:
+            plan = self._make_plan(self._decode_views(list(self._running)))
+            plan_seconds = plan.seconds
+        rows, views, tr = plan.rows, plan.views, plan.transfer
         b = len(rows)
-        L, H = self.shape.num_layers, self.shape.num_kv_heads
-        bs = self.sparse.block_size
+        reqs = [self._requests[rid] for rid in rows]
+        live = [row for row, req in enumerate(reqs) if req.finish_reason is None]  # the rest stopped last step
+        self._guard_host_mirrors()
+        self._ids_h[:b, 0] = torch.tensor([req.out[-1] for req in reqs], dtype=torch.long)
+        self._ids[:b, :1].copy_(self._ids_h[:b, :1], non_blocking=self._ids.device.type == "cuda")
+        self._mark_uploads_done()
+        t_plan = time.perf_counter()
+        self.kv.mark_forward_start()
+        logits = self._decode_forward(b, plan.widths, plan.context)
+        t_forward = time.perf_counter()
+        self.kv.issue_deferred(tr)  # overlapped loads run beside the forward just enqueued
+        self.kv.write_back([rows[row] for row in live], tr)
+        held = self._held()
+        query_copy = self._start_query_copy(b) if self._host_queries else None
+        greedy = all(req.params.temperature == 0 for req in reqs)
+        output = self._start_output_copy(logits.argmax(-1) if greedy else logits.float())
+        live_views = [views[row] for row in live]
+        ahead_seconds = 0.0
+        next_rows = self._plan_ahead_rows(rows, live)
+        if next_rows:
+            # the next step's plan while this forward runs: the retrievals due after this step are
+            # collected first (they need none of its queries), then the plan sees them as it would
+            # after the sync; the tokens stay those of the serial order
+            t_ahead = time.perf_counter()
+            self.policy.collect(live_views)
+            by_rid = dict(zip(rows, views, strict=True))
+            self._ahead = self._make_plan([self._next_view(by_rid[rid]) for rid in next_rows])
+            ahead_seconds = time.perf_counter() - t_ahead
+        t_sync = time.perf_counter()
+        out = self._finish_output_copy(output, "decode step")  # waits for this step's forward
+        t_after = time.perf_counter()
+        if next_rows is None:
+            self.policy.collect(live_views)
+        if self._host_queries and live:
+            if query_copy is not None:
+                query_copy.synchronize()  # normally done: the output copy above waited for the step
+            queries = self._capture_h[:b] if len(live) == b else self._capture_h[torch.tensor(live)]
+            self.policy.after_step(live_views, list(queries.transpose(0, 1)))  # per layer [B', Hq, D]
+        t_done = time.perf_counter()
+        emitted = []
+        for row in live:
+            req = reqs[row]
+            token = out[row] if greedy else self._sample(out[row], req)
+            req.step += 1
+            emitted.append((req.rid, token))
+            self._emit(req, token)
+        for row in range(b):  # rows that stopped at the last step rode along (planned ahead): free them now
+            if row not in live:
+                self._release(rows[row])
+        if self._ahead is not None and all(self._requests[rid].finish_reason is not None for rid in self._ahead.rows):
+            self._drop_ahead()  # every row of the plan made ahead stopped on a stop token at this step
+        self._record("decode", b, len(live), t0, tr, held, plan_seconds, forward_seconds=t_forward - t_plan,
+                     sync_seconds=t_after - t_sync, after_step_seconds=t_done - t_after,
+                     plan_ahead_seconds=ahead_seconds)
+        return emitted
+
+    def _decode_views(self, rows: list[str]) -> list[RequestView]:
         views = []
         for rid in rows:
             req = self._requests[rid]
             n = self.kv.seq_len(rid)
             views.append(RequestView(rid=rid, prompt_len=len(req.prompt), seq_len=n, new_len=n + 1,
                                      step=req.step + 1))
+        return views
+
+    @staticmethod
+    def _next_view(v: RequestView) -> RequestView:
+        """The view of the decode step after ``v``'s."""
+        return RequestView(rid=v.rid, prompt_len=v.prompt_len, seq_len=v.new_len, new_len=v.new_len + 1,
+                           step=v.step + 1)
+
+    def _plan_ahead_rows(self, rows: list[str], live: list[int]) -> list[str] | None:
+        """The rows of the next decode step when its plan can be made now, during this step's forward
+        (``RuntimeConfig.plan_ahead``), else None. It can when the next step is surely a decode step
+        of these rows: none is waiting to be admitted into a free row (the next step would be a
+        prefill), the policy can collect the retrievals due after this step without its queries
+        (``Policy.collects_ahead``), and a row leaves only by a length limit, which is known now.
+        A row that stops on a stop token at this step is known only after the sync: it rides along
+        in the next step (its output dropped) and is freed after it."""
+        if not self.config.plan_ahead or not self.policy.collects_ahead():
+            return None
+        nxt = [rows[row] for row in live if not self._ends_by_length(self._requests[rows[row]], 1)]
+        if not nxt or (self._waiting and len(nxt) < self.config.max_batch):
+            return None
+        return nxt
+
+    def _make_plan(self, views: list[RequestView]) -> _DecodePlan:
+        """A decode step's plan for ``views`` (host work only, its uploads enqueued on the compute
+        stream): policy selections, block arrays, ``KVManager.plan_step`` (working sets, evictions,
+        loads), the overlapped schedule's selections, selection / slot / position uploads. The
+        input ids are written when the step runs (they are the last step's tokens)."""
+        t0 = time.perf_counter()
+        rows = [v.rid for v in views]
+        self._planning_rows = rows
+        b = len(rows)
+        L, H = self.shape.num_layers, self.shape.num_kv_heads
+        bs = self.sparse.block_size
         sels = self.policy.plan(views)
         if len(sels) != L or any(len(s) != b for s in sels):
             raise RuntimeError(f"policy {self.policy.name!r} returned selections of the wrong shape")
@@ -518,43 +634,64 @@ class Engine:
             sels = self._attend_selections(rows, sels, stale, new_lens)
         self._guard_host_mirrors()
         selections, widths = self._write_selections(sels, new_lens, bs, b, H)
-        self._ids_h[:b, 0] = torch.tensor([self._requests[rid].out[-1] for rid in rows], dtype=torch.long)
-        self._ids[:b, :1].copy_(self._ids_h[:b, :1], non_blocking=self._ids.device.type == "cuda")
         self._write_slots(rows, [v.seq_len for v in views], 1)
         ctx = self._context(rows, 1, new_lens, selections)
-        t_plan = time.perf_counter()
-        self.kv.mark_forward_start()
-        logits = self._decode_forward(b, widths, ctx)
-        t_forward = time.perf_counter()
-        self.kv.issue_deferred(tr)  # overlapped loads run beside the forward just enqueued
-        self.kv.write_back(rows, tr)
-        held = self._held()
-        query_copy = self._start_query_copy(b) if self._host_queries else None
-        emitted = []
-        reqs = [self._requests[rid] for rid in rows]
-        t_sync = time.perf_counter()
-        if all(r.params.temperature == 0 for r in reqs):
-            # greedy: only the token ids (and the index guard's flag) leave the device, in one copy
-            tokens = self._tokens_and_guard(logits.argmax(-1), "decode step")
+        return _DecodePlan(rows=rows, views=views, transfer=tr, widths=widths, context=ctx,
+                           seconds=time.perf_counter() - t0)
+
+    def _drop_ahead(self) -> None:
+        """Drop the plan made ahead (none of its rows is left to run): its deferred loads are not
+        issued, its rows (stopped ones waiting to be freed) are freed."""
+        plan, self._ahead = self._ahead, None
+        self.kv.drop_deferred()
+        for ev in plan.context.layer_waits:  # the plan marked its loads' copies waited for: wait for them
+            if ev is not None:
+                self.kv.wait_on(ev)
+        for rid in plan.rows:
+            if rid in self._unreleased:
+                self._release(rid)
+
+    def _start_output_copy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start copying the step's output (token ids, or logits when sampling) and the index guard's
+        flag to the host without waiting: one non-blocking copy into a pinned buffer on CUDA."""
+        if x.device.type != "cuda":
+            flag = None if self.guard is None else self.guard.flag
+            return (x, flag), None
+        if self.guard is not None:
+            flat = torch.cat([x.reshape(-1).to(torch.float32 if x.is_floating_point() else torch.long),
+                              self.guard.flag.reshape(-1).to(torch.float32 if x.is_floating_point() else torch.long)])
         else:
-            logits = logits.cpu()
-            self._check_guard("decode step")
-            tokens = None
-        t_after = time.perf_counter()
-        if self._host_queries:
-            if query_copy is not None:
-                query_copy.synchronize()  # normally done: the token copy above waited for the step
-            self.policy.after_step(views, list(self._capture_h[:b].transpose(0, 1)))  # per layer [B, Hq, D]
-        t_done = time.perf_counter()
-        if tokens is None:
-            tokens = [self._sample(logits[row], req) for row, req in enumerate(reqs)]
-        for req, token in zip(reqs, tokens, strict=True):
-            req.step += 1
-            emitted.append((req.rid, token))
-            self._emit(req, token)
-        self._record("decode", b, b, t0, tr, held, t_plan - t0, forward_seconds=t_forward - t_plan,
-                     sync_seconds=t_after - t_sync, after_step_seconds=t_done - t_after)
-        return emitted
+            flat = x.reshape(-1)
+        buf = self._pinned_output(flat)
+        buf.copy_(flat, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(x.device))
+        return (buf, tuple(x.shape)), ev
+
+    def _pinned_output(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.dtype, like.numel())
+        buf = self._output_h.get(key)
+        if buf is None:
+            buf = torch.empty(like.numel(), dtype=like.dtype, pin_memory=True)
+            self._output_h = {key: buf}  # one buffer: a step's copy is read before the next one starts
+        return buf
+
+    def _finish_output_copy(self, started, where: str):
+        """Wait for :meth:`_start_output_copy`'s copy; check the guard's flag; the token ids (a list)
+        or the logits (a host tensor ``[B, V]``)."""
+        payload, ev = started
+        if ev is None:
+            x, flag = payload
+            if flag is not None:
+                self._raise_flag(int(flag.item()), where)
+            return x.tolist() if not x.is_floating_point() else x.cpu()
+        buf, shape = payload
+        ev.synchronize()
+        n = int(np.prod(shape))
+        if self.guard is not None:
+            self._raise_flag(int(buf[n].item()), where)
+        x = buf[:n].view(shape)
+        return x.tolist() if not x.is_floating_point() else x.clone()
 
     def _attend_selections(self, rows: list[str], sels, stale: list[list[bool]], new_lens: list[int]):
         """Overlapped schedule: the selections attention reads this step. Where the plan left a
@@ -582,14 +719,6 @@ class Engine:
                     out[layer][row] = extend_selection(old, nb_old, nb_new) if nb_new > nb_old else old
         self._attended = ({rid: row for row, rid in enumerate(rows)}, out, list(new_lens))
         return out
-
-    def _tokens_and_guard(self, ids: torch.Tensor, where: str) -> list[int]:
-        """``ids`` on the host, with the index guard's flag read in the same device-to-host copy."""
-        if self.guard is None:
-            return ids.tolist()
-        vals = torch.cat([ids.long(), self.guard.flag.long()]).tolist()
-        self._raise_flag(vals[-1], where)
-        return vals[:-1]
 
     def _check_guard(self, where: str) -> None:
         """Read the index guard where the host has just synchronised anyway."""
@@ -790,7 +919,8 @@ class Engine:
         rule = (f"must hold logical block ids in [0, {int(nb_all[row])}) sorted strictly ascending, "
                 "then -1 padding" if bad[i, head].any() else
                 "is not resident in the layer's block table (internal: the plan must load every selected block)")
-        rid = self._running[row] if row < len(self._running) else "?"
+        rows = self._planning_rows
+        rid = rows[row] if row < len(rows) else "?"
         raise ValueError(
             f"policy {self.policy.name!r}: layer {layer} row {row} ({rid}) head {head} selection "
             f"{ids[:16]}{' ...' if len(ids) > 16 else ''} {rule}"
@@ -817,14 +947,29 @@ class Engine:
             req.callback(req.rid, token)
         if token in req.params.stop_token_ids:
             req.finish_reason = "stop"
-        elif len(req.out) >= req.params.max_new_tokens or len(req.prompt) + len(req.out) >= self.config.max_seq_len:
+        elif self._ends_by_length(req, 0):
             req.finish_reason = "length"
         if req.finish_reason is not None:
             self._finish(req.rid)
 
+    def _ends_by_length(self, req: _Request, more: int) -> bool:
+        """Whether ``req`` reaches a length limit once ``more`` further tokens are emitted."""
+        n = len(req.out) + more
+        return n >= req.params.max_new_tokens or len(req.prompt) + n >= self.config.max_seq_len
+
     def _finish(self, rid: str) -> None:
+        """A request finished: it leaves the running rows; its blocks and policy state are freed now,
+        or — when the plan made ahead for the next step holds it (it stopped on a stop token) —
+        after that step, which reads them."""
         if rid in self._running:
             self._running.remove(rid)
+        if self._ahead is not None and rid in self._ahead.rows:
+            self._unreleased.add(rid)
+            return
+        self._release(rid)
+
+    def _release(self, rid: str) -> None:
+        self._unreleased.discard(rid)
         self._needed_cache.pop(rid, None)
         self._prefetch_cache.pop(rid, None)
         try:
@@ -841,9 +986,10 @@ class Engine:
 
     def abort_all(self) -> None:
         """Drop every request and return all its blocks (used after an error)."""
+        self._ahead = None
         for rid in list(self._requests):
             req = self._requests[rid]
-            if req.finish_reason is None and rid in self.kv.seqs:
+            if (req.finish_reason is None or rid in self._unreleased) and rid in self.kv.seqs:
                 try:
                     self.policy.on_request_end(rid)
                 except Exception:  # noqa: BLE001 - the original error is being raised already
@@ -851,6 +997,7 @@ class Engine:
                 self.kv.free_request(rid)
             if req.finish_reason is None:
                 req.finish_reason = "aborted"
+        self._unreleased.clear()
         self._waiting.clear()
         self._running.clear()
         self._prefilling = None

@@ -1252,6 +1252,11 @@ class KVManager:
             self._load(self._deferred, transfer, deferred=True)
         self._deferred = [[] for _ in range(self.layout.num_layers)]
 
+    def drop_deferred(self) -> None:
+        """Forget the loads the last :meth:`plan_step` deferred, unissued: its step will not run
+        (every request of it stopped; the engine frees them)."""
+        self._deferred = [[] for _ in range(self.layout.num_layers)]
+
     def mark_forward_start(self) -> None:
         """Record (CUDA) where the compute stream stands before this step's forward: deferred loads
         into blocks evicted by this plan wait for it (the last step that could read them)."""

@@ -42,6 +42,9 @@ class StepRecord:
     sync_switches: int = 0  # (row, layer) pairs that switched synchronously (no resident old set / no room)
     load_gpu_ms: float = 0.0  # GPU time of timed loads that finished by this step's end (RuntimeConfig.time_loads)
     load_wait_ms: float = 0.0  # GPU time the compute stream waited for loads, same accounting
+    # host time of the NEXT step's plan, made during this step while its forward ran on the device
+    # (RuntimeConfig.plan_ahead; that step's plan_seconds is then 0)
+    plan_ahead_seconds: float = 0.0
 
 
 def _hidden(steps: list[StepRecord]) -> float | None:
@@ -97,6 +100,7 @@ class RuntimeMetrics:
             "load_wait_ms_total": sum(s.load_wait_ms for s in self.steps),
             "load_hidden_fraction": _hidden(self.steps),
             "decode_plan_ms_mean": (1e3 * sum(s.plan_seconds for s in dec) / len(dec)) if dec else None,
+            "decode_plan_ahead_ms_mean": (1e3 * sum(s.plan_ahead_seconds for s in dec) / len(dec)) if dec else None,
             "decode_forward_ms_mean": (1e3 * sum(s.forward_seconds for s in dec) / len(dec)) if dec else None,
             "decode_sync_ms_mean": (1e3 * sum(s.sync_seconds for s in dec) / len(dec)) if dec else None,
             "decode_after_step_ms_mean": (1e3 * sum(s.after_step_seconds for s in dec) / len(dec)) if dec else None,

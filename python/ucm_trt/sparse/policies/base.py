@@ -236,8 +236,21 @@ class Policy:
     def on_append(self, layer: int, phys_blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor) -> None:
         pass
 
+    def collect(self, reqs: list[RequestView]) -> None:
+        """What is due after decode step ``reqs`` and needs none of that step's queries: collecting
+        the retrievals submitted at earlier steps. The runtime calls it once per step, before
+        :meth:`after_step` of the same step; when :meth:`collects_ahead` is True it may call it
+        before the step's forward has finished (it plans the next step meanwhile,
+        ``RuntimeConfig.plan_ahead``), so it must not read anything the step computes."""
+
+    def collects_ahead(self) -> bool:
+        """True when :meth:`collect` never needs a retrieval submitted by :meth:`after_step` of the
+        same step (then the next step can be planned while this one runs; see :meth:`collect`)."""
+        return True
+
     def after_step(self, reqs: list[RequestView], queries: list[torch.Tensor]) -> None:
-        pass
+        """After decode step ``reqs`` (and its :meth:`collect`): the step's queries, per layer
+        ``[B, Hq, D]`` (a buffer the runtime reuses: copy what is kept), e.g. to submit retrievals."""
 
     def on_request_end(self, rid: str) -> None:
         pass

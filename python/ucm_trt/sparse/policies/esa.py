@@ -268,28 +268,40 @@ class ESAPolicy(MeanKeyPolicy):
             return self._adaptive_select(scores[None], nbp, self._full_block_lens(nbp))[0]
         return select_from_scores(scores, nbp, self.sparse, "dot", self.shape.num_kv_heads)
 
+    def collects_ahead(self) -> bool:
+        """At stride >= 3 a collection (after ``s % R == 0``) never falls on a submitting step
+        (``s % R == 2``); at stride 1-2 it collects the retrieval that step's ``after_step`` submits."""
+        return self.sparse.retrieval_stride >= 3
+
+    def collect(self, reqs: list[RequestView]) -> None:
+        if self.collects_ahead():
+            self._collect_due(reqs)
+
     def after_step(self, reqs: list[RequestView], queries) -> None:
         """The step's retrievals are submitted as one batch (``OffloadPolicy._submit_batch``: one task
-        per worker thread, not one per request), then the due ones collected, request by request in
-        the order of the per-request schedule (module docstring)."""
+        per worker thread, not one per request); the due ones are collected by :meth:`collect`
+        (at stride 1-2, here, after the submission: they are this step's)."""
         r = self.sparse.retrieval_stride
         submit: list[tuple[int, RequestView, OffloadRequestState]] = []
-        collect: list[tuple[RequestView, OffloadRequestState]] = []
         for row, req in enumerate(reqs):
             st = self._state[req.rid]
-            if st.dense:
-                continue
-            s = req.step
-            if s % r == 2 % r:
+            if not st.dense and req.step % r == 2 % r:
                 submit.append((row, req, st))
-            if s % r == 0:
-                collect.append((req, st))
         if submit:
             qs = self._batch_queries(queries, [row for row, _, _ in submit], [req for _, req, _ in submit])
             jobs = [self._job(req.rid, req.step, st.store, st.sel_nb, q) for (_, req, st), q in zip(submit, qs, strict=True)]
             for (_, _, st), pending in zip(submit, self._submit_batch(jobs), strict=True):
                 st.pending = pending
-        for req, st in collect:
+        if not self.collects_ahead():
+            self._collect_due(reqs)
+
+    def _collect_due(self, reqs: list[RequestView]) -> None:
+        """Collect the retrievals due after step ``reqs`` (``s % R == 0``), request by request."""
+        r = self.sparse.retrieval_stride
+        for req in reqs:
+            st = self._state[req.rid]
+            if st.dense or req.step % r:
+                continue
             if st.pending is None:
                 raise RuntimeError(f"esa: request {req.rid!r} step {req.step}: no retrieval to collect")
             self._collect(st, st.pending)

@@ -160,19 +160,24 @@ class GSAPolicy(MeanKeyPolicy):
         return select_from_scores(scores, nb, self.sparse, "dot", self.shape.num_kv_heads,
                                   extra=self.prefetch_blocks)
 
+    def collect(self, reqs: list[RequestView]) -> None:
+        """The collection due after step ``s``: the retrieval submitted after step ``s - 1``."""
+        for req in reqs:
+            st = self._state[req.rid]
+            pending = st.pending
+            if pending is not None and pending.step == req.step - 1:
+                self._collect(st, pending)
+                st.pending = None
+
     def after_step(self, reqs: list[RequestView], queries) -> None:
-        """Per request: new block representations, then the collection due (the retrieval of the last
-        step); the step's new retrievals are submitted as one batch (``OffloadPolicy._submit_batch``)."""
+        """Per request (after :meth:`collect`): new block representations; the step's new retrievals
+        are submitted as one batch (``OffloadPolicy._submit_batch``)."""
         r = self.sparse.retrieval_stride
         submit: list[tuple[int, RequestView, OffloadRequestState]] = []
         for row, req in enumerate(reqs):
             st = self._state[req.rid]
             s = req.step
             self._update_reps(req.rid, st, req.new_len)
-            pending = st.pending
-            if pending is not None and pending.step == s - 1:
-                self._collect(st, pending)
-                st.pending = None
             if s % r == 0 and st.pending is None:
                 submit.append((row, req, st))
         if submit:

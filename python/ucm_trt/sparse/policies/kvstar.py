@@ -417,9 +417,23 @@ class KVStarPolicy(OffloadPolicy):
                             scores=partial(self._scores_all, st, group) if batched else None,
                             scoring="kvstar_vote")
 
+    def collect(self, reqs: list[RequestView]) -> None:
+        """Every ``R`` steps (from step ``2R``): the retrieval submitted ``R`` steps ago."""
+        r = self.config.retrieval_stride
+        for req in reqs:
+            st = self._state[req.rid]
+            s = req.step
+            if st.dense or s % r or s < 2 * r:
+                continue
+            pending = st.pending
+            if pending is None or pending.step != s - r:
+                raise RuntimeError(f"kvstar: request {req.rid!r} step {s}: no retrieval from step {s - r}")
+            self._collect(st, pending)
+            st.pending = None
+
     def after_step(self, reqs: list[RequestView], queries) -> None:
-        """Every step's queries are kept (one copy of the step's rows); every ``R`` steps the due
-        retrieval is collected and the new ones are submitted as one batch
+        """Every step's queries are kept (one copy of the step's rows); every ``R`` steps (after
+        :meth:`collect` took the due retrieval) the new ones are submitted as one batch
         (``OffloadPolicy._submit_batch``)."""
         r = self.config.retrieval_stride
         live = [(row, req, self._state[req.rid]) for row, req in enumerate(reqs)]
@@ -434,11 +448,6 @@ class KVStarPolicy(OffloadPolicy):
             st.group.append(q)  # [L, Hq, D]
             if s % r:
                 continue
-            if s >= 2 * r:
-                pending = st.pending
-                if pending is None or pending.step != s - r:
-                    raise RuntimeError(f"kvstar: request {req.rid!r} step {s}: no retrieval from step {s - r}")
-                self._collect(st, pending)
             stacked = torch.stack(st.group[-r:], dim=2)  # [L, Hq, R, D]
             st.group = []
             submit.append((req, st, list(stacked)))
