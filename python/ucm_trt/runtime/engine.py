@@ -11,6 +11,10 @@ of one request or one decode token for every running request:
 ``after`` write-back of filled blocks, query hand-off to the policy (retrieval schedule),
           sampling, stop checks, streaming callbacks, freeing finished requests.
 
+With ``RuntimeConfig.plan_ahead`` (default) a decode step makes the *next* step's plan while its
+forward runs on the device, before it waits for its tokens (``docs/runtime.md``, "Planning step N+1
+while step N runs"); the tokens are those of the serial order.
+
 Errors (including a failed retrieval task) propagate to the caller; :meth:`Engine.generate`
 frees every block of every request before re-raising, so nothing leaks.
 """
