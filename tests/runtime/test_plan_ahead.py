@@ -174,3 +174,39 @@ def test_blend_refuses_while_a_step_is_planned_ahead(model):
             eng.step()
         with pytest.raises(RuntimeError, match="planned ahead"):
             blend.add_request([_prompt(64, 2)], _prompt(20, 3))
+
+
+def test_after_step_of_a_step_planned_ahead_runs_beside_the_next_forward(model):
+    """The retrieval submissions of step N (``after_step``) run after step N+1's forward is enqueued
+    (the GPU computes meanwhile), only for the rows that go on; in the serial order right after step N."""
+    prompts = [_prompt(n, s) for n, s in PROMPTS[:2]]
+    for plan_ahead in (False, True):
+        log = []
+        with _engine(model, "esa", plan_ahead=plan_ahead) as eng:
+            after, forward = eng.policy.after_step, eng._decode_forward
+
+            def logged_after(views, queries, after=after, log=log):
+                log.append(("after", tuple((v.rid, v.step) for v in views)))
+                return after(views, queries)
+
+            def logged_forward(b, widths, ctx, forward=forward, log=log):
+                log.append(("forward", b))
+                return forward(b, widths, ctx)
+
+            eng.policy.after_step, eng._decode_forward = logged_after, logged_forward
+            eng.generate(prompts, [SamplingParams(max_new_tokens=9), SamplingParams(max_new_tokens=6)])
+        steps = [x for x in log if x[0] == "after"]
+        # request 1 (6 tokens: decode steps 1-5) finishes by length at its step 5
+        got = {rv for _, rvs in steps for rv in rvs}
+        if plan_ahead:
+            assert ("req-1", 5) not in got  # it finished at that step: no retrieval submitted for it
+        else:
+            assert ("req-1", 5) in got
+        # the k-th after_step (of decode step k, both requests decode together) comes after forward k+1
+        # when planned ahead (the last step, planned serially, excepted), right after forward k serially
+        lag = 1 if plan_ahead else 0
+        for k, i in enumerate(i for i, x in enumerate(log) if x[0] == "after"):
+            forwards_before = sum(1 for x in log[:i] if x[0] == "forward")
+            assert forwards_before in ({k + 1 + lag, k + 1} if plan_ahead else {k + 1}), (k, forwards_before)
+        first = next(i for i, x in enumerate(log) if x[0] == "after")
+        assert sum(1 for x in log[:first] if x[0] == "forward") == 1 + lag

@@ -327,6 +327,8 @@ class Engine:
         self._attended: tuple[dict[str, int], list, list[int]] | None = None
         self._uploads_done = None  # event after the last step's host-mirror uploads (CUDA)
         self._ahead: _DecodePlan | None = None  # the next decode step's plan, made during the last step
+        # the last step's after_step, deferred to run beside this step's forward: (rows, views, query copy event)
+        self._after: tuple[list[int], list[RequestView], object] | None = None
         self._unreleased: set[str] = set()  # stopped requests a plan made ahead still holds (freed after it)
         self._planning_rows: list[str] = []  # the rows of the plan being made (error messages)
         self._output_h: dict = {}  # pinned buffer of the step's output copy (CUDA)
@@ -538,6 +540,9 @@ class Engine:
         self.kv.issue_deferred(tr)  # overlapped loads run beside the forward just enqueued
         self.kv.write_back([rows[row] for row in live], tr)
         held = self._held()
+        t_after0 = time.perf_counter()
+        self._run_deferred_after_step()  # the last step's, beside this forward (before its queries are copied)
+        after_seconds = time.perf_counter() - t_after0
         query_copy = self._start_query_copy(b) if self._host_queries else None
         greedy = all(req.params.temperature == 0 for req in reqs)
         output = self._start_output_copy(logits.argmax(-1) if greedy else logits.float())
@@ -558,11 +563,13 @@ class Engine:
         t_after = time.perf_counter()
         if next_rows is None:
             self.policy.collect(live_views)
-        if self._host_queries and live:
+        # planned ahead, the next step surely runs: this step's after_step (retrieval submissions) waits
+        # for it and runs beside its forward, for the rows that go on (see _run_deferred_after_step)
+        defer = next_rows is not None and self._host_queries
+        if self._host_queries and live and not defer:
             if query_copy is not None:
                 query_copy.synchronize()  # normally done: the output copy above waited for the step
-            queries = self._capture_h[:b] if len(live) == b else self._capture_h[torch.tensor(live)]
-            self.policy.after_step(live_views, list(queries.transpose(0, 1)))  # per layer [B', Hq, D]
+            self._after_step(live, live_views)
         t_done = time.perf_counter()
         emitted = []
         for row in live:
@@ -576,10 +583,34 @@ class Engine:
                 self._release(rows[row])
         if self._ahead is not None and all(self._requests[rid].finish_reason is not None for rid in self._ahead.rows):
             self._drop_ahead()  # every row of the plan made ahead stopped on a stop token at this step
+        if defer and self._ahead is not None:
+            going = [row for row in live if reqs[row].finish_reason is None]
+            self._after = (going, [views[row] for row in going], query_copy)
         self._record("decode", b, len(live), t0, tr, held, plan_seconds, forward_seconds=t_forward - t_plan,
-                     sync_seconds=t_after - t_sync, after_step_seconds=t_done - t_after,
+                     sync_seconds=t_after - t_sync, after_step_seconds=after_seconds + t_done - t_after,
                      plan_ahead_seconds=ahead_seconds)
         return emitted
+
+    def _after_step(self, rows: list[int], views: list[RequestView]) -> None:
+        """``Policy.after_step`` of the step whose queries the host buffer holds, for its ``rows``."""
+        queries = self._capture_h[: len(rows)] if rows == list(range(len(rows))) else self._capture_h[torch.tensor(rows)]
+        self.policy.after_step(views, list(queries.transpose(0, 1)))  # per layer [B', Hq, D]
+
+    def _run_deferred_after_step(self) -> None:
+        """The last step's ``after_step``, deferred when the step was planned ahead: it runs once this
+        step's forward is enqueued (the GPU computes while the host submits retrievals) and before this
+        step's queries are copied into the host buffer it reads. Only the rows that went on get it (a
+        row that finished at that step needs no retrieval); what it submits is collected at the same
+        later step as in the serial order (``collect`` follows it), so the tokens do not change."""
+        if self._after is None:
+            return
+        rows, views, query_copy = self._after
+        self._after = None
+        if not rows:
+            return
+        if query_copy is not None:
+            query_copy.synchronize()  # long done: the last step's output copy came after it
+        self._after_step(rows, views)
 
     def _decode_views(self, rows: list[str]) -> list[RequestView]:
         views = []
@@ -647,6 +678,7 @@ class Engine:
         """Drop the plan made ahead (none of its rows is left to run): its deferred loads are not
         issued, its rows (stopped ones waiting to be freed) are freed."""
         plan, self._ahead = self._ahead, None
+        self._after = None  # its rows all finished: no retrieval of theirs is needed
         self.kv.drop_deferred()
         for ev in plan.context.layer_waits:  # the plan marked its loads' copies waited for: wait for them
             if ev is not None:
@@ -991,6 +1023,7 @@ class Engine:
     def abort_all(self) -> None:
         """Drop every request and return all its blocks (used after an error)."""
         self._ahead = None
+        self._after = None
         for rid in list(self._requests):
             req = self._requests[rid]
             if (req.finish_reason is None or rid in self._unreleased) and rid in self.kv.seqs:
