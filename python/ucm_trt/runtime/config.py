@@ -84,6 +84,11 @@ class RuntimeConfig:
         waits for a free row, ``Policy.collects_ahead()``); a row that stops on a stop token rides
         along in that step, its output dropped, and is freed after it. ``StepRecord.plan_ahead_seconds``
         times it. ``False``: the serial order (plan, forward, wait, retrieval hand-off).
+    defer_after_step:
+        With ``plan_ahead``: a step planned ahead runs its ``Policy.after_step`` (retrieval
+        submissions) once the next step's forward is enqueued, beside it, instead of right after its
+        own tokens. It hides the submission behind the GPU but gives each retrieval about one step
+        less to finish before it is collected.
     time_loads:
         Time the loads and the compute stream's waits for them with CUDA events (a few event
         records per step that loads): ``Engine.stats()`` then reports ``load_gpu_ms_total``,
@@ -107,6 +112,7 @@ class RuntimeConfig:
     overlap_loads: bool = True
     load_method: str = "auto"
     plan_ahead: bool = True
+    defer_after_step: bool = True
     time_loads: bool = True
 
     def __post_init__(self) -> None:
@@ -124,7 +130,7 @@ class RuntimeConfig:
         if self.cuda_graph is not None and not isinstance(self.cuda_graph, bool):
             raise TypeError(f"RuntimeConfig.cuda_graph must be True, False or None (auto), got {self.cuda_graph!r}")
         _pos_int("max_cuda_graphs", self.max_cuda_graphs)
-        for name in ("early_prefetch", "overlap_loads", "plan_ahead", "time_loads"):
+        for name in ("early_prefetch", "overlap_loads", "plan_ahead", "defer_after_step", "time_loads"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"RuntimeConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.load_method not in ("auto", "kernel", "staged", "batch_dma"):

@@ -565,7 +565,7 @@ class Engine:
             self.policy.collect(live_views)
         # planned ahead, the next step surely runs: this step's after_step (retrieval submissions) waits
         # for it and runs beside its forward, for the rows that go on (see _run_deferred_after_step)
-        defer = next_rows is not None and self._host_queries
+        defer = next_rows is not None and self._host_queries and self.config.defer_after_step
         if self._host_queries and live and not defer:
             if query_copy is not None:
                 query_copy.synchronize()  # normally done: the output copy above waited for the step
