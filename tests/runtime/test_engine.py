@@ -160,8 +160,10 @@ def test_early_prefetch_loads_ahead_without_changing_tokens(algorithm, dense_run
                                                            retrieval_stride=stride))
         with Engine(TorchBackend(model, attention="reference"),
                     make_policy(algorithm, dense_layers=DenseLayers(), **kw), sparse=sparse,
+                    # the serial order: planned ahead, a retrieval is submitted beside the next step's
+                    # forward and the plans between submission and collection are made before it can finish
                     config=RuntimeConfig(max_batch=1, max_seq_len=1024, prefill_chunk=128, cache_blocks=0,
-                                         early_prefetch=early, overlap_loads=False)) as eng:
+                                         early_prefetch=early, overlap_loads=False, plan_ahead=False)) as eng:
             [res] = eng.generate(prompt, SamplingParams(max_new_tokens=30))
             dec = [st for st in eng.metrics.steps if st.kind == "decode"]
             runs[early] = (res.token_ids, dec, eng.stats())

@@ -173,18 +173,27 @@ def _tiny():
     return tiny_llama()
 
 
-def _recording(policy_cls):
-    """``policy_cls`` that also keeps a copy of every selection it collects."""
+def _recording(policy_cls, eager_fills=False):
+    """``policy_cls`` that also keeps a copy of every selection it collects (``eager_fills``: and draws
+    its QueryDrift queries on the main thread at submission, not on the worker)."""
 
     class Recording(policy_cls):
         def _collect(self, st, pending):
             super()._collect(st, pending)
             self.collected.append(st.sel.clone())
 
+        def _with_fills(self, jobs, fills):
+            if eager_fills:
+                for fill in fills:
+                    fill()
+                self.eager_draws = getattr(self, "eager_draws", 0) + len(fills)
+                fills = []
+            return super()._with_fills(jobs, fills)
+
     return Recording
 
 
-def _run(model, algorithm, retrieval, *, stride=2, steps=24, prompt_len=300, vote=False):
+def _run(model, algorithm, retrieval, *, stride=2, steps=24, prompt_len=300, vote=False, eager_fills=False):
     """Greedy tokens, every collected selection (one per retrieval, in order) and the policy stats."""
     from ucm_trt.config import KVStarConfig
     from ucm_trt.runtime import Engine, RuntimeConfig, SamplingParams, TorchBackend
@@ -198,7 +207,8 @@ def _run(model, algorithm, retrieval, *, stride=2, steps=24, prompt_len=300, vot
     if algorithm == "kvstar":
         policy = _recording(KVStarPolicy)(KVStarConfig(retrieval_stride=stride), retrieval=retrieval)
     else:
-        policy = _recording({"esa": ESAPolicy, "gsa": GSAPolicy}[algorithm])(retrieval=retrieval, vote=vote)
+        policy = _recording({"esa": ESAPolicy, "gsa": GSAPolicy}[algorithm], eager_fills)(retrieval=retrieval,
+                                                                                          vote=vote)
     policy.collected = []
     with Engine(TorchBackend(model, attention="reference"), policy, sparse=sparse,
                 # the synchronous schedule: these tests compare representation paths retrieval by retrieval; under
@@ -278,6 +288,30 @@ def test_query_drift_controls_turnover(algorithm, tiny_model_for_retrieval):
     assert frozen[2]["topk_turnover"] < 0.15, frozen[2]
     assert fresh[2]["topk_turnover"] > 0.4, fresh[2]
     assert frozen[2]["query_drift_persistence"] == 1.0 and model[2]["query_drift_persistence"] is None
+
+
+@pytest.mark.parametrize("algorithm", ["esa", "gsa"])
+def test_query_drift_drawn_on_the_worker_selects_as_drawn_at_submission(algorithm, tiny_model_for_retrieval):
+    """ESA / GSA hand a QueryDrift query to their retrieval task as an empty buffer plus its draw
+    (RetrievalJob.prepare, run on the worker thread): the same selections, retrieval for retrieval,
+    and the same tokens as drawing it on the main thread when submitting."""
+    drift = RetrievalConfig(query_drift=QueryDrift(persistence=0.6, seed=5))
+    worker = _run(tiny_model_for_retrieval, algorithm, drift, stride=2, steps=20)
+    eager = _run(tiny_model_for_retrieval, algorithm, drift, stride=2, steps=20, eager_fills=True)
+    assert worker[0] == eager[0]
+    assert len(worker[1]) == len(eager[1]) >= 8
+    for a, b in zip(worker[1], eager[1], strict=True):
+        assert torch.equal(a, b)
+    assert 0.0 < worker[2]["topk_turnover"] < 1.0  # the drift moved the selections
+
+
+def test_drifting_query_fill_equals_at():
+    q0 = torch.randn(2, 4, 8)
+    a = QueryDrift(persistence=0.6, seed=2).start("r", 0, q0)
+    b = QueryDrift(persistence=0.6, seed=2).start("r", 0, q0)
+    buf = torch.empty(a.shape)
+    a.fill(buf, 3)
+    assert torch.equal(buf, b.at(3)) and a.step == 3
 
 
 def test_query_drift_target_turnover_is_calibrated_once_and_reached(tiny_model_for_retrieval):

@@ -594,7 +594,7 @@ class Engine:
     def _after_step(self, rows: list[int], views: list[RequestView]) -> None:
         """``Policy.after_step`` of the step whose queries the host buffer holds, for its ``rows``."""
         queries = self._capture_h[: len(rows)] if rows == list(range(len(rows))) else self._capture_h[torch.tensor(rows)]
-        self.policy.after_step(views, list(queries.transpose(0, 1)))  # per layer [B', Hq, D]
+        self.policy.after_step(views, queries.transpose(0, 1))  # [L, B', Hq, D]: per layer [B', Hq, D]
 
     def _run_deferred_after_step(self) -> None:
         """The last step's ``after_step``, deferred when the step was planned ahead: it runs once this

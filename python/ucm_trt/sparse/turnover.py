@@ -210,6 +210,16 @@ class DriftingQuery:
     def step(self) -> int:
         return self._step
 
+    @property
+    def shape(self) -> torch.Size:
+        """The query's shape (that of the starting query)."""
+        return self._u.shape
+
+    def fill(self, out: torch.Tensor, step: int) -> None:
+        """:meth:`at` ``step``, written into ``out`` (a float32 CPU tensor of :attr:`shape`): lets a
+        retrieval task draw the drift on its worker thread instead of the caller's."""
+        out.copy_(self.at(step))
+
     def at(self, step: int) -> torch.Tensor:
         """The query at decode ``step`` (not earlier than the last one asked), float32 CPU, the
         shape of the starting query. Advances the state by ``step - last step`` drift steps at once."""

@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
@@ -195,6 +195,8 @@ class RetrievalJob:
     scores: Callable[[], torch.Tensor] | None = None
     scoring: str = "dot"
     extra: int = 0
+    #: run first, on the worker thread (fills the job's query: a QueryDrift draw, see ``_batch_queries``)
+    prepare: Callable[[], None] | None = None
 
 
 @dataclass(eq=False, kw_only=True)
@@ -357,6 +359,8 @@ class OffloadPolicy(Policy):
         groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
         for i, job in enumerate(jobs):
             try:
+                if job.prepare is not None:
+                    job.prepare()
                 if job.scores is None:
                     sels[i] = job.task()
                 else:
@@ -494,11 +498,17 @@ class OffloadPolicy(Policy):
         prefill retrieval's query by :meth:`_start_drift`)."""
         return self._batch_queries(queries, [row], [req])[0]
 
-    def _batch_queries(self, queries, rows: list[int], reqs: list[RequestView]) -> list[torch.Tensor]:
+    def _batch_queries(self, queries, rows: list[int], reqs: list[RequestView], *,
+                       fills: list | None = None) -> list[torch.Tensor]:
         """The retrieval queries ``[L, Hq, D]`` of the step's requests ``reqs`` at batch ``rows``:
         the model's, as ONE copy of those rows (``queries``: per layer ``[B, Hq, D]``, or one
         ``[L, B, Hq, D]`` tensor; the runtime reuses its buffer), or each request's
-        :class:`~ucm_trt.sparse.turnover.QueryDrift` query when configured."""
+        :class:`~ucm_trt.sparse.turnover.QueryDrift` query when configured.
+
+        ``fills`` (a list, for callers whose queries are read only by retrieval tasks): a drift query
+        comes back as an empty buffer and ``fills`` gets, per request, the callable that draws it
+        into the buffer (:attr:`RetrievalJob.prepare`, run on the worker thread), so the main
+        thread does not pay for the draw; unused (left empty) for the model's queries."""
         if not rows:
             return []
         if self.retrieval.query_drift is None:
@@ -510,8 +520,21 @@ class OffloadPolicy(Policy):
             st = self._state[req.rid]
             if st.drift is None:  # a policy that did not start it at prefill end: start here
                 self._start_drift(req.rid, st, self._row_queries(queries, row), req.step)
-            out.append(st.drift.at(req.step))
+            if fills is None:
+                out.append(st.drift.at(req.step))
+            else:
+                buf = torch.empty(st.drift.shape, dtype=torch.float32)
+                fills.append(partial(st.drift.fill, buf, req.step))
+                out.append(buf)
         return out
+
+    @staticmethod
+    def _with_fills(jobs: list[RetrievalJob], fills: list) -> list[RetrievalJob]:
+        """``jobs`` with the query draws of :meth:`_batch_queries` (``fills``, one per job, or none) as their
+        :attr:`RetrievalJob.prepare`."""
+        if not fills:
+            return jobs
+        return [replace(job, prepare=fill) for job, fill in zip(jobs, fills, strict=True)]
 
     def _start_drift(self, rid: str, st: OffloadRequestState, q: torch.Tensor, step: int = 0) -> None:
         """Start the request's :class:`~ucm_trt.sparse.turnover.QueryDrift` query at ``q [L, Hq, D]``:

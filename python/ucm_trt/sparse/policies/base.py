@@ -250,7 +250,8 @@ class Policy:
 
     def after_step(self, reqs: list[RequestView], queries: list[torch.Tensor]) -> None:
         """After decode step ``reqs`` (and its :meth:`collect`): the step's queries, per layer
-        ``[B, Hq, D]`` (a buffer the runtime reuses: copy what is kept), e.g. to submit retrievals."""
+        ``[B, Hq, D]`` (the runtime passes one ``[L, B, Hq, D]`` tensor, a view of a buffer it reuses:
+        copy what is kept), e.g. to submit retrievals."""
 
     def on_request_end(self, rid: str) -> None:
         pass

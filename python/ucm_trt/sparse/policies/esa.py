@@ -288,8 +288,10 @@ class ESAPolicy(MeanKeyPolicy):
             if not st.dense and req.step % r == 2 % r:
                 submit.append((row, req, st))
         if submit:
-            qs = self._batch_queries(queries, [row for row, _, _ in submit], [req for _, req, _ in submit])
-            jobs = [self._job(req.rid, req.step, st.store, st.sel_nb, q) for (_, req, st), q in zip(submit, qs, strict=True)]
+            fills: list = []  # the synthetic query draws (QueryDrift), made on the worker threads
+            qs = self._batch_queries(queries, [row for row, _, _ in submit], [req for _, req, _ in submit], fills=fills)
+            jobs = self._with_fills([self._job(req.rid, req.step, st.store, st.sel_nb, q)
+                                     for (_, req, st), q in zip(submit, qs, strict=True)], fills)
             for (_, _, st), pending in zip(submit, self._submit_batch(jobs), strict=True):
                 st.pending = pending
         if not self.collects_ahead():

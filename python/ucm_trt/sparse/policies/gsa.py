@@ -181,8 +181,9 @@ class GSAPolicy(MeanKeyPolicy):
             if s % r == 0 and st.pending is None:
                 submit.append((row, req, st))
         if submit:
-            qs = self._batch_queries(queries, [row for row, _, _ in submit], [req for _, req, _ in submit])
-            jobs = [self._job(req.rid, st, self._num_blocks(req.new_len), q, req.step)
-                    for (_, req, st), q in zip(submit, qs, strict=True)]
+            fills: list = []  # the synthetic query draws (QueryDrift), made on the worker threads
+            qs = self._batch_queries(queries, [row for row, _, _ in submit], [req for _, req, _ in submit], fills=fills)
+            jobs = self._with_fills([self._job(req.rid, st, self._num_blocks(req.new_len), q, req.step)
+                                     for (_, req, st), q in zip(submit, qs, strict=True)], fills)
             for (_, _, st), pending in zip(submit, self._submit_batch(jobs), strict=True):
                 st.pending = pending
