@@ -182,13 +182,9 @@ def _recording(policy_cls, eager_fills=False):
             super()._collect(st, pending)
             self.collected.append(st.sel.clone())
 
-        def _with_fills(self, jobs, fills):
-            if eager_fills:
-                for fill in fills:
-                    fill()
-                self.eager_draws = getattr(self, "eager_draws", 0) + len(fills)
-                fills = []
-            return super()._with_fills(jobs, fills)
+        def _batch_queries(self, queries, rows, reqs, *, fills=None):
+            # eager: every query drawn on the main thread at its own step (no buffers, no draws left to jobs)
+            return super()._batch_queries(queries, rows, reqs, fills=None if eager_fills else fills)
 
     return Recording
 
@@ -205,7 +201,7 @@ def _run(model, algorithm, retrieval, *, stride=2, steps=24, prompt_len=300, vot
     sparse = sparse_config_for(algorithm, SparseConfig(block_size=16, budget=Budget.ratio(0.25),
                                                        retrieval_stride=stride, min_blocks=4))
     if algorithm == "kvstar":
-        policy = _recording(KVStarPolicy)(KVStarConfig(retrieval_stride=stride), retrieval=retrieval)
+        policy = _recording(KVStarPolicy, eager_fills)(KVStarConfig(retrieval_stride=stride), retrieval=retrieval)
     else:
         policy = _recording({"esa": ESAPolicy, "gsa": GSAPolicy}[algorithm], eager_fills)(retrieval=retrieval,
                                                                                           vote=vote)
@@ -290,11 +286,12 @@ def test_query_drift_controls_turnover(algorithm, tiny_model_for_retrieval):
     assert frozen[2]["query_drift_persistence"] == 1.0 and model[2]["query_drift_persistence"] is None
 
 
-@pytest.mark.parametrize("algorithm", ["esa", "gsa"])
+@pytest.mark.parametrize("algorithm", ["esa", "gsa", "kvstar"])
 def test_query_drift_drawn_on_the_worker_selects_as_drawn_at_submission(algorithm, tiny_model_for_retrieval):
-    """ESA / GSA hand a QueryDrift query to their retrieval task as an empty buffer plus its draw
-    (RetrievalJob.prepare, run on the worker thread): the same selections, retrieval for retrieval,
-    and the same tokens as drawing it on the main thread when submitting."""
+    """ESA / GSA / KVStar hand a QueryDrift query (KVStar: its voting group of R steps' queries) to
+    their retrieval task as empty buffers plus their draws (RetrievalJob.prepare, run on the worker
+    thread): the same selections, retrieval for retrieval, and the same tokens as drawing them on
+    the main thread when submitting."""
     drift = RetrievalConfig(query_drift=QueryDrift(persistence=0.6, seed=5))
     worker = _run(tiny_model_for_retrieval, algorithm, drift, stride=2, steps=20)
     eager = _run(tiny_model_for_retrieval, algorithm, drift, stride=2, steps=20, eager_fills=True)

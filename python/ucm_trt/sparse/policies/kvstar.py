@@ -309,12 +309,21 @@ class KVStarRequestState(OffloadRequestState):
 
     votes: list[PreparedVote] | StackedVote = field(default_factory=list)
     group: list[torch.Tensor] = field(default_factory=list)
+    group_fills: list = field(default_factory=list)  # QueryDrift draws of ``group``'s buffers, not yet made
 
     @property
     def representation_bytes(self) -> int:
         if isinstance(self.votes, StackedVote):
             return self.votes.nbytes
         return sum(v.nbytes for v in self.votes)  # one int per layer (PreparedVote.nbytes is fixed at layout)
+
+
+def _draw_group(fills: list, group: list[torch.Tensor], out: torch.Tensor) -> None:
+    """A retrieval's QueryDrift voting group, on the worker thread: each step's draw in step order
+    into its buffer, then the group stacked into ``out`` ``[L, Hq, R, D]``."""
+    for fill in fills:
+        fill()
+    torch.stack(group, dim=2, out=out)
 
 
 class KVStarPolicy(OffloadPolicy):
@@ -440,18 +449,30 @@ class KVStarPolicy(OffloadPolicy):
         live = [x for x in live if not x[2].dense]
         if not live:
             return
-        # copies: the runtime reuses the buffer behind ``queries`` on the next step
-        qs = self._batch_queries(queries, [row for row, _, _ in live], [req for _, req, _ in live])
+        # copies: the runtime reuses the buffer behind ``queries`` on the next step. QueryDrift queries come
+        # as empty buffers and their draws (``fills``), made by the retrieval task on its worker thread
+        fills: list = []
+        qs = self._batch_queries(queries, [row for row, _, _ in live], [req for _, req, _ in live], fills=fills)
         submit: list[tuple[RequestView, KVStarRequestState, list[torch.Tensor]]] = []
-        for (_, req, st), q in zip(live, qs, strict=True):
+        prepares: list = []
+        for i, ((_, req, st), q) in enumerate(zip(live, qs, strict=True)):
             s = req.step
             st.group.append(q)  # [L, Hq, D]
+            if fills:
+                st.group_fills.append(fills[i])
             if s % r:
                 continue
-            stacked = torch.stack(st.group[-r:], dim=2)  # [L, Hq, R, D]
-            st.group = []
+            if st.group_fills:  # draw the group's queries in step order, then stack them, on the worker
+                stacked = torch.empty(*q.shape[:2], r, q.shape[-1], dtype=q.dtype)  # [L, Hq, R, D]
+                prepares.append(partial(_draw_group, st.group_fills[-r:], st.group[-r:], stacked))
+            else:
+                stacked = torch.stack(st.group[-r:], dim=2)  # [L, Hq, R, D]
+                prepares.append(None)
+            st.group, st.group_fills = [], []
             submit.append((req, st, list(stacked)))
         if submit:
             jobs = [self._job(req.rid, req.step, st, group) for req, st, group in submit]
+            if any(prepares):
+                jobs = self._with_fills(jobs, prepares)
             for (_, st, _), pending in zip(submit, self._submit_batch(jobs), strict=True):
                 st.pending = pending
