@@ -74,15 +74,16 @@ def _run(model, algorithm, prompts, params, *, plan_ahead, **kw):
 PROMPTS = [(300, 1), (200, 2), (260, 3), (150, 4), (220, 5)]
 
 
+@pytest.mark.parametrize("defer", [False, True])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_tokens_equal_the_serial_order(model, algorithm):
+def test_tokens_equal_the_serial_order(model, algorithm, defer):
     """Five requests through three rows (requests join as others finish by length), one sampled:
     the same tokens, finish reasons and stream as the serial engine, and plans were made ahead."""
     prompts = [_prompt(n, s) for n, s in PROMPTS]
     params = [SamplingParams(max_new_tokens=m) for m in (14, 9, 17, 6, 11)]
     params[2] = SamplingParams(max_new_tokens=17, temperature=0.8, seed=7)
     serial = _run(model, algorithm, prompts, params, plan_ahead=False)
-    ahead = _run(model, algorithm, prompts, params, plan_ahead=True)
+    ahead = _run(model, algorithm, prompts, params, plan_ahead=True, defer_after_step=defer)
     assert ahead[0] == serial[0] and ahead[1] == serial[1]
     assert ahead[2] == serial[2]  # the stream: same tokens in the same order
     assert ahead[6] == serial[6]  # every retrieval became visible at the same step
@@ -98,8 +99,9 @@ def test_tokens_equal_the_serial_order(model, algorithm):
     assert ahead[4]["decode_plan_ahead_ms_mean"] > 0
 
 
+@pytest.mark.parametrize("defer", [False, True])
 @pytest.mark.parametrize("algorithm", ["esa", "gsa", "kvstar"])
-def test_a_row_that_stops_rides_along_and_is_freed(model, algorithm):
+def test_a_row_that_stops_rides_along_and_is_freed(model, algorithm, defer):
     """Request 1 stops on a stop token (its 5th token in the serial run) while the next step was
     planned ahead with it: that step runs it without emitting (a record with fewer tokens than
     rows), then frees it; tokens and stream equal the serial engine's."""
@@ -111,7 +113,7 @@ def test_a_row_that_stops_rides_along_and_is_freed(model, algorithm):
     params = [SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=12, stop_token_ids=(stop,)),
               SamplingParams(max_new_tokens=12)]
     serial = _run(model, algorithm, prompts, params, plan_ahead=False)
-    ahead = _run(model, algorithm, prompts, params, plan_ahead=True)
+    ahead = _run(model, algorithm, prompts, params, plan_ahead=True, defer_after_step=defer)
     assert serial[1][1] == "stop" and len(serial[0][1]) == 5
     assert ahead[0] == serial[0] and ahead[1] == serial[1] and ahead[2] == serial[2]
     # the stopped row's last (ridden) step was planned ahead: its selections are the serial ones elsewhere
@@ -177,12 +179,13 @@ def test_blend_refuses_while_a_step_is_planned_ahead(model):
 
 
 def test_after_step_of_a_step_planned_ahead_runs_beside_the_next_forward(model):
-    """The retrieval submissions of step N (``after_step``) run after step N+1's forward is enqueued
-    (the GPU computes meanwhile), only for the rows that go on; in the serial order right after step N."""
+    """``defer_after_step``: the retrieval submissions of step N (``after_step``) run after step N+1's
+    forward is enqueued (the GPU computes meanwhile), only for the rows that go on; in the serial order
+    right after step N."""
     prompts = [_prompt(n, s) for n, s in PROMPTS[:2]]
     for plan_ahead in (False, True):
         log = []
-        with _engine(model, "esa", plan_ahead=plan_ahead) as eng:
+        with _engine(model, "esa", plan_ahead=plan_ahead, defer_after_step=True) as eng:
             after, forward = eng.policy.after_step, eng._decode_forward
 
             def logged_after(views, queries, after=after, log=log):
