@@ -1,5 +1,6 @@
-# session 9 A/B on one card: plans made ahead with and without the deferred after_step, and the serial order
+# session 9, last device minutes: 32K at the 34 GiB budget, dense and ESA with today's defaults (plans made ahead,
+# after_step not deferred, QueryDrift draws on the worker threads); compare with the 12:57 call (deferred, draws on
+# the main thread): ESA 576.1 tok/s, dense 363.3
 source benchmarks/_gpu_env.sh
-C="$PY benchmarks/bench_capacity.py --shapes llama8b --turnovers realistic --no-batch1 --out-dir $OUT"
-$C --contexts 32768 --kv-budget-gib 34 --algorithms dense esa --runtime-option defer_after_step=true --tag _defer32 2>&1 | grep "tok/s"
-$C --contexts 32768 --kv-budget-gib 34 --algorithms esa --tag _nodefer32 2>&1 | grep "tok/s"
+$PY benchmarks/bench_capacity.py --shapes llama8b --turnovers realistic --no-batch1 --out-dir $OUT \
+    --contexts 32768 --kv-budget-gib 34 --algorithms dense esa --tag _s9_defaults32 2>&1 | grep "tok/s"
