@@ -1,6 +1,11 @@
-# session 9, last device minutes: 32K at the 34 GiB budget, dense and ESA with today's defaults (plans made ahead,
-# after_step not deferred, QueryDrift draws on the worker threads); compare with the 12:57 call (deferred, draws on
-# the main thread): ESA 576.1 tok/s, dense 363.3
+# Not yet run (session 9 ran out of device time): the 8B capacity rows with today's defaults (plans made ahead,
+# after_step not deferred, QueryDrift draws on the retrieval worker threads) against defer_after_step=true, at 32K
+# (34 GiB budget, batch 27) and 128K (batch 6), with dense in the same call. Session 9's 12:50-12:57 H100 calls had
+# the deferral on and the draws on the main thread: 32K ESA 576.1 tok/s (dense 363.3), 128K ESA 243.4 (dense 98.7).
+#   device: bash benchmarks/_ab_session9.sh   (about 5 minutes)
 source benchmarks/_gpu_env.sh
-$PY benchmarks/bench_capacity.py --shapes llama8b --turnovers realistic --no-batch1 --out-dir $OUT \
-    --contexts 32768 --kv-budget-gib 34 --algorithms dense esa --tag _s9_defaults32 2>&1 | grep "tok/s"
+C="$PY benchmarks/bench_capacity.py --shapes llama8b --turnovers realistic --no-batch1 --out-dir $OUT"
+$C --contexts 32768 --kv-budget-gib 34 --algorithms dense esa gsa --tag _defaults32 2>&1 | grep "tok/s"
+$C --contexts 32768 --kv-budget-gib 34 --algorithms esa --runtime-option defer_after_step=true --tag _defer32 2>&1 | grep "tok/s"
+$C --contexts 131072 --algorithms dense esa gsa --tag _defaults128 2>&1 | grep "tok/s"
+$C --contexts 131072 --algorithms esa --runtime-option defer_after_step=true --tag _defer128 2>&1 | grep "tok/s"
