@@ -331,7 +331,7 @@ class Engine:
         self._after: tuple[list[int], list[RequestView], object] | None = None
         self._unreleased: set[str] = set()  # stopped requests a plan made ahead still holds (freed after it)
         self._planning_rows: list[str] = []  # the rows of the plan being made (error messages)
-        self._output_h: dict = {}  # pinned buffer of the step's output copy (CUDA)
+        self._output_h: torch.Tensor | None = None  # pinned buffer of the step's output copy (CUDA)
         self._closed = False
 
     # ================================================================== requests
@@ -678,7 +678,6 @@ class Engine:
         """Drop the plan made ahead (none of its rows is left to run): its deferred loads are not
         issued, its rows (stopped ones waiting to be freed) are freed."""
         plan, self._ahead = self._ahead, None
-        self._after = None  # its rows all finished: no retrieval of theirs is needed
         self.kv.drop_deferred()
         for ev in plan.context.layer_waits:  # the plan marked its loads' copies waited for: wait for them
             if ev is not None:
@@ -687,47 +686,40 @@ class Engine:
             if rid in self._unreleased:
                 self._release(rid)
 
-    def _start_output_copy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    def _start_output_copy(self, x: torch.Tensor):
         """Start copying the step's output (token ids, or logits when sampling) and the index guard's
-        flag to the host without waiting: one non-blocking copy into a pinned buffer on CUDA."""
+        flag to the host without waiting: one non-blocking copy into a pinned buffer on CUDA (the
+        output itself elsewhere). Returns what :meth:`_finish_output_copy` takes."""
         if x.device.type != "cuda":
-            flag = None if self.guard is None else self.guard.flag
-            return (x, flag), None
+            return x, None
+        flat = x.reshape(-1)
         if self.guard is not None:
-            flat = torch.cat([x.reshape(-1).to(torch.float32 if x.is_floating_point() else torch.long),
-                              self.guard.flag.reshape(-1).to(torch.float32 if x.is_floating_point() else torch.long)])
-        else:
-            flat = x.reshape(-1)
-        buf = self._pinned_output(flat)
-        buf.copy_(flat, non_blocking=True)
+            flat = torch.cat([flat, self.guard.flag.reshape(-1).to(flat.dtype)])
+        buf = self._output_h
+        if buf is None or buf.dtype != flat.dtype or buf.numel() != flat.numel():
+            buf = self._output_h = torch.empty(flat.numel(), dtype=flat.dtype, pin_memory=True)
+        buf.copy_(flat, non_blocking=True)  # one buffer: a step's copy is read before the next one starts
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(x.device))
         return (buf, tuple(x.shape)), ev
-
-    def _pinned_output(self, like: torch.Tensor) -> torch.Tensor:
-        key = (like.dtype, like.numel())
-        buf = self._output_h.get(key)
-        if buf is None:
-            buf = torch.empty(like.numel(), dtype=like.dtype, pin_memory=True)
-            self._output_h = {key: buf}  # one buffer: a step's copy is read before the next one starts
-        return buf
 
     def _finish_output_copy(self, started, where: str):
         """Wait for :meth:`_start_output_copy`'s copy; check the guard's flag; the token ids (a list)
         or the logits (a host tensor ``[B, V]``)."""
         payload, ev = started
         if ev is None:
-            x, flag = payload
-            if flag is not None:
-                self._raise_flag(int(flag.item()), where)
-            return x.tolist() if not x.is_floating_point() else x.cpu()
-        buf, shape = payload
-        ev.synchronize()
-        n = int(np.prod(shape))
-        if self.guard is not None:
-            self._raise_flag(int(buf[n].item()), where)
-        x = buf[:n].view(shape)
-        return x.tolist() if not x.is_floating_point() else x.clone()
+            self._check_guard(where)
+            x = payload
+        else:
+            buf, shape = payload
+            ev.synchronize()
+            n = int(np.prod(shape))
+            if self.guard is not None:
+                self._raise_flag(int(buf[n].item()), where)
+            x = buf[:n].view(shape)
+            if x.is_floating_point():
+                x = x.clone()  # the buffer is the next step's
+        return x if x.is_floating_point() else x.tolist()
 
     def _attend_selections(self, rows: list[str], sels, stale: list[list[bool]], new_lens: list[int]):
         """Overlapped schedule: the selections attention reads this step. Where the plan left a

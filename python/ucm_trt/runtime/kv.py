@@ -1250,11 +1250,11 @@ class KVManager:
         wait for the compute work enqueued before that forward, and run beside it."""
         if any(self._deferred):
             self._load(self._deferred, transfer, deferred=True)
-        self._deferred = [[] for _ in range(self.layout.num_layers)]
+        self.drop_deferred()
 
     def drop_deferred(self) -> None:
-        """Forget the loads the last :meth:`plan_step` deferred, unissued: its step will not run
-        (every request of it stopped; the engine frees them)."""
+        """Forget the loads the last :meth:`plan_step` deferred (after issuing them, or unissued: its
+        step will not run, e.g. every request of it stopped and the engine frees them)."""
         self._deferred = [[] for _ in range(self.layout.num_layers)]
 
     def mark_forward_start(self) -> None:
@@ -1316,7 +1316,7 @@ class KVManager:
     def synchronize(self) -> None:
         """Host wait for every copy issued so far and drop loads a failed step left unissued
         (error paths and teardown only)."""
-        self._deferred = [[] for _ in range(self.layout.num_layers)]
+        self.drop_deferred()
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
         self._waited = self._gen
