@@ -7,10 +7,10 @@
 #   SUITE=capacity benchmarks/gpu_suite.sh                capacity: throughput at the capacity wall (bench_capacity.py)
 #   SUITE=retrieval benchmarks/gpu_suite.sh               retrieval: retrieval-option gpu tests, CPU threads vs GPU-resident
 #                                                         representations by batch, end-to-end ESA decode cost of each
-#   SUITE=pending benchmarks/gpu_suite.sh                 pending: what was written without a GPU and never ran on one
-#                                                         (session 9: plans made ahead under the runtime GPU tests and
-#                                                         at 128K capacity, serial vs ahead; session 8's StackedVote and
-#                                                         hash-encode tests); about 9 minutes
+#   SUITE=pending benchmarks/gpu_suite.sh                 pending: what changed since the last GPU run (session 10:
+#                                                         after_step deferred by default, under the runtime GPU tests
+#                                                         and the 32K / 128K capacity rows, plus a profile of ESA's
+#                                                         step; PROFILE=0 skips it); about 9 minutes
 #   SUITE="kernels runtime" benchmarks/gpu_suite.sh       several (the default is "kernels")
 #
 # KERNEL_TESTS narrows the kernel test selection; RUNTIME_BENCH_ARGS overrides bench_runtime.py's arguments;
@@ -93,30 +93,29 @@ if [[ " $SUITE " == *" retrieval "* ]]; then
   (( test_rc == 0 && b1_rc == 0 && b2_rc == 0 )) || rc=1
 fi
 if [[ " $SUITE " == *" pending "* ]]; then
-  # session 9: plans made ahead (RuntimeConfig.plan_ahead) under the runtime GPU tests, and what they buy at
-  # the capacity wall (128K, 8B shape: plan ahead off vs on for ESA, then the rest with the default);
-  # session 8's StackedVote / hash-encode tests and kvstar-gpu-reps rows ride along
+  # session 10: after_step deferred by default (RuntimeConfig.defer_after_step=True) under the runtime GPU tests,
+  # the capacity rows of every offload algorithm at 32K and 128K with it (dense in the same call), and where the
+  # GPU part of ESA's step goes at its capacity batch (realistic turnover); session 8's StackedVote / hash-encode
+  # tests ride along
   t0=$(date +%s)
   $PY -m pytest -q -p no:cacheprovider tests/runtime/test_gpu.py tests/sparse/test_kvstar_vote.py \
       tests/kernels/test_kernel_hash_encode.py -m "gpu or not gpu" -k "not batch_dma" \
       --junitxml="$OUT/pending_tests.xml" >"$OUT/pending_tests.log" 2>&1
   test_rc=$?
   echo "pending gpu tests: rc=$test_rc in $(( $(date +%s) - t0 )) s"; tail -n 4 "$OUT/pending_tests.log"
-  mkdir -p "$OUT/serial"
-  $PY benchmarks/bench_capacity.py --shapes llama8b --contexts 131072 --turnovers realistic --algorithms esa \
-      --runtime-option plan_ahead=false --max-minutes 2 --out-dir "$OUT/serial" 2>&1 | tail -n 4
-  ser_rc=${PIPESTATUS[0]}
-  # shellcheck disable=SC2086
-  $PY benchmarks/bench_capacity.py ${CAPACITY_ARGS:---shapes llama8b --contexts 131072 --turnovers realistic \
-      --algorithms dense esa gsa gsa-on-device kvstar-gpu-reps --max-minutes 3.5} --out-dir "$OUT" 2>&1 | tail -n 8
-  cap_rc=${PIPESTATUS[0]}
+  cap_rc=0
+  C="$PY benchmarks/bench_capacity.py --shapes llama8b --turnovers realistic --no-batch1 --out-dir $OUT"
+  $C --contexts 32768 --kv-budget-gib 34 --algorithms dense esa gsa gsa-on-device --tag _32k 2>&1 | grep "tok/s"
+  (( PIPESTATUS[0] == 0 )) || cap_rc=1
+  $C --contexts 131072 --algorithms dense esa gsa gsa-on-device --tag _128k 2>&1 | grep "tok/s"
+  (( PIPESTATUS[0] == 0 )) || cap_rc=1
   p_rc=0
-  if [[ "${PROFILE:-0}" == 1 ]]; then  # the kernels of ESA's and kvstar-gpu-reps' steps (about 2 minutes more)
-    timeout 120 $PY benchmarks/profile_decode.py --context 131072 --batch 0 --algorithms esa kvstar-gpu-reps --top 8 \
-        --out "$OUT" 2>&1 | grep -v "^llama\|[Ww]arn" | tail -n 22
+  if [[ "${PROFILE:-1}" == 1 ]]; then  # the kernels of ESA's step at its capacity batch (about 2 minutes)
+    timeout 150 $PY benchmarks/profile_decode.py --context 131072 --batch 0 --realistic --algorithms esa --top 10 \
+        --out "$OUT" 2>&1 | grep -v "^llama\|[Ww]arn" | tail -n 16
     p_rc=${PIPESTATUS[0]}
   fi
-  echo "pending: tests rc=$test_rc serial rc=$ser_rc capacity rc=$cap_rc profile rc=$p_rc in $(( $(date +%s) - t0 )) s"
-  (( test_rc == 0 && ser_rc == 0 && cap_rc == 0 && p_rc == 0 )) || rc=1
+  echo "pending: tests rc=$test_rc capacity rc=$cap_rc profile rc=$p_rc in $(( $(date +%s) - t0 )) s"
+  (( test_rc == 0 && cap_rc == 0 && p_rc == 0 )) || rc=1
 fi
 exit $rc

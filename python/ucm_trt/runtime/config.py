@@ -88,8 +88,10 @@ class RuntimeConfig:
         With ``plan_ahead``: a step planned ahead runs its ``Policy.after_step`` (retrieval
         submissions) once the next step's forward is enqueued, beside it, instead of right after its
         own tokens. It hides the submission behind the GPU but gives each retrieval about one step
-        less to finish before it is collected. Off by default: on the H100 at 32K batch 27 (ESA) the
-        retrievals then waited 11.7 ms per step, more than the submissions it hid.
+        less to finish before it is collected. On by default: on the H100 (8B shape, 34 GiB budget,
+        2026-12-07) ESA decoded 751.9 tok/s with it vs 532.3 without at 32K batch 27, and 257.8 vs
+        224.3 at 128K batch 6 (``benchmarks/results/runtime/capacity_*_s10_ab_*.json``); it lost
+        only while the benchmark's synthetic query draws still ran on the main thread.
     time_loads:
         Time the loads and the compute stream's waits for them with CUDA events (a few event
         records per step that loads): ``Engine.stats()`` then reports ``load_gpu_ms_total``,
@@ -113,7 +115,7 @@ class RuntimeConfig:
     overlap_loads: bool = True
     load_method: str = "auto"
     plan_ahead: bool = True
-    defer_after_step: bool = False
+    defer_after_step: bool = True
     time_loads: bool = True
 
     def __post_init__(self) -> None:
