@@ -586,9 +586,11 @@ def decode_round(engine: Engine, *, batch: int, prompt_len: int, vocab: int, set
         "plan_ms_per_step": 1e3 * sum(r.plan_seconds for r in measured) / len(measured),
         # the rest of the step's host time (StepRecord, where the runtime records it): the forward's call
         # (a CUDA-graph replay), the token copy (waits for the GPU), the policy's after_step (retrieval), and
-        # the next step's plan made while this step's forward ran (RuntimeConfig.plan_ahead; plan_ms is then 0)
+        # the next step's plan made while this step's forward ran (RuntimeConfig.plan_ahead; plan_ms is then 0),
+        # and the rest, so that the parts add up to the step: before the forward's launch (input ids upload),
+        # after it (deferred loads issue, write-backs, copy starts), after the sync (sampling, emitting)
         **{f"{name}_ms_per_step": 1e3 * sum(getattr(r, f"{name}_seconds", 0.0) for r in measured) / len(measured)
-           for name in ("forward", "sync", "after_step", "plan_ahead")},
+           for name in ("forward", "sync", "after_step", "plan_ahead", "launch", "enqueue", "emit")},
         # every numeric StepRecord field summed over the measured steps (whatever the runtime records)
         "measured_step_totals": {f.name: sum(getattr(r, f.name) for r in measured)
                                  for f in dataclasses.fields(measured[0])

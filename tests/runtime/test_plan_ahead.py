@@ -213,3 +213,22 @@ def test_after_step_of_a_step_planned_ahead_runs_beside_the_next_forward(model):
             assert forwards_before in ({k + 1 + lag, k + 1} if plan_ahead else {k + 1}), (k, forwards_before)
         first = next(i for i, x in enumerate(log) if x[0] == "after")
         assert sum(1 for x in log[:first] if x[0] == "forward") == 1 + lag
+
+
+@pytest.mark.parametrize("plan_ahead", [False, True])
+def test_the_host_parts_of_a_decode_step_add_up_to_it(model, plan_ahead):
+    """``StepRecord``'s host parts (plan, launch, forward, enqueue, after_step, plan made ahead, sync, emit)
+    cover the decode step's wall time: what a benchmark reports as the step's breakdown leaves nothing
+    untimed but a few lines between the timers. A part dropped from the record (or timed twice) fails it."""
+    prompts = [_prompt(n, s) for n, s in PROMPTS[:3]]
+    _, _, _, steps, stats, _, _ = _run(model, "esa", prompts, SamplingParams(max_new_tokens=12),
+                                       plan_ahead=plan_ahead)
+    dec = [s for s in steps if s.kind == "decode"]
+    parts = ("plan", "launch", "forward", "enqueue", "after_step", "plan_ahead", "sync", "emit")
+    total = sum(s.seconds for s in dec)
+    covered = sum(getattr(s, f"{p}_seconds") for s in dec for p in parts)
+    assert all(getattr(s, f"{p}_seconds") >= 0 for s in dec for p in parts)
+    assert 0.9 * total <= covered <= total, (covered, total)
+    assert stats["decode_launch_ms_mean"] is not None and stats["decode_emit_ms_mean"] is not None
+    if plan_ahead:
+        assert sum(s.plan_ahead_seconds for s in dec) > 0 and sum(s.enqueue_seconds for s in dec) > 0

@@ -17,7 +17,7 @@ from ucm_trt.runtime.algorithms import sparse_config_for
 from ucm_trt.runtime.worker import RetrievalWorker
 from ucm_trt.sparse.batched import BlockRepStore
 from ucm_trt.sparse.policies import ESAPolicy, GSAPolicy, KVStarPolicy
-from ucm_trt.sparse.policies._offload import OffloadRequestState
+from ucm_trt.sparse.policies._offload import OffloadRequestState, RetrievalConfig
 from ucm_trt.sparse.policies.base import ModelShape, PolicyRuntime
 from ucm_trt.sparse.policies.kvstar import KVStarRequestState, PreparedVote
 from ucm_trt.sparse.representations import block_lens_from_seq_lens, kvstar_subblock
@@ -179,7 +179,8 @@ def test_engine_batched_retrieval_equals_per_request_path(algorithm, tiny_model)
 
     def run(cls):
         kw = {"config": KVStarConfig(retrieval_stride=stride)} if algorithm == "kvstar" else {}
-        policy = _recording(cls)(**kw)
+        # one schedule phase for all (no staggering), so that requests retrieve at the same steps and share tasks
+        policy = _recording(cls)(retrieval=RetrievalConfig(stagger=False), **kw)
         with Engine(TorchBackend(tiny_model, attention="torch"), policy, sparse=sparse,
                     config=RuntimeConfig(max_batch=4, max_seq_len=512, prefill_chunk=128, retrieval_threads=2)) as eng:
             res = eng.generate(prompts, params)

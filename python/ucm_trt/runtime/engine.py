@@ -542,10 +542,12 @@ class Engine:
         held = self._held()
         t_after0 = time.perf_counter()
         self._run_deferred_after_step()  # the last step's, beside this forward (before its queries are copied)
-        after_seconds = time.perf_counter() - t_after0
+        t_copies = time.perf_counter()
+        after_seconds = t_copies - t_after0
         query_copy = self._start_query_copy(b) if self._host_queries else None
         greedy = all(req.params.temperature == 0 for req in reqs)
         output = self._start_output_copy(logits.argmax(-1) if greedy else logits.float())
+        enqueue_seconds = (t_after0 - t_forward) + (time.perf_counter() - t_copies)
         live_views = [views[row] for row in live]
         ahead_seconds = 0.0
         next_rows = self._plan_ahead_rows(rows, live)
@@ -588,7 +590,8 @@ class Engine:
             self._after = (going, [views[row] for row in going], query_copy)
         self._record("decode", b, len(live), t0, tr, held, plan_seconds, forward_seconds=t_forward - t_plan,
                      sync_seconds=t_after - t_sync, after_step_seconds=after_seconds + t_done - t_after,
-                     plan_ahead_seconds=ahead_seconds)
+                     plan_ahead_seconds=ahead_seconds, launch_seconds=t_plan - t0 - plan_seconds,
+                     enqueue_seconds=enqueue_seconds, emit_seconds=time.perf_counter() - t_done)
         return emitted
 
     def _after_step(self, rows: list[int], views: list[RequestView]) -> None:

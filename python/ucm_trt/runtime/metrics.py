@@ -45,6 +45,10 @@ class StepRecord:
     # host time of the NEXT step's plan, made during this step while its forward ran on the device
     # (RuntimeConfig.plan_ahead; that step's plan_seconds is then 0)
     plan_ahead_seconds: float = 0.0
+    # the rest of a decode step's host time, so that the parts add up to ``seconds``:
+    launch_seconds: float = 0.0  # before the forward, after the plan: guard checks, input ids upload, upload marks
+    enqueue_seconds: float = 0.0  # after the forward's launch: deferred loads, write-backs, query / output copy starts
+    emit_seconds: float = 0.0  # after the sync and after_step: sampling, emitting, freeing rows
 
 
 def _hidden(steps: list[StepRecord]) -> float | None:
@@ -101,6 +105,9 @@ class RuntimeMetrics:
             "load_hidden_fraction": _hidden(self.steps),
             "decode_plan_ms_mean": (1e3 * sum(s.plan_seconds for s in dec) / len(dec)) if dec else None,
             "decode_plan_ahead_ms_mean": (1e3 * sum(s.plan_ahead_seconds for s in dec) / len(dec)) if dec else None,
+            "decode_launch_ms_mean": (1e3 * sum(s.launch_seconds for s in dec) / len(dec)) if dec else None,
+            "decode_enqueue_ms_mean": (1e3 * sum(s.enqueue_seconds for s in dec) / len(dec)) if dec else None,
+            "decode_emit_ms_mean": (1e3 * sum(s.emit_seconds for s in dec) / len(dec)) if dec else None,
             "decode_forward_ms_mean": (1e3 * sum(s.forward_seconds for s in dec) / len(dec)) if dec else None,
             "decode_sync_ms_mean": (1e3 * sum(s.sync_seconds for s in dec) / len(dec)) if dec else None,
             "decode_after_step_ms_mean": (1e3 * sum(s.after_step_seconds for s in dec) / len(dec)) if dec else None,

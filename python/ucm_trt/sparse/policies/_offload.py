@@ -85,11 +85,19 @@ class RetrievalConfig:
     query_drift:
         ``None``: the model's queries. A :class:`~ucm_trt.sparse.turnover.QueryDrift`: synthetic
         drifting queries (started at the prefill retrieval's query), for benchmarks that need a given turnover.
+    stagger:
+        ``True`` (default): each request's retrieval schedule is shifted by a phase in ``[0, R)`` (``R`` the
+        policy's retrieval stride), the phase the fewest live requests have when its prefill ends, so the
+        retrievals of requests that decode together spread over the stride's steps instead of all falling
+        on one of them (every ``R`` steps each request still retrieves once; only the steps differ). A
+        request alone gets phase 0, upstream's schedule. ``False``: phase 0 for every request (a
+        request's tokens then do not depend on which other requests run beside it).
     """
 
     representations: str = "host"
     rep_dtype: torch.dtype = torch.float32
     query_drift: QueryDrift | None = None
+    stagger: bool = True
 
     def __post_init__(self) -> None:
         if self.representations not in REP_PLACEMENTS:
@@ -105,6 +113,8 @@ class RetrievalConfig:
             raise TypeError(
                 f"RetrievalConfig.query_drift must be a QueryDrift or None, got {type(self.query_drift).__name__}"
             )
+        if not isinstance(self.stagger, bool):
+            raise TypeError(f"RetrievalConfig.stagger must be a bool, got {self.stagger!r}")
 
 
 def stack_layer_selections(sels: list[torch.Tensor]) -> torch.Tensor:
@@ -210,6 +220,8 @@ class OffloadRequestState:
     count)``; ``peeked`` caches ``prefetch``'s look at a finished ``pending``: ``(pending, per-layer
     views)``. ``drift``: the request's synthetic query (``RetrievalConfig.query_drift`` only);
     ``store``: its block representations (ESA, GSA; KVStar keeps its own, ``KVStarRequestState.votes``).
+    ``phase``: the shift of its retrieval schedule (``RetrievalConfig.stagger``): the policy's schedule
+    reads decode step ``s`` as ``s + phase``.
     """
 
     dense: bool
@@ -220,6 +232,7 @@ class OffloadRequestState:
     peeked: tuple[PendingRetrieval, tuple[torch.Tensor, ...]] | None = None
     drift: DriftingQuery | None = None
     store: BlockRepStore | None = None
+    phase: int = 0
 
     @property
     def representation_bytes(self) -> int:
@@ -482,6 +495,23 @@ class OffloadPolicy(Policy):
             # bytes of K/V the added (layer, KV head, block) entries read per use of the selections
             "extra_bytes_per_use": None if per_head_block is None else c["extra_blocks"] * per_head_block,
         }}
+
+    @property
+    def retrieval_stride(self) -> int:
+        """Decode steps between two retrievals of a request (``SparseConfig.retrieval_stride``; KVStar its own)."""
+        return self.sparse.retrieval_stride
+
+    def _new_phase(self) -> int:
+        """The schedule phase of a request whose prefill ends now (``RetrievalConfig.stagger``): the one
+        the fewest live retrieving requests have (the lowest of those), 0 without staggering."""
+        r = self.retrieval_stride
+        if not self.retrieval.stagger or r == 1:
+            return 0
+        used = [0] * r
+        for st in self._state.values():
+            if not st.dense:
+                used[st.phase % r] += 1
+        return used.index(min(used))
 
     def _num_blocks(self, tokens: int) -> int:
         bs = self.sparse.block_size

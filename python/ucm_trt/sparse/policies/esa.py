@@ -14,7 +14,8 @@
   shared selection; budget from :class:`~ucm_trt.config.SparseConfig` (``Budget.ratio`` as
   upstream's ``sparse_ratio``), forced sink / local windows at the prompt's end.
 * Decode-generated blocks are never sparsified: every block past the prompt is selected.
-* Schedule with stride ``R = SparseConfig.retrieval_stride`` and decode step ``s`` (1-based):
+* Schedule with stride ``R = SparseConfig.retrieval_stride`` and decode step ``s`` (1-based), read
+  as ``s + phase`` (the request's phase, ``RetrievalConfig.stagger``; 0 for a request alone, upstream's):
   after step ``s`` with ``s % R == 2 % R`` a retrieval is submitted with that step's queries;
   after step ``s`` with ``s % R == 0`` it is collected (waited for) and the next plan loads the
   blocks that changed. Steps in between run on the previous selection, as upstream.
@@ -192,6 +193,7 @@ class ESAPolicy(MeanKeyPolicy):
     def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
         nbp = self._num_blocks(req.prompt_len)
         st = OffloadRequestState(dense=nbp < self.sparse.min_blocks, sel_nb=nbp)
+        st.phase = 0 if st.dense else self._new_phase()
         self._state[req.rid] = st
         if st.dense:
             return
@@ -285,7 +287,7 @@ class ESAPolicy(MeanKeyPolicy):
         submit: list[tuple[int, RequestView, OffloadRequestState]] = []
         for row, req in enumerate(reqs):
             st = self._state[req.rid]
-            if not st.dense and req.step % r == 2 % r:
+            if not st.dense and (req.step + st.phase) % r == 2 % r:
                 submit.append((row, req, st))
         if submit:
             fills: list = []  # the synthetic query draws (QueryDrift), made on the worker threads
@@ -298,11 +300,12 @@ class ESAPolicy(MeanKeyPolicy):
             self._collect_due(reqs)
 
     def _collect_due(self, reqs: list[RequestView]) -> None:
-        """Collect the retrievals due after step ``reqs`` (``s % R == 0``), request by request."""
+        """Collect the retrievals due after step ``reqs`` (``(s + phase) % R == 0``, from the step whose
+        retrieval was submitted at step 1 or later: ``s >= R - 1``), request by request."""
         r = self.sparse.retrieval_stride
         for req in reqs:
             st = self._state[req.rid]
-            if st.dense or req.step % r:
+            if st.dense or (req.step + st.phase) % r or req.step < r - 1:
                 continue
             if st.pending is None:
                 raise RuntimeError(f"esa: request {req.rid!r} step {req.step}: no retrieval to collect")

@@ -12,7 +12,8 @@
   are kept beyond the budget.
 * First retrieval (prefill end): from the last ``PrefillWindow.tokens`` prompt queries, as ESA's.
 * Cadence with ``R = SparseConfig.retrieval_stride`` (upstream 3): after decode step ``s`` with
-  ``s % R == 0`` (and no retrieval in flight) a retrieval is submitted; it is collected after
+  ``(s + phase) % R == 0`` (the request's phase, ``RetrievalConfig.stagger``; 0 for a request alone,
+  upstream's) and no retrieval in flight a retrieval is submitted; it is collected after
   step ``s + 1`` and used from step ``s + 2`` on — the selection always lags one step, so the
   retrieval overlaps a whole model step. This is deterministic (upstream consumes whatever has
   finished, which makes the lag timing-dependent).
@@ -75,7 +76,7 @@ class GSAPolicy(MeanKeyPolicy):
     def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
         nb = self._num_blocks(req.prompt_len)
         store = self._new_rep_store(max(nb, 16) * self.sub_blocks)
-        st = OffloadRequestState(dense=False, store=store)
+        st = OffloadRequestState(dense=False, store=store, phase=self._new_phase())
         self._state[req.rid] = st
         # diffuse layers judged from the last prompt query, as before the window (ESA)
         self._decide_dense_layers(req, [q[:, -1:] for q in queries])
@@ -178,7 +179,7 @@ class GSAPolicy(MeanKeyPolicy):
             st = self._state[req.rid]
             s = req.step
             self._update_reps(req.rid, st, req.new_len)
-            if s % r == 0 and st.pending is None:
+            if (s + st.phase) % r == 0 and st.pending is None:
                 submit.append((row, req, st))
         if submit:
             fills: list = []  # the synthetic query draws (QueryDrift), made on the worker threads

@@ -9,11 +9,12 @@
   (pruned to its KV head's channels, no 1/sqrt(d)) softmaxes over the sub-blocks of the candidate
   (non-window) prompt blocks; a block's score is the mass it receives, summed over queries, heads
   and sub-tokens.
-* Schedule with ``R = KVStarConfig.retrieval_stride`` and decode step ``s``: every step's query is
-  stored; after step ``s % R == 0`` the group of the last ``R`` queries is submitted; from
-  ``s >= 2R`` the retrieval submitted at ``s - R`` is collected at the same point, so queries of
-  steps ``[1..R]`` choose the blocks of steps ``[2R+1..3R]`` (one-stride lag, retrieval overlaps a
-  whole stride). Decode-generated blocks are never sparsified.
+* Schedule with ``R = KVStarConfig.retrieval_stride`` and decode step ``s``, read as ``s + phase``
+  in the modulo (the request's phase, ``RetrievalConfig.stagger``; 0 for a request alone, upstream's):
+  every step's query is stored; after step ``s % R == 0`` (``s >= R``) the group of the last ``R``
+  queries is submitted; from ``s >= 2R`` the retrieval submitted at ``s - R`` is collected at the same
+  point, so queries of steps ``[1..R]`` choose the blocks of steps ``[2R+1..3R]`` (one-stride lag,
+  retrieval overlaps a whole stride). Decode-generated blocks are never sparsified.
 * A retrieval covers all layers (a step's retrievals share the worker's tasks, see ``_offload``): the vote per layer on the layer's
   :class:`PreparedVote` (float32 tiles of candidate blocks, one online-softmax pass that never
   materialises the ``[Hq, Tv, positions]`` weights; the task's layers share one
@@ -365,6 +366,7 @@ class KVStarPolicy(OffloadPolicy):
     def on_prefill_end(self, req: RequestView, queries: list[torch.Tensor]) -> None:
         nbp = self._num_blocks(req.prompt_len)
         st = KVStarRequestState(dense=nbp < self.sparse.min_blocks, sel_nb=nbp)
+        st.phase = 0 if st.dense else self._new_phase()
         self._state[req.rid] = st
         if st.dense:
             return
@@ -426,13 +428,17 @@ class KVStarPolicy(OffloadPolicy):
                             scores=partial(self._scores_all, st, group) if batched else None,
                             scoring="kvstar_vote")
 
+    @property
+    def retrieval_stride(self) -> int:
+        return self.config.retrieval_stride
+
     def collect(self, reqs: list[RequestView]) -> None:
-        """Every ``R`` steps (from step ``2R``): the retrieval submitted ``R`` steps ago."""
+        """Every ``R`` steps (``(s + phase) % R == 0``, from step ``2R``): the retrieval submitted ``R`` steps ago."""
         r = self.config.retrieval_stride
         for req in reqs:
             st = self._state[req.rid]
             s = req.step
-            if st.dense or s % r or s < 2 * r:
+            if st.dense or (s + st.phase) % r or s < 2 * r:
                 continue
             pending = st.pending
             if pending is None or pending.step != s - r:
@@ -460,7 +466,7 @@ class KVStarPolicy(OffloadPolicy):
             st.group.append(q)  # [L, Hq, D]
             if fills:
                 st.group_fills.append(fills[i])
-            if s % r:
+            if (s + st.phase) % r or s < r:  # a group is the last R queries: the first needs R steps
                 continue
             if st.group_fills:  # draw the group's queries in step order, then stack them, on the worker
                 stacked = torch.empty(*q.shape[:2], r, q.shape[-1], dtype=q.dtype)  # [L, Hq, R, D]
