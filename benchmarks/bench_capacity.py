@@ -432,6 +432,7 @@ class Settings:
     warmup_steps: int = 8
     fill_chunk: int = 16384
     retrieval_threads: int = 8
+    stagger: bool = False  # RetrievalConfig.stagger (--stagger)
     prefill: str = "fill"  # "fill" (FilledPrefillBackend) or "model"
     cuda_graph: bool | None = None
     batch1: bool = True
@@ -452,10 +453,10 @@ def make_engine(model, name: str, plan: CapacityPlan, settings: Settings, *, max
     algorithm, reps = VARIANTS[name]
     bs = settings.block_size
     kw: dict = {}
-    if reps == "device" or drift is not None:
+    if reps is not None and (reps == "device" or drift is not None or settings.stagger):
         from ucm_trt.sparse.policies import RetrievalConfig
 
-        kw["retrieval"] = RetrievalConfig(representations=reps,
+        kw["retrieval"] = RetrievalConfig(representations=reps, stagger=settings.stagger,
                                           query_drift=None if drift is None else drift.query_drift(seed))
     if algorithm == "kvstar":
         kw["kvstar"] = KVStarConfig(retrieval_stride=settings.stride)
@@ -891,6 +892,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=8)
     p.add_argument("--fill-chunk", type=int, default=16384, help="prefill chunk (filled or real)")
     p.add_argument("--retrieval-threads", type=int, default=8)
+    p.add_argument("--stagger", action="store_true",
+                   help="RetrievalConfig.stagger: each request's retrieval schedule shifted to the least-used phase")
     p.add_argument("--prefill", default="fill", choices=("fill", "model"),
                    help="fill: FilledPrefillBackend writes random prompt KV; model: run the model's prefill")
     p.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"))
@@ -926,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     settings = Settings(block_size=args.block_size, ratio=args.ratio, stride=args.stride, cache_blocks=args.cache_blocks,
                         decode_steps=args.decode_steps, warmup_steps=args.warmup_steps, fill_chunk=args.fill_chunk,
-                        retrieval_threads=args.retrieval_threads, prefill=args.prefill,
+                        retrieval_threads=args.retrieval_threads, stagger=args.stagger, prefill=args.prefill,
                         cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph], batch1=not args.no_batch1,
                         runtime_options=args.runtime_options)
     card = _card()

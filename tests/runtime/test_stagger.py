@@ -94,7 +94,8 @@ def test_a_request_alone_keeps_upstreams_schedule(tiny_model):
 def test_a_freed_phase_is_handed_out_again():
     from ucm_trt.sparse.policies._offload import OffloadRequestState
 
-    policy = make_policy("kvstar", kvstar=KVStarConfig(retrieval_stride=3))  # its stride needs no bound runtime
+    policy = make_policy("kvstar", kvstar=KVStarConfig(retrieval_stride=3),  # its stride needs no bound runtime
+                         retrieval=RetrievalConfig(stagger=True))
 
     for rid in "abc":
         policy._state[rid] = OffloadRequestState(dense=False, phase=policy._new_phase())

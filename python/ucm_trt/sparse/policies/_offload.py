@@ -86,18 +86,22 @@ class RetrievalConfig:
         ``None``: the model's queries. A :class:`~ucm_trt.sparse.turnover.QueryDrift`: synthetic
         drifting queries (started at the prefill retrieval's query), for benchmarks that need a given turnover.
     stagger:
-        ``True`` (default): each request's retrieval schedule is shifted by a phase in ``[0, R)`` (``R`` the
-        policy's retrieval stride), the phase the fewest live requests have when its prefill ends, so the
-        retrievals of requests that decode together spread over the stride's steps instead of all falling
-        on one of them (every ``R`` steps each request still retrieves once; only the steps differ). A
-        request alone gets phase 0, upstream's schedule. ``False``: phase 0 for every request (a
-        request's tokens then do not depend on which other requests run beside it).
+        ``True``: each request's retrieval schedule is shifted by a phase in ``[0, R)`` (``R`` the policy's
+        retrieval stride), the phase the fewest live requests have when its prefill ends, so the retrievals
+        of requests that decode together spread over the stride's steps instead of all falling on one of
+        them (every ``R`` steps each request still retrieves once; only the steps differ; a request alone
+        gets phase 0, upstream's schedule). ``False`` (default): phase 0 for every request (a request's
+        tokens then do not depend on which other requests run beside it). Off by default because it did
+        not pay on the H100 (8B shape, 2026-12-07): the retrieval waits vanished (ESA 128K batch 6: 0.4 ms
+        per step), but every step then carries some request's new selection, and the plan of such a step
+        costs nearly what it costs for all of them (ESA 32K batch 27: plan 37.6 ms per step, 537.8 tok/s
+        vs 673-752 unstaggered).
     """
 
     representations: str = "host"
     rep_dtype: torch.dtype = torch.float32
     query_drift: QueryDrift | None = None
-    stagger: bool = True
+    stagger: bool = False
 
     def __post_init__(self) -> None:
         if self.representations not in REP_PLACEMENTS:
