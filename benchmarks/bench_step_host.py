@@ -212,7 +212,8 @@ def run_case(model, alg: str, turnover: str, batch: int, args, drift) -> dict:
     settings = bc.Settings(block_size=args.block_size, ratio=args.ratio, stride=args.stride,
                            cache_blocks=args.cache_blocks, decode_steps=args.decode_steps,
                            warmup_steps=args.warmup_steps, fill_chunk=args.fill_chunk,
-                           retrieval_threads=args.retrieval_threads, cuda_graph=False, batch1=False,
+                           retrieval_threads=args.retrieval_threads, stagger=args.stagger, cuda_graph=False,
+                           batch1=False,
                            # the serial order: its host parts are the ones timed here (on the CPU the forward
                            # is synchronous, so the next step's plan could not overlap it anyway)
                            runtime_options=(("plan_ahead", False),))
@@ -340,6 +341,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=8)
     p.add_argument("--fill-chunk", type=int, default=16384)
     p.add_argument("--retrieval-threads", type=int, default=2)
+    p.add_argument("--stagger", action="store_true",
+                   help="RetrievalConfig.stagger: each request's retrieval schedule shifted to the least-used phase")
     p.add_argument("--realistic-turnover", type=float, default=None,
                    help="default: the SmolLM2 measurement bench_capacity reads")
     p.add_argument("--attention", default="stand-in", choices=("stand-in", "torch"),

@@ -472,3 +472,44 @@ def test_overlapped_plans_keep_what_each_step_attends_resident_and_right_under_p
     for rid in rids:
         kv.free_request(rid)
     assert kv.device_blocks_held() == 0 and kv.host_bytes_held() == 0
+
+
+def test_standing_pairs_wait_for_the_newest_copy_of_a_block_they_read():
+    """``_note_standing`` (all layers in one pass) gives each layer the wait of the per-layer rule: the
+    newest copy generation among the visible, resident blocks of its standing pairs, where the layer's
+    pool saw a copy newer than the last wait and the layer's wait so far; on random tables, visibility,
+    copy generations and earlier waits (the per-layer rule is restated here as the reference)."""
+    n_layers, slots, width, pool = 5, 4, 12, 40
+    layout = KVLayout(num_layers=n_layers, num_kv_heads=H, head_dim=D, block_size=BS, dtype=torch.float32,
+                      device=torch.device("cpu"))
+    raised = skipped = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        kv = KVManager(layout, max_batch=slots, max_blocks=width, num_device_blocks=pool, offload=True,
+                       num_host_blocks=64)
+        kv._table[...] = rng.integers(0, pool, kv._table.shape) * (rng.random(kv._table.shape) < 0.7)
+        kv._vis[...] = rng.random(kv._vis.shape) < 0.5
+        kv._block_gen[...] = rng.integers(0, 30, kv._block_gen.shape) * (rng.random(kv._block_gen.shape) < 0.3)
+        kv._gen, kv._waited = 30, int(rng.integers(0, 12))
+        kv._block_gen[int(rng.integers(n_layers))] = 0  # a layer whose pool saw no copy
+        kv._layer_wait = [int(x) for x in rng.integers(0, 25, n_layers)]
+        # a layer whose copies are all waited for already (none newer than the last wait): no wait, even
+        # where its own wait so far is lower
+        low = int(rng.integers(n_layers))
+        kv._block_gen[low] = np.minimum(kv._block_gen[low], kv._waited)
+        kv._layer_wait[low] = 0
+        before = list(kv._layer_wait)
+        layers, slot_ids = np.nonzero(rng.random((n_layers, slots)) < 0.6)
+        want = list(before)
+        for layer in np.unique(layers).tolist():  # the per-layer rule
+            if kv._block_gen[layer].max() <= max(kv._waited, want[layer]):
+                skipped += 1
+                continue
+            tbl = kv._table[layer, slot_ids[layers == layer]]
+            read = tbl[kv._vis[layer, slot_ids[layers == layer]] & (tbl != NULL_BLOCK)]
+            if read.size:
+                want[layer] = max(want[layer], int(kv._block_gen[layer][read].max()))
+        kv._note_standing(layers, slot_ids)
+        assert kv._layer_wait == want, seed
+        raised += want != before
+    assert raised >= 5 and skipped >= 5  # both branches of the rule were exercised

@@ -64,6 +64,10 @@ class _Pair:
         self.fast = KVManager(_layout(), **kw)
         self.slow = KVManager(_layout(), **kw)
         self.slow.sequential_plans = True
+        # the batched planner once more, logging every copy and read: its compute waits take the
+        # per-layer path (one _note_wait per layer), which the unlogged one must match
+        self.logged = KVManager(_layout(), **kw)
+        self.logged.copy_log = []
         self.model = None if overlap else _LRUModel(cap, cache)
         self.lens: dict[str, int] = {}
         self.batched_layers = 0
@@ -83,6 +87,8 @@ class _Pair:
             tr = StepTransfer()
             try:
                 stale = kv.plan_step(rows, tokens, needed, tr)
+                if kv is self.fast:
+                    fast_waits = _effective_waits(kv)
                 kv.issue_deferred(tr)
                 errors.append(None)
             except PoolExhaustedError as exc:
@@ -101,6 +107,9 @@ class _Pair:
             return False
         (s_fast, t_fast), (s_slow, t_slow) = out
         assert s_fast == s_slow
+        assert self.logged.plan_step(rows, tokens, needed, StepTransfer()) == s_fast
+        assert _effective_waits(self.logged) == fast_waits
+        self.logged.issue_deferred(StepTransfer())
         assert _counters(t_fast) == _counters(t_slow)
         if self.model is not None:
             assert t_fast.blocks_loaded == loaded and t_fast.blocks_evicted == evicted
@@ -112,10 +121,10 @@ class _Pair:
         for layer in range(L):
             assert self.fast.allocators[layer].num_used == self.slow.allocators[layer].num_used
         for r, t in zip(rows, tokens, strict=True):
-            for kv in (self.fast, self.slow):
+            for kv in (self.fast, self.slow, self.logged):
                 _fill(kv, r, self.lens[r], t)
             self.lens[r] += t
-        for kv in (self.fast, self.slow):
+        for kv in (self.fast, self.slow, self.logged):
             kv.write_back(rows, StepTransfer())
             for r in rows:
                 _check_contents(kv, r)
@@ -129,7 +138,7 @@ class _Pair:
         return True
 
     def join(self, rid: str, n: int) -> bool:
-        for kv in (self.fast, self.slow):
+        for kv in (self.fast, self.slow, self.logged):
             kv.add_request(rid)
         if self.model is not None:
             self.model.add(rid)
@@ -137,11 +146,17 @@ class _Pair:
         return self.plan([rid], [n], [[None]] * L)
 
     def leave(self, rid: str) -> None:
-        for kv in (self.fast, self.slow):
+        for kv in (self.fast, self.slow, self.logged):
             kv.free_request(rid)
         if self.model is not None:
             self.model.free(rid)
         del self.lens[rid]
+
+
+def _effective_waits(kv: KVManager) -> list[int]:
+    """The generation each layer's compute must wait for at this step (0: none; a wait at or below the
+    last one already made is none)."""
+    return [g if g > kv._waited else 0 for g in kv._layer_wait]
 
 
 def _run(seed: int, *, cap: int, cache: int, overlap: bool, steps: int = 60) -> _Pair:

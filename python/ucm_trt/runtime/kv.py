@@ -406,7 +406,7 @@ class KVManager:
         # copy generations (module docstring): last copy into / out of each physical block
         self._gen = 0
         self._waited = 0  # the compute stream has waited for every generation <= this
-        self._block_gen = [np.zeros(num_device_blocks, dtype=np.int64) for _ in range(L)]
+        self._block_gen = np.zeros((L, num_device_blocks), dtype=np.int64)  # row per layer
         self._gen_events: dict[int, torch.cuda.Event] = {}
         #: None, or a list that records every copy ("load" / "write_back", generation, layer, physical ids),
         #: every block a step reads or writes ("read", 0, layer, physical ids), the compute stream's
@@ -844,9 +844,12 @@ class KVManager:
         if self.copy_log is not None or self._gen > self._waited:
             vp, vb = np.divmod(np.flatnonzero(vis), W)
             phys = table_flat[prow[vp] * W + vb]
-            bounds = np.searchsorted(pl[vp], np.arange(L + 1))
-            for layer in np.flatnonzero(fits).tolist():
-                self._note_wait(layer, phys[bounds[layer] : bounds[layer + 1]])
+            if self.copy_log is not None:  # every read is logged, layer by layer
+                bounds = np.searchsorted(pl[vp], np.arange(L + 1))
+                for layer in np.flatnonzero(fits).tolist():
+                    self._note_wait(layer, phys[bounds[layer] : bounds[layer + 1]])
+            else:
+                self._note_waits(pl[vp], phys)
         if st.any():
             flags = np.zeros((L, b), dtype=bool)
             flags[pl[st], pr[st]] = True
@@ -857,15 +860,36 @@ class KVManager:
     def _note_standing(self, layers: np.ndarray, slots: np.ndarray) -> None:
         """The compute waits of (layer, slot) pairs whose working set stands from their last plan
         (:meth:`_plan_batched`): only where a copy newer than both the last wait and this layer's
-        wait so far touched the layer's pool (with a copy log: every read is logged)."""
-        for layer in np.unique(layers).tolist():
-            sel = slots[layers == layer]
-            if self.copy_log is None and (self._gen <= self._waited
-                                          or int(self._block_gen[layer].max()) <= max(self._waited,
-                                                                                      self._layer_wait[layer])):
-                continue
-            tbl = self._table[layer, sel]
-            self._note_wait(layer, tbl[self._vis[layer, sel] & (tbl != NULL_BLOCK)])
+        wait so far touched the layer's pool (with a copy log: every read is logged). All layers
+        in one pass: each layer waits for the newest copy into or out of a block its standing
+        pairs read (what :meth:`_note_wait` of each layer's blocks gives)."""
+        if self.copy_log is not None:  # every read is logged, layer by layer
+            for layer in np.unique(layers).tolist():
+                sel = slots[layers == layer]
+                tbl = self._table[layer, sel]
+                self._note_wait(layer, tbl[self._vis[layer, sel] & (tbl != NULL_BLOCK)])
+            return
+        if self._gen <= self._waited or not layers.size:
+            return
+        floor = np.maximum(np.asarray(self._layer_wait, dtype=np.int64), self._waited)
+        keep = (self._block_gen.max(axis=1) > floor)[layers]  # layers whose pool saw a newer copy
+        if not keep.any():
+            return
+        li, si = layers[keep], slots[keep]
+        tbl = self._table[li, si]  # [pairs, W]
+        pi, col = np.nonzero(self._vis[li, si] & (tbl != NULL_BLOCK))  # the blocks read, pair-major
+        self._note_waits(li[pi], tbl[pi, col])
+
+    def _note_waits(self, layer_of: np.ndarray, phys: np.ndarray) -> None:
+        """:meth:`_note_wait` of many layers' blocks in one pass (no copy log): ``phys[i]`` is read in
+        layer ``layer_of[i]`` (ascending); each layer waits for the newest copy of a block it reads."""
+        if self._gen <= self._waited or not phys.size:
+            return
+        gens = self._block_gen[layer_of, phys]
+        starts = np.flatnonzero(np.r_[True, layer_of[1:] != layer_of[:-1]])  # each layer's first block
+        for layer, g in zip(layer_of[starts].tolist(), np.maximum.reduceat(gens, starts).tolist(), strict=True):
+            if g > self._layer_wait[layer]:
+                self._layer_wait[layer] = g
 
     def _plan_layer(self, seq: _Seq, layer: int, want, geom: tuple[int, int, int],
                     loads: list[tuple[np.ndarray, np.ndarray]], transfer: StepTransfer, extra=None,
