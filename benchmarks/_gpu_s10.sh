@@ -1,5 +1,6 @@
-# Session 10's last GPU call (about 6 minutes; device: bash benchmarks/_gpu_s10.sh): the 8B capacity rows with
-# staggered retrieval phases (RetrievalConfig.stagger, default on) and the step's host time split to the end
+# Session 10's last GPU call (run on 8a94588; results/runtime/capacity_*_s10_stagger*.json): the 8B capacity rows
+# with staggered retrieval phases (RetrievalConfig.stagger, on by default in that commit, off since: this script now
+# runs unstaggered unless --stagger is added) and the step's host time split to the end
 # (StepRecord launch / enqueue / emit), host-representation ESA vs GPU-resident ESA representations, dense
 # in the same call. Before it (H100, defer_after_step on, no staggering) ESA's 128K batch-6 retrievals (6 tasks of
 # ~30 ms every 4th step) waited 4.6 ms per step with 100 ms spikes, and its plan on those steps outran the GPU.
