@@ -58,6 +58,10 @@ def test_allocator_basics_and_errors():
         a.free([2])
     with pytest.raises(ValueError, match="block 0 is not allocated"):
         a.free([0])  # the reserved null block is never handed out
+    for foreign in (5, -1):  # outside the pool: refused, nothing freed
+        with pytest.raises(ValueError, match=f"block {foreign} is not allocated"):
+            a.free([1, foreign])
+    assert a.num_used == 3
     a.free([1, 3, 4])
     assert a.num_free == 4 and a.num_used == 0
     with pytest.raises(ValueError, match="first"):
@@ -513,3 +517,35 @@ def test_standing_pairs_wait_for_the_newest_copy_of_a_block_they_read():
         assert kv._layer_wait == want, seed
         raised += want != before
     assert raised >= 5 and skipped >= 5  # both branches of the rule were exercised
+
+
+def test_mark_spans_sets_each_rows_range_and_nothing_else():
+    """``_mark_spans`` (the batched planner's "blocks the new tokens open") against a plain loop: spans of
+    0, 1, a few and more than 8 blocks (the wide path), on rows that already hold marks."""
+    from ucm_trt.runtime.kv import _mark_spans
+
+    rng = np.random.default_rng(0)
+    for longest in (0, 1, 3, 8, 20):
+        rows, width = 17, 40
+        mask = rng.random((rows, width)) < 0.2
+        start = rng.integers(0, width - longest, rows) if longest < width else np.zeros(rows, dtype=np.int64)
+        stop = start + rng.integers(0, longest + 1, rows)
+        want = mask.copy()
+        for i in range(rows):
+            want[i, start[i] : stop[i]] = True
+        _mark_spans(mask, start, stop)
+        assert (mask == want).all(), longest
+
+
+def test_row_counts_equal_count_nonzero():
+    """``_row_counts`` (eight mask bytes per multiply) against ``np.count_nonzero(axis=1)``: full and empty
+    rows, widths that are and are not multiples of 8, a non-contiguous view (the fallback)."""
+    from ucm_trt.runtime.kv import _row_counts
+
+    rng = np.random.default_rng(1)
+    for width in (8, 64, 2048, 13):
+        mask = rng.random((9, width)) < 0.3
+        mask[0], mask[1] = True, False
+        assert (_row_counts(mask) == np.count_nonzero(mask, axis=1)).all(), width
+    wide = rng.random((5, 32)) < 0.5
+    assert (_row_counts(wide[:, ::2]) == np.count_nonzero(wide[:, ::2], axis=1)).all()

@@ -938,8 +938,9 @@ class Engine:
         bad = (x < -1) | (valid != (np.arange(w) < nv)) | (valid & (x >= nb))
         bad[..., 1:] |= valid[..., 1:] & (x[..., 1:] <= x[..., :-1])
         ok = valid & ~bad
-        phys = self.kv.tables_host.numpy()[li[..., None], ri[..., None], np.where(ok, x, 0)]
-        return bad, ok & (phys == 0)
+        tables = self.kv.tables_host.numpy()  # [L, max_batch, max_blocks]; one flat gather (3 index arrays cost more)
+        at = (li[..., None] * tables.shape[1] + ri[..., None]) * tables.shape[2] + np.where(ok, x, 0)
+        return bad, ok & (tables.reshape(-1)[at] == 0)
 
     def _raise_selection_error(self, x: np.ndarray, li: np.ndarray, ri: np.ndarray, nb_all: np.ndarray) -> None:
         """The ValueError naming the first bad (entry, head) of ``x`` ``[P, H, w]`` in (entry, head) order."""
