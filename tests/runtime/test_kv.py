@@ -549,3 +549,45 @@ def test_row_counts_equal_count_nonzero():
         assert (_row_counts(mask) == np.count_nonzero(mask, axis=1)).all(), width
     wide = rng.random((5, 32)) < 0.5
     assert (_row_counts(wide[:, ::2]) == np.count_nonzero(wide[:, ::2], axis=1)).all()
+
+
+def test_layer_allocators_free_and_allocate_many_as_the_per_layer_calls_would():
+    """``LayerAllocators.free_many`` / ``allocate_many`` (every layer in one pass) against per-layer
+    ``BlockAllocator`` twins over random rounds: the same ids handed out in the same order, the same free
+    counts; a refused call (an id out of the pool, one not in use, one freed twice, a pool too small)
+    names the pool and id like the per-layer call and changes nothing."""
+    from ucm_trt.runtime.kv import LayerAllocators
+
+    rng = np.random.default_rng(3)
+    n_layers, n = 4, 30
+    many = LayerAllocators(n_layers, n, first=1, name="pool {layer}")
+    twins = [BlockAllocator(n, first=1, name=f"pool {i}") for i in range(n_layers)]
+    held = [[] for _ in range(n_layers)]
+    for _ in range(200):
+        counts = np.array([rng.integers(0, min(6, t.num_free) + 1) for t in twins])
+        got = many.allocate_many(counts)
+        want = [t.allocate_array(int(c)) for t, c in zip(twins, counts)]
+        assert got.tolist() == np.concatenate(want).tolist()
+        for i, w in enumerate(want):
+            held[i] += w.tolist()
+        frees = [rng.permutation(h)[: rng.integers(0, len(h) + 1)] for h in held]
+        layer_of = np.repeat(np.arange(n_layers), [f.size for f in frees])
+        many.free_many(layer_of, np.concatenate(frees).astype(np.int64))
+        for i, f in enumerate(frees):
+            twins[i].free_array(f)
+            held[i] = [x for x in held[i] if x not in set(f.tolist())]
+        assert [a.num_free for a in many] == [t.num_free for t in twins]
+    state = (many._stack.copy(), many._used.copy(), [a.num_free for a in many])
+    some = int(held[2][0]) if held[2] else None
+    cases = [(np.array([0, 2]), np.array([held[0][0] if held[0] else 1, n]), f"pool 2: block {n} "),
+             (np.array([1]), np.array([0]), "pool 1: block 0 ")]
+    if some is not None:
+        cases.append((np.array([2, 2]), np.array([some, some]), f"pool 2: block {some} "))
+    for layer_of, ids, msg in cases:
+        with pytest.raises(ValueError, match=msg + "is not allocated"):
+            many.free_many(layer_of, ids)
+        assert (many._stack == state[0]).all() and (many._used == state[1]).all()
+        assert [a.num_free for a in many] == state[2]
+    with pytest.raises(PoolExhaustedError, match="pool 3: cannot allocate"):
+        many.allocate_many(np.array([0, 0, 0, n]))
+    assert (many._used == state[1]).all() and [a.num_free for a in many] == state[2]

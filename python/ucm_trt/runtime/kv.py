@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,7 +125,8 @@ class BlockAllocator:
     ``allocate_array`` / ``free_array`` do the same on numpy arrays (the offload planner's path).
     """
 
-    def __init__(self, num_blocks: int, *, first: int = 0, name: str = "pool") -> None:
+    def __init__(self, num_blocks: int, *, first: int = 0, name: str = "pool",
+                 _storage: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         check_positive_int("num_blocks", num_blocks)
         check_non_negative_int("first", first)
         if first >= num_blocks:
@@ -132,10 +134,13 @@ class BlockAllocator:
         self.name = name
         self.num_blocks = num_blocks
         self.first = first
-        # free stack: the top (end) is handed out first; starts with `first` on top
-        self._stack = np.arange(num_blocks - 1, first - 1, -1, dtype=np.int64)
+        # free stack: the top (end) is handed out first; starts with `first` on top. ``_storage``
+        # (LayerAllocators): the stack and in-use rows live in arrays shared by every layer
+        self._stack, self._used = _storage if _storage is not None else (
+            np.empty(num_blocks, dtype=np.int64), np.empty(num_blocks, dtype=bool))
+        self._stack[: num_blocks - first] = np.arange(num_blocks - 1, first - 1, -1)
+        self._used[:] = False
         self._top = num_blocks - first
-        self._used = np.zeros(num_blocks, dtype=bool)
         self._num_used = 0
 
     @property
@@ -190,6 +195,88 @@ class BlockAllocator:
 
     def free(self, ids) -> None:
         self.free_array(np.fromiter((int(i) for i in ids), dtype=np.int64))
+
+
+class LayerAllocators(Sequence):
+    """One :class:`BlockAllocator` per layer (``allocators[layer]``) over shared ``[L, N]`` arrays, so
+    the batched planner frees and allocates the blocks of every layer in a few array operations
+    (:meth:`free_many`, :meth:`allocate_many`) with the per-layer allocators' results, checks and
+    messages (a refused call changes nothing; the message names the pool and the bad id)."""
+
+    def __init__(self, num_layers: int, num_blocks: int, *, first: int, name: str) -> None:
+        check_positive_int("num_layers", num_layers)
+        check_positive_int("num_blocks", num_blocks)
+        self._stack = np.empty((num_layers, num_blocks), dtype=np.int64)
+        self._used = np.empty((num_layers, num_blocks), dtype=bool)
+        self._layers = [BlockAllocator(num_blocks, first=first, name=name.format(layer=i),
+                                       _storage=(self._stack[i], self._used[i])) for i in range(num_layers)]
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __getitem__(self, layer):
+        return self._layers[layer]
+
+    def _starts(self, layer_of: np.ndarray) -> np.ndarray:
+        return np.searchsorted(layer_of, np.arange(len(self._layers)))
+
+    def free_many(self, layer_of: np.ndarray, ids: np.ndarray) -> None:
+        """``allocators[layer_of[i]].free_array`` of each ``ids[i]``, ``layer_of`` ascending (each layer's
+        ids pushed in the given order, as one ``free_array`` call per layer would)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            return
+        n = self._used.shape[1]
+        flat = layer_of * n + ids
+        used = self._used.reshape(-1)
+        ok = ids.min() >= 0 and ids.max() < n and used[flat].all()
+        if ok:
+            used[flat] = False
+            before = sum(a._num_used for a in self._layers)
+            ok = np.count_nonzero(self._used) == before - ids.size  # no id twice
+            if not ok:
+                used[flat] = True
+        if not ok:  # name the first id out of the pool, not in use or freed twice; nothing was changed
+            inside = (ids >= 0) & (ids < n)
+            good = inside.copy()
+            good[inside] = used[flat[inside]]
+            _, first = np.unique(flat, return_index=True)
+            again = np.ones(ids.size, dtype=bool)
+            again[first] = False
+            i = int(np.flatnonzero(~good | again)[0])
+            raise ValueError(f"{self._layers[int(layer_of[i])].name}: block {int(ids[i])} is not allocated "
+                             "(double free or foreign id)")
+        counts = np.bincount(layer_of, minlength=len(self._layers))
+        tops = np.fromiter((a._top for a in self._layers), dtype=np.int64, count=len(self._layers))
+        rank = np.arange(ids.size) - self._starts(layer_of)[layer_of]
+        self._stack.reshape(-1)[layer_of * n + tops[layer_of] + rank] = ids
+        for layer in np.flatnonzero(counts).tolist():
+            a, c = self._layers[layer], int(counts[layer])
+            a._top += c
+            a._num_used -= c
+
+    def allocate_many(self, counts: np.ndarray) -> np.ndarray:
+        """``np.concatenate([allocators[layer].allocate_array(counts[layer]) for each layer])``: the same ids
+        in the same order; where a pool lacks room, that layer's ``PoolExhaustedError`` and nothing taken."""
+        counts = np.asarray(counts, dtype=np.int64)
+        tops = np.fromiter((a._top for a in self._layers), dtype=np.int64, count=len(self._layers))
+        short = np.flatnonzero(counts > tops)
+        if short.size:
+            layer = int(short[0])
+            self._layers[layer].allocate_array(int(counts[layer]))  # raises, naming the pool
+        total = int(counts.sum())
+        if total == 0:
+            return np.zeros(0, dtype=np.int64)
+        layer_of = np.repeat(np.arange(len(self._layers)), counts)
+        n = self._used.shape[1]
+        rank = np.arange(total) - (np.cumsum(counts) - counts)[layer_of]
+        out = self._stack.reshape(-1)[layer_of * n + tops[layer_of] - 1 - rank]
+        self._used.reshape(-1)[layer_of * n + out] = True
+        for layer in np.flatnonzero(counts).tolist():
+            a, c = self._layers[layer], int(counts[layer])
+            a._top -= c
+            a._num_used += c
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -414,7 +501,7 @@ class KVManager:
         self.is_cuda = dev.type == "cuda"
         # device pools and allocators (block 0 = null block in every layer)
         self.pools = [torch.zeros(num_device_blocks, 2, H, bs, D, dtype=layout.dtype, device=dev) for _ in range(L)]
-        self.allocators = [BlockAllocator(num_device_blocks, first=1, name=f"device pool of layer {i}") for i in range(L)]
+        self.allocators = LayerAllocators(L, num_device_blocks, first=1, name="device pool of layer {layer}")
         # block tables: device buffer + host mirror (pinned on CUDA)
         self.tables = torch.zeros(L, max_batch, max_blocks, dtype=torch.int32, device=dev)
         self.tables_host = torch.zeros(L, max_batch, max_blocks, dtype=torch.int32, pin_memory=self.is_cuda)
@@ -821,11 +908,7 @@ class KVManager:
                     f"request {seqs[pr[vp[i]]].rid!r} layer {int(pl[vp[i]])}: evicting logical block {int(vb[i])} "
                     "that is not in the host store (only completed, written-back blocks may leave the device)"
                 )
-            phys = tbl[vp, vb].astype(np.int64)
-            bounds = np.searchsorted(pl[vp], np.arange(L + 1))
-            for layer in range(L):
-                if bounds[layer + 1] > bounds[layer]:
-                    self.allocators[layer].free_array(phys[bounds[layer] : bounds[layer + 1]])
+            self.allocators.free_many(pl[vp], tbl[vp, vb])
             tbl[vp, vb] = NULL_BLOCK
             table_flat[at[vic]] = NULL_BLOCK
             changed[pr[vp]] = True
@@ -837,8 +920,7 @@ class KVManager:
             mp, mb = np.divmod(flat, W)
             ml = pl[mp]
             bounds = np.searchsorted(ml, np.arange(L + 1))
-            phys = np.concatenate([self.allocators[layer].allocate_array(int(bounds[layer + 1] - bounds[layer]))
-                                   for layer in range(L)])
+            phys = self.allocators.allocate_many(np.diff(bounds))
             table_flat[prow[mp] * W + mb] = phys
             changed[pr[mp]] = True
             old = mb < p_old[mp, 0]
@@ -916,7 +998,7 @@ class KVManager:
         if self._gen <= self._waited or not phys.size:
             return
         gens = self._block_gen.reshape(-1)[layer_of * self._block_gen.shape[1] + phys]
-        starts = np.flatnonzero(np.r_[True, layer_of[1:] != layer_of[:-1]])  # each layer's first block
+        starts = np.concatenate(([0], np.flatnonzero(layer_of[1:] != layer_of[:-1]) + 1))  # each layer's first block
         for layer, g in zip(layer_of[starts].tolist(), np.maximum.reduceat(gens, starts).tolist(), strict=True):
             if g > self._layer_wait[layer]:
                 self._layer_wait[layer] = g
