@@ -566,7 +566,7 @@ def test_layer_allocators_free_and_allocate_many_as_the_per_layer_calls_would():
     for _ in range(200):
         counts = np.array([rng.integers(0, min(6, t.num_free) + 1) for t in twins])
         got = many.allocate_many(counts)
-        want = [t.allocate_array(int(c)) for t, c in zip(twins, counts)]
+        want = [t.allocate_array(int(c)) for t, c in zip(twins, counts, strict=True)]
         assert got.tolist() == np.concatenate(want).tolist()
         for i, w in enumerate(want):
             held[i] += w.tolist()
