@@ -360,3 +360,56 @@ def test_batch_memcpy_refuses_the_legacy_default_stream():
     one = np.zeros(1, dtype=np.uint64)
     with pytest.raises(ValueError, match="stream must be a created CUDA stream"):
         dma.copy(one, one, 64, 0)
+
+
+def test_batch_dma_issues_one_driver_call_per_layer_with_each_blocks_addresses():
+    """``KVManager._dma_layers`` (load_method='batch_dma'): every layer's addresses are computed in one
+    pass and each layer's driver call must read exactly that layer's run: host store / pool base of the
+    layer + block id x block bytes, in both directions, one size per copy, each layer its own generation.
+    The driver is replaced by a recorder that reads the address arrays at the pointers it is given (what
+    cuMemcpyBatchAsync does during the call), so this runs without a GPU."""
+    import ctypes
+
+    from ucm_trt.runtime.batch_copy import BatchMemcpy, _MemcpyAttributes
+    from ucm_trt.runtime.kv import KVLayout, KVManager
+
+    calls = []
+
+    def driver(dst, src, sizes, n, attr, attr_idx, num_attrs, stream):
+        k = n.value
+
+        def read(p):
+            return np.ctypeslib.as_array((ctypes.c_uint64 * k).from_address(p.value)).copy()
+
+        calls.append((read(dst), read(src), read(sizes), stream.value))
+        return 0
+
+    dma = BatchMemcpy.__new__(BatchMemcpy)
+    dma._fn, dma.with_fail_index, dma.name = driver, False, "recorder"
+    dma._attr = _MemcpyAttributes()
+    dma._attr_ref, dma._attr_index, dma._one, dma._sizes = ctypes.byref(dma._attr), (ctypes.c_size_t * 1)(0), \
+        ctypes.c_size_t(1), None
+    layout = KVLayout(num_layers=4, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float16,
+                      device=torch.device("cpu"))
+    kv = KVManager(layout, max_batch=2, max_blocks=8, num_device_blocks=12, offload=True, num_host_blocks=20)
+    kv._dma = dma
+    rng = np.random.default_rng(0)
+    per = {layer: (rng.permutation(20)[: 3 + layer], rng.permutation(np.arange(1, 12))[: 3 + layer])
+           for layer in (0, 2, 3)}
+
+    class Stream:
+        cuda_stream = 77
+
+    for to_device in (True, False):
+        calls.clear()
+        gens = kv._dma_layers([0, 2, 3], per, to_device, Stream())
+        assert len(calls) == 3
+        for (dst, src, sizes, stream), layer in zip(calls, (0, 2, 3), strict=True):
+            hids, phys = per[layer]
+            host = kv.host[layer].data_ptr() + hids.astype(np.uint64) * kv.block_bytes
+            dev = kv.pools[layer].data_ptr() + phys.astype(np.uint64) * kv.block_bytes
+            want_dst, want_src = (dev, host) if to_device else (host, dev)
+            assert (dst == want_dst).all() and (src == want_src).all(), (to_device, layer)
+            assert (sizes == kv.block_bytes).all() and stream == 77
+        assert gens[1] == 0 and gens[0] < gens[2] < gens[3]
+        assert all((kv._block_gen[layer][per[layer][1]] == gens[layer]).all() for layer in (0, 2, 3))

@@ -52,27 +52,42 @@ class BatchMemcpy:
         self._attr = _MemcpyAttributes()
         self._attr.srcAccessOrder = _SRC_ACCESS_ORDER_STREAM
         self._attr_index = (ctypes.c_size_t * 1)(0)
+        self._attr_ref = ctypes.byref(self._attr)
+        self._one = ctypes.c_size_t(1)
+        self._sizes: np.ndarray | None = None  # every copy's byte count, reused while it is long enough
         self.name = "cuMemcpyBatchAsync" + ("" if self.with_fail_index else "_v2")
 
     def copy(self, dst: np.ndarray, src: np.ndarray, nbytes: int, stream: int) -> None:
         """Copy ``nbytes`` from each address in ``src`` to the address at the same index in ``dst``
         (uint64 arrays of equal length), in stream order on ``stream`` (a raw ``cudaStream_t``,
         e.g. ``torch.cuda.Stream.cuda_stream``). Returns once the copies are enqueued."""
+        n = int(dst.size)
+        if src.size != n:
+            raise ValueError(f"dst and src must list as many addresses, got {n} and {src.size}")
+        dst = np.ascontiguousarray(dst, dtype=np.uint64)
+        src = np.ascontiguousarray(src, dtype=np.uint64)
+        self.enqueue(dst.ctypes.data, src.ctypes.data, n, nbytes, stream)
+
+    def enqueue(self, dst_list: int, src_list: int, n: int, nbytes: int, stream: int) -> None:
+        """:meth:`copy` of ``n`` address pairs given as the addresses of two uint64 arrays in host memory
+        (``ndarray.ctypes.data`` plus an offset: a run of several calls over one address array, e.g.
+        one per layer, without a view, a contiguity check and three ctypes conversions each). The
+        arrays must stay alive until the call returns (the driver reads them during the call)."""
         if not stream:
             # the driver answers CUDA_ERROR_INVALID_VALUE (CUresult 1) for the legacy NULL stream
             raise ValueError("stream must be a created CUDA stream (cuMemcpyBatchAsync refuses the legacy default "
                              f"stream), got {stream!r}")
-        n = int(dst.size)
-        if src.size != n:
-            raise ValueError(f"dst and src must list as many addresses, got {n} and {src.size}")
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
         if n == 0:
             return
-        dst = np.ascontiguousarray(dst, dtype=np.uint64)
-        src = np.ascontiguousarray(src, dtype=np.uint64)
-        sizes = np.full(n, nbytes, dtype=np.uint64)
-        args = [dst.ctypes.data_as(ctypes.c_void_p), src.ctypes.data_as(ctypes.c_void_p),
-                sizes.ctypes.data_as(ctypes.c_void_p), ctypes.c_size_t(n), ctypes.byref(self._attr),
-                self._attr_index, ctypes.c_size_t(1)]
+        if not dst_list or not src_list:
+            raise ValueError(f"dst_list and src_list must be addresses of uint64 arrays, got {dst_list!r}, {src_list!r}")
+        sizes = self._sizes
+        if sizes is None or sizes.size < n or sizes[0] != nbytes:
+            sizes = self._sizes = np.full(max(n, 1024), nbytes, dtype=np.uint64)
+        args = [ctypes.c_void_p(dst_list), ctypes.c_void_p(src_list), ctypes.c_void_p(sizes.ctypes.data),
+                ctypes.c_size_t(n), self._attr_ref, self._attr_index, self._one]
         fail = ctypes.c_size_t(0)
         if self.with_fail_index:
             args.append(ctypes.byref(fail))

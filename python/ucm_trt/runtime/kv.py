@@ -483,6 +483,7 @@ class KVManager:
         self.overlap = overlap and offload
         self.load_method = load_method
         self._dma = None
+        self._bases: tuple[np.ndarray, np.ndarray] | None = None  # (host store, pool) address per layer (batch_dma)
         if load_method == "batch_dma" and layout.device.type == "cuda" and offload:
             from ucm_trt.runtime.batch_copy import BatchMemcpy
 
@@ -1308,20 +1309,31 @@ class KVManager:
 
     def _dma_layers(self, layers: list[int], per: dict, to_device: bool, stream) -> list[int]:
         """``load_method="batch_dma"``: one ``cuMemcpyBatchAsync`` per layer (either direction) on
-        the side stream (which already waits as :meth:`_copy_layers` says), one generation each."""
+        the side stream (which already waits as :meth:`_copy_layers` says), one generation each. The
+        addresses of every layer's blocks are computed in one pass; each layer's call reads its run."""
         gens = [0] * self.layout.num_layers
+        if self._bases is None:  # the pools and the host store never move: their base addresses once
+            self._bases = (np.array([t.data_ptr() for t in self.host], dtype=np.uint64),
+                           np.array([t.data_ptr() for t in self.pools], dtype=np.uint64))
+        host_base, pool_base = self._bases
+        counts = [per[layer][0].size for layer in layers]
+        layer_of = np.repeat(np.asarray(layers, dtype=np.int64), counts)
         bb = np.uint64(self.block_bytes)
+        hids = np.concatenate([per[layer][0] for layer in layers]).astype(np.uint64)
+        phys = np.concatenate([per[layer][1] for layer in layers]).astype(np.uint64)
+        host = host_base[layer_of] + hids * bb
+        dev = pool_base[layer_of] + phys * bb
+        dst, src = (dev, host) if to_device else (host, dev)
+        dst_at, src_at = dst.ctypes.data, src.ctypes.data  # fresh contiguous uint64 arrays, alive below
         timing = self.time_copies and to_device
         if timing:
             t0 = torch.cuda.Event(enable_timing=True)
             t0.record(stream)
-        for layer in layers:
-            hids, phys = per[layer]
-            host = np.uint64(self.host[layer].data_ptr()) + hids.astype(np.uint64) * bb
-            dev = np.uint64(self.pools[layer].data_ptr()) + phys.astype(np.uint64) * bb
-            dst, src = (dev, host) if to_device else (host, dev)
-            self._dma.copy(dst, src, self.block_bytes, stream.cuda_stream)
-            gens[layer] = self._next_gen(layer, phys, "load" if to_device else "write_back")
+        off = 0
+        for layer, n in zip(layers, counts, strict=True):
+            self._dma.enqueue(dst_at + 8 * off, src_at + 8 * off, n, self.block_bytes, stream.cuda_stream)
+            off += n
+            gens[layer] = self._next_gen(layer, per[layer][1], "load" if to_device else "write_back")
         if timing:
             t1 = torch.cuda.Event(enable_timing=True)
             t1.record(stream)
