@@ -106,6 +106,10 @@ if [[ " $SUITE " == *" pending "* ]]; then
         --junitxml="$OUT/pending_tests.xml" >"$OUT/pending_tests.log" 2>&1
     test_rc=$?
     echo "pending gpu tests: rc=$test_rc in $(( $(date +%s) - t0 )) s"; tail -n 3 "$OUT/pending_tests.log"
+    # the batched DMA path in its own pytest call (a driver crash takes only these down)
+    $PY -m pytest -q -p no:cacheprovider tests/runtime/test_gpu.py -m "gpu" -k "batch_dma" \
+        --junitxml="$OUT/pending_dma_tests.xml" >"$OUT/pending_dma_tests.log" 2>&1 || test_rc=1
+    echo "batch_dma gpu tests: rc=$test_rc in $(( $(date +%s) - t0 )) s"; tail -n 2 "$OUT/pending_dma_tests.log"
   fi
   cap_rc=0
   C="$PY benchmarks/bench_capacity.py --shapes llama8b --turnovers realistic --no-batch1 --out-dir $OUT"
