@@ -10,7 +10,8 @@
 #   SUITE=pending benchmarks/gpu_suite.sh                 pending: what is left to measure (after session 10: the
 #                                                         runtime GPU tests, then ESA's capacity rows with one
 #                                                         intra-op thread per retrieval thread and with GPU-resident
-#                                                         representations, staggered or not); about 9 minutes
+#                                                         representations, staggered or not); about 9 minutes;
+#                                                         PENDING_CONTEXTS=131072 for the 128K rows only
 #   SUITE="kernels runtime" benchmarks/gpu_suite.sh       several (the default is "kernels")
 #
 # KERNEL_TESTS narrows the kernel test selection; RUNTIME_BENCH_ARGS overrides bench_runtime.py's arguments;
@@ -114,7 +115,7 @@ if [[ " $SUITE " == *" pending "* ]]; then
   cap_rc=0
   C="$PY benchmarks/bench_capacity.py --shapes llama8b --turnovers realistic --no-batch1 --out-dir $OUT"
   I1="--runtime-option retrieval_intra_op_threads=1"
-  for ctx in 131072 32768; do
+  for ctx in ${PENDING_CONTEXTS:-131072 32768}; do
     B=""; [[ $ctx == 32768 ]] && B="--kv-budget-gib 34"
     $C --contexts $ctx $B --algorithms dense esa esa-gpu-reps --tag _pending_${ctx} 2>&1 | grep "tok/s\|rror"
     (( PIPESTATUS[0] == 0 )) || cap_rc=1
