@@ -13,6 +13,8 @@
 #                                                         representations, staggered or not); about 9 minutes;
 #                                                         PENDING_CONTEXTS=131072 for the 128K rows only,
 #                                                         PENDING_INTRA1=0 without the one-intra-op-thread row
+#   SUITE=brief benchmarks/gpu_suite.sh                   brief: batched-DMA and plan-ahead GPU tests, 128K dense / ESA /
+#                                                         ESA GPU reps; about 4 minutes (a short device budget)
 #   SUITE="kernels runtime" benchmarks/gpu_suite.sh       several (the default is "kernels")
 #
 # KERNEL_TESTS narrows the kernel test selection; RUNTIME_BENCH_ARGS overrides bench_runtime.py's arguments;
@@ -130,6 +132,20 @@ if [[ " $SUITE " == *" pending "* ]]; then
     fi
   done
   echo "pending: tests rc=$test_rc capacity rc=$cap_rc in $(( $(date +%s) - t0 )) s"
+  (( test_rc == 0 && cap_rc == 0 )) || rc=1
+fi
+if [[ " $SUITE " == *" brief "* ]]; then
+  # for a short device budget (about 4 minutes): the batched-DMA GPU tests and the plan-ahead ones (the DMA issue path
+  # and the planner changed in session 11), then 128K dense / ESA / ESA with GPU-resident representations
+  t0=$(date +%s)
+  $PY -m pytest -q -p no:cacheprovider tests/runtime/test_gpu.py -m "gpu" -k "batch_dma or plans_made_ahead" \
+      --junitxml="$OUT/brief_tests.xml" >"$OUT/brief_tests.log" 2>&1
+  test_rc=$?
+  echo "brief gpu tests: rc=$test_rc in $(( $(date +%s) - t0 )) s"; tail -n 2 "$OUT/brief_tests.log"
+  $PY benchmarks/bench_capacity.py --shapes llama8b --turnovers realistic --no-batch1 --out-dir "$OUT" \
+      --contexts 131072 --algorithms dense esa-gpu-reps esa --tag _brief_131072 2>&1 | grep "tok/s\|rror"
+  cap_rc=${PIPESTATUS[0]}
+  echo "brief: tests rc=$test_rc capacity rc=$cap_rc in $(( $(date +%s) - t0 )) s"
   (( test_rc == 0 && cap_rc == 0 )) || rc=1
 fi
 exit $rc
