@@ -184,17 +184,23 @@ class BlockAllocator:
                 self._num_used -= ids.size
                 return
             self._used[ids] = True  # undo: every id was in use, one of them is here twice
-            _, first = np.unique(ids, return_index=True)
-            bad = int(ids[np.setdiff1d(np.arange(ids.size), first)[0]])  # the second free of it in this call
-        else:
-            inside = (ids >= 0) & (ids < self.num_blocks)
-            ok = inside.copy()
-            ok[inside] = self._used[ids[inside]]
-            bad = int(ids[np.flatnonzero(~ok)[0]])
+        bad = int(ids[_first_refused(ids, ids, self._used, self.num_blocks)])
         raise ValueError(f"{self.name}: block {bad} is not allocated (double free or foreign id)")
 
     def free(self, ids) -> None:
         self.free_array(np.fromiter((int(i) for i in ids), dtype=np.int64))
+
+
+def _first_refused(ids: np.ndarray, keys: np.ndarray, used: np.ndarray, n: int) -> int:
+    """Index of the first id a free must refuse: outside ``[0, n)``, not in use (``used[keys]``) or a
+    repeat of an earlier one in the same call (``keys``: the ids, or unique per-layer keys of them)."""
+    inside = (ids >= 0) & (ids < n)
+    good = inside.copy()
+    good[inside] = used[keys[inside]]
+    _, first = np.unique(keys, return_index=True)
+    again = np.ones(ids.size, dtype=bool)
+    again[first] = False
+    return int(np.flatnonzero(~good | again)[0])
 
 
 class LayerAllocators(Sequence):
@@ -217,9 +223,6 @@ class LayerAllocators(Sequence):
     def __getitem__(self, layer):
         return self._layers[layer]
 
-    def _starts(self, layer_of: np.ndarray) -> np.ndarray:
-        return np.searchsorted(layer_of, np.arange(len(self._layers)))
-
     def free_many(self, layer_of: np.ndarray, ids: np.ndarray) -> None:
         """``allocators[layer_of[i]].free_array`` of each ``ids[i]``, ``layer_of`` ascending (each layer's
         ids pushed in the given order, as one ``free_array`` call per layer would)."""
@@ -237,18 +240,12 @@ class LayerAllocators(Sequence):
             if not ok:
                 used[flat] = True
         if not ok:  # name the first id out of the pool, not in use or freed twice; nothing was changed
-            inside = (ids >= 0) & (ids < n)
-            good = inside.copy()
-            good[inside] = used[flat[inside]]
-            _, first = np.unique(flat, return_index=True)
-            again = np.ones(ids.size, dtype=bool)
-            again[first] = False
-            i = int(np.flatnonzero(~good | again)[0])
+            i = _first_refused(ids, flat, used, n)
             raise ValueError(f"{self._layers[int(layer_of[i])].name}: block {int(ids[i])} is not allocated "
                              "(double free or foreign id)")
         counts = np.bincount(layer_of, minlength=len(self._layers))
         tops = np.fromiter((a._top for a in self._layers), dtype=np.int64, count=len(self._layers))
-        rank = np.arange(ids.size) - self._starts(layer_of)[layer_of]
+        rank = np.arange(ids.size) - (np.cumsum(counts) - counts)[layer_of]
         self._stack.reshape(-1)[layer_of * n + tops[layer_of] + rank] = ids
         for layer in np.flatnonzero(counts).tolist():
             a, c = self._layers[layer], int(counts[layer])
