@@ -60,6 +60,7 @@ stale selection; the engine hands attention the matching selection tensors.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -1280,11 +1281,7 @@ class KVManager:
             ids_h[total + off : total + off + n] = torch.from_numpy(per[layer][1])
             off += n
         staged = to_device and self.load_method == "staged"
-        timing = self.time_copies and to_device
-        with torch.cuda.stream(stream):
-            if timing:
-                t0 = torch.cuda.Event(enable_timing=True)
-                t0.record(stream)
+        with torch.cuda.stream(stream), self._timed("load", stream, self.time_copies and to_device):
             ids = ids_h[: 2 * total].to(self.layout.device, non_blocking=True)
             self._used(slot, stream)
             off = 0
@@ -1298,10 +1295,6 @@ class KVManager:
                     copy_blocks(self.pools[layer], self.host[layer], phys, hids, guard=self.guard)
                 off += n
                 gens[layer] = self._next_gen(layer, per[layer][1], "load" if to_device else "write_back")
-            if timing:
-                t1 = torch.cuda.Event(enable_timing=True)
-                t1.record(stream)
-                self._timings.append(("load", t0, t1))
         return gens
 
     def _dma_layers(self, layers: list[int], per: dict, to_device: bool, stream) -> list[int]:
@@ -1322,20 +1315,26 @@ class KVManager:
         dev = pool_base[layer_of] + phys * bb
         dst, src = (dev, host) if to_device else (host, dev)
         dst_at, src_at = dst.ctypes.data, src.ctypes.data  # fresh contiguous uint64 arrays, alive below
-        timing = self.time_copies and to_device
-        if timing:
-            t0 = torch.cuda.Event(enable_timing=True)
-            t0.record(stream)
-        off = 0
-        for layer, n in zip(layers, counts, strict=True):
-            self._dma.enqueue(dst_at + 8 * off, src_at + 8 * off, n, self.block_bytes, stream.cuda_stream)
-            off += n
-            gens[layer] = self._next_gen(layer, per[layer][1], "load" if to_device else "write_back")
-        if timing:
-            t1 = torch.cuda.Event(enable_timing=True)
-            t1.record(stream)
-            self._timings.append(("load", t0, t1))
+        with self._timed("load", stream, self.time_copies and to_device):
+            off = 0
+            for layer, n in zip(layers, counts, strict=True):
+                self._dma.enqueue(dst_at + 8 * off, src_at + 8 * off, n, self.block_bytes, stream.cuda_stream)
+                off += n
+                gens[layer] = self._next_gen(layer, per[layer][1], "load" if to_device else "write_back")
         return gens
+
+    @contextlib.contextmanager
+    def _timed(self, kind: str, stream, on: bool):
+        """With ``on`` (``time_copies``): GPU events on ``stream`` before and after what the body
+        enqueues there, kept for :meth:`collect_timings` as ``kind`` ("load" or "wait")."""
+        if not on:
+            yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        yield
+        end.record(stream)
+        self._timings.append((kind, start, end))
 
     def _staged_load(self, layer: int, hids: torch.Tensor, phys: torch.Tensor, stream) -> None:
         """``load_method="staged"``: CPU gather into pinned staging (two slots of at most
@@ -1432,13 +1431,7 @@ class KVManager:
     def wait_on(self, event: torch.cuda.Event) -> None:
         """Make the compute stream wait for ``event`` (timed with ``time_copies``)."""
         cur = torch.cuda.current_stream(self.layout.device)
-        if self.time_copies:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record(cur)
-            cur.wait_event(event)
-            b.record(cur)
-            self._timings.append(("wait", a, b))
-        else:
+        with self._timed("wait", cur, self.time_copies):
             cur.wait_event(event)
 
     def collect_timings(self) -> tuple[float, float]:
