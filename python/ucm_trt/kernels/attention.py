@@ -69,6 +69,7 @@ from ucm_trt.kernels._common import (
     num_sms,
 )
 from ucm_trt.kernels.guard import IndexGuard
+from ucm_trt.kernels.guard_flag import raise_flag
 
 __all__ = [
     "ATTENTION_GUARD_CODES",
@@ -153,7 +154,7 @@ def _paged_attn_fwd(
         cap = MAX_BLOCKS * BS
     seq_len = tl.minimum(tl.maximum(seq_raw, T), cap)
     if HAS_GUARD:
-        tl.atomic_max(guard_ptr, _BAD_SEQ_LEN, mask=(seq_raw < T) | (seq_raw > cap))
+        raise_flag(guard_ptr, _BAD_SEQ_LEN, mask=(seq_raw < T) | (seq_raw > cap))
     chunk_start = seq_len - T
 
     rows = tl.arange(0, BLOCK_M)
@@ -335,8 +336,8 @@ def _paged_attn_fwd(
             m_i, l_i, acc = _softmax_update(s, v, kmask, pos, qpos, row_ok, m_i, l_i, acc, QK_SCALE, DOT_PREC)
 
     if HAS_GUARD:
-        tl.atomic_max(guard_ptr, _BAD_SELECTION, mask=tl.max(bad_sel_v, 0) > 0)
-        tl.atomic_max(guard_ptr, _BAD_BLOCK_TABLE, mask=tl.max(bad_phys_v, 0) > 0)
+        raise_flag(guard_ptr, _BAD_SELECTION, mask=tl.max(bad_sel_v, 0) > 0)
+        raise_flag(guard_ptr, _BAD_BLOCK_TABLE, mask=tl.max(bad_phys_v, 0) > 0)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
     o_rows = out_ptr + b64 * stride_ob + (h * G + g) * stride_oh + t * stride_ot

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ucm_trt._validation import check_tensor
 from ucm_trt.kernels.guard import IndexGuard
+from ucm_trt.kernels.guard_flag import raise_flag
 
 __all__ = ["GUARD_CODES", "copy_blocks"]
 
@@ -53,8 +54,8 @@ def _copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, flag_ptr, bl
     d_ok = (d >= 0) & (d < n_dst)
     if GUARD:
         first = c == 0
-        tl.atomic_max(flag_ptr, _BAD_SRC_ID, mask=first & (s_ok == 0))
-        tl.atomic_max(flag_ptr, _BAD_DST_ID, mask=first & (d_ok == 0))
+        raise_flag(flag_ptr, _BAD_SRC_ID, mask=first & (s_ok == 0))
+        raise_flag(flag_ptr, _BAD_DST_ID, mask=first & (d_ok == 0))
     s = tl.where(s_ok, s, 0)
     d = tl.where(d_ok, d, 0)
     offs = c * CHUNK + tl.arange(0, CHUNK)

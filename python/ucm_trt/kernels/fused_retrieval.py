@@ -57,6 +57,7 @@ from ucm_trt.kernels._common import (
     next_pow2,
 )
 from ucm_trt.kernels.guard import IndexGuard
+from ucm_trt.kernels.guard_flag import raise_flag
 from ucm_trt.limits import block_size_problem, check_block_size, check_head_dim
 
 __all__ = [
@@ -327,7 +328,7 @@ def _fused_retrieve_kernel(
         phys = tl.load(bt_ptr + b64 * stride_btb + blk, mask=live, other=0)
         bad = live & ((phys < 0) | (phys >= NUM_PHYS))
         if GUARD:
-            tl.atomic_max(flag_ptr + cc * 0, tl.full([CB], _BAD_BLOCK_ID, tl.int32), mask=bad)
+            raise_flag(flag_ptr + cc * 0, tl.full([CB], _BAD_BLOCK_ID, tl.int32), mask=bad)
         ok = live & ~bad
         phys = tl.where(ok, phys, 0).to(tl.int64)
         if MODE == 0:
@@ -380,7 +381,7 @@ def _fused_retrieve_kernel(
     if ticket == n_chunks - 1:
         tl.store(count_ptr + row, 0)
         if GUARD:
-            tl.atomic_max(flag_ptr, _BAD_SEQ_LEN, mask=bad_len)
+            raise_flag(flag_ptr, _BAD_SEQ_LEN, mask=bad_len)
         _select_row(keys_row, out_ptr + b64 * stride_ob + hg * HPP * stride_oh, stride_oh, nb, TOP_K, SINK, LOCAL,
                     HPP, NBLK, CH, RB, KEY_BITS)
 

@@ -26,6 +26,7 @@ import triton.language as tl
 from ucm_trt._validation import check_same_device, check_tensor
 from ucm_trt.kernels._common import KERNEL_FLOAT_DTYPES, check_bool, next_pow2
 from ucm_trt.kernels.guard import IndexGuard
+from ucm_trt.kernels.guard_flag import raise_flag
 
 __all__ = ["GUARD_CODES", "encode_keys_into"]
 
@@ -63,7 +64,7 @@ def _encode_keys_kernel(
     off = tl.load(off_ptr + n).to(tl.int64)
     ok = (blk >= 0) & (blk < NUM_BLOCKS) & (off >= 0) & (off < BS)
     if GUARD:
-        tl.atomic_max(guard_ptr, _BAD_SLOT, mask=~ok)
+        raise_flag(guard_ptr, _BAD_SLOT, mask=~ok)
     hh = tl.arange(0, HP)
     dd = tl.arange(0, DP)
     bb = c * BC + tl.arange(0, BC)

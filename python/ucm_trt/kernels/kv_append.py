@@ -38,6 +38,7 @@ from ucm_trt.kernels._common import (
     next_pow2,
 )
 from ucm_trt.kernels.guard import IndexGuard
+from ucm_trt.kernels.guard_flag import raise_flag
 from ucm_trt.kernels.hash_encode import pack_sign_bits
 from ucm_trt.limits import check_block_size, check_head_dim
 
@@ -87,8 +88,8 @@ def _append_kv_kernel(
     phys = tl.load(bt_ptr + b.to(tl.int64) * stride_btb + blk, mask=active, other=0).to(tl.int64)
     phys_bad = active & ((phys < 0) | (phys >= NUM_PHYS))
     if GUARD:
-        tl.atomic_max(flag_ptr, _BAD_BLOCK_ID, mask=phys_bad)
-        tl.atomic_max(flag_ptr, _BAD_LENGTHS, mask=(seq_ok == 0) & (i == 0) & (h == 0))
+        raise_flag(flag_ptr, _BAD_BLOCK_ID, mask=phys_bad)
+        raise_flag(flag_ptr, _BAD_LENGTHS, mask=(seq_ok == 0) & (i == 0) & (h == 0))
     active = active & (phys_bad == 0)
     phys = tl.where(active, phys, 0)
 

@@ -28,6 +28,7 @@ from ucm_trt.kernels._common import (
     next_pow2,
 )
 from ucm_trt.kernels.guard import IndexGuard
+from ucm_trt.kernels.guard_flag import raise_flag
 from ucm_trt.limits import check_block_size, check_head_dim
 
 __all__ = ["GUARD_CODES", "delta_rope_blocks_"]
@@ -49,7 +50,7 @@ def _delta_rope_kernel(
     phys = tl.load(ids_ptr + n).to(tl.int64)
     ok = (phys >= 0) & (phys < NUM_PHYS)
     if GUARD:
-        tl.atomic_max(flag_ptr, _BAD_BLOCK_ID, mask=(ok == 0) & (h == 0))
+        raise_flag(flag_ptr, _BAD_BLOCK_ID, mask=(ok == 0) & (h == 0))
     phys = tl.where(ok, phys, 0)
     off = tl.load(off_ptr + n).to(tl.float64)
     dh = tl.arange(0, HP)
