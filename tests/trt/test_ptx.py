@@ -260,3 +260,36 @@ def test_split_variant_plugin_compiles_the_split_kernel_for_the_rule_s_tile(name
     assert [d for d, _ in entry_params(unsplit.ptx, unsplit.name)] == [PTR] * 7 + [I32] * 13 + [PTR]
     with pytest.raises(ValueError, match=r"num_sms is 0: the split count is planned"):
         aot_launch(split_op, dict(case.attrs(), num_sms=0), torch.bfloat16, tactic, target)
+
+
+def _atoms(ptx: str, op: str) -> list[str]:
+    """The PTX atomics of ``op`` (``max``, ``add``) with their qualifiers: ``atom`` (returns the old
+    value) and ``red`` (does not; what an unused relaxed atomic becomes)."""
+    return [m.group(0) for m in re.finditer(r"\b(atom|red)(\.[a-z0-9_]+)+", ptx) if f".{op}." in m.group(0) + "."]
+
+
+def test_index_guard_flag_is_a_relaxed_atomic_max():
+    """Every kernel raises the IndexGuard flag through ``raise_flag``: a relaxed atomic max. An
+    acquire-release one (Triton's default) puts fences into every program that reaches the call
+    (masked off or not); the flag is read only after the launch completes, so nothing needs them.
+    Checked on the attention kernel (guard on; its split-K ticket keeps acq_rel) and on copy_blocks."""
+    from ucm_trt.kernels.block_copy import _copy_blocks_kernel
+
+    case = CASES["d96_gqa4"]
+    fn, signature, constexprs = paged_attention_kernel_args(case.geometry(), tile_config(1, case.geometry()),
+                                                            torch.bfloat16, split=True)  # fmt: skip
+    del constexprs["guard_ptr"]
+    constexprs["HAS_GUARD"] = True
+    sig = {**signature, "guard_ptr": "*i32"}
+    order = [n for n in _jit_function(fn).arg_names if n in sig]
+    k = compile_ptx(fn, signature={n: sig[n] for n in order}, constexprs=constexprs,
+                    target=PtxTarget(arch=90, ptx_version=80), num_warps=4, num_stages=2)  # fmt: skip
+    maxes = _atoms(k.ptx, "max")
+    assert len(maxes) >= 3 and all(".relaxed" in a for a in maxes), maxes  # seq_len, selection, block table
+    assert any(".acq_rel" in a for a in _atoms(k.ptx, "add"))  # the split-K ticket is unchanged
+    copy_sig = {"src_ptr": "*bf16", "dst_ptr": "*bf16", "src_ids_ptr": "*i64", "dst_ids_ptr": "*i64",
+                "flag_ptr": "*i32", "block_elems": "i32", "n_src": "i32", "n_dst": "i32"}  # fmt: skip
+    k = compile_ptx(_copy_blocks_kernel, signature=copy_sig, constexprs={"CHUNK": 1024, "GUARD": True},
+                    target=PtxTarget(arch=90, ptx_version=80))  # fmt: skip
+    maxes = _atoms(k.ptx, "max")
+    assert len(maxes) == 2 and all(".relaxed" in a for a in maxes), maxes
