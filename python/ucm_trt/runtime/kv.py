@@ -351,6 +351,19 @@ def _row_counts(mask: np.ndarray) -> np.ndarray:
     return ((words * _BYTE_SUM) >> np.uint64(56)).sum(axis=1, dtype=np.int64)
 
 
+def _layer_runs(layer_of: np.ndarray, sel: np.ndarray | None):
+    """``(layer, slice)`` of each run of equal values in ``layer_of`` (ascending), over the
+    entries where ``sel`` is true (``sel`` None: all): the indices of ``layer_of`` as a slice
+    (``sel`` None) or an index array."""
+    idx = None if sel is None else np.flatnonzero(sel)
+    lay = layer_of if idx is None else layer_of[idx]
+    if not lay.size:
+        return
+    cuts = (np.flatnonzero(lay[1:] != lay[:-1]) + 1).tolist()
+    for a, b in zip([0, *cuts], [*cuts, lay.size], strict=True):
+        yield int(lay[a]), (slice(a, b) if idx is None else idx[a:b])
+
+
 def _as_ids(blocks, limit: int) -> np.ndarray:
     """Logical block ids (a set, sequence or int64 array) below ``limit`` as an int64 array."""
     ids = blocks if isinstance(blocks, np.ndarray) else np.fromiter(blocks, dtype=np.int64, count=len(blocks))
@@ -757,6 +770,24 @@ class KVManager:
             self.copy_log.append(("wait", 0, layer, g))
         self._set_waited(g)
 
+    def _wait_fresh_many(self, layer_of: np.ndarray, phys: np.ndarray) -> None:
+        """:meth:`_wait_fresh` of many layers' new blocks (``phys[i]`` of layer ``layer_of[i]``,
+        ascending) in one pass: one stream wait for the newest copy among them, which orders the
+        compute stream after every earlier copy too (one side stream runs them in order). With a
+        copy log, layer by layer, so the log holds each layer's wait."""
+        if self._gen <= self._waited or not phys.size:
+            return
+        if self.copy_log is not None:
+            for layer, at in _layer_runs(layer_of, None):
+                self._wait_fresh(layer, phys[at])
+            return
+        g = int(self._block_gen.reshape(-1)[layer_of * self._block_gen.shape[1] + phys].max())
+        if g <= self._waited:
+            return
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.layout.device).wait_event(self._gen_events[g])
+        self._set_waited(g)
+
     def _set_waited(self, g: int) -> None:
         self._waited = g
         for old in [x for x in self._gen_events if x <= g]:
@@ -934,16 +965,12 @@ class KVManager:
             deferred = old & st[mp]
             now = old & ~deferred
             transfer.blocks_deferred += int(deferred.sum())
-            for layer in range(L):
-                lo_, hi_ = int(bounds[layer]), int(bounds[layer + 1])
-                if hi_ == lo_:
-                    continue
-                for sel, out in ((now[lo_:hi_], loads[layer]), (deferred[lo_:hi_], self._deferred[layer])):
-                    if sel.any():
-                        out.append((hids[lo_:hi_][sel], phys[lo_:hi_][sel]))
-                fresh = ~old[lo_:hi_]
-                if fresh.any():
-                    self._wait_fresh(layer, phys[lo_:hi_][fresh])
+            for sel, out in ((now, loads), (deferred, self._deferred)):
+                for layer, at in _layer_runs(ml, sel):
+                    out[layer].append((hids[at], phys[at]))
+            fresh = ~old
+            if fresh.any():
+                self._wait_fresh_many(ml[fresh], phys[fresh])
         for row in np.flatnonzero(changed).tolist():
             seqs[row].version += 1
         # the wanted blocks become the most recently used, in block order
