@@ -55,8 +55,8 @@ OPTIONS: dict[str, str] = {
     "retrieval=": "a RetrievalConfig configures the CPU-retrieval (offload) policies esa, gsa and kvstar only",
     "dense_layers=": "dense layers apply to the block-selecting policies; this one runs every layer dense already",
     "adaptive=": "adaptive= is implemented for esa and gsa (their block scores are logit estimates)",
-    "head_merge=": "a HeadMerge sets what each KV head attends of a per-head retrieval of esa, gsa and kvstar only "
-                   "(gsa-on-device selects inside the layer on the device)",
+    "head_merge=": "a HeadMerge sets what each KV head attends of a per-head retrieval of esa, gsa, gsa-on-device "
+                   "and kvstar only",
     "prefill_window=": "a PrefillWindow sets the first retrieval's prompt queries of esa and gsa only (kvstar "
                        "votes with its retrieval stride's queries, gsa-on-device selects per step inside the layer)",
 }
@@ -159,7 +159,7 @@ REGISTRY: dict[str, AlgorithmSpec] = {s.name: s for s in (
         name="gsa-on-device", kind="policy", entry="ucm_trt.sparse.policies.gsa_on_device:GSAOnDevicePolicy",
         representation="hash", scoring="hamming", graph_op="sparse", retrieval="gpu", needs_queries=False,
         cuda_graph=True, offload=False, budgeted=True, backends=("torch",), backend_rule=_ON_DEVICE_ONLY,
-        options=_SPARSE_OPTIONS | {"gsa_on_device="},
+        options=_SPARSE_OPTIONS | {"gsa_on_device=", "head_merge="},
         summary="hashed-K Hamming scoring inside each layer on the device",
     ),
     AlgorithmSpec(name="kvstar", entry="ucm_trt.sparse.policies.kvstar:KVStarPolicy", representation="subblock",

@@ -68,10 +68,11 @@ def test_decode_throughput_dense_vs_sparse_llama1b_shape(tmp_path):
     assert all("error" not in r and r["decode_tokens_per_s"] > 0 for r in runs), runs
 
 
-def _graph_tokens(model, algorithm, *, cuda_graph, budget, steps=40, **kw):
+def _graph_tokens(model, algorithm, *, cuda_graph, budget, steps=40, selection="shared", **kw):
     """Greedy tokens of two requests of different lengths and lengths of output (the batch drops
     from 2 rows to 1 mid-way: a second graph key) with the decode step captured or eager."""
-    sparse = sparse_config_for(algorithm, SparseConfig(block_size=16, budget=budget, retrieval_stride=3))
+    sparse = sparse_config_for(algorithm, SparseConfig(block_size=16, budget=budget, retrieval_stride=3,
+                                                       selection=selection))
     rt = RuntimeConfig(max_batch=2, max_seq_len=1024, prefill_chunk=128, cache_blocks=1, cuda_graph=cuda_graph)
     if algorithm not in ("dense", "rerope"):
         kw.setdefault("dense_layers", DenseLayers())  # every layer sparse (the random model is diffuse)
@@ -113,6 +114,27 @@ def test_cuda_graph_decode_equals_eager_decode(algorithm, dtype):
     if algorithm in ("esa", "gsa", "kvstar", "gsa-on-device"):
         assert st_g["policy"]["selected_block_fraction"] < 0.9  # the selections were sparse
         assert st_g["policy"]["selected_block_fraction"] == pytest.approx(st_e["policy"]["selected_block_fraction"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["own", "union"])
+def test_cuda_graph_gsa_on_device_per_head_selections(mode):
+    """GSA On-Device with a per-head selection, each head's own blocks or the layer's union built on the
+    device (``union_kv_heads_fixed``, no host sync): captured decode steps give the eager steps' tokens,
+    and the union reads more blocks than the heads' own selections."""
+    from ucm_trt.config import HeadMerge
+
+    model = tiny_llama(head_dim=32).to("cuda", torch.bfloat16)
+    kw = dict(_GRAPH_CASES["gsa-on-device"], selection="per_head", head_merge=HeadMerge(mode=mode))
+    eager, st_e = _graph_tokens(model, "gsa-on-device", cuda_graph=False, budget=Budget.ratio(0.25), **kw)
+    graph, st_g = _graph_tokens(model, "gsa-on-device", cuda_graph=True, budget=Budget.ratio(0.25), **kw)
+    assert st_g["cuda_graph"] is True and st_g["eager_decode_steps"] == 0 and graph == eager
+    frac = st_g["policy"]["selected_block_fraction"]
+    assert frac == pytest.approx(st_e["policy"]["selected_block_fraction"]) and frac < 0.9
+    if mode == "union":
+        _, st_own = _graph_tokens(model, "gsa-on-device", cuda_graph=True, budget=Budget.ratio(0.25),
+                                  **dict(kw, head_merge=HeadMerge()))  # fmt: skip
+        assert frac > st_own["policy"]["selected_block_fraction"]
 
 
 @pytest.mark.gpu

@@ -21,7 +21,7 @@ number of blocks, gate open); a ``+sync`` suffix runs it with ``RuntimeConfig(ov
 (``esa`` / ``gsa`` only) makes the first retrieval from the last ``N`` prompt queries
 (``PrefillWindow(tokens=N)``; ``+wNmax``: ``reduce="max"``; ``+wNp1``: ``persist=1``, the window's scores
 added to every later retrieval; ``+w1`` is the window-less first retrieval), a ``+own`` / ``+union`` suffix
-(``esa`` / ``gsa`` / ``kvstar``) sets :class:`~ucm_trt.config.HeadMerge` (each KV head attends its own blocks /
+(``esa`` / ``gsa`` / ``gsa-on-device`` / ``kvstar``) sets :class:`~ucm_trt.config.HeadMerge` (each KV head attends its own blocks /
 the union of its layer's heads' blocks),
 a ``:b`` suffix at budget ``b`` only (``esa@ucm:0.125``). Suffixes combine: ``esa+sync+w1:0.125``.
 """
@@ -207,9 +207,9 @@ def parse_method(method: str) -> tuple[str, str]:
                          f"not {algo}")
     if opts["channels"] is not None and algo != "kvstar":
         raise ValueError(f"method {method!r}: '+crX' (KVStarConfig(channel_ratio=X)) applies to kvstar only, not {algo}")
-    if opts["heads"] is not None and algo not in ("esa", "gsa", "kvstar"):
+    if opts["heads"] is not None and algo not in ("esa", "gsa", "gsa-on-device", "kvstar"):
         raise ValueError(f"method {method!r}: '+{opts['heads']}' (HeadMerge: what each KV head attends) applies to "
-                         f"esa, gsa and kvstar only, not {algo}")
+                         f"esa, gsa, gsa-on-device and kvstar only, not {algo}")
     return algo, preset
 
 

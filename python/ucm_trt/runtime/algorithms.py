@@ -35,6 +35,7 @@ __all__ = [
     "GSA_ON_DEVICE_HASH_BITS_PER_DIM",
     "KVSTAR_CHANNEL_RATIO",
     "default_dense_layers",
+    "default_head_merge",
     "grid_gsa_on_device_config",
     "gsa_on_device_for_preset",
     "kvstar_for_preset",
@@ -76,6 +77,16 @@ BLOCK_SCORING: Mapping[str, Mapping[str, object]] = MappingProxyType({
 #: reported on seed 0); ``ucm`` each head its own (upstream's per-head top-k; upstream selects shared anyway)
 DEFAULT_HEAD_MERGE = HeadMerge(mode="union")
 HEAD_MERGE: Mapping[str, HeadMerge] = MappingProxyType({"default": DEFAULT_HEAD_MERGE, "ucm": HeadMerge()})
+#: the algorithms whose heads keep their own blocks under every preset unless ``head_merge`` says otherwise:
+#: GSA On-Device's union (session 12, seed 0, 1K + 2K, 1/8) kept 23 of dense's 28 answers against 22 for its
+#: own selections, 3 answers won and 2 lost: no evidence worth the blocks it adds (docs/quality.md)
+HEAD_MERGE_OWN: frozenset[str] = frozenset({"gsa-on-device"})
+
+
+def default_head_merge(algorithm: str, preset: str = "default") -> HeadMerge:
+    """The :class:`HeadMerge` ``make_policy`` gives ``algorithm`` under ``preset`` when none is given:
+    :data:`HEAD_MERGE` of the preset, or each head its own for the algorithms in :data:`HEAD_MERGE_OWN`."""
+    return HeadMerge() if algorithm in HEAD_MERGE_OWN else HEAD_MERGE[_check_preset(preset)]
 
 
 #: GSA On-Device's hash bits per head-dim channel when its config leaves them open
@@ -180,8 +191,8 @@ def make_policy(
     ``query_drift`` (the speed benchmarks' synthetic drift, calibrated on block means) keeps one mean
     per block. ``prefill_window``: the prompt queries ESA's / GSA's first retrieval scores with (default:
     the preset's, :data:`BLOCK_SCORING`); a graph backend's model must return that many
-    (``RewriteConfig.query_window``, default 64). ``head_merge``: what each KV head of esa's / gsa's / kvstar's
-    per-head retrievals attends (default: the preset's, :data:`HEAD_MERGE`)."""
+    (``RewriteConfig.query_window``, default 64). ``head_merge``: what each KV head of esa's / gsa's /
+    gsa-on-device's / kvstar's per-head selections attends (default: :func:`default_head_merge`)."""
     _check_preset(preset)
     given = {"kvstar=": kvstar, "gsa_on_device=": gsa_on_device, "rerope=": rerope, "retrieval=": retrieval,
              "dense_layers=": dense_layers, "adaptive=": adaptive, "prefill_window=": prefill_window,
@@ -201,7 +212,7 @@ def make_policy(
     if "adaptive=" in spec.options:
         kwargs["adaptive"] = adaptive
     if "head_merge=" in spec.options:
-        kwargs["head_merge"] = HEAD_MERGE[preset] if head_merge is None else head_merge
+        kwargs["head_merge"] = default_head_merge(algorithm, preset) if head_merge is None else head_merge
     if spec.preset_scoring:
         kwargs.update(BLOCK_SCORING[preset])
         if retrieval is not None and getattr(retrieval, "query_drift", None) is not None:

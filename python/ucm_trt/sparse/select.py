@@ -21,6 +21,7 @@ selection_mask           selection -> bool ``[B, H, max_blocks]``
 mask_to_selection        bool mask -> selection (sorted, -1 padded)
 selection_counts         number of selected blocks per row
 union_kv_heads           every KV-head row -> the union of the rows of its batch entry (HeadMerge "union")
+union_kv_heads_fixed     the same at a fixed width, without a host sync (capturable in a CUDA graph)
 num_blocks_from_seq_lens ceil(seq_len / block_size)
 """
 
@@ -48,6 +49,7 @@ __all__ = [
     "mask_to_selection",
     "selection_counts",
     "union_kv_heads",
+    "union_kv_heads_fixed",
     "num_blocks_from_seq_lens",
 ]
 
@@ -189,6 +191,33 @@ def union_kv_heads(selection: torch.Tensor, max_blocks: int) -> torch.Tensor:
     mask = selection_mask(sel, max_blocks).any(dim=1, keepdim=True)  # [B, 1, max_blocks]
     out = mask_to_selection(mask)  # [B, 1, S']
     return out.expand(-1, sel.shape[1], -1).contiguous().to(sel.dtype)
+
+
+def union_kv_heads_fixed(selection: torch.Tensor, max_blocks: int) -> torch.Tensor:
+    """:func:`union_kv_heads` at the fixed width ``S' = min(H * S, max_blocks)`` (at least 1), with no
+    host sync: capturable in a CUDA graph, for a selection made on the device each step (GSA
+    On-Device's). Every head row of a batch entry becomes the union of that entry's ``H`` rows, ids
+    ascending, ``-1`` past the union; the width always holds the union, so nothing is dropped.
+
+    The entries are not checked (a check reads them on the host): they must be -1 or block ids in
+    ``[0, max_blocks)``, as a retrieval kernel's output is by construction; an id outside that range
+    would be written past the row (``scatter_`` raises on the CPU, and is undefined on a GPU)."""
+    sel = _check_selection(selection)
+    check_positive_int("max_blocks", max_blocks)
+    b, h, s = sel.shape
+    width = max(1, min(h * s, max_blocks))
+    ids = torch.where(sel < 0, torch.full_like(sel, max_blocks), sel).reshape(b, h * s).to(torch.int64)
+    mask = torch.zeros((b, max_blocks + 1), dtype=torch.bool, device=sel.device)
+    mask.scatter_(1, ids, True)
+    mask = mask[:, :max_blocks]
+    # compaction by prefix count: the k-th selected block (ascending) goes to column k; the others to a
+    # spare last column that is cut off
+    dst = torch.where(mask, mask.cumsum(1) - 1, torch.full((b, max_blocks), width, dtype=torch.int64,
+                                                              device=sel.device))  # fmt: skip
+    out = torch.full((b, width + 1), -1, dtype=torch.int64, device=sel.device)
+    out.scatter_(1, dst, torch.arange(max_blocks, device=sel.device).expand(b, max_blocks))
+    out = out[:, :width]  # columns past the union's size were never written: -1
+    return out[:, None, :].expand(b, h, width).contiguous().to(sel.dtype)
 
 
 def budget_counts(

@@ -12,6 +12,9 @@
   distances are selected. Nothing leaves the device; KV is not offloaded.
 * Gate (per step, for the whole batch): sparse decode only when at least
   ``concurrency_threshold`` rows have ``seq_len >= seq_len_threshold``; otherwise dense.
+* ``head_merge`` (:class:`~ucm_trt.config.HeadMerge`): with ``"union"`` and a per-head selection, every KV
+  head attends the union of its layer's heads' blocks (as ESA / GSA / KVStar), built on the device at a
+  fixed width (``num_kv_heads`` x the per-head width, at most the table's), so graphs still capture it.
 * ``rollback_layers`` always run dense; ``layer_reuse[l] = src`` makes layer ``l`` reuse this
   step's selection of layer ``src``.
 * ``use_kernel`` (default: on CUDA) runs the fused Triton ``ucm_trt.kernels.hash_retrieve`` (query hash,
@@ -27,11 +30,11 @@ from typing import Any
 
 import torch
 
-from ucm_trt.config import GSAOnDeviceConfig
+from ucm_trt.config import GSAOnDeviceConfig, HeadMerge
 from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView
 from ucm_trt.sparse.representations import HashEncoder, block_lens_from_seq_lens
 from ucm_trt.sparse.score import hamming_scores, reduce_scores
-from ucm_trt.sparse.select import select_blocks_by_count
+from ucm_trt.sparse.select import select_blocks_by_count, union_kv_heads_fixed
 
 __all__ = ["GSAOnDevicePolicy"]
 
@@ -41,12 +44,19 @@ class GSAOnDevicePolicy(Policy):
     offload = False
 
     def __init__(self, config: GSAOnDeviceConfig | None = None, *, use_kernel: bool | None = None,
-                 dense_layers=None) -> None:
+                 dense_layers=None, head_merge: HeadMerge | None = None) -> None:
         super().__init__(dense_layers=dense_layers)
         if config is None:
             config = GSAOnDeviceConfig()
         if not isinstance(config, GSAOnDeviceConfig):
             raise TypeError(f"config must be a GSAOnDeviceConfig, got {type(config).__name__}")
+        if head_merge is None:
+            head_merge = HeadMerge()
+        if not isinstance(head_merge, HeadMerge):
+            raise TypeError(f"head_merge must be a HeadMerge or None, got {type(head_merge).__name__}")
+        #: what each KV head attends of a per-head selection: its own blocks, or its layer's union
+        #: (per step on the device, :func:`~ucm_trt.sparse.select.union_kv_heads_fixed`)
+        self.head_merge = head_merge
         if use_kernel is not None and not isinstance(use_kernel, bool):
             raise TypeError(f"use_kernel must be a bool or None (auto: on CUDA), got {use_kernel!r}")
         self.config = config
@@ -184,9 +194,7 @@ class GSAOnDevicePolicy(Policy):
                                 step.seq_lens, top_k=cfg.top_k_tokens // bs, sink_blocks=s.sink_blocks,
                                 local_blocks=s.local_blocks, shared=s.selection == "shared", validate=False,
                                 workspace=self._workspace, guard=self.rt.kv.guard)
-            self._step_sel[layer] = sel
-            self._selected_dev += (sel >= 0).sum()
-            return sel
+            return self._keep(layer, sel, step.tables(layer).shape[1])
         nb_max = max((n + bs - 1) // bs for n in lens)
         table = step.tables(layer)[:, :nb_max].long()  # [B, nb]
         k_codes = self.codes[layer][table]  # [B, nb, Hkv, bs, bytes]
@@ -199,6 +207,14 @@ class GSAOnDevicePolicy(Policy):
         keep = cfg.top_k_tokens // bs - s.sink_blocks - s.local_blocks
         sel = select_blocks_by_count(scores, nb.to(torch.int32), keep, sink_blocks=s.sink_blocks,
                                      local_blocks=s.local_blocks, num_kv_heads=self.shape.num_kv_heads)
+        return self._keep(layer, sel, nb_max)
+
+    def _keep(self, layer: int, sel: torch.Tensor, max_blocks: int) -> torch.Tensor:
+        """The layer's selection as attention reads it (each head's own blocks, or with
+        ``HeadMerge("union")`` and a per-head selection the union of the layer's heads), recorded
+        for the layers that reuse it and counted on the device."""
+        if self.head_merge.mode == "union" and self.sparse.selection == "per_head":
+            sel = union_kv_heads_fixed(sel, max_blocks)
         self._step_sel[layer] = sel
         self._selected_dev += (sel >= 0).sum()
         return sel
