@@ -123,6 +123,36 @@ def _softmax_update(s, v, kmask, pos, qpos, row_ok, m_i, l_i, acc, QK_SCALE: tl.
 
 
 @triton.jit
+def _resolve_items(jv, item_hi, n_sel_items, sel_row, bt_row, cb0, chunk_start,
+                   MAX_BLOCKS, NUM_BLOCKS, BS: tl.constexpr, HAS_SEL: tl.constexpr, CHUNK_KV: tl.constexpr):
+    """Items ``jv`` of a program's work list (selection slots, then the chunk's blocks): in range, is a
+    selection slot, logical block, whether its block-table entry is read (``use``), whether it is a
+    pool item, the raw physical id, and which ids are out of range (a selection id, a table entry)."""
+    in_rng = jv < item_hi
+    is_sel = jv < n_sel_items
+    if HAS_SEL:
+        sid = tl.load(sel_row + jv, mask=in_rng & is_sel, other=-1)
+        prev = tl.load(sel_row + jv - 1, mask=in_rng & is_sel & (jv > 0), other=-1)
+        bad_sel = in_rng & is_sel & ((sid < -1) | (sid >= MAX_BLOCKS))
+        sel_ok = (sid >= 0) & (sid < MAX_BLOCKS) & (sid != prev) & (sid * BS < chunk_start)
+    else:
+        sid = jv
+        bad_sel = jv < 0
+        sel_ok = jv >= 0
+    chunk_blk = cb0 + (jv - n_sel_items)
+    blk_v = tl.where(is_sel, sid, chunk_blk)
+    if CHUNK_KV:
+        use = in_rng & is_sel & sel_ok  # chunk items read k/v, not the pool
+        pool_item = is_sel
+    else:
+        use = in_rng & (sel_ok | ~is_sel)
+        pool_item = in_rng
+    phys_raw = tl.load(bt_row + blk_v, mask=use, other=0)
+    bad_phys = use & ((phys_raw < 0) | (phys_raw >= NUM_BLOCKS))
+    return in_rng, is_sel, blk_v, use, pool_item, phys_raw, bad_sel, bad_phys
+
+
+@triton.jit
 def _paged_attn_fwd(
     q_ptr, k_ptr, v_ptr, pool_ptr, bt_ptr, seqlen_ptr, sel_ptr, cnt_ptr,
     T, MAX_BLOCKS, NUM_SEL, NUM_BLOCKS, ITEMS_PER_SPLIT,
@@ -232,39 +262,12 @@ def _paged_attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
-    # bad ids seen by this program (guard): or-ed per lane across the loop (elementwise, no cross-warp
-    # reduction in it) and flagged once after it. Atomics in the pipelined loop cost ~30 % at batch 8 on an
-    # H200; with a per-chunk tl.sum instead they still cost 12 % on an H100 (2026-12-07)
-    bad_sel_v = tl.zeros([ITEMS], tl.int32)
-    bad_phys_v = tl.zeros([ITEMS], tl.int32)
     for c0 in range(item_lo, item_hi, ITEMS):
         # Resolve a chunk of items up front (one vector load each), so the K/V addresses of the
         # loop below do not wait on a chain of scalar index loads.
-        jv = c0 + ii
-        in_rng = jv < item_hi
-        is_sel = jv < n_sel_items
-        if HAS_SEL:
-            sid = tl.load(sel_row + jv, mask=in_rng & is_sel, other=-1)
-            prev = tl.load(sel_row + jv - 1, mask=in_rng & is_sel & (jv > 0), other=-1)
-            bad_sel = in_rng & is_sel & ((sid < -1) | (sid >= MAX_BLOCKS))
-            sel_ok = (sid >= 0) & (sid < MAX_BLOCKS) & (sid != prev) & (sid * BS < chunk_start)
-        else:
-            sid = jv
-            bad_sel = jv < 0
-            sel_ok = jv >= 0
-        chunk_blk = cb0 + (jv - n_sel_items)
-        blk_v = tl.where(is_sel, sid, chunk_blk)
-        if CHUNK_KV:
-            use = in_rng & is_sel & sel_ok  # chunk items read k/v, not the pool
-            pool_item = is_sel
-        else:
-            use = in_rng & (sel_ok | ~is_sel)
-            pool_item = in_rng
-        phys_raw = tl.load(bt_row + blk_v, mask=use, other=0)
-        bad_phys = use & ((phys_raw < 0) | (phys_raw >= NUM_BLOCKS))
-        if HAS_GUARD:
-            bad_sel_v = bad_sel_v | bad_sel.to(tl.int32)
-            bad_phys_v = bad_phys_v | bad_phys.to(tl.int32)
+        in_rng, is_sel, blk_v, use, pool_item, phys_raw, bad_sel, bad_phys = _resolve_items(
+            c0 + ii, item_hi, n_sel_items, sel_row, bt_row, cb0, chunk_start,
+            MAX_BLOCKS, NUM_BLOCKS, BS, HAS_SEL, CHUNK_KV)  # fmt: skip
         # an item is read iff it is in range and every id on its way is valid
         live_v = tl.where(pool_item, use & ~bad_phys, in_rng)
         # Key tiles over these items: key g is token g % BS of item g // BS. A tile spans BPT whole
@@ -336,8 +339,17 @@ def _paged_attn_fwd(
             m_i, l_i, acc = _softmax_update(s, v, kmask, pos, qpos, row_ok, m_i, l_i, acc, QK_SCALE, DOT_PREC)
 
     if HAS_GUARD:
-        raise_flag(guard_ptr, _BAD_SELECTION, mask=tl.max(bad_sel_v, 0) > 0)
-        raise_flag(guard_ptr, _BAD_BLOCK_TABLE, mask=tl.max(bad_phys_v, 0) > 0)
+        # The ids this program met, checked again after the key loop: nothing of the guard is live in
+        # that loop. Per-lane flags carried across it cost 7 registers at d128 / 4 warps (96 -> 103:
+        # 4 CTAs per SM instead of 5) and ~11 % at batch 8 on an H100 (session 12); atomics inside it
+        # ~30 % (H200), a per-chunk reduction 12 %. The table and selection rows are in L1/L2 by now.
+        for c0 in range(item_lo, item_hi, ITEMS):
+            _, _, _, _, _, _, bad_sel, bad_phys = _resolve_items(
+                c0 + ii, item_hi, n_sel_items, sel_row, bt_row, cb0, chunk_start,
+                MAX_BLOCKS, NUM_BLOCKS, BS, HAS_SEL, CHUNK_KV)  # fmt: skip
+            # one reduction per lane: the larger code where both hold (what two atomic maxes would leave)
+            code = tl.where(bad_phys, _BAD_BLOCK_TABLE, tl.where(bad_sel, _BAD_SELECTION, 0)).to(tl.int32)
+            raise_flag(guard_ptr + ii * 0, code, mask=bad_sel | bad_phys)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
     o_rows = out_ptr + b64 * stride_ob + (h * G + g) * stride_oh + t * stride_ot
