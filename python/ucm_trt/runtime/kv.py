@@ -359,9 +359,14 @@ def _layer_runs(layer_of: np.ndarray, sel: np.ndarray | None):
     lay = layer_of if idx is None else layer_of[idx]
     if not lay.size:
         return
-    cuts = (np.flatnonzero(lay[1:] != lay[:-1]) + 1).tolist()
-    for a, b in zip([0, *cuts], [*cuts, lay.size], strict=True):
+    starts = _run_starts(lay).tolist()
+    for a, b in zip(starts, [*starts[1:], lay.size], strict=True):
         yield int(lay[a]), (slice(a, b) if idx is None else idx[a:b])
+
+
+def _run_starts(values: np.ndarray) -> np.ndarray:
+    """Index of the first entry of each run of equal values in a non-empty ``values``."""
+    return np.concatenate(([0], np.flatnonzero(values[1:] != values[:-1]) + 1))
 
 
 def _as_ids(blocks, limit: int) -> np.ndarray:
@@ -761,7 +766,11 @@ class KVManager:
         now (a stream wait, no host sync) for a copy that may still use them since their eviction."""
         if self._gen <= self._waited or not phys.size:
             return
-        g = int(self._block_gen[layer][phys].max())
+        self._wait_gen(int(self._block_gen[layer][phys].max()), layer)
+
+    def _wait_gen(self, g: int, layer: int) -> None:
+        """The compute stream waits (a stream wait, no host sync) for copy generation ``g``, so for
+        every earlier one too (one side stream runs them in order); logged as ``layer``'s wait."""
         if g <= self._waited:
             return
         if self.copy_stream is not None:
@@ -782,11 +791,7 @@ class KVManager:
                 self._wait_fresh(layer, phys[at])
             return
         g = int(self._block_gen.reshape(-1)[layer_of * self._block_gen.shape[1] + phys].max())
-        if g <= self._waited:
-            return
-        if self.copy_stream is not None:
-            torch.cuda.current_stream(self.layout.device).wait_event(self._gen_events[g])
-        self._set_waited(g)
+        self._wait_gen(g, int(layer_of[-1]))  # no copy log on this path: the layer is not recorded
 
     def _set_waited(self, g: int) -> None:
         self._waited = g
@@ -1024,7 +1029,7 @@ class KVManager:
         if self._gen <= self._waited or not phys.size:
             return
         gens = self._block_gen.reshape(-1)[layer_of * self._block_gen.shape[1] + phys]
-        starts = np.concatenate(([0], np.flatnonzero(layer_of[1:] != layer_of[:-1]) + 1))  # each layer's first block
+        starts = _run_starts(layer_of)  # each layer's first block
         for layer, g in zip(layer_of[starts].tolist(), np.maximum.reduceat(gens, starts).tolist(), strict=True):
             if g > self._layer_wait[layer]:
                 self._layer_wait[layer] = g

@@ -131,7 +131,6 @@ def mask_to_selection(mask: torch.Tensor, max_selected: int | None = None) -> to
     raises if a row selects more blocks than that.
     """
     check_tensor("mask", mask, ndim=3, dtypes=(torch.bool,))
-    m = mask.shape[-1]
     counts = mask.sum(-1)
     most = int(counts.max()) if counts.numel() else 0
     if max_selected is None:
@@ -140,6 +139,13 @@ def mask_to_selection(mask: torch.Tensor, max_selected: int | None = None) -> to
         width = check_positive_int("max_selected", max_selected)
         if most > width:
             raise ValueError(f"max_selected = {width} is too small: a row selects {most} blocks")
+    return _compact(mask, width)
+
+
+def _compact(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Bool ``[..., M]`` -> int32 ``[..., width]``: each row's set ids ascending, -1 padded; no check
+    and no host read (the caller knows every row fits ``width``)."""
+    m = mask.shape[-1]
     idx = torch.arange(m, device=mask.device, dtype=torch.int64)
     keyed = torch.where(mask, idx, torch.full_like(idx, m))
     ordered = keyed.sort(dim=-1).values
@@ -168,6 +174,11 @@ def selection_mask(selection: torch.Tensor, max_blocks: int) -> torch.Tensor:
                 f"selection entries must be -1 (padding) or block ids in [0, {max_blocks}), "
                 f"got values in [{lo}, {hi}]"
             )
+    return _scatter_mask(sel, max_blocks)
+
+
+def _scatter_mask(sel: torch.Tensor, max_blocks: int) -> torch.Tensor:
+    """:func:`selection_mask` without its entry check (no host read)."""
     out = torch.zeros((*sel.shape[:-1], max_blocks + 1), dtype=torch.bool, device=sel.device)
     idx = torch.where(sel < 0, torch.full_like(sel, max_blocks), sel).to(torch.int64)
     out.scatter_(-1, idx, True)
@@ -205,19 +216,9 @@ def union_kv_heads_fixed(selection: torch.Tensor, max_blocks: int) -> torch.Tens
     sel = _check_selection(selection)
     check_positive_int("max_blocks", max_blocks)
     b, h, s = sel.shape
-    width = max(1, min(h * s, max_blocks))
-    ids = torch.where(sel < 0, torch.full_like(sel, max_blocks), sel).reshape(b, h * s).to(torch.int64)
-    mask = torch.zeros((b, max_blocks + 1), dtype=torch.bool, device=sel.device)
-    mask.scatter_(1, ids, True)
-    mask = mask[:, :max_blocks]
-    # compaction by prefix count: the k-th selected block (ascending) goes to column k; the others to a
-    # spare last column that is cut off
-    dst = torch.where(mask, mask.cumsum(1) - 1, torch.full((b, max_blocks), width, dtype=torch.int64,
-                                                              device=sel.device))  # fmt: skip
-    out = torch.full((b, width + 1), -1, dtype=torch.int64, device=sel.device)
-    out.scatter_(1, dst, torch.arange(max_blocks, device=sel.device).expand(b, max_blocks))
-    out = out[:, :width]  # columns past the union's size were never written: -1
-    return out[:, None, :].expand(b, h, width).contiguous().to(sel.dtype)
+    width = max(1, min(h * s, max_blocks))  # the union of H rows of S ids never exceeds it
+    union = _compact(_scatter_mask(sel.reshape(b, 1, h * s), max_blocks), width)  # [B, 1, width]
+    return union.expand(b, h, width).contiguous().to(sel.dtype)
 
 
 def budget_counts(
