@@ -8,11 +8,11 @@
 #   SUITE=retrieval benchmarks/gpu_suite.sh               retrieval: retrieval-option gpu tests, CPU threads vs GPU-resident
 #                                                         representations by batch, end-to-end ESA decode cost of each
 #   SUITE=pending benchmarks/gpu_suite.sh                 pending: what is left to measure (after session 10: the
-#                                                         runtime GPU tests, then ESA's capacity rows with one
-#                                                         intra-op thread per retrieval thread and with GPU-resident
-#                                                         representations, staggered or not); about 9 minutes;
-#                                                         PENDING_CONTEXTS=131072 for the 128K rows only,
-#                                                         PENDING_INTRA1=0 without the one-intra-op-thread row
+#                                                         runtime GPU tests, then ESA's capacity rows with
+#                                                         GPU-resident representations, staggered or not); about
+#                                                         7 minutes; PENDING_CONTEXTS=131072 for the 128K rows only,
+#                                                         PENDING_INTRA1=1 adds the one-intra-op-thread row (an experiment
+#                                                         of session 10, not a default setting)
 #   SUITE=brief benchmarks/gpu_suite.sh                   brief: batched-DMA and plan-ahead GPU tests, 128K dense / ESA /
 #                                                         ESA GPU reps; about 4 minutes (a short device budget)
 #   SUITE="kernels runtime" benchmarks/gpu_suite.sh       several (the default is "kernels")
@@ -122,7 +122,7 @@ if [[ " $SUITE " == *" pending "* ]]; then
     B=""; [[ $ctx == 32768 ]] && B="--kv-budget-gib 34"
     $C --contexts $ctx $B --algorithms dense esa esa-gpu-reps --tag _pending_${ctx} 2>&1 | grep "tok/s\|rror"
     (( PIPESTATUS[0] == 0 )) || cap_rc=1
-    if [[ "${PENDING_INTRA1:-1}" == 1 ]]; then
+    if [[ "${PENDING_INTRA1:-0}" == 1 ]]; then
       $C --contexts $ctx $B --algorithms esa $I1 --tag _pending_${ctx}_intra1 2>&1 | grep "tok/s\|rror"
       (( PIPESTATUS[0] == 0 )) || cap_rc=1
     fi
