@@ -160,22 +160,24 @@ def _fit_tile(geom: kaot.PagedAttentionGeometry, tac: int, dtype: torch.dtype, t
               name: str):
     """The tactic's tile compiled for the AOT launcher's shared-memory limit (``MAX_AOT_SHARED_MEM``).
 
-    Pipelining matters more than tile width for a memory-bound decode: every candidate tile is tried
-    with three stages, then two, then one (H100, 2026-12-07, 128K, 1/8, GQA 32/8, d128, the split
-    kernel: BLOCK_N 16 with 3 / 2 / 1 stages ran 55.5 / 70.8 / 97.4 us at batch 1 and 309 / 359 / 484 us
-    at batch 8; BLOCK_N 32 and 64 fit with one stage only and ran 85.3 and 80.9 us at batch 1;
-    ``benchmarks/results/kernels_NVIDIA-H100-80GB-HBM3_2026-12-07.json``, ``ours_sparse_aot_tile``).
-    Returns ``(tile, ptx)``; results never depend on the tile."""
+    First the tactic's own tile, exactly as the runtime's launch rule runs it (keys per tile, warps
+    and stages of :func:`ucm_trt.kernels.attention.plan_attention`): since the kernel walks the pool
+    and the chunk's K/V in separate passes (one load per operand and tile), the decode tile fits
+    (sm_90, GQA 32/8, d128, block 64, bf16: 64 keys x 2 stages in 38 KiB, was 100 KiB). Where it does
+    not fit, pipelining matters more than tile width for a memory-bound decode: every smaller
+    candidate tile is tried with three stages, then two, then one (H100, 2026-12-07, 128K, 1/8, the
+    split kernel with the two-load tiles: BLOCK_N 16 with 3 / 2 / 1 stages ran 55.5 / 70.8 / 97.4 us
+    at batch 1; ``benchmarks/results/kernels_NVIDIA-H100-80GB-HBM3_2026-12-07.json``,
+    ``ours_sparse_aot_tile``). Returns ``(tile, ptx)``; results never depend on the tile."""
+    own = kaot.tile_config(tac, geom)
     tried = []
-    for stages in (3, 2, 1):
-        for tile in _tile_candidates(kaot.tile_config(tac, geom), geom.group):
-            tile = replace(tile, num_stages=stages)
-            try:
-                ptx = _compile_tile(geom, tile, dtype, target, split=split)
-            except SharedMemoryLimitError as exc:
-                tried.append(f"BLOCK_M={tile.block_m} BLOCK_N={tile.block_n}: {exc.needed}")
-                continue
-            return tile, ptx
+    for tile in (own, *(replace(t, num_stages=st) for st in (3, 2, 1) for t in _tile_candidates(own, geom.group))):
+        try:
+            ptx = _compile_tile(geom, tile, dtype, target, split=split)
+        except SharedMemoryLimitError as exc:
+            tried.append(f"BLOCK_M={tile.block_m} BLOCK_N={tile.block_n}: {exc.needed}")
+            continue
+        return tile, ptx
     raise SharedMemoryLimitError(
         f"no tile of {name} (head_dim {geom.head_dim}) fits "
         f"{MAX_AOT_SHARED_MEM} B of shared memory for the AOT path ({'; '.join(tried)}); use the JIT plugins",

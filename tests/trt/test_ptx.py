@@ -22,6 +22,7 @@ from trt_plugins.ptx import (
 )
 from trt_plugins.spec import plugin_spec
 from ucm_trt.kernels.aot import TACTIC_PREFILL, paged_attention_kernel_args, tile_config
+from ucm_trt.kernels.aot.attention_op import divisible_by_16
 
 PTR = ".param .u64 .ptr .global .align 1"
 I32 = ".param .u32"
@@ -115,19 +116,47 @@ def test_prefill_rerope_d128_fits_shared_memory_by_fewer_stages():
     assert launch.kernel.shared_mem <= MAX_AOT_SHARED_MEM
 
 
-def test_decode_tile_at_the_issue_shape_takes_the_most_pipeline_stages_that_fit():
-    """GQA 32/8, head_dim 128, block 64, bf16 decode: the AOT rule keeps the deepest pipeline within 48 KiB
-    (BLOCK_N 16, 3 stages: the fastest AOT tile the H100 run of 2026-12-07 measured), for the unsplit kernel and
-    the split-K kernel alike."""
+def test_decode_tile_at_the_issue_shape_is_the_runtime_tile():
+    """GQA 32/8, head_dim 128, block 64, bf16 decode: the AOT path runs the runtime's own decode tile
+    (64 keys, 4 warps, 2 stages: :func:`~ucm_trt.kernels.attention.plan_attention`'s), within 48 KiB,
+    for the unsplit kernel and the split-K kernel alike. Until the kernel walked the pool and the chunk
+    in separate passes the tile needed 100 KiB and the AOT rule fell back to 16-key tiles (0.63-0.87x
+    the runtime's kernel on an H100)."""
     from tests.trt._cases import Case
     from trt_plugins._attention import aot_split_launch
+    from ucm_trt.kernels.attention import AttentionLaunch, default_block_n, default_warps_stages
 
     case = Case(hq=32, hkv=8, d=128, bs=64, t=1, lens=(300, 70))
     target = PtxTarget(arch=90, ptx_version=80)
+    block_n = AttentionLaunch().block_n or default_block_n(64, 128)
+    _, warps, stages = default_warps_stages(dense=False, decode=True, head_dim=128, block_size=64)
     for launch in (aot_launch(case.op_name, case.attrs(), torch.bfloat16, 1, target),
                    aot_split_launch(case.attrs(), torch.bfloat16, 1, target, spec=plugin_spec(case.op_name), sms=132)):
-        assert (launch.config.block_n, launch.config.num_stages) == (16, 3)
+        assert (launch.config.block_n, launch.config.num_warps, launch.config.num_stages) == (block_n, warps, stages)
         assert launch.kernel.shared_mem <= MAX_AOT_SHARED_MEM
+
+
+@pytest.mark.parametrize("block_n,stages", [(16, 3), (64, 2), (32, 3)])
+def test_chunk_kv_kernel_needs_no_more_shared_memory_than_the_pool_kernel(block_n, stages):
+    """The kernel TensorRT runs (the chunk's K/V as inputs, ``CHUNK_KV``) buffers one K/V tile per
+    pipeline stage, as the runtime's (keys in the pool) does: it walks the selection slots and the
+    chunk in separate passes, one load per operand. With both loads in every tile (pool or chunk,
+    masked) the pipeliner buffered both: 45 KiB instead of 21 at 16 keys x 3 stages, 100 KiB instead
+    of 38 at 64 x 2 (sm_90, d128, bf16)."""
+    from dataclasses import replace
+
+    from tests.trt._cases import Case
+
+    g = Case(hq=32, hkv=8, d=128, bs=64, t=1).geometry()
+    tile = replace(tile_config(1, g), block_n=block_n, num_stages=stages)
+    fn, sig, cx = paged_attention_kernel_args(g, tile, torch.bfloat16, split=True)
+    smem = {}
+    for chunk_kv in (False, True):
+        k = compile_ptx(fn, signature=sig, constexprs=dict(cx, CHUNK_KV=chunk_kv),
+                        target=PtxTarget(arch=90, ptx_version=80), num_warps=tile.num_warps, num_stages=stages,
+                        divisible_by_16=divisible_by_16(sig))  # fmt: skip
+        smem[chunk_kv] = k.shared_mem
+    assert smem[True] <= smem[False], smem
 
 
 _FAKE_PTX = """.version 8.0
