@@ -7,12 +7,9 @@
 #   SUITE=capacity benchmarks/gpu_suite.sh                capacity: throughput at the capacity wall (bench_capacity.py)
 #   SUITE=retrieval benchmarks/gpu_suite.sh               retrieval: retrieval-option gpu tests, CPU threads vs GPU-resident
 #                                                         representations by batch, end-to-end ESA decode cost of each
-#   SUITE=pending benchmarks/gpu_suite.sh                 pending: what is left to measure (after session 10: the
-#                                                         runtime GPU tests, then ESA's capacity rows with
-#                                                         GPU-resident representations, staggered or not); about
-#                                                         7 minutes; PENDING_CONTEXTS=131072 for the 128K rows only,
-#                                                         PENDING_INTRA1=1 adds the one-intra-op-thread row (an experiment
-#                                                         of session 10, not a default setting)
+#   SUITE=pending benchmarks/gpu_suite.sh                 pending: what is left to measure (after session 13: the
+#                                                         128K AOT / JIT / guard kernel rows, the AOT and runtime GPU
+#                                                         tests, 128K dense / ESA GPU reps staggered); about 9 minutes
 #   SUITE=brief benchmarks/gpu_suite.sh                   brief: batched-DMA and plan-ahead GPU tests, 128K dense / ESA /
 #                                                         ESA GPU reps; about 4 minutes (a short device budget)
 #   SUITE="kernels runtime" benchmarks/gpu_suite.sh       several (the default is "kernels")
@@ -97,41 +94,31 @@ if [[ " $SUITE " == *" retrieval "* ]]; then
   (( test_rc == 0 && b1_rc == 0 && b2_rc == 0 )) || rc=1
 fi
 if [[ " $SUITE " == *" pending "* ]]; then
-  # after session 10 (its device time ran out): which host setting closes the gap to 3x at 128K. The offload step
-  # is host-bound (plan ahead 15-16 ms vs 13 ms of GPU compute at 128K batch 6) and with host representations
-  # 8 retrieval threads x 2 intra-op threads fill the 16 cores beside the main thread (emit 4.7 ms vs 0.4 with
-  # GPU-resident representations). Rows, dense in the same call: ESA as default, with one intra-op thread per
-  # retrieval thread, with GPU-resident representations unstaggered (session 10 ran them staggered: 282.8 tok/s)
-  # and staggered; at 32K the first three. About 9 minutes; the runtime GPU tests first (CAPACITY_TESTS=0 skips).
+  # after session 13's kernel change (the TensorRT paths' kernel walks the pool and the chunk in separate passes, so
+  # the AOT path runs the runtime's own 64-key x 2-stage tile): the 128K block-64 AOT / JIT / guard rows, the AOT GPU
+  # tests, the runtime GPU tests, then 128K dense and ESA with GPU-resident representations, staggered, if time is
+  # left (PENDING_CONTEXTS adds contexts, e.g. "131072 32768"). Each step under its own timeout; about 9 minutes.
   t0=$(date +%s)
-  test_rc=0
+  test_rc=0 cap_rc=0
+  timeout "${PENDING_BENCH_S:-130}" $PY benchmarks/bench_kernels.py --out "$OUT" --contexts 131072 --block-sizes 64 \
+      --batches 1 8 --skip-retrieval --max-minutes 1.2 > "$OUT/bench_kernels.log" 2>&1 || cap_rc=1
+  echo "bench_kernels: in $(( $(date +%s) - t0 )) s"; sed -n '/^card:/,$p' "$OUT/bench_kernels.log" | head -40
+  timeout "${PENDING_AOT_S:-150}" $PY -m pytest -q -p no:cacheprovider tests/trt/test_aot_gpu.py -m "gpu and not perf" \
+      --junitxml="$OUT/pending_aot_tests.xml" >"$OUT/pending_aot_tests.log" 2>&1 || test_rc=1
+  echo "aot gpu tests: in $(( $(date +%s) - t0 )) s"; tail -n 3 "$OUT/pending_aot_tests.log"
   if [[ "${CAPACITY_TESTS:-1}" == 1 ]]; then
-    $PY -m pytest -q -p no:cacheprovider tests/runtime/test_gpu.py -m "gpu" -k "not batch_dma" \
-        --junitxml="$OUT/pending_tests.xml" >"$OUT/pending_tests.log" 2>&1
-    test_rc=$?
-    echo "pending gpu tests: rc=$test_rc in $(( $(date +%s) - t0 )) s"; tail -n 3 "$OUT/pending_tests.log"
-    # the batched DMA path in its own pytest call (a driver crash takes only these down)
-    $PY -m pytest -q -p no:cacheprovider tests/runtime/test_gpu.py -m "gpu" -k "batch_dma" \
-        --junitxml="$OUT/pending_dma_tests.xml" >"$OUT/pending_dma_tests.log" 2>&1 || test_rc=1
-    echo "batch_dma gpu tests: rc=$test_rc in $(( $(date +%s) - t0 )) s"; tail -n 2 "$OUT/pending_dma_tests.log"
+    timeout "${PENDING_TESTS_S:-180}" $PY -m pytest -q -p no:cacheprovider tests/runtime/test_gpu.py -m "gpu" \
+        -k "not batch_dma" --junitxml="$OUT/pending_tests.xml" >"$OUT/pending_tests.log" 2>&1 || test_rc=1
+    echo "runtime gpu tests: in $(( $(date +%s) - t0 )) s"; tail -n 3 "$OUT/pending_tests.log"
   fi
-  cap_rc=0
   C="$PY benchmarks/bench_capacity.py --shapes llama8b --turnovers realistic --no-batch1 --out-dir $OUT"
-  I1="--runtime-option retrieval_intra_op_threads=1"
-  for ctx in ${PENDING_CONTEXTS:-131072 32768}; do
+  for ctx in ${PENDING_CONTEXTS:-131072}; do
     B=""; [[ $ctx == 32768 ]] && B="--kv-budget-gib 34"
-    $C --contexts $ctx $B --algorithms dense esa esa-gpu-reps --tag _pending_${ctx} 2>&1 | grep "tok/s\|rror"
+    $C --contexts $ctx $B --algorithms dense esa-gpu-reps --stagger --tag _pending_${ctx}_stagger 2>&1 | grep "tok/s\|rror"
     (( PIPESTATUS[0] == 0 )) || cap_rc=1
-    if [[ "${PENDING_INTRA1:-0}" == 1 ]]; then
-      $C --contexts $ctx $B --algorithms esa $I1 --tag _pending_${ctx}_intra1 2>&1 | grep "tok/s\|rror"
-      (( PIPESTATUS[0] == 0 )) || cap_rc=1
-    fi
-    if [[ $ctx == 131072 ]]; then
-      $C --contexts $ctx --algorithms esa-gpu-reps --stagger --tag _pending_${ctx}_stagger 2>&1 | grep "tok/s\|rror"
-      (( PIPESTATUS[0] == 0 )) || cap_rc=1
-    fi
   done
-  echo "pending: tests rc=$test_rc capacity rc=$cap_rc in $(( $(date +%s) - t0 )) s"
+  echo "pending: tests rc=$test_rc bench/capacity rc=$cap_rc in $(( $(date +%s) - t0 )) s"
+  grep -E "^(FAILED|ERROR)" "$OUT"/pending_*tests.log | head -10
   (( test_rc == 0 && cap_rc == 0 )) || rc=1
 fi
 if [[ " $SUITE " == *" brief "* ]]; then
