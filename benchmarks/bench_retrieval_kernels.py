@@ -75,7 +75,7 @@ def quest_reference(q, kmin, kmax, table, seq, bs, top_k):
                                   max_selected=top_k)
 
 
-def bench_retrieval(args, card, date, rows):
+def bench_retrieval(args, card, date, rows, save):
     gen = torch.Generator(device="cuda").manual_seed(1)
     ctx = args.context
     base = {"context_len": ctx, "num_q_heads": HQ, "num_kv_heads": HKV, "card": card, "date": date}
@@ -166,10 +166,11 @@ def bench_retrieval(args, card, date, rows):
                 codes = None
             kmin = kmax = None
             torch.cuda.empty_cache()
+            save()  # after every shape: a call cut by its time limit keeps the shapes that finished
             print(f"retrieval block_size={bs} batch={batch} done", flush=True)
 
 
-def bench_guard(args, card, date, rows):
+def bench_guard(args, card, date, rows, save):
     gen = torch.Generator(device="cuda").manual_seed(2)
     base = {"card": card, "date": date}
     n_pool, n_pairs = args.copy_pool_blocks, args.copy_pool_blocks // 2
@@ -234,6 +235,8 @@ def main():
     p.add_argument("--copy-pool-blocks", type=int, default=1024, help="guard_copy_blocks: pool size (half copied)")
     p.add_argument("--append-context", type=int, default=32768, help="guard_append_kv: context per sequence")
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the launch-knob sweep")
+    p.add_argument("--parts", nargs="+", choices=("guard", "retrieval"), default=["guard", "retrieval"],
+                   help="which parts run, in this order (default: both, the guard rows first)")
     p.add_argument("--out", default=".")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -255,9 +258,9 @@ def main():
 
     # the guard rows first: two short launches (issue 17's cost), then the retrieval grid (the first
     # H200 run was cut by its limit inside the guard part, after the retrieval grid, and wrote nothing)
-    for fn in (bench_guard, bench_retrieval):
+    for fn in ({"guard": bench_guard, "retrieval": bench_retrieval}[part] for part in args.parts):
         try:
-            fn(args, card, date, rows)
+            fn(args, card, date, rows, save)
         except Exception as exc:  # noqa: BLE001 - keep what was measured; the error is recorded
             import traceback
 
