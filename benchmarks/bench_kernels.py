@@ -23,6 +23,8 @@ head-shared selection: same blocks, same bytes).
 * ``ours_sparse_guard``: the JIT path with an :class:`~ucm_trt.kernels.guard.IndexGuard` (validate=False
   with vs without; ``guard_overhead_pct``);
 * ``ours_sparse_ppsm``: the batch-1 split rule swept over ``programs_per_sm``;
+* ``ours_sparse_maxnreg``: the default launch with ``AttentionLaunch(max_registers=128 / 96)`` (Triton's
+  ``maxnreg``; ``vs_default`` = default time / this time);
 * ``retrieval_*``: GPU retrieval per layer at 128K.
 
 Every op is captured in a CUDA graph and timed by replaying it (CUDA events, median of ``--reps``), with
@@ -378,6 +380,14 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
                                                             workspace=ws, launch=la), cx.reps)  # fmt: skip
                 add("ours_sparse_tile", "jit", frac, ms, sel_bytes, selection="per-head", **tile_fields(la, bs, d, dense=False),
                     vs_default=round(jit_ms / ms, 3), **vs(ms))
+        if "jit_tiles" in extras and abs(budget - 0.125) < 1e-6:
+            # Triton 3.6 (the lent cards') gives the default tile 162 registers, 3 CTAs per SM; capped:
+            for cap in (128, 96):
+                la = AttentionLaunch(max_registers=cap)
+                ms = time_ms(lambda: paged_sparse_attention(q, pool, table, seq, sel, out=out, validate=False,
+                                                            workspace=ws, launch=la), cx.reps)  # fmt: skip
+                add("ours_sparse_maxnreg", "jit", frac, ms, sel_bytes, selection="per-head", max_registers=cap,
+                    vs_default=round(jit_ms / ms, 3), **vs(ms))
         if "ppsm" in extras:
             for pps in (1, 2, 4, 8):
                 la = AttentionLaunch(programs_per_sm=pps)
@@ -498,7 +508,8 @@ def print_table(rows, cx):
     print(f"{'op':<26}{'path':<11}{'ctx':>7}{'B':>3}{'bs':>4}{'d':>4}{'budget':>7}{'us':>9}{'%copy':>7}"
           f"{'x dense':>8}{'x FI':>7}")
     for r in rows:
-        if r.get("us") is None or r["op"] in ("ours_sparse_ppsm", "ours_dense_paged_splits", "ours_sparse_aot_tile"):
+        if r.get("us") is None or r["op"] in ("ours_sparse_ppsm", "ours_dense_paged_splits", "ours_sparse_aot_tile",
+                                              "ours_sparse_maxnreg"):
             continue
         sp = f"{r['speedup_vs_dense']:.2f}" if r.get("speedup_vs_dense") else "-"
         fi = f"{r['speedup_vs_flashinfer']:.2f}" if r.get("speedup_vs_flashinfer") else "-"
@@ -508,6 +519,8 @@ def print_table(rows, cx):
     for r in rows:
         if r["op"] == "ours_sparse_ppsm":
             print(f"batch-1 split rule: programs_per_sm={r['programs_per_sm']}: {r['us']:.1f} us")
+        if r["op"] == "ours_sparse_maxnreg" and r.get("us") is not None:
+            print(f"max_registers={r['max_registers']} batch {r['batch']}: {r['us']:.1f} us ({r['vs_default']}x default)")
         if r["op"] == "ours_sparse_aot_tile" and r.get("us") is not None:
             print(f"AOT split tile batch {r['batch']} budget {r['budget']:.3f}: BLOCK_N={r['block_n']} "
                   f"stages={r['num_stages']}{' (chosen)' if r['chosen'] else ''}: {r['us']:.1f} us "

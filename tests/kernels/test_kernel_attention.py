@@ -59,8 +59,9 @@ def test_sparse_attention_matches_reference(name, device):
                            device=device, gen=gen)
     for sel_name, sel in _selections(case, hkv, gen, device).items():
         ref = R.paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel)
-        # default tiles gather 2-4 small blocks per key tile; block_n=16 walks one block per tile
-        for launch in (AttentionLaunch(), AttentionLaunch(num_splits=3, block_t=7, block_n=16)):
+        # default tiles gather 2-4 small blocks per key tile; block_n=16 walks one block per tile (and a
+        # register cap reaches the launch: Triton's maxnreg, ignored by the interpreter)
+        for launch in (AttentionLaunch(), AttentionLaunch(num_splits=3, block_t=7, block_n=16, max_registers=128)):
             got = _run_sparse(case, sel, launch)
             assert not torch.isnan(got).any(), (sel_name, launch)
             torch.testing.assert_close(got, ref, **tolerances_for(torch.float32), msg=lambda m, s=sel_name, la=launch: f"{s} {la}: {m}")
@@ -178,6 +179,8 @@ def test_bad_inputs_raise(device):
         paged_rerope_attention(*args, window=4, theta=1e4, logn_training_length=1)
     with pytest.raises(ValueError, match="num_splits"):
         AttentionLaunch(num_splits=0)
+    with pytest.raises(ValueError, match=r"max_registers must be in \[24, 255\].*got 300"):
+        AttentionLaunch(max_registers=300)
     odd = make_paged_case(lens=(20,), hkv=2, group=2, d=40, bs=16, tq=1, dtype=torch.float32, device=device,
                           gen=torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="head_dim must be a multiple of 16"):

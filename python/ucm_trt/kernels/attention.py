@@ -419,6 +419,10 @@ class AttentionLaunch:
     ``programs_per_sm`` programs (:func:`plan_attention`). ``block_n=None`` uses
     :func:`default_block_n` keys per inner tile. ``block_t=None`` uses the query tile of
     :func:`plan_attention`. ``num_warps``/``num_stages=None``: :func:`default_warps_stages`.
+    ``max_registers``: a cap on registers per thread (Triton's ``maxnreg``; ``None``: the compiler's
+    choice). Triton 3.6, the lent H100's, gives the runtime's decode tile 162 registers (3 CTAs per SM)
+    where Triton 3.9 gives 96; a cap of 128 fits 4 CTAs per SM at 16 bytes of spills (sm_90, d128,
+    session 13). Untimed: the benchmark's ``ours_sparse_maxnreg`` rows measure it.
     """
 
     num_splits: int | None = None
@@ -427,9 +431,10 @@ class AttentionLaunch:
     block_t: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    max_registers: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("num_splits", "block_n", "block_t", "num_warps", "num_stages"):
+        for name in ("num_splits", "block_n", "block_t", "num_warps", "num_stages", "max_registers"):
             val = getattr(self, name)
             if val is not None:
                 check_positive_int(name, val)
@@ -438,6 +443,8 @@ class AttentionLaunch:
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
         if self.num_warps is not None and self.num_warps & (self.num_warps - 1):
             raise ValueError(f"num_warps must be a power of two, got {self.num_warps}")
+        if self.max_registers is not None and not 24 <= self.max_registers <= 255:
+            raise ValueError(f"max_registers must be in [24, 255] (registers per thread), got {self.max_registers}")
 
 
 DEFAULT_LAUNCH = AttentionLaunch()
@@ -542,6 +549,7 @@ class AttentionPlan:
     items: int
     num_warps: int
     num_stages: int
+    max_registers: int | None = None
 
 
 def plan_attention(
@@ -580,6 +588,7 @@ def plan_attention(
         items_per_split=per_split,
         items=max(2, blocks_per_tile(block_n, block_size), min(ITEM_CHUNK, next_pow2(per_split))),
         num_warps=launch.num_warps or rule_warps, num_stages=launch.num_stages or rule_stages,
+        max_registers=launch.max_registers,
     )
 
 
@@ -703,6 +712,7 @@ def run_attention(
         DOT_F32=not cuda, ITEMS=plan.items, BPT=blocks_per_tile(plan.block_n, consts["BS"]),
         **merge_tile(consts["G"], dv),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
+        **({} if plan.max_registers is None else {"maxnreg": plan.max_registers}),
     )
     return out
 
