@@ -20,6 +20,8 @@ head-shared selection: same blocks, same bytes).
   does (``[inputs, split counters] [int32 extras] [output, split partials]``, split count from the AOT rule's shape
   expression, ``splits`` in the row); ``ours_sparse_nosplit`` (path ``aot``) is the plugin's unsplit PTX,
   what an engine runs until the graph feeds the split scratch;
+  ``max_abs_diff_vs_jit`` / ``matches_jit``: the split AOT output against the runtime kernel's on the same
+  inputs, before timing (bf16; NaN = an output left unwritten);
 * ``ours_sparse_guard``: the JIT path with an :class:`~ucm_trt.kernels.guard.IndexGuard` (validate=False
   with vs without; ``guard_overhead_pct``);
 * ``ours_sparse_ppsm``: the batch-1 split rule swept over ``programs_per_sm``;
@@ -339,10 +341,17 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
             inputs = AotPeer.inputs(q, pool, table, seq, sel)
 
             def aot_rows():
+                # the AOT output checked against the runtime kernel's on these inputs before it is timed
+                ref = paged_sparse_attention(q, pool, table, seq, sel, out=torch.empty_like(out), validate=False,
+                                             workspace=ws)  # fmt: skip
                 fn, keep, splits = aot.split_fn(inputs, out)
+                out.fill_(float("nan"))
+                fn()
+                diff = float((out.float() - ref.float()).abs().max())  # NaN if anything was left unwritten
                 ms = time_ms(fn, cx.reps)
                 add("ours_sparse", "aot", frac, ms, sel_bytes, selection="per-head", launches=1, splits=splits,
-                    jit_splits=jit_splits(batch, sel.shape[-1], bs), aot_vs_jit=round(jit_ms / ms, 3), **vs(ms))
+                    jit_splits=jit_splits(batch, sel.shape[-1], bs), aot_vs_jit=round(jit_ms / ms, 3),
+                    max_abs_diff_vs_jit=diff, matches_jit=diff <= 2e-2, **vs(ms))
                 fn, keep2 = aot.single_fn(inputs, out)
                 ms = time_ms(fn, cx.reps)
                 add("ours_sparse_nosplit", "aot", frac, ms, sel_bytes, selection="per-head", launches=1, splits=1,
@@ -531,6 +540,9 @@ def print_table(rows, cx):
     for r in rows:
         if r["op"].startswith("error_") or r["op"] in ("flashinfer_status", "skipped"):
             print(r)
+        if r.get("matches_jit") is False:
+            print(f"AOT OUTPUT DIFFERS from the runtime kernel's: batch {r['batch']} bs {r['block_size']} d {r['head_dim']}"
+                  f" budget {r['budget']:.3f}: max |diff| {r['max_abs_diff_vs_jit']}")
 
 
 def main():
