@@ -346,9 +346,10 @@ def _paged_attn_fwd(
 
     if HAS_GUARD:
         # The ids this program met, checked again after the key loop: nothing of the guard is live in
-        # that loop. Per-lane flags carried across it cost 7 registers at d128 / 4 warps (96 -> 103:
-        # 4 CTAs per SM instead of 5) and ~11 % at batch 8 on an H100 (session 12); atomics inside it
-        # ~30 % (H200), a per-chunk reduction 12 %. The table and selection rows are in L1/L2 by now.
+        # that loop (per-lane flags carried across it took 7 more registers with Triton 3.9; atomics
+        # inside it cost ~30 % on an H200). The guarded kernel still runs 12-14 % slower at 128K batch 8
+        # on an H100 (Triton 3.6, session 13: not registers, 158 vs 162 there); cause not yet found.
+        # The table and selection rows are in L1/L2 by now.
         for c0 in range(item_lo, item_hi, ITEMS):
             _, _, _, _, _, _, bad_sel, bad_phys = _resolve_items(
                 c0 + ii, item_hi, n_sel_items, sel_row, bt_row, cb0, chunk_start,
