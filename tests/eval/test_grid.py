@@ -17,6 +17,7 @@ from ucm_trt.eval.grid import (
     build_grid_prompt,
     markdown_grid,
     method_adaptive,
+    method_gsa_on_device_overrides,
     method_kvstar_config,
     method_policy_options,
     method_prefill_window,
@@ -129,6 +130,14 @@ def test_methods_and_config_validation():
             parse_method(bad)
     with pytest.raises(ValueError, match=r"'\+crX' .* applies to kvstar only"):
         parse_method("esa+cr0.5")
+    # +hbN: GSA On-Device's hash width (bits per head-dim channel), through the grid's config
+    assert method_gsa_on_device_overrides("gsa-on-device") == {}
+    assert method_gsa_on_device_overrides("gsa-on-device+hb8:0.125") == {"hash_bits_per_dim": 8}
+    for bad in ("gsa-on-device+hb0", "gsa-on-device+hb17", "gsa-on-device+hb2+hb4", "gsa-on-device+hb"):
+        with pytest.raises(ValueError, match="suffix must be"):
+            parse_method(bad)
+    with pytest.raises(ValueError, match=r"'\+hbN' .* applies to gsa-on-device only"):
+        parse_method("esa+hb8")
     # what the engine's policy gets from the suffixes
     assert method_policy_options("esa:0.125") == {}
     assert method_policy_options("esa+w8max+union+a0.1") == {
@@ -146,12 +155,13 @@ def test_tiny_grid_runs_every_method_through_the_runtime(tiny_model, tiny_tokeni
     model = LlamaForCausalLM(copy.deepcopy(tiny_model.config)).eval()
     model.load_state_dict(tiny_model.state_dict())
     cfg = GridConfig(tasks=("passkey", "multikey"), methods=("dense", "esa", "gsa", "gsa-on-device", "kvstar",
-                                                             "esa@ucm", "esa+a0.05", "kvstar+cr0.5"),
+                                                             "esa@ucm", "esa+a0.05", "kvstar+cr0.5",
+                                                             "gsa-on-device+hb2"),
                      budgets=(0.25,), lengths=(1024,), depths=(0.5,), samples=1, block_size=32, batch=2,
                      prefill_chunk=256)
     seen = []
     records = run_grid(model, tiny_tokenizer, filler, cfg, on_records=lambda r: seen.append(len(r)), log=None)
-    assert len(records) == 2 * 8 and seen[-1] == len(records) and len(seen) == 8
+    assert len(records) == 2 * 9 and seen[-1] == len(records) and len(seen) == 9
     rows = summarize(records)
     assert {(r["task"], r["algorithm"]) for r in rows} == {(t, m) for t in cfg.tasks for m in cfg.methods}
     for r in rows:

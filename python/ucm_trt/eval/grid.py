@@ -22,7 +22,8 @@ number of blocks, gate open); a ``+sync`` suffix runs it with ``RuntimeConfig(ov
 (``PrefillWindow(tokens=N)``; ``+wNmax``: ``reduce="max"``; ``+wNp1``: ``persist=1``, the window's scores
 added to every later retrieval; ``+w1`` is the window-less first retrieval), a ``+own`` / ``+union`` suffix
 (``esa`` / ``gsa`` / ``gsa-on-device`` / ``kvstar``) sets :class:`~ucm_trt.config.HeadMerge` (each KV head attends its own blocks /
-the union of its layer's heads' blocks),
+the union of its layer's heads' blocks), ``+aX`` (``esa`` / ``gsa``) an adaptive budget, ``+crX`` (``kvstar``)
+its channel ratio, ``+hbN`` (``gsa-on-device``) its hash width in bits per head-dim channel,
 a ``:b`` suffix at budget ``b`` only (``esa@ucm:0.125``). Suffixes combine: ``esa+sync+w1:0.125``.
 """
 
@@ -158,8 +159,13 @@ def _suffixes(method: str) -> tuple[str, dict[str, Any]]:
     "heads": None, "adaptive": 0.1})``."""
     base, _ = _split_budget(method)
     base, *parts = base.split("+")
-    out: dict[str, Any] = {"sync": False, "window": None, "heads": None, "adaptive": None, "channels": None}
+    out: dict[str, Any] = {"sync": False, "window": None, "heads": None, "adaptive": None, "channels": None,
+                           "hash_bits": None}
     for part in parts:
+        h = re.fullmatch(r"hb(\d+)", part)
+        if h and out["hash_bits"] is None and 1 <= int(h[1]) <= 16:
+            out["hash_bits"] = int(h[1])
+            continue
         c = re.fullmatch(r"cr(0?\.\d+|1(?:\.0*)?)", part)
         if c and out["channels"] is None and 0 < float(c[1]) <= 1:
             out["channels"] = float(c[1])
@@ -179,7 +185,8 @@ def _suffixes(method: str) -> tuple[str, dict[str, Any]]:
             out["window"] = (int(m[1]), "max" if m[2] else "mean", float(m[3]) if m[3] else 0.0)
             continue
         raise ValueError(f"method {method!r}: a suffix must be '+sync', '+wN[max][pX]' (N >= 1), '+own' / "
-                         f"'+union', '+aX' (0 < X < 1) or '+crX' (0 < X <= 1), each at most once; got '+{part}'")
+                         f"'+union', '+aX' (0 < X < 1), '+crX' (0 < X <= 1) or '+hbN' (1 <= N <= 16), each at "
+                         f"most once; got '+{part}'")
     return base, out
 
 
@@ -207,6 +214,9 @@ def parse_method(method: str) -> tuple[str, str]:
                          f"not {algo}")
     if opts["channels"] is not None and algo != "kvstar":
         raise ValueError(f"method {method!r}: '+crX' (KVStarConfig(channel_ratio=X)) applies to kvstar only, not {algo}")
+    if opts["hash_bits"] is not None and algo != "gsa-on-device":
+        raise ValueError(f"method {method!r}: '+hbN' (GSAOnDeviceConfig(hash_bits_per_dim=N)) applies to "
+                         f"gsa-on-device only, not {algo}")
     if opts["heads"] is not None and algo not in ("esa", "gsa", "gsa-on-device", "kvstar"):
         raise ValueError(f"method {method!r}: '+{opts['heads']}' (HeadMerge: what each KV head attends) applies to "
                          f"esa, gsa, gsa-on-device and kvstar only, not {algo}")
@@ -240,6 +250,14 @@ def method_kvstar_config(method: str):
     parse_method(method)
     x = _suffixes(method)[1]["channels"]
     return None if x is None else KVStarConfig(channel_ratio=x)
+
+
+def method_gsa_on_device_overrides(method: str) -> dict[str, Any]:
+    """The :class:`~ucm_trt.config.GSAOnDeviceConfig` fields a ``+hbN`` suffix sets (``hash_bits_per_dim=N``),
+    or ``{}`` (the preset's width)."""
+    parse_method(method)
+    n = _suffixes(method)[1]["hash_bits"]
+    return {} if n is None else {"hash_bits_per_dim": n}
 
 
 def method_policy_options(method: str) -> dict[str, Any]:
@@ -347,7 +365,8 @@ def method_engine(backend: Any, method: str, budget: float | None, *, max_prompt
     sparse = sparse_config_for(algo, base, preset=preset)
     kwargs: dict[str, Any] = {}
     if algo == "gsa-on-device":
-        kwargs["gsa_on_device"] = grid_gsa_on_device_config(sparse, min_prompt_len, preset=preset)
+        kwargs["gsa_on_device"] = grid_gsa_on_device_config(sparse, min_prompt_len, preset=preset,
+                                                            **method_gsa_on_device_overrides(method))
     kwargs.update(method_policy_options(method))
     policy = make_policy(algo, preset=preset, **kwargs)
     bs = cfg.block_size
