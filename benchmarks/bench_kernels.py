@@ -389,7 +389,6 @@ def bench_shape(cx, args, rows, fi, ctx, batch, bs, d, budgets, *, extras):
                                                             workspace=ws, launch=la), cx.reps)  # fmt: skip
                 add("ours_sparse_tile", "jit", frac, ms, sel_bytes, selection="per-head", **tile_fields(la, bs, d, dense=False),
                     vs_default=round(jit_ms / ms, 3), **vs(ms))
-        if "jit_tiles" in extras and abs(budget - 0.125) < 1e-6:
             # Triton 3.6 (the lent cards') gives the default tile 162 registers, 3 CTAs per SM; capped:
             for cap in (128, 96):
                 la = AttentionLaunch(max_registers=cap)

@@ -91,8 +91,8 @@ def main(argv=None) -> int:
     chunk = args.prefill_chunk or (4096 if cuda else 512)
     t_start = time.perf_counter()
 
-    def over(fraction: float = 1.0) -> bool:
-        return args.max_seconds is not None and time.perf_counter() - t_start > fraction * args.max_seconds
+    def over() -> bool:
+        return args.max_seconds is not None and time.perf_counter() - t_start > args.max_seconds
 
     model, tok = load_smollm2(dtype=torch.bfloat16 if cuda else torch.float32)
     model = model.to(args.device).eval()

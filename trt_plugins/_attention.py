@@ -171,7 +171,9 @@ def _fit_tile(geom: kaot.PagedAttentionGeometry, tac: int, dtype: torch.dtype, t
     ``ours_sparse_aot_tile``). Returns ``(tile, ptx)``; results never depend on the tile."""
     own = kaot.tile_config(tac, geom)
     tried = []
-    for tile in (own, *(replace(t, num_stages=st) for st in (3, 2, 1) for t in _tile_candidates(own, geom.group))):
+    # own first; dict.fromkeys drops the candidate equal to it (the same tile would be compiled twice)
+    candidates = (replace(t, num_stages=st) for st in (3, 2, 1) for t in _tile_candidates(own, geom.group))
+    for tile in dict.fromkeys((own, *candidates)):
         try:
             ptx = _compile_tile(geom, tile, dtype, target, split=split)
         except SharedMemoryLimitError as exc:
