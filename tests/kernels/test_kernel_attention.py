@@ -6,6 +6,7 @@ GPU tier (``gpu``): real shapes in bf16 and fp16. Every output is poisoned with 
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import pytest
@@ -59,8 +60,8 @@ def test_sparse_attention_matches_reference(name, device):
                            device=device, gen=gen)
     for sel_name, sel in _selections(case, hkv, gen, device).items():
         ref = R.paged_sparse_attention(case.q, case.kv_pool, case.block_table, case.seq_lens, sel)
-        # default tiles gather 2-4 small blocks per key tile; block_n=16 walks one block per tile (and a
-        # register cap reaches the launch: Triton's maxnreg, ignored by the interpreter)
+        # default tiles gather 2-4 small blocks per key tile; block_n=16 walks one block per tile (with a
+        # register cap, Triton's maxnreg: the interpreter ignores it, so this only checks the launch takes it)
         for launch in (AttentionLaunch(), AttentionLaunch(num_splits=3, block_t=7, block_n=16, max_registers=128)):
             got = _run_sparse(case, sel, launch)
             assert not torch.isnan(got).any(), (sel_name, launch)
@@ -266,6 +267,11 @@ def test_launch_rule_fills_the_gpu_and_splits_evenly():
     p = plan_attention(batch=1, num_kv_heads=8, group=4, tq=500, head_dim=96, block_size=16, work_items=40,
                        sms=132, launch=AttentionLaunch())
     assert (p.block_t, p.block_m, p.block_n) == (16, 64, 64)
+    # a register cap is the launch's (None: the compiler's choice), and changes nothing else of the plan
+    assert p.max_registers is None
+    capped = plan_attention(batch=1, num_kv_heads=8, group=4, tq=500, head_dim=96, block_size=16, work_items=40,
+                            sms=132, launch=AttentionLaunch(max_registers=128))
+    assert capped.max_registers == 128 and dataclasses.replace(capped, max_registers=None) == p
 
 
 # ------------------------------------------------------------------ GPU tier
