@@ -169,6 +169,8 @@ def test_tiny_grid_runs_every_method_through_the_runtime(tiny_model, tiny_tokeni
     for rec in records:
         assert rec["prompt_tokens"] == pytest.approx(1024, abs=8)
         assert rec["run"]["seconds"] > 0
+        # dense prefills the round's prompts, every other method replays them (runtime.prefill_cache)
+        assert rec["run"]["prefills_replayed"] == (0 if rec["method"] == "dense" else 2)
         if rec["method"] not in ("dense", "esa@ucm"):  # default preset: dense layers detected and reported
             assert set(rec["run"]["dense_layer_counts"]) <= {0, 1}
         # the adaptive budget's counters reach the record (its retrievals counted), and only its

@@ -39,6 +39,19 @@ def test_paged_sparse_matches_the_reference(select, t):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("select", [False, True])
+def test_prefill_chunks_match_the_reference(select, dtype):
+    """Chunks of many queries (the fused-attention path), a chunk that is the whole sequence and GQA 4."""
+    q, pool, table, lens, sel = _case(5, t=48, hq=8, hkv=2, lens=(48, 131, 200), select=select)
+    q, pool = q.to(dtype), pool.to(dtype)
+    got = ta.paged_sparse_attention(q, pool, table, lens, sel, scale=0.2)
+    want = reference.paged_sparse_attention(q, pool, table, lens, sel, scale=0.2)
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(got, want.to(dtype), atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("logn", [None, 16])
 @pytest.mark.parametrize("window", [3, 20, 1000])
 def test_paged_rerope_matches_the_reference(logn, window):

@@ -348,9 +348,10 @@ class GridConfig:
 
 
 def method_engine(backend: Any, method: str, budget: float | None, *, max_prompt_len: int, min_prompt_len: int,
-                  max_new_tokens: int, cfg: GridConfig):
+                  max_new_tokens: int, cfg: GridConfig, prefill_cache: Any = None):
     """A fresh :class:`~ucm_trt.runtime.Engine` for ``method`` at ``Budget.ratio(budget)``: preset
-    ``default`` selects per KV head, ``ucm`` shared (upstream's).
+    ``default`` selects per KV head, ``ucm`` shared (upstream's). ``prefill_cache``: a
+    :class:`~ucm_trt.runtime.prefill_cache.PrefillCache` shared by the engines of one set of prompts.
 
     Decode runs eagerly (``cuda_graph=False``): a grid engine lives for one batch of 7-14 decode steps,
     fewer than a CUDA-graph capture would pay back."""
@@ -372,7 +373,7 @@ def method_engine(backend: Any, method: str, budget: float | None, *, max_prompt
     bs = cfg.block_size
     rcfg = RuntimeConfig(max_batch=cfg.batch, max_seq_len=max_prompt_len + max_new_tokens + bs,
                          prefill_chunk=cfg.prefill_chunk, cuda_graph=False, overlap_loads=method_schedule(method))
-    return Engine(backend, policy, sparse=sparse, config=rcfg)
+    return Engine(backend, policy, sparse=sparse, config=rcfg, prefill_cache=prefill_cache)
 
 
 def run_grid(
@@ -397,12 +398,19 @@ def run_grid(
 
     ``reuse``: records of an earlier run (same prompts: tasks, depths, seed); an engine whose every
     prompt has a record there for the same method and budget is not run again, its records are taken
-    (marked ``"reused": True``)."""
+    (marked ``"reused": True``).
+
+    Every method prefills densely, so the prompts of a (round, length) are prefilled once, by the dense
+    engine, and replayed by the others (:class:`~ucm_trt.runtime.prefill_cache.PrefillCache`: the same
+    K/V, logits and queries as computing them; a round costs one prefill per prompt, not one per method)."""
     from ucm_trt.runtime import SamplingParams, TorchBackend
+    from ucm_trt.runtime.prefill_cache import PrefillCache
 
     if not isinstance(cfg, GridConfig):
         raise TypeError(f"cfg must be a GridConfig, got {type(cfg).__name__}")
     backend = TorchBackend(model)
+    windows = [w[0] for w in (_suffixes(m)[1]["window"] for m in cfg.methods) if w is not None]
+    cache = PrefillCache(backend, query_window=max([32, *windows]), max_bytes=1 << 40)
     records: list[dict] = []
     done = {(r["method"], r["budget"], r["task"], r["context_len"], r["depth"], r["sample"]): r for r in reuse}
     for sample in range(cfg.samples):
@@ -420,6 +428,7 @@ def run_grid(
                     f"of {cfg.block_size} = {room}); use a length <= "
                     f"{backend.shape.max_positions - max_new - cfg.block_size - (max(lens) - length)}"
                 )
+            cache.clear()  # the recordings of the last (round, length): other prompts
             for method, budget in cfg.variants():
                 t0 = time.perf_counter()
                 old = [done.get((method, budget, p.task, length, p.depth, p.sample)) for p in prompts]
@@ -434,14 +443,16 @@ def run_grid(
                         log(f"[grid] deadline reached: stopped before sample {sample}, {length} {method} {budget}")
                     return records
                 engine = method_engine(backend, method, budget, max_prompt_len=max(lens), min_prompt_len=min(lens),
-                                       max_new_tokens=max_new, cfg=cfg)
+                                       max_new_tokens=max_new, cfg=cfg, prefill_cache=cache)
+                hits0 = cache.hits
                 try:
                     params = [SamplingParams(max_new_tokens=p.max_new_tokens) for p in prompts]
                     results = engine.generate([p.input_ids for p in prompts], params)
                     stats = engine.stats().get("policy", {})
                 finally:
                     engine.close()
-                run = {"seconds": round(time.perf_counter() - t0, 2),
+                hits = cache.hits - hits0
+                run = {"seconds": round(time.perf_counter() - t0, 2), "prefills_replayed": hits,
                        **{k: stats[k] for k in ("selected_block_fraction", "dense_layer_counts", "adaptive")
                           if k in stats}}
                 for p, res in zip(prompts, results, strict=True):
@@ -456,8 +467,8 @@ def run_grid(
                     frac = stats.get("selected_block_fraction")
                     extra = f", blocks read {frac:.3f}" if isinstance(frac, float) else ""
                     log(f"[grid] s{sample} {length:>5} {method:<18} budget {budget if budget is not None else '-':<6} "
-                        f"{ok}/{len(prompts)} correct ({time.perf_counter() - t0:.1f} s{extra}, dense layers "
-                        f"{stats.get('dense_layer_counts', {})})")
+                        f"{ok}/{len(prompts)} correct ({time.perf_counter() - t0:.1f} s, {hits} prefills replayed{extra}, "
+                        f"dense layers {stats.get('dense_layer_counts', {})})")
                 if on_records is not None:
                     on_records(records)
     return records

@@ -37,6 +37,7 @@ from ucm_trt.runtime.config import RuntimeConfig
 from ucm_trt.runtime.cuda_graph import SELECTION_WIDTH_BUCKET, DecodeGraphs
 from ucm_trt.runtime.kv import KVLayout, KVManager, StepTransfer
 from ucm_trt.runtime.metrics import RuntimeMetrics, StepRecord
+from ucm_trt.runtime.prefill_cache import PrefillCache, PrefillRecording
 from ucm_trt.runtime.step import StepContext
 from ucm_trt.runtime.worker import RetrievalWorker
 from ucm_trt.sparse.policies.base import Policy, PolicyRuntime, RequestView, extend_selection
@@ -108,6 +109,9 @@ class _Request:
     finish_reason: str | None = None
     t_start: float = 0.0
     ttft: float = 0.0
+    # prefill cache: the recording this request's prefill replays, or the chunks being recorded
+    replay: PrefillRecording | None = None
+    recording: list | None = None
 
 
 @dataclass
@@ -191,6 +195,10 @@ class Engine:
         Block size, windows, budget, scoring (:class:`~ucm_trt.config.SparseConfig`).
     config:
         Maximum sizes (:class:`~ucm_trt.runtime.config.RuntimeConfig`).
+    prefill_cache:
+        A :class:`~ucm_trt.runtime.prefill_cache.PrefillCache` of the same backend, shared with other
+        engines: a prompt another engine prefilled with the same chunking is replayed instead of
+        computed (a prefill is dense for every policy); None (default) computes every prefill.
     """
 
     def __init__(
@@ -200,10 +208,13 @@ class Engine:
         *,
         sparse: SparseConfig | None = None,
         config: RuntimeConfig | None = None,
+        prefill_cache: PrefillCache | None = None,
     ) -> None:
         policy, sparse, config = self._checked_args(backend, policy, sparse, config)
         self._refuse_incompatible(backend, policy, sparse, config)
+        self._check_prefill_cache(prefill_cache, backend, policy, config)
         self.backend, self.policy, self.sparse, self.config = backend, policy, sparse, config
+        self.prefill_cache = prefill_cache
         self.shape = backend.shape
         self._build_kv()
         self._allocate_step_buffers()
@@ -253,6 +264,27 @@ class Engine:
                 "validate=False); use cuda_graph=None (auto) or False"
             )
 
+    @staticmethod
+    def _check_prefill_cache(cache: PrefillCache | None, backend: Backend, policy: Policy,
+                             config: RuntimeConfig) -> None:
+        """A cache of this backend, a policy whose prefill it can stand for, a window it holds."""
+        if cache is None:
+            return
+        if not isinstance(cache, PrefillCache):
+            raise TypeError(f"prefill_cache must be a PrefillCache or None, got {type(cache).__name__}")
+        if cache.backend is not backend:
+            raise ValueError("prefill_cache was made for another backend (its recordings are another model's K/V); "
+                             "make one PrefillCache(backend) per backend")
+        if policy.rerope is not None:
+            raise ValueError(f"prefill_cache cannot serve the {policy.name!r} policy: ReRoPE prefills un-rotated keys "
+                             "into the pool, not the post-RoPE keys a recording holds")
+        if policy.query_window > cache.query_window:
+            raise ValueError(f"prefill_cache keeps {cache.query_window} prompt queries per layer, the {policy.name!r} "
+                             f"policy needs {policy.query_window}; use PrefillCache(query_window="
+                             f"{policy.query_window}) or more")
+        registry.check_query_window(policy.name, cache.query_window, backend=backend.kind,
+                                    most=backend.max_query_window, prefill_chunk=config.prefill_chunk)
+
     def _build_kv(self) -> None:
         """The KV manager (device pools, host store when the policy offloads), the index guard, the
         retrieval worker, and the policy bound to them."""
@@ -279,7 +311,10 @@ class Engine:
         pin = dev.type == "cuda"
         L, B, H = shape.num_layers, config.max_batch, shape.num_kv_heads
         max_blocks = config.max_blocks(self.sparse.block_size)
-        width = max(1, self.policy.query_window)
+        # the policy's own query window; with a prefill cache the cache's (larger or equal): every engine
+        # sharing the cache captures, and chunks its prompts, alike (a recording's key holds the chunking)
+        self._policy_width = max(1, self.policy.query_window)
+        width = self._policy_width if self.prefill_cache is None else self.prefill_cache.query_window
         tok = config.prefill_chunk + width  # the last prefill chunk may absorb a short remainder
         self._capture_width = width
         self._ids = torch.zeros(B, tok, dtype=torch.long, device=dev)
@@ -485,6 +520,10 @@ class Engine:
         t = hi - lo
         tr = StepTransfer()
         L = self.shape.num_layers
+        if req.chunk == 0 and self.prefill_cache is not None:
+            key = PrefillCache.key(req.prompt, req.bounds, self.kv.layout.dtype)
+            req.replay = self.prefill_cache.lookup(key)
+            req.recording = [] if req.replay is None else None
         self.kv.plan_step([rid], [t], [[None] for _ in range(L)], tr)
         self._guard_host_mirrors()
         self._ids_h[0, :t] = torch.tensor(req.prompt[lo:hi], dtype=torch.long)
@@ -492,19 +531,27 @@ class Engine:
         self._write_slots([rid], [lo], t)
         ctx = self._context([rid], t, [hi], [None] * L)
         self.kv.mark_forward_start()
-        logits = self.backend.forward(self._ids[:1, :t], self._pos[:1, :t], ctx)
+        if req.replay is not None:
+            logits = self._replay_chunk(ctx, req.replay.kv[req.chunk], req.replay.logits)
+        else:
+            ctx.record = [] if req.recording is not None else None
+            logits = self.backend.forward(self._ids[:1, :t], self._pos[:1, :t], ctx)
+            if req.recording is not None:
+                # a policy that selected blocks made this prefill its own: not a recording for others
+                usable = not ctx.selected_in_step and len(ctx.record) == L
+                req.recording = req.recording + [tuple(ctx.record)] if usable else None
         self.kv.issue_deferred(tr)
         self.kv.write_back([rid], tr)
         held = self._held()
         req.chunk += 1
         emitted: list[tuple[str, int]] = []
         if hi == len(req.prompt):
-            w = min(self._capture_width, t)
-            queries = [q[0, :, :w] for q in self._queries(1, False)]  # per layer [Hq, w, D]
-            self._check_guard(f"prefill of request {rid!r}")  # the copy above synchronised
+            queries = self._prefill_queries(req, t, logits)
+            self._check_guard(f"prefill of request {rid!r}")  # the copy in _prefill_queries synchronised
             view = RequestView(rid=rid, prompt_len=len(req.prompt), seq_len=len(req.prompt),
                                new_len=len(req.prompt), step=0)
-            self.policy.on_prefill_end(view, queries)
+            self.policy.on_prefill_end(view, [q[:, q.shape[1] - min(self._policy_width, q.shape[1]):]
+                                              for q in queries])
             self._prefilling = None
             self._running.append(rid)
             token = self._sample(logits[0], req)
@@ -514,6 +561,31 @@ class Engine:
             self._emit(req, token)
         self._record("prefill", 1, t, t0, tr, held)
         return emitted
+
+    def _replay_chunk(self, ctx: StepContext, kv: tuple, logits: torch.Tensor) -> torch.Tensor:
+        """A recorded prefill chunk in place of the forward: every layer's K/V appended through the
+        step's own path (pool slots, the policy's ``on_append``); returns the recorded logits."""
+        for layer, (k, v) in enumerate(kv):
+            ctx.wait_for_loads(layer)
+            ctx.append_kv(layer, k, v)
+        return logits
+
+    def _prefill_queries(self, req: _Request, t: int, logits: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer ``[Hq, w, D]``: the queries of the prompt's last ``w = min(capture width, t)`` tokens
+        (recorded, or captured by the forward just run: a blocking copy); a recording being made is
+        completed and stored here."""
+        if req.replay is not None:
+            queries = list(req.replay.queries)
+            req.replay = None
+            return queries
+        w = min(self._capture_width, t)
+        queries = [q[0, :, :w] for q in self._queries(1, False)]
+        if req.recording is not None:
+            rec = PrefillRecording(kv=tuple(req.recording), queries=tuple(q.clone() for q in queries),
+                                   logits=logits.detach().clone())
+            self.prefill_cache.store(PrefillCache.key(req.prompt, req.bounds, self.kv.layout.dtype), rec)
+            req.recording = None
+        return queries
 
     def _decode(self) -> list[tuple[str, int]]:
         """One decode step: the plan (made now, or ahead during the last step), the forward, then —

@@ -125,6 +125,10 @@ class StepContext:
         self.layer_waits = layer_waits
         self.layers_run = 0
         self._unrotate: tuple[torch.Tensor, torch.Tensor] | None = None  # ReRoPE: cos/sin of -positions
+        #: a prefill being recorded (runtime.prefill_cache): every layer's appended (k, v), in order
+        self.record: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        #: True once a layer attended a selection the policy made during the step (layer_selection)
+        self.selected_in_step = False
 
     def wait_for_loads(self, layer: int | None = None) -> None:
         """Make the compute stream wait for the copies ``layer`` (None = every layer) reads; each
@@ -170,6 +174,8 @@ class StepContext:
         offs = self.slot_offsets[layer]
         pool[blocks, 0, :, offs] = k_flat.to(pool.dtype)
         pool[blocks, 1, :, offs] = v_flat.to(pool.dtype)
+        if self.record is not None:
+            self.record.append((k.detach().to(pool.dtype, copy=True), v.detach().to(pool.dtype, copy=True)))
         self.policy.on_append(layer, blocks, offs, k_flat)
 
     def _attend_scattered(self, layer: int, q: torch.Tensor, scale: float | None) -> torch.Tensor:
@@ -213,6 +219,8 @@ class StepContext:
         sel = self.policy.layer_selection(layer, q, self)
         if sel is NotImplemented:
             sel = self.selections[layer]
+        elif sel is not None:
+            self.selected_in_step = True
         table = self.tables(layer)
         guard = self.kv.guard
         if rerope is None:

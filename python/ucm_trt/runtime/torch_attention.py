@@ -86,12 +86,13 @@ def _row_tokens(pool: torch.Tensor, table_row: torch.Tensor, n: int) -> tuple[to
 
 def _row_visibility(n: int, t: int, bs: int, hkv: int, selection_row: torch.Tensor | None,
                     device: torch.device) -> torch.Tensor:
-    """``[Hkv, T, n]`` bool: which of the row's ``n`` keys each of its last ``t`` queries sees."""
+    """``[Hkv, T, n]`` bool (``[1, T, n]`` without a selection: the same for every head): which of the
+    row's ``n`` keys each of its last ``t`` queries sees."""
     keys = torch.arange(n, device=device)
     queries = keys[n - t :]
     causal = keys[None, :] <= queries[:, None]  # [T, n]
     if selection_row is None:
-        return causal.expand(hkv, t, n)
+        return causal[None]
     nb = -(-n // bs)
     chosen = torch.zeros(hkv, nb + 1, dtype=torch.bool, device=device)
     ids = torch.where(selection_row >= 0, selection_row.long(), torch.full_like(selection_row.long(), nb))
@@ -100,7 +101,9 @@ def _row_visibility(n: int, t: int, bs: int, hkv: int, selection_row: torch.Tens
     return seen[:, None, :] & causal[None]
 
 
-def _paged(q, pool, table, seq_lens, selection, row_logits) -> torch.Tensor:
+def _paged(q, pool, table, seq_lens, selection, attend_row) -> torch.Tensor:
+    """Per row: gather its keys, build its visibility, ``attend_row(q, k, v, visible, n)`` (every
+    ``[Hq, ...]``, GQA expanded) -> ``[Hq, T, D]``."""
     b, hq, t, d = q.shape
     hkv, bs = pool.shape[2], pool.shape[3]
     if hq % hkv:
@@ -111,11 +114,13 @@ def _paged(q, pool, table, seq_lens, selection, row_logits) -> torch.Tensor:
     for row, n in enumerate(seq_lens.tolist()):
         k, v = _row_tokens(pool, table[row], n)
         sel = None if selection is None else selection[row]
-        visible = _row_visibility(n, t, bs, hkv, sel, q.device).repeat_interleave(group, dim=0)
+        visible = _row_visibility(n, t, bs, hkv, sel, q.device)
+        if visible.shape[0] > 1:
+            visible = visible.repeat_interleave(group, dim=0)
         qr = q[row].to(ct)  # [Hq, T, D]
         kr = k.to(ct).repeat_interleave(group, dim=0)  # [Hq, n, D]
         vr = v.to(ct).repeat_interleave(group, dim=0)
-        out[row] = _softmax_rows(row_logits(qr, kr, n), visible, vr)
+        out[row] = attend_row(qr, kr, vr, visible, n)
     return out
 
 
@@ -125,11 +130,19 @@ def paged_sparse_attention(q: torch.Tensor, pool: torch.Tensor, table: torch.Ten
     table int32 ``[B, max_blocks]``, seq_lens int32 ``[B]`` (the chunk included), selection int32
     ``[B, Hkv, S]`` or ``None``. Returns ``[B, Hq, T, D]``."""
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    t = q.shape[2]
 
-    def logits(qr, kr, n):
-        return (qr @ kr.transpose(-1, -2)) * s
+    def attend_row(qr, kr, vr, visible, n):
+        if n >= t:
+            # every query sees at least its own key (the chunk is always visible), so no row of the
+            # mask is empty: PyTorch's fused attention applies (several times faster on the CPU than
+            # the explicit softmax below, which the empty-row case keeps)
+            # (batched 4-D inputs take PyTorch's fused CPU kernel, 3-D ones its slower math path)
+            return torch.nn.functional.scaled_dot_product_attention(qr[None], kr[None], vr[None],
+                                                                    attn_mask=visible[None], scale=s)[0]
+        return _softmax_rows((qr @ kr.transpose(-1, -2)) * s, visible, vr)
 
-    return _paged(q, pool, table, seq_lens, selection, logits)
+    return _paged(q, pool, table, seq_lens, selection, attend_row)
 
 
 def paged_rerope_attention(q: torch.Tensor, pool: torch.Tensor, table: torch.Tensor, seq_lens: torch.Tensor,
@@ -139,6 +152,9 @@ def paged_rerope_attention(q: torch.Tensor, pool: torch.Tensor, table: torch.Ten
     and visibility as :func:`paged_sparse_attention`."""
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     t = q.shape[2]
+
+    def attend_row(qr, kr, vr, visible, n):
+        return _softmax_rows(logits(qr, kr, n), visible, vr)
 
     def logits(qr, kr, n):
         qpos = torch.arange(n - t, n, device=qr.device)
@@ -151,7 +167,7 @@ def paged_rerope_attention(q: torch.Tensor, pool: torch.Tensor, table: torch.Ten
         inside = (qpos[:, None] - kpos[None, :]) < window
         return torch.where(inside[None], near, far) * s
 
-    return _paged(q, pool, table, seq_lens, selection, logits)
+    return _paged(q, pool, table, seq_lens, selection, attend_row)
 
 
 def dense_attention_at(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, *,
