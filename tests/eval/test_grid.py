@@ -10,13 +10,14 @@ import json
 
 import pytest
 
-from ucm_trt.config import AdaptiveBudget, HeadMerge, KVStarConfig, PrefillWindow
+from ucm_trt.config import AdaptiveBudget, DenseLayers, HeadMerge, KVStarConfig, PrefillWindow
 from ucm_trt.eval.grid import (
     GRID_TASKS,
     GridConfig,
     build_grid_prompt,
     markdown_grid,
     method_adaptive,
+    method_dense_layers,
     method_gsa_on_device_overrides,
     method_kvstar_config,
     method_policy_options,
@@ -138,6 +139,17 @@ def test_methods_and_config_validation():
             parse_method(bad)
     with pytest.raises(ValueError, match=r"'\+hbN' .* applies to gsa-on-device only"):
         parse_method("esa+hb8")
+    # +dtX / +dlL: the dense layers (detection threshold; layers always dense), over the preset's rule
+    assert method_dense_layers("esa") is None
+    assert method_dense_layers("esa+dt0.9") == DenseLayers(auto=True, threshold=0.9)
+    assert method_dense_layers("kvstar+dl0_7:0.25") == DenseLayers(layers=(0, 7), auto=True, threshold=0.7)
+    assert method_dense_layers("gsa@ucm+dl3") == DenseLayers(layers=(3,))  # upstream's rule: no detection
+    assert method_dense_layers("gsa-on-device+dt1+dl0") == DenseLayers(layers=(0,), auto=True, threshold=1.0)
+    for bad in ("esa+dt1.5", "esa+dt", "esa+dt0.5+dt0.6", "esa+dl", "esa+dl0_0", "esa+dl-1", "esa+dlx"):
+        with pytest.raises(ValueError, match="suffix must be"):
+            parse_method(bad)
+    with pytest.raises(ValueError, match="do not apply to dense"):
+        parse_method("dense+dt0.9")
     # what the engine's policy gets from the suffixes
     assert method_policy_options("esa:0.125") == {}
     assert method_policy_options("esa+w8max+union+a0.1") == {
@@ -145,6 +157,7 @@ def test_methods_and_config_validation():
         "adaptive": AdaptiveBudget(max_missed=0.1)}
     assert method_policy_options("kvstar+own+cr0.5") == {"head_merge": HeadMerge(mode="own"),
                                                          "kvstar": KVStarConfig(channel_ratio=0.5)}
+    assert method_policy_options("esa+dl0") == {"dense_layers": DenseLayers(layers=(0,), auto=True, threshold=0.7)}
 
 
 def test_tiny_grid_runs_every_method_through_the_runtime(tiny_model, tiny_tokenizer, filler, tmp_path):
@@ -156,12 +169,12 @@ def test_tiny_grid_runs_every_method_through_the_runtime(tiny_model, tiny_tokeni
     model.load_state_dict(tiny_model.state_dict())
     cfg = GridConfig(tasks=("passkey", "multikey"), methods=("dense", "esa", "gsa", "gsa-on-device", "kvstar",
                                                              "esa@ucm", "esa+a0.05", "kvstar+cr0.5",
-                                                             "gsa-on-device+hb2"),
+                                                             "gsa-on-device+hb2", "gsa+dl1+dt0"),
                      budgets=(0.25,), lengths=(1024,), depths=(0.5,), samples=1, block_size=32, batch=2,
                      prefill_chunk=256)
     seen = []
     records = run_grid(model, tiny_tokenizer, filler, cfg, on_records=lambda r: seen.append(len(r)), log=None)
-    assert len(records) == 2 * 9 and seen[-1] == len(records) and len(seen) == 9
+    assert len(records) == 2 * 10 and seen[-1] == len(records) and len(seen) == 10
     rows = summarize(records)
     assert {(r["task"], r["algorithm"]) for r in rows} == {(t, m) for t in cfg.tasks for m in cfg.methods}
     for r in rows:
@@ -173,6 +186,8 @@ def test_tiny_grid_runs_every_method_through_the_runtime(tiny_model, tiny_tokeni
         assert rec["run"]["prefills_replayed"] == (0 if rec["method"] == "dense" else 2)
         if rec["method"] not in ("dense", "esa@ucm"):  # default preset: dense layers detected and reported
             assert set(rec["run"]["dense_layer_counts"]) <= {0, 1}
+        if rec["method"] == "gsa+dl1+dt0":  # layer 1 always dense; threshold 0 detects no other layer
+            assert rec["run"]["dense_layer_counts"] == {1: 2}
         # the adaptive budget's counters reach the record (its retrievals counted), and only its
         assert ("adaptive" in rec["run"]) == (rec["method"] == "esa+a0.05")
         if rec["method"] == "esa+a0.05":

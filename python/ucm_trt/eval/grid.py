@@ -23,7 +23,8 @@ number of blocks, gate open); a ``+sync`` suffix runs it with ``RuntimeConfig(ov
 added to every later retrieval; ``+w1`` is the window-less first retrieval), a ``+own`` / ``+union`` suffix
 (``esa`` / ``gsa`` / ``gsa-on-device`` / ``kvstar``) sets :class:`~ucm_trt.config.HeadMerge` (each KV head attends its own blocks /
 the union of its layer's heads' blocks), ``+aX`` (``esa`` / ``gsa``) an adaptive budget, ``+crX`` (``kvstar``)
-its channel ratio, ``+hbN`` (``gsa-on-device``) its hash width in bits per head-dim channel,
+its channel ratio, ``+hbN`` (``gsa-on-device``) its hash width in bits per head-dim channel, ``+dtX`` the automatic dense layers' threshold (``DenseLayers.threshold``),
+``+dlL[_L...]`` layers that always run dense (detection stays on),
 a ``:b`` suffix at budget ``b`` only (``esa@ucm:0.125``). Suffixes combine: ``esa+sync+w1:0.125``.
 """
 
@@ -49,6 +50,7 @@ __all__ = [
     "markdown_grid",
     "plot_grid",
     "method_engine",
+    "method_dense_layers",
     "method_head_merge",
     "method_prefill_window",
     "method_schedule",
@@ -160,8 +162,16 @@ def _suffixes(method: str) -> tuple[str, dict[str, Any]]:
     base, _ = _split_budget(method)
     base, *parts = base.split("+")
     out: dict[str, Any] = {"sync": False, "window": None, "heads": None, "adaptive": None, "channels": None,
-                           "hash_bits": None}
+                           "hash_bits": None, "dense_threshold": None, "dense_layers": None}
     for part in parts:
+        t = re.fullmatch(r"dt(0|1|0?\.\d+|1\.0*)", part)
+        if t and out["dense_threshold"] is None and 0 <= float(t[1]) <= 1:
+            out["dense_threshold"] = float(t[1])
+            continue
+        dl = re.fullmatch(r"dl(\d+(?:_\d+)*)", part)
+        if dl and out["dense_layers"] is None and len(set(dl[1].split("_"))) == len(dl[1].split("_")):
+            out["dense_layers"] = tuple(int(x) for x in dl[1].split("_"))
+            continue
         h = re.fullmatch(r"hb(\d+)", part)
         if h and out["hash_bits"] is None and 1 <= int(h[1]) <= 16:
             out["hash_bits"] = int(h[1])
@@ -185,8 +195,8 @@ def _suffixes(method: str) -> tuple[str, dict[str, Any]]:
             out["window"] = (int(m[1]), "max" if m[2] else "mean", float(m[3]) if m[3] else 0.0)
             continue
         raise ValueError(f"method {method!r}: a suffix must be '+sync', '+wN[max][pX]' (N >= 1), '+own' / "
-                         f"'+union', '+aX' (0 < X < 1), '+crX' (0 < X <= 1) or '+hbN' (1 <= N <= 16), each at "
-                         f"most once; got '+{part}'")
+                         f"'+union', '+aX' (0 < X < 1), '+crX' (0 < X <= 1), '+hbN' (1 <= N <= 16), '+dtX' "
+                         f"(0 <= X <= 1) or '+dlL[_L...]' (distinct layers), each at most once; got '+{part}'")
     return base, out
 
 
@@ -217,6 +227,9 @@ def parse_method(method: str) -> tuple[str, str]:
     if opts["hash_bits"] is not None and algo != "gsa-on-device":
         raise ValueError(f"method {method!r}: '+hbN' (GSAOnDeviceConfig(hash_bits_per_dim=N)) applies to "
                          f"gsa-on-device only, not {algo}")
+    if (opts["dense_threshold"] is not None or opts["dense_layers"] is not None) and algo == "dense":
+        raise ValueError(f"method {method!r}: '+dtX' / '+dlL' (the dense layers of a sparse policy) do not apply "
+                         "to dense")
     if opts["heads"] is not None and algo not in ("esa", "gsa", "gsa-on-device", "kvstar"):
         raise ValueError(f"method {method!r}: '+{opts['heads']}' (HeadMerge: what each KV head attends) applies to "
                          f"esa, gsa, gsa-on-device and kvstar only, not {algo}")
@@ -242,6 +255,26 @@ def method_adaptive(method: str):
     return None if x is None else AdaptiveBudget(max_missed=x)
 
 
+def method_dense_layers(method: str):
+    """The :class:`~ucm_trt.config.DenseLayers` a ``+dtX`` (detection threshold ``X``) and / or ``+dlL[_L...]``
+    (layers always dense, detection still on) suffix sets, over the preset's rule; ``None`` without them."""
+    import dataclasses
+
+    from ucm_trt.runtime.algorithms import default_dense_layers
+
+    algo, preset = parse_method(method)
+    opts = _suffixes(method)[1]
+    if opts["dense_threshold"] is None and opts["dense_layers"] is None:
+        return None
+    rule = default_dense_layers(preset)
+    changes: dict[str, Any] = {}
+    if opts["dense_threshold"] is not None:
+        changes.update(auto=True, threshold=opts["dense_threshold"])
+    if opts["dense_layers"] is not None:
+        changes["layers"] = opts["dense_layers"]
+    return dataclasses.replace(rule, **changes)
+
+
 def method_kvstar_config(method: str):
     """The :class:`~ucm_trt.config.KVStarConfig` a ``+crX`` suffix sets (``channel_ratio=X``, the other fields
     their defaults), or ``None`` (the defaults)."""
@@ -264,7 +297,8 @@ def method_policy_options(method: str) -> dict[str, Any]:
     """The :func:`~ucm_trt.runtime.algorithms.make_policy` keyword arguments ``method``'s suffixes set
     (``prefill_window``, ``head_merge``, ``adaptive``, ``kvstar``); those it does not set are left out."""
     opts = {"prefill_window": method_prefill_window(method), "head_merge": method_head_merge(method),
-            "adaptive": method_adaptive(method), "kvstar": method_kvstar_config(method)}
+            "adaptive": method_adaptive(method), "kvstar": method_kvstar_config(method),
+            "dense_layers": method_dense_layers(method)}
     return {name: value for name, value in opts.items() if value is not None}
 
 
