@@ -145,7 +145,7 @@ def test_methods_and_config_validation():
     assert method_dense_layers("kvstar+dl0_7:0.25") == DenseLayers(layers=(0, 7), auto=True, threshold=0.7)
     assert method_dense_layers("gsa@ucm+dl3") == DenseLayers(layers=(3,))  # upstream's rule: no detection
     assert method_dense_layers("gsa-on-device+dt1+dl0") == DenseLayers(layers=(0,), auto=True, threshold=1.0)
-    for bad in ("esa+dt1.5", "esa+dt", "esa+dt0.5+dt0.6", "esa+dl", "esa+dl0_0", "esa+dl-1", "esa+dlx"):
+    for bad in ("esa+dt1.5", "esa+dt", "esa+dt0.5+dt0.6", "esa+dl", "esa+dl0_0", "esa+dl0_00", "esa+dl-1", "esa+dlx"):
         with pytest.raises(ValueError, match="suffix must be"):
             parse_method(bad)
     with pytest.raises(ValueError, match="do not apply to dense"):

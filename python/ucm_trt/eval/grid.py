@@ -169,8 +169,9 @@ def _suffixes(method: str) -> tuple[str, dict[str, Any]]:
             out["dense_threshold"] = float(t[1])
             continue
         dl = re.fullmatch(r"dl(\d+(?:_\d+)*)", part)
-        if dl and out["dense_layers"] is None and len(set(dl[1].split("_"))) == len(dl[1].split("_")):
-            out["dense_layers"] = tuple(int(x) for x in dl[1].split("_"))
+        layers = tuple(int(x) for x in dl[1].split("_")) if dl else ()
+        if dl and out["dense_layers"] is None and len(set(layers)) == len(layers):
+            out["dense_layers"] = layers
             continue
         h = re.fullmatch(r"hb(\d+)", part)
         if h and out["hash_bits"] is None and 1 <= int(h[1]) <= 16:

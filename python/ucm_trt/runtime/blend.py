@@ -197,8 +197,7 @@ class BlendRunner:
         logits = self._forward(rid, prompt, reuse=reuse, transfer=tr)
         eng._record("prefill", 1, len(prompt), t0, tr, eng._held())
         # hand over to the engine: prefill-end hook, first token, decode loop
-        w = min(eng._capture_width, len(prompt))  # captured, oldest first; the policy takes its own window's last
-        queries = [q[0, :, w - min(eng._policy_width, w) : w] for q in eng._queries(1, False)]
+        queries = eng._policy_window(eng._prefill_queries(req, len(prompt), logits))
         eng.policy.on_prefill_end(RequestView(rid=rid, prompt_len=len(prompt), seq_len=len(prompt),
                                               new_len=len(prompt), step=0), queries)
         req.chunk = 1

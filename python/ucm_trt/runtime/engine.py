@@ -539,7 +539,10 @@ class Engine:
             if req.recording is not None:
                 # a policy that selected blocks made this prefill its own: not a recording for others
                 usable = not ctx.selected_in_step and len(ctx.record) == L
-                req.recording = req.recording + [tuple(ctx.record)] if usable else None
+                if usable:
+                    req.recording.append(tuple(ctx.record))
+                else:
+                    req.recording = None
         self.kv.issue_deferred(tr)
         self.kv.write_back([rid], tr)
         held = self._held()
@@ -550,8 +553,7 @@ class Engine:
             self._check_guard(f"prefill of request {rid!r}")  # the copy in _prefill_queries synchronised
             view = RequestView(rid=rid, prompt_len=len(req.prompt), seq_len=len(req.prompt),
                                new_len=len(req.prompt), step=0)
-            self.policy.on_prefill_end(view, [q[:, q.shape[1] - min(self._policy_width, q.shape[1]):]
-                                              for q in queries])
+            self.policy.on_prefill_end(view, self._policy_window(queries))
             self._prefilling = None
             self._running.append(rid)
             token = self._sample(logits[0], req)
@@ -569,6 +571,11 @@ class Engine:
             ctx.wait_for_loads(layer)
             ctx.append_kv(layer, k, v)
         return logits
+
+    def _policy_window(self, queries: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The last ``policy.query_window`` (at least one) of the captured prompt queries ``[Hq, w, D]``
+        per layer: what ``on_prefill_end`` gets when the capture is wider (a prefill cache's window)."""
+        return [q[:, q.shape[1] - min(self._policy_width, q.shape[1]):] for q in queries]
 
     def _prefill_queries(self, req: _Request, t: int, logits: torch.Tensor) -> list[torch.Tensor]:
         """Per layer ``[Hq, w, D]``: the queries of the prompt's last ``w = min(capture width, t)`` tokens
